@@ -1,0 +1,208 @@
+"""The backend contract and the one dispatch point.
+
+A backend runs the *recurrence* of one LSTM layer in one direction on an input
+that is already projected (``xg = x @ W_ih^T + b``), time-major:
+
+    xg          [T, B, 4H]   gate pre-activations from the input, order i, f, g, o
+    w_hh        [4H, P]      recurrent weight (P = proj_size or H)
+    h0          [B, P]       initial hidden state
+    c0          [B, H]       initial cell state
+    w_hr        [P, H]       projection weight, or None when proj_size == 0
+    batch_sizes [T] int64 on the CPU, non-increasing (PackedSequence's), or None:
+                step t updates rows [0, batch_sizes[t]) only; the other rows
+                keep their state and get zeros in h_all
+
+    forward(...)  -> h_all [T, B, P], h_T [B, P], c_T [B, H], saved
+    backward(saved, dh_all [T, B, P], dh_T [B, P], dc_T [B, H])
+                  -> dG [T, B, 4H] (gradients of the gate pre-activations),
+                     dh0 [B, P], dc0 [B, H], dW_hr [P, H] or None
+
+``saved`` is a :class:`Saved`: the tensors a backend keeps for its backward
+(LSTMLayer stores them with ``ctx.save_for_backward``) and any non-tensor
+metadata. Its content is the backend's choice.
+
+Numerics: h in the input dtype; the cell state and all accumulation in fp32
+(float64 stays float64). ``c_T`` is returned in the input dtype, like nn.LSTM.
+
+Selection: ``backend="auto"`` walks :data:`AUTO_ORDER` and takes the first
+backend whose :meth:`Backend.supports` returns None; a named backend serves the
+call or raises :class:`BackendUnsupportedError` naming why. The environment
+variable ``LSTM_KERNELS_BACKEND`` overrides ``"auto"``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+ENV_VAR = "LSTM_KERNELS_BACKEND"
+
+
+class BackendUnsupportedError(RuntimeError):
+    """A named backend cannot serve a call (wrong device, dtype, size, ...)."""
+
+
+@dataclass(frozen=True)
+class RecurrenceCall:
+    """Everything a backend needs to decide whether it can serve a call."""
+
+    seq_len: int  # T
+    batch: int  # B
+    hidden_size: int  # H
+    state_size: int  # P = proj_size or H
+    dtype: torch.dtype
+    device: torch.device
+    has_projection: bool
+    variable_lengths: bool
+    needs_grad: bool
+
+    @classmethod
+    def of(cls, xg, w_hh, w_hr, batch_sizes, needs_grad: bool) -> "RecurrenceCall":
+        T, B, four_h = xg.shape
+        return cls(
+            seq_len=T,
+            batch=B,
+            hidden_size=four_h // 4,
+            state_size=w_hh.shape[1],
+            dtype=xg.dtype,
+            device=xg.device,
+            has_projection=w_hr is not None,
+            variable_lengths=batch_sizes is not None,
+            needs_grad=needs_grad,
+        )
+
+
+@dataclass
+class Saved:
+    """What a backend's forward keeps for its backward."""
+
+    tensors: Sequence[Optional[torch.Tensor]] = ()
+    meta: dict = field(default_factory=dict)
+
+
+class Backend:
+    """Base class of a backend. Subclasses set ``name`` and implement the rest."""
+
+    name: str = ""
+    #: True when ``backward`` is made of differentiable torch ops, so a second
+    #: derivative (create_graph=True) flows through it.
+    differentiable_backward: bool = False
+
+    def unavailable_reason(self) -> Optional[str]:
+        """None when this machine can run the backend, else why not."""
+        return None
+
+    def supports(self, call: RecurrenceCall) -> Optional[str]:
+        """None when the backend serves ``call`` exactly, else a short reason."""
+        raise NotImplementedError
+
+    def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool):
+        raise NotImplementedError
+
+    def backward(self, saved: Saved, dh_all, dh_T, dc_T):
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+#: The order in which ``backend="auto"`` tries backends: fastest first, the
+#: exact reference last (it serves everything).
+AUTO_ORDER: tuple[str, ...] = ("cuda", "triton", "reference")
+
+
+def register(backend: Backend) -> Backend:
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def _load_builtin_backends() -> None:
+    if _REGISTRY:
+        return
+    from . import reference  # noqa: F401  (registers itself)
+
+    for optional in ("triton", "cuda"):
+        try:
+            __import__(f"{__name__}.{optional}")
+        except ImportError:
+            pass
+
+
+def known_backends() -> tuple[str, ...]:
+    _load_builtin_backends()
+    return tuple(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    _load_builtin_backends()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        choices = ", ".join(["auto", *AUTO_ORDER])
+        raise ValueError(f"unknown LSTM backend {name!r}; choose one of: {choices}") from None
+
+
+def available_backends() -> list[str]:
+    """Names of the backends this machine can run, in ``auto`` order."""
+    _load_builtin_backends()
+    return [n for n in AUTO_ORDER if n in _REGISTRY and _REGISTRY[n].unavailable_reason() is None]
+
+
+def unavailable_backends() -> dict[str, str]:
+    """Backends this machine cannot run, with the reason for each."""
+    _load_builtin_backends()
+    reasons = {}
+    for name in AUTO_ORDER:
+        backend = _REGISTRY.get(name)
+        if backend is None:
+            reasons[name] = "not importable (its dependencies are missing)"
+        else:
+            why = backend.unavailable_reason()
+            if why is not None:
+                reasons[name] = why
+    return reasons
+
+
+def check_backend_name(name: str) -> str:
+    """Validate a ``backend=`` argument early (at module construction)."""
+    if name == "auto":
+        return name
+    get_backend(name)
+    return name
+
+
+def resolve_backend(requested: str, call: RecurrenceCall) -> Backend:
+    """The one dispatch point: pick the backend that serves ``call``."""
+    requested = os.environ.get(ENV_VAR, requested) if requested == "auto" else requested
+    if requested != "auto":
+        backend = get_backend(requested)
+        why = backend.unavailable_reason() or backend.supports(call)
+        if why is not None:
+            raise BackendUnsupportedError(f"LSTM backend {requested!r} cannot serve this call: {why}")
+        return backend
+    _load_builtin_backends()
+    for name in AUTO_ORDER:
+        backend = _REGISTRY.get(name)
+        if backend is None or backend.unavailable_reason() is not None:
+            continue
+        if backend.supports(call) is None:
+            return backend
+    raise BackendUnsupportedError(f"no LSTM backend serves this call: {call}")
+
+
+__all__ = [
+    "AUTO_ORDER",
+    "Backend",
+    "BackendUnsupportedError",
+    "ENV_VAR",
+    "RecurrenceCall",
+    "Saved",
+    "available_backends",
+    "check_backend_name",
+    "get_backend",
+    "known_backends",
+    "register",
+    "resolve_backend",
+    "unavailable_backends",
+]

@@ -1,0 +1,253 @@
+"""``FusedLSTM``: a drop-in ``torch.nn.LSTM`` whose recurrence runs on a fused backend.
+
+Parameters have nn.LSTM's names, shapes, registration order and
+initialisation, so state dicts load in both directions. ``forward`` accepts
+what ``nn.LSTM.forward`` accepts (batched or unbatched tensors, batch_first,
+``hx=None`` or ``(h0, c0)``, PackedSequence) and returns the same structure.
+
+Per layer and direction the data path is: one GEMM for the input projection
+of all steps, then :class:`~lstm_kernels.function.LSTMLayer` for the
+recurrence. Reversed directions reverse each sequence within its own length.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import validation
+from .backends import check_backend_name
+from .function import LSTMLayer
+from .sequences import pack_time_major, reverse_time_major, unpack_to_time_major
+
+
+class FusedLSTM(nn.Module):
+    """Applies a multi-layer LSTM to an input sequence, like ``torch.nn.LSTM``.
+
+    Args: those of ``torch.nn.LSTM`` (input_size, hidden_size, num_layers=1,
+    bias=True, batch_first=False, dropout=0.0, bidirectional=False,
+    proj_size=0, device=None, dtype=None), plus ``backend``: ``"auto"``
+    (default; the environment variable ``LSTM_KERNELS_BACKEND`` can override
+    it) or a backend name from :func:`lstm_kernels.available_backends`.
+
+    Shapes, with D = 2 if bidirectional else 1 and P = proj_size or hidden_size:
+    input [T, B, input_size] ([B, T, input_size] if batch_first, [T, input_size]
+    unbatched, or a PackedSequence); h_0 [num_layers*D, B, P]; c_0
+    [num_layers*D, B, hidden_size]. Returns (output [T, B, D*P], (h_n, c_n)).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        validation.check_constructor_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.backend = check_backend_name(backend)
+
+        factory = {"device": device, "dtype": dtype}
+        gate_size = 4 * hidden_size
+        real_hidden = proj_size if proj_size > 0 else hidden_size
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            for direction in range(self.num_directions):
+                layer_input = input_size if layer == 0 else real_hidden * self.num_directions
+                shapes = [("weight_ih", (gate_size, layer_input)), ("weight_hh", (gate_size, real_hidden))]
+                if bias:
+                    shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
+                if proj_size > 0:
+                    shapes += [("weight_hr", (proj_size, hidden_size))]
+                suffix = "_reverse" if direction == 1 else ""
+                names = []
+                for stem, shape in shapes:
+                    name = f"{stem}_l{layer}{suffix}"
+                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    # ---- nn.LSTM compatibility -------------------------------------------------
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    @property
+    def _flat_weights(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    def reset_parameters(self) -> None:
+        """nn.LSTM's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written against nn.LSTM (the kernels need no flat buffer)."""
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size != 0:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+    @classmethod
+    def from_torch(cls, lstm: nn.LSTM, backend: str = "auto") -> "FusedLSTM":
+        """A FusedLSTM with the configuration and a copy of the weights of ``lstm``."""
+        weight = lstm.weight_ih_l0
+        fused = cls(**_config_of(lstm), device=weight.device, dtype=weight.dtype, backend=backend)
+        fused.load_state_dict(lstm.state_dict())
+        fused.train(lstm.training)
+        return fused
+
+    def to_torch(self) -> nn.LSTM:
+        """An ``nn.LSTM`` with this module's configuration and a copy of its weights."""
+        weight = self.weight_ih_l0
+        lstm = nn.LSTM(**_config_of(self), device=weight.device, dtype=weight.dtype)
+        lstm.load_state_dict(self.state_dict())
+        lstm.train(self.training)
+        return lstm
+
+    # ---- forward -----------------------------------------------------------------
+
+    def _expected_state_shapes(self, batch: int) -> tuple[tuple, tuple]:
+        layers = self.num_layers * self.num_directions
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        return (layers, batch, real_hidden), (layers, batch, self.hidden_size)
+
+    def forward(self, input, hx=None):
+        hx = validation.check_hx_structure(hx)
+        packed = isinstance(input, PackedSequence)
+        weight = self.weight_ih_l0
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            validation.check_input(data, weight, self.input_size, packed=True)
+            x = unpack_to_time_major(data, batch_sizes)
+            batch = int(batch_sizes[0])
+            if hx is not None:
+                hx = tuple(s.index_select(1, sorted_indices) if sorted_indices is not None else s for s in hx)
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(0 if self.batch_first else 1)
+                if hx is not None:
+                    validation.check_unbatched_hx(hx, is_batched=False)
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            elif hx is not None:
+                validation.check_unbatched_hx(hx, is_batched=True)
+            validation.check_input(input, weight, self.input_size, packed=False)
+            x = input.transpose(0, 1) if self.batch_first else input
+            batch_sizes = None
+            batch = x.shape[1]
+
+        h_shape, c_shape = self._expected_state_shapes(batch)
+        if hx is None:
+            zeros = {"dtype": x.dtype, "device": x.device}
+            hx = (torch.zeros(h_shape, **zeros), torch.zeros(c_shape, **zeros))
+        else:
+            validation.check_hidden(hx, h_shape, c_shape, x)
+
+        output, h_n, c_n = self._run_layers(x, hx, batch_sizes)
+
+        if packed:
+            output = PackedSequence(pack_time_major(output, batch_sizes), batch_sizes, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
+            return output, (h_n, c_n)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return output, (h_n, c_n)
+
+    def _run_layers(self, x, hx, batch_sizes):
+        """All layers and directions over time-major ``x`` [T, B, I]; states [L*D, B, *]."""
+        h0_all, c0_all = hx
+        lengths = None if batch_sizes is None else _lengths_of(batch_sizes, x.shape[1])
+        h_n, c_n = [], []
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                k = layer * self.num_directions + direction
+                params = dict(zip((n.split("_l")[0] for n in self._all_weights[k]), self.all_weights[k]))
+                seq = layer_input if direction == 0 else reverse_time_major(layer_input, lengths)
+                xg = F.linear(seq, params["weight_ih"], _combined_bias(params))
+                h_all, h_T, c_T = LSTMLayer.apply(
+                    xg, params["weight_hh"], h0_all[k], c0_all[k], params.get("weight_hr"), batch_sizes, self.backend
+                )
+                outputs.append(h_all if direction == 0 else reverse_time_major(h_all, lengths))
+                h_n.append(h_T)
+                c_n.append(c_T)
+            layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+def _combined_bias(params: dict) -> Optional[torch.Tensor]:
+    if "bias_ih" not in params:
+        return None
+    return params["bias_ih"] + params["bias_hh"]
+
+
+def _lengths_of(batch_sizes: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-sequence lengths [B] (sorted order) from PackedSequence batch sizes."""
+    rows = torch.arange(batch)
+    return (batch_sizes.unsqueeze(1) > rows.unsqueeze(0)).sum(0)
+
+
+def _config_of(lstm) -> dict:
+    """The constructor arguments shared by nn.LSTM and FusedLSTM."""
+    return dict(
+        input_size=lstm.input_size,
+        hidden_size=lstm.hidden_size,
+        num_layers=lstm.num_layers,
+        bias=lstm.bias,
+        batch_first=lstm.batch_first,
+        dropout=lstm.dropout,
+        bidirectional=lstm.bidirectional,
+        proj_size=lstm.proj_size,
+    )
