@@ -9,6 +9,11 @@ single GEMM over the saved hidden states.
 Shapes (time-major): xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H],
 w_hr [P, H] or None, batch_sizes [T] int64 CPU or None.
 Returns h_all [T, B, P], h_T [B, P], c_T [B, H].
+
+Eager calls go through the ``torch.autograd.Function`` below; under
+``torch.compile`` :func:`lstm_layer` calls the ``torch.library`` op of
+:mod:`lstm_kernels.ops` instead, so the compiled graph holds one op per layer
+and direction. Both run the same backend code and the same backward GEMMs.
 """
 from __future__ import annotations
 
@@ -16,21 +21,49 @@ from typing import Optional
 
 import torch
 
-from .backends import RecurrenceCall, Saved, resolve_backend
+from .backends import Backend, RecurrenceCall, RecurrenceInputs, resolve_backend
+
+
+def select_backend(xg, w_hh, w_hr, batch_sizes, needs_grad: bool, backend: str) -> Backend:
+    """Dispatch for one recurrence call (see :func:`lstm_kernels.backends.resolve_backend`)."""
+    return resolve_backend(backend, RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad))
+
+
+def check_workspace(impl: Backend, workspace, inputs: RecurrenceInputs, outputs) -> tuple:
+    """A backend's workspace must be fresh tensors: LSTMLayer keeps inputs and outputs itself."""
+    workspace = tuple(workspace)
+    kept = [t for t in (*inputs[:5], *outputs) if t is not None]
+    for w in workspace:
+        if any(w.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in kept):
+            raise RuntimeError(f"the {impl.name!r} backend returned an input or output in its workspace")
+    return workspace
+
+
+def layer_backward(impl: Backend, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T, need_dw_hh: bool):
+    """Gradients of one layer: the backend's recurrence backward, then dW_hh as one GEMM.
+
+    Returns (dxg, dw_hh or None, dh0, dc0, dw_hr or None).
+    """
+    dG, dh0, dc0, dw_hr = impl.backward(inputs, h_all, workspace, dh_all, dh_T, dc_T)
+    dw_hh = None
+    if need_dw_hh:
+        T, B, four_h = dG.shape
+        h_prev = torch.cat([inputs.h0.unsqueeze(0), h_all[:-1]], dim=0)
+        dw_hh = dG.reshape(T * B, four_h).t() @ h_prev.reshape(T * B, -1)
+    return dG, dw_hh, dh0, dc0, dw_hr
 
 
 class LSTMLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xg, w_hh, h0, c0, w_hr, batch_sizes, backend: str = "auto"):
         needs_grad = any(ctx.needs_input_grad[:5])
-        call = RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad)
-        impl = resolve_backend(backend, call)
-        h_all, h_T, c_T, saved = impl.forward(xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad)
+        impl = select_backend(xg, w_hh, w_hr, batch_sizes, needs_grad, backend)
+        inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, batch_sizes)
+        h_all, h_T, c_T, workspace = impl.forward(*inputs, needs_grad)
+        workspace = check_workspace(impl, workspace, inputs, (h_all, h_T, c_T))
         ctx.impl = impl
-        ctx.meta = saved.meta
-        ctx.num_saved = len(saved.tensors)
-        ctx.has_projection = w_hr is not None
-        ctx.save_for_backward(*saved.tensors, h0, h_all)
+        ctx.batch_sizes = batch_sizes
+        ctx.save_for_backward(xg, w_hh, h0, c0, w_hr, h_all, *workspace)
         return h_all, h_T, c_T
 
     @staticmethod
@@ -40,15 +73,11 @@ class LSTMLayer(torch.autograd.Function):
                 f"double backward through FusedLSTM is not supported by the {ctx.impl.name!r} "
                 "backend; use backend='reference' for higher-order gradients"
             )
-        *backend_tensors, h0, h_all = ctx.saved_tensors
-        saved = Saved(tensors=tuple(backend_tensors), meta=ctx.meta)
-        dG, dh0, dc0, dw_hr = ctx.impl.backward(saved, dh_all, dh_T, dc_T)
-        dw_hh = None
-        if ctx.needs_input_grad[1]:
-            T, B, four_h = dG.shape
-            h_prev = torch.cat([h0.unsqueeze(0), h_all[:-1]], dim=0)
-            dw_hh = dG.reshape(T * B, four_h).t() @ h_prev.reshape(T * B, -1)
-        return dG, dw_hh, dh0, dc0, dw_hr if ctx.has_projection else None, None, None
+        xg, w_hh, h0, c0, w_hr, h_all, *workspace = ctx.saved_tensors
+        inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, ctx.batch_sizes)
+        grads = layer_backward(ctx.impl, inputs, h_all, tuple(workspace), dh_all, dh_T, dc_T, ctx.needs_input_grad[1])
+        dxg, dw_hh, dh0, dc0, dw_hr = grads
+        return dxg, dw_hh, dh0, dc0, dw_hr if w_hr is not None else None, None, None
 
 
 def lstm_layer(
@@ -60,5 +89,12 @@ def lstm_layer(
     batch_sizes: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ):
-    """Functional form of :class:`LSTMLayer` (same arguments and results)."""
+    """Functional form of :class:`LSTMLayer` (same arguments and results).
+
+    Under ``torch.compile`` it calls the custom op ``lstm_kernels::recurrence``.
+    """
+    if torch.compiler.is_compiling():
+        from .ops import recurrence_with_grad
+
+        return recurrence_with_grad(xg, w_hh, h0, c0, w_hr, batch_sizes, backend)
     return LSTMLayer.apply(xg, w_hh, h0, c0, w_hr, batch_sizes, backend)

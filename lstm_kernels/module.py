@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import validation
 from .backends import check_backend_name
-from .function import LSTMLayer
+from .function import lstm_layer
 from .sequences import pack_time_major, reverse_time_major, unpack_to_time_major
 
 
@@ -205,6 +205,9 @@ class FusedLSTM(nn.Module):
     def _run_layers(self, x, hx, batch_sizes):
         """All layers and directions over time-major ``x`` [T, B, I]; states [L*D, B, *]."""
         h0_all, c0_all = hx
+        cast = _autocast_dtype(x)
+        if cast is not None:  # like nn.LSTM under autocast: everything in the autocast dtype
+            x, h0_all, c0_all = x.to(cast), h0_all.to(cast), c0_all.to(cast)
         lengths = None if batch_sizes is None else _lengths_of(batch_sizes, x.shape[1])
         h_n, c_n = [], []
         layer_input = x
@@ -213,9 +216,11 @@ class FusedLSTM(nn.Module):
             for direction in range(self.num_directions):
                 k = layer * self.num_directions + direction
                 params = dict(zip((n.split("_l")[0] for n in self._all_weights[k]), self.all_weights[k]))
+                if cast is not None:
+                    params = {name: p.to(cast) for name, p in params.items()}
                 seq = layer_input if direction == 0 else reverse_time_major(layer_input, lengths)
                 xg = F.linear(seq, params["weight_ih"], _combined_bias(params))
-                h_all, h_T, c_T = LSTMLayer.apply(
+                h_all, h_T, c_T = lstm_layer(
                     xg, params["weight_hh"], h0_all[k], c0_all[k], params.get("weight_hr"), batch_sizes, self.backend
                 )
                 outputs.append(h_all if direction == 0 else reverse_time_major(h_all, lengths))
@@ -225,6 +230,16 @@ class FusedLSTM(nn.Module):
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast asks for on ``x``'s device, or None (off, or float64 input, which autocast leaves)."""
+    device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    if x.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def _combined_bias(params: dict) -> Optional[torch.Tensor]:

@@ -12,14 +12,21 @@ that is already projected (``xg = x @ W_ih^T + b``), time-major:
                 step t updates rows [0, batch_sizes[t]) only; the other rows
                 keep their state and get zeros in h_all
 
-    forward(...)  -> h_all [T, B, P], h_T [B, P], c_T [B, H], saved
-    backward(saved, dh_all [T, B, P], dh_T [B, P], dc_T [B, H])
-                  -> dG [T, B, 4H] (gradients of the gate pre-activations),
-                     dh0 [B, P], dc0 [B, H], dW_hr [P, H] or None
+    forward(xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad)
+        -> h_all [T, B, P], h_T [B, P], c_T [B, H], workspace
+    backward(inputs, h_all, workspace, dh_all [T, B, P], dh_T [B, P], dc_T [B, H])
+        -> dG [T, B, 4H] (gradients of the gate pre-activations),
+           dh0 [B, P], dc0 [B, H], dW_hr [P, H] or None
 
-``saved`` is a :class:`Saved`: the tensors a backend keeps for its backward
-(LSTMLayer stores them with ``ctx.save_for_backward``) and any non-tensor
-metadata. Its content is the backend's choice.
+``workspace`` is a tuple of tensors that forward creates for its backward
+(saved gate activations, cell states, ...); it is the backend's choice and may
+be empty (a backward that recomputes). It never holds an input or an output:
+LSTMLayer already keeps those and hands them back to backward as ``inputs``
+(a :class:`RecurrenceInputs`) and ``h_all``. Anything else backward needs must
+follow from the shapes and devices of those tensors, so that the
+``torch.library`` op of :mod:`lstm_kernels.ops` can carry a backward across a
+compiled graph. :meth:`Backend.workspace_spec` states the workspace's shapes
+and dtypes without running the kernel (the op's fake implementation).
 
 Numerics: h in the input dtype; the cell state and all accumulation in fp32
 (float64 stays float64). ``c_T`` is returned in the input dtype, like nn.LSTM.
@@ -32,8 +39,8 @@ variable ``LSTM_KERNELS_BACKEND`` overrides ``"auto"``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -74,12 +81,22 @@ class RecurrenceCall:
         )
 
 
-@dataclass
-class Saved:
-    """What a backend's forward keeps for its backward."""
+class RecurrenceInputs(NamedTuple):
+    """The tensors of one recurrence call, as backward gets them back."""
 
-    tensors: Sequence[Optional[torch.Tensor]] = ()
-    meta: dict = field(default_factory=dict)
+    xg: torch.Tensor  # [T, B, 4H]
+    w_hh: torch.Tensor  # [4H, P]
+    h0: torch.Tensor  # [B, P]
+    c0: torch.Tensor  # [B, H]
+    w_hr: Optional[torch.Tensor]  # [P, H] or None
+    batch_sizes: Optional[torch.Tensor]  # [T] int64 on the CPU, or None
+
+    def call(self, needs_grad: bool = True) -> RecurrenceCall:
+        return RecurrenceCall.of(self.xg, self.w_hh, self.w_hr, self.batch_sizes, needs_grad)
+
+
+#: (shape, dtype) of one workspace tensor.
+WorkspaceSpec = tuple[tuple[int, ...], torch.dtype]
 
 
 class Backend:
@@ -98,10 +115,16 @@ class Backend:
         """None when the backend serves ``call`` exactly, else a short reason."""
         raise NotImplementedError
 
+    def workspace_spec(self, call: RecurrenceCall) -> tuple[WorkspaceSpec, ...]:
+        """Shapes and dtypes of the workspace ``forward`` returns for ``call`` (on the call's device)."""
+        return ()
+
     def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool):
+        """-> (h_all, h_T, c_T, workspace); see the module docstring."""
         raise NotImplementedError
 
-    def backward(self, saved: Saved, dh_all, dh_T, dc_T):
+    def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T):
+        """-> (dG, dh0, dc0, dW_hr or None); see the module docstring."""
         raise NotImplementedError
 
 
@@ -197,7 +220,8 @@ __all__ = [
     "BackendUnsupportedError",
     "ENV_VAR",
     "RecurrenceCall",
-    "Saved",
+    "RecurrenceInputs",
+    "WorkspaceSpec",
     "available_backends",
     "check_backend_name",
     "get_backend",

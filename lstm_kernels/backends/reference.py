@@ -4,7 +4,7 @@ It is the oracle the kernels are tested against and the fallback where no
 kernel applies: any device, any floating dtype (float64 included). Forward is
 an explicit loop over time; backward is hand-written BPTT, not autograd through
 the loop. Backward recomputes the forward activations from the saved inputs
-and is made of differentiable torch ops, so double backward works.
+(it keeps no workspace) and is made of differentiable torch ops, so double backward works.
 
 Dimension names: T steps, B batch, H hidden, P = proj_size or H.
 Gate order along 4H: i, f, g, o (PyTorch's).
@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import Backend, RecurrenceCall, Saved, register
+from . import Backend, RecurrenceCall, RecurrenceInputs, register
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,12 +83,10 @@ class ReferenceBackend(Backend):
 
     def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool):
         h_all, h_T, c_T, _ = _recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, keep_activations=False)
-        saved = Saved(tensors=(xg, w_hh, h0, c0, w_hr), meta={"batch_sizes": batch_sizes})
-        return h_all, h_T, c_T.to(c0.dtype), saved
+        return h_all, h_T, c_T.to(c0.dtype), ()  # no workspace: backward recomputes
 
-    def backward(self, saved: Saved, dh_all, dh_T, dc_T):
-        xg, w_hh, h0, c0, w_hr = saved.tensors
-        batch_sizes = saved.meta["batch_sizes"]
+    def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T):
+        xg, w_hh, h0, c0, w_hr, batch_sizes = inputs
         T, B, _ = xg.shape
         acc = compute_dtype(xg.dtype)
         _, _, _, activations = _recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, keep_activations=True)

@@ -1,0 +1,130 @@
+"""The recurrence as ``torch.library`` custom ops, for ``torch.compile``.
+
+Dynamo cannot trace into a Triton launch loop, a pybind11 call or a Python
+loop with data-dependent lengths without breaking the graph. These ops make
+each layer's recurrence one opaque node with a fake (meta) implementation, so
+``torch.compile(model, fullgraph=True)`` compiles a model that holds a
+FusedLSTM in one graph, forward and backward.
+
+    lstm_kernels::recurrence(xg, w_hh, h0, c0, w_hr?, batch_sizes?, backend, needs_grad)
+        -> (h_all [T, B, P], h_T [B, P], c_T [B, H], workspace Tensor[])
+    lstm_kernels::recurrence_backward(xg, w_hh, h0, c0, w_hr?, batch_sizes?, h_all,
+                                      workspace, dh_all, dh_T, dc_T, backend)
+        -> [dG [T, B, 4H], dh0 [B, P], dc0 [B, H]] (+ [dW_hr [P, H]] with a projection)
+
+``backend`` is a concrete backend name: :func:`recurrence_with_grad` resolves
+"auto" while tracing, so the fake and the real implementation agree on the
+workspace (``Backend.workspace_spec``). The autograd formula is the one of
+:class:`lstm_kernels.function.LSTMLayer` (``layer_backward``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import RecurrenceCall, RecurrenceInputs, get_backend
+from .function import check_workspace, layer_backward, select_backend
+
+
+def _unaliased(t: Tensor, others) -> Tensor:
+    """``t``, cloned if it shares storage with any of ``others`` (op outputs may not alias)."""
+    ptr = t.untyped_storage().data_ptr()
+    return t.clone() if any(o is not None and o.untyped_storage().data_ptr() == ptr for o in others) else t
+
+
+@torch.library.custom_op("lstm_kernels::recurrence", mutates_args=())
+def recurrence(
+    xg: Tensor,
+    w_hh: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hr: Optional[Tensor],
+    batch_sizes: Optional[Tensor],
+    backend: str,
+    needs_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    impl = get_backend(backend)
+    inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, batch_sizes)
+    h_all, h_T, c_T, workspace = impl.forward(*inputs, needs_grad)
+    workspace = check_workspace(impl, workspace, inputs, (h_all, h_T, c_T))
+    h_T = _unaliased(h_T, (*inputs[:5], h_all))
+    c_T = _unaliased(c_T, (*inputs[:5], h_all, h_T))
+    return h_all, h_T, c_T, list(workspace)
+
+
+@recurrence.register_fake
+def _recurrence_fake(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, needs_grad):
+    T, B, _ = xg.shape
+    call = RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad)
+    workspace = [xg.new_empty(shape, dtype=dtype) for shape, dtype in get_backend(backend).workspace_spec(call)]
+    return xg.new_empty((T, B, h0.shape[1])), torch.empty_like(h0), torch.empty_like(c0), workspace
+
+
+@torch.library.custom_op("lstm_kernels::recurrence_backward", mutates_args=())
+def recurrence_backward(
+    xg: Tensor,
+    w_hh: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hr: Optional[Tensor],
+    batch_sizes: Optional[Tensor],
+    h_all: Tensor,
+    workspace: list[Tensor],
+    dh_all: Tensor,
+    dh_T: Tensor,
+    dc_T: Tensor,
+    backend: str,
+) -> list[Tensor]:
+    inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, batch_sizes)
+    dG, dh0, dc0, dw_hr = get_backend(backend).backward(inputs, h_all, tuple(workspace), dh_all, dh_T, dc_T)
+    grads = [dG, dh0, dc0] + ([] if w_hr is None else [dw_hr])
+    return [_unaliased(g, (*inputs[:5], h_all, dh_all, dh_T, dc_T, *workspace)) for g in grads]
+
+
+@recurrence_backward.register_fake
+def _recurrence_backward_fake(xg, w_hh, h0, c0, w_hr, batch_sizes, h_all, workspace, dh_all, dh_T, dc_T, backend):
+    grads = [torch.empty_like(xg), torch.empty_like(h0), torch.empty_like(c0)]
+    return grads + ([] if w_hr is None else [torch.empty_like(w_hr)])
+
+
+class _OpBackend:
+    """Adapts ``recurrence_backward`` to the ``impl.backward`` call of ``layer_backward``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def backward(self, inputs, h_all, workspace, dh_all, dh_T, dc_T):
+        grads = recurrence_backward(*inputs, h_all, list(workspace), dh_all, dh_T, dc_T, self.name)
+        return (*grads, None) if inputs.w_hr is None else tuple(grads)
+
+
+def _setup_context(ctx, inputs, output):
+    xg, w_hh, h0, c0, w_hr, batch_sizes, backend, _ = inputs
+    h_all, _, _, workspace = output
+    ctx.backend = backend
+    ctx.batch_sizes = batch_sizes
+    ctx.save_for_backward(xg, w_hh, h0, c0, w_hr, h_all, *workspace)
+
+
+def _backward(ctx, dh_all, dh_T, dc_T, _dworkspace):
+    xg, w_hh, h0, c0, w_hr, h_all, *workspace = ctx.saved_tensors
+    inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, ctx.batch_sizes)
+    dxg, dw_hh, dh0, dc0, dw_hr = layer_backward(
+        _OpBackend(ctx.backend), inputs, h_all, workspace, dh_all, dh_T, dc_T, need_dw_hh=True
+    )
+    return dxg, dw_hh, dh0, dc0, dw_hr, None, None, None
+
+
+recurrence.register_autograd(_backward, setup_context=_setup_context)
+
+
+def recurrence_with_grad(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, backend: str = "auto"):
+    """The op form of ``lstm_layer``: resolves the backend, then runs ``lstm_kernels::recurrence``."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (xg, w_hh, h0, c0, w_hr)
+    )
+    impl = select_backend(xg, w_hh, w_hr, batch_sizes, needs_grad, backend)
+    h_all, h_T, c_T, _ = recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, impl.name, needs_grad)
+    return h_all, h_T, c_T
