@@ -124,3 +124,34 @@ def test_fullgraph_compile_on_gpu_kernels(backend, dtype):
     model = _Model(backend, num_layers=2).to("cuda", dtype)
     x = torch.randn(64, 16, 4, device="cuda", dtype=dtype)
     _check_compiled_matches_eager(model, x, "inductor", 1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("with_projection", [False, True], ids=["plain", "proj"])
+def test_recurrence_ops_pass_torch_library_opcheck(with_projection):
+    """Schema, fake implementation and autograd registration of both ops (torch.library.opcheck)."""
+    from lstm_kernels import ops
+
+    gen = torch.Generator().manual_seed(0)
+    T, B, H, P = 4, 3, 5, (2 if with_projection else 5)
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=gen).requires_grad_(True)
+
+    w_hr = rand(P, H) if with_projection else None
+    args = (rand(T, B, 4 * H), rand(4 * H, P), rand(B, P), rand(B, H), w_hr, None, "reference", True)
+    torch.library.opcheck(ops.recurrence, args)
+    h_all = ops.recurrence(*args)[0].detach()
+    backward_args = (*(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:6]), h_all, [],
+                     torch.randn(T, B, P, dtype=torch.float64), torch.randn(B, P, dtype=torch.float64),
+                     torch.randn(B, H, dtype=torch.float64), "reference")
+    torch.library.opcheck(ops.recurrence_backward, backward_args)
+
+
+def test_op_path_passes_gradcheck():
+    from lstm_kernels.ops import recurrence_with_grad
+
+    gen = torch.Generator().manual_seed(0)
+    T, B, H, P = 3, 2, 3, 2
+    tensors = [torch.randn(*s, dtype=torch.float64, generator=gen).requires_grad_(True)
+               for s in ((T, B, 4 * H), (4 * H, P), (B, P), (B, H), (P, H))]
+    assert torch.autograd.gradcheck(lambda *t: recurrence_with_grad(*t, None, "reference"), tensors)
