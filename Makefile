@@ -25,7 +25,7 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/triton
 
 bench: $(STAMP)
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info lstm_kernels/*.so

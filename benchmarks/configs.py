@@ -1,0 +1,187 @@
+"""The sweep grid: which shapes, dtypes, implementations and passes are measured.
+
+A :class:`Config` is one problem (T, B, H, I, layers, direction, dtype); a
+:class:`Measurement` is one (config, implementation, pass) triple, which is
+one CSV row. :func:`build_plan` turns the command-line filters into the list
+of measurements, ordered cheapest first so that a time budget running out
+costs the biggest configurations, never the small ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PASSES = ("fwd", "fwd_bwd")
+
+#: The full sweep (issue 6), for a GPU.
+GPU_GRID = dict(T=(16, 128, 512, 1024), B=(1, 8, 16, 64, 256), H=(256, 512, 768, 1024), dtype=("fp32", "bf16", "fp16"))
+#: The 2-layer bidirectional case is measured on a slice of the grid only.
+GPU_BIDIR = dict(B=(16, 64), H=(512,))
+#: ``--quick`` on a GPU: a corner of each axis.
+GPU_QUICK = dict(T=(128, 1024), B=(8, 64), H=(512, 1024), dtype=("bf16", "fp32"))
+
+#: A CPU sweep that finishes in well under two minutes on two cores.
+CPU_GRID = dict(T=(16, 64), B=(1, 8), H=(64, 128), dtype=("fp32",))
+CPU_BIDIR = dict(B=(8,), H=(64,))
+CPU_QUICK = dict(T=(16,), B=(1, 8), H=(64,), dtype=("fp32",))
+
+#: Cases: name -> (num_layers, bidirectional).
+CASES = {"single": (1, False), "bidir": (2, True)}
+
+
+@dataclass(frozen=True)
+class Config:
+    T: int
+    B: int
+    H: int
+    I: int  # noqa: E741  (input size; the spec's column name)
+    layers: int
+    bidirectional: bool
+    dtype: str  # a key of DTYPES
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def label(self) -> str:
+        case = f" L{self.layers}{'bi' if self.bidirectional else ''}" if (self.layers, self.bidirectional) != (1, False) else ""
+        return f"{self.dtype} T={self.T} B={self.B} H={self.H}{case}"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    config: Config
+    impl: str
+    pass_: str  # "fwd" or "fwd_bwd"
+
+
+def cudnn_persistent_eligible(cfg: Config) -> bool:
+    """Shapes for which cuDNN has a persistent (weights-in-registers) LSTM kernel.
+
+    fp16, one layer, one direction, H and I multiples of 128 with H <= 1024,
+    B a multiple of 8 up to 128. PyTorch's heuristic (aten/src/ATen/native/
+    cudnn/RNN.cpp) only *picks* it on compute capability 7.x GPUs, so on an
+    H100 this column marks the shapes, not the algorithm that ran.
+    """
+    return (
+        cfg.dtype == "fp16"
+        and cfg.layers == 1
+        and not cfg.bidirectional
+        and cfg.H % 128 == 0
+        and cfg.H <= 1024
+        and cfg.I % 128 == 0
+        and cfg.B % 8 == 0
+        and cfg.B <= 128
+    )
+
+
+def parse_ints(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    values = tuple(int(v) for v in str(text).replace(" ", "").split(",") if v)
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"expected a comma-separated list of positive integers, got {text!r}")
+    return values
+
+
+def parse_names(text: Optional[str], choices: Optional[Iterable[str]] = None) -> Optional[tuple[str, ...]]:
+    if text is None:
+        return None
+    values = tuple(v for v in str(text).replace(" ", "").split(",") if v)
+    if choices is not None:
+        bad = [v for v in values if v not in choices]
+        if bad:
+            raise ValueError(f"unknown value(s) {bad}; choose from {sorted(choices)}")
+    return values
+
+
+def default_limits(impl: str, cfg: Config, device: str) -> Optional[str]:
+    """Why the *default* sweep leaves out (impl, cfg), or None to keep it.
+
+    These only apply when the implementation was not named with ``--impl``;
+    they keep the full GPU sweep inside its time budget:
+    - fused-reference (a Python loop, the oracle, not a contender): T <= 128, H = 512;
+    - nn.LSTM-compile (torch.compile graph-breaks around nn.LSTM, and each new
+      shape recompiles): bf16, one layer, H = 512, B in {8, 64};
+    - flashrnn (compiles a CUDA kernel per shape on first use): bf16, H = 768,
+      B = 16, one layer.
+    """
+    if device != "cuda":
+        return None
+    if impl == "fused-reference" and not (cfg.T <= 128 and cfg.H == 512):
+        return "default GPU sweep runs fused-reference at T <= 128, H = 512 only"
+    if impl == "nn.LSTM-compile" and not (cfg.dtype == "bf16" and cfg.layers == 1 and cfg.H == 512 and cfg.B in (8, 64)):
+        return "default GPU sweep runs nn.LSTM-compile at bf16, 1 layer, H=512, B in {8,64} only"
+    if impl == "flashrnn" and not (cfg.dtype == "bf16" and cfg.H == 768 and cfg.B == 16 and cfg.layers == 1):
+        return "default GPU sweep runs flashrnn at bf16, H=768, B=16 only"
+    return None
+
+
+def build_configs(
+    device: str,
+    T: Optional[Sequence[int]] = None,
+    B: Optional[Sequence[int]] = None,
+    H: Optional[Sequence[int]] = None,
+    dtype: Optional[Sequence[str]] = None,
+    cases: Optional[Sequence[str]] = None,
+    layers: Optional[int] = None,
+    bidirectional: Optional[bool] = None,
+    quick: bool = False,
+) -> list[Config]:
+    """The configs of a sweep on ``device`` ("cpu" or "cuda"), after the filters.
+
+    An axis given explicitly replaces the grid's values (the bidirectional
+    case then uses it too). ``layers``/``bidirectional`` define one custom
+    case and replace ``cases``.
+    """
+    on_gpu = device == "cuda"
+    grid = dict(GPU_QUICK if quick else GPU_GRID) if on_gpu else dict(CPU_QUICK if quick else CPU_GRID)
+    bidir_grid = GPU_BIDIR if on_gpu else CPU_BIDIR
+    Ts = tuple(T) if T else grid["T"]
+    Bs = tuple(B) if B else grid["B"]
+    Hs = tuple(H) if H else grid["H"]
+    dtypes = tuple(dtype) if dtype else grid["dtype"]
+
+    if layers is not None or bidirectional is not None:
+        case_list = [(layers or 1, bool(bidirectional), False)]
+    else:
+        names = tuple(cases) if cases else (("single",) if quick else ("single", "bidir"))
+        case_list = [(*CASES[name], name == "bidir") for name in names]
+
+    configs = []
+    for n_layers, bidir, restricted in case_list:
+        case_B = Bs if (B or not restricted) else tuple(b for b in Bs if b in bidir_grid["B"]) or bidir_grid["B"][:1]
+        case_H = Hs if (H or not restricted) else tuple(h for h in Hs if h in bidir_grid["H"]) or bidir_grid["H"][:1]
+        for dt in dtypes:
+            for h in case_H:
+                for b in case_B:
+                    for t in Ts:
+                        configs.append(Config(T=t, B=b, H=h, I=h, layers=n_layers, bidirectional=bidir, dtype=dt))
+    return configs
+
+
+def estimate_seconds(m: Measurement, device: str) -> float:
+    """A rough model of one call's time: per-step latency plus recurrent FLOPs.
+
+    Used to order the sweep and to share the time budget; the budget itself
+    is enforced on measured times.
+    """
+    c = m.config
+    flops_step = 2.0 * c.B * c.H * 4 * c.H  # recurrent GEMM per step
+    flops_in = 2.0 * c.B * c.I * 4 * c.H  # input projection per step (parallel)
+    if device == "cuda":
+        rate = 30e12 if c.dtype == "fp32" else 150e12
+        latency = {"fused-reference": 120e-6, "flashrnn": 6e-6}.get(m.impl, 8e-6)
+    else:
+        rate = 20e9
+        latency = 100e-6 if m.impl == "fused-reference" else 10e-6
+    per_step = latency + (flops_step + flops_in) / rate
+    seconds = c.T * per_step * c.layers * c.directions
+    return seconds * (3.0 if m.pass_ == "fwd_bwd" else 1.0)

@@ -1,0 +1,152 @@
+"""The implementations compared, each built from the same ``nn.LSTM`` (same weights).
+
+A provider turns the sweep's base ``nn.LSTM`` into a module whose
+``forward(x [T, B, I]) -> output [T, B, D*H]`` is what gets timed:
+
+    nn.LSTM           torch.nn.LSTM (cuDNN on a GPU): the baseline of speedup_vs_cudnn
+    nn.LSTM-compile   torch.compile(nn.LSTM) (dynamo graph-breaks around RNN modules by default)
+    fused-reference   FusedLSTM(backend="reference")
+    fused-triton      FusedLSTM(backend="triton")
+    fused-cuda        FusedLSTM(backend="cuda")
+    flashrnn          FlashRNN's fused CUDA LSTM (PyPI ``flashrnn``), when installed; the input
+                      projection x @ W_ihᵀ is included so that it does the same work
+
+A provider that cannot run on this machine says why (``unavailable_reason``);
+one that cannot serve a config raises (e.g. ``BackendUnsupportedError``) and
+the sweep records a skip.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lstm_kernels
+from lstm_kernels import FusedLSTM
+
+from .configs import Config
+
+BASELINE = "nn.LSTM"
+
+
+class Provider:
+    name = ""
+
+    def unavailable_reason(self, device: str) -> Optional[str]:
+        return None
+
+    def build(self, base: nn.LSTM, cfg: Config) -> nn.Module:
+        raise NotImplementedError
+
+
+class TorchLSTM(Provider):
+    name = BASELINE
+
+    def build(self, base, cfg):
+        return _OutputOnly(_copy_lstm(base))
+
+
+class CompiledTorchLSTM(Provider):
+    name = "nn.LSTM-compile"
+
+    def build(self, base, cfg):
+        torch._dynamo.reset()  # a fresh cache per config: no silent fallback after the recompile limit
+        module = _OutputOnly(_copy_lstm(base))
+        module.forward = torch.compile(module.forward, dynamic=False)
+        return module
+
+
+class Fused(Provider):
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.name = f"fused-{backend}"
+
+    def unavailable_reason(self, device):
+        if self.backend in lstm_kernels.available_backends():
+            if self.backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+                return "the Triton backend runs on the CPU only under TRITON_INTERPRET=1"
+            return None
+        why = lstm_kernels.unavailable_backends().get(self.backend, "not available")
+        return f"backend {self.backend!r} unavailable: {why}"
+
+    def build(self, base, cfg):
+        return _OutputOnly(FusedLSTM.from_torch(base, backend=self.backend))
+
+
+class FlashRNN(Provider):
+    name = "flashrnn"
+
+    def unavailable_reason(self, device):
+        if device != "cuda":
+            return "flashrnn needs a CUDA GPU"
+        if importlib.util.find_spec("flashrnn") is None:
+            return "flashrnn is not installed (pip install flashrnn)"
+        return None
+
+    def build(self, base, cfg):
+        if cfg.layers != 1 or cfg.bidirectional:
+            raise NotImplementedError("the flashrnn provider covers one unidirectional layer only")
+        return _FlashRNNLSTM(base, cfg)
+
+
+def _copy_lstm(base: nn.LSTM) -> nn.LSTM:
+    """A copy with its own weights, flattened into one buffer as cuDNN wants (no per-call copy)."""
+    lstm = copy.deepcopy(base)
+    lstm.flatten_parameters()
+    return lstm
+
+
+class _OutputOnly(nn.Module):
+    """Wraps an LSTM module so that forward returns the output sequence only."""
+
+    def __init__(self, lstm: nn.Module):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+class _FlashRNNLSTM(nn.Module):
+    """One LSTM layer on flashrnn with nn.LSTM's weights (gate order i, f, g, o in both).
+
+    flashrnn layouts (one head, D = H): Wx [B, T, 4, 1, H], R [4, 1, H(out), H(in)],
+    b [4, 1, H], output states [2 (h, c), B, T, 1, H].
+    """
+
+    def __init__(self, base: nn.LSTM, cfg: Config):
+        super().__init__()
+        from flashrnn import flashrnn
+
+        self._flashrnn = flashrnn
+        H = cfg.H
+        self.dtype_name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.dtype]
+        with torch.no_grad():
+            self.weight_ih = nn.Parameter(base.weight_ih_l0.detach().clone())
+            self.R = nn.Parameter(base.weight_hh_l0.detach().reshape(4, 1, H, H).clone())
+            self.b = nn.Parameter((base.bias_ih_l0 + base.bias_hh_l0).detach().reshape(4, 1, H).clone())
+
+    def forward(self, x):  # x [T, B, I] -> [T, B, H]
+        T, B, _ = x.shape
+        wx = F.linear(x.transpose(0, 1), self.weight_ih).reshape(B, T, 4, 1, -1)
+        states, _ = self._flashrnn(wx, self.R, self.b, function="lstm", backend="cuda_fused", dtype=self.dtype_name)
+        return states[0].reshape(B, T, -1).transpose(0, 1)
+
+
+PROVIDERS: dict[str, Provider] = {
+    p.name: p
+    for p in (TorchLSTM(), CompiledTorchLSTM(), Fused("reference"), Fused("triton"), Fused("cuda"), FlashRNN())
+}
+
+
+def default_impls(device: str) -> list[str]:
+    """What ``python -m benchmarks`` measures when --impl is not given."""
+    if device == "cuda":
+        names = [BASELINE, "nn.LSTM-compile", "fused-cuda", "fused-triton", "fused-reference", "flashrnn"]
+        return [n for n in names if n == BASELINE or PROVIDERS[n].unavailable_reason(device) is None]
+    return [BASELINE, "fused-reference"]
