@@ -1,0 +1,239 @@
+// pybind11 module lstm_kernels._C: argument checks, and the calls into the
+// kernels of lstm_forward.cu / lstm_backward.cu. No libtorch: tensors arrive
+// as device pointers (Python ints), sizes, a dtype code (static_switch.h) and
+// the CUDA stream as an int; lstm_kernels/backends/cuda.py validates shapes,
+// allocates outputs and picks the stream. A CUDA error becomes a RuntimeError
+// naming the kernel and cudaGetErrorString; a bad argument a ValueError.
+//
+// Also: host entry points running the cell math of cell.cuh on numpy arrays
+// (tests check it without a GPU), and CUDA queries (device count, occupancy).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "cell.cuh"
+#include "lstm_cuda.h"
+#include "static_switch.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void check_status(const lstm::Status& st) {
+  if (!st.ok()) {
+    throw std::runtime_error(std::string(st.where) + " failed: " + cudaGetErrorString(st.error) + " (" +
+                             cudaGetErrorName(st.error) + ")");
+  }
+}
+
+void check_sizes(const char* fn, int64_t T, int64_t B, int64_t H) {
+  if (T < 1 || B < 1 || H < 1) {
+    throw std::invalid_argument(std::string(fn) + ": T, B and H must be >= 1, got T=" + std::to_string(T) +
+                                " B=" + std::to_string(B) + " H=" + std::to_string(H));
+  }
+  if (4 * H * B > INT32_MAX || H > INT32_MAX / 4) {
+    throw std::invalid_argument(std::string(fn) + ": B * 4H must fit in int32");
+  }
+}
+
+void check_dtype(const char* fn, int dtype) {
+  if (dtype != lstm::kFloat32 && dtype != lstm::kFloat16 && dtype != lstm::kBFloat16) {
+    throw std::invalid_argument(std::string(fn) + ": unknown dtype code " + std::to_string(dtype) +
+                                " (0 float32, 1 float16, 2 bfloat16)");
+  }
+}
+
+template <typename P>
+P* ptr(const char* fn, const char* name, uintptr_t p, bool optional = false) {
+  if (p == 0 && !optional) throw std::invalid_argument(std::string(fn) + ": null pointer for " + name);
+  return reinterpret_cast<P*>(p);
+}
+
+cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+void check_variant(const char* fn, int variant) {
+  if (variant != lstm::kStep && variant != lstm::kPersistent && variant != lstm::kAuto) {
+    throw std::invalid_argument(std::string(fn) + ": unknown variant " + std::to_string(variant) +
+                                " (0 step, 1 persistent, 2 auto)");
+  }
+}
+
+int forward(int dtype, uintptr_t xg, uintptr_t w_hh, uintptr_t h0, uintptr_t c0, uintptr_t h_all, uintptr_t c_T,
+            uintptr_t act, uintptr_t c_all, uintptr_t c_work, int64_t T, int64_t B, int64_t H, uintptr_t stream,
+            int variant) {
+  const char* fn = "lstm_kernels._C.forward";
+  check_dtype(fn, dtype);
+  check_variant(fn, variant);
+  check_sizes(fn, T, B, H);
+  if ((act == 0) != (c_all == 0)) throw std::invalid_argument(std::string(fn) + ": act and c_all go together");
+  if (c_all == 0 && c_work == 0) throw std::invalid_argument(std::string(fn) + ": c_work is needed without c_all");
+  lstm::Status st;
+  int used = -1;
+  {
+    py::gil_scoped_release nogil;
+    st = lstm::forward(dtype, ptr<const void>(fn, "xg", xg), ptr<const void>(fn, "w_hh", w_hh),
+                       ptr<const void>(fn, "h0", h0), ptr<const void>(fn, "c0", c0), ptr<void>(fn, "h_all", h_all),
+                       ptr<void>(fn, "c_T", c_T), ptr<float>(fn, "act", act, true),
+                       ptr<float>(fn, "c_all", c_all, true), ptr<float>(fn, "c_work", c_work, true), (int)T, (int)B,
+                       (int)H, variant, &used, stream_of(stream));
+  }
+  check_status(st);
+  return used;
+}
+
+int backward(int dtype, uintptr_t w_hh, uintptr_t c0, uintptr_t act, uintptr_t c_all, uintptr_t dh_all,
+             uintptr_t dh_T, uintptr_t dc_T, uintptr_t dG, uintptr_t dh0, uintptr_t dc0, uintptr_t dg_work,
+             uintptr_t dc_work, int64_t T, int64_t B, int64_t H, uintptr_t stream, int variant) {
+  const char* fn = "lstm_kernels._C.backward";
+  check_dtype(fn, dtype);
+  check_variant(fn, variant);
+  check_sizes(fn, T, B, H);
+  lstm::Status st;
+  int used = -1;
+  {
+    py::gil_scoped_release nogil;
+    st = lstm::backward(dtype, ptr<const void>(fn, "w_hh", w_hh), ptr<const void>(fn, "c0", c0),
+                        ptr<const float>(fn, "act", act), ptr<const float>(fn, "c_all", c_all),
+                        ptr<const void>(fn, "dh_all", dh_all), ptr<const void>(fn, "dh_T", dh_T),
+                        ptr<const void>(fn, "dc_T", dc_T), ptr<void>(fn, "dG", dG), ptr<void>(fn, "dh0", dh0),
+                        ptr<void>(fn, "dc0", dc0), ptr<float>(fn, "dg_work", dg_work),
+                        ptr<float>(fn, "dc_work", dc_work), (int)T, (int)B, (int)H, variant, &used,
+                        stream_of(stream));
+  }
+  check_status(st);
+  return used;
+}
+
+py::dict occupancy(const std::string& direction, int dtype, int64_t H) {
+  check_dtype("lstm_kernels._C.occupancy", dtype);
+  if (H < 1 || H > INT32_MAX / 64) throw std::invalid_argument("lstm_kernels._C.occupancy: bad H");
+  int blocks = 0, threads = 0;
+  lstm::PersistentPlan plan;
+  check_status(lstm::occupancy(direction.c_str(), dtype, (int)H, &blocks, &threads, &plan));
+  py::dict d;
+  d["step_blocks_per_sm"] = blocks;
+  d["threads_per_block"] = threads;
+  d["persistent_possible"] = plan.possible;
+  d["persistent_why_not"] = plan.possible ? py::object(py::none()) : py::object(py::str(plan.why));
+  d["persistent_blocks"] = plan.blocks;
+  d["persistent_blocks_per_sm"] = plan.blocks_per_sm;
+  d["sm_count"] = plan.sm_count;
+  d["persistent_dynamic_smem"] = plan.dynamic_smem;
+  d["persistent_static_smem"] = plan.static_smem;
+  return d;
+}
+
+// (count, None) or (0, "why not"): never raises, so import-time probing is safe.
+py::tuple device_count() {
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error state
+    return py::make_tuple(0, std::string(cudaGetErrorString(err)));
+  }
+  return py::make_tuple(n, py::none());
+}
+
+// Attributes the persistent/per-step decision needs, for one device.
+py::dict device_properties(int device) {
+  py::dict d;
+  int v = 0;
+  const std::pair<const char*, cudaDeviceAttr> attrs[] = {
+      {"multiprocessor_count", cudaDevAttrMultiProcessorCount},
+      {"cooperative_launch", cudaDevAttrCooperativeLaunch},
+      {"max_shared_memory_per_block_optin", cudaDevAttrMaxSharedMemoryPerBlockOptin},
+      {"max_shared_memory_per_multiprocessor", cudaDevAttrMaxSharedMemoryPerMultiprocessor},
+      {"compute_capability_major", cudaDevAttrComputeCapabilityMajor},
+      {"compute_capability_minor", cudaDevAttrComputeCapabilityMinor},
+  };
+  for (const auto& a : attrs) {
+    check_status(lstm::Status{cudaDeviceGetAttribute(&v, a.second, device), "cudaDeviceGetAttribute"});
+    d[a.first] = v;
+  }
+  return d;
+}
+
+using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+// Host run of lstm::cell_forward. pre [N, 4] (i, f, g, o), c_prev [N] ->
+// (act [N, 4], c [N], h [N]), all float32.
+py::tuple cell_forward_host(F32 pre, F32 c_prev) {
+  if (pre.ndim() != 2 || pre.shape(1) != 4) throw std::invalid_argument("pre must have shape [N, 4]");
+  const py::ssize_t n = pre.shape(0);
+  if (c_prev.ndim() != 1 || c_prev.shape(0) != n) throw std::invalid_argument("c_prev must have shape [N]");
+  F32 act({n, (py::ssize_t)4}), c({n}), h({n});
+  const float* p = pre.data();
+  const float* cp = c_prev.data();
+  float* a = act.mutable_data();
+  float* co = c.mutable_data();
+  float* ho = h.mutable_data();
+  for (py::ssize_t k = 0; k < n; ++k) {
+    lstm::Gates g;
+    lstm::cell_forward(p[4 * k], p[4 * k + 1], p[4 * k + 2], p[4 * k + 3], cp[k], &g, &co[k], &ho[k]);
+    a[4 * k] = g.i;
+    a[4 * k + 1] = g.f;
+    a[4 * k + 2] = g.g;
+    a[4 * k + 3] = g.o;
+  }
+  return py::make_tuple(act, c, h);
+}
+
+// Host run of lstm::cell_backward. dh, dc [N], act [N, 4], c_prev, c [N] ->
+// (d_pre [N, 4], dc_prev [N]), all float32.
+py::tuple cell_backward_host(F32 dh, F32 dc, F32 act, F32 c_prev, F32 c) {
+  if (act.ndim() != 2 || act.shape(1) != 4) throw std::invalid_argument("act must have shape [N, 4]");
+  const py::ssize_t n = act.shape(0);
+  for (const F32* v : {&dh, &dc, &c_prev, &c}) {
+    if (v->ndim() != 1 || v->shape(0) != n) throw std::invalid_argument("dh, dc, c_prev and c must have shape [N]");
+  }
+  F32 d_pre({n, (py::ssize_t)4}), dc_prev({n});
+  const float* a = act.data();
+  float* d = d_pre.mutable_data();
+  float* dcp = dc_prev.mutable_data();
+  for (py::ssize_t k = 0; k < n; ++k) {
+    const lstm::Gates g{a[4 * k], a[4 * k + 1], a[4 * k + 2], a[4 * k + 3]};
+    lstm::GateGrads gg;
+    lstm::cell_backward(dh.data()[k], dc.data()[k], g, c_prev.data()[k], c.data()[k], &gg, &dcp[k]);
+    d[4 * k] = gg.i;
+    d[4 * k + 1] = gg.f;
+    d[4 * k + 2] = gg.g;
+    d[4 * k + 3] = gg.o;
+  }
+  return py::make_tuple(d_pre, dc_prev);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "Fused LSTM recurrence kernels (CUDA); pointers, sizes and streams as Python ints";
+  m.attr("DTYPE_FLOAT32") = (int)lstm::kFloat32;
+  m.attr("DTYPE_FLOAT16") = (int)lstm::kFloat16;
+  m.attr("DTYPE_BFLOAT16") = (int)lstm::kBFloat16;
+  m.attr("CUDA_RUNTIME_VERSION") = CUDART_VERSION;
+  m.attr("VARIANT_STEP") = (int)lstm::kStep;
+  m.attr("VARIANT_PERSISTENT") = (int)lstm::kPersistent;
+  m.attr("VARIANT_AUTO") = (int)lstm::kAuto;
+  m.def("forward", &forward, "Forward recurrence; returns the variant that ran; see csrc/lstm_cuda.h", py::arg("dtype"),
+        py::arg("xg"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"), py::arg("h_all"), py::arg("c_T"),
+        py::arg("act"), py::arg("c_all"), py::arg("c_work"), py::arg("T"), py::arg("B"), py::arg("H"),
+        py::arg("stream"), py::arg("variant") = (int)lstm::kStep);
+  m.def("backward", &backward, "Backward recurrence; returns the variant that ran; see csrc/lstm_cuda.h",
+        py::arg("dtype"), py::arg("w_hh"), py::arg("c0"), py::arg("act"), py::arg("c_all"), py::arg("dh_all"),
+        py::arg("dh_T"), py::arg("dc_T"), py::arg("dG"), py::arg("dh0"), py::arg("dc0"), py::arg("dg_work"),
+        py::arg("dc_work"), py::arg("T"), py::arg("B"), py::arg("H"), py::arg("stream"),
+        py::arg("variant") = (int)lstm::kStep);
+  m.def("occupancy", &occupancy,
+        "Occupancy of the per-step kernel and the persistent plan (co-residency, shared memory) for hidden size H",
+        py::arg("direction"), py::arg("dtype"), py::arg("H"));
+  m.def("device_count", &device_count, "(number of CUDA devices, None) or (0, reason)");
+  m.def("device_properties", &device_properties, "SM count, cooperative launch, shared memory of a device",
+        py::arg("device"));
+  m.def("cell_forward_host", &cell_forward_host, "cell.cuh forward on the host (tests)", py::arg("pre"),
+        py::arg("c_prev"));
+  m.def("cell_backward_host", &cell_backward_host, "cell.cuh backward on the host (tests)", py::arg("dh"),
+        py::arg("dc"), py::arg("act"), py::arg("c_prev"), py::arg("c"));
+}

@@ -1,0 +1,31 @@
+// Loads and stores between the storage dtypes (float, __half, __nv_bfloat16)
+// and fp32, the dtype of all arithmetic.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace lstm {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Tile sizes of the per-step kernels: a block computes TILE_J hidden units
+// (all four gates of each) for TILE_B batch rows, looping over the reduction
+// dimension in chunks of TILE_K. One thread per (batch row, hidden unit).
+constexpr int TILE_J = 16;
+constexpr int TILE_B = 16;
+constexpr int TILE_K = 32;
+constexpr int STEP_THREADS = TILE_J * TILE_B;
+
+}  // namespace lstm

@@ -1,0 +1,263 @@
+// Backward recurrence (BPTT) of one LSTM layer, one direction, two variants
+// sharing one tile function (backward_tile): the per-step fused kernel
+// (recurrent matmul dh_rec = dG_{t+1} W_hh + cell backward, one launch per
+// step, then one for dh0) and the persistent cooperative kernel (one launch,
+// W_hh columns in shared memory, grid sync between steps).
+//
+// Legend: T steps, B batch, H hidden units, r the reduction index over 4H.
+// Gate order along 4H: i, f, g, o. Per step t, from T-1 down to 0:
+//   dh  = dh_all[t] + (t == T-1 ? dh_T : dG_{t+1} W_hh)
+//   dc  = (t == T-1 ? dc_T : dc_{t+1} * f_{t+1})
+//   dG_t, dc*f = cell_backward(dh, dc, act_t, c_{t-1}, c_t)      (cell.cuh)
+// dh0 = dG_0 W_hh, dc0 = dc_0 * f_0. dG is kept in fp32 for the recurrence
+// (ping-pong dg_work) and stored in the input dtype as the output.
+// Deterministic: every sum is one thread's sequential loop, no atomics.
+#include <cooperative_groups.h>
+
+#include "cell.cuh"
+#include "dtype_convert.cuh"
+#include "lstm_cuda.h"
+#include "persistent.cuh"
+#include "static_switch.h"
+
+namespace lstm {
+
+// One (batch tile, unit tile) of one step (or, with dh_out_t null, of the
+// final dh0 pass): dh_rec = dG_{t+1} W_hh for TILE_B rows x TILE_J units, then
+// the cell backward. Called by every thread of the block (it holds
+// __syncthreads). wload(r, jj) is W_hh[r, j0 + jj] as float (global memory, or
+// the block's shared copy in the persistent kernel); only called in range.
+template <typename T, typename WLoad>
+__device__ __forceinline__ void backward_tile(WLoad wload, int j0, int b0,
+                                              const float* dg_next,  // [B, 4H] fp32 dG_{t+1}, or null at t = T-1
+                                              const T* __restrict__ dh_T,      // [B, H] used when dg_next is null
+                                              const T* __restrict__ dc_T,      // [B, H] used when dg_next is null
+                                              const T* __restrict__ dh_out_t,  // [B, H] dh_all[t]; null: dh0 pass
+                                              const float* __restrict__ act_t,  // [B, 4H] fp32 activations of step t
+                                              const float* __restrict__ c_t,     // [B, H] fp32
+                                              const float* __restrict__ c_prev,  // [B, H] fp32 c_{t-1}, or null (c0)
+                                              const T* __restrict__ c0,          // [B, H]
+                                              float* dc_work,                    // [B, H] fp32 in/out (dc * f)
+                                              float* dg_cur,                     // [B, 4H] fp32 out: dG_t
+                                              T* __restrict__ dG_t,              // [B, 4H] out
+                                              T* __restrict__ dh0,               // [B, H] out in the dh0 pass
+                                              T* __restrict__ dc0,               // [B, H] out in the dh0 pass
+                                              int B, int H) {
+  __shared__ float w_s[TILE_K][TILE_J + 1];  // [r, unit]
+  __shared__ float g_s[TILE_B][TILE_K + 1];  // [row, r]
+  // dg_next is loaded with __ldcg (L2, not L1): in the persistent kernel other
+  // blocks wrote it before the grid sync, and a stale L1 line must not serve it.
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int tid = ty * TILE_J + tx;
+  const int j = j0 + tx, b = b0 + ty;
+  const int H4 = 4 * H;
+
+  float acc = 0.f;
+  if (dg_next) {
+    for (int r0 = 0; r0 < H4; r0 += TILE_K) {
+      for (int idx = tid; idx < TILE_K * TILE_J; idx += STEP_THREADS) {
+        const int kk = idx / TILE_J, jj = idx % TILE_J;
+        const int r = r0 + kk, unit = j0 + jj;
+        w_s[kk][jj] = (r < H4 && unit < H) ? wload(r, jj) : 0.f;
+      }
+      for (int idx = tid; idx < TILE_B * TILE_K; idx += STEP_THREADS) {
+        const int bb = idx / TILE_K, kk = idx % TILE_K;
+        const int row = b0 + bb, r = r0 + kk;
+        g_s[bb][kk] = (row < B && r < H4) ? __ldcg(dg_next + (size_t)row * H4 + r) : 0.f;
+      }
+      __syncthreads();
+#pragma unroll 8
+      for (int kk = 0; kk < TILE_K; ++kk) acc = fmaf(g_s[ty][kk], w_s[kk][tx], acc);
+      __syncthreads();
+    }
+  }
+  if (j >= H || b >= B) return;
+  const size_t s = (size_t)b * H + j;
+  const float dh_in = dg_next ? acc : to_float(dh_T[s]);
+  const float dc_in = dg_next ? dc_work[s] : to_float(dc_T[s]);
+  if (!dh_out_t) {  // the dh0 pass
+    dh0[s] = from_float<T>(dh_in);
+    dc0[s] = from_float<T>(dc_in);
+    return;
+  }
+  const float dh = dh_in + to_float(dh_out_t[s]);
+  const size_t g_row = (size_t)b * H4;
+  const Gates a{act_t[g_row + j], act_t[g_row + H + j], act_t[g_row + 2 * H + j], act_t[g_row + 3 * H + j]};
+  const float cp = c_prev ? c_prev[s] : to_float(c0[s]);
+  GateGrads d;
+  float dc_prev;
+  cell_backward(dh, dc_in, a, cp, c_t[s], &d, &dc_prev);
+  dc_work[s] = dc_prev;
+  dg_cur[g_row + j] = d.i;
+  dg_cur[g_row + H + j] = d.f;
+  dg_cur[g_row + 2 * H + j] = d.g;
+  dg_cur[g_row + 3 * H + j] = d.o;
+  dG_t[g_row + j] = from_float<T>(d.i);
+  dG_t[g_row + H + j] = from_float<T>(d.f);
+  dG_t[g_row + 2 * H + j] = from_float<T>(d.g);
+  dG_t[g_row + 3 * H + j] = from_float<T>(d.o);
+}
+
+// Per-step kernel: one launch per step (and one for the dh0 pass), W_hh read
+// from global memory / L2. Grid (ceil(H / TILE_J), ceil(B / TILE_B)), block (TILE_J, TILE_B).
+template <typename T>
+__global__ void __launch_bounds__(STEP_THREADS)
+    backward_step_kernel(const T* __restrict__ w_hh,        // [4H, H]
+                         const float* __restrict__ dg_next,  // [B, 4H] fp32 dG_{t+1}, or null at t = T-1
+                         const T* __restrict__ dh_T,         // [B, H]
+                         const T* __restrict__ dc_T,         // [B, H]
+                         const T* __restrict__ dh_out_t,     // [B, H] dh_all[t]; null in the dh0 pass
+                         const float* __restrict__ act_t,    // [B, 4H] fp32
+                         const float* __restrict__ c_t,      // [B, H] fp32
+                         const float* __restrict__ c_prev,   // [B, H] fp32, or null at t = 0
+                         const T* __restrict__ c0,           // [B, H]
+                         float* dc_work,                     // [B, H] fp32 in/out
+                         float* __restrict__ dg_cur,         // [B, 4H] fp32 out
+                         T* __restrict__ dG_t,               // [B, 4H] out
+                         T* __restrict__ dh0,                // [B, H] out in the dh0 pass
+                         T* __restrict__ dc0,                // [B, H] out in the dh0 pass
+                         int B, int H) {
+  const int j0 = blockIdx.x * TILE_J;
+  auto wload = [&](int r, int jj) { return to_float(w_hh[(size_t)r * H + j0 + jj]); };
+  backward_tile<T>(wload, j0, blockIdx.y * TILE_B, dg_next, dh_T, dc_T, dh_out_t, act_t, c_t, c_prev, c0, dc_work,
+                   dg_cur, dG_t, dh0, dc0, B, H);
+}
+
+// Persistent kernel: one cooperative launch for all T steps and the dh0 pass.
+// Block x owns the units [x*TILE_J, x*TILE_J + TILE_J): the columns of W_hh it
+// needs (W_hh[:, units], copied once into dynamic shared memory as [4H, TILE_J]
+// in the storage dtype); it loops over the batch tiles. A grid-wide sync
+// separates the steps (dG_{t+1} is written by every block; dg_work ping-pongs,
+// so a step never overwrites what another block still reads).
+template <typename T>
+__global__ void __launch_bounds__(STEP_THREADS, 1)
+    backward_persistent_kernel(const T* __restrict__ w_hh,      // [4H, H]
+                               const T* __restrict__ c0,        // [B, H]
+                               const float* __restrict__ act,   // [T, B, 4H] fp32
+                               const float* __restrict__ c_all, // [T, B, H] fp32
+                               const T* __restrict__ dh_all,    // [T, B, H]
+                               const T* __restrict__ dh_T,      // [B, H]
+                               const T* __restrict__ dc_T,      // [B, H]
+                               T* __restrict__ dG,              // [T, B, 4H] out
+                               T* __restrict__ dh0,             // [B, H] out
+                               T* __restrict__ dc0,             // [B, H] out
+                               float* dg_work,                  // [2, B, 4H] fp32 (read across blocks: no __restrict__)
+                               float* dc_work,                  // [B, H] fp32
+                               int T_, int B, int H) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* w_blk = reinterpret_cast<T*>(smem_raw);  // [4H, TILE_J]
+  const int j0 = blockIdx.x * TILE_J;
+  const int tid = threadIdx.y * TILE_J + threadIdx.x;
+  for (int idx = tid; idx < 4 * H * TILE_J; idx += STEP_THREADS) {
+    const int r = idx / TILE_J, jj = idx % TILE_J;
+    w_blk[idx] = j0 + jj < H ? w_hh[(size_t)r * H + j0 + jj] : from_float<T>(0.f);
+  }
+  __syncthreads();
+  auto wload = [&](int r, int jj) { return to_float(w_blk[r * TILE_J + jj]); };
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  const size_t bh = (size_t)B * H, b4h = 4 * bh;
+  const float* dg_next = nullptr;
+  for (int t = T_ - 1; t >= -1; --t) {
+    float* dg_cur = t >= 0 ? dg_work + (t % 2) * b4h : nullptr;
+    for (int b0 = 0; b0 < B; b0 += TILE_B) {
+      if (t >= 0) {
+        backward_tile<T>(wload, j0, b0, dg_next, dh_T, dc_T, dh_all + t * bh, act + t * b4h, c_all + t * bh,
+                         t == 0 ? nullptr : c_all + (t - 1) * bh, c0, dc_work, dg_cur, dG + t * b4h, nullptr,
+                         nullptr, B, H);
+      } else {
+        backward_tile<T>(wload, j0, b0, dg_next, dh_T, dc_T, nullptr, nullptr, nullptr, nullptr, c0, dc_work,
+                         nullptr, nullptr, dh0, dc0, B, H);
+      }
+      __syncthreads();  // the tile's shared buffers are reused by the next batch tile
+    }
+    if (t >= 0) grid.sync();  // dG_t complete (and visible) before any block reads it
+    dg_next = dg_cur;
+  }
+}
+
+template <typename T>
+Status backward_step(const T* w_hh, const T* c0, const float* act, const float* c_all, const T* dh_all,
+                     const T* dh_T, const T* dc_T, T* dG, T* dh0, T* dc0, float* dg_work, float* dc_work, int T_,
+                     int B, int H, cudaStream_t stream) {
+  const dim3 grid((H + TILE_J - 1) / TILE_J, (B + TILE_B - 1) / TILE_B), block(TILE_J, TILE_B);
+  const size_t bh = (size_t)B * H, b4h = 4 * bh;
+  const float* dg_next = nullptr;
+  for (int t = T_ - 1; t >= 0; --t) {
+    float* dg_cur = dg_work + (t % 2) * b4h;
+    backward_step_kernel<T><<<grid, block, 0, stream>>>(
+        w_hh, dg_next, dh_T, dc_T, dh_all + t * bh, act + t * b4h, c_all + t * bh,
+        t == 0 ? nullptr : c_all + (t - 1) * bh, c0, dc_work, dg_cur, dG + t * b4h, nullptr, nullptr, B, H);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return Status{err, "lstm backward_step_kernel"};
+    dg_next = dg_cur;
+  }
+  backward_step_kernel<T><<<grid, block, 0, stream>>>(w_hh, dg_next, dh_T, dc_T, nullptr, nullptr, nullptr, nullptr,
+                                                      c0, dc_work, nullptr, nullptr, dh0, dc0, B, H);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return Status{err, "lstm backward_step_kernel (dh0 pass)"};
+  return Status{};
+}
+
+template <typename T>
+Status backward_persistent_plan(int H, PersistentPlan* plan) {
+  return persistent_plan(reinterpret_cast<const void*>(backward_persistent_kernel<T>), (H + TILE_J - 1) / TILE_J,
+                         (size_t)4 * H * TILE_J * sizeof(T), "lstm backward_persistent_kernel", plan);
+}
+
+template <typename T>
+Status backward_impl(const T* w_hh, const T* c0, const float* act, const float* c_all, const T* dh_all,
+                     const T* dh_T, const T* dc_T, T* dG, T* dh0, T* dc0, float* dg_work, float* dc_work, int T_,
+                     int B, int H, int variant, int* used, cudaStream_t stream) {
+  if (variant != kStep) {
+    PersistentPlan plan;
+    const Status st = backward_persistent_plan<T>(H, &plan);
+    if (!st.ok()) return st;
+    if (plan.possible) {
+      *used = kPersistent;
+      void* args[] = {&w_hh, &c0, &act, &c_all, &dh_all, &dh_T, &dc_T, &dG, &dh0, &dc0, &dg_work, &dc_work,
+                      &T_, &B, &H};
+      const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(backward_persistent_kernel<T>),
+                                                          dim3(plan.blocks), dim3(TILE_J, TILE_B), args,
+                                                          plan.dynamic_smem, stream);
+      return Status{err, "lstm backward_persistent_kernel (cooperative launch)"};
+    }
+    if (variant == kPersistent) return Status{cudaErrorCooperativeLaunchTooLarge, "lstm persistent kernel requested but not possible (see _C.occupancy for why)"};
+  }
+  *used = kStep;
+  return backward_step<T>(w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work, dc_work, T_, B, H, stream);
+}
+
+Status backward(int dtype, const void* w_hh, const void* c0, const float* act, const float* c_all,
+                const void* dh_all, const void* dh_T, const void* dc_T, void* dG, void* dh0, void* dc0,
+                float* dg_work, float* dc_work, int T_, int B, int H, int variant, int* used, cudaStream_t stream) {
+  return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
+    using P = const scalar_t*;
+    return backward_impl<scalar_t>(static_cast<P>(w_hh), static_cast<P>(c0), act, c_all, static_cast<P>(dh_all),
+                                   static_cast<P>(dh_T), static_cast<P>(dc_T), static_cast<scalar_t*>(dG),
+                                   static_cast<scalar_t*>(dh0), static_cast<scalar_t*>(dc0), dg_work, dc_work, T_,
+                                   B, H, variant, used, stream);
+  });
+}
+
+Status forward_occupancy(int dtype, int H, int* blocks_per_sm, PersistentPlan* plan);
+
+Status backward_occupancy(int dtype, int H, int* blocks_per_sm, PersistentPlan* plan) {
+  return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
+    const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, backward_step_kernel<scalar_t>,
+                                                                          STEP_THREADS, 0);
+    if (err != cudaSuccess)
+      return Status{err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor(lstm backward_step_kernel)"};
+    return backward_persistent_plan<scalar_t>(H, plan);
+  });
+}
+
+Status occupancy(const char* direction, int dtype, int H, int* step_blocks_per_sm, int* threads_per_block,
+                 PersistentPlan* plan) {
+  *threads_per_block = STEP_THREADS;
+  const std::string name(direction);
+  if (name == "forward") return forward_occupancy(dtype, H, step_blocks_per_sm, plan);
+  if (name == "backward") return backward_occupancy(dtype, H, step_blocks_per_sm, plan);
+  throw std::invalid_argument("unknown kernel direction '" + name + "' (forward or backward)");
+}
+
+}  // namespace lstm

@@ -1,0 +1,73 @@
+// Host-side API of the CUDA kernels, called by bindings.cpp. Plain C++ types
+// and raw device pointers: no libtorch. Every function returns a Status that
+// names the kernel that failed (ok() when none did).
+//
+// Dimension names: T steps, B batch, H hidden units. Gate order along 4H:
+// i, f, g, o. Layouts are row-major and contiguous (the Python side ensures it).
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace lstm {
+
+struct Status {
+  cudaError_t error = cudaSuccess;
+  const char* where = "";
+  bool ok() const { return error == cudaSuccess; }
+};
+
+// Which kernel runs the recurrence: one launch per step, one cooperative
+// launch for all steps, or the persistent one when it fits (else per-step).
+enum Variant : int { kStep = 0, kPersistent = 1, kAuto = 2 };
+
+// The persistent-or-per-step decision for one kernel, dtype and H (persistent.cuh).
+struct PersistentPlan {
+  bool possible = false;
+  const char* why = "not planned";  // why not, when !possible
+  int blocks = 0;                   // grid size of the persistent kernel
+  int blocks_per_sm = 0;            // occupancy with its shared memory
+  int sm_count = 0;
+  size_t dynamic_smem = 0;  // bytes: the block's W_hh slice
+  size_t static_smem = 0;   // bytes: the tile buffers
+};
+
+// Forward recurrence, one launch per step (the per-step fused kernel).
+//   xg     [T, B, 4H] dtype     input projection + biases
+//   w_hh   [4H, H]    dtype
+//   h0     [B, H]     dtype
+//   c0     [B, H]     dtype
+//   h_all  [T, B, H]  dtype     out: h_t for every step
+//   c_T    [B, H]     dtype     out: the last cell state
+//   act    [T, B, 4H] fp32      out, or null: activated gates (i, f, g, o), for backward
+//   c_all  [T, B, H]  fp32      out, or null: cell states c_t, for backward
+//   c_work [B, H]     fp32      scratch for the cell state (used when c_all is null)
+//   variant           Variant   requested; *used gets the one that ran
+Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, const void* c0, void* h_all,
+               void* c_T, float* act, float* c_all, float* c_work, int T, int B, int H, int variant, int* used,
+               cudaStream_t stream);
+
+// Backward recurrence (BPTT), one launch per step plus a last one for dh0.
+//   w_hh    [4H, H]    dtype
+//   c0      [B, H]     dtype
+//   act     [T, B, 4H] fp32   saved by forward
+//   c_all   [T, B, H]  fp32   saved by forward
+//   dh_all  [T, B, H]  dtype  gradient of h_all
+//   dh_T    [B, H]     dtype
+//   dc_T    [B, H]     dtype
+//   dG      [T, B, 4H] dtype  out: gradients of the gate pre-activations
+//   dh0     [B, H]     dtype  out
+//   dc0     [B, H]     dtype  out
+//   dg_work [2, B, 4H] fp32   scratch: dG_t in fp32, ping-pong between steps
+//   dc_work [B, H]     fp32   scratch: the cell-state gradient carried between steps
+//   variant            Variant  requested; *used gets the one that ran
+Status backward(int dtype, const void* w_hh, const void* c0, const float* act, const float* c_all,
+                const void* dh_all, const void* dh_T, const void* dc_T, void* dG, void* dh0, void* dc0,
+                float* dg_work, float* dc_work, int T, int B, int H, int variant, int* used, cudaStream_t stream);
+
+// Occupancy: resident blocks per SM of the per-step kernel ("forward" or
+// "backward") of the given dtype, and the persistent plan for hidden size H
+// (cudaOccupancyMaxActiveBlocksPerMultiprocessor with its shared memory).
+Status occupancy(const char* direction, int dtype, int H, int* step_blocks_per_sm, int* threads_per_block,
+                 PersistentPlan* plan);
+
+}  // namespace lstm

@@ -1,0 +1,225 @@
+// Forward recurrence of one LSTM layer, one direction, two variants sharing
+// one tile function (forward_tile): the per-step fused kernel (recurrent
+// matmul + cell update, one launch per step, W_hh read from global memory /
+// L2) and the persistent cooperative kernel (one launch for all steps, W_hh
+// slice in shared memory, grid sync between steps). Same tiles, same
+// summation order: both give the same bits.
+//
+// Legend: T steps, B batch, H hidden units, k the reduction index over H.
+// Gate order along 4H: i, f, g, o. gates_t = xg_t + h_{t-1} W_hh^T;
+// c_t = f*c_{t-1} + i*g; h_t = o*tanh(c_t), rounded to the storage dtype.
+// Accumulation, activations and c in fp32 (plain FMA: exact fp32, no TF32).
+//
+// Saved for backward (when asked): the activated gates act [T, B, 4H] fp32
+// and the cell states c_all [T, B, H] fp32; backward recomputes only tanh(c).
+#include <cooperative_groups.h>
+
+#include "cell.cuh"
+#include "dtype_convert.cuh"
+#include "lstm_cuda.h"
+#include "persistent.cuh"
+#include "static_switch.h"
+
+namespace lstm {
+
+// One (batch tile, unit tile) of one step: gates = xg_t + h_prev W^T for
+// TILE_B rows x TILE_J units (all four gates), then the cell update. Called by
+// every thread of the block (it holds __syncthreads). wload(g, jj, k) is
+// W_hh[g*H + j0 + jj, k] as float (from global memory, or from the block's
+// shared copy in the persistent kernel); it is only called in range.
+template <typename T, typename WLoad>
+__device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
+                                             const T* __restrict__ xg_t,    // [B, 4H]
+                                             const T* h_prev,  // [B, H] (no __restrict__: written by other blocks in the persistent kernel)
+                                             const float* c_prev,           // [B, H] fp32, or null at t = 0 (then c0)
+                                             const T* __restrict__ c0,      // [B, H]
+                                             T* __restrict__ h_out,         // [B, H]
+                                             float* c_out,                  // [B, H] fp32 (may alias c_prev)
+                                             float* __restrict__ act_out,   // [B, 4H] fp32, or null
+                                             T* __restrict__ c_last,        // [B, H], or null
+                                             int B, int H) {
+  __shared__ float w_s[4][TILE_J][TILE_K + 1];  // [gate, unit, k]
+  __shared__ float h_s[TILE_B][TILE_K + 1];     // [row, k]
+  // h_prev is loaded with __ldcg (L2, not L1): in the persistent kernel other
+  // blocks wrote it before the grid sync, and a stale L1 line must not serve it.
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int tid = ty * TILE_J + tx;
+  const int j = j0 + tx, b = b0 + ty;
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int k0 = 0; k0 < H; k0 += TILE_K) {
+    for (int idx = tid; idx < 4 * TILE_J * TILE_K; idx += STEP_THREADS) {
+      const int g = idx / (TILE_J * TILE_K), rem = idx % (TILE_J * TILE_K);
+      const int jj = rem / TILE_K, kk = rem % TILE_K;
+      const int unit = j0 + jj, k = k0 + kk;
+      w_s[g][jj][kk] = (unit < H && k < H) ? wload(g, jj, k) : 0.f;
+    }
+    for (int idx = tid; idx < TILE_B * TILE_K; idx += STEP_THREADS) {
+      const int bb = idx / TILE_K, kk = idx % TILE_K;
+      const int row = b0 + bb, k = k0 + kk;
+      h_s[bb][kk] = (row < B && k < H) ? to_float(__ldcg(h_prev + (size_t)row * H + k)) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < TILE_K; ++kk) {
+      const float hv = h_s[ty][kk];
+      acc[0] = fmaf(hv, w_s[0][tx][kk], acc[0]);
+      acc[1] = fmaf(hv, w_s[1][tx][kk], acc[1]);
+      acc[2] = fmaf(hv, w_s[2][tx][kk], acc[2]);
+      acc[3] = fmaf(hv, w_s[3][tx][kk], acc[3]);
+    }
+    __syncthreads();
+  }
+  if (j >= H || b >= B) return;
+
+  const size_t g_row = (size_t)b * 4 * H;
+  const size_t s = (size_t)b * H + j;
+  const float cp = c_prev ? c_prev[s] : to_float(c0[s]);
+  Gates a;
+  float c, h;
+  cell_forward(acc[0] + to_float(xg_t[g_row + j]), acc[1] + to_float(xg_t[g_row + H + j]),
+               acc[2] + to_float(xg_t[g_row + 2 * H + j]), acc[3] + to_float(xg_t[g_row + 3 * H + j]), cp, &a,
+               &c, &h);
+  h_out[s] = from_float<T>(h);
+  c_out[s] = c;
+  if (act_out) {
+    act_out[g_row + j] = a.i;
+    act_out[g_row + H + j] = a.f;
+    act_out[g_row + 2 * H + j] = a.g;
+    act_out[g_row + 3 * H + j] = a.o;
+  }
+  if (c_last) c_last[s] = from_float<T>(c);
+}
+
+// Per-step kernel: one launch per step, W_hh read from global memory / L2.
+// Grid (ceil(H / TILE_J), ceil(B / TILE_B)), block (TILE_J, TILE_B).
+template <typename T>
+__global__ void __launch_bounds__(STEP_THREADS)
+    forward_step_kernel(const T* __restrict__ xg_t,    // [B, 4H]
+                        const T* __restrict__ w_hh,    // [4H, H]
+                        const T* __restrict__ h_prev,  // [B, H]
+                        const float* c_prev,           // [B, H] fp32, or null at t = 0 (then c0)
+                        const T* __restrict__ c0,      // [B, H]
+                        T* __restrict__ h_out,         // [B, H]
+                        float* c_out,                  // [B, H] fp32 (may alias c_prev)
+                        float* __restrict__ act_out,   // [B, 4H] fp32, or null
+                        T* __restrict__ c_last,        // [B, H], or null (written at the last step)
+                        int B, int H) {
+  const int j0 = blockIdx.x * TILE_J;
+  auto wload = [&](int g, int jj, int k) { return to_float(w_hh[(size_t)(g * H + j0 + jj) * H + k]); };
+  forward_tile<T>(wload, j0, blockIdx.y * TILE_B, xg_t, h_prev, c_prev, c0, h_out, c_out, act_out, c_last, B, H);
+}
+
+// Persistent kernel: one cooperative launch for all T steps. Block x owns the
+// TILE_J units [x*TILE_J, x*TILE_J + TILE_J) (the 4*TILE_J rows of W_hh of its
+// gates, copied once into dynamic shared memory as [gate, unit, H] in the
+// storage dtype) and loops over the batch tiles; a grid-wide sync separates
+// the steps (h_{t-1} is written by every block). Grid ceil(H / TILE_J) blocks,
+// all co-resident (checked with the occupancy API before the launch).
+template <typename T>
+__global__ void __launch_bounds__(STEP_THREADS, 1)
+    forward_persistent_kernel(const T* __restrict__ xg,    // [T, B, 4H]
+                              const T* __restrict__ w_hh,  // [4H, H]
+                              const T* __restrict__ h0,    // [B, H]
+                              const T* __restrict__ c0,    // [B, H]
+                              T* h_all,                    // [T, B, H] (read back by other blocks: no __restrict__)
+                              T* __restrict__ c_T,         // [B, H]
+                              float* __restrict__ act,     // [T, B, 4H] fp32, or null
+                              float* __restrict__ c_all,   // [T, B, H] fp32, or null
+                              float* __restrict__ c_work,  // [B, H] fp32 (used when c_all is null)
+                              int T_, int B, int H) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* w_blk = reinterpret_cast<T*>(smem_raw);  // [4, TILE_J, H]
+  const int j0 = blockIdx.x * TILE_J;
+  const int tid = threadIdx.y * TILE_J + threadIdx.x;
+  for (int idx = tid; idx < 4 * TILE_J * H; idx += STEP_THREADS) {
+    const int g = idx / (TILE_J * H), rem = idx % (TILE_J * H);
+    const int jj = rem / H, k = rem % H;
+    const int unit = j0 + jj;
+    w_blk[idx] = unit < H ? w_hh[(size_t)(g * H + unit) * H + k] : from_float<T>(0.f);
+  }
+  __syncthreads();
+  auto wload = [&](int g, int jj, int k) { return to_float(w_blk[(g * TILE_J + jj) * H + k]); };
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  const size_t bh = (size_t)B * H, b4h = 4 * bh;
+  for (int t = 0; t < T_; ++t) {
+    const T* h_prev = t == 0 ? h0 : h_all + (t - 1) * bh;
+    float* c_out = c_all ? c_all + t * bh : c_work;
+    const float* c_prev = t == 0 ? nullptr : (c_all ? c_all + (t - 1) * bh : c_work);
+    for (int b0 = 0; b0 < B; b0 += TILE_B) {
+      forward_tile<T>(wload, j0, b0, xg + t * b4h, h_prev, c_prev, c0, h_all + t * bh, c_out,
+                      act ? act + t * b4h : nullptr, t == T_ - 1 ? c_T : nullptr, B, H);
+      __syncthreads();  // the tile's shared buffers are reused by the next batch tile
+    }
+    grid.sync();  // h_t complete (and visible) before any block reads it at t + 1
+  }
+}
+
+template <typename T>
+Status forward_step(const T* xg, const T* w_hh, const T* h0, const T* c0, T* h_all, T* c_T, float* act,
+                    float* c_all, float* c_work, int T_, int B, int H, cudaStream_t stream) {
+  const dim3 grid((H + TILE_J - 1) / TILE_J, (B + TILE_B - 1) / TILE_B), block(TILE_J, TILE_B);
+  const size_t bh = (size_t)B * H, b4h = 4 * bh;
+  for (int t = 0; t < T_; ++t) {
+    const T* h_prev = t == 0 ? h0 : h_all + (t - 1) * bh;
+    float* c_out = c_all ? c_all + t * bh : c_work;
+    const float* c_prev = t == 0 ? nullptr : (c_all ? c_all + (t - 1) * bh : c_work);
+    forward_step_kernel<T><<<grid, block, 0, stream>>>(xg + t * b4h, w_hh, h_prev, c_prev, c0, h_all + t * bh,
+                                                       c_out, act ? act + t * b4h : nullptr,
+                                                       t == T_ - 1 ? c_T : nullptr, B, H);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return Status{err, "lstm forward_step_kernel"};
+  }
+  return Status{};
+}
+
+template <typename T>
+Status forward_persistent_plan(int H, PersistentPlan* plan) {
+  return persistent_plan(reinterpret_cast<const void*>(forward_persistent_kernel<T>), (H + TILE_J - 1) / TILE_J,
+                         (size_t)4 * TILE_J * H * sizeof(T), "lstm forward_persistent_kernel", plan);
+}
+
+template <typename T>
+Status forward_impl(const T* xg, const T* w_hh, const T* h0, const T* c0, T* h_all, T* c_T, float* act,
+                    float* c_all, float* c_work, int T_, int B, int H, int variant, int* used,
+                    cudaStream_t stream) {
+  if (variant != kStep) {
+    PersistentPlan plan;
+    const Status st = forward_persistent_plan<T>(H, &plan);
+    if (!st.ok()) return st;
+    if (plan.possible) {
+      *used = kPersistent;
+      void* args[] = {&xg, &w_hh, &h0, &c0, &h_all, &c_T, &act, &c_all, &c_work, &T_, &B, &H};
+      const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(forward_persistent_kernel<T>),
+                                                          dim3(plan.blocks), dim3(TILE_J, TILE_B), args,
+                                                          plan.dynamic_smem, stream);
+      return Status{err, "lstm forward_persistent_kernel (cooperative launch)"};
+    }
+    if (variant == kPersistent) return Status{cudaErrorCooperativeLaunchTooLarge, "lstm persistent kernel requested but not possible (see _C.occupancy for why)"};
+  }
+  *used = kStep;
+  return forward_step<T>(xg, w_hh, h0, c0, h_all, c_T, act, c_all, c_work, T_, B, H, stream);
+}
+
+Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, const void* c0, void* h_all,
+               void* c_T, float* act, float* c_all, float* c_work, int T_, int B, int H, int variant, int* used,
+               cudaStream_t stream) {
+  return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
+    return forward_impl<scalar_t>(static_cast<const scalar_t*>(xg), static_cast<const scalar_t*>(w_hh),
+                                  static_cast<const scalar_t*>(h0), static_cast<const scalar_t*>(c0),
+                                  static_cast<scalar_t*>(h_all), static_cast<scalar_t*>(c_T), act, c_all, c_work,
+                                  T_, B, H, variant, used, stream);
+  });
+}
+
+Status forward_occupancy(int dtype, int H, int* blocks_per_sm, PersistentPlan* plan) {
+  return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
+    const cudaError_t err =
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, forward_step_kernel<scalar_t>, STEP_THREADS, 0);
+    if (err != cudaSuccess)
+      return Status{err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor(lstm forward_step_kernel)"};
+    return forward_persistent_plan<scalar_t>(H, plan);
+  });
+}
+
+}  // namespace lstm

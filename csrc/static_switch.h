@@ -1,0 +1,36 @@
+// Compile-time switches instead of copied branches (after mamba's
+// static_switch.h): DTYPE_SWITCH turns a runtime dtype code into a type.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace lstm {
+
+// Dtype codes shared with lstm_kernels/backends/cuda.py.
+enum DtypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+}  // namespace lstm
+
+#define LSTM_DTYPE_SWITCH(CODE, T, ...)                                                  \
+  [&] {                                                                                  \
+    switch (CODE) {                                                                      \
+      case ::lstm::kFloat32: {                                                           \
+        using T = float;                                                                 \
+        return __VA_ARGS__();                                                            \
+      }                                                                                  \
+      case ::lstm::kFloat16: {                                                           \
+        using T = __half;                                                                \
+        return __VA_ARGS__();                                                            \
+      }                                                                                  \
+      case ::lstm::kBFloat16: {                                                          \
+        using T = __nv_bfloat16;                                                         \
+        return __VA_ARGS__();                                                            \
+      }                                                                                  \
+      default:                                                                           \
+        throw std::invalid_argument("unknown dtype code " + std::to_string(CODE));       \
+    }                                                                                    \
+  }()

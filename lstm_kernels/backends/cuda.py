@@ -1,0 +1,187 @@
+"""The ``cuda`` backend: hand-written CUDA kernels of ``csrc/``, bound by pybind11 as ``lstm_kernels._C``.
+
+The extension takes device pointers, sizes, a dtype code and the CUDA stream as
+Python ints (no libtorch); this module validates the call, makes inputs
+contiguous, allocates every output and scratch buffer with torch and passes
+``torch.cuda.current_stream().cuda_stream``.
+
+Kernels (csrc/lstm_forward.cu, csrc/lstm_backward.cu), two variants:
+
+- ``step``: one fused launch per time step (recurrent matmul + cell update;
+  W_hh read from global memory/L2);
+- ``persistent``: one cooperative launch for all steps, each block holding its
+  slice of W_hh in shared memory, a grid-wide sync between steps; it runs only
+  where the slice fits and the grid is co-resident (the extension checks with
+  the occupancy API; ``_C.occupancy`` reports the plan), else ``auto`` falls
+  back to ``step``.
+
+The variant comes from the environment variable ``LSTM_KERNELS_CUDA_VARIANT``
+(``step``, ``persistent`` or ``auto``), default :data:`DEFAULT_VARIANT`.
+Plain fp32 FMA accumulation for every dtype, so float32 is exact fp32 (TF32 is
+never used, whatever ``torch.backends.cuda.matmul.allow_tf32`` says).
+
+Dimension names: T steps, B batch, H hidden units. Gate order along 4H: i, f, g, o.
+Workspace kept for backward: the activated gates ``act`` [T, B, 4H] fp32 and the
+cell states ``c_all`` [T, B, H] fp32 (backward recomputes only tanh(c_t)).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import Backend, RecurrenceCall, RecurrenceInputs, register
+
+try:
+    from .. import _C
+except ImportError:  # built without nvcc (or LSTM_KERNELS_SKIP_CUDA=1)
+    _C = None
+
+NOT_BUILT = "the CUDA extension lstm_kernels._C is not built (install with nvcc on PATH or CUDA_HOME set)"
+NO_GPU = "no CUDA GPU"
+
+_INT32_MAX = 2**31 - 1
+
+VARIANT_ENV = "LSTM_KERNELS_CUDA_VARIANT"
+#: ``step`` until the persistent kernels have passed tests/test_cuda_gpu.py on a GPU.
+DEFAULT_VARIANT = "step"
+_VARIANTS = ("step", "persistent", "auto")
+
+
+def requested_variant() -> str:
+    v = os.environ.get(VARIANT_ENV, DEFAULT_VARIANT)
+    if v not in _VARIANTS:
+        raise ValueError(f"{VARIANT_ENV}={v!r}; choose one of {', '.join(_VARIANTS)}")
+    return v
+
+
+def _variant_code(v: str) -> int:
+    return {"step": _C.VARIANT_STEP, "persistent": _C.VARIANT_PERSISTENT, "auto": _C.VARIANT_AUTO}[v]
+
+
+def _variant_name(code: int) -> str:
+    return {_C.VARIANT_STEP: "step", _C.VARIANT_PERSISTENT: "persistent"}[code]
+
+
+def _dtype_codes() -> dict:
+    if _C is None:
+        return {}
+    return {torch.float32: _C.DTYPE_FLOAT32, torch.float16: _C.DTYPE_FLOAT16, torch.bfloat16: _C.DTYPE_BFLOAT16}
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _grad_or_zeros(g: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    if g is None:
+        return torch.zeros_like(like)
+    return g.to(like.dtype).contiguous()
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    differentiable_backward = False
+    #: The variants that ran in the last forward and backward (for tests and benchmarks).
+    last_forward_variant: Optional[str] = None
+    last_backward_variant: Optional[str] = None
+
+    def unavailable_reason(self) -> Optional[str]:
+        if _C is None:
+            return NOT_BUILT
+        if not torch.cuda.is_available():
+            return NO_GPU
+        return None
+
+    def supports(self, call: RecurrenceCall) -> Optional[str]:
+        if call.device.type != "cuda":
+            return f"{call.device.type} tensors are not served (CUDA only)"
+        if call.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"dtype {call.dtype} is not served (float32, bfloat16 and float16 are)"
+        if call.has_projection:
+            return "proj_size > 0 is not implemented by the cuda backend"
+        if call.variable_lengths:
+            return "variable lengths (PackedSequence) are not implemented by the cuda backend"
+        if call.seq_len < 1 or call.batch < 1 or call.hidden_size < 1:
+            return "empty input (T, B and H must be >= 1)"
+        if call.batch * 4 * call.hidden_size > _INT32_MAX:
+            return "B * 4H does not fit in int32"
+        return None
+
+    def workspace_spec(self, call: RecurrenceCall):
+        if not call.needs_grad:
+            return ()
+        T, B, H = call.seq_len, call.batch, call.hidden_size
+        return (((T, B, 4 * H), torch.float32), ((T, B, H), torch.float32))
+
+    def _check(self, xg, w_hh, h0, c0):
+        T, B, four_h = xg.shape
+        H = four_h // 4
+        if four_h != 4 * H or w_hh.shape != (4 * H, H) or h0.shape != (B, H) or c0.shape != (B, H):
+            raise ValueError(
+                f"cuda backend: bad shapes xg {tuple(xg.shape)}, w_hh {tuple(w_hh.shape)}, "
+                f"h0 {tuple(h0.shape)}, c0 {tuple(c0.shape)}"
+            )
+        for name, t in (("w_hh", w_hh), ("h0", h0), ("c0", c0)):
+            if t.dtype != xg.dtype:
+                raise TypeError(f"cuda backend: {name} is {t.dtype}, xg is {xg.dtype}; one dtype expected")
+            if t.device != xg.device:
+                raise ValueError(f"cuda backend: {name} is on {t.device}, xg on {xg.device}")
+        return T, B, H
+
+    def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool):
+        why = self.unavailable_reason() or self.supports(RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad))
+        if why is not None:
+            raise RuntimeError(f"cuda backend: {why}")
+        T, B, H = self._check(xg, w_hh, h0, c0)
+        xg, w_hh, h0, c0 = (t.contiguous() for t in (xg, w_hh, h0, c0))
+        dev = xg.device
+        h_all = torch.empty((T, B, H), dtype=xg.dtype, device=dev)
+        c_T = torch.empty((B, H), dtype=xg.dtype, device=dev)
+        if needs_grad:
+            act = torch.empty((T, B, 4 * H), dtype=torch.float32, device=dev)
+            c_all = torch.empty((T, B, H), dtype=torch.float32, device=dev)
+            c_work = None
+        else:
+            act = c_all = None
+            c_work = torch.empty((B, H), dtype=torch.float32, device=dev)
+        with torch.cuda.device(dev):
+            stream = torch.cuda.current_stream(dev).cuda_stream
+            used = _C.forward(
+                _dtype_codes()[xg.dtype], _ptr(xg), _ptr(w_hh), _ptr(h0), _ptr(c0), _ptr(h_all), _ptr(c_T),
+                _ptr(act), _ptr(c_all), _ptr(c_work), T, B, H, stream, _variant_code(requested_variant()),
+            )
+        self.last_forward_variant = _variant_name(used)
+        h_T = h_all[-1].clone()
+        workspace = (act, c_all) if needs_grad else ()
+        return h_all, h_T, c_T, workspace
+
+    def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T):
+        xg, w_hh, h0, c0, w_hr, batch_sizes = inputs
+        if len(workspace) != 2:
+            raise RuntimeError("cuda backend: backward needs the workspace of a forward run with needs_grad=True")
+        T, B, H = self._check(xg, w_hh, h0, c0)
+        act, c_all = (w.contiguous() for w in workspace)
+        w_hh, c0 = w_hh.contiguous(), c0.contiguous()
+        dh_all = _grad_or_zeros(dh_all, h_all)
+        dh_T = _grad_or_zeros(dh_T, h0)
+        dc_T = _grad_or_zeros(dc_T, c0)
+        dev = xg.device
+        dG = torch.empty((T, B, 4 * H), dtype=xg.dtype, device=dev)
+        dh0 = torch.empty((B, H), dtype=h0.dtype, device=dev)
+        dc0 = torch.empty((B, H), dtype=c0.dtype, device=dev)
+        dg_work = torch.empty((2, B, 4 * H), dtype=torch.float32, device=dev)
+        dc_work = torch.empty((B, H), dtype=torch.float32, device=dev)
+        with torch.cuda.device(dev):
+            stream = torch.cuda.current_stream(dev).cuda_stream
+            used = _C.backward(
+                _dtype_codes()[xg.dtype], _ptr(w_hh), _ptr(c0), _ptr(act), _ptr(c_all), _ptr(dh_all), _ptr(dh_T),
+                _ptr(dc_T), _ptr(dG), _ptr(dh0), _ptr(dc0), _ptr(dg_work), _ptr(dc_work), T, B, H, stream,
+                _variant_code(requested_variant()),
+            )
+        self.last_backward_variant = _variant_name(used)
+        return dG, dh0, dc0, None
+
+
+register(CudaBackend())

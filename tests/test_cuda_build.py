@@ -1,0 +1,234 @@
+"""The CUDA extension without a GPU: it imports, its host-side cell math (csrc/cell.cuh,
+the same functions the kernels run) matches the reference, and the backend says why it
+is unavailable. Skips when ``lstm_kernels._C`` is not built (no nvcc)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lstm_kernels.backends import RecurrenceCall, get_backend, unavailable_backends
+from lstm_kernels.backends import cuda as cuda_backend
+from lstm_kernels.backends.reference import ReferenceBackend
+
+try:
+    from lstm_kernels import _C
+except ImportError:
+    _C = None
+
+needs_ext = pytest.mark.skipif(_C is None, reason="lstm_kernels._C is not built (no nvcc)")
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+
+
+def _pre_acts(n: int, seed: int) -> np.ndarray:
+    """Pre-activations [n, 4]: mostly N(0, 3), plus extremes of +-30 and +-100."""
+    rng = np.random.default_rng(seed)
+    pre = rng.normal(0.0, 3.0, size=(n, 4)).astype(np.float32)
+    pre[: n // 8] = rng.choice(np.array([-30.0, 30.0, -100.0, 100.0, 0.0], dtype=np.float32), size=(n // 8, 4))
+    return pre
+
+
+def _sig64(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _forward64(pre, c_prev):
+    p = pre.astype(np.float64)
+    i, f, g, o = _sig64(p[:, 0]), _sig64(p[:, 1]), np.tanh(p[:, 2]), _sig64(p[:, 3])
+    c = f * c_prev.astype(np.float64) + i * g
+    return np.stack([i, f, g, o], axis=1), c, o * np.tanh(c)
+
+
+def _backward64(dh, dc, act, c_prev, c):
+    dh, dc, c_prev, c = (v.astype(np.float64) for v in (dh, dc, c_prev, c))
+    i, f, g, o = act.astype(np.float64).T
+    tc = np.tanh(c)
+    dct = dc + dh * o * (1 - tc * tc)
+    d = np.stack([dct * g * i * (1 - i), dct * c_prev * f * (1 - f), dct * i * (1 - g * g), dh * tc * o * (1 - o)], 1)
+    return d, dct * f
+
+
+def _close(actual, expected, name, rtol=1e-5, atol=1e-6):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert not np.isnan(actual).any(), f"{name}: NaN"
+    bad = ~np.isclose(actual, expected, rtol=rtol, atol=atol)
+    if bad.any():
+        idx = tuple(int(v) for v in np.argwhere(bad)[0])
+        err = np.abs(actual - expected)
+        raise AssertionError(
+            f"{name}: {bad.sum()} mismatches; max abs {err.max():.3e}, mean abs {err.mean():.3e}; "
+            f"first at {idx}: {actual[idx]!r} vs {expected[idx]!r}"
+        )
+
+
+@needs_ext
+def test_extension_imports_and_reports_devices():
+    n, why = _C.device_count()
+    assert isinstance(n, int) and n >= 0
+    if n == 0:
+        assert isinstance(why, str) and why
+    assert {_C.DTYPE_FLOAT32, _C.DTYPE_FLOAT16, _C.DTYPE_BFLOAT16} == {0, 1, 2}
+
+
+@needs_ext
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_host_cell_forward_matches_float64(seed):
+    n = 4096
+    pre = _pre_acts(n, seed)
+    c_prev = np.random.default_rng(seed + 100).normal(0.0, 2.0, size=n).astype(np.float32)
+    act, c, h = _C.cell_forward_host(pre, c_prev)
+    act64, c64, h64 = _forward64(pre, c_prev)
+    _close(act, act64, "activations")
+    _close(c, c64, "c")
+    _close(h, h64, "h")
+
+
+@needs_ext
+def test_host_cell_forward_extremes_saturate_exactly():
+    pre = np.array([[-100, 100, -100, 100], [100, -100, 100, -100], [-30, 30, -30, 30]], dtype=np.float32)
+    act, c, h = _C.cell_forward_host(pre, np.array([1.5, -2.0, 0.5], dtype=np.float32))
+    assert np.isfinite(act).all() and np.isfinite(c).all() and np.isfinite(h).all()
+    assert act[0].tolist() == [0.0, 1.0, -1.0, 1.0]
+    assert act[1].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert c[0] == np.float32(1.5) and c[1] == np.float32(1.0)
+
+
+@needs_ext
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_host_cell_backward_matches_float64(seed):
+    n = 4096
+    rng = np.random.default_rng(seed)
+    pre = _pre_acts(n, seed)
+    c_prev = rng.normal(0.0, 2.0, size=n).astype(np.float32)
+    act, c, _ = _C.cell_forward_host(pre, c_prev)
+    dh = rng.normal(size=n).astype(np.float32)
+    dc = rng.normal(size=n).astype(np.float32)
+    d_pre, dc_prev = _C.cell_backward_host(dh, dc, act, c_prev, c)
+    d64, dcp64 = _backward64(dh, dc, act, c_prev, c)
+    _close(d_pre, d64, "d_pre")
+    _close(dc_prev, dcp64, "dc_prev")
+
+
+@needs_ext
+@pytest.mark.parametrize("seed", [0, 1])
+def test_host_cell_matches_reference_backend_one_step(seed):
+    """One step with W_hh = 0 is the cell alone: compare with the reference backend's forward and BPTT."""
+    torch.manual_seed(seed)
+    B, H = 64, 16
+    xg = torch.randn(1, B, 4 * H) * 4
+    xg[0, :4] = 30.0
+    xg[0, 4:8] = -30.0
+    c0 = torch.randn(B, H) * 2
+    h0 = torch.randn(B, H)
+    w_hh = torch.zeros(4 * H, H)
+    ref = ReferenceBackend()
+    h_all, _, c_T, _ = ref.forward(xg, w_hh, h0, c0, None, None, True)
+    pre = xg[0].reshape(B, 4, H).permute(0, 2, 1).reshape(-1, 4).numpy()  # [(b, j), gate]
+    act, c, h = _C.cell_forward_host(pre, c0.reshape(-1).numpy())
+    _close(h, h_all[0].reshape(-1).numpy(), "h vs reference")
+    _close(c, c_T.reshape(-1).numpy(), "c vs reference")
+
+    from lstm_kernels.backends import RecurrenceInputs
+
+    dh = torch.randn(1, B, H)
+    dc = torch.randn(B, H)
+    inputs = RecurrenceInputs(xg, w_hh, h0, c0, None, None)
+    dG, _, dc0, _ = ref.backward(inputs, h_all, (), dh, torch.zeros(B, H), dc)
+    d_pre, dc_prev = _C.cell_backward_host(dh[0].reshape(-1).numpy(), dc.reshape(-1).numpy(), act,
+                                           c0.reshape(-1).numpy(), c)
+    d_ref = dG[0].reshape(B, 4, H).permute(0, 2, 1).reshape(-1, 4).numpy()
+    _close(d_pre, d_ref, "dG vs reference")
+    _close(dc_prev, dc0.reshape(-1).numpy(), "dc0 vs reference")
+
+
+@needs_ext
+def test_host_cell_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        _C.cell_forward_host(np.zeros((3, 3), np.float32), np.zeros(3, np.float32))
+    with pytest.raises(ValueError):
+        _C.cell_backward_host(*(np.zeros(2, np.float32),) * 2, np.zeros((3, 4), np.float32), *(np.zeros(3, np.float32),) * 2)
+
+
+@needs_ext
+def test_argument_checks_raise_value_errors():
+    args = dict(dtype=0, xg=8, w_hh=8, h0=8, c0=8, h_all=8, c_T=8, act=8, c_all=8, c_work=0, T=1, B=1, H=1, stream=0)
+    with pytest.raises(ValueError, match="dtype code"):
+        _C.forward(**{**args, "dtype": 7})
+    with pytest.raises(ValueError, match="T, B and H"):
+        _C.forward(**{**args, "T": 0})
+    with pytest.raises(ValueError, match="null pointer for w_hh"):
+        _C.forward(**{**args, "w_hh": 0})
+    with pytest.raises(ValueError, match="act and c_all"):
+        _C.forward(**{**args, "act": 0})
+    with pytest.raises(ValueError, match="unknown variant"):
+        _C.forward(**{**args, "variant": 5})
+    with pytest.raises(ValueError, match="unknown kernel direction"):
+        _C.occupancy("nope", 0, 16)
+
+
+@needs_ext
+@no_gpu
+def test_launch_without_gpu_raises_naming_the_kernel():
+    if _C.device_count()[0] != 0:
+        pytest.skip("a CUDA device is visible to the runtime")
+    # Non-null fake pointers: the launch fails before any memory is touched.
+    with pytest.raises(RuntimeError, match="forward_step_kernel failed: "):
+        _C.forward(0, 8, 8, 8, 8, 8, 8, 0, 0, 8, 2, 1, 1, 0)
+    with pytest.raises(RuntimeError, match="backward_step_kernel failed: "):
+        _C.backward(0, *([8] * 12), 2, 1, 1, 0)
+    with pytest.raises(RuntimeError, match="cudaOccupancyMaxActiveBlocksPerMultiprocessor"):
+        _C.occupancy("forward", 0, 16)
+    with pytest.raises(RuntimeError, match="persistent_kernel"):
+        _C.forward(0, 8, 8, 8, 8, 8, 8, 0, 0, 8, 2, 1, 1, 0, _C.VARIANT_PERSISTENT)
+
+
+@no_gpu
+def test_backend_unavailable_reason_here():
+    backend = get_backend("cuda")
+    expected = cuda_backend.NO_GPU if _C is not None else cuda_backend.NOT_BUILT
+    assert backend.unavailable_reason() == expected
+    assert unavailable_backends()["cuda"] == expected
+
+
+def test_variant_env(monkeypatch):
+    monkeypatch.delenv(cuda_backend.VARIANT_ENV, raising=False)
+    assert cuda_backend.requested_variant() == cuda_backend.DEFAULT_VARIANT
+    monkeypatch.setenv(cuda_backend.VARIANT_ENV, "persistent")
+    assert cuda_backend.requested_variant() == "persistent"
+    monkeypatch.setenv(cuda_backend.VARIANT_ENV, "bogus")
+    with pytest.raises(ValueError, match="LSTM_KERNELS_CUDA_VARIANT"):
+        cuda_backend.requested_variant()
+
+
+def test_backend_reason_when_extension_missing(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "_C", None)
+    assert get_backend("cuda").unavailable_reason() == cuda_backend.NOT_BUILT
+
+
+def _call(**kw):
+    base = dict(seq_len=4, batch=2, hidden_size=8, state_size=8, dtype=torch.float32, device=torch.device("cuda"),
+                has_projection=False, variable_lengths=False, needs_grad=True)
+    return RecurrenceCall(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    "kw, why",
+    [
+        (dict(device=torch.device("cpu")), "CUDA only"),
+        (dict(dtype=torch.float64), "float64"),
+        (dict(has_projection=True, state_size=4), "proj_size"),
+        (dict(variable_lengths=True), "variable lengths"),
+        (dict(seq_len=0), "empty"),
+    ],
+)
+def test_supports_declines(kw, why):
+    reason = get_backend("cuda").supports(_call(**kw))
+    assert reason is not None and why in reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_supports_accepts(dtype):
+    assert get_backend("cuda").supports(_call(dtype=dtype)) is None
+    spec = get_backend("cuda").workspace_spec(_call(dtype=dtype))
+    assert spec == (((4, 2, 32), torch.float32), ((4, 2, 8), torch.float32))
+    assert get_backend("cuda").workspace_spec(_call(dtype=dtype, needs_grad=False)) == ()

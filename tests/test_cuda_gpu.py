@@ -1,0 +1,241 @@
+"""The cuda backend on a real GPU: outputs and every gradient against the reference.
+
+Marked ``gpu`` (skipped without CUDA); skipped too when ``lstm_kernels._C`` is not built.
+The rule for every dtype (STYLE.md's flash-attention rule): against the float64
+reference on the same rounded inputs, the relative error is at most
+max(REL_TOL[dtype], 2 x the error of the reference backend itself run in that dtype).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lstm_kernels.backends import RecurrenceInputs, get_backend
+from lstm_kernels.backends import cuda as cuda_backend
+from lstm_kernels.function import lstm_layer
+from utils import REL_TOL, assert_rel_close, rel_error
+
+_C = pytest.importorskip("lstm_kernels._C")
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VARIANTS = ["step", "persistent"]
+# (T, B, H): T = 1, B = 1, H not a multiple of the 16-unit tile (13, 100, 1000), B not a
+# multiple of the 16-row tile (3, 17), the largest batch (256), a long sequence (2048).
+SHAPES = {
+    "T1_B1_H13": (1, 1, 13),
+    "T5_B3_H13": (5, 3, 13),
+    "T64_B1_H1000": (64, 1, 1000),
+    "T128_B17_H100": (128, 17, 100),
+    "T32_B256_H768": (32, 256, 768),
+    "T16_B256_H1000": (16, 256, 1000),
+    "T300_B64_H256": (300, 64, 256),
+    "T2048_B4_H64": (2048, 4, 64),
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+    torch.cuda.empty_cache()
+
+
+def use_variant(monkeypatch, variant, dtype, H):
+    """Select the kernel variant; skip a persistent case whose plan says it cannot run here."""
+    if variant == "persistent":
+        code = {torch.float32: _C.DTYPE_FLOAT32, torch.float16: _C.DTYPE_FLOAT16, torch.bfloat16: _C.DTYPE_BFLOAT16}
+        for direction in ("forward", "backward"):
+            plan = _C.occupancy(direction, code[dtype], H)
+            if not plan["persistent_possible"]:
+                pytest.skip(f"persistent {direction} not possible for H={H} {dtype}: {plan['persistent_why_not']}")
+    monkeypatch.setenv(cuda_backend.VARIANT_ENV, variant)
+
+
+def check_variant_ran(variant):
+    backend = get_backend("cuda")
+    assert backend.last_forward_variant == variant
+    assert backend.last_backward_variant == variant
+
+
+def make_case(T, B, H, dtype, seed=0):
+    """Inputs (rounded to ``dtype``) and output cotangents, on the GPU."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).cuda()
+
+    inputs = dict(xg=rnd(T, B, 4 * H), w_hh=rnd(4 * H, H, scale=H**-0.5), h0=rnd(B, H, scale=0.5), c0=rnd(B, H))
+    cotangents = (rnd(T, B, H), rnd(B, H), rnd(B, H))
+    return inputs, cotangents
+
+
+def run_layer(inputs, cotangents, backend, dtype=None):
+    """Outputs and gradients (xg, w_hh, h0, c0) of lstm_layer through ``backend``, inputs cast to ``dtype``."""
+    leaves = {k: (v.to(dtype) if dtype else v).detach().requires_grad_(True) for k, v in inputs.items()}
+    h_all, h_T, c_T = lstm_layer(leaves["xg"], leaves["w_hh"], leaves["h0"], leaves["c0"], None, None, backend=backend)
+    outs = (h_all, h_T, c_T)
+    torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(cotangents, outs)])
+    grads = {f"d{k}": v.grad for k, v in leaves.items()}
+    return {"h_all": h_all.detach(), "h_T": h_T.detach(), "c_T": c_T.detach(), **grads}
+
+
+def check_against_reference(got, inputs, cotangents, dtype, tol=None):
+    truth = run_layer(inputs, cotangents, "reference", torch.float64)
+    base = run_layer(inputs, cotangents, "reference")
+    tol = REL_TOL[dtype] if tol is None else tol
+    for name, expected in truth.items():
+        allowed = max(tol, 2 * rel_error(base[name], expected))
+        assert got[name].dtype == base[name].dtype, f"{name}: dtype {got[name].dtype} != {base[name].dtype}"
+        assert_rel_close(got[name], expected, allowed, name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_layer_matches_reference(shape, dt, variant, monkeypatch):
+    T, B, H = SHAPES[shape]
+    dtype = DTYPES[dt]
+    use_variant(monkeypatch, variant, dtype, H)
+    inputs, cot = make_case(T, B, H, dtype)
+    got = run_layer(inputs, cot, "cuda")
+    check_variant_ran(variant)
+    check_against_reference(got, inputs, cot, dtype)
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_variants_agree_bitwise(dt, monkeypatch):
+    """Same tiles, same summation order: the persistent and per-step kernels give identical bits."""
+    dtype = DTYPES[dt]
+    T, B, H = 40, 37, 100
+    inputs, cot = make_case(T, B, H, dtype, seed=17)
+    use_variant(monkeypatch, "step", dtype, H)
+    a = run_layer(inputs, cot, "cuda")
+    use_variant(monkeypatch, "persistent", dtype, H)
+    b = run_layer(inputs, cot, "cuda")
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name}: step and persistent differ"
+
+
+def test_auto_falls_back_to_step_when_weights_do_not_fit(monkeypatch):
+    H = 2048  # fp32: 4 gates x 16 units x 2048 x 4 bytes = 512 KiB of W_hh per block
+    plan = _C.occupancy("forward", _C.DTYPE_FLOAT32, H)
+    assert not plan["persistent_possible"] and plan["persistent_why_not"]
+    monkeypatch.setenv(cuda_backend.VARIANT_ENV, "auto")
+    inputs, cot = make_case(3, 2, H, torch.float32, seed=19)
+    got = run_layer(inputs, cot, "cuda")
+    check_variant_ran("step")
+    check_against_reference(got, inputs, cot, torch.float32)
+    monkeypatch.setenv(cuda_backend.VARIANT_ENV, "persistent")
+    with pytest.raises(RuntimeError, match="persistent kernel requested but not possible"):
+        run_layer(inputs, cot, "cuda")
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_extreme_pre_activations(dt):
+    dtype = DTYPES[dt]
+    inputs, cot = make_case(16, 5, 37, dtype, seed=3)
+    inputs["xg"] = (inputs["xg"].float() * 30).to(dtype)  # saturated gates
+    got = run_layer(inputs, cot, "cuda")
+    for name, v in got.items():
+        assert torch.isfinite(v).all(), f"{name}: non-finite"
+    check_against_reference(got, inputs, cot, dtype)
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_non_contiguous_inputs(dt):
+    dtype = DTYPES[dt]
+    T, B, H = 7, 9, 40
+    inputs, cot = make_case(T, B, H, dtype, seed=5)
+    wide = torch.zeros(T, B, 8 * H, dtype=dtype, device="cuda")
+    wide[:, :, ::2] = inputs["xg"]
+    inputs_nc = {**inputs, "xg": wide[:, :, ::2], "w_hh": inputs["w_hh"].t().contiguous().t()}
+    assert not inputs_nc["xg"].is_contiguous() and not inputs_nc["w_hh"].is_contiguous()
+    got = run_layer(inputs_nc, cot, "cuda")
+    check_against_reference(got, inputs, cot, dtype)
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_deterministic_and_needs_grad_invariant(dt):
+    dtype = DTYPES[dt]
+    inputs, cot = make_case(50, 33, 129, dtype, seed=7)
+    a = run_layer(inputs, cot, "cuda")
+    b = run_layer(inputs, cot, "cuda")
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name}: not bitwise reproducible"
+    backend = get_backend("cuda")
+    h_all, h_T, c_T, ws = backend.forward(*inputs.values(), None, None, False)
+    assert ws == ()
+    assert torch.equal(h_all, a["h_all"]) and torch.equal(h_T, a["h_T"]) and torch.equal(c_T, a["c_T"])
+
+
+def test_side_stream():
+    inputs, cot = make_case(20, 8, 64, torch.float32, seed=11)
+    expected = run_layer(inputs, cot, "cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = run_layer(inputs, cot, "cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_backend_backward_direct():
+    """The contract directly: dG, dh0, dc0 against the reference backend's (fp32)."""
+    inputs, (dh_all, dh_T, dc_T) = make_case(12, 6, 50, torch.float32, seed=13)
+    cuda, ref = get_backend("cuda"), get_backend("reference")
+    h_all, _, _, ws = cuda.forward(*inputs.values(), None, None, True)
+    assert [w.shape for w in ws] == [s for s, _ in cuda.workspace_spec(RecurrenceInputs(*inputs.values(), None, None).call())]
+    rin = RecurrenceInputs(*inputs.values(), None, None)
+    got = cuda.backward(rin, h_all, ws, dh_all, dh_T, dc_T)
+    exp = ref.backward(rin, h_all, (), dh_all, dh_T, dc_T)
+    for name, g, e in zip(("dG", "dh0", "dc0"), got[:3], exp[:3]):
+        assert_rel_close(g, e, 1e-5, name)
+    assert got[3] is None
+
+
+def test_occupancy_and_device_queries():
+    n, why = _C.device_count()
+    assert n >= 1 and why is None
+    props = _C.device_properties(torch.cuda.current_device())
+    assert props["multiprocessor_count"] > 0
+    for direction in ("forward", "backward"):
+        for code in (_C.DTYPE_FLOAT32, _C.DTYPE_FLOAT16, _C.DTYPE_BFLOAT16):
+            plan = _C.occupancy(direction, code, 256)
+            assert plan["step_blocks_per_sm"] >= 1 and plan["threads_per_block"] >= 32
+            assert plan["persistent_possible"], plan  # 16 blocks, 64 KiB of W_hh at most: fits on sm_80+
+            assert plan["persistent_blocks"] == 16
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_fused_lstm_module(dt, bidirectional):
+    from lstm_kernels import FusedLSTM
+
+    dtype = DTYPES[dt]
+    torch.manual_seed(0)
+    kw = dict(input_size=24, hidden_size=100, num_layers=2, bidirectional=bidirectional, batch_first=True)
+    truth = FusedLSTM(**kw, backend="reference").cuda().double()
+    ref = FusedLSTM(**kw, backend="reference").cuda().to(dtype)
+    mod = FusedLSTM(**kw, backend="cuda").cuda().to(dtype)
+    ref.load_state_dict(truth.state_dict())
+    mod.load_state_dict(truth.state_dict())
+    x = torch.randn(5, 37, 24, device="cuda").to(dtype)
+    gy = torch.randn(5, 37, 200 if bidirectional else 100, device="cuda").to(dtype)
+
+    def run(m, cast):
+        xi = x.to(cast).detach().requires_grad_(True)
+        y, (h, c) = m(xi)
+        (y * gy.to(cast)).sum().add_(h.sum() + c.sum()).backward()
+        grads = {n: p.grad for n, p in m.named_parameters()}
+        return {"y": y.detach(), "h_n": h.detach(), "c_n": c.detach(), "dx": xi.grad, **grads}
+
+    want, base, got = run(truth, torch.float64), run(ref, dtype), run(mod, dtype)
+    for name, expected in want.items():
+        allowed = max(REL_TOL[dtype], 2 * rel_error(base[name], expected))
+        assert_rel_close(got[name], expected, allowed, name)
