@@ -1,0 +1,110 @@
+"""The ``triton`` backend: the LSTM recurrence as fused Triton kernels.
+
+Runs on CUDA GPUs, and on the CPU under ``TRITON_INTERPRET=1`` (for tests; the
+interpreter runs programs one after another and is slow). The kernels and their
+launch helpers live in :mod:`.triton_forward`, :mod:`.triton_backward` and
+:mod:`.triton_kernels` (the shared design notes, device helpers and launch configuration).
+
+Dimension names: T steps, B batch, H hidden, P = proj_size or H.
+Gate order along 4H: i, f, g, o (PyTorch's).
+
+What forward saves for backward (the workspace): the activated gates i, f, g, o
+[T, B, 4H] and the cell states c_t [T, B, H], both fp32, and with a projection
+m_t = o * tanh(c_t) [T, B, H] fp32 (for dW_hr = sum_t dh_t^T m_t, one GEMM). Backward then needs no
+matmul other than the recurrent dG_t @ W_hh and no transcendental other than
+tanh(c_t): recomputing the gates would add a second forward recurrence (a
+sequential h_{t-1} @ W_hh^T per step) to every backward, which costs more time
+than the 20 bytes per (t, b, unit) of memory it would save. With
+``needs_grad=False`` nothing is saved.
+
+Numerics match the reference backend: fp32 accumulation and fp32 cell state;
+h_t rounded to the input dtype every step; c_T returned in the input dtype;
+fp32 uses tf32 only when ``torch.backends.cuda.matmul.allow_tf32`` is True.
+Deterministic: no atomics accumulate anything (the only atomic is the grid
+barrier counter of the persistent variant); every output element is written by
+one program in a fixed order.
+
+Variants (see triton_kernels): "step" launches the kernel once per step (and phase);
+"persistent" launches once for the forward and once for the backward, with a grid-wide
+barrier between steps. ``TritonBackend.variant`` ("auto" by default) or the
+environment variable ``LSTM_KERNELS_TRITON_VARIANT`` picks one.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import triton  # noqa: F401  (ImportError here keeps the backend unregistered)
+
+from . import Backend, RecurrenceCall, RecurrenceInputs, register
+from .triton_backward import lstm_backward
+from .triton_forward import lstm_forward
+from .triton_kernels import VARIANTS, interpreting
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Kernel offsets are int32: the largest tensor, [T, B, 4H], must index below 2**31.
+_MAX_ELEMENTS = 2**31 - 1
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    differentiable_backward = False
+
+    def __init__(self, variant: str = "auto"):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown Triton LSTM variant {variant!r}; choose one of {VARIANTS}")
+        #: "auto", "step" or "persistent"; "auto" also consults LSTM_KERNELS_TRITON_VARIANT.
+        self.variant = variant
+
+    def unavailable_reason(self) -> Optional[str]:
+        if torch.cuda.is_available() or interpreting():
+            return None
+        return "no CUDA GPU (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)"
+
+    def supports(self, call: RecurrenceCall) -> Optional[str]:
+        if call.dtype not in _DTYPES:
+            return f"dtype {call.dtype} is not served (float32, bfloat16 and float16 are)"
+        if interpreting():
+            if call.device.type != "cpu":
+                return f"{call.device.type} tensors are not served under TRITON_INTERPRET=1 (CPU only)"
+        elif call.device.type != "cuda":
+            return f"{call.device.type} tensors are not served (CUDA only; CPU needs TRITON_INTERPRET=1)"
+        if call.seq_len < 1 or call.batch < 1 or call.hidden_size < 1:
+            return "empty sequence, batch or hidden size"
+        if call.seq_len * call.batch * 4 * call.hidden_size > _MAX_ELEMENTS:
+            return "T * B * 4H is too large for the kernels' int32 offsets"
+        return None
+
+    def workspace_spec(self, call: RecurrenceCall):
+        if not call.needs_grad:
+            return ()
+        T, B, H = call.seq_len, call.batch, call.hidden_size
+        spec = (((T, B, 4 * H), torch.float32), ((T, B, H), torch.float32))
+        return spec + ((((T, B, H), torch.float32),) if call.has_projection else ())
+
+    def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool):
+        _check_dtypes(xg, w_hh, h0, c0, w_hr)
+        h_all, h_T, c_T, workspace = lstm_forward(
+            xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace=needs_grad, variant=self.variant
+        )
+        return h_all, h_T, c_T.to(c0.dtype), workspace
+
+    def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T):
+        xg, w_hh, h0, c0, w_hr, batch_sizes = inputs
+        if len(workspace) != (3 if w_hr is not None else 2):
+            raise RuntimeError("triton backward needs the workspace of a forward run with needs_grad=True")
+        dG, dh0, dc0, dw_hr = lstm_backward(
+            xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, variant=self.variant
+        )
+        return dG, dh0.to(h0.dtype), dc0.to(c0.dtype), None if dw_hr is None else dw_hr.to(w_hr.dtype)
+
+
+def _check_dtypes(xg, w_hh, h0, c0, w_hr) -> None:
+    """The kernels compute in xg's dtype; a mismatch would change numerics, so it is an error."""
+    for name, t in (("w_hh", w_hh), ("h0", h0), ("c0", c0), ("w_hr", w_hr)):
+        if t is not None and t.dtype != xg.dtype:
+            raise TypeError(f"triton backend: {name} is {t.dtype} but xg is {xg.dtype}; cast them alike")
+
+
+register(TritonBackend())

@@ -1,0 +1,216 @@
+"""Backward recurrence of the LSTM in Triton: the kernel and its launch helper.
+
+Dimension names (see :mod:`.triton_kernels` for the whole design):
+    T steps, B batch rows, H hidden units, P state size (proj_size or H),
+    4H the gate axis in PyTorch's order i, f, g, o (gate k of unit j is column k*H + j).
+
+Per phase t = T-1 ... 0, -1: phase A (tiles of B x P) dh = dG_{t+1} @ W_hh + dh_all[t]
+(at t = -1 that is dh0); phase B (tiles of B x H) dm = dh @ W_hr (projection) or dh, then
+the cell backward writes dG_t and updates dc. Without a projection both phases are one
+tile pass (a tile of P == H units is a tile of H units).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_kernels import (
+    _dot_tile, _grid_barrier, _tanh, choose_variant, co_resident_programs, dot_precisions, launch_config, num_tiles,
+    step_rows,
+)
+
+
+@triton.jit
+def _bw_dh_tile(
+    t, tile, n_next,
+    w_ptr,  # [4H, P] input dtype: W_hh
+    bs_ptr,  # [T + 1] int32
+    dh_all_ptr,  # [T, B, P] any float dtype
+    dh_last_ptr,  # [B, P] any float dtype: dh_T
+    dg_buf_ptr,  # [2, B, 4H] fp32
+    dh_buf_ptr,  # [B, P] fp32: dh_t for phase B (projection only)
+    dh_hist_ptr,  # [T, B, P] fp32: dh_t on active rows, 0 elsewhere (projection only)
+    dh0_ptr,  # [B, P] fp32
+    B, H: tl.constexpr, P: tl.constexpr, HAS_PROJ: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Phase A: dh_t [tile of B x P] = dG_{t+1} @ W_hh on rows active at t+1 (dh_T on the
+    others) + dh_all[t] on rows active at t. Returns (dh, rows, cols) for the fused cell pass."""
+    n_p_tiles = tl.cdiv(P, BLOCK_H)
+    rows = (tile // n_p_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
+    cols = (tile % n_p_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] state units
+    col_in = cols < P
+    tile_in = (rows < B)[:, None] & col_in[None, :]
+    state = rows[:, None] * P + cols[None, :]  # offsets into a [B, P] tensor
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc = _dot_tile(acc, dg_buf_ptr + ((t + 1) % 2) * B * 4 * H, 4 * H, rows, rows < n_next,
+                    w_ptr, P, 1, cols, col_in, 4 * H, BLOCK_K, DOT_PRECISION)
+    dh_last = tl.load(dh_last_ptr + state, mask=tile_in, other=0.0).to(tl.float32)
+    dh = tl.where((rows >= n_next)[:, None], dh_last, acc)
+    if t < 0:
+        tl.store(dh0_ptr + state, dh, mask=tile_in)
+    else:
+        active = (rows < tl.load(bs_ptr + t))[:, None] & col_in[None, :]
+        dh += tl.load(dh_all_ptr + t * B * P + state, mask=active, other=0.0).to(tl.float32)
+        if HAS_PROJ:
+            tl.store(dh_buf_ptr + state, dh, mask=tile_in)
+            tl.store(dh_hist_ptr + t * B * P + state, tl.where(active, dh, tl.zeros_like(dh)), mask=tile_in)
+    return dh, rows, cols
+
+
+@triton.jit
+def _bw_cell(
+    t, n_t, rows, cols, dm,  # dm [BLOCK_B, BLOCK_H]: the gradient of m_t on this tile of B x H
+    ws_gates_ptr,  # [T, B, 4H] fp32
+    ws_c_ptr,  # [T, B, H] fp32
+    c0_ptr,  # [B, H] input dtype
+    dc_ptr,  # [B, H] fp32
+    dg_buf_ptr,  # [2, B, 4H] fp32
+    dg_ptr,  # [T, B, 4H] input dtype
+    B, H: tl.constexpr,
+):
+    col_in = cols < H
+    tile_in = (rows < B)[:, None] & col_in[None, :]
+    active = (rows < n_t)[:, None] & col_in[None, :]
+    cell = rows[:, None] * H + cols[None, :]  # offsets into a [B, H] tensor
+    g_ptr = ws_gates_ptr + t * B * 4 * H + rows[:, None] * (4 * H) + cols[None, :]
+    i = tl.load(g_ptr, mask=active, other=0.0)
+    f = tl.load(g_ptr + H, mask=active, other=0.0)
+    g = tl.load(g_ptr + 2 * H, mask=active, other=0.0)
+    o = tl.load(g_ptr + 3 * H, mask=active, other=0.0)
+    tanh_c = _tanh(tl.load(ws_c_ptr + t * B * H + cell, mask=active, other=0.0))
+    c_prev = tl.load(ws_c_ptr + (t - 1) * B * H + cell, mask=active & (t > 0), other=0.0)
+    c_prev += tl.load(c0_ptr + cell, mask=active & (t == 0), other=0.0).to(tl.float32)
+
+    dc_in = tl.load(dc_ptr + cell, mask=tile_in, other=0.0)
+    dc = dc_in + dm * o * (1.0 - tanh_c * tanh_c)
+    zero = tl.zeros_like(dc)
+    d_i = tl.where(active, dc * g * i * (1.0 - i), zero)
+    d_f = tl.where(active, dc * c_prev * f * (1.0 - f), zero)
+    d_g = tl.where(active, dc * i * (1.0 - g * g), zero)
+    d_o = tl.where(active, dm * tanh_c * o * (1.0 - o), zero)
+
+    gate = rows[:, None] * (4 * H) + cols[None, :]  # gate i of [BLOCK_B, BLOCK_H] in a [B, 4H] tensor
+    buf = dg_buf_ptr + (t % 2) * B * 4 * H + gate
+    tl.store(buf, d_i, mask=tile_in)
+    tl.store(buf + H, d_f, mask=tile_in)
+    tl.store(buf + 2 * H, d_g, mask=tile_in)
+    tl.store(buf + 3 * H, d_o, mask=tile_in)
+    out = dg_ptr + t * B * 4 * H + gate
+    out_ty = dg_ptr.dtype.element_ty
+    tl.store(out, d_i.to(out_ty), mask=tile_in)
+    tl.store(out + H, d_f.to(out_ty), mask=tile_in)
+    tl.store(out + 2 * H, d_g.to(out_ty), mask=tile_in)
+    tl.store(out + 3 * H, d_o.to(out_ty), mask=tile_in)
+    tl.store(dc_ptr + cell, tl.where(active, dc * f, dc_in), mask=tile_in)
+
+
+@triton.jit
+def _lstm_bw_kernel(
+    w_ptr,  # [4H, P] input dtype: W_hh
+    w_hr_ptr,  # [P, H] input dtype: W_hr (projection only)
+    bs_ptr,  # [T + 1] int32: active rows of each step, bs[T] = 0
+    dh_all_ptr,  # [T, B, P] any float dtype
+    dh_last_ptr,  # [B, P] any float dtype: dh_T
+    ws_gates_ptr,  # [T, B, 4H] fp32: activated gates from forward
+    ws_c_ptr,  # [T, B, H] fp32: c_t from forward
+    c0_ptr,  # [B, H] input dtype
+    dc_ptr,  # [B, H] fp32: dc_T on entry, dc0 on exit
+    dg_buf_ptr,  # [2, B, 4H] fp32: dG_t in slot t % 2
+    dg_ptr,  # [T, B, 4H] input dtype: dG output
+    dh_buf_ptr,  # [B, P] fp32: dh_t between the phases (projection only)
+    dh_hist_ptr,  # [T, B, P] fp32: dh_t for dW_hr (projection only)
+    dh0_ptr,  # [B, P] fp32: dh0 output (written in phase t = -1)
+    bar_ptr,  # [1] int32: zeroed grid-barrier counter (read when USE_BARRIER)
+    t_begin, n_steps, B,  # runs t = t_begin, t_begin - 1, ..., t_begin - n_steps + 1 (down to -1)
+    H: tl.constexpr, P: tl.constexpr,
+    HAS_PROJ: tl.constexpr, RUN_DH: tl.constexpr, RUN_CELL: tl.constexpr,  # which phases to run
+    USE_BARRIER: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    n_b_tiles = tl.cdiv(B, BLOCK_B)
+    # while loops, not range(): runtime loop bounds break the interpreter with NumPy >= 2.
+    s = 0
+    arrivals = 0  # grid barriers passed so far
+    while s < n_steps:
+        t = t_begin - s
+        n_next = tl.load(bs_ptr + t + 1)
+        n_t = tl.load(bs_ptr + tl.maximum(t, 0))
+        if RUN_DH:
+            tile = pid
+            while tile < n_b_tiles * tl.cdiv(P, BLOCK_H):
+                dh, rows, cols = _bw_dh_tile(t, tile, n_next, w_ptr, bs_ptr, dh_all_ptr, dh_last_ptr, dg_buf_ptr,
+                                             dh_buf_ptr, dh_hist_ptr, dh0_ptr, B, H, P, HAS_PROJ,
+                                             BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION)
+                if not HAS_PROJ:  # P == H: this tile of P units is a tile of H units, dm = dh
+                    if t >= 0:
+                        _bw_cell(t, n_t, rows, cols, dh, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr,
+                                 B, H)
+                tile += nprog
+        if HAS_PROJ and RUN_CELL:
+            if USE_BARRIER and RUN_DH:  # dh_t complete before any dm
+                arrivals += 1
+                _grid_barrier(bar_ptr, arrivals * nprog)
+            if t >= 0:
+                tile = pid
+                n_h_tiles = tl.cdiv(H, BLOCK_H)
+                while tile < n_b_tiles * n_h_tiles:
+                    rows = (tile // n_h_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
+                    cols = (tile % n_h_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+                    dm = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    dm = _dot_tile(dm, dh_buf_ptr, P, rows, rows < n_t, w_hr_ptr, H, 1, cols, cols < H, P, BLOCK_K,
+                                   DOT_PRECISION)  # dm = dh_t @ W_hr
+                    _bw_cell(t, n_t, rows, cols, dm, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr, B, H)
+                    tile += nprog
+        s += 1
+        if USE_BARRIER:  # dG_t complete before phase t - 1
+            arrivals += 1
+            _grid_barrier(bar_ptr, arrivals * nprog)
+
+
+def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes=None, variant="auto"):
+    """Backward recurrence from the forward workspace (see ``triton_forward.lstm_forward``).
+
+    Returns dG [T, B, 4H] in xg's dtype, dh0 [B, P] fp32, dc0 [B, H] fp32, and
+    dW_hr [P, H] fp32 (one GEMM over the steps) or None without a projection.
+    """
+    T, B, four_h = xg.shape
+    H, P = four_h // 4, w_hh.shape[1]
+    has_proj = w_hr is not None
+    dtype, device = xg.dtype, xg.device
+    gates, c_all = workspace[:2]
+    cfg = launch_config(max(H, P), B, dtype)
+    variant = choose_variant(variant, max(H, P), B, cfg, device)
+    bs = step_rows(batch_sizes, T, B, device)
+    f32 = dict(dtype=torch.float32, device=device)
+    dc = dc_T.to(torch.float32).contiguous().clone()
+    dg_buf = torch.empty((2, B, 4 * H), **f32)
+    dG = torch.empty((T, B, 4 * H), dtype=dtype, device=device)
+    dh0 = torch.empty((B, P), **f32)
+    dh_buf = torch.empty((B, P), **f32) if has_proj else dh0  # placeholders: never touched without a projection
+    dh_hist = torch.empty((T, B, P), **f32) if has_proj else dh0
+    _, bw_prec = dot_precisions(dtype)
+    consts = dict(H=H, P=P, HAS_PROJ=has_proj, BLOCK_B=cfg["BLOCK_B"], BLOCK_H=cfg["BLOCK_H"],
+                  BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=bw_prec, num_warps=cfg["num_warps"])
+    args = (w_hh.contiguous(), w_hr.contiguous() if has_proj else w_hh, bs, dh_all.contiguous(), dh_T.contiguous(),
+            gates, c_all, c0.contiguous(), dc, dg_buf, dG, dh_buf, dh_hist, dh0)
+    dh_tiles, cell_tiles = num_tiles(P, B, cfg), num_tiles(H, B, cfg)
+    if variant == "persistent":
+        grid = (min(max(dh_tiles, cell_tiles if has_proj else 0), co_resident_programs(device)),)
+        barrier = torch.zeros(1, dtype=torch.int32, device=device)
+        _lstm_bw_kernel[grid](*args, barrier, T - 1, T + 1, B, RUN_DH=True, RUN_CELL=True,
+                              USE_BARRIER=grid[0] > 1, **consts)
+    else:
+        for t in range(T - 1, -2, -1):
+            _lstm_bw_kernel[(dh_tiles,)](*args, bs, t, 1, B, RUN_DH=True, RUN_CELL=False, USE_BARRIER=False, **consts)
+            if has_proj and t >= 0:
+                _lstm_bw_kernel[(cell_tiles,)](*args, bs, t, 1, B, RUN_DH=False, RUN_CELL=True,
+                                               USE_BARRIER=False, **consts)
+    dw_hr = None
+    if has_proj:  # dW_hr = sum_t dh_t^T m_t: one deterministic GEMM (dh_hist is 0 on inactive rows)
+        m_all = workspace[2]
+        dw_hr = dh_hist.reshape(T * B, P).t() @ m_all.reshape(T * B, H)
+    return dG, dh0, dc, dw_hr

@@ -1,0 +1,231 @@
+"""Forward recurrence of the LSTM in Triton: the kernel and its launch helper.
+
+Dimension names (see :mod:`.triton_kernels` for the whole design):
+    T steps, B batch rows, H hidden units, P state size (proj_size or H),
+    4H the gate axis in PyTorch's order i, f, g, o (gate k of unit j is column k*H + j).
+
+Per step t: phase A (tiles of B x H): gates, cell update, m_t = o * tanh(c_t); without a
+projection h_t = m_t is stored right there. Phase B (tiles of B x P, projection only):
+h_t = m_t @ W_hr^T. See ``lstm_forward`` for the two variants.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_kernels import (
+    _dot_tile, _grid_barrier, _tanh, choose_variant, co_resident_programs, dot_precisions, forward_dot_dtype,
+    launch_config, num_tiles, step_rows,
+)
+
+
+@triton.jit
+def _fw_cell_tile(
+    t, tile, n_t,
+    xg_ptr,  # [T, B, 4H] input dtype
+    w_ptr,  # [4H, P] input dtype: W_hh
+    h_buf_ptr,  # [2, B, P] input dtype
+    c_ptr,  # [B, H] fp32
+    h_all_ptr,  # [T, B, P] input dtype
+    m_buf_ptr,  # [B, H] fp32 (projection only)
+    ws_gates_ptr,  # [T, B, 4H] fp32
+    ws_c_ptr,  # [T, B, H] fp32
+    ws_m_ptr,  # [T, B, H] fp32 (projection only)
+    B, H: tl.constexpr, P: tl.constexpr,
+    HAS_PROJ: tl.constexpr, STORE_WS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    n_h_tiles = tl.cdiv(H, BLOCK_H)
+    rows = (tile // n_h_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
+    cols = (tile % n_h_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] hidden units
+    row_in = rows < B
+    col_in = cols < H
+    tile_in = row_in[:, None] & col_in[None, :]
+    h_prev_ptr = h_buf_ptr + (t % 2) * B * P  # [B, P]
+
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, P, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_in = ks < P
+        # h_{t-1} was written by other programs: bypass L1 (.cg) so a persistent launch sees it.
+        h = tl.load(h_prev_ptr + rows[:, None] * P + ks[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0,
+                    cache_modifier=".cg").to(DOT_DTYPE)  # [BLOCK_B, BLOCK_K]
+        w_mask = k_in[:, None] & col_in[None, :]
+        w_t = w_ptr + cols[None, :] * P + ks[:, None]  # W_hh^T tile of gate i: [BLOCK_K, BLOCK_H]
+        w_i = tl.load(w_t, mask=w_mask, other=0.0).to(DOT_DTYPE)
+        w_f = tl.load(w_t + H * P, mask=w_mask, other=0.0).to(DOT_DTYPE)
+        w_g = tl.load(w_t + 2 * H * P, mask=w_mask, other=0.0).to(DOT_DTYPE)
+        w_o = tl.load(w_t + 3 * H * P, mask=w_mask, other=0.0).to(DOT_DTYPE)
+        acc_i = tl.dot(h, w_i, acc_i, input_precision=DOT_PRECISION)
+        acc_f = tl.dot(h, w_f, acc_f, input_precision=DOT_PRECISION)
+        acc_g = tl.dot(h, w_g, acc_g, input_precision=DOT_PRECISION)
+        acc_o = tl.dot(h, w_o, acc_o, input_precision=DOT_PRECISION)
+
+    x_ptr = xg_ptr + t * B * 4 * H + rows[:, None] * (4 * H) + cols[None, :]  # gate i of [BLOCK_B, BLOCK_H]
+    i = tl.sigmoid(acc_i + tl.load(x_ptr, mask=tile_in, other=0.0).to(tl.float32))
+    f = tl.sigmoid(acc_f + tl.load(x_ptr + H, mask=tile_in, other=0.0).to(tl.float32))
+    g = _tanh(acc_g + tl.load(x_ptr + 2 * H, mask=tile_in, other=0.0).to(tl.float32))
+    o = tl.sigmoid(acc_o + tl.load(x_ptr + 3 * H, mask=tile_in, other=0.0).to(tl.float32))
+
+    cell = rows[:, None] * H + cols[None, :]  # offsets into a [B, H] tensor
+    c_prev = tl.load(c_ptr + cell, mask=tile_in, other=0.0)
+    c_new = f * c_prev + i * g
+    m = o * _tanh(c_new)
+    active = (rows < n_t)[:, None] & col_in[None, :]
+    c_new = tl.where(active, c_new, c_prev)
+    tl.store(c_ptr + cell, c_new, mask=tile_in)
+    if HAS_PROJ:
+        m = tl.where(active, m, tl.zeros_like(m))
+        tl.store(m_buf_ptr + cell, m, mask=tile_in)
+        if STORE_WS:
+            tl.store(ws_m_ptr + t * B * H + cell, m, mask=tile_in)
+    else:  # P == H: h_t = m_t
+        h_new = m.to(h_all_ptr.dtype.element_ty)
+        h_keep = tl.load(h_prev_ptr + cell, mask=tile_in, other=0.0, cache_modifier=".cg")
+        tl.store(h_all_ptr + t * B * H + cell, tl.where(active, h_new, tl.zeros_like(h_new)), mask=tile_in)
+        tl.store(h_buf_ptr + ((t + 1) % 2) * B * H + cell, tl.where(active, h_new, h_keep), mask=tile_in)
+    if STORE_WS:
+        ws_ptr = ws_gates_ptr + t * B * 4 * H + rows[:, None] * (4 * H) + cols[None, :]
+        tl.store(ws_ptr, i, mask=tile_in)
+        tl.store(ws_ptr + H, f, mask=tile_in)
+        tl.store(ws_ptr + 2 * H, g, mask=tile_in)
+        tl.store(ws_ptr + 3 * H, o, mask=tile_in)
+        tl.store(ws_c_ptr + t * B * H + cell, c_new, mask=tile_in)
+
+
+@triton.jit
+def _fw_proj_tile(
+    t, tile, n_t,
+    w_hr_ptr,  # [P, H] input dtype
+    h_buf_ptr,  # [2, B, P] input dtype
+    h_all_ptr,  # [T, B, P] input dtype
+    m_buf_ptr,  # [B, H] fp32
+    B, H: tl.constexpr, P: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    n_p_tiles = tl.cdiv(P, BLOCK_H)
+    rows = (tile // n_p_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
+    cols = (tile % n_p_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] state units
+    col_in = cols < P
+    tile_in = (rows < B)[:, None] & col_in[None, :]
+    active = (rows < n_t)[:, None] & col_in[None, :]
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    # h_t = m_t @ W_hr^T: M[k, n] = W_hr[n, k]
+    acc = _dot_tile(acc, m_buf_ptr, H, rows, rows < n_t, w_hr_ptr, 1, H, cols, col_in, H, BLOCK_K, DOT_PRECISION)
+    h_new = acc.to(h_all_ptr.dtype.element_ty)
+    state = rows[:, None] * P + cols[None, :]  # offsets into a [B, P] tensor
+    h_keep = tl.load(h_buf_ptr + (t % 2) * B * P + state, mask=tile_in, other=0.0, cache_modifier=".cg")
+    tl.store(h_all_ptr + t * B * P + state, tl.where(active, h_new, tl.zeros_like(h_new)), mask=tile_in)
+    tl.store(h_buf_ptr + ((t + 1) % 2) * B * P + state, tl.where(active, h_new, h_keep), mask=tile_in)
+
+
+@triton.jit
+def _lstm_fw_kernel(
+    xg_ptr,  # [T, B, 4H] input dtype
+    w_ptr,  # [4H, P] input dtype: W_hh
+    w_hr_ptr,  # [P, H] input dtype: W_hr (projection only)
+    bs_ptr,  # [T + 1] int32: active rows of each step, bs[T] = 0
+    h_buf_ptr,  # [2, B, P] input dtype: slot 0 holds h0 on entry
+    c_ptr,  # [B, H] fp32: c0 on entry, c_T on exit
+    h_all_ptr,  # [T, B, P] input dtype
+    m_buf_ptr,  # [B, H] fp32: m_t between the phases (projection only)
+    ws_gates_ptr,  # [T, B, 4H] fp32: activated gates (written when STORE_WS)
+    ws_c_ptr,  # [T, B, H] fp32: c_t (written when STORE_WS)
+    ws_m_ptr,  # [T, B, H] fp32: m_t (written when STORE_WS and HAS_PROJ)
+    bar_ptr,  # [1] int32: zeroed grid-barrier counter (read when USE_BARRIER)
+    t_begin, n_steps, B,  # runs steps t_begin ... t_begin + n_steps - 1
+    H: tl.constexpr, P: tl.constexpr,
+    HAS_PROJ: tl.constexpr, RUN_CELL: tl.constexpr, RUN_PROJ: tl.constexpr,  # which phases to run
+    STORE_WS: tl.constexpr, USE_BARRIER: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # of h @ W_hh^T
+    DOT_DTYPE: tl.constexpr,  # its operand dtype (see forward_dot_dtype)
+    PROJ_PRECISION: tl.constexpr,  # of m @ W_hr^T
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    n_b_tiles = tl.cdiv(B, BLOCK_B)
+    # while loops, not range(): runtime loop bounds break the interpreter with NumPy >= 2.
+    s = 0
+    arrivals = 0  # grid barriers passed so far
+    while s < n_steps:
+        t = t_begin + s
+        n_t = tl.load(bs_ptr + t)
+        if RUN_CELL:
+            tile = pid
+            while tile < n_b_tiles * tl.cdiv(H, BLOCK_H):
+                _fw_cell_tile(t, tile, n_t, xg_ptr, w_ptr, h_buf_ptr, c_ptr, h_all_ptr, m_buf_ptr, ws_gates_ptr,
+                              ws_c_ptr, ws_m_ptr, B, H, P, HAS_PROJ, STORE_WS, BLOCK_B, BLOCK_H, BLOCK_K,
+                              DOT_PRECISION, DOT_DTYPE)
+                tile += nprog
+        if HAS_PROJ and RUN_PROJ:
+            if USE_BARRIER and RUN_CELL:  # m_t complete before any h_t
+                arrivals += 1
+                _grid_barrier(bar_ptr, arrivals * nprog)
+            tile = pid
+            while tile < n_b_tiles * tl.cdiv(P, BLOCK_H):
+                _fw_proj_tile(t, tile, n_t, w_hr_ptr, h_buf_ptr, h_all_ptr, m_buf_ptr, B, H, P,
+                              BLOCK_B, BLOCK_H, BLOCK_K, PROJ_PRECISION)
+                tile += nprog
+        s += 1
+        if USE_BARRIER:  # h_t complete before step t + 1
+            arrivals += 1
+            _grid_barrier(bar_ptr, arrivals * nprog)
+
+
+def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=True, variant="auto"):
+    """Forward recurrence. xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H], w_hr [P, H] or None.
+
+    All in one dtype. Returns h_all [T, B, P], h_T [B, P], c_T [B, H] fp32, and the
+    workspace (gates [T, B, 4H], c_all [T, B, H] (+ m_all [T, B, H] with a projection),
+    all fp32) or () when not ``store_workspace``.
+
+    step: one launch per step and phase (grid = that phase's tiles). persistent: one
+    launch (grid = min(tiles, SMs)) with a grid barrier after each phase.
+    """
+    T, B, four_h = xg.shape
+    H, P = four_h // 4, w_hh.shape[1]
+    has_proj = w_hr is not None
+    dtype, device = xg.dtype, xg.device
+    xg, w_hh = xg.contiguous(), w_hh.contiguous()
+    w_hr = w_hr.contiguous() if has_proj else w_hh  # never read without a projection
+    cfg = launch_config(max(H, P), B, dtype)
+    variant = choose_variant(variant, max(H, P), B, cfg, device)
+    bs = step_rows(batch_sizes, T, B, device)
+    h_buf = torch.empty((2, B, P), dtype=dtype, device=device)
+    h_buf[0].copy_(h0)
+    c = c0.to(torch.float32).contiguous().clone()
+    h_all = torch.empty((T, B, P), dtype=dtype, device=device)
+    f32 = dict(dtype=torch.float32, device=device)
+    m_buf = torch.empty((B, H), **f32) if has_proj else c  # never touched without a projection
+    if store_workspace:
+        ws = (torch.empty((T, B, 4 * H), **f32), torch.empty((T, B, H), **f32))
+        ws += (torch.empty((T, B, H), **f32),) if has_proj else ()
+    else:
+        ws = ()
+    ws_args = (ws + (c, c, c))[:3]  # placeholders are never written (STORE_WS=False / no projection)
+    fw_prec, other_prec = dot_precisions(dtype)
+    consts = dict(H=H, P=P, HAS_PROJ=has_proj, STORE_WS=store_workspace, BLOCK_B=cfg["BLOCK_B"],
+                  BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=fw_prec,
+                  DOT_DTYPE=forward_dot_dtype(dtype), PROJ_PRECISION=other_prec, num_warps=cfg["num_warps"])
+    args = (xg, w_hh, w_hr, bs, h_buf, c, h_all, m_buf, *ws_args)
+    cell_tiles, proj_tiles = num_tiles(H, B, cfg), num_tiles(P, B, cfg)
+    if variant == "persistent":
+        grid = (min(max(cell_tiles, proj_tiles if has_proj else 0), co_resident_programs(device)),)
+        barrier = torch.zeros(1, dtype=torch.int32, device=device)
+        _lstm_fw_kernel[grid](*args, barrier, 0, T, B, RUN_CELL=True, RUN_PROJ=True,
+                              USE_BARRIER=grid[0] > 1, **consts)
+    else:
+        for t in range(T):
+            _lstm_fw_kernel[(cell_tiles,)](*args, bs, t, 1, B, RUN_CELL=True, RUN_PROJ=False,
+                                           USE_BARRIER=False, **consts)
+            if has_proj:
+                _lstm_fw_kernel[(proj_tiles,)](*args, bs, t, 1, B, RUN_CELL=False, RUN_PROJ=True,
+                                               USE_BARRIER=False, **consts)
+    h_T = h_buf[T % 2].clone()
+    return h_all, h_T, c, ws

@@ -1,0 +1,211 @@
+"""Shared parts of the Triton LSTM kernels: the design, device helpers, launch configuration.
+
+The kernels are in :mod:`.triton_forward` and :mod:`.triton_backward`; the backend
+class that launches them in :mod:`.triton`.
+
+Dimension names:
+    T   steps (time)
+    B   batch rows
+    H   hidden units (cell state size)
+    P   state size: proj_size, or H without a projection
+    4H  the gate axis, in PyTorch's order i, f, g, o: gate k of unit j is column k*H + j
+
+Each program owns a tile of BLOCK_B batch rows x BLOCK_H hidden units and computes
+*all four gates* of those units, so the cell update is local to it.
+
+Forward, step t (triton_forward):
+    gates = xg[t] + h_{t-1} @ W_hh^T          4 tl.dot, fp32 accumulation
+    i, f, g, o = sigma, sigma, tanh, sigma
+    c_t = f * c_{t-1} + i * g                 fp32, kept in a [B, H] fp32 state buffer
+    m_t = o * tanh(c_t)
+    h_t = m_t (no projection) or m_t @ W_hr^T (a second phase over tiles of P, since it
+          needs all H of m_t), rounded to the input dtype as the reference does.
+h_{t-1} is read for all P units of a tile's rows, so it lives in a double buffer
+``h_buf [2, B, P]``: step t reads slot t % 2 and writes slot (t + 1) % 2; no program
+ever writes what another program of the same step reads.
+
+Backward, step t = T-1 ... 0, then t = -1 (triton_backward):
+    dh   = dG_{t+1} @ W_hh + dh_all[t]        needs all 4H of dG_{t+1}: the previous step
+    dm   = dh (no projection) or dh @ W_hr    (a second phase: needs all P of dh)
+    dc   = dc + dm * o * (1 - tanh(c_t)^2)
+    dG_t = [dc*g*i(1-i), dc*c_{t-1}*f(1-f), dc*i*(1-g^2), dm*tanh(c_t)*o(1-o)]
+    dc   = dc * f
+dG_t is kept in fp32 in a double buffer ``dg_buf [2, B, 4H]`` for the next step's tl.dot
+and written to the dG output in the input dtype. Phase t = -1 only computes
+dh0 = dG_0 @ W_hh. With a projection dW_hr = sum_t dh_t^T m_t is one GEMM afterwards.
+
+Variable lengths: ``bs [T + 1]`` int32 holds the active rows per step and bs[T] = 0.
+Step t updates rows [0, bs[t]); other rows keep h and c, get 0 in h_all and in dG.
+In backward, rows not active at t+1 carry dh_T (they are never active after t).
+
+Two variants, one kernel source each for forward and backward:
+  * step:       grid = all tiles, launched once per step (twice with a projection: one
+                launch per phase); the launch boundary is the barrier.
+  * persistent: one launch loops over all steps; each program loops over its tiles
+                (tile = pid, pid + nprog, ...) and a grid-wide barrier (an atomic counter
+                in global memory) separates steps and phases. Only launched with grid <=
+                number of SMs (one program per SM), so every program is co-resident and the
+                spin cannot deadlock. Under TRITON_INTERPRET=1 programs run one after
+                another, so the barrier is compiled out (USE_BARRIER=False) and a single
+                program owns all tiles: the same code runs on the CPU.
+Data other programs wrote in this launch (h_buf, m_buf, dh_buf, dg_buf) is loaded with
+cache_modifier=".cg" (L2, not the SM's L1) after the barrier's acquire.
+
+Compile-time choices: H and P are tl.constexpr (one compilation per layer size; it makes
+the k-loops static, which the interpreter needs: with NumPy >= 2 it cannot take a runtime
+loop bound, hence also the `while` loops over steps and tiles). The launch parameters
+come from ``launch_config`` alone.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: Environment variable that forces a variant: "auto" (default), "step" or "persistent".
+VARIANT_ENV = "LSTM_KERNELS_TRITON_VARIANT"
+VARIANTS = ("auto", "step", "persistent")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- device code
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}): no overflow, no cancellation for large |x|.
+    e = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, y, -y)
+
+
+@triton.jit
+def _grid_barrier(bar_ptr, target):
+    """Wait until ``target`` arrivals have been counted at ``bar_ptr`` (monotonic counter).
+
+    bar.sync so that every thread's stores of this program precede the release; one
+    release arrival per program; spin with acquire loads (gpu scope), which also makes
+    the other programs' stores (h_buf / dg_buf) visible; bar.sync again so no thread
+    runs ahead of the spin.
+    """
+    tl.debug_barrier()
+    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")  # a scalar atomic: one thread per program
+    while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _dot_tile(
+    acc,  # [BLOCK_B, BLOCK_N] fp32: acc += A[rows, :K] @ M[:K, cols]
+    a_ptr, a_row_stride,  # A[r, k] at a_ptr + r * a_row_stride + k (fp32, written by other programs)
+    rows, a_rows_in,  # [BLOCK_B] row indices and which rows to read (others count as 0)
+    m_ptr, m_k_stride, m_n_stride,  # M[k, n] at m_ptr + k * m_k_stride + n * m_n_stride
+    cols, cols_in,  # [BLOCK_N]
+    K: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_in = ks < K
+        a = tl.load(a_ptr + rows[:, None] * a_row_stride + ks[None, :], mask=a_rows_in[:, None] & k_in[None, :],
+                    other=0.0, cache_modifier=".cg")
+        m = tl.load(m_ptr + ks[:, None] * m_k_stride + cols[None, :] * m_n_stride,
+                    mask=k_in[:, None] & cols_in[None, :], other=0.0)
+        acc = tl.dot(a.to(tl.float32), m.to(tl.float32), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+# ----------------------------------------------------------------------------- host code
+
+
+def launch_config(hidden: int, batch: int, dtype: torch.dtype) -> dict:
+    """Block sizes and warps for one (H, B, dtype): the one place launch parameters are chosen.
+
+    ``hidden`` is max(H, P): BLOCK_H tiles both H and P, BLOCK_K steps every k-loop.
+
+    tl.dot needs every block dimension >= 16, so blocks are at least 16 and masked.
+    BLOCK_B covers the batch up to 64 rows; BLOCK_H = 32 hidden units (x 4 gates = 128
+    gate columns per program) keeps the four fp32 accumulators at 64 registers per
+    thread with 4 warps; BLOCK_K = 64 for 16-bit inputs, 32 for fp32 (shared memory).
+    Under the interpreter blocks are as large as the problem allows (up to 64):
+    fewer, larger programs run much faster there.
+    """
+    pow2 = triton.next_power_of_2
+    block_b = min(64, max(16, pow2(batch)))
+    if interpreting():
+        block_h = block_k = min(64, max(16, pow2(hidden)))
+        return dict(BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=4)
+    block_h = min(32, max(16, pow2(hidden)))
+    block_k = min(64 if dtype in (torch.float16, torch.bfloat16) else 32, max(16, pow2(hidden)))
+    return dict(BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=4)
+
+
+def num_tiles(hidden: int, batch: int, cfg: dict) -> int:
+    return triton.cdiv(batch, cfg["BLOCK_B"]) * triton.cdiv(hidden, cfg["BLOCK_H"])
+
+
+def co_resident_programs(device: torch.device) -> int:
+    """How many programs a persistent launch may have: one per SM (conservative), 1 when interpreting."""
+    if interpreting() or device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_variant(variant: str, hidden: int, batch: int, cfg: dict, device: torch.device) -> str:
+    """Resolve "auto" (or the environment variable) to "step" or "persistent".
+
+    auto = persistent on a GPU when every tile gets its own co-resident program
+    (tiles <= SMs), else step. Under the interpreter auto is step; persistent runs there
+    with one program and no barrier (for testing). On a GPU a forced "persistent" with
+    more tiles than SMs still launches only one program per SM, each looping over tiles.
+    """
+    if variant == "auto":
+        variant = os.environ.get(VARIANT_ENV, "auto") or "auto"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown Triton LSTM variant {variant!r}; choose one of {VARIANTS}")
+    if variant != "auto":
+        return variant
+    if interpreting() or device.type != "cuda":
+        return "step"
+    return "persistent" if num_tiles(hidden, batch, cfg) <= co_resident_programs(device) else "step"
+
+
+def dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
+    """input_precision of tl.dot: (h @ W_hh^T, every product with an fp32 operand).
+
+    The forward gate product multiplies h and W_hh in the input dtype (16-bit products are
+    exact in fp32); fp32 uses tf32 only when torch.backends.cuda.matmul.allow_tf32 is set.
+    The other products (dG @ W_hh, m @ W_hr^T, dh @ W_hr) have an fp32 operand: for 16-bit
+    inputs they use tf32 (the weights are exact in tf32, whose 10-bit mantissa is finer than
+    bf16's), for fp32 inputs the same rule as the forward.
+    """
+    fp32 = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if dtype == torch.float32:
+        return fp32, fp32
+    return "ieee", "tf32"
+
+
+def forward_dot_dtype(dtype: torch.dtype):
+    """Operand dtype of the forward tl.dot: the input dtype, except bfloat16 under the interpreter.
+
+    The interpreter (Triton 3.6) computes tl.dot on bfloat16 operands wrongly (it sees the
+    raw bits), so there the operands are upcast to fp32: bf16 products are exact in fp32,
+    so the result is the same as on a GPU up to summation order.
+    """
+    if dtype == torch.bfloat16 and interpreting():
+        return tl.float32
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def step_rows(batch_sizes, seq_len: int, batch: int, device) -> torch.Tensor:
+    """[T + 1] int32 on ``device``: active rows per step, then 0."""
+    rows = torch.full((seq_len + 1,), batch, dtype=torch.int32)
+    if batch_sizes is not None:
+        rows[:seq_len] = batch_sizes.to(torch.int32)
+    rows[seq_len] = 0
+    return rows.to(device)

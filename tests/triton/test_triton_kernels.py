@@ -1,0 +1,190 @@
+"""The triton backend's recurrence against the reference backend, both variants.
+
+Runs on the CPU under TRITON_INTERPRET=1 (small shapes: the interpreter is slow) and
+on a GPU as is. Forward outputs h_all, h_T, c_T and backward outputs dG, dh0, dc0 are
+compared with the reference backend run in float64 on the same (rounded) inputs, and
+dW_hr with a projection.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lstm_kernels.backends import RecurrenceCall, RecurrenceInputs, get_backend, known_backends
+from utils import REL_TOL, assert_rel_close
+
+known_backends()  # load the built-in backends first: importing the triton module alone would register only it
+triton_backend = pytest.importorskip("lstm_kernels.backends.triton")
+kernels = pytest.importorskip("lstm_kernels.backends.triton_kernels")
+
+DEVICE = "cuda" if torch.cuda.is_available() and not kernels.interpreting() else "cpu"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VARIANTS = ["step", "persistent"]
+
+
+def make_case(T, B, H, dtype, seed=0, lengths=None, proj=0):
+    """Random recurrence inputs and upstream gradients in ``dtype`` (nn.LSTM-like scales)."""
+    gen = torch.Generator().manual_seed(seed)
+    P = proj or H
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
+
+    batch_sizes = None
+    if lengths is not None:
+        lengths = torch.tensor(lengths)
+        batch_sizes = torch.tensor([int((lengths > t).sum()) for t in range(T)], dtype=torch.int64)
+    return dict(
+        xg=rnd(T, B, 4 * H, scale=0.7), w_hh=rnd(4 * H, P, scale=P ** -0.5), h0=rnd(B, P, scale=0.5), c0=rnd(B, H),
+        w_hr=rnd(P, H, scale=H ** -0.5) if proj else None,
+        batch_sizes=batch_sizes, dh_all=rnd(T, B, P), dh_T=rnd(B, P), dc_T=rnd(B, H),
+    )
+
+
+def run(backend, case, dtype=None):
+    """Forward then backward of ``backend`` on ``case`` (cast to ``dtype`` if given)."""
+    cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
+    xg, w_hh, h0, c0, w_hr = (cast(case[n]) for n in ("xg", "w_hh", "h0", "c0", "w_hr"))
+    bs = case["batch_sizes"]
+    h_all, h_T, c_T, ws = backend.forward(xg, w_hh, h0, c0, w_hr, bs, True)
+    inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, bs)
+    grads_out = (cast(case["dh_all"]), cast(case["dh_T"]), cast(case["dc_T"]))
+    dG, dh0, dc0, dw_hr = backend.backward(inputs, h_all, ws, *grads_out)
+    out = dict(h_all=h_all, h_T=h_T, c_T=c_T, dG=dG, dh0=dh0, dc0=dc0)
+    if w_hr is None:
+        assert dw_hr is None
+    else:
+        out["dW_hr"] = dw_hr
+    return out, ws
+
+
+def check_against_reference(variant, case, dtype, tol=None):
+    actual, ws = run(triton_backend.TritonBackend(variant), case)
+    expected, _ = run(get_backend("reference"), case, torch.float64)
+    tol = REL_TOL[dtype] if tol is None else tol
+    for name, e in expected.items():
+        a = actual[name]
+        assert a.dtype == dtype, f"{name} dtype {a.dtype} != {dtype}"
+        assert a.device.type == DEVICE
+        assert_rel_close(a, e, tol, name)
+    return actual, ws
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("B", [1, 3, 17])
+@pytest.mark.parametrize("H", [1, 13, 16, 33])
+def test_matches_reference(H, B, T, dtype, variant):
+    check_against_reference(variant, make_case(T, B, H, dtype), dtype)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("B", [1, 17])
+@pytest.mark.parametrize("H,P", [(13, 5), (6, 20), (33, 16), (1, 1)], ids=["H13_P5", "H6_P20", "H33_P16", "H1_P1"])
+def test_projection_matches_reference(H, P, B, T, dtype, variant):
+    check_against_reference(variant, make_case(T, B, H, dtype, proj=P), dtype)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("proj", [0, 7], ids=["no_proj", "proj7"])
+@pytest.mark.parametrize(
+    "T,lengths", [(5, [5, 3, 1]), (4, [4, 4, 2, 2, 1]), (6, [6, 5, 5, 3, 3, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])],
+    ids=["B3", "B5_ties", "B17"],
+)
+def test_variable_lengths_match_reference(T, lengths, proj, dtype, variant):
+    case = make_case(T, len(lengths), 13, dtype, lengths=lengths, proj=proj)
+    actual, _ = check_against_reference(variant, case, dtype)
+    for b, n in enumerate(lengths):  # padding steps hold zeros, as PackedSequence's padding does
+        assert (actual["h_all"][n:, b] == 0).all()
+        assert (actual["dG"][n:, b] == 0).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_deterministic_and_the_variants_agree(variant):
+    """Run after run, bitwise the same; both variants run the same tile code, so they agree
+    bitwise under the interpreter (on a GPU the two compiled kernels may schedule the
+    same math differently, so there they only agree closely)."""
+    case = make_case(5, 17, 33, torch.float32, seed=3, proj=20)
+    first, _ = run(triton_backend.TritonBackend(variant), case)
+    again, _ = run(triton_backend.TritonBackend(variant), case)
+    other, _ = run(triton_backend.TritonBackend("step" if variant == "persistent" else "persistent"), case)
+    for name in first:
+        assert torch.equal(first[name], again[name]), f"{name} differs between two runs"
+        if kernels.interpreting():
+            assert torch.equal(first[name], other[name]), f"{name} differs between the variants"
+        else:
+            assert_rel_close(first[name], other[name], 1e-6, f"{name}, step vs persistent")
+
+
+@pytest.mark.parametrize("proj", [0, 4], ids=["no_proj", "proj4"])
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_workspace_matches_its_spec(needs_grad, proj):
+    case = make_case(3, 2, 13, torch.float32, proj=proj)
+    backend = triton_backend.TritonBackend()
+    args = (case["xg"], case["w_hh"], case["h0"], case["c0"], case["w_hr"], None)
+    h_all, h_T, c_T, ws = backend.forward(*args, needs_grad)
+    spec = backend.workspace_spec(RecurrenceCall.of(case["xg"], case["w_hh"], case["w_hr"], None, needs_grad))
+    assert [(tuple(w.shape), w.dtype) for w in ws] == [(tuple(s), d) for s, d in spec]
+    expected = get_backend("reference").forward(*args, needs_grad)
+    for a, e, name in zip((h_all, h_T, c_T), expected[:3], ("h_all", "h_T", "c_T")):
+        assert_rel_close(a, e, REL_TOL[torch.float32], name)
+
+
+def test_non_contiguous_inputs():
+    """Slices of wider tensors are served (the launch helpers make them contiguous)."""
+    case = make_case(4, 3, 13, torch.float32)
+    wide = {n: torch.cat([t, torch.zeros_like(t)], dim=-1)[..., : t.shape[-1]]
+            for n, t in case.items() if t is not None}
+    assert not wide["xg"].is_contiguous()
+    wide["batch_sizes"] = wide["w_hr"] = None
+    check_against_reference("step", wide, torch.float32)
+
+
+def test_environment_variable_forces_a_variant(monkeypatch):
+    cfg = kernels.launch_config(13, 3, torch.float32)
+    device = torch.device(DEVICE)
+    monkeypatch.setenv(kernels.VARIANT_ENV, "persistent")
+    assert kernels.choose_variant("auto", 13, 3, cfg, device) == "persistent"
+    assert kernels.choose_variant("step", 13, 3, cfg, device) == "step"
+    monkeypatch.setenv(kernels.VARIANT_ENV, "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        kernels.choose_variant("auto", 13, 3, cfg, device)
+
+
+def _call(**overrides):
+    fields = dict(seq_len=3, batch=2, hidden_size=4, state_size=4, dtype=torch.float32,
+                  device=torch.device(DEVICE), has_projection=False, variable_lengths=False, needs_grad=True)
+    fields.update(overrides)
+    return RecurrenceCall(**fields)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(dtype=torch.float64), "float64"),
+        (dict(seq_len=0), "empty"),
+        (dict(seq_len=2**20, batch=2**10, hidden_size=2**10), "too large"),
+        (dict(device=torch.device("meta")), "meta"),
+    ],
+    ids=["float64", "empty", "too_large", "wrong_device"],
+)
+def test_supports_declines_with_a_reason(overrides, match):
+    why = triton_backend.TritonBackend().supports(_call(**overrides))
+    assert why is not None and match in why
+
+
+def test_supports_serves_the_plain_case():
+    assert triton_backend.TritonBackend().supports(_call()) is None
+    assert triton_backend.TritonBackend().supports(_call(variable_lengths=True, dtype=torch.bfloat16)) is None
+    assert triton_backend.TritonBackend().supports(_call(has_projection=True, state_size=2)) is None
+
+
+def test_launch_config_blocks_are_at_least_16():
+    for H in (1, 13, 16, 33, 129, 1024):
+        for B in (1, 3, 17, 256):
+            cfg = kernels.launch_config(H, B, torch.bfloat16)
+            assert all(cfg[k] >= 16 for k in ("BLOCK_B", "BLOCK_H", "BLOCK_K"))
