@@ -50,7 +50,10 @@ def test_cpu_autocast_dtypes_match_nn_lstm():
     reference, fused = _pair("cpu")
     x = torch.randn(4, 2, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = reference.float()(x)
+        try:
+            expected = reference.float()(x)
+        except RuntimeError as err:  # nn.LSTM's CPU autocast path is oneDNN's bf16 LSTM
+            pytest.skip(f"nn.LSTM itself cannot run under CPU bf16 autocast on this CPU: {err}")
         actual = fused(x)
     assert actual[0].dtype == expected[0].dtype
     assert [t.dtype for t in actual[1]] == [t.dtype for t in expected[1]]
