@@ -178,6 +178,7 @@ class FusedLSTM(nn.Module):
                 validation.check_unbatched_hx(hx, is_batched=True)
             validation.check_input(input, weight, self.input_size, packed=False)
             x = input.transpose(0, 1) if self.batch_first else input
+            validation.check_sequence_length(x)
             batch_sizes = None
             batch = x.shape[1]
 

@@ -63,6 +63,12 @@ def check_input(input: torch.Tensor, weight: torch.Tensor, input_size: int, pack
         )
 
 
+def check_sequence_length(time_major: torch.Tensor) -> None:
+    """nn.LSTM refuses T = 0 (B = 0 is allowed and gives empty outputs)."""
+    if time_major.shape[0] == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+
 def check_unbatched_hx(hx, is_batched: bool) -> None:
     want = 3 if is_batched else 2
     if hx[0].dim() != want or hx[1].dim() != want:

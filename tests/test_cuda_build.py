@@ -232,3 +232,44 @@ def test_supports_accepts(dtype):
     spec = get_backend("cuda").workspace_spec(_call(dtype=dtype))
     assert spec == (((4, 2, 32), torch.float32), ((4, 2, 8), torch.float32))
     assert get_backend("cuda").workspace_spec(_call(dtype=dtype, needs_grad=False)) == ()
+
+
+def _cuobjdump():
+    """cuobjdump from the CUDA toolkit, or the copy that ships in the triton wheel."""
+    import shutil
+
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    import os
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else None
+
+
+@needs_ext
+def test_extension_kernels_are_built_for_sm80_and_sm90_without_spills():
+    """The cubins in the extension (what the GPU will run): both architectures, every kernel
+    of every dtype, and no kernel spills registers to local memory."""
+    import re
+    import subprocess
+
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton wheel)")
+    so = _C.__file__
+    listing = subprocess.run([tool, "-lelf", so], capture_output=True, text=True, check=True).stdout
+    archs = set(re.findall(r"\.(sm_\d+)\.cubin", listing))
+    assert {"sm_80", "sm_90"} <= archs, listing
+    usage = subprocess.run([tool, "-res-usage", so], capture_output=True, text=True, check=True).stdout
+    kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage)
+    names = {name for name, _, _ in kernels}
+    for stem in ("forward_step_kernel", "forward_persistent_kernel", "backward_step_kernel",
+                 "backward_persistent_kernel"):
+        assert sum(stem in n for n in names) == 3, f"{stem}: expected one instance per dtype in {sorted(names)}"
+    spilling = [(name, local) for name, _, local in kernels if int(local) != 0]
+    assert not spilling, f"kernels spilling to local memory: {spilling}"

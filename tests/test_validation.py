@@ -97,6 +97,10 @@ FORWARD_CASES = {
     "packed_hidden_batch": ({}, lambda: pack_padded_sequence(_t(4, 3, 3), [4, 2, 1]),
                             lambda: (_t(1, 2, 5), _t(1, 2, 5)), "hidden"),
     "packed_input_size": ({}, lambda: pack_padded_sequence(_t(4, 3, 4), [4, 2, 1]), None, "input_size"),
+    "empty_sequence": ({}, lambda: _t(0, 2, 3), None, "sequence length to be larger than 0"),
+    "empty_sequence_batch_first": ({"batch_first": True}, lambda: _t(2, 0, 3), None,
+                                   "sequence length to be larger than 0"),
+    "empty_sequence_unbatched": ({}, lambda: _t(0, 3), None, "sequence length to be larger than 0"),
 }
 
 

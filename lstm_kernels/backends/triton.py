@@ -26,7 +26,7 @@ one program in a fixed order.
 
 Variants (see triton_kernels): "step" launches the kernel once per step (and phase);
 "persistent" launches once for the forward and once for the backward, with a grid-wide
-barrier between steps. ``TritonBackend.variant`` ("auto" by default) or the
+barrier between steps, and keeps W_hh on chip where each program's slice fits. ``TritonBackend.variant`` ("auto" by default) or the
 environment variable ``LSTM_KERNELS_TRITON_VARIANT`` picks one.
 """
 from __future__ import annotations

@@ -16,36 +16,28 @@ import triton
 import triton.language as tl
 
 from .triton_kernels import (
-    _dot_tile, _grid_barrier, _tanh, choose_variant, co_resident_programs, dot_precisions, launch_config, num_tiles,
-    step_rows,
+    RESIDENT_WARPS, _dot_tile, _grid_barrier, _tanh, backward_resident_bytes, choose_variant, co_resident_programs,
+    dot_precisions, launch_config, num_tiles, padded, resident_weights, step_rows, tile_coords,
 )
 
 
 @triton.jit
 def _bw_dh_tile(
-    t, tile, n_next,
-    w_ptr,  # [4H, P] input dtype: W_hh
+    t, rows, cols, n_next,
+    acc,  # [BLOCK_B, BLOCK_H] fp32: dG_{t+1} @ W_hh on this tile (rows active at t+1; 0 elsewhere)
     bs_ptr,  # [T + 1] int32
     dh_all_ptr,  # [T, B, P] any float dtype
     dh_last_ptr,  # [B, P] any float dtype: dh_T
-    dg_buf_ptr,  # [2, B, 4H] fp32
     dh_buf_ptr,  # [B, P] fp32: dh_t for phase B (projection only)
     dh_hist_ptr,  # [T, B, P] fp32: dh_t on active rows, 0 elsewhere (projection only)
     dh0_ptr,  # [B, P] fp32
-    B, H: tl.constexpr, P: tl.constexpr, HAS_PROJ: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    B, P: tl.constexpr, HAS_PROJ: tl.constexpr,
 ):
     """Phase A: dh_t [tile of B x P] = dG_{t+1} @ W_hh on rows active at t+1 (dh_T on the
-    others) + dh_all[t] on rows active at t. Returns (dh, rows, cols) for the fused cell pass."""
-    n_p_tiles = tl.cdiv(P, BLOCK_H)
-    rows = (tile // n_p_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    cols = (tile % n_p_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] state units
+    others) + dh_all[t] on rows active at t. Returns dh for the fused cell pass."""
     col_in = cols < P
     tile_in = (rows < B)[:, None] & col_in[None, :]
     state = rows[:, None] * P + cols[None, :]  # offsets into a [B, P] tensor
-    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc = _dot_tile(acc, dg_buf_ptr + ((t + 1) % 2) * B * 4 * H, 4 * H, rows, rows < n_next,
-                    w_ptr, P, 1, cols, col_in, 4 * H, BLOCK_K, DOT_PRECISION)
     dh_last = tl.load(dh_last_ptr + state, mask=tile_in, other=0.0).to(tl.float32)
     dh = tl.where((rows >= n_next)[:, None], dh_last, acc)
     if t < 0:
@@ -56,7 +48,34 @@ def _bw_dh_tile(
         if HAS_PROJ:
             tl.store(dh_buf_ptr + state, dh, mask=tile_in)
             tl.store(dh_hist_ptr + t * B * P + state, tl.where(active, dh, tl.zeros_like(dh)), mask=tile_in)
-    return dh, rows, cols
+    return dh
+
+
+@triton.jit
+def _bw_load_resident(
+    w_ptr,  # [4H, P] input dtype: W_hh
+    cols,  # [BLOCK_H] state units of the program's one tile
+    H: tl.constexpr, P: tl.constexpr, K_PAD: tl.constexpr,
+):
+    """The program's W_hh[:, cols] slice [K_PAD, BLOCK_H] in fp32 (zeros beyond 4H and P), loaded
+    once before the step loop and kept on chip."""
+    ks = tl.arange(0, K_PAD)
+    w = tl.load(w_ptr + ks[:, None] * P + cols[None, :], mask=(ks < 4 * H)[:, None] & (cols < P)[None, :], other=0.0)
+    return w.to(tl.float32)
+
+
+@triton.jit
+def _bw_recurrent_resident(
+    dg_next_ptr,  # [B, 4H] fp32: dG_{t+1}
+    w,  # [K_PAD, BLOCK_H] fp32: the resident slice (_bw_load_resident)
+    rows, rows_in,  # [BLOCK_B] rows, and which of them to read (others count as 0)
+    H: tl.constexpr, K_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dG_{t+1} @ W_hh[:, cols] from the resident slice, one tl.dot over all of 4H."""
+    ks = tl.arange(0, K_PAD)
+    dg = tl.load(dg_next_ptr + rows[:, None] * (4 * H) + ks[None, :], mask=rows_in[:, None] & (ks < 4 * H)[None, :],
+                 other=0.0, cache_modifier=".cg")
+    return tl.dot(dg, w, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -127,11 +146,18 @@ def _lstm_bw_kernel(
     H: tl.constexpr, P: tl.constexpr,
     HAS_PROJ: tl.constexpr, RUN_DH: tl.constexpr, RUN_CELL: tl.constexpr,  # which phases to run
     USE_BARRIER: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_RESIDENT: tl.constexpr,  # load W_hh[:, tile] once and keep it on chip (persistent, one dh tile per program)
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    K_PAD: tl.constexpr,  # next power of two >= 4H: the resident slice's K extent
+    DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_b_tiles = tl.cdiv(B, BLOCK_B)
+    n_p_tiles = tl.cdiv(P, BLOCK_H)
+    if W_RESIDENT:  # one dh tile per program (tile = pid): its W_hh slice stays on chip for all steps
+        res_rows, res_cols = tile_coords(pid, n_p_tiles, BLOCK_B, BLOCK_H)
+        w_res = _bw_load_resident(w_ptr, res_cols, H, P, K_PAD)
     # while loops, not range(): runtime loop bounds break the interpreter with NumPy >= 2.
     s = 0
     arrivals = 0  # grid barriers passed so far
@@ -139,12 +165,20 @@ def _lstm_bw_kernel(
         t = t_begin - s
         n_next = tl.load(bs_ptr + t + 1)
         n_t = tl.load(bs_ptr + tl.maximum(t, 0))
+        dg_next_ptr = dg_buf_ptr + ((t + 1) % 2) * B * 4 * H
         if RUN_DH:
             tile = pid
-            while tile < n_b_tiles * tl.cdiv(P, BLOCK_H):
-                dh, rows, cols = _bw_dh_tile(t, tile, n_next, w_ptr, bs_ptr, dh_all_ptr, dh_last_ptr, dg_buf_ptr,
-                                             dh_buf_ptr, dh_hist_ptr, dh0_ptr, B, H, P, HAS_PROJ,
-                                             BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION)
+            while tile < n_b_tiles * n_p_tiles:
+                if W_RESIDENT:
+                    rows, cols = res_rows, res_cols
+                    acc = _bw_recurrent_resident(dg_next_ptr, w_res, rows, rows < n_next, H, K_PAD, DOT_PRECISION)
+                else:
+                    rows, cols = tile_coords(tile, n_p_tiles, BLOCK_B, BLOCK_H)
+                    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    acc = _dot_tile(acc, dg_next_ptr, 4 * H, rows, rows < n_next, w_ptr, P, 1, cols, cols < P, 4 * H,
+                                    BLOCK_K, DOT_PRECISION)
+                dh = _bw_dh_tile(t, rows, cols, n_next, acc, bs_ptr, dh_all_ptr, dh_last_ptr, dh_buf_ptr, dh_hist_ptr,
+                                 dh0_ptr, B, P, HAS_PROJ)
                 if not HAS_PROJ:  # P == H: this tile of P units is a tile of H units, dm = dh
                     if t >= 0:
                         _bw_cell(t, n_t, rows, cols, dh, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr,
@@ -158,8 +192,7 @@ def _lstm_bw_kernel(
                 tile = pid
                 n_h_tiles = tl.cdiv(H, BLOCK_H)
                 while tile < n_b_tiles * n_h_tiles:
-                    rows = (tile // n_h_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
-                    cols = (tile % n_h_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+                    rows, cols = tile_coords(tile, n_h_tiles, BLOCK_B, BLOCK_H)
                     dm = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
                     dm = _dot_tile(dm, dh_buf_ptr, P, rows, rows < n_t, w_hr_ptr, H, 1, cols, cols < H, P, BLOCK_K,
                                    DOT_PRECISION)  # dm = dh_t @ W_hr
@@ -194,21 +227,25 @@ def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes
     dh_hist = torch.empty((T, B, P), **f32) if has_proj else dh0
     _, bw_prec = dot_precisions(dtype)
     consts = dict(H=H, P=P, HAS_PROJ=has_proj, BLOCK_B=cfg["BLOCK_B"], BLOCK_H=cfg["BLOCK_H"],
-                  BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=bw_prec, num_warps=cfg["num_warps"])
+                  BLOCK_K=cfg["BLOCK_K"], K_PAD=padded(4 * H), DOT_PRECISION=bw_prec, num_warps=cfg["num_warps"])
     args = (w_hh.contiguous(), w_hr.contiguous() if has_proj else w_hh, bs, dh_all.contiguous(), dh_T.contiguous(),
             gates, c_all, c0.contiguous(), dc, dg_buf, dG, dh_buf, dh_hist, dh0)
     dh_tiles, cell_tiles = num_tiles(P, B, cfg), num_tiles(H, B, cfg)
     if variant == "persistent":
         grid = (min(max(dh_tiles, cell_tiles if has_proj else 0), co_resident_programs(device)),)
+        resident = resident_weights(variant, grid[0], dh_tiles, backward_resident_bytes(H, cfg))
+        if resident:
+            consts["num_warps"] = RESIDENT_WARPS
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         _lstm_bw_kernel[grid](*args, barrier, T - 1, T + 1, B, RUN_DH=True, RUN_CELL=True,
-                              USE_BARRIER=grid[0] > 1, **consts)
+                              USE_BARRIER=grid[0] > 1, W_RESIDENT=resident, **consts)
     else:
         for t in range(T - 1, -2, -1):
-            _lstm_bw_kernel[(dh_tiles,)](*args, bs, t, 1, B, RUN_DH=True, RUN_CELL=False, USE_BARRIER=False, **consts)
+            _lstm_bw_kernel[(dh_tiles,)](*args, bs, t, 1, B, RUN_DH=True, RUN_CELL=False, USE_BARRIER=False,
+                                         W_RESIDENT=False, **consts)
             if has_proj and t >= 0:
                 _lstm_bw_kernel[(cell_tiles,)](*args, bs, t, 1, B, RUN_DH=False, RUN_CELL=True,
-                                               USE_BARRIER=False, **consts)
+                                               USE_BARRIER=False, W_RESIDENT=False, **consts)
     dw_hr = None
     if has_proj:  # dW_hr = sum_t dh_t^T m_t: one deterministic GEMM (dh_hist is 0 on inactive rows)
         m_all = workspace[2]

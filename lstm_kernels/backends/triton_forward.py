@@ -15,36 +15,25 @@ import triton
 import triton.language as tl
 
 from .triton_kernels import (
-    _dot_tile, _grid_barrier, _tanh, choose_variant, co_resident_programs, dot_precisions, forward_dot_dtype,
-    launch_config, num_tiles, step_rows,
+    RESIDENT_WARPS, _dot_tile, _grid_barrier, _tanh, choose_variant, co_resident_programs, dot_precisions,
+    forward_dot_dtype, forward_resident_bytes, launch_config, num_tiles, padded, resident_weights, step_rows,
+    tile_coords,
 )
 
 
 @triton.jit
-def _fw_cell_tile(
-    t, tile, n_t,
-    xg_ptr,  # [T, B, 4H] input dtype
+def _fw_gates_streamed(
+    h_prev_ptr,  # [B, P] input dtype: h_{t-1}
     w_ptr,  # [4H, P] input dtype: W_hh
-    h_buf_ptr,  # [2, B, P] input dtype
-    c_ptr,  # [B, H] fp32
-    h_all_ptr,  # [T, B, P] input dtype
-    m_buf_ptr,  # [B, H] fp32 (projection only)
-    ws_gates_ptr,  # [T, B, 4H] fp32
-    ws_c_ptr,  # [T, B, H] fp32
-    ws_m_ptr,  # [T, B, H] fp32 (projection only)
+    rows, cols,  # [BLOCK_B] batch rows, [BLOCK_H] hidden units of this tile
     B, H: tl.constexpr, P: tl.constexpr,
-    HAS_PROJ: tl.constexpr, STORE_WS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    n_h_tiles = tl.cdiv(H, BLOCK_H)
-    rows = (tile // n_h_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    cols = (tile % n_h_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] hidden units
+    """h_{t-1} @ W_hh^T for the four gates of a tile, W_hh streamed from global memory (L2)
+    in BLOCK_K chunks. Returns four [BLOCK_B, BLOCK_H] fp32 accumulators (i, f, g, o)."""
     row_in = rows < B
     col_in = cols < H
-    tile_in = row_in[:, None] & col_in[None, :]
-    h_prev_ptr = h_buf_ptr + (t % 2) * B * P  # [B, P]
-
     acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -57,15 +46,73 @@ def _fw_cell_tile(
                     cache_modifier=".cg").to(DOT_DTYPE)  # [BLOCK_B, BLOCK_K]
         w_mask = k_in[:, None] & col_in[None, :]
         w_t = w_ptr + cols[None, :] * P + ks[:, None]  # W_hh^T tile of gate i: [BLOCK_K, BLOCK_H]
-        w_i = tl.load(w_t, mask=w_mask, other=0.0).to(DOT_DTYPE)
-        w_f = tl.load(w_t + H * P, mask=w_mask, other=0.0).to(DOT_DTYPE)
-        w_g = tl.load(w_t + 2 * H * P, mask=w_mask, other=0.0).to(DOT_DTYPE)
-        w_o = tl.load(w_t + 3 * H * P, mask=w_mask, other=0.0).to(DOT_DTYPE)
-        acc_i = tl.dot(h, w_i, acc_i, input_precision=DOT_PRECISION)
-        acc_f = tl.dot(h, w_f, acc_f, input_precision=DOT_PRECISION)
-        acc_g = tl.dot(h, w_g, acc_g, input_precision=DOT_PRECISION)
-        acc_o = tl.dot(h, w_o, acc_o, input_precision=DOT_PRECISION)
+        acc_i = tl.dot(h, tl.load(w_t, mask=w_mask, other=0.0).to(DOT_DTYPE), acc_i, input_precision=DOT_PRECISION)
+        acc_f = tl.dot(h, tl.load(w_t + H * P, mask=w_mask, other=0.0).to(DOT_DTYPE), acc_f,
+                       input_precision=DOT_PRECISION)
+        acc_g = tl.dot(h, tl.load(w_t + 2 * H * P, mask=w_mask, other=0.0).to(DOT_DTYPE), acc_g,
+                       input_precision=DOT_PRECISION)
+        acc_o = tl.dot(h, tl.load(w_t + 3 * H * P, mask=w_mask, other=0.0).to(DOT_DTYPE), acc_o,
+                       input_precision=DOT_PRECISION)
+    return acc_i, acc_f, acc_g, acc_o
 
+
+@triton.jit
+def _fw_load_resident(
+    w_ptr,  # [4H, P] input dtype: W_hh
+    cols,  # [BLOCK_H] hidden units of the program's one tile
+    H: tl.constexpr, P: tl.constexpr, P_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """The program's whole W_hh^T slice, four [P_PAD, BLOCK_H] tiles (i, f, g, o), loaded once
+    before the step loop and kept on chip (zeros beyond P and H)."""
+    ks = tl.arange(0, P_PAD)
+    w_mask = (ks < P)[:, None] & (cols < H)[None, :]
+    w_t = w_ptr + cols[None, :] * P + ks[:, None]
+    w_i = tl.load(w_t, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    w_f = tl.load(w_t + H * P, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    w_g = tl.load(w_t + 2 * H * P, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    w_o = tl.load(w_t + 3 * H * P, mask=w_mask, other=0.0).to(DOT_DTYPE)
+    return w_i, w_f, w_g, w_o
+
+
+@triton.jit
+def _fw_gates_resident(
+    h_prev_ptr,  # [B, P] input dtype: h_{t-1}
+    w_i, w_f, w_g, w_o,  # [P_PAD, BLOCK_H] each: the resident W_hh^T slice (_fw_load_resident)
+    rows,  # [BLOCK_B]
+    B, P: tl.constexpr, P_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """h_{t-1} @ W_hh^T for the four gates of a tile from the resident slice: one tl.dot per gate
+    over all of P. Returns four [BLOCK_B, BLOCK_H] fp32 accumulators (i, f, g, o)."""
+    ks = tl.arange(0, P_PAD)
+    h = tl.load(h_prev_ptr + rows[:, None] * P + ks[None, :], mask=(rows < B)[:, None] & (ks < P)[None, :],
+                other=0.0, cache_modifier=".cg").to(DOT_DTYPE)  # [BLOCK_B, P_PAD]
+    acc_i = tl.dot(h, w_i, input_precision=DOT_PRECISION)
+    acc_f = tl.dot(h, w_f, input_precision=DOT_PRECISION)
+    acc_g = tl.dot(h, w_g, input_precision=DOT_PRECISION)
+    acc_o = tl.dot(h, w_o, input_precision=DOT_PRECISION)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def _fw_cell_tile(
+    t, rows, cols, n_t,
+    acc_i, acc_f, acc_g, acc_o,  # [BLOCK_B, BLOCK_H] fp32 each: h_{t-1} @ W_hh^T of the four gates
+    xg_ptr,  # [T, B, 4H] input dtype
+    h_buf_ptr,  # [2, B, P] input dtype
+    c_ptr,  # [B, H] fp32
+    h_all_ptr,  # [T, B, P] input dtype
+    m_buf_ptr,  # [B, H] fp32 (projection only)
+    ws_gates_ptr,  # [T, B, 4H] fp32
+    ws_c_ptr,  # [T, B, H] fp32
+    ws_m_ptr,  # [T, B, H] fp32 (projection only)
+    B, H: tl.constexpr, P: tl.constexpr,
+    HAS_PROJ: tl.constexpr, STORE_WS: tl.constexpr,
+):
+    """The pointwise part of step t on a tile: gates, cell update, m_t (and h_t without a projection)."""
+    row_in = rows < B
+    col_in = cols < H
+    tile_in = row_in[:, None] & col_in[None, :]
+    h_prev_ptr = h_buf_ptr + (t % 2) * B * P  # [B, P]
     x_ptr = xg_ptr + t * B * 4 * H + rows[:, None] * (4 * H) + cols[None, :]  # gate i of [BLOCK_B, BLOCK_H]
     i = tl.sigmoid(acc_i + tl.load(x_ptr, mask=tile_in, other=0.0).to(tl.float32))
     f = tl.sigmoid(acc_f + tl.load(x_ptr + H, mask=tile_in, other=0.0).to(tl.float32))
@@ -108,9 +155,7 @@ def _fw_proj_tile(
     B, H: tl.constexpr, P: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    n_p_tiles = tl.cdiv(P, BLOCK_H)
-    rows = (tile // n_p_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    cols = (tile % n_p_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] state units
+    rows, cols = tile_coords(tile, tl.cdiv(P, BLOCK_H), BLOCK_B, BLOCK_H)  # cols: state units
     col_in = cols < P
     tile_in = (rows < B)[:, None] & col_in[None, :]
     active = (rows < n_t)[:, None] & col_in[None, :]
@@ -142,33 +187,49 @@ def _lstm_fw_kernel(
     H: tl.constexpr, P: tl.constexpr,
     HAS_PROJ: tl.constexpr, RUN_CELL: tl.constexpr, RUN_PROJ: tl.constexpr,  # which phases to run
     STORE_WS: tl.constexpr, USE_BARRIER: tl.constexpr,
+    W_RESIDENT: tl.constexpr,  # load W_hh once and keep it on chip (persistent, one cell tile per program)
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    P_PAD: tl.constexpr,  # next power of two >= P, at least 16: the resident slice's K extent
     DOT_PRECISION: tl.constexpr,  # of h @ W_hh^T
     DOT_DTYPE: tl.constexpr,  # its operand dtype (see forward_dot_dtype)
     PROJ_PRECISION: tl.constexpr,  # of m @ W_hr^T
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    n_b_tiles = tl.cdiv(B, BLOCK_B)
+    n_h_tiles = tl.cdiv(H, BLOCK_H)
+    n_cell_tiles = tl.cdiv(B, BLOCK_B) * n_h_tiles
+    if W_RESIDENT:  # one cell tile per program (tile = pid): its W_hh slice stays on chip for all steps
+        rows, cols = tile_coords(pid, n_h_tiles, BLOCK_B, BLOCK_H)
+        w_i, w_f, w_g, w_o = _fw_load_resident(w_ptr, cols, H, P, P_PAD, DOT_DTYPE)
     # while loops, not range(): runtime loop bounds break the interpreter with NumPy >= 2.
     s = 0
     arrivals = 0  # grid barriers passed so far
     while s < n_steps:
         t = t_begin + s
         n_t = tl.load(bs_ptr + t)
+        h_prev_ptr = h_buf_ptr + (t % 2) * B * P
         if RUN_CELL:
-            tile = pid
-            while tile < n_b_tiles * tl.cdiv(H, BLOCK_H):
-                _fw_cell_tile(t, tile, n_t, xg_ptr, w_ptr, h_buf_ptr, c_ptr, h_all_ptr, m_buf_ptr, ws_gates_ptr,
-                              ws_c_ptr, ws_m_ptr, B, H, P, HAS_PROJ, STORE_WS, BLOCK_B, BLOCK_H, BLOCK_K,
-                              DOT_PRECISION, DOT_DTYPE)
-                tile += nprog
+            if W_RESIDENT:
+                if pid < n_cell_tiles:
+                    acc_i, acc_f, acc_g, acc_o = _fw_gates_resident(h_prev_ptr, w_i, w_f, w_g, w_o, rows, B, P, P_PAD,
+                                                                    DOT_PRECISION, DOT_DTYPE)
+                    _fw_cell_tile(t, rows, cols, n_t, acc_i, acc_f, acc_g, acc_o, xg_ptr, h_buf_ptr, c_ptr,
+                                  h_all_ptr, m_buf_ptr, ws_gates_ptr, ws_c_ptr, ws_m_ptr, B, H, P, HAS_PROJ, STORE_WS)
+            else:
+                tile = pid
+                while tile < n_cell_tiles:
+                    rows, cols = tile_coords(tile, n_h_tiles, BLOCK_B, BLOCK_H)
+                    acc_i, acc_f, acc_g, acc_o = _fw_gates_streamed(h_prev_ptr, w_ptr, rows, cols, B, H, P, BLOCK_B,
+                                                                    BLOCK_H, BLOCK_K, DOT_PRECISION, DOT_DTYPE)
+                    _fw_cell_tile(t, rows, cols, n_t, acc_i, acc_f, acc_g, acc_o, xg_ptr, h_buf_ptr, c_ptr,
+                                  h_all_ptr, m_buf_ptr, ws_gates_ptr, ws_c_ptr, ws_m_ptr, B, H, P, HAS_PROJ, STORE_WS)
+                    tile += nprog
         if HAS_PROJ and RUN_PROJ:
             if USE_BARRIER and RUN_CELL:  # m_t complete before any h_t
                 arrivals += 1
                 _grid_barrier(bar_ptr, arrivals * nprog)
             tile = pid
-            while tile < n_b_tiles * tl.cdiv(P, BLOCK_H):
+            while tile < tl.cdiv(B, BLOCK_B) * tl.cdiv(P, BLOCK_H):
                 _fw_proj_tile(t, tile, n_t, w_hr_ptr, h_buf_ptr, h_all_ptr, m_buf_ptr, B, H, P,
                               BLOCK_B, BLOCK_H, BLOCK_K, PROJ_PRECISION)
                 tile += nprog
@@ -211,21 +272,24 @@ def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=
     ws_args = (ws + (c, c, c))[:3]  # placeholders are never written (STORE_WS=False / no projection)
     fw_prec, other_prec = dot_precisions(dtype)
     consts = dict(H=H, P=P, HAS_PROJ=has_proj, STORE_WS=store_workspace, BLOCK_B=cfg["BLOCK_B"],
-                  BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=fw_prec,
+                  BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], P_PAD=padded(P), DOT_PRECISION=fw_prec,
                   DOT_DTYPE=forward_dot_dtype(dtype), PROJ_PRECISION=other_prec, num_warps=cfg["num_warps"])
     args = (xg, w_hh, w_hr, bs, h_buf, c, h_all, m_buf, *ws_args)
     cell_tiles, proj_tiles = num_tiles(H, B, cfg), num_tiles(P, B, cfg)
     if variant == "persistent":
         grid = (min(max(cell_tiles, proj_tiles if has_proj else 0), co_resident_programs(device)),)
+        resident = resident_weights(variant, grid[0], cell_tiles, forward_resident_bytes(P, cfg, dtype))
+        if resident:
+            consts["num_warps"] = RESIDENT_WARPS
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        _lstm_fw_kernel[grid](*args, barrier, 0, T, B, RUN_CELL=True, RUN_PROJ=True,
-                              USE_BARRIER=grid[0] > 1, **consts)
+        _lstm_fw_kernel[grid](*args, barrier, 0, T, B, RUN_CELL=True, RUN_PROJ=True, USE_BARRIER=grid[0] > 1,
+                              W_RESIDENT=resident, **consts)
     else:
         for t in range(T):
             _lstm_fw_kernel[(cell_tiles,)](*args, bs, t, 1, B, RUN_CELL=True, RUN_PROJ=False,
-                                           USE_BARRIER=False, **consts)
+                                           USE_BARRIER=False, W_RESIDENT=False, **consts)
             if has_proj:
                 _lstm_fw_kernel[(proj_tiles,)](*args, bs, t, 1, B, RUN_CELL=False, RUN_PROJ=True,
-                                               USE_BARRIER=False, **consts)
+                                               USE_BARRIER=False, W_RESIDENT=False, **consts)
     h_T = h_buf[T % 2].clone()
     return h_all, h_T, c, ws

@@ -45,9 +45,14 @@ Two variants, one kernel source each for forward and backward:
                 (tile = pid, pid + nprog, ...) and a grid-wide barrier (an atomic counter
                 in global memory) separates steps and phases. Only launched with grid <=
                 number of SMs (one program per SM), so every program is co-resident and the
-                spin cannot deadlock. Under TRITON_INTERPRET=1 programs run one after
+                spin cannot deadlock. When every program owns one tile and its W_hh slice
+                fits (``resident_weights``: RESIDENT_BYTES of shared memory), the slice is
+                loaded once before the step loop and stays on chip (W_RESIDENT; one tl.dot
+                over all of K per gate); otherwise W_hh is streamed from L2 every step, as
+                in the step variant. Under TRITON_INTERPRET=1 programs run one after
                 another, so the barrier is compiled out (USE_BARRIER=False) and a single
                 program owns all tiles: the same code runs on the CPU.
+The gate projections W_hr (projection phases) are always streamed.
 Data other programs wrote in this launch (h_buf, m_buf, dh_buf, dg_buf) is loaded with
 cache_modifier=".cg" (L2, not the SM's L1) after the barrier's acquire.
 
@@ -101,6 +106,14 @@ def _grid_barrier(bar_ptr, target):
 
 
 @triton.jit
+def tile_coords(tile, n_unit_tiles, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rows [BLOCK_B] and units [BLOCK_H] of ``tile``; tiles are numbered batch-tile major."""
+    rows = (tile // n_unit_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = (tile % n_unit_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+    return rows, cols
+
+
+@triton.jit
 def _dot_tile(
     acc,  # [BLOCK_B, BLOCK_N] fp32: acc += A[rows, :K] @ M[:K, cols]
     a_ptr, a_row_stride,  # A[r, k] at a_ptr + r * a_row_stride + k (fp32, written by other programs)
@@ -143,6 +156,41 @@ def launch_config(hidden: int, batch: int, dtype: torch.dtype) -> dict:
     block_h = min(32, max(16, pow2(hidden)))
     block_k = min(64 if dtype in (torch.float16, torch.bfloat16) else 32, max(16, pow2(hidden)))
     return dict(BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=4)
+
+
+#: Most shared memory (bytes) the on-chip operands of a resident-W_hh launch may take: the
+#: W_hh slice a persistent program loads once and keeps for all steps, plus the per-step
+#: operand of its tl.dot (Triton places both in shared memory, allocated before the step loop).
+#: Larger launches stream W_hh from L2 every step. 144 KiB stays within sm_80's 163 KiB per
+#: block with room for Triton's own scratch; tests/test_triton_aot.py compiles the kernels at
+#: this bound and checks their shared memory and spills. A first rule, to be tuned on a GPU.
+RESIDENT_BYTES = 144 * 1024
+RESIDENT_WARPS = 8
+
+
+def _operand_bytes(dtype: torch.dtype) -> int:
+    return 4 if dtype == torch.float32 else 2
+
+
+def forward_resident_bytes(P: int, cfg: dict, dtype: torch.dtype) -> int:
+    """Forward: four W_hh^T tiles [P_PAD, BLOCK_H] and h_{t-1} [BLOCK_B, P_PAD], in the operand dtype."""
+    return (4 * cfg["BLOCK_H"] + cfg["BLOCK_B"]) * padded(P) * _operand_bytes(dtype)
+
+
+def backward_resident_bytes(H: int, cfg: dict) -> int:
+    """Backward: W_hh[:, tile] [K_PAD, BLOCK_H] and dG_{t+1} [BLOCK_B, K_PAD], K_PAD = padded(4H), fp32."""
+    return (cfg["BLOCK_H"] + cfg["BLOCK_B"]) * padded(4 * H) * 4
+
+
+def resident_weights(variant: str, grid: int, tiles: int, on_chip_bytes: int) -> bool:
+    """Whether a launch keeps its W_hh slice on chip: persistent, one tile per program, and
+    ``on_chip_bytes`` (``forward_resident_bytes`` / ``backward_resident_bytes``) within budget."""
+    return variant == "persistent" and grid >= tiles and on_chip_bytes <= RESIDENT_BYTES
+
+
+def padded(n: int) -> int:
+    """The next power of two >= n, at least 16 (tl.arange extents and tl.dot dimensions)."""
+    return max(16, triton.next_power_of_2(n))
 
 
 def num_tiles(hidden: int, batch: int, cfg: dict) -> int:
