@@ -64,7 +64,7 @@ void check_variant(const char* fn, int variant) {
 
 int forward(int dtype, uintptr_t xg, uintptr_t w_hh, uintptr_t h0, uintptr_t c0, uintptr_t h_all, uintptr_t c_T,
             uintptr_t act, uintptr_t c_all, uintptr_t c_work, int64_t T, int64_t B, int64_t H, uintptr_t stream,
-            int variant) {
+            int variant, bool mma) {
   const char* fn = "lstm_kernels._C.forward";
   check_dtype(fn, dtype);
   check_variant(fn, variant);
@@ -79,7 +79,7 @@ int forward(int dtype, uintptr_t xg, uintptr_t w_hh, uintptr_t h0, uintptr_t c0,
                        ptr<const void>(fn, "h0", h0), ptr<const void>(fn, "c0", c0), ptr<void>(fn, "h_all", h_all),
                        ptr<void>(fn, "c_T", c_T), ptr<float>(fn, "act", act, true),
                        ptr<float>(fn, "c_all", c_all, true), ptr<float>(fn, "c_work", c_work, true), (int)T, (int)B,
-                       (int)H, variant, &used, stream_of(stream));
+                       (int)H, variant, mma, &used, stream_of(stream));
   }
   check_status(st);
   return used;
@@ -108,12 +108,12 @@ int backward(int dtype, uintptr_t w_hh, uintptr_t c0, uintptr_t act, uintptr_t c
   return used;
 }
 
-py::dict occupancy(const std::string& direction, int dtype, int64_t H) {
+py::dict occupancy(const std::string& direction, int dtype, int64_t H, bool mma) {
   check_dtype("lstm_kernels._C.occupancy", dtype);
   if (H < 1 || H > INT32_MAX / 64) throw std::invalid_argument("lstm_kernels._C.occupancy: bad H");
   int blocks = 0, threads = 0;
   lstm::PersistentPlan plan;
-  check_status(lstm::occupancy(direction.c_str(), dtype, (int)H, &blocks, &threads, &plan));
+  check_status(lstm::occupancy(direction.c_str(), dtype, (int)H, mma, &blocks, &threads, &plan));
   py::dict d;
   d["step_blocks_per_sm"] = blocks;
   d["threads_per_block"] = threads;
@@ -217,10 +217,12 @@ PYBIND11_MODULE(_C, m) {
   m.attr("VARIANT_STEP") = (int)lstm::kStep;
   m.attr("VARIANT_PERSISTENT") = (int)lstm::kPersistent;
   m.attr("VARIANT_AUTO") = (int)lstm::kAuto;
-  m.def("forward", &forward, "Forward recurrence; returns the variant that ran; see csrc/lstm_cuda.h", py::arg("dtype"),
+  m.def("forward", &forward,
+        "Forward recurrence; returns the variant that ran; mma: tensor cores for fp16/bf16; see csrc/lstm_cuda.h",
+        py::arg("dtype"),
         py::arg("xg"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"), py::arg("h_all"), py::arg("c_T"),
         py::arg("act"), py::arg("c_all"), py::arg("c_work"), py::arg("T"), py::arg("B"), py::arg("H"),
-        py::arg("stream"), py::arg("variant") = (int)lstm::kStep);
+        py::arg("stream"), py::arg("variant") = (int)lstm::kStep, py::arg("mma") = true);
   m.def("backward", &backward, "Backward recurrence; returns the variant that ran; see csrc/lstm_cuda.h",
         py::arg("dtype"), py::arg("w_hh"), py::arg("c0"), py::arg("act"), py::arg("c_all"), py::arg("dh_all"),
         py::arg("dh_T"), py::arg("dc_T"), py::arg("dG"), py::arg("dh0"), py::arg("dc0"), py::arg("dg_work"),
@@ -228,7 +230,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("variant") = (int)lstm::kStep);
   m.def("occupancy", &occupancy,
         "Occupancy of the per-step kernel and the persistent plan (co-residency, shared memory) for hidden size H",
-        py::arg("direction"), py::arg("dtype"), py::arg("H"));
+        py::arg("direction"), py::arg("dtype"), py::arg("H"), py::arg("mma") = true);
   m.def("device_count", &device_count, "(number of CUDA devices, None) or (0, reason)");
   m.def("device_properties", &device_properties, "SM count, cooperative launch, shared memory of a device",
         py::arg("device"));

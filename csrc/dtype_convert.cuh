@@ -5,6 +5,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 namespace lstm {
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -19,6 +21,16 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// x as an S: unchanged when S is x's own type, else through fp32.
+template <typename S, typename T>
+__device__ __forceinline__ S convert(T x) {
+  if constexpr (std::is_same<S, T>::value) {
+    return x;
+  } else {
+    return from_float<S>(to_float(x));
+  }
+}
 
 // Tile sizes of the per-step kernels: a block computes TILE_J hidden units
 // (all four gates of each) for TILE_B batch rows, looping over the reduction

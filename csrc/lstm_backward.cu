@@ -239,8 +239,6 @@ Status backward(int dtype, const void* w_hh, const void* c0, const float* act, c
   });
 }
 
-Status forward_occupancy(int dtype, int H, int* blocks_per_sm, PersistentPlan* plan);
-
 Status backward_occupancy(int dtype, int H, int* blocks_per_sm, PersistentPlan* plan) {
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
     const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, backward_step_kernel<scalar_t>,
@@ -251,11 +249,11 @@ Status backward_occupancy(int dtype, int H, int* blocks_per_sm, PersistentPlan* 
   });
 }
 
-Status occupancy(const char* direction, int dtype, int H, int* step_blocks_per_sm, int* threads_per_block,
+Status occupancy(const char* direction, int dtype, int H, bool mma, int* step_blocks_per_sm, int* threads_per_block,
                  PersistentPlan* plan) {
   *threads_per_block = STEP_THREADS;
   const std::string name(direction);
-  if (name == "forward") return forward_occupancy(dtype, H, step_blocks_per_sm, plan);
+  if (name == "forward") return forward_occupancy(dtype, H, mma, step_blocks_per_sm, plan);
   if (name == "backward") return backward_occupancy(dtype, H, step_blocks_per_sm, plan);
   throw std::invalid_argument("unknown kernel direction '" + name + "' (forward or backward)");
 }

@@ -31,7 +31,7 @@ struct PersistentPlan {
   size_t static_smem = 0;   // bytes: the tile buffers
 };
 
-// Forward recurrence, one launch per step (the per-step fused kernel).
+// Forward recurrence (the per-step or the persistent kernel, see variant).
 //   xg     [T, B, 4H] dtype     input projection + biases
 //   w_hh   [4H, H]    dtype
 //   h0     [B, H]     dtype
@@ -42,9 +42,10 @@ struct PersistentPlan {
 //   c_all  [T, B, H]  fp32      out, or null: cell states c_t, for backward
 //   c_work [B, H]     fp32      scratch for the cell state (used when c_all is null)
 //   variant           Variant   requested; *used gets the one that ran
+//   mma               bool      fp16/bf16: the recurrent matmul on tensor cores (wmma); ignored for fp32
 Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, const void* c0, void* h_all,
-               void* c_T, float* act, float* c_all, float* c_work, int T, int B, int H, int variant, int* used,
-               cudaStream_t stream);
+               void* c_T, float* act, float* c_all, float* c_work, int T, int B, int H, int variant, bool mma,
+               int* used, cudaStream_t stream);
 
 // Backward recurrence (BPTT), one launch per step plus a last one for dh0.
 //   w_hh    [4H, H]    dtype
@@ -66,8 +67,11 @@ Status backward(int dtype, const void* w_hh, const void* c0, const float* act, c
 
 // Occupancy: resident blocks per SM of the per-step kernel ("forward" or
 // "backward") of the given dtype, and the persistent plan for hidden size H
-// (cudaOccupancyMaxActiveBlocksPerMultiprocessor with its shared memory).
-Status occupancy(const char* direction, int dtype, int H, int* step_blocks_per_sm, int* threads_per_block,
+// (cudaOccupancyMaxActiveBlocksPerMultiprocessor with its shared memory);
+// mma picks the forward kernels' tensor-core instantiation (16-bit dtypes).
+Status occupancy(const char* direction, int dtype, int H, bool mma, int* step_blocks_per_sm, int* threads_per_block,
                  PersistentPlan* plan);
+Status forward_occupancy(int dtype, int H, bool mma, int* blocks_per_sm, PersistentPlan* plan);
+Status backward_occupancy(int dtype, int H, int* blocks_per_sm, PersistentPlan* plan);
 
 }  // namespace lstm

@@ -8,11 +8,16 @@
 // Legend: T steps, B batch, H hidden units, k the reduction index over H.
 // Gate order along 4H: i, f, g, o. gates_t = xg_t + h_{t-1} W_hh^T;
 // c_t = f*c_{t-1} + i*g; h_t = o*tanh(c_t), rounded to the storage dtype.
-// Accumulation, activations and c in fp32 (plain FMA: exact fp32, no TF32).
+// Accumulation, activations and c in fp32. The recurrent matmul runs on
+// tensor cores (wmma 16x16x16, fp32 accumulation) for fp16/bf16 when MMA is
+// set, else as plain fp32 FMA (always for fp32: exact fp32, no TF32).
 //
 // Saved for backward (when asked): the activated gates act [T, B, 4H] fp32
 // and the cell states c_all [T, B, H] fp32; backward recomputes only tanh(c).
 #include <cooperative_groups.h>
+#include <mma.h>
+
+#include <type_traits>
 
 #include "cell.cuh"
 #include "dtype_convert.cuh"
@@ -22,12 +27,22 @@
 
 namespace lstm {
 
+// Whether the recurrent matmul of storage type T can run on tensor cores.
+template <typename T>
+constexpr bool kTensorCoreType = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
+
 // One (batch tile, unit tile) of one step: gates = xg_t + h_prev W^T for
 // TILE_B rows x TILE_J units (all four gates), then the cell update. Called by
 // every thread of the block (it holds __syncthreads). wload(g, jj, k) is
-// W_hh[g*H + j0 + jj, k] as float (from global memory, or from the block's
-// shared copy in the persistent kernel); it is only called in range.
-template <typename T, typename WLoad>
+// W_hh[g*H + j0 + jj, k] in the storage type (from global memory, or from the
+// block's shared copy in the persistent kernel); it is only called in range.
+//
+// The k loop stages TILE_K columns of h_prev and of the four gates' W rows in
+// shared memory. With MMA (16-bit T), warps 0-3 each own one gate's 16 x 16
+// accumulator (rows b, units j) as a wmma fragment and the tiles stay in the
+// storage type; without, each thread sums its own (b, j) for the four gates
+// in fp32 FMA. Either way the four sums end in acc[] of thread (j, b).
+template <typename T, bool MMA, typename WLoad>
 __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
                                              const T* __restrict__ xg_t,    // [B, 4H]
                                              const T* h_prev,  // [B, H] (no __restrict__: written by other blocks in the persistent kernel)
@@ -38,37 +53,69 @@ __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
                                              float* __restrict__ act_out,   // [B, 4H] fp32, or null
                                              T* __restrict__ c_last,        // [B, H], or null
                                              int B, int H) {
-  __shared__ float w_s[4][TILE_J][TILE_K + 1];  // [gate, unit, k]
-  __shared__ float h_s[TILE_B][TILE_K + 1];     // [row, k]
+  namespace wmma = nvcuda::wmma;
+  constexpr bool kMma = MMA && kTensorCoreType<T>;
+  static_assert(!kMma || (TILE_B == 16 && TILE_J == 16 && TILE_K % 16 == 0), "wmma tiles are 16 x 16 x 16");
+  using Smem = typename std::conditional<kMma, T, float>::type;
+  // wmma wants a leading dimension that is a multiple of 8 (16-bit) and 32-byte
+  // aligned tile starts; the FMA path pads by one float against bank conflicts.
+  constexpr int LD = kMma ? TILE_K + 8 : TILE_K + 1;
+  __shared__ __align__(32) Smem w_s[4][TILE_J][LD];  // [gate, unit, k]
+  __shared__ __align__(32) Smem h_s[TILE_B][LD];     // [row, k]
   // h_prev is loaded with __ldcg (L2, not L1): in the persistent kernel other
   // blocks wrote it before the grid sync, and a stale L1 line must not serve it.
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int tid = ty * TILE_J + tx;
+  const int warp = tid / 32;
   const int j = j0 + tx, b = b0 + ty;
+  const Smem zero = from_float<Smem>(0.f);
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag_acc;  // used by warps 0-3 with kMma
+  if constexpr (kMma) wmma::fill_fragment(frag_acc, 0.f);
   for (int k0 = 0; k0 < H; k0 += TILE_K) {
     for (int idx = tid; idx < 4 * TILE_J * TILE_K; idx += STEP_THREADS) {
       const int g = idx / (TILE_J * TILE_K), rem = idx % (TILE_J * TILE_K);
       const int jj = rem / TILE_K, kk = rem % TILE_K;
       const int unit = j0 + jj, k = k0 + kk;
-      w_s[g][jj][kk] = (unit < H && k < H) ? wload(g, jj, k) : 0.f;
+      w_s[g][jj][kk] = (unit < H && k < H) ? convert<Smem>(wload(g, jj, k)) : zero;
     }
     for (int idx = tid; idx < TILE_B * TILE_K; idx += STEP_THREADS) {
       const int bb = idx / TILE_K, kk = idx % TILE_K;
       const int row = b0 + bb, k = k0 + kk;
-      h_s[bb][kk] = (row < B && k < H) ? to_float(__ldcg(h_prev + (size_t)row * H + k)) : 0.f;
+      h_s[bb][kk] = (row < B && k < H) ? convert<Smem>(__ldcg(h_prev + (size_t)row * H + k)) : zero;
     }
     __syncthreads();
+    if constexpr (kMma) {
+      if (warp < 4) {  // warp g: gates[:, g-th 16 units] += h_s (row-major) x w_s[g]^T (col-major B)
+#pragma unroll
+        for (int kk = 0; kk < TILE_K; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> frag_h;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> frag_w;
+          wmma::load_matrix_sync(frag_h, &h_s[0][kk], LD);
+          wmma::load_matrix_sync(frag_w, &w_s[warp][0][kk], LD);
+          wmma::mma_sync(frag_acc, frag_h, frag_w, frag_acc);
+        }
+      }
+    } else {
 #pragma unroll 8
-    for (int kk = 0; kk < TILE_K; ++kk) {
-      const float hv = h_s[ty][kk];
-      acc[0] = fmaf(hv, w_s[0][tx][kk], acc[0]);
-      acc[1] = fmaf(hv, w_s[1][tx][kk], acc[1]);
-      acc[2] = fmaf(hv, w_s[2][tx][kk], acc[2]);
-      acc[3] = fmaf(hv, w_s[3][tx][kk], acc[3]);
+      for (int kk = 0; kk < TILE_K; ++kk) {
+        const float hv = h_s[ty][kk];
+        acc[0] = fmaf(hv, w_s[0][tx][kk], acc[0]);
+        acc[1] = fmaf(hv, w_s[1][tx][kk], acc[1]);
+        acc[2] = fmaf(hv, w_s[2][tx][kk], acc[2]);
+        acc[3] = fmaf(hv, w_s[3][tx][kk], acc[3]);
+      }
     }
     __syncthreads();
+  }
+  if constexpr (kMma) {
+    __shared__ __align__(32) float gates_s[4][TILE_B][TILE_J];  // [gate, row, unit]
+    if (warp < 4) wmma::store_matrix_sync(&gates_s[warp][0][0], frag_acc, TILE_J, wmma::mem_row_major);
+    __syncthreads();
+#pragma unroll
+    for (int g = 0; g < 4; ++g) acc[g] = gates_s[g][ty][tx];
+    __syncthreads();  // gates_s is rewritten by the next batch tile of a persistent block
   }
   if (j >= H || b >= B) return;
 
@@ -93,7 +140,7 @@ __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
 
 // Per-step kernel: one launch per step, W_hh read from global memory / L2.
 // Grid (ceil(H / TILE_J), ceil(B / TILE_B)), block (TILE_J, TILE_B).
-template <typename T>
+template <typename T, bool MMA>
 __global__ void __launch_bounds__(STEP_THREADS)
     forward_step_kernel(const T* __restrict__ xg_t,    // [B, 4H]
                         const T* __restrict__ w_hh,    // [4H, H]
@@ -106,8 +153,9 @@ __global__ void __launch_bounds__(STEP_THREADS)
                         T* __restrict__ c_last,        // [B, H], or null (written at the last step)
                         int B, int H) {
   const int j0 = blockIdx.x * TILE_J;
-  auto wload = [&](int g, int jj, int k) { return to_float(w_hh[(size_t)(g * H + j0 + jj) * H + k]); };
-  forward_tile<T>(wload, j0, blockIdx.y * TILE_B, xg_t, h_prev, c_prev, c0, h_out, c_out, act_out, c_last, B, H);
+  auto wload = [&](int g, int jj, int k) { return w_hh[(size_t)(g * H + j0 + jj) * H + k]; };
+  forward_tile<T, MMA>(wload, j0, blockIdx.y * TILE_B, xg_t, h_prev, c_prev, c0, h_out, c_out, act_out, c_last, B,
+                       H);
 }
 
 // Persistent kernel: one cooperative launch for all T steps. Block x owns the
@@ -116,7 +164,7 @@ __global__ void __launch_bounds__(STEP_THREADS)
 // storage dtype) and loops over the batch tiles; a grid-wide sync separates
 // the steps (h_{t-1} is written by every block). Grid ceil(H / TILE_J) blocks,
 // all co-resident (checked with the occupancy API before the launch).
-template <typename T>
+template <typename T, bool MMA>
 __global__ void __launch_bounds__(STEP_THREADS, 1)
     forward_persistent_kernel(const T* __restrict__ xg,    // [T, B, 4H]
                               const T* __restrict__ w_hh,  // [4H, H]
@@ -139,7 +187,7 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
     w_blk[idx] = unit < H ? w_hh[(size_t)(g * H + unit) * H + k] : from_float<T>(0.f);
   }
   __syncthreads();
-  auto wload = [&](int g, int jj, int k) { return to_float(w_blk[(g * TILE_J + jj) * H + k]); };
+  auto wload = [&](int g, int jj, int k) { return w_blk[(g * TILE_J + jj) * H + k]; };
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   const size_t bh = (size_t)B * H, b4h = 4 * bh;
   for (int t = 0; t < T_; ++t) {
@@ -147,15 +195,15 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
     float* c_out = c_all ? c_all + t * bh : c_work;
     const float* c_prev = t == 0 ? nullptr : (c_all ? c_all + (t - 1) * bh : c_work);
     for (int b0 = 0; b0 < B; b0 += TILE_B) {
-      forward_tile<T>(wload, j0, b0, xg + t * b4h, h_prev, c_prev, c0, h_all + t * bh, c_out,
-                      act ? act + t * b4h : nullptr, t == T_ - 1 ? c_T : nullptr, B, H);
+      forward_tile<T, MMA>(wload, j0, b0, xg + t * b4h, h_prev, c_prev, c0, h_all + t * bh, c_out,
+                           act ? act + t * b4h : nullptr, t == T_ - 1 ? c_T : nullptr, B, H);
       __syncthreads();  // the tile's shared buffers are reused by the next batch tile
     }
     grid.sync();  // h_t complete (and visible) before any block reads it at t + 1
   }
 }
 
-template <typename T>
+template <typename T, bool MMA>
 Status forward_step(const T* xg, const T* w_hh, const T* h0, const T* c0, T* h_all, T* c_T, float* act,
                     float* c_all, float* c_work, int T_, int B, int H, cudaStream_t stream) {
   const dim3 grid((H + TILE_J - 1) / TILE_J, (B + TILE_B - 1) / TILE_B), block(TILE_J, TILE_B);
@@ -164,61 +212,65 @@ Status forward_step(const T* xg, const T* w_hh, const T* h0, const T* c0, T* h_a
     const T* h_prev = t == 0 ? h0 : h_all + (t - 1) * bh;
     float* c_out = c_all ? c_all + t * bh : c_work;
     const float* c_prev = t == 0 ? nullptr : (c_all ? c_all + (t - 1) * bh : c_work);
-    forward_step_kernel<T><<<grid, block, 0, stream>>>(xg + t * b4h, w_hh, h_prev, c_prev, c0, h_all + t * bh,
-                                                       c_out, act ? act + t * b4h : nullptr,
-                                                       t == T_ - 1 ? c_T : nullptr, B, H);
+    forward_step_kernel<T, MMA><<<grid, block, 0, stream>>>(xg + t * b4h, w_hh, h_prev, c_prev, c0, h_all + t * bh,
+                                                            c_out, act ? act + t * b4h : nullptr,
+                                                            t == T_ - 1 ? c_T : nullptr, B, H);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return Status{err, "lstm forward_step_kernel"};
   }
   return Status{};
 }
 
-template <typename T>
+template <typename T, bool MMA>
 Status forward_persistent_plan(int H, PersistentPlan* plan) {
-  return persistent_plan(reinterpret_cast<const void*>(forward_persistent_kernel<T>), (H + TILE_J - 1) / TILE_J,
+  return persistent_plan(reinterpret_cast<const void*>(forward_persistent_kernel<T, MMA>), (H + TILE_J - 1) / TILE_J,
                          (size_t)4 * TILE_J * H * sizeof(T), "lstm forward_persistent_kernel", plan);
 }
 
-template <typename T>
+template <typename T, bool MMA>
 Status forward_impl(const T* xg, const T* w_hh, const T* h0, const T* c0, T* h_all, T* c_T, float* act,
                     float* c_all, float* c_work, int T_, int B, int H, int variant, int* used,
                     cudaStream_t stream) {
   if (variant != kStep) {
     PersistentPlan plan;
-    const Status st = forward_persistent_plan<T>(H, &plan);
+    const Status st = forward_persistent_plan<T, MMA>(H, &plan);
     if (!st.ok()) return st;
     if (plan.possible) {
       *used = kPersistent;
       void* args[] = {&xg, &w_hh, &h0, &c0, &h_all, &c_T, &act, &c_all, &c_work, &T_, &B, &H};
-      const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(forward_persistent_kernel<T>),
-                                                          dim3(plan.blocks), dim3(TILE_J, TILE_B), args,
-                                                          plan.dynamic_smem, stream);
+      const cudaError_t err = cudaLaunchCooperativeKernel(
+          reinterpret_cast<const void*>(forward_persistent_kernel<T, MMA>), dim3(plan.blocks), dim3(TILE_J, TILE_B),
+          args, plan.dynamic_smem, stream);
       return Status{err, "lstm forward_persistent_kernel (cooperative launch)"};
     }
     if (variant == kPersistent) return Status{cudaErrorCooperativeLaunchTooLarge, "lstm persistent kernel requested but not possible (see _C.occupancy for why)"};
   }
   *used = kStep;
-  return forward_step<T>(xg, w_hh, h0, c0, h_all, c_T, act, c_all, c_work, T_, B, H, stream);
+  return forward_step<T, MMA>(xg, w_hh, h0, c0, h_all, c_T, act, c_all, c_work, T_, B, H, stream);
 }
 
 Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, const void* c0, void* h_all,
-               void* c_T, float* act, float* c_all, float* c_work, int T_, int B, int H, int variant, int* used,
-               cudaStream_t stream) {
+               void* c_T, float* act, float* c_all, float* c_work, int T_, int B, int H, int variant, bool mma,
+               int* used, cudaStream_t stream) {
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
-    return forward_impl<scalar_t>(static_cast<const scalar_t*>(xg), static_cast<const scalar_t*>(w_hh),
-                                  static_cast<const scalar_t*>(h0), static_cast<const scalar_t*>(c0),
-                                  static_cast<scalar_t*>(h_all), static_cast<scalar_t*>(c_T), act, c_all, c_work,
-                                  T_, B, H, variant, used, stream);
+    return LSTM_BOOL_SWITCH(mma && kTensorCoreType<scalar_t>, kMma, [&] {
+      return forward_impl<scalar_t, kMma>(static_cast<const scalar_t*>(xg), static_cast<const scalar_t*>(w_hh),
+                                          static_cast<const scalar_t*>(h0), static_cast<const scalar_t*>(c0),
+                                          static_cast<scalar_t*>(h_all), static_cast<scalar_t*>(c_T), act, c_all,
+                                          c_work, T_, B, H, variant, used, stream);
+    });
   });
 }
 
-Status forward_occupancy(int dtype, int H, int* blocks_per_sm, PersistentPlan* plan) {
+Status forward_occupancy(int dtype, int H, bool mma, int* blocks_per_sm, PersistentPlan* plan) {
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
-    const cudaError_t err =
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, forward_step_kernel<scalar_t>, STEP_THREADS, 0);
-    if (err != cudaSuccess)
-      return Status{err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor(lstm forward_step_kernel)"};
-    return forward_persistent_plan<scalar_t>(H, plan);
+    return LSTM_BOOL_SWITCH(mma && kTensorCoreType<scalar_t>, kMma, [&] {
+      const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          blocks_per_sm, forward_step_kernel<scalar_t, kMma>, STEP_THREADS, 0);
+      if (err != cudaSuccess)
+        return Status{err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor(lstm forward_step_kernel)"};
+      return forward_persistent_plan<scalar_t, kMma>(H, plan);
+    });
   });
 }
 

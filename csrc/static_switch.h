@@ -34,3 +34,15 @@ enum DtypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
         throw std::invalid_argument("unknown dtype code " + std::to_string(CODE));       \
     }                                                                                    \
   }()
+
+// BOOL_SWITCH(cond, NAME, ...): a runtime bool as the compile-time constant NAME.
+#define LSTM_BOOL_SWITCH(COND, NAME, ...)  \
+  [&] {                                    \
+    if (COND) {                            \
+      constexpr bool NAME = true;          \
+      return __VA_ARGS__();                \
+    } else {                               \
+      constexpr bool NAME = false;         \
+      return __VA_ARGS__();                \
+    }                                      \
+  }()

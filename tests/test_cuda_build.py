@@ -268,8 +268,46 @@ def test_extension_kernels_are_built_for_sm80_and_sm90_without_spills():
     usage = subprocess.run([tool, "-res-usage", so], capture_output=True, text=True, check=True).stdout
     kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage)
     names = {name for name, _, _ in kernels}
-    for stem in ("forward_step_kernel", "forward_persistent_kernel", "backward_step_kernel",
-                 "backward_persistent_kernel"):
-        assert sum(stem in n for n in names) == 3, f"{stem}: expected one instance per dtype in {sorted(names)}"
+    # forward: one instance per dtype and tensor-core switch; backward: one per dtype
+    for stem, count in (("forward_step_kernel", 6), ("forward_persistent_kernel", 6), ("backward_step_kernel", 3),
+                        ("backward_persistent_kernel", 3)):
+        assert sum(stem in n for n in names) == count, f"{stem}: expected {count} instances in {sorted(names)}"
     spilling = [(name, local) for name, _, local in kernels if int(local) != 0]
     assert not spilling, f"kernels spilling to local memory: {spilling}"
+
+
+@needs_ext
+def test_forward_kernels_use_tensor_cores_for_16_bit_types():
+    """The tensor-core instantiations (template flag true) of the fp16/bf16 forward kernels hold
+    HMMA instructions in their SASS for both architectures; the FMA ones, and fp32, hold none."""
+    import re
+    import subprocess
+
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton wheel)")
+    sass = subprocess.run([tool, "-sass", _C.__file__], capture_output=True, text=True, check=True).stdout
+    hmma = {}
+    for block in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = block.split("\n", 1)[0].strip()
+        if "forward" in name and "kernel" in name:
+            hmma[name] = hmma.get(name, 0) + block.count("HMMA")
+    # mangled template arguments: 13__nv_bfloat16 / 6__half / f, then Lb1 (mma) or Lb0
+    for dtype_tag in ("13__nv_bfloat16", "6__half"):
+        for kind in ("forward_step_kernel", "forward_persistent_kernel"):
+            mma = [n for n in hmma if kind in n and f"I{dtype_tag}Lb1E" in n]
+            fma = [n for n in hmma if kind in n and f"I{dtype_tag}Lb0E" in n]
+            assert mma and fma, f"{kind} {dtype_tag}: instances not found in {sorted(hmma)}"
+            assert all(hmma[n] > 0 for n in mma), f"{kind} {dtype_tag}: no HMMA in the tensor-core instance"
+            assert all(hmma[n] == 0 for n in fma), f"{kind} {dtype_tag}: HMMA in the FMA instance"
+    assert all(hmma[n] == 0 for n in hmma if "IfLb" in n), "fp32 forward kernels must not use tensor cores"
+
+
+def test_tensor_core_env(monkeypatch):
+    monkeypatch.delenv(cuda_backend.MMA_ENV, raising=False)
+    assert cuda_backend.tensor_cores_requested() is True
+    monkeypatch.setenv(cuda_backend.MMA_ENV, "0")
+    assert cuda_backend.tensor_cores_requested() is False
+    monkeypatch.setenv(cuda_backend.MMA_ENV, "yes")
+    with pytest.raises(ValueError, match="LSTM_KERNELS_CUDA_MMA"):
+        cuda_backend.tensor_cores_requested()

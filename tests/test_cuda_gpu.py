@@ -44,12 +44,14 @@ def _no_tf32():
     torch.cuda.empty_cache()
 
 
-def use_variant(monkeypatch, variant, dtype, H):
-    """Select the kernel variant; skip a persistent case whose plan says it cannot run here."""
+def use_variant(monkeypatch, variant, dtype, H, mma=True):
+    """Select the kernel variant and the tensor-core switch; skip a persistent case whose plan
+    says it cannot run here."""
+    monkeypatch.setenv(cuda_backend.MMA_ENV, "1" if mma else "0")
     if variant == "persistent":
         code = {torch.float32: _C.DTYPE_FLOAT32, torch.float16: _C.DTYPE_FLOAT16, torch.bfloat16: _C.DTYPE_BFLOAT16}
         for direction in ("forward", "backward"):
-            plan = _C.occupancy(direction, code[dtype], H)
+            plan = _C.occupancy(direction, code[dtype], H, mma)
             if not plan["persistent_possible"]:
                 pytest.skip(f"persistent {direction} not possible for H={H} {dtype}: {plan['persistent_why_not']}")
     monkeypatch.setenv(cuda_backend.VARIANT_ENV, variant)
@@ -93,28 +95,33 @@ def check_against_reference(got, inputs, cotangents, dtype, tol=None):
         assert_rel_close(got[name], expected, allowed, name)
 
 
+# fp32 always runs FMA; fp16/bf16 run both the tensor-core (mma) and the FMA matmul.
+MATMULS = [("fp32", "fma"), ("bf16", "mma"), ("bf16", "fma"), ("fp16", "mma"), ("fp16", "fma")]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-@pytest.mark.parametrize("dt", list(DTYPES))
-def test_layer_matches_reference(shape, dt, variant, monkeypatch):
+@pytest.mark.parametrize("dt,matmul", MATMULS, ids=[f"{d}-{m}" for d, m in MATMULS])
+def test_layer_matches_reference(shape, dt, matmul, variant, monkeypatch):
     T, B, H = SHAPES[shape]
     dtype = DTYPES[dt]
-    use_variant(monkeypatch, variant, dtype, H)
+    use_variant(monkeypatch, variant, dtype, H, mma=matmul == "mma")
     inputs, cot = make_case(T, B, H, dtype)
     got = run_layer(inputs, cot, "cuda")
     check_variant_ran(variant)
+    assert get_backend("cuda").last_forward_mma == (matmul == "mma")
     check_against_reference(got, inputs, cot, dtype)
 
 
-@pytest.mark.parametrize("dt", list(DTYPES))
-def test_variants_agree_bitwise(dt, monkeypatch):
+@pytest.mark.parametrize("dt,matmul", MATMULS, ids=[f"{d}-{m}" for d, m in MATMULS])
+def test_variants_agree_bitwise(dt, matmul, monkeypatch):
     """Same tiles, same summation order: the persistent and per-step kernels give identical bits."""
     dtype = DTYPES[dt]
     T, B, H = 40, 37, 100
     inputs, cot = make_case(T, B, H, dtype, seed=17)
-    use_variant(monkeypatch, "step", dtype, H)
+    use_variant(monkeypatch, "step", dtype, H, mma=matmul == "mma")
     a = run_layer(inputs, cot, "cuda")
-    use_variant(monkeypatch, "persistent", dtype, H)
+    use_variant(monkeypatch, "persistent", dtype, H, mma=matmul == "mma")
     b = run_layer(inputs, cot, "cuda")
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name}: step and persistent differ"

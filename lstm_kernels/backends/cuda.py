@@ -17,7 +17,9 @@ Kernels (csrc/lstm_forward.cu, csrc/lstm_backward.cu), two variants:
 
 The variant comes from the environment variable ``LSTM_KERNELS_CUDA_VARIANT``
 (``step``, ``persistent`` or ``auto``), default :data:`DEFAULT_VARIANT`.
-Plain fp32 FMA accumulation for every dtype, so float32 is exact fp32 (TF32 is
+The forward recurrent matmul of fp16/bf16 runs on tensor cores (wmma 16x16x16,
+fp32 accumulation) unless ``LSTM_KERNELS_CUDA_MMA=0``; float32, and the
+backward of every dtype, use plain fp32 FMA, so float32 is exact fp32 (TF32 is
 never used, whatever ``torch.backends.cuda.matmul.allow_tf32`` says).
 
 Dimension names: T steps, B batch, H hidden units. Gate order along 4H: i, f, g, o.
@@ -47,6 +49,17 @@ VARIANT_ENV = "LSTM_KERNELS_CUDA_VARIANT"
 #: ``step`` until the persistent kernels have passed tests/test_cuda_gpu.py on a GPU.
 DEFAULT_VARIANT = "step"
 _VARIANTS = ("step", "persistent", "auto")
+
+
+MMA_ENV = "LSTM_KERNELS_CUDA_MMA"
+
+
+def tensor_cores_requested() -> bool:
+    """``LSTM_KERNELS_CUDA_MMA`` (default 1): fp16/bf16 forward matmuls on tensor cores."""
+    v = os.environ.get(MMA_ENV, "1")
+    if v not in ("0", "1"):
+        raise ValueError(f"{MMA_ENV}={v!r}; choose 0 or 1")
+    return v == "1"
 
 
 def requested_variant() -> str:
@@ -86,6 +99,8 @@ class CudaBackend(Backend):
     #: The variants that ran in the last forward and backward (for tests and benchmarks).
     last_forward_variant: Optional[str] = None
     last_backward_variant: Optional[str] = None
+    #: Whether the last forward ran its matmul on tensor cores.
+    last_forward_mma: Optional[bool] = None
 
     def unavailable_reason(self) -> Optional[str]:
         if _C is None:
@@ -148,11 +163,13 @@ class CudaBackend(Backend):
             c_work = torch.empty((B, H), dtype=torch.float32, device=dev)
         with torch.cuda.device(dev):
             stream = torch.cuda.current_stream(dev).cuda_stream
+            mma = tensor_cores_requested() and xg.dtype != torch.float32
             used = _C.forward(
                 _dtype_codes()[xg.dtype], _ptr(xg), _ptr(w_hh), _ptr(h0), _ptr(c0), _ptr(h_all), _ptr(c_T),
-                _ptr(act), _ptr(c_all), _ptr(c_work), T, B, H, stream, _variant_code(requested_variant()),
+                _ptr(act), _ptr(c_all), _ptr(c_work), T, B, H, stream, _variant_code(requested_variant()), mma,
             )
         self.last_forward_variant = _variant_name(used)
+        self.last_forward_mma = mma
         h_T = h_all[-1].clone()
         workspace = (act, c_all) if needs_grad else ()
         return h_all, h_T, c_T, workspace
