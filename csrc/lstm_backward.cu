@@ -45,7 +45,7 @@ __device__ __forceinline__ void backward_tile(WLoad wload, int j0, int b0,
                                               int B, int H) {
   __shared__ float w_s[TILE_K][TILE_J + 1];  // [r, unit]
   __shared__ float g_s[TILE_B][TILE_K + 1];  // [row, r]
-  // dg_next is loaded with __ldcg (L2, not L1): in the persistent kernel other
+  // dg_next is loaded with load_cg (L2, not L1): in the persistent kernel other
   // blocks wrote it before the grid sync, and a stale L1 line must not serve it.
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int tid = ty * TILE_J + tx;
@@ -63,7 +63,7 @@ __device__ __forceinline__ void backward_tile(WLoad wload, int j0, int b0,
       for (int idx = tid; idx < TILE_B * TILE_K; idx += STEP_THREADS) {
         const int bb = idx / TILE_K, kk = idx % TILE_K;
         const int row = b0 + bb, r = r0 + kk;
-        g_s[bb][kk] = (row < B && r < H4) ? __ldcg(dg_next + (size_t)row * H4 + r) : 0.f;
+        g_s[bb][kk] = (row < B && r < H4) ? load_cg(dg_next + (size_t)row * H4 + r) : 0.f;
       }
       __syncthreads();
 #pragma unroll 8
@@ -219,9 +219,12 @@ Status backward_impl(const T* w_hh, const T* c0, const float* act, const float* 
       const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(backward_persistent_kernel<T>),
                                                           dim3(plan.blocks), dim3(TILE_J, TILE_B), args,
                                                           plan.dynamic_smem, stream);
-      return Status{err, "lstm backward_persistent_kernel (cooperative launch)"};
+      return err == cudaSuccess ? Status{} : failed(err, "lstm backward_persistent_kernel (cooperative launch)");
     }
-    if (variant == kPersistent) return Status{cudaErrorCooperativeLaunchTooLarge, "lstm persistent kernel requested but not possible (see _C.occupancy for why)"};
+    if (variant == kPersistent) {
+      return Status{cudaErrorCooperativeLaunchTooLarge,
+                    "lstm persistent kernel requested but not possible (see _C.occupancy for why)"};
+    }
   }
   *used = kStep;
   return backward_step<T>(w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work, dc_work, T_, B, H, stream);
@@ -244,7 +247,7 @@ Status backward_occupancy(int dtype, int H, int* blocks_per_sm, PersistentPlan* 
     const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, backward_step_kernel<scalar_t>,
                                                                           STEP_THREADS, 0);
     if (err != cudaSuccess)
-      return Status{err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor(lstm backward_step_kernel)"};
+      return failed(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor(lstm backward_step_kernel)");
     return backward_persistent_plan<scalar_t>(H, plan);
   });
 }

@@ -45,7 +45,7 @@ constexpr bool kTensorCoreType = std::is_same<T, __half>::value || std::is_same<
 template <typename T, bool MMA, typename WLoad>
 __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
                                              const T* __restrict__ xg_t,    // [B, 4H]
-                                             const T* h_prev,  // [B, H] (no __restrict__: written by other blocks in the persistent kernel)
+                                             const T* h_prev,  // [B, H]; no __restrict__: other blocks write it
                                              const float* c_prev,           // [B, H] fp32, or null at t = 0 (then c0)
                                              const T* __restrict__ c0,      // [B, H]
                                              T* __restrict__ h_out,         // [B, H]
@@ -62,7 +62,7 @@ __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
   constexpr int LD = kMma ? TILE_K + 8 : TILE_K + 1;
   __shared__ __align__(32) Smem w_s[4][TILE_J][LD];  // [gate, unit, k]
   __shared__ __align__(32) Smem h_s[TILE_B][LD];     // [row, k]
-  // h_prev is loaded with __ldcg (L2, not L1): in the persistent kernel other
+  // h_prev is loaded with load_cg (L2, not L1): in the persistent kernel other
   // blocks wrote it before the grid sync, and a stale L1 line must not serve it.
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int tid = ty * TILE_J + tx;
@@ -83,7 +83,7 @@ __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
     for (int idx = tid; idx < TILE_B * TILE_K; idx += STEP_THREADS) {
       const int bb = idx / TILE_K, kk = idx % TILE_K;
       const int row = b0 + bb, k = k0 + kk;
-      h_s[bb][kk] = (row < B && k < H) ? convert<Smem>(__ldcg(h_prev + (size_t)row * H + k)) : zero;
+      h_s[bb][kk] = (row < B && k < H) ? convert<Smem>(load_cg(h_prev + (size_t)row * H + k)) : zero;
     }
     __syncthreads();
     if constexpr (kMma) {
@@ -241,9 +241,12 @@ Status forward_impl(const T* xg, const T* w_hh, const T* h0, const T* c0, T* h_a
       const cudaError_t err = cudaLaunchCooperativeKernel(
           reinterpret_cast<const void*>(forward_persistent_kernel<T, MMA>), dim3(plan.blocks), dim3(TILE_J, TILE_B),
           args, plan.dynamic_smem, stream);
-      return Status{err, "lstm forward_persistent_kernel (cooperative launch)"};
+      return err == cudaSuccess ? Status{} : failed(err, "lstm forward_persistent_kernel (cooperative launch)");
     }
-    if (variant == kPersistent) return Status{cudaErrorCooperativeLaunchTooLarge, "lstm persistent kernel requested but not possible (see _C.occupancy for why)"};
+    if (variant == kPersistent) {
+      return Status{cudaErrorCooperativeLaunchTooLarge,
+                    "lstm persistent kernel requested but not possible (see _C.occupancy for why)"};
+    }
   }
   *used = kStep;
   return forward_step<T, MMA>(xg, w_hh, h0, c0, h_all, c_T, act, c_all, c_work, T_, B, H, stream);
@@ -268,7 +271,7 @@ Status forward_occupancy(int dtype, int H, bool mma, int* blocks_per_sm, Persist
       const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
           blocks_per_sm, forward_step_kernel<scalar_t, kMma>, STEP_THREADS, 0);
       if (err != cudaSuccess)
-        return Status{err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor(lstm forward_step_kernel)"};
+        return failed(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor(lstm forward_step_kernel)");
       return forward_persistent_plan<scalar_t, kMma>(H, plan);
     });
   });

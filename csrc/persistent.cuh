@@ -12,6 +12,14 @@
 
 namespace lstm {
 
+// A failed runtime call stays recorded as the "last error" of the extension's
+// runtime; clear it, so that a later cudaGetLastError() after a good launch does
+// not report it against another kernel.
+inline Status failed(cudaError_t err, const char* where) {
+  (void)cudaGetLastError();
+  return Status{err, where};
+}
+
 inline Status persistent_plan(const void* kernel, int blocks, size_t dynamic_smem, const char* name,
                               PersistentPlan* plan) {
   *plan = PersistentPlan{};
@@ -22,10 +30,10 @@ inline Status persistent_plan(const void* kernel, int blocks, size_t dynamic_sme
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err != cudaSuccess) return Status{err, name};
+  if (err != cudaSuccess) return failed(err, name);
   cudaFuncAttributes attr;
   err = cudaFuncGetAttributes(&attr, kernel);
-  if (err != cudaSuccess) return Status{err, name};
+  if (err != cudaSuccess) return failed(err, name);
   plan->static_smem = attr.sharedSizeBytes;
   if (!coop) {
     plan->why = "the device does not support cooperative launch";
@@ -35,11 +43,15 @@ inline Status persistent_plan(const void* kernel, int blocks, size_t dynamic_sme
     plan->why = "W_hh slice does not fit in shared memory";
     return Status{};
   }
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dynamic_smem);
-  if (err != cudaSuccess) return Status{err, name};
+  // The attribute is per kernel and process-wide: set it to the most the kernel can
+  // take (not to this H's need), so a concurrent plan for another H never lowers it
+  // under a launch that is already planned.
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             optin - (int)attr.sharedSizeBytes);
+  if (err != cudaSuccess) return failed(err, name);
   int per_sm = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, STEP_THREADS, dynamic_smem);
-  if (err != cudaSuccess) return Status{err, name};
+  if (err != cudaSuccess) return failed(err, name);
   plan->blocks_per_sm = per_sm;
   plan->sm_count = sms;
   if ((long long)per_sm * sms < blocks) {

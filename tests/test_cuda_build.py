@@ -219,6 +219,7 @@ def _call(**kw):
         (dict(has_projection=True, state_size=4), "proj_size"),
         (dict(variable_lengths=True), "variable lengths"),
         (dict(seq_len=0), "empty"),
+        (dict(batch=65535 * 16 + 1, hidden_size=1, state_size=1), "grid"),
     ],
 )
 def test_supports_declines(kw, why):

@@ -44,6 +44,8 @@ NOT_BUILT = "the CUDA extension lstm_kernels._C is not built (install with nvcc 
 NO_GPU = "no CUDA GPU"
 
 _INT32_MAX = 2**31 - 1
+#: The per-step kernels put batch tiles of 16 rows on gridDim.y, which is at most 65535.
+_MAX_BATCH = 65535 * 16
 
 VARIANT_ENV = "LSTM_KERNELS_CUDA_VARIANT"
 #: ``step`` until the persistent kernels have passed tests/test_cuda_gpu.py on a GPU.
@@ -122,6 +124,8 @@ class CudaBackend(Backend):
             return "empty input (T, B and H must be >= 1)"
         if call.batch * 4 * call.hidden_size > _INT32_MAX:
             return "B * 4H does not fit in int32"
+        if call.batch > _MAX_BATCH:
+            return f"batch {call.batch} is larger than the kernels' grid allows ({_MAX_BATCH})"
         return None
 
     def workspace_spec(self, call: RecurrenceCall):
