@@ -17,7 +17,7 @@ from utils import REL_TOL, assert_rel_close, rel_error
 
 _C = pytest.importorskip("lstm_kernels._C")
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ["step", "persistent"]
@@ -33,15 +33,6 @@ SHAPES = {
     "T300_B64_H256": (300, 64, 256),
     "T2048_B4_H64": (2048, 4, 64),
 }
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-    torch.cuda.empty_cache()
 
 
 def use_variant(monkeypatch, variant, dtype, H, mma=True):

@@ -26,8 +26,9 @@ one program in a fixed order.
 
 Variants (see triton_kernels): "step" launches the kernel once per step (and phase);
 "persistent" launches once for the forward and once for the backward, with a grid-wide
-barrier between steps, and keeps W_hh on chip where each program's slice fits. ``TritonBackend.variant`` ("auto" by default) or the
-environment variable ``LSTM_KERNELS_TRITON_VARIANT`` picks one.
+barrier between steps, and keeps W_hh on chip where each program's slice fits.
+``TritonBackend.variant`` ("auto" by default) or the environment variable
+``LSTM_KERNELS_TRITON_VARIANT`` picks one.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from .triton_forward import lstm_forward
 from .triton_kernels import VARIANTS, interpreting
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: Kernel offsets are int32: the largest tensor, [T, B, 4H], must index below 2**31.
+#: Kernel offsets are int32: every tensor ([T, B, 4H], [T, B, P], W_hh [4H, P]) must index below 2**31.
 _MAX_ELEMENTS = 2**31 - 1
 
 
@@ -72,8 +73,9 @@ class TritonBackend(Backend):
             return f"{call.device.type} tensors are not served (CUDA only; CPU needs TRITON_INTERPRET=1)"
         if call.seq_len < 1 or call.batch < 1 or call.hidden_size < 1:
             return "empty sequence, batch or hidden size"
-        if call.seq_len * call.batch * 4 * call.hidden_size > _MAX_ELEMENTS:
-            return "T * B * 4H is too large for the kernels' int32 offsets"
+        T, B, H, P = call.seq_len, call.batch, call.hidden_size, call.state_size
+        if max(T * B * 4 * H, T * B * P, 4 * H * P) > _MAX_ELEMENTS:
+            return "T * B * 4H, T * B * P or 4H * P is too large for the kernels' int32 offsets"
         return None
 
     def workspace_spec(self, call: RecurrenceCall):

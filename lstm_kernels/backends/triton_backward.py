@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from .triton_kernels import (
-    RESIDENT_WARPS, _dot_tile, _grid_barrier, _tanh, backward_resident_bytes, choose_variant, co_resident_programs,
-    dot_precisions, launch_config, num_tiles, padded, resident_weights, step_rows, tile_coords,
+    RESIDENT_WARPS, _dot_tile, _phase_barrier, _tanh, backward_resident_bytes, choose_variant, co_resident_programs,
+    dot_precisions, launch_config, num_tiles, padded, resident_budget, resident_weights, step_rows, tile_coords,
 )
 
 
@@ -55,12 +55,14 @@ def _bw_dh_tile(
 def _bw_load_resident(
     w_ptr,  # [4H, P] input dtype: W_hh
     cols,  # [BLOCK_H] state units of the program's one tile
+    live,  # whether the program has a dh tile (a projection's grid may be larger); else nothing is read
     H: tl.constexpr, P: tl.constexpr, K_PAD: tl.constexpr,
 ):
     """The program's W_hh[:, cols] slice [K_PAD, BLOCK_H] in fp32 (zeros beyond 4H and P), loaded
     once before the step loop and kept on chip."""
     ks = tl.arange(0, K_PAD)
-    w = tl.load(w_ptr + ks[:, None] * P + cols[None, :], mask=(ks < 4 * H)[:, None] & (cols < P)[None, :], other=0.0)
+    in_range = (ks < 4 * H)[:, None] & ((cols < P) & live)[None, :]
+    w = tl.load(w_ptr + ks[:, None] * P + cols[None, :], mask=in_range, other=0.0)
     return w.to(tl.float32)
 
 
@@ -157,7 +159,7 @@ def _lstm_bw_kernel(
     n_p_tiles = tl.cdiv(P, BLOCK_H)
     if W_RESIDENT:  # one dh tile per program (tile = pid): its W_hh slice stays on chip for all steps
         res_rows, res_cols = tile_coords(pid, n_p_tiles, BLOCK_B, BLOCK_H)
-        w_res = _bw_load_resident(w_ptr, res_cols, H, P, K_PAD)
+        w_res = _bw_load_resident(w_ptr, res_cols, pid < n_b_tiles * n_p_tiles, H, P, K_PAD)
     # while loops, not range(): runtime loop bounds break the interpreter with NumPy >= 2.
     s = 0
     arrivals = 0  # grid barriers passed so far
@@ -185,9 +187,8 @@ def _lstm_bw_kernel(
                                  B, H)
                 tile += nprog
         if HAS_PROJ and RUN_CELL:
-            if USE_BARRIER and RUN_DH:  # dh_t complete before any dm
-                arrivals += 1
-                _grid_barrier(bar_ptr, arrivals * nprog)
+            if RUN_DH:  # dh_t complete before any dm
+                arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER)
             if t >= 0:
                 tile = pid
                 n_h_tiles = tl.cdiv(H, BLOCK_H)
@@ -199,9 +200,7 @@ def _lstm_bw_kernel(
                     _bw_cell(t, n_t, rows, cols, dm, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr, B, H)
                     tile += nprog
         s += 1
-        if USE_BARRIER:  # dG_t complete before phase t - 1
-            arrivals += 1
-            _grid_barrier(bar_ptr, arrivals * nprog)
+        arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER)  # dG_t complete before phase t - 1
 
 
 def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes=None, variant="auto"):
@@ -233,12 +232,14 @@ def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes
     dh_tiles, cell_tiles = num_tiles(P, B, cfg), num_tiles(H, B, cfg)
     if variant == "persistent":
         grid = (min(max(dh_tiles, cell_tiles if has_proj else 0), co_resident_programs(device)),)
-        resident = resident_weights(variant, grid[0], dh_tiles, backward_resident_bytes(H, cfg))
+        resident = resident_weights(variant, grid[0], dh_tiles, backward_resident_bytes(H, cfg),
+                                    resident_budget(device))
         if resident:
             consts["num_warps"] = RESIDENT_WARPS
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         _lstm_bw_kernel[grid](*args, barrier, T - 1, T + 1, B, RUN_DH=True, RUN_CELL=True,
-                              USE_BARRIER=grid[0] > 1, W_RESIDENT=resident, **consts)
+                              USE_BARRIER=grid[0] > 1, W_RESIDENT=resident, launch_cooperative_grid=grid[0] > 1,
+                              **consts)
     else:
         for t in range(T - 1, -2, -1):
             _lstm_bw_kernel[(dh_tiles,)](*args, bs, t, 1, B, RUN_DH=True, RUN_CELL=False, USE_BARRIER=False,

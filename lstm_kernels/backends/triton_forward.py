@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 
 from .triton_kernels import (
-    RESIDENT_WARPS, _dot_tile, _grid_barrier, _tanh, choose_variant, co_resident_programs, dot_precisions,
-    forward_dot_dtype, forward_resident_bytes, launch_config, num_tiles, padded, resident_weights, step_rows,
+    RESIDENT_WARPS, _dot_tile, _phase_barrier, _tanh, choose_variant, co_resident_programs, dot_precisions,
+    forward_dot_dtype, forward_resident_bytes, launch_config, num_tiles, padded, resident_budget, resident_weights,
+    step_rows,
     tile_coords,
 )
 
@@ -41,7 +42,7 @@ def _fw_gates_streamed(
     for k0 in range(0, P, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_in = ks < P
-        # h_{t-1} was written by other programs: bypass L1 (.cg) so a persistent launch sees it.
+        # h_{t-1} was written by other programs (visible after the barrier; see triton_kernels).
         h = tl.load(h_prev_ptr + rows[:, None] * P + ks[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0,
                     cache_modifier=".cg").to(DOT_DTYPE)  # [BLOCK_B, BLOCK_K]
         w_mask = k_in[:, None] & col_in[None, :]
@@ -225,18 +226,15 @@ def _lstm_fw_kernel(
                                   h_all_ptr, m_buf_ptr, ws_gates_ptr, ws_c_ptr, ws_m_ptr, B, H, P, HAS_PROJ, STORE_WS)
                     tile += nprog
         if HAS_PROJ and RUN_PROJ:
-            if USE_BARRIER and RUN_CELL:  # m_t complete before any h_t
-                arrivals += 1
-                _grid_barrier(bar_ptr, arrivals * nprog)
+            if RUN_CELL:  # m_t complete before any h_t
+                arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER)
             tile = pid
             while tile < tl.cdiv(B, BLOCK_B) * tl.cdiv(P, BLOCK_H):
                 _fw_proj_tile(t, tile, n_t, w_hr_ptr, h_buf_ptr, h_all_ptr, m_buf_ptr, B, H, P,
                               BLOCK_B, BLOCK_H, BLOCK_K, PROJ_PRECISION)
                 tile += nprog
         s += 1
-        if USE_BARRIER:  # h_t complete before step t + 1
-            arrivals += 1
-            _grid_barrier(bar_ptr, arrivals * nprog)
+        arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER)  # h_t complete before step t + 1
 
 
 def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=True, variant="auto"):
@@ -278,12 +276,13 @@ def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=
     cell_tiles, proj_tiles = num_tiles(H, B, cfg), num_tiles(P, B, cfg)
     if variant == "persistent":
         grid = (min(max(cell_tiles, proj_tiles if has_proj else 0), co_resident_programs(device)),)
-        resident = resident_weights(variant, grid[0], cell_tiles, forward_resident_bytes(P, cfg, dtype))
+        resident = resident_weights(variant, grid[0], cell_tiles, forward_resident_bytes(P, cfg, dtype),
+                                    resident_budget(device))
         if resident:
             consts["num_warps"] = RESIDENT_WARPS
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         _lstm_fw_kernel[grid](*args, barrier, 0, T, B, RUN_CELL=True, RUN_PROJ=True, USE_BARRIER=grid[0] > 1,
-                              W_RESIDENT=resident, **consts)
+                              W_RESIDENT=resident, launch_cooperative_grid=grid[0] > 1, **consts)
     else:
         for t in range(T):
             _lstm_fw_kernel[(cell_tiles,)](*args, bs, t, 1, B, RUN_CELL=True, RUN_PROJ=False,

@@ -53,8 +53,14 @@ Two variants, one kernel source each for forward and backward:
                 another, so the barrier is compiled out (USE_BARRIER=False) and a single
                 program owns all tiles: the same code runs on the CPU.
 The gate projections W_hr (projection phases) are always streamed.
-Data other programs wrote in this launch (h_buf, m_buf, dh_buf, dg_buf) is loaded with
-cache_modifier=".cg" (L2, not the SM's L1) after the barrier's acquire.
+Data other programs wrote in this launch (h_buf, m_buf, dh_buf, dg_buf) is made visible by
+the barrier: bar.sync, then one release arrival per program, and acquire loads in the spin
+(PTX memory model, as cooperative groups' grid sync). The loads also ask for
+cache_modifier=".cg"; Triton may lower them otherwise (cp.async through L1 in the
+pipelined k-loops), which the acquire makes correct anyway. Persistent launches are
+cooperative (launch_cooperative_grid): the driver places every program at once or fails,
+so the spin cannot wait on a program that never starts. A debugger that runs programs one
+at a time (single-stepping in cuda-gdb) deadlocks the spin; use the step variant there.
 
 Compile-time choices: H and P are tl.constexpr (one compilation per layer size; it makes
 the k-loops static, which the interpreter needs: with NumPy >= 2 it cannot take a runtime
@@ -103,6 +109,23 @@ def _grid_barrier(bar_ptr, target):
     while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < target:
         pass
     tl.debug_barrier()
+
+
+@triton.jit
+def _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER: tl.constexpr):
+    """The barrier between phases and steps; returns the updated arrival count.
+
+    A grid barrier when several programs share the launch (USE_BARRIER), else a block
+    barrier: even one program exchanges data between its own threads through global
+    memory (a tile stored in one register layout is loaded in another by other warps).
+    Under the interpreter tl.debug_barrier is a no-op, as nothing runs concurrently there.
+    """
+    if USE_BARRIER:
+        arrivals += 1
+        _grid_barrier(bar_ptr, arrivals * nprog)
+    else:
+        tl.debug_barrier()
+    return arrivals
 
 
 @triton.jit
@@ -182,10 +205,24 @@ def backward_resident_bytes(H: int, cfg: dict) -> int:
     return (cfg["BLOCK_H"] + cfg["BLOCK_B"]) * padded(4 * H) * 4
 
 
-def resident_weights(variant: str, grid: int, tiles: int, on_chip_bytes: int) -> bool:
+#: Shared memory per block left to Triton's own scratch below the device's opt-in limit.
+RESIDENT_MARGIN = 19 * 1024
+
+
+def resident_budget(device: torch.device) -> int:
+    """RESIDENT_BYTES, lowered on GPUs with less shared memory per block (sm_86/89/120: 99 KiB)."""
+    if interpreting() or device.type != "cuda":
+        return RESIDENT_BYTES
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+    return min(RESIDENT_BYTES, optin - RESIDENT_MARGIN)
+
+
+def resident_weights(variant: str, grid: int, tiles: int, on_chip_bytes: int, budget: int = RESIDENT_BYTES) -> bool:
     """Whether a launch keeps its W_hh slice on chip: persistent, one tile per program, and
-    ``on_chip_bytes`` (``forward_resident_bytes`` / ``backward_resident_bytes``) within budget."""
-    return variant == "persistent" and grid >= tiles and on_chip_bytes <= RESIDENT_BYTES
+    ``on_chip_bytes`` (``forward_resident_bytes`` / ``backward_resident_bytes``) within
+    ``budget`` (``resident_budget`` of the launch's device)."""
+    return variant == "persistent" and grid >= tiles and on_chip_bytes <= budget
 
 
 def padded(n: int) -> int:

@@ -13,7 +13,8 @@ import os
 import pytest
 import torch
 
-from lstm_kernels.backends import RecurrenceInputs, get_backend, known_backends
+from lstm_kernels.backends import get_backend, known_backends
+import recurrence_cases
 from utils import REL_TOL, assert_rel_close, rel_error
 
 known_backends()
@@ -22,13 +23,14 @@ kernels = pytest.importorskip("lstm_kernels.backends.triton_kernels")
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.usefixtures("no_tf32"),
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1", reason="real-size GPU tests; not interpreted"),
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ["step", "persistent"]
 # (T, B, H, proj_size): long sequence; the largest batch x hidden; B = 1 with odd H; odd
-# sizes; more tiles than SMs (the persistent programs loop over tiles); projections.
+# sizes; more tiles than SMs (the persistent programs loop over tiles); projections; one tile.
 SHAPES = {
     "T1024_B64_H256": (1024, 64, 256, 0),
     "T512_B256_H1024": (512, 256, 1024, 0),
@@ -37,48 +39,19 @@ SHAPES = {
     "T16_B256_H2048": (16, 256, 2048, 0),
     "T256_B64_H512_P128": (256, 64, 512, 128),
     "T64_B256_H1024_P1536": (64, 256, 1024, 1536),
+    # one tile: a single persistent program, whose threads still exchange tiles through memory
+    "T64_B8_H32": (64, 8, 32, 0),
+    "T64_B8_H32_P16": (64, 8, 32, 16),
 }
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-    torch.cuda.empty_cache()
-
-
 def make_case(T, B, H, proj, dtype, seed=0, lengths=None):
-    gen = torch.Generator().manual_seed(seed)
-    P = proj or H
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype).cuda()
-
-    batch_sizes = None
-    if lengths is not None:
-        lengths = torch.as_tensor(lengths)
-        batch_sizes = torch.tensor([int((lengths > t).sum()) for t in range(T)], dtype=torch.int64)
-    return dict(
-        xg=rnd(T, B, 4 * H, scale=0.7), w_hh=rnd(4 * H, P, scale=P ** -0.5), h0=rnd(B, P, scale=0.5),
-        c0=rnd(B, H), w_hr=rnd(P, H, scale=H ** -0.5) if proj else None, batch_sizes=batch_sizes,
-        dh_all=rnd(T, B, P), dh_T=rnd(B, P), dc_T=rnd(B, H),
-    )
+    return recurrence_cases.make_case(T, B, H, dtype, "cuda", seed=seed, lengths=lengths, proj=proj)
 
 
 def run(backend, case, dtype=None):
-    cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
-    xg, w_hh, h0, c0, w_hr = (cast(case[n]) for n in ("xg", "w_hh", "h0", "c0", "w_hr"))
-    bs = case["batch_sizes"]
-    h_all, h_T, c_T, ws = backend.forward(xg, w_hh, h0, c0, w_hr, bs, True)
-    inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, bs)
-    grads_out = (cast(case["dh_all"]), cast(case["dh_T"]), cast(case["dc_T"]))
-    dG, dh0, dc0, dw_hr = backend.backward(inputs, h_all, ws, *grads_out)
+    out, _ = recurrence_cases.run(backend, case, dtype)
     torch.cuda.synchronize()
-    out = dict(h_all=h_all, h_T=h_T, c_T=c_T, dG=dG, dh0=dh0, dc0=dc0)
-    if w_hr is not None:
-        out["dW_hr"] = dw_hr
     return out
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lstm_kernels.backends import RecurrenceCall, RecurrenceInputs, get_backend, known_backends
+from lstm_kernels.backends import RecurrenceCall, get_backend, known_backends
+import recurrence_cases
+from recurrence_cases import run
 from utils import REL_TOL, assert_rel_close
 
 known_backends()  # load the built-in backends first: importing the triton module alone would register only it
@@ -23,39 +25,7 @@ VARIANTS = ["step", "persistent"]
 
 
 def make_case(T, B, H, dtype, seed=0, lengths=None, proj=0):
-    """Random recurrence inputs and upstream gradients in ``dtype`` (nn.LSTM-like scales)."""
-    gen = torch.Generator().manual_seed(seed)
-    P = proj or H
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
-
-    batch_sizes = None
-    if lengths is not None:
-        lengths = torch.tensor(lengths)
-        batch_sizes = torch.tensor([int((lengths > t).sum()) for t in range(T)], dtype=torch.int64)
-    return dict(
-        xg=rnd(T, B, 4 * H, scale=0.7), w_hh=rnd(4 * H, P, scale=P ** -0.5), h0=rnd(B, P, scale=0.5), c0=rnd(B, H),
-        w_hr=rnd(P, H, scale=H ** -0.5) if proj else None,
-        batch_sizes=batch_sizes, dh_all=rnd(T, B, P), dh_T=rnd(B, P), dc_T=rnd(B, H),
-    )
-
-
-def run(backend, case, dtype=None):
-    """Forward then backward of ``backend`` on ``case`` (cast to ``dtype`` if given)."""
-    cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
-    xg, w_hh, h0, c0, w_hr = (cast(case[n]) for n in ("xg", "w_hh", "h0", "c0", "w_hr"))
-    bs = case["batch_sizes"]
-    h_all, h_T, c_T, ws = backend.forward(xg, w_hh, h0, c0, w_hr, bs, True)
-    inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, bs)
-    grads_out = (cast(case["dh_all"]), cast(case["dh_T"]), cast(case["dc_T"]))
-    dG, dh0, dc0, dw_hr = backend.backward(inputs, h_all, ws, *grads_out)
-    out = dict(h_all=h_all, h_T=h_T, c_T=c_T, dG=dG, dh0=dh0, dc0=dc0)
-    if w_hr is None:
-        assert dw_hr is None
-    else:
-        out["dW_hr"] = dw_hr
-    return out, ws
+    return recurrence_cases.make_case(T, B, H, dtype, DEVICE, seed=seed, lengths=lengths, proj=proj)
 
 
 def check_against_reference(variant, case, dtype, tol=None):
@@ -211,9 +181,10 @@ def _call(**overrides):
         (dict(dtype=torch.float64), "float64"),
         (dict(seq_len=0), "empty"),
         (dict(seq_len=2**20, batch=2**10, hidden_size=2**10), "too large"),
+        (dict(hidden_size=2**14, state_size=2**15, has_projection=True), "too large"),  # 4H * P
         (dict(device=torch.device("meta")), "meta"),
     ],
-    ids=["float64", "empty", "too_large", "wrong_device"],
+    ids=["float64", "empty", "too_large", "too_large_weights", "wrong_device"],
 )
 def test_supports_declines_with_a_reason(overrides, match):
     why = triton_backend.TritonBackend().supports(_call(**overrides))
