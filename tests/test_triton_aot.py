@@ -81,19 +81,21 @@ def local_memory_bytes(cubin: bytes, tmp_path) -> int:
     return int(match.group(1))
 
 
-def forward_constants(H, P, B, dtype, has_proj, resident):
-    cfg = kernels.launch_config(max(H, P), B, dtype)
+def forward_constants(H, P, B, dtype, has_proj, resident, cfg=None):
+    cfg = cfg or kernels.launch_config(max(H, P), B, dtype)
+    k1, k2 = kernels.split_k(P)
     fw_prec, other_prec = kernels.dot_precisions(dtype)
     return dict(H=H, P=P, HAS_PROJ=has_proj, RUN_CELL=True, RUN_PROJ=True, STORE_WS=True, USE_BARRIER=True,
                 W_RESIDENT=resident, BLOCK_B=cfg["BLOCK_B"], BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"],
-                P_PAD=kernels.padded(P), DOT_PRECISION=fw_prec, DOT_DTYPE=kernels.forward_dot_dtype(dtype),
+                K1=k1, K2=k2, DOT_PRECISION=fw_prec, DOT_DTYPE=kernels.forward_dot_dtype(dtype),
                 PROJ_PRECISION=other_prec), (kernels.RESIDENT_WARPS if resident else cfg["num_warps"])
 
 
-def backward_constants(H, P, B, dtype, has_proj, resident):
-    cfg = kernels.launch_config(max(H, P), B, dtype)
+def backward_constants(H, P, B, dtype, has_proj, resident, cfg=None):
+    cfg = cfg or kernels.launch_config(max(H, P), B, dtype)
+    k1, k2 = kernels.split_k(4 * H)
     return dict(H=H, P=P, HAS_PROJ=has_proj, RUN_DH=True, RUN_CELL=True, USE_BARRIER=True, W_RESIDENT=resident,
-                BLOCK_B=cfg["BLOCK_B"], BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], K_PAD=kernels.padded(4 * H),
+                BLOCK_B=cfg["BLOCK_B"], BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], K1=k1, K2=k2,
                 DOT_PRECISION=kernels.dot_precisions(dtype)[1]), (
         kernels.RESIDENT_WARPS if resident else cfg["num_warps"])
 
@@ -143,3 +145,20 @@ def test_resident_kernels_at_the_budget_fit_on_chip(B, dtype, arch, tmp_path):
     consts, warps = backward_constants(H, H, B, dtype, False, resident=True)
     compiled = compile_cubin(_lstm_bw_kernel, pointer_types(dtype, BW_TYPED), consts, warps, arch)
     assert_fits(compiled, arch, f"backward with a resident 4H = {4 * H} slice", tmp_path)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_flagship_shape_keeps_w_hh_resident(dtype, arch, tmp_path):
+    """B = 16, H = 768 (cuDNN's persistent-kernel showcase): the persistent forward on a 132-SM
+    GPU narrows its tiles to 16 units so that each of its 48 programs keeps its W_hh slice on
+    chip (512 + 256 rows, unpadded), and that kernel fits."""
+    H, B = 768, 16
+    cfg = kernels.launch_config(H, B, dtype)
+    narrow = kernels.persistent_config(cfg, H, B, lambda c: kernels.forward_resident_bytes(H, c, dtype),
+                                       budget_of(arch), 132)
+    assert narrow["BLOCK_H"] == 16 and kernels.num_tiles(H, B, narrow) == 48
+    assert kernels.split_k(H) == (512, 256)
+    consts, warps = forward_constants(H, H, B, dtype, False, resident=True, cfg=narrow)
+    compiled = compile_cubin(_lstm_fw_kernel, pointer_types(dtype, FW_TYPED), consts, warps, arch)
+    assert_fits(compiled, arch, "forward, B = 16, H = 768, resident", tmp_path)

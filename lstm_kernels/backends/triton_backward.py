@@ -17,7 +17,8 @@ import triton.language as tl
 
 from .triton_kernels import (
     RESIDENT_WARPS, _dot_tile, _phase_barrier, _tanh, backward_resident_bytes, choose_variant, co_resident_programs,
-    dot_precisions, launch_config, num_tiles, padded, resident_budget, resident_weights, step_rows, tile_coords,
+    dot_precisions, launch_config, num_tiles, persistent_config, resident_budget, resident_weights, split_k, step_rows,
+    tile_coords,
 )
 
 
@@ -56,11 +57,12 @@ def _bw_load_resident(
     w_ptr,  # [4H, P] input dtype: W_hh
     cols,  # [BLOCK_H] state units of the program's one tile
     live,  # whether the program has a dh tile (a projection's grid may be larger); else nothing is read
-    H: tl.constexpr, P: tl.constexpr, K_PAD: tl.constexpr,
+    k_off, K_LEN: tl.constexpr,  # the piece's rows of W_hh: [k_off, k_off + K_LEN)
+    H: tl.constexpr, P: tl.constexpr,
 ):
-    """The program's W_hh[:, cols] slice [K_PAD, BLOCK_H] in fp32 (zeros beyond 4H and P), loaded
-    once before the step loop and kept on chip."""
-    ks = tl.arange(0, K_PAD)
+    """One piece of the program's W_hh[:, cols] slice, [K_LEN, BLOCK_H] in fp32 (zeros beyond 4H
+    and P), loaded once before the step loop and kept on chip."""
+    ks = k_off + tl.arange(0, K_LEN)
     in_range = (ks < 4 * H)[:, None] & ((cols < P) & live)[None, :]
     w = tl.load(w_ptr + ks[:, None] * P + cols[None, :], mask=in_range, other=0.0)
     return w.to(tl.float32)
@@ -68,16 +70,17 @@ def _bw_load_resident(
 
 @triton.jit
 def _bw_recurrent_resident(
+    acc,  # [BLOCK_B, BLOCK_H] fp32: the sum so far
     dg_next_ptr,  # [B, 4H] fp32: dG_{t+1}
-    w,  # [K_PAD, BLOCK_H] fp32: the resident slice (_bw_load_resident)
+    w,  # [K_LEN, BLOCK_H] fp32: one resident piece (_bw_load_resident)
     rows, rows_in,  # [BLOCK_B] rows, and which of them to read (others count as 0)
-    H: tl.constexpr, K_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    k_off, K_LEN: tl.constexpr, H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dG_{t+1} @ W_hh[:, cols] from the resident slice, one tl.dot over all of 4H."""
-    ks = tl.arange(0, K_PAD)
+    """Adds dG_{t+1}[:, piece] @ W_hh[piece, cols] to ``acc``: one tl.dot."""
+    ks = k_off + tl.arange(0, K_LEN)
     dg = tl.load(dg_next_ptr + rows[:, None] * (4 * H) + ks[None, :], mask=rows_in[:, None] & (ks < 4 * H)[None, :],
                  other=0.0, cache_modifier=".cg")
-    return tl.dot(dg, w, input_precision=DOT_PRECISION)
+    return tl.dot(dg, w, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -150,7 +153,7 @@ def _lstm_bw_kernel(
     USE_BARRIER: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # load W_hh[:, tile] once and keep it on chip (persistent, one dh tile per program)
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    K_PAD: tl.constexpr,  # next power of two >= 4H: the resident slice's K extent
+    K1: tl.constexpr, K2: tl.constexpr,  # the resident slice's two K pieces (split_k(4H))
     DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -159,7 +162,9 @@ def _lstm_bw_kernel(
     n_p_tiles = tl.cdiv(P, BLOCK_H)
     if W_RESIDENT:  # one dh tile per program (tile = pid): its W_hh slice stays on chip for all steps
         res_rows, res_cols = tile_coords(pid, n_p_tiles, BLOCK_B, BLOCK_H)
-        w_res = _bw_load_resident(w_ptr, res_cols, pid < n_b_tiles * n_p_tiles, H, P, K_PAD)
+        live = pid < n_b_tiles * n_p_tiles
+        w_res1 = _bw_load_resident(w_ptr, res_cols, live, 0, K1, H, P)
+        w_res2 = _bw_load_resident(w_ptr, res_cols, live, K1, K2, H, P)
     # while loops, not range(): runtime loop bounds break the interpreter with NumPy >= 2.
     s = 0
     arrivals = 0  # grid barriers passed so far
@@ -173,7 +178,10 @@ def _lstm_bw_kernel(
             while tile < n_b_tiles * n_p_tiles:
                 if W_RESIDENT:
                     rows, cols = res_rows, res_cols
-                    acc = _bw_recurrent_resident(dg_next_ptr, w_res, rows, rows < n_next, H, K_PAD, DOT_PRECISION)
+                    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    acc = _bw_recurrent_resident(acc, dg_next_ptr, w_res1, rows, rows < n_next, 0, K1, H, DOT_PRECISION)
+                    acc = _bw_recurrent_resident(acc, dg_next_ptr, w_res2, rows, rows < n_next, K1, K2, H,
+                                                 DOT_PRECISION)
                 else:
                     rows, cols = tile_coords(tile, n_p_tiles, BLOCK_B, BLOCK_H)
                     acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -216,6 +224,10 @@ def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes
     gates, c_all = workspace[:2]
     cfg = launch_config(max(H, P), B, dtype)
     variant = choose_variant(variant, max(H, P), B, cfg, device)
+    if variant == "persistent":
+        budget, programs = resident_budget(device), co_resident_programs(device)
+        cfg = persistent_config(cfg, P, B, lambda c: backward_resident_bytes(H, c), budget, programs)
+    k1, k2 = split_k(4 * H)
     bs = step_rows(batch_sizes, T, B, device)
     f32 = dict(dtype=torch.float32, device=device)
     dc = dc_T.to(torch.float32).contiguous().clone()
@@ -226,14 +238,13 @@ def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes
     dh_hist = torch.empty((T, B, P), **f32) if has_proj else dh0
     _, bw_prec = dot_precisions(dtype)
     consts = dict(H=H, P=P, HAS_PROJ=has_proj, BLOCK_B=cfg["BLOCK_B"], BLOCK_H=cfg["BLOCK_H"],
-                  BLOCK_K=cfg["BLOCK_K"], K_PAD=padded(4 * H), DOT_PRECISION=bw_prec, num_warps=cfg["num_warps"])
+                  BLOCK_K=cfg["BLOCK_K"], K1=k1, K2=k2, DOT_PRECISION=bw_prec, num_warps=cfg["num_warps"])
     args = (w_hh.contiguous(), w_hr.contiguous() if has_proj else w_hh, bs, dh_all.contiguous(), dh_T.contiguous(),
             gates, c_all, c0.contiguous(), dc, dg_buf, dG, dh_buf, dh_hist, dh0)
     dh_tiles, cell_tiles = num_tiles(P, B, cfg), num_tiles(H, B, cfg)
     if variant == "persistent":
-        grid = (min(max(dh_tiles, cell_tiles if has_proj else 0), co_resident_programs(device)),)
-        resident = resident_weights(variant, grid[0], dh_tiles, backward_resident_bytes(H, cfg),
-                                    resident_budget(device))
+        grid = (min(max(dh_tiles, cell_tiles if has_proj else 0), programs),)
+        resident = resident_weights(variant, grid[0], dh_tiles, backward_resident_bytes(H, cfg), budget)
         if resident:
             consts["num_warps"] = RESIDENT_WARPS
         barrier = torch.zeros(1, dtype=torch.int32, device=device)

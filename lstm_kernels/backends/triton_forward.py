@@ -16,9 +16,8 @@ import triton.language as tl
 
 from .triton_kernels import (
     RESIDENT_WARPS, _dot_tile, _phase_barrier, _tanh, choose_variant, co_resident_programs, dot_precisions,
-    forward_dot_dtype, forward_resident_bytes, launch_config, num_tiles, padded, resident_budget, resident_weights,
-    step_rows,
-    tile_coords,
+    forward_dot_dtype, forward_resident_bytes, launch_config, num_tiles, persistent_config, resident_budget,
+    resident_weights, split_k, step_rows, tile_coords,
 )
 
 
@@ -61,11 +60,12 @@ def _fw_gates_streamed(
 def _fw_load_resident(
     w_ptr,  # [4H, P] input dtype: W_hh
     cols,  # [BLOCK_H] hidden units of the program's one tile
-    H: tl.constexpr, P: tl.constexpr, P_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    k_off, K_LEN: tl.constexpr,  # the piece's rows of W_hh^T: [k_off, k_off + K_LEN)
+    H: tl.constexpr, P: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """The program's whole W_hh^T slice, four [P_PAD, BLOCK_H] tiles (i, f, g, o), loaded once
-    before the step loop and kept on chip (zeros beyond P and H)."""
-    ks = tl.arange(0, P_PAD)
+    """One piece of the program's W_hh^T slice, four [K_LEN, BLOCK_H] tiles (i, f, g, o), loaded
+    once before the step loop and kept on chip (zeros beyond P and H)."""
+    ks = k_off + tl.arange(0, K_LEN)
     w_mask = (ks < P)[:, None] & (cols < H)[None, :]
     w_t = w_ptr + cols[None, :] * P + ks[:, None]
     w_i = tl.load(w_t, mask=w_mask, other=0.0).to(DOT_DTYPE)
@@ -77,20 +77,21 @@ def _fw_load_resident(
 
 @triton.jit
 def _fw_gates_resident(
+    acc_i, acc_f, acc_g, acc_o,  # [BLOCK_B, BLOCK_H] fp32 each: the sums so far
     h_prev_ptr,  # [B, P] input dtype: h_{t-1}
-    w_i, w_f, w_g, w_o,  # [P_PAD, BLOCK_H] each: the resident W_hh^T slice (_fw_load_resident)
+    w_i, w_f, w_g, w_o,  # [K_LEN, BLOCK_H] each: one resident piece (_fw_load_resident)
     rows,  # [BLOCK_B]
-    B, P: tl.constexpr, P_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    k_off, K_LEN: tl.constexpr,  # the piece's rows
+    B, P: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """h_{t-1} @ W_hh^T for the four gates of a tile from the resident slice: one tl.dot per gate
-    over all of P. Returns four [BLOCK_B, BLOCK_H] fp32 accumulators (i, f, g, o)."""
-    ks = tl.arange(0, P_PAD)
+    """Adds h_{t-1}[:, piece] @ W_hh^T[piece] to the four gates' accumulators: one tl.dot per gate."""
+    ks = k_off + tl.arange(0, K_LEN)
     h = tl.load(h_prev_ptr + rows[:, None] * P + ks[None, :], mask=(rows < B)[:, None] & (ks < P)[None, :],
-                other=0.0, cache_modifier=".cg").to(DOT_DTYPE)  # [BLOCK_B, P_PAD]
-    acc_i = tl.dot(h, w_i, input_precision=DOT_PRECISION)
-    acc_f = tl.dot(h, w_f, input_precision=DOT_PRECISION)
-    acc_g = tl.dot(h, w_g, input_precision=DOT_PRECISION)
-    acc_o = tl.dot(h, w_o, input_precision=DOT_PRECISION)
+                other=0.0, cache_modifier=".cg").to(DOT_DTYPE)  # [BLOCK_B, K_LEN]
+    acc_i = tl.dot(h, w_i, acc_i, input_precision=DOT_PRECISION)
+    acc_f = tl.dot(h, w_f, acc_f, input_precision=DOT_PRECISION)
+    acc_g = tl.dot(h, w_g, acc_g, input_precision=DOT_PRECISION)
+    acc_o = tl.dot(h, w_o, acc_o, input_precision=DOT_PRECISION)
     return acc_i, acc_f, acc_g, acc_o
 
 
@@ -190,7 +191,7 @@ def _lstm_fw_kernel(
     STORE_WS: tl.constexpr, USE_BARRIER: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # load W_hh once and keep it on chip (persistent, one cell tile per program)
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    P_PAD: tl.constexpr,  # next power of two >= P, at least 16: the resident slice's K extent
+    K1: tl.constexpr, K2: tl.constexpr,  # the resident slice's two K pieces (split_k(P))
     DOT_PRECISION: tl.constexpr,  # of h @ W_hh^T
     DOT_DTYPE: tl.constexpr,  # its operand dtype (see forward_dot_dtype)
     PROJ_PRECISION: tl.constexpr,  # of m @ W_hr^T
@@ -201,7 +202,8 @@ def _lstm_fw_kernel(
     n_cell_tiles = tl.cdiv(B, BLOCK_B) * n_h_tiles
     if W_RESIDENT:  # one cell tile per program (tile = pid): its W_hh slice stays on chip for all steps
         rows, cols = tile_coords(pid, n_h_tiles, BLOCK_B, BLOCK_H)
-        w_i, w_f, w_g, w_o = _fw_load_resident(w_ptr, cols, H, P, P_PAD, DOT_DTYPE)
+        w_i1, w_f1, w_g1, w_o1 = _fw_load_resident(w_ptr, cols, 0, K1, H, P, DOT_DTYPE)
+        w_i2, w_f2, w_g2, w_o2 = _fw_load_resident(w_ptr, cols, K1, K2, H, P, DOT_DTYPE)
     # while loops, not range(): runtime loop bounds break the interpreter with NumPy >= 2.
     s = 0
     arrivals = 0  # grid barriers passed so far
@@ -212,8 +214,14 @@ def _lstm_fw_kernel(
         if RUN_CELL:
             if W_RESIDENT:
                 if pid < n_cell_tiles:
-                    acc_i, acc_f, acc_g, acc_o = _fw_gates_resident(h_prev_ptr, w_i, w_f, w_g, w_o, rows, B, P, P_PAD,
-                                                                    DOT_PRECISION, DOT_DTYPE)
+                    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    acc_f, acc_g, acc_o = acc_i, acc_i, acc_i
+                    acc_i, acc_f, acc_g, acc_o = _fw_gates_resident(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_i1, w_f1,
+                                                                    w_g1, w_o1, rows, 0, K1, B, P, DOT_PRECISION,
+                                                                    DOT_DTYPE)
+                    acc_i, acc_f, acc_g, acc_o = _fw_gates_resident(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_i2, w_f2,
+                                                                    w_g2, w_o2, rows, K1, K2, B, P, DOT_PRECISION,
+                                                                    DOT_DTYPE)
                     _fw_cell_tile(t, rows, cols, n_t, acc_i, acc_f, acc_g, acc_o, xg_ptr, h_buf_ptr, c_ptr,
                                   h_all_ptr, m_buf_ptr, ws_gates_ptr, ws_c_ptr, ws_m_ptr, B, H, P, HAS_PROJ, STORE_WS)
             else:
@@ -255,6 +263,10 @@ def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=
     w_hr = w_hr.contiguous() if has_proj else w_hh  # never read without a projection
     cfg = launch_config(max(H, P), B, dtype)
     variant = choose_variant(variant, max(H, P), B, cfg, device)
+    if variant == "persistent":
+        budget, programs = resident_budget(device), co_resident_programs(device)
+        cfg = persistent_config(cfg, H, B, lambda c: forward_resident_bytes(P, c, dtype), budget, programs)
+    k1, k2 = split_k(P)
     bs = step_rows(batch_sizes, T, B, device)
     h_buf = torch.empty((2, B, P), dtype=dtype, device=device)
     h_buf[0].copy_(h0)
@@ -270,14 +282,13 @@ def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=
     ws_args = (ws + (c, c, c))[:3]  # placeholders are never written (STORE_WS=False / no projection)
     fw_prec, other_prec = dot_precisions(dtype)
     consts = dict(H=H, P=P, HAS_PROJ=has_proj, STORE_WS=store_workspace, BLOCK_B=cfg["BLOCK_B"],
-                  BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], P_PAD=padded(P), DOT_PRECISION=fw_prec,
+                  BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], K1=k1, K2=k2, DOT_PRECISION=fw_prec,
                   DOT_DTYPE=forward_dot_dtype(dtype), PROJ_PRECISION=other_prec, num_warps=cfg["num_warps"])
     args = (xg, w_hh, w_hr, bs, h_buf, c, h_all, m_buf, *ws_args)
     cell_tiles, proj_tiles = num_tiles(H, B, cfg), num_tiles(P, B, cfg)
     if variant == "persistent":
-        grid = (min(max(cell_tiles, proj_tiles if has_proj else 0), co_resident_programs(device)),)
-        resident = resident_weights(variant, grid[0], cell_tiles, forward_resident_bytes(P, cfg, dtype),
-                                    resident_budget(device))
+        grid = (min(max(cell_tiles, proj_tiles if has_proj else 0), programs),)
+        resident = resident_weights(variant, grid[0], cell_tiles, forward_resident_bytes(P, cfg, dtype), budget)
         if resident:
             consts["num_warps"] = RESIDENT_WARPS
         barrier = torch.zeros(1, dtype=torch.int32, device=device)

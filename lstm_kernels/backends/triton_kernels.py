@@ -195,14 +195,24 @@ def _operand_bytes(dtype: torch.dtype) -> int:
     return 4 if dtype == torch.float32 else 2
 
 
+def split_k(n: int) -> tuple[int, int]:
+    """The K extents (K1, K2) of a resident slice over ``n`` rows, two powers of two >= 16 with
+    K1 + K2 >= n: K1 the largest power of two <= n, K2 the rest padded (16, all masked, if
+    nothing is left). tl.arange needs power-of-two extents; two pieces pad 768 to 512 + 256
+    where one would pad it to 1024."""
+    k1 = max(16, 1 << (n.bit_length() - 1))
+    rest = n - k1
+    return k1, padded(rest) if rest > 0 else 16
+
+
 def forward_resident_bytes(P: int, cfg: dict, dtype: torch.dtype) -> int:
-    """Forward: four W_hh^T tiles [P_PAD, BLOCK_H] and h_{t-1} [BLOCK_B, P_PAD], in the operand dtype."""
-    return (4 * cfg["BLOCK_H"] + cfg["BLOCK_B"]) * padded(P) * _operand_bytes(dtype)
+    """Forward: four W_hh^T tiles [K1 + K2, BLOCK_H] and h_{t-1} [BLOCK_B, K1 + K2], in the operand dtype."""
+    return (4 * cfg["BLOCK_H"] + cfg["BLOCK_B"]) * sum(split_k(P)) * _operand_bytes(dtype)
 
 
 def backward_resident_bytes(H: int, cfg: dict) -> int:
-    """Backward: W_hh[:, tile] [K_PAD, BLOCK_H] and dG_{t+1} [BLOCK_B, K_PAD], K_PAD = padded(4H), fp32."""
-    return (cfg["BLOCK_H"] + cfg["BLOCK_B"]) * padded(4 * H) * 4
+    """Backward: W_hh[:, tile] [K1 + K2, BLOCK_H] and dG_{t+1} [BLOCK_B, K1 + K2] over K = 4H, fp32."""
+    return (cfg["BLOCK_H"] + cfg["BLOCK_B"]) * sum(split_k(4 * H)) * 4
 
 
 #: Shared memory per block left to Triton's own scratch below the device's opt-in limit.
@@ -223,6 +233,20 @@ def resident_weights(variant: str, grid: int, tiles: int, on_chip_bytes: int, bu
     ``on_chip_bytes`` (``forward_resident_bytes`` / ``backward_resident_bytes``) within
     ``budget`` (``resident_budget`` of the launch's device)."""
     return variant == "persistent" and grid >= tiles and on_chip_bytes <= budget
+
+
+def persistent_config(cfg: dict, hidden: int, batch: int, resident_bytes, budget: int, programs: int) -> dict:
+    """The launch configuration of a persistent launch: ``cfg``, or the same with 16-unit tiles
+    when those make every program's W_hh slice resident (``resident_bytes(cfg)`` within
+    ``budget``) and still give at most ``programs`` tiles, where ``cfg``'s own tiles do not.
+    (B = 16, H = 768, bf16: 48 programs each keeping a 96 KiB slice, where 32-unit tiles would
+    stream 192 KiB per program per step.)"""
+    if cfg["BLOCK_H"] == 16 or (num_tiles(hidden, batch, cfg) <= programs and resident_bytes(cfg) <= budget):
+        return cfg
+    narrow = dict(cfg, BLOCK_H=16)
+    if num_tiles(hidden, batch, narrow) <= programs and resident_bytes(narrow) <= budget:
+        return narrow
+    return cfg
 
 
 def padded(n: int) -> int:

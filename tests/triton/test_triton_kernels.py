@@ -113,9 +113,32 @@ def test_resident_weights_rule():
     assert not kernels.resident_weights("step", 8, 8, 1024)
     assert not kernels.resident_weights("persistent", 8, 8, budget + 1)
     cfg = dict(BLOCK_B=16, BLOCK_H=32)
-    assert kernels.forward_resident_bytes(100, cfg, torch.bfloat16) == (4 * 32 + 16) * 128 * 2
-    assert kernels.forward_resident_bytes(100, cfg, torch.float32) == (4 * 32 + 16) * 128 * 4
-    assert kernels.backward_resident_bytes(100, cfg) == (32 + 16) * 512 * 4
+    assert kernels.forward_resident_bytes(100, cfg, torch.bfloat16) == (4 * 32 + 16) * (64 + 64) * 2
+    assert kernels.forward_resident_bytes(100, cfg, torch.float32) == (4 * 32 + 16) * (64 + 64) * 4
+    assert kernels.backward_resident_bytes(100, cfg) == (32 + 16) * (256 + 256) * 4
+
+
+@pytest.mark.parametrize("n,pieces", [(1, (16, 16)), (16, (16, 16)), (20, (16, 16)), (33, (32, 16)),
+                                      (100, (64, 64)), (768, (512, 256)), (1000, (512, 512)), (1024, (1024, 16))])
+def test_split_k(n, pieces):
+    """Two power-of-two pieces >= 16 that cover n; the second is all padding when n is a power of two."""
+    assert kernels.split_k(n) == pieces
+    assert sum(pieces) >= n
+
+
+def test_persistent_config_narrows_tiles_only_to_make_weights_resident():
+    cfg = dict(BLOCK_B=16, BLOCK_H=32, BLOCK_K=64, num_warps=4)
+
+    def fw_bytes(c):
+        return kernels.forward_resident_bytes(768, c, torch.bfloat16)
+
+    budget = kernels.RESIDENT_BYTES
+    assert kernels.persistent_config(cfg, 768, 16, fw_bytes, budget, 132)["BLOCK_H"] == 16  # 48 tiles, 120 KiB
+    assert kernels.persistent_config(cfg, 768, 16, fw_bytes, budget, 40)["BLOCK_H"] == 32  # 48 tiles > 40 programs
+    assert kernels.persistent_config(cfg, 768, 16, fw_bytes, 100 * 1024, 132)["BLOCK_H"] == 32  # over budget
+    small = kernels.persistent_config(cfg, 64, 16, lambda c: kernels.forward_resident_bytes(64, c, torch.bfloat16),
+                                      budget, 132)
+    assert small is cfg  # already resident with 32-unit tiles
 
 
 @pytest.mark.skipif(not kernels.interpreting(), reason="the interpreter's one persistent program owns one tile here")
