@@ -87,7 +87,7 @@ int forward(int dtype, uintptr_t xg, uintptr_t w_hh, uintptr_t h0, uintptr_t c0,
 
 int backward(int dtype, uintptr_t w_hh, uintptr_t c0, uintptr_t act, uintptr_t c_all, uintptr_t dh_all,
              uintptr_t dh_T, uintptr_t dc_T, uintptr_t dG, uintptr_t dh0, uintptr_t dc0, uintptr_t dg_work,
-             uintptr_t dc_work, int64_t T, int64_t B, int64_t H, uintptr_t stream, int variant) {
+             uintptr_t dc_work, int64_t T, int64_t B, int64_t H, uintptr_t stream, int variant, bool mma) {
   const char* fn = "lstm_kernels._C.backward";
   check_dtype(fn, dtype);
   check_variant(fn, variant);
@@ -101,7 +101,7 @@ int backward(int dtype, uintptr_t w_hh, uintptr_t c0, uintptr_t act, uintptr_t c
                         ptr<const void>(fn, "dh_all", dh_all), ptr<const void>(fn, "dh_T", dh_T),
                         ptr<const void>(fn, "dc_T", dc_T), ptr<void>(fn, "dG", dG), ptr<void>(fn, "dh0", dh0),
                         ptr<void>(fn, "dc0", dc0), ptr<float>(fn, "dg_work", dg_work),
-                        ptr<float>(fn, "dc_work", dc_work), (int)T, (int)B, (int)H, variant, &used,
+                        ptr<float>(fn, "dc_work", dc_work), (int)T, (int)B, (int)H, variant, mma, &used,
                         stream_of(stream));
   }
   check_status(st);
@@ -218,19 +218,20 @@ PYBIND11_MODULE(_C, m) {
   m.attr("VARIANT_PERSISTENT") = (int)lstm::kPersistent;
   m.attr("VARIANT_AUTO") = (int)lstm::kAuto;
   m.def("forward", &forward,
-        "Forward recurrence; returns the variant that ran; mma: tensor cores for fp16/bf16; see csrc/lstm_cuda.h",
+        "Forward recurrence; returns the variant that ran; mma: tensor cores; see csrc/lstm_cuda.h",
         py::arg("dtype"),
         py::arg("xg"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"), py::arg("h_all"), py::arg("c_T"),
         py::arg("act"), py::arg("c_all"), py::arg("c_work"), py::arg("T"), py::arg("B"), py::arg("H"),
-        py::arg("stream"), py::arg("variant") = (int)lstm::kStep, py::arg("mma") = true);
-  m.def("backward", &backward, "Backward recurrence; returns the variant that ran; see csrc/lstm_cuda.h",
+        py::arg("stream"), py::arg("variant") = (int)lstm::kStep, py::arg("mma") = false);
+  m.def("backward", &backward,
+        "Backward recurrence; returns the variant that ran; mma: tf32 tensor cores; see csrc/lstm_cuda.h",
         py::arg("dtype"), py::arg("w_hh"), py::arg("c0"), py::arg("act"), py::arg("c_all"), py::arg("dh_all"),
         py::arg("dh_T"), py::arg("dc_T"), py::arg("dG"), py::arg("dh0"), py::arg("dc0"), py::arg("dg_work"),
         py::arg("dc_work"), py::arg("T"), py::arg("B"), py::arg("H"), py::arg("stream"),
-        py::arg("variant") = (int)lstm::kStep);
+        py::arg("variant") = (int)lstm::kStep, py::arg("mma") = false);
   m.def("occupancy", &occupancy,
         "Occupancy of the per-step kernel and the persistent plan (co-residency, shared memory) for hidden size H",
-        py::arg("direction"), py::arg("dtype"), py::arg("H"), py::arg("mma") = true);
+        py::arg("direction"), py::arg("dtype"), py::arg("H"), py::arg("mma") = false);
   m.def("device_count", &device_count, "(number of CUDA devices, None) or (0, reason)");
   m.def("device_properties", &device_properties, "SM count, cooperative launch, shared memory of a device",
         py::arg("device"));

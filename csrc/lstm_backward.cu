@@ -17,6 +17,7 @@
 #include "cell.cuh"
 #include "dtype_convert.cuh"
 #include "lstm_cuda.h"
+#include "mma_tile.cuh"
 #include "persistent.cuh"
 #include "static_switch.h"
 
@@ -25,9 +26,13 @@ namespace lstm {
 // One (batch tile, unit tile) of one step (or, with dh_out_t null, of the
 // final dh0 pass): dh_rec = dG_{t+1} W_hh for TILE_B rows x TILE_J units, then
 // the cell backward. Called by every thread of the block (it holds
-// __syncthreads). wload(r, jj) is W_hh[r, j0 + jj] as float (global memory, or
-// the block's shared copy in the persistent kernel); only called in range.
-template <typename T, typename WLoad>
+// __syncthreads). wload(r, jj) is W_hh[r, j0 + jj] in the storage type (global
+// memory, or the block's shared copy in the persistent kernel); only called in
+// range. dG is fp32, so with MMA the product runs on tf32 tensor cores whatever
+// T is (16-bit W is exact in tf32; dG is rounded to tf32): warp w < TILE_K / 8
+// sums the w-th 8 columns of every chunk, and the partial sums are added in a
+// fixed order. Without MMA each thread sums its own (b, j) in fp32 FMA.
+template <typename T, bool MMA, typename WLoad>
 __device__ __forceinline__ void backward_tile(WLoad wload, int j0, int b0,
                                               const float* dg_next,  // [B, 4H] fp32 dG_{t+1}, or null at t = T-1
                                               const T* __restrict__ dh_T,      // [B, H] used when dg_next is null
@@ -43,22 +48,28 @@ __device__ __forceinline__ void backward_tile(WLoad wload, int j0, int b0,
                                               T* __restrict__ dh0,               // [B, H] out in the dh0 pass
                                               T* __restrict__ dc0,               // [B, H] out in the dh0 pass
                                               int B, int H) {
-  __shared__ float w_s[TILE_K][TILE_J + 1];  // [r, unit]
-  __shared__ float g_s[TILE_B][TILE_K + 1];  // [row, r]
+  constexpr int kParts = TILE_K / MmaTraits<float>::K;  // warps that sum a part of each chunk (MMA)
+  static_assert(!MMA || (TILE_B == 16 && TILE_J == 16 && kParts <= STEP_THREADS / 32), "wmma tiles are 16 x 16");
+  constexpr int LDW = tile_ld<float, MMA>(TILE_J), LDG = tile_ld<float, MMA>(TILE_K);
+  __shared__ __align__(32) float w_s[TILE_K][LDW];  // [r, unit]
+  __shared__ __align__(32) float g_s[TILE_B][LDG];  // [row, r]
   // dg_next is loaded with load_cg (L2, not L1): in the persistent kernel other
   // blocks wrote it before the grid sync, and a stale L1 line must not serve it.
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int tid = ty * TILE_J + tx;
+  const int warp = tid / 32;
   const int j = j0 + tx, b = b0 + ty;
   const int H4 = 4 * H;
 
   float acc = 0.f;
   if (dg_next) {
+    MmaAccumulator<float> frag_acc;  // used by warps < kParts with MMA
+    if constexpr (MMA) wmma::fill_fragment(frag_acc, 0.f);
     for (int r0 = 0; r0 < H4; r0 += TILE_K) {
       for (int idx = tid; idx < TILE_K * TILE_J; idx += STEP_THREADS) {
         const int kk = idx / TILE_J, jj = idx % TILE_J;
         const int r = r0 + kk, unit = j0 + jj;
-        w_s[kk][jj] = (r < H4 && unit < H) ? wload(r, jj) : 0.f;
+        w_s[kk][jj] = (r < H4 && unit < H) ? to_float(wload(r, jj)) : 0.f;
       }
       for (int idx = tid; idx < TILE_B * TILE_K; idx += STEP_THREADS) {
         const int bb = idx / TILE_K, kk = idx % TILE_K;
@@ -66,9 +77,22 @@ __device__ __forceinline__ void backward_tile(WLoad wload, int j0, int b0,
         g_s[bb][kk] = (row < B && r < H4) ? load_cg(dg_next + (size_t)row * H4 + r) : 0.f;
       }
       __syncthreads();
+      if constexpr (MMA) {
+        constexpr int K = MmaTraits<float>::K;
+        if (warp < kParts) mma_16x16<float, wmma::row_major>(frag_acc, &g_s[0][warp * K], LDG, &w_s[warp * K][0], LDW);
+      } else {
 #pragma unroll 8
-      for (int kk = 0; kk < TILE_K; ++kk) acc = fmaf(g_s[ty][kk], w_s[kk][tx], acc);
+        for (int kk = 0; kk < TILE_K; ++kk) acc = fmaf(g_s[ty][kk], w_s[kk][tx], acc);
+      }
       __syncthreads();
+    }
+    if constexpr (MMA) {
+      __shared__ __align__(32) float part_s[kParts][TILE_B][TILE_J];  // [part, row, unit]
+      if (warp < kParts) wmma::store_matrix_sync(&part_s[warp][0][0], frag_acc, TILE_J, wmma::mem_row_major);
+      __syncthreads();
+#pragma unroll
+      for (int p = 0; p < kParts; ++p) acc += part_s[p][ty][tx];
+      __syncthreads();  // part_s is rewritten by the next batch tile of a persistent block
     }
   }
   if (j >= H || b >= B) return;
@@ -100,7 +124,7 @@ __device__ __forceinline__ void backward_tile(WLoad wload, int j0, int b0,
 
 // Per-step kernel: one launch per step (and one for the dh0 pass), W_hh read
 // from global memory / L2. Grid (ceil(H / TILE_J), ceil(B / TILE_B)), block (TILE_J, TILE_B).
-template <typename T>
+template <typename T, bool MMA>
 __global__ void __launch_bounds__(STEP_THREADS)
     backward_step_kernel(const T* __restrict__ w_hh,        // [4H, H]
                          const float* __restrict__ dg_next,  // [B, 4H] fp32 dG_{t+1}, or null at t = T-1
@@ -118,8 +142,8 @@ __global__ void __launch_bounds__(STEP_THREADS)
                          T* __restrict__ dc0,                // [B, H] out in the dh0 pass
                          int B, int H) {
   const int j0 = blockIdx.x * TILE_J;
-  auto wload = [&](int r, int jj) { return to_float(w_hh[(size_t)r * H + j0 + jj]); };
-  backward_tile<T>(wload, j0, blockIdx.y * TILE_B, dg_next, dh_T, dc_T, dh_out_t, act_t, c_t, c_prev, c0, dc_work,
+  auto wload = [&](int r, int jj) { return w_hh[(size_t)r * H + j0 + jj]; };
+  backward_tile<T, MMA>(wload, j0, blockIdx.y * TILE_B, dg_next, dh_T, dc_T, dh_out_t, act_t, c_t, c_prev, c0, dc_work,
                    dg_cur, dG_t, dh0, dc0, B, H);
 }
 
@@ -129,7 +153,7 @@ __global__ void __launch_bounds__(STEP_THREADS)
 // in the storage dtype); it loops over the batch tiles. A grid-wide sync
 // separates the steps (dG_{t+1} is written by every block; dg_work ping-pongs,
 // so a step never overwrites what another block still reads).
-template <typename T>
+template <typename T, bool MMA>
 __global__ void __launch_bounds__(STEP_THREADS, 1)
     backward_persistent_kernel(const T* __restrict__ w_hh,      // [4H, H]
                                const T* __restrict__ c0,        // [B, H]
@@ -153,7 +177,7 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
     w_blk[idx] = j0 + jj < H ? w_hh[(size_t)r * H + j0 + jj] : from_float<T>(0.f);
   }
   __syncthreads();
-  auto wload = [&](int r, int jj) { return to_float(w_blk[r * TILE_J + jj]); };
+  auto wload = [&](int r, int jj) { return w_blk[r * TILE_J + jj]; };
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   const size_t bh = (size_t)B * H, b4h = 4 * bh;
   const float* dg_next = nullptr;
@@ -161,11 +185,11 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
     float* dg_cur = t >= 0 ? dg_work + (t % 2) * b4h : nullptr;
     for (int b0 = 0; b0 < B; b0 += TILE_B) {
       if (t >= 0) {
-        backward_tile<T>(wload, j0, b0, dg_next, dh_T, dc_T, dh_all + t * bh, act + t * b4h, c_all + t * bh,
+        backward_tile<T, MMA>(wload, j0, b0, dg_next, dh_T, dc_T, dh_all + t * bh, act + t * b4h, c_all + t * bh,
                          t == 0 ? nullptr : c_all + (t - 1) * bh, c0, dc_work, dg_cur, dG + t * b4h, nullptr,
                          nullptr, B, H);
       } else {
-        backward_tile<T>(wload, j0, b0, dg_next, dh_T, dc_T, nullptr, nullptr, nullptr, nullptr, c0, dc_work,
+        backward_tile<T, MMA>(wload, j0, b0, dg_next, dh_T, dc_T, nullptr, nullptr, nullptr, nullptr, c0, dc_work,
                          nullptr, nullptr, dh0, dc0, B, H);
       }
       __syncthreads();  // the tile's shared buffers are reused by the next batch tile
@@ -175,7 +199,7 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
   }
 }
 
-template <typename T>
+template <typename T, bool MMA>
 Status backward_step(const T* w_hh, const T* c0, const float* act, const float* c_all, const T* dh_all,
                      const T* dh_T, const T* dc_T, T* dG, T* dh0, T* dc0, float* dg_work, float* dc_work, int T_,
                      int B, int H, cudaStream_t stream) {
@@ -184,41 +208,41 @@ Status backward_step(const T* w_hh, const T* c0, const float* act, const float* 
   const float* dg_next = nullptr;
   for (int t = T_ - 1; t >= 0; --t) {
     float* dg_cur = dg_work + (t % 2) * b4h;
-    backward_step_kernel<T><<<grid, block, 0, stream>>>(
+    backward_step_kernel<T, MMA><<<grid, block, 0, stream>>>(
         w_hh, dg_next, dh_T, dc_T, dh_all + t * bh, act + t * b4h, c_all + t * bh,
         t == 0 ? nullptr : c_all + (t - 1) * bh, c0, dc_work, dg_cur, dG + t * b4h, nullptr, nullptr, B, H);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return Status{err, "lstm backward_step_kernel"};
     dg_next = dg_cur;
   }
-  backward_step_kernel<T><<<grid, block, 0, stream>>>(w_hh, dg_next, dh_T, dc_T, nullptr, nullptr, nullptr, nullptr,
-                                                      c0, dc_work, nullptr, nullptr, dh0, dc0, B, H);
+  backward_step_kernel<T, MMA><<<grid, block, 0, stream>>>(w_hh, dg_next, dh_T, dc_T, nullptr, nullptr, nullptr,
+                                                           nullptr, c0, dc_work, nullptr, nullptr, dh0, dc0, B, H);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status{err, "lstm backward_step_kernel (dh0 pass)"};
   return Status{};
 }
 
-template <typename T>
+template <typename T, bool MMA>
 Status backward_persistent_plan(int H, PersistentPlan* plan) {
-  return persistent_plan(reinterpret_cast<const void*>(backward_persistent_kernel<T>), (H + TILE_J - 1) / TILE_J,
+  return persistent_plan(reinterpret_cast<const void*>(backward_persistent_kernel<T, MMA>), (H + TILE_J - 1) / TILE_J,
                          (size_t)4 * H * TILE_J * sizeof(T), "lstm backward_persistent_kernel", plan);
 }
 
-template <typename T>
+template <typename T, bool MMA>
 Status backward_impl(const T* w_hh, const T* c0, const float* act, const float* c_all, const T* dh_all,
                      const T* dh_T, const T* dc_T, T* dG, T* dh0, T* dc0, float* dg_work, float* dc_work, int T_,
                      int B, int H, int variant, int* used, cudaStream_t stream) {
   if (variant != kStep) {
     PersistentPlan plan;
-    const Status st = backward_persistent_plan<T>(H, &plan);
+    const Status st = backward_persistent_plan<T, MMA>(H, &plan);
     if (!st.ok()) return st;
     if (plan.possible) {
       *used = kPersistent;
       void* args[] = {&w_hh, &c0, &act, &c_all, &dh_all, &dh_T, &dc_T, &dG, &dh0, &dc0, &dg_work, &dc_work,
                       &T_, &B, &H};
-      const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(backward_persistent_kernel<T>),
-                                                          dim3(plan.blocks), dim3(TILE_J, TILE_B), args,
-                                                          plan.dynamic_smem, stream);
+      const cudaError_t err = cudaLaunchCooperativeKernel(
+          reinterpret_cast<const void*>(backward_persistent_kernel<T, MMA>), dim3(plan.blocks),
+          dim3(TILE_J, TILE_B), args, plan.dynamic_smem, stream);
       return err == cudaSuccess ? Status{} : failed(err, "lstm backward_persistent_kernel (cooperative launch)");
     }
     if (variant == kPersistent) {
@@ -227,28 +251,35 @@ Status backward_impl(const T* w_hh, const T* c0, const float* act, const float* 
     }
   }
   *used = kStep;
-  return backward_step<T>(w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work, dc_work, T_, B, H, stream);
+  return backward_step<T, MMA>(w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work, dc_work, T_, B, H,
+                               stream);
 }
 
 Status backward(int dtype, const void* w_hh, const void* c0, const float* act, const float* c_all,
                 const void* dh_all, const void* dh_T, const void* dc_T, void* dG, void* dh0, void* dc0,
-                float* dg_work, float* dc_work, int T_, int B, int H, int variant, int* used, cudaStream_t stream) {
+                float* dg_work, float* dc_work, int T_, int B, int H, int variant, bool mma, int* used,
+                cudaStream_t stream) {
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
-    using P = const scalar_t*;
-    return backward_impl<scalar_t>(static_cast<P>(w_hh), static_cast<P>(c0), act, c_all, static_cast<P>(dh_all),
-                                   static_cast<P>(dh_T), static_cast<P>(dc_T), static_cast<scalar_t*>(dG),
-                                   static_cast<scalar_t*>(dh0), static_cast<scalar_t*>(dc0), dg_work, dc_work, T_,
-                                   B, H, variant, used, stream);
+    return LSTM_BOOL_SWITCH(mma, kMma, [&] {
+      using P = const scalar_t*;
+      return backward_impl<scalar_t, kMma>(static_cast<P>(w_hh), static_cast<P>(c0), act, c_all,
+                                           static_cast<P>(dh_all), static_cast<P>(dh_T), static_cast<P>(dc_T),
+                                           static_cast<scalar_t*>(dG), static_cast<scalar_t*>(dh0),
+                                           static_cast<scalar_t*>(dc0), dg_work, dc_work, T_, B, H, variant, used,
+                                           stream);
+    });
   });
 }
 
-Status backward_occupancy(int dtype, int H, int* blocks_per_sm, PersistentPlan* plan) {
+Status backward_occupancy(int dtype, int H, bool mma, int* blocks_per_sm, PersistentPlan* plan) {
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
-    const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, backward_step_kernel<scalar_t>,
-                                                                          STEP_THREADS, 0);
-    if (err != cudaSuccess)
-      return failed(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor(lstm backward_step_kernel)");
-    return backward_persistent_plan<scalar_t>(H, plan);
+    return LSTM_BOOL_SWITCH(mma, kMma, [&] {
+      const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          blocks_per_sm, backward_step_kernel<scalar_t, kMma>, STEP_THREADS, 0);
+      if (err != cudaSuccess)
+        return failed(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor(lstm backward_step_kernel)");
+      return backward_persistent_plan<scalar_t, kMma>(H, plan);
+    });
   });
 }
 
@@ -257,7 +288,7 @@ Status occupancy(const char* direction, int dtype, int H, bool mma, int* step_bl
   *threads_per_block = STEP_THREADS;
   const std::string name(direction);
   if (name == "forward") return forward_occupancy(dtype, H, mma, step_blocks_per_sm, plan);
-  if (name == "backward") return backward_occupancy(dtype, H, step_blocks_per_sm, plan);
+  if (name == "backward") return backward_occupancy(dtype, H, mma, step_blocks_per_sm, plan);
   throw std::invalid_argument("unknown kernel direction '" + name + "' (forward or backward)");
 }
 

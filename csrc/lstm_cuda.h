@@ -42,7 +42,8 @@ struct PersistentPlan {
 //   c_all  [T, B, H]  fp32      out, or null: cell states c_t, for backward
 //   c_work [B, H]     fp32      scratch for the cell state (used when c_all is null)
 //   variant           Variant   requested; *used gets the one that ran
-//   mma               bool      fp16/bf16: the recurrent matmul on tensor cores (wmma); ignored for fp32
+//   mma               bool      the recurrent matmul on tensor cores (wmma): fp16/bf16 operands, tf32 for
+//                               fp32 (ask for it only where TF32 is allowed)
 Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, const void* c0, void* h_all,
                void* c_T, float* act, float* c_all, float* c_work, int T, int B, int H, int variant, bool mma,
                int* used, cudaStream_t stream);
@@ -61,17 +62,19 @@ Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, cons
 //   dg_work [2, B, 4H] fp32   scratch: dG_t in fp32, ping-pong between steps
 //   dc_work [B, H]     fp32   scratch: the cell-state gradient carried between steps
 //   variant            Variant  requested; *used gets the one that ran
+//   mma                bool     dG_{t+1} W_hh on tf32 tensor cores (dG is fp32; 16-bit W is exact in tf32)
 Status backward(int dtype, const void* w_hh, const void* c0, const float* act, const float* c_all,
                 const void* dh_all, const void* dh_T, const void* dc_T, void* dG, void* dh0, void* dc0,
-                float* dg_work, float* dc_work, int T, int B, int H, int variant, int* used, cudaStream_t stream);
+                float* dg_work, float* dc_work, int T, int B, int H, int variant, bool mma, int* used,
+                cudaStream_t stream);
 
 // Occupancy: resident blocks per SM of the per-step kernel ("forward" or
 // "backward") of the given dtype, and the persistent plan for hidden size H
 // (cudaOccupancyMaxActiveBlocksPerMultiprocessor with its shared memory);
-// mma picks the forward kernels' tensor-core instantiation (16-bit dtypes).
+// mma picks the kernels' tensor-core instantiation.
 Status occupancy(const char* direction, int dtype, int H, bool mma, int* step_blocks_per_sm, int* threads_per_block,
                  PersistentPlan* plan);
 Status forward_occupancy(int dtype, int H, bool mma, int* blocks_per_sm, PersistentPlan* plan);
-Status backward_occupancy(int dtype, int H, int* blocks_per_sm, PersistentPlan* plan);
+Status backward_occupancy(int dtype, int H, bool mma, int* blocks_per_sm, PersistentPlan* plan);
 
 }  // namespace lstm

@@ -9,27 +9,23 @@
 // Gate order along 4H: i, f, g, o. gates_t = xg_t + h_{t-1} W_hh^T;
 // c_t = f*c_{t-1} + i*g; h_t = o*tanh(c_t), rounded to the storage dtype.
 // Accumulation, activations and c in fp32. The recurrent matmul runs on
-// tensor cores (wmma 16x16x16, fp32 accumulation) for fp16/bf16 when MMA is
-// set, else as plain fp32 FMA (always for fp32: exact fp32, no TF32).
+// tensor cores when MMA is set (fp16/bf16 operands, or tf32 for float, which
+// the caller asks for only where TF32 is allowed), else as plain fp32 FMA.
 //
 // Saved for backward (when asked): the activated gates act [T, B, 4H] fp32
 // and the cell states c_all [T, B, H] fp32; backward recomputes only tanh(c).
 #include <cooperative_groups.h>
-#include <mma.h>
 
 #include <type_traits>
 
 #include "cell.cuh"
 #include "dtype_convert.cuh"
 #include "lstm_cuda.h"
+#include "mma_tile.cuh"
 #include "persistent.cuh"
 #include "static_switch.h"
 
 namespace lstm {
-
-// Whether the recurrent matmul of storage type T can run on tensor cores.
-template <typename T>
-constexpr bool kTensorCoreType = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
 
 // One (batch tile, unit tile) of one step: gates = xg_t + h_prev W^T for
 // TILE_B rows x TILE_J units (all four gates), then the cell update. Called by
@@ -38,10 +34,11 @@ constexpr bool kTensorCoreType = std::is_same<T, __half>::value || std::is_same<
 // block's shared copy in the persistent kernel); it is only called in range.
 //
 // The k loop stages TILE_K columns of h_prev and of the four gates' W rows in
-// shared memory. With MMA (16-bit T), warps 0-3 each own one gate's 16 x 16
-// accumulator (rows b, units j) as a wmma fragment and the tiles stay in the
-// storage type; without, each thread sums its own (b, j) for the four gates
-// in fp32 FMA. Either way the four sums end in acc[] of thread (j, b).
+// shared memory. With MMA, warps 0-3 each own one gate's 16 x 16 accumulator
+// (rows b, units j) on tensor cores (mma_tile.cuh: fp16/bf16 operands, or tf32
+// for float) and the tiles keep the storage type; without, each thread sums its
+// own (b, j) for the four gates in fp32 FMA. Either way the four sums end in
+// acc[] of thread (j, b).
 template <typename T, bool MMA, typename WLoad>
 __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
                                              const T* __restrict__ xg_t,    // [B, 4H]
@@ -53,13 +50,9 @@ __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
                                              float* __restrict__ act_out,   // [B, 4H] fp32, or null
                                              T* __restrict__ c_last,        // [B, H], or null
                                              int B, int H) {
-  namespace wmma = nvcuda::wmma;
-  constexpr bool kMma = MMA && kTensorCoreType<T>;
-  static_assert(!kMma || (TILE_B == 16 && TILE_J == 16 && TILE_K % 16 == 0), "wmma tiles are 16 x 16 x 16");
-  using Smem = typename std::conditional<kMma, T, float>::type;
-  // wmma wants a leading dimension that is a multiple of 8 (16-bit) and 32-byte
-  // aligned tile starts; the FMA path pads by one float against bank conflicts.
-  constexpr int LD = kMma ? TILE_K + 8 : TILE_K + 1;
+  static_assert(!MMA || (TILE_B == 16 && TILE_J == 16 && TILE_K % MmaTraits<T>::K == 0), "wmma tiles are 16 x 16");
+  using Smem = typename std::conditional<MMA, T, float>::type;
+  constexpr int LD = tile_ld<Smem, MMA>(TILE_K);
   __shared__ __align__(32) Smem w_s[4][TILE_J][LD];  // [gate, unit, k]
   __shared__ __align__(32) Smem h_s[TILE_B][LD];     // [row, k]
   // h_prev is loaded with load_cg (L2, not L1): in the persistent kernel other
@@ -71,8 +64,8 @@ __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
   const Smem zero = from_float<Smem>(0.f);
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag_acc;  // used by warps 0-3 with kMma
-  if constexpr (kMma) wmma::fill_fragment(frag_acc, 0.f);
+  MmaAccumulator<T> frag_acc;  // used by warps 0-3 with MMA
+  if constexpr (MMA) wmma::fill_fragment(frag_acc, 0.f);
   for (int k0 = 0; k0 < H; k0 += TILE_K) {
     for (int idx = tid; idx < 4 * TILE_J * TILE_K; idx += STEP_THREADS) {
       const int g = idx / (TILE_J * TILE_K), rem = idx % (TILE_J * TILE_K);
@@ -86,15 +79,11 @@ __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
       h_s[bb][kk] = (row < B && k < H) ? convert<Smem>(load_cg(h_prev + (size_t)row * H + k)) : zero;
     }
     __syncthreads();
-    if constexpr (kMma) {
+    if constexpr (MMA) {
       if (warp < 4) {  // warp g: gates[:, g-th 16 units] += h_s (row-major) x w_s[g]^T (col-major B)
 #pragma unroll
-        for (int kk = 0; kk < TILE_K; kk += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> frag_h;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> frag_w;
-          wmma::load_matrix_sync(frag_h, &h_s[0][kk], LD);
-          wmma::load_matrix_sync(frag_w, &w_s[warp][0][kk], LD);
-          wmma::mma_sync(frag_acc, frag_h, frag_w, frag_acc);
+        for (int kk = 0; kk < TILE_K; kk += MmaTraits<T>::K) {
+          mma_16x16<T, wmma::col_major>(frag_acc, &h_s[0][kk], LD, &w_s[warp][0][kk], LD);
         }
       }
     } else {
@@ -109,7 +98,7 @@ __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
     }
     __syncthreads();
   }
-  if constexpr (kMma) {
+  if constexpr (MMA) {
     __shared__ __align__(32) float gates_s[4][TILE_B][TILE_J];  // [gate, row, unit]
     if (warp < 4) wmma::store_matrix_sync(&gates_s[warp][0][0], frag_acc, TILE_J, wmma::mem_row_major);
     __syncthreads();
@@ -256,7 +245,7 @@ Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, cons
                void* c_T, float* act, float* c_all, float* c_work, int T_, int B, int H, int variant, bool mma,
                int* used, cudaStream_t stream) {
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
-    return LSTM_BOOL_SWITCH(mma && kTensorCoreType<scalar_t>, kMma, [&] {
+    return LSTM_BOOL_SWITCH(mma, kMma, [&] {
       return forward_impl<scalar_t, kMma>(static_cast<const scalar_t*>(xg), static_cast<const scalar_t*>(w_hh),
                                           static_cast<const scalar_t*>(h0), static_cast<const scalar_t*>(c0),
                                           static_cast<scalar_t*>(h_all), static_cast<scalar_t*>(c_T), act, c_all,
@@ -267,7 +256,7 @@ Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, cons
 
 Status forward_occupancy(int dtype, int H, bool mma, int* blocks_per_sm, PersistentPlan* plan) {
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
-    return LSTM_BOOL_SWITCH(mma && kTensorCoreType<scalar_t>, kMma, [&] {
+    return LSTM_BOOL_SWITCH(mma, kMma, [&] {
       const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
           blocks_per_sm, forward_step_kernel<scalar_t, kMma>, STEP_THREADS, 0);
       if (err != cudaSuccess)

@@ -5,7 +5,8 @@
     compute-sanitizer --tool initcheck python tests/sanitize_cuda.py
 
 Shapes cover tails in every tile dimension (H and B not multiples of 16, 4H not
-of 32), T = 1, and every dtype. Exits non-zero if a result is non-finite.
+of 32), T = 1, every dtype, both variants and both matmuls (tensor cores, FMA).
+Exits non-zero if a result is non-finite.
 """
 from __future__ import annotations
 
@@ -27,9 +28,12 @@ def main() -> int:
         print(f"cuda backend unavailable: {why}")
         return 1
     bad = 0
-    for variant in ("step", "persistent"):
-        os.environ["LSTM_KERNELS_CUDA_VARIANT"] = variant
-        bad += run_all(backend, variant)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 on tf32 tensor cores too, when the switch is on
+    for mma in ("1", "0"):
+        os.environ["LSTM_KERNELS_CUDA_MMA"] = mma
+        for variant in ("step", "persistent"):
+            os.environ["LSTM_KERNELS_CUDA_VARIANT"] = variant
+            bad += run_all(backend, f"{variant}/{'mma' if mma == '1' else 'fma'}")
     return 1 if bad else 0
 
 
@@ -50,7 +54,7 @@ def run_all(backend, variant) -> int:
                 torch.cuda.synchronize()
                 ok = all(bool(torch.isfinite(o).all()) for o in outs)
                 bad += not ok
-                print(f"{variant:10s} {str(dtype):15s} T={T} B={B} H={H} needs_grad={needs_grad}: {'ok' if ok else 'NON-FINITE'}")
+                print(f"{variant:15s} {str(dtype):15s} T={T} B={B} H={H} needs_grad={needs_grad}: {'ok' if ok else 'NON-FINITE'}")
     return bad
 
 

@@ -269,18 +269,18 @@ def test_extension_kernels_are_built_for_sm80_and_sm90_without_spills():
     usage = subprocess.run([tool, "-res-usage", so], capture_output=True, text=True, check=True).stdout
     kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage)
     names = {name for name, _, _ in kernels}
-    # forward: one instance per dtype and tensor-core switch; backward: one per dtype
-    for stem, count in (("forward_step_kernel", 6), ("forward_persistent_kernel", 6), ("backward_step_kernel", 3),
-                        ("backward_persistent_kernel", 3)):
+    # one instance per dtype and tensor-core switch
+    for stem, count in (("forward_step_kernel", 6), ("forward_persistent_kernel", 6), ("backward_step_kernel", 6),
+                        ("backward_persistent_kernel", 6)):
         assert sum(stem in n for n in names) == count, f"{stem}: expected {count} instances in {sorted(names)}"
     spilling = [(name, local) for name, _, local in kernels if int(local) != 0]
     assert not spilling, f"kernels spilling to local memory: {spilling}"
 
 
 @needs_ext
-def test_forward_kernels_use_tensor_cores_for_16_bit_types():
-    """The tensor-core instantiations (template flag true) of the fp16/bf16 forward kernels hold
-    HMMA instructions in their SASS for both architectures; the FMA ones, and fp32, hold none."""
+def test_tensor_core_instances_use_tensor_cores():
+    """The tensor-core instantiations (template flag true) of every kernel and dtype hold HMMA
+    instructions in their SASS (fp16/bf16 and tf32 products); the FMA ones hold none."""
     import re
     import subprocess
 
@@ -291,17 +291,17 @@ def test_forward_kernels_use_tensor_cores_for_16_bit_types():
     hmma = {}
     for block in re.split(r"\n\s*Function : ", sass)[1:]:
         name = block.split("\n", 1)[0].strip()
-        if "forward" in name and "kernel" in name:
+        if "_kernel" in name:
             hmma[name] = hmma.get(name, 0) + block.count("HMMA")
-    # mangled template arguments: 13__nv_bfloat16 / 6__half / f, then Lb1 (mma) or Lb0
-    for dtype_tag in ("13__nv_bfloat16", "6__half"):
-        for kind in ("forward_step_kernel", "forward_persistent_kernel"):
+    # mangled template arguments: 13__nv_bfloat16 / 6__half / f, then Lb1 (tensor cores) or Lb0
+    for dtype_tag in ("13__nv_bfloat16", "6__half", "f"):
+        for kind in ("forward_step_kernel", "forward_persistent_kernel", "backward_step_kernel",
+                     "backward_persistent_kernel"):
             mma = [n for n in hmma if kind in n and f"I{dtype_tag}Lb1E" in n]
             fma = [n for n in hmma if kind in n and f"I{dtype_tag}Lb0E" in n]
             assert mma and fma, f"{kind} {dtype_tag}: instances not found in {sorted(hmma)}"
             assert all(hmma[n] > 0 for n in mma), f"{kind} {dtype_tag}: no HMMA in the tensor-core instance"
             assert all(hmma[n] == 0 for n in fma), f"{kind} {dtype_tag}: HMMA in the FMA instance"
-    assert all(hmma[n] == 0 for n in hmma if "IfLb" in n), "fp32 forward kernels must not use tensor cores"
 
 
 def test_tensor_core_env(monkeypatch):
@@ -312,3 +312,19 @@ def test_tensor_core_env(monkeypatch):
     monkeypatch.setenv(cuda_backend.MMA_ENV, "yes")
     with pytest.raises(ValueError, match="LSTM_KERNELS_CUDA_MMA"):
         cuda_backend.tensor_cores_requested()
+
+
+
+def test_tensor_cores_for_float32_follow_torch_tf32_flag(monkeypatch):
+    monkeypatch.delenv(cuda_backend.MMA_ENV, raising=False)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert not cuda_backend.use_tensor_cores(torch.float32)
+        assert cuda_backend.use_tensor_cores(torch.bfloat16) and cuda_backend.use_tensor_cores(torch.float16)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert cuda_backend.use_tensor_cores(torch.float32)
+        monkeypatch.setenv(cuda_backend.MMA_ENV, "0")
+        assert not any(cuda_backend.use_tensor_cores(d) for d in (torch.float32, torch.bfloat16, torch.float16))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

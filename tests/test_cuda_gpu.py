@@ -35,10 +35,9 @@ SHAPES = {
 }
 
 
-def use_variant(monkeypatch, variant, dtype, H, mma=True):
-    """Select the kernel variant and the tensor-core switch; skip a persistent case whose plan
-    says it cannot run here."""
-    monkeypatch.setenv(cuda_backend.MMA_ENV, "1" if mma else "0")
+def use_variant(monkeypatch, variant, dtype, H, mma=False):
+    """Select the kernel variant; skip a persistent case whose plan (for the tensor-core or the
+    FMA kernels) says it cannot run here."""
     if variant == "persistent":
         code = {torch.float32: _C.DTYPE_FLOAT32, torch.float16: _C.DTYPE_FLOAT16, torch.bfloat16: _C.DTYPE_BFLOAT16}
         for direction in ("forward", "backward"):
@@ -86,8 +85,20 @@ def check_against_reference(got, inputs, cotangents, dtype, tol=None):
         assert_rel_close(got[name], expected, allowed, name)
 
 
-# fp32 always runs FMA; fp16/bf16 run both the tensor-core (mma) and the FMA matmul.
-MATMULS = [("fp32", "fma"), ("bf16", "mma"), ("bf16", "fma"), ("fp16", "mma"), ("fp16", "fma")]
+# Every dtype with the FMA matmul and on tensor cores (fp32: tf32, with torch's TF32 flag on).
+MATMULS = [("fp32", "fma"), ("fp32", "tf32"), ("bf16", "mma"), ("bf16", "fma"), ("fp16", "mma"), ("fp16", "fma")]
+
+
+def use_matmul(monkeypatch, matmul):
+    """LSTM_KERNELS_CUDA_MMA and torch's TF32 flag (restored by the no_tf32 fixture); the tolerance key."""
+    monkeypatch.setenv(cuda_backend.MMA_ENV, "0" if matmul == "fma" else "1")
+    torch.backends.cuda.matmul.allow_tf32 = matmul == "tf32"
+    return "tf32" if matmul == "tf32" else None
+
+
+def check_matmul_ran(matmul):
+    backend = get_backend("cuda")
+    assert backend.last_forward_mma == backend.last_backward_mma == (matmul != "fma")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -96,12 +107,13 @@ MATMULS = [("fp32", "fma"), ("bf16", "mma"), ("bf16", "fma"), ("fp16", "mma"), (
 def test_layer_matches_reference(shape, dt, matmul, variant, monkeypatch):
     T, B, H = SHAPES[shape]
     dtype = DTYPES[dt]
-    use_variant(monkeypatch, variant, dtype, H, mma=matmul == "mma")
+    tol_key = use_matmul(monkeypatch, matmul)
+    use_variant(monkeypatch, variant, dtype, H, mma=matmul != "fma")
     inputs, cot = make_case(T, B, H, dtype)
     got = run_layer(inputs, cot, "cuda")
     check_variant_ran(variant)
-    assert get_backend("cuda").last_forward_mma == (matmul == "mma")
-    check_against_reference(got, inputs, cot, dtype)
+    check_matmul_ran(matmul)
+    check_against_reference(got, inputs, cot, dtype, REL_TOL[tol_key] if tol_key else None)
 
 
 @pytest.mark.parametrize("dt,matmul", MATMULS, ids=[f"{d}-{m}" for d, m in MATMULS])
@@ -110,9 +122,10 @@ def test_variants_agree_bitwise(dt, matmul, monkeypatch):
     dtype = DTYPES[dt]
     T, B, H = 40, 37, 100
     inputs, cot = make_case(T, B, H, dtype, seed=17)
-    use_variant(monkeypatch, "step", dtype, H, mma=matmul == "mma")
+    use_matmul(monkeypatch, matmul)
+    use_variant(monkeypatch, "step", dtype, H, mma=matmul != "fma")
     a = run_layer(inputs, cot, "cuda")
-    use_variant(monkeypatch, "persistent", dtype, H, mma=matmul == "mma")
+    use_variant(monkeypatch, "persistent", dtype, H, mma=matmul != "fma")
     b = run_layer(inputs, cot, "cuda")
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name}: step and persistent differ"

@@ -17,10 +17,12 @@ Kernels (csrc/lstm_forward.cu, csrc/lstm_backward.cu), two variants:
 
 The variant comes from the environment variable ``LSTM_KERNELS_CUDA_VARIANT``
 (``step``, ``persistent`` or ``auto``), default :data:`DEFAULT_VARIANT`.
-The forward recurrent matmul of fp16/bf16 runs on tensor cores (wmma 16x16x16,
-fp32 accumulation) unless ``LSTM_KERNELS_CUDA_MMA=0``; float32, and the
-backward of every dtype, use plain fp32 FMA, so float32 is exact fp32 (TF32 is
-never used, whatever ``torch.backends.cuda.matmul.allow_tf32`` says).
+The recurrent matmuls run on tensor cores (wmma, fp32 accumulation) unless
+``LSTM_KERNELS_CUDA_MMA=0``: the forward h_{t-1} W_hh^T on fp16/bf16 operands
+(products exact in fp32), the backward dG_{t+1} W_hh on tf32 (dG is fp32 and is
+rounded to tf32; 16-bit W_hh is exact in tf32). For float32 they use tf32 only
+where torch allows it (``torch.backends.cuda.matmul.allow_tf32``); otherwise,
+and with the switch off, plain fp32 FMA, so float32 is exact fp32.
 
 Dimension names: T steps, B batch, H hidden units. Gate order along 4H: i, f, g, o.
 Workspace kept for backward: the activated gates ``act`` [T, B, 4H] fp32 and the
@@ -64,6 +66,13 @@ def tensor_cores_requested() -> bool:
     return v == "1"
 
 
+def use_tensor_cores(dtype: torch.dtype) -> bool:
+    """Whether a call's matmuls run on tensor cores: the switch, and for float32 torch's TF32 flag."""
+    if not tensor_cores_requested():
+        return False
+    return dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+
+
 def requested_variant() -> str:
     v = os.environ.get(VARIANT_ENV, DEFAULT_VARIANT)
     if v not in _VARIANTS:
@@ -101,8 +110,9 @@ class CudaBackend(Backend):
     #: The variants that ran in the last forward and backward (for tests and benchmarks).
     last_forward_variant: Optional[str] = None
     last_backward_variant: Optional[str] = None
-    #: Whether the last forward ran its matmul on tensor cores.
+    #: Whether the last forward and backward ran their matmuls on tensor cores.
     last_forward_mma: Optional[bool] = None
+    last_backward_mma: Optional[bool] = None
 
     def unavailable_reason(self) -> Optional[str]:
         if _C is None:
@@ -167,7 +177,7 @@ class CudaBackend(Backend):
             c_work = torch.empty((B, H), dtype=torch.float32, device=dev)
         with torch.cuda.device(dev):
             stream = torch.cuda.current_stream(dev).cuda_stream
-            mma = tensor_cores_requested() and xg.dtype != torch.float32
+            mma = use_tensor_cores(xg.dtype)
             used = _C.forward(
                 _dtype_codes()[xg.dtype], _ptr(xg), _ptr(w_hh), _ptr(h0), _ptr(c0), _ptr(h_all), _ptr(c_T),
                 _ptr(act), _ptr(c_all), _ptr(c_work), T, B, H, stream, _variant_code(requested_variant()), mma,
@@ -196,12 +206,14 @@ class CudaBackend(Backend):
         dc_work = torch.empty((B, H), dtype=torch.float32, device=dev)
         with torch.cuda.device(dev):
             stream = torch.cuda.current_stream(dev).cuda_stream
+            mma = use_tensor_cores(xg.dtype)
             used = _C.backward(
                 _dtype_codes()[xg.dtype], _ptr(w_hh), _ptr(c0), _ptr(act), _ptr(c_all), _ptr(dh_all), _ptr(dh_T),
                 _ptr(dc_T), _ptr(dG), _ptr(dh0), _ptr(dc0), _ptr(dg_work), _ptr(dc_work), T, B, H, stream,
-                _variant_code(requested_variant()),
+                _variant_code(requested_variant()), mma,
             )
         self.last_backward_variant = _variant_name(used)
+        self.last_backward_mma = mma
         return dG, dh0, dc0, None
 
 
