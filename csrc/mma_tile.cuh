@@ -54,7 +54,7 @@ __device__ __forceinline__ void mma_16x16(MmaAccumulator<T>& acc, const S* a, in
 // Leading dimension (elements) of a shared tile of `cols` columns: padded by one
 // element against bank conflicts for the FMA loops, by 16 bytes for wmma.
 template <typename S, bool MMA>
-constexpr int tile_ld(int cols) {
+__host__ __device__ constexpr int tile_ld(int cols) {
   return MMA ? cols + 16 / (int)sizeof(S) : cols + 1;
 }
 

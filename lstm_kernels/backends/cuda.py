@@ -59,7 +59,7 @@ MMA_ENV = "LSTM_KERNELS_CUDA_MMA"
 
 
 def tensor_cores_requested() -> bool:
-    """``LSTM_KERNELS_CUDA_MMA`` (default 1): fp16/bf16 forward matmuls on tensor cores."""
+    """``LSTM_KERNELS_CUDA_MMA`` (default 1): the recurrent matmuls on tensor cores (see the module docstring)."""
     v = os.environ.get(MMA_ENV, "1")
     if v not in ("0", "1"):
         raise ValueError(f"{MMA_ENV}={v!r}; choose 0 or 1")
