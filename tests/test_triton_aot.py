@@ -60,7 +60,9 @@ def compile_cubin(fn, pointer_types: dict, constants: dict, num_warps: int, arch
         else:
             signature[name] = pointer_types.get(name, "*fp32")
     source = ASTSource(fn, signature, constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    # launched as the persistent variant is: cooperatively (every specialization here has USE_BARRIER)
+    options = dict(num_warps=num_warps, launch_cooperative_grid=True)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def assert_fits(compiled, arch: int, what: str, tmp_path) -> None:
