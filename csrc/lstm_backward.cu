@@ -232,27 +232,16 @@ template <typename T, bool MMA>
 Status backward_impl(const T* w_hh, const T* c0, const float* act, const float* c_all, const T* dh_all,
                      const T* dh_T, const T* dc_T, T* dG, T* dh0, T* dc0, float* dg_work, float* dc_work, int T_,
                      int B, int H, int variant, int* used, cudaStream_t stream) {
-  if (variant != kStep) {
-    PersistentPlan plan;
-    const Status st = backward_persistent_plan<T, MMA>(H, &plan);
-    if (!st.ok()) return st;
-    if (plan.possible) {
-      *used = kPersistent;
-      void* args[] = {&w_hh, &c0, &act, &c_all, &dh_all, &dh_T, &dc_T, &dG, &dh0, &dc0, &dg_work, &dc_work,
-                      &T_, &B, &H};
-      const cudaError_t err = cudaLaunchCooperativeKernel(
-          reinterpret_cast<const void*>(backward_persistent_kernel<T, MMA>), dim3(plan.blocks),
-          dim3(TILE_J, TILE_B), args, plan.dynamic_smem, stream);
-      return err == cudaSuccess ? Status{} : failed(err, "lstm backward_persistent_kernel (cooperative launch)");
-    }
-    if (variant == kPersistent) {
-      return Status{cudaErrorCooperativeLaunchTooLarge,
-                    "lstm persistent kernel requested but not possible (see _C.occupancy for why)"};
-    }
-  }
-  *used = kStep;
-  return backward_step<T, MMA>(w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work, dc_work, T_, B, H,
-                               stream);
+  void* args[] = {&w_hh, &c0, &act, &c_all, &dh_all, &dh_T, &dc_T, &dG, &dh0, &dc0, &dg_work, &dc_work, &T_, &B, &H};
+  return run_variant(
+      variant, reinterpret_cast<const void*>(backward_persistent_kernel<T, MMA>),
+      "lstm backward_persistent_kernel (cooperative launch)", args,
+      [&](PersistentPlan* plan) { return backward_persistent_plan<T, MMA>(H, plan); },
+      [&] {
+        return backward_step<T, MMA>(w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work, dc_work, T_, B,
+                                     H, stream);
+      },
+      used, stream);
 }
 
 Status backward(int dtype, const void* w_hh, const void* c0, const float* act, const float* c_all,

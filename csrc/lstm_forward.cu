@@ -220,25 +220,13 @@ template <typename T, bool MMA>
 Status forward_impl(const T* xg, const T* w_hh, const T* h0, const T* c0, T* h_all, T* c_T, float* act,
                     float* c_all, float* c_work, int T_, int B, int H, int variant, int* used,
                     cudaStream_t stream) {
-  if (variant != kStep) {
-    PersistentPlan plan;
-    const Status st = forward_persistent_plan<T, MMA>(H, &plan);
-    if (!st.ok()) return st;
-    if (plan.possible) {
-      *used = kPersistent;
-      void* args[] = {&xg, &w_hh, &h0, &c0, &h_all, &c_T, &act, &c_all, &c_work, &T_, &B, &H};
-      const cudaError_t err = cudaLaunchCooperativeKernel(
-          reinterpret_cast<const void*>(forward_persistent_kernel<T, MMA>), dim3(plan.blocks), dim3(TILE_J, TILE_B),
-          args, plan.dynamic_smem, stream);
-      return err == cudaSuccess ? Status{} : failed(err, "lstm forward_persistent_kernel (cooperative launch)");
-    }
-    if (variant == kPersistent) {
-      return Status{cudaErrorCooperativeLaunchTooLarge,
-                    "lstm persistent kernel requested but not possible (see _C.occupancy for why)"};
-    }
-  }
-  *used = kStep;
-  return forward_step<T, MMA>(xg, w_hh, h0, c0, h_all, c_T, act, c_all, c_work, T_, B, H, stream);
+  void* args[] = {&xg, &w_hh, &h0, &c0, &h_all, &c_T, &act, &c_all, &c_work, &T_, &B, &H};
+  return run_variant(
+      variant, reinterpret_cast<const void*>(forward_persistent_kernel<T, MMA>),
+      "lstm forward_persistent_kernel (cooperative launch)", args,
+      [&](PersistentPlan* plan) { return forward_persistent_plan<T, MMA>(H, plan); },
+      [&] { return forward_step<T, MMA>(xg, w_hh, h0, c0, h_all, c_T, act, c_all, c_work, T_, B, H, stream); }, used,
+      stream);
 }
 
 Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, const void* c0, void* h_all,

@@ -63,4 +63,31 @@ inline Status persistent_plan(const void* kernel, int blocks, size_t dynamic_sme
   return Status{};
 }
 
+// The one variant decision of both directions. Unless `variant` is kStep, plan the
+// persistent kernel (plan_for(&plan)) and, where it can run, launch it cooperatively
+// with `args` (pointers to its arguments, in order); a forced kPersistent that cannot
+// run is an error. Otherwise run_step() launches the per-step kernels. *used gets
+// the variant that ran.
+template <typename PlanFn, typename StepFn>
+Status run_variant(int variant, const void* persistent_kernel, const char* name, void** args, PlanFn plan_for,
+                   StepFn run_step, int* used, cudaStream_t stream) {
+  if (variant != kStep) {
+    PersistentPlan plan;
+    const Status st = plan_for(&plan);
+    if (!st.ok()) return st;
+    if (plan.possible) {
+      *used = kPersistent;
+      const cudaError_t err = cudaLaunchCooperativeKernel(persistent_kernel, dim3(plan.blocks), dim3(TILE_J, TILE_B),
+                                                          args, plan.dynamic_smem, stream);
+      return err == cudaSuccess ? Status{} : failed(err, name);
+    }
+    if (variant == kPersistent) {
+      return Status{cudaErrorCooperativeLaunchTooLarge,
+                    "lstm persistent kernel requested but not possible (see _C.occupancy for why)"};
+    }
+  }
+  *used = kStep;
+  return run_step();
+}
+
 }  // namespace lstm

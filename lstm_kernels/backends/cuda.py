@@ -104,6 +104,21 @@ def _grad_or_zeros(g: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tenso
     return g.to(like.dtype).contiguous()
 
 
+def _launch(entry, like: torch.Tensor, *tensors: Optional[torch.Tensor], sizes: tuple) -> tuple[str, bool]:
+    """Call ``_C.forward`` or ``_C.backward`` on torch's current stream of ``like``'s device.
+
+    ``tensors`` are the entry's tensor arguments in order (None for a null pointer); the
+    dtype code, variant and tensor-core switch follow from ``like``'s dtype and the
+    environment. Returns the variant that ran and whether tensor cores were used.
+    """
+    mma = use_tensor_cores(like.dtype)
+    with torch.cuda.device(like.device):
+        stream = torch.cuda.current_stream(like.device).cuda_stream
+        used = entry(_dtype_codes()[like.dtype], *(_ptr(t) for t in tensors), *sizes, stream,
+                     _variant_code(requested_variant()), mma)
+    return _variant_name(used), mma
+
+
 class CudaBackend(Backend):
     name = "cuda"
     differentiable_backward = False
@@ -175,15 +190,9 @@ class CudaBackend(Backend):
         else:
             act = c_all = None
             c_work = torch.empty((B, H), dtype=torch.float32, device=dev)
-        with torch.cuda.device(dev):
-            stream = torch.cuda.current_stream(dev).cuda_stream
-            mma = use_tensor_cores(xg.dtype)
-            used = _C.forward(
-                _dtype_codes()[xg.dtype], _ptr(xg), _ptr(w_hh), _ptr(h0), _ptr(c0), _ptr(h_all), _ptr(c_T),
-                _ptr(act), _ptr(c_all), _ptr(c_work), T, B, H, stream, _variant_code(requested_variant()), mma,
-            )
-        self.last_forward_variant = _variant_name(used)
-        self.last_forward_mma = mma
+        self.last_forward_variant, self.last_forward_mma = _launch(
+            _C.forward, xg, xg, w_hh, h0, c0, h_all, c_T, act, c_all, c_work, sizes=(T, B, H)
+        )
         h_T = h_all[-1].clone()
         workspace = (act, c_all) if needs_grad else ()
         return h_all, h_T, c_T, workspace
@@ -204,16 +213,9 @@ class CudaBackend(Backend):
         dc0 = torch.empty((B, H), dtype=c0.dtype, device=dev)
         dg_work = torch.empty((2, B, 4 * H), dtype=torch.float32, device=dev)
         dc_work = torch.empty((B, H), dtype=torch.float32, device=dev)
-        with torch.cuda.device(dev):
-            stream = torch.cuda.current_stream(dev).cuda_stream
-            mma = use_tensor_cores(xg.dtype)
-            used = _C.backward(
-                _dtype_codes()[xg.dtype], _ptr(w_hh), _ptr(c0), _ptr(act), _ptr(c_all), _ptr(dh_all), _ptr(dh_T),
-                _ptr(dc_T), _ptr(dG), _ptr(dh0), _ptr(dc0), _ptr(dg_work), _ptr(dc_work), T, B, H, stream,
-                _variant_code(requested_variant()), mma,
-            )
-        self.last_backward_variant = _variant_name(used)
-        self.last_backward_mma = mma
+        self.last_backward_variant, self.last_backward_mma = _launch(
+            _C.backward, xg, w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work, dc_work, sizes=(T, B, H)
+        )
         return dG, dh0, dc0, None
 
 
