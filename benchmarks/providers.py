@@ -5,6 +5,7 @@ A provider turns the sweep's base ``nn.LSTM`` into a module whose
 
     nn.LSTM           torch.nn.LSTM (cuDNN on a GPU): the baseline of speedup_vs_cudnn
     nn.LSTM-compile   torch.compile(nn.LSTM) (dynamo graph-breaks around RNN modules by default)
+    fused-auto        FusedLSTM() as a user gets it (backend="auto": on the CPU torch's own kernel)
     fused-reference   FusedLSTM(backend="reference")
     fused-triton      FusedLSTM(backend="triton")
     fused-cuda        FusedLSTM(backend="cuda")
@@ -67,6 +68,8 @@ class Fused(Provider):
         self.name = f"fused-{backend}"
 
     def unavailable_reason(self, device):
+        if self.backend == "auto":
+            return None
         if self.backend in lstm_kernels.available_backends():
             if self.backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
                 return "the Triton backend runs on the CPU only under TRITON_INTERPRET=1"
@@ -140,13 +143,13 @@ class _FlashRNNLSTM(nn.Module):
 
 PROVIDERS: dict[str, Provider] = {
     p.name: p
-    for p in (TorchLSTM(), CompiledTorchLSTM(), Fused("reference"), Fused("triton"), Fused("cuda"), FlashRNN())
+    for p in (TorchLSTM(), CompiledTorchLSTM(), Fused("auto"), Fused("reference"), Fused("triton"), Fused("cuda"), FlashRNN())
 }
 
 
 def default_impls(device: str) -> list[str]:
     """What ``python -m benchmarks`` measures when --impl is not given."""
     if device == "cuda":
-        names = [BASELINE, "nn.LSTM-compile", "fused-cuda", "fused-triton", "fused-reference", "flashrnn"]
+        names = [BASELINE, "nn.LSTM-compile", "fused-auto", "fused-cuda", "fused-triton", "fused-reference", "flashrnn"]
         return [n for n in names if n == BASELINE or PROVIDERS[n].unavailable_reason(device) is None]
-    return [BASELINE, "fused-reference"]
+    return [BASELINE, "fused-auto", "fused-reference"]

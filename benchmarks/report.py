@@ -20,7 +20,7 @@ from .runner import OK, Result
 COLUMNS = [
     "device", "dtype", "T", "B", "H", "I", "layers", "bidirectional", "impl", "pass",
     "median_ms", "p10_ms", "p90_ms", "peak_mem_mb", "speedup_vs_cudnn",
-    "per_step_us", "reps", "cudnn_persistent_eligible", "status", "note",
+    "per_step_us", "reps", "cudnn_persistent_eligible", "status", "note", "paired_baseline_ms",
 ]  # fmt: skip
 CONFIG_KEYS = ("device", "dtype", "T", "B", "H", "I", "layers", "bidirectional", "pass")
 IMPL_ORDER = list(PROVIDERS)
@@ -63,6 +63,7 @@ def rows_from_results(results: Iterable[Result], device_name: str) -> list[dict]
                 "cudnn_persistent_eligible": cudnn_persistent_eligible(c),
                 "status": r.status,
                 "note": r.note,
+                "paired_baseline_ms": r.paired_baseline_ms,
             }
         )
     add_speedups(rows)
@@ -86,7 +87,11 @@ def _sort_key(row: dict):
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """speedup_vs_cudnn = median of the nn.LSTM row of the same config and pass / this median."""
+    """speedup_vs_cudnn = median of nn.LSTM / this median.
+
+    nn.LSTM's median is the one timed interleaved with this row (``paired_baseline_ms``,
+    on the CPU) where there is one, else that of the nn.LSTM row of the same config and pass.
+    """
     baseline = {
         tuple(str(row[k]) for k in CONFIG_KEYS): float(row["median_ms"])
         for row in rows
@@ -94,6 +99,8 @@ def add_speedups(rows: list[dict]) -> None:
     }
     for row in rows:
         base = baseline.get(tuple(str(row[k]) for k in CONFIG_KEYS))
+        if row.get("paired_baseline_ms") not in (None, ""):
+            base = float(row["paired_baseline_ms"])
         ok = row["status"] == OK and row["median_ms"] not in (None, "")
         row["speedup_vs_cudnn"] = base / float(row["median_ms"]) if (ok and base is not None) else None
 

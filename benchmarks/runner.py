@@ -22,7 +22,7 @@ from lstm_kernels import BackendUnsupportedError
 from . import configs as cfgs
 from .configs import Config, Measurement
 from .providers import BASELINE, PROVIDERS
-from .timing import Budget, PeakMemory, Stats, rotation_count, summarize, time_calls, warm_up
+from .timing import Budget, PeakMemory, Stats, rotation_count, summarize, time_calls, time_paired, warm_up
 
 SKIPPED = "skipped"
 OK = "ok"
@@ -35,6 +35,8 @@ class Result:
     note: str = ""
     stats: Optional[Stats] = None
     peak_mem_mb: Optional[float] = None
+    #: CPU only: median ms of the baseline timed interleaved with this measurement (time_paired)
+    paired_baseline_ms: Optional[float] = None
 
     @property
     def config(self) -> Config:
@@ -210,7 +212,10 @@ def _run_config(cfg, group, device, warmup, budget, share, need, bar):
             if isinstance(module, str):
                 error = module
             else:
-                results.append(_measure(m, module, inputs, device, warmup, budget, share))
+                # On the CPU the baseline is timed again, interleaved with each implementation.
+                pair = modules.get(BASELINE) if device == "cpu" and m.impl != BASELINE else None
+                pair = None if isinstance(pair, str) else pair
+                results.append(_measure(m, module, inputs, device, warmup, budget, share, pair))
         except Exception as exc:  # noqa: BLE001  (one provider failing must not stop the sweep)
             error = _short_error(exc)
             cheap_error = isinstance(exc, BackendUnsupportedError)  # refused up front: nothing to clean up
@@ -226,7 +231,8 @@ def _run_config(cfg, group, device, warmup, budget, share, need, bar):
     return results, broken
 
 
-def _measure(m, module, inputs, device, warmup, budget, share) -> Result:
+def _measure(m, module, inputs, device, warmup, budget, share, baseline_module=None) -> Result:
+    """Time one measurement; with ``baseline_module`` (CPU) the baseline is timed interleaved with it."""
     t0 = time.perf_counter()
     prepare, run = make_runner(module, inputs, m.pass_)
     warm = warm_up(run, warmup, device, prepare)
@@ -236,10 +242,15 @@ def _measure(m, module, inputs, device, warmup, budget, share) -> Result:
     reps, reduced = budget.reps_for(call_s, share - (time.perf_counter() - t0))
     if reps == 0:
         return Result(m, SKIPPED, f"one call takes {call_s:.3g} s: too slow for the time budget")
+    note = f"reps reduced to {reps} by the time budget" if reduced else ""
+    if baseline_module is not None:
+        prepare_base, run_base = make_runner(baseline_module, inputs, m.pass_)
+        warm_up(run_base, warmup, device, prepare_base)
+        times, base_times = time_paired(run, run_base, reps, prepare, prepare_base, start_index=len(warm))
+        return Result(m, OK, note, summarize(times), None, summarize(base_times).median_ms)
     prepare(len(warm))
     with PeakMemory(device) as peak:
         times = time_calls(run, reps, device, prepare, start_index=len(warm))
-    note = f"reps reduced to {reps} by the time budget" if reduced else ""
     return Result(m, OK, note, summarize(times), peak.mb)
 
 

@@ -92,6 +92,33 @@ def time_calls(
     return times
 
 
+def time_paired(
+    run: Callable[[int], None],
+    baseline: Callable[[int], None],
+    reps: int,
+    prepare: Optional[Callable[[int], None]] = None,
+    prepare_baseline: Optional[Callable[[int], None]] = None,
+    start_index: int = 0,
+) -> tuple[list[float], list[float]]:
+    """CPU: per-repetition times in ms of ``run(i)`` and ``baseline(i)``, interleaved.
+
+    Each repetition times both, in alternating order, so that load from other
+    processes, frequency changes and cache state fall on both alike: their ratio
+    stays honest on a busy machine where back-to-back blocks of repetitions drift.
+    """
+    times, base_times = [], []
+    for k in range(reps):
+        i = start_index + k
+        pair = ((run, prepare, times), (baseline, prepare_baseline, base_times))
+        for fn, prep, out in pair if k % 2 == 0 else pair[::-1]:
+            if prep is not None:
+                prep(i)
+            t0 = time.perf_counter()
+            fn(i)
+            out.append((time.perf_counter() - t0) * 1e3)
+    return times, base_times
+
+
 class PeakMemory:
     """Extra device memory at the peak of the calls inside the ``with`` block, in MiB (None on the CPU).
 

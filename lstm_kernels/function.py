@@ -49,7 +49,7 @@ def layer_backward(impl: Backend, inputs: RecurrenceInputs, h_all, workspace, dh
     if need_dw_hh:
         T, B, four_h = dG.shape
         h_prev = torch.cat([inputs.h0.unsqueeze(0), h_all[:-1]], dim=0)
-        dw_hh = dG.reshape(T * B, four_h).t() @ h_prev.reshape(T * B, -1)
+        dw_hh = dG.reshape(T * B, four_h).t() @ h_prev.reshape(T * B, h_prev.shape[-1])
     return dG, dw_hh, dh0, dc0, dw_hr
 
 

@@ -8,6 +8,8 @@ what ``nn.LSTM.forward`` accepts (batched or unbatched tensors, batch_first,
 Per layer and direction the data path is: one GEMM for the input projection
 of all steps, then :class:`~lstm_kernels.function.LSTMLayer` for the
 recurrence. Reversed directions reverse each sequence within its own length.
+On the CPU, ``backend="auto"`` runs torch's own LSTM kernel for the whole
+module instead (:mod:`lstm_kernels.native` says when and why).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import validation
 from .backends import check_backend_name
 from .function import lstm_layer
+from .native import native_path_reason, run_native
 from .sequences import pack_time_major, reverse_time_major, unpack_to_time_major
 
 
@@ -101,7 +104,8 @@ class FusedLSTM(nn.Module):
 
     @property
     def _flat_weights(self) -> list[torch.Tensor]:
-        return [getattr(self, name) for name in self._flat_weights_names]
+        params = self._parameters  # not getattr: nn.Module.__getattr__ costs a few µs per call
+        return [params[name] for name in self._flat_weights_names]
 
     def reset_parameters(self) -> None:
         """nn.LSTM's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""
@@ -161,7 +165,7 @@ class FusedLSTM(nn.Module):
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             validation.check_input(data, weight, self.input_size, packed=True)
-            x = unpack_to_time_major(data, batch_sizes)
+            x = data
             batch = int(batch_sizes[0])
             if hx is not None:
                 hx = tuple(s.index_select(1, sorted_indices) if sorted_indices is not None else s for s in hx)
@@ -189,10 +193,17 @@ class FusedLSTM(nn.Module):
         else:
             validation.check_hidden(hx, h_shape, c_shape, x)
 
-        output, h_n, c_n = self._run_layers(x, hx, batch_sizes)
+        if native_path_reason(self.backend, x) is None:
+            output, h_n, c_n = run_native(self, x, hx, batch_sizes)
+        else:
+            if packed:
+                x = unpack_to_time_major(x, batch_sizes)
+            output, h_n, c_n = self._run_layers(x, hx, batch_sizes)
+            if packed:
+                output = pack_time_major(output, batch_sizes)
 
         if packed:
-            output = PackedSequence(pack_time_major(output, batch_sizes), batch_sizes, sorted_indices, unsorted_indices)
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:
                 h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
             return output, (h_n, c_n)

@@ -44,10 +44,11 @@ def test_csv_columns_and_rows(tiny_sweep):
     _, _, rows = tiny_sweep
     assert list(rows[0])[: len(REQUIRED_COLUMNS)] == REQUIRED_COLUMNS
     assert "cudnn_persistent_eligible" in rows[0]
-    # 2 T x 1 B x 1 H x 2 impls (CPU default: nn.LSTM, fused-reference) x 2 passes
-    assert len(rows) == 8
+    # 2 T x 1 B x 1 H x 3 impls (CPU default: nn.LSTM, fused-auto, fused-reference) x 2 passes
+    assert len(rows) == 12
     keys = {(r["impl"], r["pass"], r["T"]) for r in rows}
-    assert keys == {(i, p, t) for i in ("nn.LSTM", "fused-reference") for p in ("fwd", "fwd_bwd") for t in ("4", "8")}
+    impls = ("nn.LSTM", "fused-auto", "fused-reference")
+    assert keys == {(i, p, t) for i in impls for p in ("fwd", "fwd_bwd") for t in ("4", "8")}
     for r in rows:
         assert r["status"] == "ok", r
         assert (r["dtype"], r["B"], r["H"], r["I"], r["layers"], r["bidirectional"]) == ("fp32", "2", "8", "8", "1", "False")
@@ -59,13 +60,33 @@ def test_csv_columns_and_rows(tiny_sweep):
 
 
 def test_speedup_is_against_nn_lstm_of_the_same_config(tiny_sweep):
+    """On the CPU against nn.LSTM timed interleaved with the row (paired_baseline_ms), else the nn.LSTM row."""
     _, _, rows = tiny_sweep
     base = {(r["T"], r["pass"]): float(r["median_ms"]) for r in rows if r["impl"] == "nn.LSTM"}
     for r in rows:
+        if r["impl"] == "nn.LSTM":
+            assert r["paired_baseline_ms"] == ""
+            assert float(r["speedup_vs_cudnn"]) == pytest.approx(1.0)
+            continue
+        paired = float(r["paired_baseline_ms"])
+        assert paired > 0
+        assert float(r["speedup_vs_cudnn"]) == pytest.approx(paired / float(r["median_ms"]), rel=1e-4)
+    unpaired = [dict(r, paired_baseline_ms="") for r in rows]
+    report.add_speedups(unpaired)
+    for r in unpaired:
         expected = base[(r["T"], r["pass"])] / float(r["median_ms"])
         assert float(r["speedup_vs_cudnn"]) == pytest.approx(expected, rel=1e-4)
-        if r["impl"] == "nn.LSTM":
-            assert float(r["speedup_vs_cudnn"]) == pytest.approx(1.0)
+
+
+def test_time_paired_interleaves_in_alternating_order():
+    from benchmarks.timing import time_paired
+
+    calls = []
+    times, base_times = time_paired(lambda i: calls.append(("run", i)), lambda i: calls.append(("base", i)), 4,
+                                    start_index=10)
+    assert len(times) == len(base_times) == 4
+    assert calls == [("run", 10), ("base", 10), ("base", 11), ("run", 11),
+                     ("run", 12), ("base", 12), ("base", 13), ("run", 13)]
 
 
 def test_header_in_every_file(tiny_sweep):
@@ -320,7 +341,7 @@ def test_cudnn_persistent_eligible():
 def test_default_grids():
     cpu = cfgs.build_configs("cpu")
     assert {c.dtype for c in cpu} == {"fp32"} and max(c.T for c in cpu) <= 64
-    assert providers.default_impls("cpu") == ["nn.LSTM", "fused-reference"]
+    assert providers.default_impls("cpu") == ["nn.LSTM", "fused-auto", "fused-reference"]
     gpu = cfgs.build_configs("cuda")
     single = [c for c in gpu if c.layers == 1]
     assert len(single) == 4 * 5 * 4 * 3  # T x B x H x dtype

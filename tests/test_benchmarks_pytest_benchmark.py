@@ -28,7 +28,7 @@ CONFIG = (
     if DEVICE == "cuda"
     else Config(T=16, B=4, H=32, I=32, layers=1, bidirectional=False, dtype="fp32")
 )
-IMPLS = ["nn.LSTM", "fused-reference"] + (["fused-triton", "fused-cuda"] if DEVICE == "cuda" else [])
+IMPLS = ["nn.LSTM", "fused-auto", "fused-reference"] + (["fused-triton", "fused-cuda"] if DEVICE == "cuda" else [])
 
 
 @pytest.mark.parametrize("pass_", ["fwd", "fwd_bwd"])

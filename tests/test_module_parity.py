@@ -2,7 +2,8 @@
 
 Outputs, h_n, c_n and the gradients of the input, h0, c0 and every parameter.
 The backends under test come from LSTM_KERNELS_TEST_BACKENDS (comma-separated,
-default "reference"); CI also runs this file for "triton" under
+default "reference,auto"; auto on the CPU is torch's own kernel, see
+lstm_kernels/native.py); CI also runs this file for "triton" under
 TRITON_INTERPRET=1. A case a backend declines is skipped with its reason.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from lstm_kernels import BackendUnsupportedError, FusedLSTM
 from utils import REL_TOL, assert_rel_close
 
-BACKENDS = os.environ.get("LSTM_KERNELS_TEST_BACKENDS", "reference").split(",")
+BACKENDS = os.environ.get("LSTM_KERNELS_TEST_BACKENDS", "reference,auto").split(",")
 INPUT, HIDDEN, PROJ = 5, 6, 3
 
 CONFIGS = {

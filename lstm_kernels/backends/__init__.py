@@ -196,8 +196,17 @@ def check_backend_name(name: str) -> str:
 
 
 def resolve_backend(requested: str, call: RecurrenceCall) -> Backend:
-    """The one dispatch point: pick the backend that serves ``call``."""
+    """The one dispatch point: pick the backend that serves ``call``.
+
+    An empty batch (B = 0, which nn.LSTM accepts) has nothing to compute: whatever
+    backend is asked for, the reference's bookkeeping returns its empty results and
+    gradients, so no kernel has to handle zero-sized launches.
+    """
     requested = os.environ.get(ENV_VAR, requested) if requested == "auto" else requested
+    if call.batch == 0:
+        if requested != "auto":
+            get_backend(requested)  # an unknown name still raises
+        return get_backend("reference")
     if requested != "auto":
         backend = get_backend(requested)
         why = backend.unavailable_reason() or backend.supports(call)

@@ -1,0 +1,167 @@
+"""``backend="auto"`` on the CPU: torch's own LSTM kernel for the whole module (lstm_kernels/native.py).
+
+The path exists so that FusedLSTM is never slower than nn.LSTM on the CPU; these
+tests check when it is taken and that every promise FusedLSTM makes holds on it:
+nn.LSTM's results to the bit, eval-mode backward, double backward, determinism,
+and one graph under torch.compile.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import lstm_kernels.module as module_mod
+from lstm_kernels import FusedLSTM
+from lstm_kernels.backends import ENV_VAR
+from lstm_kernels.native import native_path_reason
+from utils import assert_rel_close
+
+CONFIG = dict(num_layers=2, bidirectional=True, proj_size=3)
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts the calls that take the native path."""
+    calls = []
+    original = module_mod.run_native
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module_mod, "run_native", spy)
+    return calls
+
+
+def _loss_and_grads(model, x, hx):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    hx = tuple(s.detach().requires_grad_(True) for s in hx)
+    out, (h, c) = model(x, hx)
+    (out.square().sum() + h.sum() + 2 * c.sum()).backward()
+    return [out, h, c, x.grad, *(s.grad for s in hx), *(p.grad for p in model.parameters())]
+
+
+@pytest.mark.parametrize("config", [dict(), CONFIG, dict(bias=False, batch_first=True)])
+def test_auto_on_cpu_is_nn_lstm_to_the_bit(config, native_calls):
+    torch.manual_seed(0)
+    lstm = nn.LSTM(5, 6, **config)
+    fused = FusedLSTM.from_torch(lstm)
+    shape = (3, 4, 5) if config.get("batch_first") else (4, 3, 5)
+    d = 2 if config.get("bidirectional") else 1
+    layers = config.get("num_layers", 1) * d
+    hx = (torch.randn(layers, 3, config.get("proj_size") or 6), torch.randn(layers, 3, 6))
+    x = torch.randn(shape)
+    for actual, expected in zip(_loss_and_grads(fused, x, hx), _loss_and_grads(lstm, x, hx)):
+        assert torch.equal(actual, expected)
+    assert native_calls
+
+
+def test_auto_on_cpu_packed_is_nn_lstm_to_the_bit(native_calls):
+    torch.manual_seed(0)
+    lstm = nn.LSTM(5, 6, **CONFIG)
+    fused = FusedLSTM.from_torch(lstm)
+    packed = pack_padded_sequence(torch.randn(6, 4, 5), torch.tensor([3, 6, 1, 4]), enforce_sorted=False)
+    (out, (h, c)), (out_e, (h_e, c_e)) = fused(packed), lstm(packed)
+    assert torch.equal(out.data, out_e.data) and torch.equal(out.batch_sizes, out_e.batch_sizes)
+    assert torch.equal(out.unsorted_indices, out_e.unsorted_indices)
+    assert torch.equal(h, h_e) and torch.equal(c, c_e)
+    assert native_calls
+
+
+def test_named_backend_and_env_var_take_the_per_layer_path(native_calls, monkeypatch):
+    x = torch.randn(3, 2, 5)
+    FusedLSTM(5, 6, backend="reference")(x)
+    monkeypatch.setenv(ENV_VAR, "reference")
+    FusedLSTM(5, 6)(x)
+    assert not native_calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_cpu_inputs_take_the_per_layer_path(dtype, native_calls):
+    FusedLSTM(5, 6, dtype=dtype)(torch.randn(3, 2, 5, dtype=dtype))
+    assert not native_calls
+
+
+def test_reasons():
+    x = torch.randn(2, 1, 3)
+    assert native_path_reason("auto", x) is None
+    assert native_path_reason("auto", x.double()) is None
+    assert "named" in native_path_reason("reference", x)
+    assert "dtype" in native_path_reason("auto", x.half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "autocast" in native_path_reason("auto", x)
+    meta = torch.empty(2, 1, 3, device="meta")
+    assert "meta" in native_path_reason("auto", meta)
+
+
+def test_eval_mode_backward(native_calls):
+    torch.manual_seed(0)
+    fused = FusedLSTM(5, 6, num_layers=2, dropout=0.5).eval()
+    x = torch.randn(4, 2, 5, requires_grad=True)
+    fused(x)[0].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert native_calls
+
+
+def test_dropout_in_training_uses_nn_lstm_mask():
+    """Dropout between layers: with the same seed, the same mask as nn.LSTM's (the same op draws it)."""
+    lstm = nn.LSTM(5, 6, num_layers=3, dropout=0.5)
+    fused = FusedLSTM.from_torch(lstm)
+    x = torch.randn(4, 2, 5)
+    torch.manual_seed(1)
+    expected = lstm(x)[0]
+    torch.manual_seed(1)
+    assert torch.equal(fused(x)[0], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_double_backward_matches_reference(dtype, native_calls):
+    torch.manual_seed(0)
+    fused = FusedLSTM(4, 5, dtype=dtype, **CONFIG)
+    reference = FusedLSTM.from_torch(fused.to_torch(), backend="reference")
+    x = torch.randn(5, 2, 4, dtype=dtype)
+
+    def second_order(model):
+        xi = x.clone().requires_grad_(True)
+        out = model(xi)[0]
+        (g,) = torch.autograd.grad(out.square().sum(), xi, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), xi)
+        return g, gg
+
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for actual, expected in zip(second_order(fused), second_order(reference)):
+        assert_rel_close(actual, expected, tol)
+    assert native_calls
+
+
+def test_gradgradcheck_float64():
+    fused = FusedLSTM(3, 4, proj_size=2, dtype=torch.float64)
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: fused(x)[0], (x,))
+
+
+def test_bitwise_deterministic_under_deterministic_algorithms():
+    torch.manual_seed(0)
+    fused = FusedLSTM(5, 6, **CONFIG)
+    x = torch.randn(6, 3, 5)
+    hx = (torch.zeros(4, 3, 3), torch.zeros(4, 3, 6))
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = _loss_and_grads(fused, x, hx), _loss_and_grads(fused, x, hx)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_compile_keeps_one_op_per_layer_direction(native_calls):
+    """Under torch.compile the native path is not taken: the graph holds lstm_kernels::recurrence."""
+    torch._dynamo.reset()
+    fused = FusedLSTM(4, 6, **CONFIG)
+    explanation = torch._dynamo.explain(fused)(torch.randn(5, 2, 4))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    code = "\n".join(g.code for g in explanation.graphs)
+    assert code.count("lstm_kernels.recurrence") == 4, code
