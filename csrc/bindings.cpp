@@ -5,15 +5,22 @@
 // allocates outputs and picks the stream. A CUDA error becomes a RuntimeError
 // naming the kernel and cudaGetErrorString; a bad argument a ValueError.
 //
+// A cooperative launch the runtime refused (Status::cooperative_refused) becomes
+// _C.CooperativeLaunchRefused, a RuntimeError that cuda.py catches for "auto".
+//
 // Also: host entry points running the cell math of cell.cuh on numpy arrays
-// (tests check it without a GPU), and CUDA queries (device count, occupancy).
+// (tests check it without a GPU), CUDA queries (runtime status, device count,
+// occupancy) and the counters of the persistent-plan cache.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
+#include <vector>
 
 #include "cell.cuh"
 #include "lstm_cuda.h"
@@ -23,11 +30,23 @@ namespace py = pybind11;
 
 namespace {
 
+// Raised (as _C.CooperativeLaunchRefused) when the runtime refuses a planned cooperative launch.
+struct CooperativeLaunchRefused : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 void check_status(const lstm::Status& st) {
   if (!st.ok()) {
-    throw std::runtime_error(std::string(st.where) + " failed: " + cudaGetErrorString(st.error) + " (" +
-                             cudaGetErrorName(st.error) + ")");
+    const std::string msg = std::string(st.where) + " failed: " + cudaGetErrorString(st.error) + " (" +
+                            cudaGetErrorName(st.error) + ")";
+    if (st.cooperative_refused) throw CooperativeLaunchRefused(msg);
+    throw std::runtime_error(msg);
   }
+}
+
+lstm::BarrierDebug barrier_debug(const char* fn, uintptr_t state, int64_t spins) {
+  if (state != 0 && spins < 1) throw std::invalid_argument(std::string(fn) + ": barrier_spins must be >= 1");
+  return lstm::BarrierDebug{reinterpret_cast<unsigned long long*>(state), (long long)spins};
 }
 
 void check_sizes(const char* fn, int64_t T, int64_t B, int64_t H) {
@@ -64,8 +83,9 @@ void check_variant(const char* fn, int variant) {
 
 int forward(int dtype, uintptr_t xg, uintptr_t w_hh, uintptr_t h0, uintptr_t c0, uintptr_t h_all, uintptr_t c_T,
             uintptr_t act, uintptr_t c_all, uintptr_t c_work, int64_t T, int64_t B, int64_t H, uintptr_t stream,
-            int variant, bool mma) {
+            int variant, bool mma, uintptr_t barrier_state, int64_t barrier_spins) {
   const char* fn = "lstm_kernels._C.forward";
+  const lstm::BarrierDebug dbg = barrier_debug(fn, barrier_state, barrier_spins);
   check_dtype(fn, dtype);
   check_variant(fn, variant);
   check_sizes(fn, T, B, H);
@@ -79,7 +99,7 @@ int forward(int dtype, uintptr_t xg, uintptr_t w_hh, uintptr_t h0, uintptr_t c0,
                        ptr<const void>(fn, "h0", h0), ptr<const void>(fn, "c0", c0), ptr<void>(fn, "h_all", h_all),
                        ptr<void>(fn, "c_T", c_T), ptr<float>(fn, "act", act, true),
                        ptr<float>(fn, "c_all", c_all, true), ptr<float>(fn, "c_work", c_work, true), (int)T, (int)B,
-                       (int)H, variant, mma, &used, stream_of(stream));
+                       (int)H, variant, mma, &used, stream_of(stream), dbg);
   }
   check_status(st);
   return used;
@@ -87,8 +107,10 @@ int forward(int dtype, uintptr_t xg, uintptr_t w_hh, uintptr_t h0, uintptr_t c0,
 
 int backward(int dtype, uintptr_t w_hh, uintptr_t c0, uintptr_t act, uintptr_t c_all, uintptr_t dh_all,
              uintptr_t dh_T, uintptr_t dc_T, uintptr_t dG, uintptr_t dh0, uintptr_t dc0, uintptr_t dg_work,
-             uintptr_t dc_work, int64_t T, int64_t B, int64_t H, uintptr_t stream, int variant, bool mma) {
+             uintptr_t dc_work, int64_t T, int64_t B, int64_t H, uintptr_t stream, int variant, bool mma,
+             uintptr_t barrier_state, int64_t barrier_spins) {
   const char* fn = "lstm_kernels._C.backward";
+  const lstm::BarrierDebug dbg = barrier_debug(fn, barrier_state, barrier_spins);
   check_dtype(fn, dtype);
   check_variant(fn, variant);
   check_sizes(fn, T, B, H);
@@ -102,7 +124,7 @@ int backward(int dtype, uintptr_t w_hh, uintptr_t c0, uintptr_t act, uintptr_t c
                         ptr<const void>(fn, "dc_T", dc_T), ptr<void>(fn, "dG", dG), ptr<void>(fn, "dh0", dh0),
                         ptr<void>(fn, "dc0", dc0), ptr<float>(fn, "dg_work", dg_work),
                         ptr<float>(fn, "dc_work", dc_work), (int)T, (int)B, (int)H, variant, mma, &used,
-                        stream_of(stream));
+                        stream_of(stream), dbg);
   }
   check_status(st);
   return used;
@@ -136,6 +158,66 @@ py::tuple device_count() {
     return py::make_tuple(0, std::string(cudaGetErrorString(err)));
   }
   return py::make_tuple(n, py::none());
+}
+
+// What the extension's own (statically linked) CUDA runtime sees: (error code of
+// cudaGetDeviceCount, its "name: description" or None, device count, runtime version,
+// driver version (0 without a driver)). Never raises. torch's runtime may see a GPU
+// that this one cannot use (a driver older than the nvcc that built the extension:
+// cudaErrorInsufficientDriver); the cuda backend then reports itself unavailable.
+py::tuple runtime_status() {
+  int n = 0, runtime = 0, driver = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    n = 0;
+  }
+  if (cudaRuntimeGetVersion(&runtime) != cudaSuccess) runtime = 0;
+  if (cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;
+  (void)cudaGetLastError();
+  py::object msg = py::none();
+  if (err != cudaSuccess) msg = py::str(std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err));
+  return py::make_tuple((int)err, msg, n, runtime, driver);
+}
+
+py::dict plan_cache_stats() {
+  long long planned = 0, hits = 0, size = 0;
+  lstm::plan_cache().stats(&planned, &hits, &size);
+  py::dict d;
+  d["planned"] = planned;
+  d["hits"] = hits;
+  d["size"] = size;
+  return d;
+}
+
+// The PlanCache class on its own (tests, no GPU): `threads` threads each look up every
+// key of `keys` (tuples (device, kernel id, blocks, dynamic smem)) in a fresh cache whose
+// planner counts its calls and fails for blocks < 0. -> (planned, hits, size).
+py::tuple plan_cache_probe(const std::vector<std::tuple<int, int64_t, int, int64_t>>& keys, int threads) {
+  if (threads < 1 || threads > 64) throw std::invalid_argument("threads must be in [1, 64]");
+  lstm::PlanCache cache;
+  {
+    py::gil_scoped_release nogil;
+    std::vector<std::thread> pool;
+    for (int w = 0; w < threads; ++w) {
+      pool.emplace_back([&cache, &keys] {
+        for (const auto& k : keys) {
+          const lstm::PlanCache::Key key{std::get<0>(k), reinterpret_cast<const void*>(std::get<1>(k)),
+                                         std::get<2>(k), (size_t)std::get<3>(k)};
+          lstm::PersistentPlan plan;
+          cache.get(key, &plan, [&](lstm::PersistentPlan* p) {
+            p->blocks = std::get<2>(k);
+            p->possible = true;
+            return std::get<2>(k) < 0 ? lstm::Status{cudaErrorInvalidValue, "probe"} : lstm::Status{};
+          });
+        }
+      });
+    }
+    for (auto& t : pool) t.join();
+  }
+  long long planned = 0, hits = 0, size = 0;
+  cache.stats(&planned, &hits, &size);
+  return py::make_tuple(planned, hits, size);
 }
 
 // Attributes the persistent/per-step decision needs, for one device.
@@ -217,18 +299,38 @@ PYBIND11_MODULE(_C, m) {
   m.attr("VARIANT_STEP") = (int)lstm::kStep;
   m.attr("VARIANT_PERSISTENT") = (int)lstm::kPersistent;
   m.attr("VARIANT_AUTO") = (int)lstm::kAuto;
+  py::register_exception<CooperativeLaunchRefused>(m, "CooperativeLaunchRefused", PyExc_RuntimeError);
+  {
+    py::dict refusals;  // cudaError_t code -> name, of the errors raised as CooperativeLaunchRefused
+    for (const cudaError_t e : lstm::kCooperativeRefusals) refusals[py::int_((int)e)] = cudaGetErrorName(e);
+    m.attr("COOPERATIVE_REFUSALS") = refusals;
+  }
   m.def("forward", &forward,
-        "Forward recurrence; returns the variant that ran; mma: tensor cores; see csrc/lstm_cuda.h",
+        "Forward recurrence; returns the variant that ran; mma: tensor cores; barrier_state (a zeroed int64 [4]"
+        " device buffer, or 0) and barrier_spins: the persistent kernel's bounded debug barrier; see"
+        " csrc/lstm_cuda.h",
         py::arg("dtype"),
         py::arg("xg"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"), py::arg("h_all"), py::arg("c_T"),
         py::arg("act"), py::arg("c_all"), py::arg("c_work"), py::arg("T"), py::arg("B"), py::arg("H"),
-        py::arg("stream"), py::arg("variant") = (int)lstm::kStep, py::arg("mma") = false);
+        py::arg("stream"), py::arg("variant") = (int)lstm::kStep, py::arg("mma") = false,
+        py::arg("barrier_state") = 0, py::arg("barrier_spins") = 0);
   m.def("backward", &backward,
-        "Backward recurrence; returns the variant that ran; mma: tf32 tensor cores; see csrc/lstm_cuda.h",
+        "Backward recurrence; returns the variant that ran; mma: tf32 tensor cores; barrier_state, barrier_spins:"
+        " as for forward; see csrc/lstm_cuda.h",
         py::arg("dtype"), py::arg("w_hh"), py::arg("c0"), py::arg("act"), py::arg("c_all"), py::arg("dh_all"),
         py::arg("dh_T"), py::arg("dc_T"), py::arg("dG"), py::arg("dh0"), py::arg("dc0"), py::arg("dg_work"),
         py::arg("dc_work"), py::arg("T"), py::arg("B"), py::arg("H"), py::arg("stream"),
-        py::arg("variant") = (int)lstm::kStep, py::arg("mma") = false);
+        py::arg("variant") = (int)lstm::kStep, py::arg("mma") = false, py::arg("barrier_state") = 0,
+        py::arg("barrier_spins") = 0);
+  m.def("runtime_status", &runtime_status,
+        "(error code, 'name: description' or None, device count, runtime version, driver version) of the"
+        " extension's own CUDA runtime (cudaGetDeviceCount, cudaRuntimeGetVersion, cudaDriverGetVersion)");
+  m.def("plan_cache_stats", &plan_cache_stats,
+        "{'planned': plans computed, 'hits': plans served from the cache, 'size': plans kept}");
+  m.def("clear_plan_cache", [] { lstm::plan_cache().clear(); }, "Forget the cached persistent plans (and counters)");
+  m.def("plan_cache_probe", &plan_cache_probe,
+        "The plan cache with a counting fake planner (tests): -> (planned, hits, size)", py::arg("keys"),
+        py::arg("threads") = 1);
   m.def("occupancy", &occupancy,
         "Occupancy of the per-step kernel and the persistent plan (co-residency, shared memory) for hidden size H",
         py::arg("direction"), py::arg("dtype"), py::arg("H"), py::arg("mma") = false);

@@ -167,7 +167,8 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
                                T* __restrict__ dc0,             // [B, H] out
                                float* dg_work,                  // [2, B, 4H] fp32 (read across blocks: no __restrict__)
                                float* dc_work,                  // [B, H] fp32
-                               int T_, int B, int H) {
+                               int T_, int B, int H,
+                               BarrierDebug dbg) {  // state null: grid.sync(); else the bounded debug barrier
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* w_blk = reinterpret_cast<T*>(smem_raw);  // [4H, TILE_J]
   const int j0 = blockIdx.x * TILE_J;
@@ -194,7 +195,13 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
       }
       __syncthreads();  // the tile's shared buffers are reused by the next batch tile
     }
-    if (t >= 0) grid.sync();  // dG_t complete (and visible) before any block reads it
+    if (t >= 0) {  // dG_t complete (and visible) before any block reads it
+      if (dbg.state == nullptr) {
+        grid.sync();
+      } else if (!bounded_grid_sync(dbg, T_ - t, t)) {
+        return;  // a barrier timed out (recorded in dbg.state): leave, the host raises
+      }
+    }
     dg_next = dg_cur;
   }
 }
@@ -231,8 +238,9 @@ Status backward_persistent_plan(int H, PersistentPlan* plan) {
 template <typename T, bool MMA>
 Status backward_impl(const T* w_hh, const T* c0, const float* act, const float* c_all, const T* dh_all,
                      const T* dh_T, const T* dc_T, T* dG, T* dh0, T* dc0, float* dg_work, float* dc_work, int T_,
-                     int B, int H, int variant, int* used, cudaStream_t stream) {
-  void* args[] = {&w_hh, &c0, &act, &c_all, &dh_all, &dh_T, &dc_T, &dG, &dh0, &dc0, &dg_work, &dc_work, &T_, &B, &H};
+                     int B, int H, int variant, int* used, cudaStream_t stream, BarrierDebug barrier) {
+  void* args[] = {&w_hh, &c0,     &act,     &c_all,   &dh_all, &dh_T, &dc_T, &dG,
+                  &dh0,  &dc0,    &dg_work, &dc_work, &T_,     &B,    &H,    &barrier};
   return run_variant(
       variant, reinterpret_cast<const void*>(backward_persistent_kernel<T, MMA>),
       "lstm backward_persistent_kernel (cooperative launch)", args,
@@ -247,7 +255,7 @@ Status backward_impl(const T* w_hh, const T* c0, const float* act, const float* 
 Status backward(int dtype, const void* w_hh, const void* c0, const float* act, const float* c_all,
                 const void* dh_all, const void* dh_T, const void* dc_T, void* dG, void* dh0, void* dc0,
                 float* dg_work, float* dc_work, int T_, int B, int H, int variant, bool mma, int* used,
-                cudaStream_t stream) {
+                cudaStream_t stream, BarrierDebug barrier) {
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
     return LSTM_BOOL_SWITCH(mma, kMma, [&] {
       using P = const scalar_t*;
@@ -255,7 +263,7 @@ Status backward(int dtype, const void* w_hh, const void* c0, const float* act, c
                                            static_cast<P>(dh_all), static_cast<P>(dh_T), static_cast<P>(dc_T),
                                            static_cast<scalar_t*>(dG), static_cast<scalar_t*>(dh0),
                                            static_cast<scalar_t*>(dc0), dg_work, dc_work, T_, B, H, variant, used,
-                                           stream);
+                                           stream, barrier);
     });
   });
 }

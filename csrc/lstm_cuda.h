@@ -8,13 +8,34 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
+#include <map>
+#include <mutex>
+#include <tuple>
+
 namespace lstm {
 
 struct Status {
   cudaError_t error = cudaSuccess;
   const char* where = "";
+  // The runtime refused a cooperative launch that the plan allowed (MPS, MIG, green
+  // contexts, SMs held elsewhere): nothing ran, and the per-step kernels may still run.
+  bool cooperative_refused = false;
   bool ok() const { return error == cudaSuccess; }
 };
+
+// The runtime errors of a cooperative launch that the plan allowed but the runtime refused
+// (MPS client limits, MIG, green contexts, SMs held by another context): nothing ran, and
+// the per-step kernels can still serve the call.
+constexpr cudaError_t kCooperativeRefusals[] = {cudaErrorCooperativeLaunchTooLarge, cudaErrorNotSupported,
+                                                cudaErrorNotPermitted, cudaErrorLaunchOutOfResources};
+
+inline bool cooperative_launch_refused(cudaError_t err) {
+  for (const cudaError_t e : kCooperativeRefusals) {
+    if (err == e) return true;
+  }
+  return false;
+}
 
 // Which kernel runs the recurrence: one launch per step, one cooperative
 // launch for all steps, or the persistent one when it fits (else per-step).
@@ -31,6 +52,61 @@ struct PersistentPlan {
   size_t static_smem = 0;   // bytes: the tile buffers
 };
 
+// Planning a persistent launch costs six runtime calls and a cudaFuncSetAttribute;
+// the plan depends only on (device, kernel, grid size, dynamic shared memory), so it
+// is computed once per key and kept (thread-safe; a failed plan is not kept).
+class PlanCache {
+ public:
+  using Key = std::tuple<int, const void*, int, size_t>;  // device, kernel, blocks, dynamic smem
+
+  // The plan of `key`: from the cache, or compute(plan) (under the lock, so one key is
+  // planned once even when threads race) and kept when it succeeds.
+  template <typename Compute>
+  Status get(const Key& key, PersistentPlan* plan, Compute compute) {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto it = plans_.find(key);
+    if (it != plans_.end()) {
+      ++hits_;
+      *plan = it->second;
+      return Status{};
+    }
+    ++planned_;
+    const Status st = compute(plan);
+    if (st.ok()) plans_.emplace(key, *plan);
+    return st;
+  }
+  void stats(long long* planned, long long* hits, long long* size) {
+    std::lock_guard<std::mutex> lock(mu_);
+    *planned = planned_;
+    *hits = hits_;
+    *size = (long long)plans_.size();
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    plans_.clear();
+    planned_ = hits_ = 0;
+  }
+
+ private:
+  std::mutex mu_;
+  std::map<Key, PersistentPlan> plans_;
+  long long planned_ = 0, hits_ = 0;
+};
+
+// The process-wide cache of the persistent plans (defined in lstm_forward.cu).
+PlanCache& plan_cache();
+
+// Debug switch of the persistent kernels' grid barrier (LSTM_KERNELS_BARRIER_TIMEOUT in
+// Python). With state null (the default) the kernels sync with cooperative_groups'
+// grid.sync(). Otherwise they use a hand-written barrier (an arrival counter, release
+// before the arrival, acquire after the wait) that gives up after spin_limit polls: the
+// first block to give up records the step and itself, every block leaves the kernel,
+// and the caller reads state and raises.
+struct BarrierDebug {
+  unsigned long long* state = nullptr;  // [4], zeroed by the caller: arrivals, timed out (0/1), step, block
+  long long spin_limit = 0;             // polls (each ~0.1-1 us) before a wait gives up
+};
+
 // Forward recurrence (the per-step or the persistent kernel, see variant).
 //   xg     [T, B, 4H] dtype     input projection + biases
 //   w_hh   [4H, H]    dtype
@@ -44,9 +120,10 @@ struct PersistentPlan {
 //   variant           Variant   requested; *used gets the one that ran
 //   mma               bool      the recurrent matmul on tensor cores (wmma): fp16/bf16 operands, tf32 for
 //                               fp32 (ask for it only where TF32 is allowed)
+//   barrier           BarrierDebug  the persistent kernel's grid barrier (default: grid.sync())
 Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, const void* c0, void* h_all,
                void* c_T, float* act, float* c_all, float* c_work, int T, int B, int H, int variant, bool mma,
-               int* used, cudaStream_t stream);
+               int* used, cudaStream_t stream, BarrierDebug barrier = BarrierDebug{});
 
 // Backward recurrence (BPTT), one launch per step plus a last one for dh0.
 //   w_hh    [4H, H]    dtype
@@ -63,10 +140,11 @@ Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, cons
 //   dc_work [B, H]     fp32   scratch: the cell-state gradient carried between steps
 //   variant            Variant  requested; *used gets the one that ran
 //   mma                bool     dG_{t+1} W_hh on tf32 tensor cores (dG is fp32; 16-bit W is exact in tf32)
+//   barrier            BarrierDebug  the persistent kernel's grid barrier (default: grid.sync())
 Status backward(int dtype, const void* w_hh, const void* c0, const float* act, const float* c_all,
                 const void* dh_all, const void* dh_T, const void* dc_T, void* dG, void* dh0, void* dc0,
                 float* dg_work, float* dc_work, int T, int B, int H, int variant, bool mma, int* used,
-                cudaStream_t stream);
+                cudaStream_t stream, BarrierDebug barrier = BarrierDebug{});
 
 // Occupancy: resident blocks per SM of the per-step kernel ("forward" or
 // "backward") of the given dtype, and the persistent plan for hidden size H

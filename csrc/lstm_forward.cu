@@ -164,7 +164,8 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
                               float* __restrict__ act,     // [T, B, 4H] fp32, or null
                               float* __restrict__ c_all,   // [T, B, H] fp32, or null
                               float* __restrict__ c_work,  // [B, H] fp32 (used when c_all is null)
-                              int T_, int B, int H) {
+                              int T_, int B, int H,
+                              BarrierDebug dbg) {  // state null: grid.sync(); else the bounded debug barrier
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* w_blk = reinterpret_cast<T*>(smem_raw);  // [4, TILE_J, H]
   const int j0 = blockIdx.x * TILE_J;
@@ -188,7 +189,12 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
                            act ? act + t * b4h : nullptr, t == T_ - 1 ? c_T : nullptr, B, H);
       __syncthreads();  // the tile's shared buffers are reused by the next batch tile
     }
-    grid.sync();  // h_t complete (and visible) before any block reads it at t + 1
+    // h_t complete (and visible) before any block reads it at t + 1
+    if (dbg.state == nullptr) {
+      grid.sync();
+    } else if (!bounded_grid_sync(dbg, t + 1, t)) {
+      return;  // a barrier timed out (recorded in dbg.state): leave, the host raises
+    }
   }
 }
 
@@ -219,8 +225,8 @@ Status forward_persistent_plan(int H, PersistentPlan* plan) {
 template <typename T, bool MMA>
 Status forward_impl(const T* xg, const T* w_hh, const T* h0, const T* c0, T* h_all, T* c_T, float* act,
                     float* c_all, float* c_work, int T_, int B, int H, int variant, int* used,
-                    cudaStream_t stream) {
-  void* args[] = {&xg, &w_hh, &h0, &c0, &h_all, &c_T, &act, &c_all, &c_work, &T_, &B, &H};
+                    cudaStream_t stream, BarrierDebug barrier) {
+  void* args[] = {&xg, &w_hh, &h0, &c0, &h_all, &c_T, &act, &c_all, &c_work, &T_, &B, &H, &barrier};
   return run_variant(
       variant, reinterpret_cast<const void*>(forward_persistent_kernel<T, MMA>),
       "lstm forward_persistent_kernel (cooperative launch)", args,
@@ -231,15 +237,20 @@ Status forward_impl(const T* xg, const T* w_hh, const T* h0, const T* c0, T* h_a
 
 Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, const void* c0, void* h_all,
                void* c_T, float* act, float* c_all, float* c_work, int T_, int B, int H, int variant, bool mma,
-               int* used, cudaStream_t stream) {
+               int* used, cudaStream_t stream, BarrierDebug barrier) {
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
     return LSTM_BOOL_SWITCH(mma, kMma, [&] {
       return forward_impl<scalar_t, kMma>(static_cast<const scalar_t*>(xg), static_cast<const scalar_t*>(w_hh),
                                           static_cast<const scalar_t*>(h0), static_cast<const scalar_t*>(c0),
                                           static_cast<scalar_t*>(h_all), static_cast<scalar_t*>(c_T), act, c_all,
-                                          c_work, T_, B, H, variant, used, stream);
+                                          c_work, T_, B, H, variant, used, stream, barrier);
     });
   });
+}
+
+PlanCache& plan_cache() {
+  static PlanCache cache;
+  return cache;
 }
 
 Status forward_occupancy(int dtype, int H, bool mma, int* blocks_per_sm, PersistentPlan* plan) {

@@ -3,6 +3,8 @@
 // grid sync between steps) runs only when the device supports cooperative
 // launch, the block's shared memory fits, and every block of the grid can be
 // co-resident (cudaOccupancyMaxActiveBlocksPerMultiprocessor x SM count).
+// The plan is computed once per (device, kernel, grid, shared memory) and cached
+// (PlanCache, lstm_cuda.h). Also here: the bounded grid barrier of the debug switch.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,14 +22,14 @@ inline Status failed(cudaError_t err, const char* where) {
   return Status{err, where};
 }
 
-inline Status persistent_plan(const void* kernel, int blocks, size_t dynamic_smem, const char* name,
-                              PersistentPlan* plan) {
+// The plan itself (uncached): six runtime queries and the shared-memory attribute.
+inline Status compute_persistent_plan(int dev, const void* kernel, int blocks, size_t dynamic_smem, const char* name,
+                                      PersistentPlan* plan) {
   *plan = PersistentPlan{};
   plan->blocks = blocks;
   plan->dynamic_smem = dynamic_smem;
-  int dev = 0, coop = 0, sms = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
+  int coop = 0, sms = 0, optin = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return failed(err, name);
@@ -63,11 +65,59 @@ inline Status persistent_plan(const void* kernel, int blocks, size_t dynamic_sme
   return Status{};
 }
 
+// The plan of `kernel` on the current device, from the cache (computed on first use).
+inline Status persistent_plan(const void* kernel, int blocks, size_t dynamic_smem, const char* name,
+                              PersistentPlan* plan) {
+  int dev = 0;
+  const cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return failed(err, name);
+  return plan_cache().get(PlanCache::Key{dev, kernel, blocks, dynamic_smem}, plan, [&](PersistentPlan* p) {
+    return compute_persistent_plan(dev, kernel, blocks, dynamic_smem, name, p);
+  });
+}
+
+// Grid barrier of the debug switch (BarrierDebug, lstm_cuda.h), used instead of
+// grid.sync() when dbg.state is set; the grid is co-resident (cooperative launch).
+// `generation` counts the barriers this kernel has passed, from 1; `step` names the
+// barrier in the report. Thread (0, 0) of each block arrives (release: the block's
+// writes, ordered by __syncthreads and __threadfence, before its arrival) and polls
+// the counter until every block of this generation arrived (acquire: __threadfence
+// after the wait), giving up after dbg.spin_limit polls or when another block gave
+// up. Returns false to every thread of a block that gave up: the kernel must return.
+__device__ __forceinline__ bool bounded_grid_sync(const BarrierDebug& dbg, long long generation, int step) {
+  __shared__ int passed_s;
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    int passed = 1;
+    __threadfence();
+    atomicAdd(dbg.state, 1ull);
+    const long long target = generation * (long long)gridDim.x;
+    volatile unsigned long long* vstate = dbg.state;
+    long long spins = 0;
+    while ((long long)vstate[0] < target) {
+      if (vstate[1] != 0ull || ++spins > dbg.spin_limit) {
+        if (atomicCAS(dbg.state + 1, 0ull, 1ull) == 0ull) {  // the first block to give up names the barrier
+          vstate[2] = (unsigned long long)(long long)step;
+          vstate[3] = blockIdx.x;
+        }
+        passed = 0;
+        break;
+      }
+      __nanosleep(128);
+    }
+    __threadfence();
+    passed_s = passed;
+  }
+  __syncthreads();
+  return passed_s != 0;
+}
+
 // The one variant decision of both directions. Unless `variant` is kStep, plan the
 // persistent kernel (plan_for(&plan)) and, where it can run, launch it cooperatively
 // with `args` (pointers to its arguments, in order); a forced kPersistent that cannot
 // run is an error. Otherwise run_step() launches the per-step kernels. *used gets
-// the variant that ran.
+// the variant that ran. A cooperative launch the runtime refuses returns a Status with
+// cooperative_refused set, for kAuto too: the caller (cuda.py) retries with kStep.
 template <typename PlanFn, typename StepFn>
 Status run_variant(int variant, const void* persistent_kernel, const char* name, void** args, PlanFn plan_for,
                    StepFn run_step, int* used, cudaStream_t stream) {
@@ -79,7 +129,10 @@ Status run_variant(int variant, const void* persistent_kernel, const char* name,
       *used = kPersistent;
       const cudaError_t err = cudaLaunchCooperativeKernel(persistent_kernel, dim3(plan.blocks), dim3(TILE_J, TILE_B),
                                                           args, plan.dynamic_smem, stream);
-      return err == cudaSuccess ? Status{} : failed(err, name);
+      if (err == cudaSuccess) return Status{};
+      Status st = failed(err, name);
+      st.cooperative_refused = cooperative_launch_refused(err);
+      return st;
     }
     if (variant == kPersistent) {
       return Status{cudaErrorCooperativeLaunchTooLarge,

@@ -7,7 +7,12 @@
 #
 #   scripts/gpu_session.sh build      build the CUDA extension (editable install)
 #   scripts/gpu_session.sh test       build, then the gpu-marked tests and the Triton tests at real sizes
-#   scripts/gpu_session.sh sanitize   compute-sanitizer memcheck and racecheck on small shapes
+#   scripts/gpu_session.sh sanitize [TOOL...]   compute-sanitizer memcheck, racecheck, synccheck and
+#                                     initcheck (or the TOOLs named) on small shapes of both backends
+#                                     (tests/sanitize_cuda.py; SANITIZE_BACKENDS="cuda triton" by default),
+#                                     without torch's caching allocator; runs every tool (each for at most
+#                                     SANITIZE_TIMEOUT=540 s: name one tool per device call if they do not
+#                                     fit together), then exits non-zero if any failed
 #   scripts/gpu_session.sh bench [ARGS...]   the benchmark sweep (python -m benchmarks ARGS) into $OUT/bench
 #
 # Every log starts with the device, driver, versions and commit.
@@ -40,14 +45,37 @@ case "${1:-test}" in
     build ;;
   test)
     build
+    # every gpu test has a per-test timeout (tests/conftest.py): a hang ends the run with the stacks
     { header; $PY -m pytest -q -m gpu tests --ignore=tests/triton -rs --durations=15; } 2>&1 | tee "$OUT/gpu_tests.log"
-    { header; $PY -m pytest -q tests/triton -rs --durations=15; } 2>&1 | tee "$OUT/triton_gpu_tests.log" ;;
+    rc_gpu=${PIPESTATUS[0]}
+    { header; $PY -m pytest -q tests/triton -rs --durations=15; } 2>&1 | tee "$OUT/triton_gpu_tests.log"
+    rc_triton=${PIPESTATUS[0]}
+    echo "exit: gpu tests $rc_gpu, triton tests $rc_triton"
+    [ "$rc_gpu" -eq 0 ] && [ "$rc_triton" -eq 0 ] ;;
   sanitize)
+    shift
     ensure_built
-    for tool in memcheck racecheck; do
-      { header; compute-sanitizer --tool "$tool" --error-exitcode 1 $PY tests/sanitize_cuda.py; echo "exit: $?"; } \
-        2>&1 | tee "$OUT/sanitize_$tool.log"
-    done ;;
+    tools=("$@")
+    [ ${#tools[@]} -gt 0 ] || tools=(memcheck racecheck synccheck initcheck)
+    backend_args=()
+    for b in ${SANITIZE_BACKENDS:-cuda triton}; do backend_args+=(--backend "$b"); done
+    # Without torch's caching allocator every tensor is its own cudaMalloc, so memcheck sees
+    # an access past a tensor's end instead of landing inside a pooled block.
+    export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+    failed=()
+    for tool in "${tools[@]}"; do
+      log="$OUT/sanitize_$tool.log"
+      { header; timeout "${SANITIZE_TIMEOUT:-540}" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+          $PY tests/sanitize_cuda.py "${backend_args[@]}"; } 2>&1 | tee "$log"
+      rc=${PIPESTATUS[0]}  # the sanitizer's status (the group's last command), not tee's
+      echo "exit: $rc" | tee -a "$log"
+      [ "$rc" -eq 0 ] || failed+=("$tool")
+    done
+    if [ ${#failed[@]} -gt 0 ]; then
+      echo "sanitize: FAILED: ${failed[*]} (logs in $OUT)" | tee -a "$OUT/sanitize_summary.log" >&2
+      exit 1
+    fi
+    echo "sanitize: passed: ${tools[*]}" | tee -a "$OUT/sanitize_summary.log" ;;
   bench)
     shift
     ensure_built

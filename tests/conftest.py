@@ -1,18 +1,33 @@
+import os
+
 import pytest
 import torch
+
+#: Per-test limit (seconds) of every ``gpu`` test that sets no ``@pytest.mark.timeout`` of its own
+#: (pytest-timeout): a grid barrier that never opens must fail its test, not hang the GPU session.
+#: The "thread" method is the one that ends a process blocked inside a CUDA call: it prints every
+#: thread's stack (naming the test) and exits the run. Override with LSTM_KERNELS_GPU_TEST_TIMEOUT.
+GPU_TEST_TIMEOUT_S = float(os.environ.get("LSTM_KERNELS_GPU_TEST_TIMEOUT", "300"))
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped cleanly without one")
 
 
+def gpu_timeout_marker():
+    return pytest.mark.timeout(GPU_TEST_TIMEOUT_S, method="thread")
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
+    have_gpu = torch.cuda.is_available()
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" not in item.keywords:
+            continue
+        if not have_gpu:
             item.add_marker(skip)
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(gpu_timeout_marker())
 
 
 @pytest.fixture

@@ -1,17 +1,23 @@
-"""Small forward + backward runs of the cuda backend, for compute-sanitizer on a GPU:
+"""Small forward + backward runs of the GPU backends, for compute-sanitizer on a GPU
+(scripts/gpu_session.sh sanitize runs memcheck, racecheck, synccheck and initcheck on it,
+with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own allocation):
 
-    compute-sanitizer --tool memcheck python tests/sanitize_cuda.py
-    compute-sanitizer --tool racecheck python tests/sanitize_cuda.py
-    compute-sanitizer --tool initcheck python tests/sanitize_cuda.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tests/sanitize_cuda.py
+    python tests/sanitize_cuda.py --backend cuda      # one backend only (default: cuda and triton)
 
-Shapes cover tails in every tile dimension (H and B not multiples of 16, 4H not
-of 32), T = 1, every dtype, both variants and both matmuls (tensor cores, FMA).
-Exits non-zero if a result is non-finite.
+Backends and variants: ``cuda`` step and persistent, each with both matmuls (tensor
+cores, FMA); ``triton`` step and persistent. Shapes cover tails in every tile dimension
+(H and B not multiples of 16, 4H not of 32), T = 1, every dtype. A persistent case
+whose plan says it cannot run here is reported and skipped, not counted as a failure.
+Exits non-zero if a backend that was asked for is unavailable, a call raises, or a
+result is non-finite.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import traceback
 
 import torch
 
@@ -19,42 +25,93 @@ from lstm_kernels.backends import RecurrenceInputs, get_backend
 
 SHAPES = [(1, 1, 1), (1, 3, 13), (3, 17, 40), (4, 16, 32), (2, 33, 129)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = ("cuda", "triton")
+CUDA_VARIANT_ENV = "LSTM_KERNELS_CUDA_VARIANT"
+CUDA_MMA_ENV = "LSTM_KERNELS_CUDA_MMA"
+TRITON_VARIANT_ENV = "LSTM_KERNELS_TRITON_VARIANT"
 
 
-def main() -> int:
-    backend = get_backend("cuda")
-    why = backend.unavailable_reason()
-    if why is not None:
-        print(f"cuda backend unavailable: {why}")
-        return 1
+def configurations(backend: str):
+    """(label, environment) of every variant (and matmul) of ``backend`` to sanitize."""
+    if backend == "cuda":
+        for mma in ("1", "0"):
+            for variant in ("step", "persistent"):
+                yield f"cuda/{variant}/{'mma' if mma == '1' else 'fma'}", {CUDA_MMA_ENV: mma, CUDA_VARIANT_ENV: variant}
+    else:
+        for variant in ("step", "persistent"):
+            yield f"triton/{variant}", {TRITON_VARIANT_ENV: variant}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--backend", action="append", choices=BACKENDS,
+                        help="backend to run (repeatable; default: all of %(choices)s)")
+    args = parser.parse_args(argv)
+    print(f"PYTORCH_NO_CUDA_MEMORY_CACHING={os.environ.get('PYTORCH_NO_CUDA_MEMORY_CACHING', '')}")
     bad = 0
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 on tf32 tensor cores too, when the switch is on
-    for mma in ("1", "0"):
-        os.environ["LSTM_KERNELS_CUDA_MMA"] = mma
-        for variant in ("step", "persistent"):
-            os.environ["LSTM_KERNELS_CUDA_VARIANT"] = variant
-            bad += run_all(backend, f"{variant}/{'mma' if mma == '1' else 'fma'}")
+    for name in args.backend or BACKENDS:
+        try:
+            backend = get_backend(name)
+        except ValueError as e:
+            print(f"{name} backend unknown here: {e}")
+            bad += 1
+            continue
+        why = backend.unavailable_reason()
+        if why is not None:
+            print(f"{name} backend unavailable: {why}")
+            bad += 1
+            continue
+        for label, env in configurations(name):
+            os.environ.update(env)
+            bad += run_all(backend, label)
+    print(f"sanitize_cuda: {'FAILED (' + str(bad) + ')' if bad else 'ok'}")
     return 1 if bad else 0
 
 
-def run_all(backend, variant) -> int:
+def persistent_impossible(label: str, dtype, H: int) -> str | None:
+    """Why the cuda persistent kernels cannot run this case here (their plan), or None."""
+    if not label.startswith("cuda/persistent"):
+        return None
+    from lstm_kernels import _C
+    from lstm_kernels.backends import cuda as cuda_backend
+
+    code = {torch.float32: _C.DTYPE_FLOAT32, torch.float16: _C.DTYPE_FLOAT16, torch.bfloat16: _C.DTYPE_BFLOAT16}
+    mma = cuda_backend.use_tensor_cores(dtype)
+    for direction in ("forward", "backward"):
+        plan = _C.occupancy(direction, code[dtype], H, mma)
+        if not plan["persistent_possible"]:
+            return f"{direction}: {plan['persistent_why_not']}"
+    return None
+
+
+def run_all(backend, label) -> int:
     bad = 0
     for dtype in DTYPES:
         for T, B, H in SHAPES:
+            case = f"{label:22s} {str(dtype):15s} T={T} B={B} H={H}"
+            why = persistent_impossible(label, dtype, H)
+            if why is not None:
+                print(f"{case}: skipped ({why})")
+                continue
             g = torch.Generator().manual_seed(T * 1000 + B * 10 + H)
             rnd = lambda *s: torch.randn(*s, generator=g).to(dtype).cuda()  # noqa: E731
             xg, w_hh, h0, c0 = rnd(T, B, 4 * H), rnd(4 * H, H) * H**-0.5, rnd(B, H), rnd(B, H)
             for needs_grad in (False, True):
-                h_all, h_T, c_T, ws = backend.forward(xg, w_hh, h0, c0, None, None, needs_grad)
-                outs = [h_all, h_T, c_T]
-                if needs_grad:
-                    inputs = RecurrenceInputs(xg, w_hh, h0, c0, None, None)
-                    dG, dh0, dc0, _ = backend.backward(inputs, h_all, ws, rnd(T, B, H), rnd(B, H), rnd(B, H))
-                    outs += [dG, dh0, dc0]
-                torch.cuda.synchronize()
-                ok = all(bool(torch.isfinite(o).all()) for o in outs)
+                try:
+                    h_all, h_T, c_T, ws = backend.forward(xg, w_hh, h0, c0, None, None, needs_grad)
+                    outs = [h_all, h_T, c_T]
+                    if needs_grad:
+                        inputs = RecurrenceInputs(xg, w_hh, h0, c0, None, None)
+                        dG, dh0, dc0, _ = backend.backward(inputs, h_all, ws, rnd(T, B, H), rnd(B, H), rnd(B, H))
+                        outs += [dG, dh0, dc0]
+                    torch.cuda.synchronize()
+                    ok = all(bool(torch.isfinite(o).all()) for o in outs)
+                    status = "ok" if ok else "NON-FINITE"
+                except Exception:  # report every failing case, then fail the run
+                    ok, status = False, "RAISED\n" + traceback.format_exc()
                 bad += not ok
-                print(f"{variant:15s} {str(dtype):15s} T={T} B={B} H={H} needs_grad={needs_grad}: {'ok' if ok else 'NON-FINITE'}")
+                print(f"{case} needs_grad={needs_grad}: {status}")
     return bad
 
 

@@ -328,3 +328,33 @@ def test_tensor_cores_for_float32_follow_torch_tf32_flag(monkeypatch):
         assert not any(cuda_backend.use_tensor_cores(d) for d in (torch.float32, torch.bfloat16, torch.float16))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@needs_ext
+def test_persistent_kernels_carry_the_bounded_debug_barrier_on_every_architecture():
+    """The debug grid barrier (bounded_grid_sync in persistent.cuh, LSTM_KERNELS_BARRIER_TIMEOUT) is
+    compiled into every persistent kernel for sm_80 and sm_90 (its poll sleeps: NANOSLEEP), and into
+    no per-step kernel."""
+    import re
+    import subprocess
+
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton wheel)")
+    sass = subprocess.run([tool, "-sass", _C.__file__], capture_output=True, text=True, check=True).stdout
+    sleeps = {}  # (arch, kernel) -> NANOSLEEP count
+    for section in re.split(r"Fatbin \w+ code:", sass)[1:]:
+        arch = re.search(r"arch = (sm_\d+)", section)
+        if arch is None:
+            continue
+        for block in re.split(r"\n\s*Function : ", section)[1:]:
+            name = block.split("\n", 1)[0].strip()
+            # lstm::{forward,backward}_{persistent,step}_kernel<T, MMA> (lstm_forward.cu, lstm_backward.cu)
+            if re.match(r"_ZN4lstm\d+(forward|backward)_(persistent|step)_kernel", name):
+                sleeps[(arch.group(1), name)] = block.count("NANOSLEEP")
+    for arch in ("sm_80", "sm_90"):
+        persistent = [n for (a, n) in sleeps if a == arch and "persistent_kernel" in n]
+        step = [n for (a, n) in sleeps if a == arch and "step_kernel" in n]
+        assert len(persistent) == 12 and len(step) == 12, (arch, sorted(n for a, n in sleeps if a == arch))
+        assert all(sleeps[(arch, n)] > 0 for n in persistent), f"{arch}: a persistent kernel lacks the debug barrier"
+        assert all(sleeps[(arch, n)] == 0 for n in step), f"{arch}: a per-step kernel holds a grid barrier"

@@ -3,7 +3,15 @@
 Marked ``gpu`` (skipped without CUDA); skipped too when ``lstm_kernels._C`` is not built.
 The rule for every dtype (STYLE.md's flash-attention rule): against the float64
 reference on the same rounded inputs, the relative error is at most
-max(REL_TOL[dtype], 2 x the error of the reference backend itself run in that dtype).
+max(REL_TOL[dtype], 2 x the error of the reference backend itself run in that dtype),
+and no single element is off by more than ELEMENT_FACTOR times that, relative to the
+largest reference magnitude (tests/utils.py: one wrong edge tile cannot hide in the norm).
+
+Inter-block races of the persistent kernels (racecheck sees only shared memory) are
+looked for by comparing them bit for bit with the per-step kernels, at every shape of
+this file and at the flagship shape, several times (test_variants_agree_bitwise).
+Every test has a per-test timeout (tests/conftest.py); the debug grid barrier
+(LSTM_KERNELS_BARRIER_TIMEOUT) is tested to report a barrier that never opens.
 """
 from __future__ import annotations
 
@@ -17,7 +25,14 @@ from utils import REL_TOL, assert_rel_close, rel_error
 
 _C = pytest.importorskip("lstm_kernels._C")
 
-pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.usefixtures("no_tf32"),
+    pytest.mark.skipif(
+        torch.cuda.is_available() and get_backend("cuda").unavailable_reason() is not None,
+        reason=f"cuda backend unavailable: {get_backend('cuda').unavailable_reason()}",
+    ),
+]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ["step", "persistent"]
@@ -116,19 +131,49 @@ def test_layer_matches_reference(shape, dt, matmul, variant, monkeypatch):
     check_against_reference(got, inputs, cot, dtype, REL_TOL[tol_key] if tol_key else None)
 
 
-@pytest.mark.parametrize("dt,matmul", MATMULS, ids=[f"{d}-{m}" for d, m in MATMULS])
-def test_variants_agree_bitwise(dt, matmul, monkeypatch):
-    """Same tiles, same summation order: the persistent and per-step kernels give identical bits."""
+#: The flagship shape of DESIGN.md's step budget (fp16/bf16).
+FLAGSHIP = {"T1024_B16_H768": (1024, 16, 768)}
+#: Every shape of this file, one more with tails in B and H, and the flagship.
+BITWISE_SHAPES = {**SHAPES, "T40_B37_H100": (40, 37, 100), **FLAGSHIP}
+BITWISE_CASES = [
+    (shape, dt, matmul) for shape in BITWISE_SHAPES for dt, matmul in MATMULS
+    if shape not in FLAGSHIP or dt in ("fp16", "bf16")
+]
+#: Persistent runs compared with one per-step run: a race between blocks need not show every time.
+REPEATS = 3
+
+
+def assert_bitwise(got, want, what):
+    for name in want:
+        a, b = got[name], want[name]
+        if not torch.equal(a, b):
+            diff = (a.double() - b.double()).abs()
+            bad = (a != b) & ~(a.isnan() & b.isnan())
+            first = tuple(int(i) for i in bad.nonzero()[0]) if bad.any() else None
+            raise AssertionError(
+                f"{name}: {what}: {int(bad.sum())} of {a.numel()} elements differ, max |diff| "
+                f"{diff.nan_to_num().max().item():.3e}, first at {first}"
+            )
+
+
+@pytest.mark.parametrize("shape,dt,matmul", BITWISE_CASES, ids=[f"{s}-{d}-{m}" for s, d, m in BITWISE_CASES])
+def test_variants_agree_bitwise(shape, dt, matmul, monkeypatch):
+    """Same tiles, same summation order: the persistent and per-step kernels give identical bits,
+    forward and backward, run after run (a difference is a race between blocks, or a stale read
+    across the grid barrier)."""
+    T, B, H = BITWISE_SHAPES[shape]
     dtype = DTYPES[dt]
-    T, B, H = 40, 37, 100
     inputs, cot = make_case(T, B, H, dtype, seed=17)
     use_matmul(monkeypatch, matmul)
+    use_variant(monkeypatch, "persistent", dtype, H, mma=matmul != "fma")  # skips where it cannot run
     use_variant(monkeypatch, "step", dtype, H, mma=matmul != "fma")
-    a = run_layer(inputs, cot, "cuda")
+    want = run_layer(inputs, cot, "cuda")
+    check_variant_ran("step")
     use_variant(monkeypatch, "persistent", dtype, H, mma=matmul != "fma")
-    b = run_layer(inputs, cot, "cuda")
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name}: step and persistent differ"
+    for r in range(REPEATS):
+        got = run_layer(inputs, cot, "cuda")
+        check_variant_ran("persistent")
+        assert_bitwise(got, want, f"persistent run {r + 1} of {REPEATS} vs step")
 
 
 def test_auto_falls_back_to_step_when_weights_do_not_fit(monkeypatch):
@@ -183,17 +228,75 @@ def test_deterministic_and_needs_grad_invariant(dt):
     assert torch.equal(h_all, a["h_all"]) and torch.equal(h_T, a["h_T"]) and torch.equal(c_T, a["c_T"])
 
 
-def test_side_stream():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_side_stream(variant, monkeypatch):
+    use_variant(monkeypatch, variant, torch.float32, 64)
     inputs, cot = make_case(20, 8, 64, torch.float32, seed=11)
     expected = run_layer(inputs, cot, "cuda")
+    check_variant_ran(variant)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         got = run_layer(inputs, cot, "cuda")
+        check_variant_ran(variant)
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
-    for name in expected:
-        assert torch.equal(got[name], expected[name]), name
+    assert_bitwise(got, expected, f"{variant} on a side stream vs the default stream")
+
+
+def test_persistent_plan_is_cached(monkeypatch):
+    """Planning the persistent kernels (runtime queries, cudaFuncSetAttribute) happens once per
+    (device, kernel, grid, shared memory), not per call."""
+    use_variant(monkeypatch, "persistent", torch.float16, 64)
+    inputs, cot = make_case(6, 4, 64, torch.float16, seed=23)
+    _C.clear_plan_cache()
+    run_layer(inputs, cot, "cuda")
+    check_variant_ran("persistent")
+    first = _C.plan_cache_stats()
+    assert first["planned"] == 2 and first["size"] == 2, first  # the forward and the backward kernel
+    for _ in range(3):
+        run_layer(inputs, cot, "cuda")
+    again = _C.plan_cache_stats()
+    assert again["planned"] == 2 and again["size"] == 2 and again["hits"] >= first["hits"] + 6, (first, again)
+
+
+@pytest.mark.timeout(120, method="thread")
+@pytest.mark.parametrize("dt", ["fp32", "fp16"])
+def test_debug_barrier_gives_the_same_bits(dt, monkeypatch):
+    """The bounded debug barrier (LSTM_KERNELS_BARRIER_TIMEOUT) orders the steps like grid.sync()."""
+    dtype = DTYPES[dt]
+    T, B, H = 50, 33, 200
+    use_variant(monkeypatch, "persistent", dtype, H, mma=dtype != torch.float32)
+    inputs, cot = make_case(T, B, H, dtype, seed=29)
+    want = run_layer(inputs, cot, "cuda")
+    monkeypatch.setenv(cuda_backend.BARRIER_TIMEOUT_ENV, str(10**8))
+    for r in range(REPEATS):
+        got = run_layer(inputs, cot, "cuda")
+        check_variant_ran("persistent")
+        assert_bitwise(got, want, f"debug barrier run {r + 1} vs grid.sync()")
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_debug_barrier_reports_a_barrier_that_never_opens(monkeypatch):
+    """A barrier bug (here: the arrival counter starts one short, so no barrier ever sees every
+    block) fails the call with the kernel and the step named, instead of hanging the GPU."""
+    H = 64
+    use_variant(monkeypatch, "persistent", torch.float32, H)
+    monkeypatch.setenv(cuda_backend.BARRIER_TIMEOUT_ENV, "20000")
+    one_short = lambda device: torch.tensor([-1, 0, 0, 0], dtype=torch.int64, device=device)  # noqa: E731
+    monkeypatch.setattr(cuda_backend, "_new_barrier_state", one_short)
+    inputs, cot = make_case(5, 3, H, torch.float32, seed=31)
+    backend = get_backend("cuda")
+    with pytest.raises(RuntimeError, match=r"forward persistent kernel: the grid barrier after step t=0 timed out"):
+        backend.forward(*inputs.values(), None, None, True)
+    # backward: its first barrier follows step T-1 (a forward with a sound barrier first)
+    monkeypatch.setattr(cuda_backend, "_new_barrier_state", lambda device: torch.zeros(4, dtype=torch.int64,
+                                                                                       device=device))
+    h_all, _, _, ws = backend.forward(*inputs.values(), None, None, True)
+    monkeypatch.setattr(cuda_backend, "_new_barrier_state", one_short)
+    with pytest.raises(RuntimeError, match=r"backward persistent kernel: the grid barrier after step t=4 timed out"):
+        backend.backward(RecurrenceInputs(*inputs.values(), None, None), h_all, ws, *cot)
+    torch.cuda.synchronize()  # the device is still usable
 
 
 def test_backend_backward_direct():
@@ -213,6 +316,9 @@ def test_backend_backward_direct():
 def test_occupancy_and_device_queries():
     n, why = _C.device_count()
     assert n >= 1 and why is None
+    code, message, count, runtime, driver = _C.runtime_status()
+    assert (code, message) == (0, None) and count == n and runtime == _C.CUDA_RUNTIME_VERSION
+    assert driver >= runtime, "a driver older than the runtime fails cudaGetDeviceCount"
     props = _C.device_properties(torch.cuda.current_device())
     assert props["multiprocessor_count"] > 0
     for direction in ("forward", "backward"):

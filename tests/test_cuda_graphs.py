@@ -1,5 +1,8 @@
-"""CUDA graphs: a whole FusedLSTM training step (forward, backward, optimizer) is
-captured once and replayed, with results equal to eager steps. gpu-marked."""
+"""Streams and CUDA graphs, for every backend and every kernel variant (cuda: step and
+persistent; triton: step and persistent): a whole FusedLSTM training step (forward,
+backward, optimizer) is captured once and replayed, with results equal to eager steps;
+and a forward + backward on a side stream equals the one on the default stream. gpu-marked.
+"""
 from __future__ import annotations
 
 import pytest
@@ -9,10 +12,38 @@ import lstm_kernels
 from lstm_kernels import FusedLSTM
 from utils import assert_rel_close
 
+#: backend -> the environment variable that picks its kernel variant.
+VARIANT_ENVS = {"cuda": "LSTM_KERNELS_CUDA_VARIANT", "triton": "LSTM_KERNELS_TRITON_VARIANT"}
+CASES = [("cuda", "step"), ("cuda", "persistent"), ("triton", "step"), ("triton", "persistent"), ("reference", None)]
+IDS = [f"{b}-{v}" if v else b for b, v in CASES]
+INPUT, HIDDEN, LAYERS, T, B = 32, 64, 2, 16, 8
+
+
+def use(backend, variant, monkeypatch):
+    """Skip when ``backend`` cannot run here; select ``variant`` (and check it can run)."""
+    if backend not in lstm_kernels.available_backends():
+        pytest.skip(lstm_kernels.unavailable_backends().get(backend, "unavailable"))
+    if variant is None:
+        return
+    monkeypatch.setenv(VARIANT_ENVS[backend], variant)
+    if backend == "cuda" and variant == "persistent":
+        from lstm_kernels import _C
+
+        for direction in ("forward", "backward"):  # float32 without tf32: the FMA kernels; H = HIDDEN in every layer
+            plan = _C.occupancy(direction, _C.DTYPE_FLOAT32, HIDDEN, False)
+            if not plan["persistent_possible"]:
+                pytest.skip(f"persistent {direction} not possible: {plan['persistent_why_not']}")
+
+
+def check_cuda_variant(backend, variant):
+    if backend == "cuda":
+        cuda = lstm_kernels.backends.get_backend("cuda")
+        assert (cuda.last_forward_variant, cuda.last_backward_variant) == (variant, variant)
+
 
 def _model_and_optimizer(backend: str):
     torch.manual_seed(0)
-    model = FusedLSTM(32, 64, num_layers=2, backend=backend, device="cuda")
+    model = FusedLSTM(INPUT, HIDDEN, num_layers=LAYERS, backend=backend, device="cuda")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     return model, optimizer
 
@@ -26,15 +57,24 @@ def _step(model, optimizer, x):
     return loss
 
 
+@pytest.fixture
+def fp32_exact():
+    """float32 everywhere (no tf32 in torch's GEMMs or the kernels), so eager and replay match tightly."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", lstm_kernels.backends.AUTO_ORDER)
-def test_training_step_captures_and_replays(backend):
-    if backend not in lstm_kernels.available_backends():
-        pytest.skip(lstm_kernels.unavailable_backends().get(backend, "unavailable"))
-    inputs = [torch.randn(16, 8, 32, device="cuda") for _ in range(3)]
+@pytest.mark.parametrize("backend,variant", CASES, ids=IDS)
+def test_training_step_captures_and_replays(backend, variant, monkeypatch, fp32_exact):
+    use(backend, variant, monkeypatch)
+    inputs = [torch.randn(T, B, INPUT, device="cuda") for _ in range(3)]
 
     eager_model, eager_opt = _model_and_optimizer(backend)
     eager_losses = [_step(eager_model, eager_opt, x).item() for x in inputs]
+    check_cuda_variant(backend, variant)
 
     model, optimizer = _model_and_optimizer(backend)
     static_x = inputs[0].clone()
@@ -49,6 +89,7 @@ def test_training_step_captures_and_replays(backend):
     optimizer.zero_grad(set_to_none=False)
     with torch.cuda.graph(graph):
         static_loss = _step(model, optimizer, static_x)
+    check_cuda_variant(backend, variant)  # the captured kernels are the variant asked for
     # Capture recorded the step without running it: replay from the same initial weights.
     fresh, _ = _model_and_optimizer(backend)
     with torch.no_grad():
@@ -63,3 +104,34 @@ def test_training_step_captures_and_replays(backend):
     assert_rel_close(torch.tensor(graph_losses), torch.tensor(eager_losses), 1e-5, "losses")
     for p, q in zip(model.parameters(), eager_model.parameters()):
         assert_rel_close(p, q, 1e-5, "parameters after three steps")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,variant", CASES, ids=IDS)
+def test_side_stream_matches_default_stream(backend, variant, monkeypatch, fp32_exact):
+    """The kernels run on torch's current stream: on a side stream (ordered after the inputs
+    were made, and before the results are read) they give the default stream's bits."""
+    use(backend, variant, monkeypatch)
+    torch.manual_seed(1)
+    model = FusedLSTM(INPUT, HIDDEN, num_layers=LAYERS, backend=backend, device="cuda")
+    x = torch.randn(T, B, INPUT, device="cuda")
+
+    def run():
+        xi = x.detach().clone().requires_grad_(True)
+        out, (h_n, c_n) = model(xi)
+        (out.square().sum() + c_n.sum()).backward()
+        res = [out.detach(), h_n.detach(), c_n.detach(), xi.grad] + [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return res
+
+    want = run()
+    check_cuda_variant(backend, variant)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = run()
+        check_cuda_variant(backend, variant)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"result {i}: side stream differs from the default stream"

@@ -16,7 +16,14 @@ Kernels (csrc/lstm_forward.cu, csrc/lstm_backward.cu), two variants:
   back to ``step``.
 
 The variant comes from the environment variable ``LSTM_KERNELS_CUDA_VARIANT``
-(``step``, ``persistent`` or ``auto``), default :data:`DEFAULT_VARIANT`.
+(``step``, ``persistent`` or ``auto``), default :data:`DEFAULT_VARIANT`. With ``auto``
+a cooperative launch that the runtime refuses although the plan allowed it (MPS,
+MIG, green contexts, SMs held elsewhere: ``_C.CooperativeLaunchRefused``) is run again
+with the per-step kernels, and that (device, direction, dtype, H, tensor cores) key
+stays per-step for the process (:func:`refused_cooperative_launches`); a named
+``persistent`` raises. The extension caches the persistent plan per (device, kernel,
+grid, shared memory) (``_C.plan_cache_stats``).
+
 The recurrent matmuls run on tensor cores (wmma, fp32 accumulation) unless
 ``LSTM_KERNELS_CUDA_MMA=0``: the forward h_{t-1} W_hh^T on fp16/bf16 operands
 (products exact in fp32), the backward dG_{t+1} W_hh on tf32 (dG is fp32 and is
@@ -24,13 +31,27 @@ rounded to tf32; 16-bit W_hh is exact in tf32). For float32 they use tf32 only
 where torch allows it (``torch.backends.cuda.matmul.allow_tf32``); otherwise,
 and with the switch off, plain fp32 FMA, so float32 is exact fp32.
 
+Availability: the extension links its own CUDA runtime statically, so besides torch
+seeing a GPU, the backend asks that runtime (``_C.runtime_status``, once per process):
+a driver older than the nvcc that built it (``cudaErrorInsufficientDriver``) makes
+the backend unavailable with that reason, and ``auto`` moves on.
+
+Debug switch: ``LSTM_KERNELS_BARRIER_TIMEOUT=N`` (polls, N >= 1; unset or 0: off) makes
+the persistent kernels use a hand-written grid barrier that gives up after N polls
+(~0.1-1 us each) instead of ``grid.sync()``; the call then raises a RuntimeError naming
+the kernel, the step after which the barrier waited and the block that gave up. It
+reads a flag back after every persistent call (a host sync), and under CUDA-graph
+capture the flag is not checked.
+
 Dimension names: T steps, B batch, H hidden units. Gate order along 4H: i, f, g, o.
 Workspace kept for backward: the activated gates ``act`` [T, B, 4H] fp32 and the
 cell states ``c_all`` [T, B, H] fp32 (backward recomputes only tanh(c_t)).
 """
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -80,6 +101,59 @@ def requested_variant() -> str:
     return v
 
 
+BARRIER_TIMEOUT_ENV = "LSTM_KERNELS_BARRIER_TIMEOUT"
+
+
+def barrier_spin_limit() -> Optional[int]:
+    """``LSTM_KERNELS_BARRIER_TIMEOUT``: polls before the debug grid barrier gives up, or None (off)."""
+    v = os.environ.get(BARRIER_TIMEOUT_ENV, "").strip()
+    if v in ("", "0"):
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"{BARRIER_TIMEOUT_ENV}={v!r}; give a number of polls (>= 1), or 0 to turn it off")
+    return n
+
+
+@functools.lru_cache(maxsize=None)
+def _runtime_status_of(ext) -> tuple:
+    return tuple(ext.runtime_status())
+
+
+def runtime_status() -> tuple:
+    """(error code, message or None, device count, runtime version, driver version) of the extension's
+    own CUDA runtime, asked once per process (see ``_C.runtime_status``)."""
+    return _runtime_status_of(_C)
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}" if v else "none"
+
+
+def runtime_unavailable_reason() -> Optional[str]:
+    """Why the extension's CUDA runtime cannot run kernels here (cached), or None."""
+    code, message, count, runtime, driver = runtime_status()
+    versions = f"extension built with CUDA {_cuda_version(runtime)}, driver supports CUDA {_cuda_version(driver)}"
+    if code != 0:
+        return f"the extension's CUDA runtime cannot use the GPU: {message} ({versions})"
+    if count < 1:
+        return f"the extension's CUDA runtime sees no device ({versions})"
+    return None
+
+
+#: Cooperative launches the runtime refused, {(device, direction, dtype, H, tensor cores): error}:
+#: ``auto`` runs the per-step kernels for these keys from then on.
+_REFUSED: dict = {}
+
+
+def refused_cooperative_launches() -> dict:
+    """The keys whose cooperative launch the runtime refused in this process, with the error."""
+    return dict(_REFUSED)
+
+
 def _variant_code(v: str) -> int:
     return {"step": _C.VARIANT_STEP, "persistent": _C.VARIANT_PERSISTENT, "auto": _C.VARIANT_AUTO}[v]
 
@@ -104,18 +178,65 @@ def _grad_or_zeros(g: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tenso
     return g.to(like.dtype).contiguous()
 
 
-def _launch(entry, like: torch.Tensor, *tensors: Optional[torch.Tensor], sizes: tuple) -> tuple[str, bool]:
-    """Call ``_C.forward`` or ``_C.backward`` on torch's current stream of ``like``'s device.
+def _run_variant(entry, args: tuple, requested: str, mma: bool, key: tuple, barrier: tuple = (0, 0)) -> int:
+    """``entry(*args, variant, mma, *barrier)`` for the ``requested`` variant; returns the code of the one that ran.
+
+    With ``auto``, a cooperative launch the runtime refuses (``_C.CooperativeLaunchRefused``:
+    nothing ran) is run again per-step, and ``key`` is remembered so that later ``auto``
+    calls go per-step directly. A named variant raises.
+    """
+    variant = "step" if requested == "auto" and key in _REFUSED else requested
+    try:
+        return entry(*args, _variant_code(variant), mma, *barrier)
+    except _C.CooperativeLaunchRefused as e:
+        if variant != "auto":
+            raise
+        _REFUSED[key] = str(e)
+        warnings.warn(
+            f"lstm_kernels cuda backend: the runtime refused the persistent kernel's cooperative launch ({e}); "
+            "running the per-step kernels for this shape from now on",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return entry(*args, _C.VARIANT_STEP, mma, *barrier)
+
+
+def _new_barrier_state(device: torch.device) -> torch.Tensor:
+    """The debug barrier's state [arrivals, timed out, step, block], zeroed (int64 on ``device``)."""
+    return torch.zeros(4, dtype=torch.int64, device=device)
+
+
+def _check_barrier(state: torch.Tensor, kernel: str, spins: int) -> None:
+    """Raise when the debug barrier of a persistent ``kernel`` timed out (reads ``state`` back: a sync)."""
+    arrivals, timed_out, step, block = (int(v) for v in state.tolist())
+    if timed_out:
+        raise RuntimeError(
+            f"lstm_kernels cuda backend: {kernel} persistent kernel: the grid barrier after step t={step} timed out "
+            f"(block {block} gave up after {spins} polls; {arrivals} arrivals in all) "
+            f"[{BARRIER_TIMEOUT_ENV}={spins}]; outputs are invalid"
+        )
+
+
+def _launch(entry, kernel: str, like: torch.Tensor, *tensors: Optional[torch.Tensor],
+            sizes: tuple) -> tuple[str, bool]:
+    """Call ``_C.forward`` or ``_C.backward`` (``kernel``: "forward" or "backward") on torch's
+    current stream of ``like``'s device.
 
     ``tensors`` are the entry's tensor arguments in order (None for a null pointer); the
-    dtype code, variant and tensor-core switch follow from ``like``'s dtype and the
-    environment. Returns the variant that ran and whether tensor cores were used.
+    dtype code, variant, tensor-core switch and debug barrier follow from ``like``'s dtype
+    and the environment. Returns the variant that ran and whether tensor cores were used.
     """
     mma = use_tensor_cores(like.dtype)
+    requested = requested_variant()
+    spins = barrier_spin_limit() if requested != "step" else None
+    key = (str(like.device), kernel, like.dtype, sizes[-1], mma)
     with torch.cuda.device(like.device):
         stream = torch.cuda.current_stream(like.device).cuda_stream
-        used = entry(_dtype_codes()[like.dtype], *(_ptr(t) for t in tensors), *sizes, stream,
-                     _variant_code(requested_variant()), mma)
+        state = _new_barrier_state(like.device) if spins else None
+        args = (_dtype_codes()[like.dtype], *(_ptr(t) for t in tensors), *sizes, stream)
+        used = _run_variant(entry, args, requested, mma, key, (_ptr(state), spins or 0))
+        if state is not None and used == _C.VARIANT_PERSISTENT and not torch.cuda.is_current_stream_capturing():
+            _check_barrier(state, kernel, spins)
     return _variant_name(used), mma
 
 
@@ -134,7 +255,7 @@ class CudaBackend(Backend):
             return NOT_BUILT
         if not torch.cuda.is_available():
             return NO_GPU
-        return None
+        return runtime_unavailable_reason()
 
     def supports(self, call: RecurrenceCall) -> Optional[str]:
         if call.device.type != "cuda":
@@ -191,7 +312,7 @@ class CudaBackend(Backend):
             act = c_all = None
             c_work = torch.empty((B, H), dtype=torch.float32, device=dev)
         self.last_forward_variant, self.last_forward_mma = _launch(
-            _C.forward, xg, xg, w_hh, h0, c0, h_all, c_T, act, c_all, c_work, sizes=(T, B, H)
+            _C.forward, "forward", xg, xg, w_hh, h0, c0, h_all, c_T, act, c_all, c_work, sizes=(T, B, H)
         )
         h_T = h_all[-1].clone()
         workspace = (act, c_all) if needs_grad else ()
@@ -214,7 +335,8 @@ class CudaBackend(Backend):
         dg_work = torch.empty((2, B, 4 * H), dtype=torch.float32, device=dev)
         dc_work = torch.empty((B, H), dtype=torch.float32, device=dev)
         self.last_backward_variant, self.last_backward_mma = _launch(
-            _C.backward, xg, w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work, dc_work, sizes=(T, B, H)
+            _C.backward, "backward", xg, w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work, dc_work,
+            sizes=(T, B, H),
         )
         return dG, dh0, dc0, None
 
