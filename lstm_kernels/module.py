@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import validation
-from .backends import check_backend_name
+from .backends import RecurrenceCall, check_backend_name, resolve_backend
 from .function import lstm_layer
 from .native import native_path_reason, run_native
 from .sequences import pack_time_major, reverse_time_major, unpack_to_time_major
@@ -150,6 +150,27 @@ class FusedLSTM(nn.Module):
         lstm.load_state_dict(self.state_dict())
         lstm.train(self.training)
         return lstm
+
+    def path_for(self, input) -> str:
+        """What ``forward(input)`` runs, in words: ``"native"`` (torch's own CPU LSTM kernel for the
+        whole module, see :mod:`lstm_kernels.native`) or the name of the backend that dispatch picks
+        for the first layer's recurrence (the others pick alike unless their sizes differ)."""
+        packed = isinstance(input, PackedSequence)
+        data = input.data if packed else input
+        if native_path_reason(self.backend, data) is None:
+            return "native"
+        if packed:
+            steps, batch = len(input.batch_sizes), int(input.batch_sizes[0])
+        else:
+            batched = data.dim() == 3
+            steps = data.shape[1 if batched and self.batch_first else 0]
+            batch = data.shape[0 if self.batch_first else 1] if batched else 1
+        call = RecurrenceCall(
+            seq_len=steps, batch=batch, hidden_size=self.hidden_size, state_size=self.proj_size or self.hidden_size,
+            dtype=_autocast_dtype(data) or data.dtype, device=data.device, has_projection=self.proj_size > 0,
+            variable_lengths=packed, needs_grad=torch.is_grad_enabled(),
+        )
+        return resolve_backend(self.backend, call).name
 
     # ---- forward -----------------------------------------------------------------
 

@@ -165,3 +165,15 @@ def test_compile_keeps_one_op_per_layer_direction(native_calls):
     assert explanation.graph_break_count == 0, explanation.break_reasons
     code = "\n".join(g.code for g in explanation.graphs)
     assert code.count("lstm_kernels.recurrence") == 4, code
+
+
+def test_path_for_names_what_forward_runs(native_calls, monkeypatch):
+    x = torch.randn(3, 2, 5)
+    assert FusedLSTM(5, 6).path_for(x) == "native"
+    assert FusedLSTM(5, 6, backend="reference").path_for(x) == "reference"
+    assert FusedLSTM(5, 6, dtype=torch.bfloat16).path_for(x.bfloat16()) == "reference"
+    packed = pack_padded_sequence(torch.randn(4, 2, 5), torch.tensor([4, 2]))
+    assert FusedLSTM(5, 6, bidirectional=True).path_for(packed) == "native"
+    monkeypatch.setenv(ENV_VAR, "reference")
+    assert FusedLSTM(5, 6).path_for(x) == "reference"
+    assert not native_calls  # path_for runs nothing
