@@ -2,11 +2,16 @@
 
 The interpreter runs the kernels' Python, not Triton's compiler: code that the
 interpreter accepts can still fail to compile (a type the MLIR lowering refuses, a
-layout, a loop-carried value). Here every specialization the launch helpers use is
-compiled ahead of time to a cubin with the ptxas that ships in the triton wheel, and
-the resident-W_hh kernels at the largest slice ``resident_weights`` admits are checked
-to fit the architecture's shared memory per block and not to spill to local memory (the
-cubin's resource usage, from the wheel's cuobjdump).
+layout, a loop-carried value). Here the launch helpers (``lstm_forward`` /
+``lstm_backward``) run their whole host path on meta tensors with the kernels replaced by
+recorders (tests/triton/launch_capture.py), as on a GPU of the architecture (its SM count
+and shared memory); every launch they make, step and persistent, is specialised by
+Triton's own JIT binder (16-byte pointer alignment, integers divisible by 16,
+do_not_specialize, the launch options) and compiled ahead of time to a cubin with the
+ptxas that ships in the triton wheel: the kernel that runs, not a look-alike. The
+compiled kernels are checked to fit the architecture's shared memory per block and not to
+spill to local memory (the cubin's resource usage, from the wheel's cuobjdump), the
+resident-W_hh kernels at the largest slice ``resident_weights`` admits.
 
 Runs without TRITON_INTERPRET (under it ``@triton.jit`` gives interpreted functions).
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,22 +31,24 @@ pytestmark = pytest.mark.skipif(
 )
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
 
 from lstm_kernels.backends import known_backends  # noqa: E402
 
 known_backends()
+from lstm_kernels.backends import triton_backward, triton_forward  # noqa: E402
 from lstm_kernels.backends import triton_kernels as kernels  # noqa: E402
-from lstm_kernels.backends.triton_backward import _lstm_bw_kernel  # noqa: E402
-from lstm_kernels.backends.triton_forward import _lstm_fw_kernel  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton"))
+import launch_capture  # noqa: E402  (tests/triton/launch_capture.py)
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-SCALARS = {"t_begin", "n_steps", "B"}
 #: Shared memory one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100, RTX 30xx,
 #: L4 / RTX 40xx, H100.
 MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+#: SMs of a GPU of the architecture (A100, A10, L4, H100): how many programs a persistent launch gets.
+SMS = {80: 108, 86: 72, 89: 58, 90: 132}
 ARCHS = list(MAX_SHARED)
 
 
@@ -49,20 +57,44 @@ def budget_of(arch: int) -> int:
     return min(kernels.RESIDENT_BYTES, MAX_SHARED[arch] - kernels.RESIDENT_MARGIN)
 
 
-def compile_cubin(fn, pointer_types: dict, constants: dict, num_warps: int, arch: int):
-    """Compile ``fn`` for ``sm_<arch>``; pointers not named in ``pointer_types`` are fp32."""
-    signature = {}
-    for name in fn.arg_names:
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name in SCALARS:
-            signature[name] = "i32"
-        else:
-            signature[name] = pointer_types.get(name, "*fp32")
-    source = ASTSource(fn, signature, constexprs=constants)
-    # launched as the persistent variant is: cooperatively (every specialization here has USE_BARRIER)
-    options = dict(num_warps=num_warps, launch_cooperative_grid=True)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+def target_of(arch: int):
+    return GPUTarget("cuda", arch, 32)
+
+
+def as_on_gpu(monkeypatch, arch: int) -> None:
+    """Make the launch helpers configure launches as on a GPU of ``arch`` (SMs, shared memory)."""
+    for module in (triton_forward, triton_backward):
+        monkeypatch.setattr(module, "co_resident_programs", lambda device: SMS[arch])
+        monkeypatch.setattr(module, "resident_budget", lambda device: budget_of(arch))
+
+
+def record(monkeypatch, arch, T, B, H, dtype, proj=0, variant="step"):
+    """(forward launches, backward launches) of one forward + backward through the launch helpers."""
+    as_on_gpu(monkeypatch, arch)
+    fw, bw = launch_capture.record_launches(monkeypatch)
+    launch_capture.run_host_path(launch_capture.meta_case(T, B, H, dtype, proj=proj), variant)
+    return fw.launches, bw.launches
+
+
+def distinct(launches, arch):
+    """One launch per JIT specialisation (what the JIT compiles), in launch order."""
+    backend = make_backend(target_of(arch))
+    seen = {}
+    for launch in launches:
+        seen.setdefault(launch_capture.specialization_key(launch, backend), launch)
+    return list(seen.values())
+
+
+def compile_launch(launch, arch: int):
+    """Compile what Triton's JIT compiles for ``launch`` on ``sm_<arch>``: the same signature,
+    constexprs, specialisation attributes and options."""
+    backend = make_backend(target_of(arch))
+    try:
+        signature, constexprs, attrs, options = launch_capture.jit_compile_inputs(launch, backend)
+    except launch_capture.JitApiUnsupported as err:
+        pytest.skip(f"triton {triton.__version__}: the JIT's specialisation API is not the known one ({err})")
+    source = ASTSource(launch.kernel, signature, constexprs, attrs)
+    return triton.compile(source, target=target_of(arch), options=options.__dict__)
 
 
 def assert_fits(compiled, arch: int, what: str, tmp_path) -> None:
@@ -83,45 +115,58 @@ def local_memory_bytes(cubin: bytes, tmp_path) -> int:
     return int(match.group(1))
 
 
-def forward_constants(H, P, B, dtype, has_proj, resident, cfg=None):
-    cfg = cfg or kernels.launch_config(max(H, P), B, dtype)
-    k1, k2 = kernels.split_k(P)
-    fw_prec, other_prec = kernels.dot_precisions(dtype)
-    return dict(H=H, P=P, HAS_PROJ=has_proj, RUN_CELL=True, RUN_PROJ=True, STORE_WS=True, USE_BARRIER=True,
-                W_RESIDENT=resident, BLOCK_B=cfg["BLOCK_B"], BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"],
-                K1=k1, K2=k2, DOT_PRECISION=fw_prec, DOT_DTYPE=kernels.forward_dot_dtype(dtype),
-                PROJ_PRECISION=other_prec), (kernels.RESIDENT_WARPS if resident else cfg["num_warps"])
-
-
-def backward_constants(H, P, B, dtype, has_proj, resident, cfg=None):
-    cfg = cfg or kernels.launch_config(max(H, P), B, dtype)
-    k1, k2 = kernels.split_k(4 * H)
-    return dict(H=H, P=P, HAS_PROJ=has_proj, RUN_DH=True, RUN_CELL=True, USE_BARRIER=True, W_RESIDENT=resident,
-                BLOCK_B=cfg["BLOCK_B"], BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], K1=k1, K2=k2,
-                DOT_PRECISION=kernels.dot_precisions(dtype)[1]), (
-        kernels.RESIDENT_WARPS if resident else cfg["num_warps"])
-
-
-def pointer_types(dtype, names):
-    return {name: PTR[dtype] for name in names} | {"bs_ptr": "*i32", "bar_ptr": "*i32"}
-
-
-FW_TYPED = ("xg_ptr", "w_ptr", "w_hr_ptr", "h_buf_ptr", "h_all_ptr")
-BW_TYPED = ("w_ptr", "w_hr_ptr", "dh_all_ptr", "dh_last_ptr", "c0_ptr", "dg_ptr")
+SHAPES = {  # (T, B, H, proj): the flagship; odd sizes with a projection; more tiles than one wave
+    "H768_B16": (5, 16, 768, 0),
+    "H100_P40_B3": (5, 3, 100, 40),
+    "H1024_B256": (5, 256, 1024, 0),
+}
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("shape", [(768, 768, 16, False), (100, 40, 3, True), (1024, 1024, 256, False)],
-                         ids=["H768_B16", "H100_P40_B3", "H1024_B256"])
-def test_streamed_kernels_compile(shape, dtype, arch, tmp_path):
-    H, P, B, has_proj = shape
-    consts, warps = forward_constants(H, P, B, dtype, has_proj, resident=False)
-    assert_fits(compile_cubin(_lstm_fw_kernel, pointer_types(dtype, FW_TYPED), consts, warps, arch), arch,
-                "forward", tmp_path)
-    consts, warps = backward_constants(H, P, B, dtype, has_proj, resident=False)
-    assert_fits(compile_cubin(_lstm_bw_kernel, pointer_types(dtype, BW_TYPED), consts, warps, arch), arch,
-                "backward", tmp_path)
+@pytest.mark.parametrize("variant", ["step", "persistent"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_launched_kernels_compile(shape, variant, dtype, arch, tmp_path, monkeypatch):
+    """Every kernel the launch helpers launch, forward and backward, each phase."""
+    fw, bw = record(monkeypatch, arch, *shape[:3], dtype, proj=shape[3], variant=variant)
+    for what, launches in (("forward", fw), ("backward", bw)):
+        assert launches, f"{what}: no launch recorded"
+        for launch in distinct(launches, arch):
+            phases = {k: v for k, v in launch.kwargs.items() if k.startswith("RUN_") or k == "W_RESIDENT"}
+            assert_fits(compile_launch(launch, arch), arch, f"{what} {variant} {phases}", tmp_path)
+
+
+@pytest.mark.parametrize("proj", [0, 20], ids=["no_proj", "proj20"])
+def test_step_variant_compiles_each_phase_once(proj, monkeypatch):
+    """The step variant launches each phase once per step with a new step index; those are not
+    specialised (do_not_specialize), so each phase is one JIT compilation for all T steps, not
+    three (t = 0 and the multiples of 16, t = 1, the rest). The persistent launch is one more."""
+    fw, bw = record(monkeypatch, 90, 40, 16, 64, torch.float16, proj=proj)
+    phases = 2 if proj else 1
+    assert len(fw) == 40 * phases and len(distinct(fw, 90)) == phases
+    assert len(bw) == 41 + 40 * (phases - 1) and len(distinct(bw, 90)) == phases
+    for launch in fw + bw:  # the step indices are plain i32 arguments, not specialised
+        signature, _, attrs, _ = launch_capture.jit_compile_inputs(launch, make_backend(target_of(90)))
+        index = {name: i for i, name in enumerate(signature)}
+        assert signature["t_begin"] == signature["n_steps"] == "i32"
+        assert not attrs.get((index["t_begin"],)) and not attrs.get((index["n_steps"],))
+
+
+def test_jit_specialises_pointers_as_a_launch_does(monkeypatch):
+    """The compile inputs carry the JIT's alignment attributes: 16-byte-aligned tensors are marked
+    divisible by 16, a tensor that starts 4 bytes into its storage is not (the AOT compile of the
+    streamed kernels would otherwise miss the cp.async pipeline the JIT builds)."""
+    fw, _ = record(monkeypatch, 90, 3, 16, 64, torch.float32)
+    launch = fw[0]
+    backend = make_backend(target_of(90))
+    signature, _, attrs, _ = launch_capture.jit_compile_inputs(launch, backend)
+    xg = list(signature).index("xg_ptr")
+    assert ["tt.divisibility", 16] in [list(a) for a in attrs.get((xg,), [])], attrs
+    shifted = torch.empty(1 + launch.args[0].numel(), dtype=torch.float32, device="meta")[1:]
+    args = (shifted.view_as(launch.args[0]),) + launch.args[1:]
+    _, _, attrs, _ = launch_capture.jit_compile_inputs(launch_capture.Launch(launch.kernel, launch.grid, args,
+                                                                             launch.kwargs), backend)
+    assert not attrs.get((xg,)), attrs
 
 
 def largest_admitted(on_chip_bytes, budget: int) -> int:
@@ -133,34 +178,64 @@ def largest_admitted(on_chip_bytes, budget: int) -> int:
     return n
 
 
+def persistent_launch(launches):
+    [launch] = [x for x in launches if "launch_cooperative_grid" in x.kwargs]
+    return launch
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("B", [1, 64])
-def test_resident_kernels_at_the_budget_fit_on_chip(B, dtype, arch, tmp_path):
+def test_resident_kernels_at_the_budget_fit_on_chip(B, dtype, arch, tmp_path, monkeypatch):
+    """The largest W_hh slice the launch helpers keep resident, forward and backward, fits."""
     cfg = kernels.launch_config(1024, B, dtype)
     P = largest_admitted(lambda p: kernels.forward_resident_bytes(p, cfg, dtype), budget_of(arch))
-    consts, warps = forward_constants(P, P, B, dtype, False, resident=True)
-    compiled = compile_cubin(_lstm_fw_kernel, pointer_types(dtype, FW_TYPED), consts, warps, arch)
-    assert_fits(compiled, arch, f"forward with a resident P = {P} slice", tmp_path)
+    fw, _ = record(monkeypatch, arch, 3, B, P, dtype, variant="persistent")
+    launch = persistent_launch(fw)
+    assert launch.kwargs["W_RESIDENT"], f"forward at P = {P}: the launch helper streams W_hh"
+    assert_fits(compile_launch(launch, arch), arch, f"forward with a resident P = {P} slice", tmp_path)
 
     H = largest_admitted(lambda h: kernels.backward_resident_bytes(h, cfg), budget_of(arch))
-    consts, warps = backward_constants(H, H, B, dtype, False, resident=True)
-    compiled = compile_cubin(_lstm_bw_kernel, pointer_types(dtype, BW_TYPED), consts, warps, arch)
-    assert_fits(compiled, arch, f"backward with a resident 4H = {4 * H} slice", tmp_path)
+    monkeypatch.undo()
+    _, bw = record(monkeypatch, arch, 3, B, H, dtype, variant="persistent")
+    launch = persistent_launch(bw)
+    assert launch.kwargs["W_RESIDENT"], f"backward at H = {H}: the launch helper streams W_hh"
+    assert_fits(compile_launch(launch, arch), arch, f"backward with a resident 4H = {4 * H} slice", tmp_path)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_flagship_shape_keeps_w_hh_resident(dtype, arch, tmp_path):
-    """B = 16, H = 768 (cuDNN's persistent-kernel showcase): the persistent forward on a 132-SM
-    GPU narrows its tiles to 16 units so that each of its 48 programs keeps its W_hh slice on
-    chip (512 + 256 rows, unpadded), and that kernel fits."""
+def test_flagship_shape_keeps_w_hh_resident(dtype, arch, tmp_path, monkeypatch):
+    """B = 16, H = 768 (cuDNN's persistent-kernel showcase): the persistent forward on a GPU with
+    at least 48 SMs narrows its tiles to 16 units so that each of its 48 programs keeps its W_hh
+    slice on chip (512 + 256 rows, unpadded), and that kernel fits."""
     H, B = 768, 16
-    cfg = kernels.launch_config(H, B, dtype)
-    narrow = kernels.persistent_config(cfg, H, B, lambda c: kernels.forward_resident_bytes(H, c, dtype),
-                                       budget_of(arch), 132)
-    assert narrow["BLOCK_H"] == 16 and kernels.num_tiles(H, B, narrow) == 48
     assert kernels.split_k(H) == (512, 256)
-    consts, warps = forward_constants(H, H, B, dtype, False, resident=True, cfg=narrow)
-    compiled = compile_cubin(_lstm_fw_kernel, pointer_types(dtype, FW_TYPED), consts, warps, arch)
-    assert_fits(compiled, arch, "forward, B = 16, H = 768, resident", tmp_path)
+    fw, _ = record(monkeypatch, arch, 3, B, H, dtype, variant="persistent")
+    launch = persistent_launch(fw)
+    assert launch.grid == (48,) and launch.kwargs["BLOCK_H"] == 16 and launch.kwargs["W_RESIDENT"]
+    assert_fits(compile_launch(launch, arch), arch, "forward, B = 16, H = 768, resident", tmp_path)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("proj", [0, 40], ids=["no_proj", "proj40"])
+def test_bounded_barrier_compiles_and_the_default_kernel_has_none(proj, arch, tmp_path, monkeypatch):
+    """LSTM_KERNELS_BARRIER_TIMEOUT compiles the bounded spin into the persistent kernels (a poll
+    count, and an atomic compare-and-swap that records the barrier); without it the kernels have
+    neither (the spin is compiled out: SPIN_LIMIT = 0)."""
+    for module in (triton_forward, triton_backward):  # the host's check reads the (meta) barrier
+        monkeypatch.setattr(module, "check_barrier", lambda *args: None)
+    ptx = {}
+    for limit in (0, 1000000):
+        monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, str(limit))
+        fw, bw = record(monkeypatch, arch, 3, 16, 100, torch.float16, proj=proj, variant="persistent")
+        for what, launch in (("forward", persistent_launch(fw)), ("backward", persistent_launch(bw))):
+            assert launch.grid[0] > 1 and launch.kwargs["USE_BARRIER"], what
+            assert launch.kwargs["SPIN_LIMIT"] == limit, what
+            compiled = compile_launch(launch, arch)
+            assert_fits(compiled, arch, f"{what} with SPIN_LIMIT = {limit}", tmp_path)
+            ptx[what, limit] = compiled.asm["ptx"]
+    for what in ("forward", "backward"):
+        assert ".acquire." in ptx[what, 0], f"{what}: no acquire poll (the grid barrier's spin)"
+        assert ".cas." not in ptx[what, 0], f"{what}: the default kernel has the bounded spin's compare-and-swap"
+        assert ".cas." in ptx[what, 1000000], f"{what}: no compare-and-swap in the bounded spin"

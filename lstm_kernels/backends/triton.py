@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-import triton  # noqa: F401  (ImportError here keeps the backend unregistered)
+import triton  # ImportError here keeps the backend unregistered
 
 from . import Backend, RecurrenceCall, RecurrenceInputs, register
 from .triton_backward import lstm_backward
@@ -44,6 +44,19 @@ from .triton_forward import lstm_forward
 from .triton_kernels import VARIANTS, interpreting
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: The oldest Triton served (setup.py declares triton>=3.3,<3.10): 3.3 brought launch_cooperative_grid,
+#: which every persistent launch passes (older versions raise KeyError on it).
+MIN_TRITON = (3, 3)
+
+
+def _version_tuple(version: str) -> tuple:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 #: Kernel offsets are int32: every tensor ([T, B, 4H], [T, B, P], W_hh [4H, P]) must index below 2**31.
 _MAX_ELEMENTS = 2**31 - 1
 
@@ -59,6 +72,9 @@ class TritonBackend(Backend):
         self.variant = variant
 
     def unavailable_reason(self) -> Optional[str]:
+        if _version_tuple(triton.__version__) < MIN_TRITON:
+            return (f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))} "
+                    "(pip install 'triton>=3.3,<3.10')")
         if torch.cuda.is_available() or interpreting():
             return None
         return "no CUDA GPU (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)"

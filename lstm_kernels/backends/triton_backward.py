@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 
 from .triton_kernels import (
-    RESIDENT_WARPS, _dot_tile, _phase_barrier, _tanh, backward_resident_bytes, choose_variant, co_resident_programs,
-    dot_precisions, launch_config, num_tiles, persistent_config, resident_budget, resident_weights, split_k, step_rows,
-    tile_coords,
+    RESIDENT_WARPS, _dot_tile, _phase_barrier, _tanh, backward_resident_bytes, barrier_spin_limit, barrier_tensor,
+    check_barrier, choose_variant, co_resident_programs, device_guard, dot_precisions, launch_config, num_tiles,
+    persistent_config, resident_budget, resident_weights, run_with_fallback, split_k, step_rows, tile_coords,
 )
 
 
@@ -63,7 +63,9 @@ def _bw_load_resident(
     """One piece of the program's W_hh[:, cols] slice, [K_LEN, BLOCK_H] in fp32 (zeros beyond 4H
     and P), loaded once before the step loop and kept on chip."""
     ks = k_off + tl.arange(0, K_LEN)
-    in_range = (ks < 4 * H)[:, None] & ((cols < P) & live)[None, :]
+    # cols < (P if live else 0), not `(cols < P) & live`: Triton 3.9's interpreter turns a tensor
+    # mask combined with a scalar bool into int32, which tl.load refuses.
+    in_range = (ks < 4 * H)[:, None] & (cols < tl.where(live, P, 0))[None, :]
     w = tl.load(w_ptr + ks[:, None] * P + cols[None, :], mask=in_range, other=0.0)
     return w.to(tl.float32)
 
@@ -104,8 +106,12 @@ def _bw_cell(
     g = tl.load(g_ptr + 2 * H, mask=active, other=0.0)
     o = tl.load(g_ptr + 3 * H, mask=active, other=0.0)
     tanh_c = _tanh(tl.load(ws_c_ptr + t * B * H + cell, mask=active, other=0.0))
-    c_prev = tl.load(ws_c_ptr + (t - 1) * B * H + cell, mask=active & (t > 0), other=0.0)
-    c_prev += tl.load(c0_ptr + cell, mask=active & (t == 0), other=0.0).to(tl.float32)
+    # A branch on the scalar t, not a mask `active & (t > 0)`: Triton 3.9's interpreter refuses a
+    # mask built from a scalar bool.
+    if t > 0:
+        c_prev = tl.load(ws_c_ptr + (t - 1) * B * H + cell, mask=active, other=0.0)
+    else:
+        c_prev = tl.load(c0_ptr + cell, mask=active, other=0.0).to(tl.float32)
 
     dc_in = tl.load(dc_ptr + cell, mask=tile_in, other=0.0)
     dc = dc_in + dm * o * (1.0 - tanh_c * tanh_c)
@@ -130,7 +136,9 @@ def _bw_cell(
     tl.store(dc_ptr + cell, tl.where(active, dc * f, dc_in), mask=tile_in)
 
 
-@triton.jit
+# t_begin and n_steps change from launch to launch of the step variant: not specialised (Triton
+# would compile each phase again for t = 1 and for t divisible by 16).
+@triton.jit(do_not_specialize=["t_begin", "n_steps"])
 def _lstm_bw_kernel(
     w_ptr,  # [4H, P] input dtype: W_hh
     w_hr_ptr,  # [P, H] input dtype: W_hr (projection only)
@@ -146,11 +154,12 @@ def _lstm_bw_kernel(
     dh_buf_ptr,  # [B, P] fp32: dh_t between the phases (projection only)
     dh_hist_ptr,  # [T, B, P] fp32: dh_t for dW_hr (projection only)
     dh0_ptr,  # [B, P] fp32: dh0 output (written in phase t = -1)
-    bar_ptr,  # [1] int32: zeroed grid-barrier counter (read when USE_BARRIER)
+    bar_ptr,  # [3] int32: zeroed grid-barrier counter and timeout report (used when USE_BARRIER)
     t_begin, n_steps, B,  # runs t = t_begin, t_begin - 1, ..., t_begin - n_steps + 1 (down to -1)
     H: tl.constexpr, P: tl.constexpr,
     HAS_PROJ: tl.constexpr, RUN_DH: tl.constexpr, RUN_CELL: tl.constexpr,  # which phases to run
     USE_BARRIER: tl.constexpr,
+    SPIN_LIMIT: tl.constexpr,  # 0, or the bound of the barrier's spin (debug switch; see _grid_barrier)
     W_RESIDENT: tl.constexpr,  # load W_hh[:, tile] once and keep it on chip (persistent, one dh tile per program)
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     K1: tl.constexpr, K2: tl.constexpr,  # the resident slice's two K pieces (split_k(4H))
@@ -196,7 +205,7 @@ def _lstm_bw_kernel(
                 tile += nprog
         if HAS_PROJ and RUN_CELL:
             if RUN_DH:  # dh_t complete before any dm
-                arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER)
+                arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER, SPIN_LIMIT)
             if t >= 0:
                 tile = pid
                 n_h_tiles = tl.cdiv(H, BLOCK_H)
@@ -208,7 +217,7 @@ def _lstm_bw_kernel(
                     _bw_cell(t, n_t, rows, cols, dm, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr, B, H)
                     tile += nprog
         s += 1
-        arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER)  # dG_t complete before phase t - 1
+        arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER, SPIN_LIMIT)  # dG_t complete before phase t - 1
 
 
 def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes=None, variant="auto"):
@@ -216,14 +225,26 @@ def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes
 
     Returns dG [T, B, 4H] in xg's dtype, dh0 [B, P] fp32, dc0 [B, H] fp32, and
     dW_hr [P, H] fp32 (one GEMM over the steps) or None without a projection.
+    Variants, fallback and device as in ``triton_forward.lstm_forward``.
     """
+    T, B, four_h = xg.shape
+    H, P = four_h // 4, w_hh.shape[1]
+    chosen = choose_variant(variant, max(H, P), B, launch_config(max(H, P), B, xg.dtype), xg.device)
+    with device_guard(xg.device):
+        return run_with_fallback(
+            variant, chosen,
+            lambda v: _backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, v),
+        )
+
+
+def _backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, variant):
+    """lstm_backward with the variant resolved ("step" or "persistent"), on the current device."""
     T, B, four_h = xg.shape
     H, P = four_h // 4, w_hh.shape[1]
     has_proj = w_hr is not None
     dtype, device = xg.dtype, xg.device
     gates, c_all = workspace[:2]
     cfg = launch_config(max(H, P), B, dtype)
-    variant = choose_variant(variant, max(H, P), B, cfg, device)
     if variant == "persistent":
         budget, programs = resident_budget(device), co_resident_programs(device)
         cfg = persistent_config(cfg, P, B, lambda c: backward_resident_bytes(H, c), budget, programs)
@@ -247,17 +268,20 @@ def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes
         resident = resident_weights(variant, grid[0], dh_tiles, backward_resident_bytes(H, cfg), budget)
         if resident:
             consts["num_warps"] = RESIDENT_WARPS
-        barrier = torch.zeros(1, dtype=torch.int32, device=device)
+        barrier = barrier_tensor(device)
+        spin_limit = barrier_spin_limit() if grid[0] > 1 else 0
         _lstm_bw_kernel[grid](*args, barrier, T - 1, T + 1, B, RUN_DH=True, RUN_CELL=True,
-                              USE_BARRIER=grid[0] > 1, W_RESIDENT=resident, launch_cooperative_grid=grid[0] > 1,
-                              **consts)
+                              USE_BARRIER=grid[0] > 1, SPIN_LIMIT=spin_limit, W_RESIDENT=resident,
+                              launch_cooperative_grid=grid[0] > 1, **consts)
+        if spin_limit:
+            check_barrier(barrier, grid[0], "triton backward (persistent)")
     else:
         for t in range(T - 1, -2, -1):
             _lstm_bw_kernel[(dh_tiles,)](*args, bs, t, 1, B, RUN_DH=True, RUN_CELL=False, USE_BARRIER=False,
-                                         W_RESIDENT=False, **consts)
+                                         SPIN_LIMIT=0, W_RESIDENT=False, **consts)
             if has_proj and t >= 0:
                 _lstm_bw_kernel[(cell_tiles,)](*args, bs, t, 1, B, RUN_DH=False, RUN_CELL=True,
-                                               USE_BARRIER=False, W_RESIDENT=False, **consts)
+                                               USE_BARRIER=False, SPIN_LIMIT=0, W_RESIDENT=False, **consts)
     dw_hr = None
     if has_proj:  # dW_hr = sum_t dh_t^T m_t: one deterministic GEMM (dh_hist is 0 on inactive rows)
         m_all = workspace[2]

@@ -15,9 +15,10 @@ import triton
 import triton.language as tl
 
 from .triton_kernels import (
-    RESIDENT_WARPS, _dot_tile, _phase_barrier, _tanh, choose_variant, co_resident_programs, dot_precisions,
-    forward_dot_dtype, forward_resident_bytes, launch_config, num_tiles, persistent_config, resident_budget,
-    resident_weights, split_k, step_rows, tile_coords,
+    RESIDENT_WARPS, _dot_tile, _phase_barrier, _tanh, barrier_spin_limit, barrier_tensor, check_barrier,
+    choose_variant, co_resident_programs, device_guard, dot_precisions, forward_dot_dtype, forward_resident_bytes,
+    launch_config, num_tiles, persistent_config, resident_budget, resident_weights, run_with_fallback, split_k,
+    step_rows, tile_coords,
 )
 
 
@@ -171,7 +172,9 @@ def _fw_proj_tile(
     tl.store(h_buf_ptr + ((t + 1) % 2) * B * P + state, tl.where(active, h_new, h_keep), mask=tile_in)
 
 
-@triton.jit
+# t_begin and n_steps change from launch to launch of the step variant: not specialised (Triton
+# would compile each phase again for t = 0 and 1, the values divisible by 16 and equal to 1).
+@triton.jit(do_not_specialize=["t_begin", "n_steps"])
 def _lstm_fw_kernel(
     xg_ptr,  # [T, B, 4H] input dtype
     w_ptr,  # [4H, P] input dtype: W_hh
@@ -184,11 +187,12 @@ def _lstm_fw_kernel(
     ws_gates_ptr,  # [T, B, 4H] fp32: activated gates (written when STORE_WS)
     ws_c_ptr,  # [T, B, H] fp32: c_t (written when STORE_WS)
     ws_m_ptr,  # [T, B, H] fp32: m_t (written when STORE_WS and HAS_PROJ)
-    bar_ptr,  # [1] int32: zeroed grid-barrier counter (read when USE_BARRIER)
+    bar_ptr,  # [3] int32: zeroed grid-barrier counter and timeout report (used when USE_BARRIER)
     t_begin, n_steps, B,  # runs steps t_begin ... t_begin + n_steps - 1
     H: tl.constexpr, P: tl.constexpr,
     HAS_PROJ: tl.constexpr, RUN_CELL: tl.constexpr, RUN_PROJ: tl.constexpr,  # which phases to run
     STORE_WS: tl.constexpr, USE_BARRIER: tl.constexpr,
+    SPIN_LIMIT: tl.constexpr,  # 0, or the bound of the barrier's spin (debug switch; see _grid_barrier)
     W_RESIDENT: tl.constexpr,  # load W_hh once and keep it on chip (persistent, one cell tile per program)
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     K1: tl.constexpr, K2: tl.constexpr,  # the resident slice's two K pieces (split_k(P))
@@ -235,14 +239,14 @@ def _lstm_fw_kernel(
                     tile += nprog
         if HAS_PROJ and RUN_PROJ:
             if RUN_CELL:  # m_t complete before any h_t
-                arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER)
+                arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER, SPIN_LIMIT)
             tile = pid
             while tile < tl.cdiv(B, BLOCK_B) * tl.cdiv(P, BLOCK_H):
                 _fw_proj_tile(t, tile, n_t, w_hr_ptr, h_buf_ptr, h_all_ptr, m_buf_ptr, B, H, P,
                               BLOCK_B, BLOCK_H, BLOCK_K, PROJ_PRECISION)
                 tile += nprog
         s += 1
-        arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER)  # h_t complete before step t + 1
+        arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER, SPIN_LIMIT)  # h_t complete before step t + 1
 
 
 def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=True, variant="auto"):
@@ -253,8 +257,21 @@ def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=
     all fp32) or () when not ``store_workspace``.
 
     step: one launch per step and phase (grid = that phase's tiles). persistent: one
-    launch (grid = min(tiles, SMs)) with a grid barrier after each phase.
+    launch (grid = min(tiles, SMs)) with a grid barrier after each phase; when ``auto``
+    chose it and the driver refuses the cooperative launch, step runs instead.
+    The kernels run on xg's device, on its current stream.
     """
+    T, B, four_h = xg.shape
+    H, P = four_h // 4, w_hh.shape[1]
+    chosen = choose_variant(variant, max(H, P), B, launch_config(max(H, P), B, xg.dtype), xg.device)
+    with device_guard(xg.device):
+        return run_with_fallback(
+            variant, chosen, lambda v: _forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace, v)
+        )
+
+
+def _forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace, variant):
+    """lstm_forward with the variant resolved ("step" or "persistent"), on the current device."""
     T, B, four_h = xg.shape
     H, P = four_h // 4, w_hh.shape[1]
     has_proj = w_hr is not None
@@ -262,7 +279,6 @@ def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=
     xg, w_hh = xg.contiguous(), w_hh.contiguous()
     w_hr = w_hr.contiguous() if has_proj else w_hh  # never read without a projection
     cfg = launch_config(max(H, P), B, dtype)
-    variant = choose_variant(variant, max(H, P), B, cfg, device)
     if variant == "persistent":
         budget, programs = resident_budget(device), co_resident_programs(device)
         cfg = persistent_config(cfg, H, B, lambda c: forward_resident_bytes(P, c, dtype), budget, programs)
@@ -291,15 +307,19 @@ def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=
         resident = resident_weights(variant, grid[0], cell_tiles, forward_resident_bytes(P, cfg, dtype), budget)
         if resident:
             consts["num_warps"] = RESIDENT_WARPS
-        barrier = torch.zeros(1, dtype=torch.int32, device=device)
+        barrier = barrier_tensor(device)
+        spin_limit = barrier_spin_limit() if grid[0] > 1 else 0
         _lstm_fw_kernel[grid](*args, barrier, 0, T, B, RUN_CELL=True, RUN_PROJ=True, USE_BARRIER=grid[0] > 1,
-                              W_RESIDENT=resident, launch_cooperative_grid=grid[0] > 1, **consts)
+                              SPIN_LIMIT=spin_limit, W_RESIDENT=resident, launch_cooperative_grid=grid[0] > 1,
+                              **consts)
+        if spin_limit:
+            check_barrier(barrier, grid[0], "triton forward (persistent)")
     else:
         for t in range(T):
             _lstm_fw_kernel[(cell_tiles,)](*args, bs, t, 1, B, RUN_CELL=True, RUN_PROJ=False,
-                                           USE_BARRIER=False, W_RESIDENT=False, **consts)
+                                           USE_BARRIER=False, SPIN_LIMIT=0, W_RESIDENT=False, **consts)
             if has_proj:
                 _lstm_fw_kernel[(proj_tiles,)](*args, bs, t, 1, B, RUN_CELL=False, RUN_PROJ=True,
-                                               USE_BARRIER=False, W_RESIDENT=False, **consts)
+                                               USE_BARRIER=False, SPIN_LIMIT=0, W_RESIDENT=False, **consts)
     h_T = h_buf[T % 2].clone()
     return h_all, h_T, c, ws

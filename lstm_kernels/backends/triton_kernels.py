@@ -59,8 +59,18 @@ the barrier: bar.sync, then one release arrival per program, and acquire loads i
 cache_modifier=".cg"; Triton may lower them otherwise (cp.async through L1 in the
 pipelined k-loops), which the acquire makes correct anyway. Persistent launches are
 cooperative (launch_cooperative_grid): the driver places every program at once or fails,
-so the spin cannot wait on a program that never starts. A debugger that runs programs one
-at a time (single-stepping in cuda-gdb) deadlocks the spin; use the step variant there.
+so the spin cannot wait on a program that never starts; when the driver refuses it at run
+time (MPS or green contexts limiting SMs, another process holding SMs), ``auto`` runs the
+step variant instead (``run_with_fallback``) and a named "persistent" raises. A debugger that
+runs programs one at a time (single-stepping in cuda-gdb) deadlocks the spin; use the step
+variant there, or set LSTM_KERNELS_BARRIER_TIMEOUT=<polls>: the spin then gives up after that
+many polls and the launch raises, naming the barrier (compiled in as SPIN_LIMIT; the default
+kernels have no bound and no check).
+
+Host side: launches run under a device guard of the tensors' device, on its current stream,
+and nothing in a call's path synchronises with the host (``step_rows``), so the variants can
+be captured in a CUDA graph. The step index arguments are not specialised
+(``do_not_specialize``): one compilation per phase, not one per class of t.
 
 Compile-time choices: H and P are tl.constexpr (one compilation per layer size; it makes
 the k-loops static, which the interpreter needs: with NumPy >= 2 it cannot take a runtime
@@ -69,7 +79,9 @@ come from ``launch_config`` alone.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 import torch
 import triton
@@ -96,23 +108,38 @@ def _tanh(x):
 
 
 @triton.jit
-def _grid_barrier(bar_ptr, target):
+def _grid_barrier(bar_ptr, target, SPIN_LIMIT: tl.constexpr):
     """Wait until ``target`` arrivals have been counted at ``bar_ptr`` (monotonic counter).
 
     bar.sync so that every thread's stores of this program precede the release; one
     release arrival per program; spin with acquire loads (gpu scope), which also makes
     the other programs' stores (h_buf / dg_buf) visible; bar.sync again so no thread
     runs ahead of the spin.
+
+    SPIN_LIMIT = 0 (the default): spin until the count is reached. SPIN_LIMIT > 0 (the debug
+    switch ``LSTM_KERNELS_BARRIER_TIMEOUT``): give up after that many polls and report the
+    first barrier that timed out in ``bar_ptr[1]`` (the arrival count it waited for) and
+    ``bar_ptr[2]`` (the count it last saw); the launch helper raises (``check_barrier``).
     """
     tl.debug_barrier()
     tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")  # a scalar atomic: one thread per program
-    while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < target:
-        pass
+    if SPIN_LIMIT == 0:
+        while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < target:
+            pass
+    else:
+        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+        spins = 1
+        while (seen < target) & (spins < SPIN_LIMIT):
+            seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+            spins += 1
+        if seen < target:  # timed out: the first program to time out records the barrier
+            if tl.atomic_cas(bar_ptr + 1, 0, target) == 0:
+                tl.atomic_xchg(bar_ptr + 2, seen)
     tl.debug_barrier()
 
 
 @triton.jit
-def _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER: tl.constexpr):
+def _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER: tl.constexpr, SPIN_LIMIT: tl.constexpr):
     """The barrier between phases and steps; returns the updated arrival count.
 
     A grid barrier when several programs share the launch (USE_BARRIER), else a block
@@ -122,7 +149,7 @@ def _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER: tl.constexpr):
     """
     if USE_BARRIER:
         arrivals += 1
-        _grid_barrier(bar_ptr, arrivals * nprog)
+        _grid_barrier(bar_ptr, arrivals * nprog, SPIN_LIMIT)
     else:
         tl.debug_barrier()
     return arrivals
@@ -311,10 +338,114 @@ def forward_dot_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
+#: Pinned host buffers of row counts copied to the device while a CUDA graph was being captured:
+#: the captured copy reads them again at every replay, so they are kept for the process's life.
+_CAPTURED_HOST_ROWS: list = []
+
+
+def pinned_int32(n: int) -> torch.Tensor:
+    """A zeroed [n] int32 host tensor in pinned (page-locked) memory: the source of a copy to a
+    GPU that does not block the host."""
+    return torch.zeros(n, dtype=torch.int32, pin_memory=True)
+
+
 def step_rows(batch_sizes, seq_len: int, batch: int, device) -> torch.Tensor:
-    """[T + 1] int32 on ``device``: active rows per step, then 0."""
-    rows = torch.full((seq_len + 1,), batch, dtype=torch.int32)
-    if batch_sizes is not None:
-        rows[:seq_len] = batch_sizes.to(torch.int32)
-    rows[seq_len] = 0
-    return rows.to(device)
+    """[T + 1] int32 on ``device``: active rows per step, then 0.
+
+    Never a host-synchronising copy (so it works under CUDA-graph capture and does not stall
+    the host every call): without ``batch_sizes`` the tensor is filled on the device; with
+    them (PackedSequence keeps them on the CPU) they are copied from pinned memory with
+    ``non_blocking=True``, ordered on the current stream before the kernels that read them.
+    """
+    device = torch.device(device)
+    if batch_sizes is None:
+        rows = torch.full((seq_len + 1,), batch, dtype=torch.int32, device=device)
+        rows[seq_len:].fill_(0)  # a fill on the device, not a copy from the host
+        return rows
+    if device.type != "cuda" or batch_sizes.device == device:  # the CPU under the interpreter; sizes on the GPU
+        rows = torch.zeros(seq_len + 1, dtype=torch.int32, device=device)
+        rows[:seq_len] = batch_sizes
+        return rows
+    host = pinned_int32(seq_len + 1)
+    host[:seq_len] = batch_sizes  # a host-to-host copy (batch_sizes is a CPU tensor)
+    if torch.cuda.is_current_stream_capturing():
+        _CAPTURED_HOST_ROWS.append(host)
+    return host.to(device, non_blocking=True)
+
+
+def device_guard(device: torch.device):
+    """The device every launch runs on: Triton launches on the current CUDA device and its
+    current stream, so make that the tensors' device (as the CUDA backend does)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+#: Environment variable of the debug switch that bounds the persistent kernels' barrier spin:
+#: the number of polls (e.g. 100000000) after which a barrier gives up and the launch raises.
+#: 0 or unset: spin without bound (the kernels run without the check).
+BARRIER_TIMEOUT_ENV = "LSTM_KERNELS_BARRIER_TIMEOUT"
+
+
+def barrier_spin_limit() -> int:
+    """The SPIN_LIMIT constexpr of persistent launches, from LSTM_KERNELS_BARRIER_TIMEOUT."""
+    value = os.environ.get(BARRIER_TIMEOUT_ENV, "").strip() or "0"
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ValueError(f"{BARRIER_TIMEOUT_ENV}={value!r}: expected a number of polls (0 = no bound)") from None
+    if limit < 0 or limit >= 2**31:
+        raise ValueError(f"{BARRIER_TIMEOUT_ENV}={value!r}: expected 0 <= polls < 2**31")
+    return limit
+
+
+def barrier_tensor(device) -> torch.Tensor:
+    """The zeroed [3] int32 barrier of a persistent launch: the arrival counter, then the
+    arrival count a timed-out barrier waited for and the count it saw (see _grid_barrier)."""
+    return torch.zeros(3, dtype=torch.int32, device=device)
+
+
+def check_barrier(barrier: torch.Tensor, nprog: int, what: str) -> None:
+    """After a persistent launch with a bounded spin: raise if a barrier timed out. (Reads the
+    barrier on the host, so it synchronises; only done under the debug switch.)"""
+    counter, target, seen = (int(v) for v in barrier.tolist())
+    if target:
+        raise RuntimeError(
+            f"{what}: grid barrier timed out after {BARRIER_TIMEOUT_ENV} polls waiting for {target} arrivals "
+            f"(barrier {target // max(nprog, 1)} of the launch, {nprog} programs), saw {seen}; "
+            f"the counter ended at {counter}. The grid barrier or the programs' co-residency is broken."
+        )
+
+
+def auto_requested(variant: str) -> bool:
+    """Whether ``variant`` leaves the choice to the backend ("auto", and the environment variable
+    does not name a variant either)."""
+    if variant == "auto":
+        variant = os.environ.get(VARIANT_ENV, "auto") or "auto"
+    return variant == "auto"
+
+
+def cooperative_launch_refused(err: BaseException) -> bool:
+    """Whether ``err`` is the driver refusing a cooperative launch at run time (too many blocks to
+    be co-resident: MPS or green contexts limiting SMs, another process holding SMs, or no
+    cooperative launch in this context), as Triton's launcher reports it: a RuntimeError
+    "Triton Error [CUDA]: <cuGetErrorString>" from cuLaunchKernelEx
+    (CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE: "too many blocks in cooperative launch";
+    CUDA_ERROR_NOT_SUPPORTED: "operation not supported")."""
+    msg = str(err)
+    return isinstance(err, RuntimeError) and "Triton Error [CUDA]" in msg and (
+        "cooperative launch" in msg or "operation not supported" in msg
+    )
+
+
+def run_with_fallback(variant: str, chosen: str, run):
+    """``run(chosen)``; when ``auto`` chose "persistent" and the driver refuses the cooperative
+    launch, ``run("step")`` instead. A named variant still raises."""
+    if chosen == "persistent" and auto_requested(variant):
+        try:
+            return run("persistent")
+        except RuntimeError as err:
+            if not cooperative_launch_refused(err):
+                raise
+            warnings.warn(f"lstm_kernels: the persistent Triton kernel's cooperative launch was refused ({err}); "
+                          "running the per-step variant", RuntimeWarning, stacklevel=3)
+            return run("step")
+    return run(chosen)

@@ -1,10 +1,18 @@
 """The triton backend on a real GPU, at real sizes, both variants, every dtype.
 
 Marked ``gpu``: skipped without CUDA, and skipped under TRITON_INTERPRET=1 (the
-interpreter would run these sizes for hours). The rule for every dtype (the
-flash-attention rule of STYLE.md): against the float64 reference on the same
-rounded inputs, the relative error is at most max(REL_TOL[dtype], 2 x the error of
-the reference backend itself run in that dtype).
+interpreter would run these sizes for hours). Each test has its own time limit
+(pytest-timeout, "thread" method): a grid barrier that never opens fails the test
+instead of hanging the session. The rule for every dtype (the flash-attention rule
+of STYLE.md): against the float64 reference on the same rounded inputs, the relative
+error is at most max(REL_TOL[dtype], 2 x the error of the reference backend itself run
+in that dtype), and no single element is off by more than ELEMENT_FACTOR times that
+of the tensor's largest magnitude (tests/utils.py: one wrong tile cannot hide in the norm).
+
+Races between the programs of a persistent launch (its grid barrier) are what no
+sanitizer sees; the detector is the comparison with the step variant, where a launch
+boundary is the barrier: bitwise, for every shape here and at the flagship shape,
+several runs each (test_persistent_matches_step_bitwise).
 """
 from __future__ import annotations
 
@@ -20,9 +28,11 @@ from utils import REL_TOL, assert_rel_close, rel_error
 known_backends()
 triton_backend = pytest.importorskip("lstm_kernels.backends.triton")
 kernels = pytest.importorskip("lstm_kernels.backends.triton_kernels")
+from lstm_kernels.backends import triton_backward, triton_forward  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.timeout(300, method="thread"),
     pytest.mark.usefixtures("no_tf32"),
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1", reason="real-size GPU tests; not interpreted"),
 ]
@@ -141,3 +151,121 @@ def test_module_on_gpu_matches_nn_lstm(variant, proj_size, monkeypatch):
         results.append((out.data, h_n, c_n, *grads))
     for i, (a, e) in enumerate(zip(*results)):
         assert_rel_close(a, e, REL_TOL[torch.float32], f"result {i}")
+
+
+#: The flagship shape (DESIGN.md, "The budget of one step"): T = 1024, B = 16, H = 768.
+FLAGSHIP = (1024, 16, 768, 0)
+BITWISE_CASES = [(shape, dtype) for shape in SHAPES for dtype in DTYPES] + [
+    ("flagship", "fp16"), ("flagship", "bf16")]
+RUNS = 3
+
+
+def _streamed_like_step(monkeypatch):
+    """Persistent launches with the step variant's tiles and W_hh streamed in BLOCK_K chunks, as
+    the step variant does: the same arithmetic per tile, so any difference is a race."""
+    for module in (triton_forward, triton_backward):
+        monkeypatch.setattr(module, "resident_weights", lambda *args: False)
+        monkeypatch.setattr(module, "persistent_config", lambda cfg, *args: cfg)
+
+
+def assert_bitwise(actual, expected, what):
+    for name in expected:
+        a, e = actual[name], expected[name]
+        if not torch.equal(a, e):
+            diff = (a.double() - e.double()).abs()
+            where = tuple(int(i) for i in (diff == diff.max()).nonzero()[0])
+            raise AssertionError(
+                f"{what}: {name} differs from the step variant in {int((a != e).sum())} of {a.numel()} elements; "
+                f"max |diff| {diff.max().item():.3e} at {where}")
+
+
+@pytest.mark.timeout(900, method="thread")
+@pytest.mark.parametrize("shape_name,dtype_name", BITWISE_CASES, ids=[f"{s}-{d}" for s, d in BITWISE_CASES])
+def test_persistent_matches_step_bitwise(shape_name, dtype_name, monkeypatch):
+    """The persistent variant against the step variant, several runs each.
+
+    With the step variant's tiles and W_hh streamed (the same arithmetic per tile) the results
+    must be bitwise equal: a grid-barrier race (a program reading h_{t-1} or dG_{t+1} before
+    another program stored it, a stale line) shows up as a difference. As launched (resident
+    W_hh in one tl.dot over K where it fits: another summation grouping) the persistent
+    variant must be bitwise the same run after run, and within the tolerance of the step
+    variant element by element."""
+    shape = FLAGSHIP if shape_name == "flagship" else SHAPES[shape_name]
+    dtype = DTYPES[dtype_name]
+    case = make_case(*shape, dtype, seed=11)
+    step = run(triton_backend.TritonBackend("step"), case)
+    with monkeypatch.context() as m:
+        _streamed_like_step(m)
+        for i in range(RUNS):
+            assert_bitwise(run(triton_backend.TritonBackend("persistent"), case), step,
+                           f"persistent (streamed like step), run {i}")
+    first = run(triton_backend.TritonBackend("persistent"), case)
+    for i in range(1, RUNS):
+        again = run(triton_backend.TritonBackend("persistent"), case)
+        for name in first:
+            assert torch.equal(first[name], again[name]), f"persistent run {i}: {name} differs from run 0"
+    for name in step:
+        assert_rel_close(first[name], step[name], REL_TOL[dtype], f"persistent vs step {name}")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_side_stream_and_cuda_graph(variant, packed):
+    """Each variant on a side stream and under CUDA-graph capture: the launches run on the current
+    stream, the row counts reach the GPU without a blocking copy (a blocking copy from pageable
+    memory is not permitted while capturing), and replays after new inputs are copied in give
+    what an eager run on those inputs gives, bitwise."""
+    T, B, H = 64, 16, 256
+    lengths = [T] + sorted(torch.randint(1, T + 1, (B - 1,), generator=torch.Generator().manual_seed(2)).tolist(),
+                           reverse=True) if packed else None
+    case = make_case(T, B, H, 0, torch.float16, seed=3, lengths=lengths)
+    backend = triton_backend.TritonBackend(variant)
+    expected = run(backend, case)  # also compiles the kernels before the capture
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side, _ = recurrence_cases.run(backend, case)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert_bitwise(on_side, expected, f"{variant} on a side stream")
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured, _ = recurrence_cases.run(backend, case)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_bitwise(captured, expected, f"{variant} graph replay")
+
+    new = make_case(T, B, H, 0, torch.float16, seed=4, lengths=lengths)
+    for name, tensor in case.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+            tensor.copy_(new[name])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_bitwise(captured, run(backend, new), f"{variant} graph replay with new inputs")
+
+
+def test_row_counts_of_a_packed_batch_come_from_pinned_memory(monkeypatch):
+    """step_rows on a GPU: the copy's source is page-locked, and the result is right."""
+    seen = []
+    real = kernels.pinned_int32
+
+    def spy(n):
+        seen.append(real(n))
+        return seen[-1]
+
+    monkeypatch.setattr(kernels, "pinned_int32", spy)
+    rows = kernels.step_rows(torch.tensor([3, 3, 1]), 3, 3, torch.device("cuda"))
+    assert seen and seen[0].is_pinned()
+    assert rows.is_cuda and rows.tolist() == [3, 3, 1, 0]
+    assert kernels.step_rows(None, 3, 5, torch.device("cuda")).tolist() == [5, 5, 5, 0]
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_bounded_barrier_passes_a_working_launch(monkeypatch):
+    """The debug switch on a working persistent launch: same results as without it, no error."""
+    case = make_case(32, 64, 256, 0, torch.float16, seed=5)
+    expected = run(triton_backend.TritonBackend("persistent"), case)
+    monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, str(10**8))
+    assert_bitwise(run(triton_backend.TritonBackend("persistent"), case), expected, "with a bounded barrier")

@@ -1,0 +1,121 @@
+"""What the Triton launch helpers launch, without launching it.
+
+``record_launches`` replaces the two kernels in the launch modules by recorders, so that
+``lstm_forward`` / ``lstm_backward`` run their whole host path (choice of variant, launch
+configuration, buffers, row counts) and record each launch's grid, arguments and keywords.
+With ``meta`` tensors that host path runs on any machine, at any size, and touches no data:
+a host read of device data (``.item()``, ``.tolist()``) fails on a meta tensor.
+
+``jit_compile_inputs`` then turns one recorded launch into what Triton's JIT would compile
+for it (the signature, the constexprs and the specialisation attributes: 16-byte pointer
+alignment, integers divisible by 16), using the JIT's own binder, so an ahead-of-time
+compile builds the kernel that runs (tests/test_triton_aot.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lstm_kernels.backends import triton_backward, triton_forward
+
+
+@dataclass
+class Launch:
+    kernel: object  # the real @triton.jit function
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class Recorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` is recorded, not run."""
+    kernel: object
+    launches: list = field(default_factory=list)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(Launch(self.kernel, tuple(grid), args, kwargs))
+        return launch
+
+
+def record_launches(monkeypatch):
+    """Replace the forward and backward kernels by recorders; returns (forward, backward) recorders."""
+    def real(kernel):  # a recorder recorded again records for the same kernel
+        return kernel.kernel if isinstance(kernel, Recorder) else kernel
+
+    fw = Recorder(real(triton_forward._lstm_fw_kernel))
+    bw = Recorder(real(triton_backward._lstm_bw_kernel))
+    monkeypatch.setattr(triton_forward, "_lstm_fw_kernel", fw)
+    monkeypatch.setattr(triton_backward, "_lstm_bw_kernel", bw)
+    return fw, bw
+
+
+def meta_case(T, B, H, dtype, proj=0, batch_sizes=None):
+    """Recurrence inputs on the meta device (shapes and dtypes only)."""
+    P = proj or H
+
+    def t(*shape):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    return dict(xg=t(T, B, 4 * H), w_hh=t(4 * H, P), h0=t(B, P), c0=t(B, H), w_hr=t(P, H) if proj else None,
+                batch_sizes=batch_sizes, dh_all=t(T, B, P), dh_T=t(B, P), dc_T=t(B, H))
+
+
+def run_host_path(case, variant, needs_grad=True):
+    """lstm_forward (and lstm_backward when ``needs_grad``) of ``case`` with the kernels recorded."""
+    h_all, h_T, c_T, ws = triton_forward.lstm_forward(
+        case["xg"], case["w_hh"], case["h0"], case["c0"], case["w_hr"], case["batch_sizes"],
+        store_workspace=needs_grad, variant=variant)
+    if needs_grad:
+        triton_backward.lstm_backward(case["xg"], case["w_hh"], case["c0"], case["w_hr"], ws, case["dh_all"],
+                                      case["dh_T"], case["dc_T"], case["batch_sizes"], variant=variant)
+    return h_all, h_T, c_T, ws
+
+
+class JitApiUnsupported(Exception):
+    """This Triton's JIT internals differ from the ones ``jit_compile_inputs`` knows."""
+
+
+def jit_compile_inputs(launch: Launch, backend):
+    """(signature, constexprs, attrs, options) that Triton's JIT builds for ``launch`` on ``backend``
+    (``triton.compiler.make_backend(target)``): its binder specialises the arguments as a real
+    launch does (pointer alignment from ``data_ptr()``, integer divisibility, do_not_specialize).
+
+    Known to work with the JIT of Triton 3.3 to 3.9; raises JitApiUnsupported elsewhere.
+    """
+    try:
+        from triton.runtime.jit import create_function_from_signature, find_paths_if, get_iterable_path
+    except ImportError as err:
+        raise JitApiUnsupported(f"triton.runtime.jit lacks {err.name!r}") from err
+    fn = launch.kernel
+    kwargs = dict(launch.kwargs)
+    kwargs.setdefault("debug", False)
+    try:
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound_args, specialization, _ = binder(*launch.args, **kwargs)
+    except TypeError as err:
+        raise JitApiUnsupported(f"the JIT binder's interface differs: {err}") from err
+    if hasattr(fn, "_pack_args"):  # Triton >= 3.4
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, None)
+    else:  # Triton 3.3: the same steps, inline in JITFunction.run
+        options = backend.parse_options(kwargs)
+        sigvals = [x[0] for x in specialization]
+        signature = {p.name: v for p, v in zip(fn.params, sigvals)}
+        for k in kwargs:
+            if k not in options.__dict__ and k not in signature:
+                raise KeyError(f"Keyword argument {k} was specified but unrecognised")
+        constexprs = find_paths_if(sigvals, lambda _, val: val == "constexpr")
+        constexprs = {path: get_iterable_path(list(bound_args.values()), path) for path in constexprs}
+        attrvals = [x[1] for x in specialization]
+        attrs = find_paths_if(attrvals, lambda _, x: isinstance(x, str))
+        attrs = {k: backend.parse_attr(get_iterable_path(attrvals, k)) for k in attrs}
+    return signature, constexprs, attrs, options
+
+
+def specialization_key(launch: Launch, backend) -> str:
+    """The JIT's cache key of ``launch`` (one compilation per distinct key)."""
+    signature, constexprs, attrs, options = jit_compile_inputs(launch, backend)
+    return repr((sorted(signature.items()), sorted(constexprs.items(), key=repr), sorted(attrs.items(), key=repr),
+                 sorted(options.__dict__.items(), key=repr)))

@@ -1,0 +1,315 @@
+"""The launch path of the triton backend, on the CPU: what a kernel call does around the kernels.
+
+- No host-synchronising copy: the row counts are filled on the device, or copied from pinned
+  memory without blocking (CUDA-graph capture forbids a blocking copy; in eager mode it stalls
+  the host every call). The launch helpers run on meta tensors with the kernels recorded
+  (launch_capture), under a spy on every tensor copy.
+- Launches run inside a device guard of the tensors' device.
+- A cooperative launch refused at run time makes ``auto`` fall back to the step variant; a
+  named variant raises.
+- The bounded barrier spin (LSTM_KERNELS_BARRIER_TIMEOUT): a persistent launch whose programs
+  cannot all run at once fails with the barrier it waited on, instead of hanging. The
+  interpreter runs programs one after another, so a persistent grid of several programs is
+  exactly such a launch.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from lstm_kernels.backends import known_backends
+
+known_backends()
+triton_backend = pytest.importorskip("lstm_kernels.backends.triton")
+kernels = pytest.importorskip("lstm_kernels.backends.triton_kernels")
+from lstm_kernels.backends import triton_backward, triton_forward  # noqa: E402
+
+import launch_capture  # noqa: E402
+import recurrence_cases  # noqa: E402
+
+#: What the driver reports for a refused cooperative launch, as Triton's launcher raises it
+#: (backends/nvidia/driver.py: gpuAssert, "Triton Error [CUDA]: " + cuGetErrorString(code)).
+REFUSED = "Triton Error [CUDA]: too many blocks in cooperative launch"
+
+
+# ----------------------------------------------------------------------------- no host sync
+
+
+class CopySpy:
+    """Records every cross-device tensor copy (Tensor.to / Tensor.copy_ / Tensor.cuda) as
+    (source, destination device, non_blocking). A copy to "cuda" is not performed (this torch
+    may have no CUDA): it returns a clone, so host code after it still runs."""
+
+    def __init__(self, monkeypatch):
+        self.copies = []
+        real_to, real_copy, spy = torch.Tensor.to, torch.Tensor.copy_, self
+
+        def to(self, *args, **kwargs):
+            device, non_blocking = _to_target(self, args, kwargs)
+            if device is not None and device != self.device:
+                spy.copies.append((self, device, non_blocking))
+                if device.type == "cuda":
+                    return self.clone()
+            return real_to(self, *args, **kwargs)
+
+        def copy_(self, src, non_blocking=False):
+            if isinstance(src, torch.Tensor) and src.device != self.device:
+                spy.copies.append((src, self.device, non_blocking))
+            return real_copy(self, src, non_blocking)
+
+        def cuda(self, device=None, non_blocking=False, **kwargs):
+            spy.copies.append((self, torch.device("cuda" if device is None else device), non_blocking))
+            return self.clone()
+
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+        monkeypatch.setattr(torch.Tensor, "cuda", cuda)
+
+    def host_to_device(self):
+        return [(src, dev, nb) for src, dev, nb in self.copies if src.device.type == "cpu" and dev.type != "cpu"]
+
+
+def _to_target(tensor, args, kwargs):
+    """(device, non_blocking) of a Tensor.to call; device None when it does not move the tensor."""
+    device = kwargs.get("device")
+    non_blocking = kwargs.get("non_blocking", False)
+    rest = list(args)
+    if rest and isinstance(rest[0], torch.Tensor):
+        device = rest.pop(0).device
+    elif rest and isinstance(rest[0], (str, torch.device)):
+        device = rest.pop(0)
+    if rest and isinstance(rest[0], torch.dtype):
+        rest.pop(0)
+    if rest and isinstance(rest[0], bool):
+        non_blocking = rest[0]
+    return (None if device is None else torch.device(device)), non_blocking
+
+
+def test_step_rows_without_batch_sizes_is_built_on_the_device(monkeypatch):
+    spy = CopySpy(monkeypatch)
+    rows = kernels.step_rows(None, 5, 3, torch.device("meta"))
+    assert rows.device.type == "meta" and rows.dtype == torch.int32 and rows.shape == (6,)
+    assert spy.host_to_device() == [], "the row counts were copied from the host"
+    cpu = kernels.step_rows(None, 5, 3, torch.device("cpu"))
+    assert cpu.tolist() == [3] * 5 + [0]
+
+
+def test_step_rows_with_batch_sizes_copies_from_pinned_memory_without_blocking(monkeypatch):
+    """PackedSequence keeps batch_sizes on the CPU: the one copy to the GPU must come from pinned
+    memory and not block. (This torch may have no CUDA: the pinned buffer is a stand-in here,
+    and the spy does not perform the copy; tests/triton/test_triton_gpu.py runs it for real.)"""
+    pinned = []
+
+    def fake_pinned(n):
+        pinned.append(torch.zeros(n, dtype=torch.int32))
+        return pinned[-1]
+
+    monkeypatch.setattr(kernels, "pinned_int32", fake_pinned)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    spy = CopySpy(monkeypatch)
+    batch_sizes = torch.tensor([3, 2, 2, 1])
+    rows = kernels.step_rows(batch_sizes, 4, 3, torch.device("cuda"))
+    [(src, device, non_blocking)] = spy.host_to_device()
+    assert device.type == "cuda" and non_blocking, "a blocking copy from the host"
+    assert pinned and src is pinned[0], "the copy's source is not the pinned buffer"
+    assert rows.tolist() == [3, 2, 2, 1, 0]
+
+
+def test_step_rows_keeps_a_captured_copy_s_source(monkeypatch):
+    """Under CUDA-graph capture every replay reads the pinned buffer again: it must stay alive."""
+    monkeypatch.setattr(kernels, "pinned_int32", lambda n: torch.zeros(n, dtype=torch.int32))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(kernels, "_CAPTURED_HOST_ROWS", [])
+    CopySpy(monkeypatch)
+    kernels.step_rows(torch.tensor([2, 1]), 2, 2, torch.device("cuda"))
+    assert [r.tolist() for r in kernels._CAPTURED_HOST_ROWS] == [[2, 1, 0]]
+
+
+@pytest.mark.parametrize("variant", ["step", "persistent"])
+@pytest.mark.parametrize("proj", [0, 8], ids=["no_proj", "proj8"])
+def test_a_kernel_call_makes_no_host_copy(proj, variant, monkeypatch):
+    """The whole host path of forward + backward on meta tensors: no copy from the host, and
+    nothing read back (a meta tensor has no data: .item() / .tolist() would raise)."""
+    spy = CopySpy(monkeypatch)
+    fw, bw = launch_capture.record_launches(monkeypatch)
+    launch_capture.run_host_path(launch_capture.meta_case(6, 5, 24, torch.float16, proj=proj), variant)
+    assert fw.launches and bw.launches
+    assert spy.host_to_device() == [], [(tuple(s.shape), d) for s, d, _ in spy.host_to_device()]
+
+
+@pytest.mark.parametrize("variant", ["step", "persistent"])
+def test_launches_run_under_a_guard_of_the_tensors_device(variant, monkeypatch):
+    entered = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        entered.append(device)
+        yield
+        entered.remove(device)
+
+    inside = []
+    for module in (triton_forward, triton_backward):
+        monkeypatch.setattr(module, "device_guard", guard)
+    real = launch_capture.Recorder.__getitem__
+
+    def getitem(self, grid):
+        inside.append(list(entered))
+        return real(self, grid)
+
+    monkeypatch.setattr(launch_capture.Recorder, "__getitem__", getitem)
+    launch_capture.record_launches(monkeypatch)
+    launch_capture.run_host_path(launch_capture.meta_case(3, 2, 16, torch.float32), variant)
+    assert inside and all(e == [torch.device("meta")] for e in inside), inside
+
+
+def test_device_guard_selects_the_tensors_cuda_device(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: chosen.append(d) or contextlib.nullcontext())
+    with kernels.device_guard(torch.device("cuda", 1)):
+        pass
+    assert chosen == [torch.device("cuda", 1)]
+    with kernels.device_guard(torch.device("cpu")):
+        pass
+    assert len(chosen) == 1
+
+
+# ----------------------------------------------------------------------------- refused cooperative launch
+
+
+def test_cooperative_launch_refused_recognises_the_driver_errors():
+    assert kernels.cooperative_launch_refused(RuntimeError(REFUSED))
+    assert kernels.cooperative_launch_refused(RuntimeError("Triton Error [CUDA]: operation not supported"))
+    assert not kernels.cooperative_launch_refused(RuntimeError("Triton Error [CUDA]: an illegal memory access"))
+    assert not kernels.cooperative_launch_refused(RuntimeError("too many blocks in cooperative launch"))
+    assert not kernels.cooperative_launch_refused(ValueError(REFUSED))
+
+
+class RefusingKernel:
+    """A kernel whose persistent (cooperative) launches fail as the driver refuses them; the
+    step launches run the real kernel."""
+
+    def __init__(self, kernel, error):
+        self.kernel, self.error, self.refused = kernel, error, 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if "launch_cooperative_grid" in kwargs:  # only persistent launches pass it
+                self.refused += 1
+                raise self.error
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _refuse_persistent(monkeypatch, error):
+    fw = RefusingKernel(triton_forward._lstm_fw_kernel, error)
+    bw = RefusingKernel(triton_backward._lstm_bw_kernel, error)
+    monkeypatch.setattr(triton_forward, "_lstm_fw_kernel", fw)
+    monkeypatch.setattr(triton_backward, "_lstm_bw_kernel", bw)
+    for module in (triton_forward, triton_backward):  # auto chooses persistent, as on a GPU where it fits
+        monkeypatch.setattr(module, "choose_variant",
+                            lambda variant, *a: "persistent" if variant in ("auto", "persistent") else variant)
+    return fw, bw
+
+
+needs_interpreter = pytest.mark.skipif(not kernels.interpreting(), reason="runs the kernels under TRITON_INTERPRET=1")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("proj", [0, 4], ids=["no_proj", "proj4"])
+def test_auto_falls_back_to_step_when_the_cooperative_launch_is_refused(proj, monkeypatch):
+    case = recurrence_cases.make_case(4, 3, 13, torch.float32, "cpu", proj=proj, lengths=[4, 2, 1])
+    expected, _ = recurrence_cases.run(triton_backend.TritonBackend("step"), case)
+    fw, bw = _refuse_persistent(monkeypatch, RuntimeError(REFUSED))
+    with pytest.warns(RuntimeWarning, match="cooperative launch was refused"):
+        actual, _ = recurrence_cases.run(triton_backend.TritonBackend("auto"), case)
+    assert fw.refused == 1 and bw.refused == 1, "auto did not try the persistent launch"
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), f"{name}: the fallback is not the step variant"
+
+
+@needs_interpreter
+def test_a_named_persistent_variant_still_raises(monkeypatch):
+    case = recurrence_cases.make_case(3, 2, 5, torch.float32, "cpu")
+    _refuse_persistent(monkeypatch, RuntimeError(REFUSED))
+    with pytest.raises(RuntimeError, match="cooperative launch"):
+        recurrence_cases.run(triton_backend.TritonBackend("persistent"), case)
+    monkeypatch.setenv(kernels.VARIANT_ENV, "persistent")  # named through the environment: also raises
+    with pytest.raises(RuntimeError, match="cooperative launch"):
+        recurrence_cases.run(triton_backend.TritonBackend("auto"), case)
+
+
+@needs_interpreter
+def test_auto_does_not_swallow_other_launch_errors(monkeypatch):
+    case = recurrence_cases.make_case(3, 2, 5, torch.float32, "cpu")
+    _refuse_persistent(monkeypatch, RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        recurrence_cases.run(triton_backend.TritonBackend("auto"), case)
+
+
+# ----------------------------------------------------------------------------- bounded barrier spin
+
+
+def test_barrier_spin_limit_from_the_environment(monkeypatch):
+    monkeypatch.delenv(kernels.BARRIER_TIMEOUT_ENV, raising=False)
+    assert kernels.barrier_spin_limit() == 0
+    monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "1000")
+    assert kernels.barrier_spin_limit() == 1000
+    for bad in ("ten", "-1", str(2**31)):
+        monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=kernels.BARRIER_TIMEOUT_ENV):
+            kernels.barrier_spin_limit()
+
+
+def test_check_barrier_names_the_barrier():
+    kernels.check_barrier(torch.tensor([96, 0, 0], dtype=torch.int32), 48, "forward")  # no timeout: passes
+    with pytest.raises(RuntimeError, match=r"waiting for 96 arrivals \(barrier 2 of the launch, 48 programs\), saw 95"):
+        kernels.check_barrier(torch.tensor([95, 96, 95], dtype=torch.int32), 48, "forward")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("which", ["forward", "backward"])
+@pytest.mark.parametrize("proj", [0, 6], ids=["no_proj", "proj6"])
+def test_a_barrier_that_cannot_open_fails_instead_of_hanging(which, proj, monkeypatch):
+    """Four persistent programs under the interpreter run one after another: the first one's first
+    barrier can never see the four arrivals it waits for (a co-residency bug, as on a GPU). With
+    the debug switch the spin gives up and the launch raises, naming that barrier: 4 arrivals
+    (barrier 1 of 4 programs), of which it saw its own one."""
+    monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "16")
+    for module in (triton_forward, triton_backward):
+        monkeypatch.setattr(module, "co_resident_programs", lambda device: 4)
+    case = recurrence_cases.make_case(2, 17, 40, torch.float32, "cpu", proj=proj)
+    monkeypatch.setattr(kernels, "launch_config", lambda *a: dict(BLOCK_B=16, BLOCK_H=16, BLOCK_K=16, num_warps=4))
+    for module in (triton_forward, triton_backward):  # 2 x 3 tiles: a grid of 4 programs
+        monkeypatch.setattr(module, "launch_config", kernels.launch_config)
+    backend = triton_backend.TritonBackend("persistent")
+    args = (case["xg"], case["w_hh"], case["h0"], case["c0"], case["w_hr"], None)
+    if which == "backward":
+        monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "0")
+        with monkeypatch.context() as m:  # a forward that works: one program, no grid barrier
+            m.setattr(triton_forward, "co_resident_programs", lambda device: 1)
+            h_all, _, _, ws = backend.forward(*args, True)
+        monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "16")
+    with pytest.raises(RuntimeError, match=rf"triton {which} \(persistent\): grid barrier timed out .* waiting for "
+                                           r"4 arrivals \(barrier 1 of the launch, 4 programs\), saw 1"):
+        if which == "forward":
+            backend.forward(*args, True)
+        else:
+            inputs = recurrence_cases.RecurrenceInputs(*args)
+            backend.backward(inputs, h_all, ws, case["dh_all"], case["dh_T"], case["dc_T"])
+
+
+# ----------------------------------------------------------------------------- supported Triton versions
+
+
+@pytest.mark.parametrize("version,served", [("3.2.0", False), ("3.1.0+git1234", False), ("3.3.0", True),
+                                            ("3.9.0", True)])
+def test_triton_older_than_3_3_is_declined(version, served, monkeypatch):
+    """3.3 brought launch_cooperative_grid: an older Triton makes the backend unavailable, with why."""
+    monkeypatch.setattr(triton_backend.triton, "__version__", version)
+    why = triton_backend.TritonBackend().unavailable_reason()
+    if served:
+        assert why is None or "older" not in why
+    else:
+        assert why is not None and f"triton {version} is older than 3.3" in why
