@@ -182,7 +182,7 @@ class FusedLSTM(nn.Module):
     def forward(self, input, hx=None):
         hx = validation.check_hx_structure(hx)
         packed = isinstance(input, PackedSequence)
-        weight = self.weight_ih_l0
+        weight = self._parameters["weight_ih_l0"]
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             validation.check_input(data, weight, self.input_size, packed=True)

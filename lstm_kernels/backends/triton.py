@@ -26,7 +26,10 @@ one program in a fixed order.
 
 Variants (see triton_kernels): "step" launches the kernel once per step (and phase);
 "persistent" launches once for the forward and once for the backward, with a grid-wide
-barrier between steps, and keeps W_hh on chip where each program's slice fits.
+barrier between steps. On a GPU, persistent runs the kernels built to the budget of one step
+(triton_persistent: K split over warps, W_hh in registers, one barrier per step, 16-bit dG
+exchange in the backward) wherever their plan fits, and otherwise the kernels of
+triton_forward / triton_backward, which keep W_hh on chip where each program's slice fits.
 ``TritonBackend.variant`` ("auto" by default) or the environment variable
 ``LSTM_KERNELS_TRITON_VARIANT`` picks one.
 """

@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_persistent
 from .triton_kernels import (
-    RESIDENT_WARPS, _dot_tile, _phase_barrier, _tanh, backward_resident_bytes, barrier_spin_limit, barrier_tensor,
+    RESIDENT_WARPS, _dot_tile, backward_buffers, projection_weight_grad, _phase_barrier, _tanh, backward_resident_bytes, barrier_spin_limit, barrier_tensor,
     check_barrier, choose_variant, co_resident_programs, device_guard, dot_precisions, launch_config, num_tiles,
     persistent_config, resident_budget, resident_weights, run_with_fallback, split_k, step_rows, tile_coords,
 )
@@ -243,6 +244,11 @@ def _backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, va
     H, P = four_h // 4, w_hh.shape[1]
     has_proj = w_hr is not None
     dtype, device = xg.dtype, xg.device
+    if variant == "persistent" and device.type == "cuda":  # the kernels at the budget of one step, where they fit
+        plan = triton_persistent.backward_plan(B, H, P, dtype, device, has_proj)
+        if isinstance(plan, dict):
+            return triton_persistent.persistent_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T,
+                                                         batch_sizes, cfg=plan, spin_limit=barrier_spin_limit())
     gates, c_all = workspace[:2]
     cfg = launch_config(max(H, P), B, dtype)
     if variant == "persistent":
@@ -250,13 +256,9 @@ def _backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, va
         cfg = persistent_config(cfg, P, B, lambda c: backward_resident_bytes(H, c), budget, programs)
     k1, k2 = split_k(4 * H)
     bs = step_rows(batch_sizes, T, B, device)
-    f32 = dict(dtype=torch.float32, device=device)
-    dc = dc_T.to(torch.float32).contiguous().clone()
-    dg_buf = torch.empty((2, B, 4 * H), **f32)
+    dc, dh0, dh_buf, dh_hist = backward_buffers(dc_T, T, P, has_proj)
+    dg_buf = torch.empty((2, B, 4 * H), dtype=torch.float32, device=device)
     dG = torch.empty((T, B, 4 * H), dtype=dtype, device=device)
-    dh0 = torch.empty((B, P), **f32)
-    dh_buf = torch.empty((B, P), **f32) if has_proj else dh0  # placeholders: never touched without a projection
-    dh_hist = torch.empty((T, B, P), **f32) if has_proj else dh0
     _, bw_prec = dot_precisions(dtype)
     consts = dict(H=H, P=P, HAS_PROJ=has_proj, BLOCK_B=cfg["BLOCK_B"], BLOCK_H=cfg["BLOCK_H"],
                   BLOCK_K=cfg["BLOCK_K"], K1=k1, K2=k2, DOT_PRECISION=bw_prec, num_warps=cfg["num_warps"])
@@ -282,8 +284,4 @@ def _backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, va
             if has_proj and t >= 0:
                 _lstm_bw_kernel[(cell_tiles,)](*args, bs, t, 1, B, RUN_DH=False, RUN_CELL=True,
                                                USE_BARRIER=False, SPIN_LIMIT=0, W_RESIDENT=False, **consts)
-    dw_hr = None
-    if has_proj:  # dW_hr = sum_t dh_t^T m_t: one deterministic GEMM (dh_hist is 0 on inactive rows)
-        m_all = workspace[2]
-        dw_hr = dh_hist.reshape(T * B, P).t() @ m_all.reshape(T * B, H)
-    return dG, dh0, dc, dw_hr
+    return dG, dh0, dc, projection_weight_grad(dh_hist, workspace[2]) if has_proj else None

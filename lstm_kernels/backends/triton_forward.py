@@ -10,12 +10,12 @@ h_t = m_t @ W_hr^T. See ``lstm_forward`` for the two variants.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
+from . import triton_persistent
 from .triton_kernels import (
-    RESIDENT_WARPS, _dot_tile, _phase_barrier, _tanh, barrier_spin_limit, barrier_tensor, check_barrier,
+    RESIDENT_WARPS, _dot_tile, forward_buffers, _phase_barrier, _tanh, barrier_spin_limit, barrier_tensor, check_barrier,
     choose_variant, co_resident_programs, device_guard, dot_precisions, forward_dot_dtype, forward_resident_bytes,
     launch_config, num_tiles, persistent_config, resident_budget, resident_weights, run_with_fallback, split_k,
     step_rows, tile_coords,
@@ -276,6 +276,11 @@ def _forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace, variant):
     H, P = four_h // 4, w_hh.shape[1]
     has_proj = w_hr is not None
     dtype, device = xg.dtype, xg.device
+    if variant == "persistent" and device.type == "cuda":  # the kernels at the budget of one step, where they fit
+        plan = triton_persistent.forward_plan(B, H, P, dtype, device, has_proj)
+        if isinstance(plan, dict):
+            return triton_persistent.persistent_forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace,
+                                                        cfg=plan, spin_limit=barrier_spin_limit())
     xg, w_hh = xg.contiguous(), w_hh.contiguous()
     w_hr = w_hr.contiguous() if has_proj else w_hh  # never read without a projection
     cfg = launch_config(max(H, P), B, dtype)
@@ -284,18 +289,7 @@ def _forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace, variant):
         cfg = persistent_config(cfg, H, B, lambda c: forward_resident_bytes(P, c, dtype), budget, programs)
     k1, k2 = split_k(P)
     bs = step_rows(batch_sizes, T, B, device)
-    h_buf = torch.empty((2, B, P), dtype=dtype, device=device)
-    h_buf[0].copy_(h0)
-    c = c0.to(torch.float32).contiguous().clone()
-    h_all = torch.empty((T, B, P), dtype=dtype, device=device)
-    f32 = dict(dtype=torch.float32, device=device)
-    m_buf = torch.empty((B, H), **f32) if has_proj else c  # never touched without a projection
-    if store_workspace:
-        ws = (torch.empty((T, B, 4 * H), **f32), torch.empty((T, B, H), **f32))
-        ws += (torch.empty((T, B, H), **f32),) if has_proj else ()
-    else:
-        ws = ()
-    ws_args = (ws + (c, c, c))[:3]  # placeholders are never written (STORE_WS=False / no projection)
+    h_buf, c, h_all, m_buf, ws, ws_args = forward_buffers(xg, h0, c0, P, has_proj, store_workspace)
     fw_prec, other_prec = dot_precisions(dtype)
     consts = dict(H=H, P=P, HAS_PROJ=has_proj, STORE_WS=store_workspace, BLOCK_B=cfg["BLOCK_B"],
                   BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], K1=k1, K2=k2, DOT_PRECISION=fw_prec,

@@ -108,21 +108,24 @@ def _tanh(x):
 
 
 @triton.jit
-def _grid_barrier(bar_ptr, target, SPIN_LIMIT: tl.constexpr):
-    """Wait until ``target`` arrivals have been counted at ``bar_ptr`` (monotonic counter).
+def _arrive(bar_ptr):
+    """First half of the grid barrier: bar.sync, so that every thread's stores of this program
+    precede the release, then one release arrival per program (a scalar atomic: one thread)."""
+    tl.debug_barrier()
+    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
 
-    bar.sync so that every thread's stores of this program precede the release; one
-    release arrival per program; spin with acquire loads (gpu scope), which also makes
-    the other programs' stores (h_buf / dg_buf) visible; bar.sync again so no thread
-    runs ahead of the spin.
+
+@triton.jit
+def _wait(bar_ptr, target, SPIN_LIMIT: tl.constexpr):
+    """Second half: spin with acquire loads (gpu scope) until ``target`` arrivals have been
+    counted at ``bar_ptr`` (a monotonic counter), which also makes the other programs' stores
+    visible; then bar.sync, so no thread runs ahead of the spin.
 
     SPIN_LIMIT = 0 (the default): spin until the count is reached. SPIN_LIMIT > 0 (the debug
     switch ``LSTM_KERNELS_BARRIER_TIMEOUT``): give up after that many polls and report the
     first barrier that timed out in ``bar_ptr[1]`` (the arrival count it waited for) and
     ``bar_ptr[2]`` (the count it last saw); the launch helper raises (``check_barrier``).
     """
-    tl.debug_barrier()
-    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")  # a scalar atomic: one thread per program
     if SPIN_LIMIT == 0:
         while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < target:
             pass
@@ -136,6 +139,13 @@ def _grid_barrier(bar_ptr, target, SPIN_LIMIT: tl.constexpr):
             if tl.atomic_cas(bar_ptr + 1, 0, target) == 0:
                 tl.atomic_xchg(bar_ptr + 2, seen)
     tl.debug_barrier()
+
+
+@triton.jit
+def _grid_barrier(bar_ptr, target, SPIN_LIMIT: tl.constexpr):
+    """The whole grid barrier: ``_arrive``, then ``_wait`` for ``target`` arrivals."""
+    _arrive(bar_ptr)
+    _wait(bar_ptr, target, SPIN_LIMIT)
 
 
 @triton.jit
@@ -347,6 +357,48 @@ def pinned_int32(n: int) -> torch.Tensor:
     """A zeroed [n] int32 host tensor in pinned (page-locked) memory: the source of a copy to a
     GPU that does not block the host."""
     return torch.zeros(n, dtype=torch.int32, pin_memory=True)
+
+
+def forward_buffers(xg, h0, c0, P: int, has_proj: bool, store_workspace: bool):
+    """The tensors a forward launch writes, shared by the kernels of triton_forward and triton_persistent.
+
+    Returns h_buf [2, B, P] (h0 in slot 0), c [B, H] fp32 (c0 on entry, c_T on exit),
+    h_all [T, B, P], m_buf [B, H] fp32 (an alias of c without a projection: never touched),
+    the workspace (gates [T, B, 4H], c_all [T, B, H] (+ m_all [T, B, H]) fp32, or ()) and the
+    three workspace arguments of the kernels (placeholders never written where absent).
+    """
+    T, B, four_h = xg.shape
+    H, dtype, device = four_h // 4, xg.dtype, xg.device
+    h_buf = torch.empty((2, B, P), dtype=dtype, device=device)
+    h_buf[0].copy_(h0)
+    c = c0.to(torch.float32).contiguous().clone()
+    h_all = torch.empty((T, B, P), dtype=dtype, device=device)
+    f32 = dict(dtype=torch.float32, device=device)
+    m_buf = torch.empty((B, H), **f32) if has_proj else c
+    ws = ()
+    if store_workspace:
+        ws = (torch.empty((T, B, 4 * H), **f32), torch.empty((T, B, H), **f32))
+        ws += (torch.empty((T, B, H), **f32),) if has_proj else ()
+    return h_buf, c, h_all, m_buf, ws, (ws + (c, c, c))[:3]
+
+
+def backward_buffers(dc_T, T: int, P: int, has_proj: bool):
+    """The fp32 state a backward launch writes, shared by triton_backward and triton_persistent:
+    dc [B, H] (dc_T on entry, dc0 on exit), dh0 [B, P], and with a projection dh_buf [B, P] and
+    dh_hist [T, B, P] (dh_t on active rows, 0 elsewhere); without one both alias dh0, never touched."""
+    B, device = dc_T.shape[0], dc_T.device
+    f32 = dict(dtype=torch.float32, device=device)
+    dc = dc_T.to(torch.float32).contiguous().clone()
+    dh0 = torch.empty((B, P), **f32)
+    dh_buf = torch.empty((B, P), **f32) if has_proj else dh0
+    dh_hist = torch.zeros((T, B, P), **f32) if has_proj else dh0
+    return dc, dh0, dh_buf, dh_hist
+
+
+def projection_weight_grad(dh_hist, m_all):
+    """dW_hr [P, H] = sum_t dh_t^T m_t: one deterministic GEMM (dh_hist is 0 on inactive rows)."""
+    T, B, P = dh_hist.shape
+    return dh_hist.reshape(T * B, P).t() @ m_all.reshape(T * B, m_all.shape[-1])
 
 
 def step_rows(batch_sizes, seq_len: int, batch: int, device) -> torch.Tensor:

@@ -1,0 +1,240 @@
+"""The persistent forward kernel built to the budget of one step (issue 12).
+
+Dimension names (see :mod:`.triton_persistent` for the design and the launch helpers):
+    T steps, B batch rows, H hidden units, P state size (proj_size or H),
+    4H the gate axis in PyTorch's order i, f, g, o (gate k of unit j is column k*H + j).
+    U   = BLOCK_H units per program; its gate rows are 4U = GR rows of the interleaved W_hh
+    BB  = BLOCK_B batch rows per program (the N side of the MMA)
+    PB  = BLOCK_P state units per program in the projection phase (the M side there)
+
+A program owns one (unit block u, batch tile) for the whole launch. Operands are swapped
+so that W_hh rows are the M side:  gates^T [4U, BB] = W_u [4U, P] @ h_{t-1}^T [P, BB],
+where W_u holds, unit-block-major, the rows [i; f; g; o] of the block's U units
+(``interleave_gate_rows`` on the host), so ONE tl.dot per K piece yields all four gates of
+the tile. K is split over the warps: the dot is a batched (3D) tl.dot of KS slices
+[KS, 4U, K/KS] @ [KS, K/KS, BB], which Triton lays out with one slice per warp
+(warpsPerCTA = [KS, 1, 1]), so no warp repeats another's MMA and each warp's chain of
+dependent MMAs is K/KS deep; one cross-warp sum (tl.sum over the slices) follows. In the
+summed layout each thread holds rows r, r + U, r + 2U, r + 3U of the tile, i.e. i, f, g, o
+of one (unit, batch row) (the TTGIR at the flagship shape), so the split into gates moves
+no data.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_kernels import _arrive, _tanh, _wait
+
+
+@triton.jit
+def _load_w_split(w_ptr, row0, ROWS: tl.constexpr, k0, K_LEN: tl.constexpr, KS: tl.constexpr, K: tl.constexpr,
+                  OUT_DTYPE: tl.constexpr):
+    """Rows [row0, row0 + ROWS) x columns [k0, k0 + K_LEN) of a row-major [*, K] matrix as KS
+    K-slices [KS, ROWS, K_LEN / KS] (0 beyond K): a resident A operand, loaded once before the
+    step loop (Triton keeps it as MMA register fragments: the load from shared memory is
+    hoisted out of the loop)."""
+    KW: tl.constexpr = K_LEN // KS
+    ks = k0 + tl.arange(0, KS)[:, None, None] * KW + tl.arange(0, KW)[None, None, :]  # [KS, 1, KW]
+    rows = row0 + tl.arange(0, ROWS)
+    w = tl.load(w_ptr + rows[None, :, None] * K + ks, mask=ks < K, other=0.0)
+    return w.to(OUT_DTYPE)
+
+
+@triton.jit
+def _load_t_split(src_ptr, b, b_in, k0, K_LEN: tl.constexpr, KS: tl.constexpr, K: tl.constexpr,
+                  OUT_DTYPE: tl.constexpr):
+    """src[b, k0:k0 + K_LEN]^T as KS K-slices [KS, K_LEN / KS, BB] (src [B, K] row-major, written by
+    other programs in this launch: .cg, made visible by the grid barrier's acquire)."""
+    KW: tl.constexpr = K_LEN // KS
+    ks = k0 + tl.arange(0, KS)[:, None, None] * KW + tl.arange(0, KW)[None, :, None]  # [KS, KW, 1]
+    v = tl.load(src_ptr + b[None, None, :] * K + ks, mask=(ks < K) & b_in[None, None, :], other=0.0,
+                cache_modifier=".cg")
+    return v.to(OUT_DTYPE)
+
+
+@triton.jit
+def _gate_offsets(j0, b, B, H: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Offsets into a [B, 4H] tensor of the tile's gate rows [4U] (i; f; g; o of units j0 ... j0 + U - 1)
+    x batch rows b [BB], and which of them exist."""
+    r = tl.arange(0, 4 * BLOCK_H)
+    j = j0 + r % BLOCK_H
+    off = b[None, :] * (4 * H) + ((r // BLOCK_H) * H + j)[:, None]
+    return off, (j < H)[:, None] & (b < B)[None, :]
+
+
+@triton.jit
+def _split_gates(acc, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr):
+    """acc [4U, BB] (rows i; f; g; o of U units) -> four [U, BB] tensors i, f, g, o."""
+    a = tl.permute(tl.reshape(acc, (4, BLOCK_H, BLOCK_B)), (1, 2, 0))  # [U, BB, gate]
+    a = tl.reshape(a, (BLOCK_H, BLOCK_B, 2, 2))  # gate k = 2 * a + c
+    ig, fo = tl.split(a)  # c = 0: gates 0, 2 (i, g); c = 1: gates 1, 3 (f, o)
+    i, g = tl.split(ig)
+    f, o = tl.split(fo)
+    return i, f, g, o
+
+
+@triton.jit
+def _lstm_pfw_kernel(
+    xg_ptr,  # [T, B, 4H] input dtype
+    w_ptr,  # [NU * 4U, P] input dtype: W_hh, gate rows interleaved unit-block-major, 0 beyond H
+    w_hr_ptr,  # [NPB * PB, H] input dtype: W_hr, 0 beyond P (projection only)
+    bs_ptr,  # [T + 1] int32: active rows per step, bs[T] = 0
+    h_buf_ptr,  # [2, B, P] input dtype: slot t_begin % 2 holds h_{t_begin - 1} on entry
+    c_ptr,  # [B, H] fp32: c on entry, c after the launch's last step on exit
+    h_all_ptr,  # [T, B, P] input dtype
+    m_buf_ptr,  # [B, H] fp32: m_t between the phases (projection only)
+    ws_gates_ptr,  # [T, B, 4H] fp32: activated gates (STORE_WS)
+    ws_c_ptr,  # [T, B, H] fp32: c_t (STORE_WS)
+    ws_m_ptr,  # [T, B, H] fp32: m_t (STORE_WS and HAS_PROJ)
+    bar_ptr,  # [3] int32, zeroed: grid-barrier counter, then a timed-out wait's target and count (USE_BARRIER)
+    t_begin, n_steps, B,  # runs steps t_begin ... t_begin + n_steps - 1
+    H: tl.constexpr, P: tl.constexpr,
+    HAS_PROJ: tl.constexpr, RUN_CELL: tl.constexpr, RUN_PROJ: tl.constexpr,  # phases to run
+    STORE_WS: tl.constexpr, USE_BARRIER: tl.constexpr, SPIN_LIMIT: tl.constexpr,  # polls per wait, 0: no bound
+    BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+    K1: tl.constexpr, K2: tl.constexpr,  # K pieces of h @ W_hh^T (k_pieces(P); K2 = 0: none)
+    KS: tl.constexpr,  # warps that split K of h @ W_hh^T (each piece in KS slices)
+    KSP: tl.constexpr,  # warps that split K of m @ W_hr^T
+    KH1: tl.constexpr, KH2: tl.constexpr,  # K pieces of m @ W_hr^T (k_pieces(H))
+    DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,  # of h @ W_hh^T and its operand dtype
+    PROJ_PRECISION: tl.constexpr,  # of m @ W_hr^T (fp32 operands)
+):
+    """Persistent forward, one (unit block, batch tile) per program for all steps.
+
+    Budget of one step (no projection; flagship B = 16, H = 768, fp16/bf16 on an H100: U = 8,
+    BB = 16, 96 programs x 8 warps; W_u 32 x 768 16-bit = 48 KiB per program, kept as register
+    fragments, 48 registers per thread; 48 KiB of shared memory for the per-step operands):
+      * grid barrier: ONE per step, split: arrive (bar.sync + one release add) right after the
+        stores of h_t; then the workspace of step t is stored and xg_{t+1}, bs[t+1] are loaded
+        (prefetch); then wait (acquire poll, bar.sync).                              <= 0.7 us
+      * h_{t-1}^T [P, BB] read once per step per program (one .cg load per K piece).  <= 0.3 us
+      * MMA: 4U x BB x P from the resident W_u (never loaded from global inside the loop), K
+        split over KS = 8 warps: 4U*BB*P / (16*8*16) / KS mma.m16n8k16 per warp, 24 at the
+        flagship shape (the existing kernel: 384, every warp the whole tile); then one
+        cross-warp sum.                                                               <= 0.5 us
+      * cell update on the summed accumulators (one thread holds i, f, g, o of its
+        (unit, row)); c_t and the kept h stay in registers for all steps.  The elementwise
+        work is repeated by the warps (the summed layout is the same in every warp): 4
+        elements per thread; Triton stores each element once.                         <= 0.2 us
+    With a projection a second phase (PB state units per program, m^T [H, BB] read once,
+    W_hr's slice resident in fp32, tf32 MMA for 16-bit inputs as in the existing kernels)
+    adds one grid barrier: two per step.
+    Guarded on the CPU by tests/test_triton_step_budget.py: MMA instructions per warp equal
+    the ideal for the tile, no load of W_hh / W_hr from global memory (nor copy to shared
+    memory) inside the step loop, one (two) grid-barrier arrivals per step, shared memory
+    within the limit, no spills (sm_80 and sm_90).
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    n_bt = tl.cdiv(B, BLOCK_B)
+    GR: tl.constexpr = 4 * BLOCK_H
+    # ---- the program's cell tile: unit block u, batch tile bt (programs beyond compute nothing)
+    # (a program without a cell tile gets rows >= B: it loads and stores nothing)
+    u = tl.minimum(pid // n_bt, tl.cdiv(H, BLOCK_H) - 1)
+    b = tl.where(pid < tl.cdiv(H, BLOCK_H) * n_bt, (pid % n_bt) * BLOCK_B, B) + tl.arange(0, BLOCK_B)  # [BB]
+    b_in = b < B
+    j = u * BLOCK_H + tl.arange(0, BLOCK_H)  # [U] hidden units
+    tile_in = (j < H)[:, None] & b_in[None, :]
+    cell = b[None, :] * H + j[:, None]  # [U, BB] offsets into a [B, H] tensor
+    if RUN_CELL:
+        # W_hh slice of the tile, loaded once per launch: [4U, K1] and [4U, K2]
+        w1 = _load_w_split(w_ptr, u * GR, GR, 0, K1, KS, P, DOT_DTYPE)
+        if K2 > 0:
+            w2 = _load_w_split(w_ptr, u * GR, GR, K1, K2, KS, P, DOT_DTYPE)
+        c_reg = tl.load(c_ptr + cell, mask=tile_in, other=0.0)  # fp32, on chip for all steps
+        g_off, g_in = _gate_offsets(u * BLOCK_H, b, B, H, BLOCK_H)  # [4U, BB]
+        is_g = ((tl.arange(0, GR) // BLOCK_H) == 2)[:, None]  # the rows of gate g (tanh)
+        xg_t = tl.load(xg_ptr + t_begin * B * 4 * H + g_off, mask=g_in, other=0.0)  # xg_t, prefetched
+        if not HAS_PROJ:  # P == H: the kept h of the tile's rows
+            h_keep = tl.load(h_buf_ptr + (t_begin % 2) * B * P + cell, mask=tile_in, other=0.0)
+    # ---- the program's projection tile: state units q, same batch tile
+    if HAS_PROJ:
+        v = tl.minimum(pid // n_bt, tl.cdiv(P, BLOCK_P) - 1)
+        bp = tl.where(pid < tl.cdiv(P, BLOCK_P) * n_bt, (pid % n_bt) * BLOCK_B, B) + tl.arange(0, BLOCK_B)  # [BB]
+        q = v * BLOCK_P + tl.arange(0, BLOCK_P)  # [PB] state units
+        ptile_in = (q < P)[:, None] & (bp < B)[None, :]
+        state = bp[None, :] * P + q[:, None]  # [PB, BB] offsets into a [B, P] tensor
+        if RUN_PROJ:
+            r1 = _load_w_split(w_hr_ptr, v * BLOCK_P, BLOCK_P, 0, KH1, KSP, H, tl.float32)  # once
+            if KH2 > 0:
+                r2 = _load_w_split(w_hr_ptr, v * BLOCK_P, BLOCK_P, KH1, KH2, KSP, H, tl.float32)
+            hp_keep = tl.load(h_buf_ptr + (t_begin % 2) * B * P + state, mask=ptile_in, other=0.0)
+    n_t = tl.load(bs_ptr + t_begin)
+    # while loops, not range(): runtime loop bounds break the interpreter with NumPy >= 2.
+    s = 0
+    arrivals = 0
+    while s < n_steps:
+        t = t_begin + s
+        if RUN_CELL:
+            h_prev = h_buf_ptr + (t % 2) * B * P
+            # K split over KS warps: [KS, 4U, BB] partial sums, then one cross-warp sum
+            acc = tl.dot(w1, _load_t_split(h_prev, b, b_in, 0, K1, KS, P, DOT_DTYPE),
+                         input_precision=DOT_PRECISION)
+            if K2 > 0:
+                acc = tl.dot(w2, _load_t_split(h_prev, b, b_in, K1, K2, KS, P, DOT_DTYPE), acc,
+                             input_precision=DOT_PRECISION)
+            acc = tl.sum(acc, axis=0)  # [4U, BB] fp32
+            pre = acc + xg_t.to(tl.float32)
+            act = tl.where(is_g, _tanh(pre), tl.sigmoid(pre))  # [4U, BB]: i; f; g; o activated
+            i, f, g, o = _split_gates(act, BLOCK_H, BLOCK_B)
+            c_new = f * c_reg + i * g
+            m = o * _tanh(c_new)
+            active = (j < H)[:, None] & (b < n_t)[None, :]
+            c_reg = tl.where(active, c_new, c_reg)
+            if HAS_PROJ:
+                m = tl.where(active, m, tl.zeros_like(m))
+                tl.store(m_buf_ptr + cell, m, mask=tile_in)
+            else:  # h_t = m_t
+                h_new = m.to(h_all_ptr.dtype.element_ty)
+                h_keep = tl.where(active, h_new, h_keep)
+                tl.store(h_buf_ptr + ((t + 1) % 2) * B * P + cell, h_keep, mask=tile_in)
+        if HAS_PROJ and RUN_PROJ:
+            if RUN_CELL:  # m_t complete before any h_t: the step's first barrier
+                if USE_BARRIER:
+                    arrivals += 1
+                    _arrive(bar_ptr)
+                    if STORE_WS:
+                        tl.store(ws_m_ptr + t * B * H + cell, m, mask=tile_in)
+                    _wait(bar_ptr, arrivals * nprog, SPIN_LIMIT)
+                else:
+                    tl.debug_barrier()
+                    if STORE_WS:
+                        tl.store(ws_m_ptr + t * B * H + cell, m, mask=tile_in)
+            acc_p = tl.dot(r1, _load_t_split(m_buf_ptr, bp, bp < n_t, 0, KH1, KSP, H, tl.float32),
+                           input_precision=PROJ_PRECISION)
+            if KH2 > 0:
+                acc_p = tl.dot(r2, _load_t_split(m_buf_ptr, bp, bp < n_t, KH1, KH2, KSP, H, tl.float32), acc_p,
+                               input_precision=PROJ_PRECISION)
+            acc_p = tl.sum(acc_p, axis=0)  # [PB, BB]
+            hp_new = acc_p.to(h_all_ptr.dtype.element_ty)
+            p_active = (q < P)[:, None] & (bp < n_t)[None, :]
+            hp_keep = tl.where(p_active, hp_new, hp_keep)
+            tl.store(h_buf_ptr + ((t + 1) % 2) * B * P + state, hp_keep, mask=ptile_in)
+        elif HAS_PROJ and RUN_CELL and STORE_WS:  # the cell phase launched alone (step-by-step mode)
+            tl.store(ws_m_ptr + t * B * H + cell, m, mask=tile_in)
+        # ---- the step's (last) grid barrier: arrive, independent work, wait
+        s += 1
+        if USE_BARRIER:
+            arrivals += 1
+            _arrive(bar_ptr)
+        # between arrive and wait: the prefetch of step t + 1's inputs first (their latency runs
+        # under the wait), then the outputs of step t that nobody reads in this launch
+        if RUN_CELL:
+            t_next = t_begin + tl.minimum(s, n_steps - 1)  # xg_{t+1} (clamped at the end)
+            xg_t = tl.load(xg_ptr + t_next * B * 4 * H + g_off, mask=g_in, other=0.0)
+        n_t = tl.load(bs_ptr + t + 1)
+        if HAS_PROJ and RUN_PROJ:
+            tl.store(h_all_ptr + t * B * P + state, tl.where(p_active, hp_new, tl.zeros_like(hp_new)), mask=ptile_in)
+        if RUN_CELL:
+            if not HAS_PROJ:
+                tl.store(h_all_ptr + t * B * P + cell, tl.where(active, h_new, tl.zeros_like(h_new)), mask=tile_in)
+            if STORE_WS:
+                tl.store(ws_gates_ptr + t * B * 4 * H + g_off, act, mask=g_in)
+                tl.store(ws_c_ptr + t * B * H + cell, c_reg, mask=tile_in)
+        if USE_BARRIER:
+            _wait(bar_ptr, arrivals * nprog, SPIN_LIMIT)
+        else:
+            tl.debug_barrier()
+    if RUN_CELL:
+        tl.store(c_ptr + cell, c_reg, mask=tile_in)
