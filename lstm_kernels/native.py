@@ -27,12 +27,11 @@ on every CPU), CPU autocast is on (same reason), or torch.compile is tracing.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from .backends import ENV_VAR
+from .backends import backend_from_env
 
 #: The dtypes torch's CPU LSTM serves on every CPU.
 NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -43,9 +42,10 @@ def native_path_reason(backend: str, x: torch.Tensor) -> Optional[str]:
 
     Otherwise a short reason why the per-layer path runs instead.
     """
-    if backend != "auto" or os.environ.get(ENV_VAR, "auto") not in ("", "auto"):
+    # This runs on every call: x.is_cpu, not x.device (which builds an object, a few µs).
+    if backend != "auto" or backend_from_env() != "auto":
         return "a backend is named"
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return f"input on {x.device.type}, not the CPU"
     if x.dtype not in NATIVE_DTYPES:
         return f"dtype {x.dtype} (torch's CPU LSTM serves float32 and float64 on every CPU)"

@@ -177,3 +177,14 @@ def test_path_for_names_what_forward_runs(native_calls, monkeypatch):
     monkeypatch.setenv(ENV_VAR, "reference")
     assert FusedLSTM(5, 6).path_for(x) == "reference"
     assert not native_calls  # path_for runs nothing
+
+
+def test_backend_from_env_reads_the_variable_on_every_call(monkeypatch):
+    from lstm_kernels.backends import backend_from_env
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert backend_from_env() == "auto" and backend_from_env("cuda") == "cuda"
+    monkeypatch.setenv(ENV_VAR, "reference")
+    assert backend_from_env() == "reference"
+    monkeypatch.setenv(ENV_VAR, "")
+    assert backend_from_env() == "auto"
