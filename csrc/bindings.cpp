@@ -8,6 +8,9 @@
 // A cooperative launch the runtime refused (Status::cooperative_refused) becomes
 // _C.CooperativeLaunchRefused, a RuntimeError that cuda.py catches for "auto".
 //
+// The fused kernels at the budget of one step (fused_forward.cu / fused_backward.cu, C API in
+// fused_lstm.h): fused_forward, fused_backward and fused_plan; cuda.py prepares their layouts.
+//
 // Also: host entry points running the cell math of cell.cuh on numpy arrays
 // (tests check it without a GPU), CUDA queries (runtime status, device count,
 // occupancy) and the counters of the persistent-plan cache.
@@ -23,6 +26,7 @@
 #include <vector>
 
 #include "cell.cuh"
+#include "fused_lstm.h"
 #include "lstm_cuda.h"
 #include "static_switch.h"
 
@@ -128,6 +132,101 @@ int backward(int dtype, uintptr_t w_hh, uintptr_t c0, uintptr_t act, uintptr_t c
   }
   check_status(st);
   return used;
+}
+
+// A fused kernel's cudaError_t code as an exception (CooperativeLaunchRefused for a refused
+// cooperative launch: nothing ran, the per-step mode may still serve the call).
+void check_fused(int err, const char* kernel) {
+  if (err == 0) return;
+  const cudaError_t e = static_cast<cudaError_t>(err);
+  (void)cudaGetLastError();
+  const std::string msg = std::string("lstm ") + kernel + " failed: " + cudaGetErrorString(e) + " (" +
+                          cudaGetErrorName(e) + ")";
+  if (lstm::cooperative_launch_refused(e)) throw CooperativeLaunchRefused(msg);
+  throw std::runtime_error(msg);
+}
+
+void check_fused_args(const char* fn, int dtype, int64_t T, int64_t B, int64_t H, int64_t P, bool proj) {
+  if (dtype != lstm::kFloat16 && dtype != lstm::kBFloat16) {
+    throw std::invalid_argument(std::string(fn) + ": dtype code " + std::to_string(dtype) +
+                                " is not served (1 float16, 2 bfloat16)");
+  }
+  check_sizes(fn, T, B, H);
+  if (P < 1 || P > H || (proj != (P < H))) {
+    throw std::invalid_argument(std::string(fn) + ": P must be H, or proj_size < H with w_hr given");
+  }
+}
+
+void fused_forward(int dtype, uintptr_t xg, uintptr_t w_fwd, uintptr_t w_hr, uintptr_t c0, uintptr_t c_work,
+                   uintptr_t hx, uintptr_t mx, uintptr_t h_all, uintptr_t h_T, uintptr_t c_T, uintptr_t act,
+                   uintptr_t c_all, uintptr_t batch_sizes, uintptr_t counters, int64_t T, int64_t B, int64_t H,
+                   int64_t P, int persistent, uintptr_t stream, uintptr_t barrier_state, int64_t barrier_spins) {
+  const char* fn = "lstm_kernels._C.fused_forward";
+  const lstm::BarrierDebug dbg = barrier_debug(fn, barrier_state, barrier_spins);
+  check_fused_args(fn, dtype, T, B, H, P, w_hr != 0);
+  if ((act == 0) != (c_all == 0)) throw std::invalid_argument(std::string(fn) + ": act and c_all go together");
+  if (w_hr != 0 && mx == 0) throw std::invalid_argument(std::string(fn) + ": mx is needed with w_hr");
+  int err;
+  {
+    py::gil_scoped_release nogil;
+    err = lstm_fused_forward(dtype, ptr<const void>(fn, "xg", xg), ptr<const void>(fn, "w_fwd", w_fwd),
+                             ptr<const void>(fn, "w_hr", w_hr, true), ptr<const void>(fn, "c0", c0),
+                             ptr<float>(fn, "c_work", c_work), ptr<void>(fn, "hx", hx), ptr<void>(fn, "mx", mx, true),
+                             ptr<void>(fn, "h_all", h_all), ptr<void>(fn, "h_T", h_T), ptr<void>(fn, "c_T", c_T),
+                             ptr<float>(fn, "act", act, true), ptr<float>(fn, "c_all", c_all, true),
+                             ptr<const int>(fn, "batch_sizes", batch_sizes, true),
+                             ptr<unsigned int>(fn, "counters", counters), (int)T, (int)B, (int)H, (int)P,
+                             persistent ? 1 : 0, dbg.state, dbg.spin_limit, reinterpret_cast<void*>(stream));
+  }
+  check_fused(err, persistent ? "fused_forward_kernel (cooperative launch)" : "fused_forward_kernel");
+}
+
+void fused_backward(int dtype, uintptr_t w_bwd, uintptr_t w_hrT, uintptr_t act, uintptr_t c_all, uintptr_t c0,
+                    uintptr_t dh_all, uintptr_t dh_T, uintptr_t dc_T, uintptr_t dc_work, uintptr_t dgx,
+                    uintptr_t dhx, uintptr_t dG, uintptr_t dh0, uintptr_t dc0, uintptr_t dh_tot,
+                    uintptr_t batch_sizes, uintptr_t counters, int64_t T, int64_t B, int64_t H, int64_t P,
+                    int persistent, uintptr_t stream, uintptr_t barrier_state, int64_t barrier_spins) {
+  const char* fn = "lstm_kernels._C.fused_backward";
+  const lstm::BarrierDebug dbg = barrier_debug(fn, barrier_state, barrier_spins);
+  check_fused_args(fn, dtype, T, B, H, P, w_hrT != 0);
+  if (w_hrT != 0 && (dhx == 0 || dh_tot == 0))
+    throw std::invalid_argument(std::string(fn) + ": dhx and dh_tot are needed with w_hrT");
+  int err;
+  {
+    py::gil_scoped_release nogil;
+    err = lstm_fused_backward(
+        dtype, ptr<const void>(fn, "w_bwd", w_bwd), ptr<const void>(fn, "w_hrT", w_hrT, true),
+        ptr<const float>(fn, "act", act), ptr<const float>(fn, "c_all", c_all), ptr<const void>(fn, "c0", c0),
+        ptr<const void>(fn, "dh_all", dh_all), ptr<const void>(fn, "dh_T", dh_T), ptr<const void>(fn, "dc_T", dc_T),
+        ptr<float>(fn, "dc_work", dc_work), ptr<void>(fn, "dgx", dgx), ptr<void>(fn, "dhx", dhx, true),
+        ptr<void>(fn, "dG", dG), ptr<void>(fn, "dh0", dh0), ptr<void>(fn, "dc0", dc0),
+        ptr<float>(fn, "dh_tot", dh_tot, true), ptr<const int>(fn, "batch_sizes", batch_sizes, true),
+        ptr<unsigned int>(fn, "counters", counters), (int)T, (int)B, (int)H, (int)P, persistent ? 1 : 0, dbg.state,
+        dbg.spin_limit, reinterpret_cast<void*>(stream));
+  }
+  check_fused(err, persistent ? "fused_backward_kernel (cooperative launch)" : "fused_backward_kernel");
+}
+
+py::dict fused_plan(const std::string& direction, int dtype, int64_t B, int64_t H, int64_t P) {
+  const char* fn = "lstm_kernels._C.fused_plan";
+  check_fused_args(fn, dtype, 1, B, H, P, P < H);
+  int blocks = 0, possible = 0;
+  size_t smem = 0;
+  int err;
+  if (direction == "forward") {
+    err = lstm_fused_forward_plan(dtype, (int)B, (int)H, (int)P, &blocks, &smem, &possible);
+  } else if (direction == "backward") {
+    err = lstm_fused_backward_plan(dtype, (int)B, (int)H, (int)P, &blocks, &smem, &possible);
+  } else {
+    throw std::invalid_argument("unknown kernel direction '" + direction + "' (forward or backward)");
+  }
+  check_fused(err, "fused plan (cudaOccupancyMaxActiveBlocksPerMultiprocessor)");
+  py::dict d;
+  d["blocks"] = blocks;
+  d["smem"] = (long long)smem;
+  d["possible"] = possible == 1;  // the persistent grid is co-resident
+  d["fits"] = possible != 0;      // the block fits in shared memory (per-step launches at least)
+  return d;
 }
 
 py::dict occupancy(const std::string& direction, int dtype, int64_t H, bool mma) {
@@ -322,6 +421,25 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dc_work"), py::arg("T"), py::arg("B"), py::arg("H"), py::arg("stream"),
         py::arg("variant") = (int)lstm::kStep, py::arg("mma") = false, py::arg("barrier_state") = 0,
         py::arg("barrier_spins") = 0);
+  m.def("fused_forward", &fused_forward,
+        "Fused forward at the budget of one step (fp16/bf16; csrc/fused_lstm.h); persistent: one cooperative launch,"
+        " else one launch per half-step; barrier_state, barrier_spins: the bounded debug wait (as for forward)",
+        py::arg("dtype"), py::arg("xg"), py::arg("w_fwd"), py::arg("w_hr"), py::arg("c0"), py::arg("c_work"),
+        py::arg("hx"), py::arg("mx"), py::arg("h_all"), py::arg("h_T"), py::arg("c_T"), py::arg("act"),
+        py::arg("c_all"), py::arg("batch_sizes"), py::arg("counters"), py::arg("T"), py::arg("B"), py::arg("H"),
+        py::arg("P"), py::arg("persistent"), py::arg("stream"), py::arg("barrier_state") = 0,
+        py::arg("barrier_spins") = 0);
+  m.def("fused_backward", &fused_backward,
+        "Fused backward at the budget of one step (fp16/bf16, 16-bit dG exchange; csrc/fused_lstm.h)",
+        py::arg("dtype"), py::arg("w_bwd"), py::arg("w_hrT"), py::arg("act"), py::arg("c_all"), py::arg("c0"),
+        py::arg("dh_all"), py::arg("dh_T"), py::arg("dc_T"), py::arg("dc_work"), py::arg("dgx"), py::arg("dhx"),
+        py::arg("dG"), py::arg("dh0"), py::arg("dc0"), py::arg("dh_tot"), py::arg("batch_sizes"),
+        py::arg("counters"), py::arg("T"), py::arg("B"), py::arg("H"), py::arg("P"), py::arg("persistent"),
+        py::arg("stream"), py::arg("barrier_state") = 0, py::arg("barrier_spins") = 0);
+  m.def("fused_plan", &fused_plan,
+        "The fused kernels' plan on the current device: {'blocks', 'smem', 'possible' (persistent grid"
+        " co-resident), 'fits' (the block's shared memory fits)}",
+        py::arg("direction"), py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("P"));
   m.def("runtime_status", &runtime_status,
         "(error code, 'name: description' or None, device count, runtime version, driver version) of the"
         " extension's own CUDA runtime (cudaGetDeviceCount, cudaRuntimeGetVersion, cudaDriverGetVersion)");

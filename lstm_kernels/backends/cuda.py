@@ -5,6 +5,18 @@ Python ints (no libtorch); this module validates the call, makes inputs
 contiguous, allocates every output and scratch buffer with torch and passes
 ``torch.cuda.current_stream().cuda_stream``.
 
+Kernels at the budget of one step (csrc/fused_forward.cu, csrc/fused_backward.cu; host side
+in :mod:`.cuda_fused`), float16 and bfloat16 on tensor cores (mma.sync m16n8k16, fp32
+accumulation): W_hh resident in shared memory over ceil(H/8) x ceil(B/16) blocks, gate rows
+interleaved so the cell runs on the accumulators, h_{t-1} (backward: 16-bit dG_{t+1}) copied
+once per step with cp.async, a light grid barrier (release-add, acquire-poll). They also
+serve ``proj_size`` (two half-steps and two barriers per step; dW_hr by one GEMM of the saved
+dh_t and m_t) and variable lengths (``batch_sizes``: a step touches only its active rows).
+Their grid must be co-resident for the persistent launch (one cooperative launch; the plan is
+``_C.fused_plan``); otherwise the same code runs one launch per (half-)step, with the same bits.
+Not served by them (and then by the kernels below): float32, ``LSTM_KERNELS_CUDA_MMA=0``, and
+H too large for their shared memory.
+
 Kernels (csrc/lstm_forward.cu, csrc/lstm_backward.cu), two variants:
 
 - ``step``: one fused launch per time step (recurrent matmul + cell update;
@@ -16,7 +28,16 @@ Kernels (csrc/lstm_forward.cu, csrc/lstm_backward.cu), two variants:
   back to ``step``.
 
 The variant comes from the environment variable ``LSTM_KERNELS_CUDA_VARIANT``
-(``step``, ``persistent`` or ``auto``), default :data:`DEFAULT_VARIANT`. With ``auto``
+(``fused``, ``step``, ``persistent`` or ``auto``), default :data:`DEFAULT_VARIANT`:
+
+- ``fused`` (default): the fused persistent kernels where they serve the call and their grid
+  is co-resident, else the per-step kernels;
+- ``step``, ``persistent``, ``auto``: the kernels of lstm_forward.cu / lstm_backward.cu as
+  described here.
+
+Projections and variable lengths are served by the fused kernels only, whatever the variant:
+persistent where the grid is co-resident (per-step with ``step``), else one launch per
+half-step; ``persistent`` raises where the grid is not co-resident. With ``auto``
 a cooperative launch that the runtime refuses although the plan allowed it (MPS,
 MIG, green contexts, SMs held elsewhere: ``_C.CooperativeLaunchRefused``) is run again
 with the per-step kernels, and that (device, direction, dtype, H, tensor cores) key
@@ -38,7 +59,8 @@ the backend unavailable with that reason, and ``auto`` moves on.
 
 Debug switch: ``LSTM_KERNELS_BARRIER_TIMEOUT=N`` (polls, N >= 1; unset or 0: off) makes
 the persistent kernels use a hand-written grid barrier that gives up after N polls
-(~0.1-1 us each) instead of ``grid.sync()``; the call then raises a RuntimeError naming
+(~0.1-1 us each) instead of ``grid.sync()`` (the fused kernels: their own grid wait, then
+bounded); the call then raises a RuntimeError naming
 the kernel, the step after which the barrier waited and the block that gave up. It
 reads a flag back after every persistent call (a host sync), and under CUDA-graph
 capture the flag is not checked.
@@ -56,7 +78,7 @@ from typing import Optional
 
 import torch
 
-from . import Backend, RecurrenceCall, RecurrenceInputs, register
+from . import Backend, RecurrenceCall, RecurrenceInputs, cuda_fused, register
 
 try:
     from .. import _C
@@ -71,9 +93,9 @@ _INT32_MAX = 2**31 - 1
 _MAX_BATCH = 65535 * 16
 
 VARIANT_ENV = "LSTM_KERNELS_CUDA_VARIANT"
-#: ``step`` until the persistent kernels have passed tests/test_cuda_gpu.py on a GPU.
-DEFAULT_VARIANT = "step"
-_VARIANTS = ("step", "persistent", "auto")
+#: The fused kernels where they serve (issue 13), else the per-step kernels.
+DEFAULT_VARIANT = "fused"
+_VARIANTS = ("fused", "step", "persistent", "auto")
 
 
 MMA_ENV = "LSTM_KERNELS_CUDA_MMA"
@@ -228,6 +250,8 @@ def _launch(entry, kernel: str, like: torch.Tensor, *tensors: Optional[torch.Ten
     """
     mma = use_tensor_cores(like.dtype)
     requested = requested_variant()
+    if requested == "fused":  # the call was not served by the fused kernels: the per-step kernels
+        requested = "step"
     spins = barrier_spin_limit() if requested != "step" else None
     key = (str(like.device), kernel, like.dtype, sizes[-1], mma)
     with torch.cuda.device(like.device):
@@ -240,6 +264,90 @@ def _launch(entry, kernel: str, like: torch.Tensor, *tensors: Optional[torch.Ten
     return _variant_name(used), mma
 
 
+def _smem_optin(device: torch.device) -> int:
+    """Shared memory a block may opt in to on ``device`` (a conservative sm_80 figure when unknown)."""
+    try:
+        return int(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
+    except Exception:  # no GPU here, or an older torch
+        return cuda_fused.SMEM_OPTIN_SM80
+
+
+def fused_unserved_reason(call: RecurrenceCall) -> Optional[str]:
+    """Why the fused kernels (csrc/fused_*.cu) do not serve ``call``, or None."""
+    if call.dtype not in cuda_fused.DTYPES:
+        return f"the fused kernels serve float16 and bfloat16 only, not {call.dtype}"
+    if not tensor_cores_requested():
+        return f"the fused kernels run on tensor cores, which {MMA_ENV}=0 turns off"
+    if call.has_projection and not 0 < call.state_size < call.hidden_size:
+        return f"proj_size must be in [1, H), got {call.state_size} (H={call.hidden_size})"
+    plan = cuda_fused.Plan(call.batch, call.hidden_size, call.state_size if call.has_projection else None)
+    if not plan.fits(_smem_optin(call.device)):
+        return f"H={call.hidden_size} is too large for the fused kernels' shared memory on this device"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_plan_of(device: str, direction: str, dtype: torch.dtype, B: int, H: int, P: int) -> dict:
+    with torch.cuda.device(torch.device(device)):
+        return dict(_C.fused_plan(direction, cuda_fused.DTYPE_CODE[dtype], B, H, P))
+
+
+def fused_persistent_possible(device: torch.device, direction: str, dtype, B: int, H: int, P: int) -> bool:
+    """The fused ``direction`` kernel's grid is co-resident on ``device`` (``_C.fused_plan``, cached)."""
+    key = (str(device), "fused-" + direction, dtype, B, H, P)
+    return key not in _REFUSED and _fused_plan_of(str(device), direction, dtype, B, H, P)["possible"]
+
+
+def _fused_mode(call: RecurrenceCall, direction: str) -> Optional[bool]:
+    """How the fused kernels run ``call``: True persistent, False one launch per (half-)step, None
+    not at all (the kernels of lstm_forward.cu / lstm_backward.cu serve it)."""
+    requested = requested_variant()
+    only_fused = call.has_projection or call.variable_lengths
+    if not only_fused and requested != "fused":
+        return None
+    if fused_unserved_reason(call) is not None:
+        return None
+    if requested == "step":
+        return False
+    P = call.state_size
+    if fused_persistent_possible(call.device, direction, call.dtype, call.batch, call.hidden_size, P):
+        return True
+    if requested == "persistent":
+        raise RuntimeError(
+            f"cuda backend: the persistent fused {direction} kernel was requested ({VARIANT_ENV}=persistent) but its "
+            f"grid cannot be co-resident here (B={call.batch}, H={call.hidden_size}, P={P})"
+        )
+    return False if only_fused else None
+
+
+def _run_fused(fn, direction: str, call: RecurrenceCall, persistent: bool, device: torch.device, *args):
+    """``fn(entry, *args, persistent, barrier=...)`` on ``device``'s current stream; returns (result,
+    whether the persistent launch ran). A refused cooperative launch (nothing ran) is run again per
+    (half-)step, and its key remembered (:func:`refused_cooperative_launches`); a named ``persistent``
+    raises. With ``LSTM_KERNELS_BARRIER_TIMEOUT`` the persistent launch's grid wait is bounded, and a
+    wait that gave up raises (the state is read back: a host sync)."""
+    entry = getattr(_C, "fused_" + direction)
+    with torch.cuda.device(device):
+        if persistent:
+            spins = barrier_spin_limit()
+            state = _new_barrier_state(device) if spins else None
+            try:
+                out = fn(entry, *args, True, barrier=(_ptr(state), spins or 0))
+            except _C.CooperativeLaunchRefused as e:
+                if requested_variant() == "persistent":
+                    raise
+                _REFUSED[(str(device), "fused-" + direction, call.dtype, call.batch, call.hidden_size,
+                          call.state_size)] = str(e)
+                warnings.warn(f"lstm_kernels cuda backend: the runtime refused the fused {direction} kernel's "
+                              f"cooperative launch ({e}); one launch per step for this shape from now on",
+                              RuntimeWarning, stacklevel=3)
+            else:
+                if state is not None and not torch.cuda.is_current_stream_capturing():
+                    _check_barrier(state, f"fused {direction}", spins)
+                return out, True
+        return fn(entry, *args, False), False
+
+
 class CudaBackend(Backend):
     name = "cuda"
     differentiable_backward = False
@@ -249,6 +357,9 @@ class CudaBackend(Backend):
     #: Whether the last forward and backward ran their matmuls on tensor cores.
     last_forward_mma: Optional[bool] = None
     last_backward_mma: Optional[bool] = None
+    #: Which kernels ran: "fused" (csrc/fused_*.cu), "wmma" or "fma" (csrc/lstm_*.cu).
+    last_forward_kernel: Optional[str] = None
+    last_backward_kernel: Optional[str] = None
 
     def unavailable_reason(self) -> Optional[str]:
         if _C is None:
@@ -262,10 +373,11 @@ class CudaBackend(Backend):
             return f"{call.device.type} tensors are not served (CUDA only)"
         if call.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return f"dtype {call.dtype} is not served (float32, bfloat16 and float16 are)"
-        if call.has_projection:
-            return "proj_size > 0 is not implemented by the cuda backend"
-        if call.variable_lengths:
-            return "variable lengths (PackedSequence) are not implemented by the cuda backend"
+        if call.has_projection or call.variable_lengths:
+            why = fused_unserved_reason(call)
+            if why is not None:
+                what = "proj_size > 0" if call.has_projection else "variable lengths (PackedSequence)"
+                return f"{what} is served by the fused kernels only, and {why}"
         if call.seq_len < 1 or call.batch < 1 or call.hidden_size < 1:
             return "empty input (T, B and H must be >= 1)"
         if call.batch * 4 * call.hidden_size > _INT32_MAX:
@@ -280,15 +392,18 @@ class CudaBackend(Backend):
         T, B, H = call.seq_len, call.batch, call.hidden_size
         return (((T, B, 4 * H), torch.float32), ((T, B, H), torch.float32))
 
-    def _check(self, xg, w_hh, h0, c0):
+    def _check(self, xg, w_hh, h0, c0, w_hr=None):
         T, B, four_h = xg.shape
         H = four_h // 4
-        if four_h != 4 * H or w_hh.shape != (4 * H, H) or h0.shape != (B, H) or c0.shape != (B, H):
+        P = H if w_hr is None else w_hr.shape[0]
+        if (four_h != 4 * H or w_hh.shape != (4 * H, P) or h0.shape != (B, P) or c0.shape != (B, H)
+                or (w_hr is not None and w_hr.shape != (P, H))):
             raise ValueError(
                 f"cuda backend: bad shapes xg {tuple(xg.shape)}, w_hh {tuple(w_hh.shape)}, "
                 f"h0 {tuple(h0.shape)}, c0 {tuple(c0.shape)}"
+                + ("" if w_hr is None else f", w_hr {tuple(w_hr.shape)}")
             )
-        for name, t in (("w_hh", w_hh), ("h0", h0), ("c0", c0)):
+        for name, t in (("w_hh", w_hh), ("h0", h0), ("c0", c0)) + ((("w_hr", w_hr),) if w_hr is not None else ()):
             if t.dtype != xg.dtype:
                 raise TypeError(f"cuda backend: {name} is {t.dtype}, xg is {xg.dtype}; one dtype expected")
             if t.device != xg.device:
@@ -299,7 +414,15 @@ class CudaBackend(Backend):
         why = self.unavailable_reason() or self.supports(RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad))
         if why is not None:
             raise RuntimeError(f"cuda backend: {why}")
-        T, B, H = self._check(xg, w_hh, h0, c0)
+        call = RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad)
+        T, B, H = self._check(xg, w_hh, h0, c0, w_hr)
+        mode = _fused_mode(call, "forward")
+        if mode is not None:
+            (h_all, h_T, c_T, workspace), ran = _run_fused(
+                cuda_fused.forward, "forward", call, mode, xg.device, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad)
+            self.last_forward_variant = "persistent" if ran else "step"
+            self.last_forward_kernel, self.last_forward_mma = "fused", True
+            return h_all, h_T, c_T, workspace
         xg, w_hh, h0, c0 = (t.contiguous() for t in (xg, w_hh, h0, c0))
         dev = xg.device
         h_all = torch.empty((T, B, H), dtype=xg.dtype, device=dev)
@@ -314,6 +437,7 @@ class CudaBackend(Backend):
         self.last_forward_variant, self.last_forward_mma = _launch(
             _C.forward, "forward", xg, xg, w_hh, h0, c0, h_all, c_T, act, c_all, c_work, sizes=(T, B, H)
         )
+        self.last_forward_kernel = "wmma" if self.last_forward_mma else "fma"
         h_T = h_all[-1].clone()
         workspace = (act, c_all) if needs_grad else ()
         return h_all, h_T, c_T, workspace
@@ -322,12 +446,21 @@ class CudaBackend(Backend):
         xg, w_hh, h0, c0, w_hr, batch_sizes = inputs
         if len(workspace) != 2:
             raise RuntimeError("cuda backend: backward needs the workspace of a forward run with needs_grad=True")
-        T, B, H = self._check(xg, w_hh, h0, c0)
+        T, B, H = self._check(xg, w_hh, h0, c0, w_hr)
         act, c_all = (w.contiguous() for w in workspace)
         w_hh, c0 = w_hh.contiguous(), c0.contiguous()
         dh_all = _grad_or_zeros(dh_all, h_all)
         dh_T = _grad_or_zeros(dh_T, h0)
         dc_T = _grad_or_zeros(dc_T, c0)
+        call = inputs.call()
+        mode = _fused_mode(call, "backward")
+        if mode is not None:
+            (dG, dh0, dc0, dw_hr), ran = _run_fused(
+                cuda_fused.backward, "backward", call, mode, xg.device, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T,
+                batch_sizes)
+            self.last_backward_variant = "persistent" if ran else "step"
+            self.last_backward_kernel, self.last_backward_mma = "fused", True
+            return dG, dh0, dc0, dw_hr
         dev = xg.device
         dG = torch.empty((T, B, 4 * H), dtype=xg.dtype, device=dev)
         dh0 = torch.empty((B, H), dtype=h0.dtype, device=dev)
@@ -338,6 +471,7 @@ class CudaBackend(Backend):
             _C.backward, "backward", xg, w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work, dc_work,
             sizes=(T, B, H),
         )
+        self.last_backward_kernel = "wmma" if self.last_backward_mma else "fma"
         return dG, dh0, dc0, None
 
 

@@ -16,10 +16,12 @@ import triton
 import triton.language as tl
 
 from . import triton_persistent
+from .device_rows import step_rows
 from .triton_kernels import (
-    RESIDENT_WARPS, _dot_tile, backward_buffers, projection_weight_grad, _phase_barrier, _tanh, backward_resident_bytes, barrier_spin_limit, barrier_tensor,
-    check_barrier, choose_variant, co_resident_programs, device_guard, dot_precisions, launch_config, num_tiles,
-    persistent_config, resident_budget, resident_weights, run_with_fallback, split_k, step_rows, tile_coords,
+    RESIDENT_WARPS, backward_buffers, backward_resident_bytes, barrier_spin_limit, barrier_tensor, check_barrier,
+    choose_variant, co_resident_programs, device_guard, dot_precisions, _dot_tile, launch_config, num_tiles,
+    persistent_config, _phase_barrier, projection_weight_grad, resident_budget, resident_weights, run_with_fallback,
+    split_k, _tanh, tile_coords,
 )
 
 

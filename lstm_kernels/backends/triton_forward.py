@@ -14,11 +14,12 @@ import triton
 import triton.language as tl
 
 from . import triton_persistent
+from .device_rows import step_rows
 from .triton_kernels import (
-    RESIDENT_WARPS, _dot_tile, forward_buffers, _phase_barrier, _tanh, barrier_spin_limit, barrier_tensor, check_barrier,
-    choose_variant, co_resident_programs, device_guard, dot_precisions, forward_dot_dtype, forward_resident_bytes,
-    launch_config, num_tiles, persistent_config, resident_budget, resident_weights, run_with_fallback, split_k,
-    step_rows, tile_coords,
+    RESIDENT_WARPS, barrier_spin_limit, barrier_tensor, check_barrier, choose_variant, co_resident_programs,
+    device_guard, dot_precisions, _dot_tile, forward_buffers, forward_dot_dtype, forward_resident_bytes,
+    launch_config, num_tiles, persistent_config, _phase_barrier, resident_budget, resident_weights,
+    run_with_fallback, split_k, _tanh, tile_coords,
 )
 
 

@@ -68,7 +68,7 @@ many polls and the launch raises, naming the barrier (compiled in as SPIN_LIMIT;
 kernels have no bound and no check).
 
 Host side: launches run under a device guard of the tensors' device, on its current stream,
-and nothing in a call's path synchronises with the host (``step_rows``), so the variants can
+and nothing in a call's path synchronises with the host (``device_rows.step_rows``), so the variants can
 be captured in a CUDA graph. The step index arguments are not specialised
 (``do_not_specialize``): one compilation per phase, not one per class of t.
 
@@ -348,17 +348,6 @@ def forward_dot_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-#: Pinned host buffers of row counts copied to the device while a CUDA graph was being captured:
-#: the captured copy reads them again at every replay, so they are kept for the process's life.
-_CAPTURED_HOST_ROWS: list = []
-
-
-def pinned_int32(n: int) -> torch.Tensor:
-    """A zeroed [n] int32 host tensor in pinned (page-locked) memory: the source of a copy to a
-    GPU that does not block the host."""
-    return torch.zeros(n, dtype=torch.int32, pin_memory=True)
-
-
 def forward_buffers(xg, h0, c0, P: int, has_proj: bool, store_workspace: bool):
     """The tensors a forward launch writes, shared by the kernels of triton_forward and triton_persistent.
 
@@ -399,30 +388,6 @@ def projection_weight_grad(dh_hist, m_all):
     """dW_hr [P, H] = sum_t dh_t^T m_t: one deterministic GEMM (dh_hist is 0 on inactive rows)."""
     T, B, P = dh_hist.shape
     return dh_hist.reshape(T * B, P).t() @ m_all.reshape(T * B, m_all.shape[-1])
-
-
-def step_rows(batch_sizes, seq_len: int, batch: int, device) -> torch.Tensor:
-    """[T + 1] int32 on ``device``: active rows per step, then 0.
-
-    Never a host-synchronising copy (so it works under CUDA-graph capture and does not stall
-    the host every call): without ``batch_sizes`` the tensor is filled on the device; with
-    them (PackedSequence keeps them on the CPU) they are copied from pinned memory with
-    ``non_blocking=True``, ordered on the current stream before the kernels that read them.
-    """
-    device = torch.device(device)
-    if batch_sizes is None:
-        rows = torch.full((seq_len + 1,), batch, dtype=torch.int32, device=device)
-        rows[seq_len:].fill_(0)  # a fill on the device, not a copy from the host
-        return rows
-    if device.type != "cuda" or batch_sizes.device == device:  # the CPU under the interpreter; sizes on the GPU
-        rows = torch.zeros(seq_len + 1, dtype=torch.int32, device=device)
-        rows[:seq_len] = batch_sizes
-        return rows
-    host = pinned_int32(seq_len + 1)
-    host[:seq_len] = batch_sizes  # a host-to-host copy (batch_sizes is a CPU tensor)
-    if torch.cuda.is_current_stream_capturing():
-        _CAPTURED_HOST_ROWS.append(host)
-    return host.to(device, non_blocking=True)
 
 
 def device_guard(device: torch.device):

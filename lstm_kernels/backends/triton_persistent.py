@@ -57,10 +57,10 @@ from typing import Optional, Union
 import torch
 import triton
 
+from .device_rows import step_rows
 from .triton_kernels import (
     backward_buffers, barrier_tensor, check_barrier, co_resident_programs, dot_precisions, forward_buffers,
-    forward_dot_dtype, interpreting, padded, projection_weight_grad, resident_budget, step_rows,
-)
+    forward_dot_dtype, interpreting, padded, projection_weight_grad, resident_budget, )
 from .triton_persistent_backward import _lstm_pbw_kernel
 from .triton_persistent_forward import _lstm_pfw_kernel
 

@@ -28,7 +28,7 @@ from utils import REL_TOL, assert_rel_close, rel_error
 known_backends()
 triton_backend = pytest.importorskip("lstm_kernels.backends.triton")
 kernels = pytest.importorskip("lstm_kernels.backends.triton_kernels")
-from lstm_kernels.backends import triton_backward, triton_forward, triton_persistent  # noqa: E402
+from lstm_kernels.backends import device_rows, triton_backward, triton_forward, triton_persistent  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -251,17 +251,17 @@ def test_side_stream_and_cuda_graph(variant, packed):
 def test_row_counts_of_a_packed_batch_come_from_pinned_memory(monkeypatch):
     """step_rows on a GPU: the copy's source is page-locked, and the result is right."""
     seen = []
-    real = kernels.pinned_int32
+    real = device_rows.pinned_int32
 
     def spy(n):
         seen.append(real(n))
         return seen[-1]
 
-    monkeypatch.setattr(kernels, "pinned_int32", spy)
-    rows = kernels.step_rows(torch.tensor([3, 3, 1]), 3, 3, torch.device("cuda"))
+    monkeypatch.setattr(device_rows, "pinned_int32", spy)
+    rows = device_rows.step_rows(torch.tensor([3, 3, 1]), 3, 3, torch.device("cuda"))
     assert seen and seen[0].is_pinned()
     assert rows.is_cuda and rows.tolist() == [3, 3, 1, 0]
-    assert kernels.step_rows(None, 3, 5, torch.device("cuda")).tolist() == [5, 5, 5, 0]
+    assert device_rows.step_rows(None, 3, 5, torch.device("cuda")).tolist() == [5, 5, 5, 0]
 
 
 @pytest.mark.timeout(120, method="thread")

@@ -24,7 +24,7 @@ from lstm_kernels.backends import known_backends
 known_backends()
 triton_backend = pytest.importorskip("lstm_kernels.backends.triton")
 kernels = pytest.importorskip("lstm_kernels.backends.triton_kernels")
-from lstm_kernels.backends import triton_backward, triton_forward  # noqa: E402
+from lstm_kernels.backends import device_rows, triton_backward, triton_forward  # noqa: E402
 
 import launch_capture  # noqa: E402
 import recurrence_cases  # noqa: E402
@@ -89,10 +89,10 @@ def _to_target(tensor, args, kwargs):
 
 def test_step_rows_without_batch_sizes_is_built_on_the_device(monkeypatch):
     spy = CopySpy(monkeypatch)
-    rows = kernels.step_rows(None, 5, 3, torch.device("meta"))
+    rows = device_rows.step_rows(None, 5, 3, torch.device("meta"))
     assert rows.device.type == "meta" and rows.dtype == torch.int32 and rows.shape == (6,)
     assert spy.host_to_device() == [], "the row counts were copied from the host"
-    cpu = kernels.step_rows(None, 5, 3, torch.device("cpu"))
+    cpu = device_rows.step_rows(None, 5, 3, torch.device("cpu"))
     assert cpu.tolist() == [3] * 5 + [0]
 
 
@@ -106,11 +106,11 @@ def test_step_rows_with_batch_sizes_copies_from_pinned_memory_without_blocking(m
         pinned.append(torch.zeros(n, dtype=torch.int32))
         return pinned[-1]
 
-    monkeypatch.setattr(kernels, "pinned_int32", fake_pinned)
+    monkeypatch.setattr(device_rows, "pinned_int32", fake_pinned)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     spy = CopySpy(monkeypatch)
     batch_sizes = torch.tensor([3, 2, 2, 1])
-    rows = kernels.step_rows(batch_sizes, 4, 3, torch.device("cuda"))
+    rows = device_rows.step_rows(batch_sizes, 4, 3, torch.device("cuda"))
     [(src, device, non_blocking)] = spy.host_to_device()
     assert device.type == "cuda" and non_blocking, "a blocking copy from the host"
     assert pinned and src is pinned[0], "the copy's source is not the pinned buffer"
@@ -119,12 +119,12 @@ def test_step_rows_with_batch_sizes_copies_from_pinned_memory_without_blocking(m
 
 def test_step_rows_keeps_a_captured_copy_s_source(monkeypatch):
     """Under CUDA-graph capture every replay reads the pinned buffer again: it must stay alive."""
-    monkeypatch.setattr(kernels, "pinned_int32", lambda n: torch.zeros(n, dtype=torch.int32))
+    monkeypatch.setattr(device_rows, "pinned_int32", lambda n: torch.zeros(n, dtype=torch.int32))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    monkeypatch.setattr(kernels, "_CAPTURED_HOST_ROWS", [])
+    monkeypatch.setattr(device_rows, "_CAPTURED_HOST_ROWS", [])
     CopySpy(monkeypatch)
-    kernels.step_rows(torch.tensor([2, 1]), 2, 2, torch.device("cuda"))
-    assert [r.tolist() for r in kernels._CAPTURED_HOST_ROWS] == [[2, 1, 0]]
+    device_rows.step_rows(torch.tensor([2, 1]), 2, 2, torch.device("cuda"))
+    assert [r.tolist() for r in device_rows._CAPTURED_HOST_ROWS] == [[2, 1, 0]]
 
 
 @pytest.mark.parametrize("variant", ["step", "persistent"])

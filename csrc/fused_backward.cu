@@ -1,0 +1,359 @@
+// Fused backward recurrence (BPTT) at the budget of one step (issue 13): one launch for all
+// T steps and the dh0 pass (persistent, light grid barrier), or with the same tile code (same
+// bits) one launch per (half-)step. fp16 / bf16 only (fp32 stays with lstm_backward.cu). Also
+// serves proj_size (PROJ, see above the kernel) and variable lengths (batch_sizes).
+//
+// Legend: T steps, B batch, H hidden units, r the reduction index over 4H, K4p = 4H rounded up
+// to KPAD. Gate order along 4H: i, f, g, o. Per step t from T-1 down to 0, for active rows:
+//   dh  = dh_all[t] + (row active at t+1 ? dG_{t+1} W_hh : dh_T)
+//   dc  = (row active at t+1 ? dc_{t+1} * f_{t+1} : dc_T)
+//   dG_t, dc*f = cell_backward(dh, dc, act_t, c_{t-1}, c_t)                 (cell.cuh)
+// then dh0 = dG_0 W_hh, dc0 = dc_0 * f_0. Inactive rows (batch_sizes) get dG_t = 0.
+//
+// The exchange is 16-bit: dG_t is rounded once to the storage dtype (the value the dG output
+// holds anyway) and the next step's product dG_{t+1} W_hh runs on fp16/bf16 operands with
+// fp32 accumulation, so W_hh stays resident in 16 bits. Added error against the fp32 exchange
+// of lstm_backward.cu (tf32-rounded there): fp16 rounds to 2^-11 relative (as tf32 does),
+// bf16 to 2^-9 relative; tests/test_cuda_plan_host.py bounds its effect on a whole BPTT
+// against float64 (well inside DESIGN.md's 1e-2 for 16-bit dtypes).
+//
+// Tiling: grid (ceil(H / UNITS), ceil(B / BATCH_TILE)); block q owns units [8q, 8q + 8) for
+// batch rows [16y, 16y + 16) and holds W_hh[:, units] in shared memory for the whole launch as
+// [unit][r'] with the reduction index interleaved on the host, r' = 4j + g <-> r = g*H + j
+// (w_bwd [ceil(H/8)*8, 4H]); the dG exchange buffer dgx uses the same r' order, so a cell
+// thread stores its four gate gradients as one 8-byte store. 8 warps split the k16 steps of
+// K4p (in pairs, two accumulators per warp to halve the dependent chain); products dG tile
+// (16 x K4p, A operand, ldmatrix) x W^T slice (B operand, ldmatrix); partial sums meet once
+// in shared memory and warps 0-3 finish one (b, j) per lane in the fixed order w = 0..7.
+//
+// Per step (persistent launch, flagship H100, B = 16, H = 768, fp16/bf16: 96 blocks):
+// | part of one backward step                                             | budget |
+// |---|---|
+// | grid barrier (release-add by 4 warps, acquire-poll by warp 0)          | <= 0.7 us |
+// | dG_{t+1} [16, K4p] 16-bit copied once by cp.async into padded smem     | ~0.9 us (96 KB per block at H = 768) |
+// | MMA from the resident W^T slice, 8 warps, 24 HMMA per warp             | <= 0.5 us |
+// | reduce partials once through smem; cell backward in registers, dc reg  | <= 0.2 us |
+// | act_t, c_t, c_{t-1}, dh_all[t] prefetched before the barrier wait       | hidden |
+// | **backward step**                                                       | **<= 3 us** |
+// Block barriers per step: 2. Grid barriers: 1 (PROJ: 4 and 2). Shared memory per block:
+// (8 + 16) * (K4p + 8) * 2 + 8 * 4 * 32 * 4 bytes (148.4 KB at H = 768; H <= 1184 fits 227 KB,
+// H <= 840 the 163 KB of sm_80), PROJ + (8 + 16) * (Pk + 8) * 2.
+// The dG_{t+1} copy is the largest part: every block reads the 16 rows x 4H of its batch tile,
+// 96 blocks x 98 KB = 9.4 MB of L2 reads per step at the flagship (as many bytes as the previous
+// kernel's fp32 exchange over 48 blocks, now spread over twice the SMs); it is the first thing
+// to measure on a GPU.
+//
+// Structural checks: as fused_forward.cu (tests/test_cuda_step_budget.py).
+#include <cuda_runtime.h>
+
+#include "cell.cuh"
+#include "fused_common.cuh"
+#include "fused_launch.cuh"
+#include "fused_lstm.h"
+
+namespace lstm {
+namespace fused {
+
+// The four gate gradients of one (b, j), rounded once to T: to dG (PyTorch order, stride H) and,
+// as one 8-byte store, to the exchange at r' = 4j .. 4j + 3.
+template <typename T>
+__device__ __forceinline__ void store_gate_grads(T* dg, int H, T* ex, const GateGrads& d) {
+  union {
+    T v[4];
+    uint2 u;
+  } pack;
+  pack.v[0] = from_f32<T>(d.i), pack.v[1] = from_f32<T>(d.f), pack.v[2] = from_f32<T>(d.g);
+  pack.v[3] = from_f32<T>(d.o);
+  dg[0] = pack.v[0], dg[H] = pack.v[1], dg[2 * H] = pack.v[2], dg[3 * H] = pack.v[3];
+  *reinterpret_cast<uint2*>(ex) = pack.u;
+}
+
+// PROJ (proj_size P < H): a step has two half-steps, each closed by one grid barrier.
+//   A': dh_t = dh_all[t] + dG_{t+1} W_hh (K = 4H) by the blocks q < ceil(P / 8) (8 columns p of
+//       W_hh each), to dh_tot (fp32, for dW_hr = sum_t dh_t^T m_t on the host) and the 16-bit
+//       exchange dhx; in the dh0 pass this is dh0;
+//   B': dm_t = dh_t W_hr (K = P) by every block for its 8 units (W_hr^T slice resident), then
+//       the cell backward with dm_t in place of dh.
+// Without PROJ, one half-step per step (the cell takes dh = dh_all[t] + dG_{t+1} W_hh).
+// Half-steps hs = NPH*it + phase, it = T-1-t from 0 to T (T: the dh0 pass); a launch runs
+// [hs_begin, hs_end), all in the persistent launch, one in the per-step mode (same bits).
+template <typename T, bool PROJ>
+__global__ void __launch_bounds__(THREADS, 1)
+    fused_backward_kernel(const T* __restrict__ w_bwd,        // [ceil(P/8)*8, 4H] W_hh^T, columns interleaved
+                          const T* __restrict__ w_hrT,        // [ceil(H/8)*8, P] W_hr^T (PROJ)
+                          const float* __restrict__ act,      // [T, B, 4H] fp32 activations from forward
+                          const float* __restrict__ c_all,    // [T, B, H] fp32 cell states from forward
+                          const T* __restrict__ c0,           // [B, H]
+                          const T* __restrict__ dh_all,       // [T, B, P]
+                          const T* __restrict__ dh_T,         // [B, P]
+                          const T* __restrict__ dc_T,         // [B, H]
+                          float* dc_work,                     // [B, H] fp32 carried dc between launches
+                          T* dgx,                             // [2, Bp, K4p] dG exchange (r' order), zeroed
+                          T* dhx,                             // [Bp, Pk] dh exchange (PROJ), zeroed
+                          T* __restrict__ dG,                 // [T, B, 4H] out (PyTorch gate order)
+                          T* __restrict__ dh0,                // [B, P] out (dh0 pass)
+                          T* __restrict__ dc0,                // [B, H] out (dh0 pass)
+                          float* __restrict__ dh_tot,         // [T, B, P] fp32 out: dh_t (PROJ)
+                          const int* __restrict__ batch_sizes,  // [T] int32, or null
+                          unsigned int* counters,             // [gridDim.y] zeroed (several half-steps)
+                          int T_, int B, int H, int P, int hs_begin, int hs_end,
+                         BarrierWatch watch) {  // the debug switch of the grid wait (default: no bound)
+  constexpr int NPH = PROJ ? 2 : 1;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ int abort_s;  // the debug watch gave up: every thread of the block leaves
+  const int K4 = 4 * H, Kp = round_up(K4, KPAD), LD = Kp + SMEM_PAD, Bp = round_up(B, BATCH_TILE);
+  const int Pk = round_up(P, KPAD), LDP = Pk + SMEM_PAD;
+  T* w_s = reinterpret_cast<T*>(smem_raw);                      // [UNITS][LD]
+  T* g_s = w_s + UNITS * LD;                                     // [BATCH_TILE][LD]
+  float* red = reinterpret_cast<float*>(g_s + BATCH_TILE * LD);  // [WARPS][4][32]
+  T* wr_s = reinterpret_cast<T*>(red + WARPS * 4 * 32);         // [UNITS][LDP] (PROJ)
+  T* d_s = wr_s + UNITS * LDP;                                   // [BATCH_TILE][LDP] (PROJ)
+  const int q = blockIdx.x, b0 = blockIdx.y * BATCH_TILE;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const size_t BH = (size_t)B * H, BP = (size_t)B * P, B4H = 4 * BH, gx_slot = (size_t)Bp * Kp;
+  const bool w_block = !PROJ || q * UNITS < P;  // owns columns [8q, 8q + 8) of W_hh
+  const T zero = from_f32<T>(0.f);
+  unsigned int* counter = counters + blockIdx.y;
+
+  if (w_block) {
+    for (int idx = threadIdx.x; idx < UNITS * Kp; idx += THREADS) {
+      const int r = idx / Kp, k = idx % Kp;
+      w_s[r * LD + k] = k < K4 ? w_bwd[(size_t)(q * UNITS + r) * K4 + k] : zero;
+    }
+  }
+  if (PROJ) {
+    for (int idx = threadIdx.x; idx < UNITS * Pk; idx += THREADS) {
+      const int r = idx / Pk, k = idx % Pk;
+      wr_s[r * LDP + k] = k < P ? w_hrT[(size_t)(q * UNITS + r) * P + k] : zero;
+    }
+  }
+  // Cell thread of warps 0-3: element e = warp of lane's accumulator fragment (rows b, cols j).
+  const bool cell_warp = warp < 4;
+  const int j = bwd_cell_unit(q, warp, lane), b = bwd_cell_row(blockIdx.y, warp, lane);
+  const bool mine = cell_warp && j < H && b < B;
+  const bool mine_p = PROJ && cell_warp && j < P && b < B;  // half-step A': column p = j of dh
+  const size_t s = (size_t)b * H + j;
+  float dc_reg = 0.f;
+  if (mine && hs_begin > 0) dc_reg = dc_work[s];
+  // Prefetched inputs of the cell at step t: activations, c_t, c_{t-1}, dh_all[t] (without PROJ).
+  float p_i = 0.f, p_f = 0.f, p_g = 0.f, p_o = 0.f, p_c = 0.f, p_cp = 0.f, p_dh = 0.f;
+  auto prefetch = [&](int t) {
+    if (!mine || t < 0) return;
+    const float* a = act + t * B4H + (size_t)b * K4 + j;
+    p_i = a[0], p_f = a[H], p_g = a[2 * H], p_o = a[3 * H];
+    p_c = c_all[t * BH + s];
+    p_cp = t > 0 ? c_all[(t - 1) * BH + s] : f32(c0[s]);
+    if (!PROJ) p_dh = f32(dh_all[t * BH + s]);
+  };
+  const int it_first = hs_begin / NPH, it_end = (hs_end + NPH - 1) / NPH;
+  prefetch(T_ - 1 - it_first);
+  int kp_begin, kp_end, kq_begin, kq_end;  // pairs of k16 steps
+  warp_k_range(warp, Kp / 32, &kp_begin, &kp_end);  // K = 4H
+  warp_k_range(warp, Pk / 32, &kq_begin, &kq_end);  // K = P (PROJ)
+  const unsigned int arrivals = 4u * gridDim.x;
+  // Lane addresses of ldmatrix (fused_plan.cuh), in bytes: A = dG rows (batch) x r', B = units (p) x r';
+  // PROJ half-step B': A = dh rows (batch) x p, B = W_hr^T rows (units) x p.
+  const uint32_t g_base = smem_addr(g_s) + 2 * ldsm_a16x16(lane, LD);
+  const uint32_t w_base = smem_addr(w_s) + 2 * ldsm_bn8k32(lane, LD);
+  const uint32_t d_base = smem_addr(d_s) + 2 * ldsm_a16x16(lane, LDP);
+  const uint32_t r_base = smem_addr(wr_s) + 2 * ldsm_bn8k32(lane, LDP);
+
+  for (int it = it_first; it < it_end; ++it) {
+    const int t = T_ - 1 - it;  // t == -1: the dh0 pass
+    const int n_next = t == T_ - 1 ? 0 : (batch_sizes ? __ldg(batch_sizes + t + 1) : B);  // rows active at t+1
+    const int n_t = t < 0 ? 0 : (batch_sizes ? __ldg(batch_sizes + t) : B);
+    const int hs_a = NPH * it;
+    if (hs_a >= hs_begin) {  // ---- dG_{t+1} W_hh (and, without PROJ, the cell) ----
+      if (warp == 0) {  // dG_{t+1} of every block of this batch tile
+        const bool ok = fetch_exchange(g_s, LD, dgx + ((t + 1) & 1) * gx_slot + (size_t)b0 * Kp, Kp, counter,
+                                       (unsigned int)(hs_a - hs_begin) * arrivals, hs_a > hs_begin, watch, t + 1, lane,
+                                       w_block);
+        if (lane == 0) abort_s = !ok;
+      }
+      __syncthreads();  // [1] g_s holds dG_{t+1}
+      if (abort_s) return;
+
+      float acc0[4] = {}, acc1[4] = {};
+      if (w_block && b0 < n_next) {
+#pragma unroll 1
+        for (int kp = kp_begin; kp < kp_end; ++kp) {
+          uint32_t a0[4], a1[4], bw[4];
+          ldmatrix_x4(a0, g_base + kp * 64);
+          ldmatrix_x4(a1, g_base + kp * 64 + 32);
+          ldmatrix_x4(bw, w_base + kp * 64);
+          const uint32_t bk0[2] = {bw[0], bw[1]}, bk1[2] = {bw[2], bw[3]};
+          mma_16816<T>(acc0, a0, bk0);
+          mma_16816<T>(acc1, a1, bk1);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + lane] = acc0[e] + acc1[e];
+      __syncthreads();  // [2] partial sums in red
+
+      if (cell_warp) {
+        float rec = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) rec += red[(w * 4 + warp) * 32 + lane];
+        const bool from_next = b < n_next;  // else this row's gradient enters here: dh_T, dc_T
+        if (PROJ) {
+          if (mine_p) {
+            const size_t sp = (size_t)b * P + j;
+            const float dh_in = from_next ? rec : f32(dh_T[sp]);
+            if (t < 0) {
+              dh0[sp] = from_f32<T>(dh_in);
+            } else if (b < n_t) {
+              const float dh = dh_in + f32(dh_all[t * BP + sp]);
+              dh_tot[t * BP + sp] = dh;
+              dhx[(size_t)b * Pk + j] = from_f32<T>(dh);
+            } else {
+              dh_tot[t * BP + sp] = 0.f;
+            }
+          }
+        } else if (mine) {
+          const float dh_in = from_next ? rec : f32(dh_T[s]);
+          const float dc_in = from_next ? dc_reg : f32(dc_T[s]);
+          if (t < 0) {
+            dh0[s] = from_f32<T>(dh_in);
+            dc0[s] = from_f32<T>(dc_in);
+          } else {
+            T* dg = dG + t * B4H + (size_t)b * K4 + j;
+            if (b < n_t) {
+              GateGrads d;
+              float dc_prev;
+              cell_backward(dh_in + p_dh, dc_in, Gates{p_i, p_f, p_g, p_o}, p_cp, p_c, &d, &dc_prev);
+              dc_reg = dc_prev;
+              store_gate_grads(dg, H, dgx + (t & 1) * gx_slot + (size_t)b * Kp + bwd_col(0, j), d);
+            } else {
+              dg[0] = zero, dg[H] = zero, dg[2 * H] = zero, dg[3 * H] = zero;
+            }
+          }
+        }
+        if (hs_a + 1 < hs_end) {
+          grid_arrive(counter, lane);  // dG_t (PROJ: dh_t) of this warp stored: release
+          if (!PROJ) prefetch(t - 1);  // the next step's inputs, before the wait
+        }
+      }
+    }
+    if (PROJ && hs_a + 1 >= hs_begin && hs_a + 1 < hs_end) {  // ---- dm_t = dh_t W_hr, the cell ----
+      const int hs_b = hs_a + 1;
+      if (t >= 0) {
+        if (warp == 0) {
+          const bool ok = fetch_exchange(d_s, LDP, dhx + (size_t)b0 * Pk, Pk, counter,
+                                         (unsigned int)(hs_b - hs_begin) * arrivals, hs_b > hs_begin, watch, t, lane);
+          if (lane == 0) abort_s = !ok;
+        }
+        __syncthreads();  // [3] d_s holds dh_t
+        if (abort_s) return;
+        float acc0[4] = {}, acc1[4] = {};
+        if (b0 < n_t) {
+#pragma unroll 1
+          for (int kq = kq_begin; kq < kq_end; ++kq) {
+            uint32_t a0[4], a1[4], bw[4];
+            ldmatrix_x4(a0, d_base + kq * 64);
+            ldmatrix_x4(a1, d_base + kq * 64 + 32);
+            ldmatrix_x4(bw, r_base + kq * 64);
+            const uint32_t bk0[2] = {bw[0], bw[1]}, bk1[2] = {bw[2], bw[3]};
+            mma_16816<T>(acc0, a0, bk0);
+            mma_16816<T>(acc1, a1, bk1);
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + lane] = acc0[e] + acc1[e];
+        __syncthreads();  // [4] partial sums in red
+        if (cell_warp) {
+          float dm = 0.f;
+#pragma unroll
+          for (int w = 0; w < WARPS; ++w) dm += red[(w * 4 + warp) * 32 + lane];
+          if (mine) {
+            T* dg = dG + t * B4H + (size_t)b * K4 + j;
+            if (b < n_t) {
+              const float dc_in = b < n_next ? dc_reg : f32(dc_T[s]);
+              GateGrads d;
+              float dc_prev;
+              cell_backward(dm, dc_in, Gates{p_i, p_f, p_g, p_o}, p_cp, p_c, &d, &dc_prev);
+              dc_reg = dc_prev;
+              store_gate_grads(dg, H, dgx + (t & 1) * gx_slot + (size_t)b * Kp + bwd_col(0, j), d);
+            } else {
+              dg[0] = zero, dg[H] = zero, dg[2 * H] = zero, dg[3 * H] = zero;
+            }
+          }
+          if (hs_b + 1 < hs_end) {
+            grid_arrive(counter, lane);  // dG_t of this warp stored: release
+            prefetch(t - 1);
+          }
+        }
+      } else if (mine) {  // the dh0 pass: dc0
+        dc0[s] = from_f32<T>(b < n_next ? dc_reg : f32(dc_T[s]));
+      }
+    }
+  }
+  if (mine && dc_work) dc_work[s] = dc_reg;
+}
+
+size_t backward_smem_bytes(int H, int P, bool proj, int elem) {
+  const int LD = round_up(4 * H, KPAD) + SMEM_PAD, LDP = round_up(P, KPAD) + SMEM_PAD;
+  return (size_t)(UNITS + BATCH_TILE) * LD * elem + (size_t)WARPS * 4 * 32 * sizeof(float) +
+         (proj ? (size_t)(UNITS + BATCH_TILE) * LDP * elem : 0);
+}
+
+template <typename T, bool PROJ>
+cudaError_t backward_launch(const void* w_bwd, const void* w_hrT, const float* act, const float* c_all,
+                            const void* c0, const void* dh_all, const void* dh_T, const void* dc_T, float* dc_work,
+                            void* dgx, void* dhx, void* dG, void* dh0, void* dc0, float* dh_tot,
+                            const int* batch_sizes, unsigned int* counters, int T_, int B, int H, int P,
+                            int persistent, BarrierWatch watch, cudaStream_t stream) {
+  const dim3 grid(unit_blocks(H), batch_tiles(B));
+  return launch_half_steps(fused_backward_kernel<T, PROJ>, grid, backward_smem_bytes(H, P, PROJ, sizeof(T)),
+                           (PROJ ? 2 : 1) * (T_ + 1), persistent, counters, watch, stream,
+                           static_cast<const T*>(w_bwd), static_cast<const T*>(w_hrT), act, c_all,
+                           static_cast<const T*>(c0), static_cast<const T*>(dh_all), static_cast<const T*>(dh_T),
+                           static_cast<const T*>(dc_T), dc_work, static_cast<T*>(dgx), static_cast<T*>(dhx),
+                           static_cast<T*>(dG), static_cast<T*>(dh0), static_cast<T*>(dc0), dh_tot, batch_sizes,
+                           counters, T_, B, H, P);
+}
+
+template <typename T, bool PROJ>
+cudaError_t backward_plan(int B, int H, int P, int* blocks, size_t* smem, int* possible) {
+  *smem = backward_smem_bytes(H, P, PROJ, sizeof(T));
+  *blocks = unit_blocks(H) * batch_tiles(B);
+  return kernel_plan(fused_backward_kernel<T, PROJ>, *smem, *blocks, possible);
+}
+
+}  // namespace fused
+}  // namespace lstm
+
+// C entry points (dtype 1 fp16, 2 bf16; proj: P < H with w_hrT, dhx and dh_tot). Return a cudaError_t code.
+extern "C" int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_hrT, const float* act,
+                                   const float* c_all, const void* c0, const void* dh_all, const void* dh_T,
+                                   const void* dc_T, float* dc_work, void* dgx, void* dhx, void* dG, void* dh0,
+                                   void* dc0, float* dh_tot, const int* batch_sizes, unsigned int* counters, int T,
+                                   int B, int H, int P, int persistent, unsigned long long* barrier_state,
+                                   long long barrier_spins, void* stream) {
+  using namespace lstm::fused;
+  auto s = static_cast<cudaStream_t>(stream);
+  const bool proj = w_hrT != nullptr;
+#define LSTM_FUSED_BWD(TYPE, PROJ)                                                                                 \
+  return backward_launch<TYPE, PROJ>(w_bwd, w_hrT, act, c_all, c0, dh_all, dh_T, dc_T, dc_work, dgx, dhx, dG, dh0, \
+                                     dc0, dh_tot, batch_sizes, counters, T, B, H, P, persistent,                 \
+                                     BarrierWatch{barrier_state, barrier_spins}, s)
+  if (dtype == 1) {
+    if (proj) LSTM_FUSED_BWD(__half, true);
+    LSTM_FUSED_BWD(__half, false);
+  }
+  if (dtype == 2) {
+    if (proj) LSTM_FUSED_BWD(__nv_bfloat16, true);
+    LSTM_FUSED_BWD(__nv_bfloat16, false);
+  }
+#undef LSTM_FUSED_BWD
+  return cudaErrorInvalidValue;
+}
+
+extern "C" int lstm_fused_backward_plan(int dtype, int B, int H, int P, int* blocks, size_t* smem, int* possible) {
+  using namespace lstm::fused;
+  const bool proj = P != H;
+  if (dtype == 1) return proj ? backward_plan<__half, true>(B, H, P, blocks, smem, possible)
+                              : backward_plan<__half, false>(B, H, P, blocks, smem, possible);
+  if (dtype == 2) return proj ? backward_plan<__nv_bfloat16, true>(B, H, P, blocks, smem, possible)
+                              : backward_plan<__nv_bfloat16, false>(B, H, P, blocks, smem, possible);
+  return cudaErrorInvalidValue;
+}

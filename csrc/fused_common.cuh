@@ -1,0 +1,163 @@
+// Building blocks of the fused persistent kernels (fused_forward.cu, fused_backward.cu):
+// tile constants, warp-level tensor-core products (ldmatrix + mma.sync m16n8k16 with fp32
+// accumulation), bulk asynchronous copies to shared memory (cp.async), and the light grid
+// barrier (a release-add per arriving warp, one warp acquire-polling), split into arrive and
+// wait so that independent work runs in between.
+//
+// Legend: T steps, B batch, H hidden units, K the reduction length (H forward, 4H backward),
+// Kp = K rounded up to a multiple of FUSED_KPAD. Gate order along 4H: i, f, g, o (PyTorch's).
+//
+// Storage type T: __half or __nv_bfloat16 (m16n8k16, products exact in fp32, fp32 sums).
+// float is not served by these kernels (lstm_forward.cu / lstm_backward.cu serve it).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "fused_plan.cuh"
+
+namespace lstm {
+namespace fused {
+
+// ---- shared-memory addresses and fragments ---------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 b16 matrices (x4) or two (x2) from shared memory, non-transposed; lane l gives the
+// address of row (l % 8) of matrix (l / 8).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+}
+
+// d += a (16x16, row) x b (16x8, col), fp32 accumulators. Fragment layout of d (PTX ISA):
+// lane l holds d[0], d[1] at row l/4, columns 2*(l%4) and +1; d[2], d[3] at row l/4 + 8.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                         const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// ---- bulk asynchronous copy global -> shared (16 bytes, through L2 only: .cg) ----------------
+
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// rows x Kp elements of T from src (row stride src_ld elements, 16-byte aligned rows) into
+// dst (row stride dst_ld), by the lanes of one warp: rows * Kp / 8 copies of 16 bytes.
+template <typename T>
+__device__ __forceinline__ void warp_copy_rows_async(T* dst, int dst_ld, const T* src, int src_ld, int rows, int Kp,
+                                                     int lane) {
+  const int chunks_per_row = Kp / 8;
+  const int n = rows * chunks_per_row;
+  for (int c = lane; c < n; c += 32) {
+    const int r = c / chunks_per_row, k = (c % chunks_per_row) * 8;
+    cp_async_16(smem_addr(dst + r * dst_ld + k), src + (size_t)r * src_ld + k);
+  }
+}
+
+// ---- the light grid barrier ----------------------------------------------------------------
+// One counter per group of blocks that exchange data (blocks with the same batch tile):
+// zeroed by the host before the launch, it only grows. After step t every arriving warp has
+// added 1 once per step: the wait for step t's data is "counter >= (t + 1) * arrivals".
+
+// Arrive: after __syncwarp() (the warp's stores ordered before lane 0's), lane 0 adds 1 with
+// release semantics at GPU scope (the stores of the warp are visible before the count).
+__device__ __forceinline__ void grid_arrive(unsigned int* counter, int lane) {
+  __syncwarp();
+  if (lane == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+}
+
+// The debug switch of the wait (LSTM_KERNELS_BARRIER_TIMEOUT in Python): with state set (u64 [4],
+// zeroed by the host: unused, timed out 0/1, step, block) a wait gives up after spin_limit polls,
+// or as soon as another block gave up; the first to give up records the step it waited in and
+// itself. With state null (the default) the wait has no bound.
+struct BarrierWatch {
+  unsigned long long* state = nullptr;
+  long long spin_limit = 0;
+};
+
+// Wait: every lane of the calling warp polls with acquire loads (one transaction for the warp)
+// until every lane saw the counter reach target (wrap-safe); reads issued after it see the
+// releasers' stores. Returns false (to the whole warp) when the debug watch gave up.
+__device__ __forceinline__ bool grid_wait(const unsigned int* counter, unsigned int target, const BarrierWatch& watch,
+                                          int step, int lane) {
+  long long spins = 0;
+  bool ok = true;
+  while (true) {
+    unsigned int v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
+    if (__all_sync(0xffffffffu, (int)(v - target) >= 0)) break;
+    if (watch.state != nullptr) {
+      int give_up = 0;
+      if (lane == 0) {
+        unsigned long long flag;
+        asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(flag) : "l"(watch.state + 1) : "memory");
+        give_up = flag != 0ull || ++spins > watch.spin_limit;
+        if (give_up && atomicCAS(watch.state + 1, 0ull, 1ull) == 0ull) {
+          watch.state[2] = (unsigned long long)(long long)step;
+          watch.state[3] = blockIdx.y * gridDim.x + blockIdx.x;
+        }
+      }
+      if (__shfl_sync(0xffffffffu, give_up, 0)) {
+        ok = false;
+        break;
+      }
+    }
+    __nanosleep(32);
+  }
+  __syncwarp();
+  return ok;
+}
+
+// Copy BATCH_TILE rows of an exchange buffer (row stride ld, 16-byte aligned) into padded shared
+// memory (row stride LD), by one warp, after waiting (when `wait`) for the half-step that wrote it.
+// Returns false when the debug watch gave up (nothing copied). copy false: wait only (a block
+// that does not use the data still passes the barrier).
+template <typename T>
+__device__ __forceinline__ bool fetch_exchange(T* dst, int LD, const T* src, int ld, const unsigned int* counter,
+                                               unsigned int target, bool wait, const BarrierWatch& watch, int step,
+                                               int lane, bool copy = true) {
+  if (wait && !grid_wait(counter, target, watch, step, lane)) return false;
+  if (copy) warp_copy_rows_async(dst, LD, src, ld, BATCH_TILE, ld, lane);
+  cp_async_wait_all();
+  return true;
+}
+
+// Storage type <-> fp32.
+__device__ __forceinline__ float f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+}  // namespace fused
+}  // namespace lstm

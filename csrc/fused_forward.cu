@@ -1,0 +1,339 @@
+// Fused forward recurrence at the budget of one step (issue 13): one launch for all T steps
+// (persistent, grid co-resident by cooperative launch, light grid barrier) or, with the same
+// tile code and therefore the same bits, one launch per (half-)step (the fallback where the grid
+// is not co-resident). fp16 / bf16 only (fp32 stays with lstm_forward.cu). Also serves
+// proj_size (PROJ: h_t = m_t W_hr^T) and variable lengths (batch_sizes: a step touches only its
+// active rows; inactive rows of h_all are zero; h_T, c_T are taken at each row's last step).
+//
+// Legend: T steps, B batch, H hidden units, P = proj_size or H, k the reduction index, Pk / Hk =
+// P / H rounded up to KPAD, Bp = B rounded up to BATCH_TILE. Gate order along 4H: i, f, g, o.
+//   gates_t = xg_t + h_{t-1} W_hh^T;  c_t = f*c_{t-1} + i*g;  m_t = o*tanh(c_t)   (cell.cuh)
+//   h_t = m_t (or m_t W_hr^T with PROJ), rounded to the storage dtype.
+//
+// Tiling (fused_plan.cuh; lstm_kernels/backends/cuda_fused.py mirrors it; tests/test_cuda_plan_host.py
+// checks both): grid (ceil(H / UNITS), ceil(B / BATCH_TILE)); block q owns units [8q, 8q + 8) for
+// batch rows [16y, 16y + 16): its 32 rows of W_hh, interleaved on the host as row 32q + 8g + u =
+// W_hh[g*H + 8q + u] (w_fwd), sit in shared memory for the whole launch (ldmatrix reads them,
+// nothing copies them again). 8 warps; warp w sums k16 steps [w*KS/8, (w+1)*KS/8) of
+// h_{t-1} (16 x Pk, B operand) x W slice (32 x Pk, A operand) with mma.sync m16n8k16 into
+// 2 x 2 fp32 accumulator tiles. Because of the interleaving, lane l of every warp holds i, f,
+// g, o of unit 8q + l/4 for batch columns 2(l%4), 2(l%4)+1 of both 8-row batch tiles; the 8
+// warps' partial sums meet once in shared memory (red), and warps 0-3 each finish one (b, j)
+// per lane in a fixed order w = 0..7 (deterministic), run the cell with c_t in a register
+// across steps, and store h_t (storage dtype) to h_all and to the exchange buffer hx (padded
+// rows of Pk, ping-pong by step parity, so the next step copies it with 16-byte cp.async; the
+// host puts h0 in slot 1). With PROJ the cell stores m_t to mx instead, and a second half-step
+// (blocks q < ceil(P/8), W_hr rows [8q, 8q + 8) resident) computes h_t = m_t W_hr^T.
+//
+// Per step (persistent launch, flagship H100, B = 16, H = 768, fp16/bf16: 96 blocks):
+// | part of one forward step                                                | budget (DESIGN.md) |
+// |---|---|
+// | grid barrier: 4 warps per block release-add one counter per batch tile;  | <= 0.7 us |
+// |   warp 0 acquire-polls it (arrive right after the h_t stores, wait at the |           |
+// |   top of the next step: xg_{t+1} loads issued in between)                 |           |
+// | h_{t-1} [16, Pk] copied once by cp.async (16 B each) into padded smem     | <= 0.3 us |
+// | MMA from the resident W slice (ldmatrix), 8 warps, K split 8 ways,        | <= 0.5 us |
+// |   (2 x 2 tiles) x KS/8 = 24 HMMA per warp at H = 768                      |           |
+// | partial sums reduced once through smem; cell in registers, c_t in a reg   | <= 0.2 us |
+// | xg_{t+1} prefetched into registers before the barrier wait               | hidden    |
+// | **forward step**                                                          | **<= 2 us** |
+// Block barriers per step: 2 (after the h copy; after the partial sums). Grid barriers: 1.
+// PROJ: 4 and 2 (DESIGN.md: "two with a projection"); the half-step B adds a 16 x Hk copy of m_t
+// and (2 HMMA per k16 pair) x Hk/32/8 per warp on the projecting blocks.
+// Shared memory per block: (32 + 16) * (Pk + 8) * 2 + 8 * 16 * 32 * 4 bytes (90.6 KB at H = 768),
+// PROJ + (8 + 16) * (Hk + 8) * 2.
+//
+// Structural checks (tests/test_cuda_step_budget.py, on the cubins, CPU only): in the step
+// loop no global load inside a k loop or any nested loop but the barrier's poll (W_hh, W_hr
+// never read from global memory per step), only the designed handful of global loads (xg
+// prefetch, batch_sizes); no shared store in a k loop (no restaging); HMMA per warp per step
+// within 10% of the ideal for the tile; BAR.SYNC and release-adds per step as designed; the
+// acquire-poll present; cp.async (LDGSTS) for the exchange copies; no local memory.
+#include <cuda_runtime.h>
+
+#include "cell.cuh"
+#include "fused_common.cuh"
+#include "fused_launch.cuh"
+#include "fused_lstm.h"
+
+namespace lstm {
+namespace fused {
+
+// PROJ (proj_size P < H): a step has two half-steps, each closed by one grid barrier.
+//   A: gates from h_{t-1} [B, P] (K = P), the cell, m_t = o*tanh(c_t) to the exchange mx (16-bit);
+//   B: h_t = m_t W_hr^T (K = H) by the blocks q < ceil(P / 8) (8 rows p of W_hr each, resident
+//      in shared memory, batch rows x p products as in the backward), to h_all and hx.
+// Without PROJ, P = H and the cell writes h_t itself (one half-step per step).
+// Half-steps are numbered hs = NPH*t + phase over the sequence; a launch runs [hs_begin, hs_end)
+// (all of them in the persistent launch; one per launch in the per-step mode), so both modes
+// run the same code on the same tiles (same bits). At a launch's start the state comes from
+// the exchange buffers and c_work; the host puts h0 in hx's slot 1 (step -1).
+template <typename T, bool PROJ>
+__global__ void __launch_bounds__(THREADS, 1)
+    fused_forward_kernel(const T* __restrict__ xg,           // [T, B, 4H]
+                         const T* __restrict__ w_fwd,        // [ceil(H/8)*32, P] interleaved rows (see above)
+                         const T* __restrict__ w_hr,         // [ceil(P/8)*8, H] W_hr, zero rows >= P (PROJ)
+                         const T* __restrict__ c0,           // [B, H]
+                         float* c_work,                      // [B, H] fp32 c between launches (per-step mode)
+                         T* hx,                              // [2, Bp, Pk] h exchange (slot 1: h0), pad zero
+                         T* mx,                              // [Bp, Hk] m exchange (PROJ), pad zero
+                         T* __restrict__ h_all,              // [T, B, P] out (zero for inactive rows)
+                         T* __restrict__ h_T,                // [B, P] out: h at each row's last step
+                         T* __restrict__ c_T,                // [B, H] out: c at each row's last step
+                         float* __restrict__ act,            // [T, B, 4H] fp32 activations (i,f,g,o), or null
+                         float* __restrict__ c_all,          // [T, B, H] fp32 cell states, or null
+                         const int* __restrict__ batch_sizes,  // [T] int32 active rows per step, or null
+                         unsigned int* counters,             // [gridDim.y] zeroed; used with several half-steps
+                         int T_, int B, int H, int P, int hs_begin, int hs_end,
+                         BarrierWatch watch) {  // the debug switch of the grid wait (default: no bound)
+  constexpr int NPH = PROJ ? 2 : 1;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ int abort_s;  // the debug watch gave up: every thread of the block leaves
+  const int Pk = round_up(P, KPAD), LD = Pk + SMEM_PAD, Bp = round_up(B, BATCH_TILE);
+  const int Hk = round_up(H, KPAD), LDH = Hk + SMEM_PAD;
+  T* w_s = reinterpret_cast<T*>(smem_raw);                          // [FWD_ROWS][LD]
+  T* h_s = w_s + FWD_ROWS * LD;                                      // [BATCH_TILE][LD]
+  float* red = reinterpret_cast<float*>(h_s + BATCH_TILE * LD);      // [WARPS][16][32]
+  T* wr_s = reinterpret_cast<T*>(red + WARPS * 16 * 32);            // [UNITS][LDH] (PROJ)
+  T* m_s = wr_s + UNITS * LDH;                                       // [BATCH_TILE][LDH] (PROJ)
+  const int q = blockIdx.x, b0 = blockIdx.y * BATCH_TILE;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const size_t BH = (size_t)B * H, BP = (size_t)B * P, B4H = 4 * BH, hx_slot = (size_t)Bp * Pk;
+  const bool proj_block = PROJ && q * UNITS < P;  // owns rows [8q, 8q + 8) of W_hr
+  const T zero = from_f32<T>(0.f);
+  unsigned int* counter = counters + blockIdx.y;
+
+  // ---- once per launch: the resident weights, c, xg of the first step ----
+  for (int idx = threadIdx.x; idx < FWD_ROWS * Pk; idx += THREADS) {
+    const int r = idx / Pk, k = idx % Pk;
+    w_s[r * LD + k] = k < P ? w_fwd[(size_t)(q * FWD_ROWS + r) * P + k] : zero;
+  }
+  if (proj_block) {
+    for (int idx = threadIdx.x; idx < UNITS * Hk; idx += THREADS) {
+      const int r = idx / Hk, k = idx % Hk;
+      wr_s[r * LDH + k] = k < H ? w_hr[(size_t)(q * UNITS + r) * H + k] : zero;
+    }
+  }
+  // The cell thread of warps 0-3: unit j, batch row b (fragment position of lane, see above).
+  const bool cell_warp = warp < 4;
+  const int nt = (warp >> 1) & 1, cc = warp & 1;
+  const int j = fwd_cell_unit(q, lane), b = fwd_cell_row(blockIdx.y, warp, lane);
+  const bool mine = cell_warp && j < H && b < B;
+  // The projection's output thread: row b, p (the backward's fragment map, see fused_plan.cuh).
+  const int pp = bwd_cell_unit(q, warp, lane), pb = bwd_cell_row(blockIdx.y, warp, lane);
+  const bool mine_p = PROJ && cell_warp && pp < P && pb < B;
+  const int t_first = hs_begin / NPH, t_end = (hs_end + NPH - 1) / NPH;
+  float c_reg = 0.f, x_i = 0.f, x_f = 0.f, x_g = 0.f, x_o = 0.f;
+  if (mine) {
+    const size_t s = (size_t)b * H + j;
+    c_reg = hs_begin == 0 ? f32(c0[s]) : c_work[s];
+    if (hs_begin % NPH == 0) {
+      const T* x = xg + t_first * B4H + (size_t)b * 4 * H + j;
+      x_i = f32(x[0]), x_f = f32(x[H]), x_g = f32(x[2 * H]), x_o = f32(x[3 * H]);
+    }
+  }
+  int ks_begin, ks_end, kp_begin, kp_end;
+  warp_k_range(warp, Pk / 16, &ks_begin, &ks_end);  // half-step A: k16 steps of K = P
+  warp_k_range(warp, Hk / 32, &kp_begin, &kp_end);  // half-step B: pairs of k16 steps of K = H
+  const unsigned int arrivals = 4u * gridDim.x;
+  // Lane addresses of ldmatrix (fused_plan.cuh), in bytes: A = W rows x k, B = h rows (batch) x k;
+  // half-step B: A = m rows (batch) x k, B = W_hr rows (p) x k.
+  const uint32_t w_base = smem_addr(w_s) + 2 * ldsm_a16x16(lane, LD);
+  const uint32_t h_base = smem_addr(h_s) + 2 * ldsm_b2n8k16(lane, LD);
+  const uint32_t m_base = smem_addr(m_s) + 2 * ldsm_a16x16(lane, LDH);
+  const uint32_t r_base = smem_addr(wr_s) + 2 * ldsm_bn8k32(lane, LDH);
+
+  // ---- the step loop ----
+  for (int t = t_first; t < t_end; ++t) {
+    const int n_t = batch_sizes ? __ldg(batch_sizes + t) : B;
+    const bool last_step = t == T_ - 1;
+    const int n_after = last_step ? 0 : (batch_sizes ? __ldg(batch_sizes + t + 1) : B);  // rows active at t+1
+    const int hs_a = NPH * t;
+    if (hs_a >= hs_begin) {  // ---- half-step A: gates, cell ----
+      if (warp == 0) {  // h_{t-1} of every block of this batch tile
+        const bool ok = fetch_exchange(h_s, LD, hx + ((t - 1) & 1) * hx_slot + (size_t)b0 * Pk, Pk, counter,
+                                       (unsigned int)(hs_a - hs_begin) * arrivals, hs_a > hs_begin, watch, t - 1, lane);
+        if (lane == 0) abort_s = !ok;
+      }
+      __syncthreads();  // [1] h_s holds h_{t-1}
+      if (abort_s) return;
+
+      float acc[2][2][4] = {};
+      if (b0 < n_t) {  // a batch tile with no active row skips its products
+#pragma unroll 1
+        for (int ks = ks_begin; ks < ks_end; ++ks) {
+          uint32_t a0[4], a1[4], bf[4];
+          ldmatrix_x4(a0, w_base + ks * 32);
+          ldmatrix_x4(a1, w_base + ks * 32 + 2 * 16 * LD);
+          ldmatrix_x4(bf, h_base + ks * 32);
+          const uint32_t bn0[2] = {bf[0], bf[1]}, bn1[2] = {bf[2], bf[3]};
+          mma_16816<T>(acc[0][0], a0, bn0);
+          mma_16816<T>(acc[0][1], a0, bn1);
+          mma_16816<T>(acc[1][0], a1, bn0);
+          mma_16816<T>(acc[1][1], a1, bn1);
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) red[(warp * 16 + (mt * 2 + n) * 4 + e) * 32 + lane] = acc[mt][n][e];
+      __syncthreads();  // [2] partial sums of the 8 warps in red
+
+      if (cell_warp) {
+        // i: tile (0, nt) element cc; f: element 2 + cc; g, o: the same in tile (1, nt).
+        const int ri = nt * 4 + cc, rg = (2 + nt) * 4 + cc;
+        float pi = 0.f, pf = 0.f, pg = 0.f, po = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+          const float* rw = red + w * 16 * 32 + lane;
+          pi += rw[ri * 32], pf += rw[(ri + 2) * 32], pg += rw[rg * 32], po += rw[(rg + 2) * 32];
+        }
+        if (mine) {
+          const size_t s = (size_t)b * H + j;
+          if (b < n_t) {
+            Gates a;
+            float c_new, h;
+            cell_forward(pi + x_i, pf + x_f, pg + x_g, po + x_o, c_reg, &a, &c_new, &h);
+            c_reg = c_new;
+            const T hT = from_f32<T>(h);
+            if (PROJ) {
+              mx[(size_t)b * Hk + j] = hT;  // m_t, projected in half-step B
+            } else {
+              h_all[t * BH + s] = hT;
+              hx[(t & 1) * hx_slot + (size_t)b * Pk + j] = hT;
+              if (last_step || b >= n_after) h_T[s] = hT;
+            }
+            if (act) {
+              float* ap = act + t * B4H + (size_t)b * 4 * H + j;
+              ap[0] = a.i, ap[H] = a.f, ap[2 * H] = a.g, ap[3 * H] = a.o;
+            }
+            if (c_all) c_all[t * BH + s] = c_new;
+            if (last_step || b >= n_after) c_T[s] = from_f32<T>(c_new);
+          } else if (!PROJ) {
+            h_all[t * BH + s] = zero;
+          }
+        }
+        if (hs_a + 1 < hs_end) {
+          grid_arrive(counter, lane);  // this warp's h_t (m_t) stored: release
+          if (mine && t + 1 < t_end) {  // xg_{t+1}, before the next wait
+            const T* x = xg + (t + 1) * B4H + (size_t)b * 4 * H + j;
+            x_i = f32(x[0]), x_f = f32(x[H]), x_g = f32(x[2 * H]), x_o = f32(x[3 * H]);
+          }
+        }
+      }
+    }
+    if (PROJ && hs_a + 1 >= hs_begin && hs_a + 1 < hs_end) {  // ---- half-step B: h_t = m_t W_hr^T ----
+      const int hs_b = hs_a + 1;
+      if (warp == 0) {
+        const bool ok = fetch_exchange(m_s, LDH, mx + (size_t)b0 * Hk, Hk, counter,
+                                       (unsigned int)(hs_b - hs_begin) * arrivals, hs_b > hs_begin, watch, t, lane,
+                                       proj_block);
+        if (lane == 0) abort_s = !ok;
+      }
+      __syncthreads();  // [3] m_s holds m_t
+      if (abort_s) return;
+      float acc0[4] = {}, acc1[4] = {};
+      if (proj_block && b0 < n_t) {
+#pragma unroll 1
+        for (int kp = kp_begin; kp < kp_end; ++kp) {
+          uint32_t a0[4], a1[4], bw[4];
+          ldmatrix_x4(a0, m_base + kp * 64);
+          ldmatrix_x4(a1, m_base + kp * 64 + 32);
+          ldmatrix_x4(bw, r_base + kp * 64);
+          const uint32_t bk0[2] = {bw[0], bw[1]}, bk1[2] = {bw[2], bw[3]};
+          mma_16816<T>(acc0, a0, bk0);
+          mma_16816<T>(acc1, a1, bk1);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + lane] = acc0[e] + acc1[e];
+      __syncthreads();  // [4] partial sums in red
+      if (cell_warp) {
+        float h = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) h += red[(w * 4 + warp) * 32 + lane];
+        if (mine_p) {
+          const size_t s = (size_t)pb * P + pp;
+          if (pb < n_t) {
+            const T hT = from_f32<T>(h);
+            h_all[t * BP + s] = hT;
+            hx[(t & 1) * hx_slot + (size_t)pb * Pk + pp] = hT;
+            if (last_step || pb >= n_after) h_T[s] = hT;
+          } else {
+            h_all[t * BP + s] = zero;
+          }
+        }
+        if (hs_b + 1 < hs_end) grid_arrive(counter, lane);  // this warp's h_t stored: release
+      }
+    }
+  }
+  if (mine && c_work) c_work[(size_t)b * H + j] = c_reg;
+}
+
+size_t forward_smem_bytes(int H, int P, bool proj, int elem) {
+  const int LD = round_up(P, KPAD) + SMEM_PAD, LDH = round_up(H, KPAD) + SMEM_PAD;
+  return (size_t)(FWD_ROWS + BATCH_TILE) * LD * elem + (size_t)WARPS * 16 * 32 * sizeof(float) +
+         (proj ? (size_t)(UNITS + BATCH_TILE) * LDH * elem : 0);
+}
+
+template <typename T, bool PROJ>
+cudaError_t forward_launch(const void* xg, const void* w_fwd, const void* w_hr, const void* c0, float* c_work,
+                           void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act, float* c_all,
+                           const int* batch_sizes, unsigned int* counters, int T_, int B, int H, int P,
+                           int persistent, BarrierWatch watch, cudaStream_t stream) {
+  const dim3 grid(unit_blocks(H), batch_tiles(B));
+  return launch_half_steps(fused_forward_kernel<T, PROJ>, grid, forward_smem_bytes(H, P, PROJ, sizeof(T)),
+                           (PROJ ? 2 : 1) * T_, persistent, counters, watch, stream, static_cast<const T*>(xg),
+                           static_cast<const T*>(w_fwd), static_cast<const T*>(w_hr), static_cast<const T*>(c0), c_work,
+                           static_cast<T*>(hx), static_cast<T*>(mx), static_cast<T*>(h_all), static_cast<T*>(h_T),
+                           static_cast<T*>(c_T), act, c_all, batch_sizes, counters, T_, B, H, P);
+}
+
+// Whether the fused forward serves (B, H, P) on the current device: *possible 0 the block's
+// shared memory does not fit, 1 the persistent grid is co-resident, 2 per-step launches only.
+template <typename T, bool PROJ>
+cudaError_t forward_plan(int B, int H, int P, int* blocks, size_t* smem, int* possible) {
+  *smem = forward_smem_bytes(H, P, PROJ, sizeof(T));
+  *blocks = unit_blocks(H) * batch_tiles(B);
+  return kernel_plan(fused_forward_kernel<T, PROJ>, *smem, *blocks, possible);
+}
+
+}  // namespace fused
+}  // namespace lstm
+
+// C entry points (dtype 1 fp16, 2 bf16: static_switch.h's codes; proj: P < H with w_hr and mx),
+// for bindings.cpp and for the GPU tests' standalone build. Return a cudaError_t code.
+extern "C" int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, const void* w_hr, const void* c0,
+                                  float* c_work, void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act,
+                                  float* c_all, const int* batch_sizes, unsigned int* counters, int T, int B, int H,
+                                  int P, int persistent, unsigned long long* barrier_state, long long barrier_spins,
+                                  void* stream) {
+  using namespace lstm::fused;
+  auto s = static_cast<cudaStream_t>(stream);
+  const bool proj = w_hr != nullptr;
+#define LSTM_FUSED_FWD(TYPE, PROJ)                                                                             \
+  return forward_launch<TYPE, PROJ>(xg, w_fwd, w_hr, c0, c_work, hx, mx, h_all, h_T, c_T, act, c_all, batch_sizes, \
+                                    counters, T, B, H, P, persistent, BarrierWatch{barrier_state, barrier_spins}, s)
+  if (dtype == 1) {
+    if (proj) LSTM_FUSED_FWD(__half, true);
+    LSTM_FUSED_FWD(__half, false);
+  }
+  if (dtype == 2) {
+    if (proj) LSTM_FUSED_FWD(__nv_bfloat16, true);
+    LSTM_FUSED_FWD(__nv_bfloat16, false);
+  }
+#undef LSTM_FUSED_FWD
+  return cudaErrorInvalidValue;
+}
+
+extern "C" int lstm_fused_forward_plan(int dtype, int B, int H, int P, int* blocks, size_t* smem, int* possible) {
+  using namespace lstm::fused;
+  const bool proj = P != H;
+  if (dtype == 1) return proj ? forward_plan<__half, true>(B, H, P, blocks, smem, possible)
+                              : forward_plan<__half, false>(B, H, P, blocks, smem, possible);
+  if (dtype == 2) return proj ? forward_plan<__nv_bfloat16, true>(B, H, P, blocks, smem, possible)
+                              : forward_plan<__nv_bfloat16, false>(B, H, P, blocks, smem, possible);
+  return cudaErrorInvalidValue;
+}

@@ -1,0 +1,260 @@
+"""Host side of the fused CUDA kernels at the budget of one step (``csrc/fused_forward.cu``,
+``csrc/fused_backward.cu``, issue 13): the tiling plan, the gate-row interleaving of W_hh,
+the 16-bit exchange buffers, and the launches.
+
+The plan mirrors ``csrc/fused_plan.cuh`` (``tests/test_cuda_plan_host.py`` compiles that header
+into a host program and checks both agree): a block owns ``UNITS`` hidden units (all four gates)
+for ``BATCH_TILE`` batch rows; the grid is ``(ceil(H / UNITS), ceil(B / BATCH_TILE))``.
+
+Interleavings (the kernels read these layouts; the inverse maps recover W_hh):
+
+- forward ``w_fwd`` [ceil(H/8) * 32, H]: row ``fwd_row(g, j) = 32 (j // 8) + 8 g + j % 8`` holds
+  ``W_hh[g H + j]``, so one mma.sync thread holds i, f, g, o of the same (b, j);
+- backward ``w_bwd`` [ceil(H/8) * 8, 4H] = W_hh^T with its columns (the reduction index r over
+  4H) in the order ``r' = 4 j + g`` (``bwd_col``); the dG exchange buffer uses the same order.
+
+Dimension names: T steps, B batch, H hidden units. Gate order along 4H: i, f, g, o.
+Only float16 and bfloat16 are served (m16n8k16 tensor cores); float32 stays with the
+per-step / wmma kernels of ``lstm_forward.cu`` / ``lstm_backward.cu``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .device_rows import step_rows
+
+WARPS = 8
+UNITS = 8
+BATCH_TILE = 16
+FWD_ROWS = 4 * UNITS
+KPAD = 32
+SMEM_PAD = 8
+#: Shared memory a block may opt in to on sm_80 (A100: 163 KB) and sm_90 (H100: 227 KB).
+SMEM_OPTIN_SM80 = 163 * 1024
+SMEM_OPTIN_SM90 = 227 * 1024
+
+DTYPES = (torch.float16, torch.bfloat16)
+DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2}
+
+
+def round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def unit_blocks(H: int) -> int:
+    return (H + UNITS - 1) // UNITS
+
+
+def batch_tiles(B: int) -> int:
+    return (B + BATCH_TILE - 1) // BATCH_TILE
+
+
+def warp_k_range(w: int, ks: int) -> tuple[int, int]:
+    """k16 steps [begin, end) of warp ``w`` out of ``ks`` (fused_plan.cuh's warp_k_range)."""
+    return w * ks // WARPS, (w + 1) * ks // WARPS
+
+
+def fwd_row(g: int, j: int) -> int:
+    return (j // UNITS) * FWD_ROWS + g * UNITS + j % UNITS
+
+
+def bwd_col(g: int, j: int) -> int:
+    return 4 * j + g
+
+
+def fwd_cell(q: int, y: int, w: int, lane: int) -> tuple[int, int]:
+    """(batch row, unit) that cell thread (warp w < 4, lane) of block (q, y) runs in the forward."""
+    return y * BATCH_TILE + ((w >> 1) & 1) * 8 + 2 * (lane & 3) + (w & 1), q * UNITS + (lane >> 2)
+
+
+def bwd_cell(q: int, y: int, w: int, lane: int) -> tuple[int, int]:
+    """(batch row, unit) that cell thread (warp w < 4, lane) of block (q, y) runs in the backward."""
+    return y * BATCH_TILE + (lane >> 2) + ((w >> 1) & 1) * 8, q * UNITS + 2 * (lane & 3) + (w & 1)
+
+
+def forward_row_index(H: int, device=None) -> torch.Tensor:
+    """Index [ceil(H/8) * 32] into W_hh's rows (``-1`` for the zero rows of units >= H): w_fwd = W_hh[index].
+    Built on ``device`` (no host-to-device copy: CUDA-graph capture allows it)."""
+    idx = torch.full((unit_blocks(H) * FWD_ROWS,), -1, dtype=torch.long, device=device)
+    g = torch.arange(4, device=device).repeat_interleave(H)
+    j = torch.arange(H, device=device).repeat(4)
+    idx[(j // UNITS) * FWD_ROWS + g * UNITS + j % UNITS] = g * H + j
+    return idx
+
+
+def backward_col_index(H: int, device=None) -> torch.Tensor:
+    """Index [4H] into W_hh's rows r = g H + j, in the backward's order r' = 4 j + g (on ``device``)."""
+    r_prime = torch.arange(4 * H, device=device)
+    return (r_prime % 4) * H + r_prime // 4
+
+
+def interleave_forward(w_hh: torch.Tensor) -> torch.Tensor:
+    """w_fwd [ceil(H/8) * 32, P] from W_hh [4H, P] (zero rows for units >= H). Device ops only
+    (index_select: no host sync, so CUDA-graph capture allows it)."""
+    H = w_hh.shape[0] // 4
+    idx = forward_row_index(H, w_hh.device)
+    idx = torch.where(idx >= 0, idx, torch.full_like(idx, 4 * H))  # row 4H: the appended zero row
+    return torch.cat([w_hh, w_hh.new_zeros((1, w_hh.shape[1]))]).index_select(0, idx)
+
+
+def deinterleave_forward(w_fwd: torch.Tensor, H: int) -> torch.Tensor:
+    idx = forward_row_index(H, w_fwd.device)
+    out = w_fwd.new_empty((4 * H, w_fwd.shape[1]))
+    keep = idx >= 0
+    out[idx[keep]] = w_fwd[keep]
+    return out
+
+
+def interleave_backward(w_hh: torch.Tensor) -> torch.Tensor:
+    """w_bwd [ceil(P/8) * 8, 4H] = (W_hh[backward_col_index])^T from W_hh [4H, P], zero rows >= P."""
+    H, P = w_hh.shape[0] // 4, w_hh.shape[1]
+    out = w_hh.new_zeros((unit_blocks(P) * UNITS, 4 * H))
+    out[:P] = w_hh[backward_col_index(H, w_hh.device)].t()
+    return out
+
+
+def deinterleave_backward(w_bwd: torch.Tensor, P: int) -> torch.Tensor:
+    H = w_bwd.shape[1] // 4
+    out = w_bwd.new_empty((4 * H, P))
+    out[backward_col_index(H, w_bwd.device)] = w_bwd[:P].t()
+    return out
+
+
+def pad_rows(w: torch.Tensor, multiple: int = UNITS) -> torch.Tensor:
+    """``w`` with zero rows appended up to a multiple of ``multiple`` rows (W_hr, W_hr^T slices)."""
+    n = w.shape[0]
+    return torch.cat([w, w.new_zeros((round_up(n, multiple) - n, *w.shape[1:]))]) if n % multiple else w
+
+
+def forward_smem_bytes(H: int, P: Optional[int] = None, elem: int = 2) -> int:
+    P = H if P is None else P
+    ld, ldh = round_up(P, KPAD) + SMEM_PAD, round_up(H, KPAD) + SMEM_PAD
+    proj = (UNITS + BATCH_TILE) * ldh * elem if P != H else 0
+    return (FWD_ROWS + BATCH_TILE) * ld * elem + WARPS * 16 * 32 * 4 + proj
+
+
+def backward_smem_bytes(H: int, P: Optional[int] = None, elem: int = 2) -> int:
+    P = H if P is None else P
+    ld, ldp = round_up(4 * H, KPAD) + SMEM_PAD, round_up(P, KPAD) + SMEM_PAD
+    proj = (UNITS + BATCH_TILE) * ldp * elem if P != H else 0
+    return (UNITS + BATCH_TILE) * ld * elem + WARPS * 4 * 32 * 4 + proj
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Grid and shared memory of the fused kernels for (B, H)."""
+
+    B: int
+    H: int
+    P: Optional[int] = None  # proj_size, or None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return unit_blocks(self.H), batch_tiles(self.B)
+
+    @property
+    def blocks(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def block_units(self, q: int) -> range:
+        return range(q * UNITS, min((q + 1) * UNITS, self.H))
+
+    def block_rows(self, y: int) -> range:
+        return range(y * BATCH_TILE, min((y + 1) * BATCH_TILE, self.B))
+
+    def fits(self, smem_optin: int = SMEM_OPTIN_SM90) -> bool:
+        return max(forward_smem_bytes(self.H, self.P), backward_smem_bytes(self.H, self.P)) <= smem_optin
+
+
+def exchange_round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 16-bit exchange of a value computed in fp32: round to nearest even in ``dtype``, back to fp32."""
+    return x.float().to(dtype).float()
+
+
+def exchange_unit_roundoff(dtype: torch.dtype) -> float:
+    """Relative error bound of one rounding to ``dtype`` in its normal range (half an ulp)."""
+    return {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+
+
+# ---- launches ------------------------------------------------------------------------------
+# ``entry`` is the extension's ``_C.fused_forward`` / ``_C.fused_backward`` (or the ctypes function of
+# a standalone build: same arguments, ints for pointers, sizes and the stream, then the debug barrier).
+PERSISTENT, PER_STEP = 1, 0
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool, persistent: bool,
+            barrier: tuple = (0, 0)):
+    """Run the fused forward. Returns h_all [T, B, P], h_T [B, P], c_T [B, H] and, when needs_grad,
+    the workspace (act [T, B, 4H] fp32, c_all [T, B, H] fp32), zero on rows a step does not touch.
+
+    ``w_hr``: None or W_hr [P, H] (proj_size P < H). ``batch_sizes``: None or an int tensor [T]
+    (non-increasing, batch_sizes[0] == B). ``barrier``: (state pointer, polls) of the debug
+    switch of the persistent launch's grid wait, or (0, 0).
+    """
+    T, B, H4 = xg.shape
+    H = H4 // 4
+    P = H if w_hr is None else w_hr.shape[0]
+    dev, dt = xg.device, xg.dtype
+    xg, c0 = xg.contiguous(), c0.contiguous()
+    w_fwd = interleave_forward(w_hh.contiguous())
+    w_hr_p = None if w_hr is None else pad_rows(w_hr.contiguous())
+    hx = torch.zeros((2, round_up(B, BATCH_TILE), round_up(P, KPAD)), dtype=dt, device=dev)
+    hx[1, :B, :P] = h0  # h_{-1}: the slot of step -1
+    mx = None if w_hr is None else torch.zeros((round_up(B, BATCH_TILE), round_up(H, KPAD)), dtype=dt, device=dev)
+    h_all = torch.empty((T, B, P), dtype=dt, device=dev)
+    h_T = h0.to(dt).clone()
+    c_T = c0.to(dt).clone()
+    c_work = torch.empty((B, H), dtype=torch.float32, device=dev)
+    alloc = torch.zeros if batch_sizes is not None else torch.empty
+    act = alloc((T, B, 4 * H), dtype=torch.float32, device=dev) if needs_grad else None
+    c_all = alloc((T, B, H), dtype=torch.float32, device=dev) if needs_grad else None
+    bs = None if batch_sizes is None else step_rows(batch_sizes, T, B, dev)[:T]  # no host sync
+    counters = torch.zeros(batch_tiles(B), dtype=torch.int32, device=dev)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    err = entry(DTYPE_CODE[dt], _ptr(xg), _ptr(w_fwd), _ptr(w_hr_p), _ptr(c0), _ptr(c_work), _ptr(hx), _ptr(mx),
+                _ptr(h_all), _ptr(h_T), _ptr(c_T), _ptr(act), _ptr(c_all), _ptr(bs), _ptr(counters), T, B, H, P,
+                PERSISTENT if persistent else PER_STEP, stream, *barrier)
+    if err:
+        raise RuntimeError(f"lstm fused_forward_kernel failed: CUDA error {err}")
+    return h_all, h_T, c_T, ((act, c_all) if needs_grad else ())
+
+
+def backward(entry: Callable, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, batch_sizes, persistent: bool,
+             barrier: tuple = (0, 0)):
+    """Run the fused backward on the forward's (act, c_all). Returns dG [T, B, 4H], dh0 [B, P],
+    dc0 [B, H] and dW_hr [P, H] (None without projection)."""
+    T, B, P = dh_all.shape
+    H = c0.shape[1]
+    dev, dt = dh_all.device, dh_all.dtype
+    w_bwd = interleave_backward(w_hh.contiguous())
+    w_hrT = None if w_hr is None else pad_rows(w_hr.t().contiguous())
+    c0, dh_all, dh_T, dc_T = (t.to(dt).contiguous() for t in (c0, dh_all, dh_T, dc_T))
+    Bp = round_up(B, BATCH_TILE)
+    dgx = torch.zeros((2, Bp, round_up(4 * H, KPAD)), dtype=dt, device=dev)
+    dhx = None if w_hr is None else torch.zeros((Bp, round_up(P, KPAD)), dtype=dt, device=dev)
+    dh_tot = None if w_hr is None else torch.empty((T, B, P), dtype=torch.float32, device=dev)
+    dG = torch.empty((T, B, 4 * H), dtype=dt, device=dev)
+    dh0 = torch.empty((B, P), dtype=dt, device=dev)
+    dc0 = torch.empty((B, H), dtype=dt, device=dev)
+    dc_work = torch.empty((B, H), dtype=torch.float32, device=dev)
+    bs = None if batch_sizes is None else step_rows(batch_sizes, T, B, dev)[:T]  # no host sync
+    counters = torch.zeros(batch_tiles(B), dtype=torch.int32, device=dev)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    err = entry(DTYPE_CODE[dt], _ptr(w_bwd), _ptr(w_hrT), _ptr(act), _ptr(c_all), _ptr(c0), _ptr(dh_all),
+                _ptr(dh_T), _ptr(dc_T), _ptr(dc_work), _ptr(dgx), _ptr(dhx), _ptr(dG), _ptr(dh0), _ptr(dc0),
+                _ptr(dh_tot), _ptr(bs), _ptr(counters), T, B, H, P, PERSISTENT if persistent else PER_STEP, stream,
+                *barrier)
+    if err:
+        raise RuntimeError(f"lstm fused_backward_kernel failed: CUDA error {err}")
+    dw_hr = None
+    if w_hr is not None:  # dW_hr = sum_t dh_t^T m_t, m_t = o_t * tanh(c_t): one GEMM outside the recurrence
+        m = act[..., 3 * H:] * torch.tanh(c_all)
+        dw_hr = (dh_tot.reshape(T * B, P).t() @ m.reshape(T * B, H)).to(w_hr.dtype)
+    return dG, dh0, dc0, dw_hr

@@ -1,0 +1,354 @@
+"""Structural checks of the CUDA persistent kernels' step loop, on the cubins, without a GPU
+(issue 13; DESIGN.md "The budget of one step"). A CPU proxy for speed, not a measurement.
+
+The fused kernels (``csrc/fused_forward.cu``, ``csrc/fused_backward.cu``) are compiled here with
+nvcc for sm_80 and sm_90 and read with cuobjdump -sass. In each kernel the step loop is the
+outermost loop (a conditional backward branch) that holds both tensor-core (HMMA) and block
+barrier (BAR.SYNC) instructions; the k loop is the innermost loop inside it that holds HMMA.
+Checked, at the flagship shape (B = 16, H = 768) where a count depends on sizes:
+
+- W_hh is never read from global memory in the step loop: no global load (LDG) inside any loop
+  nested in the step loop except the barrier's acquire-poll, only the designed handful of
+  scalar loads in the step loop (xg / saved activations prefetch, batch_sizes), and no shared
+  store (STS) in the k loop (W is not restaged from one on-chip buffer to another);
+- the k loop is ldmatrix (LDSM) + HMMA only, and HMMA per warp per step is within 10% of the
+  ideal for the tile (its product count divided over the warps), derived from the tile sizes
+  of ``lstm_kernels/backends/cuda_fused.py`` (which tests/test_cuda_plan_host.py ties to the
+  header) and the warps' k ranges;
+- block barriers per step as designed (2) and none inside nested loops; one grid barrier per
+  step: one release-add (RED/REDG ... STRONG.GPU) and one acquire-poll loop;
+- h_{t-1} (dG_{t+1}) copied with cp.async (LDGSTS);
+- no local memory (spills).
+
+``pytest -s`` prints the counts, and the same counts for the previous persistent kernels of
+``lstm_forward.cu`` / ``lstm_backward.cu`` as built into ``lstm_kernels._C`` (before/after).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from lstm_kernels.backends import cuda_fused as cf
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = ("sm_80", "sm_90")
+FLAGSHIP_B, FLAGSHIP_H = 16, 768
+
+
+def _tool(name: str):
+    found = shutil.which(name)
+    if found:
+        return found
+    for base in filter(None, (os.environ.get("CUDA_HOME"), "/usr/local/cuda")):
+        path = os.path.join(base, "bin", name)
+        if os.path.exists(path):
+            return path
+    try:
+        import triton
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else None
+
+
+NVCC, CUOBJDUMP = _tool("nvcc"), _tool("cuobjdump")
+pytestmark = pytest.mark.skipif(NVCC is None or CUOBJDUMP is None, reason="needs nvcc and cuobjdump")
+
+
+# ---- SASS parsing --------------------------------------------------------------------------
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRA = re.compile(r"^(@!?U?P\w+\s+)?BRA(?:\.[\w.]+)?\s+(?:[^,]*,\s*)?0x([0-9a-f]+)")
+
+
+def split_functions(sass: str) -> dict:
+    """{(arch, function name): [(address, instruction text)]} from cuobjdump -sass output."""
+    out = {}
+    arch = None
+    for section in re.split(r"(?=\n\s*(?:Fatbin \w+ code:|code for sm_\d+))", sass):
+        m = re.search(r"arch = (sm_\d+)|code for (sm_\d+)", section)
+        if m:
+            arch = m.group(1) or m.group(2)
+        for block in re.split(r"\n\s*Function : ", section)[1:]:
+            name = block.split("\n", 1)[0].strip()
+            out[(arch, name)] = [(int(a, 16), text.strip()) for a, text in _INSTR.findall(block)]
+    return out
+
+
+@dataclass
+class Loop:
+    start: int
+    end: int  # address of the backward branch
+
+    def holds(self, addr: int) -> bool:
+        return self.start <= addr <= self.end
+
+    def inside(self, other: "Loop") -> bool:
+        return other.start <= self.start and self.end <= other.end and (self.start, self.end) != (other.start,
+                                                                                                    other.end)
+
+
+@dataclass
+class StepLoop:
+    """Counts of one kernel's step loop (static: instructions in the loop body)."""
+
+    name: str
+    ops: list  # [(addr, text)] of the step loop
+    k_loops: list  # innermost loops holding HMMA, in address order
+    nested: list = field(default_factory=list)  # loops nested in the step loop
+
+    def count(self, pred, where=None) -> int:
+        return sum(1 for a, t in self.ops if pred(t) and (where is None or where(a)))
+
+    @property
+    def k_loop(self) -> Loop:
+        return self.k_loops[0]
+
+    def in_k(self, a):
+        return any(lp.holds(a) for lp in self.k_loops)
+
+    def in_nested(self, a):
+        return any(lp.holds(a) for lp in self.nested)
+
+
+def loops_of(instrs) -> list:
+    """Loops as backward branches (conditional, or the unconditional back edge of a rotated
+    loop) placed before the kernel's first unpredicated EXIT: the out-of-line stubs after it
+    (divergence handling of warp-synchronous code) jump back into the body and are not loops."""
+    last = min((a for a, t in instrs if t == "EXIT" or t.startswith("EXIT ")), default=max(a for a, _ in instrs))
+    loops = []
+    for addr, text in instrs:
+        m = _BRA.match(text)
+        if m and addr < last and int(m.group(2), 16) < addr:
+            loops.append(Loop(int(m.group(2), 16), addr))
+    return loops
+
+
+def is_hmma(t):
+    return t.split()[0].startswith("HMMA") or " HMMA" in t
+
+
+def is_bar_sync(t):
+    return re.search(r"\bBAR\.SYNC", t) is not None
+
+
+def is_ldg(t):
+    return re.search(r"\bLDG\.", t) is not None and "LDGSTS" not in t and "LDGDEPBAR" not in t
+
+
+def is_poll(t):
+    return is_ldg(t) and "STRONG.GPU" in t
+
+
+def is_release_add(t):
+    return re.search(r"\b(REDG?|ATOMG?)\.E\.ADD\.STRONG\.GPU", t) is not None
+
+
+def is_sts(t):
+    return re.search(r"\bSTS(\.|\s)", t) is not None
+
+
+def step_loop_of(name: str, instrs) -> StepLoop:
+    loops = loops_of(instrs)
+    addr_ops = lambda lp, pred: [a for a, t in instrs if lp.holds(a) and pred(t)]  # noqa: E731
+    steps = [lp for lp in loops if addr_ops(lp, is_hmma) and addr_ops(lp, is_bar_sync)]
+    assert steps, f"{name}: no loop holds both HMMA and BAR.SYNC"
+    step = max(steps, key=lambda lp: lp.end - lp.start)
+    nested = [lp for lp in loops if lp.inside(step) and lp.start > step.start]
+    with_hmma = [lp for lp in nested if addr_ops(lp, is_hmma)]
+    k_loops = sorted((lp for lp in with_hmma if not any(o.inside(lp) for o in with_hmma)), key=lambda lp: lp.start)
+    assert k_loops, f"{name}: no k loop with HMMA inside the step loop"
+    return StepLoop(name, [(a, t) for a, t in instrs if step.holds(a)], k_loops, nested)
+
+
+# ---- compiling ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fused_sass(tmp_path_factory):
+    """{(arch, kernel): [(addr, text)]} and the res-usage text of the fused kernels, both archs."""
+    out_dir = tmp_path_factory.mktemp("fused_cubins")
+    funcs, usage = {}, ""
+    for src in ("fused_forward.cu", "fused_backward.cu"):
+        for arch in ARCHS:
+            cubin = out_dir / f"{src}.{arch}.cubin"
+            subprocess.run([NVCC, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", f"-I{ROOT / 'csrc'}",
+                            str(ROOT / "csrc" / src), "-o", str(cubin)], check=True)
+            sass = subprocess.run([CUOBJDUMP, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+            for (a, name), instrs in split_functions(sass).items():
+                funcs[(a or arch, name)] = instrs
+            usage += subprocess.run([CUOBJDUMP, "-res-usage", str(cubin)], capture_output=True, text=True,
+                                    check=True).stdout
+    return funcs, usage
+
+
+def _kernels(funcs, stem: str, arch: str, proj: bool):
+    tag = "Lb1E" if proj else "Lb0E"
+    found = {name: instrs for (a, name), instrs in funcs.items() if a == arch and stem in name and tag in name}
+    assert len(found) == 2, f"{stem} {arch} proj={proj}: expected the fp16 and bf16 instances, got {sorted(found)}"
+    return found
+
+
+FLAGSHIP_P = 256  # proj_size of the projected flagship (B = 16, H = 768, P = 256)
+
+
+# Designed per-step figures of the fused kernels (the headers of fused_forward.cu / fused_backward.cu).
+# k loops, in address order: (output tiles of one block's product as m16n8 tiles, k16 steps of K
+# at the flagship, k16 steps per k-loop iteration).
+def design(stem: str, proj: bool) -> dict:
+    H, P = FLAGSHIP_H, (FLAGSHIP_P if proj else FLAGSHIP_H)
+    Pk, Hk, K4k = (cf.round_up(n, cf.KPAD) // 16 for n in (P, H, 4 * H))
+    if stem == "fused_forward_kernel":
+        loops = [((cf.FWD_ROWS // 16) * (cf.BATCH_TILE // 8), Pk, 1)]  # gates: W rows x batch
+        if proj:
+            loops.append(((cf.BATCH_TILE // 16) * (cf.UNITS // 8), Hk, 2))  # h = m W_hr^T: batch x p
+        # loads per half-step: 4 xg prefetch, batch_sizes of t and t+1
+        return dict(loops=loops, bar_sync=2 * len(loops), release_add=len(loops), ldg_max=6)
+    loops = [((cf.BATCH_TILE // 16) * (cf.UNITS // 8), K4k, 2)]  # dG W_hh: batch x units (p)
+    if proj:
+        loops.append(((cf.BATCH_TILE // 16) * (cf.UNITS // 8), Pk, 2))  # dm = dh W_hr: batch x units
+    # loads: 7 prefetched cell inputs, dh_T, dc_T, dh_all (proj), batch_sizes of t and t+1, c0
+    return dict(loops=loops, bar_sync=2 * len(loops), release_add=len(loops), ldg_max=13)
+
+
+def hmma_per_warp_per_step(loop: StepLoop, spec) -> tuple:
+    """(busiest warp's HMMA per step, ideal, k-loop bodies, trips): k loop i's body runs once per
+    k_unit k16 steps of the warp's range (cuda_fused.warp_k_range); the ideal is each product's
+    m16n8k16 count divided over the warps."""
+    per_warp, ideal, bodies, trips = 0, 0.0, [], []
+    for lp, (tiles, k_steps, k_unit) in zip(loop.k_loops, spec):
+        body = loop.count(is_hmma, lp.holds)
+        trip = max(e - b for b, e in (cf.warp_k_range(w, k_steps // k_unit) for w in range(cf.WARPS)))
+        per_warp += body * trip
+        ideal += tiles * k_steps / cf.WARPS
+        bodies.append(body), trips.append(trip)
+    return per_warp + loop.count(is_hmma) - loop.count(is_hmma, loop.in_k), ideal, bodies, trips
+
+
+@pytest.mark.parametrize("proj", [False, True])
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("stem", ["fused_forward_kernel", "fused_backward_kernel"])
+def test_fused_step_loop_structure(fused_sass, arch, stem, proj):
+    funcs, _ = fused_sass
+    d = design(stem, proj)
+    for name, instrs in _kernels(funcs, stem, arch, proj).items():
+        loop = step_loop_of(name, instrs)
+        tag = f"{stem}{'<proj>' if proj else ''} {arch} {'bf16' if 'bfloat16' in name else 'fp16'}"
+        assert len(loop.k_loops) == len(d["loops"]), (tag, loop.k_loops)
+        per_warp, ideal, bodies, trips = hmma_per_warp_per_step(loop, d["loops"])
+        counts = dict(
+            k_loops=len(loop.k_loops), hmma_k_loop_bodies=bodies, hmma_outside_k_loops=loop.count(is_hmma)
+            - loop.count(is_hmma, loop.in_k), k_trips_busiest_warp=trips,
+            hmma_per_warp_per_step=per_warp, hmma_ideal=ideal,
+            bar_sync=loop.count(is_bar_sync), bar_sync_in_nested_loops=loop.count(is_bar_sync, loop.in_nested),
+            release_add=loop.count(is_release_add), poll_loads=loop.count(is_poll),
+            ldg=loop.count(lambda t: is_ldg(t) and not is_poll(t)),
+            ldg_in_nested_loops=loop.count(lambda t: is_ldg(t) and not is_poll(t), loop.in_nested),
+            ldg_in_k_loop=loop.count(is_ldg, loop.in_k), sts_in_k_loop=loop.count(is_sts, loop.in_k),
+            ldsm_in_k_loop=loop.count(lambda t: "LDSM" in t, loop.in_k),
+            cp_async=loop.count(lambda t: "LDGSTS" in t),
+        )
+        shape = f"B={FLAGSHIP_B}, H={FLAGSHIP_H}" + (f", P={FLAGSHIP_P}" if proj else "")
+        print(f"\n[after] {tag} ({shape}): " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        # W_hh (and W_hr) stay on chip: no global load in a k loop or any nested loop, no restaging store
+        assert counts["ldg_in_k_loop"] == 0 and counts["ldg_in_nested_loops"] == 0, counts
+        assert counts["sts_in_k_loop"] == 0, counts
+        assert counts["ldg"] <= d["ldg_max"], counts
+        k_ops = {t.split()[0].split(".")[0] for a, t in loop.ops if loop.in_k(a)}
+        assert {"HMMA", "LDSM"} <= k_ops and not (k_ops & {"LDG", "LDS", "STS", "STG", "LDGSTS"}), k_ops
+        # tensor-core work per warp per step within 10% of the ideal; no work outside the k loops
+        assert bodies == [tiles * k_unit for tiles, _, k_unit in d["loops"]], counts
+        assert counts["hmma_outside_k_loops"] == 0, counts
+        assert abs(per_warp / ideal - 1.0) <= 0.10, counts
+        # barriers per step as designed
+        assert counts["bar_sync"] == d["bar_sync"] and counts["bar_sync_in_nested_loops"] == 0, counts
+        assert counts["release_add"] == d["release_add"] and counts["poll_loads"] >= 1, counts
+        assert counts["cp_async"] >= 1, counts
+
+
+def test_fused_kernels_use_no_local_memory(fused_sass):
+    funcs, usage = fused_sass
+    kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    names = [n for n, *_ in kernels]
+    assert sum("fused_forward_kernel" in n for n in names) == 4 * len(ARCHS)  # fp16, bf16 x proj or not
+    assert sum("fused_backward_kernel" in n for n in names) == 4 * len(ARCHS)
+    for name, reg, stack, local in kernels:
+        print(f"\n{name[:60]}: REG {reg} STACK {stack} LOCAL {local}")
+        assert int(local) == 0 and int(stack) == 0, name
+    for (arch, name), instrs in funcs.items():
+        assert not any(re.search(r"\b(LDL|STL)\b", t) for _, t in instrs), f"{arch} {name}: local memory"
+
+
+def test_structure_checks_can_fail():
+    """The checks see what they should not accept: a W restaging loop in the style of the
+    previous kernels (STS in the k loop, LDG in a nested loop) is caught by the same parser."""
+    fake = [(0x100, "@P0 BRA 0x300"), (0x110, "BAR.SYNC.DEFER_BLOCKING 0x0"), (0x120, "LDG.E.U16 R1, desc[UR4][R2.64]"),
+            (0x130, "STS.U16 [R3], R1"), (0x140, "HMMA.16816.F32 R4, R8, R10, R4"), (0x150, "@!P1 BRA 0x120"),
+            (0x160, "BAR.SYNC.DEFER_BLOCKING 0x0"), (0x170, "@!P2 BRA 0x110"), (0x180, "EXIT")]
+    loop = step_loop_of("fake", fake)
+    assert (loop.k_loop.start, loop.k_loop.end) == (0x120, 0x150)
+    assert loop.count(is_sts, loop.in_k) == 1 and loop.count(is_ldg, loop.in_nested) == 1
+
+
+# ---- before: the previous persistent kernels in lstm_kernels._C ----------------------------
+
+
+def test_print_previous_persistent_kernels_counts():
+    """Counts of the persistent kernels of lstm_forward.cu / lstm_backward.cu (the extension as
+    built), for the before/after note. Their k loop runs ceil(K / TILE_K) chunks per batch tile
+    (TILE_K = 32; K = H forward, 4H backward); only 4 (forward) or 4 (backward, tf32) of 8 warps
+    issue HMMA. Printed, not asserted."""
+    try:
+        from lstm_kernels import _C
+    except ImportError:
+        pytest.skip("lstm_kernels._C is not built")
+    sass = subprocess.run([CUOBJDUMP, "-sass", _C.__file__], capture_output=True, text=True, check=True).stdout
+    tile_k = int(re.search(r"TILE_K = (\d+)", (ROOT / "csrc/dtype_convert.cuh").read_text()).group(1))
+    found = 0
+    for (arch, name), instrs in split_functions(sass).items():
+        if "persistent_kernel" not in name or "Lb1E" not in name or "fused" in name or "I6__half" not in name:
+            continue
+        loop = step_loop_of(name, instrs)
+        K = FLAGSHIP_H if "forward" in name else 4 * FLAGSHIP_H
+        chunks = -(-K // tile_k)
+        k0 = loop.k_loops[0]  # the k loop of the t >= 0 tile call (the backward has a second, for dh0)
+        in_k0 = lambda pred: loop.count(pred, k0.holds)  # noqa: E731
+        outside = lambda pred: loop.count(pred) - loop.count(pred, loop.in_k)  # noqa: E731
+        counts = dict(
+            k_chunks_per_step=chunks, warps_issuing_hmma="4 of 8", hmma_k_loop_body=in_k0(is_hmma),
+            hmma_per_busy_warp_per_step=in_k0(is_hmma) * chunks,
+            bar_sync_in_k_loop=in_k0(is_bar_sync),
+            bar_sync_per_step_approx=in_k0(is_bar_sync) * chunks + outside(is_bar_sync),
+            ldg_in_k_loop=in_k0(is_ldg), sts_in_k_loop=in_k0(is_sts), lds_in_k_loop=in_k0(lambda t: "LDS" in t
+                                                                                           and "LDSM" not in t),
+            cp_async=loop.count(lambda t: "LDGSTS" in t),
+        )
+        kind = "forward" if "forward" in name else "backward"
+        print(f"\n[before] {kind}_persistent_kernel<half, mma> {arch} (B={FLAGSHIP_B}, H={FLAGSHIP_H}): "
+              + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        found += 1
+    assert found >= 2
+
+
+def test_extension_carries_the_fused_kernels_for_sm80_and_sm90():
+    """The built extension holds the fused kernels (fp16 and bf16, with and without projection)
+    for both architectures, so what these checks read is what the GPU will run."""
+    try:
+        from lstm_kernels import _C
+    except ImportError:
+        pytest.skip("lstm_kernels._C is not built")
+    sass = subprocess.run([CUOBJDUMP, "-sass", _C.__file__], capture_output=True, text=True, check=True).stdout
+    funcs = split_functions(sass)
+    for arch in ARCHS:
+        for stem in ("fused_forward_kernel", "fused_backward_kernel"):
+            names = [n for (a, n) in funcs if a == arch and stem in n]
+            assert len(names) == 4, (arch, stem, names)
+            for name in names:  # the extension's instance has the same step loop as the standalone build
+                loop = step_loop_of(name, funcs[(arch, name)])
+                assert loop.count(is_bar_sync) == design(stem, "Lb1E" in name)["bar_sync"]
