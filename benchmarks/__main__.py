@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import configs as cfgs
-from . import env_info, report
+from . import env_info, report, timing
 from .providers import BASELINE, PROVIDERS, default_impls
 from .runner import plan, run_sweep
 
@@ -107,6 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "warmup": warmup,
         "min_reps": args.reps,
     }
+    if device == "cpu":
+        meta["cpu_allocator"] = timing.keep_cpu_allocations() or "default"
     print("\n".join(env_info.header_lines(info)))
     print(
         f"{len(configs)} configs, {len(todo)} measurements to run, {len(skipped)} skipped up front; "

@@ -78,6 +78,18 @@ def test_speedup_is_against_nn_lstm_of_the_same_config(tiny_sweep):
         assert float(r["speedup_vs_cudnn"]) == pytest.approx(expected, rel=1e-4)
 
 
+def test_keep_cpu_allocations_sets_glibc_thresholds():
+    import ctypes
+
+    from benchmarks.timing import keep_cpu_allocations
+
+    try:
+        ctypes.CDLL(None).mallopt
+    except AttributeError:
+        pytest.skip("malloc is not glibc's")
+    assert "M_MMAP_THRESHOLD 32 MiB" in keep_cpu_allocations()
+
+
 def test_time_paired_interleaves_in_alternating_order():
     from benchmarks.timing import time_paired
 
@@ -92,7 +104,7 @@ def test_time_paired_interleaves_in_alternating_order():
 def test_header_in_every_file(tiny_sweep):
     out, header, _ = tiny_sweep
     text = "\n".join(header)
-    for key in ("device:", "driver:", "torch", "triton", "CUDA", "commit"):
+    for key in ("device:", "driver:", "torch", "triton", "CUDA", "commit", "cpu_allocator:"):
         assert key in text
     assert header[0].startswith("device: CPU")
     md = (out / report.MD_NAME).read_text().splitlines()
