@@ -173,27 +173,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       __syncthreads();  // [1] g_s holds dG_{t+1}
       if (abort_s) return;
 
-      float acc0[4] = {}, acc1[4] = {};
-      if (w_block && b0 < n_next) {
-#pragma unroll 1
-        for (int kp = kp_begin; kp < kp_end; ++kp) {
-          uint32_t a0[4], a1[4], bw[4];
-          ldmatrix_x4(a0, g_base + kp * 64);
-          ldmatrix_x4(a1, g_base + kp * 64 + 32);
-          ldmatrix_x4(bw, w_base + kp * 64);
-          const uint32_t bk0[2] = {bw[0], bw[1]}, bk1[2] = {bw[2], bw[3]};
-          mma_16816<T>(acc0, a0, bk0);
-          mma_16816<T>(acc1, a1, bk1);
-        }
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + lane] = acc0[e] + acc1[e];
-      __syncthreads();  // [2] partial sums in red
-
+      const float rec =  // [2] partial sums in red
+          split_k_mma_16x8<T>(g_base, w_base, kp_begin, kp_end, w_block && b0 < n_next, red, warp, lane);
       if (cell_warp) {
-        float rec = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) rec += red[(w * 4 + warp) * 32 + lane];
         const bool from_next = b < n_next;  // else this row's gradient enters here: dh_T, dc_T
         if (PROJ) {
           if (mine_p) {
@@ -244,26 +226,9 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
         __syncthreads();  // [3] d_s holds dh_t
         if (abort_s) return;
-        float acc0[4] = {}, acc1[4] = {};
-        if (b0 < n_t) {
-#pragma unroll 1
-          for (int kq = kq_begin; kq < kq_end; ++kq) {
-            uint32_t a0[4], a1[4], bw[4];
-            ldmatrix_x4(a0, d_base + kq * 64);
-            ldmatrix_x4(a1, d_base + kq * 64 + 32);
-            ldmatrix_x4(bw, r_base + kq * 64);
-            const uint32_t bk0[2] = {bw[0], bw[1]}, bk1[2] = {bw[2], bw[3]};
-            mma_16816<T>(acc0, a0, bk0);
-            mma_16816<T>(acc1, a1, bk1);
-          }
-        }
-#pragma unroll
-        for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + lane] = acc0[e] + acc1[e];
-        __syncthreads();  // [4] partial sums in red
+        const float dm =  // [4] partial sums in red
+            split_k_mma_16x8<T>(d_base, r_base, kq_begin, kq_end, b0 < n_t, red, warp, lane);
         if (cell_warp) {
-          float dm = 0.f;
-#pragma unroll
-          for (int w = 0; w < WARPS; ++w) dm += red[(w * 4 + warp) * 32 + lane];
           if (mine) {
             T* dg = dG + t * B4H + (size_t)b * K4 + j;
             if (b < n_t) {

@@ -149,6 +149,39 @@ __device__ __forceinline__ bool fetch_exchange(T* dst, int LD, const T* src, int
   return true;
 }
 
+// One 16 x 8 product A[16, K] . B[K, 8] with K split over the block's warps: each warp runs its
+// pairs of 16-wide k-steps [kp_begin, kp_end) (two accumulators, so two MMA chains overlap) from
+// the ldmatrix addresses a_base and b_base (64 bytes per pair), when `active`; the partial sums
+// meet in `red` ([WARPS][4][32] floats) and warps 0-3 add them in the fixed order w = 0..7
+// (deterministic). Every thread of the block must call it: it passes one block barrier. Returns,
+// in warp w < 4, the sum of fragment element w of `lane`; 0 in the other warps.
+template <typename T>
+__device__ __forceinline__ float split_k_mma_16x8(uint32_t a_base, uint32_t b_base, int kp_begin, int kp_end,
+                                                  bool active, float* red, int warp, int lane) {
+  float acc0[4] = {}, acc1[4] = {};
+  if (active) {
+#pragma unroll 1
+    for (int kp = kp_begin; kp < kp_end; ++kp) {
+      uint32_t a0[4], a1[4], bw[4];
+      ldmatrix_x4(a0, a_base + kp * 64);
+      ldmatrix_x4(a1, a_base + kp * 64 + 32);
+      ldmatrix_x4(bw, b_base + kp * 64);
+      const uint32_t bk0[2] = {bw[0], bw[1]}, bk1[2] = {bw[2], bw[3]};
+      mma_16816<T>(acc0, a0, bk0);
+      mma_16816<T>(acc1, a1, bk1);
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + lane] = acc0[e] + acc1[e];
+  __syncthreads();
+  float sum = 0.f;
+  if (warp < 4) {
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sum += red[(w * 4 + warp) * 32 + lane];
+  }
+  return sum;
+}
+
 // Storage type <-> fp32.
 __device__ __forceinline__ float f32(__half x) { return __half2float(x); }
 __device__ __forceinline__ float f32(__nv_bfloat16 x) { return __bfloat162float(x); }

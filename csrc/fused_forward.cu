@@ -234,26 +234,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       }
       __syncthreads();  // [3] m_s holds m_t
       if (abort_s) return;
-      float acc0[4] = {}, acc1[4] = {};
-      if (proj_block && b0 < n_t) {
-#pragma unroll 1
-        for (int kp = kp_begin; kp < kp_end; ++kp) {
-          uint32_t a0[4], a1[4], bw[4];
-          ldmatrix_x4(a0, m_base + kp * 64);
-          ldmatrix_x4(a1, m_base + kp * 64 + 32);
-          ldmatrix_x4(bw, r_base + kp * 64);
-          const uint32_t bk0[2] = {bw[0], bw[1]}, bk1[2] = {bw[2], bw[3]};
-          mma_16816<T>(acc0, a0, bk0);
-          mma_16816<T>(acc1, a1, bk1);
-        }
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + lane] = acc0[e] + acc1[e];
-      __syncthreads();  // [4] partial sums in red
+      const float h =  // [4] partial sums in red
+          split_k_mma_16x8<T>(m_base, r_base, kp_begin, kp_end, proj_block && b0 < n_t, red, warp, lane);
       if (cell_warp) {
-        float h = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) h += red[(w * 4 + warp) * 32 + lane];
         if (mine_p) {
           const size_t s = (size_t)pb * P + pp;
           if (pb < n_t) {
