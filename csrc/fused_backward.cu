@@ -14,7 +14,7 @@
 // holds anyway) and the next step's product dG_{t+1} W_hh runs on fp16/bf16 operands with
 // fp32 accumulation, so W_hh stays resident in 16 bits. Added error against the fp32 exchange
 // of lstm_backward.cu (tf32-rounded there): fp16 rounds to 2^-11 relative (as tf32 does),
-// bf16 to 2^-9 relative; tests/test_cuda_plan_host.py bounds its effect on a whole BPTT
+// bf16 to 2^-8 relative; tests/test_cuda_plan_host.py bounds its effect on a whole BPTT
 // against float64 (well inside DESIGN.md's 1e-2 for 16-bit dtypes).
 //
 // Tiling: grid (ceil(H / UNITS), ceil(B / BATCH_TILE)); block q owns units [8q, 8q + 8) for

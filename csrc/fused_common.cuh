@@ -86,9 +86,13 @@ __device__ __forceinline__ void warp_copy_rows_async(T* dst, int dst_ld, const T
 // zeroed by the host before the launch, it only grows. After step t every arriving warp has
 // added 1 once per step: the wait for step t's data is "counter >= (t + 1) * arrivals".
 
-// Arrive: after __syncwarp() (the warp's stores ordered before lane 0's), lane 0 adds 1 with
-// release semantics at GPU scope (the stores of the warp are visible before the count).
+// Arrive: every lane fences its own stores at GPU scope, then after __syncwarp() lane 0 adds 1
+// with release semantics at GPU scope, so the stores of the whole warp are visible before the
+// count. (The PTX memory model orders other lanes' stores before lane 0's release through
+// bar.warp.sync less explicitly than through bar.sync; the fence makes it explicit, at one
+// instruction per lane, and the release waits for those stores anyway.)
 __device__ __forceinline__ void grid_arrive(unsigned int* counter, int lane) {
+  __threadfence();
   __syncwarp();
   if (lane == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
 }

@@ -102,10 +102,16 @@ class FusedLSTM(nn.Module):
     def all_weights(self) -> list[list[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
+    def _param(self, name: str) -> torch.Tensor:
+        """Parameter ``name`` as nn.LSTM sees it: from ``_parameters`` directly (nn.Module.__getattr__
+        costs a few µs per call), else by getattr (a reparametrized weight, e.g. weight_norm,
+        leaves ``_parameters`` and is computed on access)."""
+        param = self._parameters.get(name)
+        return param if param is not None else getattr(self, name)
+
     @property
     def _flat_weights(self) -> list[torch.Tensor]:
-        params = self._parameters  # not getattr: nn.Module.__getattr__ costs a few µs per call
-        return [params[name] for name in self._flat_weights_names]
+        return [self._param(name) for name in self._flat_weights_names]
 
     def reset_parameters(self) -> None:
         """nn.LSTM's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""
@@ -182,7 +188,7 @@ class FusedLSTM(nn.Module):
     def forward(self, input, hx=None):
         hx = validation.check_hx_structure(hx)
         packed = isinstance(input, PackedSequence)
-        weight = self._parameters["weight_ih_l0"]
+        weight = self._param("weight_ih_l0")
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             validation.check_input(data, weight, self.input_size, packed=True)

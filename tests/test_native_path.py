@@ -188,3 +188,17 @@ def test_backend_from_env_reads_the_variable_on_every_call(monkeypatch):
     assert backend_from_env() == "reference"
     monkeypatch.setenv(ENV_VAR, "")
     assert backend_from_env() == "auto"
+
+
+def test_reparametrized_weights_like_nn_lstm(native_calls):
+    """weight_norm moves a weight out of _parameters (computed on access): the native path must see it."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 6)
+    fused = FusedLSTM.from_torch(lstm)
+    for module in (lstm, fused):
+        torch.nn.utils.parametrizations.weight_norm(module, "weight_hh_l0")
+        torch.nn.utils.parametrizations.weight_norm(module, "weight_ih_l0")
+    x = torch.randn(5, 2, 4)
+    (out, (h, c)), (out_e, (h_e, c_e)) = fused(x), lstm(x)
+    assert torch.equal(out, out_e) and torch.equal(h, h_e) and torch.equal(c, c_e)
+    assert native_calls

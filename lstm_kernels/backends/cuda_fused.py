@@ -202,7 +202,7 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
     H = H4 // 4
     P = H if w_hr is None else w_hr.shape[0]
     dev, dt = xg.device, xg.dtype
-    xg, c0 = xg.contiguous(), c0.contiguous()
+    xg, c0 = xg.contiguous(), c0.to(dt).contiguous()  # the kernel reads c0 in the input dtype
     w_fwd = interleave_forward(w_hh.contiguous())
     w_hr_p = None if w_hr is None else pad_rows(w_hr.contiguous())
     hx = torch.zeros((2, round_up(B, BATCH_TILE), round_up(P, KPAD)), dtype=dt, device=dev)
