@@ -49,6 +49,23 @@ ENV_VAR = "LSTM_KERNELS_BACKEND"
 _ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
 
 
+#: Debug switch of both GPU backends: the number of polls after which a persistent kernel's grid
+#: barrier gives up and the call raises (e.g. 100000000); 0 or unset: wait without bound.
+BARRIER_TIMEOUT_ENV = "LSTM_KERNELS_BARRIER_TIMEOUT"
+
+
+def barrier_spin_limit() -> int:
+    """LSTM_KERNELS_BARRIER_TIMEOUT as a number of polls (0: off); ValueError on anything else."""
+    value = os.environ.get(BARRIER_TIMEOUT_ENV, "").strip() or "0"
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ValueError(f"{BARRIER_TIMEOUT_ENV}={value!r}: expected a number of polls (0 = no bound)") from None
+    if limit < 0 or limit >= 2**31:
+        raise ValueError(f"{BARRIER_TIMEOUT_ENV}={value!r}: expected 0 <= polls < 2**31")
+    return limit
+
+
 def backend_from_env(default: str = "auto") -> str:
     """The backend LSTM_KERNELS_BACKEND names ("" counts as unset), else ``default``.
 
@@ -241,6 +258,7 @@ def resolve_backend(requested: str, call: RecurrenceCall) -> Backend:
 __all__ = [
     "AUTO_ORDER",
     "Backend",
+    "BARRIER_TIMEOUT_ENV",
     "BackendUnsupportedError",
     "ENV_VAR",
     "RecurrenceCall",
@@ -248,6 +266,7 @@ __all__ = [
     "WorkspaceSpec",
     "available_backends",
     "backend_from_env",
+    "barrier_spin_limit",
     "check_backend_name",
     "get_backend",
     "known_backends",

@@ -78,7 +78,8 @@ from typing import Optional
 
 import torch
 
-from . import Backend, RecurrenceCall, RecurrenceInputs, cuda_fused, register
+from . import BARRIER_TIMEOUT_ENV, Backend, RecurrenceCall, RecurrenceInputs, cuda_fused, register
+from . import barrier_spin_limit as shared_barrier_spin_limit
 
 try:
     from .. import _C
@@ -123,21 +124,9 @@ def requested_variant() -> str:
     return v
 
 
-BARRIER_TIMEOUT_ENV = "LSTM_KERNELS_BARRIER_TIMEOUT"
-
-
 def barrier_spin_limit() -> Optional[int]:
     """``LSTM_KERNELS_BARRIER_TIMEOUT``: polls before the debug grid barrier gives up, or None (off)."""
-    v = os.environ.get(BARRIER_TIMEOUT_ENV, "").strip()
-    if v in ("", "0"):
-        return None
-    try:
-        n = int(v)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise ValueError(f"{BARRIER_TIMEOUT_ENV}={v!r}; give a number of polls (>= 1), or 0 to turn it off")
-    return n
+    return shared_barrier_spin_limit() or None
 
 
 @functools.lru_cache(maxsize=None)

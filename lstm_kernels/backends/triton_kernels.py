@@ -87,6 +87,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import BARRIER_TIMEOUT_ENV, barrier_spin_limit  # noqa: F401  (the debug switch, shared with the cuda backend)
+
 #: Environment variable that forces a variant: "auto" (default), "step" or "persistent".
 VARIANT_ENV = "LSTM_KERNELS_TRITON_VARIANT"
 VARIANTS = ("auto", "step", "persistent")
@@ -394,24 +396,6 @@ def device_guard(device: torch.device):
     """The device every launch runs on: Triton launches on the current CUDA device and its
     current stream, so make that the tensors' device (as the CUDA backend does)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-#: Environment variable of the debug switch that bounds the persistent kernels' barrier spin:
-#: the number of polls (e.g. 100000000) after which a barrier gives up and the launch raises.
-#: 0 or unset: spin without bound (the kernels run without the check).
-BARRIER_TIMEOUT_ENV = "LSTM_KERNELS_BARRIER_TIMEOUT"
-
-
-def barrier_spin_limit() -> int:
-    """The SPIN_LIMIT constexpr of persistent launches, from LSTM_KERNELS_BARRIER_TIMEOUT."""
-    value = os.environ.get(BARRIER_TIMEOUT_ENV, "").strip() or "0"
-    try:
-        limit = int(value)
-    except ValueError:
-        raise ValueError(f"{BARRIER_TIMEOUT_ENV}={value!r}: expected a number of polls (0 = no bound)") from None
-    if limit < 0 or limit >= 2**31:
-        raise ValueError(f"{BARRIER_TIMEOUT_ENV}={value!r}: expected 0 <= polls < 2**31")
-    return limit
 
 
 def barrier_tensor(device) -> torch.Tensor:
