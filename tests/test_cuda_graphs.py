@@ -57,18 +57,9 @@ def _step(model, optimizer, x):
     return loss
 
 
-@pytest.fixture
-def fp32_exact():
-    """float32 everywhere (no tf32 in torch's GEMMs or the kernels), so eager and replay match tightly."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend,variant", CASES, ids=IDS)
-def test_training_step_captures_and_replays(backend, variant, monkeypatch, fp32_exact):
+def test_training_step_captures_and_replays(backend, variant, monkeypatch, no_tf32):
     use(backend, variant, monkeypatch)
     inputs = [torch.randn(T, B, INPUT, device="cuda") for _ in range(3)]
 
@@ -108,7 +99,7 @@ def test_training_step_captures_and_replays(backend, variant, monkeypatch, fp32_
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend,variant", CASES, ids=IDS)
-def test_side_stream_matches_default_stream(backend, variant, monkeypatch, fp32_exact):
+def test_side_stream_matches_default_stream(backend, variant, monkeypatch, no_tf32):
     """The kernels run on torch's current stream: on a side stream (ordered after the inputs
     were made, and before the results are read) they give the default stream's bits."""
     use(backend, variant, monkeypatch)
