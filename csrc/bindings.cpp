@@ -147,9 +147,9 @@ void check_fused(int err, const char* kernel) {
 }
 
 void check_fused_args(const char* fn, int dtype, int64_t T, int64_t B, int64_t H, int64_t P, bool proj) {
-  if (dtype != lstm::kFloat16 && dtype != lstm::kBFloat16) {
+  if (dtype < kFusedFloat32 || dtype > kFusedTf32) {
     throw std::invalid_argument(std::string(fn) + ": dtype code " + std::to_string(dtype) +
-                                " is not served (1 float16, 2 bfloat16)");
+                                " is not served (0 float32, 1 float16, 2 bfloat16, 3 float32 on tf32)");
   }
   check_sizes(fn, T, B, H);
   if (P < 1 || P > H || (proj != (P < H))) {
@@ -394,6 +394,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPE_FLOAT32") = (int)lstm::kFloat32;
   m.attr("DTYPE_FLOAT16") = (int)lstm::kFloat16;
   m.attr("DTYPE_BFLOAT16") = (int)lstm::kBFloat16;
+  m.attr("FUSED_FLOAT32") = (int)kFusedFloat32;  // the fused kernels' codes (fused_lstm.h)
+  m.attr("FUSED_FLOAT16") = (int)kFusedFloat16;
+  m.attr("FUSED_BFLOAT16") = (int)kFusedBFloat16;
+  m.attr("FUSED_TF32") = (int)kFusedTf32;
   m.attr("CUDA_RUNTIME_VERSION") = CUDART_VERSION;
   m.attr("VARIANT_STEP") = (int)lstm::kStep;
   m.attr("VARIANT_PERSISTENT") = (int)lstm::kPersistent;
@@ -422,7 +426,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("variant") = (int)lstm::kStep, py::arg("mma") = false, py::arg("barrier_state") = 0,
         py::arg("barrier_spins") = 0);
   m.def("fused_forward", &fused_forward,
-        "Fused forward at the budget of one step (fp16/bf16; csrc/fused_lstm.h); persistent: one cooperative launch,"
+        "Fused forward at the budget of one step (dtype: a FusedOp code; csrc/fused_lstm.h); persistent: one cooperative launch,"
         " else one launch per half-step; barrier_state, barrier_spins: the bounded debug wait (as for forward)",
         py::arg("dtype"), py::arg("xg"), py::arg("w_fwd"), py::arg("w_hr"), py::arg("c0"), py::arg("c_work"),
         py::arg("hx"), py::arg("mx"), py::arg("h_all"), py::arg("h_T"), py::arg("c_T"), py::arg("act"),
@@ -430,7 +434,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("P"), py::arg("persistent"), py::arg("stream"), py::arg("barrier_state") = 0,
         py::arg("barrier_spins") = 0);
   m.def("fused_backward", &fused_backward,
-        "Fused backward at the budget of one step (fp16/bf16, 16-bit dG exchange; csrc/fused_lstm.h)",
+        "Fused backward at the budget of one step (dtype: a FusedOp code, dG exchanged in the storage dtype;"
+        " csrc/fused_lstm.h)",
         py::arg("dtype"), py::arg("w_bwd"), py::arg("w_hrT"), py::arg("act"), py::arg("c_all"), py::arg("c0"),
         py::arg("dh_all"), py::arg("dh_T"), py::arg("dc_T"), py::arg("dc_work"), py::arg("dgx"), py::arg("dhx"),
         py::arg("dG"), py::arg("dh0"), py::arg("dc0"), py::arg("dh_tot"), py::arg("batch_sizes"),

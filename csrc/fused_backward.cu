@@ -1,18 +1,19 @@
 // Fused backward recurrence (BPTT) at the budget of one step (issue 13): one launch for all
 // T steps and the dh0 pass (persistent, light grid barrier), or with the same tile code (same
-// bits) one launch per (half-)step. fp16 / bf16 only (fp32 stays with lstm_backward.cu). Also
-// serves proj_size (PROJ, see above the kernel) and variable lengths (batch_sizes).
+// bits) one launch per (half-)step. fp16, bf16 and float (Op, fused_common.cuh), where the dG tile
+// and the W slice fit in shared memory (see below). Also serves proj_size (PROJ, see above the
+// kernel) and variable lengths (batch_sizes).
 //
 // Legend: T steps, B batch, H hidden units, r the reduction index over 4H, K4p = 4H rounded up
-// to KPAD. Gate order along 4H: i, f, g, o. Per step t from T-1 down to 0, for active rows:
+// to kpad(sizeof(T)); a chunk = 32 bytes of r (fused_plan.cuh). Gate order along 4H: i, f, g, o. Per step t from T-1 down to 0, for active rows:
 //   dh  = dh_all[t] + (row active at t+1 ? dG_{t+1} W_hh : dh_T)
 //   dc  = (row active at t+1 ? dc_{t+1} * f_{t+1} : dc_T)
 //   dG_t, dc*f = cell_backward(dh, dc, act_t, c_{t-1}, c_t)                 (cell.cuh)
 // then dh0 = dG_0 W_hh, dc0 = dc_0 * f_0. Inactive rows (batch_sizes) get dG_t = 0.
 //
-// The exchange is 16-bit: dG_t is rounded once to the storage dtype (the value the dG output
-// holds anyway) and the next step's product dG_{t+1} W_hh runs on fp16/bf16 operands with
-// fp32 accumulation, so W_hh stays resident in 16 bits. Added error against the fp32 exchange
+// The exchange is in the storage dtype: dG_t is rounded once to it (the value the dG output
+// holds anyway) and the next step's product dG_{t+1} W_hh runs on those operands in Op's
+// precision with fp32 accumulation, so W_hh stays resident in the storage dtype. In 16 bits: Added error against the fp32 exchange
 // of lstm_backward.cu (tf32-rounded there): fp16 rounds to 2^-11 relative (as tf32 does),
 // bf16 to 2^-8 relative; tests/test_cuda_plan_host.py bounds its effect on a whole BPTT
 // against float64 (well inside DESIGN.md's 1e-2 for 16-bit dtypes).
@@ -21,12 +22,13 @@
 // batch rows [16y, 16y + 16) and holds W_hh[:, units] in shared memory for the whole launch as
 // [unit][r'] with the reduction index interleaved on the host, r' = 4j + g <-> r = g*H + j
 // (w_bwd [ceil(H/8)*8, 4H]); the dG exchange buffer dgx uses the same r' order, so a cell
-// thread stores its four gate gradients as one 8-byte store. 8 warps split the k16 steps of
+// thread stores its four gate gradients as one 8-byte (float: 16-byte) store. 8 warps split the chunks of
 // K4p (in pairs, two accumulators per warp to halve the dependent chain); products dG tile
 // (16 x K4p, A operand, ldmatrix) x W^T slice (B operand, ldmatrix); partial sums meet once
 // in shared memory and warps 0-3 finish one (b, j) per lane in the fixed order w = 0..7.
 //
-// Per step (persistent launch, flagship H100, B = 16, H = 768, fp16/bf16: 96 blocks):
+// Per step (persistent launch, flagship H100, B = 16, H = 768, fp16/bf16: 96 blocks; float needs
+// twice the shared memory, below):
 // | part of one backward step                                             | budget |
 // |---|---|
 // | grid barrier (release-add by 4 warps, acquire-poll by warp 0)          | <= 0.7 us |
@@ -36,8 +38,10 @@
 // | act_t, c_t, c_{t-1}, dh_all[t] prefetched before the barrier wait       | hidden |
 // | **backward step**                                                       | **<= 3 us** |
 // Block barriers per step: 2. Grid barriers: 1 (PROJ: 4 and 2). Shared memory per block:
-// (8 + 16) * (K4p + 8) * 2 + 8 * 4 * 32 * 4 bytes (148.4 KB at H = 768; H <= 1184 fits 227 KB,
-// H <= 840 the 163 KB of sm_80), PROJ + (8 + 16) * (Pk + 8) * 2.
+// (8 + 16) * (K4p * e + 16) + 8 * 4 * 32 * 4 bytes, e = sizeof(T) (16 bits: 148.4 KB at H = 768;
+// H <= 1184 fits 227 KB, H <= 840 the 163 KB of sm_80; float: H <= 592 and H <= 420), PROJ
+// + (8 + 16) * (Pk * e + 16). Float at larger H is served by lstm_backward.cu: the dG tile
+// would have to stream through shared memory in pieces (the next step for this kernel).
 // The dG_{t+1} copy is the largest part: every block reads the 16 rows x 4H of its batch tile,
 // 96 blocks x 98 KB = 9.4 MB of L2 reads per step at the flagship (as many bytes as the previous
 // kernel's fp32 exchange over 48 blocks, now spread over twice the SMs); it is the first thing
@@ -58,14 +62,13 @@ namespace fused {
 // as one 8-byte store, to the exchange at r' = 4j .. 4j + 3.
 template <typename T>
 __device__ __forceinline__ void store_gate_grads(T* dg, int H, T* ex, const GateGrads& d) {
-  union {
+  struct alignas(4 * sizeof(T)) Four {
     T v[4];
-    uint2 u;
   } pack;
   pack.v[0] = from_f32<T>(d.i), pack.v[1] = from_f32<T>(d.f), pack.v[2] = from_f32<T>(d.g);
   pack.v[3] = from_f32<T>(d.o);
   dg[0] = pack.v[0], dg[H] = pack.v[1], dg[2 * H] = pack.v[2], dg[3 * H] = pack.v[3];
-  *reinterpret_cast<uint2*>(ex) = pack.u;
+  *reinterpret_cast<Four*>(ex) = pack;
 }
 
 // PROJ (proj_size P < H): a step has two half-steps, each closed by one grid barrier.
@@ -77,7 +80,7 @@ __device__ __forceinline__ void store_gate_grads(T* dg, int H, T* ex, const Gate
 // Without PROJ, one half-step per step (the cell takes dh = dh_all[t] + dG_{t+1} W_hh).
 // Half-steps hs = NPH*it + phase, it = T-1-t from 0 to T (T: the dh0 pass); a launch runs
 // [hs_begin, hs_end), all in the persistent launch, one in the per-step mode (same bits).
-template <typename T, bool PROJ>
+template <typename Op, bool PROJ, typename T = typename Op::T>
 __global__ void __launch_bounds__(THREADS, 1)
     fused_backward_kernel(const T* __restrict__ w_bwd,        // [ceil(P/8)*8, 4H] W_hh^T, columns interleaved
                           const T* __restrict__ w_hrT,        // [ceil(H/8)*8, P] W_hr^T (PROJ)
@@ -101,8 +104,9 @@ __global__ void __launch_bounds__(THREADS, 1)
   constexpr int NPH = PROJ ? 2 : 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int abort_s;  // the debug watch gave up: every thread of the block leaves
-  const int K4 = 4 * H, Kp = round_up(K4, KPAD), LD = Kp + SMEM_PAD, Bp = round_up(B, BATCH_TILE);
-  const int Pk = round_up(P, KPAD), LDP = Pk + SMEM_PAD;
+  constexpr int E = sizeof(T);
+  const int K4 = 4 * H, Kp = round_up(K4, kpad(E)), LD = Kp + smem_pad(E), Bp = round_up(B, BATCH_TILE);
+  const int Pk = round_up(P, kpad(E)), LDP = Pk + smem_pad(E);
   T* w_s = reinterpret_cast<T*>(smem_raw);                      // [UNITS][LD]
   T* g_s = w_s + UNITS * LD;                                     // [BATCH_TILE][LD]
   float* red = reinterpret_cast<float*>(g_s + BATCH_TILE * LD);  // [WARPS][4][32]
@@ -147,16 +151,16 @@ __global__ void __launch_bounds__(THREADS, 1)
   };
   const int it_first = hs_begin / NPH, it_end = (hs_end + NPH - 1) / NPH;
   prefetch(T_ - 1 - it_first);
-  int kp_begin, kp_end, kq_begin, kq_end;  // pairs of k16 steps
-  warp_k_range(warp, Kp / 32, &kp_begin, &kp_end);  // K = 4H
-  warp_k_range(warp, Pk / 32, &kq_begin, &kq_end);  // K = P (PROJ)
+  int kp_begin, kp_end, kq_begin, kq_end;  // pairs of chunks
+  warp_k_range(warp, k_chunks(Kp, E) / 2, &kp_begin, &kp_end);  // K = 4H
+  warp_k_range(warp, k_chunks(Pk, E) / 2, &kq_begin, &kq_end);  // K = P (PROJ)
   const unsigned int arrivals = 4u * gridDim.x;
   // Lane addresses of ldmatrix (fused_plan.cuh), in bytes: A = dG rows (batch) x r', B = units (p) x r';
   // PROJ half-step B': A = dh rows (batch) x p, B = W_hr^T rows (units) x p.
-  const uint32_t g_base = smem_addr(g_s) + 2 * ldsm_a16x16(lane, LD);
-  const uint32_t w_base = smem_addr(w_s) + 2 * ldsm_bn8k32(lane, LD);
-  const uint32_t d_base = smem_addr(d_s) + 2 * ldsm_a16x16(lane, LDP);
-  const uint32_t r_base = smem_addr(wr_s) + 2 * ldsm_bn8k32(lane, LDP);
+  const uint32_t g_base = smem_addr(g_s) + ldsm_a16(lane, LD * E);
+  const uint32_t w_base = smem_addr(w_s) + ldsm_b8x2(lane, LD * E);
+  const uint32_t d_base = smem_addr(d_s) + ldsm_a16(lane, LDP * E);
+  const uint32_t r_base = smem_addr(wr_s) + ldsm_b8x2(lane, LDP * E);
 
   for (int it = it_first; it < it_end; ++it) {
     const int t = T_ - 1 - it;  // t == -1: the dh0 pass
@@ -174,7 +178,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       if (abort_s) return;
 
       const float rec =  // [2] partial sums in red
-          split_k_mma_16x8<T>(g_base, w_base, kp_begin, kp_end, w_block && b0 < n_next, red, warp, lane);
+          split_k_mma_16x8<Op>(g_base, w_base, kp_begin, kp_end, w_block && b0 < n_next, red, warp, lane);
       if (cell_warp) {
         const bool from_next = b < n_next;  // else this row's gradient enters here: dh_T, dc_T
         if (PROJ) {
@@ -227,7 +231,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         __syncthreads();  // [3] d_s holds dh_t
         if (abort_s) return;
         const float dm =  // [4] partial sums in red
-            split_k_mma_16x8<T>(d_base, r_base, kq_begin, kq_end, b0 < n_t, red, warp, lane);
+            split_k_mma_16x8<Op>(d_base, r_base, kq_begin, kq_end, b0 < n_t, red, warp, lane);
         if (cell_warp) {
           if (mine) {
             T* dg = dG + t * B4H + (size_t)b * K4 + j;
@@ -256,19 +260,19 @@ __global__ void __launch_bounds__(THREADS, 1)
 }
 
 size_t backward_smem_bytes(int H, int P, bool proj, int elem) {
-  const int LD = round_up(4 * H, KPAD) + SMEM_PAD, LDP = round_up(P, KPAD) + SMEM_PAD;
+  const int LD = round_up(4 * H, kpad(elem)) + smem_pad(elem), LDP = round_up(P, kpad(elem)) + smem_pad(elem);
   return (size_t)(UNITS + BATCH_TILE) * LD * elem + (size_t)WARPS * 4 * 32 * sizeof(float) +
          (proj ? (size_t)(UNITS + BATCH_TILE) * LDP * elem : 0);
 }
 
-template <typename T, bool PROJ>
+template <typename Op, bool PROJ, typename T = typename Op::T>
 cudaError_t backward_launch(const void* w_bwd, const void* w_hrT, const float* act, const float* c_all,
                             const void* c0, const void* dh_all, const void* dh_T, const void* dc_T, float* dc_work,
                             void* dgx, void* dhx, void* dG, void* dh0, void* dc0, float* dh_tot,
                             const int* batch_sizes, unsigned int* counters, int T_, int B, int H, int P,
                             int persistent, BarrierWatch watch, cudaStream_t stream) {
   const dim3 grid(unit_blocks(H), batch_tiles(B));
-  return launch_half_steps(fused_backward_kernel<T, PROJ>, grid, backward_smem_bytes(H, P, PROJ, sizeof(T)),
+  return launch_half_steps(fused_backward_kernel<Op, PROJ>, grid, backward_smem_bytes(H, P, PROJ, sizeof(T)),
                            (PROJ ? 2 : 1) * (T_ + 1), persistent, counters, watch, stream,
                            static_cast<const T*>(w_bwd), static_cast<const T*>(w_hrT), act, c_all,
                            static_cast<const T*>(c0), static_cast<const T*>(dh_all), static_cast<const T*>(dh_T),
@@ -277,17 +281,18 @@ cudaError_t backward_launch(const void* w_bwd, const void* w_hrT, const float* a
                            counters, T_, B, H, P);
 }
 
-template <typename T, bool PROJ>
+template <typename Op, bool PROJ>
 cudaError_t backward_plan(int B, int H, int P, int* blocks, size_t* smem, int* possible) {
-  *smem = backward_smem_bytes(H, P, PROJ, sizeof(T));
+  *smem = backward_smem_bytes(H, P, PROJ, sizeof(typename Op::T));
   *blocks = unit_blocks(H) * batch_tiles(B);
-  return kernel_plan(fused_backward_kernel<T, PROJ>, *smem, *blocks, possible);
+  return kernel_plan(fused_backward_kernel<Op, PROJ>, *smem, *blocks, possible);
 }
 
 }  // namespace fused
 }  // namespace lstm
 
-// C entry points (dtype 1 fp16, 2 bf16; proj: P < H with w_hrT, dhx and dh_tot). Return a cudaError_t code.
+// C entry points (dtype: with_op's codes, as lstm_fused_forward; proj: P < H with w_hrT, dhx and
+// dh_tot). Return a cudaError_t code.
 extern "C" int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_hrT, const float* act,
                                    const float* c_all, const void* c0, const void* dh_all, const void* dh_T,
                                    const void* dc_T, float* dc_work, void* dgx, void* dhx, void* dG, void* dh0,
@@ -295,30 +300,20 @@ extern "C" int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_h
                                    int B, int H, int P, int persistent, unsigned long long* barrier_state,
                                    long long barrier_spins, void* stream) {
   using namespace lstm::fused;
-  auto s = static_cast<cudaStream_t>(stream);
-  const bool proj = w_hrT != nullptr;
-#define LSTM_FUSED_BWD(TYPE, PROJ)                                                                                 \
-  return backward_launch<TYPE, PROJ>(w_bwd, w_hrT, act, c_all, c0, dh_all, dh_T, dc_T, dc_work, dgx, dhx, dG, dh0, \
-                                     dc0, dh_tot, batch_sizes, counters, T, B, H, P, persistent,                 \
-                                     BarrierWatch{barrier_state, barrier_spins}, s)
-  if (dtype == 1) {
-    if (proj) LSTM_FUSED_BWD(__half, true);
-    LSTM_FUSED_BWD(__half, false);
-  }
-  if (dtype == 2) {
-    if (proj) LSTM_FUSED_BWD(__nv_bfloat16, true);
-    LSTM_FUSED_BWD(__nv_bfloat16, false);
-  }
-#undef LSTM_FUSED_BWD
-  return cudaErrorInvalidValue;
+  const BarrierWatch watch{barrier_state, barrier_spins};
+  return with_op(dtype, [&](auto op) {
+    using Op = decltype(op);
+    auto launch = w_hrT != nullptr ? backward_launch<Op, true> : backward_launch<Op, false>;
+    return launch(w_bwd, w_hrT, act, c_all, c0, dh_all, dh_T, dc_T, dc_work, dgx, dhx, dG, dh0, dc0, dh_tot,
+                  batch_sizes, counters, T, B, H, P, persistent, watch, static_cast<cudaStream_t>(stream));
+  });
 }
 
 extern "C" int lstm_fused_backward_plan(int dtype, int B, int H, int P, int* blocks, size_t* smem, int* possible) {
   using namespace lstm::fused;
-  const bool proj = P != H;
-  if (dtype == 1) return proj ? backward_plan<__half, true>(B, H, P, blocks, smem, possible)
-                              : backward_plan<__half, false>(B, H, P, blocks, smem, possible);
-  if (dtype == 2) return proj ? backward_plan<__nv_bfloat16, true>(B, H, P, blocks, smem, possible)
-                              : backward_plan<__nv_bfloat16, false>(B, H, P, blocks, smem, possible);
-  return cudaErrorInvalidValue;
+  return with_op(dtype, [&](auto op) {
+    using Op = decltype(op);
+    return P != H ? backward_plan<Op, true>(B, H, P, blocks, smem, possible)
+                  : backward_plan<Op, false>(B, H, P, blocks, smem, possible);
+  });
 }

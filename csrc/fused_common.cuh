@@ -1,22 +1,33 @@
 // Building blocks of the fused persistent kernels (fused_forward.cu, fused_backward.cu):
-// tile constants, warp-level tensor-core products (ldmatrix + mma.sync m16n8k16 with fp32
-// accumulation), bulk asynchronous copies to shared memory (cp.async), and the light grid
-// barrier (a release-add per arriving warp, one warp acquire-polling), split into arrive and
-// wait so that independent work runs in between.
+// the operand precisions (Op), warp-level tensor-core products (ldmatrix + mma.sync with fp32
+// accumulation, one MMA per 32-byte chunk of the reduction), bulk asynchronous copies to shared
+// memory (cp.async), and the light grid barrier (a release-add per arriving warp, one warp
+// acquire-polling), split into arrive and wait so that independent work runs in between.
 //
 // Legend: T steps, B batch, H hidden units, K the reduction length (H forward, 4H backward),
-// Kp = K rounded up to a multiple of FUSED_KPAD. Gate order along 4H: i, f, g, o (PyTorch's).
+// Kp = K rounded up to kpad(sizeof(T)). Gate order along 4H: i, f, g, o (PyTorch's).
 //
-// Storage type T: __half or __nv_bfloat16 (m16n8k16, products exact in fp32, fp32 sums).
-// float is not served by these kernels (lstm_forward.cu / lstm_backward.cu serve it).
+// Op, the kernels' template parameter, is the storage type T and how a chunk is multiplied:
+//   Fp16Mma, Bf16Mma: T = __half / __nv_bfloat16, mma.sync m16n8k16 on the stored values
+//     (products exact in fp32, fp32 sums);
+//   Tf32Mma: T = float, operands rounded to tf32 (cvt.rna: 10 mantissa bits, 2^-11 relative),
+//     m16n8k8; used only where torch allows TF32 (torch.backends.cuda.matmul.allow_tf32);
+//   Fp32Mma: T = float, fp32 accuracy on tensor cores ("3xTF32"): each operand x = big + small
+//     with big = tf32(x), small = tf32(x - big), and a*b ~ a_small b_big + a_big b_small +
+//     a_big b_big (small terms first) by three m16n8k8; the dropped a_small b_small and the
+//     rounding of small are each <= 2^-22 |a b|, so a product is within ~2^-20.5 |a b|
+//     (tests/test_cuda_plan_host.py emulates it against float64 on a whole BPTT).
+// The dtype codes of the C API (FusedOp, fused_lstm.h) pick the Op: with_op below.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <type_traits>
 
+#include "fused_lstm.h"
 #include "fused_plan.cuh"
 
 namespace lstm {
@@ -61,6 +72,103 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// d += a (16x8 tf32, row) x b (8x8 tf32, col), fp32 accumulators: the same fragment layouts as
+// m16n8k16 with one 32-bit register where that has a pair of b16 (PTX ISA).
+__device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ uint32_t to_tf32(float x) {  // round to nearest (ties away), low 13 bits zero
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+// ---- operand precisions (see the top of this file) -----------------------------------------
+
+struct Fp16Mma {
+  using T = __half;
+  static constexpr bool kTf32 = false, kSplit = false;
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    mma_16816<__half>(d, a, b);
+  }
+};
+struct Bf16Mma {
+  using T = __nv_bfloat16;
+  static constexpr bool kTf32 = false, kSplit = false;
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    mma_16816<__nv_bfloat16>(d, a, b);
+  }
+};
+struct Tf32Mma {
+  using T = float;
+  static constexpr bool kTf32 = true, kSplit = false;
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    mma_1688_tf32(d, a, b);
+  }
+};
+struct Fp32Mma {
+  using T = float;
+  static constexpr bool kTf32 = true, kSplit = true;
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    mma_1688_tf32(d, a, b);
+  }
+};
+
+// The four registers of one ldmatrix.x4 as Op's MMA takes them: the stored bits (16-bit types),
+// rounded to tf32 (Tf32Mma), or split into big and small tf32 parts (Fp32Mma).
+template <typename Op>
+struct Frag {
+  uint32_t big[4];
+  uint32_t small[Op::kSplit ? 4 : 1];
+};
+
+template <typename Op>
+__device__ __forceinline__ Frag<Op> ldsm_frag(uint32_t addr) {
+  uint32_t r[4];
+  ldmatrix_x4(r, addr);
+  Frag<Op> f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (!Op::kTf32) {
+      f.big[i] = r[i];
+    } else {
+      const float x = __uint_as_float(r[i]);
+      f.big[i] = to_tf32(x);
+      if constexpr (Op::kSplit) f.small[i] = to_tf32(x - __uint_as_float(f.big[i]));
+    }
+  }
+  return f;
+}
+
+// d += a x (b's n8 tile `half`: registers 2 half, 2 half + 1) over one chunk, in Op's precision.
+template <typename Op>
+__device__ __forceinline__ void mma_chunk(float (&d)[4], const Frag<Op>& a, const Frag<Op>& b, int half) {
+  const uint32_t b_big[2] = {b.big[2 * half], b.big[2 * half + 1]};
+  if constexpr (Op::kSplit) {
+    const uint32_t b_small[2] = {b.small[2 * half], b.small[2 * half + 1]};
+    Op::mma(d, a.small, b_big);
+    Op::mma(d, a.big, b_small);
+  }
+  Op::mma(d, a.big, b_big);
+}
+
+// Calls f(Op{}) for a FusedOp code of the C API (fused_lstm.h).
+template <typename F>
+cudaError_t with_op(int code, F&& f) {
+  switch (code) {
+    case kFusedFloat32: return f(Fp32Mma{});
+    case kFusedFloat16: return f(Fp16Mma{});
+    case kFusedBFloat16: return f(Bf16Mma{});
+    case kFusedTf32: return f(Tf32Mma{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 // ---- bulk asynchronous copy global -> shared (16 bytes, through L2 only: .cg) ----------------
 
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
@@ -69,14 +177,15 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 // rows x Kp elements of T from src (row stride src_ld elements, 16-byte aligned rows) into
-// dst (row stride dst_ld), by the lanes of one warp: rows * Kp / 8 copies of 16 bytes.
+// dst (row stride dst_ld), by the lanes of one warp: rows * Kp * sizeof(T) / 16 copies of 16 bytes.
 template <typename T>
 __device__ __forceinline__ void warp_copy_rows_async(T* dst, int dst_ld, const T* src, int src_ld, int rows, int Kp,
                                                      int lane) {
-  const int chunks_per_row = Kp / 8;
+  constexpr int per_copy = 16 / sizeof(T);
+  const int chunks_per_row = Kp / per_copy;
   const int n = rows * chunks_per_row;
   for (int c = lane; c < n; c += 32) {
-    const int r = c / chunks_per_row, k = (c % chunks_per_row) * 8;
+    const int r = c / chunks_per_row, k = (c % chunks_per_row) * per_copy;
     cp_async_16(smem_addr(dst + r * dst_ld + k), src + (size_t)r * src_ld + k);
   }
 }
@@ -154,25 +263,24 @@ __device__ __forceinline__ bool fetch_exchange(T* dst, int LD, const T* src, int
 }
 
 // One 16 x 8 product A[16, K] . B[K, 8] with K split over the block's warps: each warp runs its
-// pairs of 16-wide k-steps [kp_begin, kp_end) (two accumulators, so two MMA chains overlap) from
-// the ldmatrix addresses a_base and b_base (64 bytes per pair), when `active`; the partial sums
+// pairs of chunks [kp_begin, kp_end) (two accumulators, so two MMA chains overlap) from the
+// ldmatrix addresses a_base (ldsm_a16) and b_base (ldsm_b8x2), 64 bytes per pair, in Op's
+// precision, when `active`; the partial sums
 // meet in `red` ([WARPS][4][32] floats) and warps 0-3 add them in the fixed order w = 0..7
 // (deterministic). Every thread of the block must call it: it passes one block barrier. Returns,
 // in warp w < 4, the sum of fragment element w of `lane`; 0 in the other warps.
-template <typename T>
+template <typename Op>
 __device__ __forceinline__ float split_k_mma_16x8(uint32_t a_base, uint32_t b_base, int kp_begin, int kp_end,
                                                   bool active, float* red, int warp, int lane) {
   float acc0[4] = {}, acc1[4] = {};
   if (active) {
 #pragma unroll 1
     for (int kp = kp_begin; kp < kp_end; ++kp) {
-      uint32_t a0[4], a1[4], bw[4];
-      ldmatrix_x4(a0, a_base + kp * 64);
-      ldmatrix_x4(a1, a_base + kp * 64 + 32);
-      ldmatrix_x4(bw, b_base + kp * 64);
-      const uint32_t bk0[2] = {bw[0], bw[1]}, bk1[2] = {bw[2], bw[3]};
-      mma_16816<T>(acc0, a0, bk0);
-      mma_16816<T>(acc1, a1, bk1);
+      const Frag<Op> a0 = ldsm_frag<Op>(a_base + kp * 2 * CHUNK_BYTES);
+      const Frag<Op> a1 = ldsm_frag<Op>(a_base + kp * 2 * CHUNK_BYTES + CHUNK_BYTES);
+      const Frag<Op> bw = ldsm_frag<Op>(b_base + kp * 2 * CHUNK_BYTES);
+      mma_chunk<Op>(acc0, a0, bw, 0);
+      mma_chunk<Op>(acc1, a1, bw, 1);
     }
   }
 #pragma unroll
@@ -187,10 +295,13 @@ __device__ __forceinline__ float split_k_mma_16x8(uint32_t a_base, uint32_t b_ba
 }
 
 // Storage type <-> fp32.
+__device__ __forceinline__ float f32(float x) { return x; }
 __device__ __forceinline__ float f32(__half x) { return __half2float(x); }
 __device__ __forceinline__ float f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <typename T>
 __device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ float from_f32<float>(float x) { return x; }
 template <>
 __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 template <>

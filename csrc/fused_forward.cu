@@ -1,12 +1,14 @@
 // Fused forward recurrence at the budget of one step (issue 13): one launch for all T steps
 // (persistent, grid co-resident by cooperative launch, light grid barrier) or, with the same
 // tile code and therefore the same bits, one launch per (half-)step (the fallback where the grid
-// is not co-resident). fp16 / bf16 only (fp32 stays with lstm_forward.cu). Also serves
+// is not co-resident). fp16, bf16 and float (Op, fused_common.cuh: fp32 accuracy by 3xTF32, or
+// tf32 where torch allows it). Also serves
 // proj_size (PROJ: h_t = m_t W_hr^T) and variable lengths (batch_sizes: a step touches only its
 // active rows; inactive rows of h_all are zero; h_T, c_T are taken at each row's last step).
 //
 // Legend: T steps, B batch, H hidden units, P = proj_size or H, k the reduction index, Pk / Hk =
-// P / H rounded up to KPAD, Bp = B rounded up to BATCH_TILE. Gate order along 4H: i, f, g, o.
+// P / H rounded up to kpad(sizeof(T)) (32 for 16-bit types, 16 for float), Bp = B rounded up to
+// BATCH_TILE, a chunk = 32 bytes of k (k16 of a 16-bit type, k8 of float; fused_plan.cuh). Gate order along 4H: i, f, g, o.
 //   gates_t = xg_t + h_{t-1} W_hh^T;  c_t = f*c_{t-1} + i*g;  m_t = o*tanh(c_t)   (cell.cuh)
 //   h_t = m_t (or m_t W_hr^T with PROJ), rounded to the storage dtype.
 //
@@ -14,9 +16,9 @@
 // checks both): grid (ceil(H / UNITS), ceil(B / BATCH_TILE)); block q owns units [8q, 8q + 8) for
 // batch rows [16y, 16y + 16): its 32 rows of W_hh, interleaved on the host as row 32q + 8g + u =
 // W_hh[g*H + 8q + u] (w_fwd), sit in shared memory for the whole launch (ldmatrix reads them,
-// nothing copies them again). 8 warps; warp w sums k16 steps [w*KS/8, (w+1)*KS/8) of
-// h_{t-1} (16 x Pk, B operand) x W slice (32 x Pk, A operand) with mma.sync m16n8k16 into
-// 2 x 2 fp32 accumulator tiles. Because of the interleaving, lane l of every warp holds i, f,
+// nothing copies them again). 8 warps; warp w sums chunks [w*KS/8, (w+1)*KS/8) of
+// h_{t-1} (16 x Pk, B operand) x W slice (32 x Pk, A operand) with mma.sync (m16n8k16, or
+// m16n8k8 on tf32: 1 or 3 per tile and chunk) into 2 x 2 fp32 accumulator tiles. Because of the interleaving, lane l of every warp holds i, f,
 // g, o of unit 8q + l/4 for batch columns 2(l%4), 2(l%4)+1 of both 8-row batch tiles; the 8
 // warps' partial sums meet once in shared memory (red), and warps 0-3 each finish one (b, j)
 // per lane in a fixed order w = 0..7 (deterministic), run the cell with c_t in a register
@@ -25,7 +27,8 @@
 // host puts h0 in slot 1). With PROJ the cell stores m_t to mx instead, and a second half-step
 // (blocks q < ceil(P/8), W_hr rows [8q, 8q + 8) resident) computes h_t = m_t W_hr^T.
 //
-// Per step (persistent launch, flagship H100, B = 16, H = 768, fp16/bf16: 96 blocks):
+// Per step (persistent launch, flagship H100, B = 16, H = 768, fp16/bf16: 96 blocks; float: the
+// same grid, twice the chunks and (Fp32Mma) three MMA per tile and chunk, see below):
 // | part of one forward step                                                | budget (DESIGN.md) |
 // |---|---|
 // | grid barrier: 4 warps per block release-add one counter per batch tile;  | <= 0.7 us |
@@ -33,15 +36,16 @@
 // |   top of the next step: xg_{t+1} loads issued in between)                 |           |
 // | h_{t-1} [16, Pk] copied once by cp.async (16 B each) into padded smem     | <= 0.3 us |
 // | MMA from the resident W slice (ldmatrix), 8 warps, K split 8 ways,        | <= 0.5 us |
-// |   (2 x 2 tiles) x KS/8 = 24 HMMA per warp at H = 768                      |           |
+// |   (2 x 2 tiles) x KS/8 = 24 HMMA per warp at H = 768 (float: 48 tf32, or  |           |
+// |   144 for fp32 accuracy, plus the split of each fragment)                 |           |
 // | partial sums reduced once through smem; cell in registers, c_t in a reg   | <= 0.2 us |
 // | xg_{t+1} prefetched into registers before the barrier wait               | hidden    |
 // | **forward step**                                                          | **<= 2 us** |
 // Block barriers per step: 2 (after the h copy; after the partial sums). Grid barriers: 1.
 // PROJ: 4 and 2 (DESIGN.md: "two with a projection"); the half-step B adds a 16 x Hk copy of m_t
 // and (2 HMMA per k16 pair) x Hk/32/8 per warp on the projecting blocks.
-// Shared memory per block: (32 + 16) * (Pk + 8) * 2 + 8 * 16 * 32 * 4 bytes (90.6 KB at H = 768),
-// PROJ + (8 + 16) * (Hk + 8) * 2.
+// Shared memory per block: (32 + 16) * (Pk * e + 16) + 8 * 16 * 32 * 4 bytes, e = sizeof(T) (90.6 KB
+// at H = 768 in 16 bits, 160.8 KB in float: inside sm_80's 163 KB), PROJ + (8 + 16) * (Hk * e + 16).
 //
 // Structural checks (tests/test_cuda_step_budget.py, on the cubins, CPU only): in the step
 // loop no global load inside a k loop or any nested loop but the barrier's poll (W_hh, W_hr
@@ -68,7 +72,7 @@ namespace fused {
 // (all of them in the persistent launch; one per launch in the per-step mode), so both modes
 // run the same code on the same tiles (same bits). At a launch's start the state comes from
 // the exchange buffers and c_work; the host puts h0 in hx's slot 1 (step -1).
-template <typename T, bool PROJ>
+template <typename Op, bool PROJ, typename T = typename Op::T>
 __global__ void __launch_bounds__(THREADS, 1)
     fused_forward_kernel(const T* __restrict__ xg,           // [T, B, 4H]
                          const T* __restrict__ w_fwd,        // [ceil(H/8)*32, P] interleaved rows (see above)
@@ -89,8 +93,9 @@ __global__ void __launch_bounds__(THREADS, 1)
   constexpr int NPH = PROJ ? 2 : 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int abort_s;  // the debug watch gave up: every thread of the block leaves
-  const int Pk = round_up(P, KPAD), LD = Pk + SMEM_PAD, Bp = round_up(B, BATCH_TILE);
-  const int Hk = round_up(H, KPAD), LDH = Hk + SMEM_PAD;
+  constexpr int E = sizeof(T);
+  const int Pk = round_up(P, kpad(E)), LD = Pk + smem_pad(E), Bp = round_up(B, BATCH_TILE);
+  const int Hk = round_up(H, kpad(E)), LDH = Hk + smem_pad(E);
   T* w_s = reinterpret_cast<T*>(smem_raw);                          // [FWD_ROWS][LD]
   T* h_s = w_s + FWD_ROWS * LD;                                      // [BATCH_TILE][LD]
   float* red = reinterpret_cast<float*>(h_s + BATCH_TILE * LD);      // [WARPS][16][32]
@@ -133,15 +138,15 @@ __global__ void __launch_bounds__(THREADS, 1)
     }
   }
   int ks_begin, ks_end, kp_begin, kp_end;
-  warp_k_range(warp, Pk / 16, &ks_begin, &ks_end);  // half-step A: k16 steps of K = P
-  warp_k_range(warp, Hk / 32, &kp_begin, &kp_end);  // half-step B: pairs of k16 steps of K = H
+  warp_k_range(warp, k_chunks(Pk, E), &ks_begin, &ks_end);      // half-step A: chunks of K = P
+  warp_k_range(warp, k_chunks(Hk, E) / 2, &kp_begin, &kp_end);  // half-step B: pairs of chunks of K = H
   const unsigned int arrivals = 4u * gridDim.x;
   // Lane addresses of ldmatrix (fused_plan.cuh), in bytes: A = W rows x k, B = h rows (batch) x k;
   // half-step B: A = m rows (batch) x k, B = W_hr rows (p) x k.
-  const uint32_t w_base = smem_addr(w_s) + 2 * ldsm_a16x16(lane, LD);
-  const uint32_t h_base = smem_addr(h_s) + 2 * ldsm_b2n8k16(lane, LD);
-  const uint32_t m_base = smem_addr(m_s) + 2 * ldsm_a16x16(lane, LDH);
-  const uint32_t r_base = smem_addr(wr_s) + 2 * ldsm_bn8k32(lane, LDH);
+  const uint32_t w_base = smem_addr(w_s) + ldsm_a16(lane, LD * E);
+  const uint32_t h_base = smem_addr(h_s) + ldsm_b16(lane, LD * E);
+  const uint32_t m_base = smem_addr(m_s) + ldsm_a16(lane, LDH * E);
+  const uint32_t r_base = smem_addr(wr_s) + ldsm_b8x2(lane, LDH * E);
 
   // ---- the step loop ----
   for (int t = t_first; t < t_end; ++t) {
@@ -162,15 +167,13 @@ __global__ void __launch_bounds__(THREADS, 1)
       if (b0 < n_t) {  // a batch tile with no active row skips its products
 #pragma unroll 1
         for (int ks = ks_begin; ks < ks_end; ++ks) {
-          uint32_t a0[4], a1[4], bf[4];
-          ldmatrix_x4(a0, w_base + ks * 32);
-          ldmatrix_x4(a1, w_base + ks * 32 + 2 * 16 * LD);
-          ldmatrix_x4(bf, h_base + ks * 32);
-          const uint32_t bn0[2] = {bf[0], bf[1]}, bn1[2] = {bf[2], bf[3]};
-          mma_16816<T>(acc[0][0], a0, bn0);
-          mma_16816<T>(acc[0][1], a0, bn1);
-          mma_16816<T>(acc[1][0], a1, bn0);
-          mma_16816<T>(acc[1][1], a1, bn1);
+          const Frag<Op> a0 = ldsm_frag<Op>(w_base + ks * CHUNK_BYTES);
+          const Frag<Op> a1 = ldsm_frag<Op>(w_base + ks * CHUNK_BYTES + 16 * LD * E);
+          const Frag<Op> bf = ldsm_frag<Op>(h_base + ks * CHUNK_BYTES);
+          mma_chunk<Op>(acc[0][0], a0, bf, 0);
+          mma_chunk<Op>(acc[0][1], a0, bf, 1);
+          mma_chunk<Op>(acc[1][0], a1, bf, 0);
+          mma_chunk<Op>(acc[1][1], a1, bf, 1);
         }
       }
 #pragma unroll
@@ -235,7 +238,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       __syncthreads();  // [3] m_s holds m_t
       if (abort_s) return;
       const float h =  // [4] partial sums in red
-          split_k_mma_16x8<T>(m_base, r_base, kp_begin, kp_end, proj_block && b0 < n_t, red, warp, lane);
+          split_k_mma_16x8<Op>(m_base, r_base, kp_begin, kp_end, proj_block && b0 < n_t, red, warp, lane);
       if (cell_warp) {
         if (mine_p) {
           const size_t s = (size_t)pb * P + pp;
@@ -256,18 +259,18 @@ __global__ void __launch_bounds__(THREADS, 1)
 }
 
 size_t forward_smem_bytes(int H, int P, bool proj, int elem) {
-  const int LD = round_up(P, KPAD) + SMEM_PAD, LDH = round_up(H, KPAD) + SMEM_PAD;
+  const int LD = round_up(P, kpad(elem)) + smem_pad(elem), LDH = round_up(H, kpad(elem)) + smem_pad(elem);
   return (size_t)(FWD_ROWS + BATCH_TILE) * LD * elem + (size_t)WARPS * 16 * 32 * sizeof(float) +
          (proj ? (size_t)(UNITS + BATCH_TILE) * LDH * elem : 0);
 }
 
-template <typename T, bool PROJ>
+template <typename Op, bool PROJ, typename T = typename Op::T>
 cudaError_t forward_launch(const void* xg, const void* w_fwd, const void* w_hr, const void* c0, float* c_work,
                            void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act, float* c_all,
                            const int* batch_sizes, unsigned int* counters, int T_, int B, int H, int P,
                            int persistent, BarrierWatch watch, cudaStream_t stream) {
   const dim3 grid(unit_blocks(H), batch_tiles(B));
-  return launch_half_steps(fused_forward_kernel<T, PROJ>, grid, forward_smem_bytes(H, P, PROJ, sizeof(T)),
+  return launch_half_steps(fused_forward_kernel<Op, PROJ>, grid, forward_smem_bytes(H, P, PROJ, sizeof(T)),
                            (PROJ ? 2 : 1) * T_, persistent, counters, watch, stream, static_cast<const T*>(xg),
                            static_cast<const T*>(w_fwd), static_cast<const T*>(w_hr), static_cast<const T*>(c0), c_work,
                            static_cast<T*>(hx), static_cast<T*>(mx), static_cast<T*>(h_all), static_cast<T*>(h_T),
@@ -276,47 +279,39 @@ cudaError_t forward_launch(const void* xg, const void* w_fwd, const void* w_hr, 
 
 // Whether the fused forward serves (B, H, P) on the current device: *possible 0 the block's
 // shared memory does not fit, 1 the persistent grid is co-resident, 2 per-step launches only.
-template <typename T, bool PROJ>
+template <typename Op, bool PROJ>
 cudaError_t forward_plan(int B, int H, int P, int* blocks, size_t* smem, int* possible) {
-  *smem = forward_smem_bytes(H, P, PROJ, sizeof(T));
+  *smem = forward_smem_bytes(H, P, PROJ, sizeof(typename Op::T));
   *blocks = unit_blocks(H) * batch_tiles(B);
-  return kernel_plan(fused_forward_kernel<T, PROJ>, *smem, *blocks, possible);
+  return kernel_plan(fused_forward_kernel<Op, PROJ>, *smem, *blocks, possible);
 }
 
 }  // namespace fused
 }  // namespace lstm
 
-// C entry points (dtype 1 fp16, 2 bf16: static_switch.h's codes; proj: P < H with w_hr and mx),
-// for bindings.cpp and for the GPU tests' standalone build. Return a cudaError_t code.
+// C entry points (dtype 0 float at fp32 accuracy, 1 fp16, 2 bf16, 3 float on tf32: with_op's codes;
+// proj: P < H with w_hr and mx), for bindings.cpp and for the GPU tests' standalone build. Return a
+// cudaError_t code.
 extern "C" int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, const void* w_hr, const void* c0,
                                   float* c_work, void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act,
                                   float* c_all, const int* batch_sizes, unsigned int* counters, int T, int B, int H,
                                   int P, int persistent, unsigned long long* barrier_state, long long barrier_spins,
                                   void* stream) {
   using namespace lstm::fused;
-  auto s = static_cast<cudaStream_t>(stream);
-  const bool proj = w_hr != nullptr;
-#define LSTM_FUSED_FWD(TYPE, PROJ)                                                                             \
-  return forward_launch<TYPE, PROJ>(xg, w_fwd, w_hr, c0, c_work, hx, mx, h_all, h_T, c_T, act, c_all, batch_sizes, \
-                                    counters, T, B, H, P, persistent, BarrierWatch{barrier_state, barrier_spins}, s)
-  if (dtype == 1) {
-    if (proj) LSTM_FUSED_FWD(__half, true);
-    LSTM_FUSED_FWD(__half, false);
-  }
-  if (dtype == 2) {
-    if (proj) LSTM_FUSED_FWD(__nv_bfloat16, true);
-    LSTM_FUSED_FWD(__nv_bfloat16, false);
-  }
-#undef LSTM_FUSED_FWD
-  return cudaErrorInvalidValue;
+  const BarrierWatch watch{barrier_state, barrier_spins};
+  return with_op(dtype, [&](auto op) {
+    using Op = decltype(op);
+    auto launch = w_hr != nullptr ? forward_launch<Op, true> : forward_launch<Op, false>;
+    return launch(xg, w_fwd, w_hr, c0, c_work, hx, mx, h_all, h_T, c_T, act, c_all, batch_sizes, counters, T, B, H, P,
+                  persistent, watch, static_cast<cudaStream_t>(stream));
+  });
 }
 
 extern "C" int lstm_fused_forward_plan(int dtype, int B, int H, int P, int* blocks, size_t* smem, int* possible) {
   using namespace lstm::fused;
-  const bool proj = P != H;
-  if (dtype == 1) return proj ? forward_plan<__half, true>(B, H, P, blocks, smem, possible)
-                              : forward_plan<__half, false>(B, H, P, blocks, smem, possible);
-  if (dtype == 2) return proj ? forward_plan<__nv_bfloat16, true>(B, H, P, blocks, smem, possible)
-                              : forward_plan<__nv_bfloat16, false>(B, H, P, blocks, smem, possible);
-  return cudaErrorInvalidValue;
+  return with_op(dtype, [&](auto op) {
+    using Op = decltype(op);
+    return P != H ? forward_plan<Op, true>(B, H, P, blocks, smem, possible)
+                  : forward_plan<Op, false>(B, H, P, blocks, smem, possible);
+  });
 }

@@ -1,7 +1,8 @@
 // Host-side C API of the fused kernels at the budget of one step (fused_forward.cu,
 // fused_backward.cu), called by bindings.cpp (and, before the extension exports them, by the
-// GPU tests through a standalone nvcc build). Raw device pointers; dtype 1 fp16, 2 bf16
-// (static_switch.h's codes). Each returns a cudaError_t code (0: success).
+// GPU tests through a standalone nvcc build). Raw device pointers; dtype: a FusedOp code (the
+// storage type and the precision of the products, fused_common.cuh). Each returns a cudaError_t
+// code (0: success).
 //
 // Dimension names: T steps, B batch, H hidden units, P = proj_size or H; Bp = B rounded up to
 // 16, Pk / Hk / K4p = P / H / 4H rounded up to 32. Gate order along 4H: i, f, g, o.
@@ -13,6 +14,10 @@
 #include <cstddef>
 
 extern "C" {
+
+// 16-bit codes as static_switch.h's; float has two, by the precision of its products: fp32
+// accuracy (3xTF32 on tensor cores), or tf32 (only where torch allows TF32).
+enum FusedOp { kFusedFloat32 = 0, kFusedFloat16 = 1, kFusedBFloat16 = 2, kFusedTf32 = 3 };
 
 // xg [T,B,4H]; w_fwd [ceil(H/8)*32, P] (cuda_fused.interleave_forward); w_hr [ceil(P/8)*8, H] or
 // null; c0 [B,H]; c_work [B,H] fp32 scratch; hx [2,Bp,Pk] zeroed with h0 in slot 1; mx [Bp,Hk]

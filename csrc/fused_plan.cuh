@@ -5,7 +5,12 @@
 // the weights on the host with the same maps.
 //
 // Legend: B batch, H hidden units, g gate (0 i, 1 f, 2 g, 3 o), j unit, b batch row,
-// K the reduction length, KS = Kp / 16 k16 steps.
+// K the reduction length, elem the bytes of the storage type (2: fp16/bf16, 4: float).
+//
+// The reduction is walked in chunks of 32 bytes of a row: k16 of a 16-bit type (one mma.sync
+// m16n8k16) or k8 of float (one m16n8k8 on tf32). ldmatrix moves 16-byte rows of 8x8 b16 (= 8x4
+// b32) matrices whatever the type, and the tf32 fragments of m16n8k8 sit where the b16 pairs of
+// m16n8k16 sit, so the lane addresses below are in bytes and serve every storage type.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -22,16 +27,22 @@ constexpr int THREADS = WARPS * 32;
 constexpr int UNITS = 8;        // hidden units per block (all four gates of each)
 constexpr int BATCH_TILE = 16;  // batch rows per block (batch tiles spread over gridDim.y)
 constexpr int FWD_ROWS = 4 * UNITS;  // forward: W_hh rows per block, interleaved [gate][unit]
-constexpr int KPAD = 32;        // K is padded to a multiple of KPAD (pairs of k16 steps)
-constexpr int SMEM_PAD = 8;     // elements (16 bytes) of padding per shared row: ldmatrix without conflicts
+constexpr int CHUNK_BYTES = 32;     // one MMA's k extent: k16 of a 16-bit type, k8 of float
+constexpr int KPAD_BYTES = 64;      // K is padded to pairs of chunks
+constexpr int SMEM_PAD_BYTES = 16;  // padding per shared row: ldmatrix rows without bank conflicts
 
 FUSED_HD constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
+// In elements of `elem` bytes: K padded to kpad(elem) (32 for 16-bit types, 16 for float), rows
+// of shared tiles padded by smem_pad(elem), and the number of 32-byte chunks of a padded K.
+FUSED_HD constexpr int kpad(int elem) { return KPAD_BYTES / elem; }
+FUSED_HD constexpr int smem_pad(int elem) { return SMEM_PAD_BYTES / elem; }
+FUSED_HD constexpr int k_chunks(int Kp, int elem) { return Kp * elem / CHUNK_BYTES; }
 
 // Grid of both kernels: (unit blocks, batch tiles).
 FUSED_HD int unit_blocks(int H) { return (H + UNITS - 1) / UNITS; }
 FUSED_HD int batch_tiles(int B) { return (B + BATCH_TILE - 1) / BATCH_TILE; }
 
-// k16 steps [*begin, *end) of warp w out of KS (balanced to within one step, in order).
+// Chunks (or pairs of chunks) [*begin, *end) of warp w out of KS (balanced to within one, in order).
 FUSED_HD void warp_k_range(int w, int KS, int* begin, int* end) {
   *begin = w * KS / WARPS;
   *end = (w + 1) * KS / WARPS;
@@ -57,17 +68,19 @@ FUSED_HD int bwd_col(int g, int j) { return 4 * j + g; }
 FUSED_HD int bwd_cell_unit(int q, int w, int lane) { return q * UNITS + 2 * (lane & 3) + (w & 1); }
 FUSED_HD int bwd_cell_row(int y, int w, int lane) { return y * BATCH_TILE + (lane >> 2) + ((w >> 1) & 1) * 8; }
 
-// ldmatrix.x4 lane addresses (element offsets into a shared tile of row stride ld): lane l gives
-// row (l % 8) of 8x8 matrix l / 8, and receives in register i the elements (l / 4, 2 (l % 4) + {0, 1})
-// of matrix i (PTX ISA). For mma.sync m16n8k16 (tests/test_cuda_plan_host.py emulates both):
-//   A tile 16 x k16 of a [row][k] tile: matrices (rows 0-7, k 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15)
-//   = the A fragment registers a0..a3;
-FUSED_HD int ldsm_a16x16(int lane, int ld) { return ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8; }
-//   two B tiles n8 x k16 of an [n][k] tile (n 0-7 and 8-15): matrices (n 0-7, k 0-7), (0-7, 8-15),
-//   (8-15, 0-7), (8-15, 8-15) = b0, b1 of the first n tile, then of the second;
-FUSED_HD int ldsm_b2n8k16(int lane, int ld) { return ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8; }
-//   one B strip n8 x k32 of an [n][k] tile: matrices k 0-7, 8-15, 16-23, 24-31 = b0, b1 of two k16 steps.
-FUSED_HD int ldsm_bn8k32(int lane, int ld) { return (lane & 7) * ld + (lane >> 3) * 8; }
+// ldmatrix.x4 lane addresses, in bytes into a shared tile of row stride ldb bytes: lane l gives
+// row (l % 8) of 8x8 b16 matrix l / 8 (16 bytes), and receives in register i the 32-bit word
+// l % 4 of row l / 4 of matrix i (PTX ISA: b16 elements 2 (l % 4) and +1, or one b32). For
+// mma.sync (m16n8k16 on b16, m16n8k8 on tf32; tests/test_cuda_plan_host.py emulates both):
+//   A tile 16 rows x one chunk of a [row][k] tile: matrices (rows 0-7, bytes 0-15), (8-15, 0-15),
+//   (0-7, 16-31), (8-15, 16-31) = the A fragment registers a0..a3;
+FUSED_HD int ldsm_a16(int lane, int ldb) { return ((lane & 7) + ((lane >> 3) & 1) * 8) * ldb + (lane >> 4) * 16; }
+//   two B tiles n8 x one chunk of an [n][k] tile (n 0-7 and 8-15): matrices (n 0-7, bytes 0-15),
+//   (0-7, 16-31), (8-15, 0-15), (8-15, 16-31) = b0, b1 of the first n tile, then of the second;
+FUSED_HD int ldsm_b16(int lane, int ldb) { return ((lane & 7) + (lane >> 4) * 8) * ldb + ((lane >> 3) & 1) * 16; }
+//   one B strip n8 x two chunks of an [n][k] tile: matrices bytes 0-15, 16-31, 32-47, 48-63 = b0, b1
+//   of two consecutive chunks.
+FUSED_HD int ldsm_b8x2(int lane, int ldb) { return (lane & 7) * ldb + (lane >> 3) * 16; }
 
 }  // namespace fused
 }  // namespace lstm

@@ -216,8 +216,9 @@ def _call(**kw):
     [
         (dict(device=torch.device("cpu")), "CUDA only"),
         (dict(dtype=torch.float64), "float64"),
-        (dict(has_projection=True, state_size=4), "proj_size"),
-        (dict(variable_lengths=True), "variable lengths"),
+        # served by the fused kernels only; float32's backward needs a 16 x 4H fp32 tile of shared memory
+        (dict(has_projection=True, state_size=4, hidden_size=1024), "proj_size"),
+        (dict(variable_lengths=True, hidden_size=1024), "variable lengths"),
         (dict(seq_len=0), "empty"),
         (dict(batch=65535 * 16 + 1, hidden_size=1, state_size=1), "grid"),
     ],
@@ -225,6 +226,13 @@ def _call(**kw):
 def test_supports_declines(kw, why):
     reason = get_backend("cuda").supports(_call(**kw))
     assert reason is not None and why in reason
+
+
+@pytest.mark.parametrize("kw", [dict(has_projection=True, state_size=4), dict(variable_lengths=True),
+                                dict(variable_lengths=True, hidden_size=768, needs_grad=False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_supports_projection_and_variable_lengths_where_the_fused_kernels_fit(dtype, kw):
+    assert get_backend("cuda").supports(_call(dtype=dtype, **kw)) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

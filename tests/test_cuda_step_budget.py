@@ -1,11 +1,13 @@
 """Structural checks of the CUDA persistent kernels' step loop, on the cubins, without a GPU
 (issue 13; DESIGN.md "The budget of one step"). A CPU proxy for speed, not a measurement.
 
-The fused kernels (``csrc/fused_forward.cu``, ``csrc/fused_backward.cu``) are compiled here with
-nvcc for sm_80 and sm_90 and read with cuobjdump -sass. In each kernel the step loop is the
+The fused kernels (``csrc/fused_forward.cu``, ``csrc/fused_backward.cu``), one instance per operand
+precision (fp16, bf16, float on tf32, float at fp32 accuracy by three tf32 MMAs per product), are
+compiled here with nvcc for sm_80 and sm_90 and read with cuobjdump -sass. In each kernel the step loop is the
 outermost loop (a conditional backward branch) that holds both tensor-core (HMMA) and block
 barrier (BAR.SYNC) instructions; the k loop is the innermost loop inside it that holds HMMA.
-Checked, at the flagship shape (B = 16, H = 768) where a count depends on sizes:
+Checked, at the flagship shape (B = 16, H = 768) where a count depends on sizes (float32's
+backward: H = 592, the largest it serves on sm_90):
 
 - W_hh is never read from global memory in the step loop: no global load (LDG) inside any loop
   nested in the step loop except the barrier's acquire-poll, only the designed handful of
@@ -188,45 +190,67 @@ def fused_sass(tmp_path_factory):
     return funcs, usage
 
 
+#: The kernels' operand precisions (csrc/fused_common.cuh): storage bytes and MMAs per tile and chunk.
+OPS = {"Fp16Mma": (2, 1), "Bf16Mma": (2, 1), "Tf32Mma": (4, 1), "Fp32Mma": (4, 3)}
+
+
+def op_of(name: str) -> str:
+    found = [op for op in OPS if op in name]
+    assert len(found) == 1, name
+    return found[0]
+
+
 def _kernels(funcs, stem: str, arch: str, proj: bool):
+    """{op: (name, instrs)} of the four instances (one per Op) of ``stem``."""
     tag = "Lb1E" if proj else "Lb0E"
-    found = {name: instrs for (a, name), instrs in funcs.items() if a == arch and stem in name and tag in name}
-    assert len(found) == 2, f"{stem} {arch} proj={proj}: expected the fp16 and bf16 instances, got {sorted(found)}"
+    found = {op_of(name): (name, instrs) for (a, name), instrs in funcs.items()
+             if a == arch and stem in name and tag in name}
+    assert sorted(found) == sorted(OPS), f"{stem} {arch} proj={proj}: expected one instance per Op, got {sorted(found)}"
     return found
 
 
 FLAGSHIP_P = 256  # proj_size of the projected flagship (B = 16, H = 768, P = 256)
+#: float32's backward holds a 16 x 4H fp32 dG tile: at H = 768 it does not fit in shared memory
+#: (lstm_backward.cu serves it); its counts are taken at the largest H it serves on sm_90.
+FLOAT_BACKWARD_H = 592
+
+
+def design_shape(stem: str, op: str, proj: bool) -> tuple:
+    """(H, P) at which the counts of ``stem`` for ``op`` are taken."""
+    H = FLOAT_BACKWARD_H if stem == "fused_backward_kernel" and OPS[op][0] == 4 else FLAGSHIP_H
+    return H, (FLAGSHIP_P if proj else H)
 
 
 # Designed per-step figures of the fused kernels (the headers of fused_forward.cu / fused_backward.cu).
-# k loops, in address order: (output tiles of one block's product as m16n8 tiles, k16 steps of K
-# at the flagship, k16 steps per k-loop iteration).
-def design(stem: str, proj: bool) -> dict:
-    H, P = FLAGSHIP_H, (FLAGSHIP_P if proj else FLAGSHIP_H)
-    Pk, Hk, K4k = (cf.round_up(n, cf.KPAD) // 16 for n in (P, H, 4 * H))
+# k loops, in address order: (output tiles of one block's product as m16n8 tiles, 32-byte chunks of
+# K at the design shape, chunks per k-loop iteration, MMAs per tile and chunk).
+def design(stem: str, proj: bool, op: str = "Fp16Mma") -> dict:
+    elem, passes = OPS[op]
+    H, P = design_shape(stem, op, proj)
+    Pk, Hk, K4k = (cf.k_chunks(cf.round_up(n, cf.kpad(elem)), elem) for n in (P, H, 4 * H))
     if stem == "fused_forward_kernel":
-        loops = [((cf.FWD_ROWS // 16) * (cf.BATCH_TILE // 8), Pk, 1)]  # gates: W rows x batch
+        loops = [((cf.FWD_ROWS // 16) * (cf.BATCH_TILE // 8), Pk, 1, passes)]  # gates: W rows x batch
         if proj:
-            loops.append(((cf.BATCH_TILE // 16) * (cf.UNITS // 8), Hk, 2))  # h = m W_hr^T: batch x p
+            loops.append(((cf.BATCH_TILE // 16) * (cf.UNITS // 8), Hk, 2, passes))  # h = m W_hr^T: batch x p
         # loads per half-step: 4 xg prefetch, batch_sizes of t and t+1
         return dict(loops=loops, bar_sync=2 * len(loops), release_add=len(loops), ldg_max=6)
-    loops = [((cf.BATCH_TILE // 16) * (cf.UNITS // 8), K4k, 2)]  # dG W_hh: batch x units (p)
+    loops = [((cf.BATCH_TILE // 16) * (cf.UNITS // 8), K4k, 2, passes)]  # dG W_hh: batch x units (p)
     if proj:
-        loops.append(((cf.BATCH_TILE // 16) * (cf.UNITS // 8), Pk, 2))  # dm = dh W_hr: batch x units
+        loops.append(((cf.BATCH_TILE // 16) * (cf.UNITS // 8), Pk, 2, passes))  # dm = dh W_hr: batch x units
     # loads: 7 prefetched cell inputs, dh_T, dc_T, dh_all (proj), batch_sizes of t and t+1, c0
     return dict(loops=loops, bar_sync=2 * len(loops), release_add=len(loops), ldg_max=13)
 
 
 def hmma_per_warp_per_step(loop: StepLoop, spec) -> tuple:
     """(busiest warp's HMMA per step, ideal, k-loop bodies, trips): k loop i's body runs once per
-    k_unit k16 steps of the warp's range (cuda_fused.warp_k_range); the ideal is each product's
-    m16n8k16 count divided over the warps."""
+    k_unit chunks of the warp's range (cuda_fused.warp_k_range); the ideal is each product's MMA
+    count (tiles x chunks x MMAs per tile and chunk) divided over the warps."""
     per_warp, ideal, bodies, trips = 0, 0.0, [], []
-    for lp, (tiles, k_steps, k_unit) in zip(loop.k_loops, spec):
+    for lp, (tiles, k_steps, k_unit, passes) in zip(loop.k_loops, spec):
         body = loop.count(is_hmma, lp.holds)
         trip = max(e - b for b, e in (cf.warp_k_range(w, k_steps // k_unit) for w in range(cf.WARPS)))
         per_warp += body * trip
-        ideal += tiles * k_steps / cf.WARPS
+        ideal += tiles * k_steps * passes / cf.WARPS
         bodies.append(body), trips.append(trip)
     return per_warp + loop.count(is_hmma) - loop.count(is_hmma, loop.in_k), ideal, bodies, trips
 
@@ -236,10 +260,10 @@ def hmma_per_warp_per_step(loop: StepLoop, spec) -> tuple:
 @pytest.mark.parametrize("stem", ["fused_forward_kernel", "fused_backward_kernel"])
 def test_fused_step_loop_structure(fused_sass, arch, stem, proj):
     funcs, _ = fused_sass
-    d = design(stem, proj)
-    for name, instrs in _kernels(funcs, stem, arch, proj).items():
+    for op, (name, instrs) in _kernels(funcs, stem, arch, proj).items():
+        d = design(stem, proj, op)
         loop = step_loop_of(name, instrs)
-        tag = f"{stem}{'<proj>' if proj else ''} {arch} {'bf16' if 'bfloat16' in name else 'fp16'}"
+        tag = f"{stem}{'<proj>' if proj else ''} {arch} {op}"
         assert len(loop.k_loops) == len(d["loops"]), (tag, loop.k_loops)
         per_warp, ideal, bodies, trips = hmma_per_warp_per_step(loop, d["loops"])
         counts = dict(
@@ -254,7 +278,8 @@ def test_fused_step_loop_structure(fused_sass, arch, stem, proj):
             ldsm_in_k_loop=loop.count(lambda t: "LDSM" in t, loop.in_k),
             cp_async=loop.count(lambda t: "LDGSTS" in t),
         )
-        shape = f"B={FLAGSHIP_B}, H={FLAGSHIP_H}" + (f", P={FLAGSHIP_P}" if proj else "")
+        H, P = design_shape(stem, op, proj)
+        shape = f"B={FLAGSHIP_B}, H={H}" + (f", P={P}" if proj else "")
         print(f"\n[after] {tag} ({shape}): " + ", ".join(f"{k}={v}" for k, v in counts.items()))
         # W_hh (and W_hr) stay on chip: no global load in a k loop or any nested loop, no restaging store
         assert counts["ldg_in_k_loop"] == 0 and counts["ldg_in_nested_loops"] == 0, counts
@@ -263,7 +288,7 @@ def test_fused_step_loop_structure(fused_sass, arch, stem, proj):
         k_ops = {t.split()[0].split(".")[0] for a, t in loop.ops if loop.in_k(a)}
         assert {"HMMA", "LDSM"} <= k_ops and not (k_ops & {"LDG", "LDS", "STS", "STG", "LDGSTS"}), k_ops
         # tensor-core work per warp per step within 10% of the ideal; no work outside the k loops
-        assert bodies == [tiles * k_unit for tiles, _, k_unit in d["loops"]], counts
+        assert bodies == [tiles * k_unit * passes for tiles, _, k_unit, passes in d["loops"]], counts
         assert counts["hmma_outside_k_loops"] == 0, counts
         assert abs(per_warp / ideal - 1.0) <= 0.10, counts
         # barriers per step as designed
@@ -276,8 +301,9 @@ def test_fused_kernels_use_no_local_memory(fused_sass):
     funcs, usage = fused_sass
     kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     names = [n for n, *_ in kernels]
-    assert sum("fused_forward_kernel" in n for n in names) == 4 * len(ARCHS)  # fp16, bf16 x proj or not
-    assert sum("fused_backward_kernel" in n for n in names) == 4 * len(ARCHS)
+    per_arch = 2 * len(OPS)  # each Op, with a projection or not
+    assert sum("fused_forward_kernel" in n for n in names) == per_arch * len(ARCHS)
+    assert sum("fused_backward_kernel" in n for n in names) == per_arch * len(ARCHS)
     for name, reg, stack, local in kernels:
         print(f"\n{name[:60]}: REG {reg} STACK {stack} LOCAL {local}")
         assert int(local) == 0 and int(stack) == 0, name
@@ -337,7 +363,7 @@ def test_print_previous_persistent_kernels_counts():
 
 
 def test_extension_carries_the_fused_kernels_for_sm80_and_sm90():
-    """The built extension holds the fused kernels (fp16 and bf16, with and without projection)
+    """The built extension holds the fused kernels (every Op, with and without projection)
     for both architectures, so what these checks read is what the GPU will run."""
     try:
         from lstm_kernels import _C
@@ -348,7 +374,7 @@ def test_extension_carries_the_fused_kernels_for_sm80_and_sm90():
     for arch in ARCHS:
         for stem in ("fused_forward_kernel", "fused_backward_kernel"):
             names = [n for (a, n) in funcs if a == arch and stem in n]
-            assert len(names) == 4, (arch, stem, names)
+            assert len(names) == 2 * len(OPS), (arch, stem, names)
             for name in names:  # the extension's instance has the same step loop as the standalone build
                 loop = step_loop_of(name, funcs[(arch, name)])
                 assert loop.count(is_bar_sync) == design(stem, "Lb1E" in name)["bar_sync"]

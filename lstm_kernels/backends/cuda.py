@@ -6,16 +6,19 @@ contiguous, allocates every output and scratch buffer with torch and passes
 ``torch.cuda.current_stream().cuda_stream``.
 
 Kernels at the budget of one step (csrc/fused_forward.cu, csrc/fused_backward.cu; host side
-in :mod:`.cuda_fused`), float16 and bfloat16 on tensor cores (mma.sync m16n8k16, fp32
-accumulation): W_hh resident in shared memory over ceil(H/8) x ceil(B/16) blocks, gate rows
-interleaved so the cell runs on the accumulators, h_{t-1} (backward: 16-bit dG_{t+1}) copied
+in :mod:`.cuda_fused`), on tensor cores with fp32 accumulation: float16 and bfloat16 on
+mma.sync m16n8k16; float32 on m16n8k8 tf32, rounded to tf32 only where torch allows TF32
+(``torch.backends.cuda.matmul.allow_tf32``), else at fp32 accuracy by splitting each operand
+into two tf32 parts (three MMAs per product, "3xTF32"). W_hh resident in shared memory over ceil(H/8) x ceil(B/16) blocks, gate rows
+interleaved so the cell runs on the accumulators, h_{t-1} (backward: dG_{t+1} in the storage dtype) copied
 once per step with cp.async, a light grid barrier (release-add, acquire-poll). They also
 serve ``proj_size`` (two half-steps and two barriers per step; dW_hr by one GEMM of the saved
 dh_t and m_t) and variable lengths (``batch_sizes``: a step touches only its active rows).
 Their grid must be co-resident for the persistent launch (one cooperative launch; the plan is
 ``_C.fused_plan``); otherwise the same code runs one launch per (half-)step, with the same bits.
-Not served by them (and then by the kernels below): float32, ``LSTM_KERNELS_CUDA_MMA=0``, and
-H too large for their shared memory.
+Not served by them (and then by the kernels below): ``LSTM_KERNELS_CUDA_MMA=0``, and H too
+large for their shared memory (per direction: float32's backward holds a 16 x 4H dG tile, so it
+fits for H <= 592 on sm_90, H <= 420 on sm_80; the float32 forward fits at H = 768 on both).
 
 Kernels (csrc/lstm_forward.cu, csrc/lstm_backward.cu), two variants:
 
@@ -45,7 +48,7 @@ stays per-step for the process (:func:`refused_cooperative_launches`); a named
 ``persistent`` raises. The extension caches the persistent plan per (device, kernel,
 grid, shared memory) (``_C.plan_cache_stats``).
 
-The recurrent matmuls run on tensor cores (wmma, fp32 accumulation) unless
+The kernels of lstm_forward.cu / lstm_backward.cu run the recurrent matmuls on tensor cores (wmma, fp32 accumulation) unless
 ``LSTM_KERNELS_CUDA_MMA=0``: the forward h_{t-1} W_hh^T on fp16/bf16 operands
 (products exact in fp32), the backward dG_{t+1} W_hh on tf32 (dG is fp32 and is
 rounded to tf32; 16-bit W_hh is exact in tf32). For float32 they use tf32 only
@@ -261,30 +264,45 @@ def _smem_optin(device: torch.device) -> int:
         return cuda_fused.SMEM_OPTIN_SM80
 
 
-def fused_unserved_reason(call: RecurrenceCall) -> Optional[str]:
-    """Why the fused kernels (csrc/fused_*.cu) do not serve ``call``, or None."""
+def fused_tf32(dtype: torch.dtype) -> bool:
+    """Whether the fused kernels run a float32 call's products on tf32 (torch allows TF32), rather
+    than at fp32 accuracy."""
+    return dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def _directions(call: RecurrenceCall) -> tuple:
+    return ("forward", "backward") if call.needs_grad else ("forward",)
+
+
+def fused_unserved_reason(call: RecurrenceCall, directions: Optional[tuple] = None) -> Optional[str]:
+    """Why the fused kernels (csrc/fused_*.cu) do not serve ``call`` in ``directions`` (default: the
+    forward, and the backward when the call needs gradients), or None."""
     if call.dtype not in cuda_fused.DTYPES:
-        return f"the fused kernels serve float16 and bfloat16 only, not {call.dtype}"
+        return f"the fused kernels serve float16, bfloat16 and float32, not {call.dtype}"
     if not tensor_cores_requested():
         return f"the fused kernels run on tensor cores, which {MMA_ENV}=0 turns off"
     if call.has_projection and not 0 < call.state_size < call.hidden_size:
         return f"proj_size must be in [1, H), got {call.state_size} (H={call.hidden_size})"
     plan = cuda_fused.Plan(call.batch, call.hidden_size, call.state_size if call.has_projection else None)
-    if not plan.fits(_smem_optin(call.device)):
-        return f"H={call.hidden_size} is too large for the fused kernels' shared memory on this device"
+    elem = torch.empty((), dtype=call.dtype).element_size()
+    for direction in directions or _directions(call):
+        if not plan.fits(_smem_optin(call.device), elem, (direction,)):
+            return (f"H={call.hidden_size} is too large for the fused {direction} kernel's shared memory "
+                    f"({plan.smem_bytes(direction, elem)} bytes in {call.dtype}) on this device")
     return None
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_plan_of(device: str, direction: str, dtype: torch.dtype, B: int, H: int, P: int) -> dict:
+def _fused_plan_of(device: str, direction: str, code: int, B: int, H: int, P: int) -> dict:
     with torch.cuda.device(torch.device(device)):
-        return dict(_C.fused_plan(direction, cuda_fused.DTYPE_CODE[dtype], B, H, P))
+        return dict(_C.fused_plan(direction, code, B, H, P))
 
 
 def fused_persistent_possible(device: torch.device, direction: str, dtype, B: int, H: int, P: int) -> bool:
     """The fused ``direction`` kernel's grid is co-resident on ``device`` (``_C.fused_plan``, cached)."""
     key = (str(device), "fused-" + direction, dtype, B, H, P)
-    return key not in _REFUSED and _fused_plan_of(str(device), direction, dtype, B, H, P)["possible"]
+    code = cuda_fused.op_code(dtype, fused_tf32(dtype))
+    return key not in _REFUSED and _fused_plan_of(str(device), direction, code, B, H, P)["possible"]
 
 
 def _fused_mode(call: RecurrenceCall, direction: str) -> Optional[bool]:
@@ -294,7 +312,7 @@ def _fused_mode(call: RecurrenceCall, direction: str) -> Optional[bool]:
     only_fused = call.has_projection or call.variable_lengths
     if not only_fused and requested != "fused":
         return None
-    if fused_unserved_reason(call) is not None:
+    if fused_unserved_reason(call, (direction,)) is not None:
         return None
     if requested == "step":
         return False
@@ -316,12 +334,13 @@ def _run_fused(fn, direction: str, call: RecurrenceCall, persistent: bool, devic
     raises. With ``LSTM_KERNELS_BARRIER_TIMEOUT`` the persistent launch's grid wait is bounded, and a
     wait that gave up raises (the state is read back: a host sync)."""
     entry = getattr(_C, "fused_" + direction)
+    tf32 = fused_tf32(call.dtype)
     with torch.cuda.device(device):
         if persistent:
             spins = barrier_spin_limit()
             state = _new_barrier_state(device) if spins else None
             try:
-                out = fn(entry, *args, True, barrier=(_ptr(state), spins or 0))
+                out = fn(entry, *args, True, barrier=(_ptr(state), spins or 0), tf32=tf32)
             except _C.CooperativeLaunchRefused as e:
                 if requested_variant() == "persistent":
                     raise
@@ -334,7 +353,7 @@ def _run_fused(fn, direction: str, call: RecurrenceCall, persistent: bool, devic
                 if state is not None and not torch.cuda.is_current_stream_capturing():
                     _check_barrier(state, f"fused {direction}", spins)
                 return out, True
-        return fn(entry, *args, False), False
+        return fn(entry, *args, False, tf32=tf32), False
 
 
 class CudaBackend(Backend):

@@ -1,6 +1,6 @@
 """Host side of the fused CUDA kernels at the budget of one step (``csrc/fused_forward.cu``,
 ``csrc/fused_backward.cu``, issue 13): the tiling plan, the gate-row interleaving of W_hh,
-the 16-bit exchange buffers, and the launches.
+the exchange buffers, and the launches.
 
 The plan mirrors ``csrc/fused_plan.cuh`` (``tests/test_cuda_plan_host.py`` compiles that header
 into a host program and checks both agree): a block owns ``UNITS`` hidden units (all four gates)
@@ -14,8 +14,12 @@ Interleavings (the kernels read these layouts; the inverse maps recover W_hh):
   4H) in the order ``r' = 4 j + g`` (``bwd_col``); the dG exchange buffer uses the same order.
 
 Dimension names: T steps, B batch, H hidden units. Gate order along 4H: i, f, g, o.
-Only float16 and bfloat16 are served (m16n8k16 tensor cores); float32 stays with the
-per-step / wmma kernels of ``lstm_forward.cu`` / ``lstm_backward.cu``.
+
+Precisions (the kernels' ``Op``, ``csrc/fused_common.cuh``; the C API's FusedOp codes, :func:`op_code`):
+float16 and bfloat16 on mma.sync m16n8k16; float32 on m16n8k8 tf32, either rounded to tf32 (only
+where torch allows TF32) or at fp32 accuracy by "3xTF32" (each operand split into two tf32 parts,
+three MMAs per product; :func:`tf32_split` emulates it). Sizes are in bytes where they depend on
+the storage type: the reduction runs in 32-byte chunks (k16 of a 16-bit type, k8 of float).
 """
 from __future__ import annotations
 
@@ -30,18 +34,42 @@ WARPS = 8
 UNITS = 8
 BATCH_TILE = 16
 FWD_ROWS = 4 * UNITS
-KPAD = 32
-SMEM_PAD = 8
+CHUNK_BYTES = 32  # one MMA's k extent
+KPAD_BYTES = 64  # K padded to pairs of chunks
+SMEM_PAD_BYTES = 16  # padding of a shared row (ldmatrix without bank conflicts)
 #: Shared memory a block may opt in to on sm_80 (A100: 163 KB) and sm_90 (H100: 227 KB).
 SMEM_OPTIN_SM80 = 163 * 1024
 SMEM_OPTIN_SM90 = 227 * 1024
 
-DTYPES = (torch.float16, torch.bfloat16)
-DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: FusedOp codes of csrc/fused_lstm.h.
+FLOAT32, FLOAT16, BFLOAT16, TF32 = 0, 1, 2, 3
 
 
 def round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
+
+
+def kpad(elem: int) -> int:
+    """K is padded to a multiple of this many elements of ``elem`` bytes (fused_plan.cuh's kpad)."""
+    return KPAD_BYTES // elem
+
+
+def smem_pad(elem: int) -> int:
+    return SMEM_PAD_BYTES // elem
+
+
+def k_chunks(Kp: int, elem: int) -> int:
+    """32-byte chunks (one MMA each) of a padded reduction of ``Kp`` elements."""
+    return Kp * elem // CHUNK_BYTES
+
+
+def op_code(dtype: torch.dtype, tf32: bool = False) -> int:
+    """The FusedOp code of ``dtype``; float32 on tf32 only when ``tf32`` (torch allows TF32), else
+    at fp32 accuracy."""
+    if dtype == torch.float32:
+        return TF32 if tf32 else FLOAT32
+    return {torch.float16: FLOAT16, torch.bfloat16: BFLOAT16}[dtype]
 
 
 def unit_blocks(H: int) -> int:
@@ -53,7 +81,7 @@ def batch_tiles(B: int) -> int:
 
 
 def warp_k_range(w: int, ks: int) -> tuple[int, int]:
-    """k16 steps [begin, end) of warp ``w`` out of ``ks`` (fused_plan.cuh's warp_k_range)."""
+    """Chunks (or pairs) [begin, end) of warp ``w`` out of ``ks`` (fused_plan.cuh's warp_k_range)."""
     return w * ks // WARPS, (w + 1) * ks // WARPS
 
 
@@ -129,16 +157,21 @@ def pad_rows(w: torch.Tensor, multiple: int = UNITS) -> torch.Tensor:
     return torch.cat([w, w.new_zeros((round_up(n, multiple) - n, *w.shape[1:]))]) if n % multiple else w
 
 
+def _ld(n: int, elem: int) -> int:
+    """Row stride, in elements, of a shared tile holding a reduction of ``n`` elements."""
+    return round_up(n, kpad(elem)) + smem_pad(elem)
+
+
 def forward_smem_bytes(H: int, P: Optional[int] = None, elem: int = 2) -> int:
     P = H if P is None else P
-    ld, ldh = round_up(P, KPAD) + SMEM_PAD, round_up(H, KPAD) + SMEM_PAD
+    ld, ldh = _ld(P, elem), _ld(H, elem)
     proj = (UNITS + BATCH_TILE) * ldh * elem if P != H else 0
     return (FWD_ROWS + BATCH_TILE) * ld * elem + WARPS * 16 * 32 * 4 + proj
 
 
 def backward_smem_bytes(H: int, P: Optional[int] = None, elem: int = 2) -> int:
     P = H if P is None else P
-    ld, ldp = round_up(4 * H, KPAD) + SMEM_PAD, round_up(P, KPAD) + SMEM_PAD
+    ld, ldp = _ld(4 * H, elem), _ld(P, elem)
     proj = (UNITS + BATCH_TILE) * ldp * elem if P != H else 0
     return (UNITS + BATCH_TILE) * ld * elem + WARPS * 4 * 32 * 4 + proj
 
@@ -165,8 +198,13 @@ class Plan:
     def block_rows(self, y: int) -> range:
         return range(y * BATCH_TILE, min((y + 1) * BATCH_TILE, self.B))
 
-    def fits(self, smem_optin: int = SMEM_OPTIN_SM90) -> bool:
-        return max(forward_smem_bytes(self.H, self.P), backward_smem_bytes(self.H, self.P)) <= smem_optin
+    def smem_bytes(self, direction: str, elem: int = 2) -> int:
+        return (forward_smem_bytes if direction == "forward" else backward_smem_bytes)(self.H, self.P, elem)
+
+    def fits(self, smem_optin: int = SMEM_OPTIN_SM90, elem: int = 2,
+             directions: tuple = ("forward", "backward")) -> bool:
+        """Whether a block of each of ``directions`` fits in ``smem_optin`` bytes for ``elem``-byte storage."""
+        return all(self.smem_bytes(d, elem) <= smem_optin for d in directions)
 
 
 def exchange_round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -176,7 +214,35 @@ def exchange_round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def exchange_unit_roundoff(dtype: torch.dtype) -> float:
     """Relative error bound of one rounding to ``dtype`` in its normal range (half an ulp)."""
-    return {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    return {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}[dtype]
+
+
+def to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` rounded to tf32 as ``cvt.rna.tf32.f32`` does (nearest, ties away from zero; the
+    low 13 mantissa bits zero). Finite inputs."""
+    bits = x.float().contiguous().view(torch.int32)
+    mag = (bits & 0x7FFFFFFF) + 0x1000  # add half a tf32 ulp to the magnitude: ties round away
+    return ((bits & ~0x7FFFFFFF) | (mag & ~0x1FFF)).view(torch.float32)
+
+
+def tf32_split(x: torch.Tensor) -> tuple:
+    """(big, small): float32 ``x`` ~ big + small, both tf32, as Fp32Mma splits its operands."""
+    big = to_tf32(x)
+    return big, to_tf32(x.float() - big)
+
+
+def tf32_matmul(a: torch.Tensor, b: torch.Tensor, split: bool) -> torch.Tensor:
+    """a @ b (float32 operands) as the fused kernels' float products compute it, in float64
+    (products of tf32 values are exact; the kernels' fp32 sums add at most K * 2^-24 relative):
+    Tf32Mma rounds both operands to tf32; Fp32Mma (``split``) adds a_small b_big + a_big b_small +
+    a_big b_big."""
+    a_big, a_small = tf32_split(a)
+    b_big, b_small = tf32_split(b)
+    d = lambda t: t.double()  # noqa: E731
+    out = d(a_big) @ d(b_big)
+    if split:
+        out = out + d(a_small) @ d(b_big) + d(a_big) @ d(b_small)
+    return out
 
 
 # ---- launches ------------------------------------------------------------------------------
@@ -190,13 +256,14 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 
 def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool, persistent: bool,
-            barrier: tuple = (0, 0)):
+            barrier: tuple = (0, 0), tf32: bool = False):
     """Run the fused forward. Returns h_all [T, B, P], h_T [B, P], c_T [B, H] and, when needs_grad,
     the workspace (act [T, B, 4H] fp32, c_all [T, B, H] fp32), zero on rows a step does not touch.
 
     ``w_hr``: None or W_hr [P, H] (proj_size P < H). ``batch_sizes``: None or an int tensor [T]
     (non-increasing, batch_sizes[0] == B). ``barrier``: (state pointer, polls) of the debug
-    switch of the persistent launch's grid wait, or (0, 0).
+    switch of the persistent launch's grid wait, or (0, 0). ``tf32``: float32 products on tf32
+    (:func:`op_code`; the caller asks only where torch allows TF32).
     """
     T, B, H4 = xg.shape
     H = H4 // 4
@@ -205,9 +272,10 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
     xg, c0 = xg.contiguous(), c0.to(dt).contiguous()  # the kernel reads c0 in the input dtype
     w_fwd = interleave_forward(w_hh.contiguous())
     w_hr_p = None if w_hr is None else pad_rows(w_hr.contiguous())
-    hx = torch.zeros((2, round_up(B, BATCH_TILE), round_up(P, KPAD)), dtype=dt, device=dev)
+    pad = kpad(xg.element_size())
+    hx = torch.zeros((2, round_up(B, BATCH_TILE), round_up(P, pad)), dtype=dt, device=dev)
     hx[1, :B, :P] = h0  # h_{-1}: the slot of step -1
-    mx = None if w_hr is None else torch.zeros((round_up(B, BATCH_TILE), round_up(H, KPAD)), dtype=dt, device=dev)
+    mx = None if w_hr is None else torch.zeros((round_up(B, BATCH_TILE), round_up(H, pad)), dtype=dt, device=dev)
     h_all = torch.empty((T, B, P), dtype=dt, device=dev)
     h_T = h0.to(dt).clone()
     c_T = c0.to(dt).clone()
@@ -218,7 +286,7 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
     bs = None if batch_sizes is None else step_rows(batch_sizes, T, B, dev)[:T]  # no host sync
     counters = torch.zeros(batch_tiles(B), dtype=torch.int32, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
-    err = entry(DTYPE_CODE[dt], _ptr(xg), _ptr(w_fwd), _ptr(w_hr_p), _ptr(c0), _ptr(c_work), _ptr(hx), _ptr(mx),
+    err = entry(op_code(dt, tf32), _ptr(xg), _ptr(w_fwd), _ptr(w_hr_p), _ptr(c0), _ptr(c_work), _ptr(hx), _ptr(mx),
                 _ptr(h_all), _ptr(h_T), _ptr(c_T), _ptr(act), _ptr(c_all), _ptr(bs), _ptr(counters), T, B, H, P,
                 PERSISTENT if persistent else PER_STEP, stream, *barrier)
     if err:
@@ -227,9 +295,9 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
 
 
 def backward(entry: Callable, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, batch_sizes, persistent: bool,
-             barrier: tuple = (0, 0)):
+             barrier: tuple = (0, 0), tf32: bool = False):
     """Run the fused backward on the forward's (act, c_all). Returns dG [T, B, 4H], dh0 [B, P],
-    dc0 [B, H] and dW_hr [P, H] (None without projection)."""
+    dc0 [B, H] and dW_hr [P, H] (None without projection). ``tf32`` as for :func:`forward`."""
     T, B, P = dh_all.shape
     H = c0.shape[1]
     dev, dt = dh_all.device, dh_all.dtype
@@ -237,8 +305,9 @@ def backward(entry: Callable, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, ba
     w_hrT = None if w_hr is None else pad_rows(w_hr.t().contiguous())
     c0, dh_all, dh_T, dc_T = (t.to(dt).contiguous() for t in (c0, dh_all, dh_T, dc_T))
     Bp = round_up(B, BATCH_TILE)
-    dgx = torch.zeros((2, Bp, round_up(4 * H, KPAD)), dtype=dt, device=dev)
-    dhx = None if w_hr is None else torch.zeros((Bp, round_up(P, KPAD)), dtype=dt, device=dev)
+    pad = kpad(dh_all.element_size())
+    dgx = torch.zeros((2, Bp, round_up(4 * H, pad)), dtype=dt, device=dev)
+    dhx = None if w_hr is None else torch.zeros((Bp, round_up(P, pad)), dtype=dt, device=dev)
     dh_tot = None if w_hr is None else torch.empty((T, B, P), dtype=torch.float32, device=dev)
     dG = torch.empty((T, B, 4 * H), dtype=dt, device=dev)
     dh0 = torch.empty((B, P), dtype=dt, device=dev)
@@ -247,7 +316,7 @@ def backward(entry: Callable, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, ba
     bs = None if batch_sizes is None else step_rows(batch_sizes, T, B, dev)[:T]  # no host sync
     counters = torch.zeros(batch_tiles(B), dtype=torch.int32, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
-    err = entry(DTYPE_CODE[dt], _ptr(w_bwd), _ptr(w_hrT), _ptr(act), _ptr(c_all), _ptr(c0), _ptr(dh_all),
+    err = entry(op_code(dt, tf32), _ptr(w_bwd), _ptr(w_hrT), _ptr(act), _ptr(c_all), _ptr(c0), _ptr(dh_all),
                 _ptr(dh_T), _ptr(dc_T), _ptr(dc_work), _ptr(dgx), _ptr(dhx), _ptr(dG), _ptr(dh0), _ptr(dc0),
                 _ptr(dh_tot), _ptr(bs), _ptr(counters), T, B, H, P, PERSISTENT if persistent else PER_STEP, stream,
                 *barrier)
