@@ -1,11 +1,12 @@
 // Fused backward recurrence (BPTT) at the budget of one step (issue 13): one launch for all
 // T steps and the dh0 pass (persistent, light grid barrier), or with the same tile code (same
-// bits) one launch per (half-)step. fp16, bf16 and float (Op, fused_common.cuh), where the dG tile
-// and the W slice fit in shared memory (see below). Also serves proj_size (PROJ, see above the
-// kernel) and variable lengths (batch_sizes).
+// bits) one launch per (half-)step. fp16, bf16 and float (Op, fused_common.cuh), where the W
+// slice fits in shared memory (see below). Also serves proj_size (PROJ, see above the kernel)
+// and variable lengths (batch_sizes).
 //
 // Legend: T steps, B batch, H hidden units, r the reduction index over 4H, K4p = 4H rounded up
-// to kpad(sizeof(T)); a chunk = 32 bytes of r (fused_plan.cuh). Gate order along 4H: i, f, g, o. Per step t from T-1 down to 0, for active rows:
+// to kpad(sizeof(T)); a chunk = 32 bytes of r (fused_plan.cuh). Gate order along 4H: i, f, g, o.
+// Per step t from T-1 down to 0, for active rows:
 //   dh  = dh_all[t] + (row active at t+1 ? dG_{t+1} W_hh : dh_T)
 //   dc  = (row active at t+1 ? dc_{t+1} * f_{t+1} : dc_T)
 //   dG_t, dc*f = cell_backward(dh, dc, act_t, c_{t-1}, c_t)                 (cell.cuh)
@@ -13,39 +14,42 @@
 //
 // The exchange is in the storage dtype: dG_t is rounded once to it (the value the dG output
 // holds anyway) and the next step's product dG_{t+1} W_hh runs on those operands in Op's
-// precision with fp32 accumulation, so W_hh stays resident in the storage dtype. In 16 bits: Added error against the fp32 exchange
-// of lstm_backward.cu (tf32-rounded there): fp16 rounds to 2^-11 relative (as tf32 does),
-// bf16 to 2^-8 relative; tests/test_cuda_plan_host.py bounds its effect on a whole BPTT
-// against float64 (well inside DESIGN.md's 1e-2 for 16-bit dtypes).
+// precision with fp32 accumulation, so W_hh stays resident in the storage dtype. In 16 bits the
+// added error against an fp32 exchange is one rounding: fp16 2^-11 relative (as tf32), bf16
+// 2^-8; tests/test_cuda_plan_host.py bounds its effect on a whole BPTT against float64 (well
+// inside DESIGN.md's 1e-2 for 16-bit dtypes). Float exchanges fp32 (nothing added).
 //
 // Tiling: grid (ceil(H / UNITS), ceil(B / BATCH_TILE)); block q owns units [8q, 8q + 8) for
 // batch rows [16y, 16y + 16) and holds W_hh[:, units] in shared memory for the whole launch as
 // [unit][r'] with the reduction index interleaved on the host, r' = 4j + g <-> r = g*H + j
 // (w_bwd [ceil(H/8)*8, 4H]); the dG exchange buffer dgx uses the same r' order, so a cell
-// thread stores its four gate gradients as one 8-byte (float: 16-byte) store. 8 warps split the chunks of
-// K4p (in pairs, two accumulators per warp to halve the dependent chain); products dG tile
-// (16 x K4p, A operand, ldmatrix) x W^T slice (B operand, ldmatrix); partial sums meet once
-// in shared memory and warps 0-3 finish one (b, j) per lane in the fixed order w = 0..7.
+// thread stores its four gate gradients as one 8-byte (float: 16-byte) store. 8 warps split the
+// pairs of chunks of K4p (two accumulators per warp to halve the dependent chain); products dG
+// (16 x K4p, A operand) x W^T slice (B operand, ldmatrix from the resident slice). dG is not held
+// whole: each warp streams its own k range of dG_{t+1} from L2 through a private ring in shared
+// memory (split_k_mma_16x8_streamed: 4 slots of 2 pairs of chunks x 16 rows, 3 stages in flight
+// while it multiplies the oldest; cp.async issued by every warp, no block barrier). Partial sums
+// meet once in shared memory and warps 0-3 finish one (b, j) per lane in the fixed order w = 0..7.
 //
-// Per step (persistent launch, flagship H100, B = 16, H = 768, fp16/bf16: 96 blocks; float needs
-// twice the shared memory, below):
-// | part of one backward step                                             | budget |
+// Per step (persistent launch, flagship H100, B = 16, H = 768: 96 blocks):
+// | part of one backward step                                              | budget |
 // |---|---|
-// | grid barrier (release-add by 4 warps, acquire-poll by warp 0)          | <= 0.7 us |
-// | dG_{t+1} [16, K4p] 16-bit copied once by cp.async into padded smem     | ~0.9 us (96 KB per block at H = 768) |
-// | MMA from the resident W^T slice, 8 warps, 24 HMMA per warp             | <= 0.5 us |
-// | reduce partials once through smem; cell backward in registers, dc reg  | <= 0.2 us |
-// | act_t, c_t, c_{t-1}, dh_all[t] prefetched before the barrier wait       | hidden |
-// | **backward step**                                                       | **<= 3 us** |
-// Block barriers per step: 2. Grid barriers: 1 (PROJ: 4 and 2). Shared memory per block:
-// (8 + 16) * (K4p * e + 16) + 8 * 4 * 32 * 4 bytes, e = sizeof(T) (16 bits: 148.4 KB at H = 768;
-// H <= 1184 fits 227 KB, H <= 840 the 163 KB of sm_80; float: H <= 592 and H <= 420), PROJ
-// + (8 + 16) * (Pk * e + 16). Float at larger H is served by lstm_backward.cu: the dG tile
-// would have to stream through shared memory in pieces (the next step for this kernel).
-// The dG_{t+1} copy is the largest part: every block reads the 16 rows x 4H of its batch tile,
-// 96 blocks x 98 KB = 9.4 MB of L2 reads per step at the flagship (as many bytes as the previous
-// kernel's fp32 exchange over 48 blocks, now spread over twice the SMs); it is the first thing
-// to measure on a GPU.
+// | grid barrier (release-add by 4 warps, acquire-poll by warp 0)           | <= 0.7 us |
+// | dG_{t+1}: each warp streams its 16 x 384 slice (12 KB in 16 bits, 24 KB | ~0.9 us |
+// |   in float) through its ring, overlapped with its MMAs                   |           |
+// | MMA from the resident W^T slice, 8 warps, 24 HMMA per warp (float: 48    | <= 0.5 us |
+// |   tf32, or 144 for fp32 accuracy plus the split of each fragment)        |           |
+// | reduce partials once through smem; cell backward in registers, dc reg   | <= 0.2 us |
+// | act_t, c_t, c_{t-1}, dh_all[t] prefetched before the barrier wait        | hidden |
+// | **backward step**                                                        | **<= 3 us** |
+// Block barriers per step: 2 (after warp 0's grid wait; after the partial sums). Grid barriers:
+// 1 (PROJ: 4 and 2). Shared memory per block: 8 * (K4p * e + 16) + 8 * 9216 (rings) + 4096 bytes,
+// e = sizeof(T): 124.1 KB at H = 768 in 16 bits, 172.1 KB in float; the largest H served is
+// 2408 (16-bit) and 1204 (float) in sm_90's 227 KB, 1384 and 692 in sm_80's 163 KB; PROJ
+// + (8 + 16) * (Pk * e + 16).
+// The dG_{t+1} stream is the largest part: every block reads the 16 rows x 4H of its batch
+// tile, 96 blocks x 98 KB = 9.4 MB of L2 reads per step at the flagship in 16 bits (18.9 MB in
+// float); it is the first thing to measure on a GPU.
 //
 // Structural checks: as fused_forward.cu (tests/test_cuda_step_budget.py).
 #include <cuda_runtime.h>
@@ -108,8 +112,8 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int K4 = 4 * H, Kp = round_up(K4, kpad(E)), LD = Kp + smem_pad(E), Bp = round_up(B, BATCH_TILE);
   const int Pk = round_up(P, kpad(E)), LDP = Pk + smem_pad(E);
   T* w_s = reinterpret_cast<T*>(smem_raw);                      // [UNITS][LD]
-  T* g_s = w_s + UNITS * LD;                                     // [BATCH_TILE][LD]
-  float* red = reinterpret_cast<float*>(g_s + BATCH_TILE * LD);  // [WARPS][4][32]
+  unsigned char* ring = reinterpret_cast<unsigned char*>(w_s + UNITS * LD);  // [WARPS][WARP_RING_BYTES]
+  float* red = reinterpret_cast<float*>(ring + WARPS * WARP_RING_BYTES);     // [WARPS][4][32]
   T* wr_s = reinterpret_cast<T*>(red + WARPS * 4 * 32);         // [UNITS][LDP] (PROJ)
   T* d_s = wr_s + UNITS * LDP;                                   // [BATCH_TILE][LDP] (PROJ)
   const int q = blockIdx.x, b0 = blockIdx.y * BATCH_TILE;
@@ -155,9 +159,8 @@ __global__ void __launch_bounds__(THREADS, 1)
   warp_k_range(warp, k_chunks(Kp, E) / 2, &kp_begin, &kp_end);  // K = 4H
   warp_k_range(warp, k_chunks(Pk, E) / 2, &kq_begin, &kq_end);  // K = P (PROJ)
   const unsigned int arrivals = 4u * gridDim.x;
-  // Lane addresses of ldmatrix (fused_plan.cuh), in bytes: A = dG rows (batch) x r', B = units (p) x r';
+  // Lane addresses of ldmatrix (fused_plan.cuh), in bytes: B = units (p) x r' (A = dG rows x r' is streamed);
   // PROJ half-step B': A = dh rows (batch) x p, B = W_hr^T rows (units) x p.
-  const uint32_t g_base = smem_addr(g_s) + ldsm_a16(lane, LD * E);
   const uint32_t w_base = smem_addr(w_s) + ldsm_b8x2(lane, LD * E);
   const uint32_t d_base = smem_addr(d_s) + ldsm_a16(lane, LDP * E);
   const uint32_t r_base = smem_addr(wr_s) + ldsm_b8x2(lane, LDP * E);
@@ -168,17 +171,13 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int n_t = t < 0 ? 0 : (batch_sizes ? __ldg(batch_sizes + t) : B);
     const int hs_a = NPH * it;
     if (hs_a >= hs_begin) {  // ---- dG_{t+1} W_hh (and, without PROJ, the cell) ----
-      if (warp == 0) {  // dG_{t+1} of every block of this batch tile
-        const bool ok = fetch_exchange(g_s, LD, dgx + ((t + 1) & 1) * gx_slot + (size_t)b0 * Kp, Kp, counter,
-                                       (unsigned int)(hs_a - hs_begin) * arrivals, hs_a > hs_begin, watch, t + 1, lane,
-                                       w_block);
-        if (lane == 0) abort_s = !ok;
-      }
-      __syncthreads();  // [1] g_s holds dG_{t+1}
-      if (abort_s) return;
-
-      const float rec =  // [2] partial sums in red
-          split_k_mma_16x8<Op>(g_base, w_base, kp_begin, kp_end, w_block && b0 < n_next, red, warp, lane);
+      // [1] dG_{t+1} of every block of this batch tile is stored; each warp streams its k range
+      if (!block_wait(counter, (unsigned int)(hs_a - hs_begin) * arrivals, hs_a > hs_begin, watch, t + 1, warp, lane,
+                      &abort_s))
+        return;
+      const float rec = split_k_mma_16x8_streamed<Op>(  // [2] partial sums in red
+          dgx + ((t + 1) & 1) * gx_slot + (size_t)b0 * Kp, Kp, ring + warp * WARP_RING_BYTES, w_base, kp_begin,
+          kp_end, w_block && b0 < n_next, red, warp, lane);
       if (cell_warp) {
         const bool from_next = b < n_next;  // else this row's gradient enters here: dh_T, dc_T
         if (PROJ) {
@@ -223,13 +222,13 @@ __global__ void __launch_bounds__(THREADS, 1)
     if (PROJ && hs_a + 1 >= hs_begin && hs_a + 1 < hs_end) {  // ---- dm_t = dh_t W_hr, the cell ----
       const int hs_b = hs_a + 1;
       if (t >= 0) {
-        if (warp == 0) {
-          const bool ok = fetch_exchange(d_s, LDP, dhx + (size_t)b0 * Pk, Pk, counter,
-                                         (unsigned int)(hs_b - hs_begin) * arrivals, hs_b > hs_begin, watch, t, lane);
-          if (lane == 0) abort_s = !ok;
-        }
-        __syncthreads();  // [3] d_s holds dh_t
-        if (abort_s) return;
+        // [3] dh_t of every block of this batch tile is stored; each warp copies its k columns
+        if (!block_wait(counter, (unsigned int)(hs_b - hs_begin) * arrivals, hs_b > hs_begin, watch, t, warp, lane,
+                        &abort_s))
+          return;
+        if (b0 < n_t)
+          warp_fetch_columns(d_s, LDP, dhx + (size_t)b0 * Pk, Pk, kq_begin * 2 * CHUNK_BYTES / E,
+                             kq_end * 2 * CHUNK_BYTES / E, lane);
         const float dm =  // [4] partial sums in red
             split_k_mma_16x8<Op>(d_base, r_base, kq_begin, kq_end, b0 < n_t, red, warp, lane);
         if (cell_warp) {
@@ -261,7 +260,7 @@ __global__ void __launch_bounds__(THREADS, 1)
 
 size_t backward_smem_bytes(int H, int P, bool proj, int elem) {
   const int LD = round_up(4 * H, kpad(elem)) + smem_pad(elem), LDP = round_up(P, kpad(elem)) + smem_pad(elem);
-  return (size_t)(UNITS + BATCH_TILE) * LD * elem + (size_t)WARPS * 4 * 32 * sizeof(float) +
+  return (size_t)UNITS * LD * elem + (size_t)WARPS * WARP_RING_BYTES + (size_t)WARPS * 4 * 32 * sizeof(float) +
          (proj ? (size_t)(UNITS + BATCH_TILE) * LDP * elem : 0);
 }
 

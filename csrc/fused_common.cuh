@@ -175,6 +175,9 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>  // until at most N of this thread's committed groups are pending
+__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 // rows x Kp elements of T from src (row stride src_ld elements, 16-byte aligned rows) into
 // dst (row stride dst_ld), by the lanes of one warp: rows * Kp * sizeof(T) / 16 copies of 16 bytes.
@@ -248,18 +251,30 @@ __device__ __forceinline__ bool grid_wait(const unsigned int* counter, unsigned 
   return ok;
 }
 
-// Copy BATCH_TILE rows of an exchange buffer (row stride ld, 16-byte aligned) into padded shared
-// memory (row stride LD), by one warp, after waiting (when `wait`) for the half-step that wrote it.
-// Returns false when the debug watch gave up (nothing copied). copy false: wait only (a block
-// that does not use the data still passes the barrier).
+// The top of a half-step that reads an exchange buffer: warp 0 waits (when `wait`) for the
+// half-step that wrote it, and one block barrier passes the outcome to every warp, which then
+// copies the part it reads itself (warp_fetch_columns, or the ring of split_k_mma_16x8_streamed).
+// Returns false in every thread when the debug watch gave up (the block must leave).
+__device__ __forceinline__ bool block_wait(const unsigned int* counter, unsigned int target, bool wait,
+                                           const BarrierWatch& watch, int step, int warp, int lane, int* abort_s) {
+  if (warp == 0) {
+    const bool ok = !wait || grid_wait(counter, target, watch, step, lane);
+    if (lane == 0) *abort_s = !ok;
+  }
+  __syncthreads();
+  return !*abort_s;
+}
+
+// Columns [k0, k1) (multiples of 16 bytes) of BATCH_TILE rows of an exchange buffer (row stride ld
+// elements) into the same columns of the padded shared tile dst (row stride LD), by the calling warp
+// alone, which then reads only these columns: every warp copies the k range it multiplies (its
+// share of the copies), and waits for its own copies only (cp.async.wait_all, then __syncwarp so
+// that every lane sees the other lanes' copies).
 template <typename T>
-__device__ __forceinline__ bool fetch_exchange(T* dst, int LD, const T* src, int ld, const unsigned int* counter,
-                                               unsigned int target, bool wait, const BarrierWatch& watch, int step,
-                                               int lane, bool copy = true) {
-  if (wait && !grid_wait(counter, target, watch, step, lane)) return false;
-  if (copy) warp_copy_rows_async(dst, LD, src, ld, BATCH_TILE, ld, lane);
+__device__ __forceinline__ void warp_fetch_columns(T* dst, int LD, const T* src, int ld, int k0, int k1, int lane) {
+  warp_copy_rows_async(dst + k0, LD, src + k0, ld, BATCH_TILE, k1 - k0, lane);
   cp_async_wait_all();
-  return true;
+  __syncwarp();
 }
 
 // One 16 x 8 product A[16, K] . B[K, 8] with K split over the block's warps: each warp runs its
@@ -282,6 +297,73 @@ __device__ __forceinline__ float split_k_mma_16x8(uint32_t a_base, uint32_t b_ba
       mma_chunk<Op>(acc0, a0, bw, 0);
       mma_chunk<Op>(acc1, a1, bw, 1);
     }
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + lane] = acc0[e] + acc1[e];
+  __syncthreads();
+  float sum = 0.f;
+  if (warp < 4) {
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sum += red[(w * 4 + warp) * 32 + lane];
+  }
+  return sum;
+}
+
+// split_k_mma_16x8 with A (16 rows x K) streamed from an exchange buffer in global memory (src:
+// row b0, row stride ld elements) instead of a whole shared tile: each warp copies its own pairs of
+// chunks [kp_begin, kp_end) through a private ring of RING_STAGES slots (ring: WARP_RING_BYTES of
+// shared memory), STAGE_PAIRS pairs per stage, RING_STAGES - 1 stages in flight while it multiplies
+// the oldest. The backward's dG tile (16 x 4H) is the large operand: streamed, it needs a fixed
+// 9 KB per warp instead of 16 x 4H x sizeof(T) per block, so float fits at the flagship. Every
+// thread of the block must call it (one block barrier); the result is split_k_mma_16x8's.
+template <typename Op, typename T = typename Op::T>
+__device__ __forceinline__ float split_k_mma_16x8_streamed(const T* src, int ld, unsigned char* ring, uint32_t b_base,
+                                                           int kp_begin, int kp_end, bool active, float* red,
+                                                           int warp, int lane) {
+  float acc0[4] = {}, acc1[4] = {};
+  if (active) {
+    const int n_stages = (kp_end - kp_begin + STAGE_PAIRS - 1) / STAGE_PAIRS;
+    const uint32_t ring_s = smem_addr(ring);
+    const unsigned char* g = reinterpret_cast<const unsigned char*>(src);
+    const size_t row_bytes = (size_t)ld * sizeof(T);
+    auto issue = [&](int s) {  // stage s into slot s % RING_STAGES; one commit group per stage, empty past the end
+      if (s < n_stages) {
+        constexpr int kRow = STAGE_PAIRS * 2 * CHUNK_BYTES / 16;  // 16-byte copies per row of a full stage
+        const int p0 = kp_begin + s * STAGE_PAIRS;
+        const int per_row = min(STAGE_PAIRS, kp_end - p0) * (2 * CHUNK_BYTES / 16);  // this stage's
+        const uint32_t slot = ring_s + (s % RING_STAGES) * STAGE_BYTES;
+        const unsigned char* src_s = g + (size_t)p0 * 2 * CHUNK_BYTES;
+#pragma unroll
+        for (int c = lane; c < BATCH_TILE * kRow; c += 32) {
+          const int r = c / kRow, x = c % kRow;
+          if (x < per_row) cp_async_16(slot + r * STAGE_ROW_BYTES + x * 16, src_s + r * row_bytes + x * 16);
+        }
+      }
+      cp_async_commit();
+    };
+    const uint32_t a_lane = ldsm_a16(lane, STAGE_ROW_BYTES);
+#pragma unroll
+    for (int s = 0; s < RING_STAGES - 1; ++s) issue(s);
+#pragma unroll 1
+    for (int s = 0; s < n_stages; ++s) {
+      issue(s + RING_STAGES - 1);  // into the slot multiplied in iteration s - 1 (its __syncwarp below)
+      cp_async_wait_group<RING_STAGES - 1>();
+      __syncwarp();  // stage s has landed, copied by every lane
+      const uint32_t slot = ring_s + (s % RING_STAGES) * STAGE_BYTES + a_lane;
+      const int p0 = kp_begin + s * STAGE_PAIRS;
+#pragma unroll
+      for (int i = 0; i < STAGE_PAIRS; ++i) {
+        if (p0 + i < kp_end) {
+          const Frag<Op> a0 = ldsm_frag<Op>(slot + i * 2 * CHUNK_BYTES);
+          const Frag<Op> a1 = ldsm_frag<Op>(slot + i * 2 * CHUNK_BYTES + CHUNK_BYTES);
+          const Frag<Op> bw = ldsm_frag<Op>(b_base + (p0 + i) * 2 * CHUNK_BYTES);
+          mma_chunk<Op>(acc0, a0, bw, 0);
+          mma_chunk<Op>(acc1, a1, bw, 1);
+        }
+      }
+      __syncwarp();  // every lane has read slot s % RING_STAGES before it is refilled
+    }
+    cp_async_wait_all();  // the empty groups
   }
 #pragma unroll
   for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + lane] = acc0[e] + acc1[e];

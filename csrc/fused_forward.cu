@@ -34,14 +34,15 @@
 // | grid barrier: 4 warps per block release-add one counter per batch tile;  | <= 0.7 us |
 // |   warp 0 acquire-polls it (arrive right after the h_t stores, wait at the |           |
 // |   top of the next step: xg_{t+1} loads issued in between)                 |           |
-// | h_{t-1} [16, Pk] copied once by cp.async (16 B each) into padded smem     | <= 0.3 us |
+// | h_{t-1} [16, Pk] copied once by cp.async (16 B each) into padded smem,    | <= 0.3 us |
+// |   each warp the k columns it multiplies (6 copies per lane at H = 768)    |           |
 // | MMA from the resident W slice (ldmatrix), 8 warps, K split 8 ways,        | <= 0.5 us |
 // |   (2 x 2 tiles) x KS/8 = 24 HMMA per warp at H = 768 (float: 48 tf32, or  |           |
 // |   144 for fp32 accuracy, plus the split of each fragment)                 |           |
 // | partial sums reduced once through smem; cell in registers, c_t in a reg   | <= 0.2 us |
 // | xg_{t+1} prefetched into registers before the barrier wait               | hidden    |
 // | **forward step**                                                          | **<= 2 us** |
-// Block barriers per step: 2 (after the h copy; after the partial sums). Grid barriers: 1.
+// Block barriers per step: 2 (after warp 0's grid wait; after the partial sums). Grid barriers: 1.
 // PROJ: 4 and 2 (DESIGN.md: "two with a projection"); the half-step B adds a 16 x Hk copy of m_t
 // and (2 HMMA per k16 pair) x Hk/32/8 per warp on the projecting blocks.
 // Shared memory per block: (32 + 16) * (Pk * e + 16) + 8 * 16 * 32 * 4 bytes, e = sizeof(T) (90.6 KB
@@ -155,16 +156,14 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int n_after = last_step ? 0 : (batch_sizes ? __ldg(batch_sizes + t + 1) : B);  // rows active at t+1
     const int hs_a = NPH * t;
     if (hs_a >= hs_begin) {  // ---- half-step A: gates, cell ----
-      if (warp == 0) {  // h_{t-1} of every block of this batch tile
-        const bool ok = fetch_exchange(h_s, LD, hx + ((t - 1) & 1) * hx_slot + (size_t)b0 * Pk, Pk, counter,
-                                       (unsigned int)(hs_a - hs_begin) * arrivals, hs_a > hs_begin, watch, t - 1, lane);
-        if (lane == 0) abort_s = !ok;
-      }
-      __syncthreads();  // [1] h_s holds h_{t-1}
-      if (abort_s) return;
-
+      // [1] h_{t-1} of every block of this batch tile is stored; each warp copies its k columns
+      if (!block_wait(counter, (unsigned int)(hs_a - hs_begin) * arrivals, hs_a > hs_begin, watch, t - 1, warp, lane,
+                      &abort_s))
+        return;
       float acc[2][2][4] = {};
       if (b0 < n_t) {  // a batch tile with no active row skips its products
+        warp_fetch_columns(h_s, LD, hx + ((t - 1) & 1) * hx_slot + (size_t)b0 * Pk, Pk, ks_begin * CHUNK_BYTES / E,
+                           ks_end * CHUNK_BYTES / E, lane);
 #pragma unroll 1
         for (int ks = ks_begin; ks < ks_end; ++ks) {
           const Frag<Op> a0 = ldsm_frag<Op>(w_base + ks * CHUNK_BYTES);
@@ -229,14 +228,13 @@ __global__ void __launch_bounds__(THREADS, 1)
     }
     if (PROJ && hs_a + 1 >= hs_begin && hs_a + 1 < hs_end) {  // ---- half-step B: h_t = m_t W_hr^T ----
       const int hs_b = hs_a + 1;
-      if (warp == 0) {
-        const bool ok = fetch_exchange(m_s, LDH, mx + (size_t)b0 * Hk, Hk, counter,
-                                       (unsigned int)(hs_b - hs_begin) * arrivals, hs_b > hs_begin, watch, t, lane,
-                                       proj_block);
-        if (lane == 0) abort_s = !ok;
-      }
-      __syncthreads();  // [3] m_s holds m_t
-      if (abort_s) return;
+      // [3] m_t of every block of this batch tile is stored; each warp copies its k columns
+      if (!block_wait(counter, (unsigned int)(hs_b - hs_begin) * arrivals, hs_b > hs_begin, watch, t, warp, lane,
+                      &abort_s))
+        return;
+      if (proj_block && b0 < n_t)
+        warp_fetch_columns(m_s, LDH, mx + (size_t)b0 * Hk, Hk, kp_begin * 2 * CHUNK_BYTES / E,
+                           kp_end * 2 * CHUNK_BYTES / E, lane);
       const float h =  // [4] partial sums in red
           split_k_mma_16x8<Op>(m_base, r_base, kp_begin, kp_end, proj_block && b0 < n_t, red, warp, lane);
       if (cell_warp) {

@@ -31,6 +31,15 @@ constexpr int CHUNK_BYTES = 32;     // one MMA's k extent: k16 of a 16-bit type,
 constexpr int KPAD_BYTES = 64;      // K is padded to pairs of chunks
 constexpr int SMEM_PAD_BYTES = 16;  // padding per shared row: ldmatrix rows without bank conflicts
 
+// The backward streams its dG operand per warp through a ring (fused_common.cuh,
+// split_k_mma_16x8_streamed): RING_STAGES slots of STAGE_PAIRS pairs of chunks x BATCH_TILE rows,
+// rows padded like every shared tile. 9 KB per warp, 72 KB per block, whatever H and the type.
+constexpr int STAGE_PAIRS = 2;
+constexpr int RING_STAGES = 4;
+constexpr int STAGE_ROW_BYTES = STAGE_PAIRS * 2 * CHUNK_BYTES + SMEM_PAD_BYTES;
+constexpr int STAGE_BYTES = BATCH_TILE * STAGE_ROW_BYTES;
+constexpr int WARP_RING_BYTES = RING_STAGES * STAGE_BYTES;
+
 FUSED_HD constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
 // In elements of `elem` bytes: K padded to kpad(elem) (32 for 16-bit types, 16 for float), rows
 // of shared tiles padded by smem_pad(elem), and the number of 32-byte chunks of a padded K.

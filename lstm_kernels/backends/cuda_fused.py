@@ -37,6 +37,12 @@ FWD_ROWS = 4 * UNITS
 CHUNK_BYTES = 32  # one MMA's k extent
 KPAD_BYTES = 64  # K padded to pairs of chunks
 SMEM_PAD_BYTES = 16  # padding of a shared row (ldmatrix without bank conflicts)
+# The backward streams dG per warp through a ring of RING_STAGES stages of STAGE_PAIRS pairs of chunks.
+STAGE_PAIRS = 2
+RING_STAGES = 4
+STAGE_ROW_BYTES = STAGE_PAIRS * 2 * CHUNK_BYTES + SMEM_PAD_BYTES
+STAGE_BYTES = BATCH_TILE * STAGE_ROW_BYTES
+WARP_RING_BYTES = RING_STAGES * STAGE_BYTES
 #: Shared memory a block may opt in to on sm_80 (A100: 163 KB) and sm_90 (H100: 227 KB).
 SMEM_OPTIN_SM80 = 163 * 1024
 SMEM_OPTIN_SM90 = 227 * 1024
@@ -173,7 +179,7 @@ def backward_smem_bytes(H: int, P: Optional[int] = None, elem: int = 2) -> int:
     P = H if P is None else P
     ld, ldp = _ld(4 * H, elem), _ld(P, elem)
     proj = (UNITS + BATCH_TILE) * ldp * elem if P != H else 0
-    return (UNITS + BATCH_TILE) * ld * elem + WARPS * 4 * 32 * 4 + proj
+    return UNITS * ld * elem + WARPS * WARP_RING_BYTES + WARPS * 4 * 32 * 4 + proj
 
 
 @dataclass(frozen=True)
