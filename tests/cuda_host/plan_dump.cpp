@@ -1,5 +1,6 @@
 // Host program over csrc/fused_plan.cuh (compiled by g++ in tests/test_cuda_plan_host.py):
-// prints the fused kernels' plan for "B H" as JSON, so Python can check it without a GPU.
+// prints the fused kernels' plan for "B H [elem]" as JSON, so Python can check it without a GPU.
+// elem: bytes of the storage type (2: fp16/bf16, default; 4: float), for the reduction's chunks.
 #include <cstdio>
 #include <cstdlib>
 
@@ -8,11 +9,24 @@
 using namespace lstm::fused;
 
 int main(int argc, char** argv) {
-  if (argc != 3) return 2;
-  const int B = std::atoi(argv[1]), H = std::atoi(argv[2]);
-  std::printf("{\"WARPS\": %d, \"THREADS\": %d, \"UNITS\": %d, \"BATCH_TILE\": %d, \"FWD_ROWS\": %d, \"KPAD\": %d, "
-              "\"SMEM_PAD\": %d,\n", WARPS, THREADS, UNITS, BATCH_TILE, FWD_ROWS, KPAD, SMEM_PAD);
-  std::printf("\"grid\": [%d, %d],\n\"fwd_row\": [", unit_blocks(H), batch_tiles(B));
+  if (argc != 3 && argc != 4) return 2;
+  const int B = std::atoi(argv[1]), H = std::atoi(argv[2]), elem = argc == 4 ? std::atoi(argv[3]) : 2;
+  if (elem != 2 && elem != 4) return 2;
+  std::printf("{\"WARPS\": %d, \"THREADS\": %d, \"UNITS\": %d, \"BATCH_TILE\": %d, \"FWD_ROWS\": %d, "
+              "\"CHUNK_BYTES\": %d, \"KPAD_BYTES\": %d, \"SMEM_PAD_BYTES\": %d,\n",
+              WARPS, THREADS, UNITS, BATCH_TILE, FWD_ROWS, CHUNK_BYTES, KPAD_BYTES, SMEM_PAD_BYTES);
+  std::printf("\"STAGE_PAIRS\": %d, \"RING_STAGES\": %d, \"STAGE_ROW_BYTES\": %d, \"STAGE_BYTES\": %d, "
+              "\"WARP_RING_BYTES\": %d,\n", STAGE_PAIRS, RING_STAGES, STAGE_ROW_BYTES, STAGE_BYTES, WARP_RING_BYTES);
+  // kpad / smem_pad per element size, and k_chunks of a few padded K
+  std::printf("\"kpad\": {\"2\": %d, \"4\": %d}, \"smem_pad\": {\"2\": %d, \"4\": %d},\n\"k_chunks\": [", kpad(2),
+              kpad(4), smem_pad(2), smem_pad(4));
+  bool first = true;
+  for (int e = 2; e <= 4; e += 2)
+    for (int Kp = kpad(e); Kp <= 8 * kpad(e); Kp += kpad(e)) {
+      std::printf("%s[%d, %d, %d]", first ? "" : ", ", Kp, e, k_chunks(Kp, e));
+      first = false;
+    }
+  std::printf("],\n\"elem\": %d,\n\"grid\": [%d, %d],\n\"fwd_row\": [", elem, unit_blocks(H), batch_tiles(B));
   for (int g = 0; g < 4; ++g)
     for (int j = 0; j < H; ++j) std::printf("%s%d", g || j ? ", " : "", fwd_row(g, j));
   std::printf("],\n\"bwd_col\": [");
@@ -21,7 +35,7 @@ int main(int argc, char** argv) {
   // cell threads: [q, y, w, lane, b, j] for the forward and the backward
   for (int pass = 0; pass < 2; ++pass) {
     std::printf("],\n\"%s\": [", pass == 0 ? "fwd_cells" : "bwd_cells");
-    bool first = true;
+    first = true;
     for (int q = 0; q < unit_blocks(H); ++q)
       for (int y = 0; y < batch_tiles(B); ++y)
         for (int w = 0; w < 4; ++w)
@@ -32,8 +46,9 @@ int main(int argc, char** argv) {
             first = false;
           }
   }
-  // warp k ranges for the forward (KS = Kp/16) and the backward (pairs: Kp4/32)
-  const int ks_f = round_up(H, KPAD) / 16, kp_b = round_up(4 * H, KPAD) / 32;
+  // warp k ranges as the kernels take them: the forward in chunks of K = H (fused_forward.cu:
+  // k_chunks(Hk, E)), the backward in pairs of chunks of K = 4H (fused_backward.cu: k_chunks(Kp, E) / 2)
+  const int ks_f = k_chunks(round_up(H, kpad(elem)), elem), kp_b = k_chunks(round_up(4 * H, kpad(elem)), elem) / 2;
   std::printf("],\n\"ks_fwd\": %d, \"kpairs_bwd\": %d,\n\"fwd_k\": [", ks_f, kp_b);
   for (int w = 0; w < WARPS; ++w) {
     int b, e;
@@ -46,15 +61,19 @@ int main(int argc, char** argv) {
     warp_k_range(w, kp_b, &b, &e);
     std::printf("%s[%d, %d]", w ? ", " : "", b, e);
   }
-  // ldmatrix lane offsets for a tile of row stride LD = 40 (any stride: the maps are linear in it)
-  const char* names[3] = {"ldsm_a16x16", "ldsm_b2n8k16", "ldsm_bn8k32"};
-  for (int f = 0; f < 3; ++f) {
-    std::printf("],\n\"%s\": [", names[f]);
-    for (int lane = 0; lane < 32; ++lane) {
-      const int o = f == 0 ? ldsm_a16x16(lane, 40) : f == 1 ? ldsm_b2n8k16(lane, 40) : ldsm_bn8k32(lane, 40);
-      std::printf("%s%d", lane ? ", " : "", o);
+  // ldmatrix lane byte offsets for tiles of row stride 80 and 208 bytes (the maps are
+  // row * ldb + byte column: two strides let Python recover both and apply any stride)
+  const char* names[3] = {"ldsm_a16", "ldsm_b16", "ldsm_b8x2"};
+  const int strides[2] = {80, 208};
+  for (int f = 0; f < 3; ++f)
+    for (int s = 0; s < 2; ++s) {
+      std::printf("],\n\"%s@%d\": [", names[f], strides[s]);
+      for (int lane = 0; lane < 32; ++lane) {
+        const int ldb = strides[s];
+        const int o = f == 0 ? ldsm_a16(lane, ldb) : f == 1 ? ldsm_b16(lane, ldb) : ldsm_b8x2(lane, ldb);
+        std::printf("%s%d", lane ? ", " : "", o);
+      }
     }
-  }
   std::printf("]}\n");
   return 0;
 }
