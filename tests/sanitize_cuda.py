@@ -5,10 +5,14 @@ with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own allocation
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tests/sanitize_cuda.py
     python tests/sanitize_cuda.py --backend cuda      # one backend only (default: cuda and triton)
 
-Backends and variants: ``cuda`` step and persistent, each with both matmuls (tensor
-cores, FMA); ``triton`` step and persistent. Shapes cover tails in every tile dimension
-(H and B not multiples of 16, 4H not of 32), T = 1, every dtype. A persistent case
-whose plan says it cannot run here is reported and skipped, not counted as a failure.
+Backends and variants: ``cuda`` fused (the default: the fused kernels of csrc/fused_*.cu,
+persistent where their grid is co-resident; float32 both at fp32 accuracy and on tf32), step
+and persistent (csrc/lstm_*.cu), the last two with both matmuls (tensor cores, FMA);
+``triton`` step and persistent. Shapes cover tails in every tile dimension (H and B not
+multiples of 16, 4H not of 32), T = 1, every dtype; for ``cuda`` fused and step, projected
+(proj_size) and variable-length (batch_sizes) calls too, which only the fused kernels serve
+(``step``: one launch per half-step). A persistent case whose plan says it cannot run here is
+reported and skipped, not counted as a failure.
 Exits non-zero if a backend that was asked for is unavailable, a call raises, or a
 result is non-finite.
 """
@@ -31,15 +35,22 @@ CUDA_MMA_ENV = "LSTM_KERNELS_CUDA_MMA"
 TRITON_VARIANT_ENV = "LSTM_KERNELS_TRITON_VARIANT"
 
 
+#: (T, B, H, P, variable lengths) of the projected and packed calls.
+CONTRACT_SHAPES = [(3, 5, 24, 7, False), (4, 17, 40, 16, True), (2, 3, 13, None, True)]
+
+
 def configurations(backend: str):
-    """(label, environment) of every variant (and matmul) of ``backend`` to sanitize."""
+    """(label, environment, TF32 allowed) of every variant (and matmul) of ``backend`` to sanitize."""
     if backend == "cuda":
+        for tf32 in (False, True):
+            yield f"cuda/fused/{'tf32' if tf32 else 'fp32'}", {CUDA_MMA_ENV: "1", CUDA_VARIANT_ENV: "fused"}, tf32
         for mma in ("1", "0"):
             for variant in ("step", "persistent"):
-                yield f"cuda/{variant}/{'mma' if mma == '1' else 'fma'}", {CUDA_MMA_ENV: mma, CUDA_VARIANT_ENV: variant}
+                yield (f"cuda/{variant}/{'mma' if mma == '1' else 'fma'}", {CUDA_MMA_ENV: mma, CUDA_VARIANT_ENV: variant},
+                       True)
     else:
         for variant in ("step", "persistent"):
-            yield f"triton/{variant}", {TRITON_VARIANT_ENV: variant}
+            yield f"triton/{variant}", {TRITON_VARIANT_ENV: variant}, True
 
 
 def main(argv=None) -> int:
@@ -49,7 +60,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     print(f"PYTORCH_NO_CUDA_MEMORY_CACHING={os.environ.get('PYTORCH_NO_CUDA_MEMORY_CACHING', '')}")
     bad = 0
-    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 on tf32 tensor cores too, when the switch is on
     for name in args.backend or BACKENDS:
         try:
             backend = get_backend(name)
@@ -62,8 +72,9 @@ def main(argv=None) -> int:
             print(f"{name} backend unavailable: {why}")
             bad += 1
             continue
-        for label, env in configurations(name):
+        for label, env, tf32 in configurations(name):
             os.environ.update(env)
+            torch.backends.cuda.matmul.allow_tf32 = tf32  # fp32 on tf32 tensor cores, or at fp32 accuracy
             bad += run_all(backend, label)
     print(f"sanitize_cuda: {'FAILED (' + str(bad) + ')' if bad else 'ok'}")
     return 1 if bad else 0
@@ -71,7 +82,7 @@ def main(argv=None) -> int:
 
 def persistent_impossible(label: str, dtype, H: int) -> str | None:
     """Why the cuda persistent kernels cannot run this case here (their plan), or None."""
-    if not label.startswith("cuda/persistent"):
+    if not label.startswith("cuda/persistent"):  # the fused kernels fall back per step themselves
         return None
     from lstm_kernels import _C
     from lstm_kernels.backends import cuda as cuda_backend
@@ -85,26 +96,41 @@ def persistent_impossible(label: str, dtype, H: int) -> str | None:
     return None
 
 
+def _cases(label):
+    """(T, B, H, P, variable lengths) of ``label``'s runs."""
+    cases = [(T, B, H, None, False) for T, B, H in SHAPES]
+    if label.startswith(("cuda/fused", "cuda/step")):
+        cases += CONTRACT_SHAPES
+    return cases
+
+
 def run_all(backend, label) -> int:
     bad = 0
     for dtype in DTYPES:
-        for T, B, H in SHAPES:
-            case = f"{label:22s} {str(dtype):15s} T={T} B={B} H={H}"
+        for T, B, H, P, varlen in _cases(label):
+            case = f"{label:22s} {str(dtype):15s} T={T} B={B} H={H} P={P} varlen={varlen}"
             why = persistent_impossible(label, dtype, H)
             if why is not None:
                 print(f"{case}: skipped ({why})")
                 continue
             g = torch.Generator().manual_seed(T * 1000 + B * 10 + H)
             rnd = lambda *s: torch.randn(*s, generator=g).to(dtype).cuda()  # noqa: E731
-            xg, w_hh, h0, c0 = rnd(T, B, 4 * H), rnd(4 * H, H) * H**-0.5, rnd(B, H), rnd(B, H)
+            K = H if P is None else P
+            xg, w_hh, h0, c0 = rnd(T, B, 4 * H), rnd(4 * H, K) * K**-0.5, rnd(B, K), rnd(B, H)
+            w_hr = None if P is None else rnd(P, H) * H**-0.5
+            bs = None
+            if varlen:  # lengths T, ..., 1 (non-increasing), the batch sizes of a PackedSequence
+                lengths = torch.arange(B, 0, -1).clamp(max=T)
+                lengths[0] = T
+                bs = torch.tensor([int((lengths > t).sum()) for t in range(T)])
             for needs_grad in (False, True):
                 try:
-                    h_all, h_T, c_T, ws = backend.forward(xg, w_hh, h0, c0, None, None, needs_grad)
+                    h_all, h_T, c_T, ws = backend.forward(xg, w_hh, h0, c0, w_hr, bs, needs_grad)
                     outs = [h_all, h_T, c_T]
                     if needs_grad:
-                        inputs = RecurrenceInputs(xg, w_hh, h0, c0, None, None)
-                        dG, dh0, dc0, _ = backend.backward(inputs, h_all, ws, rnd(T, B, H), rnd(B, H), rnd(B, H))
-                        outs += [dG, dh0, dc0]
+                        inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, bs)
+                        dG, dh0, dc0, dw_hr = backend.backward(inputs, h_all, ws, rnd(T, B, K), rnd(B, K), rnd(B, H))
+                        outs += [dG, dh0, dc0] + ([] if dw_hr is None else [dw_hr])
                     torch.cuda.synchronize()
                     ok = all(bool(torch.isfinite(o).all()) for o in outs)
                     status = "ok" if ok else "NON-FINITE"
