@@ -16,7 +16,10 @@
 //     with big = tf32(x), small = tf32(x - big), and a*b ~ a_small b_big + a_big b_small +
 //     a_big b_big (small terms first) by three m16n8k8; the dropped a_small b_small and the
 //     rounding of small are each <= 2^-22 |a b|, so a product is within ~2^-20.5 |a b|
-//     (tests/test_cuda_plan_host.py emulates it against float64 on a whole BPTT).
+//     (tests/test_cuda_plan_host.py emulates it against float64 on a whole BPTT). Not IEEE at the
+//     edges: an infinite operand (or one within half a tf32 ulp of FLT_MAX) makes its products NaN
+//     (inf - inf in the split, inf * 0 in the cross terms) where fp32 gives +-inf; every finite
+//     product in range is as above.
 // The dtype codes of the C API (FusedOp, fused_lstm.h) pick the Op: with_op below.
 #pragma once
 
@@ -139,7 +142,7 @@ __device__ __forceinline__ Frag<Op> ldsm_frag(uint32_t addr) {
     } else {
       const float x = __uint_as_float(r[i]);
       f.big[i] = to_tf32(x);
-      if constexpr (Op::kSplit) f.small[i] = to_tf32(x - __uint_as_float(f.big[i]));
+      if constexpr (Op::kSplit) f.small[i] = to_tf32(x - __uint_as_float(f.big[i]));  // x - big is exact
     }
   }
   return f;

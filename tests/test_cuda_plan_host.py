@@ -545,13 +545,13 @@ class _Refused(RuntimeError):
 class _FakeExt:
     CooperativeLaunchRefused = _Refused
 
-    def __init__(self, possible=True):
-        self.possible = possible
+    def __init__(self, possible=True, fits=True):
+        self.possible, self.fits = possible, fits
         self.plans = []
 
     def fused_plan(self, direction, dtype, B, H, P):
         self.plans.append((direction, dtype, B, H, P))
-        return {"blocks": cf.Plan(B, H).blocks, "smem": 0, "possible": self.possible, "fits": True}
+        return {"blocks": cf.Plan(B, H).blocks, "smem": 0, "possible": self.possible and self.fits, "fits": self.fits}
 
     fused_forward = fused_backward = None
 
@@ -1150,3 +1150,35 @@ def test_backward_shared_memory_holds_the_rings_and_the_resident_slice():
         assert cf.backward_smem_bytes(768, None, elem) == cf.UNITS * ld * elem + cf.WARPS * cf.WARP_RING_BYTES + 4096
     assert cf.backward_smem_bytes(768, None, 4) <= cf.SMEM_OPTIN_SM90 < cf.backward_smem_bytes(1208, None, 4)
     assert cf.WARP_RING_BYTES == cf.RING_STAGES * cf.BATCH_TILE * (cf.STAGE_PAIRS * 2 * cf.CHUNK_BYTES + 16)
+
+
+def test_device_plan_that_does_not_fit_is_never_launched(fake_fused):
+    """Where the device's own plan (_C.fused_plan: dynamic + static shared memory against the opt-in)
+    says a block does not fit although the Python formula does, a plain call goes to the per-step
+    kernels and a projected or packed call (which only the fused kernels serve) raises."""
+    fake = fake_fused()
+    fake.fits = False
+    assert cuda_backend._fused_mode(_call(), "forward") is None
+    for kw in (dict(P=256), dict(varlen=True)):
+        with pytest.raises(RuntimeError, match="served by the fused kernels only.*does not fit"):
+            cuda_backend._fused_mode(_call(**kw), "forward")
+
+
+def test_fit_counts_the_kernels_static_shared_memory():
+    """A block whose dynamic shared memory equals the opt-in exactly does not fit: the kernels' static
+    bytes (abort flag) count too (a projected backward lands there: fp16 H = 2384, P = 32 on sm_90)."""
+    plan = cf.Plan(16, 2384, 32)
+    assert plan.smem_bytes("backward", 2) == cf.SMEM_OPTIN_SM90
+    assert not plan.fits(cf.SMEM_OPTIN_SM90, 2, ("backward",))
+    assert plan.fits(cf.SMEM_OPTIN_SM90 + cf.STATIC_SMEM_BYTES, 2, ("backward",))
+
+
+def test_3xtf32_is_not_ieee_at_infinity():
+    """The documented edge of Fp32Mma (fused_common.cuh): an infinite operand's products are NaN where
+    fp32 gives +-inf (inf - inf in the split); finite operands near 1 are unaffected. If the kernels
+    learn to keep infinities, this test and that comment change together."""
+    x = torch.tensor([[float("inf"), 1.5]])
+    y = torch.tensor([[1.0], [2.0]])
+    assert (x.double() @ y.double()).item() == float("inf")
+    assert cf.tf32_matmul(x, y, split=True).isnan().all()
+    assert cf.tf32_matmul(x[:, 1:], y[1:], split=True).item() == 3.0

@@ -299,25 +299,39 @@ def _fused_plan_of(device: str, direction: str, code: int, B: int, H: int, P: in
         return dict(_C.fused_plan(direction, code, B, H, P))
 
 
+def _fused_plan(device: torch.device, direction: str, dtype, B: int, H: int, P: int) -> dict:
+    """``_C.fused_plan`` of the fused ``direction`` kernel for this call on ``device`` (cached)."""
+    code = cuda_fused.op_code(dtype, fused_tf32(dtype))
+    return _fused_plan_of(str(device), direction, code, B, H, P)
+
+
 def fused_persistent_possible(device: torch.device, direction: str, dtype, B: int, H: int, P: int) -> bool:
     """The fused ``direction`` kernel's grid is co-resident on ``device`` (``_C.fused_plan``, cached)."""
     key = (str(device), "fused-" + direction, dtype, B, H, P)
-    code = cuda_fused.op_code(dtype, fused_tf32(dtype))
-    return key not in _REFUSED and _fused_plan_of(str(device), direction, code, B, H, P)["possible"]
+    return key not in _REFUSED and _fused_plan(device, direction, dtype, B, H, P)["possible"]
 
 
 def _fused_mode(call: RecurrenceCall, direction: str) -> Optional[bool]:
     """How the fused kernels run ``call``: True persistent, False one launch per (half-)step, None
-    not at all (the kernels of lstm_forward.cu / lstm_backward.cu serve it)."""
+    not at all (the kernels of lstm_forward.cu / lstm_backward.cu serve it). A projected or packed
+    call, which only the fused kernels serve, raises where they cannot run it (never a kernel that
+    ignores W_hr or batch_sizes)."""
     requested = requested_variant()
     only_fused = call.has_projection or call.variable_lengths
     if not only_fused and requested != "fused":
         return None
-    if fused_unserved_reason(call, (direction,)) is not None:
+    P = call.state_size
+    why = fused_unserved_reason(call, (direction,))
+    if why is None and not _fused_plan(call.device, direction, call.dtype, call.batch, call.hidden_size, P)["fits"]:
+        why = f"the device's plan says the fused {direction} block's shared memory does not fit (B={call.batch}, " \
+              f"H={call.hidden_size}, P={P}, {call.dtype})"
+    if why is not None:
+        if only_fused:
+            what = "proj_size > 0" if call.has_projection else "variable lengths (PackedSequence)"
+            raise RuntimeError(f"cuda backend: {what} is served by the fused kernels only, and {why}")
         return None
     if requested == "step":
         return False
-    P = call.state_size
     if fused_persistent_possible(call.device, direction, call.dtype, call.batch, call.hidden_size, P):
         return True
     if requested == "persistent":

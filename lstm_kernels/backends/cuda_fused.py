@@ -46,6 +46,9 @@ WARP_RING_BYTES = RING_STAGES * STAGE_BYTES
 #: Shared memory a block may opt in to on sm_80 (A100: 163 KB) and sm_90 (H100: 227 KB).
 SMEM_OPTIN_SM80 = 163 * 1024
 SMEM_OPTIN_SM90 = 227 * 1024
+#: Static shared memory of every fused kernel (the abort flag, as ptxas rounds it); it counts against
+#: the opt-in limit with the dynamic bytes (the kernel plan asks the runtime, cudaFuncGetAttributes).
+STATIC_SMEM_BYTES = 16
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: FusedOp codes of csrc/fused_lstm.h.
@@ -209,8 +212,9 @@ class Plan:
 
     def fits(self, smem_optin: int = SMEM_OPTIN_SM90, elem: int = 2,
              directions: tuple = ("forward", "backward")) -> bool:
-        """Whether a block of each of ``directions`` fits in ``smem_optin`` bytes for ``elem``-byte storage."""
-        return all(self.smem_bytes(d, elem) <= smem_optin for d in directions)
+        """Whether a block of each of ``directions`` fits in ``smem_optin`` bytes for ``elem``-byte storage
+        (its dynamic shared memory and the kernels' static bytes)."""
+        return all(self.smem_bytes(d, elem) + STATIC_SMEM_BYTES <= smem_optin for d in directions)
 
 
 def exchange_round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
