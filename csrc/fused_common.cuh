@@ -10,7 +10,7 @@
 // Op, the kernels' template parameter, is the storage type T and how a chunk is multiplied:
 //   Fp16Mma, Bf16Mma: T = __half / __nv_bfloat16, mma.sync m16n8k16 on the stored values
 //     (products exact in fp32, fp32 sums);
-//   Tf32Mma: T = float, operands rounded to tf32 (cvt.rna: 10 mantissa bits, 2^-11 relative),
+//   Tf32Mma: T = float, operands rounded to tf32 (to nearest: 10 mantissa bits, 2^-11 relative),
 //     m16n8k8; used only where torch allows TF32 (torch.backends.cuda.matmul.allow_tf32);
 //   Fp32Mma: T = float, fp32 accuracy on tensor cores ("3xTF32"): each operand x = big + small
 //     with big = tf32(x), small = tf32(x - big), and a*b ~ a_small b_big + a_big b_small +
@@ -85,11 +85,12 @@ __device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__device__ __forceinline__ uint32_t to_tf32(float x) {  // round to nearest (ties away), low 13 bits zero
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return r;
-}
+// x rounded to tf32, nearest with ties away from zero (the low 13 bits zero): half a tf32 ulp added to
+// the magnitude, then truncated; two integer instructions where cvt.rna.tf32.f32 takes about eight
+// on sm_80/sm_90. Equal to cvt.rna for finite values (a value within half an ulp of FLT_MAX goes to
+// infinity, as there) and for infinities; a NaN whose payload lies only in the low 13 bits becomes
+// an infinity (torch's NaNs have the quiet bit, bit 22, set, and stay NaN).
+__device__ __forceinline__ uint32_t to_tf32(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
 
 // ---- operand precisions (see the top of this file) -----------------------------------------
 

@@ -1182,3 +1182,11 @@ def test_3xtf32_is_not_ieee_at_infinity():
     assert (x.double() @ y.double()).item() == float("inf")
     assert cf.tf32_matmul(x, y, split=True).isnan().all()
     assert cf.tf32_matmul(x[:, 1:], y[1:], split=True).item() == 3.0
+
+
+def test_to_tf32_keeps_infinities_and_quiet_nans():
+    """The kernels' integer to_tf32 (fused_common.cuh) agrees with cvt.rna at the edges that matter:
+    infinities stay, FLT_MAX rounds up to infinity, torch's (quiet) NaN stays NaN."""
+    x = torch.tensor([float("inf"), -float("inf"), torch.finfo(torch.float32).max, float("nan")])
+    r = cf.to_tf32(x)
+    assert r[0] == float("inf") and r[1] == -float("inf") and r[2] == float("inf") and r[3].isnan()

@@ -228,8 +228,9 @@ def exchange_unit_roundoff(dtype: torch.dtype) -> float:
 
 
 def to_tf32(x: torch.Tensor) -> torch.Tensor:
-    """float32 ``x`` rounded to tf32 as ``cvt.rna.tf32.f32`` does (nearest, ties away from zero; the
-    low 13 mantissa bits zero). Finite inputs."""
+    """float32 ``x`` rounded to tf32 as the kernels' ``to_tf32`` does (fused_common.cuh): nearest, ties
+    away from zero, the low 13 mantissa bits zero; equal to ``cvt.rna.tf32.f32`` for finite values and
+    infinities."""
     bits = x.float().contiguous().view(torch.int32)
     mag = (bits & 0x7FFFFFFF) + 0x1000  # add half a tf32 ulp to the magnitude: ties round away
     return ((bits & ~0x7FFFFFFF) | (mag & ~0x1FFF)).view(torch.float32)
