@@ -178,6 +178,10 @@ cudaError_t with_op(int code, F&& f) {
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
+// The same with `bytes` (0 or 16) read from src and the rest of the 16 bytes zero-filled.
+__device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src, uint32_t bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>  // until at most N of this thread's committed groups are pending
@@ -281,6 +285,31 @@ __device__ __forceinline__ void warp_fetch_columns(T* dst, int LD, const T* src,
   __syncwarp();
 }
 
+// One pair of chunks of a 16 x 8 product: A (16 rows, ldsm_a16 lane address a) x B (8 rows, two
+// chunks at ldsm_b8x2 lane address b), chunk 0 into acc0 and chunk 1 into acc1 (two MMA chains).
+template <typename Op>
+__device__ __forceinline__ void mma_pair(float (&acc0)[4], float (&acc1)[4], uint32_t a, uint32_t b) {
+  const Frag<Op> a0 = ldsm_frag<Op>(a), a1 = ldsm_frag<Op>(a + CHUNK_BYTES), bw = ldsm_frag<Op>(b);
+  mma_chunk<Op>(acc0, a0, bw, 0);
+  mma_chunk<Op>(acc1, a1, bw, 1);
+}
+
+// The block's sum of every warp's acc0 + acc1 (16 x 8 fragments): through `red` ([WARPS][4][32]
+// floats) and one block barrier, added by warps 0-3 in the fixed order w = 0..7 (deterministic).
+// Returns, in warp w < 4, the sum of fragment element w of `lane`; 0 in the other warps.
+__device__ __forceinline__ float sum_over_warps(const float (&acc0)[4], const float (&acc1)[4], float* red, int warp,
+                                                int lane) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + lane] = acc0[e] + acc1[e];
+  __syncthreads();
+  float sum = 0.f;
+  if (warp < 4) {
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sum += red[(w * 4 + warp) * 32 + lane];
+  }
+  return sum;
+}
+
 // One 16 x 8 product A[16, K] . B[K, 8] with K split over the block's warps: each warp runs its
 // pairs of chunks [kp_begin, kp_end) (two accumulators, so two MMA chains overlap) from the
 // ldmatrix addresses a_base (ldsm_a16) and b_base (ldsm_b8x2), 64 bytes per pair, in Op's
@@ -294,23 +323,10 @@ __device__ __forceinline__ float split_k_mma_16x8(uint32_t a_base, uint32_t b_ba
   float acc0[4] = {}, acc1[4] = {};
   if (active) {
 #pragma unroll 1
-    for (int kp = kp_begin; kp < kp_end; ++kp) {
-      const Frag<Op> a0 = ldsm_frag<Op>(a_base + kp * 2 * CHUNK_BYTES);
-      const Frag<Op> a1 = ldsm_frag<Op>(a_base + kp * 2 * CHUNK_BYTES + CHUNK_BYTES);
-      const Frag<Op> bw = ldsm_frag<Op>(b_base + kp * 2 * CHUNK_BYTES);
-      mma_chunk<Op>(acc0, a0, bw, 0);
-      mma_chunk<Op>(acc1, a1, bw, 1);
-    }
+    for (int kp = kp_begin; kp < kp_end; ++kp)
+      mma_pair<Op>(acc0, acc1, a_base + kp * 2 * CHUNK_BYTES, b_base + kp * 2 * CHUNK_BYTES);
   }
-#pragma unroll
-  for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + lane] = acc0[e] + acc1[e];
-  __syncthreads();
-  float sum = 0.f;
-  if (warp < 4) {
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) sum += red[(w * 4 + warp) * 32 + lane];
-  }
-  return sum;
+  return sum_over_warps(acc0, acc1, red, warp, lane);
 }
 
 // split_k_mma_16x8 with A (16 rows x K) streamed from an exchange buffer in global memory (src:
@@ -320,28 +336,36 @@ __device__ __forceinline__ float split_k_mma_16x8(uint32_t a_base, uint32_t b_ba
 // the oldest. The backward's dG tile (16 x 4H) is the large operand: streamed, it needs a fixed
 // 9 KB per warp instead of 16 x 4H x sizeof(T) per block, so float fits at the flagship. Every
 // thread of the block must call it (one block barrier); the result is split_k_mma_16x8's.
+//
+// Every stage is multiplied whole: the pairs of a short last stage that lie past kp_end are
+// zero-filled by their copies (cp.async with 0 source bytes) and multiplied with the W pair at
+// the stage's start (finite values), adding exact zeros, so the loop body has no predicated MMA.
+// A lane's copies keep their ring and source offsets from stage to stage (4 rows x one 16-byte
+// column per lane), so a stage costs 4 cp.async and a few address additions.
 template <typename Op, typename T = typename Op::T>
 __device__ __forceinline__ float split_k_mma_16x8_streamed(const T* src, int ld, unsigned char* ring, uint32_t b_base,
                                                            int kp_begin, int kp_end, bool active, float* red,
                                                            int warp, int lane) {
+  constexpr int kRow = STAGE_PAIRS * 2 * CHUNK_BYTES / 16;  // 16-byte copies per row of a stage
+  constexpr int kRowsPerPass = 32 / kRow;                   // rows the warp copies per cp.async instruction
+  static_assert(32 % kRow == 0 && BATCH_TILE % kRowsPerPass == 0, "a stage is whole passes of the warp");
   float acc0[4] = {}, acc1[4] = {};
   if (active) {
     const int n_stages = (kp_end - kp_begin + STAGE_PAIRS - 1) / STAGE_PAIRS;
-    const uint32_t ring_s = smem_addr(ring);
-    const unsigned char* g = reinterpret_cast<const unsigned char*>(src);
+    const int col = lane % kRow, row = lane / kRow;  // this lane's 16-byte column and first row
+    const uint32_t ring_lane = smem_addr(ring) + row * STAGE_ROW_BYTES + col * 16;
     const size_t row_bytes = (size_t)ld * sizeof(T);
+    const unsigned char* src_row = reinterpret_cast<const unsigned char*>(src) + row * row_bytes +
+                                   (size_t)kp_begin * 2 * CHUNK_BYTES;
     auto issue = [&](int s) {  // stage s into slot s % RING_STAGES; one commit group per stage, empty past the end
       if (s < n_stages) {
-        constexpr int kRow = STAGE_PAIRS * 2 * CHUNK_BYTES / 16;  // 16-byte copies per row of a full stage
-        const int p0 = kp_begin + s * STAGE_PAIRS;
-        const int per_row = min(STAGE_PAIRS, kp_end - p0) * (2 * CHUNK_BYTES / 16);  // this stage's
-        const uint32_t slot = ring_s + (s % RING_STAGES) * STAGE_BYTES;
-        const unsigned char* src_s = g + (size_t)p0 * 2 * CHUNK_BYTES;
+        const int pairs = min(STAGE_PAIRS, kp_end - kp_begin - s * STAGE_PAIRS);
+        const bool copy = col < pairs * (2 * CHUNK_BYTES / 16);  // else zero-fill, from the stage's column 0
+        const uint32_t dst = ring_lane + (s % RING_STAGES) * STAGE_BYTES;
+        const unsigned char* from = src_row + (size_t)s * STAGE_PAIRS * 2 * CHUNK_BYTES + (copy ? col * 16 : 0);
 #pragma unroll
-        for (int c = lane; c < BATCH_TILE * kRow; c += 32) {
-          const int r = c / kRow, x = c % kRow;
-          if (x < per_row) cp_async_16(slot + r * STAGE_ROW_BYTES + x * 16, src_s + r * row_bytes + x * 16);
-        }
+        for (int r = 0; r < BATCH_TILE; r += kRowsPerPass)
+          cp_async_16_zfill(dst + r * STAGE_ROW_BYTES, from + r * row_bytes, copy ? 16u : 0u);
       }
       cp_async_commit();
     };
@@ -353,31 +377,18 @@ __device__ __forceinline__ float split_k_mma_16x8_streamed(const T* src, int ld,
       issue(s + RING_STAGES - 1);  // into the slot multiplied in iteration s - 1 (its __syncwarp below)
       cp_async_wait_group<RING_STAGES - 1>();
       __syncwarp();  // stage s has landed, copied by every lane
-      const uint32_t slot = ring_s + (s % RING_STAGES) * STAGE_BYTES + a_lane;
+      const uint32_t slot = smem_addr(ring) + (s % RING_STAGES) * STAGE_BYTES + a_lane;
       const int p0 = kp_begin + s * STAGE_PAIRS;
 #pragma unroll
       for (int i = 0; i < STAGE_PAIRS; ++i) {
-        if (p0 + i < kp_end) {
-          const Frag<Op> a0 = ldsm_frag<Op>(slot + i * 2 * CHUNK_BYTES);
-          const Frag<Op> a1 = ldsm_frag<Op>(slot + i * 2 * CHUNK_BYTES + CHUNK_BYTES);
-          const Frag<Op> bw = ldsm_frag<Op>(b_base + (p0 + i) * 2 * CHUNK_BYTES);
-          mma_chunk<Op>(acc0, a0, bw, 0);
-          mma_chunk<Op>(acc1, a1, bw, 1);
-        }
+        const int p = p0 + i < kp_end ? p0 + i : p0;  // past kp_end: zeros times the stage's first W pair
+        mma_pair<Op>(acc0, acc1, slot + i * 2 * CHUNK_BYTES, b_base + p * 2 * CHUNK_BYTES);
       }
       __syncwarp();  // every lane has read slot s % RING_STAGES before it is refilled
     }
     cp_async_wait_all();  // the empty groups
   }
-#pragma unroll
-  for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + lane] = acc0[e] + acc1[e];
-  __syncthreads();
-  float sum = 0.f;
-  if (warp < 4) {
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) sum += red[(w * 4 + warp) * 32 + lane];
-  }
-  return sum;
+  return sum_over_warps(acc0, acc1, red, warp, lane);
 }
 
 // Storage type <-> fp32.

@@ -1070,7 +1070,8 @@ def test_the_emulated_mma_sees_a_wrong_address(plan_dump, op):
 def test_streamed_ring_computes_the_block_product(plan_dump, op, kind, landing):
     """split_k_mma_16x8_streamed (fused_backward.cu's dG_{t+1} W_hh): each warp copies its pairs of
     chunks of the exchange rows (global, row stride Kp elements) stage by stage (STAGE_PAIRS pairs,
-    16-byte cp.async pieces, the last stage short) into slot s % RING_STAGES of its ring (rows of
+    16-byte cp.async pieces; past kp_end in a short last stage, zero-filled copies whose source is
+    the stage's first column, multiplied with the stage's first W pair) into slot s % RING_STAGES of its ring (rows of
     STAGE_ROW_BYTES), RING_STAGES - 1 stages ahead, and multiplies stage s from the ring (A at
     ldsm_a16 with the ring's row stride) with the resident W strip (B at ldsm_b8x2).
 
@@ -1104,18 +1105,21 @@ def test_streamed_ring_computes_the_block_product(plan_dump, op, kind, landing):
             slot = stage % RING
             assert held[slot] is None or held[slot] in consumed, f"stage {stage} overwrites unread stage {held[slot]}"
             held[slot] = stage
-            for dst, src_byte in copies:  # one 16-byte cp.async
+            for dst, src_byte, nbytes in copies:  # one 16-byte cp.async: nbytes read, the rest zero-filled
                 r, c = divmod(dst, ROW)
                 sr, sc = divmod(src_byte, Kp * elem)
-                ring[r, c // elem:c // elem + per16] = src[sr, sc // elem:sc // elem + per16]
+                assert 0 <= sr < cf.BATCH_TILE and sc + 16 <= Kp * elem, "a copy's source lies outside the rows"
+                data = src[sr, sc // elem:sc // elem + per16]
+                ring[r, c // elem:c // elem + per16] = data if nbytes == 16 else torch.zeros_like(data)
 
-        def issue(s):  # one commit group, empty past the last stage
+        def issue(s):  # one commit group, empty past the last stage; a full stage, zero-filled past kp_end
             group = (None, [])
             if s < n_stages:
                 p0 = kp_begin + s * SP
                 per_row = min(SP, kp_end - p0) * (2 * CB // 16)
-                copies = [((s % RING) * SLOT + r * ROW + x * 16, r * Kp * elem + p0 * 2 * CB + x * 16)
-                          for r in range(cf.BATCH_TILE) for x in range(per_row)]
+                copies = [((s % RING) * SLOT + r * ROW + x * 16,
+                           r * Kp * elem + p0 * 2 * CB + (x * 16 if x < per_row else 0), 16 if x < per_row else 0)
+                          for r in range(cf.BATCH_TILE) for x in range(SP * 2 * CB // 16)]
                 group = (s, copies)
             if landing == "at issue":
                 land(group)
@@ -1130,13 +1134,13 @@ def test_streamed_ring_computes_the_block_product(plan_dump, op, kind, landing):
             while len(pending) > RING - 1:  # cp.async.wait_group<RING_STAGES - 1>
                 land(pending.pop(0))
             base, p0 = (s % RING) * SLOT, kp_begin + s * SP
-            for i in range(SP):
-                if p0 + i < kp_end:
-                    a0 = _frag(op, _ldmatrix_x4(ring, elem, [base + o + i * 2 * CB for o in a_lane]))
-                    a1 = _frag(op, _ldmatrix_x4(ring, elem, [base + o + i * 2 * CB + CB for o in a_lane]))
-                    bw = _frag(op, _ldmatrix_x4(w, elem, [o + (p0 + i) * 2 * CB for o in w_off]))
-                    _mma_chunk(op, acc0, a0, bw, 0)
-                    _mma_chunk(op, acc1, a1, bw, 1)
+            for i in range(SP):  # every pair of the stage; past kp_end zeros times the stage's first W pair
+                p = p0 + i if p0 + i < kp_end else p0
+                a0 = _frag(op, _ldmatrix_x4(ring, elem, [base + o + i * 2 * CB for o in a_lane]))
+                a1 = _frag(op, _ldmatrix_x4(ring, elem, [base + o + i * 2 * CB + CB for o in a_lane]))
+                bw = _frag(op, _ldmatrix_x4(w, elem, [o + p * 2 * CB for o in w_off]))
+                _mma_chunk(op, acc0, a0, bw, 0)
+                _mma_chunk(op, acc1, a1, bw, 1)
             consumed.add(s)
         total += acc0 + acc1
     _check(op, kind, _tile_of(total), _want(op, kind, src, w[:, :Kp]))

@@ -283,6 +283,7 @@ def test_fused_step_loop_structure(fused_sass, arch, stem, proj):
             ldg_in_nested_loops=loop.count(lambda t: is_ldg(t) and not is_poll(t), loop.in_nested),
             ldg_in_k_loop=loop.count(is_ldg, loop.in_k), sts_in_k_loop=loop.count(is_sts, loop.in_k),
             ldsm_in_k_loop=loop.count(lambda t: "LDSM" in t, loop.in_k),
+            k_loop_instructions=[loop.count(lambda t: not t.startswith("@!PT "), lp.holds) for lp in loop.k_loops],
             cp_async=loop.count(lambda t: "LDGSTS" in t),
         )
         H, P = design_shape(stem, op, proj)
