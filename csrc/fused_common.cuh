@@ -187,17 +187,19 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>  // until at most N of this thread's committed groups are pending
 __device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
-// rows x Kp elements of T from src (row stride src_ld elements, 16-byte aligned rows) into
-// dst (row stride dst_ld), by the lanes of one warp: rows * Kp * sizeof(T) / 16 copies of 16 bytes.
+// BATCH_TILE rows x n elements of T from src (row stride src_ld elements, 16-byte aligned rows) into
+// dst (row stride dst_ld), by the lanes of one warp: lane c copies the 16-byte column c (and c + 32,
+// ...) of every row, so there is no division by the runtime row length; a warp's k range is at
+// most 32 columns of 16 bytes in the usual shapes (512 bytes: H <= 2048 in 16 bits), one pass.
 template <typename T>
-__device__ __forceinline__ void warp_copy_rows_async(T* dst, int dst_ld, const T* src, int src_ld, int rows, int Kp,
-                                                     int lane) {
+__device__ __forceinline__ void warp_copy_rows_async(T* dst, int dst_ld, const T* src, int src_ld, int n, int lane) {
   constexpr int per_copy = 16 / sizeof(T);
-  const int chunks_per_row = Kp / per_copy;
-  const int n = rows * chunks_per_row;
-  for (int c = lane; c < n; c += 32) {
-    const int r = c / chunks_per_row, k = (c % chunks_per_row) * per_copy;
-    cp_async_16(smem_addr(dst + r * dst_ld + k), src + (size_t)r * src_ld + k);
+  const int columns = n / per_copy;
+  for (int c = lane; c < columns; c += 32) {
+    const uint32_t d = smem_addr(dst + c * per_copy);
+    const T* from = src + c * per_copy;
+#pragma unroll
+    for (int r = 0; r < BATCH_TILE; ++r) cp_async_16(d + r * dst_ld * (int)sizeof(T), from + (size_t)r * src_ld);
   }
 }
 
@@ -280,7 +282,7 @@ __device__ __forceinline__ bool block_wait(const unsigned int* counter, unsigned
 // that every lane sees the other lanes' copies).
 template <typename T>
 __device__ __forceinline__ void warp_fetch_columns(T* dst, int LD, const T* src, int ld, int k0, int k1, int lane) {
-  warp_copy_rows_async(dst + k0, LD, src + k0, ld, BATCH_TILE, k1 - k0, lane);
+  warp_copy_rows_async(dst + k0, LD, src + k0, ld, k1 - k0, lane);
   cp_async_wait_all();
   __syncwarp();
 }
