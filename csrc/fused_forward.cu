@@ -35,7 +35,7 @@
 // |   warp 0 acquire-polls it (arrive right after the h_t stores, wait at the |           |
 // |   top of the next step: xg_{t+1} loads issued in between)                 |           |
 // | h_{t-1} [16, Pk] copied once by cp.async (16 B each) into padded smem,    | <= 0.3 us |
-// |   each warp the k columns it multiplies (6 copies per lane at H = 768)    |           |
+// |   each warp the k columns it multiplies (12 lanes x 16 rows at H = 768)  |           |
 // | MMA from the resident W slice (ldmatrix), 8 warps, K split 8 ways,        | <= 0.5 us |
 // |   (2 x 2 tiles) x KS/8 = 24 HMMA per warp at H = 768 (float: 48 tf32, or  |           |
 // |   144 for fp32 accuracy, plus the split of each fragment)                 |           |
