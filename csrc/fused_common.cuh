@@ -85,12 +85,11 @@ __device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// x rounded to tf32, nearest with ties away from zero (the low 13 bits zero): half a tf32 ulp added to
-// the magnitude, then truncated; two integer instructions where cvt.rna.tf32.f32 takes about eight
-// on sm_80/sm_90. Equal to cvt.rna for finite values (a value within half an ulp of FLT_MAX goes to
-// infinity, as there) and for infinities; a NaN whose payload lies only in the low 13 bits becomes
-// an infinity (torch's NaNs have the quiet bit, bit 22, set, and stay NaN).
-__device__ __forceinline__ uint32_t to_tf32(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
+__device__ __forceinline__ uint32_t to_tf32(float x) {  // nearest, ties away from zero; low 13 bits zero
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
 
 // ---- operand precisions (see the top of this file) -----------------------------------------
 

@@ -1064,10 +1064,11 @@ def test_the_emulated_mma_sees_a_wrong_address(plan_dump, op):
         assert not torch.allclose(product(bad), ok), (lane, delta)
 
 
+@pytest.mark.parametrize("shape", ["wrapping ring", "empty warps"])
 @pytest.mark.parametrize("landing", ["at issue", "at the wait"])
 @pytest.mark.parametrize("kind", ["dyadic", "float"])
 @pytest.mark.parametrize("op", list(OPS))
-def test_streamed_ring_computes_the_block_product(plan_dump, op, kind, landing):
+def test_streamed_ring_computes_the_block_product(plan_dump, op, kind, landing, shape):
     """split_k_mma_16x8_streamed (fused_backward.cu's dG_{t+1} W_hh): each warp copies its pairs of
     chunks of the exchange rows (global, row stride Kp elements) stage by stage (STAGE_PAIRS pairs,
     16-byte cp.async pieces; past kp_end in a short last stage, zero-filled copies whose source is
@@ -1081,7 +1082,10 @@ def test_streamed_ring_computes_the_block_product(plan_dump, op, kind, landing):
     Both give the block product, so the schedule is right whatever the copies' timing."""
     torch.manual_seed(9)
     elem = OPS[op]
-    H = 576 if elem == 2 else 288  # 72 pairs: 9 per warp, 5 stages (the last short), the ring wraps
+    if shape == "wrapping ring":  # 72 pairs: 9 per warp, 5 stages (the last short), the ring wraps
+        H = 576 if elem == 2 else 288
+    else:  # 3 pairs (4H = 96 or 48 elements): five warps have none, the others one
+        H = 24 if elem == 2 else 12
     d = plan_dump(16, H, elem)
     SP, RING, ROW, SLOT = (d[n] for n in ("STAGE_PAIRS", "RING_STAGES", "STAGE_ROW_BYTES", "STAGE_BYTES"))
     Kp = cf.round_up(4 * H, cf.kpad(elem))
@@ -1091,7 +1095,12 @@ def test_streamed_ring_computes_the_block_product(plan_dump, op, kind, landing):
     w_off = _lane_offsets(plan_dump, "ldsm_b8x2", LD * elem)
     a_lane = _lane_offsets(plan_dump, "ldsm_a16", ROW)
     CB, per16 = cf.CHUNK_BYTES, 16 // elem
-    assert max(-(-(e - b) // SP) for b, e in d["bwd_k"]) > RING and any((e - b) % SP for b, e in d["bwd_k"])
+    if shape == "wrapping ring":
+        assert max(-(-(e - b) // SP) for b, e in d["bwd_k"]) > RING and any((e - b) % SP for b, e in d["bwd_k"])
+    else:
+        assert any(b == e for b, e in d["bwd_k"])
+    k_row = SP * 2 * CB // 16  # the kernel's lane map: lane = row * k_row + col, rows row + 32 / k_row * i
+    rows_per_pass = 32 // k_row
     total = torch.zeros(32, 4, dtype=torch.float64)
     for kp_begin, kp_end in d["bwd_k"]:  # warp by warp
         ring = torch.full((RING * cf.BATCH_TILE, ROW // elem), float("nan"), dtype=torch.float64)
@@ -1114,12 +1123,19 @@ def test_streamed_ring_computes_the_block_product(plan_dump, op, kind, landing):
 
         def issue(s):  # one commit group, empty past the last stage; a full stage, zero-filled past kp_end
             group = (None, [])
-            if s < n_stages:
-                p0 = kp_begin + s * SP
-                per_row = min(SP, kp_end - p0) * (2 * CB // 16)
-                copies = [((s % RING) * SLOT + r * ROW + x * 16,
-                           r * Kp * elem + p0 * 2 * CB + (x * 16 if x < per_row else 0), 16 if x < per_row else 0)
-                          for r in range(cf.BATCH_TILE) for x in range(SP * 2 * CB // 16)]
+            if s < n_stages:  # lane by lane, as split_k_mma_16x8_streamed computes the addresses
+                pairs = min(SP, kp_end - kp_begin - s * SP)
+                copies = []
+                for lane in range(32):
+                    col, row = lane % k_row, lane // k_row
+                    copy = col < pairs * (2 * CB // 16)
+                    src_row = row * Kp * elem + kp_begin * 2 * CB
+                    for r in range(0, cf.BATCH_TILE, rows_per_pass):
+                        copies.append(((s % RING) * SLOT + (row + r) * ROW + col * 16,
+                                       src_row + s * SP * 2 * CB + (col * 16 if copy else 0) + r * Kp * elem,
+                                       16 if copy else 0))
+                dsts = [c[0] for c in copies]
+                assert len(set(dsts)) == len(dsts) == cf.BATCH_TILE * k_row, "each piece of a stage copied once"
                 group = (s, copies)
             if landing == "at issue":
                 land(group)
@@ -1188,9 +1204,12 @@ def test_3xtf32_is_not_ieee_at_infinity():
     assert cf.tf32_matmul(x[:, 1:], y[1:], split=True).item() == 3.0
 
 
-def test_to_tf32_keeps_infinities_and_quiet_nans():
-    """The kernels' integer to_tf32 (fused_common.cuh) agrees with cvt.rna at the edges that matter:
-    infinities stay, FLT_MAX rounds up to infinity, torch's (quiet) NaN stays NaN."""
+def test_to_tf32_keeps_infinities_and_nans():
+    """to_tf32 as cvt.rna at the edges: infinities stay, FLT_MAX rounds up to infinity, and every NaN
+    stays NaN, the GPU's canonical 0x7fffffff and 0xffffffff included (adding half an ulp to those
+    would carry into the sign bit and give -0.0 / +0.0)."""
     x = torch.tensor([float("inf"), -float("inf"), torch.finfo(torch.float32).max, float("nan")])
     r = cf.to_tf32(x)
     assert r[0] == float("inf") and r[1] == -float("inf") and r[2] == float("inf") and r[3].isnan()
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000, 0x7FFFF000], dtype=torch.int32).view(torch.float32)
+    assert cf.to_tf32(nans).isnan().all()

@@ -228,11 +228,13 @@ def exchange_unit_roundoff(dtype: torch.dtype) -> float:
 
 
 def to_tf32(x: torch.Tensor) -> torch.Tensor:
-    """float32 ``x`` rounded to tf32 as the kernels' ``to_tf32`` does (fused_common.cuh): nearest, ties
-    away from zero, the low 13 mantissa bits zero; equal to ``cvt.rna.tf32.f32`` for finite values and
-    infinities."""
-    bits = x.float().contiguous().view(torch.int32)
-    mag = (bits & 0x7FFFFFFF) + 0x1000  # add half a tf32 ulp to the magnitude: ties round away
+    """float32 ``x`` rounded to tf32 as ``cvt.rna.tf32.f32`` does (the kernels' ``to_tf32``): nearest,
+    ties away from zero, the low 13 mantissa bits zero; half a tf32 ulp is added to the magnitude of
+    finite values only (ptxas's lowering), so infinities stay and NaNs stay NaN."""
+    x = x.float().contiguous()
+    bits = x.view(torch.int32)
+    finite = x.abs() < float("inf")
+    mag = (bits & 0x7FFFFFFF) + torch.where(finite, 0x1000, 0).to(torch.int32)  # ties round away
     return ((bits & ~0x7FFFFFFF) | (mag & ~0x1FFF)).view(torch.float32)
 
 
