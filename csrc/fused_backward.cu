@@ -69,8 +69,8 @@ __device__ __forceinline__ void store_gate_grads(T* dg, int H, T* ex, const Gate
   struct alignas(4 * sizeof(T)) Four {
     T v[4];
   } pack;
-  pack.v[0] = from_f32<T>(d.i), pack.v[1] = from_f32<T>(d.f), pack.v[2] = from_f32<T>(d.g);
-  pack.v[3] = from_f32<T>(d.o);
+  pack.v[0] = from_float<T>(d.i), pack.v[1] = from_float<T>(d.f), pack.v[2] = from_float<T>(d.g);
+  pack.v[3] = from_float<T>(d.o);
   dg[0] = pack.v[0], dg[H] = pack.v[1], dg[2 * H] = pack.v[2], dg[3 * H] = pack.v[3];
   *reinterpret_cast<Four*>(ex) = pack;
 }
@@ -120,21 +120,11 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const size_t BH = (size_t)B * H, BP = (size_t)B * P, B4H = 4 * BH, gx_slot = (size_t)Bp * Kp;
   const bool w_block = !PROJ || q * UNITS < P;  // owns columns [8q, 8q + 8) of W_hh
-  const T zero = from_f32<T>(0.f);
+  const T zero = from_float<T>(0.f);
   unsigned int* counter = counters + blockIdx.y;
 
-  if (w_block) {
-    for (int idx = threadIdx.x; idx < UNITS * Kp; idx += THREADS) {
-      const int r = idx / Kp, k = idx % Kp;
-      w_s[r * LD + k] = k < K4 ? w_bwd[(size_t)(q * UNITS + r) * K4 + k] : zero;
-    }
-  }
-  if (PROJ) {
-    for (int idx = threadIdx.x; idx < UNITS * Pk; idx += THREADS) {
-      const int r = idx / Pk, k = idx % Pk;
-      wr_s[r * LDP + k] = k < P ? w_hrT[(size_t)(q * UNITS + r) * P + k] : zero;
-    }
-  }
+  if (w_block) block_load_padded(w_s, LD, w_bwd + (size_t)q * UNITS * K4, UNITS, K4, Kp);
+  if (PROJ) block_load_padded(wr_s, LDP, w_hrT + (size_t)q * UNITS * P, UNITS, P, Pk);
   // Cell thread of warps 0-3: element e = warp of lane's accumulator fragment (rows b, cols j).
   const bool cell_warp = warp < 4;
   const int j = bwd_cell_unit(q, warp, lane), b = bwd_cell_row(blockIdx.y, warp, lane);
@@ -150,8 +140,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     const float* a = act + t * B4H + (size_t)b * K4 + j;
     p_i = a[0], p_f = a[H], p_g = a[2 * H], p_o = a[3 * H];
     p_c = c_all[t * BH + s];
-    p_cp = t > 0 ? c_all[(t - 1) * BH + s] : f32(c0[s]);
-    if (!PROJ) p_dh = f32(dh_all[t * BH + s]);
+    p_cp = t > 0 ? c_all[(t - 1) * BH + s] : to_float(c0[s]);
+    if (!PROJ) p_dh = to_float(dh_all[t * BH + s]);
   };
   const int it_first = hs_begin / NPH, it_end = (hs_end + NPH - 1) / NPH;
   prefetch(T_ - 1 - it_first);
@@ -183,23 +173,23 @@ __global__ void __launch_bounds__(THREADS, 1)
         if (PROJ) {
           if (mine_p) {
             const size_t sp = (size_t)b * P + j;
-            const float dh_in = from_next ? rec : f32(dh_T[sp]);
+            const float dh_in = from_next ? rec : to_float(dh_T[sp]);
             if (t < 0) {
-              dh0[sp] = from_f32<T>(dh_in);
+              dh0[sp] = from_float<T>(dh_in);
             } else if (b < n_t) {
-              const float dh = dh_in + f32(dh_all[t * BP + sp]);
+              const float dh = dh_in + to_float(dh_all[t * BP + sp]);
               dh_tot[t * BP + sp] = dh;
-              dhx[(size_t)b * Pk + j] = from_f32<T>(dh);
+              dhx[(size_t)b * Pk + j] = from_float<T>(dh);
             } else {
               dh_tot[t * BP + sp] = 0.f;
             }
           }
         } else if (mine) {
-          const float dh_in = from_next ? rec : f32(dh_T[s]);
-          const float dc_in = from_next ? dc_reg : f32(dc_T[s]);
+          const float dh_in = from_next ? rec : to_float(dh_T[s]);
+          const float dc_in = from_next ? dc_reg : to_float(dc_T[s]);
           if (t < 0) {
-            dh0[s] = from_f32<T>(dh_in);
-            dc0[s] = from_f32<T>(dc_in);
+            dh0[s] = from_float<T>(dh_in);
+            dc0[s] = from_float<T>(dc_in);
           } else {
             T* dg = dG + t * B4H + (size_t)b * K4 + j;
             if (b < n_t) {
@@ -235,7 +225,7 @@ __global__ void __launch_bounds__(THREADS, 1)
           if (mine) {
             T* dg = dG + t * B4H + (size_t)b * K4 + j;
             if (b < n_t) {
-              const float dc_in = b < n_next ? dc_reg : f32(dc_T[s]);
+              const float dc_in = b < n_next ? dc_reg : to_float(dc_T[s]);
               GateGrads d;
               float dc_prev;
               cell_backward(dm, dc_in, Gates{p_i, p_f, p_g, p_o}, p_cp, p_c, &d, &dc_prev);
@@ -251,7 +241,7 @@ __global__ void __launch_bounds__(THREADS, 1)
           }
         }
       } else if (mine) {  // the dh0 pass: dc0
-        dc0[s] = from_f32<T>(b < n_next ? dc_reg : f32(dc_T[s]));
+        dc0[s] = from_float<T>(b < n_next ? dc_reg : to_float(dc_T[s]));
       }
     }
   }

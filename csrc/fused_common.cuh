@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "dtype_convert.cuh"  // to_float / from_float: storage type <-> fp32
 #include "fused_lstm.h"
 #include "fused_plan.cuh"
 
@@ -199,6 +200,16 @@ __device__ __forceinline__ void warp_copy_rows_async(T* dst, int dst_ld, const T
     const T* from = src + c * per_copy;
 #pragma unroll
     for (int r = 0; r < BATCH_TILE; ++r) cp_async_16(d + r * dst_ld * (int)sizeof(T), from + (size_t)r * src_ld);
+  }
+}
+
+// A resident weight slice into shared memory, by the whole block, once per launch: `rows` rows of
+// src (n elements each, row stride n) into dst (row stride LD), zero in the padding columns [n, Kp).
+template <typename T>
+__device__ __forceinline__ void block_load_padded(T* dst, int LD, const T* src, int rows, int n, int Kp) {
+  for (int idx = threadIdx.x; idx < rows * Kp; idx += THREADS) {
+    const int r = idx / Kp, k = idx % Kp;
+    dst[r * LD + k] = k < n ? src[(size_t)r * n + k] : from_float<T>(0.f);
   }
 }
 
@@ -391,19 +402,6 @@ __device__ __forceinline__ float split_k_mma_16x8_streamed(const T* src, int ld,
   }
   return sum_over_warps(acc0, acc1, red, warp, lane);
 }
-
-// Storage type <-> fp32.
-__device__ __forceinline__ float f32(float x) { return x; }
-__device__ __forceinline__ float f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 }  // namespace fused
 }  // namespace lstm

@@ -106,20 +106,12 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const size_t BH = (size_t)B * H, BP = (size_t)B * P, B4H = 4 * BH, hx_slot = (size_t)Bp * Pk;
   const bool proj_block = PROJ && q * UNITS < P;  // owns rows [8q, 8q + 8) of W_hr
-  const T zero = from_f32<T>(0.f);
+  const T zero = from_float<T>(0.f);
   unsigned int* counter = counters + blockIdx.y;
 
   // ---- once per launch: the resident weights, c, xg of the first step ----
-  for (int idx = threadIdx.x; idx < FWD_ROWS * Pk; idx += THREADS) {
-    const int r = idx / Pk, k = idx % Pk;
-    w_s[r * LD + k] = k < P ? w_fwd[(size_t)(q * FWD_ROWS + r) * P + k] : zero;
-  }
-  if (proj_block) {
-    for (int idx = threadIdx.x; idx < UNITS * Hk; idx += THREADS) {
-      const int r = idx / Hk, k = idx % Hk;
-      wr_s[r * LDH + k] = k < H ? w_hr[(size_t)(q * UNITS + r) * H + k] : zero;
-    }
-  }
+  block_load_padded(w_s, LD, w_fwd + (size_t)q * FWD_ROWS * P, FWD_ROWS, P, Pk);
+  if (proj_block) block_load_padded(wr_s, LDH, w_hr + (size_t)q * UNITS * H, UNITS, H, Hk);
   // The cell thread of warps 0-3: unit j, batch row b (fragment position of lane, see above).
   const bool cell_warp = warp < 4;
   const int nt = (warp >> 1) & 1, cc = warp & 1;
@@ -132,10 +124,10 @@ __global__ void __launch_bounds__(THREADS, 1)
   float c_reg = 0.f, x_i = 0.f, x_f = 0.f, x_g = 0.f, x_o = 0.f;
   if (mine) {
     const size_t s = (size_t)b * H + j;
-    c_reg = hs_begin == 0 ? f32(c0[s]) : c_work[s];
+    c_reg = hs_begin == 0 ? to_float(c0[s]) : c_work[s];
     if (hs_begin % NPH == 0) {
       const T* x = xg + t_first * B4H + (size_t)b * 4 * H + j;
-      x_i = f32(x[0]), x_f = f32(x[H]), x_g = f32(x[2 * H]), x_o = f32(x[3 * H]);
+      x_i = to_float(x[0]), x_f = to_float(x[H]), x_g = to_float(x[2 * H]), x_o = to_float(x[3 * H]);
     }
   }
   int ks_begin, ks_end, kp_begin, kp_end;
@@ -199,7 +191,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             float c_new, h;
             cell_forward(pi + x_i, pf + x_f, pg + x_g, po + x_o, c_reg, &a, &c_new, &h);
             c_reg = c_new;
-            const T hT = from_f32<T>(h);
+            const T hT = from_float<T>(h);
             if (PROJ) {
               mx[(size_t)b * Hk + j] = hT;  // m_t, projected in half-step B
             } else {
@@ -212,7 +204,7 @@ __global__ void __launch_bounds__(THREADS, 1)
               ap[0] = a.i, ap[H] = a.f, ap[2 * H] = a.g, ap[3 * H] = a.o;
             }
             if (c_all) c_all[t * BH + s] = c_new;
-            if (last_step || b >= n_after) c_T[s] = from_f32<T>(c_new);
+            if (last_step || b >= n_after) c_T[s] = from_float<T>(c_new);
           } else if (!PROJ) {
             h_all[t * BH + s] = zero;
           }
@@ -221,7 +213,7 @@ __global__ void __launch_bounds__(THREADS, 1)
           grid_arrive(counter, lane);  // this warp's h_t (m_t) stored: release
           if (mine && t + 1 < t_end) {  // xg_{t+1}, before the next wait
             const T* x = xg + (t + 1) * B4H + (size_t)b * 4 * H + j;
-            x_i = f32(x[0]), x_f = f32(x[H]), x_g = f32(x[2 * H]), x_o = f32(x[3 * H]);
+            x_i = to_float(x[0]), x_f = to_float(x[H]), x_g = to_float(x[2 * H]), x_o = to_float(x[3 * H]);
           }
         }
       }
@@ -241,7 +233,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         if (mine_p) {
           const size_t s = (size_t)pb * P + pp;
           if (pb < n_t) {
-            const T hT = from_f32<T>(h);
+            const T hT = from_float<T>(h);
             h_all[t * BP + s] = hT;
             hx[(t & 1) * hx_slot + (size_t)pb * Pk + pp] = hT;
             if (last_step || pb >= n_after) h_T[s] = hT;

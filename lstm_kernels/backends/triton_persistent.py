@@ -175,6 +175,15 @@ def _fp32_reason(dtype: torch.dtype) -> Optional[str]:
     return None
 
 
+def _planned(cfg, plan, *args) -> dict:
+    """``cfg``, or ``plan(*args)`` when it is None; a plan that does not serve the call (its reason, a
+    string) raises ValueError with that reason (the caller falls back)."""
+    cfg = plan(*args) if cfg is None else cfg
+    if isinstance(cfg, str):
+        raise ValueError(cfg)
+    return cfg
+
+
 def forward_constants(H: int, P: int, dtype: torch.dtype, cfg: dict, has_proj: bool, store_workspace: bool,
                       use_barrier: bool, spin_limit: int = 0) -> dict:
     """The constexpr arguments (and num_warps) of ``_lstm_pfw_kernel`` for a plan, both phases on."""
@@ -225,10 +234,7 @@ def persistent_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_work
     H, P = four_h // 4, w_hh.shape[1]
     has_proj = w_hr is not None
     dtype, device = xg.dtype, xg.device
-    if cfg is None:
-        cfg = forward_plan(B, H, P, dtype, device, has_proj)
-    if isinstance(cfg, str):
-        raise ValueError(cfg)
+    cfg = _planned(cfg, forward_plan, B, H, P, dtype, device, has_proj)
     steps = use_steps_mode() if steps_mode is None else steps_mode
     U, BB, PB = cfg["BLOCK_H"], cfg["BLOCK_B"], cfg["BLOCK_P"]
     n_bt = triton.cdiv(B, BB)
@@ -340,10 +346,7 @@ def persistent_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch
     H, P = four_h // 4, w_hh.shape[1]
     has_proj = w_hr is not None
     dtype, device = xg.dtype, xg.device
-    if cfg is None:
-        cfg = backward_plan(B, H, P, dtype, device, has_proj)
-    if isinstance(cfg, str):
-        raise ValueError(cfg)
+    cfg = _planned(cfg, backward_plan, B, H, P, dtype, device, has_proj)
     steps = use_steps_mode() if steps_mode is None else steps_mode
     gates, c_all = workspace[:2]
     n_bt = triton.cdiv(B, cfg["BLOCK_B"])
