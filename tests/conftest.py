@@ -31,11 +31,25 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def no_tf32():
-    """fp32 matmuls in full fp32 (torch's GEMMs and the kernels' tl.dot) for the test, then restored."""
+def set_tf32():
+    """A setter of ``torch.backends.cuda.matmul.allow_tf32`` for the test; the flag is restored after.
+
+    Not ``monkeypatch.setattr``: pytest >= 9.2 undoes an instance attribute by deleting it from the
+    instance ``__dict__``, which torch's backend module objects refuse (AttributeError at teardown).
+    """
     old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
+
+    def set_allow_tf32(allow: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+
+    yield set_allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture
+def no_tf32(set_tf32):
+    """fp32 matmuls in full fp32 (torch's GEMMs and the kernels' tl.dot) for the test, then restored."""
+    set_tf32(False)
+    yield
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

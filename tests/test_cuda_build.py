@@ -324,19 +324,15 @@ def test_tensor_core_env(monkeypatch):
 
 
 
-def test_tensor_cores_for_float32_follow_torch_tf32_flag(monkeypatch):
+def test_tensor_cores_for_float32_follow_torch_tf32_flag(monkeypatch, set_tf32):
     monkeypatch.delenv(cuda_backend.MMA_ENV, raising=False)
-    old = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert not cuda_backend.use_tensor_cores(torch.float32)
-        assert cuda_backend.use_tensor_cores(torch.bfloat16) and cuda_backend.use_tensor_cores(torch.float16)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert cuda_backend.use_tensor_cores(torch.float32)
-        monkeypatch.setenv(cuda_backend.MMA_ENV, "0")
-        assert not any(cuda_backend.use_tensor_cores(d) for d in (torch.float32, torch.bfloat16, torch.float16))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+    set_tf32(False)
+    assert not cuda_backend.use_tensor_cores(torch.float32)
+    assert cuda_backend.use_tensor_cores(torch.bfloat16) and cuda_backend.use_tensor_cores(torch.float16)
+    set_tf32(True)
+    assert cuda_backend.use_tensor_cores(torch.float32)
+    monkeypatch.setenv(cuda_backend.MMA_ENV, "0")
+    assert not any(cuda_backend.use_tensor_cores(d) for d in (torch.float32, torch.bfloat16, torch.float16))
 
 
 @needs_ext

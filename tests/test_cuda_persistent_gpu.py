@@ -196,7 +196,7 @@ def test_flagship_bitwise_deterministic_and_timed(entries, name, dtype, tf32, to
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name, dtype, tf32, tol", PRECISIONS, ids=PRECISION_IDS)
 @pytest.mark.parametrize("P, varlen", [(None, True), (24, False), (24, True)])
-def test_backend_serves_projection_and_variable_lengths(monkeypatch, name, dtype, tf32, tol, P, varlen):
+def test_backend_serves_projection_and_variable_lengths(monkeypatch, set_tf32, name, dtype, tf32, tol, P, varlen):
     """Through the cuda backend (the default variant): projected and packed calls go to the
     fused kernels and match the reference backend."""
     from lstm_kernels.backends import get_backend
@@ -207,7 +207,7 @@ def test_backend_serves_projection_and_variable_lengths(monkeypatch, name, dtype
         pytest.skip(backend.unavailable_reason())
     monkeypatch.delenv(cuda_backend.VARIANT_ENV, raising=False)
     monkeypatch.delenv(cuda_backend.MMA_ENV, raising=False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    set_tf32(tf32)
     T, B, H = 12, 9, 40
     xg, w, h0, c0, w_hr, bs = _inputs(T, B, H, dtype, seed=3, varlen=varlen, P=P)
     assert backend.supports(RecurrenceInputs(xg, w, h0, c0, w_hr, bs).call()) is None

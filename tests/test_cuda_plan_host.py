@@ -715,11 +715,11 @@ def test_fused_dispatch_follows_the_shared_memory_plan_per_direction(fake_fused,
 
 
 @pytest.mark.parametrize("allow_tf32", [False, True])
-def test_float32_op_code_follows_torchs_tf32_flag(fake_fused, monkeypatch, allow_tf32):
+def test_float32_op_code_follows_torchs_tf32_flag(fake_fused, set_tf32, allow_tf32):
     """The plan is asked, and the kernels are run, with TF32 only where torch allows TF32; the 16-bit
     types are unaffected."""
     fake = fake_fused()
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    set_tf32(allow_tf32)
     assert cuda_backend.fused_tf32(torch.float32) is allow_tf32
     assert cuda_backend.fused_tf32(torch.float16) is False and cuda_backend.fused_tf32(torch.bfloat16) is False
     call = _call(torch.float32, H=512)

@@ -298,16 +298,16 @@ def test_bounded_spin_compiles(build, tmp_path):
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-def test_fp32_is_served_with_tf32_only(arch, tmp_path, monkeypatch):
+def test_fp32_is_served_with_tf32_only(arch, tmp_path, set_tf32):
     """fp32 without tf32 (torch's default) would run the dot on FMA units and spill: the plans refuse it
     with a reason (the existing kernels serve it). With tf32 allowed the forward fits at the flagship
     shape; the backward's fp32 slice does not fit the register budget there and says so."""
     cuda = torch.device("cuda")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    set_tf32(False)
     for plan in (tp.forward_plan, tp.backward_plan):
         reason = plan(16, 768, 768, torch.float32, cuda, False, programs=SMS[arch], budget=budget_of(arch))
         assert isinstance(reason, str) and "tf32" in reason, reason
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    set_tf32(True)
     cfg, compiled, dots = forward_build(16, 768, 768, torch.float32, arch)
     counts = report("forward (new)", arch, torch.float32, f"B16_H768 tf32 {cfg}", compiled, tmp_path, ("%w_ptr",))
     assert_ideal_mma(counts, dots, f"fp32 (tf32) forward sm_{arch}")

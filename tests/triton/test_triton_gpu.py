@@ -97,8 +97,8 @@ def test_variable_lengths(dtype, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_tf32(variant):
-    torch.backends.cuda.matmul.allow_tf32 = True
+def test_tf32(variant, set_tf32):
+    set_tf32(True)
     check(variant, make_case(256, 64, 512, 0, torch.float32), torch.float32, tol_key="tf32")
 
 
