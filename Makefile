@@ -15,11 +15,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test test-fast test-triton bench clean
 
-$(STAMP): setup.py pyproject.toml requirements-dev.txt $(wildcard CMakeLists.txt csrc/*)
+$(STAMP): setup.py pyproject.toml requirements-dev.txt constraints-test.txt $(wildcard CMakeLists.txt csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==$(TORCH_VERSION)
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton==$(TRITON_VERSION)
-	$(PY) -m pip install -r requirements-dev.txt
+	$(PY) -m pip install -r requirements-dev.txt -c constraints-test.txt
 	$(PY) -m pip install --no-build-isolation -e .
 	touch $@
 
