@@ -102,6 +102,11 @@ class FusedLSTM(nn.Module):
     def all_weights(self) -> list[list[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
+    @property
+    def _dropout_active(self) -> bool:
+        """Dropout between layers applies to this call (nn.LSTM: dropout > 0 in training mode)."""
+        return self.dropout > 0 and self.training and self.num_layers > 1
+
     def _param(self, name: str) -> torch.Tensor:
         """Parameter ``name`` as nn.LSTM sees it: from ``_parameters`` directly (nn.Module.__getattr__
         costs a few µs per call), else by getattr (a reparametrized weight, e.g. weight_norm,
@@ -163,7 +168,7 @@ class FusedLSTM(nn.Module):
         for the first layer's recurrence (the others pick alike unless their sizes differ)."""
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
-        if native_path_reason(self.backend, data) is None:
+        if native_path_reason(self.backend, data, self._dropout_active) is None:
             return "native"
         if packed:
             steps, batch = len(input.batch_sizes), int(input.batch_sizes[0])
@@ -220,7 +225,7 @@ class FusedLSTM(nn.Module):
         else:
             validation.check_hidden(hx, h_shape, c_shape, x)
 
-        if native_path_reason(self.backend, x) is None:
+        if native_path_reason(self.backend, x, self._dropout_active) is None:
             output, h_n, c_n = run_native(self, x, hx, batch_sizes)
         else:
             if packed:

@@ -24,8 +24,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import RecurrenceCall, RecurrenceInputs, get_backend
+from .backends import RecurrenceCall, RecurrenceInputs, get_backend, load_builtin_backends
 from .function import check_workspace, layer_backward, select_backend
+
+# Dispatch runs while dynamo traces; its first call must not import (see load_builtin_backends).
+load_builtin_backends()
 
 
 def _unaliased(t: Tensor, others) -> Tensor:

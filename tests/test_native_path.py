@@ -3,7 +3,7 @@
 The path exists so that FusedLSTM is never slower than nn.LSTM on the CPU; these
 tests check when it is taken and that every promise FusedLSTM makes holds on it:
 nn.LSTM's results to the bit, eval-mode backward, double backward, determinism,
-and one graph under torch.compile.
+and one graph under torch.compile that runs the same kernel (the op ``lstm_kernels::native_lstm``).
 """
 from __future__ import annotations
 
@@ -35,13 +35,14 @@ def native_calls(monkeypatch):
     return calls
 
 
-def _loss_and_grads(model, x, hx):
+def _loss_and_grads(model, x, hx, run=None):
+    """Outputs, then the gradients of x, of hx (where given) and of every parameter."""
     model.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_(True)
-    hx = tuple(s.detach().requires_grad_(True) for s in hx)
-    out, (h, c) = model(x, hx)
+    hx = None if hx is None else tuple(s.detach().requires_grad_(True) for s in hx)
+    out, (h, c) = (run or model)(x, hx)
     (out.square().sum() + h.sum() + 2 * c.sum()).backward()
-    return [out, h, c, x.grad, *(s.grad for s in hx), *(p.grad for p in model.parameters())]
+    return [out, h, c, x.grad, *(s.grad for s in hx or ()), *(p.grad for p in model.parameters())]
 
 
 @pytest.mark.parametrize("config", [dict(), CONFIG, dict(bias=False, batch_first=True)])
@@ -157,14 +158,73 @@ def test_bitwise_deterministic_under_deterministic_algorithms():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-def test_compile_keeps_one_op_per_layer_direction(native_calls):
-    """Under torch.compile the native path is not taken: the graph holds lstm_kernels::recurrence."""
+def _graph_code(model, *args) -> str:
     torch._dynamo.reset()
-    fused = FusedLSTM(4, 6, **CONFIG)
-    explanation = torch._dynamo.explain(fused)(torch.randn(5, 2, 4))
+    explanation = torch._dynamo.explain(model)(*args)
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    code = "\n".join(g.code for g in explanation.graphs)
-    assert code.count("lstm_kernels.recurrence") == 4, code
+    assert explanation.graph_count == 1
+    return "\n".join(g.code for g in explanation.graphs)
+
+
+def test_compile_runs_the_native_kernel_as_one_op():
+    """Under torch.compile the whole module is one lstm_kernels::native_lstm node, the kernel eager runs."""
+    code = _graph_code(FusedLSTM(4, 6, **CONFIG), torch.randn(5, 2, 4))
+    assert code.count("lstm_kernels.native_lstm") == 1 and "lstm_kernels.recurrence" not in code, code
+
+
+def test_compile_with_active_dropout_takes_the_per_layer_path():
+    fused = FusedLSTM(4, 6, num_layers=2, dropout=0.5)
+    code = _graph_code(fused, torch.randn(5, 2, 4))
+    assert "native_lstm" not in code and code.count("lstm_kernels.recurrence") == 2, code
+    fused.eval()
+    assert _graph_code(fused, torch.randn(5, 2, 4)).count("lstm_kernels.native_lstm") == 1
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_native_path_is_nn_lstm(packed, compiler):
+    """Outputs and every gradient of the compiled module equal eager nn.LSTM's (the same kernel)."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(5, 6, **CONFIG)
+    fused = FusedLSTM.from_torch(lstm)
+    # Initial states with packed input do not trace (its batch size is data-dependent): zeros there.
+    hx = None if packed else (torch.randn(4, 3, 3), torch.randn(4, 3, 6))
+    x = torch.randn(4, 3, 5)
+
+    def run(model, x, hx):
+        if not packed:
+            return model(x, hx)
+        out, state = model(pack_padded_sequence(x, [4, 2, 3], enforce_sorted=False), hx)
+        return out.data, state
+
+    torch._dynamo.reset()
+    compiled_fused = torch.compile(fused, fullgraph=True, backend=compiler)  # packing stays outside the graph
+    compiled = lambda x, hx: run(compiled_fused, x, hx)  # noqa: E731
+    actual = _loss_and_grads(fused, x, hx, run=compiled)
+    expected = _loss_and_grads(lstm, x, hx, run=lambda x, hx: run(lstm, x, hx))
+    assert len(actual) == (4 if packed else 6) + len(list(lstm.parameters()))
+    for k, (a, e) in enumerate(zip(actual, expected)):
+        assert_rel_close(a, e, 1e-5, f"result {k}")
+
+
+def test_native_ops_pass_torch_library_opcheck():
+    from lstm_kernels import native
+
+    torch.manual_seed(0)
+    fused = FusedLSTM(3, 4, num_layers=2, bidirectional=True).double()
+    weights = [w.detach().requires_grad_(True) for w in fused._flat_weights]
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    config = (True, 2, 0.0, True, True)
+    torch.library.opcheck(native.native_lstm, (x, h0, c0, weights, None, *config))
+    grads = (torch.randn(5, 2, 8, dtype=torch.float64), torch.randn(4, 2, 4, dtype=torch.float64),
+             torch.randn(4, 2, 4, dtype=torch.float64))
+    detached = [t.detach() for t in (x, h0, c0)]
+    torch.library.opcheck(native.native_lstm_backward, (*detached, [w.detach() for w in weights], None, *config, *grads))
+    assert torch.autograd.gradcheck(
+        lambda x, h0, c0, *w: native.native_lstm(x, h0, c0, list(w), None, *config), (x, h0, c0, *weights)
+    )
 
 
 def test_path_for_names_what_forward_runs(native_calls, monkeypatch):

@@ -172,7 +172,13 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
-def _load_builtin_backends() -> None:
+def load_builtin_backends() -> None:
+    """Import and register the built-in backends (once; the optional ones where they import).
+
+    Dispatch calls this, and so does the import of :mod:`lstm_kernels.ops`: torch.compile cannot trace
+    an import made by a call (``__import__`` is skipped by dynamo), but it runs an ``import`` statement
+    natively, so the op path's first traced call finds the registry filled.
+    """
     if _REGISTRY:
         return
     from . import reference  # noqa: F401  (registers itself)
@@ -185,12 +191,12 @@ def _load_builtin_backends() -> None:
 
 
 def known_backends() -> tuple[str, ...]:
-    _load_builtin_backends()
+    load_builtin_backends()
     return tuple(_REGISTRY)
 
 
 def get_backend(name: str) -> Backend:
-    _load_builtin_backends()
+    load_builtin_backends()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -200,13 +206,13 @@ def get_backend(name: str) -> Backend:
 
 def available_backends() -> list[str]:
     """Names of the backends this machine can run, in ``auto`` order."""
-    _load_builtin_backends()
+    load_builtin_backends()
     return [n for n in AUTO_ORDER if n in _REGISTRY and _REGISTRY[n].unavailable_reason() is None]
 
 
 def unavailable_backends() -> dict[str, str]:
     """Backends this machine cannot run, with the reason for each."""
-    _load_builtin_backends()
+    load_builtin_backends()
     reasons = {}
     for name in AUTO_ORDER:
         backend = _REGISTRY.get(name)
@@ -245,7 +251,7 @@ def resolve_backend(requested: str, call: RecurrenceCall) -> Backend:
         if why is not None:
             raise BackendUnsupportedError(f"LSTM backend {requested!r} cannot serve this call: {why}")
         return backend
-    _load_builtin_backends()
+    load_builtin_backends()
     for name in AUTO_ORDER:
         backend = _REGISTRY.get(name)
         if backend is None or backend.unavailable_reason() is not None:
@@ -270,6 +276,7 @@ __all__ = [
     "check_backend_name",
     "get_backend",
     "known_backends",
+    "load_builtin_backends",
     "register",
     "resolve_backend",
     "unavailable_backends",
