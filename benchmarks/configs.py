@@ -111,10 +111,16 @@ def default_limits(impl: str, cfg: Config, device: str) -> Optional[str]:
     - nn.LSTM-compile (torch.compile graph-breaks around nn.LSTM, and each new
       shape recompiles): bf16, one layer, H = 512, B in {8, 64};
     - flashrnn (compiles a CUDA kernel per shape on first use): bf16, H = 768,
-      B = 16, one layer.
+      B = 16, one layer;
+    - fused-auto-compile (each shape compiles anew): on a GPU as nn.LSTM-compile; on the CPU
+      H = 64, B = 8, T = 64 (one layer and the bidirectional case).
     """
+    if impl == "fused-auto-compile" and device != "cuda" and not (cfg.H == 64 and cfg.B == 8 and cfg.T == 64):
+        return "default CPU sweep runs fused-auto-compile at T=64, B=8, H=64 only"
     if device != "cuda":
         return None
+    if impl == "fused-auto-compile":
+        impl = "nn.LSTM-compile"
     if impl == "fused-reference" and not (cfg.T <= 128 and cfg.H == 512):
         return "default GPU sweep runs fused-reference at T <= 128, H = 512 only"
     if impl == "nn.LSTM-compile" and not (cfg.dtype == "bf16" and cfg.layers == 1 and cfg.H == 512 and cfg.B in (8, 64)):

@@ -6,6 +6,8 @@ A provider turns the sweep's base ``nn.LSTM`` into a module whose
     nn.LSTM           torch.nn.LSTM (cuDNN on a GPU): the baseline of speedup_vs_cudnn
     nn.LSTM-compile   torch.compile(nn.LSTM) (dynamo graph-breaks around RNN modules by default)
     fused-auto        FusedLSTM() as a user gets it (backend="auto": on the CPU torch's own kernel)
+    fused-auto-compile  torch.compile(FusedLSTM(), fullgraph=True): one graph (on the CPU torch's
+                      own kernel behind the op lstm_kernels::native_lstm)
     fused-reference   FusedLSTM(backend="reference")
     fused-triton      FusedLSTM(backend="triton")
     fused-cuda        FusedLSTM(backend="cuda")
@@ -59,6 +61,16 @@ class CompiledTorchLSTM(Provider):
         torch._dynamo.reset()  # a fresh cache per config: no silent fallback after the recompile limit
         module = _OutputOnly(_copy_lstm(base))
         module.forward = torch.compile(module.forward, dynamic=False)
+        return module
+
+
+class CompiledFused(Provider):
+    name = "fused-auto-compile"
+
+    def build(self, base, cfg):
+        torch._dynamo.reset()
+        module = _OutputOnly(FusedLSTM.from_torch(base))
+        module.forward = torch.compile(module.forward, fullgraph=True, dynamic=False)
         return module
 
 
@@ -143,13 +155,15 @@ class _FlashRNNLSTM(nn.Module):
 
 PROVIDERS: dict[str, Provider] = {
     p.name: p
-    for p in (TorchLSTM(), CompiledTorchLSTM(), Fused("auto"), Fused("reference"), Fused("triton"), Fused("cuda"), FlashRNN())
+    for p in (TorchLSTM(), CompiledTorchLSTM(), Fused("auto"), CompiledFused(), Fused("reference"), Fused("triton"),
+              Fused("cuda"), FlashRNN())
 }
 
 
 def default_impls(device: str) -> list[str]:
     """What ``python -m benchmarks`` measures when --impl is not given."""
     if device == "cuda":
-        names = [BASELINE, "nn.LSTM-compile", "fused-auto", "fused-cuda", "fused-triton", "fused-reference", "flashrnn"]
+        names = [BASELINE, "nn.LSTM-compile", "fused-auto", "fused-auto-compile", "fused-cuda", "fused-triton",
+                 "fused-reference", "flashrnn"]
         return [n for n in names if n == BASELINE or PROVIDERS[n].unavailable_reason(device) is None]
-    return [BASELINE, "fused-auto", "fused-reference"]
+    return [BASELINE, "fused-auto", "fused-auto-compile", "fused-reference"]

@@ -353,7 +353,9 @@ def test_cudnn_persistent_eligible():
 def test_default_grids():
     cpu = cfgs.build_configs("cpu")
     assert {c.dtype for c in cpu} == {"fp32"} and max(c.T for c in cpu) <= 64
-    assert providers.default_impls("cpu") == ["nn.LSTM", "fused-auto", "fused-reference"]
+    assert providers.default_impls("cpu") == ["nn.LSTM", "fused-auto", "fused-auto-compile", "fused-reference"]
+    assert cfgs.default_limits("fused-auto-compile", cfgs.Config(64, 8, 64, 64, 1, False, "fp32"), "cpu") is None
+    assert cfgs.default_limits("fused-auto-compile", cfgs.Config(16, 8, 64, 64, 1, False, "fp32"), "cpu")
     gpu = cfgs.build_configs("cuda")
     single = [c for c in gpu if c.layers == 1]
     assert len(single) == 4 * 5 * 4 * 3  # T x B x H x dtype
