@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from .backends import Backend, RecurrenceCall, RecurrenceInputs, resolve_backend
+from .validation import check_layer_shapes
 
 
 def select_backend(xg, w_hh, w_hr, batch_sizes, needs_grad: bool, backend: str) -> Backend:
@@ -89,12 +90,23 @@ def lstm_layer(
     batch_sizes: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ):
-    """Functional form of :class:`LSTMLayer` (same arguments and results).
+    """One layer's recurrence on an already projected input: :class:`LSTMLayer` as a function.
 
-    Under ``torch.compile`` it calls the custom op ``lstm_kernels::recurrence``.
+    Args (time-major; H = hidden size, P = proj_size or H):
+        xg: [T, B, 4H], the gate pre-activations from the input, ``x @ W_ih^T + b``, gates i, f, g, o.
+        w_hh: [4H, P], the recurrent weight. h0: [B, P]. c0: [B, H].
+        w_hr: [P, H], the projection weight, or None (then P = H).
+        batch_sizes: [T] int64 on the CPU, non-increasing (a PackedSequence's), or None.
+        backend: "auto" or a name from :func:`lstm_kernels.available_backends`.
+
+    Returns (h_all [T, B, P], h_T [B, P], c_T [B, H]). A wrong shape raises RuntimeError naming the
+    argument and the shape it must have. Under ``torch.compile`` it calls the custom op
+    ``lstm_kernels::recurrence``.
     """
     if torch.compiler.is_compiling():
+        # No shape check while tracing: a packed input's batch is data-dependent there.
         from .ops import recurrence_with_grad
 
         return recurrence_with_grad(xg, w_hh, h0, c0, w_hr, batch_sizes, backend)
+    check_layer_shapes(xg, w_hh, h0, c0, w_hr, batch_sizes)
     return LSTMLayer.apply(xg, w_hh, h0, c0, w_hr, batch_sizes, backend)

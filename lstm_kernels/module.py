@@ -191,7 +191,23 @@ class FusedLSTM(nn.Module):
         return (layers, batch, real_hidden), (layers, batch, self.hidden_size)
 
     def forward(self, input, hx=None):
-        hx = validation.check_hx_structure(hx)
+        """Runs the LSTM over ``input``, like ``nn.LSTM.forward``.
+
+        Args:
+            input: [T, B, input_size] ([B, T, input_size] with batch_first), unbatched
+                [T, input_size], or a PackedSequence (sorted or not).
+            hx: None (zeros) or a tuple (h_0, c_0): h_0 [num_layers * D, B, P], c_0
+                [num_layers * D, B, hidden_size] (without the B axis for unbatched input),
+                D = 2 if bidirectional else 1, P = proj_size or hidden_size.
+
+        Returns:
+            (output, (h_n, c_n)): output [T, B, D * P] ([B, T, D * P] with batch_first,
+            [T, D * P] unbatched, or a PackedSequence); h_n and c_n shaped as h_0 and c_0,
+            the states after each sequence's last valid step.
+
+        Raises what nn.LSTM raises for the same bad input (the same exception types).
+        """
+        states = None
         packed = isinstance(input, PackedSequence)
         weight = self._param("weight_ih_l0")
         if packed:
@@ -200,18 +216,23 @@ class FusedLSTM(nn.Module):
             x = data
             batch = int(batch_sizes[0])
             if hx is not None:
-                hx = tuple(s.index_select(1, sorted_indices) if sorted_indices is not None else s for s in hx)
+                if sorted_indices is None:  # nn.LSTM hands hx straight to its kernel, which checks it first
+                    validation.check_hx_container(hx)
+                states = validation.split_hx(hx)
+                if sorted_indices is not None:
+                    states = tuple(s.index_select(1, sorted_indices) for s in states)
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            states = validation.split_hx(hx)
             is_batched = input.dim() == 3
             if not is_batched:
                 input = input.unsqueeze(0 if self.batch_first else 1)
-                if hx is not None:
-                    validation.check_unbatched_hx(hx, is_batched=False)
-                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-            elif hx is not None:
-                validation.check_unbatched_hx(hx, is_batched=True)
+                if states is not None:
+                    validation.check_unbatched_hx(states, is_batched=False)
+                    states = (states[0].unsqueeze(1), states[1].unsqueeze(1))
+            elif states is not None:
+                validation.check_unbatched_hx(states, is_batched=True)
             validation.check_input(input, weight, self.input_size, packed=False)
             x = input.transpose(0, 1) if self.batch_first else input
             validation.check_sequence_length(x)
@@ -219,11 +240,14 @@ class FusedLSTM(nn.Module):
             batch = x.shape[1]
 
         h_shape, c_shape = self._expected_state_shapes(batch)
-        if hx is None:
+        if states is None:
             zeros = {"dtype": x.dtype, "device": x.device}
-            hx = (torch.zeros(h_shape, **zeros), torch.zeros(c_shape, **zeros))
+            states = (torch.zeros(h_shape, **zeros), torch.zeros(c_shape, **zeros))
         else:
-            validation.check_hidden(hx, h_shape, c_shape, x)
+            validation.check_hidden(states, h_shape, c_shape, x)
+            if not packed:  # a packed input's hx was checked above, or permuted into a pair (as nn.LSTM does)
+                validation.check_hx_container(hx)
+        hx = states
 
         if native_path_reason(self.backend, x, self._dropout_active) is None:
             output, h_n, c_n = run_native(self, x, hx, batch_sizes)

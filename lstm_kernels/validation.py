@@ -94,9 +94,47 @@ def check_hidden(hx, expected_h: tuple, expected_c: tuple, input: torch.Tensor) 
             raise RuntimeError(f"Expected hidden and input to have the same dtype, got {state.dtype} and {input.dtype}")
 
 
-def check_hx_structure(hx) -> Optional[tuple]:
+def split_hx(hx) -> Optional[tuple]:
+    """(h_0, c_0) out of ``hx``, as nn.LSTM takes them: by ``hx[0]`` and ``hx[1]``.
+
+    So a container with fewer than two states raises IndexError where nn.LSTM does (a one-layer state
+    tensor passed alone, say); what else is wrong with ``hx`` is found later, in nn.LSTM's order
+    (the rank and shape checks, then :func:`check_hx_container`).
+    """
     if hx is None:
         return None
-    if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(s, torch.Tensor) for s in hx):
-        raise TypeError("LSTM hx must be a tuple (h_0, c_0) of two tensors")
-    return tuple(hx)
+    return hx[0], hx[1]
+
+
+def check_hx_container(hx) -> None:
+    """What nn.LSTM's kernel call refuses (after the rank and shape checks, except for a sorted packed
+    input, whose hx nn.LSTM hands to the kernel unchecked): ``hx`` as one tensor or holding a
+    non-tensor (TypeError), or not two states (RuntimeError)."""
+    if isinstance(hx, torch.Tensor) or not all(isinstance(state, torch.Tensor) for state in hx):
+        got = f"one tensor of shape {list(hx.shape)}" if isinstance(hx, torch.Tensor) else type(hx).__name__
+        raise TypeError(f"LSTM hx must be a tuple (h_0, c_0) of two tensors, got {got}")
+    if len(hx) != 2:
+        raise RuntimeError("lstm expects two hidden states")
+
+
+def check_layer_shapes(xg, w_hh, h0, c0, w_hr, batch_sizes) -> None:
+    """The shapes of one layer's recurrence call (``lstm_layer``), each wrong one named with the
+    shape it must have: xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H], w_hr [P, H] or None
+    (then P = H), batch_sizes [T] or None. RuntimeError, as nn.LSTM raises for wrong state shapes."""
+    if xg.dim() != 3 or xg.shape[2] % 4 != 0:
+        raise RuntimeError(f"xg must be [T, B, 4*hidden_size] (time-major), got {list(xg.shape)}")
+    T, B, four_h = xg.shape
+    H = four_h // 4
+    P = w_hh.shape[1] if w_hh.dim() == 2 else (w_hr.shape[0] if w_hr is not None else H)
+    expected = {"w_hh": (four_h, P), "h0": (B, P), "c0": (B, H)}
+    if w_hr is not None:
+        expected["w_hr"] = (P, H)
+    elif P != H:
+        raise RuntimeError(f"w_hh must be [4*hidden_size, hidden_size] = {[four_h, H]} without w_hr, "
+                           f"got {list(w_hh.shape)}")
+    for name, tensor in (("w_hh", w_hh), ("h0", h0), ("c0", c0), ("w_hr", w_hr)):
+        if name in expected and tuple(tensor.shape) != expected[name]:
+            raise RuntimeError(f"{name} must be {list(expected[name])} for xg {list(xg.shape)} "
+                               f"(T, B, 4*hidden_size) and w_hh {list(w_hh.shape)}, got {list(tensor.shape)}")
+    if batch_sizes is not None and tuple(batch_sizes.shape) != (T,):
+        raise RuntimeError(f"batch_sizes must be [T] = {[T]}, got {list(batch_sizes.shape)}")

@@ -118,6 +118,85 @@ def test_forward_errors_match_nn_lstm(case):
         fused(x, hx)
 
 
-def test_hx_must_be_a_pair_of_tensors():
-    with pytest.raises(TypeError, match="tuple \\(h_0, c_0\\)"):
-        FusedLSTM(3, 5)(_t(4, 2, 3), _t(1, 2, 5))
+BAD_HX = {
+    "one_layer_tensor": lambda: _t(1, 2, 5),
+    "two_layer_tensor": lambda: _t(2, 2, 5),
+    "tensor_of_pairs": lambda: _t(2, 1, 2, 5),
+    "one_state": lambda: (_t(1, 2, 5),),
+    "three_states": lambda: (_t(1, 2, 5), _t(1, 2, 5), _t(1, 2, 5)),
+    "not_a_tensor": lambda: (_t(1, 2, 5), 3),
+}
+INPUTS = {
+    "batched": lambda: _t(4, 2, 3),
+    "unbatched": lambda: _t(4, 3),
+    "packed": lambda: pack_padded_sequence(_t(4, 2, 3), [4, 2]),
+    "packed_unsorted": lambda: pack_padded_sequence(_t(4, 2, 3), [2, 4], enforce_sorted=False),
+}
+
+
+#: nn.LSTM's kernel refuses a 2-D state of a packed input with an IndexError about dimensions;
+#: FusedLSTM checks the shape first and raises nn.LSTM's RuntimeError for a wrong state shape.
+KERNEL_RANK_CASES = {("two_layer_tensor", "packed_unsorted")}
+
+
+@pytest.mark.parametrize("input_kind", list(INPUTS))
+@pytest.mark.parametrize("hx_kind", list(BAD_HX))
+def test_malformed_hx_raises_what_nn_lstm_raises(hx_kind, input_kind):
+    """hx of the wrong structure: nn.LSTM raises IndexError, RuntimeError, TypeError or AttributeError
+    depending on where its checks trip, or accepts it (an unsorted packed input's hx is permuted
+    into a pair first); FusedLSTM does the same for each."""
+    torch.manual_seed(0)
+    reference = nn.LSTM(3, 5)
+    fused = FusedLSTM.from_torch(reference)
+    x, hx = INPUTS[input_kind](), BAD_HX[hx_kind]()
+    expected = _raised(lambda: reference(x, hx))
+    if expected is None:
+        out, (h_n, c_n) = fused(x, hx)
+        ref_out, (ref_h, ref_c) = reference(x, hx)
+        assert torch.allclose(out.data, ref_out.data) and torch.allclose(h_n, ref_h) and torch.allclose(c_n, ref_c)
+        return
+    actual = _raised(lambda: fused(x, hx))
+    if (hx_kind, input_kind) in KERNEL_RANK_CASES:
+        assert isinstance(expected, IndexError) and "Dimension out of range" in str(expected), expected
+        assert type(actual) is RuntimeError and "Expected hidden[0] size" in str(actual), actual
+        return
+    assert type(actual) is type(expected), (actual, expected)
+
+
+def test_hx_as_a_list_of_two_tensors_is_accepted_like_nn_lstm():
+    torch.manual_seed(0)
+    reference = nn.LSTM(3, 5)
+    hx = [_t(1, 2, 5), _t(1, 2, 5)]
+    x = _t(4, 2, 3)
+    assert torch.allclose(FusedLSTM.from_torch(reference)(x, hx)[0], reference(x, hx)[0])
+
+
+LAYER_SHAPES = dict(xg=(5, 3, 24), w_hh=(24, 6), h0=(3, 6), c0=(3, 6))
+WRONG_LAYER_SHAPES = {
+    "h0_with_a_layer_axis": ("h0", (1, 3, 6), "h0 must be \\[3, 6\\]"),
+    "h0_batch": ("h0", (4, 6), "h0 must be \\[3, 6\\]"),
+    "c0_size": ("c0", (3, 5), "c0 must be \\[3, 6\\]"),
+    "w_hh_rows": ("w_hh", (20, 6), "w_hh must be \\[24, 6\\]"),
+    "xg_rank": ("xg", (5, 24), "xg must be \\[T, B, 4\\*hidden_size\\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_LAYER_SHAPES))
+def test_lstm_layer_names_the_argument_with_a_wrong_shape(case):
+    from lstm_kernels import lstm_layer
+
+    name, shape, message = WRONG_LAYER_SHAPES[case]
+    args = {k: torch.randn(*(shape if k == name else s)) for k, s in LAYER_SHAPES.items()}
+    with pytest.raises(RuntimeError, match=message):
+        lstm_layer(**args, backend="reference")
+
+
+def test_lstm_layer_with_a_projection_names_its_shapes():
+    from lstm_kernels import lstm_layer
+
+    xg, w_hh, h0, c0, w_hr = torch.randn(5, 3, 24), torch.randn(24, 2), torch.randn(3, 2), torch.randn(3, 6), torch.randn(2, 6)
+    assert lstm_layer(xg, w_hh, h0, c0, w_hr, backend="reference")[0].shape == (5, 3, 2)
+    with pytest.raises(RuntimeError, match="w_hr must be \\[2, 6\\]"):
+        lstm_layer(xg, w_hh, h0, c0, torch.randn(6, 2), backend="reference")
+    with pytest.raises(RuntimeError, match="without w_hr"):
+        lstm_layer(xg, w_hh, h0, c0, None, backend="reference")
