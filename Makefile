@@ -12,8 +12,16 @@ TRITON_VERSION ?= 3.9.0
 # is not the venv's own is installed into $(VENV)/triton-<version> and put first on PYTHONPATH.
 TRITON_TEST_VERSIONS ?= 3.3.0 3.9.0
 STAMP := $(VENV)/.installed
+# The ends of the torch range setup.py declares (torch>=2.11,<2.16; TORCH_VERSION above is the
+# middle): `make test` runs the tests of the module, the CPU native path, torch.compile and the
+# Triton kernels under the interpreter with each, in a venv of its own (.venv-torch-<version>:
+# torch from PyPI with the Triton it pins, and the pinned test set) that imports the package from
+# this checkout.
+TORCH_TEST_VERSIONS ?= 2.11.0 2.15.0
+TORCH_RANGE_TESTS := tests/test_module.py tests/test_module_parity.py tests/test_validation.py \
+	tests/test_native_path.py tests/test_compile.py tests/test_compile_fresh_process.py
 
-.PHONY: install test test-fast test-triton bench clean
+.PHONY: install test test-fast test-triton test-torch bench clean
 
 $(STAMP): setup.py pyproject.toml requirements-dev.txt constraints-test.txt $(wildcard CMakeLists.txt csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -21,6 +29,7 @@ $(STAMP): setup.py pyproject.toml requirements-dev.txt constraints-test.txt $(wi
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton==$(TRITON_VERSION)
 	$(PY) -m pip install -r requirements-dev.txt -c constraints-test.txt
 	$(PY) -m pip install --no-build-isolation -e .
+	$(PY) -m lstm_kernels.build_info
 	touch $@
 
 install: $(STAMP)
@@ -28,6 +37,26 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests --ignore=tests/triton
 	for v in $(TRITON_TEST_VERSIONS); do $(MAKE) --no-print-directory test-triton TRITON_TEST_VERSION=$$v || exit 1; done
+	for v in $(TORCH_TEST_VERSIONS); do $(MAKE) --no-print-directory test-torch TORCH_TEST_VERSION=$$v || exit 1; done
+
+# The torch-range tests with one torch: `make test-torch TORCH_TEST_VERSION=2.11.0`. PIP_CONSTRAINT
+# puts the test set's pins in place of any pip-wide constraints file, so the version asked for is
+# the version installed.
+test-torch: $(STAMP)
+	@set -e; v="$(TORCH_TEST_VERSION)"; venv="$(abspath .venv-torch-$(TORCH_TEST_VERSION))"; \
+	test -n "$$v" || { echo "usage: make test-torch TORCH_TEST_VERSION=<version>"; exit 2; }; \
+	if [ ! -f "$$venv/.installed" ]; then \
+	  rm -rf "$$venv"; $(PYTHON) -m venv "$$venv"; \
+	  PIP_CONSTRAINT="$(abspath constraints-test.txt)" "$$venv/bin/python" -m pip install --quiet \
+	    "torch==$$v" numpy pytest pytest-timeout; \
+	  touch "$$venv/.installed"; \
+	fi; \
+	"$$venv/bin/python" -c "import sys, torch, triton; print('torch-range tests with torch', torch.__version__, \
+	'and triton', triton.__version__); sys.exit(0 if torch.__version__.split('+')[0] == '$$v' else 'expected torch $$v')"; \
+	echo "PYTHONPATH=$(CURDIR) $$venv/bin/python -m pytest -q $(TORCH_RANGE_TESTS)"; \
+	PYTHONPATH="$(CURDIR)" "$$venv/bin/python" -m pytest -q $(TORCH_RANGE_TESTS); \
+	echo "TRITON_INTERPRET=1 PYTHONPATH=$(CURDIR) $$venv/bin/python -m pytest -q tests/triton"; \
+	TRITON_INTERPRET=1 PYTHONPATH="$(CURDIR)" "$$venv/bin/python" -m pytest -q tests/triton
 
 # The interpreter tests (tests/triton) with one Triton: `make test-triton TRITON_TEST_VERSION=3.3.0`
 # (default: the venv's own Triton).
@@ -50,4 +79,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info lstm_kernels/*.so
+	rm -rf $(VENV) .venv-torch-* build *.egg-info lstm_kernels/*.so lstm_kernels/_build_info.json

@@ -30,17 +30,33 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+#: Written next to the extension by every build: whether the CUDA extension was built, and why not
+#: (read by ``python -m lstm_kernels.build_info``, which ``make install`` runs).
+BUILD_INFO = "_build_info.json"
+
+
 class CMakeBuild(build_ext):
     def run(self):
+        out_dir = Path(self.get_ext_fullpath("lstm_kernels._C")).resolve().parent
         if os.environ.get("LSTM_KERNELS_SKIP_CUDA") == "1":
-            print("lstm_kernels: LSTM_KERNELS_SKIP_CUDA=1; building without the CUDA backend")
+            self._without_cuda(out_dir, "LSTM_KERNELS_SKIP_CUDA=1 was set at build time")
             return
         nvcc = find_nvcc()
         if nvcc is None:
-            print("lstm_kernels: nvcc not found; building without the CUDA backend (set CUDA_HOME to build it)")
+            self._without_cuda(out_dir, "nvcc was not found at build time (put it on PATH or set CUDA_HOME)")
             return
         self.nvcc = nvcc
         super().run()
+        architectures = os.environ.get("CMAKE_CUDA_ARCHITECTURES", "80;90")
+        _write_build_info(out_dir, {"cuda_extension": True, "nvcc": nvcc, "architectures": architectures})
+        print(f"lstm_kernels: built the CUDA backend with {nvcc} for CUDA architectures {architectures}")
+
+    def _without_cuda(self, out_dir: Path, reason: str) -> None:
+        """No extension this time: an earlier build's _C must not ship or load in its place."""
+        for stale in out_dir.glob("_C.*"):
+            stale.unlink()
+        _write_build_info(out_dir, {"cuda_extension": False, "reason": reason})
+        print(f"lstm_kernels: building without the CUDA backend: {reason}")
 
     def build_extension(self, ext):
         import pybind11
@@ -64,13 +80,30 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "--build", str(build_dir), "--parallel", jobs])
 
 
+def _write_build_info(out_dir: Path, info: dict) -> None:
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / BUILD_INFO).write_text(json.dumps(info) + "\n")
+
+
 setup(
     name="lstm_kernels",
     version="0.1.0",
     description="Fused LSTM forward and backward kernels (CUDA and Triton) for PyTorch",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Typing :: Typed",
+    ],
     packages=find_packages(include=["lstm_kernels", "lstm_kernels.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    package_data={"lstm_kernels": ["py.typed"]},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11,<2.16", "numpy"],
     # Triton 3.3 is the first with cooperative launches (the persistent kernels' launch_cooperative_grid);
     # 3.9 the newest tested: `make test` runs the Triton kernels under the interpreter with both ends.
     extras_require={"triton": ["triton>=3.3,<3.10"], "bench": ["matplotlib", "tqdm", "pytest-benchmark"]},

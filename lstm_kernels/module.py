@@ -303,7 +303,10 @@ class FusedLSTM(nn.Module):
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype autocast asks for on ``x``'s device, or None (off, or float64 input, which autocast leaves)."""
     device_type = x.device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    # is_autocast_available guards device types without autocast (meta); dynamo before torch 2.13
+    # cannot trace it, and a traced call is on a device with autocast.
+    available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
+    if not available or not torch.is_autocast_enabled(device_type):
         return None
     if x.dtype == torch.float64:
         return None

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 #: Per-test limit (seconds) of every ``gpu`` test that sets no ``@pytest.mark.timeout`` of its own
-#: (pytest-timeout): a grid barrier that never opens must fail its test, not hang the GPU session.
+#: (pytest-timeout): a grid barrier that never opens must fail its test, not hang the whole run.
 #: The "thread" method is the one that ends a process blocked inside a CUDA call: it prints every
 #: thread's stack (naming the test) and exits the run. Override with LSTM_KERNELS_GPU_TEST_TIMEOUT.
 GPU_TEST_TIMEOUT_S = float(os.environ.get("LSTM_KERNELS_GPU_TEST_TIMEOUT", "300"))

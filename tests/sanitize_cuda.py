@@ -1,5 +1,5 @@
 """Small forward + backward runs of the GPU backends, for compute-sanitizer on a GPU
-(scripts/gpu_session.sh sanitize runs memcheck, racecheck, synccheck and initcheck on it,
+(scripts/gpu_checks.sh sanitize runs memcheck, racecheck, synccheck and initcheck on it,
 with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own allocation):
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tests/sanitize_cuda.py

@@ -1,5 +1,5 @@
 """Every gpu-marked test runs under a per-test timeout (tests/conftest.py, pytest-timeout), so a
-grid barrier that never opens fails its test instead of hanging the GPU session."""
+grid barrier that never opens fails its test instead of hanging the whole run."""
 from __future__ import annotations
 
 from pathlib import Path

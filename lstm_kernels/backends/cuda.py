@@ -82,6 +82,7 @@ from typing import Optional
 
 import torch
 
+from ..build_info import build_info
 from . import BARRIER_TIMEOUT_ENV, Backend, RecurrenceCall, RecurrenceInputs, cuda_fused, register
 from . import barrier_spin_limit as shared_barrier_spin_limit
 
@@ -386,7 +387,8 @@ class CudaBackend(Backend):
 
     def unavailable_reason(self) -> Optional[str]:
         if _C is None:
-            return NOT_BUILT
+            recorded = (build_info() or {}).get("reason")
+            return f"{NOT_BUILT}; the build says: {recorded}" if recorded else NOT_BUILT
         if not torch.cuda.is_available():
             return NO_GPU
         return runtime_unavailable_reason()

@@ -3,7 +3,7 @@
 Marked ``gpu``: skipped without CUDA, and skipped under TRITON_INTERPRET=1 (the
 interpreter would run these sizes for hours). Each test has its own time limit
 (pytest-timeout, "thread" method): a grid barrier that never opens fails the test
-instead of hanging the session. The rule for every dtype (the flash-attention rule
+instead of hanging the whole run. The rule for every dtype (the flash-attention rule
 of STYLE.md): against the float64 reference on the same rounded inputs, the relative
 error is at most max(REL_TOL[dtype], 2 x the error of the reference backend itself run
 in that dtype), and no single element is off by more than ELEMENT_FACTOR times that

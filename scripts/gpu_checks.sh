@@ -1,25 +1,24 @@
 #!/usr/bin/env bash
-# The GPU checks, in stages that each fit one 10-minute call of the device tool.
-# Run from the repository root on a machine with a CUDA GPU whose python3 already
-# holds torch, triton, pybind11, cmake, ninja and pytest (the lent machines do; no
-# network is needed). Logs go to $OUT (the device tool's folder) or, without it,
-# to benchmarks/results/gpu-session/.
+# The GPU checks of lstm_kernels, in stages. Run from the repository root on a machine with a CUDA
+# GPU whose python3 (or $PYTHON) already holds torch, triton, pybind11, cmake, ninja and pytest;
+# no network is needed. Each stage fits in about ten minutes on one H100-class GPU. Logs go to
+# $OUT, by default benchmarks/results/gpu-checks/.
 #
-#   scripts/gpu_session.sh build      build the CUDA extension (editable install)
-#   scripts/gpu_session.sh test       build, then the gpu-marked tests and the Triton tests at real sizes
-#   scripts/gpu_session.sh sanitize [TOOL...]   compute-sanitizer memcheck, racecheck, synccheck and
+#   scripts/gpu_checks.sh build      build the CUDA extension (editable install)
+#   scripts/gpu_checks.sh test       build, then the gpu-marked tests and the Triton tests at real sizes
+#   scripts/gpu_checks.sh sanitize [TOOL...]   compute-sanitizer memcheck, racecheck, synccheck and
 #                                     initcheck (or the TOOLs named) on small shapes of both backends
 #                                     (tests/sanitize_cuda.py; SANITIZE_BACKENDS="cuda triton" by default),
 #                                     without torch's caching allocator; runs every tool (each for at most
-#                                     SANITIZE_TIMEOUT=540 s: name one tool per device call if they do not
+#                                     SANITIZE_TIMEOUT=540 s: name one tool per run where they do not
 #                                     fit together), then exits non-zero if any failed
-#   scripts/gpu_session.sh bench [ARGS...]   the benchmark sweep (python -m benchmarks ARGS) into $OUT/bench
+#   scripts/gpu_checks.sh bench [ARGS...]   the benchmark sweep (python -m benchmarks ARGS) into $OUT/bench
 #
 # Every log starts with the device, driver, versions and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-OUT=${OUT:-benchmarks/results/gpu-session}
+OUT=${OUT:-benchmarks/results/gpu-checks}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
@@ -79,7 +78,7 @@ case "${1:-test}" in
   bench)
     shift
     ensure_built
-    # results under $OUT so that they come back from the device; --out in ARGS overrides
+    # results under $OUT, beside the logs; --out in ARGS overrides
     { header; $PY -m benchmarks --out "$OUT/bench" "$@"; } 2>&1 | tee "$OUT/bench.log" ;;
   *)
     echo "usage: $0 build|test|sanitize|bench [ARGS...]" >&2

@@ -1,4 +1,4 @@
-"""scripts/gpu_session.sh sanitize, run on the CPU with stubs: a stub ``compute-sanitizer`` first
+"""scripts/gpu_checks.sh sanitize, run on the CPU with stubs: a stub ``compute-sanitizer`` first
 on PATH and a stub python (PYTHON=...), so that the script's own logic is what is tested:
 
 - a sanitizer that reports errors (exit 1) makes the stage fail, even when only one tool does,
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "gpu_session.sh"
+SCRIPT = ROOT / "scripts" / "gpu_checks.sh"
 TOOLS = ["memcheck", "racecheck", "synccheck", "initcheck"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
