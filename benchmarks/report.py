@@ -172,8 +172,19 @@ def _cell(row: Optional[dict], with_speedup: bool = True) -> str:
     text = f"{float(row['median_ms']):.3g}"
     sp = row.get("speedup_vs_cudnn")
     if with_speedup and sp not in (None, "") and row["impl"] != BASELINE:
-        text += f" ({float(sp):.3g}x)"
+        paired = row.get("paired_baseline_ms")
+        # A paired ratio is against the nn.LSTM median timed interleaved with this row, which can
+        # differ from the nn.LSTM column's own run: show that median so the ratio can be checked.
+        text += f" ({float(sp):.3g}x of {float(paired):.3g})" if paired not in (None, "") else f" ({float(sp):.3g}x)"
     return text
+
+
+def speedup_legend(rows: Sequence[dict]) -> str:
+    """What the ratio in parentheses is, for the table's title."""
+    if any(r.get("paired_baseline_ms") not in (None, "") for r in rows):
+        return ("(N x of M): speedup N = M / this median, where M is the median of nn.LSTM timed interleaved "
+                "with this row (paired; the nn.LSTM column is a run of its own)")
+    return "(N x): speedup = the nn.LSTM median of the same row / this median"
 
 
 def _case(cfg) -> str:
@@ -227,7 +238,7 @@ def print_table(rows: Sequence[dict], file: Optional[TextIO] = None, max_lines: 
         print(f"speedup vs nn.LSTM by dtype, pass and impl ({n_lines} table lines: see the Markdown file)", file=file)
         print(format_summary(rows), file=file)
         return
-    print("median ms per call (speedup vs nn.LSTM); L = layers, 'bi' = bidirectional", file=file)
+    print(f"median ms per call; {speedup_legend(rows)}; > 1 is faster; L = layers, 'bi' = bidirectional", file=file)
     print(format_table(rows), file=file)
 
 
@@ -241,7 +252,7 @@ def write_markdown(path: Path, rows: Sequence[dict], info: dict, meta: Optional[
     out += [f"- {k}: {v}" for k, v in (meta or {}).items()]
     out += [
         "",
-        "Median time per call in ms (speedup vs nn.LSTM in parentheses; > 1 is faster). ",
+        f"Median time per call in ms; {speedup_legend(rows)}; > 1 is faster. ",
         "`fwd` = forward under no_grad; `fwd_bwd` = forward + backward (input and weight gradients). "
         "`skip` = see the notes below.",
         "",
@@ -300,6 +311,7 @@ def write_plots(out_dir: Path, rows: Sequence[dict], info: dict) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     out_dir.mkdir(parents=True, exist_ok=True)
     suptitle = "\n".join(header_lines(info))
@@ -313,7 +325,8 @@ def write_plots(out_dir: Path, rows: Sequence[dict], info: dict) -> list[Path]:
         H = 512 if 512 in Hs else Hs[len(Hs) // 2]
         passes = [p for p in ("fwd", "fwd_bwd") if any(r["pass"] == p for r in sub)]
         Bs = sorted({int(r["B"]) for r in sub if int(r["H"]) == H})
-        fig, axes = plt.subplots(len(passes), len(Bs), figsize=(3.2 * len(Bs) + 1, 3.0 * len(passes) + 1.2), squeeze=False)
+        fig, axes = plt.subplots(len(passes), len(Bs), figsize=(3.2 * len(Bs) + 1 + LEGEND_WIDTH_IN,
+                                                                3.0 * len(passes) + 1.2), squeeze=False)
         for pi, pass_ in enumerate(passes):
             for bi, B in enumerate(Bs):
                 ax = axes[pi][bi]
@@ -330,16 +343,21 @@ def write_plots(out_dir: Path, rows: Sequence[dict], info: dict) -> list[Path]:
                 Ts = sorted({int(r["T"]) for r in sub})
                 ax.set_xticks(Ts, [str(t) for t in Ts])
                 ax.minorticks_off()
+                # 1-2-5 ticks labelled in plain numbers: a narrow range still gets several labels
+                ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.set_title(f"{pass_}, B={B}, H={H}", fontsize=9)
                 ax.set_xlabel("T")
                 ax.set_ylabel("median ms")
                 ax.grid(True, which="both", alpha=0.3)
         from matplotlib.lines import Line2D
 
-        handles = [Line2D([], [], color=_color(i), marker="o", label=i) for i in impls if any(r["impl"] == i for r in sub)]
-        fig.legend(handles=handles, loc="upper right", fontsize=7)
+        handles = [Line2D([], [], color=_color(i), marker="o", label=i) for i in impls
+                   if any(r["impl"] == i and int(r["H"]) == H for r in sub)]
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0 - LEGEND_WIDTH_IN / fig.get_figwidth(), 0.5),
+                   fontsize=7, frameon=False)
         fig.suptitle(f"time vs T ({dtype}, 1 layer)\n{suptitle}", fontsize=8)
-        _layout(fig)
+        _layout(fig, right_in=LEGEND_WIDTH_IN)
         written.append(_save(fig, out_dir / f"time_vs_T_{dtype}.png", plt))
 
         contenders = [i for i in impls if i != BASELINE]
@@ -348,7 +366,8 @@ def write_plots(out_dir: Path, rows: Sequence[dict], info: dict) -> list[Path]:
         if not panels:
             continue
         fig, axes = plt.subplots(
-            len(panels), len(Hs_all), figsize=(3.6 * len(Hs_all) + 1, 2.8 * len(panels) + 1.2), squeeze=False
+            len(panels), len(Hs_all), figsize=(3.6 * len(Hs_all) + 1 + COLORBAR_WIDTH_IN, 2.8 * len(panels) + 1.2),
+            squeeze=False,
         )
         for ri, (impl, pass_) in enumerate(panels):
             for hi, H in enumerate(Hs_all):
@@ -360,27 +379,39 @@ def write_plots(out_dir: Path, rows: Sequence[dict], info: dict) -> list[Path]:
                 for r in cells:
                     if r["speedup_vs_cudnn"] not in (None, ""):
                         grid[Bs_h.index(int(r["B"]))][Ts.index(int(r["T"]))] = float(r["speedup_vs_cudnn"])
-                _heatmap(ax, grid, Ts, Bs_h)
+                image = _heatmap(ax, grid, Ts, Bs_h)
                 ax.set_title(f"{impl} {pass_}, H={H}", fontsize=8)
         fig.suptitle(f"speedup vs nn.LSTM ({dtype}, 1 layer; > 1 is faster)\n{suptitle}", fontsize=8)
-        _layout(fig)
+        _layout(fig, right_in=COLORBAR_WIDTH_IN)
+        colorbar_axes = fig.add_axes((1.0 - 0.8 * COLORBAR_WIDTH_IN / fig.get_figwidth(), 0.15,
+                                      0.2 / fig.get_figwidth(), 0.6))
+        colorbar = fig.colorbar(image, cax=colorbar_axes, ticks=[0.1, 0.25, 0.5, 1, 2, 4, 10])
+        colorbar.ax.set_yticklabels(["≤0.1", "0.25", "0.5", "1", "2", "4", "≥10"], fontsize=7)
+        colorbar.set_label("speedup vs nn.LSTM", fontsize=7)
         written.append(_save(fig, out_dir / f"speedup_{dtype}.png", plt))
     return written
 
 
-def _heatmap(ax, grid, Ts, Bs) -> None:
+def _heatmap(ax, grid, Ts, Bs):
+    """One B x T grid of speedups on a log colour scale centred on 1; returns the image (for a colour bar)."""
     import matplotlib.colors as mcolors
 
-    norm = mcolors.TwoSlopeNorm(vmin=0.1, vcenter=1.0, vmax=10.0)
+    norm = mcolors.LogNorm(vmin=0.1, vmax=10.0)
     clipped = [[min(max(v, 0.1), 10.0) if not math.isnan(v) else math.nan for v in row] for row in grid]
-    ax.imshow(clipped, cmap="RdYlGn", norm=norm, aspect="auto", origin="lower")
+    image = ax.imshow(clipped, cmap="RdYlGn", norm=norm, aspect="auto", origin="lower")
     ax.set_xticks(range(len(Ts)), [str(t) for t in Ts], fontsize=7)
     ax.set_yticks(range(len(Bs)), [str(b) for b in Bs], fontsize=7)
     ax.set_xlabel("T", fontsize=7)
     ax.set_ylabel("B", fontsize=7)
+    cells = len(Ts) * len(Bs)
+    size = 9 if cells <= 12 else 7 if cells <= 30 else 6
     for y, row in enumerate(grid):
         for x, v in enumerate(row):
-            ax.text(x, y, "—" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=6)
+            # dark text on the pale middle of the scale, white on its saturated ends
+            pale = math.isnan(v) or 0.4 <= v <= 2.5
+            ax.text(x, y, "—" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=size,
+                    color="black" if pale else "white", fontweight="bold")
+    return image
 
 
 def _color(impl: str) -> str:
@@ -388,10 +419,15 @@ def _color(impl: str) -> str:
     return f"C{IMPL_ORDER.index(impl) % 10}" if impl in IMPL_ORDER else "k"
 
 
-def _layout(fig) -> None:
-    """tight_layout below the (three-line) suptitle."""
+#: Inches kept free right of the panels for the legend (time vs T) and the colour bar (speedups).
+LEGEND_WIDTH_IN = 1.6
+COLORBAR_WIDTH_IN = 1.0
+
+
+def _layout(fig, right_in: float = 0.0) -> None:
+    """tight_layout below the (three-line) suptitle, leaving ``right_in`` inches free on the right."""
     top = 1.0 - 0.75 / fig.get_figheight()
-    fig.tight_layout(rect=(0, 0, 1, top))
+    fig.tight_layout(rect=(0, 0, 1.0 - right_in / fig.get_figwidth(), top))
 
 
 def _save(fig, path: Path, plt) -> Path:

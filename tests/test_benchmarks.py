@@ -373,3 +373,14 @@ def test_print_table(tiny_sweep, capsys):
     out = capsys.readouterr().out
     assert "nn.LSTM" in out and "fused-reference" in out and "fwd_bwd" in out
     assert len(out.strip().splitlines()) == 2 + 4  # title, column header, 2 T x 2 passes
+
+
+def test_table_says_which_ratio_it_shows(tiny_sweep, capsys):
+    """On the CPU the ratio is paired: the cell names the nn.LSTM median it divides, and the title says so."""
+    _, _, rows = tiny_sweep
+    report.print_table(rows)
+    out = capsys.readouterr().out
+    assert "timed interleaved with this row (paired" in out.splitlines()[0]
+    row = next(r for r in rows if r["impl"] == "fused-reference")
+    paired, median = float(row["paired_baseline_ms"]), float(row["median_ms"])
+    assert f"{median:.3g} ({paired / median:.3g}x of {paired:.3g})" in out
