@@ -269,7 +269,7 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 
 
 def plot(path: Path, info: dict[str, str], runs: list[dict], window: int, clip: float) -> None:
-    fig, (ax_mse, ax_norm) = plt.subplots(2, 1, figsize=(10, 8), sharex=True, constrained_layout=True)
+    fig, (ax_mse, ax_norm) = plt.subplots(2, 1, figsize=(12, 8), sharex=True, constrained_layout=True)
     colors = {"lstm": "tab:blue", "rnn": "tab:red"}
     for run in runs:
         steps = range(len(run["mse"]))
@@ -288,14 +288,15 @@ def plot(path: Path, info: dict[str, str], runs: list[dict], window: int, clip: 
     ax_mse.axhline(BASELINE_MSE, color="black", linestyle="--", linewidth=1.2, label=baseline)
     ax_mse.set_yscale("log")
     ax_mse.set_ylabel("training MSE (per step; line: mean of %d)" % window)
-    ax_mse.legend(loc="lower left")
+    # beside the axes, so that no curve is hidden behind a legend
+    ax_mse.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax_mse.grid(True, which="both", alpha=0.3)
     if clip > 0:
         ax_norm.axhline(clip, color="black", linestyle=":", linewidth=1.2, label=f"clip_grad_norm_ max_norm {clip:g}")
     ax_norm.set_yscale("log")
     ax_norm.set_ylabel("gradient norm before clipping")
     ax_norm.set_xlabel("training step")
-    ax_norm.legend(loc="upper right")
+    ax_norm.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax_norm.grid(True, which="both", alpha=0.3)
     fig.suptitle("\n".join(info.values()), fontsize=9)
     fig.savefig(path, dpi=100)
@@ -336,8 +337,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-size", type=int, default=2000, help="held-out sequences for the final MSE")
     p.add_argument("--tail", type=int, default=100, help="final training MSE = mean over this many last steps")
     p.add_argument("--smooth", type=int, default=25, help="moving-average window of the plotted lines")
-    p.add_argument("--out-dir", type=Path, default=HERE, help="where adding_problem.png and .csv go")
+    p.add_argument("--out-dir", type=Path, default=HERE / "out",
+                   help="where adding_problem.png and .csv go (the committed ones in examples/ are the defaults' result)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"T={QUICK['T']} and {QUICK['steps']} steps unless given: the effect in about 15 s on one CPU thread")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    quick, _ = p.parse_known_args(argv)
+    if quick.quick:
+        p.set_defaults(**QUICK)
     args = p.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or any(m not in ("lstm", "rnn") for m in models):
@@ -349,6 +356,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 LABELS = {"lstm": "FusedLSTM", "rnn": "nn.RNN (tanh)"}
+#: --quick: a lag short enough to learn in a few hundred steps, long enough that the tanh RNN does not.
+QUICK = {"T": 30, "steps": 300}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

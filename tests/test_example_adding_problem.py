@@ -118,3 +118,18 @@ def test_forget_bias_flag_sets_the_forget_slice_only(example, cls):
             assert torch.equal(p[keep], before[name][keep]), name
         else:
             assert torch.equal(p, before[name]), name
+
+
+def test_defaults_write_beside_not_over_the_committed_result(example):
+    """The committed examples/adding_problem.{png,csv} are the defaults' result; a run writes to examples/out/."""
+    args = example.parse_args([])
+    assert args.out_dir.resolve() != EXAMPLE.parent.resolve()
+    assert args.out_dir.resolve().parent == EXAMPLE.parent.resolve()
+
+
+def test_quick_sets_short_defaults_that_explicit_flags_override(example):
+    args = example.parse_args(["--quick"])
+    assert (args.T, args.steps) == (example.QUICK["T"], example.QUICK["steps"])
+    args = example.parse_args(["--quick", "--T", "12"])
+    assert (args.T, args.steps) == (12, example.QUICK["steps"])
+    assert example.parse_args([]).T == 100
