@@ -1,0 +1,88 @@
+"""The 16-bit tolerances of tests/utils.py separate a correct recurrence from a wrong one.
+
+A correct 16-bit recurrence stores h in the input dtype and keeps the cell state in fp32. The
+mutant here keeps the cell state in the input dtype (rounded every step): with long memory (forget
+gate near 1) its rounding errors pile up in c, and REL_TOL must catch that in fp16 and bf16 alike.
+The oracle is float64 run on the same 16-bit inputs, so only the computation's error is measured.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lstm_kernels import lstm_layer
+from lstm_kernels.backends import reference
+from utils import REL_TOL, UNIT_ROUNDOFF, assert_rel_close, rel_error
+
+T, B, H = 128, 16, 64
+FORGET_BIAS = 4.0  # f = σ(4 + ...) ≈ 0.98: a long memory
+
+
+def _cell_in_input_dtype(xg, w_hh, h0, c0, w_hr, batch_sizes, keep_activations):
+    """The reference recurrence with one mistake: c_t rounded to the input dtype every step."""
+    dtype, acc = xg.dtype, reference.compute_dtype(xg.dtype)
+    w_hh_t = w_hh.to(acc).t()
+    h, c = h0, c0.to(acc)
+    outputs, activations = [], []
+    for t in range(xg.shape[0]):
+        i, f, g, o = (xg[t].to(acc) + h.to(acc) @ w_hh_t).chunk(4, dim=1)
+        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+        c_new = (f * c + i * g).to(dtype).to(acc)
+        tanh_c = c_new.tanh()
+        m = o * tanh_c
+        if keep_activations:
+            activations.append((i, f, g, o, c, tanh_c, m))
+        h, c = m.to(dtype), c_new
+        outputs.append(h)
+    return torch.stack(outputs), h, c, activations
+
+
+def _case(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    xg = torch.randn(T, B, 4 * H, generator=gen)
+    xg[:, :, H:2 * H] += FORGET_BIAS
+    w_hh = (torch.rand(4 * H, H, generator=gen) * 2 - 1) / H**0.5
+    h0, c0 = torch.randn(B, H, generator=gen) / 2, torch.randn(B, H, generator=gen) / 2
+    cotangents = [torch.randn(T, B, H, generator=gen), torch.randn(B, H, generator=gen), torch.randn(B, H, generator=gen)]
+    return [t.to(dtype) for t in (xg, w_hh, h0, c0)], [t.to(dtype) for t in cotangents]
+
+
+def _outputs_and_grads(inputs, cotangents, dtype):
+    leaves = [t.to(dtype).detach().requires_grad_(True) for t in inputs]
+    outputs = lstm_layer(*leaves, backend="reference")
+    torch.autograd.backward(outputs, [c.to(dtype) for c in cotangents])
+    return [*outputs, *(leaf.grad for leaf in leaves)]
+
+
+NAMES = ["h_all", "h_T", "c_T", "dxg", "dw_hh", "dh0", "dc0"]
+
+
+def _errors(dtype, monkeypatch, mutant: bool):
+    inputs, cotangents = _case(dtype)
+    expected = _outputs_and_grads(inputs, cotangents, torch.float64)
+    if mutant:
+        monkeypatch.setattr(reference, "_recurrence", _cell_in_input_dtype)
+    actual = _outputs_and_grads(inputs, cotangents, dtype)
+    monkeypatch.undo()
+    return actual, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_correct_16_bit_recurrence_passes(dtype, monkeypatch):
+    actual, expected = _errors(dtype, monkeypatch, mutant=False)
+    for name, a, e in zip(NAMES, actual, expected):
+        assert_rel_close(a, e, REL_TOL[dtype], name)
+    worst = max(rel_error(a, e) for a, e in zip(actual, expected)) / UNIT_ROUNDOFF[dtype]
+    assert worst < 1.5, f"a correct recurrence measured {worst:.2f} u (about 0.8 u expected)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cell_state_kept_in_16_bits_fails(dtype, monkeypatch):
+    actual, expected = _errors(dtype, monkeypatch, mutant=True)
+    failures = []
+    for name, a, e in zip(NAMES, actual, expected):
+        try:
+            assert_rel_close(a, e, REL_TOL[dtype], name)
+        except AssertionError as error:
+            failures.append(str(error))
+    assert failures, "a cell state rounded to 16 bits every step passed the tolerance"
