@@ -85,6 +85,14 @@ def test_dropout_is_not_applied_after_the_last_layer():
     assert (out == 0).float().mean() < 0.05  # dropout on the output would zero ~90%
 
 
-def test_flatten_parameters_is_accepted():
-    fused = FusedLSTM(3, 4)
-    fused.flatten_parameters()
+def test_flatten_parameters_is_a_no_op():
+    """Code written against nn.LSTM calls flatten_parameters(); here it changes nothing."""
+    torch.manual_seed(0)
+    fused = FusedLSTM(3, 4, num_layers=2)
+    x = torch.randn(5, 2, 3)
+    before = {name: (p.data_ptr(), p.detach().clone()) for name, p in fused.named_parameters()}
+    expected = fused(x)[0]
+    assert fused.flatten_parameters() is None
+    for name, p in fused.named_parameters():
+        assert p.data_ptr() == before[name][0] and torch.equal(p, before[name][1]), name
+    assert torch.equal(fused(x)[0], expected)
