@@ -11,7 +11,16 @@ are read for what the GPU will run per step:
   (b) no load of W_hh (nor W_hr) from global memory inside the step loop, and no copy of it
       into shared memory there (traced through the TTGIR def-use chains to the pointer argument);
   (c) grid-barrier arrivals (release atomics) per step: 1, or 2 with a projection;
-  (d) shared memory within the architecture's limit, no spills (cuobjdump: LOCAL and STACK 0).
+  (d) shared memory within the architecture's limit, no spills (cuobjdump: LOCAL and STACK 0);
+  (e) per step, as designed (the kernels' docstrings): one cross-warp sum per recurrent product,
+      two block barriers per grid barrier (its arrive and its wait), and at most one layout
+      conversion per cross-warp sum (its result into the cell's layout) plus, in the forward,
+      four (the gate split and the layouts of the h / c stores);
+  (f) the plans' shapes (units and batch rows per program, warps, programs) at the flagship and
+      two other shapes are the design's, so that a plan that regressed (to fewer warps, say)
+      cannot match an ideal computed from its own configuration.
+Each check has a mutant here (a kernel compiled with one deliberate fault, or a plan rule
+broken) that it must catch.
 The same counts are printed for the existing persistent kernels (triton_forward /
 triton_backward) as "before" (``pytest -s`` shows them). These are structural counts, a CPU
 proxy for speed, not a measurement.
@@ -150,6 +159,20 @@ def layout_exchanges_per_step(ttgir: str) -> int:
     return sum(("ttg.convert_layout" in line) or ('"tt.reduce"' in line) for line in step_loop(ttgir))
 
 
+def cross_warp_sums_per_step(ttgir: str) -> int:
+    return sum('"tt.reduce"' in line for line in step_loop(ttgir))
+
+
+def layout_conversions_per_step(ttgir: str) -> int:
+    return sum("ttg.convert_layout" in line for line in step_loop(ttgir))
+
+
+def block_barriers_per_step(ttgir: str) -> int:
+    """Block-wide barriers (bar.sync) the step loop passes: tl.debug_barrier and the barriers inside
+    the grid barrier's halves."""
+    return sum(bool(re.search(r"\b(ttg|gpu)\.barrier\b", line)) for line in step_loop(ttgir))
+
+
 # ----------------------------------------------------------------------------- reading SASS / PTX
 
 
@@ -188,6 +211,9 @@ def report(kernel, arch, dtype, shape_id, compiled, tmp_path, w_args):
         w_smem_reads_in_loop=sum(ops_in_loop_from(ttgir, "ttg.local_load", a) for a in w_args),
         grid_arrivals=grid_arrivals_per_step(ttgir),
         layout_exchanges=layout_exchanges_per_step(ttgir),
+        cross_warp_sums=cross_warp_sums_per_step(ttgir),
+        layout_conversions=layout_conversions_per_step(ttgir),
+        block_barriers=block_barriers_per_step(ttgir),
         bar_sync_ptx=len(re.findall(r"\bbar\.sync|\bbarrier\.sync", compiled.asm["ptx"])),
         warps=compiled.metadata.num_warps,
         **resources(compiled, tmp_path),
@@ -209,6 +235,18 @@ def assert_ideal_mma(counts, dots_by_shape, what):
         assert got[shape] == ideal, f"{what}: {got[shape]} MMA {shape} per warp per step, ideal {ideal}"
 
 
+def assert_designed_step(counts, has_proj: bool, forward: bool, what: str):
+    """(c) and (e): the grid barriers, cross-warp sums, block barriers and layout conversions per step."""
+    products = 2 if has_proj else 1  # h W_hh^T (dG W_hh), and m W_hr^T (dh W_hr) with a projection
+    assert counts["grid_arrivals"] == products, f"{what}: {counts['grid_arrivals']} grid arrivals per step"
+    assert counts["cross_warp_sums"] == products, f"{what}: {counts['cross_warp_sums']} cross-warp sums per step"
+    assert counts["block_barriers"] == 2 * counts["grid_arrivals"], (
+        f"{what}: {counts['block_barriers']} block barriers per step, designed 2 per grid barrier")
+    most = products + (4 if forward else 0)
+    assert counts["layout_conversions"] <= most, (
+        f"{what}: {counts['layout_conversions']} layout conversions per step, designed at most {most}")
+
+
 def _instr(dtype, precision):
     return (16, 8, 16) if dtype != torch.float32 or precision is None else (16, 8, 8)
 
@@ -221,7 +259,7 @@ def budget_of(arch: int) -> int:
     return min(kernels.RESIDENT_BYTES, MAX_SHARED[arch] - kernels.RESIDENT_MARGIN)
 
 
-def forward_build(B, H, P, dtype, arch, spin_limit=0):
+def forward_build(B, H, P, dtype, arch, spin_limit=0, kernel=_lstm_pfw_kernel):
     has_proj = P != H
     cfg = tp.forward_plan(B, H, P, dtype, torch.device("cuda"), has_proj, programs=SMS[arch], budget=budget_of(arch))
     assert isinstance(cfg, dict), cfg
@@ -229,8 +267,7 @@ def forward_build(B, H, P, dtype, arch, spin_limit=0):
                                   spin_limit=spin_limit)
     typed = {n: PTR[dtype] for n in ("xg_ptr", "w_ptr", "w_hr_ptr", "h_buf_ptr", "h_all_ptr")}
     typed |= {"bs_ptr": "*i32", "bar_ptr": "*i32"}
-    compiled = compile_kernel(_lstm_pfw_kernel, consts, typed, dict(t_begin=0, n_steps=1024, B=B),
-                              cfg["num_warps"], arch)
+    compiled = compile_kernel(kernel, consts, typed, dict(t_begin=0, n_steps=1024, B=B), cfg["num_warps"], arch)
     # 16-bit operands: m16n8k16; fp32 (served with tf32 only): m16n8k8
     dots = {(16, 8, 16) if dtype != torch.float32 else (16, 8, 8): [
         (4 * cfg["BLOCK_H"], cfg["BLOCK_B"], consts["K1"] + consts["K2"])]}
@@ -249,13 +286,13 @@ def test_persistent_forward_step_budget(shape, dtype, arch, tmp_path):
     what = f"persistent forward sm_{arch} {dtype} B={B} H={H} P={P}"
     assert_ideal_mma(counts, dots, what)
     assert counts["w_global_loads_in_loop"] == 0 and counts["w_smem_copies_in_loop"] == 0, what
-    assert counts["grid_arrivals"] == (2 if P != H else 1), what
+    assert_designed_step(counts, P != H, True, what)
     assert_fits(counts, arch, what)
     if (B, H) == (16, 768):  # the flagship: nearly all SMs busy
         assert cfg["programs"] >= 0.7 * SMS[arch], cfg
 
 
-def backward_build(B, H, P, dtype, arch, spin_limit=0):
+def backward_build(B, H, P, dtype, arch, spin_limit=0, kernel=_lstm_pbw_kernel):
     has_proj = P != H
     cfg = tp.backward_plan(B, H, P, dtype, torch.device("cuda"), has_proj, programs=SMS[arch], budget=budget_of(arch))
     assert isinstance(cfg, dict), cfg
@@ -263,8 +300,7 @@ def backward_build(B, H, P, dtype, arch, spin_limit=0):
     typed = {n: PTR[dtype] for n in ("w_ptr", "w_hr_ptr", "dh_all_ptr", "dh_last_ptr", "c0_ptr", "dg_ptr",
                                      "dg_buf_ptr")}
     typed |= {"bs_ptr": "*i32", "bar_ptr": "*i32"}
-    compiled = compile_kernel(_lstm_pbw_kernel, consts, typed, dict(t_begin=1023, n_steps=1025, B=B),
-                              cfg["num_warps"], arch)
+    compiled = compile_kernel(kernel, consts, typed, dict(t_begin=1023, n_steps=1025, B=B), cfg["num_warps"], arch)
     dots = {(16, 8, 16): [(cfg["BLOCK_H"], cfg["BLOCK_B"], consts["KP"] * consts["NP"])]}
     if has_proj:  # dh (fp32) @ W_hr in tf32 for 16-bit inputs
         dots[(16, 8, 8)] = [(cfg["BLOCK_H"], cfg["BLOCK_B"], consts["KP1"] + consts["KP2"])]
@@ -282,7 +318,7 @@ def test_persistent_backward_step_budget(shape, dtype, arch, tmp_path):
     what = f"persistent backward sm_{arch} {dtype} B={B} H={H} P={P}"
     assert_ideal_mma(counts, dots, what)
     assert counts["w_global_loads_in_loop"] == 0 and counts["w_smem_copies_in_loop"] == 0, what
-    assert counts["grid_arrivals"] == (2 if P != H else 1), what
+    assert_designed_step(counts, P != H, False, what)
     assert_fits(counts, arch, what)
     if (B, H) == (16, 768):
         fw_cfg, _, _ = forward_build(B, H, P, dtype, arch)
@@ -315,6 +351,114 @@ def test_fp32_is_served_with_tf32_only(arch, tmp_path, set_tf32):
     assert_fits(counts, arch, f"fp32 (tf32) forward sm_{arch}")
     reason = tp.backward_plan(16, 768, 768, torch.float32, cuda, False, programs=SMS[arch], budget=budget_of(arch))
     assert isinstance(reason, str) and "registers" in reason, reason
+
+
+# ----------------------------------------------------------------------------- (f) the plans' shapes
+
+#: The plans the design gives (triton_persistent.forward_plan / backward_plan docstrings), on sm_90
+#: (132 SMs): BB = B padded up to 64 rows; U = the fewest units per program (4, 8, 16, 32) whose
+#: tiles fit one per SM; warps = K slices = min(8, shortest K / 16) (backward: K = 4H, and P).
+#:   flagship B16 H768: forward U = 4 gives 192 tiles > 132, so U = 8: 96 programs of 8 warps;
+#:                      backward 8 units (16 MMA rows) x 16 rows: 96 programs of 8 warps.
+#:   B64 H256:          forward U = 4: 64 programs of 8 warps; backward 8 units: 32 programs.
+#:   B5 H100 P40:       K = P = 40 gives 2 slices of 16: 2 warps; forward U = 4: 25 programs;
+#:                      backward 8 units: 13 programs.
+DESIGNED_PLANS = {
+    "B16_H768": dict(forward=dict(BLOCK_H=8, BLOCK_B=16, num_warps=8, programs=96),
+                     backward=dict(UNITS=8, BLOCK_B=16, num_warps=8, programs=96)),
+    "B64_H256": dict(forward=dict(BLOCK_H=4, BLOCK_B=64, num_warps=8, programs=64),
+                     backward=dict(UNITS=8, BLOCK_B=64, num_warps=8, programs=32)),
+    "B5_H100_P40": dict(forward=dict(BLOCK_H=4, BLOCK_B=16, num_warps=2, programs=25),
+                        backward=dict(UNITS=8, BLOCK_B=16, num_warps=2, programs=13)),
+}
+
+
+def plan_of(direction: str, B: int, H: int, P: int, dtype=torch.float16, arch: int = 90):
+    plan = tp.forward_plan if direction == "forward" else tp.backward_plan
+    return plan(B, H, P, dtype, torch.device("cuda"), P != H, programs=SMS[arch], budget=budget_of(arch))
+
+
+def assert_designed_plan(shape_id: str, direction: str, what: str = ""):
+    cfg = plan_of(direction, *SHAPES[shape_id])
+    assert isinstance(cfg, dict), cfg
+    designed = DESIGNED_PLANS[shape_id][direction]
+    got = {k: cfg[k] for k in designed}
+    assert got == designed, f"{what}{direction} plan at {shape_id}: {got}, designed {designed}"
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("shape_id", list(SHAPES))
+def test_plans_have_the_designed_shape(shape_id, direction):
+    assert_designed_plan(shape_id, direction)
+
+
+def test_mutant_plan_with_fewer_warps_is_caught(monkeypatch):
+    """A plan rule broken (K split over at most 4 warps): its kernels would still match an ideal
+    computed from their own configuration, so the plan's shape is checked against the design."""
+    monkeypatch.setattr(tp, "MAX_K_SPLIT", 4)
+    monkeypatch.setattr(tp, "k_split", lambda *extents, most=4: min(4, _k_split(*extents, most=most)))
+    with pytest.raises(AssertionError, match="designed"):
+        assert_designed_plan("B16_H768", "forward")
+
+
+_k_split = tp.k_split
+
+
+# ----------------------------------------------------------------------------- mutants of the kernels
+
+
+def mutant_kernel(module, kernel_name: str, old: str, new: str, tmp_path):
+    """``kernel_name`` of ``module`` compiled from a copy of its source with ``old`` replaced by ``new``."""
+    import importlib.util
+    import inspect
+
+    source = inspect.getsource(module)
+    assert source.count(old) == 1, f"the mutation site {old!r} is not unique in {module.__name__}"
+    source = source.replace(old, new).replace("from .triton_kernels import", "from lstm_kernels.backends.triton_kernels import")
+    path = tmp_path / f"mutant_{module.__name__.rsplit('.', 1)[-1]}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mutated = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutated)
+    return getattr(mutated, kernel_name)
+
+
+SUM_SITE = "            acc = tl.sum(acc, axis=0)  # [4U, BB] fp32\n"
+FORWARD_MUTANTS = {
+    # one more block barrier in the step
+    "extra_block_barrier": (SUM_SITE, SUM_SITE + "            tl.debug_barrier()\n", "block barriers"),
+    # the cross-warp sum done twice over halves of the partial sums
+    "extra_cross_warp_sum": (SUM_SITE, "            acc = tl.sum(acc * 0.25, axis=0) + tl.sum(acc * 0.75, axis=0)\n",
+                             "cross-warp sums"),
+    # the recurrent MMA issued twice (a warp repeating work)
+    "repeated_mma": ("            acc = tl.dot(w1, _load_t_split(h_prev, b, b_in, 0, K1, KS, P, DOT_DTYPE),\n",
+                     "            acc = 0.0 * tl.dot(w1, _load_t_split(h_prev, b, b_in, 0, K1, KS, P, DOT_DTYPE),\n"
+                     "                               input_precision=DOT_PRECISION)\n"
+                     "            acc += tl.dot(w1, _load_t_split(h_prev, b, b_in, 0, K1, KS, P, DOT_DTYPE),\n",
+                     "MMA"),
+    # W_hh read from global memory inside the step loop
+    "w_loaded_in_loop": ("            acc = tl.dot(w1, _load_t_split(h_prev, b, b_in, 0, K1, KS, P, DOT_DTYPE),\n",
+                         "            acc = tl.dot(_load_w_split(w_ptr, u * GR, GR, 0, K1, KS, P, DOT_DTYPE),\n"
+                         "                         _load_t_split(h_prev, b, b_in, 0, K1, KS, P, DOT_DTYPE),\n",
+                         "W_hh"),
+}
+
+
+@pytest.mark.parametrize("mutant", list(FORWARD_MUTANTS))
+def test_forward_checks_catch_a_mutant(mutant, tmp_path):
+    """Each structural check fails on a forward kernel with the fault it guards against."""
+    from lstm_kernels.backends import triton_persistent_forward
+
+    old, new, caught_by = FORWARD_MUTANTS[mutant]
+    kernel = mutant_kernel(triton_persistent_forward, "_lstm_pfw_kernel", old, new, tmp_path)
+    B, H, P = SHAPES["B16_H768"]
+    _, compiled, dots = forward_build(B, H, P, torch.float16, 90, kernel=kernel)
+    counts = report(f"forward (mutant {mutant})", 90, torch.float16, "B16_H768", compiled, tmp_path, ("%w_ptr",))
+    with pytest.raises(AssertionError) as failure:
+        assert_ideal_mma(counts, dots, "mutant")
+        assert counts["w_global_loads_in_loop"] == 0 and counts["w_smem_copies_in_loop"] == 0, "mutant: W_hh in the loop"
+        assert_designed_step(counts, False, True, "mutant")
+    assert caught_by in str(failure.value), failure.value
 
 
 # ----------------------------------------------------------------------------- before: the existing kernels

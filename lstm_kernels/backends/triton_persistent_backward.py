@@ -101,6 +101,8 @@ def _lstm_pbw_kernel(
     value the dG output has anyway) with fp32 accumulation: see ``persistent_backward``.
     With a projection a second phase (dm = dh @ W_hr, W_hr^T slice resident in fp32, tf32) adds
     one grid barrier: two per step.
+    Per step, in the compiled loop: one cross-warp sum per product (dG W_hh; and dh W_hr with a
+    projection), two block barriers per grid barrier, at most one layout conversion per sum.
     Guarded on the CPU by tests/test_triton_step_budget.py (as the forward).
     """
     pid = tl.program_id(0)

@@ -120,10 +120,14 @@ def _lstm_pfw_kernel(
     With a projection a second phase (PB state units per program, m^T [H, BB] read once,
     W_hr's slice resident in fp32, tf32 MMA for 16-bit inputs as in the existing kernels)
     adds one grid barrier: two per step.
+    Per step, in the compiled loop: one cross-warp sum per product (one; two with a projection),
+    two block barriers per grid barrier (its arrive and its wait), at most one layout conversion
+    per cross-warp sum plus four (the gate split and the h / c store layouts).
     Guarded on the CPU by tests/test_triton_step_budget.py: MMA instructions per warp equal
     the ideal for the tile, no load of W_hh / W_hr from global memory (nor copy to shared
-    memory) inside the step loop, one (two) grid-barrier arrivals per step, shared memory
-    within the limit, no spills (sm_80 and sm_90).
+    memory) inside the step loop, one (two) grid-barrier arrivals per step, the sums, barriers
+    and conversions above, the plan's shape, shared memory within the limit, no spills (sm_80
+    and sm_90); each check with a mutant it must catch.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
