@@ -145,9 +145,9 @@ __global__ void __launch_bounds__(THREADS, 1)
   };
   const int it_first = hs_begin / NPH, it_end = (hs_end + NPH - 1) / NPH;
   prefetch(T_ - 1 - it_first);
-  int kp_begin, kp_end, kq_begin, kq_end;  // pairs of chunks
-  warp_k_range(warp, k_chunks(Kp, E) / 2, &kp_begin, &kp_end);  // K = 4H
-  warp_k_range(warp, k_chunks(Pk, E) / 2, &kq_begin, &kq_end);  // K = P (PROJ)
+  const KRange gate_k = bwd_gate_k(warp, H, E);  // pairs of chunks of K = 4H
+  const KRange proj_k = bwd_proj_k(warp, P, E);  // pairs of chunks of K = P (PROJ)
+  const int kp_begin = gate_k.begin, kp_end = gate_k.end, kq_begin = proj_k.begin, kq_end = proj_k.end;
   const unsigned int arrivals = 4u * gridDim.x;
   // Lane addresses of ldmatrix (fused_plan.cuh), in bytes: B = units (p) x r' (A = dG rows x r' is streamed);
   // PROJ half-step B': A = dh rows (batch) x p, B = W_hr^T rows (units) x p.

@@ -130,9 +130,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       x_i = to_float(x[0]), x_f = to_float(x[H]), x_g = to_float(x[2 * H]), x_o = to_float(x[3 * H]);
     }
   }
-  int ks_begin, ks_end, kp_begin, kp_end;
-  warp_k_range(warp, k_chunks(Pk, E), &ks_begin, &ks_end);      // half-step A: chunks of K = P
-  warp_k_range(warp, k_chunks(Hk, E) / 2, &kp_begin, &kp_end);  // half-step B: pairs of chunks of K = H
+  const KRange gate_k = fwd_gate_k(warp, P, E);  // half-step A: chunks of K = P
+  const KRange proj_k = fwd_proj_k(warp, H, E);  // half-step B: pairs of chunks of K = H
+  const int ks_begin = gate_k.begin, ks_end = gate_k.end, kp_begin = proj_k.begin, kp_end = proj_k.end;
   const unsigned int arrivals = 4u * gridDim.x;
   // Lane addresses of ldmatrix (fused_plan.cuh), in bytes: A = W rows x k, B = h rows (batch) x k;
   // half-step B: A = m rows (batch) x k, B = W_hr rows (p) x k.

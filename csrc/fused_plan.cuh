@@ -57,6 +57,24 @@ FUSED_HD void warp_k_range(int w, int KS, int* begin, int* end) {
   *end = (w + 1) * KS / WARPS;
 }
 
+// The reduction each warp multiplies in each product of the kernels, as [begin, end) of 32-byte
+// chunks (fwd_gate_k: the forward's h W_hh^T, K = P) or of pairs of chunks (fwd_proj_k: m W_hr^T,
+// K = H; bwd_gate_k: dG W_hh, K = 4H; bwd_proj_k: dh W_hr, K = P), K padded to kpad(elem). The
+// kernels take their ranges from these, and tests/cuda_host/plan_dump.cpp prints them for every
+// warp, so the structural check's per-warp MMA count follows the kernels' own arithmetic.
+struct KRange {
+  int begin, end;
+};
+FUSED_HD KRange warp_k_chunks(int w, int K, int elem, int per_unit) {
+  KRange r;
+  warp_k_range(w, k_chunks(round_up(K, kpad(elem)), elem) / per_unit, &r.begin, &r.end);
+  return r;
+}
+FUSED_HD KRange fwd_gate_k(int w, int P, int elem) { return warp_k_chunks(w, P, elem, 1); }
+FUSED_HD KRange fwd_proj_k(int w, int H, int elem) { return warp_k_chunks(w, H, elem, 2); }
+FUSED_HD KRange bwd_gate_k(int w, int H, int elem) { return warp_k_chunks(w, 4 * H, elem, 2); }
+FUSED_HD KRange bwd_proj_k(int w, int P, int elem) { return warp_k_chunks(w, P, elem, 2); }
+
 // Forward interleaving: row of w_fwd [unit_blocks(H) * FWD_ROWS, H] that holds W_hh row g*H + j:
 // block q = j / UNITS, local row 8g + u (u = j % UNITS). Rows of units >= H are zero.
 FUSED_HD int fwd_row(int g, int j) { return (j / UNITS) * FWD_ROWS + g * UNITS + j % UNITS; }

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lstm_kernels.backends import RecurrenceInputs, get_backend
+from lstm_kernels.backends import RecurrenceCall, RecurrenceInputs, get_backend
 from lstm_kernels.backends import cuda as cuda_backend
 from lstm_kernels.function import lstm_layer
 from utils import REL_TOL, assert_rel_close, rel_error
@@ -35,7 +35,8 @@ pytestmark = [
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-VARIANTS = ["step", "persistent"]
+#: "fused": the default (csrc/fused_*.cu where they serve the call); "step" / "persistent": the earlier kernels.
+VARIANTS = ["fused", "step", "persistent"]
 # (T, B, H): T = 1, B = 1, H not a multiple of the 16-unit tile (13, 100, 1000), B not a
 # multiple of the 16-row tile (3, 17), the largest batch (256), a long sequence (2048).
 SHAPES = {
@@ -62,10 +63,23 @@ def use_variant(monkeypatch, variant, dtype, H, mma=False):
     monkeypatch.setenv(cuda_backend.VARIANT_ENV, variant)
 
 
-def check_variant_ran(variant):
+def check_variant_ran(variant, T=None, B=None, H=None, dtype=None):
+    """The kernels asked for ran. For "fused" (the default), the fused kernels where they serve the call
+    (persistent where their grid is co-resident, else one launch per half-step), else the per-step kernels."""
     backend = get_backend("cuda")
-    assert backend.last_forward_variant == variant
-    assert backend.last_backward_variant == variant
+    ran = [(backend.last_forward_kernel, backend.last_forward_variant),
+           (backend.last_backward_kernel, backend.last_backward_variant)]
+    if variant != "fused":
+        assert [v for _, v in ran] == [variant, variant], ran
+        assert all(k != "fused" for k, _ in ran), ran
+        return
+    call = RecurrenceCall(seq_len=T, batch=B, hidden_size=H, state_size=H, dtype=dtype, device=torch.device("cuda"),
+                          has_projection=False, variable_lengths=False, needs_grad=True)
+    for (kernel, ran_variant), direction in zip(ran, ("forward", "backward")):
+        mode = cuda_backend._fused_mode(call, direction)
+        expected = ("fused", "persistent" if mode else "step") if mode is not None else (kernel, "step")
+        assert (kernel, ran_variant) == expected, (direction, ran, expected)
+        assert (kernel == "fused") == (mode is not None), (direction, kernel)
 
 
 def make_case(T, B, H, dtype, seed=0):
@@ -126,7 +140,7 @@ def test_layer_matches_reference(shape, dt, matmul, variant, monkeypatch):
     use_variant(monkeypatch, variant, dtype, H, mma=matmul != "fma")
     inputs, cot = make_case(T, B, H, dtype)
     got = run_layer(inputs, cot, "cuda")
-    check_variant_ran(variant)
+    check_variant_ran(variant, T, B, H, dtype)
     check_matmul_ran(matmul)
     check_against_reference(got, inputs, cot, dtype, REL_TOL[tol_key] if tol_key else None)
 
@@ -233,12 +247,12 @@ def test_side_stream(variant, monkeypatch):
     use_variant(monkeypatch, variant, torch.float32, 64)
     inputs, cot = make_case(20, 8, 64, torch.float32, seed=11)
     expected = run_layer(inputs, cot, "cuda")
-    check_variant_ran(variant)
+    check_variant_ran(variant, 20, 8, 64, torch.float32)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         got = run_layer(inputs, cot, "cuda")
-        check_variant_ran(variant)
+        check_variant_ran(variant, 20, 8, 64, torch.float32)
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
     assert_bitwise(got, expected, f"{variant} on a side stream vs the default stream")

@@ -20,10 +20,7 @@
 """
 from __future__ import annotations
 
-import json
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -32,6 +29,7 @@ import torch
 from lstm_kernels.backends import cuda_fused as cf
 from lstm_kernels.backends.reference import ReferenceBackend
 from lstm_kernels.backends import RecurrenceInputs
+from plan_dump import compile_plan_dump
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 1), (1, 13), (5, 13), (16, 16), (17, 129), (33, 100), (16, 768)]  # (B, H)
@@ -41,20 +39,9 @@ SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 @pytest.fixture(scope="module")
 def plan_dump(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
+    run = compile_plan_dump(tmp_path_factory.mktemp("plan"))
+    if run is None:
         pytest.skip("no host C++ compiler")
-    exe = tmp_path_factory.mktemp("plan") / "plan_dump"
-    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(ROOT / "tests/cuda_host/plan_dump.cpp"),
-                    "-o", str(exe)], check=True)
-    cache = {}
-
-    def run(B: int, H: int, elem: int = 2) -> dict:
-        if (B, H, elem) not in cache:
-            cache[(B, H, elem)] = json.loads(subprocess.run([str(exe), str(B), str(H), str(elem)],
-                                                            capture_output=True, text=True, check=True).stdout)
-        return cache[(B, H, elem)]
-
     return run
 
 
@@ -92,6 +79,12 @@ def test_header_maps_agree_with_python(plan_dump, B, H, elem):
     assert d["kpairs_bwd"] == cf.k_chunks(cf.round_up(4 * H, cf.kpad(elem)), elem) // 2
     assert d["fwd_k"] == [list(cf.warp_k_range(w, d["ks_fwd"])) for w in range(cf.WARPS)]
     assert d["bwd_k"] == [list(cf.warp_k_range(w, d["kpairs_bwd"])) for w in range(cf.WARPS)]
+    # the kernels' k ranges cover each product's K once, in order, balanced to within one unit
+    for product in ("fwd_gate_k", "fwd_proj_k", "bwd_gate_k", "bwd_proj_k"):
+        ranges = d[product]
+        assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), (product, ranges)
+        sizes = [e - b for b, e in ranges]
+        assert max(sizes) - min(sizes) <= 1, (product, ranges)
 
 
 @pytest.mark.parametrize("B, H", SHAPES)

@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 
 from lstm_kernels.backends import cuda_fused as cf
+from plan_dump import compile_plan_dump
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90")
@@ -244,18 +245,40 @@ def design(stem: str, proj: bool, op: str = "Fp16Mma") -> dict:
     return dict(loops=loops, bar_sync=2 * len(loops), release_add=len(loops), ldg_max=13, streamed=True)
 
 
-def hmma_per_warp_per_step(loop: StepLoop, spec) -> tuple:
+#: The products of each kernel's k loops, in address order, by the name of the function of
+#: csrc/fused_plan.cuh that gives each warp its k range there (printed by tests/cuda_host/plan_dump.cpp).
+K_RANGES = {"fused_forward_kernel": ("fwd_gate_k", "fwd_proj_k"), "fused_backward_kernel": ("bwd_gate_k", "bwd_proj_k")}
+
+
+@pytest.fixture(scope="module")
+def plan_dump(tmp_path_factory):
+    run = compile_plan_dump(tmp_path_factory.mktemp("plan"))
+    if run is None:
+        pytest.skip("no host C++ compiler")
+    return run
+
+
+def kernel_k_ranges(plan_dump, stem: str, op: str, proj: bool) -> list:
+    """Per k loop of ``stem``: every warp's [begin, end), from the kernels' own index arithmetic
+    (fused_plan.cuh run on the host) at the design shape."""
+    elem, _ = OPS[op]
+    H, P = design_shape(stem, op, proj)
+    d = plan_dump(FLAGSHIP_B, H, elem, P)
+    return [d[name] for name in K_RANGES[stem][: 2 if proj else 1]]
+
+
+def hmma_per_warp_per_step(loop: StepLoop, spec, k_ranges) -> tuple:
     """(busiest warp's HMMA per step, ideal, k-loop bodies, trips): k loop i's body runs once per
-    k_unit chunks of the warp's range (cuda_fused.warp_k_range); the ideal is each product's MMA
-    count (tiles x chunks x MMAs per tile and chunk) divided over the warps."""
+    k_unit chunks of the warp's range, taken from the kernels' own arithmetic (``k_ranges``, in
+    chunks where k_unit is 1, else in pairs); the ideal is each product's MMA count (tiles x chunks
+    x MMAs per tile and chunk) divided over the warps. A warp given more than its share of K makes
+    the busiest warp's count exceed the ideal."""
     per_warp, ideal, bodies, trips = 0, 0.0, [], []
-    for lp, (tiles, k_steps, k_unit, passes) in zip(loop.k_loops, spec):
+    for lp, (tiles, k_steps, k_unit, passes), ranges in zip(loop.k_loops, spec, k_ranges):
         body = loop.count(is_hmma, lp.holds)
-        if k_unit > 2:  # a streamed ring stage: the warp's range is in pairs of chunks, the last stage may be short
-            trip = max(-(-(e - b) // (k_unit // 2)) for b, e in (cf.warp_k_range(w, k_steps // 2)
-                                                                  for w in range(cf.WARPS)))
-        else:
-            trip = max(e - b for b, e in (cf.warp_k_range(w, k_steps // k_unit) for w in range(cf.WARPS)))
+        assert sum(e - b for b, e in ranges) * (2 if k_unit > 1 else 1) == k_steps, (ranges, k_steps)
+        pairs_per_trip = k_unit // 2 if k_unit > 2 else 1  # a streamed ring stage holds STAGE_PAIRS pairs
+        trip = max(-(-(e - b) // pairs_per_trip) for b, e in ranges)
         per_warp += body * trip
         ideal += tiles * k_steps * passes / cf.WARPS
         bodies.append(body), trips.append(trip)
@@ -265,14 +288,15 @@ def hmma_per_warp_per_step(loop: StepLoop, spec) -> tuple:
 @pytest.mark.parametrize("proj", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("stem", ["fused_forward_kernel", "fused_backward_kernel"])
-def test_fused_step_loop_structure(fused_sass, arch, stem, proj):
+def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj):
     funcs, _ = fused_sass
     for op, (name, instrs) in _kernels(funcs, stem, arch, proj).items():
         d = design(stem, proj, op)
         loop = step_loop_of(name, instrs)
         tag = f"{stem}{'<proj>' if proj else ''} {arch} {op}"
         assert len(loop.k_loops) == len(d["loops"]), (tag, loop.k_loops)
-        per_warp, ideal, bodies, trips = hmma_per_warp_per_step(loop, d["loops"])
+        per_warp, ideal, bodies, trips = hmma_per_warp_per_step(loop, d["loops"],
+                                                                kernel_k_ranges(plan_dump, stem, op, proj))
         counts = dict(
             k_loops=len(loop.k_loops), hmma_k_loop_bodies=bodies, hmma_outside_k_loops=loop.count(is_hmma)
             - loop.count(is_hmma, loop.in_k), k_trips_busiest_warp=trips,
@@ -321,6 +345,36 @@ def test_fused_kernels_use_no_local_memory(fused_sass):
         assert int(local) == 0 and int(stack) == 0, name
     for (arch, name), instrs in funcs.items():
         assert not any(re.search(r"\b(LDL|STL)\b", t) for _, t in instrs), f"{arch} {name}: local memory"
+
+
+#: A mutant of fused_plan.cuh's k split: warp 0 takes half of the forward's K, the other warps share the rest.
+UNBALANCED_FWD_GATE_K = """FUSED_HD KRange fwd_gate_k(int w, int P, int elem) {
+  const int n = k_chunks(round_up(P, kpad(elem)), elem), half = n / 2;
+  KRange r;
+  r.begin = w == 0 ? 0 : half + (w - 1) * (n - half) / (WARPS - 1);
+  r.end = w == 0 ? half : half + w * (n - half) / (WARPS - 1);
+  return r;
+}"""
+
+
+def test_per_warp_mma_check_catches_an_unbalanced_k_split(fused_sass, tmp_path):
+    """The busiest warp's MMA count follows the kernels' own k split: a header whose split gives warp 0
+    half of K (96 HMMA on that warp against an ideal of 24 at the flagship) fails the 10% bound."""
+    header = (ROOT / "csrc" / "fused_plan.cuh").read_text()
+    site = "FUSED_HD KRange fwd_gate_k(int w, int P, int elem) { return warp_k_chunks(w, P, elem, 1); }"
+    assert header.count(site) == 1
+    (tmp_path / "fused_plan.cuh").write_text(header.replace(site, UNBALANCED_FWD_GATE_K))
+    mutant_dump = compile_plan_dump(tmp_path, include_dir=tmp_path)
+    if mutant_dump is None:
+        pytest.skip("no host C++ compiler")
+    funcs, _ = fused_sass
+    stem = "fused_forward_kernel"
+    name, instrs = _kernels(funcs, stem, "sm_90", False)["Fp16Mma"]
+    loop = step_loop_of(name, instrs)
+    per_warp, ideal, _, _ = hmma_per_warp_per_step(loop, design(stem, False)["loops"],
+                                                   kernel_k_ranges(mutant_dump, stem, "Fp16Mma", False))
+    assert per_warp == 4 * ideal  # half of K on one warp: four times the even share of an eighth
+    assert abs(per_warp / ideal - 1.0) > 0.10
 
 
 def test_structure_checks_can_fail():

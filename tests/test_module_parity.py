@@ -124,3 +124,52 @@ def test_matches_nn_lstm(config_name, input_name, with_hx, dtype, backend):
     names = ["input", *(["h0", "c0"] if hx else []), *(n for n, _ in fused.named_parameters())]
     for name, a, e in zip(names, actual_grads, expected_grads):
         assert_rel_close(a, e, tol, f"grad {name}")
+
+
+GPU_CONFIGS = ["plain", "bidir", "proj", "everything"]
+GPU_INPUTS = ["dense", "packed_unsorted", "unbatched"]
+GPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype_name", list(GPU_DTYPES))
+@pytest.mark.parametrize("input_name", GPU_INPUTS)
+@pytest.mark.parametrize("config_name", GPU_CONFIGS)
+def test_gpu_backend_matches_nn_lstm(config_name, input_name, dtype_name, backend):
+    """FusedLSTM(backend="cuda" / "triton") on a GPU through the module's cases (packed, bidirectional,
+    projections), against nn.LSTM in float64 on the same rounded weights and inputs."""
+    from lstm_kernels.backends import get_backend
+
+    import lstm_kernels
+
+    if backend not in lstm_kernels.available_backends():
+        pytest.skip(lstm_kernels.unavailable_backends().get(backend, "unavailable"))
+    config, dtype = CONFIGS[config_name], GPU_DTYPES[dtype_name]
+    T, B, kind = INPUTS[input_name]
+    if kind.startswith("packed"):
+        B = len(PACKED_LENGTHS[kind])
+    torch.manual_seed(0)
+    fused = FusedLSTM(INPUT, HIDDEN, **config, backend=backend, device="cuda", dtype=dtype)
+    expected_module = fused.to_torch().double()  # the same (rounded) weights in float64
+    gen = torch.Generator().manual_seed(2)
+    x64 = _make_input(config, T, B, kind, torch.float64, gen).detach().to(dtype).double().cuda().requires_grad_(True)
+    hx64 = tuple(s.detach().to(dtype).double().cuda().requires_grad_(True) for s in _make_state(config, B, kind,
+                                                                                                  torch.float64, gen))
+    x = x64.detach().to(dtype).requires_grad_(True)
+    hx = tuple(s.detach().to(dtype).requires_grad_(True) for s in hx64)
+    impl = get_backend(backend)
+    try:
+        actual, actual_grads, _ = _run(fused, x, kind, config, hx)
+    except BackendUnsupportedError as e:
+        pytest.skip(str(e))
+    assert impl.last_forward_kernel is not None and impl.last_backward_kernel is not None
+    expected, expected_grads, _ = _run(expected_module, x64, kind, config, hx64)
+    tol = REL_TOL[dtype]
+    for name, a, e in zip(("output", "h_n", "c_n"), actual, expected):
+        assert a.dtype == dtype and a.is_cuda, name
+        assert_rel_close(a, e, tol, f"{backend} {name}")
+    names = ["input", "h0", "c0", *(n for n, _ in fused.named_parameters())]
+    for name, a, e in zip(names, actual_grads, expected_grads):
+        assert_rel_close(a, e, tol, f"{backend} grad {name}")

@@ -44,7 +44,7 @@ import triton  # ImportError here keeps the backend unregistered
 from . import Backend, RecurrenceCall, RecurrenceInputs, register
 from .triton_backward import lstm_backward
 from .triton_forward import lstm_forward
-from .triton_kernels import VARIANTS, interpreting
+from .triton_kernels import LAST_KERNELS, VARIANTS, interpreting
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: The oldest Triton served (setup.py declares triton>=3.3,<3.10): 3.3 brought launch_cooperative_grid,
@@ -73,6 +73,15 @@ class TritonBackend(Backend):
             raise ValueError(f"unknown Triton LSTM variant {variant!r}; choose one of {VARIANTS}")
         #: "auto", "step" or "persistent"; "auto" also consults LSTM_KERNELS_TRITON_VARIANT.
         self.variant = variant
+
+    @property
+    def last_forward_kernel(self) -> Optional[str]:
+        """What the last forward ran: "step_budget", "persistent" or "step" (any TritonBackend)."""
+        return LAST_KERNELS["forward"]
+
+    @property
+    def last_backward_kernel(self) -> Optional[str]:
+        return LAST_KERNELS["backward"]
 
     def unavailable_reason(self) -> Optional[str]:
         if _version_tuple(triton.__version__) < MIN_TRITON:

@@ -20,8 +20,8 @@ from .device_rows import step_rows
 from .triton_kernels import (
     RESIDENT_WARPS, backward_buffers, backward_resident_bytes, barrier_spin_limit, barrier_tensor, check_barrier,
     choose_variant, co_resident_programs, device_guard, dot_precisions, _dot_tile, launch_config, num_tiles,
-    persistent_config, _phase_barrier, projection_weight_grad, resident_budget, resident_weights, run_with_fallback,
-    split_k, _tanh, tile_coords,
+    persistent_config, _phase_barrier, projection_weight_grad, record_kernel, resident_budget, resident_weights,
+    run_with_fallback, split_k, _tanh, tile_coords,
 )
 
 
@@ -249,10 +249,12 @@ def _backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, va
     if variant == "persistent" and device.type == "cuda":  # the kernels at the budget of one step, where they fit
         plan = triton_persistent.backward_plan(B, H, P, dtype, device, has_proj)
         if isinstance(plan, dict):
+            record_kernel("backward", "step_budget")
             return triton_persistent.persistent_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T,
                                                          batch_sizes, cfg=plan, spin_limit=barrier_spin_limit())
     gates, c_all = workspace[:2]
     cfg = launch_config(max(H, P), B, dtype)
+    record_kernel("backward", variant)
     if variant == "persistent":
         budget, programs = resident_budget(device), co_resident_programs(device)
         cfg = persistent_config(cfg, P, B, lambda c: backward_resident_bytes(H, c), budget, programs)

@@ -18,8 +18,8 @@ from .device_rows import step_rows
 from .triton_kernels import (
     RESIDENT_WARPS, barrier_spin_limit, barrier_tensor, check_barrier, choose_variant, co_resident_programs,
     device_guard, dot_precisions, _dot_tile, forward_buffers, forward_dot_dtype, forward_resident_bytes,
-    launch_config, num_tiles, persistent_config, _phase_barrier, resident_budget, resident_weights,
-    run_with_fallback, split_k, _tanh, tile_coords,
+    launch_config, num_tiles, persistent_config, _phase_barrier, record_kernel, resident_budget,
+    resident_weights, run_with_fallback, split_k, _tanh, tile_coords,
 )
 
 
@@ -280,11 +280,13 @@ def _forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace, variant):
     if variant == "persistent" and device.type == "cuda":  # the kernels at the budget of one step, where they fit
         plan = triton_persistent.forward_plan(B, H, P, dtype, device, has_proj)
         if isinstance(plan, dict):
+            record_kernel("forward", "step_budget")
             return triton_persistent.persistent_forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace,
                                                         cfg=plan, spin_limit=barrier_spin_limit())
     xg, w_hh = xg.contiguous(), w_hh.contiguous()
     w_hr = w_hr.contiguous() if has_proj else w_hh  # never read without a projection
     cfg = launch_config(max(H, P), B, dtype)
+    record_kernel("forward", variant)
     if variant == "persistent":
         budget, programs = resident_budget(device), co_resident_programs(device)
         cfg = persistent_config(cfg, H, B, lambda c: forward_resident_bytes(P, c, dtype), budget, programs)

@@ -93,6 +93,15 @@ from . import BARRIER_TIMEOUT_ENV, barrier_spin_limit  # noqa: F401  (the debug 
 VARIANT_ENV = "LSTM_KERNELS_TRITON_VARIANT"
 VARIANTS = ("auto", "step", "persistent")
 
+#: The kernels the last call ran, per direction: "step_budget" (triton_persistent's kernels),
+#: "persistent" (the earlier persistent kernels) or "step" (one launch per step), so that a test
+#: that claims a kernel can check it ran (as the cuda backend's last_forward_kernel).
+LAST_KERNELS: dict = {"forward": None, "backward": None}
+
+
+def record_kernel(direction: str, kernel: str) -> None:
+    LAST_KERNELS[direction] = kernel
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

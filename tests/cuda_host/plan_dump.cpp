@@ -1,6 +1,7 @@
 // Host program over csrc/fused_plan.cuh (compiled by g++ in tests/test_cuda_plan_host.py):
-// prints the fused kernels' plan for "B H [elem]" as JSON, so Python can check it without a GPU.
-// elem: bytes of the storage type (2: fp16/bf16, default; 4: float), for the reduction's chunks.
+// prints the fused kernels' plan for "B H [elem [P]]" as JSON, so Python can check it without a GPU.
+// elem: bytes of the storage type (2: fp16/bf16, default; 4: float), for the reduction's chunks;
+// P: the state size (proj_size; default H), for the warps' k ranges.
 #include <cstdio>
 #include <cstdlib>
 
@@ -9,8 +10,9 @@
 using namespace lstm::fused;
 
 int main(int argc, char** argv) {
-  if (argc != 3 && argc != 4) return 2;
-  const int B = std::atoi(argv[1]), H = std::atoi(argv[2]), elem = argc == 4 ? std::atoi(argv[3]) : 2;
+  if (argc < 3 || argc > 5) return 2;
+  const int B = std::atoi(argv[1]), H = std::atoi(argv[2]), elem = argc >= 4 ? std::atoi(argv[3]) : 2;
+  const int P = argc == 5 ? std::atoi(argv[4]) : H;
   if (elem != 2 && elem != 4) return 2;
   std::printf("{\"WARPS\": %d, \"THREADS\": %d, \"UNITS\": %d, \"BATCH_TILE\": %d, \"FWD_ROWS\": %d, "
               "\"CHUNK_BYTES\": %d, \"KPAD_BYTES\": %d, \"SMEM_PAD_BYTES\": %d,\n",
@@ -46,20 +48,31 @@ int main(int argc, char** argv) {
             first = false;
           }
   }
-  // warp k ranges as the kernels take them: the forward in chunks of K = H (fused_forward.cu:
-  // k_chunks(Hk, E)), the backward in pairs of chunks of K = 4H (fused_backward.cu: k_chunks(Kp, E) / 2)
+  // warp k ranges as the kernels take them (fused_plan.cuh's fwd_gate_k, fwd_proj_k, bwd_gate_k,
+  // bwd_proj_k, called by fused_forward.cu / fused_backward.cu), at state size P (default H): the
+  // forward's gate product in chunks of K = P, the rest in pairs of chunks
   const int ks_f = k_chunks(round_up(H, kpad(elem)), elem), kp_b = k_chunks(round_up(4 * H, kpad(elem)), elem) / 2;
-  std::printf("],\n\"ks_fwd\": %d, \"kpairs_bwd\": %d,\n\"fwd_k\": [", ks_f, kp_b);
+  std::printf("],\n\"ks_fwd\": %d, \"kpairs_bwd\": %d,\n\"P\": %d", ks_f, kp_b, P);
+  const char* products[4] = {"fwd_gate_k", "fwd_proj_k", "bwd_gate_k", "bwd_proj_k"};
+  for (int k = 0; k < 4; ++k) {
+    std::printf(",\n\"%s\": [", products[k]);
+    for (int w = 0; w < WARPS; ++w) {
+      const KRange r = k == 0 ? fwd_gate_k(w, P, elem) : k == 1 ? fwd_proj_k(w, H, elem)
+                     : k == 2 ? bwd_gate_k(w, H, elem) : bwd_proj_k(w, P, elem);
+      std::printf("%s[%d, %d]", w ? ", " : "", r.begin, r.end);
+    }
+    std::printf("]");
+  }
+  // the same at P = H, under the names the layout tests use
+  std::printf(",\n\"fwd_k\": [");
   for (int w = 0; w < WARPS; ++w) {
-    int b, e;
-    warp_k_range(w, ks_f, &b, &e);
-    std::printf("%s[%d, %d]", w ? ", " : "", b, e);
+    const KRange r = fwd_gate_k(w, H, elem);
+    std::printf("%s[%d, %d]", w ? ", " : "", r.begin, r.end);
   }
   std::printf("],\n\"bwd_k\": [");
   for (int w = 0; w < WARPS; ++w) {
-    int b, e;
-    warp_k_range(w, kp_b, &b, &e);
-    std::printf("%s[%d, %d]", w ? ", " : "", b, e);
+    const KRange r = bwd_gate_k(w, H, elem);
+    std::printf("%s[%d, %d]", w ? ", " : "", r.begin, r.end);
   }
   // ldmatrix lane byte offsets for tiles of row stride 80 and 208 bytes (the maps are
   // row * ldb + byte column: two strides let Python recover both and apply any stride)

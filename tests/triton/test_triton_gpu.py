@@ -12,7 +12,11 @@ of the tensor's largest magnitude (tests/utils.py: one wrong tile cannot hide in
 Races between the programs of a persistent launch (its grid barrier) are what no
 sanitizer sees; the detector is the comparison with the step variant, where a launch
 boundary is the barrier: bitwise, for every shape here and at the flagship shape,
-several runs each (test_persistent_matches_step_bitwise).
+several runs each (test_persistent_matches_step_bitwise). The step-budget kernels that fp16 and
+bf16 calls launch by default have tiles of their own: they are compared bitwise with the same
+kernels launched once per step (test_step_budget_kernels_match_their_steps_mode_bitwise). Every
+test that claims a kernel asserts that it ran (the backend's last_forward_kernel /
+last_backward_kernel).
 """
 from __future__ import annotations
 
@@ -65,8 +69,28 @@ def run(backend, case, dtype=None):
     return out
 
 
+def expected_kernels(variant, case) -> tuple:
+    """(forward, backward) kernels a call of ``variant`` must run: the step-budget kernels where their
+    plan serves the call (fp16/bf16, and fp32 with TF32), else the earlier persistent ones."""
+    if variant == "step":
+        return "step", "step"
+    T, B, four_h = case["xg"].shape
+    H, P, has_proj, dtype = four_h // 4, case["w_hh"].shape[1], case["w_hr"] is not None, case["xg"].dtype
+    device = case["xg"].device
+    fw = triton_persistent.forward_plan(B, H, P, dtype, device, has_proj)
+    bw = triton_persistent.backward_plan(B, H, P, dtype, device, has_proj)
+    return tuple("step_budget" if isinstance(plan, dict) else "persistent" for plan in (fw, bw))
+
+
+def assert_ran(backend, expected, what=""):
+    ran = (backend.last_forward_kernel, backend.last_backward_kernel)
+    assert ran == tuple(expected), f"{what}: ran {ran}, expected {tuple(expected)}"
+
+
 def check(variant, case, dtype, tol_key=None):
-    actual = run(triton_backend.TritonBackend(variant), case)
+    backend = triton_backend.TritonBackend(variant)
+    actual = run(backend, case)
+    assert_ran(backend, expected_kernels(variant, case), variant)
     expected = run(get_backend("reference"), case, torch.float64)
     own = run(get_backend("reference"), case)  # the reference's own error in this dtype
     base = REL_TOL[tol_key or dtype]
@@ -208,6 +232,40 @@ def test_persistent_matches_step_bitwise(shape_name, dtype_name, monkeypatch):
             assert torch.equal(first[name], again[name]), f"persistent run {i}: {name} differs from run 0"
     for name in step:
         assert_rel_close(first[name], step[name], REL_TOL[dtype], f"persistent vs step {name}")
+
+
+def _run_step_budget(case, steps_mode: bool) -> dict:
+    """triton_persistent's forward and backward, launched persistently or once per step (the same
+    kernels, tiles and arithmetic without the grid barrier)."""
+    xg, w_hh, h0, c0, w_hr, bs = (case[n] for n in ("xg", "w_hh", "h0", "c0", "w_hr", "batch_sizes"))
+    h_all, h_T, c_T, ws = triton_persistent.persistent_forward(xg, w_hh, h0, c0, w_hr, bs, True, steps_mode=steps_mode)
+    dG, dh0, dc0, dw_hr = triton_persistent.persistent_backward(xg, w_hh, c0, w_hr, ws, case["dh_all"], case["dh_T"],
+                                                                case["dc_T"], bs, steps_mode=steps_mode)
+    torch.cuda.synchronize()
+    out = dict(h_all=h_all, h_T=h_T, c_T=c_T, dG=dG, dh0=dh0, dc0=dc0)
+    return out if dw_hr is None else out | dict(dW_hr=dw_hr)
+
+
+STEP_BUDGET_CASES = [(shape, dtype) for shape in SHAPES for dtype in ("fp16", "bf16")] + [
+    ("flagship", "fp16"), ("flagship", "bf16")]
+
+
+@pytest.mark.timeout(900, method="thread")
+@pytest.mark.parametrize("shape_name,dtype_name", STEP_BUDGET_CASES, ids=[f"{s}-{d}" for s, d in STEP_BUDGET_CASES])
+def test_step_budget_kernels_match_their_steps_mode_bitwise(shape_name, dtype_name):
+    """The kernels fp16/bf16 calls launch by default (triton_persistent's), persistent against the same
+    kernels launched once per step: bitwise equal, several runs, so a grid-barrier race shows."""
+    shape = FLAGSHIP if shape_name == "flagship" else SHAPES[shape_name]
+    case = make_case(*shape, DTYPES[dtype_name], seed=11)
+    xg = case["xg"]
+    H, P = xg.shape[2] // 4, case["w_hh"].shape[1]
+    for plan in (triton_persistent.forward_plan, triton_persistent.backward_plan):
+        cfg = plan(xg.shape[1], H, P, xg.dtype, xg.device, case["w_hr"] is not None)
+        if not isinstance(cfg, dict):
+            pytest.skip(f"the step-budget kernels do not serve this call: {cfg}")
+    steps = _run_step_budget(case, steps_mode=True)
+    for i in range(RUNS):
+        assert_bitwise(_run_step_budget(case, steps_mode=False), steps, f"step-budget persistent launch, run {i}")
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])

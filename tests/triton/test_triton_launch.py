@@ -313,3 +313,18 @@ def test_triton_older_than_3_3_is_declined(version, served, monkeypatch):
         assert why is None or "older" not in why
     else:
         assert why is not None and f"triton {version} is older than 3.3" in why
+
+
+@pytest.mark.parametrize("variant", ["step", "persistent"])
+def test_backend_records_the_kernels_it_ran(variant):
+    """last_forward_kernel / last_backward_kernel name what ran, so that a test claiming a kernel can
+    check it (here the interpreter: no step-budget kernels, which serve CUDA tensors only)."""
+    device = "cuda" if torch.cuda.is_available() and not kernels.interpreting() else "cpu"
+    if device == "cpu" and not kernels.interpreting():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    backend = triton_backend.TritonBackend(variant)
+    kernels.LAST_KERNELS.update(forward=None, backward=None)
+    recurrence_cases.run(backend, recurrence_cases.make_case(2, 3, 5, torch.float32, device))
+    expected = variant if device == "cpu" else backend.last_forward_kernel
+    assert backend.last_forward_kernel == expected and backend.last_backward_kernel == expected
+    assert backend.last_forward_kernel in (("step",) if variant == "step" else ("persistent", "step_budget"))
