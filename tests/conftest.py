@@ -53,3 +53,15 @@ def no_tf32(set_tf32):
     yield
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="session")
+def plan_dump(tmp_path_factory):
+    """tests/cuda_host/plan_dump.cpp compiled over csrc/fused_plan.cuh: ``plan_dump(B, H, elem=2, P=None)``
+    gives the fused kernels' plan and index arithmetic as a dict (see tests/plan_dump.py)."""
+    from plan_dump import compile_plan_dump
+
+    run = compile_plan_dump(tmp_path_factory.mktemp("plan"))
+    if run is None:
+        pytest.skip("no host C++ compiler")
+    return run

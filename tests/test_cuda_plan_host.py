@@ -29,20 +29,11 @@ import torch
 from lstm_kernels.backends import cuda_fused as cf
 from lstm_kernels.backends.reference import ReferenceBackend
 from lstm_kernels.backends import RecurrenceInputs
-from plan_dump import compile_plan_dump
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 1), (1, 13), (5, 13), (16, 16), (17, 129), (33, 100), (16, 768)]  # (B, H)
 ELEMS = [2, 4]  # bytes of the storage type: 16-bit (fp16 / bf16) and float
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
-
-
-@pytest.fixture(scope="module")
-def plan_dump(tmp_path_factory):
-    run = compile_plan_dump(tmp_path_factory.mktemp("plan"))
-    if run is None:
-        pytest.skip("no host C++ compiler")
-    return run
 
 
 def test_constants_agree_with_the_header(plan_dump):

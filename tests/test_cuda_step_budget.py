@@ -250,14 +250,6 @@ def design(stem: str, proj: bool, op: str = "Fp16Mma") -> dict:
 K_RANGES = {"fused_forward_kernel": ("fwd_gate_k", "fwd_proj_k"), "fused_backward_kernel": ("bwd_gate_k", "bwd_proj_k")}
 
 
-@pytest.fixture(scope="module")
-def plan_dump(tmp_path_factory):
-    run = compile_plan_dump(tmp_path_factory.mktemp("plan"))
-    if run is None:
-        pytest.skip("no host C++ compiler")
-    return run
-
-
 def kernel_k_ranges(plan_dump, stem: str, op: str, proj: bool) -> list:
     """Per k loop of ``stem``: every warp's [begin, end), from the kernels' own index arithmetic
     (fused_plan.cuh run on the host) at the design shape."""
