@@ -3,11 +3,12 @@
 ``FusedLSTM`` is a drop-in ``torch.nn.LSTM``; ``LSTMLayer`` / ``lstm_layer`` run
 one layer's recurrence on a chosen backend (see ``available_backends()``).
 """
-from .backends import BackendUnsupportedError, available_backends, unavailable_backends
-from .function import LSTMLayer, lstm_layer
-from .module import FusedLSTM
-
 __version__ = "0.1.0"
+
+from .backends import BackendUnsupportedError, available_backends, unavailable_backends  # noqa: E402
+from .function import LSTMLayer, lstm_layer  # noqa: E402
+from .module import FusedLSTM  # noqa: E402
+from . import verification  # noqa: E402,F401  (installs verification before first use in dispatch)
 
 __all__ = [
     "BackendUnsupportedError",

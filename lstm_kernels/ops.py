@@ -24,7 +24,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import RecurrenceCall, RecurrenceInputs, get_backend, load_builtin_backends
+from .backends import (
+    BackendUnsupportedError, RecurrenceCall, RecurrenceInputs, _verification_failure, get_backend, load_builtin_backends,
+)
 from .function import check_workspace, layer_backward, select_backend
 
 # Dispatch runs while dynamo traces; its first call must not import (see load_builtin_backends).
@@ -50,11 +52,22 @@ def recurrence(
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     impl = get_backend(backend)
     inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, batch_sizes)
+    _check_verified(impl, inputs.call(needs_grad))
     h_all, h_T, c_T, workspace = impl.forward(*inputs, needs_grad)
     workspace = check_workspace(impl, workspace, inputs, (h_all, h_T, c_T))
     h_T = _unaliased(h_T, (*inputs[:5], h_all))
     c_T = _unaliased(c_T, (*inputs[:5], h_all, h_T))
     return h_all, h_T, c_T, list(workspace)
+
+
+def _check_verified(impl, call) -> None:
+    """Dispatch chose ``impl`` while torch.compile traced, without verifying it: verify at the first run,
+    and raise if the plan fails (a compiled graph cannot switch to another kernel)."""
+    why = _verification_failure(impl, call)
+    if why is not None:
+        raise BackendUnsupportedError(
+            f"LSTM backend {impl.name!r} was chosen while torch.compile traced and {why}; a compiled graph cannot "
+            "switch kernels: compile with another backend= (the reference serves everything)")
 
 
 @recurrence.register_fake

@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -12,6 +13,11 @@ GPU_TEST_TIMEOUT_S = float(os.environ.get("LSTM_KERNELS_GPU_TEST_TIMEOUT", "300"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped cleanly without one")
+    # The suite tests the kernels themselves: verification before first use would move a failing
+    # kernel aside under "auto" (and make a named one's failure read as a skip). Its own tests turn
+    # it on; no test touches the user's cache.
+    os.environ["LSTM_KERNELS_VERIFY"] = "0"
+    os.environ["LSTM_KERNELS_CACHE_DIR"] = tempfile.mkdtemp(prefix="lstm_kernels_test_cache_")
 
 
 def gpu_timeout_marker():

@@ -32,12 +32,15 @@ Numerics: h in the input dtype; the cell state and all accumulation in fp32
 (float64 stays float64). ``c_T`` is returned in the input dtype, like nn.LSTM.
 
 Selection: ``backend="auto"`` walks :data:`AUTO_ORDER` and takes the first
-backend whose :meth:`Backend.supports` returns None; a named backend serves the
-call or raises :class:`BackendUnsupportedError` naming why. The environment
-variable ``LSTM_KERNELS_BACKEND`` overrides ``"auto"``.
+backend whose :meth:`Backend.supports` returns None and whose plan, where it
+must (:meth:`Backend.verify_on_first_use`), has passed verification on this
+machine (lstm_kernels/verification.py); a named backend serves the call or
+raises :class:`BackendUnsupportedError` naming why. The environment variable
+``LSTM_KERNELS_BACKEND`` overrides ``"auto"``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -54,8 +57,26 @@ _ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") els
 BARRIER_TIMEOUT_ENV = "LSTM_KERNELS_BARRIER_TIMEOUT"
 
 
+#: Polls every grid barrier gives up after while :func:`bounded_barriers` is active (verification).
+_BOUNDED_POLLS: Optional[int] = None
+
+
+@contextlib.contextmanager
+def bounded_barriers(polls: int):
+    """Within the block, every persistent kernel's grid barrier gives up after ``polls`` polls and
+    the call raises, whatever LSTM_KERNELS_BARRIER_TIMEOUT says (verification runs unproven kernels)."""
+    global _BOUNDED_POLLS
+    previous, _BOUNDED_POLLS = _BOUNDED_POLLS, polls
+    try:
+        yield
+    finally:
+        _BOUNDED_POLLS = previous
+
+
 def barrier_spin_limit() -> int:
     """LSTM_KERNELS_BARRIER_TIMEOUT as a number of polls (0: off); ValueError on anything else."""
+    if _BOUNDED_POLLS is not None:
+        return _BOUNDED_POLLS
     value = os.environ.get(BARRIER_TIMEOUT_ENV, "").strip() or "0"
     try:
         limit = int(value)
@@ -143,6 +164,16 @@ class Backend:
         """None when this machine can run the backend, else why not."""
         return None
 
+    def verify_on_first_use(self, call: RecurrenceCall) -> bool:
+        """Whether ``call``'s plan must prove itself before it serves (lstm_kernels.verification):
+        True for kernels that run on a GPU, which nobody can test on every GPU beforehand."""
+        return False
+
+    def plan_signature(self, call: RecurrenceCall) -> tuple:
+        """What, beyond the call's sizes and dtype, decides the kernel that serves it (variant and
+        precision switches): part of the key a verification verdict is cached under."""
+        return ()
+
     def supports(self, call: RecurrenceCall) -> Optional[str]:
         """None when the backend serves ``call`` exactly, else a short reason."""
         raise NotImplementedError
@@ -161,6 +192,24 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
+_BUILTINS_LOADED = False
+
+#: ``verifier(backend, call) -> None or why the backend failed`` (installed by
+#: lstm_kernels.verification; None: nothing is verified).
+_verifier = None
+
+
+def set_verifier(verifier) -> None:
+    global _verifier
+    _verifier = verifier
+
+
+def _verification_failure(backend: Backend, call: RecurrenceCall) -> Optional[str]:
+    """Why ``backend`` may not serve ``call`` after all: its plan failed verification on this machine.
+    Not consulted while torch.compile traces (the op's implementation verifies at its first run)."""
+    if _verifier is None or torch.compiler.is_compiling():
+        return None
+    return _verifier(backend, call)
 
 #: The order in which ``backend="auto"`` tries backends: fastest first, the
 #: exact reference last (it serves everything).
@@ -179,8 +228,10 @@ def load_builtin_backends() -> None:
     an import made by a call (``__import__`` is skipped by dynamo), but it runs an ``import`` statement
     natively, so the op path's first traced call finds the registry filled.
     """
-    if _REGISTRY:
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
         return
+    _BUILTINS_LOADED = True
     from . import reference  # noqa: F401  (registers itself)
 
     for optional in ("triton", "cuda"):
@@ -247,7 +298,7 @@ def resolve_backend(requested: str, call: RecurrenceCall) -> Backend:
         return get_backend("reference")
     if requested != "auto":
         backend = get_backend(requested)
-        why = backend.unavailable_reason() or backend.supports(call)
+        why = backend.unavailable_reason() or backend.supports(call) or _verification_failure(backend, call)
         if why is not None:
             raise BackendUnsupportedError(f"LSTM backend {requested!r} cannot serve this call: {why}")
         return backend
@@ -256,7 +307,7 @@ def resolve_backend(requested: str, call: RecurrenceCall) -> Backend:
         backend = _REGISTRY.get(name)
         if backend is None or backend.unavailable_reason() is not None:
             continue
-        if backend.supports(call) is None:
+        if backend.supports(call) is None and _verification_failure(backend, call) is None:
             return backend
     raise BackendUnsupportedError(f"no LSTM backend serves this call: {call}")
 
@@ -273,11 +324,13 @@ __all__ = [
     "available_backends",
     "backend_from_env",
     "barrier_spin_limit",
+    "bounded_barriers",
     "check_backend_name",
     "get_backend",
     "known_backends",
     "load_builtin_backends",
     "register",
     "resolve_backend",
+    "set_verifier",
     "unavailable_backends",
 ]

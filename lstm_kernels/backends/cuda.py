@@ -385,6 +385,12 @@ class CudaBackend(Backend):
     last_forward_kernel: Optional[str] = None
     last_backward_kernel: Optional[str] = None
 
+    def verify_on_first_use(self, call: RecurrenceCall) -> bool:
+        return call.device.type == "cuda"
+
+    def plan_signature(self, call: RecurrenceCall) -> tuple:
+        return (requested_variant(), use_tensor_cores(call.dtype))
+
     def unavailable_reason(self) -> Optional[str]:
         if _C is None:
             recorded = (build_info() or {}).get("reason")

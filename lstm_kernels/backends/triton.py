@@ -35,6 +35,7 @@ triton_forward / triton_backward, which keep W_hh on chip where each program's s
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -44,7 +45,7 @@ import triton  # ImportError here keeps the backend unregistered
 from . import Backend, RecurrenceCall, RecurrenceInputs, register
 from .triton_backward import lstm_backward
 from .triton_forward import lstm_forward
-from .triton_kernels import LAST_KERNELS, VARIANTS, interpreting
+from .triton_kernels import LAST_KERNELS, VARIANT_ENV, VARIANTS, interpreting
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: The oldest Triton served (setup.py declares triton>=3.3,<3.10): 3.3 brought launch_cooperative_grid,
@@ -82,6 +83,12 @@ class TritonBackend(Backend):
     @property
     def last_backward_kernel(self) -> Optional[str]:
         return LAST_KERNELS["backward"]
+
+    def verify_on_first_use(self, call: RecurrenceCall) -> bool:
+        return call.device.type == "cuda"
+
+    def plan_signature(self, call: RecurrenceCall) -> tuple:
+        return (self.variant, os.environ.get(VARIANT_ENV, "auto") or "auto")
 
     def unavailable_reason(self) -> Optional[str]:
         if _version_tuple(triton.__version__) < MIN_TRITON:

@@ -1,0 +1,276 @@
+"""Verification before first use: a kernel proves itself on this machine before it serves.
+
+Nobody can test the GPU kernels on every GPU they will meet. So the first time a process meets a
+*plan* of a backend that asks for it (:meth:`Backend.verify_on_first_use`: the GPU backends on a
+GPU), dispatch runs that plan on a short prefix of the call and compares it with the reference:
+
+- the plan: backend, its :meth:`Backend.plan_signature` (variant and precision switches), dtype,
+  TF32 setting, H, P, projection, variable lengths, batch bucket (B rounded up to a power of two),
+  and the device's name and compute capability;
+- the run: :data:`VERIFY_STEPS` steps (at most the call's T) at the call's B, H and P, with its
+  projection and variable lengths, forward and backward, against the reference backend in float64
+  on the same rounded inputs, with the tolerances of :mod:`lstm_kernels.tolerances` (at least
+  twice the reference's own error in that dtype), under :func:`bounded_barriers`, so that a
+  kernel whose grid barrier never opens raises instead of hanging, and fails;
+- the verdict is remembered in the process and on disk (``verdicts.json`` in :func:`cache_dir`),
+  under a key of the environment: package, torch, Triton and driver versions and a hash of the
+  kernel sources (the backends' Python files and the CUDA extension), so that an upgrade
+  verifies again and later processes skip what an earlier one proved.
+
+A failed plan gives one warning per process naming the plan and the largest error; ``auto`` takes
+the next backend (ending at the reference) and a named backend raises
+:class:`BackendUnsupportedError`. ``LSTM_KERNELS_VERIFY=0`` turns verification off. Inside CUDA
+graph capture nothing can be verified (it launches and synchronises): an unverified plan met there
+raises, asking for one eager call first (PyTorch's capture documentation asks for that warm-up).
+While torch.compile traces, dispatch does not verify; the op ``lstm_kernels::recurrence``
+verifies at its first run and raises if the plan fails (a compiled graph cannot switch kernels).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import __version__
+from .backends import Backend, RecurrenceCall, RecurrenceInputs, bounded_barriers, get_backend, set_verifier
+from .tolerances import REL_TOL, rel_error
+
+VERIFY_ENV = "LSTM_KERNELS_VERIFY"
+CACHE_DIR_ENV = "LSTM_KERNELS_CACHE_DIR"
+CACHE_FILE = "verdicts.json"
+#: Steps of the prefix a plan is verified on.
+VERIFY_STEPS = 6
+#: Polls after which a grid barrier gives up while a plan is verified.
+VERIFY_BARRIER_POLLS = 1 << 24
+
+
+class Verdict(NamedTuple):
+    ok: bool
+    max_error: float  # the largest norm-relative error against float64 (inf: the run raised)
+    detail: str  # what was compared, or what went wrong
+
+
+def enabled() -> bool:
+    return os.environ.get(VERIFY_ENV, "1").strip() != "0"
+
+
+def cache_dir() -> Path:
+    """LSTM_KERNELS_CACHE_DIR, else $XDG_CACHE_HOME/lstm_kernels, else ~/.cache/lstm_kernels."""
+    explicit = os.environ.get(CACHE_DIR_ENV)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lstm_kernels"
+
+
+def batch_bucket(batch: int) -> int:
+    return 1 << max(0, (batch - 1).bit_length())
+
+
+def device_description(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{torch.cuda.get_device_name(index)} sm_{major}{minor}"
+
+
+def tf32_in_use(call: RecurrenceCall) -> bool:
+    return call.dtype == torch.float32 and call.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+
+
+def plan_key(backend: Backend, call: RecurrenceCall) -> str:
+    return json.dumps(dict(
+        backend=backend.name, plan=list(backend.plan_signature(call)), dtype=str(call.dtype).replace("torch.", ""),
+        tf32=tf32_in_use(call), H=call.hidden_size, P=call.state_size, projection=call.has_projection,
+        variable_lengths=call.variable_lengths, batch_bucket=batch_bucket(call.batch),
+        device=device_description(call.device)), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_source_hash() -> str:
+    """sha256 of the backends' Python sources and the CUDA extension, as installed."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted((root / "backends").glob("*.py")) + sorted(root.glob("_C*")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def environment(package_version: str = __version__, kernels: Optional[str] = None) -> dict:
+    """What a verdict depends on besides the plan."""
+    try:
+        from importlib.metadata import version
+
+        triton_version = version("triton")
+    except Exception:  # noqa: BLE001 - not installed, or no metadata
+        triton_version = None
+    driver = None
+    if torch.cuda.is_available() and hasattr(torch._C, "_cuda_getDriverVersion"):
+        driver = torch._C._cuda_getDriverVersion()
+    return dict(package=package_version, torch=torch.__version__, triton=triton_version, driver=driver,
+                kernels=kernel_source_hash() if kernels is None else kernels)
+
+
+def environment_key(env: Optional[dict] = None) -> str:
+    env = environment() if env is None else env
+    return hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- the verdicts: in the process, and on disk ------------------------------------------------
+
+_VERDICTS: dict = {}  # plan key -> Verdict (this process)
+_WARNED: set = set()
+_DISK: dict = {}  # environment key -> {plan key: Verdict}, as read from the cache file
+
+
+def _cache_path() -> Path:
+    return cache_dir() / CACHE_FILE
+
+
+def _read_disk(env_key: str) -> dict:
+    if env_key not in _DISK:
+        try:
+            entry = json.loads(_cache_path().read_text()).get(env_key, {})
+            _DISK[env_key] = {k: Verdict(*v) for k, v in entry.get("verdicts", {}).items()}
+        except (OSError, ValueError, TypeError):
+            _DISK[env_key] = {}
+    return _DISK[env_key]
+
+
+def _write_disk(env_key: str, key: str, verdict: Verdict) -> None:
+    """Merge one verdict into the cache file (atomically replaced); a cache that cannot be written
+    leaves the verdict in this process only."""
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        entry = data.setdefault(env_key, {"environment": environment(), "verdicts": {}})
+        entry["verdicts"][key] = list(verdict)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+            json.dump(data, tmp, indent=1, sort_keys=True)
+        os.replace(tmp.name, path)
+    except OSError:
+        return
+    _read_disk(env_key)[key] = verdict
+
+
+def clear(disk: bool = False) -> None:
+    """Forget this process's verdicts (and, with ``disk``, the cache file's)."""
+    _VERDICTS.clear()
+    _WARNED.clear()
+    _DISK.clear()
+    if disk:
+        try:
+            _cache_path().unlink()
+        except OSError:
+            pass
+
+
+# ---- running a plan on a prefix ---------------------------------------------------------------
+
+
+def _prefix_case(call: RecurrenceCall, steps: int) -> dict:
+    T, B, H, P = steps, call.batch, call.hidden_size, call.state_size
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(call.dtype).to(call.device)
+
+    case = dict(xg=rnd(T, B, 4 * H, scale=0.5), w_hh=rnd(4 * H, P, scale=P**-0.5), h0=rnd(B, P, scale=0.5),
+                c0=rnd(B, H, scale=0.5), w_hr=rnd(P, H, scale=H**-0.5) if call.has_projection else None,
+                dh_all=rnd(T, B, P), dh_T=rnd(B, P), dc_T=rnd(B, H), batch_sizes=None)
+    if call.variable_lengths:  # lengths from T down to about T/2, non-increasing, the first full
+        lengths = [T - (b * T) // (2 * B) for b in range(B)]
+        case["batch_sizes"] = torch.tensor([sum(n > t for n in lengths) for t in range(T)], dtype=torch.int64)
+    return case
+
+
+def _run(backend: Backend, case: dict, dtype: Optional[torch.dtype] = None) -> dict:
+    cast = (lambda t: None if t is None else t.to(dtype)) if dtype is not None else (lambda t: t)
+    xg, w_hh, h0, c0, w_hr = (cast(case[n]) for n in ("xg", "w_hh", "h0", "c0", "w_hr"))
+    bs = case["batch_sizes"]
+    h_all, h_T, c_T, workspace = backend.forward(xg, w_hh, h0, c0, w_hr, bs, True)
+    dG, dh0, dc0, dw_hr = backend.backward(RecurrenceInputs(xg, w_hh, h0, c0, w_hr, bs), h_all, tuple(workspace),
+                                           cast(case["dh_all"]), cast(case["dh_T"]), cast(case["dc_T"]))
+    out = dict(h_all=h_all, h_T=h_T, c_T=c_T, dG=dG, dh0=dh0, dc0=dc0)
+    if w_hr is not None:
+        out["dW_hr"] = dw_hr
+    if xg.is_cuda:
+        torch.cuda.synchronize(xg.device)
+    return out
+
+
+def verify(backend: Backend, call: RecurrenceCall, steps: int = VERIFY_STEPS) -> Verdict:
+    """Run ``backend`` on a prefix of ``call`` (forward and backward) against float64; never raises."""
+    from .tolerances import mismatch
+
+    case = _prefix_case(call, max(1, min(steps, call.seq_len)))
+    reference = get_backend("reference")
+    try:
+        with bounded_barriers(VERIFY_BARRIER_POLLS), torch.no_grad():
+            actual = _run(backend, case)
+            expected = _run(reference, case, torch.float64)
+            own = _run(reference, case)  # the reference's own error in this dtype
+    except Exception as error:  # noqa: BLE001 - any failure of an unproven kernel is a failed verification
+        return Verdict(False, math.inf, f"raised {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+    base = REL_TOL["tf32" if tf32_in_use(call) else call.dtype]
+    worst, failures = 0.0, []
+    for name, e in expected.items():
+        a = actual.get(name)
+        tol = max(base, 2 * rel_error(own[name], e))
+        what = mismatch(a, e, tol)
+        if a is not None and a.shape == e.shape:
+            worst = max(worst, rel_error(a, e) if not torch.isnan(a.double()).any() else math.inf)
+        if what is not None:
+            failures.append(f"{name}: {what}")
+    detail = "; ".join(failures) if failures else f"h, c and every gradient within tolerance over {len(case['xg'])} steps"
+    return Verdict(not failures, worst, detail)
+
+
+# ---- what dispatch asks ------------------------------------------------------------------------
+
+
+def failure(backend: Backend, call: RecurrenceCall) -> Optional[str]:
+    """None when ``backend`` may serve ``call`` (verified, or not subject to verification); else why not.
+
+    Verifies the plan the first time this process meets it (unless a verdict is on disk)."""
+    if not enabled() or not backend.verify_on_first_use(call):
+        return None
+    key = plan_key(backend, call)
+    verdict = _VERDICTS.get(key)
+    if verdict is None:
+        env_key = environment_key()
+        verdict = _read_disk(env_key).get(key)
+        if verdict is None:
+            if call.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    f"lstm_kernels: the {backend.name!r} plan for this call has not been verified on this GPU, and "
+                    "verification cannot run during CUDA graph capture: run the model once eagerly before "
+                    f"capturing (a warm-up, as PyTorch's CUDA graph documentation asks). Plan: {key}")
+            verdict = verify(backend, call)
+            _write_disk(env_key, key, verdict)
+        _VERDICTS[key] = verdict
+    if verdict.ok:
+        return None
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"lstm_kernels: the {backend.name!r} backend failed verification on this machine and will not "
+                      f"serve this plan (largest error {verdict.max_error:.3g}): {verdict.detail}. Plan: {key}",
+                      RuntimeWarning, stacklevel=2)
+    return f"its plan failed verification on this machine (largest error {verdict.max_error:.3g}): {verdict.detail}"
+
+
+set_verifier(failure)

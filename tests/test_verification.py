@@ -1,0 +1,177 @@
+"""Verification before first use (lstm_kernels/verification.py), proven on the CPU with fake backends
+that ask for it (tests/fake_backends.py): a wrong kernel is caught, warned about once, and ``auto``
+falls back while a named backend raises; verdicts are cached per plan, in the process and on disk,
+under a key that changes with the package version and the kernel sources; a failing launch fails
+its verification; nothing is verified during CUDA graph capture or with LSTM_KERNELS_VERIFY=0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import fake_backends
+from lstm_kernels import BackendUnsupportedError, lstm_layer, verification
+from lstm_kernels import backends as backends_mod
+from lstm_kernels.backends import RecurrenceCall, barrier_spin_limit, bounded_barriers
+from utils import REL_TOL, assert_rel_close
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def fakes(monkeypatch, tmp_path):
+    monkeypatch.setenv(verification.VERIFY_ENV, "1")
+    monkeypatch.setenv(verification.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    verification.clear()
+    installed = fake_backends.install()
+    yield installed
+    fake_backends.uninstall()
+    verification.clear()
+
+
+def _inputs(T=4, B=3, H=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(T, B, 4 * H, generator=gen), torch.randn(4 * H, H, generator=gen) / H**0.5,
+            torch.randn(B, H, generator=gen), torch.randn(B, H, generator=gen))
+
+
+def _call(B=3, H=5, device="cpu"):
+    return RecurrenceCall(seq_len=4, batch=B, hidden_size=H, state_size=H, dtype=torch.float32,
+                          device=torch.device(device), has_projection=False, variable_lengths=False, needs_grad=True)
+
+
+def test_a_wrong_kernel_is_caught_warned_about_once_and_auto_falls_back(fakes, monkeypatch):
+    monkeypatch.setattr(backends_mod, "AUTO_ORDER", ("wrong", "reference"))
+    args = _inputs()
+    with pytest.warns(RuntimeWarning, match="'wrong' backend failed verification.*largest error") as record:
+        h_all, _, _ = lstm_layer(*args, backend="auto")
+    assert len([w for w in record if "failed verification" in str(w.message)]) == 1
+    assert_rel_close(h_all, lstm_layer(*args, backend="reference")[0], REL_TOL[torch.float32], "h_all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call of the same plan: no second warning
+        lstm_layer(*args, backend="auto")
+    assert fakes["wrong"].forward_calls == 1  # only verification ran it
+
+
+def test_a_named_backend_that_fails_verification_raises(fakes):
+    with pytest.warns(RuntimeWarning), pytest.raises(BackendUnsupportedError, match="failed verification"):
+        lstm_layer(*_inputs(), backend="wrong")
+
+
+def test_a_launch_that_raises_fails_verification(fakes, monkeypatch):
+    """A kernel that raises (here: a grid barrier that gave up) is a failed plan, not a crash of the call."""
+    monkeypatch.setattr(backends_mod, "AUTO_ORDER", ("raising", "reference"))
+    with pytest.warns(RuntimeWarning, match="raised RuntimeError: triton forward: grid barrier"):
+        lstm_layer(*_inputs(), backend="auto")
+
+
+def test_grid_barriers_are_bounded_while_a_plan_is_verified(fakes, monkeypatch):
+    seen = []
+    original = fakes["right"].forward
+
+    def forward(*args):
+        seen.append(barrier_spin_limit())
+        return original(*args)
+
+    monkeypatch.setattr(fakes["right"], "forward", forward)
+    monkeypatch.delenv(backends_mod.BARRIER_TIMEOUT_ENV, raising=False)
+    lstm_layer(*_inputs(), backend="right")
+    assert seen == [verification.VERIFY_BARRIER_POLLS, 0]  # verification's run, then the call's own
+    with bounded_barriers(7):
+        assert barrier_spin_limit() == 7
+    assert barrier_spin_limit() == 0
+
+
+def test_a_plan_is_verified_once_per_batch_bucket_and_remembered_on_disk(fakes, monkeypatch):
+    runs = []
+    original = verification.verify
+    monkeypatch.setattr(verification, "verify", lambda *a, **k: runs.append(a[1].batch) or original(*a, **k))
+    for B in (5, 7, 8):  # one bucket (8): one verification
+        lstm_layer(*_inputs(B=B), backend="right")
+    assert runs == [5]
+    lstm_layer(*_inputs(B=9), backend="right")  # the next bucket (16)
+    assert runs == [5, 9]
+    verification.clear()  # a new process, as far as verdicts go: the cache file answers
+    lstm_layer(*_inputs(B=6), backend="right")
+    assert runs == [5, 9]
+    data = json.loads((verification.cache_dir() / verification.CACHE_FILE).read_text())
+    (entry,) = data.values()
+    assert entry["environment"]["package"] == verification.environment()["package"]
+    assert sorted(json.loads(k)["batch_bucket"] for k in entry["verdicts"]) == [8, 16]
+    assert all(v[0] is True for v in entry["verdicts"].values())
+
+
+def test_cache_key_changes_with_package_version_and_kernel_sources():
+    env = verification.environment(package_version="0.1.0", kernels="aaaa")
+    key = verification.environment_key(env)
+    assert verification.environment_key(dict(env)) == key
+    assert verification.environment_key(verification.environment(package_version="0.2.0", kernels="aaaa")) != key
+    assert verification.environment_key(verification.environment(package_version="0.1.0", kernels="bbbb")) != key
+    assert len(verification.kernel_source_hash()) == 16
+
+
+def test_plan_key_names_the_plan():
+    key = json.loads(verification.plan_key(backends_mod.get_backend("reference"), _call(B=5)))
+    assert key == dict(backend="reference", plan=[], dtype="float32", tf32=False, H=5, P=5, projection=False,
+                       variable_lengths=False, batch_bucket=8, device="cpu")
+
+
+def test_verification_off_lets_the_backend_serve(fakes, monkeypatch):
+    monkeypatch.setenv(verification.VERIFY_ENV, "0")
+    h_all, _, _ = lstm_layer(*_inputs(), backend="wrong")  # served, wrong as it is
+    assert not torch.allclose(h_all, lstm_layer(*_inputs(), backend="reference")[0])
+
+
+def test_nothing_is_verified_during_cuda_graph_capture(fakes, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(verification, "device_description", lambda device: "a GPU sm_90")
+    with pytest.raises(RuntimeError, match="run the model once eagerly before capturing"):
+        verification.failure(fakes["right"], _call(device="cuda"))
+
+
+def test_the_compiled_op_verifies_at_its_first_run(fakes):
+    """Dispatch does not verify while dynamo traces; the op's implementation does, and raises."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: lstm_layer(*a, backend="wrong"), fullgraph=True, backend="aot_eager")
+    with pytest.warns(RuntimeWarning), pytest.raises(BackendUnsupportedError, match="compiled graph cannot switch"):
+        compiled(*_inputs())
+
+
+def test_verdicts_carry_across_processes(tmp_path):
+    """A verdict written by one process is read by the next, which does not verify again."""
+    script = textwrap.dedent(f"""
+        import sys, warnings
+        sys.path.insert(0, {str(TESTS)!r})
+        import torch, fake_backends
+        from lstm_kernels import lstm_layer, verification
+        fakes = fake_backends.install()
+        runs = []
+        original = verification.verify
+        verification.verify = lambda *a, **k: runs.append(1) or original(*a, **k)
+        x = torch.randn(4, 3, 20), torch.randn(20, 5), torch.randn(3, 5), torch.randn(3, 5)
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            lstm_layer(*x, backend="right")
+            try:
+                lstm_layer(*x, backend="wrong")
+            except Exception as error:
+                print("WRONG", type(error).__name__)
+        print("RUNS", len(runs))
+    """)
+    env = {**os.environ, verification.VERIFY_ENV: "1", verification.CACHE_DIR_ENV: str(tmp_path)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS.parent), env.get("PYTHONPATH")]))
+    outputs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        outputs.append(proc.stdout)
+    assert "RUNS 2" in outputs[0] and "WRONG BackendUnsupportedError" in outputs[0]
+    assert "RUNS 0" in outputs[1] and "WRONG BackendUnsupportedError" in outputs[1]
