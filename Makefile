@@ -36,6 +36,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests --ignore=tests/triton
+	$(PY) -m lstm_kernels check --out $(VENV)/check
 	for v in $(TRITON_TEST_VERSIONS); do $(MAKE) --no-print-directory test-triton TRITON_TEST_VERSION=$$v || exit 1; done
 	for v in $(TORCH_TEST_VERSIONS); do $(MAKE) --no-print-directory test-torch TORCH_TEST_VERSION=$$v || exit 1; done
 

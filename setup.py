@@ -107,6 +107,7 @@ setup(
     # Triton 3.3 is the first with cooperative launches (the persistent kernels' launch_cooperative_grid);
     # 3.9 the newest tested: `make test` runs the Triton kernels under the interpreter with both ends.
     extras_require={"triton": ["triton>=3.3,<3.10"], "bench": ["matplotlib", "tqdm", "pytest-benchmark"]},
+    entry_points={"console_scripts": ["lstm-kernels = lstm_kernels.__main__:main"]},
     ext_modules=[CMakeExtension("lstm_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

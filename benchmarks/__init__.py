@@ -5,7 +5,7 @@
     timing.py     CUDA-event / CPU timers, rotated inputs, median/p10/p90, peak memory, budget
     runner.py     the sweep loop: skips instead of crashes
     report.py     CSV, Markdown, PNG, and the stdout table (print_table)
-    env_info.py   device, driver, versions, commit: the header of every file
+    (lstm_kernels/environment.py: device, driver, versions, commit: the header of every file)
     __main__.py   the command line
 """
 from .report import format_summary, format_table, print_table, read_csv

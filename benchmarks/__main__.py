@@ -16,8 +16,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from lstm_kernels import environment as env_info
+
 from . import configs as cfgs
-from . import env_info, report, timing
+from . import report, timing
 from .providers import BASELINE, PROVIDERS, default_impls
 from .runner import plan, run_sweep
 

@@ -1,6 +1,6 @@
 """Results as files and tables: CSV, Markdown, PNG plots, and a compact stdout table.
 
-Every file starts with the header of :mod:`benchmarks.env_info` (device,
+Every file starts with the header of :mod:`lstm_kernels.environment` (device,
 driver, torch/triton/CUDA versions, commit): '# ' comment lines in the CSV,
 the top lines of the Markdown, the suptitle of each PNG.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence, TextIO
 
 from .configs import DTYPES, cudnn_persistent_eligible
-from .env_info import header_lines
+from lstm_kernels.environment import header_lines
 from .providers import BASELINE, PROVIDERS
 from .runner import OK, Result
 

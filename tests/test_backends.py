@@ -85,3 +85,23 @@ def test_double_backward_through_a_non_differentiable_backend_raises(monkeypatch
     (g,) = torch.autograd.grad(out.sum(), x, create_graph=False)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+def test_triton_refuses_calls_whose_offsets_pass_int32():
+    """The Triton kernels index with int32 (t * B * 4H and the like): a call whose tensors reach 2**31
+    elements is refused with the reason, not served with wrapped offsets (no allocation needed)."""
+    triton_backend = pytest.importorskip("lstm_kernels.backends.triton")
+    backend = triton_backend.TritonBackend()
+    from lstm_kernels.backends import triton_kernels
+
+    if triton_kernels.interpreting():
+        pytest.skip("under the interpreter CUDA calls are not served at all")
+
+    def call(T, B, H):
+        return RecurrenceCall(seq_len=T, batch=B, hidden_size=H, state_size=H, dtype=torch.float16,
+                              device=torch.device("cuda"), has_projection=False, variable_lengths=False,
+                              needs_grad=True)
+
+    assert 4096 * 64 * 4 * 2048 == 2**31
+    assert "int32" in backend.supports(call(4096, 64, 2048))
+    assert backend.supports(call(4095, 64, 2048)) is None

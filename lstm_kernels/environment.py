@@ -1,4 +1,5 @@
-"""What machine and software a result came from: device, driver, versions, commit."""
+"""What machine and software a result came from: device, driver, versions, commit (for the benchmark
+files and the check command's report)."""
 from __future__ import annotations
 
 import datetime
