@@ -25,6 +25,7 @@ from . import validation
 from .backends import RecurrenceCall, check_backend_name, resolve_backend
 from .function import lstm_layer
 from .native import native_path_reason, run_native
+from .onnx_export import exporting_to_onnx, onnx_lstm, packed_input_error
 from .sequences import pack_time_major, reverse_time_major, unpack_to_time_major
 
 
@@ -124,6 +125,11 @@ class FusedLSTM(nn.Module):
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "FusedLSTM cannot be compiled by torch.jit.script. For a graph of the model use "
+            "torch.export.export(model, (x,)) (or torch.compile); for ONNX, torch.onnx.export(model, (x,))")
+
     def flatten_parameters(self) -> None:
         """No-op, for code written against nn.LSTM (the kernels need no flat buffer)."""
 
@@ -211,6 +217,8 @@ class FusedLSTM(nn.Module):
         packed = isinstance(input, PackedSequence)
         weight = self._param("weight_ih_l0")
         if packed:
+            if exporting_to_onnx():
+                raise packed_input_error()
             data, batch_sizes, sorted_indices, unsorted_indices = input
             validation.check_input(data, weight, self.input_size, packed=True)
             x = data
@@ -249,7 +257,9 @@ class FusedLSTM(nn.Module):
                 validation.check_hx_container(hx)
         hx = states
 
-        if native_path_reason(self.backend, x, self._dropout_active) is None:
+        if exporting_to_onnx():
+            output, h_n, c_n = onnx_lstm(self, x, hx, batch_sizes)
+        elif native_path_reason(self.backend, x, self._dropout_active) is None:
             output, h_n, c_n = run_native(self, x, hx, batch_sizes)
         else:
             if packed:

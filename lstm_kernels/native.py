@@ -16,6 +16,9 @@ Every promise FusedLSTM makes holds on this path, which is why it is allowed
 - backward in eval mode, and double backward (``create_graph=True``): ATen's
   CPU LSTM is differentiable twice, oneDNN's float32 kernel included;
 - determinism: the CPU kernels have no atomics; the same inputs give the same bits;
+- ``torch.export``: under export the module is always this one op (any device, any backend named:
+  an exported program holds the model, not a kernel choice). ``torch.onnx.export`` takes
+  lstm_kernels/onnx_export.py's ONNX ``LSTM`` nodes instead.
 - ``torch.compile``: while dynamo traces, the same kernel runs behind the custom
   op ``lstm_kernels::native_lstm`` (one opaque node with a fake implementation),
   so ``fullgraph=True`` holds and a compiled model runs the kernel eager runs.
@@ -52,6 +55,8 @@ def native_path_reason(backend: str, x: torch.Tensor, dropout_active: bool = Fal
     ``dropout_active``: the module drops out between layers (dropout > 0 in training mode).
     Otherwise a short reason why the per-layer path runs instead.
     """
+    if torch.compiler.is_exporting():
+        return None  # an exported program holds the model as one op, whatever backend runs it
     # This runs on every call: x.is_cpu, not x.device (which builds an object, a few µs).
     if backend != "auto" or backend_from_env() != "auto":
         return "a backend is named"
