@@ -46,7 +46,7 @@ test: $(STAMP)
 test-torch: $(STAMP)
 	@set -e; v="$(TORCH_TEST_VERSION)"; venv="$(abspath .venv-torch-$(TORCH_TEST_VERSION))"; \
 	test -n "$$v" || { echo "usage: make test-torch TORCH_TEST_VERSION=<version>"; exit 2; }; \
-	if [ ! -f "$$venv/.installed" ]; then \
+	if [ ! -f "$$venv/.installed" ] || [ constraints-test.txt -nt "$$venv/.installed" ]; then \
 	  rm -rf "$$venv"; $(PYTHON) -m venv "$$venv"; \
 	  PIP_CONSTRAINT="$(abspath constraints-test.txt)" "$$venv/bin/python" -m pip install --quiet \
 	    "torch==$$v" numpy pytest pytest-timeout; \

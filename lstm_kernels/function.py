@@ -109,4 +109,10 @@ def lstm_layer(
 
         return recurrence_with_grad(xg, w_hh, h0, c0, w_hr, batch_sizes, backend)
     check_layer_shapes(xg, w_hh, h0, c0, w_hr, batch_sizes)
+    if not torch.is_grad_enabled():
+        # Nothing will be differentiated: no autograd node, and the backend keeps no workspace
+        # (inside a Function, ctx.needs_input_grad says True under no_grad when inputs require grad).
+        impl = select_backend(xg, w_hh, w_hr, batch_sizes, False, backend)
+        h_all, h_T, c_T, _ = impl.forward(xg, w_hh, h0, c0, w_hr, batch_sizes, False)
+        return h_all, h_T, c_T
     return LSTMLayer.apply(xg, w_hh, h0, c0, w_hr, batch_sizes, backend)

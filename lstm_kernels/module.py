@@ -229,6 +229,7 @@ class FusedLSTM(nn.Module):
                 states = validation.split_hx(hx)
                 if sorted_indices is not None:
                     states = tuple(s.index_select(1, sorted_indices) for s in states)
+                validation.check_packed_state_rank(states)
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
@@ -253,8 +254,8 @@ class FusedLSTM(nn.Module):
             states = (torch.zeros(h_shape, **zeros), torch.zeros(c_shape, **zeros))
         else:
             validation.check_hidden(states, h_shape, c_shape, x)
-            if not packed:  # a packed input's hx was checked above, or permuted into a pair (as nn.LSTM does)
-                validation.check_hx_container(hx)
+            if not packed and is_batched:  # what nn.LSTM's kernel call refuses; an unbatched hx was
+                validation.check_hx_container(hx)  # rebuilt into a pair, a packed one checked above
         hx = states
 
         if exporting_to_onnx():

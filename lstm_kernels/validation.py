@@ -45,7 +45,8 @@ def check_constructor_args(input_size, hidden_size, num_layers, bias, batch_firs
 def check_input(input: torch.Tensor, weight: torch.Tensor, input_size: int, packed: bool) -> None:
     """Rank, feature size, dtype and device of the (time-major or packed) input."""
     if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
-        raise ValueError(
+        # nn.LSTM checks this for tensors (ValueError); a packed input reaches its kernel (RuntimeError)
+        raise (RuntimeError if packed else ValueError)(
             f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
             f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})"
         )
@@ -106,6 +107,15 @@ def split_hx(hx) -> Optional[tuple]:
     return hx[0], hx[1]
 
 
+def check_packed_state_rank(states) -> None:
+    """nn.LSTM hands a packed input's states to its kernel, which indexes their batch axis: a state
+    of rank below 3 raises IndexError there."""
+    for state in states:
+        if isinstance(state, torch.Tensor) and state.dim() < 3:
+            raise IndexError(f"Dimension out of range: the states of a packed input must be 3-D "
+                             f"[num_layers * num_directions, batch, hidden], got {state.dim()}-D")
+
+
 def check_hx_container(hx) -> None:
     """What nn.LSTM's kernel call refuses (after the rank and shape checks, except for a sorted packed
     input, whose hx nn.LSTM hands to the kernel unchecked): ``hx`` as one tensor or holding a
@@ -136,5 +146,11 @@ def check_layer_shapes(xg, w_hh, h0, c0, w_hr, batch_sizes) -> None:
         if name in expected and tuple(tensor.shape) != expected[name]:
             raise RuntimeError(f"{name} must be {list(expected[name])} for xg {list(xg.shape)} "
                                f"(T, B, 4*hidden_size) and w_hh {list(w_hh.shape)}, got {list(tensor.shape)}")
-    if batch_sizes is not None and tuple(batch_sizes.shape) != (T,):
-        raise RuntimeError(f"batch_sizes must be [T] = {[T]}, got {list(batch_sizes.shape)}")
+    if batch_sizes is not None:
+        if tuple(batch_sizes.shape) != (T,) or batch_sizes.is_floating_point() or batch_sizes.is_cuda:
+            raise RuntimeError(f"batch_sizes must be an integer tensor [T] = {[T]} on the CPU, got "
+                               f"{batch_sizes.dtype} {list(batch_sizes.shape)} on {batch_sizes.device}")
+        sizes = batch_sizes.tolist()
+        if sizes[0] != B or sizes[-1] < 1 or any(a < b for a, b in zip(sizes, sizes[1:])):
+            raise RuntimeError(f"batch_sizes must run from B = {B} down, non-increasing and >= 1 "
+                               f"(a PackedSequence's), got {sizes}")

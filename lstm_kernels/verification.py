@@ -5,17 +5,21 @@ Nobody can test the GPU kernels on every GPU they will meet. So the first time a
 GPU), dispatch runs that plan on a short prefix of the call and compares it with the reference:
 
 - the plan: backend, its :meth:`Backend.plan_signature` (variant and precision switches), dtype,
-  TF32 setting, H, P, projection, variable lengths, batch bucket (B rounded up to a power of two),
-  and the device's name and compute capability;
+  TF32 setting, H, P, projection, variable lengths, the batch size (the kernels' tiles and grids
+  follow the exact B), whether gradients are needed (inference and training compile different
+  kernels), and the device's name and compute capability;
 - the run: :data:`VERIFY_STEPS` steps (at most the call's T) at the call's B, H and P, with its
-  projection and variable lengths, forward and backward, against the reference backend in float64
-  on the same rounded inputs, with the tolerances of :mod:`lstm_kernels.tolerances` (at least
-  twice the reference's own error in that dtype), under :func:`bounded_barriers`, so that a
-  kernel whose grid barrier never opens raises instead of hanging, and fails;
-- the verdict is remembered in the process and on disk (``verdicts.json`` in :func:`cache_dir`),
-  under a key of the environment: package, torch, Triton and driver versions and a hash of the
-  kernel sources (the backends' Python files and the CUDA extension), so that an upgrade
-  verifies again and later processes skip what an earlier one proved.
+  projection and variable lengths, forward and (where the call needs gradients) backward, against
+  the reference backend in float64 on the same rounded inputs, autocast off, with the tolerances of
+  :mod:`lstm_kernels.tolerances` (at least twice the reference's own error in that dtype), under
+  :func:`bounded_barriers`, so that a kernel whose grid barrier never opens raises instead of
+  hanging, and fails;
+- the verdict is remembered in the process and, where it is a measured one, on disk
+  (``verdicts.json`` in :func:`cache_dir`), under a key of the environment: package, torch, Triton
+  and driver versions and a hash of the kernel sources (the backends' Python files, the CUDA
+  extension, and this verifier and its tolerances), so that an upgrade verifies again and later
+  processes skip what an earlier one proved. A run that raised (out of memory, a refused launch,
+  a barrier that gave up) is a failed verdict for this process only.
 
 A failed plan gives one warning per process naming the plan and the largest error; ``auto`` takes
 the next backend (ending at the reference) and a named backend raises
@@ -24,9 +28,15 @@ graph capture nothing can be verified (it launches and synchronises): an unverif
 raises, asking for one eager call first (PyTorch's capture documentation asks for that warm-up).
 While torch.compile traces, dispatch does not verify; the op ``lstm_kernels::recurrence``
 verifies at its first run and raises if the plan fails (a compiled graph cannot switch kernels).
+
+Limits: the Triton kernels take the barrier bound as a compile-time constant, so the bounded
+binary verification runs is a compilation of its own, with the same arithmetic and tiles as the
+unbounded one that serves; and a kernel fault that breaks the CUDA context (an illegal address)
+ends the process, which no verification can turn into a fallback.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -71,10 +81,6 @@ def cache_dir() -> Path:
     return Path(base) / "lstm_kernels"
 
 
-def batch_bucket(batch: int) -> int:
-    return 1 << max(0, (batch - 1).bit_length())
-
-
 def device_description(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type
@@ -87,12 +93,24 @@ def tf32_in_use(call: RecurrenceCall) -> bool:
     return call.dtype == torch.float32 and call.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
 
 
+def _plan_fields(backend: Backend, call: RecurrenceCall) -> tuple:
+    return (backend.name, tuple(backend.plan_signature(call)), call.dtype, tf32_in_use(call), call.hidden_size,
+            call.state_size, call.has_projection, call.variable_lengths, call.batch, call.needs_grad, call.device)
+
+
+_KEYS: dict = {}  # _plan_fields -> plan_key: the JSON is built once per plan, not per call
+
+
 def plan_key(backend: Backend, call: RecurrenceCall) -> str:
-    return json.dumps(dict(
-        backend=backend.name, plan=list(backend.plan_signature(call)), dtype=str(call.dtype).replace("torch.", ""),
-        tf32=tf32_in_use(call), H=call.hidden_size, P=call.state_size, projection=call.has_projection,
-        variable_lengths=call.variable_lengths, batch_bucket=batch_bucket(call.batch),
-        device=device_description(call.device)), sort_keys=True)
+    fields = _plan_fields(backend, call)
+    key = _KEYS.get(fields)
+    if key is None:
+        key = _KEYS[fields] = json.dumps(dict(
+            backend=backend.name, plan=list(fields[1]), dtype=str(call.dtype).replace("torch.", ""),
+            tf32=fields[3], H=call.hidden_size, P=call.state_size, projection=call.has_projection,
+            variable_lengths=call.variable_lengths, batch=call.batch, needs_grad=call.needs_grad,
+            device=device_description(call.device)), sort_keys=True)
+    return key
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,7 +118,8 @@ def kernel_source_hash() -> str:
     """sha256 of the backends' Python sources and the CUDA extension, as installed."""
     root = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for path in sorted((root / "backends").glob("*.py")) + sorted(root.glob("_C*")):
+    verifier = [root / "verification.py", root / "tolerances.py"]
+    for path in sorted((root / "backends").glob("*.py")) + sorted(root.glob("_C*")) + verifier:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -137,13 +156,27 @@ def _cache_path() -> Path:
     return cache_dir() / CACHE_FILE
 
 
+def _load_cache_file() -> dict:
+    """The cache file's contents, or {} where it is missing, unreadable or not what this module writes."""
+    try:
+        data = json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _read_disk(env_key: str) -> dict:
     if env_key not in _DISK:
-        try:
-            entry = json.loads(_cache_path().read_text()).get(env_key, {})
-            _DISK[env_key] = {k: Verdict(*v) for k, v in entry.get("verdicts", {}).items()}
-        except (OSError, ValueError, TypeError):
-            _DISK[env_key] = {}
+        verdicts = {}
+        entry = _load_cache_file().get(env_key)
+        if isinstance(entry, dict) and isinstance(entry.get("verdicts"), dict):
+            for key, value in entry["verdicts"].items():
+                try:
+                    ok, max_error, detail = value
+                    verdicts[key] = Verdict(bool(ok), float(max_error), str(detail))
+                except (TypeError, ValueError):
+                    continue  # an entry this module did not write: verify again
+        _DISK[env_key] = verdicts
     return _DISK[env_key]
 
 
@@ -151,18 +184,22 @@ def _write_disk(env_key: str, key: str, verdict: Verdict) -> None:
     """Merge one verdict into the cache file (atomically replaced); a cache that cannot be written
     leaves the verdict in this process only."""
     path = _cache_path()
+    data = _load_cache_file()
+    entry = data.get(env_key)
+    if not (isinstance(entry, dict) and isinstance(entry.get("verdicts"), dict)):
+        entry = data[env_key] = {"environment": environment(), "verdicts": {}}
+    entry["verdicts"][key] = list(verdict)
+    tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        entry = data.setdefault(env_key, {"environment": environment(), "verdicts": {}})
-        entry["verdicts"][key] = list(verdict)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+            tmp_name = tmp.name
             json.dump(data, tmp, indent=1, sort_keys=True)
-        os.replace(tmp.name, path)
-    except OSError:
+        os.replace(tmp_name, path)
+    except (OSError, TypeError, ValueError):
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
         return
     _read_disk(env_key)[key] = verdict
 
@@ -172,6 +209,7 @@ def clear(disk: bool = False) -> None:
     _VERDICTS.clear()
     _WARNED.clear()
     _DISK.clear()
+    _KEYS.clear()
     if disk:
         try:
             _cache_path().unlink()
@@ -198,42 +236,57 @@ def _prefix_case(call: RecurrenceCall, steps: int) -> dict:
     return case
 
 
-def _run(backend: Backend, case: dict, dtype: Optional[torch.dtype] = None) -> dict:
+def _run(backend: Backend, case: dict, needs_grad: bool, dtype: Optional[torch.dtype] = None) -> dict:
+    """Forward (and, with ``needs_grad``, backward) of ``backend`` on ``case``, inputs cast to ``dtype``."""
     cast = (lambda t: None if t is None else t.to(dtype)) if dtype is not None else (lambda t: t)
     xg, w_hh, h0, c0, w_hr = (cast(case[n]) for n in ("xg", "w_hh", "h0", "c0", "w_hr"))
     bs = case["batch_sizes"]
-    h_all, h_T, c_T, workspace = backend.forward(xg, w_hh, h0, c0, w_hr, bs, True)
-    dG, dh0, dc0, dw_hr = backend.backward(RecurrenceInputs(xg, w_hh, h0, c0, w_hr, bs), h_all, tuple(workspace),
-                                           cast(case["dh_all"]), cast(case["dh_T"]), cast(case["dc_T"]))
-    out = dict(h_all=h_all, h_T=h_T, c_T=c_T, dG=dG, dh0=dh0, dc0=dc0)
-    if w_hr is not None:
-        out["dW_hr"] = dw_hr
+    h_all, h_T, c_T, workspace = backend.forward(xg, w_hh, h0, c0, w_hr, bs, needs_grad)
+    out = dict(h_all=h_all, h_T=h_T, c_T=c_T)
+    if needs_grad:
+        dG, dh0, dc0, dw_hr = backend.backward(RecurrenceInputs(xg, w_hh, h0, c0, w_hr, bs), h_all,
+                                               tuple(workspace), cast(case["dh_all"]), cast(case["dh_T"]),
+                                               cast(case["dc_T"]))
+        out.update(dG=dG, dh0=dh0, dc0=dc0)
+        if w_hr is not None:
+            out["dW_hr"] = dw_hr
     if xg.is_cuda:
         torch.cuda.synchronize(xg.device)
     return out
 
 
+def _autocast_off(device: torch.device):
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def verify(backend: Backend, call: RecurrenceCall, steps: int = VERIFY_STEPS) -> Verdict:
-    """Run ``backend`` on a prefix of ``call`` (forward and backward) against float64; never raises."""
+    """Run ``backend`` on a prefix of ``call`` (forward, and backward where the call needs gradients)
+    against float64; never raises. A verdict whose detail starts with "raised" comes from an exception."""
     from .tolerances import mismatch
 
     case = _prefix_case(call, max(1, min(steps, call.seq_len)))
     reference = get_backend("reference")
+    grad = call.needs_grad
     try:
-        with bounded_barriers(VERIFY_BARRIER_POLLS), torch.no_grad():
-            actual = _run(backend, case)
-            expected = _run(reference, case, torch.float64)
-            own = _run(reference, case)  # the reference's own error in this dtype
+        with bounded_barriers(VERIFY_BARRIER_POLLS), torch.no_grad(), _autocast_off(call.device):
+            actual = _run(backend, case, grad)
+            expected = _run(reference, case, grad, torch.float64)
+            own = _run(reference, case, grad)  # the reference's own error in this dtype
     except Exception as error:  # noqa: BLE001 - any failure of an unproven kernel is a failed verification
-        return Verdict(False, math.inf, f"raised {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+        first_line = (str(error).splitlines() or [""])[0][:300]
+        return Verdict(False, math.inf, f"raised {type(error).__name__}: {first_line}")
     base = REL_TOL["tf32" if tf32_in_use(call) else call.dtype]
     worst, failures = 0.0, []
     for name, e in expected.items():
         a = actual.get(name)
         tol = max(base, 2 * rel_error(own[name], e))
         what = mismatch(a, e, tol)
-        if a is not None and a.shape == e.shape:
-            worst = max(worst, rel_error(a, e) if not torch.isnan(a.double()).any() else math.inf)
+        if a is None or a.shape != e.shape or torch.isnan(a.double()).any():
+            worst = math.inf
+        else:
+            worst = max(worst, rel_error(a, e))
         if what is not None:
             failures.append(f"{name}: {what}")
     detail = "; ".join(failures) if failures else f"h, c and every gradient within tolerance over {len(case['xg'])} steps"
@@ -261,7 +314,8 @@ def failure(backend: Backend, call: RecurrenceCall) -> Optional[str]:
                     "verification cannot run during CUDA graph capture: run the model once eagerly before "
                     f"capturing (a warm-up, as PyTorch's CUDA graph documentation asks). Plan: {key}")
             verdict = verify(backend, call)
-            _write_disk(env_key, key, verdict)
+            if not verdict.detail.startswith("raised"):  # a measured verdict; an exception may pass
+                _write_disk(env_key, key, verdict)
         _VERDICTS[key] = verdict
     if verdict.ok:
         return None

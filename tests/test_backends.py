@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lstm_kernels
-from lstm_kernels import BackendUnsupportedError, FusedLSTM, LSTMLayer
+from lstm_kernels import BackendUnsupportedError, FusedLSTM, LSTMLayer, lstm_layer
 from lstm_kernels.backends import ENV_VAR, RecurrenceCall, get_backend, resolve_backend
 
 
@@ -105,3 +105,19 @@ def test_triton_refuses_calls_whose_offsets_pass_int32():
     assert 4096 * 64 * 4 * 2048 == 2**31
     assert "int32" in backend.supports(call(4096, 64, 2048))
     assert backend.supports(call(4095, 64, 2048)) is None
+
+
+def test_no_grad_calls_ask_for_no_workspace(monkeypatch):
+    """Under torch.no_grad the backend runs its inference kernels (no saved activations), even when the
+    inputs require gradients; with grad enabled it keeps what backward needs."""
+    reference = get_backend("reference")
+    seen = []
+    original = reference.forward
+    monkeypatch.setattr(reference, "forward", lambda *a: seen.append(a[-1]) or original(*a))
+    xg, w = torch.randn(3, 2, 20, requires_grad=True), torch.randn(20, 5, requires_grad=True)
+    h0, c0 = torch.zeros(2, 5), torch.zeros(2, 5)
+    with torch.no_grad():
+        out = lstm_layer(xg, w, h0, c0, backend="reference")
+    assert seen == [False] and not out[0].requires_grad
+    lstm_layer(xg, w, h0, c0, backend="reference")[0].sum().backward()
+    assert seen == [False, True] and xg.grad is not None

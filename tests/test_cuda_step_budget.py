@@ -349,6 +349,16 @@ UNBALANCED_FWD_GATE_K = """FUSED_HD KRange fwd_gate_k(int w, int P, int elem) {
 }"""
 
 
+def test_kernels_take_their_k_ranges_from_the_plan_header():
+    """The per-warp count reads the k split from fused_plan.cuh's range functions; the kernels must take
+    theirs from the same functions, not compute their own."""
+    for src, functions in (("fused_forward.cu", ("fwd_gate_k", "fwd_proj_k")),
+                           ("fused_backward.cu", ("bwd_gate_k", "bwd_proj_k"))):
+        text = (ROOT / "csrc" / src).read_text()
+        assert all(f"{name}(warp," in text for name in functions), src
+        assert "warp_k_range(" not in text, f"{src} splits K itself"
+
+
 def test_per_warp_mma_check_catches_an_unbalanced_k_split(fused_sass, tmp_path):
     """The busiest warp's MMA count follows the kernels' own k split: a header whose split gives warp 0
     half of K (96 HMMA on that warp against an ideal of 24 at the flagship) fails the 10% bound."""

@@ -134,11 +134,6 @@ INPUTS = {
 }
 
 
-#: nn.LSTM's kernel refuses a 2-D state of a packed input with an IndexError about dimensions;
-#: FusedLSTM checks the shape first and raises nn.LSTM's RuntimeError for a wrong state shape.
-KERNEL_RANK_CASES = {("two_layer_tensor", "packed_unsorted")}
-
-
 @pytest.mark.parametrize("input_kind", list(INPUTS))
 @pytest.mark.parametrize("hx_kind", list(BAD_HX))
 def test_malformed_hx_raises_what_nn_lstm_raises(hx_kind, input_kind):
@@ -156,10 +151,6 @@ def test_malformed_hx_raises_what_nn_lstm_raises(hx_kind, input_kind):
         assert torch.allclose(out.data, ref_out.data) and torch.allclose(h_n, ref_h) and torch.allclose(c_n, ref_c)
         return
     actual = _raised(lambda: fused(x, hx))
-    if (hx_kind, input_kind) in KERNEL_RANK_CASES:
-        assert isinstance(expected, IndexError) and "Dimension out of range" in str(expected), expected
-        assert type(actual) is RuntimeError and "Expected hidden[0] size" in str(actual), actual
-        return
     assert type(actual) is type(expected), (actual, expected)
 
 
@@ -200,3 +191,53 @@ def test_lstm_layer_with_a_projection_names_its_shapes():
         lstm_layer(xg, w_hh, h0, c0, torch.randn(6, 2), backend="reference")
     with pytest.raises(RuntimeError, match="without w_hr"):
         lstm_layer(xg, w_hh, h0, c0, None, backend="reference")
+
+
+UNBATCHED_HX = {
+    "three_states": lambda: (_t(1, 5), _t(1, 5), _t(1, 5)),
+    "stacked_tensor": lambda: _t(2, 1, 5),
+    "list": lambda: [_t(1, 5), _t(1, 5)],
+}
+
+
+@pytest.mark.parametrize("hx_kind", list(UNBATCHED_HX))
+def test_unbatched_hx_containers_nn_lstm_accepts(hx_kind):
+    """For unbatched input nn.LSTM takes hx[0] and hx[1] and rebuilds the pair, so it accepts these."""
+    torch.manual_seed(0)
+    reference = nn.LSTM(3, 5)
+    fused = FusedLSTM.from_torch(reference)
+    x, hx = _t(4, 3), UNBATCHED_HX[hx_kind]()
+    expected = reference(x, hx)
+    actual = fused(x, hx)
+    assert torch.allclose(actual[0], expected[0], atol=1e-6) and torch.allclose(actual[1][1], expected[1][1], atol=1e-6)
+
+
+@pytest.mark.parametrize("sorted_", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("states", ["2d", "1d", "mixed"])
+def test_packed_input_with_low_rank_states_raises_like_nn_lstm(states, sorted_):
+    torch.manual_seed(0)
+    reference = nn.LSTM(3, 5)
+    fused = FusedLSTM.from_torch(reference)
+    hx = {"2d": (_t(2, 5), _t(2, 5)), "1d": (_t(5), _t(5)), "mixed": (_t(1, 2, 5), _t(2, 5))}[states]
+    x = pack_padded_sequence(_t(4, 2, 3), [4, 2] if sorted_ else [2, 4], enforce_sorted=sorted_)
+    expected = _raised(lambda: reference(x, hx))
+    assert expected is not None
+    assert type(_raised(lambda: fused(x, hx))) is type(expected), expected
+
+
+def test_packed_input_of_another_dtype_raises_like_nn_lstm():
+    reference = nn.LSTM(3, 5)
+    fused = FusedLSTM.from_torch(reference)
+    x = pack_padded_sequence(_t(4, 2, 3, dtype=torch.float64), [4, 2])
+    expected = _raised(lambda: reference(x))
+    assert type(_raised(lambda: fused(x))) is type(expected), expected
+
+
+@pytest.mark.parametrize("sizes, message", [([3, 2, 3, 1, 1], "non-increasing"), ([2, 2, 1, 1, 1], "from B = 3"),
+                                            ([3, 2, 1, 1, 0], ">= 1"), ([3, 2, 1], "\\[T\\] = \\[5\\]")])
+def test_lstm_layer_checks_the_batch_sizes(sizes, message):
+    from lstm_kernels import lstm_layer
+
+    args = {k: torch.randn(*s) for k, s in LAYER_SHAPES.items()}
+    with pytest.raises(RuntimeError, match=message):
+        lstm_layer(**args, batch_sizes=torch.tensor(sizes), backend="reference")

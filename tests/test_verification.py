@@ -1,6 +1,6 @@
 """Verification before first use (lstm_kernels/verification.py), proven on the CPU with fake backends
 that ask for it (tests/fake_backends.py): a wrong kernel is caught, warned about once, and ``auto``
-falls back while a named backend raises; verdicts are cached per plan, in the process and on disk,
+falls back while a named backend raises; verdicts are cached per plan (batch and gradient mode included), in the process and on disk,
 under a key that changes with the package version and the kernel sources; a failing launch fails
 its verification; nothing is verified during CUDA graph capture or with LSTM_KERNELS_VERIFY=0.
 """
@@ -37,10 +37,12 @@ def fakes(monkeypatch, tmp_path):
     verification.clear()
 
 
-def _inputs(T=4, B=3, H=5, seed=0):
+def _inputs(T=4, B=3, H=5, seed=0, requires_grad=True):
+    """lstm_layer's (xg, w_hh, h0, c0); requiring gradients (a training call) unless told otherwise."""
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(T, B, 4 * H, generator=gen), torch.randn(4 * H, H, generator=gen) / H**0.5,
-            torch.randn(B, H, generator=gen), torch.randn(B, H, generator=gen))
+    tensors = (torch.randn(T, B, 4 * H, generator=gen), torch.randn(4 * H, H, generator=gen) / H**0.5,
+               torch.randn(B, H, generator=gen), torch.randn(B, H, generator=gen))
+    return tuple(t.requires_grad_(requires_grad) for t in tensors)
 
 
 def _call(B=3, H=5, device="cpu"):
@@ -90,23 +92,70 @@ def test_grid_barriers_are_bounded_while_a_plan_is_verified(fakes, monkeypatch):
     assert barrier_spin_limit() == 0
 
 
-def test_a_plan_is_verified_once_per_batch_bucket_and_remembered_on_disk(fakes, monkeypatch):
+def test_a_plan_is_verified_once_and_remembered_on_disk(fakes, monkeypatch):
     runs = []
     original = verification.verify
     monkeypatch.setattr(verification, "verify", lambda *a, **k: runs.append(a[1].batch) or original(*a, **k))
-    for B in (5, 7, 8):  # one bucket (8): one verification
+    for B in (5, 5, 7):  # the kernels' tiles follow the exact batch: one verification per B
         lstm_layer(*_inputs(B=B), backend="right")
-    assert runs == [5]
-    lstm_layer(*_inputs(B=9), backend="right")  # the next bucket (16)
-    assert runs == [5, 9]
+    assert runs == [5, 7]
+    with torch.no_grad():  # inference compiles other kernels: its own verification
+        lstm_layer(*_inputs(B=5), backend="right")
+    assert runs == [5, 7, 5]
     verification.clear()  # a new process, as far as verdicts go: the cache file answers
-    lstm_layer(*_inputs(B=6), backend="right")
-    assert runs == [5, 9]
+    lstm_layer(*_inputs(B=7), backend="right")
+    assert runs == [5, 7, 5]
     data = json.loads((verification.cache_dir() / verification.CACHE_FILE).read_text())
     (entry,) = data.values()
     assert entry["environment"]["package"] == verification.environment()["package"]
-    assert sorted(json.loads(k)["batch_bucket"] for k in entry["verdicts"]) == [8, 16]
+    keys = sorted((json.loads(k)["batch"], json.loads(k)["needs_grad"]) for k in entry["verdicts"])
+    assert keys == [(5, False), (5, True), (7, True)]
     assert all(v[0] is True for v in entry["verdicts"].values())
+
+
+def test_inference_kernels_are_verified_as_inference(fakes, monkeypatch):
+    """A kernel wrong only without gradients (an inference binary of its own) is caught under no_grad."""
+    original = fakes["right"].forward
+
+    def forward(xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad):
+        h_all, h_T, c_T, ws = original(xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad)
+        return (h_all, h_T, c_T, ws) if needs_grad else (h_all * 1.01, h_T, c_T, ws)
+
+    monkeypatch.setattr(fakes["right"], "forward", forward)
+    lstm_layer(*_inputs(), backend="right")  # training: verified and served
+    with torch.no_grad(), pytest.warns(RuntimeWarning), pytest.raises(BackendUnsupportedError):
+        lstm_layer(*_inputs(), backend="right")
+
+
+def test_a_failed_launch_is_remembered_in_this_process_only(fakes, monkeypatch):
+    """An exception may be transient (out of memory, a refused launch): it is not written to disk."""
+    monkeypatch.setattr(backends_mod, "AUTO_ORDER", ("raising", "reference"))
+    with pytest.warns(RuntimeWarning):
+        lstm_layer(*_inputs(), backend="auto")
+    assert not (verification.cache_dir() / verification.CACHE_FILE).exists()
+    lstm_layer(*_inputs(), backend="auto")  # remembered here: no second verification
+    assert fakes["raising"].forward_calls == 1
+
+
+def test_an_exception_without_a_message_fails_verification_cleanly(fakes, monkeypatch):
+    def forward(*args):
+        raise RuntimeError()
+
+    monkeypatch.setattr(fakes["raising"], "forward", forward)
+    monkeypatch.setattr(backends_mod, "AUTO_ORDER", ("raising", "reference"))
+    with pytest.warns(RuntimeWarning, match="raised RuntimeError"):
+        lstm_layer(*_inputs(), backend="auto")
+
+
+@pytest.mark.parametrize("content", ["[]", "{", '{"x": 3}', '{"KEY": {"verdicts": []}}', '{"KEY": {"verdicts": {"p": 1}}}'])
+def test_a_malformed_cache_file_is_ignored(fakes, content):
+    path = verification.cache_dir() / verification.CACHE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content.replace("KEY", verification.environment_key()))
+    lstm_layer(*_inputs(), backend="right")  # verifies, and writes a good file
+    verification.clear()
+    lstm_layer(*_inputs(), backend="right")
+    assert json.loads(path.read_text())[verification.environment_key()]["verdicts"]
 
 
 def test_cache_key_changes_with_package_version_and_kernel_sources():
@@ -121,7 +170,7 @@ def test_cache_key_changes_with_package_version_and_kernel_sources():
 def test_plan_key_names_the_plan():
     key = json.loads(verification.plan_key(backends_mod.get_backend("reference"), _call(B=5)))
     assert key == dict(backend="reference", plan=[], dtype="float32", tf32=False, H=5, P=5, projection=False,
-                       variable_lengths=False, batch_bucket=8, device="cpu")
+                       variable_lengths=False, batch=5, needs_grad=True, device="cpu")
 
 
 def test_verification_off_lets_the_backend_serve(fakes, monkeypatch):

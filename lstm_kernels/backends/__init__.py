@@ -41,6 +41,7 @@ raises :class:`BackendUnsupportedError` naming why. The environment variable
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -57,26 +58,28 @@ _ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") els
 BARRIER_TIMEOUT_ENV = "LSTM_KERNELS_BARRIER_TIMEOUT"
 
 
-#: Polls every grid barrier gives up after while :func:`bounded_barriers` is active (verification).
-_BOUNDED_POLLS: Optional[int] = None
+#: Polls every grid barrier gives up after while :func:`bounded_barriers` is active (verification);
+#: per thread and context, so one verification bounds nobody else's calls.
+_BOUNDED_POLLS: contextvars.ContextVar = contextvars.ContextVar("lstm_kernels_bounded_polls", default=None)
 
 
 @contextlib.contextmanager
 def bounded_barriers(polls: int):
-    """Within the block, every persistent kernel's grid barrier gives up after ``polls`` polls and
-    the call raises, whatever LSTM_KERNELS_BARRIER_TIMEOUT says (verification runs unproven kernels)."""
-    global _BOUNDED_POLLS
-    previous, _BOUNDED_POLLS = _BOUNDED_POLLS, polls
+    """Within the block (this thread and context), every persistent kernel's grid barrier gives up
+    after ``polls`` polls and the call raises, whatever LSTM_KERNELS_BARRIER_TIMEOUT says
+    (verification runs unproven kernels)."""
+    token = _BOUNDED_POLLS.set(polls)
     try:
         yield
     finally:
-        _BOUNDED_POLLS = previous
+        _BOUNDED_POLLS.reset(token)
 
 
 def barrier_spin_limit() -> int:
     """LSTM_KERNELS_BARRIER_TIMEOUT as a number of polls (0: off); ValueError on anything else."""
-    if _BOUNDED_POLLS is not None:
-        return _BOUNDED_POLLS
+    bounded = _BOUNDED_POLLS.get()
+    if bounded is not None:
+        return bounded
     value = os.environ.get(BARRIER_TIMEOUT_ENV, "").strip() or "0"
     try:
         limit = int(value)

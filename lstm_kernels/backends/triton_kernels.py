@@ -135,18 +135,22 @@ def _wait(bar_ptr, target, SPIN_LIMIT: tl.constexpr):
     SPIN_LIMIT = 0 (the default): spin until the count is reached. SPIN_LIMIT > 0 (the debug
     switch ``LSTM_KERNELS_BARRIER_TIMEOUT``): give up after that many polls and report the
     first barrier that timed out in ``bar_ptr[1]`` (the arrival count it waited for) and
-    ``bar_ptr[2]`` (the count it last saw); the launch helper raises (``check_barrier``).
+    ``bar_ptr[2]`` (the count it last saw); the launch helper raises (``check_barrier``). Once
+    one barrier has given up, every later wait leaves at once (it reads ``bar_ptr[1]`` as it
+    polls), so a stalled launch ends after one bound, not one per remaining step.
     """
     if SPIN_LIMIT == 0:
         while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < target:
             pass
     else:
         seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+        gave_up = tl.load(bar_ptr + 1, volatile=True)
         spins = 1
-        while (seen < target) & (spins < SPIN_LIMIT):
+        while (seen < target) & (spins < SPIN_LIMIT) & (gave_up == 0):
             seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+            gave_up = tl.load(bar_ptr + 1, volatile=True)
             spins += 1
-        if seen < target:  # timed out: the first program to time out records the barrier
+        if (seen < target) & (gave_up == 0):  # timed out: the first program to time out records the barrier
             if tl.atomic_cas(bar_ptr + 1, 0, target) == 0:
                 tl.atomic_xchg(bar_ptr + 2, seen)
     tl.debug_barrier()
