@@ -4,6 +4,8 @@
 # no network is needed. Each stage fits in about ten minutes on one H100-class GPU. Logs go to
 # $OUT, by default benchmarks/results/gpu-checks/.
 #
+#   scripts/gpu_checks.sh check      build, then python -m lstm_kernels check: every backend verified,
+#                                     timed against nn.LSTM; report in $OUT/check (run this first)
 #   scripts/gpu_checks.sh build      build the CUDA extension (editable install)
 #   scripts/gpu_checks.sh test       build, then the gpu-marked tests and the Triton tests at real sizes
 #   scripts/gpu_checks.sh sanitize [TOOL...]   compute-sanitizer memcheck, racecheck, synccheck and
@@ -42,6 +44,12 @@ ensure_built() {
 case "${1:-test}" in
   build)
     build ;;
+  check)
+    build
+    { header; $PY -m lstm_kernels check --out "$OUT/check"; } 2>&1 | tee "$OUT/check.log"
+    rc=${PIPESTATUS[0]}
+    echo "exit: $rc" | tee -a "$OUT/check.log"
+    [ "$rc" -eq 0 ] ;;
   test)
     build
     # every gpu test has a per-test timeout (tests/conftest.py): a hang ends the run with the stacks
@@ -81,6 +89,6 @@ case "${1:-test}" in
     # results under $OUT, beside the logs; --out in ARGS overrides
     { header; $PY -m benchmarks --out "$OUT/bench" "$@"; } 2>&1 | tee "$OUT/bench.log" ;;
   *)
-    echo "usage: $0 build|test|sanitize|bench [ARGS...]" >&2
+    echo "usage: $0 check|build|test|sanitize|bench [ARGS...]" >&2
     exit 2 ;;
 esac

@@ -120,3 +120,11 @@ def test_test_stage_fails_when_the_tests_fail(tmp_path, py_rc):
     proc, _, runs, _ = run_sanitize(tmp_path, py_rc=py_rc, stage="test")
     assert "-m pytest -q -m gpu tests" in runs and "-m pytest -q tests/triton" in runs, runs
     assert (proc.returncode != 0) == bool(py_rc), proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("py_rc", [0, 1])
+def test_check_stage_runs_the_check_command_and_keeps_its_status(tmp_path, py_rc):
+    proc, _, runs, out = run_sanitize(tmp_path, py_rc=py_rc, stage="check")
+    assert f"-m lstm_kernels check --out {out}/check" in runs, runs
+    assert (proc.returncode != 0) == bool(py_rc), proc.stdout + proc.stderr
+    assert f"exit: {py_rc}" in (out / "check.log").read_text()
