@@ -55,7 +55,7 @@ def native_path_reason(backend: str, x: torch.Tensor, dropout_active: bool = Fal
     ``dropout_active``: the module drops out between layers (dropout > 0 in training mode).
     Otherwise a short reason why the per-layer path runs instead.
     """
-    if torch.compiler.is_exporting():
+    if exporting():
         return None  # an exported program holds the model as one op, whatever backend runs it
     # This runs on every call: x.is_cpu, not x.device (which builds an object, a few µs).
     if backend != "auto" or backend_from_env() != "auto":
@@ -69,6 +69,13 @@ def native_path_reason(backend: str, x: torch.Tensor, dropout_active: bool = Fal
     if dropout_active and torch.compiler.is_compiling():
         return "torch.compile traces inter-layer dropout in training (the per-layer path keeps its masks)"
     return None
+
+
+def exporting() -> bool:
+    """torch.export is capturing: torch.compiler.is_exporting(), read as the flag it returns, because
+    dynamo before torch 2.13 folds the function itself to True under any torch.compile."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 def run_native(module, x: Tensor, hx, batch_sizes: Optional[Tensor]):

@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .native import exporting
+
 #: PyTorch's gate blocks (i, f, g, o) in ONNX's order (i, o, f, c).
 ONNX_GATE_ORDER = (0, 3, 1, 2)
 #: The ONNX opset whose LSTM these nodes are (LSTM-14: with the ``layout`` attribute).
@@ -30,7 +32,7 @@ def exporting_to_onnx() -> bool:
     """The dynamo-based ONNX exporter is capturing the model (with torch.export, non-strict or strict:
     the TorchScript-based exporter does neither). Under strict capture dynamo reads
     torch.onnx.is_in_onnx_export() as False, so the exporter's own flag is read too."""
-    if not (torch.compiler.is_exporting() or torch.compiler.is_compiling()):
+    if not (exporting() or torch.compiler.is_compiling()):
         return False  # eager calls: two cheap flag reads
     return torch.onnx.is_in_onnx_export() or _onnx_exporter_flag()
 
