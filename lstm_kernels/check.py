@@ -27,7 +27,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -56,7 +56,6 @@ class Row:
     fwd_bwd_us: Optional[float] = None
     nn_fwd_us: Optional[float] = None
     nn_fwd_bwd_us: Optional[float] = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -69,7 +68,7 @@ class Candidate:
     env: dict
 
 
-def candidates(names: Sequence[str], on_gpu: bool) -> list[Candidate]:
+def candidates(names: Sequence[str]) -> list[Candidate]:
     from .backends import get_backend
 
     found = []
@@ -278,7 +277,7 @@ def run_check(out: Path, backends: Optional[Sequence[str]] = None, quick: bool =
     known_backends()
     names = list(backends) if backends else lstm_kernels.available_backends()
     unavailable = lstm_kernels.unavailable_backends()
-    cands = candidates(names, on_gpu)
+    cands = candidates(names)
     shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
     if quick:
         shapes = shapes[:2]

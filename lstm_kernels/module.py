@@ -108,6 +108,10 @@ class FusedLSTM(nn.Module):
         """Dropout between layers applies to this call (nn.LSTM: dropout > 0 in training mode)."""
         return self.dropout > 0 and self.training and self.num_layers > 1
 
+    def _layer_params(self, k: int) -> dict:
+        """Layer-direction ``k``'s parameters by stem: weight_ih, weight_hh (bias_ih, bias_hh, weight_hr)."""
+        return dict(zip((n.split("_l")[0] for n in self._all_weights[k]), self.all_weights[k]))
+
     def _param(self, name: str) -> torch.Tensor:
         """Parameter ``name`` as nn.LSTM sees it: from ``_parameters`` directly (nn.Module.__getattr__
         costs a few µs per call), else by getattr (a reparametrized weight, e.g. weight_norm,
@@ -294,7 +298,7 @@ class FusedLSTM(nn.Module):
             outputs = []
             for direction in range(self.num_directions):
                 k = layer * self.num_directions + direction
-                params = dict(zip((n.split("_l")[0] for n in self._all_weights[k]), self.all_weights[k]))
+                params = self._layer_params(k)
                 if cast is not None:
                     params = {name: p.to(cast) for name, p in params.items()}
                 seq = layer_input if direction == 0 else reverse_time_major(layer_input, lengths)

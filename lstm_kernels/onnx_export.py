@@ -72,8 +72,7 @@ def onnx_lstm(module, x: Tensor, hx: tuple, batch_sizes: Optional[Tensor]):
     T, B = x.shape[0], x.shape[1]
     layer_input, h_n, c_n = x, [], []
     for layer in range(module.num_layers):
-        params = [dict(zip((n.split("_l")[0] for n in module._all_weights[layer * directions + d]),
-                           module.all_weights[layer * directions + d])) for d in range(directions)]
+        params = [module._layer_params(layer * directions + d) for d in range(directions)]
         w = torch.stack([_onnx_gates(p["weight_ih"]) for p in params])
         r = torch.stack([_onnx_gates(p["weight_hh"]) for p in params])
         b = (torch.stack([torch.cat([_onnx_gates(p["bias_ih"]), _onnx_gates(p["bias_hh"])]) for p in params])

@@ -51,7 +51,7 @@ import torch
 
 from . import __version__
 from .backends import Backend, RecurrenceCall, RecurrenceInputs, bounded_barriers, get_backend, set_verifier
-from .tolerances import REL_TOL, rel_error
+from .tolerances import REL_TOL, mismatch, rel_error
 
 VERIFY_ENV = "LSTM_KERNELS_VERIFY"
 CACHE_DIR_ENV = "LSTM_KERNELS_CACHE_DIR"
@@ -264,8 +264,6 @@ def _autocast_off(device: torch.device):
 def verify(backend: Backend, call: RecurrenceCall, steps: int = VERIFY_STEPS) -> Verdict:
     """Run ``backend`` on a prefix of ``call`` (forward, and backward where the call needs gradients)
     against float64; never raises. A verdict whose detail starts with "raised" comes from an exception."""
-    from .tolerances import mismatch
-
     case = _prefix_case(call, max(1, min(steps, call.seq_len)))
     reference = get_backend("reference")
     grad = call.needs_grad
