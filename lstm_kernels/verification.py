@@ -12,7 +12,7 @@ GPU), dispatch runs that plan on a short prefix of the call and compares it with
   projection and variable lengths, forward and (where the call needs gradients) backward, against
   the reference backend in float64 on the same rounded inputs, autocast off, with the tolerances of
   :mod:`lstm_kernels.tolerances` (at least twice the reference's own error in that dtype), under
-  :func:`bounded_barriers`, so that a kernel whose grid barrier never opens raises instead of
+  :func:`~lstm_kernels.backends.barrier_bound.verification_bounds`, so that a kernel whose grid barrier never opens raises instead of
   hanging, and fails;
 - the verdict is remembered in the process and, where it is a measured one, on disk
   (``verdicts.json`` in :func:`cache_dir`), under a key of the environment: package, torch, Triton
@@ -50,7 +50,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import __version__
-from .backends import Backend, RecurrenceCall, RecurrenceInputs, bounded_barriers, get_backend, set_verifier
+from .backends import Backend, RecurrenceCall, RecurrenceInputs, get_backend, verification_bounds, set_verifier
 from .tolerances import REL_TOL, mismatch, rel_error
 
 VERIFY_ENV = "LSTM_KERNELS_VERIFY"
@@ -58,8 +58,6 @@ CACHE_DIR_ENV = "LSTM_KERNELS_CACHE_DIR"
 CACHE_FILE = "verdicts.json"
 #: Steps of the prefix a plan is verified on.
 VERIFY_STEPS = 6
-#: Polls after which a grid barrier gives up while a plan is verified.
-VERIFY_BARRIER_POLLS = 1 << 24
 
 
 class Verdict(NamedTuple):
@@ -268,7 +266,7 @@ def verify(backend: Backend, call: RecurrenceCall, steps: int = VERIFY_STEPS) ->
     reference = get_backend("reference")
     grad = call.needs_grad
     try:
-        with bounded_barriers(VERIFY_BARRIER_POLLS), torch.no_grad(), _autocast_off(call.device):
+        with verification_bounds(), torch.no_grad(), _autocast_off(call.device):
             actual = _run(backend, case, grad)
             expected = _run(reference, case, grad, torch.float64)
             own = _run(reference, case, grad)  # the reference's own error in this dtype

@@ -20,7 +20,7 @@ import torch
 import fake_backends
 from lstm_kernels import BackendUnsupportedError, lstm_layer, verification
 from lstm_kernels import backends as backends_mod
-from lstm_kernels.backends import RecurrenceCall, barrier_spin_limit, bounded_barriers
+from lstm_kernels.backends import RecurrenceCall
 from utils import REL_TOL, assert_rel_close
 
 TESTS = Path(__file__).resolve().parent
@@ -73,23 +73,6 @@ def test_a_launch_that_raises_fails_verification(fakes, monkeypatch):
     monkeypatch.setattr(backends_mod, "AUTO_ORDER", ("raising", "reference"))
     with pytest.warns(RuntimeWarning, match="raised RuntimeError: triton forward: grid barrier"):
         lstm_layer(*_inputs(), backend="auto")
-
-
-def test_grid_barriers_are_bounded_while_a_plan_is_verified(fakes, monkeypatch):
-    seen = []
-    original = fakes["right"].forward
-
-    def forward(*args):
-        seen.append(barrier_spin_limit())
-        return original(*args)
-
-    monkeypatch.setattr(fakes["right"], "forward", forward)
-    monkeypatch.delenv(backends_mod.BARRIER_TIMEOUT_ENV, raising=False)
-    lstm_layer(*_inputs(), backend="right")
-    assert seen == [verification.VERIFY_BARRIER_POLLS, 0]  # verification's run, then the call's own
-    with bounded_barriers(7):
-        assert barrier_spin_limit() == 7
-    assert barrier_spin_limit() == 0
 
 
 def test_a_plan_is_verified_once_and_remembered_on_disk(fakes, monkeypatch):

@@ -40,8 +40,6 @@ raises :class:`BackendUnsupportedError` naming why. The environment variable
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -53,41 +51,7 @@ ENV_VAR = "LSTM_KERNELS_BACKEND"
 _ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
 
 
-#: Debug switch of both GPU backends: the number of polls after which a persistent kernel's grid
-#: barrier gives up and the call raises (e.g. 100000000); 0 or unset: wait without bound.
-BARRIER_TIMEOUT_ENV = "LSTM_KERNELS_BARRIER_TIMEOUT"
-
-
-#: Polls every grid barrier gives up after while :func:`bounded_barriers` is active (verification);
-#: per thread and context, so one verification bounds nobody else's calls.
-_BOUNDED_POLLS: contextvars.ContextVar = contextvars.ContextVar("lstm_kernels_bounded_polls", default=None)
-
-
-@contextlib.contextmanager
-def bounded_barriers(polls: int):
-    """Within the block (this thread and context), every persistent kernel's grid barrier gives up
-    after ``polls`` polls and the call raises, whatever LSTM_KERNELS_BARRIER_TIMEOUT says
-    (verification runs unproven kernels)."""
-    token = _BOUNDED_POLLS.set(polls)
-    try:
-        yield
-    finally:
-        _BOUNDED_POLLS.reset(token)
-
-
-def barrier_spin_limit() -> int:
-    """LSTM_KERNELS_BARRIER_TIMEOUT as a number of polls (0: off); ValueError on anything else."""
-    bounded = _BOUNDED_POLLS.get()
-    if bounded is not None:
-        return bounded
-    value = os.environ.get(BARRIER_TIMEOUT_ENV, "").strip() or "0"
-    try:
-        limit = int(value)
-    except ValueError:
-        raise ValueError(f"{BARRIER_TIMEOUT_ENV}={value!r}: expected a number of polls (0 = no bound)") from None
-    if limit < 0 or limit >= 2**31:
-        raise ValueError(f"{BARRIER_TIMEOUT_ENV}={value!r}: expected 0 <= polls < 2**31")
-    return limit
+from .barrier_bound import BARRIER_TIMEOUT_ENV, barrier_spin_limit, bounded_barriers, verification_bounds  # noqa: E402,F401
 
 
 def backend_from_env(default: str = "auto") -> str:
@@ -328,6 +292,7 @@ __all__ = [
     "backend_from_env",
     "barrier_spin_limit",
     "bounded_barriers",
+    "verification_bounds",
     "check_backend_name",
     "get_backend",
     "known_backends",
