@@ -24,7 +24,8 @@ from torch.nn.utils.rnn import PackedSequence
 from . import validation
 from .backends import RecurrenceCall, check_backend_name, resolve_backend
 from .function import lstm_layer
-from .native import native_path_reason, run_native
+from .native import exporting, native_path_reason, run_native
+from .recompute import check_recompute, recompute_layer
 from .onnx_export import exporting_to_onnx, onnx_lstm, packed_input_error
 from .sequences import pack_time_major, reverse_time_major, unpack_to_time_major
 
@@ -36,7 +37,10 @@ class FusedLSTM(nn.Module):
     bias=True, batch_first=False, dropout=0.0, bidirectional=False,
     proj_size=0, device=None, dtype=None), plus ``backend``: ``"auto"``
     (default; the environment variable ``LSTM_KERNELS_BACKEND`` can override
-    it) or a backend name from :func:`lstm_kernels.available_backends`.
+    it) or a backend name from :func:`lstm_kernels.available_backends`, and
+    ``recompute``: False (default), True, or a segment length in steps: keep only
+    checkpoints of the state for the backward and recompute each segment's gate
+    activations there (:mod:`lstm_kernels.recompute`), for memory.
 
     Shapes, with D = 2 if bidirectional else 1 and P = proj_size or hidden_size:
     input [T, B, input_size] ([B, T, input_size] if batch_first, [T, input_size]
@@ -57,9 +61,11 @@ class FusedLSTM(nn.Module):
         device=None,
         dtype=None,
         backend: str = "auto",
+        recompute=False,
     ) -> None:
         super().__init__()
         validation.check_constructor_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
+        self.recompute = check_recompute(recompute)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -153,6 +159,8 @@ class FusedLSTM(nn.Module):
             s += f", bidirectional={self.bidirectional}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
+        if self.recompute is not False:
+            s += f", recompute={self.recompute!r}"
         return s
 
     @classmethod
@@ -178,7 +186,7 @@ class FusedLSTM(nn.Module):
         for the first layer's recurrence (the others pick alike unless their sizes differ)."""
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
-        if native_path_reason(self.backend, data, self._dropout_active) is None:
+        if self._native_path_reason(data) is None:
             return "native"
         if packed:
             steps, batch = len(input.batch_sizes), int(input.batch_sizes[0])
@@ -194,6 +202,12 @@ class FusedLSTM(nn.Module):
         return resolve_backend(self.backend, call).name
 
     # ---- forward -----------------------------------------------------------------
+
+    def _native_path_reason(self, x) -> Optional[str]:
+        """None when ``x`` runs through torch's own LSTM kernel for the whole module (lstm_kernels.native)."""
+        if self.recompute is not False and not exporting():
+            return "recompute is asked for (the per-layer path keeps state checkpoints only)"
+        return native_path_reason(self.backend, x, self._dropout_active)
 
     def _expected_state_shapes(self, batch: int) -> tuple[tuple, tuple]:
         layers = self.num_layers * self.num_directions
@@ -264,7 +278,7 @@ class FusedLSTM(nn.Module):
 
         if exporting_to_onnx():
             output, h_n, c_n = onnx_lstm(self, x, hx, batch_sizes)
-        elif native_path_reason(self.backend, x, self._dropout_active) is None:
+        elif self._native_path_reason(x) is None:
             output, h_n, c_n = run_native(self, x, hx, batch_sizes)
         else:
             if packed:
@@ -303,9 +317,12 @@ class FusedLSTM(nn.Module):
                     params = {name: p.to(cast) for name, p in params.items()}
                 seq = layer_input if direction == 0 else reverse_time_major(layer_input, lengths)
                 xg = F.linear(seq, params["weight_ih"], _combined_bias(params))
-                h_all, h_T, c_T = lstm_layer(
-                    xg, params["weight_hh"], h0_all[k], c0_all[k], params.get("weight_hr"), batch_sizes, self.backend
-                )
+                layer_args = (xg, params["weight_hh"], h0_all[k], c0_all[k], params.get("weight_hr"), batch_sizes,
+                              self.backend)
+                if self.recompute is False:
+                    h_all, h_T, c_T = lstm_layer(*layer_args)
+                else:
+                    h_all, h_T, c_T = recompute_layer(*layer_args, segment=self.recompute)
                 outputs.append(h_all if direction == 0 else reverse_time_major(h_all, lengths))
                 h_n.append(h_T)
                 c_n.append(c_T)
