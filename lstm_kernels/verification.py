@@ -26,8 +26,10 @@ the next backend (ending at the reference) and a named backend raises
 :class:`BackendUnsupportedError`. ``LSTM_KERNELS_VERIFY=0`` turns verification off. Inside CUDA
 graph capture nothing can be verified (it launches and synchronises): an unverified plan met there
 raises, asking for one eager call first (PyTorch's capture documentation asks for that warm-up).
-While torch.compile traces, dispatch does not verify; the op ``lstm_kernels::recurrence``
-verifies at its first run and raises if the plan fails (a compiled graph cannot switch kernels).
+While torch.compile traces, dispatch runs nothing but consults the verdicts already known (this
+process's, the cache file's), so ``auto`` compiles around a plan known to fail; an unknown plan is
+verified by the op ``lstm_kernels::recurrence`` at its first run, which raises if it fails (a
+compiled graph cannot switch kernels).
 
 Limits: the Triton kernels take the barrier bound as a compile-time constant, so the bounded
 binary verification runs is a compilation of its own, with the same arithmetic and tiles as the
@@ -42,7 +44,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -51,10 +52,10 @@ import torch
 
 from . import __version__
 from .backends import Backend, RecurrenceCall, RecurrenceInputs, get_backend, verification_bounds, set_verifier
+from .disk_cache import CACHE_DIR_ENV, DiskCache, cache_dir  # noqa: F401  (part of this module's face)
 from .tolerances import REL_TOL, mismatch, rel_error
 
 VERIFY_ENV = "LSTM_KERNELS_VERIFY"
-CACHE_DIR_ENV = "LSTM_KERNELS_CACHE_DIR"
 CACHE_FILE = "verdicts.json"
 #: Steps of the prefix a plan is verified on.
 VERIFY_STEPS = 6
@@ -68,15 +69,6 @@ class Verdict(NamedTuple):
 
 def enabled() -> bool:
     return os.environ.get(VERIFY_ENV, "1").strip() != "0"
-
-
-def cache_dir() -> Path:
-    """LSTM_KERNELS_CACHE_DIR, else $XDG_CACHE_HOME/lstm_kernels, else ~/.cache/lstm_kernels."""
-    explicit = os.environ.get(CACHE_DIR_ENV)
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lstm_kernels"
 
 
 def device_description(device: torch.device) -> str:
@@ -147,72 +139,22 @@ def environment_key(env: Optional[dict] = None) -> str:
 
 _VERDICTS: dict = {}  # plan key -> Verdict (this process)
 _WARNED: set = set()
-_DISK: dict = {}  # environment key -> {plan key: Verdict}, as read from the cache file
 
 
-def _cache_path() -> Path:
-    return cache_dir() / CACHE_FILE
+def _decode_verdict(value) -> Verdict:
+    ok, max_error, detail = value
+    return Verdict(bool(ok), float(max_error), str(detail))
 
 
-def _load_cache_file() -> dict:
-    """The cache file's contents, or {} where it is missing, unreadable or not what this module writes."""
-    try:
-        data = json.loads(_cache_path().read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _read_disk(env_key: str) -> dict:
-    if env_key not in _DISK:
-        verdicts = {}
-        entry = _load_cache_file().get(env_key)
-        if isinstance(entry, dict) and isinstance(entry.get("verdicts"), dict):
-            for key, value in entry["verdicts"].items():
-                try:
-                    ok, max_error, detail = value
-                    verdicts[key] = Verdict(bool(ok), float(max_error), str(detail))
-                except (TypeError, ValueError):
-                    continue  # an entry this module did not write: verify again
-        _DISK[env_key] = verdicts
-    return _DISK[env_key]
-
-
-def _write_disk(env_key: str, key: str, verdict: Verdict) -> None:
-    """Merge one verdict into the cache file (atomically replaced); a cache that cannot be written
-    leaves the verdict in this process only."""
-    path = _cache_path()
-    data = _load_cache_file()
-    entry = data.get(env_key)
-    if not (isinstance(entry, dict) and isinstance(entry.get("verdicts"), dict)):
-        entry = data[env_key] = {"environment": environment(), "verdicts": {}}
-    entry["verdicts"][key] = list(verdict)
-    tmp_name = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-            tmp_name = tmp.name
-            json.dump(data, tmp, indent=1, sort_keys=True)
-        os.replace(tmp_name, path)
-    except (OSError, TypeError, ValueError):
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-        return
-    _read_disk(env_key)[key] = verdict
+_DISK = DiskCache(CACHE_FILE, decode=_decode_verdict, encode=list)
 
 
 def clear(disk: bool = False) -> None:
     """Forget this process's verdicts (and, with ``disk``, the cache file's)."""
     _VERDICTS.clear()
     _WARNED.clear()
-    _DISK.clear()
     _KEYS.clear()
-    if disk:
-        try:
-            _cache_path().unlink()
-        except OSError:
-            pass
+    _DISK.clear(disk)
 
 
 # ---- running a plan on a prefix ---------------------------------------------------------------
@@ -292,18 +234,22 @@ def verify(backend: Backend, call: RecurrenceCall, steps: int = VERIFY_STEPS) ->
 # ---- what dispatch asks ------------------------------------------------------------------------
 
 
-def failure(backend: Backend, call: RecurrenceCall) -> Optional[str]:
+def failure(backend: Backend, call: RecurrenceCall, measure: bool = True) -> Optional[str]:
     """None when ``backend`` may serve ``call`` (verified, or not subject to verification); else why not.
 
-    Verifies the plan the first time this process meets it (unless a verdict is on disk)."""
+    Verifies the plan the first time this process meets it (unless a verdict is on disk). With
+    ``measure`` False (torch.compile tracing) only a known verdict counts: an unknown plan passes here
+    and is verified when the compiled op first runs."""
     if not enabled() or not backend.verify_on_first_use(call):
         return None
     key = plan_key(backend, call)
     verdict = _VERDICTS.get(key)
     if verdict is None:
         env_key = environment_key()
-        verdict = _read_disk(env_key).get(key)
+        verdict = _DISK.get(env_key, key)
         if verdict is None:
+            if not measure:
+                return None
             if call.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(
                     f"lstm_kernels: the {backend.name!r} plan for this call has not been verified on this GPU, and "
@@ -311,7 +257,7 @@ def failure(backend: Backend, call: RecurrenceCall) -> Optional[str]:
                     f"capturing (a warm-up, as PyTorch's CUDA graph documentation asks). Plan: {key}")
             verdict = verify(backend, call)
             if not verdict.detail.startswith("raised"):  # a measured verdict; an exception may pass
-                _write_disk(env_key, key, verdict)
+                _DISK.put(env_key, environment(), key, verdict)
         _VERDICTS[key] = verdict
     if verdict.ok:
         return None

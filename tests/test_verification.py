@@ -91,9 +91,9 @@ def test_a_plan_is_verified_once_and_remembered_on_disk(fakes, monkeypatch):
     data = json.loads((verification.cache_dir() / verification.CACHE_FILE).read_text())
     (entry,) = data.values()
     assert entry["environment"]["package"] == verification.environment()["package"]
-    keys = sorted((json.loads(k)["batch"], json.loads(k)["needs_grad"]) for k in entry["verdicts"])
+    keys = sorted((json.loads(k)["batch"], json.loads(k)["needs_grad"]) for k in entry["entries"])
     assert keys == [(5, False), (5, True), (7, True)]
-    assert all(v[0] is True for v in entry["verdicts"].values())
+    assert all(v[0] is True for v in entry["entries"].values())
 
 
 def test_inference_kernels_are_verified_as_inference(fakes, monkeypatch):
@@ -130,7 +130,7 @@ def test_an_exception_without_a_message_fails_verification_cleanly(fakes, monkey
         lstm_layer(*_inputs(), backend="auto")
 
 
-@pytest.mark.parametrize("content", ["[]", "{", '{"x": 3}', '{"KEY": {"verdicts": []}}', '{"KEY": {"verdicts": {"p": 1}}}'])
+@pytest.mark.parametrize("content", ["[]", "{", '{"x": 3}', '{"KEY": {"entries": []}}', '{"KEY": {"entries": {"p": 1}}}'])
 def test_a_malformed_cache_file_is_ignored(fakes, content):
     path = verification.cache_dir() / verification.CACHE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ def test_a_malformed_cache_file_is_ignored(fakes, content):
     lstm_layer(*_inputs(), backend="right")  # verifies, and writes a good file
     verification.clear()
     lstm_layer(*_inputs(), backend="right")
-    assert json.loads(path.read_text())[verification.environment_key()]["verdicts"]
+    assert json.loads(path.read_text())[verification.environment_key()]["entries"]
 
 
 def test_cache_key_changes_with_package_version_and_kernel_sources():
@@ -175,6 +175,21 @@ def test_the_compiled_op_verifies_at_its_first_run(fakes):
     compiled = torch.compile(lambda *a: lstm_layer(*a, backend="wrong"), fullgraph=True, backend="aot_eager")
     with pytest.warns(RuntimeWarning), pytest.raises(BackendUnsupportedError, match="compiled graph cannot switch"):
         compiled(*_inputs())
+
+
+def test_compile_consults_known_verdicts(fakes, monkeypatch):
+    """A plan known to fail (here: from an eager call) is skipped while dynamo traces ``auto``."""
+    monkeypatch.setattr(backends_mod, "AUTO_ORDER", ("wrong", "reference"))
+    args = _inputs()
+    with pytest.warns(RuntimeWarning, match="failed verification"):
+        lstm_layer(*args, backend="auto")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: lstm_layer(*a, backend="auto"), fullgraph=True, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h_all, _, _ = compiled(*args)
+    assert fakes["wrong"].forward_calls == 1  # its verification only
+    assert torch.equal(h_all, lstm_layer(*args, backend="reference")[0])
 
 
 def test_verdicts_carry_across_processes(tmp_path):

@@ -161,8 +161,8 @@ class Backend:
 _REGISTRY: dict[str, Backend] = {}
 _BUILTINS_LOADED = False
 
-#: ``verifier(backend, call) -> None or why the backend failed`` (installed by
-#: lstm_kernels.verification; None: nothing is verified).
+#: ``verifier(backend, call, measure) -> None or why the backend failed`` (installed by
+#: lstm_kernels.verification; None: nothing is verified); ``measure`` False: known verdicts only.
 _verifier = None
 
 
@@ -173,10 +173,24 @@ def set_verifier(verifier) -> None:
 
 def _verification_failure(backend: Backend, call: RecurrenceCall) -> Optional[str]:
     """Why ``backend`` may not serve ``call`` after all: its plan failed verification on this machine.
-    Not consulted while torch.compile traces (the op's implementation verifies at its first run)."""
-    if _verifier is None or torch.compiler.is_compiling():
+    While torch.compile traces, only a verdict already known (this process, or the disk cache) counts:
+    nothing runs during tracing, and the op's implementation verifies an unknown plan at its first run."""
+    if _verifier is None:
         return None
-    return _verifier(backend, call)
+    if not torch.compiler.is_compiling():
+        return _verifier(backend, call, True)
+    fields = (call.batch, call.hidden_size, call.state_size)
+    if any(isinstance(v, torch.SymInt) for v in fields):
+        return None  # a dynamic size: no plan to look up
+    return _known_failure(backend.name, (1, *fields, call.dtype, call.device, call.has_projection,
+                                         call.variable_lengths, call.needs_grad))
+
+
+@torch.compiler.assume_constant_result
+def _known_failure(name: str, call_fields: tuple) -> Optional[str]:
+    """The verifier's known verdict for the call of ``call_fields`` (RecurrenceCall's, in order), run
+    by dynamo at trace time (its file and JSON work cannot be traced) and kept as a constant."""
+    return _verifier(get_backend(name), RecurrenceCall(*call_fields), False)
 
 #: The order in which ``backend="auto"`` tries backends: fastest first, the
 #: exact reference last (it serves everything).
