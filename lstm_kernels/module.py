@@ -114,9 +114,16 @@ class FusedLSTM(nn.Module):
         """Dropout between layers applies to this call (nn.LSTM: dropout > 0 in training mode)."""
         return self.dropout > 0 and self.training and self.num_layers > 1
 
-    def _layer_params(self, k: int) -> dict:
-        """Layer-direction ``k``'s parameters by stem: weight_ih, weight_hh (bias_ih, bias_hh, weight_hr)."""
-        return dict(zip((n.split("_l")[0] for n in self._all_weights[k]), self.all_weights[k]))
+    def _layer_params(self, k: int, weights: Optional[list] = None) -> dict:
+        """Layer-direction ``k``'s parameters by stem: weight_ih, weight_hh (bias_ih, bias_hh, weight_hr);
+        taken from ``weights`` (in ``_flat_weights`` order) where given, else the module's own."""
+        names = self._all_weights[k]
+        if weights is None:
+            tensors = self.all_weights[k]
+        else:
+            start = sum(len(n) for n in self._all_weights[:k])
+            tensors = weights[start:start + len(names)]
+        return dict(zip((n.split("_l")[0] for n in names), tensors))
 
     def _param(self, name: str) -> torch.Tensor:
         """Parameter ``name`` as nn.LSTM sees it: from ``_parameters`` directly (nn.Module.__getattr__
@@ -299,8 +306,18 @@ class FusedLSTM(nn.Module):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
 
-    def _run_layers(self, x, hx, batch_sizes):
-        """All layers and directions over time-major ``x`` [T, B, I]; states [L*D, B, *]."""
+    def _run_reference(self, x, hx, batch_sizes, weights):
+        """:func:`~lstm_kernels.native.run_native`'s call (x time-major, or packed data with
+        ``batch_sizes``) on the ``reference`` backend with ``weights`` (``_flat_weights`` order):
+        its differentiable-twice recomputation."""
+        if batch_sizes is not None:
+            x = unpack_to_time_major(x, batch_sizes)
+        output, h_n, c_n = self._run_layers(x, hx, batch_sizes, backend="reference", weights=weights)
+        return (output if batch_sizes is None else pack_time_major(output, batch_sizes)), h_n, c_n
+
+    def _run_layers(self, x, hx, batch_sizes, backend: Optional[str] = None, weights: Optional[list] = None):
+        """All layers and directions over time-major ``x`` [T, B, I]; states [L*D, B, *].
+        ``backend`` (default: the module's) serves every layer; ``weights`` replace the parameters."""
         h0_all, c0_all = hx
         cast = _autocast_dtype(x)
         if cast is not None:  # like nn.LSTM under autocast: everything in the autocast dtype
@@ -312,13 +329,13 @@ class FusedLSTM(nn.Module):
             outputs = []
             for direction in range(self.num_directions):
                 k = layer * self.num_directions + direction
-                params = self._layer_params(k)
+                params = self._layer_params(k, weights)
                 if cast is not None:
                     params = {name: p.to(cast) for name, p in params.items()}
                 seq = layer_input if direction == 0 else reverse_time_major(layer_input, lengths)
                 xg = F.linear(seq, params["weight_ih"], _combined_bias(params))
                 layer_args = (xg, params["weight_hh"], h0_all[k], c0_all[k], params.get("weight_hr"), batch_sizes,
-                              self.backend)
+                              backend or self.backend)
                 if self.recompute is False:
                     h_all, h_T, c_T = lstm_layer(*layer_args)
                 else:

@@ -1,4 +1,4 @@
-"""The CPU path of ``backend="auto"``: torch's own LSTM kernel for the whole module.
+"""torch's own LSTM kernel for the whole module: the CPU path of ``backend="auto"``, and on CUDA a candidate.
 
 On the CPU no fused kernel of this package runs (the Triton kernels need a GPU
 or the interpreter), and the ``reference`` backend steps through time in
@@ -9,13 +9,25 @@ directions, packed or padded) to the same ATen op ``nn.LSTM`` calls,
 ``torch._VF.lstm``, with the module's own parameters. The result is bitwise
 ``nn.LSTM``'s.
 
+On CUDA the same op runs cuDNN. There it is one candidate among the fused kernels: ``auto`` measures
+them on the first call of a shape (lstm_kernels/autotune.py) or, with ``LSTM_KERNELS_AUTOTUNE=0``,
+takes it only where no fused kernel serves (or passed verification). This is how FusedLSTM is
+never slower than nn.LSTM on a GPU nobody has measured.
+
 Every promise FusedLSTM makes holds on this path, which is why it is allowed
 (tests/test_native_path.py checks each):
 
 - outputs and every gradient equal nn.LSTM's (the same kernel);
 - backward in eval mode, and double backward (``create_graph=True``): ATen's
-  CPU LSTM is differentiable twice, oneDNN's float32 kernel included;
-- determinism: the CPU kernels have no atomics; the same inputs give the same bits;
+  CPU LSTM is differentiable twice, oneDNN's float32 kernel included. cuDNN refuses a backward
+  of a forward run in inference mode and has no double backward, so on CUDA a call that needs
+  gradients runs cuDNN in training mode (with dropout 0 in eval: the same results) inside
+  :class:`TorchKernelLSTM`, whose backward is cuDNN's, except under ``create_graph=True``: then it
+  recomputes the module on the ``reference`` backend and differentiates that (the gradients agree
+  within the tolerances, not to the bit);
+- determinism: the CPU kernels have no atomics; the same inputs give the same bits. cuDNN's RNN
+  does not promise it, so on CUDA the path is not taken under
+  ``torch.use_deterministic_algorithms(True)`` or ``torch.backends.cudnn.deterministic``;
 - ``torch.export``: under export the module is always this one op (any device, any backend named:
   an exported program holds the model, not a kernel choice). ``torch.onnx.export`` takes
   lstm_kernels/onnx_export.py's ONNX ``LSTM`` nodes instead.
@@ -30,11 +42,12 @@ Every promise FusedLSTM makes holds on this path, which is why it is allowed
 
 It is not taken (the per-layer path and its backends run instead) when:
 a backend is named (``backend="reference"`` is the float64-capable oracle and
-always runs as asked), ``LSTM_KERNELS_BACKEND`` names one, the input is not on
-the CPU, its dtype is not float32 or float64 (oneDNN's bf16/fp16 LSTM cannot run
-on every CPU), CPU autocast is on (same reason), or torch.compile traces a module
-whose inter-layer dropout is active (the recomputing backward would draw other
-dropout masks; the per-layer path traces the dropout as its own op).
+always runs as asked), ``LSTM_KERNELS_BACKEND`` names one, the input is on neither
+the CPU nor CUDA, on the CPU its dtype is not float32 or float64 (oneDNN's bf16/fp16 LSTM cannot
+run on every CPU) or CPU autocast is on (same reason), torch.compile traces a module whose
+inter-layer dropout is active (the recomputing backward would draw other dropout masks; the
+per-layer path traces the dropout as its own op), on CUDA under deterministic algorithms, or on
+CUDA with inter-layer dropout active (a double backward could not replay cuDNN's masks).
 """
 from __future__ import annotations
 
@@ -47,10 +60,13 @@ from .backends import backend_from_env
 
 #: The dtypes torch's CPU LSTM serves on every CPU.
 NATIVE_DTYPES = (torch.float32, torch.float64)
+#: The dtypes torch's CUDA LSTM serves.
+NATIVE_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def native_path_reason(backend: str, x: torch.Tensor, dropout_active: bool = False) -> Optional[str]:
-    """None when a FusedLSTM asked for ``backend`` may run ``x`` through torch's own CPU LSTM.
+    """None when a FusedLSTM asked for ``backend`` may run ``x`` through torch's own LSTM kernel
+    (on the CPU it then does; on CUDA it is a candidate, see the module docstring).
 
     ``dropout_active``: the module drops out between layers (dropout > 0 in training mode).
     Otherwise a short reason why the per-layer path runs instead.
@@ -60,14 +76,26 @@ def native_path_reason(backend: str, x: torch.Tensor, dropout_active: bool = Fal
     # This runs on every call: x.is_cpu, not x.device (which builds an object, a few µs).
     if backend != "auto" or backend_from_env() != "auto":
         return "a backend is named"
+    if x.is_cuda:
+        return _cuda_reason(x, dropout_active)
     if not x.is_cpu:
-        return f"input on {x.device.type}, not the CPU"
+        return f"input on {x.device.type}, not the CPU or CUDA"
     if x.dtype not in NATIVE_DTYPES:
         return f"dtype {x.dtype} (torch's CPU LSTM serves float32 and float64 on every CPU)"
     if torch.is_autocast_enabled("cpu"):
         return "CPU autocast is on"
     if dropout_active and torch.compiler.is_compiling():
         return "torch.compile traces inter-layer dropout in training (the per-layer path keeps its masks)"
+    return None
+
+
+def _cuda_reason(x: torch.Tensor, dropout_active: bool) -> Optional[str]:
+    if x.dtype not in NATIVE_CUDA_DTYPES:
+        return f"dtype {x.dtype} (torch's CUDA LSTM serves {', '.join(str(d) for d in NATIVE_CUDA_DTYPES)})"
+    if torch.are_deterministic_algorithms_enabled() or torch.backends.cudnn.deterministic:
+        return "deterministic algorithms are asked for, which cuDNN's RNN does not promise"
+    if dropout_active:
+        return "inter-layer dropout is active in training (a double backward could not replay cuDNN's masks)"
     return None
 
 
@@ -87,10 +115,65 @@ def run_native(module, x: Tensor, hx, batch_sizes: Optional[Tensor]):
     Eager calls go to the kernel directly (autograd through it, double backward included);
     under torch.compile through the op ``lstm_kernels::native_lstm``.
     """
-    config = (module.bias, module.num_layers, module.dropout, module.training, module.bidirectional)
+    weights = module._flat_weights
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *hx, *weights))
+    # cuDNN differentiates only a forward run in training mode; with dropout 0 the modes agree.
+    train = module.training or (needs_grad and x.is_cuda)
+    config = (module.bias, module.num_layers, module.dropout if module.training else 0.0, train, module.bidirectional)
     if torch.compiler.is_compiling():
-        return native_lstm(x, hx[0], hx[1], module._flat_weights, batch_sizes, *config)
-    return _vf_lstm(x, hx[0], hx[1], module._flat_weights, batch_sizes, *config)
+        return native_lstm(x, hx[0], hx[1], weights, batch_sizes, *config)
+    if needs_grad and differentiate_by_wrapper(x):
+        return TorchKernelLSTM.apply(module, x, batch_sizes, config, hx[0], hx[1], *weights)
+    return _vf_lstm(x, hx[0], hx[1], weights, batch_sizes, *config)
+
+
+def differentiate_by_wrapper(x: Tensor) -> bool:
+    """Whether torch's kernel for ``x``'s device lacks a double backward (cuDNN's), so that
+    :class:`TorchKernelLSTM` must wrap it."""
+    return x.is_cuda
+
+
+class TorchKernelLSTM(torch.autograd.Function):
+    """torch's LSTM kernel for the whole module, with a double backward where the kernel has none.
+
+    forward(module, x, batch_sizes, config, h0, c0, *weights) -> (output, h_n, c_n), as
+    :func:`run_native`. The forward runs the kernel with autograd on over detached copies of the
+    inputs and keeps that graph; the backward differentiates it (cuDNN's own backward). Under
+    ``create_graph=True`` it instead runs the module again on the ``reference`` backend (which is
+    differentiable twice) on the saved inputs and differentiates that, so the gradients it returns
+    are themselves differentiable. Only served without active dropout (native_path_reason), so
+    that recomputation is the same function.
+    """
+
+    @staticmethod
+    def forward(ctx, module, x, batch_sizes, config, h0, c0, *weights):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in (x, h0, c0, *weights)]
+            outputs = _vf_lstm(*leaves[:3], leaves[3:], batch_sizes, *config)
+        ctx.module = module
+        ctx.batch_sizes = batch_sizes
+        ctx.inner = (leaves, outputs)
+        ctx.save_for_backward(x, h0, c0, *weights)
+        return tuple(o.detach() for o in outputs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        leaves, outputs = ctx.inner
+        wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
+        grad_outputs = [torch.zeros_like(o) if g is None else g for g, o in zip(grad_outputs, outputs)]
+        if torch.is_grad_enabled():  # create_graph: gradients that are differentiable themselves
+            saved = ctx.saved_tensors
+            with torch.enable_grad():
+                outputs = ctx.module._run_reference(saved[0], (saved[1], saved[2]), ctx.batch_sizes, saved[3:])
+            inputs = [saved[i] for i in wanted]
+            grads = torch.autograd.grad(outputs, inputs, grad_outputs, create_graph=True, allow_unused=True)
+        else:  # the kernel's own backward; kept for a second backward of the outer graph (retain_graph)
+            grads = torch.autograd.grad(outputs, [leaves[i] for i in wanted], grad_outputs, retain_graph=True,
+                                        allow_unused=True)
+        result = [None] * len(leaves)
+        for i, g in zip(wanted, grads):
+            result[i] = g
+        return (None, result[0], None, None, *result[1:])
 
 
 def _vf_lstm(x, h0, c0, weights, batch_sizes, has_biases, num_layers, dropout, train, bidirectional):
@@ -114,7 +197,7 @@ def native_lstm(
     train: bool,
     bidirectional: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """torch's CPU LSTM as one graph node: the arguments and results of :func:`run_native`."""
+    """torch's LSTM kernel as one graph node: the arguments and results of :func:`run_native`."""
     with torch.no_grad():
         return _vf_lstm(x, h0, c0, weights, batch_sizes, has_biases, num_layers, dropout, train, bidirectional)
 

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstm_kernels.module as module_mod
+from lstm_kernels import native
 from lstm_kernels import FusedLSTM
 from lstm_kernels.backends import ENV_VAR
 from lstm_kernels.native import native_path_reason
@@ -262,3 +263,110 @@ def test_reparametrized_weights_like_nn_lstm(native_calls):
     (out, (h, c)), (out_e, (h_e, c_e)) = fused(x), lstm(x)
     assert torch.equal(out, out_e) and torch.equal(h, h_e) and torch.equal(c, c_e)
     assert native_calls
+
+
+# ---- the CUDA rule and its wrapper, exercised on the CPU -----------------------------------------
+# On CUDA a call that needs gradients runs torch's kernel inside native.TorchKernelLSTM (cuDNN has no
+# double backward); the wrapper is device-agnostic, so these tests run it on the CPU's kernel.
+
+
+@pytest.fixture
+def wrapped(monkeypatch):
+    """The CPU native path runs through TorchKernelLSTM, as CUDA's does; counts its forwards."""
+    calls = []
+    original = native.TorchKernelLSTM.forward
+
+    def forward(ctx, *args):
+        calls.append(1)
+        return original(ctx, *args)
+
+    monkeypatch.setattr(native, "differentiate_by_wrapper", lambda x: True)
+    monkeypatch.setattr(native.TorchKernelLSTM, "forward", staticmethod(forward))
+    return calls
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_wrapper_gives_the_kernels_own_gradients(wrapped, training, packed):
+    torch.manual_seed(0)
+    lstm = nn.LSTM(5, 6, **CONFIG).train(training)
+    fused = FusedLSTM.from_torch(lstm)
+    hx = (torch.randn(4, 4, 3), torch.randn(4, 4, 6))
+    x = torch.randn(6, 4, 5)
+    if packed:
+        lengths = torch.tensor([3, 6, 1, 4])
+
+        def runner(model):
+            def run(xi, h):
+                out, (hn, cn) = model(pack_padded_sequence(xi, lengths, enforce_sorted=False), h)
+                return out.data, (hn, cn)
+            return run
+    else:
+        def runner(model):
+            return model
+    actual = _loss_and_grads(fused, x, hx, runner(fused))
+    expected = _loss_and_grads(lstm, x, hx, runner(lstm))
+    for a, e in zip(actual, expected):
+        assert torch.equal(a, e)
+    assert wrapped
+
+
+def test_the_wrapper_survives_a_retained_second_backward(wrapped):
+    torch.manual_seed(0)
+    fused = FusedLSTM(5, 6, num_layers=2)
+    x = torch.randn(4, 2, 5, requires_grad=True)
+    loss = fused(x)[0].square().sum()
+    first = torch.autograd.grad(loss, x, retain_graph=True)[0]
+    assert torch.equal(torch.autograd.grad(loss, x)[0], first)
+    assert wrapped
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_wrappers_double_backward_recomputes_on_the_reference(wrapped, packed):
+    """create_graph=True: the wrapper's gradients are differentiable, and their derivatives match
+    nn.LSTM's CPU double backward (torch's CPU kernel is differentiable twice)."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 5, dtype=torch.float64, **CONFIG)
+    fused = FusedLSTM.from_torch(lstm)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    lengths = torch.tensor([5, 2, 4])
+
+    def second_order(model):
+        xi = x.clone().requires_grad_(True)
+        inp = pack_padded_sequence(xi, lengths, enforce_sorted=False) if packed else xi
+        out = model(inp)[0]
+        out = out.data if packed else out
+        (gx,) = torch.autograd.grad(out.square().sum(), xi, create_graph=True)
+        (ggx,) = torch.autograd.grad(gx.square().sum(), xi)
+        return gx.detach(), ggx
+
+    for a, e in zip(second_order(fused), second_order(lstm)):
+        assert_rel_close(a, e, 1e-10)
+    assert wrapped
+
+
+def test_cuda_rule_reasons(monkeypatch):
+    """The CUDA rule, read on a CPU tensor that claims to be on CUDA."""
+    class OnCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    x = torch.randn(2, 1, 3).as_subclass(OnCuda)
+    assert native_path_reason("auto", x) is None
+    assert native_path_reason("auto", x.half().as_subclass(OnCuda)) is None
+    assert "dropout" in native_path_reason("auto", x, dropout_active=True)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    assert "deterministic" in native_path_reason("auto", x)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    with _deterministic():
+        assert "deterministic" in native_path_reason("auto", x)
+
+
+class _deterministic:
+    def __enter__(self):
+        self.before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.before)
