@@ -25,13 +25,13 @@ import contextlib
 import csv
 import math
 import os
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from .autotune import median_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: (B, H, P or None, variable lengths): tails in B and H, a projection, PackedSequence-like rows.
@@ -148,23 +148,8 @@ def check_native_path() -> Row:
                f"path {path}; {'bitwise nn.LSTM' if same else 'differs from nn.LSTM'}")
 
 
-def _median_ms(fn, device: torch.device, warmup: int = 2, reps: int = 7) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def _median_ms(fn, device: torch.device) -> float:
+    return median_ms(fn, device, warmup=2, reps=7)
 
 
 def _step_times(module, x) -> tuple[float, float]:

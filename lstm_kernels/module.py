@@ -22,8 +22,11 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import validation
-from .backends import RecurrenceCall, check_backend_name, resolve_backend
+from . import autotune
+from .autotune import NATIVE, PathChoice
+from .backends import RecurrenceCall, backend_from_env, check_backend_name, resolve_backend, serving_kernels
 from .function import lstm_layer
+from . import native
 from .native import exporting, native_path_reason, run_native
 from .recompute import check_recompute, recompute_layer
 from .onnx_export import exporting_to_onnx, onnx_lstm, packed_input_error
@@ -187,28 +190,114 @@ class FusedLSTM(nn.Module):
         lstm.train(self.training)
         return lstm
 
-    def path_for(self, input) -> str:
-        """What ``forward(input)`` runs, in words: ``"native"`` (torch's own CPU LSTM kernel for the
-        whole module, see :mod:`lstm_kernels.native`) or the name of the backend that dispatch picks
-        for the first layer's recurrence (the others pick alike unless their sizes differ)."""
-        packed = isinstance(input, PackedSequence)
-        data = input.data if packed else input
-        if self._native_path_reason(data) is None:
-            return "native"
-        if packed:
-            steps, batch = len(input.batch_sizes), int(input.batch_sizes[0])
+    def path_for(self, input, explain: bool = False):
+        """What ``forward(input)`` runs: ``"native"`` (torch's own LSTM kernel for the whole module,
+        see :mod:`lstm_kernels.native`) or the name of the backend that serves every layer's
+        recurrence. With ``explain``, a :class:`~lstm_kernels.autotune.PathChoice` (path, reason).
+        On a GPU this may measure the candidates, as the first ``forward`` of the shape would."""
+        if isinstance(input, PackedSequence):
+            x, batch_sizes = input.data, input.batch_sizes
         else:
-            batched = data.dim() == 3
-            steps = data.shape[1 if batched and self.batch_first else 0]
-            batch = data.shape[0 if self.batch_first else 1] if batched else 1
-        call = RecurrenceCall(
-            seq_len=steps, batch=batch, hidden_size=self.hidden_size, state_size=self.proj_size or self.hidden_size,
-            dtype=_autocast_dtype(data) or data.dtype, device=data.device, has_projection=self.proj_size > 0,
-            variable_lengths=packed, needs_grad=torch.is_grad_enabled(),
-        )
-        return resolve_backend(self.backend, call).name
+            x, batch_sizes = input, None
+            if x.dim() == 2:
+                x = x.unsqueeze(0 if self.batch_first else 1)
+            if self.batch_first:
+                x = x.transpose(0, 1)
+        choice = self._choose_path(x, None, batch_sizes)
+        return choice if explain else choice.path
 
     # ---- forward -----------------------------------------------------------------
+
+    def _choose_path(self, x, hx, batch_sizes) -> PathChoice:
+        """The path of a call: torch's kernel for the whole module ("native") or one backend for every
+        layer, and why. x is time-major [T, B, I] or a PackedSequence's data (with ``batch_sizes``);
+        ``hx`` (or None: zeros) is what a measurement runs the candidates on."""
+        why_not_native = self._native_path_reason(x)
+        if why_not_native is None and (native.taken_outright(x) or exporting()):
+            return PathChoice(NATIVE, "torch's own CPU LSTM kernel, bitwise nn.LSTM's (lstm_kernels.native)"
+                              if not exporting() else "an exported program holds the module as one op")
+        if torch.compiler.is_compiling() and batch_sizes is not None:
+            # A packed batch is data-dependent while dynamo traces: each layer's dispatch decides.
+            return PathChoice(self.backend, "each layer's dispatch decides while torch.compile traces a packed input")
+        call = self._recurrence_call(x, batch_sizes)
+        requested = backend_from_env(self.backend) if self.backend == "auto" else self.backend
+        if requested != "auto" or call.batch == 0:
+            chosen = resolve_backend(requested, call).name
+            return PathChoice(chosen, f"backend {requested!r} is named" if requested != "auto" else "an empty batch")
+        candidates = serving_kernels(call) + ([NATIVE] if why_not_native is None else [])
+        if not candidates:
+            chosen = resolve_backend("auto", call).name
+            return PathChoice(chosen, f"no fused kernel serves this call, and torch's kernel is not taken: "
+                                      f"{why_not_native}")
+        if len(candidates) == 1:
+            return PathChoice(candidates[0], "the only fast path that serves this call")
+        if not autotune.enabled():
+            return PathChoice(candidates[0], f"the first that serves, in the fixed order ({autotune.AUTOTUNE_ENV}=0)")
+        key = self._bucket_fields(x, call, candidates)
+        return autotune.choose(key, candidates, lambda path: self._timed_run(path, x, hx, batch_sizes, call),
+                               x.device)
+
+    def _recurrence_call(self, x, batch_sizes) -> RecurrenceCall:
+        """The first layer's recurrence call for ``x`` (time-major, or packed data with ``batch_sizes``)."""
+        packed = batch_sizes is not None
+        steps, batch = (len(batch_sizes), int(batch_sizes[0])) if packed else (x.shape[0], x.shape[1])
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self._flat_weights))
+        return RecurrenceCall(
+            seq_len=steps, batch=batch, hidden_size=self.hidden_size, state_size=self.proj_size or self.hidden_size,
+            dtype=_autocast_dtype(x) or x.dtype, device=x.device, has_projection=self.proj_size > 0,
+            variable_lengths=packed, needs_grad=needs_grad)
+
+    def _bucket_fields(self, x, call: RecurrenceCall, candidates) -> tuple:
+        """The measured choice's bucket (lstm_kernels.autotune), as constants. While torch.compile
+        traces, the batch may be symbolic: the bucket is then -1 (autotune.known_path: any batch)."""
+        device = x.device
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            major, minor = torch.cuda.get_device_capability(index)
+            device_name = f"{torch.cuda.get_device_name(index)} sm_{major}{minor}"
+        else:
+            device_name = device.type
+        tf32 = call.dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        cast = _autocast_dtype(x)
+        sizes = (self.input_size, self.hidden_size, self.proj_size, self.num_layers, self.num_directions, self.bias)
+        return (device_name, str(call.dtype), tf32, None if cast is None else str(cast), sizes,
+                call.variable_lengths, call.needs_grad,
+                -1 if torch.compiler.is_compiling() else autotune.batch_bucket(call.batch), tuple(candidates))
+
+    def _timed_run(self, path: str, x, hx, batch_sizes, call: RecurrenceCall):
+        """A function that runs this call's first steps once on ``path``: forward, and where the call
+        needs gradients forward and backward to the parameters (``autograd.grad``: no ``.grad`` changes)."""
+        steps = min(call.seq_len, autotune.TIMED_STEPS)
+        if batch_sizes is None:
+            x = x[:steps].detach()
+        else:
+            batch_sizes = batch_sizes[:steps]
+            x = x[:int(batch_sizes.sum())].detach()
+        if hx is None:
+            h_shape, c_shape = self._expected_state_shapes(call.batch)
+            hx = (x.new_zeros(h_shape), x.new_zeros(c_shape))
+        hx = tuple(s.detach() for s in hx)
+        params = [p for p in self._flat_weights if p.requires_grad]
+
+        def forward():
+            with torch.no_grad():
+                self._forward_on(path, x, hx, batch_sizes)
+
+        def forward_backward():
+            output, h_n, c_n = self._forward_on(path, x, hx, batch_sizes)
+            loss = output.float().sum() + h_n.float().sum() + c_n.float().sum()
+            torch.autograd.grad(loss, params, allow_unused=True)
+
+        return forward_backward if call.needs_grad and params else forward
+
+    def _forward_on(self, path: str, x, hx, batch_sizes):
+        """(output, h_n, c_n) of ``x`` (time-major, or packed data with ``batch_sizes``) on ``path``."""
+        if path == NATIVE:
+            return run_native(self, x, hx, batch_sizes)
+        if batch_sizes is not None:
+            x = unpack_to_time_major(x, batch_sizes)
+        output, h_n, c_n = self._run_layers(x, hx, batch_sizes, backend=path)
+        return (output if batch_sizes is None else pack_time_major(output, batch_sizes)), h_n, c_n
 
     def _native_path_reason(self, x) -> Optional[str]:
         """None when ``x`` runs through torch's own LSTM kernel for the whole module (lstm_kernels.native)."""
@@ -285,14 +374,8 @@ class FusedLSTM(nn.Module):
 
         if exporting_to_onnx():
             output, h_n, c_n = onnx_lstm(self, x, hx, batch_sizes)
-        elif self._native_path_reason(x) is None:
-            output, h_n, c_n = run_native(self, x, hx, batch_sizes)
         else:
-            if packed:
-                x = unpack_to_time_major(x, batch_sizes)
-            output, h_n, c_n = self._run_layers(x, hx, batch_sizes)
-            if packed:
-                output = pack_time_major(output, batch_sizes)
+            output, h_n, c_n = self._forward_on(self._choose_path(x, hx, batch_sizes).path, x, hx, batch_sizes)
 
         if packed:
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)

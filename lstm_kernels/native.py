@@ -89,6 +89,12 @@ def native_path_reason(backend: str, x: torch.Tensor, dropout_active: bool = Fal
     return None
 
 
+def taken_outright(x: Tensor) -> bool:
+    """Where torch's kernel may serve ``x``, whether it serves without a measurement: on the CPU,
+    where no fused kernel of this package runs (on CUDA it is one candidate of lstm_kernels.autotune)."""
+    return x.is_cpu
+
+
 def _cuda_reason(x: torch.Tensor, dropout_active: bool) -> Optional[str]:
     if x.dtype not in NATIVE_CUDA_DTYPES:
         return f"dtype {x.dtype} (torch's CUDA LSTM serves {', '.join(str(d) for d in NATIVE_CUDA_DTYPES)})"

@@ -234,14 +234,32 @@ def verify(backend: Backend, call: RecurrenceCall, steps: int = VERIFY_STEPS) ->
 # ---- what dispatch asks ------------------------------------------------------------------------
 
 
+def _failure_at_any_batch(backend: Backend, call: RecurrenceCall) -> Optional[str]:
+    """Why ``backend`` failed verification for ``call``'s plan at some batch (known verdicts only)."""
+    def without_batch(key: str) -> dict:
+        fields = json.loads(key)
+        fields.pop("batch", None)
+        return fields
+
+    wanted = without_batch(plan_key(backend, call))
+    known = {**_DISK.entries(environment_key()), **_VERDICTS}
+    for key, verdict in known.items():
+        if not verdict.ok and without_batch(key) == wanted:
+            return f"its plan failed verification on this machine: {verdict.detail}"
+    return None
+
+
 def failure(backend: Backend, call: RecurrenceCall, measure: bool = True) -> Optional[str]:
     """None when ``backend`` may serve ``call`` (verified, or not subject to verification); else why not.
 
     Verifies the plan the first time this process meets it (unless a verdict is on disk). With
     ``measure`` False (torch.compile tracing) only a known verdict counts: an unknown plan passes here
-    and is verified when the compiled op first runs."""
+    and is verified when the compiled op first runs. A call of batch -1 (a traced batch may be
+    symbolic) asks whether the plan is known to fail at any batch."""
     if not enabled() or not backend.verify_on_first_use(call):
         return None
+    if call.batch == -1:
+        return _failure_at_any_batch(backend, call)
     key = plan_key(backend, call)
     verdict = _VERDICTS.get(key)
     if verdict is None:

@@ -162,7 +162,8 @@ _REGISTRY: dict[str, Backend] = {}
 _BUILTINS_LOADED = False
 
 #: ``verifier(backend, call, measure) -> None or why the backend failed`` (installed by
-#: lstm_kernels.verification; None: nothing is verified); ``measure`` False: known verdicts only.
+#: lstm_kernels.verification; None: nothing is verified); ``measure`` False: known verdicts only,
+#: and a call of batch -1 asks for a failure known at any batch.
 _verifier = None
 
 
@@ -179,11 +180,10 @@ def _verification_failure(backend: Backend, call: RecurrenceCall) -> Optional[st
         return None
     if not torch.compiler.is_compiling():
         return _verifier(backend, call, True)
-    fields = (call.batch, call.hidden_size, call.state_size)
-    if any(isinstance(v, torch.SymInt) for v in fields):
-        return None  # a dynamic size: no plan to look up
-    return _known_failure(backend.name, (1, *fields, call.dtype, call.device, call.has_projection,
-                                         call.variable_lengths, call.needs_grad))
+    # A traced batch may be symbolic, and dynamo cannot tell that apart here: look up the plan at
+    # any batch (batch -1), which the verifier answers with a failure known at any batch.
+    return _known_failure(backend.name, (1, -1, call.hidden_size, call.state_size, call.dtype, call.device,
+                                         call.has_projection, call.variable_lengths, call.needs_grad))
 
 
 @torch.compiler.assume_constant_result
@@ -191,6 +191,7 @@ def _known_failure(name: str, call_fields: tuple) -> Optional[str]:
     """The verifier's known verdict for the call of ``call_fields`` (RecurrenceCall's, in order), run
     by dynamo at trace time (its file and JSON work cannot be traced) and kept as a constant."""
     return _verifier(get_backend(name), RecurrenceCall(*call_fields), False)
+
 
 #: The order in which ``backend="auto"`` tries backends: fastest first, the
 #: exact reference last (it serves everything).
@@ -265,6 +266,18 @@ def check_backend_name(name: str) -> str:
     return name
 
 
+def _serves(backend: Optional[Backend], call: RecurrenceCall) -> bool:
+    return (backend is not None and backend.unavailable_reason() is None and backend.supports(call) is None
+            and _verification_failure(backend, call) is None)
+
+
+def serving_kernels(call: RecurrenceCall) -> list[str]:
+    """The backends of :data:`AUTO_ORDER` before the reference that serve ``call`` (available,
+    supported, verified on this machine where they must be), in that order."""
+    load_builtin_backends()
+    return [name for name in AUTO_ORDER[:-1] if _serves(_REGISTRY.get(name), call)]
+
+
 def resolve_backend(requested: str, call: RecurrenceCall) -> Backend:
     """The one dispatch point: pick the backend that serves ``call``.
 
@@ -285,11 +298,8 @@ def resolve_backend(requested: str, call: RecurrenceCall) -> Backend:
         return backend
     load_builtin_backends()
     for name in AUTO_ORDER:
-        backend = _REGISTRY.get(name)
-        if backend is None or backend.unavailable_reason() is not None:
-            continue
-        if backend.supports(call) is None and _verification_failure(backend, call) is None:
-            return backend
+        if _serves(_REGISTRY.get(name), call):
+            return _REGISTRY[name]
     raise BackendUnsupportedError(f"no LSTM backend serves this call: {call}")
 
 
@@ -313,6 +323,7 @@ __all__ = [
     "load_builtin_backends",
     "register",
     "resolve_backend",
+    "serving_kernels",
     "set_verifier",
     "unavailable_backends",
 ]
