@@ -26,6 +26,7 @@ none serves. :meth:`FusedLSTM.path_for` says what was chosen and why.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -106,10 +107,32 @@ _CHOICES: dict = {}  # bucket key -> Measured (this process)
 _DISK = DiskCache(CACHE_FILE, decode=_decode, encode=list)
 
 
+_KEY_NAMES = ("device", "dtype", "tf32", "autocast", "module", "packed", "needs_grad", "batch_bucket", "candidates")
+
+
+@functools.lru_cache(maxsize=4096)
 def bucket_key(fields: tuple) -> str:
-    """The JSON key of a bucket (``fields`` as :func:`bucket_fields` builds them)."""
-    names = ("device", "dtype", "tf32", "autocast", "module", "packed", "needs_grad", "batch_bucket", "candidates")
-    return json.dumps(dict(zip(names, fields)), sort_keys=True)
+    """The JSON key of a bucket (``fields`` as FusedLSTM._bucket_fields builds them; built once per bucket,
+    not per call)."""
+    return json.dumps(dict(zip(_KEY_NAMES, fields)), sort_keys=True)
+
+
+_DEVICE_NAMES: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def device_name(device: torch.device) -> str:
+    """"<name> sm_<major><minor>" of a CUDA device, else its type (once per device and process)."""
+    name = _DEVICE_NAMES.get(device)
+    if name is None:
+        if device.type != "cuda":
+            name = device.type
+        else:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            major, minor = torch.cuda.get_device_capability(index)
+            name = f"{torch.cuda.get_device_name(index)} sm_{major}{minor}"
+        _DEVICE_NAMES[device] = name
+    return name
 
 
 def known(key: str) -> Optional[Measured]:

@@ -251,16 +251,10 @@ class FusedLSTM(nn.Module):
         """The measured choice's bucket (lstm_kernels.autotune), as constants. While torch.compile
         traces, the batch may be symbolic: the bucket is then -1 (autotune.known_path: any batch)."""
         device = x.device
-        if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            major, minor = torch.cuda.get_device_capability(index)
-            device_name = f"{torch.cuda.get_device_name(index)} sm_{major}{minor}"
-        else:
-            device_name = device.type
         tf32 = call.dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
         cast = _autocast_dtype(x)
         sizes = (self.input_size, self.hidden_size, self.proj_size, self.num_layers, self.num_directions, self.bias)
-        return (device_name, str(call.dtype), tf32, None if cast is None else str(cast), sizes,
+        return (autotune.device_name(device), str(call.dtype), tf32, None if cast is None else str(cast), sizes,
                 call.variable_lengths, call.needs_grad,
                 -1 if torch.compiler.is_compiling() else autotune.batch_bucket(call.batch), tuple(candidates))
 
