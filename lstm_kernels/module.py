@@ -100,6 +100,7 @@ class FusedLSTM(nn.Module):
                     names.append(name)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+        self.flatten_parameters()
         self.reset_parameters()
 
     # ---- nn.LSTM compatibility -------------------------------------------------
@@ -151,7 +152,32 @@ class FusedLSTM(nn.Module):
             "torch.export.export(model, (x,)) (or torch.compile); for ONNX, torch.onnx.export(model, (x,))")
 
     def flatten_parameters(self) -> None:
-        """No-op, for code written against nn.LSTM (the kernels need no flat buffer)."""
+        """As nn.LSTM's: on CUDA with cuDNN, the parameters become views of one contiguous buffer, so
+        that torch's own kernel (lstm_kernels.native, a candidate there) need not copy them on every
+        call; the fused kernels read each parameter as before. Elsewhere, and where a parameter is
+        reparametrized or shared, it does nothing (nn.LSTM's conditions)."""
+        weights = self._flat_weights
+        if not all(name in self._parameters for name in self._flat_weights_names):
+            return
+        first = weights[0]
+        if not all(w.dtype == first.dtype and w.is_cuda and torch.backends.cudnn.is_acceptable(w) for w in weights):
+            return
+        if len({w.data_ptr() for w in weights}) != len(weights):
+            return
+        from torch.backends.cudnn import rnn as cudnn_rnn
+
+        with torch.cuda.device_of(first), torch.no_grad():
+            if torch._use_cudnn_rnn_flatten_weight():
+                per_layer = (4 if self.bias else 2) + (1 if self.proj_size > 0 else 0)
+                torch._cudnn_rnn_flatten_weight(
+                    weights, per_layer, self.input_size, cudnn_rnn.get_cudnn_mode("LSTM"), self.hidden_size,
+                    self.proj_size, self.num_layers, self.batch_first, bool(self.bidirectional))
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply (``.to``, ``.cuda``, ``.half``, ...), then :meth:`flatten_parameters`, as nn.LSTM does."""
+        result = super()._apply(fn, recurse)
+        self.flatten_parameters()
+        return result
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"

@@ -85,8 +85,14 @@ def test_dropout_is_not_applied_after_the_last_layer():
     assert (out == 0).float().mean() < 0.05  # dropout on the output would zero ~90%
 
 
-def test_flatten_parameters_is_a_no_op():
-    """Code written against nn.LSTM calls flatten_parameters(); here it changes nothing."""
+def test_flatten_parameters_is_a_no_op_on_the_cpu(monkeypatch):
+    """Code written against nn.LSTM calls flatten_parameters(); on the CPU it changes nothing (on CUDA
+    it builds cuDNN's flat buffer, tests/test_native_gpu.py). Moving the module calls it, as nn.LSTM."""
+    calls = []
+    monkeypatch.setattr(FusedLSTM, "flatten_parameters",
+                        lambda self, original=FusedLSTM.flatten_parameters: calls.append(1) or original(self))
+    FusedLSTM(3, 4).to(torch.float64)
+    assert calls
     torch.manual_seed(0)
     fused = FusedLSTM(3, 4, num_layers=2)
     x = torch.randn(5, 2, 3)
