@@ -8,8 +8,8 @@ shape, and nobody can measure every GPU beforehand. So ``backend="auto"``, on th
 autotuner do, and keeps the fastest:
 
 - the bucket: the device (name and capability), dtype and TF32 setting, the autocast dtype, the
-  module's sizes (input, hidden, projection, layers, directions, bias), packed or padded, whether
-  gradients are needed, and the batch rounded up to a power of two. Not the sequence length: a
+  module's sizes (input, hidden, projection, layers, directions, bias), packed or padded, resets
+  inside the sequence or not, whether gradients are needed, and the batch rounded up to a power of two. Not the sequence length: a
   training loop over sequences of varying length pays once per batch bucket;
 - the run: the module on the call's own input, its first :data:`TIMED_STEPS` steps, forward, and
   forward plus backward where the call needs gradients (``torch.autograd.grad`` to the parameters,
@@ -107,7 +107,8 @@ _CHOICES: dict = {}  # bucket key -> Measured (this process)
 _DISK = DiskCache(CACHE_FILE, decode=_decode, encode=list)
 
 
-_KEY_NAMES = ("device", "dtype", "tf32", "autocast", "module", "packed", "needs_grad", "batch_bucket", "candidates")
+_KEY_NAMES = ("device", "dtype", "tf32", "autocast", "module", "packed", "resets", "needs_grad", "batch_bucket",
+              "candidates")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -7,7 +7,7 @@ dispatch picks, and in backward computes ``dW_hh = sum_t dG_t^T h_{t-1}`` as a
 single GEMM over the saved hidden states.
 
 Shapes (time-major): xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H],
-w_hr [P, H] or None, batch_sizes [T] int64 CPU or None.
+w_hr [P, H] or None, batch_sizes [T] int64 CPU or None, resets [T, B] bool or None.
 Returns h_all [T, B, P], h_T [B, P], c_T [B, H].
 
 Eager calls go through the ``torch.autograd.Function`` below; under
@@ -25,9 +25,21 @@ from .backends import Backend, RecurrenceCall, RecurrenceInputs, resolve_backend
 from .validation import check_layer_shapes
 
 
-def select_backend(xg, w_hh, w_hr, batch_sizes, needs_grad: bool, backend: str) -> Backend:
+def select_backend(xg, w_hh, w_hr, batch_sizes, needs_grad: bool, backend: str, resets=None) -> Backend:
     """Dispatch for one recurrence call (see :func:`lstm_kernels.backends.resolve_backend`)."""
-    return resolve_backend(backend, RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad))
+    return resolve_backend(backend, RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad, resets))
+
+
+def with_resets(resets) -> dict:
+    """The keyword arguments that hand ``resets`` to a backend: none where it is None, so that a
+    backend without ``serves_resets`` is called exactly as before."""
+    return {} if resets is None else {"resets": resets}
+
+
+def previous_states(h0, h_all, resets):
+    """h_{t-1} of every step [T, B, P], as the recurrence used it (zero where a row resets)."""
+    h_prev = torch.cat([h0.unsqueeze(0), h_all[:-1]], dim=0)
+    return h_prev if resets is None else h_prev.where(~resets.unsqueeze(2), 0)
 
 
 def check_workspace(impl: Backend, workspace, inputs: RecurrenceInputs, outputs) -> tuple:
@@ -40,30 +52,32 @@ def check_workspace(impl: Backend, workspace, inputs: RecurrenceInputs, outputs)
     return workspace
 
 
-def layer_backward(impl: Backend, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T, need_dw_hh: bool):
+def layer_backward(impl: Backend, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T, need_dw_hh: bool,
+                   resets=None):
     """Gradients of one layer: the backend's recurrence backward, then dW_hh as one GEMM.
 
     Returns (dxg, dw_hh or None, dh0, dc0, dw_hr or None).
     """
-    dG, dh0, dc0, dw_hr = impl.backward(inputs, h_all, workspace, dh_all, dh_T, dc_T)
+    dG, dh0, dc0, dw_hr = impl.backward(inputs, h_all, workspace, dh_all, dh_T, dc_T, **with_resets(resets))
     dw_hh = None
     if need_dw_hh:
         T, B, four_h = dG.shape
-        h_prev = torch.cat([inputs.h0.unsqueeze(0), h_all[:-1]], dim=0)
+        h_prev = previous_states(inputs.h0, h_all, resets)
         dw_hh = dG.reshape(T * B, four_h).t() @ h_prev.reshape(T * B, h_prev.shape[-1])
     return dG, dw_hh, dh0, dc0, dw_hr
 
 
 class LSTMLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xg, w_hh, h0, c0, w_hr, batch_sizes, backend: str = "auto"):
+    def forward(ctx, xg, w_hh, h0, c0, w_hr, batch_sizes, backend: str = "auto", resets=None):
         needs_grad = any(ctx.needs_input_grad[:5])
-        impl = select_backend(xg, w_hh, w_hr, batch_sizes, needs_grad, backend)
+        impl = select_backend(xg, w_hh, w_hr, batch_sizes, needs_grad, backend, resets)
         inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, batch_sizes)
-        h_all, h_T, c_T, workspace = impl.forward(*inputs, needs_grad)
+        h_all, h_T, c_T, workspace = impl.forward(*inputs, needs_grad, **with_resets(resets))
         workspace = check_workspace(impl, workspace, inputs, (h_all, h_T, c_T))
         ctx.impl = impl
         ctx.batch_sizes = batch_sizes
+        ctx.resets = resets
         ctx.save_for_backward(xg, w_hh, h0, c0, w_hr, h_all, *workspace)
         return h_all, h_T, c_T
 
@@ -76,9 +90,10 @@ class LSTMLayer(torch.autograd.Function):
             )
         xg, w_hh, h0, c0, w_hr, h_all, *workspace = ctx.saved_tensors
         inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, ctx.batch_sizes)
-        grads = layer_backward(ctx.impl, inputs, h_all, tuple(workspace), dh_all, dh_T, dc_T, ctx.needs_input_grad[1])
+        grads = layer_backward(ctx.impl, inputs, h_all, tuple(workspace), dh_all, dh_T, dc_T, ctx.needs_input_grad[1],
+                               ctx.resets)
         dxg, dw_hh, dh0, dc0, dw_hr = grads
-        return dxg, dw_hh, dh0, dc0, dw_hr if w_hr is not None else None, None, None
+        return dxg, dw_hh, dh0, dc0, dw_hr if w_hr is not None else None, None, None, None
 
 
 def lstm_layer(
@@ -89,6 +104,7 @@ def lstm_layer(
     w_hr: Optional[torch.Tensor] = None,
     batch_sizes: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    resets: Optional[torch.Tensor] = None,
 ):
     """One layer's recurrence on an already projected input: :class:`LSTMLayer` as a function.
 
@@ -98,6 +114,8 @@ def lstm_layer(
         w_hr: [P, H], the projection weight, or None (then P = H).
         batch_sizes: [T] int64 on the CPU, non-increasing (a PackedSequence's), or None.
         backend: "auto" or a name from :func:`lstm_kernels.available_backends`.
+        resets: [T, B] bool on xg's device, or None: where True, that row starts step t from zero
+            state; no value or gradient crosses it. Served by the backends with ``serves_resets``.
 
     Returns (h_all [T, B, P], h_T [B, P], c_T [B, H]). A wrong shape raises RuntimeError naming the
     argument and the shape it must have. Under ``torch.compile`` it calls the custom op
@@ -107,12 +125,12 @@ def lstm_layer(
         # No shape check while tracing: a packed input's batch is data-dependent there.
         from .ops import recurrence_with_grad
 
-        return recurrence_with_grad(xg, w_hh, h0, c0, w_hr, batch_sizes, backend)
-    check_layer_shapes(xg, w_hh, h0, c0, w_hr, batch_sizes)
+        return recurrence_with_grad(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, resets)
+    check_layer_shapes(xg, w_hh, h0, c0, w_hr, batch_sizes, resets)
     if not torch.is_grad_enabled():
         # Nothing will be differentiated: no autograd node, and the backend keeps no workspace
         # (inside a Function, ctx.needs_input_grad says True under no_grad when inputs require grad).
-        impl = select_backend(xg, w_hh, w_hr, batch_sizes, False, backend)
-        h_all, h_T, c_T, _ = impl.forward(xg, w_hh, h0, c0, w_hr, batch_sizes, False)
+        impl = select_backend(xg, w_hh, w_hr, batch_sizes, False, backend, resets)
+        h_all, h_T, c_T, _ = impl.forward(xg, w_hh, h0, c0, w_hr, batch_sizes, False, **with_resets(resets))
         return h_all, h_T, c_T
-    return LSTMLayer.apply(xg, w_hh, h0, c0, w_hr, batch_sizes, backend)
+    return LSTMLayer.apply(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, resets)

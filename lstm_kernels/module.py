@@ -29,8 +29,8 @@ from .function import lstm_layer
 from . import native
 from .native import exporting, native_path_reason, run_native
 from .recompute import check_recompute, recompute_layer
-from .onnx_export import exporting_to_onnx, onnx_lstm, packed_input_error
-from .sequences import pack_time_major, reverse_time_major, unpack_to_time_major
+from .onnx_export import exporting_to_onnx, onnx_lstm, packed_input_error, resets_export_error
+from .sequences import pack_time_major, reverse_resets, reverse_time_major, unpack_to_time_major
 
 
 class FusedLSTM(nn.Module):
@@ -234,18 +234,18 @@ class FusedLSTM(nn.Module):
 
     # ---- forward -----------------------------------------------------------------
 
-    def _choose_path(self, x, hx, batch_sizes) -> PathChoice:
+    def _choose_path(self, x, hx, batch_sizes, resets=None) -> PathChoice:
         """The path of a call: torch's kernel for the whole module ("native") or one backend for every
         layer, and why. x is time-major [T, B, I] or a PackedSequence's data (with ``batch_sizes``);
-        ``hx`` (or None: zeros) is what a measurement runs the candidates on."""
-        why_not_native = self._native_path_reason(x)
+        ``hx`` (or None: zeros) is what a measurement runs the candidates on; ``resets`` [T, B] or None."""
+        why_not_native = self._native_path_reason(x, resets)
         if why_not_native is None and (native.taken_outright(x) or exporting()):
             return PathChoice(NATIVE, "torch's own CPU LSTM kernel, bitwise nn.LSTM's (lstm_kernels.native)"
                               if not exporting() else "an exported program holds the module as one op")
         if torch.compiler.is_compiling() and batch_sizes is not None:
             # A packed batch is data-dependent while dynamo traces: each layer's dispatch decides.
             return PathChoice(self.backend, "each layer's dispatch decides while torch.compile traces a packed input")
-        call = self._recurrence_call(x, batch_sizes)
+        call = self._recurrence_call(x, batch_sizes, resets)
         requested = backend_from_env(self.backend) if self.backend == "auto" else self.backend
         if requested != "auto" or call.batch == 0:
             chosen = resolve_backend(requested, call).name
@@ -260,10 +260,10 @@ class FusedLSTM(nn.Module):
         if not autotune.enabled():
             return PathChoice(candidates[0], f"the first that serves, in the fixed order ({autotune.AUTOTUNE_ENV}=0)")
         key = self._bucket_fields(x, call, candidates)
-        return autotune.choose(key, candidates, lambda path: self._timed_run(path, x, hx, batch_sizes, call),
+        return autotune.choose(key, candidates, lambda path: self._timed_run(path, x, hx, batch_sizes, resets, call),
                                x.device)
 
-    def _recurrence_call(self, x, batch_sizes) -> RecurrenceCall:
+    def _recurrence_call(self, x, batch_sizes, resets=None) -> RecurrenceCall:
         """The first layer's recurrence call for ``x`` (time-major, or packed data with ``batch_sizes``)."""
         packed = batch_sizes is not None
         steps, batch = (len(batch_sizes), int(batch_sizes[0])) if packed else (x.shape[0], x.shape[1])
@@ -271,7 +271,7 @@ class FusedLSTM(nn.Module):
         return RecurrenceCall(
             seq_len=steps, batch=batch, hidden_size=self.hidden_size, state_size=self.proj_size or self.hidden_size,
             dtype=_autocast_dtype(x) or x.dtype, device=x.device, has_projection=self.proj_size > 0,
-            variable_lengths=packed, needs_grad=needs_grad)
+            variable_lengths=packed, needs_grad=needs_grad, has_resets=resets is not None)
 
     def _bucket_fields(self, x, call: RecurrenceCall, candidates) -> tuple:
         """The measured choice's bucket (lstm_kernels.autotune), as constants. While torch.compile
@@ -281,13 +281,15 @@ class FusedLSTM(nn.Module):
         cast = _autocast_dtype(x)
         sizes = (self.input_size, self.hidden_size, self.proj_size, self.num_layers, self.num_directions, self.bias)
         return (autotune.device_name(device), str(call.dtype), tf32, None if cast is None else str(cast), sizes,
-                call.variable_lengths, call.needs_grad,
+                call.variable_lengths, call.has_resets, call.needs_grad,
                 -1 if torch.compiler.is_compiling() else autotune.batch_bucket(call.batch), tuple(candidates))
 
-    def _timed_run(self, path: str, x, hx, batch_sizes, call: RecurrenceCall):
+    def _timed_run(self, path: str, x, hx, batch_sizes, resets, call: RecurrenceCall):
         """A function that runs this call's first steps once on ``path``: forward, and where the call
         needs gradients forward and backward to the parameters (``autograd.grad``: no ``.grad`` changes)."""
         steps = min(call.seq_len, autotune.TIMED_STEPS)
+        if resets is not None:
+            resets = resets[:steps]
         if batch_sizes is None:
             x = x[:steps].detach()
         else:
@@ -301,26 +303,28 @@ class FusedLSTM(nn.Module):
 
         def forward():
             with torch.no_grad():
-                self._forward_on(path, x, hx, batch_sizes)
+                self._forward_on(path, x, hx, batch_sizes, resets)
 
         def forward_backward():
-            output, h_n, c_n = self._forward_on(path, x, hx, batch_sizes)
+            output, h_n, c_n = self._forward_on(path, x, hx, batch_sizes, resets)
             loss = output.float().sum() + h_n.float().sum() + c_n.float().sum()
             torch.autograd.grad(loss, params, allow_unused=True)
 
         return forward_backward if call.needs_grad and params else forward
 
-    def _forward_on(self, path: str, x, hx, batch_sizes):
+    def _forward_on(self, path: str, x, hx, batch_sizes, resets=None):
         """(output, h_n, c_n) of ``x`` (time-major, or packed data with ``batch_sizes``) on ``path``."""
         if path == NATIVE:
             return run_native(self, x, hx, batch_sizes)
         if batch_sizes is not None:
             x = unpack_to_time_major(x, batch_sizes)
-        output, h_n, c_n = self._run_layers(x, hx, batch_sizes, backend=path)
+        output, h_n, c_n = self._run_layers(x, hx, batch_sizes, backend=path, resets=resets)
         return (output if batch_sizes is None else pack_time_major(output, batch_sizes)), h_n, c_n
 
-    def _native_path_reason(self, x) -> Optional[str]:
+    def _native_path_reason(self, x, resets=None) -> Optional[str]:
         """None when ``x`` runs through torch's own LSTM kernel for the whole module (lstm_kernels.native)."""
+        if resets is not None:
+            return "resets inside the sequence (torch's kernel has none)"
         if self.recompute is not False and not exporting():
             return "recompute is asked for (the per-layer path keeps state checkpoints only)"
         return native_path_reason(self.backend, x, self._dropout_active)
@@ -330,7 +334,7 @@ class FusedLSTM(nn.Module):
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
         return (layers, batch, real_hidden), (layers, batch, self.hidden_size)
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, resets=None):
         """Runs the LSTM over ``input``, like ``nn.LSTM.forward``.
 
         Args:
@@ -339,6 +343,12 @@ class FusedLSTM(nn.Module):
             hx: None (zeros) or a tuple (h_0, c_0): h_0 [num_layers * D, B, P], c_0
                 [num_layers * D, B, hidden_size] (without the B axis for unbatched input),
                 D = 2 if bidirectional else 1, P = proj_size or hidden_size.
+            resets: None, or a bool tensor [B, T] with batch_first, else [T, B] ([T] unbatched),
+                on the input's device: where True, that row's state restarts at step t, as if the
+                sequence were cut between t - 1 and t and each piece run on its own from zero
+                states (the first piece from ``hx``). In every layer; no value or gradient crosses
+                a cut. A reversed direction starts from its ``hx`` at the end and from zeros after
+                each cut it crosses. Not with a PackedSequence (ValueError).
 
         Returns:
             (output, (h_n, c_n)): output [T, B, D * P] ([B, T, D * P] with batch_first,
@@ -351,6 +361,8 @@ class FusedLSTM(nn.Module):
         packed = isinstance(input, PackedSequence)
         weight = self._param("weight_ih_l0")
         if packed:
+            if resets is not None:
+                validation.check_resets(resets, input.data, self.batch_first, True, packed=True)
             if exporting_to_onnx():
                 raise packed_input_error()
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -377,6 +389,8 @@ class FusedLSTM(nn.Module):
             elif states is not None:
                 validation.check_unbatched_hx(states, is_batched=True)
             validation.check_input(input, weight, self.input_size, packed=False)
+            if resets is not None:
+                resets = validation.check_resets(resets, input, self.batch_first, is_batched, packed=False)
             x = input.transpose(0, 1) if self.batch_first else input
             validation.check_sequence_length(x)
             batch_sizes = None
@@ -393,9 +407,12 @@ class FusedLSTM(nn.Module):
         hx = states
 
         if exporting_to_onnx():
+            if resets is not None:
+                raise resets_export_error()
             output, h_n, c_n = onnx_lstm(self, x, hx, batch_sizes)
         else:
-            output, h_n, c_n = self._forward_on(self._choose_path(x, hx, batch_sizes).path, x, hx, batch_sizes)
+            path = self._choose_path(x, hx, batch_sizes, resets).path
+            output, h_n, c_n = self._forward_on(path, x, hx, batch_sizes, resets)
 
         if packed:
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -418,9 +435,11 @@ class FusedLSTM(nn.Module):
         output, h_n, c_n = self._run_layers(x, hx, batch_sizes, backend="reference", weights=weights)
         return (output if batch_sizes is None else pack_time_major(output, batch_sizes)), h_n, c_n
 
-    def _run_layers(self, x, hx, batch_sizes, backend: Optional[str] = None, weights: Optional[list] = None):
+    def _run_layers(self, x, hx, batch_sizes, backend: Optional[str] = None, weights: Optional[list] = None,
+                    resets=None):
         """All layers and directions over time-major ``x`` [T, B, I]; states [L*D, B, *].
-        ``backend`` (default: the module's) serves every layer; ``weights`` replace the parameters."""
+        ``backend`` (default: the module's) serves every layer; ``weights`` replace the parameters;
+        ``resets`` [T, B] bool or None, as forward takes them (time-major)."""
         h0_all, c0_all = hx
         cast = _autocast_dtype(x)
         if cast is not None:  # like nn.LSTM under autocast: everything in the autocast dtype
@@ -428,6 +447,7 @@ class FusedLSTM(nn.Module):
         lengths = None if batch_sizes is None else _lengths_of(batch_sizes, x.shape[1])
         h_n, c_n = [], []
         layer_input = x
+        direction_resets = (resets, None if resets is None or self.num_directions == 1 else reverse_resets(resets))
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(self.num_directions):
@@ -440,7 +460,9 @@ class FusedLSTM(nn.Module):
                 layer_args = (xg, params["weight_hh"], h0_all[k], c0_all[k], params.get("weight_hr"), batch_sizes,
                               backend or self.backend)
                 if self.recompute is False:
-                    h_all, h_T, c_T = lstm_layer(*layer_args)
+                    h_all, h_T, c_T = lstm_layer(*layer_args, resets=direction_resets[direction])
+                elif resets is not None:
+                    raise ValueError("resets are not served with recompute yet: use one or the other")
                 else:
                     h_all, h_T, c_T = recompute_layer(*layer_args, segment=self.recompute)
                 outputs.append(h_all if direction == 0 else reverse_time_major(h_all, lengths))

@@ -51,6 +51,12 @@ def packed_input_error() -> Exception:
         "lengths, not PyTorch's packed batch sizes): export with a padded tensor input")
 
 
+def resets_export_error() -> Exception:
+    return torch.onnx.errors.OnnxExporterError(
+        "lstm_kernels: resets inside a sequence cannot be exported to ONNX (ONNX's LSTM restarts no state "
+        "within a sequence): export without resets, or run the segments separately")
+
+
 def _onnx_gates(weight: Tensor) -> Tensor:
     """[4H, ...] in PyTorch's gate order -> ONNX's (i, o, f, c)."""
     blocks = weight.chunk(4, dim=0)

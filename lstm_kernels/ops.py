@@ -6,10 +6,10 @@ each layer's recurrence one opaque node with a fake (meta) implementation, so
 ``torch.compile(model, fullgraph=True)`` compiles a model that holds a
 FusedLSTM in one graph, forward and backward.
 
-    lstm_kernels::recurrence(xg, w_hh, h0, c0, w_hr?, batch_sizes?, backend, needs_grad)
+    lstm_kernels::recurrence(xg, w_hh, h0, c0, w_hr?, batch_sizes?, backend, needs_grad, resets?)
         -> (h_all [T, B, P], h_T [B, P], c_T [B, H], workspace Tensor[])
     lstm_kernels::recurrence_backward(xg, w_hh, h0, c0, w_hr?, batch_sizes?, h_all,
-                                      workspace, dh_all, dh_T, dc_T, backend)
+                                      workspace, dh_all, dh_T, dc_T, backend, resets?)
         -> [dG [T, B, 4H], dh0 [B, P], dc0 [B, H]] (+ [dW_hr [P, H]] with a projection)
 
 ``backend`` is a concrete backend name: :func:`recurrence_with_grad` resolves
@@ -27,7 +27,7 @@ from torch import Tensor
 from .backends import (
     BackendUnsupportedError, RecurrenceCall, RecurrenceInputs, _verification_failure, get_backend, load_builtin_backends,
 )
-from .function import check_workspace, layer_backward, select_backend
+from .function import check_workspace, layer_backward, select_backend, with_resets
 
 # Dispatch runs while dynamo traces; its first call must not import (see load_builtin_backends).
 load_builtin_backends()
@@ -49,11 +49,12 @@ def recurrence(
     batch_sizes: Optional[Tensor],
     backend: str,
     needs_grad: bool,
+    resets: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     impl = get_backend(backend)
     inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, batch_sizes)
-    _check_verified(impl, inputs.call(needs_grad))
-    h_all, h_T, c_T, workspace = impl.forward(*inputs, needs_grad)
+    _check_verified(impl, RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad, resets))
+    h_all, h_T, c_T, workspace = impl.forward(*inputs, needs_grad, **with_resets(resets))
     workspace = check_workspace(impl, workspace, inputs, (h_all, h_T, c_T))
     h_T = _unaliased(h_T, (*inputs[:5], h_all))
     c_T = _unaliased(c_T, (*inputs[:5], h_all, h_T))
@@ -71,9 +72,9 @@ def _check_verified(impl, call) -> None:
 
 
 @recurrence.register_fake
-def _recurrence_fake(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, needs_grad):
+def _recurrence_fake(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, needs_grad, resets):
     T, B, _ = xg.shape
-    call = RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad)
+    call = RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad, resets)
     workspace = [xg.new_empty(shape, dtype=dtype) for shape, dtype in get_backend(backend).workspace_spec(call)]
     return xg.new_empty((T, B, h0.shape[1])), torch.empty_like(h0), torch.empty_like(c0), workspace
 
@@ -92,15 +93,18 @@ def recurrence_backward(
     dh_T: Tensor,
     dc_T: Tensor,
     backend: str,
+    resets: Optional[Tensor],
 ) -> list[Tensor]:
     inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, batch_sizes)
-    dG, dh0, dc0, dw_hr = get_backend(backend).backward(inputs, h_all, tuple(workspace), dh_all, dh_T, dc_T)
+    dG, dh0, dc0, dw_hr = get_backend(backend).backward(inputs, h_all, tuple(workspace), dh_all, dh_T, dc_T,
+                                                         **with_resets(resets))
     grads = [dG, dh0, dc0] + ([] if w_hr is None else [dw_hr])
     return [_unaliased(g, (*inputs[:5], h_all, dh_all, dh_T, dc_T, *workspace)) for g in grads]
 
 
 @recurrence_backward.register_fake
-def _recurrence_backward_fake(xg, w_hh, h0, c0, w_hr, batch_sizes, h_all, workspace, dh_all, dh_T, dc_T, backend):
+def _recurrence_backward_fake(xg, w_hh, h0, c0, w_hr, batch_sizes, h_all, workspace, dh_all, dh_T, dc_T, backend,
+                              resets):
     grads = [torch.empty_like(xg), torch.empty_like(h0), torch.empty_like(c0)]
     return grads + ([] if w_hr is None else [torch.empty_like(w_hr)])
 
@@ -111,16 +115,17 @@ class _OpBackend:
     def __init__(self, name: str):
         self.name = name
 
-    def backward(self, inputs, h_all, workspace, dh_all, dh_T, dc_T):
-        grads = recurrence_backward(*inputs, h_all, list(workspace), dh_all, dh_T, dc_T, self.name)
+    def backward(self, inputs, h_all, workspace, dh_all, dh_T, dc_T, resets=None):
+        grads = recurrence_backward(*inputs, h_all, list(workspace), dh_all, dh_T, dc_T, self.name, resets)
         return (*grads, None) if inputs.w_hr is None else tuple(grads)
 
 
 def _setup_context(ctx, inputs, output):
-    xg, w_hh, h0, c0, w_hr, batch_sizes, backend, _ = inputs
+    xg, w_hh, h0, c0, w_hr, batch_sizes, backend, _, resets = inputs
     h_all, _, _, workspace = output
     ctx.backend = backend
     ctx.batch_sizes = batch_sizes
+    ctx.resets = resets
     ctx.save_for_backward(xg, w_hh, h0, c0, w_hr, h_all, *workspace)
 
 
@@ -128,19 +133,19 @@ def _backward(ctx, dh_all, dh_T, dc_T, _dworkspace):
     xg, w_hh, h0, c0, w_hr, h_all, *workspace = ctx.saved_tensors
     inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, ctx.batch_sizes)
     dxg, dw_hh, dh0, dc0, dw_hr = layer_backward(
-        _OpBackend(ctx.backend), inputs, h_all, workspace, dh_all, dh_T, dc_T, need_dw_hh=True
+        _OpBackend(ctx.backend), inputs, h_all, workspace, dh_all, dh_T, dc_T, need_dw_hh=True, resets=ctx.resets
     )
-    return dxg, dw_hh, dh0, dc0, dw_hr, None, None, None
+    return dxg, dw_hh, dh0, dc0, dw_hr, None, None, None, None
 
 
 recurrence.register_autograd(_backward, setup_context=_setup_context)
 
 
-def recurrence_with_grad(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, backend: str = "auto"):
+def recurrence_with_grad(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, backend: str = "auto", resets=None):
     """The op form of ``lstm_layer``: resolves the backend, then runs ``lstm_kernels::recurrence``."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (xg, w_hh, h0, c0, w_hr)
     )
-    impl = select_backend(xg, w_hh, w_hr, batch_sizes, needs_grad, backend)
-    h_all, h_T, c_T, _ = recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, impl.name, needs_grad)
+    impl = select_backend(xg, w_hh, w_hr, batch_sizes, needs_grad, backend, resets)
+    h_all, h_T, c_T, _ = recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, impl.name, needs_grad, resets)
     return h_all, h_T, c_T

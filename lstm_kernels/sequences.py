@@ -43,3 +43,14 @@ def reverse_time_major(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torc
     t = torch.arange(T).unsqueeze(1)  # [T, 1]
     source = torch.where(t < lengths.unsqueeze(0), lengths.unsqueeze(0) - 1 - t, t)  # [T, B]
     return x.gather(0, source.to(x.device).unsqueeze(2).expand_as(x))
+
+
+def reverse_resets(resets: torch.Tensor) -> torch.Tensor:
+    """The resets [T, B] of a sequence as its reversed direction meets them.
+
+    A reset at step t cuts the sequence between t - 1 and t. The reversed direction processes
+    step T - 1 first and crosses that cut when it moves from step t to step t - 1, which is its
+    step T - t: reversed[T - t] = resets[t] for t >= 1, and its first step starts from its own
+    initial state (reversed[0] = False; a reset at step 0 only discards the forward direction's).
+    """
+    return torch.cat([torch.zeros_like(resets[:1]), resets[1:].flip(0)], dim=0)

@@ -127,10 +127,35 @@ def check_hx_container(hx) -> None:
         raise RuntimeError("lstm expects two hidden states")
 
 
-def check_layer_shapes(xg, w_hh, h0, c0, w_hr, batch_sizes) -> None:
+def check_resets(resets, input: torch.Tensor, batch_first: bool, is_batched: bool, packed: bool) -> torch.Tensor:
+    """FusedLSTM.forward's ``resets`` against its (batched, 3-D) input: a bool tensor [B, T] with
+    batch_first, else [T, B] ([T] for an unbatched call), on the input's device. Returns it
+    time-major [T, B]. TypeError for a non-bool, RuntimeError for a wrong shape or device (as for
+    hx), ValueError with a PackedSequence (whose lengths already end each sequence)."""
+    if packed:
+        raise ValueError("resets cannot be combined with a PackedSequence input: pass a padded batch, "
+                         "where resets mark where each row's state restarts")
+    if not isinstance(resets, torch.Tensor) or resets.dtype != torch.bool:
+        got = resets.dtype if isinstance(resets, torch.Tensor) else type(resets).__name__
+        raise TypeError(f"resets must be a bool tensor, got {got}")
+    B, T = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
+    expected, layout = ((B, T), "[B, T]") if batch_first else ((T, B), "[T, B]")
+    if not is_batched:
+        expected, layout = (T,), "[T]"
+    if tuple(resets.shape) != expected:
+        raise RuntimeError(f"Expected resets of size {layout} = {list(expected)}, got {list(resets.shape)}")
+    if resets.device != input.device:
+        raise RuntimeError(f"Input and resets must be on the same device; got {input.device} and {resets.device}")
+    if not is_batched:
+        return resets.unsqueeze(1)
+    return resets.t() if batch_first else resets
+
+
+def check_layer_shapes(xg, w_hh, h0, c0, w_hr, batch_sizes, resets=None) -> None:
     """The shapes of one layer's recurrence call (``lstm_layer``), each wrong one named with the
     shape it must have: xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H], w_hr [P, H] or None
-    (then P = H), batch_sizes [T] or None. RuntimeError, as nn.LSTM raises for wrong state shapes."""
+    (then P = H), batch_sizes [T] or None, resets [T, B] bool on xg's device or None.
+    RuntimeError, as nn.LSTM raises for wrong state shapes."""
     if xg.dim() != 3 or xg.shape[2] % 4 != 0:
         raise RuntimeError(f"xg must be [T, B, 4*hidden_size] (time-major), got {list(xg.shape)}")
     T, B, four_h = xg.shape
@@ -146,6 +171,10 @@ def check_layer_shapes(xg, w_hh, h0, c0, w_hr, batch_sizes) -> None:
         if name in expected and tuple(tensor.shape) != expected[name]:
             raise RuntimeError(f"{name} must be {list(expected[name])} for xg {list(xg.shape)} "
                                f"(T, B, 4*hidden_size) and w_hh {list(w_hh.shape)}, got {list(tensor.shape)}")
+    if resets is not None and (tuple(resets.shape) != (T, B) or resets.dtype != torch.bool
+                               or resets.device != xg.device):
+        raise RuntimeError(f"resets must be a bool tensor [T, B] = {[T, B]} on {xg.device}, got "
+                           f"{resets.dtype} {list(resets.shape)} on {resets.device}")
     if batch_sizes is not None:
         if tuple(batch_sizes.shape) != (T,) or batch_sizes.is_floating_point() or batch_sizes.is_cuda:
             raise RuntimeError(f"batch_sizes must be an integer tensor [T] = {[T]} on the CPU, got "

@@ -5,7 +5,7 @@ Nobody can test the GPU kernels on every GPU they will meet. So the first time a
 GPU), dispatch runs that plan on a short prefix of the call and compares it with the reference:
 
 - the plan: backend, its :meth:`Backend.plan_signature` (variant and precision switches), dtype,
-  TF32 setting, H, P, projection, variable lengths, the batch size (the kernels' tiles and grids
+  TF32 setting, H, P, projection, variable lengths, resets inside the sequence, the batch size (the kernels' tiles and grids
   follow the exact B), whether gradients are needed (inference and training compile different
   kernels), and the device's name and compute capability;
 - the run: :data:`VERIFY_STEPS` steps (at most the call's T) at the call's B, H and P, with its
@@ -85,7 +85,8 @@ def tf32_in_use(call: RecurrenceCall) -> bool:
 
 def _plan_fields(backend: Backend, call: RecurrenceCall) -> tuple:
     return (backend.name, tuple(backend.plan_signature(call)), call.dtype, tf32_in_use(call), call.hidden_size,
-            call.state_size, call.has_projection, call.variable_lengths, call.batch, call.needs_grad, call.device)
+            call.state_size, call.has_projection, call.variable_lengths, call.batch, call.needs_grad, call.device,
+            call.has_resets)
 
 
 _KEYS: dict = {}  # _plan_fields -> plan_key: the JSON is built once per plan, not per call
@@ -99,7 +100,8 @@ def plan_key(backend: Backend, call: RecurrenceCall) -> str:
             backend=backend.name, plan=list(fields[1]), dtype=str(call.dtype).replace("torch.", ""),
             tf32=fields[3], H=call.hidden_size, P=call.state_size, projection=call.has_projection,
             variable_lengths=call.variable_lengths, batch=call.batch, needs_grad=call.needs_grad,
-            device=device_description(call.device)), sort_keys=True)
+            device=device_description(call.device), **({"resets": True} if call.has_resets else {})),
+            sort_keys=True)
     return key
 
 
@@ -169,7 +171,12 @@ def _prefix_case(call: RecurrenceCall, steps: int) -> dict:
 
     case = dict(xg=rnd(T, B, 4 * H, scale=0.5), w_hh=rnd(4 * H, P, scale=P**-0.5), h0=rnd(B, P, scale=0.5),
                 c0=rnd(B, H, scale=0.5), w_hr=rnd(P, H, scale=H**-0.5) if call.has_projection else None,
-                dh_all=rnd(T, B, P), dh_T=rnd(B, P), dc_T=rnd(B, H), batch_sizes=None)
+                dh_all=rnd(T, B, P), dh_T=rnd(B, P), dc_T=rnd(B, H), batch_sizes=None, resets=None)
+    if call.has_resets:  # at the first step in row 0, every third step in the others, none in the last
+        resets = torch.zeros(T, B, dtype=torch.bool)
+        resets[0, 0] = True
+        resets[1::3, 1:max(B - 1, 1)] = True
+        case["resets"] = resets.to(call.device)
     if call.variable_lengths:  # lengths from T down to about T/2, non-increasing, the first full
         lengths = [T - (b * T) // (2 * B) for b in range(B)]
         case["batch_sizes"] = torch.tensor([sum(n > t for n in lengths) for t in range(T)], dtype=torch.int64)
@@ -181,12 +188,13 @@ def _run(backend: Backend, case: dict, needs_grad: bool, dtype: Optional[torch.d
     cast = (lambda t: None if t is None else t.to(dtype)) if dtype is not None else (lambda t: t)
     xg, w_hh, h0, c0, w_hr = (cast(case[n]) for n in ("xg", "w_hh", "h0", "c0", "w_hr"))
     bs = case["batch_sizes"]
-    h_all, h_T, c_T, workspace = backend.forward(xg, w_hh, h0, c0, w_hr, bs, needs_grad)
+    resets = {} if case["resets"] is None else {"resets": case["resets"]}
+    h_all, h_T, c_T, workspace = backend.forward(xg, w_hh, h0, c0, w_hr, bs, needs_grad, **resets)
     out = dict(h_all=h_all, h_T=h_T, c_T=c_T)
     if needs_grad:
         dG, dh0, dc0, dw_hr = backend.backward(RecurrenceInputs(xg, w_hh, h0, c0, w_hr, bs), h_all,
                                                tuple(workspace), cast(case["dh_all"]), cast(case["dh_T"]),
-                                               cast(case["dc_T"]))
+                                               cast(case["dc_T"]), **resets)
         out.update(dG=dG, dh0=dh0, dc0=dc0)
         if w_hr is not None:
             out["dW_hr"] = dw_hr

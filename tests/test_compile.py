@@ -125,8 +125,9 @@ def test_fullgraph_compile_on_gpu_kernels(backend, dtype):
     _check_compiled_matches_eager(model, x, "inductor", 1e-5 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("with_resets", [False, True], ids=["", "resets"])
 @pytest.mark.parametrize("with_projection", [False, True], ids=["plain", "proj"])
-def test_recurrence_ops_pass_torch_library_opcheck(with_projection):
+def test_recurrence_ops_pass_torch_library_opcheck(with_projection, with_resets):
     """Schema, fake implementation and autograd registration of both ops (torch.library.opcheck)."""
     from lstm_kernels import ops
 
@@ -137,12 +138,13 @@ def test_recurrence_ops_pass_torch_library_opcheck(with_projection):
         return torch.randn(*shape, dtype=torch.float64, generator=gen).requires_grad_(True)
 
     w_hr = rand(P, H) if with_projection else None
-    args = (rand(T, B, 4 * H), rand(4 * H, P), rand(B, P), rand(B, H), w_hr, None, "reference", True)
+    resets = torch.rand(T, B, generator=gen) < 0.3 if with_resets else None
+    args = (rand(T, B, 4 * H), rand(4 * H, P), rand(B, P), rand(B, H), w_hr, None, "reference", True, resets)
     torch.library.opcheck(ops.recurrence, args)
     h_all = ops.recurrence(*args)[0].detach()
     backward_args = (*(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:6]), h_all, [],
                      torch.randn(T, B, P, dtype=torch.float64), torch.randn(B, P, dtype=torch.float64),
-                     torch.randn(B, H, dtype=torch.float64), "reference")
+                     torch.randn(B, H, dtype=torch.float64), "reference", resets)
     torch.library.opcheck(ops.recurrence_backward, backward_args)
 
 

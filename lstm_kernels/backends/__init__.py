@@ -12,9 +12,14 @@ that is already projected (``xg = x @ W_ih^T + b``), time-major:
                 step t updates rows [0, batch_sizes[t]) only; the other rows
                 keep their state and get zeros in h_all
 
-    forward(xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad)
+    resets      [T, B] bool on xg's device, or None: where True, that row starts step t from
+                zero state (h_{t-1} = 0, c_{t-1} = 0), so no value or gradient crosses the reset.
+                Only backends with ``serves_resets`` get it, as the keyword ``resets``, and only
+                when it is not None: dispatch moves past the others.
+
+    forward(xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad[, resets=])
         -> h_all [T, B, P], h_T [B, P], c_T [B, H], workspace
-    backward(inputs, h_all, workspace, dh_all [T, B, P], dh_T [B, P], dc_T [B, H])
+    backward(inputs, h_all, workspace, dh_all [T, B, P], dh_T [B, P], dc_T [B, H][, resets=])
         -> dG [T, B, 4H] (gradients of the gate pre-activations),
            dh0 [B, P], dc0 [B, H], dW_hr [P, H] or None
 
@@ -84,9 +89,10 @@ class RecurrenceCall:
     has_projection: bool
     variable_lengths: bool
     needs_grad: bool
+    has_resets: bool = False
 
     @classmethod
-    def of(cls, xg, w_hh, w_hr, batch_sizes, needs_grad: bool) -> "RecurrenceCall":
+    def of(cls, xg, w_hh, w_hr, batch_sizes, needs_grad: bool, resets=None) -> "RecurrenceCall":
         T, B, four_h = xg.shape
         return cls(
             seq_len=T,
@@ -98,6 +104,7 @@ class RecurrenceCall:
             has_projection=w_hr is not None,
             variable_lengths=batch_sizes is not None,
             needs_grad=needs_grad,
+            has_resets=resets is not None,
         )
 
 
@@ -126,6 +133,8 @@ class Backend:
     #: True when ``backward`` is made of differentiable torch ops, so a second
     #: derivative (create_graph=True) flows through it.
     differentiable_backward: bool = False
+    #: True when forward and backward take ``resets`` (resets inside a sequence).
+    serves_resets: bool = False
 
     def unavailable_reason(self) -> Optional[str]:
         """None when this machine can run the backend, else why not."""
@@ -183,7 +192,8 @@ def _verification_failure(backend: Backend, call: RecurrenceCall) -> Optional[st
     # A traced batch may be symbolic, and dynamo cannot tell that apart here: look up the plan at
     # any batch (batch -1), which the verifier answers with a failure known at any batch.
     return _known_failure(backend.name, (1, -1, call.hidden_size, call.state_size, call.dtype, call.device,
-                                         call.has_projection, call.variable_lengths, call.needs_grad))
+                                         call.has_projection, call.variable_lengths, call.needs_grad,
+                                         call.has_resets))
 
 
 @torch.compiler.assume_constant_result
@@ -266,9 +276,16 @@ def check_backend_name(name: str) -> str:
     return name
 
 
+def _refusal(backend: Backend, call: RecurrenceCall) -> Optional[str]:
+    """Why ``backend`` cannot serve ``call``, or None."""
+    why = backend.unavailable_reason()
+    if why is None and call.has_resets and not backend.serves_resets:
+        why = "it does not serve resets inside a sequence"
+    return why or backend.supports(call) or _verification_failure(backend, call)
+
+
 def _serves(backend: Optional[Backend], call: RecurrenceCall) -> bool:
-    return (backend is not None and backend.unavailable_reason() is None and backend.supports(call) is None
-            and _verification_failure(backend, call) is None)
+    return backend is not None and _refusal(backend, call) is None
 
 
 def serving_kernels(call: RecurrenceCall) -> list[str]:
@@ -292,7 +309,7 @@ def resolve_backend(requested: str, call: RecurrenceCall) -> Backend:
         return get_backend("reference")
     if requested != "auto":
         backend = get_backend(requested)
-        why = backend.unavailable_reason() or backend.supports(call) or _verification_failure(backend, call)
+        why = _refusal(backend, call)
         if why is not None:
             raise BackendUnsupportedError(f"LSTM backend {requested!r} cannot serve this call: {why}")
         return backend

@@ -43,12 +43,21 @@ def _pad_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x if n == batch else torch.cat([x, x.new_zeros((batch - n, *x.shape[1:]))], dim=0)
 
 
-def _recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, keep_activations: bool):
+def kept_state(resets: Optional[torch.Tensor], t: int, n: int) -> Optional[torch.Tensor]:
+    """[n, 1] mask of the active rows that carry their state into step ``t`` (0 where ``resets[t]``),
+    or None where nothing resets."""
+    if resets is None:
+        return None
+    return (~resets[t, :n]).unsqueeze(1)
+
+
+def _recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, keep_activations: bool, resets=None):
     """Run the forward recurrence.
 
     Returns h_all [T, B, P] (input dtype), h_T [B, P], c_T [B, H] (compute
     dtype) and, when ``keep_activations``, per step the tuple
     (i, f, g, o, c_prev, tanh_c, m) for the active rows, in compute dtype.
+    ``resets`` [T, B] bool or None: a row where resets[t] starts step t from zero state.
     """
     T, B, _ = xg.shape
     dtype, acc = xg.dtype, compute_dtype(xg.dtype)
@@ -57,10 +66,13 @@ def _recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, keep_activations: bool):
     h, c = h0, c0.to(acc)
     outputs, activations = [], []
     for t, n in enumerate(active_rows(batch_sizes, T, B)):
-        gates = xg[t, :n].to(acc) + h[:n].to(acc) @ w_hh_t
+        h_prev, c_prev = h[:n].to(acc), c[:n]
+        keep = kept_state(resets, t, n)
+        if keep is not None:
+            h_prev, c_prev = h_prev.where(keep, 0), c_prev.where(keep, 0)
+        gates = xg[t, :n].to(acc) + h_prev @ w_hh_t
         i, f, g, o = gates.chunk(4, dim=1)
         i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-        c_prev = c[:n]
         c_new = f * c_prev + i * g
         tanh_c = c_new.tanh()
         m = o * tanh_c
@@ -75,21 +87,23 @@ def _recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, keep_activations: bool):
 class ReferenceBackend(Backend):
     name = "reference"
     differentiable_backward = True
+    serves_resets = True
 
     def supports(self, call: RecurrenceCall) -> Optional[str]:
         if not call.dtype.is_floating_point:
             return f"dtype {call.dtype} is not a floating-point dtype"
         return None
 
-    def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool):
-        h_all, h_T, c_T, _ = _recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, keep_activations=False)
+    def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool, resets=None):
+        h_all, h_T, c_T, _ = _recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, keep_activations=False, resets=resets)
         return h_all, h_T, c_T.to(c0.dtype), ()  # no workspace: backward recomputes
 
-    def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T):
+    def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T, resets=None):
         xg, w_hh, h0, c0, w_hr, batch_sizes = inputs
         T, B, _ = xg.shape
         acc = compute_dtype(xg.dtype)
-        _, _, _, activations = _recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, keep_activations=True)
+        _, _, _, activations = _recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, keep_activations=True,
+                                           resets=resets)
         w_hh_acc = w_hh.to(acc)
         w_hr_acc = None if w_hr is None else w_hr.to(acc)
         dh, dc = dh_T.to(acc), dc_T.to(acc)
@@ -116,8 +130,12 @@ class ReferenceBackend(Backend):
                 dim=1,
             )
             d_gates[t] = _pad_rows(d_pre, B)
-            dh = _keep_rows(d_pre @ w_hh_acc, dh, n)
-            dc = _keep_rows(dc_t * f, dc, n)
+            dh_prev, dc_prev = d_pre @ w_hh_acc, dc_t * f
+            keep = kept_state(resets, t, n)
+            if keep is not None:  # nothing flows back across a reset
+                dh_prev, dc_prev = dh_prev.where(keep, 0), dc_prev.where(keep, 0)
+            dh = _keep_rows(dh_prev, dh, n)
+            dc = _keep_rows(dc_prev, dc, n)
         dG = torch.stack(d_gates).to(xg.dtype)
         dw_hr = None if dw_hr is None else dw_hr.to(w_hr.dtype)
         return dG, dh.to(h0.dtype), dc.to(c0.dtype), dw_hr
