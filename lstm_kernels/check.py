@@ -7,10 +7,12 @@ The first command to run on a machine, before the test suite. It reports:
    GPU, the flagship B = 16, H = 768, with and without a projection): the plan's prefix forward
    and backward against float64, as verification before first use runs it
    (:func:`lstm_kernels.verification.verify`), grid barriers bounded, so a hang becomes a failure;
-   on a CPU also FusedLSTM's native path against nn.LSTM (bitwise);
+   and FusedLSTM's path through torch's own kernel against nn.LSTM (bitwise on the CPU; on a GPU
+   within tolerance, with backward in eval mode);
 3. µs per step, forward and forward + backward, of FusedLSTM on each backend and variant that
-   passed, against nn.LSTM timed in the same run, with the ratio (GPU: the flagship shape, T = 1024,
-   CUDA events; CPU: a small shape, wall clock).
+   passed and on torch's own kernel, against nn.LSTM timed in the same run, with the ratio (GPU:
+   the flagship shape, T = 1024, CUDA events; CPU: a small shape, wall clock); on a GPU also what
+   ``auto`` chose there by measuring (lstm_kernels.autotune), and why.
 
 It writes ``check.md`` and ``check.csv`` to ``--out`` (headed by device, versions and commit) and
 exits non-zero if any verification failed or any run raised. On a CPU it runs what a CPU can: the
@@ -128,24 +130,86 @@ def verify_all(cands: list[Candidate], device: torch.device, shapes, dtypes, ste
     return rows
 
 
-def check_native_path() -> Row:
-    """On the CPU, FusedLSTM() runs torch's own kernel: outputs and gradients bitwise nn.LSTM's."""
+@contextlib.contextmanager
+def native_outright():
+    """Within the block ``auto`` takes torch's own kernel wherever it may serve, unmeasured (on a GPU
+    it is otherwise one candidate of the measured choice): how the check times that path itself."""
+    from . import native
+
+    original = native.taken_outright
+    native.taken_outright = lambda x: True
+    try:
+        yield
+    finally:
+        native.taken_outright = original
+
+
+def check_native_path(device: torch.device) -> Row:
+    """FusedLSTM's path through torch's own kernel against nn.LSTM, outputs and every gradient in
+    training mode: bitwise on the CPU (the same kernel); on a GPU within the TF32 tolerance (cuDNN
+    may pick other algorithms per call), and backward in eval mode, which cuDNN alone refuses."""
     from . import FusedLSTM
+    from .tolerances import REL_TOL, mismatch
 
     torch.manual_seed(0)
-    lstm = torch.nn.LSTM(5, 6, num_layers=2, bidirectional=True)
+    lstm = torch.nn.LSTM(5, 6, num_layers=2, bidirectional=True).to(device)
     fused = FusedLSTM.from_torch(lstm)
-    x = torch.randn(4, 3, 5)
+    x = torch.randn(4, 3, 5, device=device)
     results = []
-    for module in (fused, lstm):
-        xx = x.clone().requires_grad_(True)
-        out, (h, c) = module(xx)
-        (out.square().sum() + h.sum() + c.sum()).backward()
-        results.append([out, h, c, xx.grad, *(p.grad for p in module.parameters())])
-    same = all(torch.equal(a, b) for a, b in zip(*results))
-    path = fused.path_for(x)
-    return Row("verify", "native", "-", "fp32", "B=3 H=6 L2bi", same and path == "native",
-               f"path {path}; {'bitwise nn.LSTM' if same else 'differs from nn.LSTM'}")
+    with native_outright():
+        for module in (fused, lstm):
+            xx = x.clone().requires_grad_(True)
+            out, (h, c) = module(xx)
+            (out.square().sum() + h.sum() + c.sum()).backward()
+            results.append([out, h, c, xx.grad, *(p.grad for p in module.parameters())])
+        path = fused.path_for(x)
+        eval_backward = "not checked"
+        if device.type == "cuda":
+            xx = x.clone().requires_grad_(True)
+            fused.eval()(xx)[0].sum().backward()
+            eval_backward = "works" if torch.isfinite(xx.grad).all() else "gave non-finite gradients"
+    if device.type == "cpu":
+        same = all(torch.equal(a, b) for a, b in zip(*results))
+        detail = "bitwise nn.LSTM" if same else "differs from nn.LSTM"
+    else:
+        errors = [mismatch(a, b, REL_TOL["tf32"]) for a, b in zip(*results)]
+        same = all(e is None for e in errors) and eval_backward == "works"
+        detail = (f"nn.LSTM's results within {REL_TOL['tf32']:g}; eval-mode backward {eval_backward}" if same else
+                  "; ".join(e for e in errors if e) or f"eval-mode backward {eval_backward}")
+    return Row("verify", "native", "-", "fp32", "B=3 H=6 L2bi", same and path == "native", f"path {path}; {detail}")
+
+
+def time_auto(device: torch.device, dtypes, shape: dict) -> list[Row]:
+    """What ``auto`` chooses at ``shape`` (measured on this machine) and how fast that is."""
+    from . import FusedLSTM
+
+    T, B, H = shape["T"], shape["B"], shape["H"]
+    rows = []
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        torch.manual_seed(0)
+        lstm = torch.nn.LSTM(H, H).to(device, dtype)
+        x = torch.randn(T, B, H, device=device, dtype=dtype)
+        fused = FusedLSTM.from_torch(lstm)
+        label = f"T={T} B={B} H={H}"
+        try:
+            with torch.no_grad():
+                inference = fused.path_for(x, explain=True)
+            training = fused.path_for(x.requires_grad_(True), explain=True)
+            x.requires_grad_(False)
+            nn_fwd, nn_fb = _step_times(lstm, x)
+            fwd, fb = _step_times(fused, x)
+        except Exception as error:  # noqa: BLE001 - reported as a failed row
+            rows.append(Row("time", "auto", "-", dtype_name, label, False,
+                            f"raised {type(error).__name__}: {str(error).splitlines()[0][:200]}"))
+            continue
+        per_step = 1e3 / T
+        rows.append(Row("time", "auto", f"{inference.path}/{training.path}", dtype_name, label, True,
+                        f"{nn_fwd / fwd:.2f}x forward, {nn_fb / fb:.2f}x forward+backward of nn.LSTM; "
+                        f"inference: {inference.reason}; training: {training.reason}",
+                        fwd_us=fwd * per_step, fwd_bwd_us=fb * per_step, nn_fwd_us=nn_fwd * per_step,
+                        nn_fwd_bwd_us=nn_fb * per_step))
+    return rows
 
 
 def _median_ms(fn, device: torch.device) -> float:
@@ -181,7 +245,8 @@ def time_all(cands: list[Candidate], device: torch.device, dtypes, shape: dict, 
             if (cand.backend, cand.variant, dtype_name) not in passed:
                 continue
             # the kernels users get (unbounded barriers): only plans that passed their bounded verification
-            with environment_set(cand.env):
+            native_path = native_outright() if cand.backend == "native" else contextlib.nullcontext()
+            with environment_set(cand.env), native_path:
                 fused = FusedLSTM.from_torch(lstm, backend=cand.backend if cand.backend != "native" else "auto")
                 try:
                     fwd, fb = _step_times(fused, x)
@@ -272,18 +337,19 @@ def run_check(out: Path, backends: Optional[Sequence[str]] = None, quick: bool =
     print("\n".join(environment.header_lines(info)))
     print(f"available: {names}; unavailable: {unavailable}")
     rows = verify_all(cands, device, shapes, dtypes, steps)
-    if not on_gpu:
-        rows.append(check_native_path())
+    rows.append(check_native_path(device))
     passed = {(r.backend, r.variant, r.dtype) for r in rows if r.kind == "verify" and r.ok}
     failed_plans = {(r.backend, r.variant, r.dtype) for r in rows if r.kind == "verify" and not r.ok}
     passed -= failed_plans
     if timing:
         timed_cands = [c for c in cands if not (c.backend == "triton" and not on_gpu)]  # the interpreter is no timing
-        if not on_gpu:
-            timed_cands.append(Candidate("native", "-", lambda: None, {}))
-            passed |= {("native", "-", "fp32")}
-        rows += time_all(timed_cands, device, dtypes if on_gpu else ["fp32"], FLAGSHIP if on_gpu else CPU_TIMING,
-                         passed)
+        timed_cands.append(Candidate("native", "-", lambda: None, {}))
+        timed_dtypes = dtypes if on_gpu else ["fp32"]
+        passed |= {("native", "-", d) for d in timed_dtypes}
+        shape = FLAGSHIP if on_gpu else CPU_TIMING
+        rows += time_all(timed_cands, device, timed_dtypes, shape, passed)
+        if on_gpu:
+            rows += time_auto(device, timed_dtypes, shape)
     csv_path, md_path = write_report(Path(out), info, unavailable, rows)
     failed = [r for r in rows if not r.ok]
     for r in failed:
