@@ -145,6 +145,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as exc:  # noqa: BLE001  (plots are a convenience; the CSV is the record)
             print(f"warning: plots failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     report.print_table(rows, max_lines=60)
+    memory = report.format_memory_table(rows)
+    if memory and memory.count("\n") < 60:
+        print(report.MEMORY_LEGEND)
+        print(memory)
     n_ok = sum(r["status"] == "ok" for r in rows)
     print(f"{n_ok}/{len(rows)} measurements ok in {time.perf_counter() - t_start:.1f} s; wrote:")
     for path in written:

@@ -113,12 +113,17 @@ def default_limits(impl: str, cfg: Config, device: str) -> Optional[str]:
     - flashrnn (compiles a CUDA kernel per shape on first use): bf16, H = 768,
       B = 16, one layer;
     - fused-auto-compile (each shape compiles anew): on a GPU as nn.LSTM-compile; on the CPU
-      H = 64, B = 8, T = 64 (one layer and the bidirectional case).
+      H = 64, B = 8, T = 64 (one layer and the bidirectional case);
+    - fused-cuda-recompute, fused-triton-recompute (memory, where long sequences matter; 16-bit
+      with several segments is refused by those backends): fp32, H = 512, B in {16, 64}, T >= 512.
     """
     if impl == "fused-auto-compile" and device != "cuda" and not (cfg.H == 64 and cfg.B == 8 and cfg.T == 64):
         return "default CPU sweep runs fused-auto-compile at T=64, B=8, H=64 only"
     if device != "cuda":
         return None
+    if impl in ("fused-cuda-recompute", "fused-triton-recompute") and not (
+            cfg.dtype == "fp32" and cfg.H == 512 and cfg.B in (16, 64) and cfg.T >= 512):
+        return "default GPU sweep runs the recompute providers at fp32, H=512, B in {16,64}, T >= 512 only"
     if impl == "fused-auto-compile":
         impl = "nn.LSTM-compile"
     if impl == "fused-reference" and not (cfg.T <= 128 and cfg.H == 512):
@@ -182,12 +187,16 @@ def estimate_seconds(m: Measurement, device: str) -> float:
     c = m.config
     flops_step = 2.0 * c.B * c.H * 4 * c.H  # recurrent GEMM per step
     flops_in = 2.0 * c.B * c.I * 4 * c.H  # input projection per step (parallel)
+    # the reference's Python loop: named, and what recompute runs on the CPU under "auto"
+    python_loop = m.impl in ("fused-reference", "fused-reference-recompute") or (
+        device != "cuda" and m.impl == "fused-auto-recompute")
     if device == "cuda":
         rate = 30e12 if c.dtype == "fp32" else 150e12
-        latency = {"fused-reference": 120e-6, "flashrnn": 6e-6}.get(m.impl, 8e-6)
+        latency = 120e-6 if python_loop else {"flashrnn": 6e-6}.get(m.impl, 8e-6)
     else:
         rate = 20e9
-        latency = 100e-6 if m.impl == "fused-reference" else 10e-6
+        latency = 100e-6 if python_loop else 10e-6
     per_step = latency + (flops_step + flops_in) / rate
     seconds = c.T * per_step * c.layers * c.directions
-    return seconds * (3.0 if m.pass_ == "fwd_bwd" else 1.0)
+    backward = 4.0 if m.impl.endswith("-recompute") else 3.0  # recompute runs the forward once more
+    return seconds * (backward if m.pass_ == "fwd_bwd" else 1.0)

@@ -11,6 +11,10 @@ A provider turns the sweep's base ``nn.LSTM`` into a module whose
     fused-reference   FusedLSTM(backend="reference")
     fused-triton      FusedLSTM(backend="triton")
     fused-cuda        FusedLSTM(backend="cuda")
+    fused-<backend>-recompute  the same with recompute=True (lstm_kernels/recompute.py: state checkpoints
+                      every ceil(sqrt(T)) steps instead of the backend's saved activations), for
+                      backend auto (on the CPU: the reference, since recompute leaves torch's own
+                      kernel), reference, triton and cuda
     flashrnn          FlashRNN's fused CUDA LSTM (PyPI ``flashrnn``), when installed; the input
                       projection x @ W_ihᵀ is included so that it does the same work
 
@@ -75,9 +79,10 @@ class CompiledFused(Provider):
 
 
 class Fused(Provider):
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, recompute: bool = False):
         self.backend = backend
-        self.name = f"fused-{backend}"
+        self.recompute = recompute
+        self.name = f"fused-{backend}" + ("-recompute" if recompute else "")
 
     def unavailable_reason(self, device):
         if self.backend == "auto":
@@ -90,7 +95,9 @@ class Fused(Provider):
         return f"backend {self.backend!r} unavailable: {why}"
 
     def build(self, base, cfg):
-        return _OutputOnly(FusedLSTM.from_torch(base, backend=self.backend))
+        fused = FusedLSTM.from_torch(base, backend=self.backend)
+        fused.recompute = self.recompute
+        return _OutputOnly(fused)
 
 
 class FlashRNN(Provider):
@@ -156,7 +163,8 @@ class _FlashRNNLSTM(nn.Module):
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (TorchLSTM(), CompiledTorchLSTM(), Fused("auto"), CompiledFused(), Fused("reference"), Fused("triton"),
-              Fused("cuda"), FlashRNN())
+              Fused("cuda"), FlashRNN(), Fused("auto", recompute=True), Fused("reference", recompute=True),
+              Fused("triton", recompute=True), Fused("cuda", recompute=True))
 }
 
 
@@ -164,6 +172,6 @@ def default_impls(device: str) -> list[str]:
     """What ``python -m benchmarks`` measures when --impl is not given."""
     if device == "cuda":
         names = [BASELINE, "nn.LSTM-compile", "fused-auto", "fused-auto-compile", "fused-cuda", "fused-triton",
-                 "fused-reference", "flashrnn"]
+                 "fused-reference", "flashrnn", "fused-cuda-recompute", "fused-triton-recompute"]
         return [n for n in names if n == BASELINE or PROVIDERS[n].unavailable_reason(device) is None]
-    return [BASELINE, "fused-auto", "fused-auto-compile", "fused-reference"]
+    return [BASELINE, "fused-auto", "fused-auto-compile", "fused-reference", "fused-auto-recompute"]

@@ -20,7 +20,7 @@ from .runner import OK, Result
 COLUMNS = [
     "device", "dtype", "T", "B", "H", "I", "layers", "bidirectional", "impl", "pass",
     "median_ms", "p10_ms", "p90_ms", "peak_mem_mb", "speedup_vs_cudnn",
-    "per_step_us", "reps", "cudnn_persistent_eligible", "status", "note", "paired_baseline_ms",
+    "per_step_us", "reps", "cudnn_persistent_eligible", "status", "note", "paired_baseline_ms", "saved_mb",
 ]  # fmt: skip
 CONFIG_KEYS = ("device", "dtype", "T", "B", "H", "I", "layers", "bidirectional", "pass")
 IMPL_ORDER = list(PROVIDERS)
@@ -64,6 +64,7 @@ def rows_from_results(results: Iterable[Result], device_name: str) -> list[dict]
                 "status": r.status,
                 "note": r.note,
                 "paired_baseline_ms": r.paired_baseline_ms,
+                "saved_mb": r.saved_mb,
             }
         )
     add_speedups(rows)
@@ -206,6 +207,55 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(out)
 
 
+def _number(value) -> Optional[float]:
+    return None if value in (None, "") else float(value)
+
+
+def _memory_cell(row: Optional[dict], baseline: Optional[dict]) -> str:
+    """saved MiB (x of nn.LSTM's), then ' / peak MiB' where the GPU measured one."""
+    if row is None:
+        return ""
+    saved, peak = _number(row.get("saved_mb")), _number(row.get("peak_mem_mb"))
+    if saved is None and peak is None:
+        return "skip" if row["status"] != OK else ""
+    text = "" if saved is None else f"{saved:.3g}"
+    base = None if baseline is None else _number(baseline.get("saved_mb"))
+    if saved is not None and base and row["impl"] != BASELINE:
+        text += f" ({saved / base:.2g}x)"
+    if peak is not None:
+        text += f" / {peak:.3g}"
+    return text
+
+
+def memory_lines(rows: Sequence[dict]) -> list[list[str]]:
+    """fwd_bwd rows: per (dtype, config), each implementation's memory cell; [] when nothing was measured."""
+    rows = [r for r in rows if r["pass"] == "fwd_bwd"]
+    if not any(_number(r.get("saved_mb")) is not None or _number(r.get("peak_mem_mb")) is not None for r in rows):
+        return []
+    impls = _impls(rows)
+    table = [["dtype", "L", "H", "B", "T"] + impls]
+    for (dtype, _), configs in _groups(rows).items():
+        for cfg, by_impl in configs.items():
+            base = by_impl.get(BASELINE)
+            table.append([dtype, _case(cfg), str(cfg[2]), str(cfg[3]), str(cfg[4])]
+                         + [_memory_cell(by_impl.get(i), base) for i in impls])
+    return table
+
+
+MEMORY_LEGEND = ("memory of one fwd_bwd call in MiB: saved for backward beyond parameters and input "
+                 "(saved_tensors_hooks; in parentheses: x nn.LSTM's)"
+                 ", then / the GPU's peak above the allocations before the call (max_memory_allocated) where measured")
+
+
+def format_memory_table(rows: Sequence[dict]) -> str:
+    """:func:`memory_lines` as aligned text ("" when nothing was measured)."""
+    table = memory_lines(rows)
+    if not table:
+        return ""
+    widths = [max(len(line[k]) for line in table) for k in range(len(table[0]))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in table)
+
+
 def summary_lines(rows: Sequence[dict]) -> list[list[str]]:
     """Per (dtype, pass, impl): measured/total, geometric-mean, min and max speedup vs nn.LSTM."""
     table = [["dtype", "pass", "impl", "ok/total", "geomean x", "min x", "max x"]]
@@ -269,6 +319,13 @@ def write_markdown(path: Path, rows: Sequence[dict], info: dict, meta: Optional[
         for cfg, by_impl in configs.items():
             cells = [_cell(by_impl.get(i)) for i in impls]
             out.append(f"| {_case(cfg)} | {cfg[2]} | {cfg[3]} | {cfg[4]} | " + " | ".join(cells) + " |")
+        out.append("")
+
+    memory = memory_lines(rows)
+    if memory:
+        out += ["## Memory (fwd_bwd)", "", MEMORY_LEGEND[0].upper() + MEMORY_LEGEND[1:] + ".", ""]
+        out += ["| " + " | ".join(memory[0]) + " |", "|" + "---|" * len(memory[0])]
+        out += ["| " + " | ".join(line) + " |" for line in memory[1:]]
         out.append("")
 
     out += ["## Per-step latency (B <= 16)", "", "median_ms / T, in microseconds per time step.", ""]

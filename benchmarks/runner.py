@@ -21,6 +21,7 @@ from lstm_kernels import BackendUnsupportedError
 
 from . import configs as cfgs
 from .configs import Config, Measurement
+from .memory import saved_tensor_bytes
 from .providers import BASELINE, PROVIDERS
 from .timing import Budget, PeakMemory, Stats, rotation_count, summarize, time_calls, time_paired, warm_up
 
@@ -37,6 +38,8 @@ class Result:
     peak_mem_mb: Optional[float] = None
     #: CPU only: median ms of the baseline timed interleaved with this measurement (time_paired)
     paired_baseline_ms: Optional[float] = None
+    #: fwd_bwd only: MiB the forward saves for the backward, beyond parameters and input (memory.py)
+    saved_mb: Optional[float] = None
 
     @property
     def config(self) -> Config:
@@ -247,11 +250,31 @@ def _measure(m, module, inputs, device, warmup, budget, share, baseline_module=N
         prepare_base, run_base = make_runner(baseline_module, inputs, m.pass_)
         warm_up(run_base, warmup, device, prepare_base)
         times, base_times = time_paired(run, run_base, reps, prepare, prepare_base, start_index=len(warm))
-        return Result(m, OK, note, summarize(times), None, summarize(base_times).median_ms)
-    prepare(len(warm))
-    with PeakMemory(device) as peak:
-        times = time_calls(run, reps, device, prepare, start_index=len(warm))
-    return Result(m, OK, note, summarize(times), peak.mb)
+        result = Result(m, OK, note, summarize(times), None, summarize(base_times).median_ms)
+    else:
+        prepare(len(warm))
+        with PeakMemory(device) as peak:
+            times = time_calls(run, reps, device, prepare, start_index=len(warm))
+        result = Result(m, OK, note, summarize(times), peak.mb)
+    if m.pass_ == "fwd_bwd":
+        result.saved_mb, why = measure_saved_mb(module, inputs)
+        if why:
+            result.note = "; ".join(filter(None, (result.note, why)))
+    return result
+
+
+def measure_saved_mb(module: nn.Module, inputs: Inputs) -> tuple[Optional[float], str]:
+    """(MiB one training forward saves for its backward beyond the parameters and the input, or None
+    and why not), by saved_tensors_hooks, on an untimed call after the timed ones."""
+    x = inputs.xs[0]
+    module.train()
+    try:
+        with torch.enable_grad():
+            saved, out = saved_tensor_bytes(lambda: module(x), exclude=[*module.parameters(), x])
+        del out
+    except Exception as exc:  # noqa: BLE001  (the timing stands without it)
+        return None, f"saved bytes not measured: {_short_error(exc)}"
+    return saved / 2**20, ""
 
 
 def _free(device: str) -> None:

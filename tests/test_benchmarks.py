@@ -44,10 +44,10 @@ def test_csv_columns_and_rows(tiny_sweep):
     _, _, rows = tiny_sweep
     assert list(rows[0])[: len(REQUIRED_COLUMNS)] == REQUIRED_COLUMNS
     assert "cudnn_persistent_eligible" in rows[0]
-    # 2 T x 1 B x 1 H x 3 impls (CPU default: nn.LSTM, fused-auto, fused-reference) x 2 passes
-    assert len(rows) == 12
+    # 2 T x 1 B x 1 H x 4 impls (CPU default: nn.LSTM, fused-auto, fused-reference, fused-auto-recompute) x 2 passes
+    assert len(rows) == 16
     keys = {(r["impl"], r["pass"], r["T"]) for r in rows}
-    impls = ("nn.LSTM", "fused-auto", "fused-reference")
+    impls = ("nn.LSTM", "fused-auto", "fused-reference", "fused-auto-recompute")
     assert keys == {(i, p, t) for i in impls for p in ("fwd", "fwd_bwd") for t in ("4", "8")}
     for r in rows:
         assert r["status"] == "ok", r
@@ -56,6 +56,10 @@ def test_csv_columns_and_rows(tiny_sweep):
         assert 0 < p10 <= med <= p90
         assert int(r["reps"]) >= 3
         assert r["peak_mem_mb"] == ""  # CPU: not measured
+        if r["pass"] == "fwd_bwd":
+            assert float(r["saved_mb"]) > 0
+        else:
+            assert r["saved_mb"] == ""  # nothing is saved under no_grad
         assert float(r["per_step_us"]) == pytest.approx(med * 1e3 / int(r["T"]), rel=1e-4)
 
 
@@ -353,7 +357,8 @@ def test_cudnn_persistent_eligible():
 def test_default_grids():
     cpu = cfgs.build_configs("cpu")
     assert {c.dtype for c in cpu} == {"fp32"} and max(c.T for c in cpu) <= 64
-    assert providers.default_impls("cpu") == ["nn.LSTM", "fused-auto", "fused-auto-compile", "fused-reference"]
+    assert providers.default_impls("cpu") == ["nn.LSTM", "fused-auto", "fused-auto-compile", "fused-reference",
+                                              "fused-auto-recompute"]
     assert cfgs.default_limits("fused-auto-compile", cfgs.Config(64, 8, 64, 64, 1, False, "fp32"), "cpu") is None
     assert cfgs.default_limits("fused-auto-compile", cfgs.Config(16, 8, 64, 64, 1, False, "fp32"), "cpu")
     gpu = cfgs.build_configs("cuda")
@@ -365,6 +370,11 @@ def test_default_grids():
     assert cfgs.default_limits("fused-reference", small, "cuda") is None
     assert cfgs.default_limits("fused-reference", cfgs.Config(**{**small.__dict__, "T": 1024}), "cuda")
     assert cfgs.default_limits("fused-reference", cfgs.Config(**{**small.__dict__, "T": 1024}), "cpu") is None
+    long_fp32 = cfgs.Config(T=1024, B=16, H=512, I=512, layers=1, bidirectional=False, dtype="fp32")
+    for impl in ("fused-cuda-recompute", "fused-triton-recompute"):
+        assert cfgs.default_limits(impl, long_fp32, "cuda") is None
+        assert cfgs.default_limits(impl, cfgs.Config(**{**long_fp32.__dict__, "dtype": "bf16"}), "cuda")
+        assert cfgs.default_limits(impl, cfgs.Config(**{**long_fp32.__dict__, "T": 128}), "cuda")
 
 
 def test_print_table(tiny_sweep, capsys):
@@ -384,3 +394,56 @@ def test_table_says_which_ratio_it_shows(tiny_sweep, capsys):
     row = next(r for r in rows if r["impl"] == "fused-reference")
     paired, median = float(row["paired_baseline_ms"]), float(row["median_ms"])
     assert f"{median:.3g} ({paired / median:.3g}x of {paired:.3g})" in out
+
+
+# ---- memory ----------------------------------------------------------------------------------
+
+
+def test_saved_mb_is_what_the_forward_keeps(tiny_sweep):
+    """The column is the hooks' count of one training forward: recompute on the reference keeps its
+    checkpoints more than the reference's normal mode (lstm_kernels/recompute.py's formula), and the
+    count matches measuring the provider's module directly."""
+    from benchmarks.memory import module_saved_bytes
+    from lstm_kernels.recompute import segment_bounds, segment_length
+
+    _, _, rows = tiny_sweep
+    saved = {(r["impl"], int(r["T"])): float(r["saved_mb"]) * 2**20 for r in rows if r["pass"] == "fwd_bwd"}
+    B, H = 2, 8
+    for T in (4, 8):
+        checkpoints = (len(segment_bounds(T, segment_length(T, True))) - 1) * B * H * 4
+        assert checkpoints > 0
+        assert saved[("fused-auto-recompute", T)] - saved[("fused-reference", T)] == pytest.approx(checkpoints, abs=1)
+        cfg = cfgs.Config(T=T, B=B, H=H, I=H, layers=1, bidirectional=False, dtype="fp32")
+        torch.manual_seed(0)
+        base = torch.nn.LSTM(H, H)
+        for impl in ("nn.LSTM", "fused-reference"):
+            module = providers.PROVIDERS[impl].build(base, cfg)
+            x = torch.randn(T, B, H, requires_grad=True)
+            assert module_saved_bytes(module, x) == pytest.approx(saved[(impl, T)], abs=1)
+
+
+def test_memory_table_in_the_markdown_and_on_stdout(tiny_sweep, capsys):
+    out, _, rows = tiny_sweep
+    md = (out / report.MD_NAME).read_text()
+    assert "## Memory (fwd_bwd)" in md
+    table = report.format_memory_table(rows)
+    lines = table.splitlines()
+    assert lines[0].split()[:5] == ["dtype", "L", "H", "B", "T"] and "fused-auto-recompute" in lines[0]
+    assert len(lines) == 1 + 2  # header, 2 T (fwd_bwd only)
+    recompute = next(r for r in rows if r["impl"] == "fused-auto-recompute" and r["pass"] == "fwd_bwd" and r["T"] == "8")
+    base = next(r for r in rows if r["impl"] == "nn.LSTM" and r["pass"] == "fwd_bwd" and r["T"] == "8")
+    ratio = float(recompute["saved_mb"]) / float(base["saved_mb"])
+    assert f"{float(recompute['saved_mb']):.3g} ({ratio:.2g}x)" in table
+    assert report.format_memory_table([r for r in rows if r["pass"] == "fwd"]) == ""
+
+
+def test_a_failed_memory_measurement_keeps_the_timing(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("hooks refused")
+
+    monkeypatch.setattr(runner, "saved_tensor_bytes", broken)
+    cfg = cfgs.Config(T=4, B=2, H=8, I=8, layers=1, bidirectional=False, dtype="fp32")
+    todo, _ = runner.plan([cfg], ["nn.LSTM"], ["fwd_bwd"], "cpu", explicit_impls=True)
+    (result,) = runner.run_sweep(todo, "cpu", warmup=1, min_reps=3, max_reps=3, progress=False)
+    assert result.status == "ok" and result.saved_mb is None
+    assert "saved bytes not measured: RuntimeError: hooks refused" in result.note
