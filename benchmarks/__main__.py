@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help=f"dtypes among {','.join(cfgs.DTYPES)} (default: all on GPU, fp32 on CPU)")
     p.add_argument("--impl", help=f"implementations among {','.join(PROVIDERS)} (default: all available)")
     p.add_argument("--pass", dest="passes", help="passes among fwd,fwd_bwd (default: both)")
-    p.add_argument("--case", help="cases among single (1 layer) and bidir (2 layers, bidirectional); default both")
+    p.add_argument("--case", help="cases among single (1 layer), bidir (2 layers, bidirectional) and resets (1 layer, "
+                   "episodes ending inside the sequence); default all three")
     p.add_argument("--layers", type=int, help="one custom case with this many layers (replaces --case)")
     p.add_argument("--bidirectional", action="store_true", default=None, help="the custom case is bidirectional")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")

@@ -29,7 +29,12 @@ CPU_BIDIR = dict(B=(8,), H=(64,))
 CPU_QUICK = dict(T=(16,), B=(1, 8), H=(64,), dtype=("fp32",))
 
 #: Cases: name -> (num_layers, bidirectional).
-CASES = {"single": (1, False), "bidir": (2, True)}
+CASES = {"single": (1, False), "bidir": (2, True), "resets": (1, False)}
+#: The ``resets`` case, as TorchRL measures its kernels: episodes end inside the rollout, at this
+#: fraction of (step, row) pairs, on its own grid (replaced by an axis given explicitly).
+RESET_RATE = 0.03
+GPU_RESETS = dict(T=(128,), B=(128,), H=(256,))
+CPU_RESETS = dict(T=(64,), B=(16,), H=(64,))
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class Config:
     layers: int
     bidirectional: bool
     dtype: str  # a key of DTYPES
+    reset_rate: float = 0.0  # the fraction of (step, row) pairs where a row's state restarts
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -52,6 +58,8 @@ class Config:
 
     def label(self) -> str:
         case = f" L{self.layers}{'bi' if self.bidirectional else ''}" if (self.layers, self.bidirectional) != (1, False) else ""
+        if self.reset_rate:
+            case += f" resets {self.reset_rate:.0%}"
         return f"{self.dtype} T={self.T} B={self.B} H={self.H}{case}"
 
 
@@ -161,21 +169,38 @@ def build_configs(
     dtypes = tuple(dtype) if dtype else grid["dtype"]
 
     if layers is not None or bidirectional is not None:
-        case_list = [(layers or 1, bool(bidirectional), False)]
+        names = ("custom",)
     else:
-        names = tuple(cases) if cases else (("single",) if quick else ("single", "bidir"))
-        case_list = [(*CASES[name], name == "bidir") for name in names]
+        names = tuple(cases) if cases else (("single",) if quick else ("single", "bidir", "resets"))
 
     configs = []
-    for n_layers, bidir, restricted in case_list:
-        case_B = Bs if (B or not restricted) else tuple(b for b in Bs if b in bidir_grid["B"]) or bidir_grid["B"][:1]
-        case_H = Hs if (H or not restricted) else tuple(h for h in Hs if h in bidir_grid["H"]) or bidir_grid["H"][:1]
+    for name in names:
+        n_layers, bidir = (layers or 1, bool(bidirectional)) if name == "custom" else CASES[name]
+        case_T, case_B, case_H, rate = Ts, Bs, Hs, 0.0
+        if name == "bidir":
+            case_B = Bs if B else tuple(b for b in Bs if b in bidir_grid["B"]) or bidir_grid["B"][:1]
+            case_H = Hs if H else tuple(h for h in Hs if h in bidir_grid["H"]) or bidir_grid["H"][:1]
+        elif name == "resets":
+            reset_grid = GPU_RESETS if on_gpu else CPU_RESETS
+            case_T, case_B, case_H = (tuple(T) if T else reset_grid["T"], tuple(B) if B else reset_grid["B"],
+                                      tuple(H) if H else reset_grid["H"])
+            rate = RESET_RATE
         for dt in dtypes:
             for h in case_H:
                 for b in case_B:
-                    for t in Ts:
-                        configs.append(Config(T=t, B=b, H=h, I=h, layers=n_layers, bidirectional=bidir, dtype=dt))
+                    for t in case_T:
+                        configs.append(Config(T=t, B=b, H=h, I=h, layers=n_layers, bidirectional=bidir, dtype=dt,
+                                              reset_rate=rate))
     return configs
+
+
+def reset_pattern(cfg: Config, device) -> "torch.Tensor | None":
+    """The resets [T, B] bool of a config (None without resets): each (step, row) with probability
+    ``cfg.reset_rate``, from a fixed seed, so every implementation meets the same episodes."""
+    if not cfg.reset_rate:
+        return None
+    gen = torch.Generator().manual_seed(2)
+    return (torch.rand(cfg.T, cfg.B, generator=gen) < cfg.reset_rate).to(device)
 
 
 def estimate_seconds(m: Measurement, device: str) -> float:

@@ -18,6 +18,12 @@ A provider turns the sweep's base ``nn.LSTM`` into a module whose
     flashrnn          FlashRNN's fused CUDA LSTM (PyPI ``flashrnn``), when installed; the input
                       projection x @ W_ihᵀ is included so that it does the same work
 
+In a config with resets (``reset_rate`` > 0: the ``resets`` case, episodes ending inside a
+rollout) every module meets the same resets [T, B] (configs.reset_pattern). nn.LSTM has none, so
+it runs what its users do today: each row cut into its episodes, the pieces packed into one
+PackedSequence (sorted by length), run from zero states, and scattered back into [T, B, H]; the
+FusedLSTM providers pass ``resets=``; the others cannot serve such a config.
+
 A provider that cannot run on this machine says why (``unavailable_reason``);
 one that cannot serve a config raises (e.g. ``BackendUnsupportedError``) and
 the sweep records a skip.
@@ -36,7 +42,7 @@ from torch import nn
 import lstm_kernels
 from lstm_kernels import FusedLSTM
 
-from .configs import Config
+from .configs import Config, reset_pattern
 
 BASELINE = "nn.LSTM"
 
@@ -55,13 +61,22 @@ class TorchLSTM(Provider):
     name = BASELINE
 
     def build(self, base, cfg):
+        resets = reset_pattern(cfg, base.weight_ih_l0.device)
+        if resets is not None:
+            return _SplitAtResets(_copy_lstm(base), resets)
         return _OutputOnly(_copy_lstm(base))
+
+
+def _no_resets(provider: Provider, cfg: Config) -> None:
+    if cfg.reset_rate:
+        raise NotImplementedError(f"{provider.name} does not serve resets inside a sequence")
 
 
 class CompiledTorchLSTM(Provider):
     name = "nn.LSTM-compile"
 
     def build(self, base, cfg):
+        _no_resets(self, cfg)
         torch._dynamo.reset()  # a fresh cache per config: no silent fallback after the recompile limit
         module = _OutputOnly(_copy_lstm(base))
         module.forward = torch.compile(module.forward, dynamic=False)
@@ -72,6 +87,7 @@ class CompiledFused(Provider):
     name = "fused-auto-compile"
 
     def build(self, base, cfg):
+        _no_resets(self, cfg)
         torch._dynamo.reset()
         module = _OutputOnly(FusedLSTM.from_torch(base))
         module.forward = torch.compile(module.forward, fullgraph=True, dynamic=False)
@@ -97,7 +113,7 @@ class Fused(Provider):
     def build(self, base, cfg):
         fused = FusedLSTM.from_torch(base, backend=self.backend)
         fused.recompute = self.recompute
-        return _OutputOnly(fused)
+        return _OutputOnly(fused, reset_pattern(cfg, base.weight_ih_l0.device))
 
 
 class FlashRNN(Provider):
@@ -111,6 +127,7 @@ class FlashRNN(Provider):
         return None
 
     def build(self, base, cfg):
+        _no_resets(self, cfg)
         if cfg.layers != 1 or cfg.bidirectional:
             raise NotImplementedError("the flashrnn provider covers one unidirectional layer only")
         return _FlashRNNLSTM(base, cfg)
@@ -124,14 +141,43 @@ def _copy_lstm(base: nn.LSTM) -> nn.LSTM:
 
 
 class _OutputOnly(nn.Module):
-    """Wraps an LSTM module so that forward returns the output sequence only."""
+    """Wraps an LSTM module so that forward returns the output sequence only (given ``resets``:
+    a FusedLSTM called with them)."""
 
-    def __init__(self, lstm: nn.Module):
+    def __init__(self, lstm: nn.Module, resets: Optional[torch.Tensor] = None):
         super().__init__()
         self.lstm = lstm
+        self.resets = resets
 
     def forward(self, x):
-        return self.lstm(x)[0]
+        if self.resets is None:
+            return self.lstm(x)[0]
+        return self.lstm(x, resets=self.resets)[0]
+
+
+class _SplitAtResets(nn.Module):
+    """nn.LSTM over a batch with resets, as its users run it: every row cut into its episodes at the
+    resets, the pieces packed (PackedSequence), run from zero states, and put back in place."""
+
+    def __init__(self, lstm: nn.LSTM, resets: torch.Tensor):
+        super().__init__()
+        self.lstm = lstm
+        T, B = resets.shape
+        cpu = resets.cpu()
+        self.pieces = []  # (row, start, end)
+        for b in range(B):
+            cuts = [0] + [t for t in range(1, T) if cpu[t, b]] + [T]
+            self.pieces += [(b, start, end) for start, end in zip(cuts[:-1], cuts[1:])]
+
+    def forward(self, x):  # x [T, B, I] -> [T, B, D*H]
+        sequences = [x[start:end, b] for b, start, end in self.pieces]
+        packed = nn.utils.rnn.pack_sequence(sequences, enforce_sorted=False)
+        out, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0])  # [L_max, pieces, D*H]
+        rows = [out[:end - start, k] for k, (b, start, end) in enumerate(self.pieces)]
+        by_row: dict = {}
+        for (b, _, _), row in zip(self.pieces, rows):
+            by_row.setdefault(b, []).append(row)
+        return torch.stack([torch.cat(by_row[b], dim=0) for b in range(x.shape[1])], dim=1)
 
 
 class _FlashRNNLSTM(nn.Module):

@@ -21,8 +21,9 @@ COLUMNS = [
     "device", "dtype", "T", "B", "H", "I", "layers", "bidirectional", "impl", "pass",
     "median_ms", "p10_ms", "p90_ms", "peak_mem_mb", "speedup_vs_cudnn",
     "per_step_us", "reps", "cudnn_persistent_eligible", "status", "note", "paired_baseline_ms", "saved_mb",
+    "reset_rate",
 ]  # fmt: skip
-CONFIG_KEYS = ("device", "dtype", "T", "B", "H", "I", "layers", "bidirectional", "pass")
+CONFIG_KEYS = ("device", "dtype", "T", "B", "H", "I", "layers", "bidirectional", "reset_rate", "pass")
 IMPL_ORDER = list(PROVIDERS)
 DTYPE_ORDER = list(DTYPES)
 
@@ -51,6 +52,7 @@ def rows_from_results(results: Iterable[Result], device_name: str) -> list[dict]
                 "I": c.I,
                 "layers": c.layers,
                 "bidirectional": c.bidirectional,
+                "reset_rate": c.reset_rate,
                 "impl": r.measurement.impl,
                 "pass": r.measurement.pass_,
                 "median_ms": s.median_ms if s else None,
@@ -76,6 +78,7 @@ def _sort_key(row: dict):
     impl = row["impl"]
     return (
         DTYPE_ORDER.index(row["dtype"]) if row["dtype"] in DTYPE_ORDER else 99,
+        _reset_rate(row),
         int(row["layers"]),
         str(row["bidirectional"]),
         int(row["H"]),
@@ -160,7 +163,8 @@ def _groups(rows: Sequence[dict]):
     groups: dict = {}
     for r in rows:
         key = (r["dtype"], r["pass"])
-        cfg = (int(r["layers"]), str(r["bidirectional"]) in ("True", "true", "1"), int(r["H"]), int(r["B"]), int(r["T"]))
+        cfg = (int(r["layers"]), str(r["bidirectional"]) in ("True", "true", "1"), int(r["H"]), int(r["B"]), int(r["T"]),
+               _reset_rate(r))
         groups.setdefault(key, {}).setdefault(cfg, {})[r["impl"]] = r
     return groups
 
@@ -188,9 +192,14 @@ def speedup_legend(rows: Sequence[dict]) -> str:
     return "(N x): speedup = the nn.LSTM median of the same row / this median"
 
 
+def _reset_rate(row: dict) -> float:
+    """A row's reset_rate (0 in a CSV written before the column existed)."""
+    return float(row.get("reset_rate") or 0)
+
+
 def _case(cfg) -> str:
-    layers, bidir = cfg[0], cfg[1]
-    return f"{layers}{'bi' if bidir else ''}"
+    layers, bidir, rate = cfg[0], cfg[1], cfg[5]
+    return f"{layers}{'bi' if bidir else ''}" + (f" r{rate:.0%}" if rate else "")
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -283,7 +292,8 @@ def format_summary(rows: Sequence[dict]) -> str:
 def print_table(rows: Sequence[dict], file: Optional[TextIO] = None, max_lines: Optional[int] = None) -> None:
     """Print :func:`format_table` (median ms; speedup vs nn.LSTM in parentheses) to ``file`` or stdout."""
     file = file if file is not None else sys.stdout
-    n_lines = len({(r["dtype"], r["pass"], r["layers"], r["bidirectional"], r["H"], r["B"], r["T"]) for r in rows})
+    n_lines = len({(r["dtype"], r["pass"], r["layers"], r["bidirectional"], r["H"], r["B"], r["T"], _reset_rate(r))
+                   for r in rows})
     if max_lines is not None and n_lines > max_lines:
         print(f"speedup vs nn.LSTM by dtype, pass and impl ({n_lines} table lines: see the Markdown file)", file=file)
         print(format_summary(rows), file=file)
@@ -373,7 +383,8 @@ def write_plots(out_dir: Path, rows: Sequence[dict], info: dict) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     suptitle = "\n".join(header_lines(info))
     written = []
-    single = [r for r in rows if int(r["layers"]) == 1 and str(r["bidirectional"]) in ("False", "false", "0")]
+    single = [r for r in rows if int(r["layers"]) == 1 and str(r["bidirectional"]) in ("False", "false", "0")
+              and not _reset_rate(r)]
     ok = [r for r in single if r["status"] == OK and r["median_ms"] not in (None, "")]
     impls = _impls(single)
     for dtype in [d for d in DTYPE_ORDER if any(r["dtype"] == d for r in ok)]:

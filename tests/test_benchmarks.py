@@ -16,6 +16,7 @@ from benchmarks import configs as cfgs  # noqa: E402
 from benchmarks import providers, report, runner, timing  # noqa: E402
 from benchmarks.__main__ import main  # noqa: E402
 from lstm_kernels import BackendUnsupportedError  # noqa: E402
+from utils import assert_rel_close  # noqa: E402
 
 REQUIRED_COLUMNS = [
     "device", "dtype", "T", "B", "H", "I", "layers", "bidirectional", "impl", "pass",
@@ -362,8 +363,9 @@ def test_default_grids():
     assert cfgs.default_limits("fused-auto-compile", cfgs.Config(64, 8, 64, 64, 1, False, "fp32"), "cpu") is None
     assert cfgs.default_limits("fused-auto-compile", cfgs.Config(16, 8, 64, 64, 1, False, "fp32"), "cpu")
     gpu = cfgs.build_configs("cuda")
-    single = [c for c in gpu if c.layers == 1]
+    single = [c for c in gpu if c.layers == 1 and not c.reset_rate]
     assert len(single) == 4 * 5 * 4 * 3  # T x B x H x dtype
+    assert [(c.T, c.B, c.H) for c in gpu if c.reset_rate] == [(128, 128, 256)] * 3  # TorchRL's, in each dtype
     assert {(c.layers, c.bidirectional) for c in gpu} == {(1, False), (2, True)}
     assert {c.I for c in gpu} == {c.H for c in gpu}
     small = cfgs.Config(T=16, B=8, H=512, I=512, layers=1, bidirectional=False, dtype="bf16")
@@ -447,3 +449,23 @@ def test_a_failed_memory_measurement_keeps_the_timing(monkeypatch):
     (result,) = runner.run_sweep(todo, "cpu", warmup=1, min_reps=3, max_reps=3, progress=False)
     assert result.status == "ok" and result.saved_mb is None
     assert "saved bytes not measured: RuntimeError: hooks refused" in result.note
+
+
+def test_resets_case_and_its_nn_lstm_baseline():
+    """The resets case (TorchRL's configuration) has its own grid and rate; nn.LSTM runs it by cutting
+    rows into episodes, which gives what FusedLSTM gives with resets."""
+    configs = cfgs.build_configs("cpu", cases=("resets",))
+    assert [(c.T, c.B, c.H, c.reset_rate) for c in configs] == [(64, 16, 64, cfgs.RESET_RATE)]
+    assert all(c.reset_rate == 0 for c in cfgs.build_configs("cpu", cases=("single", "bidir")))
+    assert "resets 3%" in configs[0].label()
+    cfg = cfgs.Config(T=9, B=5, H=6, I=4, layers=2, bidirectional=False, dtype="fp32", reset_rate=0.2)
+    torch.manual_seed(0)
+    base = torch.nn.LSTM(cfg.I, cfg.H, cfg.layers)
+    resets = cfgs.reset_pattern(cfg, "cpu")
+    assert resets.any() and resets.shape == (cfg.T, cfg.B)
+    x = torch.randn(cfg.T, cfg.B, cfg.I)
+    split = providers.PROVIDERS["nn.LSTM"].build(base, cfg)(x)
+    fused = providers.PROVIDERS["fused-reference"].build(base, cfg)(x)
+    assert_rel_close(fused, split, 1e-5, "output")
+    with pytest.raises(NotImplementedError, match="resets"):
+        providers.PROVIDERS["fused-auto-compile"].build(base, cfg)
