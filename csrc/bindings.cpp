@@ -48,9 +48,16 @@ void check_status(const lstm::Status& st) {
   }
 }
 
-lstm::BarrierDebug barrier_debug(const char* fn, uintptr_t state, int64_t spins) {
-  if (state != 0 && spins < 1) throw std::invalid_argument(std::string(fn) + ": barrier_spins must be >= 1");
-  return lstm::BarrierDebug{reinterpret_cast<unsigned long long*>(state), (long long)spins};
+// The time bound of a persistent launch's grid barrier (barrier_wait.cuh): a per-launch state, the
+// device's error record, the bound in ns (0: none) and the kernel's code in the record.
+lstm::BarrierWatch barrier_watch(const char* fn, uintptr_t state, uintptr_t record, int64_t timeout_ns,
+                                 int64_t kernel) {
+  if (state != 0 && (record == 0 || timeout_ns < 0 || kernel < 1)) {
+    throw std::invalid_argument(std::string(fn) + ": with barrier_state, barrier_record must be set, "
+                                "barrier_timeout_ns >= 0 and barrier_kernel >= 1");
+  }
+  return lstm::BarrierWatch{reinterpret_cast<unsigned long long*>(state), reinterpret_cast<long long*>(record),
+                            (long long)timeout_ns, (long long)kernel};
 }
 
 void check_sizes(const char* fn, int64_t T, int64_t B, int64_t H) {
@@ -87,9 +94,10 @@ void check_variant(const char* fn, int variant) {
 
 int forward(int dtype, uintptr_t xg, uintptr_t w_hh, uintptr_t h0, uintptr_t c0, uintptr_t h_all, uintptr_t c_T,
             uintptr_t act, uintptr_t c_all, uintptr_t c_work, int64_t T, int64_t B, int64_t H, uintptr_t stream,
-            int variant, bool mma, uintptr_t barrier_state, int64_t barrier_spins) {
+            int variant, bool mma, uintptr_t barrier_state, uintptr_t barrier_record,
+            int64_t barrier_timeout_ns, int64_t barrier_kernel) {
   const char* fn = "lstm_kernels._C.forward";
-  const lstm::BarrierDebug dbg = barrier_debug(fn, barrier_state, barrier_spins);
+  const lstm::BarrierWatch dbg = barrier_watch(fn, barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel);
   check_dtype(fn, dtype);
   check_variant(fn, variant);
   check_sizes(fn, T, B, H);
@@ -112,9 +120,10 @@ int forward(int dtype, uintptr_t xg, uintptr_t w_hh, uintptr_t h0, uintptr_t c0,
 int backward(int dtype, uintptr_t w_hh, uintptr_t c0, uintptr_t act, uintptr_t c_all, uintptr_t dh_all,
              uintptr_t dh_T, uintptr_t dc_T, uintptr_t dG, uintptr_t dh0, uintptr_t dc0, uintptr_t dg_work,
              uintptr_t dc_work, int64_t T, int64_t B, int64_t H, uintptr_t stream, int variant, bool mma,
-             uintptr_t barrier_state, int64_t barrier_spins) {
+             uintptr_t barrier_state, uintptr_t barrier_record,
+            int64_t barrier_timeout_ns, int64_t barrier_kernel) {
   const char* fn = "lstm_kernels._C.backward";
-  const lstm::BarrierDebug dbg = barrier_debug(fn, barrier_state, barrier_spins);
+  const lstm::BarrierWatch dbg = barrier_watch(fn, barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel);
   check_dtype(fn, dtype);
   check_variant(fn, variant);
   check_sizes(fn, T, B, H);
@@ -160,9 +169,10 @@ void check_fused_args(const char* fn, int dtype, int64_t T, int64_t B, int64_t H
 void fused_forward(int dtype, uintptr_t xg, uintptr_t w_fwd, uintptr_t w_hr, uintptr_t c0, uintptr_t c_work,
                    uintptr_t hx, uintptr_t mx, uintptr_t h_all, uintptr_t h_T, uintptr_t c_T, uintptr_t act,
                    uintptr_t c_all, uintptr_t batch_sizes, uintptr_t counters, int64_t T, int64_t B, int64_t H,
-                   int64_t P, int persistent, uintptr_t stream, uintptr_t barrier_state, int64_t barrier_spins) {
+                   int64_t P, int persistent, uintptr_t stream, uintptr_t barrier_state, uintptr_t barrier_record,
+            int64_t barrier_timeout_ns, int64_t barrier_kernel) {
   const char* fn = "lstm_kernels._C.fused_forward";
-  const lstm::BarrierDebug dbg = barrier_debug(fn, barrier_state, barrier_spins);
+  const lstm::BarrierWatch dbg = barrier_watch(fn, barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel);
   check_fused_args(fn, dtype, T, B, H, P, w_hr != 0);
   if ((act == 0) != (c_all == 0)) throw std::invalid_argument(std::string(fn) + ": act and c_all go together");
   if (w_hr != 0 && mx == 0) throw std::invalid_argument(std::string(fn) + ": mx is needed with w_hr");
@@ -176,7 +186,8 @@ void fused_forward(int dtype, uintptr_t xg, uintptr_t w_fwd, uintptr_t w_hr, uin
                              ptr<float>(fn, "act", act, true), ptr<float>(fn, "c_all", c_all, true),
                              ptr<const int>(fn, "batch_sizes", batch_sizes, true),
                              ptr<unsigned int>(fn, "counters", counters), (int)T, (int)B, (int)H, (int)P,
-                             persistent ? 1 : 0, dbg.state, dbg.spin_limit, reinterpret_cast<void*>(stream));
+                             persistent ? 1 : 0, dbg.state, dbg.record, dbg.timeout_ns, dbg.kernel,
+                             reinterpret_cast<void*>(stream));
   }
   check_fused(err, persistent ? "fused_forward_kernel (cooperative launch)" : "fused_forward_kernel");
 }
@@ -185,9 +196,10 @@ void fused_backward(int dtype, uintptr_t w_bwd, uintptr_t w_hrT, uintptr_t act, 
                     uintptr_t dh_all, uintptr_t dh_T, uintptr_t dc_T, uintptr_t dc_work, uintptr_t dgx,
                     uintptr_t dhx, uintptr_t dG, uintptr_t dh0, uintptr_t dc0, uintptr_t dh_tot,
                     uintptr_t batch_sizes, uintptr_t counters, int64_t T, int64_t B, int64_t H, int64_t P,
-                    int persistent, uintptr_t stream, uintptr_t barrier_state, int64_t barrier_spins) {
+                    int persistent, uintptr_t stream, uintptr_t barrier_state, uintptr_t barrier_record,
+            int64_t barrier_timeout_ns, int64_t barrier_kernel) {
   const char* fn = "lstm_kernels._C.fused_backward";
-  const lstm::BarrierDebug dbg = barrier_debug(fn, barrier_state, barrier_spins);
+  const lstm::BarrierWatch dbg = barrier_watch(fn, barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel);
   check_fused_args(fn, dtype, T, B, H, P, w_hrT != 0);
   if (w_hrT != 0 && (dhx == 0 || dh_tot == 0))
     throw std::invalid_argument(std::string(fn) + ": dhx and dh_tot are needed with w_hrT");
@@ -202,7 +214,7 @@ void fused_backward(int dtype, uintptr_t w_bwd, uintptr_t w_hrT, uintptr_t act, 
         ptr<void>(fn, "dG", dG), ptr<void>(fn, "dh0", dh0), ptr<void>(fn, "dc0", dc0),
         ptr<float>(fn, "dh_tot", dh_tot, true), ptr<const int>(fn, "batch_sizes", batch_sizes, true),
         ptr<unsigned int>(fn, "counters", counters), (int)T, (int)B, (int)H, (int)P, persistent ? 1 : 0, dbg.state,
-        dbg.spin_limit, reinterpret_cast<void*>(stream));
+        dbg.record, dbg.timeout_ns, dbg.kernel, reinterpret_cast<void*>(stream));
   }
   check_fused(err, persistent ? "fused_backward_kernel (cooperative launch)" : "fused_backward_kernel");
 }
@@ -409,30 +421,32 @@ PYBIND11_MODULE(_C, m) {
     m.attr("COOPERATIVE_REFUSALS") = refusals;
   }
   m.def("forward", &forward,
-        "Forward recurrence; returns the variant that ran; mma: tensor cores; barrier_state (a zeroed int64 [4]"
-        " device buffer, or 0) and barrier_spins: the persistent kernel's bounded debug barrier; see"
-        " csrc/lstm_cuda.h",
+        "Forward recurrence; returns the variant that ran; mma: tensor cores; barrier_state (a zeroed int64 [2]"
+        " device buffer, or 0: grid.sync()), barrier_record (the device's int64 [4] error record),"
+        " barrier_timeout_ns (0: no bound) and barrier_kernel (its code in the record): the persistent"
+        " kernel's time-bounded grid barrier; see csrc/barrier_wait.cuh",
         py::arg("dtype"),
         py::arg("xg"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"), py::arg("h_all"), py::arg("c_T"),
         py::arg("act"), py::arg("c_all"), py::arg("c_work"), py::arg("T"), py::arg("B"), py::arg("H"),
         py::arg("stream"), py::arg("variant") = (int)lstm::kStep, py::arg("mma") = false,
-        py::arg("barrier_state") = 0, py::arg("barrier_spins") = 0);
+        py::arg("barrier_state") = 0, py::arg("barrier_record") = 0,
+        py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0);
   m.def("backward", &backward,
-        "Backward recurrence; returns the variant that ran; mma: tf32 tensor cores; barrier_state, barrier_spins:"
+        "Backward recurrence; returns the variant that ran; mma: tf32 tensor cores; barrier_*:"
         " as for forward; see csrc/lstm_cuda.h",
         py::arg("dtype"), py::arg("w_hh"), py::arg("c0"), py::arg("act"), py::arg("c_all"), py::arg("dh_all"),
         py::arg("dh_T"), py::arg("dc_T"), py::arg("dG"), py::arg("dh0"), py::arg("dc0"), py::arg("dg_work"),
         py::arg("dc_work"), py::arg("T"), py::arg("B"), py::arg("H"), py::arg("stream"),
         py::arg("variant") = (int)lstm::kStep, py::arg("mma") = false, py::arg("barrier_state") = 0,
-        py::arg("barrier_spins") = 0);
+        py::arg("barrier_record") = 0, py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0);
   m.def("fused_forward", &fused_forward,
         "Fused forward at the budget of one step (dtype: a FusedOp code; csrc/fused_lstm.h); persistent: one cooperative launch,"
-        " else one launch per half-step; barrier_state, barrier_spins: the bounded debug wait (as for forward)",
+        " else one launch per half-step; barrier_*: the time bound of the grid wait (as for forward)",
         py::arg("dtype"), py::arg("xg"), py::arg("w_fwd"), py::arg("w_hr"), py::arg("c0"), py::arg("c_work"),
         py::arg("hx"), py::arg("mx"), py::arg("h_all"), py::arg("h_T"), py::arg("c_T"), py::arg("act"),
         py::arg("c_all"), py::arg("batch_sizes"), py::arg("counters"), py::arg("T"), py::arg("B"), py::arg("H"),
         py::arg("P"), py::arg("persistent"), py::arg("stream"), py::arg("barrier_state") = 0,
-        py::arg("barrier_spins") = 0);
+        py::arg("barrier_record") = 0, py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0);
   m.def("fused_backward", &fused_backward,
         "Fused backward at the budget of one step (dtype: a FusedOp code, dG exchanged in the storage dtype;"
         " csrc/fused_lstm.h)",
@@ -440,7 +454,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dh_all"), py::arg("dh_T"), py::arg("dc_T"), py::arg("dc_work"), py::arg("dgx"), py::arg("dhx"),
         py::arg("dG"), py::arg("dh0"), py::arg("dc0"), py::arg("dh_tot"), py::arg("batch_sizes"),
         py::arg("counters"), py::arg("T"), py::arg("B"), py::arg("H"), py::arg("P"), py::arg("persistent"),
-        py::arg("stream"), py::arg("barrier_state") = 0, py::arg("barrier_spins") = 0);
+        py::arg("stream"), py::arg("barrier_state") = 0, py::arg("barrier_record") = 0,
+        py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0);
   m.def("fused_plan", &fused_plan,
         "The fused kernels' plan on the current device: {'blocks', 'smem', 'possible' (persistent grid"
         " co-resident), 'fits' (the block's shared memory fits)}",

@@ -43,6 +43,9 @@
 // | act_t, c_t, c_{t-1}, dh_all[t] prefetched before the barrier wait        | hidden |
 // | **backward step**                                                        | **<= 3 us** |
 // Block barriers per step: 2 (after warp 0's grid wait; after the partial sums). Grid barriers:
+// The grid wait's time bound (barrier_wait.cuh) adds nothing to a wait whose first poll finds the
+// barrier open; after a closed poll, lane 0 reads the abort flag and %globaltimer (one L2 load and
+// one clock read per extra poll, under the poll's own round trip).
 // 1 (PROJ: 4 and 2). Shared memory per block: 8 * (K4p * e + 16) + 8 * 9216 (rings) + 4096 bytes,
 // e = sizeof(T): 124.1 KB at H = 768 in 16 bits, 172.1 KB in float; the largest H served is
 // 2408 (16-bit) and 1204 (float) in sm_90's 227 KB, 1384 and 692 in sm_80's 163 KB; PROJ
@@ -104,10 +107,10 @@ __global__ void __launch_bounds__(THREADS, 1)
                           const int* __restrict__ batch_sizes,  // [T] int32, or null
                           unsigned int* counters,             // [gridDim.y] zeroed (several half-steps)
                           int T_, int B, int H, int P, int hs_begin, int hs_end,
-                         BarrierWatch watch) {  // the debug switch of the grid wait (default: no bound)
+                         BarrierWatch watch) {  // the time bound of the grid wait (barrier_wait.cuh)
   constexpr int NPH = PROJ ? 2 : 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ int abort_s;  // the debug watch gave up: every thread of the block leaves
+  __shared__ int abort_s;  // the grid wait gave up: every thread of the block leaves
   constexpr int E = sizeof(T);
   const int K4 = 4 * H, Kp = round_up(K4, kpad(E)), LD = Kp + smem_pad(E), Bp = round_up(B, BATCH_TILE);
   const int Pk = round_up(P, kpad(E)), LDP = Pk + smem_pad(E);
@@ -286,10 +289,10 @@ extern "C" int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_h
                                    const float* c_all, const void* c0, const void* dh_all, const void* dh_T,
                                    const void* dc_T, float* dc_work, void* dgx, void* dhx, void* dG, void* dh0,
                                    void* dc0, float* dh_tot, const int* batch_sizes, unsigned int* counters, int T,
-                                   int B, int H, int P, int persistent, unsigned long long* barrier_state,
-                                   long long barrier_spins, void* stream) {
+                                   int B, int H, int P, int persistent, unsigned long long* barrier_state, long long* barrier_record,
+                                  long long barrier_timeout_ns, long long barrier_kernel, void* stream) {
   using namespace lstm::fused;
-  const BarrierWatch watch{barrier_state, barrier_spins};
+  const lstm::BarrierWatch watch{barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel};
   return with_op(dtype, [&](auto op) {
     using Op = decltype(op);
     auto launch = w_hrT != nullptr ? backward_launch<Op, true> : backward_launch<Op, false>;

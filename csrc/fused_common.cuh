@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "barrier_wait.cuh"    // BarrierWatch, barrier_gives_up: the time bound of the wait
 #include "dtype_convert.cuh"  // to_float / from_float: storage type <-> fp32
 #include "fused_lstm.h"
 #include "fused_plan.cuh"
@@ -229,41 +230,24 @@ __device__ __forceinline__ void grid_arrive(unsigned int* counter, int lane) {
   if (lane == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
 }
 
-// The debug switch of the wait (LSTM_KERNELS_BARRIER_TIMEOUT in Python): with state set (u64 [4],
-// zeroed by the host: unused, timed out 0/1, step, block) a wait gives up after spin_limit polls,
-// or as soon as another block gave up; the first to give up records the step it waited in and
-// itself. With state null (the default) the wait has no bound.
-struct BarrierWatch {
-  unsigned long long* state = nullptr;
-  long long spin_limit = 0;
-};
-
 // Wait: every lane of the calling warp polls with acquire loads (one transaction for the warp)
 // until every lane saw the counter reach target (wrap-safe); reads issued after it see the
-// releasers' stores. Returns false (to the whole warp) when the debug watch gave up.
+// releasers' stores. A poll that finds the barrier open costs nothing more; after one that finds
+// it closed, lane 0 asks barrier_gives_up (barrier_wait.cuh: the abort flag, then %globaltimer
+// against watch.timeout_ns). Returns false (to the whole warp) when the wait gave up.
 __device__ __forceinline__ bool grid_wait(const unsigned int* counter, unsigned int target, const BarrierWatch& watch,
                                           int step, int lane) {
-  long long spins = 0;
+  long long since = -1;
   bool ok = true;
   while (true) {
     unsigned int v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
     if (__all_sync(0xffffffffu, (int)(v - target) >= 0)) break;
-    if (watch.state != nullptr) {
-      int give_up = 0;
-      if (lane == 0) {
-        unsigned long long flag;
-        asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(flag) : "l"(watch.state + 1) : "memory");
-        give_up = flag != 0ull || ++spins > watch.spin_limit;
-        if (give_up && atomicCAS(watch.state + 1, 0ull, 1ull) == 0ull) {
-          watch.state[2] = (unsigned long long)(long long)step;
-          watch.state[3] = blockIdx.y * gridDim.x + blockIdx.x;
-        }
-      }
-      if (__shfl_sync(0xffffffffu, give_up, 0)) {
-        ok = false;
-        break;
-      }
+    int give_up = 0;
+    if (lane == 0) give_up = barrier::barrier_gives_up(watch, &since, step, blockIdx.y * gridDim.x + blockIdx.x);
+    if (__shfl_sync(0xffffffffu, give_up, 0)) {
+      ok = false;
+      break;
     }
     __nanosleep(32);
   }
@@ -274,7 +258,7 @@ __device__ __forceinline__ bool grid_wait(const unsigned int* counter, unsigned 
 // The top of a half-step that reads an exchange buffer: warp 0 waits (when `wait`) for the
 // half-step that wrote it, and one block barrier passes the outcome to every warp, which then
 // copies the part it reads itself (warp_fetch_columns, or the ring of split_k_mma_16x8_streamed).
-// Returns false in every thread when the debug watch gave up (the block must leave).
+// Returns false in every thread when the wait gave up (the block must leave).
 __device__ __forceinline__ bool block_wait(const unsigned int* counter, unsigned int target, bool wait,
                                            const BarrierWatch& watch, int step, int warp, int lane, int* abort_s) {
   if (warp == 0) {

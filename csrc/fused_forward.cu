@@ -43,6 +43,9 @@
 // | xg_{t+1} prefetched into registers before the barrier wait               | hidden    |
 // | **forward step**                                                          | **<= 2 us** |
 // Block barriers per step: 2 (after warp 0's grid wait; after the partial sums). Grid barriers: 1.
+// The grid wait's time bound (barrier_wait.cuh) adds nothing to a wait whose first poll finds the
+// barrier open; after a closed poll, lane 0 reads the abort flag and %globaltimer (one L2 load and
+// one clock read per extra poll, under the poll's own round trip).
 // PROJ: 4 and 2 (DESIGN.md: "two with a projection"); the half-step B adds a 16 x Hk copy of m_t
 // and (2 HMMA per k16 pair) x Hk/32/8 per warp on the projecting blocks.
 // Shared memory per block: (32 + 16) * (Pk * e + 16) + 8 * 16 * 32 * 4 bytes, e = sizeof(T) (90.6 KB
@@ -90,10 +93,10 @@ __global__ void __launch_bounds__(THREADS, 1)
                          const int* __restrict__ batch_sizes,  // [T] int32 active rows per step, or null
                          unsigned int* counters,             // [gridDim.y] zeroed; used with several half-steps
                          int T_, int B, int H, int P, int hs_begin, int hs_end,
-                         BarrierWatch watch) {  // the debug switch of the grid wait (default: no bound)
+                         BarrierWatch watch) {  // the time bound of the grid wait (barrier_wait.cuh)
   constexpr int NPH = PROJ ? 2 : 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ int abort_s;  // the debug watch gave up: every thread of the block leaves
+  __shared__ int abort_s;  // the grid wait gave up: every thread of the block leaves
   constexpr int E = sizeof(T);
   const int Pk = round_up(P, kpad(E)), LD = Pk + smem_pad(E), Bp = round_up(B, BATCH_TILE);
   const int Hk = round_up(H, kpad(E)), LDH = Hk + smem_pad(E);
@@ -285,10 +288,11 @@ cudaError_t forward_plan(int B, int H, int P, int* blocks, size_t* smem, int* po
 extern "C" int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, const void* w_hr, const void* c0,
                                   float* c_work, void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act,
                                   float* c_all, const int* batch_sizes, unsigned int* counters, int T, int B, int H,
-                                  int P, int persistent, unsigned long long* barrier_state, long long barrier_spins,
+                                  int P, int persistent, unsigned long long* barrier_state, long long* barrier_record,
+                                  long long barrier_timeout_ns, long long barrier_kernel,
                                   void* stream) {
   using namespace lstm::fused;
-  const BarrierWatch watch{barrier_state, barrier_spins};
+  const lstm::BarrierWatch watch{barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel};
   return with_op(dtype, [&](auto op) {
     using Op = decltype(op);
     auto launch = w_hr != nullptr ? forward_launch<Op, true> : forward_launch<Op, false>;

@@ -7,8 +7,9 @@
 // Dimension names: T steps, B batch, H hidden units, P = proj_size or H; Bp = B rounded up to
 // 16, Pk / Hk / K4p = P / H / 4H rounded up to 32. Gate order along 4H: i, f, g, o.
 // persistent: 1 one cooperative launch (light grid barrier), 0 one launch per half-step.
-// barrier_state (u64 [4] zeroed: unused, timed out, step, block) and barrier_spins: the debug
-// switch of the persistent launch's grid wait (null: no bound); see fused_common.cuh.
+// barrier_state (u64 [2] zeroed: unused, gave up), barrier_record (i64 [4], the device's error
+// record), barrier_timeout_ns (0: no bound) and barrier_kernel (the code in the record): the time
+// bound of the persistent launch's grid wait (state null: no bound); see barrier_wait.cuh.
 #pragma once
 
 #include <cstddef>
@@ -26,7 +27,8 @@ enum FusedOp { kFusedFloat32 = 0, kFusedFloat16 = 1, kFusedBFloat16 = 2, kFusedT
 int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, const void* w_hr, const void* c0,
                        float* c_work, void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act,
                        float* c_all, const int* batch_sizes, unsigned int* counters, int T, int B, int H, int P,
-                       int persistent, unsigned long long* barrier_state, long long barrier_spins, void* stream);
+                       int persistent, unsigned long long* barrier_state, long long* barrier_record,
+                       long long barrier_timeout_ns, long long barrier_kernel, void* stream);
 
 // w_bwd [ceil(P/8)*8, 4H] (cuda_fused.interleave_backward); w_hrT [ceil(H/8)*8, P] or null; act,
 // c_all from the forward; c0 [B,H]; dh_all [T,B,P]; dh_T [B,P]; dc_T [B,H]; dc_work [B,H] fp32;
@@ -36,7 +38,8 @@ int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_hrT, const f
                         const void* c0, const void* dh_all, const void* dh_T, const void* dc_T, float* dc_work,
                         void* dgx, void* dhx, void* dG, void* dh0, void* dc0, float* dh_tot,
                         const int* batch_sizes, unsigned int* counters, int T, int B, int H, int P, int persistent,
-                        unsigned long long* barrier_state, long long barrier_spins, void* stream);
+                        unsigned long long* barrier_state, long long* barrier_record, long long barrier_timeout_ns,
+                        long long barrier_kernel, void* stream);
 
 // *possible: 0 the block's shared memory does not fit this device, 1 the persistent grid is
 // co-resident (cooperative launch), 2 per-step launches only. *blocks, *smem: grid size, bytes.

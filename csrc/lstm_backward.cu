@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
                                float* dg_work,                  // [2, B, 4H] fp32 (read across blocks: no __restrict__)
                                float* dc_work,                  // [B, H] fp32
                                int T_, int B, int H,
-                               BarrierDebug dbg) {  // state null: grid.sync(); else the bounded debug barrier
+                               BarrierWatch dbg) {  // state null: grid.sync(); else the time-bounded barrier
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* w_blk = reinterpret_cast<T*>(smem_raw);  // [4H, TILE_J]
   const int j0 = blockIdx.x * TILE_J;
@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
       if (dbg.state == nullptr) {
         grid.sync();
       } else if (!bounded_grid_sync(dbg, T_ - t, t)) {
-        return;  // a barrier timed out (recorded in dbg.state): leave, the host raises
+        return;  // a wait gave up (the device's error record says where): leave, the host raises
       }
     }
     dg_next = dg_cur;
@@ -238,7 +238,7 @@ Status backward_persistent_plan(int H, PersistentPlan* plan) {
 template <typename T, bool MMA>
 Status backward_impl(const T* w_hh, const T* c0, const float* act, const float* c_all, const T* dh_all,
                      const T* dh_T, const T* dc_T, T* dG, T* dh0, T* dc0, float* dg_work, float* dc_work, int T_,
-                     int B, int H, int variant, int* used, cudaStream_t stream, BarrierDebug barrier) {
+                     int B, int H, int variant, int* used, cudaStream_t stream, BarrierWatch barrier) {
   void* args[] = {&w_hh, &c0,     &act,     &c_all,   &dh_all, &dh_T, &dc_T, &dG,
                   &dh0,  &dc0,    &dg_work, &dc_work, &T_,     &B,    &H,    &barrier};
   return run_variant(
@@ -255,7 +255,7 @@ Status backward_impl(const T* w_hh, const T* c0, const float* act, const float* 
 Status backward(int dtype, const void* w_hh, const void* c0, const float* act, const float* c_all,
                 const void* dh_all, const void* dh_T, const void* dc_T, void* dG, void* dh0, void* dc0,
                 float* dg_work, float* dc_work, int T_, int B, int H, int variant, bool mma, int* used,
-                cudaStream_t stream, BarrierDebug barrier) {
+                cudaStream_t stream, BarrierWatch barrier) {
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
     return LSTM_BOOL_SWITCH(mma, kMma, [&] {
       using P = const scalar_t*;

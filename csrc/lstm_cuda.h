@@ -8,6 +8,8 @@
 
 #include <cuda_runtime.h>
 
+#include "barrier_wait.cuh"
+
 #include <cstddef>
 #include <map>
 #include <mutex>
@@ -96,17 +98,12 @@ class PlanCache {
 // The process-wide cache of the persistent plans (defined in lstm_forward.cu).
 PlanCache& plan_cache();
 
-// Debug switch of the persistent kernels' grid barrier (LSTM_KERNELS_BARRIER_TIMEOUT in
-// Python). With state null (the default) the kernels sync with cooperative_groups'
-// grid.sync(). Otherwise they use a hand-written barrier (an arrival counter, release
-// before the arrival, acquire after the wait) that gives up after spin_limit polls: the
-// first block to give up records the step and itself, every block leaves the kernel,
-// and the caller reads state and raises.
-struct BarrierDebug {
-  unsigned long long* state = nullptr;  // [4], zeroed by the caller: arrivals, timed out (0/1), step, block
-  long long spin_limit = 0;             // polls (each ~0.1-1 us) before a wait gives up
-};
-
+// The persistent kernels' grid barrier: with watch.state null (the C++ default) cooperative
+// groups' grid.sync(), without bound. Otherwise (the Python launch code always) a hand-written
+// barrier (persistent.cuh's bounded_grid_sync: an arrival counter in state[0], release before the
+// arrival, acquire after the wait) bounded in time by watch.timeout_ns (barrier_wait.cuh): the
+// first block to give up raises the abort flag and fills the device's error record, every block
+// leaves the kernel, and the host raises at its next look (barrier_bound.py).
 // Forward recurrence (the per-step or the persistent kernel, see variant).
 //   xg     [T, B, 4H] dtype     input projection + biases
 //   w_hh   [4H, H]    dtype
@@ -120,10 +117,10 @@ struct BarrierDebug {
 //   variant           Variant   requested; *used gets the one that ran
 //   mma               bool      the recurrent matmul on tensor cores (wmma): fp16/bf16 operands, tf32 for
 //                               fp32 (ask for it only where TF32 is allowed)
-//   barrier           BarrierDebug  the persistent kernel's grid barrier (default: grid.sync())
+//   barrier           BarrierWatch  the persistent kernel's grid barrier (default: grid.sync())
 Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, const void* c0, void* h_all,
                void* c_T, float* act, float* c_all, float* c_work, int T, int B, int H, int variant, bool mma,
-               int* used, cudaStream_t stream, BarrierDebug barrier = BarrierDebug{});
+               int* used, cudaStream_t stream, BarrierWatch barrier = BarrierWatch{});
 
 // Backward recurrence (BPTT), one launch per step plus a last one for dh0.
 //   w_hh    [4H, H]    dtype
@@ -140,11 +137,11 @@ Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, cons
 //   dc_work [B, H]     fp32   scratch: the cell-state gradient carried between steps
 //   variant            Variant  requested; *used gets the one that ran
 //   mma                bool     dG_{t+1} W_hh on tf32 tensor cores (dG is fp32; 16-bit W is exact in tf32)
-//   barrier            BarrierDebug  the persistent kernel's grid barrier (default: grid.sync())
+//   barrier            BarrierWatch  the persistent kernel's grid barrier (default: grid.sync())
 Status backward(int dtype, const void* w_hh, const void* c0, const float* act, const float* c_all,
                 const void* dh_all, const void* dh_T, const void* dc_T, void* dG, void* dh0, void* dc0,
                 float* dg_work, float* dc_work, int T, int B, int H, int variant, bool mma, int* used,
-                cudaStream_t stream, BarrierDebug barrier = BarrierDebug{});
+                cudaStream_t stream, BarrierWatch barrier = BarrierWatch{});
 
 // Occupancy: resident blocks per SM of the per-step kernel ("forward" or
 // "backward") of the given dtype, and the persistent plan for hidden size H

@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
                               float* __restrict__ c_all,   // [T, B, H] fp32, or null
                               float* __restrict__ c_work,  // [B, H] fp32 (used when c_all is null)
                               int T_, int B, int H,
-                              BarrierDebug dbg) {  // state null: grid.sync(); else the bounded debug barrier
+                              BarrierWatch dbg) {  // state null: grid.sync(); else the time-bounded barrier
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* w_blk = reinterpret_cast<T*>(smem_raw);  // [4, TILE_J, H]
   const int j0 = blockIdx.x * TILE_J;
@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
     if (dbg.state == nullptr) {
       grid.sync();
     } else if (!bounded_grid_sync(dbg, t + 1, t)) {
-      return;  // a barrier timed out (recorded in dbg.state): leave, the host raises
+      return;  // a wait gave up (the device's error record says where): leave, the host raises
     }
   }
 }
@@ -225,7 +225,7 @@ Status forward_persistent_plan(int H, PersistentPlan* plan) {
 template <typename T, bool MMA>
 Status forward_impl(const T* xg, const T* w_hh, const T* h0, const T* c0, T* h_all, T* c_T, float* act,
                     float* c_all, float* c_work, int T_, int B, int H, int variant, int* used,
-                    cudaStream_t stream, BarrierDebug barrier) {
+                    cudaStream_t stream, BarrierWatch barrier) {
   void* args[] = {&xg, &w_hh, &h0, &c0, &h_all, &c_T, &act, &c_all, &c_work, &T_, &B, &H, &barrier};
   return run_variant(
       variant, reinterpret_cast<const void*>(forward_persistent_kernel<T, MMA>),
@@ -237,7 +237,7 @@ Status forward_impl(const T* xg, const T* w_hh, const T* h0, const T* c0, T* h_a
 
 Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, const void* c0, void* h_all,
                void* c_T, float* act, float* c_all, float* c_work, int T_, int B, int H, int variant, bool mma,
-               int* used, cudaStream_t stream, BarrierDebug barrier) {
+               int* used, cudaStream_t stream, BarrierWatch barrier) {
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
     return LSTM_BOOL_SWITCH(mma, kMma, [&] {
       return forward_impl<scalar_t, kMma>(static_cast<const scalar_t*>(xg), static_cast<const scalar_t*>(w_hh),

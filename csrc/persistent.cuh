@@ -4,11 +4,12 @@
 // launch, the block's shared memory fits, and every block of the grid can be
 // co-resident (cudaOccupancyMaxActiveBlocksPerMultiprocessor x SM count).
 // The plan is computed once per (device, kernel, grid, shared memory) and cached
-// (PlanCache, lstm_cuda.h). Also here: the bounded grid barrier of the debug switch.
+// (PlanCache, lstm_cuda.h). Also here: the time-bounded grid barrier of the persistent kernels.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include "barrier_wait.cuh"
 #include "dtype_convert.cuh"
 #include "lstm_cuda.h"
 
@@ -76,30 +77,26 @@ inline Status persistent_plan(const void* kernel, int blocks, size_t dynamic_sme
   });
 }
 
-// Grid barrier of the debug switch (BarrierDebug, lstm_cuda.h), used instead of
-// grid.sync() when dbg.state is set; the grid is co-resident (cooperative launch).
-// `generation` counts the barriers this kernel has passed, from 1; `step` names the
-// barrier in the report. Thread (0, 0) of each block arrives (release: the block's
-// writes, ordered by __syncthreads and __threadfence, before its arrival) and polls
-// the counter until every block of this generation arrived (acquire: __threadfence
-// after the wait), giving up after dbg.spin_limit polls or when another block gave
-// up. Returns false to every thread of a block that gave up: the kernel must return.
-__device__ __forceinline__ bool bounded_grid_sync(const BarrierDebug& dbg, long long generation, int step) {
+// The bounded grid barrier (BarrierWatch, barrier_wait.cuh), used instead of grid.sync() when
+// watch.state is set (the Python launch code always sets it); the grid is co-resident (cooperative
+// launch). `generation` counts the barriers this kernel has passed, from 1; `step` names the
+// barrier in the record. Thread (0, 0) of each block arrives (release: the block's writes, ordered
+// by __syncthreads and __threadfence, before its arrival) and polls the counter state[0] until
+// every block of this generation arrived (acquire: __threadfence after the wait); after a poll that
+// finds it closed it asks barrier_gives_up (the abort flag, then the GPU clock against
+// watch.timeout_ns). Returns false to every thread of a block that gave up: the kernel must return.
+__device__ __forceinline__ bool bounded_grid_sync(const BarrierWatch& watch, long long generation, int step) {
   __shared__ int passed_s;
   __syncthreads();
   if (threadIdx.x == 0 && threadIdx.y == 0) {
     int passed = 1;
     __threadfence();
-    atomicAdd(dbg.state, 1ull);
+    atomicAdd(watch.state, 1ull);
     const long long target = generation * (long long)gridDim.x;
-    volatile unsigned long long* vstate = dbg.state;
-    long long spins = 0;
-    while ((long long)vstate[0] < target) {
-      if (vstate[1] != 0ull || ++spins > dbg.spin_limit) {
-        if (atomicCAS(dbg.state + 1, 0ull, 1ull) == 0ull) {  // the first block to give up names the barrier
-          vstate[2] = (unsigned long long)(long long)step;
-          vstate[3] = blockIdx.x;
-        }
+    volatile unsigned long long* arrivals = watch.state;
+    long long since = -1;
+    while ((long long)arrivals[0] < target) {
+      if (barrier::barrier_gives_up(watch, &since, step, blockIdx.x)) {
         passed = 0;
         break;
       }

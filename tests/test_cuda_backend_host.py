@@ -225,34 +225,23 @@ def test_plan_cache_counters():
     assert _C.plan_cache_stats() == {"planned": 0, "hits": 0, "size": 0}
 
 
-# ---- item 9: the debug grid barrier ---------------------------------------------------------------
+# ---- item 9: the grid barrier's time bound (tests/test_barrier_bound.py: the bound and the record) --
 
 
-def test_barrier_timeout_env(monkeypatch):
-    monkeypatch.delenv(cuda_backend.BARRIER_TIMEOUT_ENV, raising=False)
-    assert cuda_backend.barrier_spin_limit() is None
-    monkeypatch.setenv(cuda_backend.BARRIER_TIMEOUT_ENV, "0")
-    assert cuda_backend.barrier_spin_limit() is None
-    monkeypatch.setenv(cuda_backend.BARRIER_TIMEOUT_ENV, "100000")
-    assert cuda_backend.barrier_spin_limit() == 100000
-    for bad in ("-3", "ten", "1.5"):
-        monkeypatch.setenv(cuda_backend.BARRIER_TIMEOUT_ENV, bad)
-        with pytest.raises(ValueError, match=cuda_backend.BARRIER_TIMEOUT_ENV):
-            cuda_backend.barrier_spin_limit()
-
-
-def test_barrier_report_names_the_kernel_step_and_block():
-    state = cuda_backend._new_barrier_state(torch.device("cpu"))
-    assert state.dtype == torch.int64 and state.tolist() == [0, 0, 0, 0]
-    cuda_backend._check_barrier(torch.tensor([480, 0, 0, 0]), "forward", 1000)  # passed: no error
-    with pytest.raises(RuntimeError, match=r"backward persistent kernel: the grid barrier after step t=17 .*block 5"):
-        cuda_backend._check_barrier(torch.tensor([93, 1, 17, 5]), "backward", 1000)
+def test_barrier_arguments_name_the_kernel_in_the_record():
+    state, record, timeout_ns, code = cuda_backend._barrier(torch.device("cpu"), "cuda backward (persistent)")
+    assert state.dtype == torch.int64 and state.tolist() == [0, 0]
+    assert record is cuda_backend.barrier_bound.device_record(torch.device("cpu"))
+    assert timeout_ns == cuda_backend.barrier_bound.barrier_timeout_ns() > 0
+    assert cuda_backend.barrier_bound.KERNELS[code - 1] == "cuda backward (persistent)"
 
 
 @needs_ext
 def test_barrier_arguments_are_checked_by_the_binding():
     args = dict(dtype=0, xg=8, w_hh=8, h0=8, c0=8, h_all=8, c_T=8, act=8, c_all=8, c_work=0, T=1, B=1, H=1, stream=0)
-    with pytest.raises(ValueError, match="barrier_spins"):
-        _C.forward(**args, barrier_state=8, barrier_spins=0)
-    with pytest.raises(ValueError, match="barrier_spins"):
-        _C.backward(0, *([8] * 12), 2, 1, 1, 0, barrier_state=8, barrier_spins=-1)
+    with pytest.raises(ValueError, match="barrier_record must be set"):
+        _C.forward(**args, barrier_state=8, barrier_timeout_ns=10)
+    with pytest.raises(ValueError, match="barrier_timeout_ns >= 0"):
+        _C.forward(**args, barrier_state=8, barrier_record=8, barrier_timeout_ns=-1, barrier_kernel=1)
+    with pytest.raises(ValueError, match="barrier_kernel >= 1"):
+        _C.backward(0, *([8] * 12), 2, 1, 1, 0, barrier_state=8, barrier_record=8, barrier_timeout_ns=0)

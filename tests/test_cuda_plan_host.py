@@ -551,6 +551,10 @@ def fake_fused(monkeypatch):
         cuda_backend._fused_plan_of.cache_clear()
         monkeypatch.delenv(cuda_backend.MMA_ENV, raising=False)
         monkeypatch.delenv(cuda_backend.BARRIER_TIMEOUT_ENV, raising=False)
+        bound = cuda_backend.barrier_bound  # the barrier's buffers on the CPU; no copy back
+        monkeypatch.setattr(bound, "launch_state", lambda device: torch.zeros(2, dtype=torch.int64))
+        monkeypatch.setattr(bound, "device_record", lambda device: torch.zeros(4, dtype=torch.int64))
+        monkeypatch.setattr(bound, "after_launch", lambda device, record: None)
         if variant is None:
             monkeypatch.delenv(cuda_backend.VARIANT_ENV, raising=False)
         else:
@@ -728,37 +732,32 @@ def test_named_persistent_raises_where_the_fused_grid_does_not_fit(fake_fused):
         cuda_backend._fused_mode(_call(varlen=True), "forward")
 
 
-def test_debug_barrier_switch_bounds_the_fused_wait_and_raises(fake_fused, monkeypatch):
-    """LSTM_KERNELS_BARRIER_TIMEOUT: the fused persistent launch gets a zeroed state and the poll
-    limit; a state that says "timed out" raises naming the kernel and the step."""
+def test_the_fused_persistent_launch_is_bounded_and_queues_its_record(fake_fused, monkeypatch):
+    """The fused persistent launch gets a zeroed state, the device's record, the bound in ns
+    (LSTM_KERNELS_BARRIER_TIMEOUT, seconds) and its kernel's code, and queues the copy of the record
+    after it (no host sync); the per-step launches get no barrier."""
+    from lstm_kernels.backends import barrier_bound
     fake_fused(True)
-    monkeypatch.setenv(cuda_backend.BARRIER_TIMEOUT_ENV, "1000")
-    assert cuda_backend._fused_mode(_call(), "forward") is True
-    seen = {}
+    monkeypatch.setenv(cuda_backend.BARRIER_TIMEOUT_ENV, "1.5")
+    made = {}
+    monkeypatch.setattr(barrier_bound, "launch_state", lambda device: made.setdefault("state", torch.zeros(2)))
+    monkeypatch.setattr(barrier_bound, "device_record", lambda device: made.setdefault("record", torch.zeros(4)))
+    queued = []
+    monkeypatch.setattr(barrier_bound, "after_launch", lambda device, record: queued.append((device, record)))
+    monkeypatch.setattr(cuda_backend, "_ptr", lambda t: 0 if t is None else id(t))
+    seen = []
 
-    def fn(entry, *args, barrier=(0, 0), tf32=False):
-        seen["barrier"], seen["persistent"] = barrier, args[-1]
+    def fn(entry, *args, barrier=(0, 0, 0, 0), tf32=False):
+        seen.append((barrier, args[-1]))
         return "ran"
 
-    states = []
-    monkeypatch.setattr(cuda_backend, "_new_barrier_state", lambda device: states.append(_FakeState()) or states[-1])
-    monkeypatch.setattr(cuda_backend, "_ptr", lambda t: 0 if t is None else 1234)
-    monkeypatch.setattr(cuda_backend.torch.cuda, "is_current_stream_capturing", lambda: False)
     call = _call()
-    assert cuda_backend._run_fused(fn, "forward", call, True, call.device) == ("ran", True)
-    assert seen == {"barrier": (1234, 1000), "persistent": True}
-    states[-1].values = [0, 1, 7, 3]
-    monkeypatch.setattr(cuda_backend, "_new_barrier_state", lambda device: states[-1])
-    with pytest.raises(RuntimeError, match="fused forward persistent kernel: the grid barrier after step t=7"):
-        cuda_backend._run_fused(fn, "forward", call, True, call.device)
-
-
-class _FakeState:
-    def __init__(self):
-        self.values = [0, 0, 0, 0]
-
-    def tolist(self):
-        return list(self.values)
+    assert cuda_backend._run_fused(fn, "backward", call, True, call.device) == ("ran", True)
+    code = barrier_bound.kernel_code("cuda fused backward (persistent)")
+    assert seen == [((id(made["state"]), id(made["record"]), 1_500_000_000, code), True)]
+    assert queued == [(call.device, made["record"])]
+    assert cuda_backend._run_fused(fn, "backward", call, False, call.device) == ("ran", False)
+    assert seen[-1] == ((0, 0, 0, 0), False) and len(queued) == 1
 
 
 def test_refused_cooperative_launch_runs_per_step_and_is_remembered(fake_fused):
@@ -813,8 +812,8 @@ def test_extension_launch_without_gpu_raises_naming_the_kernel():
         pytest.skip("a CUDA device is visible to the runtime")
     with pytest.raises(RuntimeError, match="fused_forward_kernel"):
         _ext.fused_forward(1, 8, 8, 0, 8, 8, 8, 0, 8, 8, 8, 0, 0, 0, 8, 2, 1, 4, 4, 0, 0)
-    with pytest.raises(ValueError, match="barrier_spins must be >= 1"):
-        _ext.fused_forward(1, 8, 8, 0, 8, 8, 8, 0, 8, 8, 8, 0, 0, 0, 8, 2, 1, 4, 4, 1, 0, 8, 0)
+    with pytest.raises(ValueError, match="barrier_record must be set"):
+        _ext.fused_forward(1, 8, 8, 0, 8, 8, 8, 0, 8, 8, 8, 0, 0, 0, 8, 2, 1, 4, 4, 1, 0, 8, 0, 10, 3)
     with pytest.raises(RuntimeError, match=r"fused_backward_kernel \(cooperative launch\)"):
         _ext.fused_backward(2, 8, 0, 8, 8, 8, 8, 8, 8, 8, 8, 0, 8, 8, 8, 0, 0, 8, 2, 1, 4, 4, 1, 0)
     with pytest.raises(RuntimeError, match="fused plan"):

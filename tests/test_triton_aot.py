@@ -219,23 +219,23 @@ def test_flagship_shape_keeps_w_hh_resident(dtype, arch, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("proj", [0, 40], ids=["no_proj", "proj40"])
-def test_bounded_barrier_compiles_and_the_default_kernel_has_none(proj, arch, tmp_path, monkeypatch):
-    """LSTM_KERNELS_BARRIER_TIMEOUT compiles the bounded spin into the persistent kernels (a poll
-    count, and an atomic compare-and-swap that records the barrier); without it the kernels have
-    neither (the spin is compiled out: SPIN_LIMIT = 0)."""
-    for module in (triton_forward, triton_backward):  # the host's check reads the (meta) barrier
-        monkeypatch.setattr(module, "check_barrier", lambda *args: None)
+def test_every_bound_runs_one_binary_with_the_time_bounded_spin(proj, arch, tmp_path, monkeypatch):
+    """The persistent kernels bound their spin in time by default: the bound (seconds, passed in ns)
+    is a runtime argument, so a launch with another bound (0: none) runs the same binary; it has the
+    acquire poll, the GPU-clock read and the compare-and-swap that records a give-up."""
+    for module in (triton_forward, triton_backward):  # the host's look at the (meta) record
+        monkeypatch.setattr(module.barrier_bound, "after_launch", lambda *args: None)
     ptx = {}
-    for limit in (0, 1000000):
-        monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, str(limit))
+    for seconds in ("0", "10", "0.5"):
+        monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, seconds)
         fw, bw = record(monkeypatch, arch, 3, 16, 100, torch.float16, proj=proj, variant="persistent")
         for what, launch in (("forward", persistent_launch(fw)), ("backward", persistent_launch(bw))):
             assert launch.grid[0] > 1 and launch.kwargs["USE_BARRIER"], what
-            assert launch.kwargs["SPIN_LIMIT"] == limit, what
+            assert "SPIN_LIMIT" not in launch.kwargs, what
             compiled = compile_launch(launch, arch)
-            assert_fits(compiled, arch, f"{what} with SPIN_LIMIT = {limit}", tmp_path)
-            ptx[what, limit] = compiled.asm["ptx"]
+            assert_fits(compiled, arch, f"{what} with a bound of {seconds} s", tmp_path)
+            ptx[what, seconds] = compiled.asm["ptx"]
     for what in ("forward", "backward"):
-        assert ".acquire." in ptx[what, 0], f"{what}: no acquire poll (the grid barrier's spin)"
-        assert ".cas." not in ptx[what, 0], f"{what}: the default kernel has the bounded spin's compare-and-swap"
-        assert ".cas." in ptx[what, 1000000], f"{what}: no compare-and-swap in the bounded spin"
+        assert ptx[what, "0"] == ptx[what, "10"] == ptx[what, "0.5"], f"{what}: the bound changed the binary"
+        for needle in (".acquire.", "%globaltimer", ".cas."):
+            assert needle in ptx[what, "10"], f"{what}: no {needle} in the bounded spin"

@@ -76,8 +76,10 @@ def compile_kernel(fn, constants: dict, typed: dict, ints: dict, num_warps: int,
         if name in constants:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = typed.get(name, "*fp32")
+            signature[name] = typed.get(name, "*i64" if name == "rec_ptr" else "*fp32")
             attrs[(index,)] = BaseBackend.parse_attr("D")
+        elif name in kernels.BARRIER_RUNTIME_ARGS:  # never specialised, as the kernels declare them
+            signature[name] = "i64" if name == "timeout_ns" else "i32"
         else:
             signature[name] = "i32"
             spec = BaseBackend.get_int_specialization(ints[name], align=True)
@@ -259,12 +261,11 @@ def budget_of(arch: int) -> int:
     return min(kernels.RESIDENT_BYTES, MAX_SHARED[arch] - kernels.RESIDENT_MARGIN)
 
 
-def forward_build(B, H, P, dtype, arch, spin_limit=0, kernel=_lstm_pfw_kernel):
+def forward_build(B, H, P, dtype, arch, kernel=_lstm_pfw_kernel):
     has_proj = P != H
     cfg = tp.forward_plan(B, H, P, dtype, torch.device("cuda"), has_proj, programs=SMS[arch], budget=budget_of(arch))
     assert isinstance(cfg, dict), cfg
-    consts = tp.forward_constants(H, P, dtype, cfg, has_proj, store_workspace=True, use_barrier=True,
-                                  spin_limit=spin_limit)
+    consts = tp.forward_constants(H, P, dtype, cfg, has_proj, store_workspace=True, use_barrier=True)
     typed = {n: PTR[dtype] for n in ("xg_ptr", "w_ptr", "w_hr_ptr", "h_buf_ptr", "h_all_ptr")}
     typed |= {"bs_ptr": "*i32", "bar_ptr": "*i32"}
     compiled = compile_kernel(kernel, consts, typed, dict(t_begin=0, n_steps=1024, B=B), cfg["num_warps"], arch)
@@ -292,11 +293,11 @@ def test_persistent_forward_step_budget(shape, dtype, arch, tmp_path):
         assert cfg["programs"] >= 0.7 * SMS[arch], cfg
 
 
-def backward_build(B, H, P, dtype, arch, spin_limit=0, kernel=_lstm_pbw_kernel):
+def backward_build(B, H, P, dtype, arch, kernel=_lstm_pbw_kernel):
     has_proj = P != H
     cfg = tp.backward_plan(B, H, P, dtype, torch.device("cuda"), has_proj, programs=SMS[arch], budget=budget_of(arch))
     assert isinstance(cfg, dict), cfg
-    consts = tp.backward_constants(H, P, dtype, cfg, has_proj, use_barrier=True, spin_limit=spin_limit)
+    consts = tp.backward_constants(H, P, dtype, cfg, has_proj, use_barrier=True)
     typed = {n: PTR[dtype] for n in ("w_ptr", "w_hr_ptr", "dh_all_ptr", "dh_last_ptr", "c0_ptr", "dg_ptr",
                                      "dg_buf_ptr")}
     typed |= {"bs_ptr": "*i32", "bar_ptr": "*i32"}
@@ -325,11 +326,43 @@ def test_persistent_backward_step_budget(shape, dtype, arch, tmp_path):
         assert cfg["programs"] >= fw_cfg["programs"], (cfg, fw_cfg)
 
 
+def clock_reads(ttgir: str) -> tuple:
+    """(%globaltimer reads in the step loop, of which outside any scf.if nested in it): the wait's
+    slow path is the scf.if of a first poll that found the barrier closed."""
+    lines = step_loop(ttgir)
+    total = outside = 0
+    depth = 0  # scf.if regions open inside the step loop
+    for line in lines:
+        if "%globaltimer" in line:
+            total += 1
+            outside += depth == 0
+        if "scf.if" in line and line.rstrip().endswith("{"):
+            depth += 1
+        elif line.strip().startswith("}") and depth and not line.strip().startswith("} else"):
+            depth -= 1
+    return total, outside
+
+
 @pytest.mark.parametrize("build", [forward_build, backward_build], ids=["forward", "backward"])
-def test_bounded_spin_compiles(build, tmp_path):
-    """The debug switch (spin_limit > 0: a wait gives up and the launch raises) compiles, one arrival per step."""
-    _, compiled, _ = build(16, 768, 768, torch.float16, 90, spin_limit=1 << 20)
-    assert grid_arrivals_per_step(compiled.asm["ttgir"]) == 1
+@pytest.mark.parametrize("shape", [SHAPES["B16_H768"], SHAPES["B5_H100_P40"]], ids=["B16_H768", "B5_H100_P40"])
+def test_the_served_kernel_bounds_its_waits_at_run_time(build, shape, tmp_path):
+    """The bound is a runtime argument (i64, never specialised), so verification proves the binary
+    that serves; the clock (%globaltimer) is read only inside the slow path of each wait, two
+    reads per wait (its start, and each later closed poll); one arrival per step without a
+    projection, no local memory."""
+    kernel = _lstm_pfw_kernel if build is forward_build else _lstm_pbw_kernel
+    params = {p.name: p for p in kernel.params}
+    assert not params["timeout_ns"].is_constexpr and params["timeout_ns"].annotation_type == "i64"
+    assert params["timeout_ns"].do_not_specialize and params["kernel_code"].do_not_specialize
+    B, H, P = shape
+    _, compiled, _ = build(B, H, P, torch.float16, 90)
+    waits = grid_arrivals_per_step(compiled.asm["ttgir"])
+    assert waits == (2 if P != H else 1)
+    total, outside = clock_reads(compiled.asm["ttgir"])
+    print(f"\n[step budget] {kernel.__name__} B={B} H={H} P={P}: clock reads in the step loop {total}, outside the slow path "
+          f"{outside}, waits {waits}")
+    assert total == 2 * waits and outside == 0, (total, outside, waits)
+    assert "%globaltimer" in compiled.asm["ptx"]
     assert resources(compiled, tmp_path)["LOCAL"] == 0
 
 
@@ -465,12 +498,13 @@ def test_forward_checks_catch_a_mutant(mutant, tmp_path):
 
 
 #: Arguments the existing kernels gained meanwhile, with the value their launch helpers default to.
-OLD_KERNEL_DEFAULTS = {"SPIN_LIMIT": 0}
+OLD_KERNEL_DEFAULTS: dict = {}
 
 
 def _old_constants(fn, values: dict) -> dict:
     values = values | {n: v for n, v in OLD_KERNEL_DEFAULTS.items() if n in fn.arg_names}
-    missing = [n for n in fn.arg_names if not n.endswith("_ptr") and n not in values]
+    missing = [n for n in fn.arg_names
+               if not n.endswith("_ptr") and n not in values and n not in kernels.BARRIER_RUNTIME_ARGS]
     if missing:
         pytest.skip(f"the existing kernel's signature changed ({missing}); before-counts not measured")
     return values

@@ -61,13 +61,13 @@ seeing a GPU, the backend asks that runtime (``_C.runtime_status``, once per pro
 a driver older than the nvcc that built it (``cudaErrorInsufficientDriver``) makes
 the backend unavailable with that reason, and ``auto`` moves on.
 
-Debug switch: ``LSTM_KERNELS_BARRIER_TIMEOUT=N`` (polls, N >= 1; unset or 0: off) makes
-the persistent kernels use a hand-written grid barrier that gives up after N polls
-(~0.1-1 us each) instead of ``grid.sync()`` (the fused kernels: their own grid wait, then
-bounded); the call then raises a RuntimeError naming
-the kernel, the step after which the barrier waited and the block that gave up. It
-reads a flag back after every persistent call (a host sync), and under CUDA-graph
-capture the flag is not checked.
+Grid barriers: every persistent launch (both kernel families) bounds its grid-barrier waits in
+time (``LSTM_KERNELS_BARRIER_TIMEOUT``, seconds, default 10; 0: no bound), read from the GPU's
+clock only after a poll found the barrier closed; the earlier persistent kernels then use a
+hand-written barrier instead of ``grid.sync()``. A launch whose wait gave up ends early and
+leaves a record (:mod:`.barrier_bound`); nothing synchronises the call: the record's copy is
+queued after the launch, and the next call on that device raises a RuntimeError naming the
+kernel, the step and the block (verification raises at once).
 
 Dimension names: T steps, B batch, H hidden units. Gate order along 4H: i, f, g, o.
 Workspace kept for backward: the activated gates ``act`` [T, B, 4H] fp32 and the
@@ -83,8 +83,8 @@ from typing import Optional
 import torch
 
 from ..build_info import build_info
-from . import BARRIER_TIMEOUT_ENV, Backend, RecurrenceCall, RecurrenceInputs, cuda_fused, register
-from . import barrier_spin_limit as shared_barrier_spin_limit
+from . import Backend, RecurrenceCall, RecurrenceInputs, barrier_bound, cuda_fused, register
+from .barrier_bound import BARRIER_TIMEOUT_ENV  # noqa: F401  (the bound's switch, shared with the triton backend)
 
 try:
     from .. import _C
@@ -127,11 +127,6 @@ def requested_variant() -> str:
     if v not in _VARIANTS:
         raise ValueError(f"{VARIANT_ENV}={v!r}; choose one of {', '.join(_VARIANTS)}")
     return v
-
-
-def barrier_spin_limit() -> Optional[int]:
-    """``LSTM_KERNELS_BARRIER_TIMEOUT``: polls before the debug grid barrier gives up, or None (off)."""
-    return shared_barrier_spin_limit() or None
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,7 +189,7 @@ def _grad_or_zeros(g: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tenso
     return g.to(like.dtype).contiguous()
 
 
-def _run_variant(entry, args: tuple, requested: str, mma: bool, key: tuple, barrier: tuple = (0, 0)) -> int:
+def _run_variant(entry, args: tuple, requested: str, mma: bool, key: tuple, barrier: tuple = (0, 0, 0, 0)) -> int:
     """``entry(*args, variant, mma, *barrier)`` for the ``requested`` variant; returns the code of the one that ran.
 
     With ``auto``, a cooperative launch the runtime refuses (``_C.CooperativeLaunchRefused``:
@@ -217,20 +212,16 @@ def _run_variant(entry, args: tuple, requested: str, mma: bool, key: tuple, barr
         return entry(*args, _C.VARIANT_STEP, mma, *barrier)
 
 
-def _new_barrier_state(device: torch.device) -> torch.Tensor:
-    """The debug barrier's state [arrivals, timed out, step, block], zeroed (int64 on ``device``)."""
-    return torch.zeros(4, dtype=torch.int64, device=device)
+def _barrier(device: torch.device, kernel: str) -> tuple:
+    """The barrier arguments of a persistent launch of ``kernel`` (a :data:`barrier_bound.KERNELS`
+    name): a zeroed per-launch state, the device's error record, the bound in ns and the code."""
+    return (barrier_bound.launch_state(device), barrier_bound.device_record(device),
+            barrier_bound.barrier_timeout_ns(), barrier_bound.kernel_code(kernel))
 
 
-def _check_barrier(state: torch.Tensor, kernel: str, spins: int) -> None:
-    """Raise when the debug barrier of a persistent ``kernel`` timed out (reads ``state`` back: a sync)."""
-    arrivals, timed_out, step, block = (int(v) for v in state.tolist())
-    if timed_out:
-        raise RuntimeError(
-            f"lstm_kernels cuda backend: {kernel} persistent kernel: the grid barrier after step t={step} timed out "
-            f"(block {block} gave up after {spins} polls; {arrivals} arrivals in all) "
-            f"[{BARRIER_TIMEOUT_ENV}={spins}]; outputs are invalid"
-        )
+def _barrier_args(barrier: tuple) -> tuple:
+    state, record, timeout_ns, code = barrier
+    return _ptr(state), _ptr(record), timeout_ns, code
 
 
 def _launch(entry, kernel: str, like: torch.Tensor, *tensors: Optional[torch.Tensor],
@@ -239,22 +230,21 @@ def _launch(entry, kernel: str, like: torch.Tensor, *tensors: Optional[torch.Ten
     current stream of ``like``'s device.
 
     ``tensors`` are the entry's tensor arguments in order (None for a null pointer); the
-    dtype code, variant, tensor-core switch and debug barrier follow from ``like``'s dtype
-    and the environment. Returns the variant that ran and whether tensor cores were used.
+    dtype code, variant, tensor-core switch and the barrier's bound follow from ``like``'s dtype
+    and the environment; a persistent launch queues the copy of the device's barrier record. Returns the variant that ran and whether tensor cores were used.
     """
     mma = use_tensor_cores(like.dtype)
     requested = requested_variant()
     if requested == "fused":  # the call was not served by the fused kernels: the per-step kernels
         requested = "step"
-    spins = barrier_spin_limit() if requested != "step" else None
     key = (str(like.device), kernel, like.dtype, sizes[-1], mma)
     with torch.cuda.device(like.device):
         stream = torch.cuda.current_stream(like.device).cuda_stream
-        state = _new_barrier_state(like.device) if spins else None
+        barrier = _barrier(like.device, f"cuda {kernel} (persistent)") if requested != "step" else None
         args = (_dtype_codes()[like.dtype], *(_ptr(t) for t in tensors), *sizes, stream)
-        used = _run_variant(entry, args, requested, mma, key, (_ptr(state), spins or 0))
-        if state is not None and used == _C.VARIANT_PERSISTENT and not torch.cuda.is_current_stream_capturing():
-            _check_barrier(state, kernel, spins)
+        used = _run_variant(entry, args, requested, mma, key, _barrier_args(barrier) if barrier else (0, 0, 0, 0))
+        if used == _C.VARIANT_PERSISTENT:
+            barrier_bound.after_launch(like.device, barrier[1])
     return _variant_name(used), mma
 
 
@@ -347,16 +337,15 @@ def _run_fused(fn, direction: str, call: RecurrenceCall, persistent: bool, devic
     """``fn(entry, *args, persistent, barrier=...)`` on ``device``'s current stream; returns (result,
     whether the persistent launch ran). A refused cooperative launch (nothing ran) is run again per
     (half-)step, and its key remembered (:func:`refused_cooperative_launches`); a named ``persistent``
-    raises. With ``LSTM_KERNELS_BARRIER_TIMEOUT`` the persistent launch's grid wait is bounded, and a
-    wait that gave up raises (the state is read back: a host sync)."""
+    raises. The persistent launch's grid waits are bounded in time (:mod:`.barrier_bound`), and the
+    copy of the device's record is queued after it (no host sync)."""
     entry = getattr(_C, "fused_" + direction)
     tf32 = fused_tf32(call.dtype)
     with torch.cuda.device(device):
         if persistent:
-            spins = barrier_spin_limit()
-            state = _new_barrier_state(device) if spins else None
+            barrier = _barrier(device, f"cuda fused {direction} (persistent)")
             try:
-                out = fn(entry, *args, True, barrier=(_ptr(state), spins or 0), tf32=tf32)
+                out = fn(entry, *args, True, barrier=_barrier_args(barrier), tf32=tf32)
             except _C.CooperativeLaunchRefused as e:
                 if requested_variant() == "persistent":
                     raise
@@ -366,8 +355,7 @@ def _run_fused(fn, direction: str, call: RecurrenceCall, persistent: bool, devic
                               f"cooperative launch ({e}); one launch per step for this shape from now on",
                               RuntimeWarning, stacklevel=3)
             else:
-                if state is not None and not torch.cuda.is_current_stream_capturing():
-                    _check_barrier(state, f"fused {direction}", spins)
+                barrier_bound.after_launch(device, barrier[1])
                 return out, True
         return fn(entry, *args, False, tf32=tf32), False
 
@@ -447,6 +435,7 @@ class CudaBackend(Backend):
             raise RuntimeError(f"cuda backend: {why}")
         call = RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad)
         T, B, H = self._check(xg, w_hh, h0, c0, w_hr)
+        barrier_bound.raise_if_gave_up(xg.device)
         mode = _fused_mode(call, "forward")
         if mode is not None:
             (h_all, h_T, c_T, workspace), ran = _run_fused(
@@ -478,6 +467,7 @@ class CudaBackend(Backend):
         if len(workspace) != 2:
             raise RuntimeError("cuda backend: backward needs the workspace of a forward run with needs_grad=True")
         T, B, H = self._check(xg, w_hh, h0, c0, w_hr)
+        barrier_bound.raise_if_gave_up(xg.device)
         act, c_all = (w.contiguous() for w in workspace)
         w_hh, c0 = w_hh.contiguous(), c0.contiguous()
         dh_all = _grad_or_zeros(dh_all, h_all)

@@ -260,7 +260,7 @@ def tf32_matmul(a: torch.Tensor, b: torch.Tensor, split: bool) -> torch.Tensor:
 
 # ---- launches ------------------------------------------------------------------------------
 # ``entry`` is the extension's ``_C.fused_forward`` / ``_C.fused_backward`` (or the ctypes function of
-# a standalone build: same arguments, ints for pointers, sizes and the stream, then the debug barrier).
+# a standalone build: same arguments, ints for pointers, sizes and the stream, then the barrier's four).
 PERSISTENT, PER_STEP = 1, 0
 
 
@@ -269,13 +269,14 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 
 def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool, persistent: bool,
-            barrier: tuple = (0, 0), tf32: bool = False):
+            barrier: tuple = (0, 0, 0, 0), tf32: bool = False):
     """Run the fused forward. Returns h_all [T, B, P], h_T [B, P], c_T [B, H] and, when needs_grad,
     the workspace (act [T, B, 4H] fp32, c_all [T, B, H] fp32), zero on rows a step does not touch.
 
     ``w_hr``: None or W_hr [P, H] (proj_size P < H). ``batch_sizes``: None or an int tensor [T]
-    (non-increasing, batch_sizes[0] == B). ``barrier``: (state pointer, polls) of the debug
-    switch of the persistent launch's grid wait, or (0, 0). ``tf32``: float32 products on tf32
+    (non-increasing, batch_sizes[0] == B). ``barrier``: (per-launch state pointer, device record
+    pointer, bound in ns, kernel code) of the persistent launch's time-bounded grid wait
+    (csrc/barrier_wait.cuh), or (0, 0, 0, 0): no bound. ``tf32``: float32 products on tf32
     (:func:`op_code`; the caller asks only where torch allows TF32).
     """
     T, B, H4 = xg.shape
@@ -308,7 +309,7 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
 
 
 def backward(entry: Callable, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, batch_sizes, persistent: bool,
-             barrier: tuple = (0, 0), tf32: bool = False):
+             barrier: tuple = (0, 0, 0, 0), tf32: bool = False):
     """Run the fused backward on the forward's (act, c_all). Returns dG [T, B, 4H], dh0 [B, P],
     dc0 [B, H] and dW_hr [P, H] (None without projection). ``tf32`` as for :func:`forward`."""
     T, B, P = dh_all.shape

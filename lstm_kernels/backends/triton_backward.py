@@ -15,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_persistent
+from . import barrier_bound, triton_persistent
 from .device_rows import step_rows
 from .triton_kernels import (
-    RESIDENT_WARPS, backward_buffers, backward_resident_bytes, barrier_spin_limit, barrier_tensor, check_barrier,
+    RESIDENT_WARPS, backward_buffers, backward_resident_bytes, BARRIER_RUNTIME_ARGS, barrier_args,
     choose_variant, co_resident_programs, device_guard, dot_precisions, _dot_tile, launch_config, num_tiles,
     persistent_config, _phase_barrier, projection_weight_grad, record_kernel, resident_budget, resident_weights,
     run_with_fallback, split_k, _tanh, tile_coords,
@@ -141,7 +141,7 @@ def _bw_cell(
 
 # t_begin and n_steps change from launch to launch of the step variant: not specialised (Triton
 # would compile each phase again for t = 1 and for t divisible by 16).
-@triton.jit(do_not_specialize=["t_begin", "n_steps"])
+@triton.jit(do_not_specialize=["t_begin", "n_steps", *BARRIER_RUNTIME_ARGS])
 def _lstm_bw_kernel(
     w_ptr,  # [4H, P] input dtype: W_hh
     w_hr_ptr,  # [P, H] input dtype: W_hr (projection only)
@@ -157,12 +157,14 @@ def _lstm_bw_kernel(
     dh_buf_ptr,  # [B, P] fp32: dh_t between the phases (projection only)
     dh_hist_ptr,  # [T, B, P] fp32: dh_t for dW_hr (projection only)
     dh0_ptr,  # [B, P] fp32: dh0 output (written in phase t = -1)
-    bar_ptr,  # [3] int32: zeroed grid-barrier counter and timeout report (used when USE_BARRIER)
+    bar_ptr,  # [2] int32, zeroed: grid-barrier counter, gave up (USE_BARRIER; barrier_args)
+    rec_ptr,  # [4] int64: the device's barrier record (barrier_bound; USE_BARRIER)
+    timeout_ns: tl.int64,  # a grid-barrier wait gives up after this long (0: no bound); runtime, not specialised
+    kernel_code,  # this kernel's code in the record (barrier_bound.KERNELS)
     t_begin, n_steps, B,  # runs t = t_begin, t_begin - 1, ..., t_begin - n_steps + 1 (down to -1)
     H: tl.constexpr, P: tl.constexpr,
     HAS_PROJ: tl.constexpr, RUN_DH: tl.constexpr, RUN_CELL: tl.constexpr,  # which phases to run
     USE_BARRIER: tl.constexpr,
-    SPIN_LIMIT: tl.constexpr,  # 0, or the bound of the barrier's spin (debug switch; see _grid_barrier)
     W_RESIDENT: tl.constexpr,  # load W_hh[:, tile] once and keep it on chip (persistent, one dh tile per program)
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     K1: tl.constexpr, K2: tl.constexpr,  # the resident slice's two K pieces (split_k(4H))
@@ -208,7 +210,7 @@ def _lstm_bw_kernel(
                 tile += nprog
         if HAS_PROJ and RUN_CELL:
             if RUN_DH:  # dh_t complete before any dm
-                arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER, SPIN_LIMIT)
+                arrivals = _phase_barrier(bar_ptr, arrivals, nprog, t, rec_ptr, timeout_ns, kernel_code, USE_BARRIER)
             if t >= 0:
                 tile = pid
                 n_h_tiles = tl.cdiv(H, BLOCK_H)
@@ -220,7 +222,8 @@ def _lstm_bw_kernel(
                     _bw_cell(t, n_t, rows, cols, dm, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr, B, H)
                     tile += nprog
         s += 1
-        arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER, SPIN_LIMIT)  # dG_t complete before phase t - 1
+        # dG_t complete before phase t - 1
+        arrivals = _phase_barrier(bar_ptr, arrivals, nprog, t, rec_ptr, timeout_ns, kernel_code, USE_BARRIER)
 
 
 def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes=None, variant="auto"):
@@ -234,6 +237,7 @@ def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes
     H, P = four_h // 4, w_hh.shape[1]
     chosen = choose_variant(variant, max(H, P), B, launch_config(max(H, P), B, xg.dtype), xg.device)
     with device_guard(xg.device):
+        barrier_bound.raise_if_gave_up(xg.device)  # an earlier call's persistent launch gave up
         return run_with_fallback(
             variant, chosen,
             lambda v: _backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, v),
@@ -251,7 +255,7 @@ def _backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, va
         if isinstance(plan, dict):
             record_kernel("backward", "step_budget")
             return triton_persistent.persistent_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T,
-                                                         batch_sizes, cfg=plan, spin_limit=barrier_spin_limit())
+                                                         batch_sizes, cfg=plan)
     gates, c_all = workspace[:2]
     cfg = launch_config(max(H, P), B, dtype)
     record_kernel("backward", variant)
@@ -274,18 +278,18 @@ def _backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, va
         resident = resident_weights(variant, grid[0], dh_tiles, backward_resident_bytes(H, cfg), budget)
         if resident:
             consts["num_warps"] = RESIDENT_WARPS
-        barrier = barrier_tensor(device)
-        spin_limit = barrier_spin_limit() if grid[0] > 1 else 0
-        _lstm_bw_kernel[grid](*args, barrier, T - 1, T + 1, B, RUN_DH=True, RUN_CELL=True,
-                              USE_BARRIER=grid[0] > 1, SPIN_LIMIT=spin_limit, W_RESIDENT=resident,
+        barrier = barrier_args(device, "triton backward (persistent)")
+        _lstm_bw_kernel[grid](*args, *barrier, T - 1, T + 1, B, RUN_DH=True, RUN_CELL=True,
+                              USE_BARRIER=grid[0] > 1, W_RESIDENT=resident,
                               launch_cooperative_grid=grid[0] > 1, **consts)
-        if spin_limit:
-            check_barrier(barrier, grid[0], "triton backward (persistent)")
+        if grid[0] > 1:
+            barrier_bound.after_launch(device, barrier[1])
     else:
+        no_barrier = (bs, bs, 0, 0)  # never read without USE_BARRIER
         for t in range(T - 1, -2, -1):
-            _lstm_bw_kernel[(dh_tiles,)](*args, bs, t, 1, B, RUN_DH=True, RUN_CELL=False, USE_BARRIER=False,
-                                         SPIN_LIMIT=0, W_RESIDENT=False, **consts)
+            _lstm_bw_kernel[(dh_tiles,)](*args, *no_barrier, t, 1, B, RUN_DH=True, RUN_CELL=False, USE_BARRIER=False,
+                                         W_RESIDENT=False, **consts)
             if has_proj and t >= 0:
-                _lstm_bw_kernel[(cell_tiles,)](*args, bs, t, 1, B, RUN_DH=False, RUN_CELL=True,
-                                               USE_BARRIER=False, SPIN_LIMIT=0, W_RESIDENT=False, **consts)
+                _lstm_bw_kernel[(cell_tiles,)](*args, *no_barrier, t, 1, B, RUN_DH=False, RUN_CELL=True,
+                                               USE_BARRIER=False, W_RESIDENT=False, **consts)
     return dG, dh0, dc, projection_weight_grad(dh_hist, workspace[2]) if has_proj else None

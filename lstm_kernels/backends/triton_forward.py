@@ -13,10 +13,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import triton_persistent
+from . import barrier_bound, triton_persistent
 from .device_rows import step_rows
 from .triton_kernels import (
-    RESIDENT_WARPS, barrier_spin_limit, barrier_tensor, check_barrier, choose_variant, co_resident_programs,
+    RESIDENT_WARPS, BARRIER_RUNTIME_ARGS, barrier_args, choose_variant, co_resident_programs,
     device_guard, dot_precisions, _dot_tile, forward_buffers, forward_dot_dtype, forward_resident_bytes,
     launch_config, num_tiles, persistent_config, _phase_barrier, record_kernel, resident_budget,
     resident_weights, run_with_fallback, split_k, _tanh, tile_coords,
@@ -175,7 +175,7 @@ def _fw_proj_tile(
 
 # t_begin and n_steps change from launch to launch of the step variant: not specialised (Triton
 # would compile each phase again for t = 0 and 1, the values divisible by 16 and equal to 1).
-@triton.jit(do_not_specialize=["t_begin", "n_steps"])
+@triton.jit(do_not_specialize=["t_begin", "n_steps", *BARRIER_RUNTIME_ARGS])
 def _lstm_fw_kernel(
     xg_ptr,  # [T, B, 4H] input dtype
     w_ptr,  # [4H, P] input dtype: W_hh
@@ -188,12 +188,14 @@ def _lstm_fw_kernel(
     ws_gates_ptr,  # [T, B, 4H] fp32: activated gates (written when STORE_WS)
     ws_c_ptr,  # [T, B, H] fp32: c_t (written when STORE_WS)
     ws_m_ptr,  # [T, B, H] fp32: m_t (written when STORE_WS and HAS_PROJ)
-    bar_ptr,  # [3] int32: zeroed grid-barrier counter and timeout report (used when USE_BARRIER)
+    bar_ptr,  # [2] int32, zeroed: grid-barrier counter, gave up (USE_BARRIER; barrier_args)
+    rec_ptr,  # [4] int64: the device's barrier record (barrier_bound; USE_BARRIER)
+    timeout_ns: tl.int64,  # a grid-barrier wait gives up after this long (0: no bound); runtime, not specialised
+    kernel_code,  # this kernel's code in the record (barrier_bound.KERNELS)
     t_begin, n_steps, B,  # runs steps t_begin ... t_begin + n_steps - 1
     H: tl.constexpr, P: tl.constexpr,
     HAS_PROJ: tl.constexpr, RUN_CELL: tl.constexpr, RUN_PROJ: tl.constexpr,  # which phases to run
     STORE_WS: tl.constexpr, USE_BARRIER: tl.constexpr,
-    SPIN_LIMIT: tl.constexpr,  # 0, or the bound of the barrier's spin (debug switch; see _grid_barrier)
     W_RESIDENT: tl.constexpr,  # load W_hh once and keep it on chip (persistent, one cell tile per program)
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     K1: tl.constexpr, K2: tl.constexpr,  # the resident slice's two K pieces (split_k(P))
@@ -240,14 +242,15 @@ def _lstm_fw_kernel(
                     tile += nprog
         if HAS_PROJ and RUN_PROJ:
             if RUN_CELL:  # m_t complete before any h_t
-                arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER, SPIN_LIMIT)
+                arrivals = _phase_barrier(bar_ptr, arrivals, nprog, t, rec_ptr, timeout_ns, kernel_code, USE_BARRIER)
             tile = pid
             while tile < tl.cdiv(B, BLOCK_B) * tl.cdiv(P, BLOCK_H):
                 _fw_proj_tile(t, tile, n_t, w_hr_ptr, h_buf_ptr, h_all_ptr, m_buf_ptr, B, H, P,
                               BLOCK_B, BLOCK_H, BLOCK_K, PROJ_PRECISION)
                 tile += nprog
         s += 1
-        arrivals = _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER, SPIN_LIMIT)  # h_t complete before step t + 1
+        # h_t complete before step t + 1
+        arrivals = _phase_barrier(bar_ptr, arrivals, nprog, t, rec_ptr, timeout_ns, kernel_code, USE_BARRIER)
 
 
 def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=True, variant="auto"):
@@ -266,6 +269,7 @@ def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=
     H, P = four_h // 4, w_hh.shape[1]
     chosen = choose_variant(variant, max(H, P), B, launch_config(max(H, P), B, xg.dtype), xg.device)
     with device_guard(xg.device):
+        barrier_bound.raise_if_gave_up(xg.device)  # an earlier call's persistent launch gave up
         return run_with_fallback(
             variant, chosen, lambda v: _forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace, v)
         )
@@ -282,7 +286,7 @@ def _forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace, variant):
         if isinstance(plan, dict):
             record_kernel("forward", "step_budget")
             return triton_persistent.persistent_forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace,
-                                                        cfg=plan, spin_limit=barrier_spin_limit())
+                                                        cfg=plan)
     xg, w_hh = xg.contiguous(), w_hh.contiguous()
     w_hr = w_hr.contiguous() if has_proj else w_hh  # never read without a projection
     cfg = launch_config(max(H, P), B, dtype)
@@ -304,19 +308,18 @@ def _forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace, variant):
         resident = resident_weights(variant, grid[0], cell_tiles, forward_resident_bytes(P, cfg, dtype), budget)
         if resident:
             consts["num_warps"] = RESIDENT_WARPS
-        barrier = barrier_tensor(device)
-        spin_limit = barrier_spin_limit() if grid[0] > 1 else 0
-        _lstm_fw_kernel[grid](*args, barrier, 0, T, B, RUN_CELL=True, RUN_PROJ=True, USE_BARRIER=grid[0] > 1,
-                              SPIN_LIMIT=spin_limit, W_RESIDENT=resident, launch_cooperative_grid=grid[0] > 1,
-                              **consts)
-        if spin_limit:
-            check_barrier(barrier, grid[0], "triton forward (persistent)")
+        barrier = barrier_args(device, "triton forward (persistent)")
+        _lstm_fw_kernel[grid](*args, *barrier, 0, T, B, RUN_CELL=True, RUN_PROJ=True, USE_BARRIER=grid[0] > 1,
+                              W_RESIDENT=resident, launch_cooperative_grid=grid[0] > 1, **consts)
+        if grid[0] > 1:
+            barrier_bound.after_launch(device, barrier[1])
     else:
+        no_barrier = (bs, bs, 0, 0)  # never read without USE_BARRIER
         for t in range(T):
-            _lstm_fw_kernel[(cell_tiles,)](*args, bs, t, 1, B, RUN_CELL=True, RUN_PROJ=False,
-                                           USE_BARRIER=False, SPIN_LIMIT=0, W_RESIDENT=False, **consts)
+            _lstm_fw_kernel[(cell_tiles,)](*args, *no_barrier, t, 1, B, RUN_CELL=True, RUN_PROJ=False,
+                                           USE_BARRIER=False, W_RESIDENT=False, **consts)
             if has_proj:
-                _lstm_fw_kernel[(proj_tiles,)](*args, bs, t, 1, B, RUN_CELL=False, RUN_PROJ=True,
-                                               USE_BARRIER=False, SPIN_LIMIT=0, W_RESIDENT=False, **consts)
+                _lstm_fw_kernel[(proj_tiles,)](*args, *no_barrier, t, 1, B, RUN_CELL=False, RUN_PROJ=True,
+                                               USE_BARRIER=False, W_RESIDENT=False, **consts)
     h_T = h_buf[T % 2].clone()
     return h_all, h_T, c, ws

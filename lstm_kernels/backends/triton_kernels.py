@@ -63,9 +63,10 @@ so the spin cannot wait on a program that never starts; when the driver refuses 
 time (MPS or green contexts limiting SMs, another process holding SMs), ``auto`` runs the
 step variant instead (``run_with_fallback``) and a named "persistent" raises. A debugger that
 runs programs one at a time (single-stepping in cuda-gdb) deadlocks the spin; use the step
-variant there, or set LSTM_KERNELS_BARRIER_TIMEOUT=<polls>: the spin then gives up after that
-many polls and the launch raises, naming the barrier (compiled in as SPIN_LIMIT; the default
-kernels have no bound and no check).
+variant there, or set LSTM_KERNELS_BARRIER_TIMEOUT=0. Every spin is bounded in time
+(LSTM_KERNELS_BARRIER_TIMEOUT seconds, default 10; a runtime argument, so the binary verification
+proves is the one that serves): a launch whose wait gave up ends early and the next call on that
+device raises, naming the kernel, the step and the program (``barrier_bound``; ``_wait``).
 
 Host side: launches run under a device guard of the tensors' device, on its current stream,
 and nothing in a call's path synchronises with the host (``device_rows.step_rows``), so the variants can
@@ -81,13 +82,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-from . import BARRIER_TIMEOUT_ENV, barrier_spin_limit  # noqa: F401  (the debug switch, shared with the cuda backend)
+from . import barrier_bound
+from .barrier_bound import BARRIER_TIMEOUT_ENV  # noqa: F401  (the bound's switch, shared with the cuda backend)
 
 #: Environment variable that forces a variant: "auto" (default), "step" or "persistent".
 VARIANT_ENV = "LSTM_KERNELS_TRITON_VARIANT"
@@ -119,6 +122,24 @@ def _tanh(x):
 
 
 @triton.jit
+def _gpu_clock_ns():
+    """The GPU's global timer in ns (%globaltimer)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _host_clock_ns():
+    """The clock of the interpreter (TRITON_INTERPRET=1 runs no inline asm): the host's monotonic
+    clock in ns, read by the Python that interprets the kernel."""
+    return tl.full((), time.monotonic_ns(), tl.int64)
+
+
+#: The clock of the barriers' time bound, chosen when the module is imported, as triton.jit
+#: chooses between compiling and interpreting.
+_clock_ns = _host_clock_ns if interpreting() else _gpu_clock_ns
+
+
+@triton.jit
 def _arrive(bar_ptr):
     """First half of the grid barrier: bar.sync, so that every thread's stores of this program
     precede the release, then one release arrival per program (a scalar atomic: one thread)."""
@@ -127,45 +148,52 @@ def _arrive(bar_ptr):
 
 
 @triton.jit
-def _wait(bar_ptr, target, SPIN_LIMIT: tl.constexpr):
+def _wait(bar_ptr, target, step, rec_ptr, timeout_ns, kernel_code):
     """Second half: spin with acquire loads (gpu scope) until ``target`` arrivals have been
-    counted at ``bar_ptr`` (a monotonic counter), which also makes the other programs' stores
+    counted at ``bar_ptr[0]`` (a monotonic counter), which also makes the other programs' stores
     visible; then bar.sync, so no thread runs ahead of the spin.
 
-    SPIN_LIMIT = 0 (the default): spin until the count is reached. SPIN_LIMIT > 0 (the debug
-    switch ``LSTM_KERNELS_BARRIER_TIMEOUT``): give up after that many polls and report the
-    first barrier that timed out in ``bar_ptr[1]`` (the arrival count it waited for) and
-    ``bar_ptr[2]`` (the count it last saw); the launch helper raises (``check_barrier``). Once
-    one barrier has given up, every later wait leaves at once (it reads ``bar_ptr[1]`` as it
-    polls), so a stalled launch ends after one bound, not one per remaining step.
+    Bounded in time (:mod:`.barrier_bound`): a first poll that finds the barrier open costs nothing
+    more. After one that finds it closed the wait reads the clock (``_clock_ns``) for its start,
+    and after every later closed poll the launch's abort flag ``bar_ptr[1]`` and the clock; it
+    gives up once ``timeout_ns`` (a runtime argument; 0: no bound) have passed or another program
+    gave up. The first program to give up raises the flag, so every later wait of every program
+    leaves at its first closed poll (a stalled launch ends after one bound, not one per step; the
+    programs run on with invalid data and no more waiting), and, the first on the device since the
+    host looked, writes ``kernel_code``, ``step``, its program id and the time waited into the
+    device's record ``rec_ptr`` (int64 [4]); the host raises on it (``barrier_bound``).
     """
-    if SPIN_LIMIT == 0:
-        while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < target:
-            pass
-    else:
-        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-        gave_up = tl.load(bar_ptr + 1, volatile=True)
-        spins = 1
-        while (seen < target) & (spins < SPIN_LIMIT) & (gave_up == 0):
-            seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    if seen < target:
+        since = _clock_ns()
+        waited = since - since
+        gave_up = 0
+        while (seen < target) & (gave_up == 0):
             gave_up = tl.load(bar_ptr + 1, volatile=True)
-            spins += 1
-        if (seen < target) & (gave_up == 0):  # timed out: the first program to time out records the barrier
-            if tl.atomic_cas(bar_ptr + 1, 0, target) == 0:
-                tl.atomic_xchg(bar_ptr + 2, seen)
+            if (gave_up == 0) & (timeout_ns > 0):
+                waited = _clock_ns() - since
+                if waited > timeout_ns:
+                    gave_up = 2  # this program's own give-up
+            seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+        if gave_up == 2:
+            if tl.atomic_cas(bar_ptr + 1, 0, 1) == 0:  # the launch's first give-up
+                if tl.atomic_cas(rec_ptr, tl.zeros_like(waited), kernel_code.to(tl.int64)) == 0:  # the device's first since the host looked
+                    tl.store(rec_ptr + 1, step.to(tl.int64))
+                    tl.store(rec_ptr + 2, tl.program_id(0).to(tl.int64))
+                    tl.store(rec_ptr + 3, waited)
     tl.debug_barrier()
 
 
 @triton.jit
-def _grid_barrier(bar_ptr, target, SPIN_LIMIT: tl.constexpr):
+def _grid_barrier(bar_ptr, target, step, rec_ptr, timeout_ns, kernel_code):
     """The whole grid barrier: ``_arrive``, then ``_wait`` for ``target`` arrivals."""
     _arrive(bar_ptr)
-    _wait(bar_ptr, target, SPIN_LIMIT)
+    _wait(bar_ptr, target, step, rec_ptr, timeout_ns, kernel_code)
 
 
 @triton.jit
-def _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER: tl.constexpr, SPIN_LIMIT: tl.constexpr):
-    """The barrier between phases and steps; returns the updated arrival count.
+def _phase_barrier(bar_ptr, arrivals, nprog, step, rec_ptr, timeout_ns, kernel_code, USE_BARRIER: tl.constexpr):
+    """The barrier between phases and steps (after step ``step``); returns the updated arrival count.
 
     A grid barrier when several programs share the launch (USE_BARRIER), else a block
     barrier: even one program exchanges data between its own threads through global
@@ -174,7 +202,7 @@ def _phase_barrier(bar_ptr, arrivals, nprog, USE_BARRIER: tl.constexpr, SPIN_LIM
     """
     if USE_BARRIER:
         arrivals += 1
-        _grid_barrier(bar_ptr, arrivals * nprog, SPIN_LIMIT)
+        _grid_barrier(bar_ptr, arrivals * nprog, step, rec_ptr, timeout_ns, kernel_code)
     else:
         tl.debug_barrier()
     return arrivals
@@ -411,22 +439,17 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def barrier_tensor(device) -> torch.Tensor:
-    """The zeroed [3] int32 barrier of a persistent launch: the arrival counter, then the
-    arrival count a timed-out barrier waited for and the count it saw (see _grid_barrier)."""
-    return torch.zeros(3, dtype=torch.int32, device=device)
+#: The runtime barrier arguments of the persistent kernels that are never specialised (one binary
+#: for every bound): for triton.jit(do_not_specialize=...), with the kernels' own step arguments.
+BARRIER_RUNTIME_ARGS = ("timeout_ns", "kernel_code")
 
 
-def check_barrier(barrier: torch.Tensor, nprog: int, what: str) -> None:
-    """After a persistent launch with a bounded spin: raise if a barrier timed out. (Reads the
-    barrier on the host, so it synchronises; only done under the debug switch.)"""
-    counter, target, seen = (int(v) for v in barrier.tolist())
-    if target:
-        raise RuntimeError(
-            f"{what}: grid barrier timed out after {BARRIER_TIMEOUT_ENV} polls waiting for {target} arrivals "
-            f"(barrier {target // max(nprog, 1)} of the launch, {nprog} programs), saw {seen}; "
-            f"the counter ended at {counter}. The grid barrier or the programs' co-residency is broken."
-        )
+def barrier_args(device, kernel: str) -> tuple:
+    """The barrier arguments of a persistent launch of ``kernel`` (a ``barrier_bound.KERNELS`` name):
+    the zeroed per-launch state (int32 [2]: arrival counter, gave up), the device's error record,
+    the bound in ns (0: none) and the kernel's code. After the launch: ``barrier_bound.after_launch``."""
+    return (torch.zeros(2, dtype=torch.int32, device=device), barrier_bound.device_record(device),
+            barrier_bound.barrier_timeout_ns(), barrier_bound.kernel_code(kernel))
 
 
 def auto_requested(variant: str) -> bool:

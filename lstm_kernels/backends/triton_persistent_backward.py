@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _arrive, _tanh, _wait
+from .triton_kernels import BARRIER_RUNTIME_ARGS, _arrive, _tanh, _wait
 from .triton_persistent_forward import _load_t_split
 
 
@@ -53,7 +53,7 @@ def _load_saved(ws_gates_ptr, ws_c_ptr, c0_ptr, t, cell, gate, c_in, B, H: tl.co
     return i, f, g, o, c, c_prev
 
 
-@triton.jit
+@triton.jit(do_not_specialize=BARRIER_RUNTIME_ARGS)
 def _lstm_pbw_kernel(
     w_ptr,  # [P, 4H] input dtype: W_hh^T (row q: the 4H gate weights of state unit q)
     w_hr_ptr,  # [H, P] input dtype: W_hr^T (projection only)
@@ -69,11 +69,14 @@ def _lstm_pbw_kernel(
     dh_buf_ptr,  # [B, P] fp32: dh_t between the phases (projection only)
     dh_hist_ptr,  # [T, B, P] fp32: dh_t on active rows, 0 elsewhere (projection only)
     dh0_ptr,  # [B, P] fp32: written at t = -1
-    bar_ptr,  # [3] int32, zeroed: grid-barrier counter, then a timed-out wait's target and count (USE_BARRIER)
+    bar_ptr,  # [2] int32, zeroed: grid-barrier counter, gave up (USE_BARRIER; barrier_args)
+    rec_ptr,  # [4] int64: the device's barrier record (barrier_bound; USE_BARRIER)
+    timeout_ns: tl.int64,  # a grid-barrier wait gives up after this long (0: no bound); runtime, not specialised
+    kernel_code,  # this kernel's code in the record (barrier_bound.KERNELS)
     t_begin, n_steps, B,  # runs t = t_begin, t_begin - 1, ..., t_begin - n_steps + 1 (down to -1)
     H: tl.constexpr, P: tl.constexpr,
     HAS_PROJ: tl.constexpr, RUN_DH: tl.constexpr, RUN_CELL: tl.constexpr,  # phases to run
-    USE_BARRIER: tl.constexpr, SPIN_LIMIT: tl.constexpr,  # polls per wait, 0: no bound
+    USE_BARRIER: tl.constexpr,
     UNITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
     KP: tl.constexpr, NP: tl.constexpr, KS: tl.constexpr,  # K = 4H in NP <= 4 pieces of KP, each split over KS warps
     KP1: tl.constexpr, KP2: tl.constexpr, KSP: tl.constexpr,  # of dh @ W_hr (k_pieces(P))
@@ -101,6 +104,9 @@ def _lstm_pbw_kernel(
     value the dG output has anyway) with fp32 accumulation: see ``persistent_backward``.
     With a projection a second phase (dm = dh @ W_hr, W_hr^T slice resident in fp32, tf32) adds
     one grid barrier: two per step.
+    The grid waits' time bound (``_wait``, ``barrier_bound``) adds nothing to a wait whose first poll
+    finds the barrier open; after a closed poll it reads the abort flag and the GPU clock (one load and
+    one clock read per extra poll, under the poll's own round trip).
     Per step, in the compiled loop: one cross-warp sum per product (dG W_hh; and dh W_hr with a
     projection), two block barriers per grid barrier, at most one layout conversion per sum.
     Guarded on the CPU by tests/test_triton_step_budget.py (as the forward).
@@ -179,7 +185,7 @@ def _lstm_pbw_kernel(
                 if USE_BARRIER:
                     arrivals += 1
                     _arrive(bar_ptr)
-                    _wait(bar_ptr, arrivals * nprog, SPIN_LIMIT)
+                    _wait(bar_ptr, arrivals * nprog, t, rec_ptr, timeout_ns, kernel_code)
                 else:
                     tl.debug_barrier()
             if HAS_PROJ:
@@ -225,7 +231,7 @@ def _lstm_pbw_kernel(
         n_next = n_t
         n_t = tl.load(bs_ptr + tl.maximum(t, 0))  # step t - 1 (none at -1)
         if USE_BARRIER:
-            _wait(bar_ptr, arrivals * nprog, SPIN_LIMIT)
+            _wait(bar_ptr, arrivals * nprog, t, rec_ptr, timeout_ns, kernel_code)
         else:
             tl.debug_barrier()
     if RUN_CELL:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _arrive, _tanh, _wait
+from .triton_kernels import BARRIER_RUNTIME_ARGS, _arrive, _tanh, _wait
 
 
 @triton.jit
@@ -74,7 +74,7 @@ def _split_gates(acc, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr):
     return i, f, g, o
 
 
-@triton.jit
+@triton.jit(do_not_specialize=BARRIER_RUNTIME_ARGS)
 def _lstm_pfw_kernel(
     xg_ptr,  # [T, B, 4H] input dtype
     w_ptr,  # [NU * 4U, P] input dtype: W_hh, gate rows interleaved unit-block-major, 0 beyond H
@@ -87,11 +87,14 @@ def _lstm_pfw_kernel(
     ws_gates_ptr,  # [T, B, 4H] fp32: activated gates (STORE_WS)
     ws_c_ptr,  # [T, B, H] fp32: c_t (STORE_WS)
     ws_m_ptr,  # [T, B, H] fp32: m_t (STORE_WS and HAS_PROJ)
-    bar_ptr,  # [3] int32, zeroed: grid-barrier counter, then a timed-out wait's target and count (USE_BARRIER)
+    bar_ptr,  # [2] int32, zeroed: grid-barrier counter, gave up (USE_BARRIER; barrier_args)
+    rec_ptr,  # [4] int64: the device's barrier record (barrier_bound; USE_BARRIER)
+    timeout_ns: tl.int64,  # a grid-barrier wait gives up after this long (0: no bound); runtime, not specialised
+    kernel_code,  # this kernel's code in the record (barrier_bound.KERNELS)
     t_begin, n_steps, B,  # runs steps t_begin ... t_begin + n_steps - 1
     H: tl.constexpr, P: tl.constexpr,
     HAS_PROJ: tl.constexpr, RUN_CELL: tl.constexpr, RUN_PROJ: tl.constexpr,  # phases to run
-    STORE_WS: tl.constexpr, USE_BARRIER: tl.constexpr, SPIN_LIMIT: tl.constexpr,  # polls per wait, 0: no bound
+    STORE_WS: tl.constexpr, USE_BARRIER: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
     K1: tl.constexpr, K2: tl.constexpr,  # K pieces of h @ W_hh^T (k_pieces(P); K2 = 0: none)
     KS: tl.constexpr,  # warps that split K of h @ W_hh^T (each piece in KS slices)
@@ -120,6 +123,9 @@ def _lstm_pfw_kernel(
     With a projection a second phase (PB state units per program, m^T [H, BB] read once,
     W_hr's slice resident in fp32, tf32 MMA for 16-bit inputs as in the existing kernels)
     adds one grid barrier: two per step.
+    The grid waits' time bound (``_wait``, ``barrier_bound``) adds nothing to a wait whose first poll
+    finds the barrier open; after a closed poll it reads the abort flag and the GPU clock (one load and
+    one clock read per extra poll, under the poll's own round trip).
     Per step, in the compiled loop: one cross-warp sum per product (one; two with a projection),
     two block barriers per grid barrier (its arrive and its wait), at most one layout conversion
     per cross-warp sum plus four (the gate split and the h / c store layouts).
@@ -200,7 +206,7 @@ def _lstm_pfw_kernel(
                     _arrive(bar_ptr)
                     if STORE_WS:
                         tl.store(ws_m_ptr + t * B * H + cell, m, mask=tile_in)
-                    _wait(bar_ptr, arrivals * nprog, SPIN_LIMIT)
+                    _wait(bar_ptr, arrivals * nprog, t, rec_ptr, timeout_ns, kernel_code)
                 else:
                     tl.debug_barrier()
                     if STORE_WS:
@@ -237,7 +243,7 @@ def _lstm_pfw_kernel(
                 tl.store(ws_gates_ptr + t * B * 4 * H + g_off, act, mask=g_in)
                 tl.store(ws_c_ptr + t * B * H + cell, c_reg, mask=tile_in)
         if USE_BARRIER:
-            _wait(bar_ptr, arrivals * nprog, SPIN_LIMIT)
+            _wait(bar_ptr, arrivals * nprog, t, rec_ptr, timeout_ns, kernel_code)
         else:
             tl.debug_barrier()
     if RUN_CELL:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 
+import time
+
 import pytest
 import torch
 
@@ -251,21 +253,11 @@ def test_auto_does_not_swallow_other_launch_errors(monkeypatch):
 # ----------------------------------------------------------------------------- bounded barrier spin
 
 
-def test_barrier_spin_limit_from_the_environment(monkeypatch):
-    monkeypatch.delenv(kernels.BARRIER_TIMEOUT_ENV, raising=False)
-    assert kernels.barrier_spin_limit() == 0
-    monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "1000")
-    assert kernels.barrier_spin_limit() == 1000
-    for bad in ("ten", "-1", str(2**31)):
-        monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, bad)
-        with pytest.raises(ValueError, match=kernels.BARRIER_TIMEOUT_ENV):
-            kernels.barrier_spin_limit()
-
-
-def test_check_barrier_names_the_barrier():
-    kernels.check_barrier(torch.tensor([96, 0, 0], dtype=torch.int32), 48, "forward")  # no timeout: passes
-    with pytest.raises(RuntimeError, match=r"waiting for 96 arrivals \(barrier 2 of the launch, 48 programs\), saw 95"):
-        kernels.check_barrier(torch.tensor([95, 96, 95], dtype=torch.int32), 48, "forward")
+def test_barrier_args_carry_the_bound_and_the_kernel(monkeypatch):
+    monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "0.5")
+    state, record, timeout_ns, code = kernels.barrier_args(torch.device("cpu"), "triton backward (persistent)")
+    assert state.dtype == torch.int32 and state.tolist() == [0, 0] and record.dtype == torch.int64
+    assert timeout_ns == 500_000_000 and kernels.barrier_bound.KERNELS[code - 1] == "triton backward (persistent)"
 
 
 @needs_interpreter
@@ -273,10 +265,11 @@ def test_check_barrier_names_the_barrier():
 @pytest.mark.parametrize("proj", [0, 6], ids=["no_proj", "proj6"])
 def test_a_barrier_that_cannot_open_fails_instead_of_hanging(which, proj, monkeypatch):
     """Four persistent programs under the interpreter run one after another: the first one's first
-    barrier can never see the four arrivals it waits for (a co-residency bug, as on a GPU). With
-    the debug switch the spin gives up and the launch raises, naming that barrier: 4 arrivals
-    (barrier 1 of 4 programs), of which it saw its own one."""
-    monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "16")
+    barrier can never see the four arrivals it waits for (a co-residency bug, as on a GPU). Its wait
+    gives up after the bound (1 ms, read from the interpreter's clock: the host's monotonic clock,
+    as inline asm cannot run there), every later wait leaves at once, the call returns, and the
+    next call raises naming the kernel, the step and the program (block 0)."""
+    monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "0.001")
     for module in (triton_forward, triton_backward):
         monkeypatch.setattr(module, "co_resident_programs", lambda device: 4)
     case = recurrence_cases.make_case(2, 17, 40, torch.float32, "cpu", proj=proj)
@@ -290,14 +283,21 @@ def test_a_barrier_that_cannot_open_fails_instead_of_hanging(which, proj, monkey
         with monkeypatch.context() as m:  # a forward that works: one program, no grid barrier
             m.setattr(triton_forward, "co_resident_programs", lambda device: 1)
             h_all, _, _, ws = backend.forward(*args, True)
-        monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "16")
-    with pytest.raises(RuntimeError, match=rf"triton {which} \(persistent\): grid barrier timed out .* waiting for "
-                                           r"4 arrivals \(barrier 1 of the launch, 4 programs\), saw 1"):
-        if which == "forward":
-            backend.forward(*args, True)
-        else:
-            inputs = recurrence_cases.RecurrenceInputs(*args)
-            backend.backward(inputs, h_all, ws, case["dh_all"], case["dh_T"], case["dc_T"])
+        monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "0.001")
+    kernels.barrier_bound.reset()
+    inputs = recurrence_cases.RecurrenceInputs(*args)
+    run = (lambda: backend.forward(*args, True)) if which == "forward" else (
+        lambda: backend.backward(inputs, h_all, ws, case["dh_all"], case["dh_T"], case["dc_T"]))
+    started = time.monotonic()
+    run()  # gave up after one bound, not one per step; nothing synchronised, nothing raised yet
+    assert time.monotonic() - started < 60
+    first_step = 0 if which == "forward" else 1  # T = 2: the backward's first barrier follows step t = 1
+    with pytest.raises(RuntimeError, match=rf"triton {which} \(persistent\) kernel on cpu gave up after waiting "
+                                           rf".* \(block 0, waiting after step {first_step}\).*invalid"):
+        backend.forward(*args, True)  # the next call on the device
+    with kernels.barrier_bound.bounded_barriers(0.001):  # verification's context: raised by the call itself
+        with pytest.raises(RuntimeError, match=rf"triton {which} \(persistent\) kernel"):
+            run()
 
 
 # ----------------------------------------------------------------------------- supported Triton versions
