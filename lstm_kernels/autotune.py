@@ -35,6 +35,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
+from .backends import trace_time_constant
 from .disk_cache import DiskCache
 
 AUTOTUNE_ENV = "LSTM_KERNELS_AUTOTUNE"
@@ -121,7 +122,7 @@ def bucket_key(fields: tuple) -> str:
 _DEVICE_NAMES: dict = {}
 
 
-@torch.compiler.assume_constant_result
+@trace_time_constant
 def device_name(device: torch.device) -> str:
     """"<name> sm_<major><minor>" of a CUDA device, else its type (once per device and process)."""
     name = _DEVICE_NAMES.get(device)
@@ -148,7 +149,7 @@ def known(key: str) -> Optional[Measured]:
     return measured
 
 
-@torch.compiler.assume_constant_result
+@trace_time_constant
 def known_path(key_fields: tuple) -> str:
     """The path measured fastest for the bucket of ``key_fields`` whose batch bucket is -1 (torch.compile
     traces a batch that may be symbolic): the one path every measured batch bucket of that key chose,

@@ -242,9 +242,12 @@ class FusedLSTM(nn.Module):
         if why_not_native is None and (native.taken_outright(x) or exporting()):
             return PathChoice(NATIVE, "torch's own CPU LSTM kernel, bitwise nn.LSTM's (lstm_kernels.native)"
                               if not exporting() else "an exported program holds the module as one op")
-        if torch.compiler.is_compiling() and batch_sizes is not None:
-            # A packed batch is data-dependent while dynamo traces: each layer's dispatch decides.
-            return PathChoice(self.backend, "each layer's dispatch decides while torch.compile traces a packed input")
+        if torch.compiler.is_compiling():
+            from . import ops  # noqa: F401  (fills the backend registry: dynamo runs an import statement natively)
+
+            if batch_sizes is not None:
+                # A packed batch is data-dependent while dynamo traces: each layer's dispatch decides.
+                return PathChoice(self.backend, "each layer's dispatch decides while torch.compile traces a packed input")
         call = self._recurrence_call(x, batch_sizes, resets)
         requested = backend_from_env(self.backend) if self.backend == "auto" else self.backend
         if requested != "auto" or call.batch == 0:

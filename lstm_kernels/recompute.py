@@ -74,7 +74,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops
 from .backends import Backend, BackendUnsupportedError, RecurrenceInputs, get_backend
 from .backends.reference import ReferenceBackend, compute_dtype
 from .function import check_workspace, layer_backward, lstm_layer, select_backend
@@ -284,6 +283,8 @@ def recompute_recurrence(
     segment: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (h_all [T, B, P], h_T [B, P], c_T [B, H], checkpoints [S - 1, B, H]); ``backend`` resolved."""
+    from . import ops  # not at import: it loads the backends (Triton reads TRITON_INTERPRET then)
+
     impl = get_backend(backend)
     inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, batch_sizes)
     ops._check_verified(impl, inputs.call(True))
@@ -320,6 +321,8 @@ def recompute_recurrence_backward(
     segment: int,
 ) -> list[Tensor]:
     """-> [dG [T, B, 4H], dh0 [B, P], dc0 [B, H]] (+ [dW_hr [P, H]] with a projection)."""
+    from . import ops
+
     inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, batch_sizes)
     dG, dh0, dc0, dw_hr = backward_segments(get_backend(backend), inputs, h_all, checkpoints, segment, dh_all, dh_T,
                                             dc_T)
@@ -359,6 +362,8 @@ recompute_recurrence.register_autograd(_backward, setup_context=_setup_context)
 
 def _compiled(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, segment):
     """``recompute_layer`` while torch.compile traces: the op above, or the normal op without gradients."""
+    from . import ops
+
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xg, w_hh, h0, c0, w_hr))
     if not needs_grad or xg.shape[1] == 0:
         return ops.recurrence_with_grad(xg, w_hh, h0, c0, w_hr, batch_sizes, backend)

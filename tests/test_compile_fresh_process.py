@@ -21,6 +21,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,3 +115,33 @@ def test_fullgraph_compile_in_a_fresh_process(case):
     result = _run_case(CASES[case], env)
     assert result["count"] >= 3
     assert result["max_error"] < 1e-4, result
+
+
+def test_importing_the_package_imports_neither_dynamo_nor_triton_language():
+    """The package marks its trace-time constants itself (backends.trace_time_constant), so that
+    ``import lstm_kernels`` does not import dynamo, which imports triton.language: Triton decides
+    between compiling and interpreting when that is imported, and ``python -m lstm_kernels check``
+    turns the interpreter on after the package is imported."""
+    script = textwrap.dedent("""
+        import sys
+        import lstm_kernels
+        print("LOADED", "torch._dynamo" in sys.modules, "triton.language" in sys.modules)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "LOADED False False" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_trace_time_constant_marks_as_torch_does():
+    from lstm_kernels.backends import trace_time_constant
+
+    def ours():
+        return 1
+
+    def theirs():
+        return 1
+
+    torch_marked = torch.compiler.assume_constant_result(theirs)
+    assert trace_time_constant(ours) is ours
+    assert {k: v for k, v in vars(ours).items()} == {k: v for k, v in vars(torch_marked).items()}

@@ -18,8 +18,9 @@ T, B, H = 128, 16, 64
 FORGET_BIAS = 4.0  # f = σ(4 + ...) ≈ 0.98: a long memory
 
 
-def _cell_in_input_dtype(xg, w_hh, h0, c0, w_hr, batch_sizes, keep_activations):
+def _cell_in_input_dtype(xg, w_hh, h0, c0, w_hr, batch_sizes, keep_activations, resets=None):
     """The reference recurrence with one mistake: c_t rounded to the input dtype every step."""
+    assert resets is None
     dtype, acc = xg.dtype, reference.compute_dtype(xg.dtype)
     w_hh_t = w_hh.to(acc).t()
     h, c = h0, c0.to(acc)

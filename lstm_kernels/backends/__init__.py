@@ -196,7 +196,16 @@ def _verification_failure(backend: Backend, call: RecurrenceCall) -> Optional[st
                                          call.has_resets))
 
 
-@torch.compiler.assume_constant_result
+def trace_time_constant(fn):
+    """``torch.compiler.assume_constant_result(fn)``: dynamo runs ``fn`` when it traces a call (its
+    arguments constants) and keeps the result as a constant. Marked as that function marks it, so
+    that importing this package does not import dynamo (which imports Triton before the
+    interpreter can be chosen; tests/test_compile_fresh_process.py checks both)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@trace_time_constant
 def _known_failure(name: str, call_fields: tuple) -> Optional[str]:
     """The verifier's known verdict for the call of ``call_fields`` (RecurrenceCall's, in order), run
     by dynamo at trace time (its file and JSON work cannot be traced) and kept as a constant."""
