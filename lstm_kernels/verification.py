@@ -31,10 +31,9 @@ process's, the cache file's), so ``auto`` compiles around a plan known to fail; 
 verified by the op ``lstm_kernels::recurrence`` at its first run, which raises if it fails (a
 compiled graph cannot switch kernels).
 
-Limits: the Triton kernels take the barrier bound as a compile-time constant, so the bounded
-binary verification runs is a compilation of its own, with the same arithmetic and tiles as the
-unbounded one that serves; and a kernel fault that breaks the CUDA context (an illegal address)
-ends the process, which no verification can turn into a fallback.
+The binary verification runs is the one that serves: the barrier bound is a runtime argument of
+every kernel (lstm_kernels/backends/barrier_bound.py). Limit: a kernel fault that breaks the CUDA
+context (an illegal address) ends the process, which no verification can turn into a fallback.
 """
 from __future__ import annotations
 

@@ -56,7 +56,10 @@ ENV_VAR = "LSTM_KERNELS_BACKEND"
 _ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
 
 
-from .barrier_bound import BARRIER_TIMEOUT_ENV, barrier_spin_limit, bounded_barriers, verification_bounds  # noqa: E402,F401
+from .barrier_bound import (  # noqa: E402,F401
+    BARRIER_TIMEOUT_ENV, DEFAULT_BARRIER_TIMEOUT_S, barrier_timeout_ns, barrier_timeout_s, bounded_barriers,
+    verification_bounds,
+)
 
 
 def backend_from_env(default: str = "auto") -> str:
@@ -340,7 +343,9 @@ __all__ = [
     "WorkspaceSpec",
     "available_backends",
     "backend_from_env",
-    "barrier_spin_limit",
+    "DEFAULT_BARRIER_TIMEOUT_S",
+    "barrier_timeout_ns",
+    "barrier_timeout_s",
     "bounded_barriers",
     "verification_bounds",
     "check_backend_name",

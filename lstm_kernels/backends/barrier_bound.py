@@ -117,10 +117,6 @@ def barrier_timeout_ns() -> int:
     return 0 if seconds == 0 else max(1, min(round(seconds * 1e9), 2**62))
 
 
-#: The name backends/__init__ re-exports; the bound is in nanoseconds now (see barrier_timeout_ns).
-barrier_spin_limit = barrier_timeout_ns
-
-
 def verification_bounds():
     """The context in which verification runs an unproven plan: every grid-barrier wait bounded by
     :data:`VERIFY_BARRIER_TIMEOUT_S`, and a give-up raised by the launch itself."""
