@@ -464,10 +464,9 @@ class FusedLSTM(nn.Module):
                               backend or self.backend)
                 if self.recompute is False:
                     h_all, h_T, c_T = lstm_layer(*layer_args, resets=direction_resets[direction])
-                elif resets is not None:
-                    raise ValueError("resets are not served with recompute yet: use one or the other")
                 else:
-                    h_all, h_T, c_T = recompute_layer(*layer_args, segment=self.recompute)
+                    h_all, h_T, c_T = recompute_layer(*layer_args, segment=self.recompute,
+                                                      resets=direction_resets[direction])
                 outputs.append(h_all if direction == 0 else reverse_time_major(h_all, lengths))
                 h_n.append(h_T)
                 c_n.append(c_T)

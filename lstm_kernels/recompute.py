@@ -51,6 +51,10 @@ Which backends: ``reference`` (float64, float32, bfloat16, float16) and ``triton
 under ``TRITON_INTERPRET=1``) are checked bitwise by the tests; the ``cuda`` backend follows the
 same rule (float32) but has not run on a GPU yet.
 
+Resets inside the sequence (``resets`` [T, B], as ``lstm_layer`` takes them) go to the backend with
+each segment, its steps of them: a reset at a segment's first step is the backend's to apply, as in
+the normal mode, so the results stay bitwise the normal mode's.
+
 Other paths:
 
 - no gradient needed (``torch.no_grad()``, or no input requires grad), an empty batch (B = 0) or
@@ -74,9 +78,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import Backend, BackendUnsupportedError, RecurrenceInputs, get_backend
+from .backends import Backend, BackendUnsupportedError, RecurrenceCall, RecurrenceInputs, get_backend
 from .backends.reference import ReferenceBackend, compute_dtype
-from .function import check_workspace, layer_backward, lstm_layer, select_backend
+from .function import check_workspace, layer_backward, lstm_layer, select_backend, with_resets
 from .validation import check_layer_shapes
 
 
@@ -133,19 +137,26 @@ def _rows(batch_sizes: Optional[Tensor], s: int, e: int) -> Optional[Tensor]:
     return None if batch_sizes is None else batch_sizes[s:e]
 
 
-def forward_segments(impl: Backend, inputs: RecurrenceInputs, k: int, dtype_of_state: torch.dtype):
+def _resets_of(resets: Optional[Tensor], s: int, e: int) -> dict:
+    """The keyword that hands steps [s, e) of ``resets`` to a backend (none without resets)."""
+    return with_resets(None if resets is None else resets[s:e])
+
+
+def forward_segments(impl: Backend, inputs: RecurrenceInputs, k: int, dtype_of_state: torch.dtype, resets=None):
     """The recurrence segment by segment. Returns (h_all [T, B, P], h_T [B, P], c_T [B, H],
-    checkpoints [S - 1, B, H] in ``dtype_of_state``: the cell state entering segments 1 .. S-1)."""
+    checkpoints [S - 1, B, H] in ``dtype_of_state``: the cell state entering segments 1 .. S-1).
+    ``resets`` [T, B] or None: each segment's steps of it go to the backend with the segment."""
     xg, w_hh, h0, c0, w_hr, batch_sizes = inputs
     T, B = xg.shape[0], xg.shape[1]
     bounds = segment_bounds(T, k)
     if len(bounds) == 1:
-        h_all, h_T, c_T, _ = impl.forward(*inputs, True)
+        h_all, h_T, c_T, _ = impl.forward(*inputs, True, **with_resets(resets))
         return h_all, h_T, c_T, c0.new_empty((0, B, c0.shape[1]), dtype=dtype_of_state)
     h_all, checkpoints = None, []
     h, c = h0, c0.to(dtype_of_state)
     for s, e in bounds:
-        h_seg, h, c, _ = impl.forward(xg[s:e], w_hh, h, c, w_hr, _rows(batch_sizes, s, e), True)
+        h_seg, h, c, _ = impl.forward(xg[s:e], w_hh, h, c, w_hr, _rows(batch_sizes, s, e), True,
+                                      **_resets_of(resets, s, e))
         if h_all is None:
             h_all = h_seg.new_empty((T, *h_seg.shape[1:]))
         h_all[s:e].copy_(h_seg)
@@ -154,16 +165,17 @@ def forward_segments(impl: Backend, inputs: RecurrenceInputs, k: int, dtype_of_s
     return h_all, h.to(h0.dtype), c.to(c0.dtype), torch.stack(checkpoints)
 
 
-def backward_segments(impl: Backend, inputs: RecurrenceInputs, h_all, checkpoints, k: int, dh_all, dh_T, dc_T):
+def backward_segments(impl: Backend, inputs: RecurrenceInputs, h_all, checkpoints, k: int, dh_all, dh_T, dc_T,
+                      resets=None):
     """The backend's (dG [T, B, 4H], dh0, dc0, dW_hr or None) for the whole call, segment by segment
     in reverse, each segment's forward run again from its checkpoint for its workspace."""
     xg, w_hh, h0, c0, w_hr, batch_sizes = inputs
     T = xg.shape[0]
     bounds = segment_bounds(T, k)
     if len(bounds) == 1:
-        outputs = impl.forward(*inputs, True)
+        outputs = impl.forward(*inputs, True, **with_resets(resets))
         workspace = check_workspace(impl, outputs[3], inputs, outputs[:3])
-        return impl.backward(inputs, h_all, workspace, dh_all, dh_T, dc_T)
+        return impl.backward(inputs, h_all, workspace, dh_all, dh_T, dc_T, **with_resets(resets))
     acc = compute_dtype(xg.dtype)
     # A backend that takes states in the compute dtype sums its dW_hr there too when w_hr comes so (same
     # values, so the same recurrence): the partial sums are then not rounded to 16 bits one by one.
@@ -180,10 +192,11 @@ def backward_segments(impl: Backend, inputs: RecurrenceInputs, h_all, checkpoint
             # reaches only h_T, which the backward does not use.
             h_s, c_s = h_all[s - 1].to(checkpoints.dtype), checkpoints[idx - 1]
         segment = RecurrenceInputs(xg[s:e], w_hh, h_s, c_s, w_hr_seg, _rows(batch_sizes, s, e))
-        outputs = impl.forward(*segment, True)
+        outputs = impl.forward(*segment, True, **_resets_of(resets, s, e))
         workspace = check_workspace(impl, outputs[3], segment, outputs[:3])
         del outputs
-        dG_s, dh, dc, dw_hr_s = impl.backward(segment, h_all[s:e], workspace, dh_all[s:e], dh, dc)
+        dG_s, dh, dc, dw_hr_s = impl.backward(segment, h_all[s:e], workspace, dh_all[s:e], dh, dc,
+                                              **_resets_of(resets, s, e))
         del workspace
         if dG is None:
             dG = dG_s.new_empty((T, *dG_s.shape[1:]))
@@ -199,19 +212,20 @@ class _Computed:
     def __init__(self, name: str, grads):
         self.name, self.grads = name, grads
 
-    def backward(self, *args):
+    def backward(self, *args, **kwargs):
         return self.grads
 
 
-def _differentiable_backward(impl: Backend, inputs: RecurrenceInputs, h_all, dh_all, dh_T, dc_T, need_dw_hh):
+def _differentiable_backward(impl: Backend, inputs: RecurrenceInputs, h_all, dh_all, dh_T, dc_T, need_dw_hh,
+                             resets=None):
     """Backward under create_graph=True: unsegmented, as the normal mode's, so that it is differentiable."""
     if not impl.differentiable_backward:
         raise RuntimeError(
             f"double backward through FusedLSTM is not supported by the {impl.name!r} "
             "backend; use backend='reference' for higher-order gradients"
         )
-    workspace = impl.forward(*inputs, True)[3] if impl.workspace_spec(inputs.call(True)) else ()
-    return layer_backward(impl, inputs, h_all, tuple(workspace), dh_all, dh_T, dc_T, need_dw_hh)
+    workspace = impl.forward(*inputs, True, **with_resets(resets))[3] if impl.workspace_spec(inputs.call(True)) else ()
+    return layer_backward(impl, inputs, h_all, tuple(workspace), dh_all, dh_T, dc_T, need_dw_hh, resets)
 
 
 class RecomputeLayer(torch.autograd.Function):
@@ -219,10 +233,11 @@ class RecomputeLayer(torch.autograd.Function):
     are decided by :func:`recompute_layer`."""
 
     @staticmethod
-    def forward(ctx, xg, w_hh, h0, c0, w_hr, batch_sizes, impl: Backend, k: int, dtype_of_state: torch.dtype):
+    def forward(ctx, xg, w_hh, h0, c0, w_hr, batch_sizes, impl: Backend, k: int, dtype_of_state: torch.dtype,
+                resets=None):
         inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, batch_sizes)
-        h_all, h_T, c_T, checkpoints = forward_segments(impl, inputs, k, dtype_of_state)
-        ctx.impl, ctx.k, ctx.batch_sizes = impl, k, batch_sizes
+        h_all, h_T, c_T, checkpoints = forward_segments(impl, inputs, k, dtype_of_state, resets)
+        ctx.impl, ctx.k, ctx.batch_sizes, ctx.resets = impl, k, batch_sizes, resets
         ctx.save_for_backward(xg, w_hh, h0, c0, w_hr, h_all, checkpoints)
         return h_all, h_T, c_T
 
@@ -232,22 +247,23 @@ class RecomputeLayer(torch.autograd.Function):
         inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, ctx.batch_sizes)
         need_dw_hh = ctx.needs_input_grad[1]
         if torch.is_grad_enabled():
-            grads = _differentiable_backward(ctx.impl, inputs, h_all, dh_all, dh_T, dc_T, need_dw_hh)
+            grads = _differentiable_backward(ctx.impl, inputs, h_all, dh_all, dh_T, dc_T, need_dw_hh, ctx.resets)
         else:
-            computed = backward_segments(ctx.impl, inputs, h_all, checkpoints, ctx.k, dh_all, dh_T, dc_T)
+            computed = backward_segments(ctx.impl, inputs, h_all, checkpoints, ctx.k, dh_all, dh_T, dc_T, ctx.resets)
             grads = layer_backward(_Computed(ctx.impl.name, computed), inputs, h_all, (), dh_all, dh_T, dc_T,
-                                   need_dw_hh)
+                                   need_dw_hh, ctx.resets)
         dxg, dw_hh, dh0, dc0, dw_hr = grads
-        return dxg, dw_hh, dh0, dc0, dw_hr if w_hr is not None else None, None, None, None, None
+        return dxg, dw_hh, dh0, dc0, dw_hr if w_hr is not None else None, None, None, None, None, None
 
 
-def recompute_layer(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, backend: str = "auto", segment=True):
+def recompute_layer(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, backend: str = "auto", segment=True, resets=None):
     """:func:`lstm_kernels.function.lstm_layer` in recompute mode: same arguments and results.
 
     Args: those of ``lstm_layer`` (time-major; H = hidden size, P = proj_size or H): xg [T, B, 4H],
     w_hh [4H, P], h0 [B, P], c0 [B, H], w_hr [P, H] or None, batch_sizes [T] int64 on the CPU
-    (non-increasing) or None, backend "auto" or a backend name; and ``segment``: True (k =
-    ceil(sqrt(T)) steps per segment) or a segment length k >= 1.
+    (non-increasing) or None, backend "auto" or a backend name, resets [T, B] bool or None (as
+    ``lstm_layer`` takes them); and ``segment``: True (k = ceil(sqrt(T)) steps per segment) or a
+    segment length k >= 1.
 
     Returns (h_all [T, B, P], h_T [B, P], c_T [B, H]), bitwise the normal mode's; so are the
     gradients except dW_hr with more than one segment (see the module docstring). Raises TypeError or
@@ -257,15 +273,16 @@ def recompute_layer(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, backend: str 
     states in the input dtype only.
     """
     if torch.compiler.is_compiling():
-        return _compiled(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, segment)
-    check_layer_shapes(xg, w_hh, h0, c0, w_hr, batch_sizes)
+        return _compiled(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, segment, resets)
+    check_layer_shapes(xg, w_hh, h0, c0, w_hr, batch_sizes, resets)
     T, B = xg.shape[0], xg.shape[1]
     k = segment_length(T, segment)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xg, w_hh, h0, c0, w_hr))
     if not needs_grad or T == 0 or B == 0:
-        return lstm_layer(xg, w_hh, h0, c0, w_hr, batch_sizes, backend)
-    impl = select_backend(xg, w_hh, w_hr, batch_sizes, True, backend)
-    return RecomputeLayer.apply(xg, w_hh, h0, c0, w_hr, batch_sizes, impl, k, state_dtype(impl, xg.dtype, T, k))
+        return lstm_layer(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, resets)
+    impl = select_backend(xg, w_hh, w_hr, batch_sizes, True, backend, resets)
+    return RecomputeLayer.apply(xg, w_hh, h0, c0, w_hr, batch_sizes, impl, k, state_dtype(impl, xg.dtype, T, k),
+                                resets)
 
 
 # ---- torch.compile -----------------------------------------------------------------------------
@@ -281,22 +298,23 @@ def recompute_recurrence(
     batch_sizes: Optional[Tensor],
     backend: str,
     segment: int,
+    resets: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (h_all [T, B, P], h_T [B, P], c_T [B, H], checkpoints [S - 1, B, H]); ``backend`` resolved."""
     from . import ops  # not at import: it loads the backends (Triton reads TRITON_INTERPRET then)
 
     impl = get_backend(backend)
     inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, batch_sizes)
-    ops._check_verified(impl, inputs.call(True))
+    ops._check_verified(impl, RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, True, resets))
     dtype_of_state = state_dtype(impl, xg.dtype, xg.shape[0], segment)
-    h_all, h_T, c_T, checkpoints = forward_segments(impl, inputs, segment, dtype_of_state)
+    h_all, h_T, c_T, checkpoints = forward_segments(impl, inputs, segment, dtype_of_state, resets)
     h_T = ops._unaliased(h_T, (*inputs[:5], h_all))
     c_T = ops._unaliased(c_T, (*inputs[:5], h_all, h_T))
     return h_all, h_T, c_T, checkpoints
 
 
 @recompute_recurrence.register_fake
-def _recompute_recurrence_fake(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, segment):
+def _recompute_recurrence_fake(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, segment, resets):
     T, B, _ = xg.shape
     inner = (T + segment - 1) // segment - 1
     dtype = state_dtype(get_backend(backend), xg.dtype, T, segment)
@@ -319,13 +337,14 @@ def recompute_recurrence_backward(
     dc_T: Tensor,
     backend: str,
     segment: int,
+    resets: Optional[Tensor],
 ) -> list[Tensor]:
     """-> [dG [T, B, 4H], dh0 [B, P], dc0 [B, H]] (+ [dW_hr [P, H]] with a projection)."""
     from . import ops
 
     inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, batch_sizes)
     dG, dh0, dc0, dw_hr = backward_segments(get_backend(backend), inputs, h_all, checkpoints, segment, dh_all, dh_T,
-                                            dc_T)
+                                            dc_T, resets)
     grads = [dG, dh0, dc0] + ([] if w_hr is None else [dw_hr])
     kept = (*inputs[:5], h_all, checkpoints, dh_all, dh_T, dc_T)
     return [ops._unaliased(g, kept) for g in grads]
@@ -333,15 +352,15 @@ def recompute_recurrence_backward(
 
 @recompute_recurrence_backward.register_fake
 def _recompute_recurrence_backward_fake(xg, w_hh, h0, c0, w_hr, batch_sizes, h_all, checkpoints, dh_all, dh_T, dc_T,
-                                        backend, segment):
+                                        backend, segment, resets):
     grads = [torch.empty_like(xg), torch.empty_like(h0), torch.empty_like(c0)]
     return grads + ([] if w_hr is None else [torch.empty_like(w_hr)])
 
 
 def _setup_context(ctx, inputs, output):
-    xg, w_hh, h0, c0, w_hr, batch_sizes, backend, segment = inputs
+    xg, w_hh, h0, c0, w_hr, batch_sizes, backend, segment, resets = inputs
     h_all, _, _, checkpoints = output
-    ctx.backend, ctx.segment, ctx.batch_sizes = backend, segment, batch_sizes
+    ctx.backend, ctx.segment, ctx.batch_sizes, ctx.resets = backend, segment, batch_sizes, resets
     ctx.save_for_backward(xg, w_hh, h0, c0, w_hr, h_all, checkpoints)
 
 
@@ -349,27 +368,27 @@ def _backward(ctx, dh_all, dh_T, dc_T, _dcheckpoints):
     xg, w_hh, h0, c0, w_hr, h_all, checkpoints = ctx.saved_tensors
     inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, ctx.batch_sizes)
     grads = recompute_recurrence_backward(*inputs, h_all, checkpoints, dh_all, dh_T, dc_T, ctx.backend,
-                                          ctx.segment)
+                                          ctx.segment, ctx.resets)
     computed = (*grads, None) if w_hr is None else tuple(grads)
     dxg, dw_hh, dh0, dc0, dw_hr = layer_backward(
-        _Computed(ctx.backend, computed), inputs, h_all, (), dh_all, dh_T, dc_T, need_dw_hh=True
+        _Computed(ctx.backend, computed), inputs, h_all, (), dh_all, dh_T, dc_T, need_dw_hh=True, resets=ctx.resets
     )
-    return dxg, dw_hh, dh0, dc0, dw_hr, None, None, None
+    return dxg, dw_hh, dh0, dc0, dw_hr, None, None, None, None
 
 
 recompute_recurrence.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _compiled(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, segment):
+def _compiled(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, segment, resets):
     """``recompute_layer`` while torch.compile traces: the op above, or the normal op without gradients."""
     from . import ops
 
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xg, w_hh, h0, c0, w_hr))
     if not needs_grad or xg.shape[1] == 0:
-        return ops.recurrence_with_grad(xg, w_hh, h0, c0, w_hr, batch_sizes, backend)
+        return ops.recurrence_with_grad(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, resets)
     T = int(xg.shape[0])  # k follows from T: the graph is specialised to it
     k = segment_length(T, segment)
-    impl = select_backend(xg, w_hh, w_hr, batch_sizes, True, backend)
+    impl = select_backend(xg, w_hh, w_hr, batch_sizes, True, backend, resets)
     state_dtype(impl, xg.dtype, T, k)  # raise while tracing, not at the first run
-    h_all, h_T, c_T, _ = recompute_recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, impl.name, k)
+    h_all, h_T, c_T, _ = recompute_recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, impl.name, k, resets)
     return h_all, h_T, c_T
