@@ -179,36 +179,50 @@ def check_native_path(device: torch.device) -> Row:
     return Row("verify", "native", "-", "fp32", "B=3 H=6 L2bi", same and path == "native", f"path {path}; {detail}")
 
 
+def _timing_problem(device: torch.device, dtype_name: str, shape: dict):
+    """(nn.LSTM, x [T, B, H], label) of a timing row: the same weights and input for every path."""
+    T, B, H = shape["T"], shape["B"], shape["H"]
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(H, H).to(device, dtype)
+    return lstm, torch.randn(T, B, H, device=device, dtype=dtype), f"T={T} B={B} H={H}"
+
+
+def _failed_time_row(backend: str, variant: str, dtype_name: str, label: str, error: Exception) -> Row:
+    return Row("time", backend, variant, dtype_name, label, False,
+               f"raised {type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}")
+
+
+def _time_row(backend: str, variant: str, dtype_name: str, label: str, steps: int, times, nn_times,
+              note: str = "") -> Row:
+    """A timing row: (forward, forward + backward) median ms of the path and of nn.LSTM, per step."""
+    (fwd, fb), (nn_fwd, nn_fb) = times, nn_times
+    per_step = 1e3 / steps
+    return Row("time", backend, variant, dtype_name, label, True,
+               f"{nn_fwd / fwd:.2f}x forward, {nn_fb / fb:.2f}x forward+backward of nn.LSTM" + note,
+               fwd_us=fwd * per_step, fwd_bwd_us=fb * per_step, nn_fwd_us=nn_fwd * per_step,
+               nn_fwd_bwd_us=nn_fb * per_step)
+
+
 def time_auto(device: torch.device, dtypes, shape: dict) -> list[Row]:
     """What ``auto`` chooses at ``shape`` (measured on this machine) and how fast that is."""
     from . import FusedLSTM
 
-    T, B, H = shape["T"], shape["B"], shape["H"]
     rows = []
     for dtype_name in dtypes:
-        dtype = DTYPES[dtype_name]
-        torch.manual_seed(0)
-        lstm = torch.nn.LSTM(H, H).to(device, dtype)
-        x = torch.randn(T, B, H, device=device, dtype=dtype)
+        lstm, x, label = _timing_problem(device, dtype_name, shape)
         fused = FusedLSTM.from_torch(lstm)
-        label = f"T={T} B={B} H={H}"
         try:
             with torch.no_grad():
                 inference = fused.path_for(x, explain=True)
             training = fused.path_for(x.requires_grad_(True), explain=True)
             x.requires_grad_(False)
-            nn_fwd, nn_fb = _step_times(lstm, x)
-            fwd, fb = _step_times(fused, x)
+            nn_times, times = _step_times(lstm, x), _step_times(fused, x)
         except Exception as error:  # noqa: BLE001 - reported as a failed row
-            rows.append(Row("time", "auto", "-", dtype_name, label, False,
-                            f"raised {type(error).__name__}: {str(error).splitlines()[0][:200]}"))
+            rows.append(_failed_time_row("auto", "-", dtype_name, label, error))
             continue
-        per_step = 1e3 / T
-        rows.append(Row("time", "auto", f"{inference.path}/{training.path}", dtype_name, label, True,
-                        f"{nn_fwd / fwd:.2f}x forward, {nn_fb / fb:.2f}x forward+backward of nn.LSTM; "
-                        f"inference: {inference.reason}; training: {training.reason}",
-                        fwd_us=fwd * per_step, fwd_bwd_us=fb * per_step, nn_fwd_us=nn_fwd * per_step,
-                        nn_fwd_bwd_us=nn_fb * per_step))
+        rows.append(_time_row("auto", f"{inference.path}/{training.path}", dtype_name, label, shape["T"], times,
+                              nn_times, f"; inference: {inference.reason}; training: {training.reason}"))
     return rows
 
 
@@ -232,33 +246,23 @@ def _step_times(module, x) -> tuple[float, float]:
 def time_all(cands: list[Candidate], device: torch.device, dtypes, shape: dict, passed: set) -> list[Row]:
     from . import FusedLSTM
 
-    T, B, H = shape["T"], shape["B"], shape["H"]
     rows = []
     for dtype_name in dtypes:
-        dtype = DTYPES[dtype_name]
-        torch.manual_seed(0)
-        lstm = torch.nn.LSTM(H, H).to(device, dtype)
-        x = torch.randn(T, B, H, device=device, dtype=dtype)
-        nn_fwd, nn_fb = _step_times(lstm, x)
-        label = f"T={T} B={B} H={H}"
+        lstm, x, label = _timing_problem(device, dtype_name, shape)
+        nn_times = _step_times(lstm, x)
         for cand in cands:
             if (cand.backend, cand.variant, dtype_name) not in passed:
                 continue
-            # the kernels users get (unbounded barriers): only plans that passed their bounded verification
+            # the kernels users get: only plans that passed their verification
             native_path = native_outright() if cand.backend == "native" else contextlib.nullcontext()
             with environment_set(cand.env), native_path:
                 fused = FusedLSTM.from_torch(lstm, backend=cand.backend if cand.backend != "native" else "auto")
                 try:
-                    fwd, fb = _step_times(fused, x)
+                    times = _step_times(fused, x)
                 except Exception as error:  # noqa: BLE001 - reported as a failed row
-                    rows.append(Row("time", cand.backend, cand.variant, dtype_name, label, False,
-                                    f"raised {type(error).__name__}: {str(error).splitlines()[0][:200]}"))
+                    rows.append(_failed_time_row(cand.backend, cand.variant, dtype_name, label, error))
                     continue
-            per_step = 1e3 / T
-            rows.append(Row("time", cand.backend, cand.variant, dtype_name, label, True,
-                            f"{nn_fwd / fwd:.2f}x forward, {nn_fb / fb:.2f}x forward+backward of nn.LSTM",
-                            fwd_us=fwd * per_step, fwd_bwd_us=fb * per_step, nn_fwd_us=nn_fwd * per_step,
-                            nn_fwd_bwd_us=nn_fb * per_step))
+            rows.append(_time_row(cand.backend, cand.variant, dtype_name, label, shape["T"], times, nn_times))
     return rows
 
 
