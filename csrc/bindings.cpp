@@ -85,6 +85,14 @@ P* ptr(const char* fn, const char* name, uintptr_t p, bool optional = false) {
 
 cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
+// resets: a uint8 [T, B] device buffer (nonzero: the row starts step t from zero state), or 0. The
+// earlier cooperative persistent kernels do not serve it; auto then runs the per-step kernels.
+void check_resets(const char* fn, uintptr_t resets, int variant) {
+  if (resets != 0 && variant == lstm::kPersistent) {
+    throw std::invalid_argument(std::string(fn) + ": the persistent variant does not serve resets (use step or auto)");
+  }
+}
+
 void check_variant(const char* fn, int variant) {
   if (variant != lstm::kStep && variant != lstm::kPersistent && variant != lstm::kAuto) {
     throw std::invalid_argument(std::string(fn) + ": unknown variant " + std::to_string(variant) +
@@ -95,11 +103,12 @@ void check_variant(const char* fn, int variant) {
 int forward(int dtype, uintptr_t xg, uintptr_t w_hh, uintptr_t h0, uintptr_t c0, uintptr_t h_all, uintptr_t c_T,
             uintptr_t act, uintptr_t c_all, uintptr_t c_work, int64_t T, int64_t B, int64_t H, uintptr_t stream,
             int variant, bool mma, uintptr_t barrier_state, uintptr_t barrier_record,
-            int64_t barrier_timeout_ns, int64_t barrier_kernel) {
+            int64_t barrier_timeout_ns, int64_t barrier_kernel, uintptr_t resets) {
   const char* fn = "lstm_kernels._C.forward";
   const lstm::BarrierWatch dbg = barrier_watch(fn, barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel);
   check_dtype(fn, dtype);
   check_variant(fn, variant);
+  check_resets(fn, resets, variant);
   check_sizes(fn, T, B, H);
   if ((act == 0) != (c_all == 0)) throw std::invalid_argument(std::string(fn) + ": act and c_all go together");
   if (c_all == 0 && c_work == 0) throw std::invalid_argument(std::string(fn) + ": c_work is needed without c_all");
@@ -111,7 +120,8 @@ int forward(int dtype, uintptr_t xg, uintptr_t w_hh, uintptr_t h0, uintptr_t c0,
                        ptr<const void>(fn, "h0", h0), ptr<const void>(fn, "c0", c0), ptr<void>(fn, "h_all", h_all),
                        ptr<void>(fn, "c_T", c_T), ptr<float>(fn, "act", act, true),
                        ptr<float>(fn, "c_all", c_all, true), ptr<float>(fn, "c_work", c_work, true), (int)T, (int)B,
-                       (int)H, variant, mma, &used, stream_of(stream), dbg);
+                       (int)H, variant, mma, &used, stream_of(stream), dbg,
+                       ptr<const unsigned char>(fn, "resets", resets, true));
   }
   check_status(st);
   return used;
@@ -121,11 +131,12 @@ int backward(int dtype, uintptr_t w_hh, uintptr_t c0, uintptr_t act, uintptr_t c
              uintptr_t dh_T, uintptr_t dc_T, uintptr_t dG, uintptr_t dh0, uintptr_t dc0, uintptr_t dg_work,
              uintptr_t dc_work, int64_t T, int64_t B, int64_t H, uintptr_t stream, int variant, bool mma,
              uintptr_t barrier_state, uintptr_t barrier_record,
-            int64_t barrier_timeout_ns, int64_t barrier_kernel) {
+            int64_t barrier_timeout_ns, int64_t barrier_kernel, uintptr_t resets) {
   const char* fn = "lstm_kernels._C.backward";
   const lstm::BarrierWatch dbg = barrier_watch(fn, barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel);
   check_dtype(fn, dtype);
   check_variant(fn, variant);
+  check_resets(fn, resets, variant);
   check_sizes(fn, T, B, H);
   lstm::Status st;
   int used = -1;
@@ -137,7 +148,7 @@ int backward(int dtype, uintptr_t w_hh, uintptr_t c0, uintptr_t act, uintptr_t c
                         ptr<const void>(fn, "dc_T", dc_T), ptr<void>(fn, "dG", dG), ptr<void>(fn, "dh0", dh0),
                         ptr<void>(fn, "dc0", dc0), ptr<float>(fn, "dg_work", dg_work),
                         ptr<float>(fn, "dc_work", dc_work), (int)T, (int)B, (int)H, variant, mma, &used,
-                        stream_of(stream), dbg);
+                        stream_of(stream), dbg, ptr<const unsigned char>(fn, "resets", resets, true));
   }
   check_status(st);
   return used;
@@ -170,7 +181,7 @@ void fused_forward(int dtype, uintptr_t xg, uintptr_t w_fwd, uintptr_t w_hr, uin
                    uintptr_t hx, uintptr_t mx, uintptr_t h_all, uintptr_t h_T, uintptr_t c_T, uintptr_t act,
                    uintptr_t c_all, uintptr_t batch_sizes, uintptr_t counters, int64_t T, int64_t B, int64_t H,
                    int64_t P, int persistent, uintptr_t stream, uintptr_t barrier_state, uintptr_t barrier_record,
-            int64_t barrier_timeout_ns, int64_t barrier_kernel) {
+            int64_t barrier_timeout_ns, int64_t barrier_kernel, uintptr_t resets) {
   const char* fn = "lstm_kernels._C.fused_forward";
   const lstm::BarrierWatch dbg = barrier_watch(fn, barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel);
   check_fused_args(fn, dtype, T, B, H, P, w_hr != 0);
@@ -185,6 +196,7 @@ void fused_forward(int dtype, uintptr_t xg, uintptr_t w_fwd, uintptr_t w_hr, uin
                              ptr<void>(fn, "h_all", h_all), ptr<void>(fn, "h_T", h_T), ptr<void>(fn, "c_T", c_T),
                              ptr<float>(fn, "act", act, true), ptr<float>(fn, "c_all", c_all, true),
                              ptr<const int>(fn, "batch_sizes", batch_sizes, true),
+                             ptr<const unsigned char>(fn, "resets", resets, true),
                              ptr<unsigned int>(fn, "counters", counters), (int)T, (int)B, (int)H, (int)P,
                              persistent ? 1 : 0, dbg.state, dbg.record, dbg.timeout_ns, dbg.kernel,
                              reinterpret_cast<void*>(stream));
@@ -197,7 +209,7 @@ void fused_backward(int dtype, uintptr_t w_bwd, uintptr_t w_hrT, uintptr_t act, 
                     uintptr_t dhx, uintptr_t dG, uintptr_t dh0, uintptr_t dc0, uintptr_t dh_tot,
                     uintptr_t batch_sizes, uintptr_t counters, int64_t T, int64_t B, int64_t H, int64_t P,
                     int persistent, uintptr_t stream, uintptr_t barrier_state, uintptr_t barrier_record,
-            int64_t barrier_timeout_ns, int64_t barrier_kernel) {
+            int64_t barrier_timeout_ns, int64_t barrier_kernel, uintptr_t resets) {
   const char* fn = "lstm_kernels._C.fused_backward";
   const lstm::BarrierWatch dbg = barrier_watch(fn, barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel);
   check_fused_args(fn, dtype, T, B, H, P, w_hrT != 0);
@@ -213,22 +225,22 @@ void fused_backward(int dtype, uintptr_t w_bwd, uintptr_t w_hrT, uintptr_t act, 
         ptr<float>(fn, "dc_work", dc_work), ptr<void>(fn, "dgx", dgx), ptr<void>(fn, "dhx", dhx, true),
         ptr<void>(fn, "dG", dG), ptr<void>(fn, "dh0", dh0), ptr<void>(fn, "dc0", dc0),
         ptr<float>(fn, "dh_tot", dh_tot, true), ptr<const int>(fn, "batch_sizes", batch_sizes, true),
-        ptr<unsigned int>(fn, "counters", counters), (int)T, (int)B, (int)H, (int)P, persistent ? 1 : 0, dbg.state,
+        ptr<const unsigned char>(fn, "resets", resets, true), ptr<unsigned int>(fn, "counters", counters), (int)T, (int)B, (int)H, (int)P, persistent ? 1 : 0, dbg.state,
         dbg.record, dbg.timeout_ns, dbg.kernel, reinterpret_cast<void*>(stream));
   }
   check_fused(err, persistent ? "fused_backward_kernel (cooperative launch)" : "fused_backward_kernel");
 }
 
-py::dict fused_plan(const std::string& direction, int dtype, int64_t B, int64_t H, int64_t P) {
+py::dict fused_plan(const std::string& direction, int dtype, int64_t B, int64_t H, int64_t P, bool resets) {
   const char* fn = "lstm_kernels._C.fused_plan";
   check_fused_args(fn, dtype, 1, B, H, P, P < H);
   int blocks = 0, possible = 0;
   size_t smem = 0;
   int err;
   if (direction == "forward") {
-    err = lstm_fused_forward_plan(dtype, (int)B, (int)H, (int)P, &blocks, &smem, &possible);
+    err = lstm_fused_forward_plan(dtype, (int)B, (int)H, (int)P, resets ? 1 : 0, &blocks, &smem, &possible);
   } else if (direction == "backward") {
-    err = lstm_fused_backward_plan(dtype, (int)B, (int)H, (int)P, &blocks, &smem, &possible);
+    err = lstm_fused_backward_plan(dtype, (int)B, (int)H, (int)P, resets ? 1 : 0, &blocks, &smem, &possible);
   } else {
     throw std::invalid_argument("unknown kernel direction '" + direction + "' (forward or backward)");
   }
@@ -424,42 +436,46 @@ PYBIND11_MODULE(_C, m) {
         "Forward recurrence; returns the variant that ran; mma: tensor cores; barrier_state (a zeroed int64 [2]"
         " device buffer, or 0: grid.sync()), barrier_record (the device's int64 [4] error record),"
         " barrier_timeout_ns (0: no bound) and barrier_kernel (its code in the record): the persistent"
-        " kernel's time-bounded grid barrier; see csrc/barrier_wait.cuh",
+        " kernel's time-bounded grid barrier; see csrc/barrier_wait.cuh; resets: a uint8 [T, B] device"
+        " buffer or 0 (per-step kernel only: the persistent variant raises, auto runs per-step)",
         py::arg("dtype"),
         py::arg("xg"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"), py::arg("h_all"), py::arg("c_T"),
         py::arg("act"), py::arg("c_all"), py::arg("c_work"), py::arg("T"), py::arg("B"), py::arg("H"),
         py::arg("stream"), py::arg("variant") = (int)lstm::kStep, py::arg("mma") = false,
         py::arg("barrier_state") = 0, py::arg("barrier_record") = 0,
-        py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0);
+        py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0, py::arg("resets") = 0);
   m.def("backward", &backward,
         "Backward recurrence; returns the variant that ran; mma: tf32 tensor cores; barrier_*:"
-        " as for forward; see csrc/lstm_cuda.h",
+        " as for forward; resets: as for forward; see csrc/lstm_cuda.h",
         py::arg("dtype"), py::arg("w_hh"), py::arg("c0"), py::arg("act"), py::arg("c_all"), py::arg("dh_all"),
         py::arg("dh_T"), py::arg("dc_T"), py::arg("dG"), py::arg("dh0"), py::arg("dc0"), py::arg("dg_work"),
         py::arg("dc_work"), py::arg("T"), py::arg("B"), py::arg("H"), py::arg("stream"),
         py::arg("variant") = (int)lstm::kStep, py::arg("mma") = false, py::arg("barrier_state") = 0,
-        py::arg("barrier_record") = 0, py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0);
+        py::arg("barrier_record") = 0, py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0,
+        py::arg("resets") = 0);
   m.def("fused_forward", &fused_forward,
         "Fused forward at the budget of one step (dtype: a FusedOp code; csrc/fused_lstm.h); persistent: one cooperative launch,"
-        " else one launch per half-step; barrier_*: the time bound of the grid wait (as for forward)",
+        " else one launch per half-step; barrier_*: the time bound of the grid wait (as for forward); resets:"
+        " a uint8 [T, B] device buffer or 0",
         py::arg("dtype"), py::arg("xg"), py::arg("w_fwd"), py::arg("w_hr"), py::arg("c0"), py::arg("c_work"),
         py::arg("hx"), py::arg("mx"), py::arg("h_all"), py::arg("h_T"), py::arg("c_T"), py::arg("act"),
         py::arg("c_all"), py::arg("batch_sizes"), py::arg("counters"), py::arg("T"), py::arg("B"), py::arg("H"),
         py::arg("P"), py::arg("persistent"), py::arg("stream"), py::arg("barrier_state") = 0,
-        py::arg("barrier_record") = 0, py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0);
+        py::arg("barrier_record") = 0, py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0,
+        py::arg("resets") = 0);
   m.def("fused_backward", &fused_backward,
         "Fused backward at the budget of one step (dtype: a FusedOp code, dG exchanged in the storage dtype;"
-        " csrc/fused_lstm.h)",
+        " csrc/fused_lstm.h; resets: as for fused_forward)",
         py::arg("dtype"), py::arg("w_bwd"), py::arg("w_hrT"), py::arg("act"), py::arg("c_all"), py::arg("c0"),
         py::arg("dh_all"), py::arg("dh_T"), py::arg("dc_T"), py::arg("dc_work"), py::arg("dgx"), py::arg("dhx"),
         py::arg("dG"), py::arg("dh0"), py::arg("dc0"), py::arg("dh_tot"), py::arg("batch_sizes"),
         py::arg("counters"), py::arg("T"), py::arg("B"), py::arg("H"), py::arg("P"), py::arg("persistent"),
         py::arg("stream"), py::arg("barrier_state") = 0, py::arg("barrier_record") = 0,
-        py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0);
+        py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0, py::arg("resets") = 0);
   m.def("fused_plan", &fused_plan,
         "The fused kernels' plan on the current device: {'blocks', 'smem', 'possible' (persistent grid"
-        " co-resident), 'fits' (the block's shared memory fits)}",
-        py::arg("direction"), py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("P"));
+        " co-resident), 'fits' (the block's shared memory fits)}; resets: of the kernel that serves resets",
+        py::arg("direction"), py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("P"), py::arg("resets") = false);
   m.def("runtime_status", &runtime_status,
         "(error code, 'name: description' or None, device count, runtime version, driver version) of the"
         " extension's own CUDA runtime (cudaGetDeviceCount, cudaRuntimeGetVersion, cudaDriverGetVersion)");

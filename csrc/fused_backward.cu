@@ -54,6 +54,12 @@
 // tile, 96 blocks x 98 KB = 9.4 MB of L2 reads per step at the flagship in 16 bits (18.9 MB in
 // float); it is the first thing to measure on a GPU.
 //
+// RESETS (resets [T, B] uint8, as the forward's): nothing flows back across a reset. The cell thread
+// prefetches its row's flag of step t with the step's other inputs (one byte load, hidden) and, where
+// set, takes c_{t-1} = 0 in the forget gate's gradient, keeps dc_{t-1} = 0 and writes zeros to the dG
+// exchange (dG_t itself unchanged), so dh_{t-1} = dG_t W_hh is 0 for the row (dh0, dc0 too at t = 0).
+// Cost per step: one load and a few selects; nothing in the k loop, no extra barrier.
+//
 // Structural checks: as fused_forward.cu (tests/test_cuda_step_budget.py).
 #include <cuda_runtime.h>
 
@@ -66,15 +72,19 @@ namespace lstm {
 namespace fused {
 
 // The four gate gradients of one (b, j), rounded once to T: to dG (PyTorch order, stride H) and,
-// as one 8-byte store, to the exchange at r' = 4j .. 4j + 3.
-template <typename T>
-__device__ __forceinline__ void store_gate_grads(T* dg, int H, T* ex, const GateGrads& d) {
+// as one 8-byte store, to the exchange at r' = 4j .. 4j + 3. RESETS and `cut` (the row starts step
+// t from zero state): zeros to the exchange, so dh_{t-1} = dG_t W_hh is 0 for the row; dG unchanged.
+template <typename T, bool RESETS = false>
+__device__ __forceinline__ void store_gate_grads(T* dg, int H, T* ex, const GateGrads& d, bool cut = false) {
   struct alignas(4 * sizeof(T)) Four {
     T v[4];
   } pack;
   pack.v[0] = from_float<T>(d.i), pack.v[1] = from_float<T>(d.f), pack.v[2] = from_float<T>(d.g);
   pack.v[3] = from_float<T>(d.o);
   dg[0] = pack.v[0], dg[H] = pack.v[1], dg[2 * H] = pack.v[2], dg[3 * H] = pack.v[3];
+  if constexpr (RESETS) {
+    if (cut) pack = Four{};
+  }
   *reinterpret_cast<Four*>(ex) = pack;
 }
 
@@ -87,7 +97,7 @@ __device__ __forceinline__ void store_gate_grads(T* dg, int H, T* ex, const Gate
 // Without PROJ, one half-step per step (the cell takes dh = dh_all[t] + dG_{t+1} W_hh).
 // Half-steps hs = NPH*it + phase, it = T-1-t from 0 to T (T: the dh0 pass); a launch runs
 // [hs_begin, hs_end), all in the persistent launch, one in the per-step mode (same bits).
-template <typename Op, bool PROJ, typename T = typename Op::T>
+template <typename Op, bool PROJ, bool RESETS, typename T = typename Op::T>
 __global__ void __launch_bounds__(THREADS, 1)
     fused_backward_kernel(const T* __restrict__ w_bwd,        // [ceil(P/8)*8, 4H] W_hh^T, columns interleaved
                           const T* __restrict__ w_hrT,        // [ceil(H/8)*8, P] W_hr^T (PROJ)
@@ -107,7 +117,8 @@ __global__ void __launch_bounds__(THREADS, 1)
                           const int* __restrict__ batch_sizes,  // [T] int32, or null
                           unsigned int* counters,             // [gridDim.y] zeroed (several half-steps)
                           int T_, int B, int H, int P, int hs_begin, int hs_end,
-                         BarrierWatch watch) {  // the time bound of the grid wait (barrier_wait.cuh)
+                          BarrierWatch watch,  // the time bound of the grid wait (barrier_wait.cuh)
+                          const unsigned char* __restrict__ resets) {  // [T, B] uint8 (RESETS), else unused
   constexpr int NPH = PROJ ? 2 : 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int abort_s;  // the grid wait gave up: every thread of the block leaves
@@ -136,8 +147,10 @@ __global__ void __launch_bounds__(THREADS, 1)
   const size_t s = (size_t)b * H + j;
   float dc_reg = 0.f;
   if (mine && hs_begin > 0) dc_reg = dc_work[s];
-  // Prefetched inputs of the cell at step t: activations, c_t, c_{t-1}, dh_all[t] (without PROJ).
+  // Prefetched inputs of the cell at step t: activations, c_t, c_{t-1}, dh_all[t] (without PROJ),
+  // and (RESETS) whether row b starts step t from zero state.
   float p_i = 0.f, p_f = 0.f, p_g = 0.f, p_o = 0.f, p_c = 0.f, p_cp = 0.f, p_dh = 0.f;
+  int p_cut = 0;
   auto prefetch = [&](int t) {
     if (!mine || t < 0) return;
     const float* a = act + t * B4H + (size_t)b * K4 + j;
@@ -145,7 +158,10 @@ __global__ void __launch_bounds__(THREADS, 1)
     p_c = c_all[t * BH + s];
     p_cp = t > 0 ? c_all[(t - 1) * BH + s] : to_float(c0[s]);
     if (!PROJ) p_dh = to_float(dh_all[t * BH + s]);
+    if constexpr (RESETS) p_cut = resets[(size_t)t * B + b];
   };
+  // With a reset at step t (RESETS, p_cut) the cell backward takes c_{t-1} = 0 (the forget gate's
+  // gradient) and nothing flows back: dc_{t-1} = 0 (dc_reg), dh_{t-1} = 0 (the zeroed exchange).
   const int it_first = hs_begin / NPH, it_end = (hs_end + NPH - 1) / NPH;
   prefetch(T_ - 1 - it_first);
   const KRange gate_k = bwd_gate_k(warp, H, E);  // pairs of chunks of K = 4H
@@ -198,9 +214,10 @@ __global__ void __launch_bounds__(THREADS, 1)
             if (b < n_t) {
               GateGrads d;
               float dc_prev;
-              cell_backward(dh_in + p_dh, dc_in, Gates{p_i, p_f, p_g, p_o}, p_cp, p_c, &d, &dc_prev);
-              dc_reg = dc_prev;
-              store_gate_grads(dg, H, dgx + (t & 1) * gx_slot + (size_t)b * Kp + bwd_col(0, j), d);
+              cell_backward(dh_in + p_dh, dc_in, Gates{p_i, p_f, p_g, p_o}, RESETS && p_cut ? 0.f : p_cp, p_c, &d,
+                            &dc_prev);
+              dc_reg = RESETS && p_cut ? 0.f : dc_prev;
+              store_gate_grads<T, RESETS>(dg, H, dgx + (t & 1) * gx_slot + (size_t)b * Kp + bwd_col(0, j), d, p_cut);
             } else {
               dg[0] = zero, dg[H] = zero, dg[2 * H] = zero, dg[3 * H] = zero;
             }
@@ -231,9 +248,9 @@ __global__ void __launch_bounds__(THREADS, 1)
               const float dc_in = b < n_next ? dc_reg : to_float(dc_T[s]);
               GateGrads d;
               float dc_prev;
-              cell_backward(dm, dc_in, Gates{p_i, p_f, p_g, p_o}, p_cp, p_c, &d, &dc_prev);
-              dc_reg = dc_prev;
-              store_gate_grads(dg, H, dgx + (t & 1) * gx_slot + (size_t)b * Kp + bwd_col(0, j), d);
+              cell_backward(dm, dc_in, Gates{p_i, p_f, p_g, p_o}, RESETS && p_cut ? 0.f : p_cp, p_c, &d, &dc_prev);
+              dc_reg = RESETS && p_cut ? 0.f : dc_prev;
+              store_gate_grads<T, RESETS>(dg, H, dgx + (t & 1) * gx_slot + (size_t)b * Kp + bwd_col(0, j), d, p_cut);
             } else {
               dg[0] = zero, dg[H] = zero, dg[2 * H] = zero, dg[3 * H] = zero;
             }
@@ -257,15 +274,15 @@ size_t backward_smem_bytes(int H, int P, bool proj, int elem) {
          (proj ? (size_t)(UNITS + BATCH_TILE) * LDP * elem : 0);
 }
 
-template <typename Op, bool PROJ, typename T = typename Op::T>
+template <typename Op, bool PROJ, bool RESETS, typename T = typename Op::T>
 cudaError_t backward_launch(const void* w_bwd, const void* w_hrT, const float* act, const float* c_all,
                             const void* c0, const void* dh_all, const void* dh_T, const void* dc_T, float* dc_work,
                             void* dgx, void* dhx, void* dG, void* dh0, void* dc0, float* dh_tot,
-                            const int* batch_sizes, unsigned int* counters, int T_, int B, int H, int P,
-                            int persistent, BarrierWatch watch, cudaStream_t stream) {
+                            const int* batch_sizes, const unsigned char* resets, unsigned int* counters, int T_, int B,
+                            int H, int P, int persistent, BarrierWatch watch, cudaStream_t stream) {
   const dim3 grid(unit_blocks(H), batch_tiles(B));
-  return launch_half_steps(fused_backward_kernel<Op, PROJ>, grid, backward_smem_bytes(H, P, PROJ, sizeof(T)),
-                           (PROJ ? 2 : 1) * (T_ + 1), persistent, counters, watch, stream,
+  return launch_half_steps(fused_backward_kernel<Op, PROJ, RESETS>, grid, backward_smem_bytes(H, P, PROJ, sizeof(T)),
+                           (PROJ ? 2 : 1) * (T_ + 1), persistent, counters, watch, resets, stream,
                            static_cast<const T*>(w_bwd), static_cast<const T*>(w_hrT), act, c_all,
                            static_cast<const T*>(c0), static_cast<const T*>(dh_all), static_cast<const T*>(dh_T),
                            static_cast<const T*>(dc_T), dc_work, static_cast<T*>(dgx), static_cast<T*>(dhx),
@@ -273,11 +290,11 @@ cudaError_t backward_launch(const void* w_bwd, const void* w_hrT, const float* a
                            counters, T_, B, H, P);
 }
 
-template <typename Op, bool PROJ>
+template <typename Op, bool PROJ, bool RESETS>
 cudaError_t backward_plan(int B, int H, int P, int* blocks, size_t* smem, int* possible) {
   *smem = backward_smem_bytes(H, P, PROJ, sizeof(typename Op::T));
   *blocks = unit_blocks(H) * batch_tiles(B);
-  return kernel_plan(fused_backward_kernel<Op, PROJ>, *smem, *blocks, possible);
+  return kernel_plan(fused_backward_kernel<Op, PROJ, RESETS>, *smem, *blocks, possible);
 }
 
 }  // namespace fused
@@ -288,24 +305,29 @@ cudaError_t backward_plan(int B, int H, int P, int* blocks, size_t* smem, int* p
 extern "C" int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_hrT, const float* act,
                                    const float* c_all, const void* c0, const void* dh_all, const void* dh_T,
                                    const void* dc_T, float* dc_work, void* dgx, void* dhx, void* dG, void* dh0,
-                                   void* dc0, float* dh_tot, const int* batch_sizes, unsigned int* counters, int T,
-                                   int B, int H, int P, int persistent, unsigned long long* barrier_state, long long* barrier_record,
-                                  long long barrier_timeout_ns, long long barrier_kernel, void* stream) {
+                                   void* dc0, float* dh_tot, const int* batch_sizes, const unsigned char* resets,
+                                   unsigned int* counters, int T, int B, int H, int P, int persistent,
+                                   unsigned long long* barrier_state, long long* barrier_record,
+                                   long long barrier_timeout_ns, long long barrier_kernel, void* stream) {
   using namespace lstm::fused;
   const lstm::BarrierWatch watch{barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel};
   return with_op(dtype, [&](auto op) {
     using Op = decltype(op);
-    auto launch = w_hrT != nullptr ? backward_launch<Op, true> : backward_launch<Op, false>;
-    return launch(w_bwd, w_hrT, act, c_all, c0, dh_all, dh_T, dc_T, dc_work, dgx, dhx, dG, dh0, dc0, dh_tot,
-                  batch_sizes, counters, T, B, H, P, persistent, watch, static_cast<cudaStream_t>(stream));
+    return with_flags(w_hrT != nullptr, resets != nullptr, [&](auto proj, auto with_resets) {
+      return backward_launch<Op, decltype(proj)::value, decltype(with_resets)::value>(
+          w_bwd, w_hrT, act, c_all, c0, dh_all, dh_T, dc_T, dc_work, dgx, dhx, dG, dh0, dc0, dh_tot, batch_sizes,
+          resets, counters, T, B, H, P, persistent, watch, static_cast<cudaStream_t>(stream));
+    });
   });
 }
 
-extern "C" int lstm_fused_backward_plan(int dtype, int B, int H, int P, int* blocks, size_t* smem, int* possible) {
+extern "C" int lstm_fused_backward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem,
+                                        int* possible) {
   using namespace lstm::fused;
   return with_op(dtype, [&](auto op) {
     using Op = decltype(op);
-    return P != H ? backward_plan<Op, true>(B, H, P, blocks, smem, possible)
-                  : backward_plan<Op, false>(B, H, P, blocks, smem, possible);
+    return with_flags(P != H, resets != 0, [&](auto proj, auto with_resets) {
+      return backward_plan<Op, decltype(proj)::value, decltype(with_resets)::value>(B, H, P, blocks, smem, possible);
+    });
   });
 }

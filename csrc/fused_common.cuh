@@ -192,15 +192,27 @@ __device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.w
 // dst (row stride dst_ld), by the lanes of one warp: lane c copies the 16-byte column c (and c + 32,
 // ...) of every row, so there is no division by the runtime row length; a warp's k range is at
 // most 32 columns of 16 bytes in the usual shapes (512 bytes: H <= 2048 in 16 bits), one pass.
-template <typename T>
-__device__ __forceinline__ void warp_copy_rows_async(T* dst, int dst_ld, const T* src, int src_ld, int n, int lane) {
+// MASK_ROWS: row r lands as zeros where bit r of zero_rows is set (cp.async reading 0 source
+// bytes: the same one instruction per 16 bytes, no extra store), the lanes spread over rows
+// instead of columns; without it the plain copy.
+template <typename T, bool MASK_ROWS = false>
+__device__ __forceinline__ void warp_copy_rows_async(T* dst, int dst_ld, const T* src, int src_ld, int n, int lane,
+                                                     uint32_t zero_rows = 0) {
   constexpr int per_copy = 16 / sizeof(T);
   const int columns = n / per_copy;
-  for (int c = lane; c < columns; c += 32) {
-    const uint32_t d = smem_addr(dst + c * per_copy);
-    const T* from = src + c * per_copy;
+  if constexpr (MASK_ROWS) {
+    // lane l copies row l % BATCH_TILE, columns l / BATCH_TILE + 2i: one source size for all its copies
+    const int r = lane % BATCH_TILE;
+    const uint32_t bytes = (zero_rows >> r) & 1u ? 0u : 16u, d = smem_addr(dst + r * dst_ld);
+    const T* from = src + (size_t)r * src_ld;
+    for (int c = lane / BATCH_TILE; c < columns; c += 32 / BATCH_TILE) cp_async_16_zfill(d + c * 16, from + c * per_copy, bytes);
+  } else {
+    for (int c = lane; c < columns; c += 32) {
+      const uint32_t d = smem_addr(dst + c * per_copy);
+      const T* from = src + c * per_copy;
 #pragma unroll
-    for (int r = 0; r < BATCH_TILE; ++r) cp_async_16(d + r * dst_ld * (int)sizeof(T), from + (size_t)r * src_ld);
+      for (int r = 0; r < BATCH_TILE; ++r) cp_async_16(d + r * dst_ld * (int)sizeof(T), from + (size_t)r * src_ld);
+    }
   }
 }
 
@@ -213,6 +225,16 @@ __device__ __forceinline__ void block_load_padded(T* dst, int LD, const T* src, 
     dst[r * LD + k] = k < n ? src[(size_t)r * n + k] : from_float<T>(0.f);
   }
 }
+
+// ---- resets inside a sequence ---------------------------------------------------------------
+// resets [T, B] uint8 (nonzero: row b starts step t from zero state). A warp reads the flags of its
+// batch tile at step t with one byte load per lane (lanes < BATCH_TILE, rows < B) and one vote:
+// bit r of the result is row b0 + r. Issued a step ahead (the load in flight across the grid wait),
+// so a step pays the load's issue and the vote, not its latency.
+__device__ __forceinline__ int reset_flag(const unsigned char* resets, int t, int B, int b0, int lane) {
+  return lane < BATCH_TILE && b0 + lane < B ? resets[(size_t)t * B + b0 + lane] : 0;
+}
+__device__ __forceinline__ uint32_t reset_rows(int flag) { return __ballot_sync(0xffffffffu, flag != 0); }
 
 // ---- the light grid barrier ----------------------------------------------------------------
 // One counter per group of blocks that exchange data (blocks with the same batch tile):
@@ -273,10 +295,11 @@ __device__ __forceinline__ bool block_wait(const unsigned int* counter, unsigned
 // elements) into the same columns of the padded shared tile dst (row stride LD), by the calling warp
 // alone, which then reads only these columns: every warp copies the k range it multiplies (its
 // share of the copies), and waits for its own copies only (cp.async.wait_all, then __syncwarp so
-// that every lane sees the other lanes' copies).
-template <typename T>
-__device__ __forceinline__ void warp_fetch_columns(T* dst, int LD, const T* src, int ld, int k0, int k1, int lane) {
-  warp_copy_rows_async(dst + k0, LD, src + k0, ld, k1 - k0, lane);
+// that every lane sees the other lanes' copies). MASK_ROWS, zero_rows: as warp_copy_rows_async.
+template <typename T, bool MASK_ROWS = false>
+__device__ __forceinline__ void warp_fetch_columns(T* dst, int LD, const T* src, int ld, int k0, int k1, int lane,
+                                                   uint32_t zero_rows = 0) {
+  warp_copy_rows_async<T, MASK_ROWS>(dst + k0, LD, src + k0, ld, k1 - k0, lane, zero_rows);
   cp_async_wait_all();
   __syncwarp();
 }

@@ -51,6 +51,13 @@
 // Shared memory per block: (32 + 16) * (Pk * e + 16) + 8 * 16 * 32 * 4 bytes, e = sizeof(T) (90.6 KB
 // at H = 768 in 16 bits, 160.8 KB in float: inside sm_80's 163 KB), PROJ + (8 + 16) * (Hk * e + 16).
 //
+// RESETS (resets [T, B] uint8, nonzero: row b starts step t from h_{t-1} = 0, c_{t-1} = 0; the
+// instance without it is unchanged): each warp reads its tile's flags of step t with one byte load
+// per lane, issued a step ahead, and one vote; the exchange copy of h_{t-1} lands as zeros for those
+// rows (cp.async with 0 source bytes, lanes spread over rows: the same copies, no store), and the cell
+// thread zeroes c_{t-1} in its register. Cost per step: one load (latency hidden), one vote, a few
+// integer and select instructions; nothing in the k loop, no extra barrier.
+//
 // Structural checks (tests/test_cuda_step_budget.py, on the cubins, CPU only): in the step
 // loop no global load inside a k loop or any nested loop but the barrier's poll (W_hh, W_hr
 // never read from global memory per step), only the designed handful of global loads (xg
@@ -76,7 +83,7 @@ namespace fused {
 // (all of them in the persistent launch; one per launch in the per-step mode), so both modes
 // run the same code on the same tiles (same bits). At a launch's start the state comes from
 // the exchange buffers and c_work; the host puts h0 in hx's slot 1 (step -1).
-template <typename Op, bool PROJ, typename T = typename Op::T>
+template <typename Op, bool PROJ, bool RESETS, typename T = typename Op::T>
 __global__ void __launch_bounds__(THREADS, 1)
     fused_forward_kernel(const T* __restrict__ xg,           // [T, B, 4H]
                          const T* __restrict__ w_fwd,        // [ceil(H/8)*32, P] interleaved rows (see above)
@@ -93,7 +100,8 @@ __global__ void __launch_bounds__(THREADS, 1)
                          const int* __restrict__ batch_sizes,  // [T] int32 active rows per step, or null
                          unsigned int* counters,             // [gridDim.y] zeroed; used with several half-steps
                          int T_, int B, int H, int P, int hs_begin, int hs_end,
-                         BarrierWatch watch) {  // the time bound of the grid wait (barrier_wait.cuh)
+                         BarrierWatch watch,  // the time bound of the grid wait (barrier_wait.cuh)
+                         const unsigned char* __restrict__ resets) {  // [T, B] uint8 (RESETS), else unused
   constexpr int NPH = PROJ ? 2 : 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int abort_s;  // the grid wait gave up: every thread of the block leaves
@@ -125,6 +133,8 @@ __global__ void __launch_bounds__(THREADS, 1)
   const bool mine_p = PROJ && cell_warp && pp < P && pb < B;
   const int t_first = hs_begin / NPH, t_end = (hs_end + NPH - 1) / NPH;
   float c_reg = 0.f, x_i = 0.f, x_f = 0.f, x_g = 0.f, x_o = 0.f;
+  int reset_next = 0;  // RESETS: this lane's flag (row b0 + lane) of the next step that runs half-step A
+  if constexpr (RESETS) reset_next = reset_flag(resets, t_first, B, b0, lane);
   if (mine) {
     const size_t s = (size_t)b * H + j;
     c_reg = hs_begin == 0 ? to_float(c0[s]) : c_work[s];
@@ -151,14 +161,20 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int n_after = last_step ? 0 : (batch_sizes ? __ldg(batch_sizes + t + 1) : B);  // rows active at t+1
     const int hs_a = NPH * t;
     if (hs_a >= hs_begin) {  // ---- half-step A: gates, cell ----
+      uint32_t zero_rows = 0;  // RESETS: bit r: row b0 + r starts step t from h_{t-1} = 0, c_{t-1} = 0
+      if constexpr (RESETS) {
+        zero_rows = reset_rows(reset_next);
+        if (t + 1 < t_end) reset_next = reset_flag(resets, t + 1, B, b0, lane);
+      }
       // [1] h_{t-1} of every block of this batch tile is stored; each warp copies its k columns
+      // (rows that reset land as zeros)
       if (!block_wait(counter, (unsigned int)(hs_a - hs_begin) * arrivals, hs_a > hs_begin, watch, t - 1, warp, lane,
                       &abort_s))
         return;
       float acc[2][2][4] = {};
       if (b0 < n_t) {  // a batch tile with no active row skips its products
-        warp_fetch_columns(h_s, LD, hx + ((t - 1) & 1) * hx_slot + (size_t)b0 * Pk, Pk, ks_begin * CHUNK_BYTES / E,
-                           ks_end * CHUNK_BYTES / E, lane);
+        warp_fetch_columns<T, RESETS>(h_s, LD, hx + ((t - 1) & 1) * hx_slot + (size_t)b0 * Pk, Pk,
+                                      ks_begin * CHUNK_BYTES / E, ks_end * CHUNK_BYTES / E, lane, zero_rows);
 #pragma unroll 1
         for (int ks = ks_begin; ks < ks_end; ++ks) {
           const Frag<Op> a0 = ldsm_frag<Op>(w_base + ks * CHUNK_BYTES);
@@ -190,6 +206,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         if (mine) {
           const size_t s = (size_t)b * H + j;
           if (b < n_t) {
+            if (RESETS && ((zero_rows >> (b - b0)) & 1u)) c_reg = 0.f;
             Gates a;
             float c_new, h;
             cell_forward(pi + x_i, pf + x_f, pg + x_g, po + x_o, c_reg, &a, &c_new, &h);
@@ -257,14 +274,14 @@ size_t forward_smem_bytes(int H, int P, bool proj, int elem) {
          (proj ? (size_t)(UNITS + BATCH_TILE) * LDH * elem : 0);
 }
 
-template <typename Op, bool PROJ, typename T = typename Op::T>
+template <typename Op, bool PROJ, bool RESETS, typename T = typename Op::T>
 cudaError_t forward_launch(const void* xg, const void* w_fwd, const void* w_hr, const void* c0, float* c_work,
                            void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act, float* c_all,
-                           const int* batch_sizes, unsigned int* counters, int T_, int B, int H, int P,
-                           int persistent, BarrierWatch watch, cudaStream_t stream) {
+                           const int* batch_sizes, const unsigned char* resets, unsigned int* counters, int T_, int B,
+                           int H, int P, int persistent, BarrierWatch watch, cudaStream_t stream) {
   const dim3 grid(unit_blocks(H), batch_tiles(B));
-  return launch_half_steps(fused_forward_kernel<Op, PROJ>, grid, forward_smem_bytes(H, P, PROJ, sizeof(T)),
-                           (PROJ ? 2 : 1) * T_, persistent, counters, watch, stream, static_cast<const T*>(xg),
+  return launch_half_steps(fused_forward_kernel<Op, PROJ, RESETS>, grid, forward_smem_bytes(H, P, PROJ, sizeof(T)),
+                           (PROJ ? 2 : 1) * T_, persistent, counters, watch, resets, stream, static_cast<const T*>(xg),
                            static_cast<const T*>(w_fwd), static_cast<const T*>(w_hr), static_cast<const T*>(c0), c_work,
                            static_cast<T*>(hx), static_cast<T*>(mx), static_cast<T*>(h_all), static_cast<T*>(h_T),
                            static_cast<T*>(c_T), act, c_all, batch_sizes, counters, T_, B, H, P);
@@ -272,11 +289,11 @@ cudaError_t forward_launch(const void* xg, const void* w_fwd, const void* w_hr, 
 
 // Whether the fused forward serves (B, H, P) on the current device: *possible 0 the block's
 // shared memory does not fit, 1 the persistent grid is co-resident, 2 per-step launches only.
-template <typename Op, bool PROJ>
+template <typename Op, bool PROJ, bool RESETS>
 cudaError_t forward_plan(int B, int H, int P, int* blocks, size_t* smem, int* possible) {
   *smem = forward_smem_bytes(H, P, PROJ, sizeof(typename Op::T));
   *blocks = unit_blocks(H) * batch_tiles(B);
-  return kernel_plan(fused_forward_kernel<Op, PROJ>, *smem, *blocks, possible);
+  return kernel_plan(fused_forward_kernel<Op, PROJ, RESETS>, *smem, *blocks, possible);
 }
 
 }  // namespace fused
@@ -287,25 +304,29 @@ cudaError_t forward_plan(int B, int H, int P, int* blocks, size_t* smem, int* po
 // cudaError_t code.
 extern "C" int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, const void* w_hr, const void* c0,
                                   float* c_work, void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act,
-                                  float* c_all, const int* batch_sizes, unsigned int* counters, int T, int B, int H,
-                                  int P, int persistent, unsigned long long* barrier_state, long long* barrier_record,
-                                  long long barrier_timeout_ns, long long barrier_kernel,
-                                  void* stream) {
+                                  float* c_all, const int* batch_sizes, const unsigned char* resets,
+                                  unsigned int* counters, int T, int B, int H, int P, int persistent,
+                                  unsigned long long* barrier_state, long long* barrier_record,
+                                  long long barrier_timeout_ns, long long barrier_kernel, void* stream) {
   using namespace lstm::fused;
   const lstm::BarrierWatch watch{barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel};
   return with_op(dtype, [&](auto op) {
     using Op = decltype(op);
-    auto launch = w_hr != nullptr ? forward_launch<Op, true> : forward_launch<Op, false>;
-    return launch(xg, w_fwd, w_hr, c0, c_work, hx, mx, h_all, h_T, c_T, act, c_all, batch_sizes, counters, T, B, H, P,
-                  persistent, watch, static_cast<cudaStream_t>(stream));
+    return with_flags(w_hr != nullptr, resets != nullptr, [&](auto proj, auto with_resets) {
+      return forward_launch<Op, decltype(proj)::value, decltype(with_resets)::value>(
+          xg, w_fwd, w_hr, c0, c_work, hx, mx, h_all, h_T, c_T, act, c_all, batch_sizes, resets, counters, T, B, H, P,
+          persistent, watch, static_cast<cudaStream_t>(stream));
+    });
   });
 }
 
-extern "C" int lstm_fused_forward_plan(int dtype, int B, int H, int P, int* blocks, size_t* smem, int* possible) {
+extern "C" int lstm_fused_forward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem,
+                                       int* possible) {
   using namespace lstm::fused;
   return with_op(dtype, [&](auto op) {
     using Op = decltype(op);
-    return P != H ? forward_plan<Op, true>(B, H, P, blocks, smem, possible)
-                  : forward_plan<Op, false>(B, H, P, blocks, smem, possible);
+    return with_flags(P != H, resets != 0, [&](auto proj, auto with_resets) {
+      return forward_plan<Op, decltype(proj)::value, decltype(with_resets)::value>(B, H, P, blocks, smem, possible);
+    });
   });
 }

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "fused_common.cuh"
 
@@ -34,20 +35,29 @@ cudaError_t kernel_plan(void (*kernel)(Params...), size_t smem, int blocks, int*
   return cudaSuccess;
 }
 
+// f(std::bool_constant<a>{}, std::bool_constant<b>{}): two runtime flags (projection, resets) as
+// the compile-time template arguments of one kernel, not copied branches.
+template <typename F>
+cudaError_t with_flags(bool a, bool b, F&& f) {
+  if (a) return b ? f(std::true_type{}, std::true_type{}) : f(std::true_type{}, std::false_type{});
+  return b ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
+}
+
 // Runs half-steps [0, n_half) of `kernel`, whose parameters are `args...` followed by the first
-// and the end half-step and a BarrierWatch: with `persistent`, one cooperative launch that passes
+// and the end half-step, a BarrierWatch and the resets pointer: with `persistent`, one cooperative launch that passes
 // the grid barrier between half-steps (the per-batch-tile counters, grid.y of them, are zeroed
 // first); otherwise one launch per half-step (the launch boundary is the barrier; no watch).
 template <typename... Params, typename... Args>
 cudaError_t launch_half_steps(void (*kernel)(Params...), dim3 grid, size_t smem, int n_half, bool persistent,
-                              unsigned int* counters, BarrierWatch watch, cudaStream_t stream, Args... args) {
+                              unsigned int* counters, BarrierWatch watch, const unsigned char* resets,
+                              cudaStream_t stream, Args... args) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   if (persistent) {
     err = cudaMemsetAsync(counters, 0, grid.y * sizeof(unsigned int), stream);
     if (err != cudaSuccess) return err;
     // The argument array must point at objects of the kernel's exact parameter types.
-    std::tuple<Params...> values(args..., 0, n_half, watch);
+    std::tuple<Params...> values(args..., 0, n_half, watch, resets);
     return std::apply(
         [&](auto&... v) {
           void* ptrs[] = {&v...};
@@ -57,7 +67,7 @@ cudaError_t launch_half_steps(void (*kernel)(Params...), dim3 grid, size_t smem,
         values);
   }
   for (int hs = 0; hs < n_half; ++hs) {
-    kernel<<<grid, THREADS, smem, stream>>>(args..., hs, hs + 1, BarrierWatch{});
+    kernel<<<grid, THREADS, smem, stream>>>(args..., hs, hs + 1, BarrierWatch{}, resets);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -31,8 +31,10 @@ namespace lstm {
 // range. dG is fp32, so with MMA the product runs on tf32 tensor cores whatever
 // T is (16-bit W is exact in tf32; dG is rounded to tf32): warp w < TILE_K / 8
 // sums the w-th 8 columns of every chunk, and the partial sums are added in a
-// fixed order. Without MMA each thread sums its own (b, j) in fp32 FMA.
-template <typename T, bool MMA, typename WLoad>
+// fixed order. Without MMA each thread sums its own (b, j) in fp32 FMA. RESETS: a row b with
+// resets_t[b] started step t from zero state: its c_prev is 0 in the forget gate's gradient, and
+// nothing flows back to step t-1 (dc_work and the fp32 exchange dg_cur get 0; dG_t is unchanged).
+template <typename T, bool MMA, bool RESETS, typename WLoad>
 __device__ __forceinline__ void backward_tile(WLoad wload, int j0, int b0,
                                               const float* dg_next,  // [B, 4H] fp32 dG_{t+1}, or null at t = T-1
                                               const T* __restrict__ dh_T,      // [B, H] used when dg_next is null
@@ -47,7 +49,8 @@ __device__ __forceinline__ void backward_tile(WLoad wload, int j0, int b0,
                                               T* __restrict__ dG_t,              // [B, 4H] out
                                               T* __restrict__ dh0,               // [B, H] out in the dh0 pass
                                               T* __restrict__ dc0,               // [B, H] out in the dh0 pass
-                                              int B, int H) {
+                                              int B, int H,
+                                              const unsigned char* __restrict__ resets_t) {  // [B] (RESETS)
   constexpr int kParts = TILE_K / MmaTraits<float>::K;  // warps that sum a part of each chunk (MMA)
   static_assert(!MMA || (TILE_B == 16 && TILE_J == 16 && kParts <= STEP_THREADS / 32), "wmma tiles are 16 x 16");
   constexpr int LDW = tile_ld<float, MMA>(TILE_J), LDG = tile_ld<float, MMA>(TILE_K);
@@ -107,15 +110,16 @@ __device__ __forceinline__ void backward_tile(WLoad wload, int j0, int b0,
   const float dh = dh_in + to_float(dh_out_t[s]);
   const size_t g_row = (size_t)b * H4;
   const Gates a{act_t[g_row + j], act_t[g_row + H + j], act_t[g_row + 2 * H + j], act_t[g_row + 3 * H + j]};
-  const float cp = c_prev ? c_prev[s] : to_float(c0[s]);
+  const bool cut = RESETS && resets_t[b];
+  const float cp = cut ? 0.f : c_prev ? c_prev[s] : to_float(c0[s]);
   GateGrads d;
   float dc_prev;
   cell_backward(dh, dc_in, a, cp, c_t[s], &d, &dc_prev);
-  dc_work[s] = dc_prev;
-  dg_cur[g_row + j] = d.i;
-  dg_cur[g_row + H + j] = d.f;
-  dg_cur[g_row + 2 * H + j] = d.g;
-  dg_cur[g_row + 3 * H + j] = d.o;
+  dc_work[s] = cut ? 0.f : dc_prev;
+  dg_cur[g_row + j] = cut ? 0.f : d.i;
+  dg_cur[g_row + H + j] = cut ? 0.f : d.f;
+  dg_cur[g_row + 2 * H + j] = cut ? 0.f : d.g;
+  dg_cur[g_row + 3 * H + j] = cut ? 0.f : d.o;
   dG_t[g_row + j] = from_float<T>(d.i);
   dG_t[g_row + H + j] = from_float<T>(d.f);
   dG_t[g_row + 2 * H + j] = from_float<T>(d.g);
@@ -124,7 +128,7 @@ __device__ __forceinline__ void backward_tile(WLoad wload, int j0, int b0,
 
 // Per-step kernel: one launch per step (and one for the dh0 pass), W_hh read
 // from global memory / L2. Grid (ceil(H / TILE_J), ceil(B / TILE_B)), block (TILE_J, TILE_B).
-template <typename T, bool MMA>
+template <typename T, bool MMA, bool RESETS>
 __global__ void __launch_bounds__(STEP_THREADS)
     backward_step_kernel(const T* __restrict__ w_hh,        // [4H, H]
                          const float* __restrict__ dg_next,  // [B, 4H] fp32 dG_{t+1}, or null at t = T-1
@@ -140,11 +144,12 @@ __global__ void __launch_bounds__(STEP_THREADS)
                          T* __restrict__ dG_t,               // [B, 4H] out
                          T* __restrict__ dh0,                // [B, H] out in the dh0 pass
                          T* __restrict__ dc0,                // [B, H] out in the dh0 pass
-                         int B, int H) {
+                         int B, int H,
+                         const unsigned char* __restrict__ resets_t) {  // [B] uint8 resets of step t (RESETS)
   const int j0 = blockIdx.x * TILE_J;
   auto wload = [&](int r, int jj) { return w_hh[(size_t)r * H + j0 + jj]; };
-  backward_tile<T, MMA>(wload, j0, blockIdx.y * TILE_B, dg_next, dh_T, dc_T, dh_out_t, act_t, c_t, c_prev, c0, dc_work,
-                   dg_cur, dG_t, dh0, dc0, B, H);
+  backward_tile<T, MMA, RESETS>(wload, j0, blockIdx.y * TILE_B, dg_next, dh_T, dc_T, dh_out_t, act_t, c_t, c_prev, c0,
+                                dc_work, dg_cur, dG_t, dh0, dc0, B, H, resets_t);
 }
 
 // Persistent kernel: one cooperative launch for all T steps and the dh0 pass.
@@ -186,12 +191,12 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
     float* dg_cur = t >= 0 ? dg_work + (t % 2) * b4h : nullptr;
     for (int b0 = 0; b0 < B; b0 += TILE_B) {
       if (t >= 0) {
-        backward_tile<T, MMA>(wload, j0, b0, dg_next, dh_T, dc_T, dh_all + t * bh, act + t * b4h, c_all + t * bh,
-                         t == 0 ? nullptr : c_all + (t - 1) * bh, c0, dc_work, dg_cur, dG + t * b4h, nullptr,
-                         nullptr, B, H);
+        backward_tile<T, MMA, false>(wload, j0, b0, dg_next, dh_T, dc_T, dh_all + t * bh, act + t * b4h,
+                                     c_all + t * bh, t == 0 ? nullptr : c_all + (t - 1) * bh, c0, dc_work, dg_cur,
+                                     dG + t * b4h, nullptr, nullptr, B, H, nullptr);
       } else {
-        backward_tile<T, MMA>(wload, j0, b0, dg_next, dh_T, dc_T, nullptr, nullptr, nullptr, nullptr, c0, dc_work,
-                         nullptr, nullptr, dh0, dc0, B, H);
+        backward_tile<T, MMA, false>(wload, j0, b0, dg_next, dh_T, dc_T, nullptr, nullptr, nullptr, nullptr, c0,
+                                     dc_work, nullptr, nullptr, dh0, dc0, B, H, nullptr);
       }
       __syncthreads();  // the tile's shared buffers are reused by the next batch tile
     }
@@ -206,24 +211,26 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
   }
 }
 
-template <typename T, bool MMA>
+template <typename T, bool MMA, bool RESETS>
 Status backward_step(const T* w_hh, const T* c0, const float* act, const float* c_all, const T* dh_all,
-                     const T* dh_T, const T* dc_T, T* dG, T* dh0, T* dc0, float* dg_work, float* dc_work, int T_,
-                     int B, int H, cudaStream_t stream) {
+                     const T* dh_T, const T* dc_T, T* dG, T* dh0, T* dc0, float* dg_work, float* dc_work,
+                     const unsigned char* resets, int T_, int B, int H, cudaStream_t stream) {
   const dim3 grid((H + TILE_J - 1) / TILE_J, (B + TILE_B - 1) / TILE_B), block(TILE_J, TILE_B);
   const size_t bh = (size_t)B * H, b4h = 4 * bh;
   const float* dg_next = nullptr;
   for (int t = T_ - 1; t >= 0; --t) {
     float* dg_cur = dg_work + (t % 2) * b4h;
-    backward_step_kernel<T, MMA><<<grid, block, 0, stream>>>(
+    backward_step_kernel<T, MMA, RESETS><<<grid, block, 0, stream>>>(
         w_hh, dg_next, dh_T, dc_T, dh_all + t * bh, act + t * b4h, c_all + t * bh,
-        t == 0 ? nullptr : c_all + (t - 1) * bh, c0, dc_work, dg_cur, dG + t * b4h, nullptr, nullptr, B, H);
+        t == 0 ? nullptr : c_all + (t - 1) * bh, c0, dc_work, dg_cur, dG + t * b4h, nullptr, nullptr, B, H,
+        RESETS ? resets + (size_t)t * B : nullptr);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return Status{err, "lstm backward_step_kernel"};
     dg_next = dg_cur;
   }
-  backward_step_kernel<T, MMA><<<grid, block, 0, stream>>>(w_hh, dg_next, dh_T, dc_T, nullptr, nullptr, nullptr,
-                                                           nullptr, c0, dc_work, nullptr, nullptr, dh0, dc0, B, H);
+  backward_step_kernel<T, MMA, RESETS><<<grid, block, 0, stream>>>(w_hh, dg_next, dh_T, dc_T, nullptr, nullptr,
+                                                                   nullptr, nullptr, c0, dc_work, nullptr, nullptr,
+                                                                   dh0, dc0, B, H, nullptr);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status{err, "lstm backward_step_kernel (dh0 pass)"};
   return Status{};
@@ -235,10 +242,18 @@ Status backward_persistent_plan(int H, PersistentPlan* plan) {
                          (size_t)4 * H * TILE_J * sizeof(T), "lstm backward_persistent_kernel", plan);
 }
 
-template <typename T, bool MMA>
+// With resets (RESETS) only the per-step kernel serves, as in forward_impl.
+template <typename T, bool MMA, bool RESETS>
 Status backward_impl(const T* w_hh, const T* c0, const float* act, const float* c_all, const T* dh_all,
-                     const T* dh_T, const T* dc_T, T* dG, T* dh0, T* dc0, float* dg_work, float* dc_work, int T_,
-                     int B, int H, int variant, int* used, cudaStream_t stream, BarrierWatch barrier) {
+                     const T* dh_T, const T* dc_T, T* dG, T* dh0, T* dc0, float* dg_work, float* dc_work,
+                     const unsigned char* resets, int T_, int B, int H, int variant, int* used, cudaStream_t stream,
+                     BarrierWatch barrier) {
+  if constexpr (RESETS) {
+    if (variant == kPersistent) return failed(cudaErrorInvalidValue, "lstm backward_persistent_kernel (resets)");
+    *used = kStep;
+    return backward_step<T, MMA, true>(w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work, dc_work,
+                                       resets, T_, B, H, stream);
+  }
   void* args[] = {&w_hh, &c0,     &act,     &c_all,   &dh_all, &dh_T, &dc_T, &dG,
                   &dh0,  &dc0,    &dg_work, &dc_work, &T_,     &B,    &H,    &barrier};
   return run_variant(
@@ -246,8 +261,8 @@ Status backward_impl(const T* w_hh, const T* c0, const float* act, const float* 
       "lstm backward_persistent_kernel (cooperative launch)", args,
       [&](PersistentPlan* plan) { return backward_persistent_plan<T, MMA>(H, plan); },
       [&] {
-        return backward_step<T, MMA>(w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work, dc_work, T_, B,
-                                     H, stream);
+        return backward_step<T, MMA, false>(w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work,
+                                            dc_work, nullptr, T_, B, H, stream);
       },
       used, stream);
 }
@@ -255,15 +270,16 @@ Status backward_impl(const T* w_hh, const T* c0, const float* act, const float* 
 Status backward(int dtype, const void* w_hh, const void* c0, const float* act, const float* c_all,
                 const void* dh_all, const void* dh_T, const void* dc_T, void* dG, void* dh0, void* dc0,
                 float* dg_work, float* dc_work, int T_, int B, int H, int variant, bool mma, int* used,
-                cudaStream_t stream, BarrierWatch barrier) {
+                cudaStream_t stream, BarrierWatch barrier, const unsigned char* resets) {
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
     return LSTM_BOOL_SWITCH(mma, kMma, [&] {
-      using P = const scalar_t*;
-      return backward_impl<scalar_t, kMma>(static_cast<P>(w_hh), static_cast<P>(c0), act, c_all,
-                                           static_cast<P>(dh_all), static_cast<P>(dh_T), static_cast<P>(dc_T),
-                                           static_cast<scalar_t*>(dG), static_cast<scalar_t*>(dh0),
-                                           static_cast<scalar_t*>(dc0), dg_work, dc_work, T_, B, H, variant, used,
-                                           stream, barrier);
+      return LSTM_BOOL_SWITCH(resets != nullptr, kResets, [&] {
+        using P = const scalar_t*;
+        return backward_impl<scalar_t, kMma, kResets>(
+            static_cast<P>(w_hh), static_cast<P>(c0), act, c_all, static_cast<P>(dh_all), static_cast<P>(dh_T),
+            static_cast<P>(dc_T), static_cast<scalar_t*>(dG), static_cast<scalar_t*>(dh0),
+            static_cast<scalar_t*>(dc0), dg_work, dc_work, resets, T_, B, H, variant, used, stream, barrier);
+      });
     });
   });
 }
@@ -272,7 +288,7 @@ Status backward_occupancy(int dtype, int H, bool mma, int* blocks_per_sm, Persis
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
     return LSTM_BOOL_SWITCH(mma, kMma, [&] {
       const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          blocks_per_sm, backward_step_kernel<scalar_t, kMma>, STEP_THREADS, 0);
+          blocks_per_sm, backward_step_kernel<scalar_t, kMma, false>, STEP_THREADS, 0);
       if (err != cudaSuccess)
         return failed(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor(lstm backward_step_kernel)");
       return backward_persistent_plan<scalar_t, kMma>(H, plan);

@@ -118,9 +118,12 @@ PlanCache& plan_cache();
 //   mma               bool      the recurrent matmul on tensor cores (wmma): fp16/bf16 operands, tf32 for
 //                               fp32 (ask for it only where TF32 is allowed)
 //   barrier           BarrierWatch  the persistent kernel's grid barrier (default: grid.sync())
+//   resets [T, B]     uint8     or null: nonzero where row b starts step t from h_{t-1} = 0, c_{t-1} = 0;
+//                               served by the per-step kernel only (kPersistent refused, kAuto runs per-step)
 Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, const void* c0, void* h_all,
                void* c_T, float* act, float* c_all, float* c_work, int T, int B, int H, int variant, bool mma,
-               int* used, cudaStream_t stream, BarrierWatch barrier = BarrierWatch{});
+               int* used, cudaStream_t stream, BarrierWatch barrier = BarrierWatch{},
+               const unsigned char* resets = nullptr);
 
 // Backward recurrence (BPTT), one launch per step plus a last one for dh0.
 //   w_hh    [4H, H]    dtype
@@ -138,10 +141,12 @@ Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, cons
 //   variant            Variant  requested; *used gets the one that ran
 //   mma                bool     dG_{t+1} W_hh on tf32 tensor cores (dG is fp32; 16-bit W is exact in tf32)
 //   barrier            BarrierWatch  the persistent kernel's grid barrier (default: grid.sync())
+//   resets [T, B]      uint8    or null, as forward's: nothing flows back across a reset (dh_{t-1}, dc_{t-1}
+//                               leave step t as 0 for that row; dG_t unchanged); per-step kernel only
 Status backward(int dtype, const void* w_hh, const void* c0, const float* act, const float* c_all,
                 const void* dh_all, const void* dh_T, const void* dc_T, void* dG, void* dh0, void* dc0,
                 float* dg_work, float* dc_work, int T, int B, int H, int variant, bool mma, int* used,
-                cudaStream_t stream, BarrierWatch barrier = BarrierWatch{});
+                cudaStream_t stream, BarrierWatch barrier = BarrierWatch{}, const unsigned char* resets = nullptr);
 
 // Occupancy: resident blocks per SM of the per-step kernel ("forward" or
 // "backward") of the given dtype, and the persistent plan for hidden size H

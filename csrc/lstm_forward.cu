@@ -38,8 +38,10 @@ namespace lstm {
 // (rows b, units j) on tensor cores (mma_tile.cuh: fp16/bf16 operands, or tf32
 // for float) and the tiles keep the storage type; without, each thread sums its
 // own (b, j) for the four gates in fp32 FMA. Either way the four sums end in
-// acc[] of thread (j, b).
-template <typename T, bool MMA, typename WLoad>
+// acc[] of thread (j, b). RESETS: rows b with resets_t[b] start the step from zero state: their
+// h_prev row is staged as zeros and their c_prev is 0 (one byte load per staged element and per
+// cell; the per-step kernels are the fallback, not held to the budget of one step).
+template <typename T, bool MMA, bool RESETS, typename WLoad>
 __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
                                              const T* __restrict__ xg_t,    // [B, 4H]
                                              const T* h_prev,  // [B, H]; no __restrict__: other blocks write it
@@ -49,7 +51,8 @@ __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
                                              float* c_out,                  // [B, H] fp32 (may alias c_prev)
                                              float* __restrict__ act_out,   // [B, 4H] fp32, or null
                                              T* __restrict__ c_last,        // [B, H], or null
-                                             int B, int H) {
+                                             int B, int H,
+                                             const unsigned char* __restrict__ resets_t) {  // [B] (RESETS)
   static_assert(!MMA || (TILE_B == 16 && TILE_J == 16 && TILE_K % MmaTraits<T>::K == 0), "wmma tiles are 16 x 16");
   using Smem = typename std::conditional<MMA, T, float>::type;
   constexpr int LD = tile_ld<Smem, MMA>(TILE_K);
@@ -76,7 +79,8 @@ __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
     for (int idx = tid; idx < TILE_B * TILE_K; idx += STEP_THREADS) {
       const int bb = idx / TILE_K, kk = idx % TILE_K;
       const int row = b0 + bb, k = k0 + kk;
-      h_s[bb][kk] = (row < B && k < H) ? convert<Smem>(load_cg(h_prev + (size_t)row * H + k)) : zero;
+      h_s[bb][kk] = (row < B && k < H && !(RESETS && resets_t[row])) ? convert<Smem>(load_cg(h_prev + (size_t)row * H + k))
+                                                                    : zero;
     }
     __syncthreads();
     if constexpr (MMA) {
@@ -110,7 +114,7 @@ __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
 
   const size_t g_row = (size_t)b * 4 * H;
   const size_t s = (size_t)b * H + j;
-  const float cp = c_prev ? c_prev[s] : to_float(c0[s]);
+  const float cp = RESETS && resets_t[b] ? 0.f : c_prev ? c_prev[s] : to_float(c0[s]);
   Gates a;
   float c, h;
   cell_forward(acc[0] + to_float(xg_t[g_row + j]), acc[1] + to_float(xg_t[g_row + H + j]),
@@ -129,7 +133,7 @@ __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
 
 // Per-step kernel: one launch per step, W_hh read from global memory / L2.
 // Grid (ceil(H / TILE_J), ceil(B / TILE_B)), block (TILE_J, TILE_B).
-template <typename T, bool MMA>
+template <typename T, bool MMA, bool RESETS>
 __global__ void __launch_bounds__(STEP_THREADS)
     forward_step_kernel(const T* __restrict__ xg_t,    // [B, 4H]
                         const T* __restrict__ w_hh,    // [4H, H]
@@ -140,11 +144,12 @@ __global__ void __launch_bounds__(STEP_THREADS)
                         float* c_out,                  // [B, H] fp32 (may alias c_prev)
                         float* __restrict__ act_out,   // [B, 4H] fp32, or null
                         T* __restrict__ c_last,        // [B, H], or null (written at the last step)
-                        int B, int H) {
+                        int B, int H,
+                        const unsigned char* __restrict__ resets_t) {  // [B] uint8 resets of step t (RESETS)
   const int j0 = blockIdx.x * TILE_J;
   auto wload = [&](int g, int jj, int k) { return w_hh[(size_t)(g * H + j0 + jj) * H + k]; };
-  forward_tile<T, MMA>(wload, j0, blockIdx.y * TILE_B, xg_t, h_prev, c_prev, c0, h_out, c_out, act_out, c_last, B,
-                       H);
+  forward_tile<T, MMA, RESETS>(wload, j0, blockIdx.y * TILE_B, xg_t, h_prev, c_prev, c0, h_out, c_out, act_out, c_last,
+                               B, H, resets_t);
 }
 
 // Persistent kernel: one cooperative launch for all T steps. Block x owns the
@@ -185,8 +190,8 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
     float* c_out = c_all ? c_all + t * bh : c_work;
     const float* c_prev = t == 0 ? nullptr : (c_all ? c_all + (t - 1) * bh : c_work);
     for (int b0 = 0; b0 < B; b0 += TILE_B) {
-      forward_tile<T, MMA>(wload, j0, b0, xg + t * b4h, h_prev, c_prev, c0, h_all + t * bh, c_out,
-                           act ? act + t * b4h : nullptr, t == T_ - 1 ? c_T : nullptr, B, H);
+      forward_tile<T, MMA, false>(wload, j0, b0, xg + t * b4h, h_prev, c_prev, c0, h_all + t * bh, c_out,
+                                  act ? act + t * b4h : nullptr, t == T_ - 1 ? c_T : nullptr, B, H, nullptr);
       __syncthreads();  // the tile's shared buffers are reused by the next batch tile
     }
     // h_t complete (and visible) before any block reads it at t + 1
@@ -198,18 +203,19 @@ __global__ void __launch_bounds__(STEP_THREADS, 1)
   }
 }
 
-template <typename T, bool MMA>
+template <typename T, bool MMA, bool RESETS>
 Status forward_step(const T* xg, const T* w_hh, const T* h0, const T* c0, T* h_all, T* c_T, float* act,
-                    float* c_all, float* c_work, int T_, int B, int H, cudaStream_t stream) {
+                    float* c_all, float* c_work, const unsigned char* resets, int T_, int B, int H,
+                    cudaStream_t stream) {
   const dim3 grid((H + TILE_J - 1) / TILE_J, (B + TILE_B - 1) / TILE_B), block(TILE_J, TILE_B);
   const size_t bh = (size_t)B * H, b4h = 4 * bh;
   for (int t = 0; t < T_; ++t) {
     const T* h_prev = t == 0 ? h0 : h_all + (t - 1) * bh;
     float* c_out = c_all ? c_all + t * bh : c_work;
     const float* c_prev = t == 0 ? nullptr : (c_all ? c_all + (t - 1) * bh : c_work);
-    forward_step_kernel<T, MMA><<<grid, block, 0, stream>>>(xg + t * b4h, w_hh, h_prev, c_prev, c0, h_all + t * bh,
-                                                            c_out, act ? act + t * b4h : nullptr,
-                                                            t == T_ - 1 ? c_T : nullptr, B, H);
+    forward_step_kernel<T, MMA, RESETS><<<grid, block, 0, stream>>>(
+        xg + t * b4h, w_hh, h_prev, c_prev, c0, h_all + t * bh, c_out, act ? act + t * b4h : nullptr,
+        t == T_ - 1 ? c_T : nullptr, B, H, RESETS ? resets + (size_t)t * B : nullptr);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return Status{err, "lstm forward_step_kernel"};
   }
@@ -222,28 +228,41 @@ Status forward_persistent_plan(int H, PersistentPlan* plan) {
                          (size_t)4 * TILE_J * H * sizeof(T), "lstm forward_persistent_kernel", plan);
 }
 
-template <typename T, bool MMA>
+// With resets (RESETS) only the per-step kernel serves: the persistent variant is refused (the
+// bindings raise before a launch), auto runs per-step.
+template <typename T, bool MMA, bool RESETS>
 Status forward_impl(const T* xg, const T* w_hh, const T* h0, const T* c0, T* h_all, T* c_T, float* act,
-                    float* c_all, float* c_work, int T_, int B, int H, int variant, int* used,
-                    cudaStream_t stream, BarrierWatch barrier) {
+                    float* c_all, float* c_work, const unsigned char* resets, int T_, int B, int H, int variant,
+                    int* used, cudaStream_t stream, BarrierWatch barrier) {
+  if constexpr (RESETS) {
+    if (variant == kPersistent) return failed(cudaErrorInvalidValue, "lstm forward_persistent_kernel (resets)");
+    *used = kStep;
+    return forward_step<T, MMA, true>(xg, w_hh, h0, c0, h_all, c_T, act, c_all, c_work, resets, T_, B, H, stream);
+  }
   void* args[] = {&xg, &w_hh, &h0, &c0, &h_all, &c_T, &act, &c_all, &c_work, &T_, &B, &H, &barrier};
   return run_variant(
       variant, reinterpret_cast<const void*>(forward_persistent_kernel<T, MMA>),
       "lstm forward_persistent_kernel (cooperative launch)", args,
       [&](PersistentPlan* plan) { return forward_persistent_plan<T, MMA>(H, plan); },
-      [&] { return forward_step<T, MMA>(xg, w_hh, h0, c0, h_all, c_T, act, c_all, c_work, T_, B, H, stream); }, used,
+      [&] {
+        return forward_step<T, MMA, false>(xg, w_hh, h0, c0, h_all, c_T, act, c_all, c_work, nullptr, T_, B, H,
+                                           stream);
+      },
+      used,
       stream);
 }
 
 Status forward(int dtype, const void* xg, const void* w_hh, const void* h0, const void* c0, void* h_all,
                void* c_T, float* act, float* c_all, float* c_work, int T_, int B, int H, int variant, bool mma,
-               int* used, cudaStream_t stream, BarrierWatch barrier) {
+               int* used, cudaStream_t stream, BarrierWatch barrier, const unsigned char* resets) {
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
     return LSTM_BOOL_SWITCH(mma, kMma, [&] {
-      return forward_impl<scalar_t, kMma>(static_cast<const scalar_t*>(xg), static_cast<const scalar_t*>(w_hh),
-                                          static_cast<const scalar_t*>(h0), static_cast<const scalar_t*>(c0),
-                                          static_cast<scalar_t*>(h_all), static_cast<scalar_t*>(c_T), act, c_all,
-                                          c_work, T_, B, H, variant, used, stream, barrier);
+      return LSTM_BOOL_SWITCH(resets != nullptr, kResets, [&] {
+        return forward_impl<scalar_t, kMma, kResets>(
+            static_cast<const scalar_t*>(xg), static_cast<const scalar_t*>(w_hh), static_cast<const scalar_t*>(h0),
+            static_cast<const scalar_t*>(c0), static_cast<scalar_t*>(h_all), static_cast<scalar_t*>(c_T), act, c_all,
+            c_work, resets, T_, B, H, variant, used, stream, barrier);
+      });
     });
   });
 }
@@ -257,7 +276,7 @@ Status forward_occupancy(int dtype, int H, bool mma, int* blocks_per_sm, Persist
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
     return LSTM_BOOL_SWITCH(mma, kMma, [&] {
       const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          blocks_per_sm, forward_step_kernel<scalar_t, kMma>, STEP_THREADS, 0);
+          blocks_per_sm, forward_step_kernel<scalar_t, kMma, false>, STEP_THREADS, 0);
       if (err != cudaSuccess)
         return failed(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor(lstm forward_step_kernel)");
       return forward_persistent_plan<scalar_t, kMma>(H, plan);

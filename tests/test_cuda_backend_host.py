@@ -245,3 +245,81 @@ def test_barrier_arguments_are_checked_by_the_binding():
         _C.forward(**args, barrier_state=8, barrier_record=8, barrier_timeout_ns=-1, barrier_kernel=1)
     with pytest.raises(ValueError, match="barrier_kernel >= 1"):
         _C.backward(0, *([8] * 12), 2, 1, 1, 0, barrier_state=8, barrier_record=8, barrier_timeout_ns=0)
+
+
+# ---- resets inside a sequence: the glue of the cuda backend ---------------------------------------
+
+
+def test_the_cuda_backend_serves_resets_and_checks_the_mask():
+    """``serves_resets``; the mask must be bool [T, B] on xg's device, and goes to the kernels as the same
+    bytes in uint8, contiguous (a strided view is copied)."""
+    assert get_backend("cuda").serves_resets
+    r = torch.tensor([[True, False, True], [False, False, True]])
+    m = cuda_backend.resets_mask(r, 2, 3, r.device)
+    assert m.dtype == torch.uint8 and m.is_contiguous() and m.tolist() == [[1, 0, 1], [0, 0, 1]]
+    strided = torch.zeros(3, 2, dtype=torch.bool)
+    strided[0, 1] = True
+    assert cuda_backend.resets_mask(strided.t(), 2, 3, r.device).tolist() == [[0, 0, 0], [1, 0, 0]]
+    assert cuda_backend.resets_mask(None, 2, 3, r.device) is None
+    with pytest.raises(TypeError, match="bool"):
+        cuda_backend.resets_mask(r.to(torch.uint8), 2, 3, r.device)
+    with pytest.raises(ValueError, match=r"\(T, B\) = \(3, 2\)"):
+        cuda_backend.resets_mask(r, 3, 2, r.device)
+    with pytest.raises(ValueError, match="is on"):
+        cuda_backend.resets_mask(r, 2, 3, torch.device("meta"))
+
+
+def _resets_call(**kw):
+    from lstm_kernels.backends import RecurrenceCall
+    fields = dict(seq_len=4, batch=3, hidden_size=8, state_size=8, dtype=torch.float16, device=torch.device("cuda", 0),
+                  has_projection=False, variable_lengths=False, needs_grad=True, has_resets=True)
+    return RecurrenceCall(**{**fields, **kw})
+
+
+@pytest.mark.parametrize("variant", ["fused", "step", "auto", "persistent"])
+def test_the_earlier_persistent_kernels_refuse_resets(monkeypatch, variant):
+    """With resets, the variant ``persistent`` (the earlier cooperative kernels, for a call without projection
+    or variable lengths) is refused with a reason naming it, so a named cuda backend raises and auto moves on;
+    every other variant serves, and the same call without resets is served by all."""
+    monkeypatch.setenv(cuda_backend.VARIANT_ENV, variant)
+    backend = get_backend("cuda")
+    why = backend.supports(_resets_call())
+    if variant == "persistent":
+        assert why is not None and "resets" in why and "persistent" in why, why
+    else:
+        assert why is None, why
+    assert backend.supports(_resets_call(has_resets=False)) is None
+
+
+def test_per_step_launch_with_resets_runs_step_and_passes_the_mask(fake_ext, monkeypatch):
+    """``auto`` with resets runs the per-step kernels without asking for the cooperative one, and the mask's
+    pointer reaches the entry as ``resets=``; without resets the entry gets no such keyword."""
+    import contextlib
+    monkeypatch.setenv(cuda_backend.VARIANT_ENV, "auto")
+    monkeypatch.setattr(cuda_backend, "_dtype_codes", lambda: {torch.float16: 1})
+    monkeypatch.setattr(cuda_backend.torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(cuda_backend.torch.cuda, "current_stream", lambda d: type("S", (), {"cuda_stream": 0})())
+    monkeypatch.setattr(cuda_backend, "_barrier", lambda device, kernel: (None, None, 0, 1))
+    monkeypatch.setattr(cuda_backend, "_barrier_args", lambda barrier: (0, 0, 0, 0))
+    monkeypatch.setattr(cuda_backend.barrier_bound, "after_launch", lambda device, record: None)
+    calls = []
+
+    def entry(*args, **kw):
+        calls.append((args[-6], kw))
+        return FakeExt.VARIANT_STEP
+
+    like = torch.zeros(2, 3, dtype=torch.float16)
+    mask = torch.zeros(2, 3, dtype=torch.uint8)
+    assert cuda_backend._launch(entry, "forward", like, like, sizes=(2, 3, 1), resets=mask)[0] == "step"
+    cuda_backend._launch(entry, "forward", like, like, sizes=(2, 3, 1))
+    assert calls == [(FakeExt.VARIANT_STEP, {"resets": mask.data_ptr()}), (FakeExt.VARIANT_AUTO, {})]
+
+
+@needs_ext
+def test_the_binding_refuses_resets_for_the_persistent_variant():
+    """The extension itself raises (before any CUDA call) where the persistent variant is asked with resets."""
+    fwd = dict(dtype=0, xg=8, w_hh=8, h0=8, c0=8, h_all=8, c_T=8, act=0, c_all=0, c_work=8, T=2, B=1, H=1, stream=0)
+    with pytest.raises(ValueError, match="persistent variant does not serve resets"):
+        _C.forward(**fwd, variant=_C.VARIANT_PERSISTENT, resets=8)
+    with pytest.raises(ValueError, match="persistent variant does not serve resets"):
+        _C.backward(0, *([8] * 12), 2, 1, 1, 0, variant=_C.VARIANT_PERSISTENT, resets=8)

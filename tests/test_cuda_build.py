@@ -281,8 +281,9 @@ def test_extension_kernels_are_built_for_sm80_and_sm90_without_spills():
     usage = subprocess.run([tool, "-res-usage", so], capture_output=True, text=True, check=True).stdout
     kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage)
     names = {name for name, _, _ in kernels}
-    # one instance per dtype and tensor-core switch
-    for stem, count in (("forward_step_kernel", 6), ("forward_persistent_kernel", 6), ("backward_step_kernel", 6),
+    # one instance per dtype and tensor-core switch; the per-step kernels also per resets switch (the
+    # persistent ones do not serve resets)
+    for stem, count in (("forward_step_kernel", 12), ("forward_persistent_kernel", 6), ("backward_step_kernel", 12),
                         ("backward_persistent_kernel", 6)):
         assert sum(stem in n for n in names) == count, f"{stem}: expected {count} instances in {sorted(names)}"
     spilling = [(name, local) for name, _, local in kernels if int(local) != 0]
@@ -363,6 +364,6 @@ def test_persistent_kernels_carry_the_bounded_debug_barrier_on_every_architectur
     for arch in ("sm_80", "sm_90"):
         persistent = [n for (a, n) in sleeps if a == arch and "persistent_kernel" in n]
         step = [n for (a, n) in sleeps if a == arch and "step_kernel" in n]
-        assert len(persistent) == 12 and len(step) == 12, (arch, sorted(n for a, n in sleeps if a == arch))
+        assert len(persistent) == 12 and len(step) == 24, (arch, sorted(n for a, n in sleeps if a == arch))
         assert all(sleeps[(arch, n)] > 0 for n in persistent), f"{arch}: a persistent kernel lacks the debug barrier"
         assert all(sleeps[(arch, n)] == 0 for n in step), f"{arch}: a per-step kernel holds a grid barrier"

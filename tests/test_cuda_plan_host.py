@@ -248,7 +248,8 @@ def test_exchange_rounding_against_float64(dtype):
     assert cf.exchange_round(torch.tensor([1.0 + 1.5 * ulp]), dtype).item() == 1.0 + 2 * ulp
 
 
-def _emulate(xg, w_hh, h0, c0, bs, dh_all, dh_T, dc_T, ex_dtype, round_dg=True, w_hr=None, matmul=torch.matmul):
+def _emulate(xg, w_hh, h0, c0, bs, dh_all, dh_T, dc_T, ex_dtype, round_dg=True, w_hr=None, matmul=torch.matmul,
+             resets=None):
     """Float64 emulation of the fused kernels' step rules (fused_forward.cu / fused_backward.cu):
     h exchanged in ``ex_dtype`` (the kernel's h_all values), dG rounded to ``ex_dtype`` before the
     next step's product (the 16-bit exchange) while the cell works on the unrounded values, rows
@@ -256,7 +257,10 @@ def _emulate(xg, w_hh, h0, c0, bs, dh_all, dh_T, dc_T, ex_dtype, round_dg=True, 
     With ``w_hr`` (proj_size): m_t exchanged in ``ex_dtype`` before h_t = m_t W_hr^T, and
     dh_t exchanged in ``ex_dtype`` before dm_t = dh_t W_hr; returns dW_hr too. ``matmul`` computes
     the kernels' products (h_{t-1} W_hh^T, dG_{t+1} W_hh, and with w_hr m_t W_hr^T, dh_t W_hr):
-    exact by default, or e.g. as the float kernels' tf32 / 3xTF32 products (cf.tf32_matmul)."""
+    exact by default, or e.g. as the float kernels' tf32 / 3xTF32 products (cf.tf32_matmul).
+    ``resets`` [T, B] bool: as the kernels apply it, the forward's exchange copy of h_{t-1} lands as
+    zero rows and c_{t-1} is zeroed in its register where resets[t]; the backward takes c_{t-1} = 0,
+    zeroes dc_{t-1} and writes zeros to the dG exchange (not to dG) of those rows at step t."""
     T, B, H4 = xg.shape
     H = H4 // 4
     n = [B] * T if bs is None else [int(v) for v in bs]
@@ -264,8 +268,10 @@ def _emulate(xg, w_hh, h0, c0, bs, dh_all, dh_T, dc_T, ex_dtype, round_dg=True, 
     h, c = rnd(h0.clone()), c0.clone()
     P = H if w_hr is None else w_hr.shape[0]
     acts, cs, cps, ms, h_all = [], [], [], [], torch.zeros(T, B, P, dtype=torch.float64)
+    cut = torch.zeros(T, B, 1, dtype=torch.bool) if resets is None else resets[:, :, None]
     for t in range(T):
-        pre = xg[t] + matmul(h, w_hh.t())
+        h_in, c = torch.where(cut[t], 0.0, h), torch.where(cut[t], 0.0, c)  # exchange copy; c's register
+        pre = xg[t] + matmul(h_in, w_hh.t())
         sig = pre.sigmoid()
         i, f, g, o = sig[:, :H], sig[:, H:2 * H], pre[:, 2 * H:3 * H].tanh(), sig[:, 3 * H:]
         c_new = f * c + i * g
@@ -298,8 +304,8 @@ def _emulate(xg, w_hh, h0, c0, bs, dh_all, dh_T, dc_T, ex_dtype, round_dg=True, 
         d = torch.cat([dct * g * i * (1 - i), dct * cps[t] * f * (1 - f), dct * i * (1 - g * g),
                        dh * tc * o * (1 - o)], 1)
         dG[t] = torch.where(m, d, 0.0)
-        dgx = torch.where(m, rnd(d) if round_dg else d, dgx)
-        dc = torch.where(m, dct * f, dc)
+        dgx = torch.where(m, torch.where(cut[t], 0.0, rnd(d) if round_dg else d), dgx)
+        dc = torch.where(m, torch.where(cut[t], 0.0, dct * f), dc)
     from_next = torch.arange(B)[:, None] < n[0]
     out = (h_all, dG, torch.where(from_next, matmul(dgx, w_hh), dh_T), torch.where(from_next, dc, dc_T))
     return out if w_hr is None else out + (dw_hr,)
@@ -307,6 +313,52 @@ def _emulate(xg, w_hh, h0, c0, bs, dh_all, dh_T, dc_T, ex_dtype, round_dg=True, 
 
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
+
+
+#: Reset patterns over T = 7 steps, B = 5 rows (t, b): none, at the first and the last step, adjacent
+#: steps, and every row at one step.
+RESET_PATTERNS = {"none": [], "first-last": [(0, 0), (6, 1), (0, 4), (6, 4)],
+                  "adjacent": [(2, 0), (3, 0), (4, 0), (1, 2), (2, 2)], "all-rows": [(3, b) for b in range(5)]}
+
+
+def _reset_mask(pattern: str, T: int = 7, B: int = 5) -> torch.Tensor:
+    r = torch.zeros(T, B, dtype=torch.bool)
+    for t, b in RESET_PATTERNS[pattern]:
+        r[t, b] = True
+    return r
+
+
+@pytest.mark.parametrize("pattern", list(RESET_PATTERNS))
+@pytest.mark.parametrize("proj", [False, True])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_step_rules_with_resets_match_the_reference_in_float64(varlen, proj, pattern):
+    """The kernels' row rules for resets (masked exchange rows and c register in the forward; c_{t-1} = 0,
+    zero dc and zero dG exchange rows in the backward) are the reference's resets, outputs and every
+    gradient, with variable lengths and proj_size too."""
+    torch.manual_seed(6)
+    T, B, H = 7, 5, 6
+    P = 4 if proj else H
+    xg = torch.randn(T, B, 4 * H, dtype=torch.float64)
+    w = torch.randn(4 * H, P, dtype=torch.float64) * 0.4
+    w_hr = torch.randn(P, H, dtype=torch.float64) * 0.5 if proj else None
+    h0, c0 = torch.randn(B, P, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    bs = torch.tensor([5, 5, 4, 3, 3, 1, 1]) if varlen else None
+    resets = _reset_mask(pattern)
+    dh_all = torch.randn(T, B, P, dtype=torch.float64)
+    if varlen:
+        dh_all *= (torch.arange(B)[None, :, None] < bs[:, None, None])
+    dh_T, dc_T = torch.randn(B, P, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    got = _emulate(xg, w, h0, c0, bs, dh_all, dh_T, dc_T, None, w_hr=w_hr, resets=resets)
+    ref = ReferenceBackend()
+    r_h_all, _, _, _ = ref.forward(xg, w, h0, c0, w_hr, bs, True, resets=resets)
+    r_dG, r_dh0, r_dc0, r_dw_hr = ref.backward(RecurrenceInputs(xg, w, h0, c0, w_hr, bs), r_h_all, (), dh_all, dh_T,
+                                               dc_T, resets=resets)
+    want = (r_h_all, r_dG, r_dh0, r_dc0) + ((r_dw_hr,) if proj else ())
+    for name, a, b in zip(("h_all", "dG", "dh0", "dc0", "dW_hr"), got, want):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), f"{name}: max err {(a - b).abs().max():.3e}"
+    if pattern != "none":  # the rules matter: without them the emulation is not the reference's
+        plain = _emulate(xg, w, h0, c0, bs, dh_all, dh_T, dc_T, None, w_hr=w_hr)
+        assert not all(torch.allclose(a, b) for a, b in zip(plain, want))
 
 
 @pytest.mark.parametrize("proj", [False, True])
@@ -531,10 +583,11 @@ class _FakeExt:
 
     def __init__(self, possible=True, fits=True):
         self.possible, self.fits = possible, fits
-        self.plans = []
+        self.plans, self.plan_resets = [], []
 
-    def fused_plan(self, direction, dtype, B, H, P):
+    def fused_plan(self, direction, dtype, B, H, P, **kw):
         self.plans.append((direction, dtype, B, H, P))
+        self.plan_resets.append(kw)
         return {"blocks": cf.Plan(B, H).blocks, "smem": 0, "possible": self.possible and self.fits, "fits": self.fits}
 
     fused_forward = fused_backward = None
@@ -724,6 +777,28 @@ def test_float32_op_code_follows_torchs_tf32_flag(fake_fused, set_tf32, allow_tf
     for persistent in (True, False):
         assert cuda_backend._run_fused(fn, "forward", call, persistent, call.device) == ("ran", persistent)
     assert seen == [(True, allow_tf32), (False, allow_tf32)]
+
+
+def test_resets_reach_the_fused_plan_and_launch_only_where_given(fake_fused):
+    """A call with resets plans the kernels' instance with resets (``resets=True``; its registers, so its
+    occupancy, are its own) and hands the mask to the launch as ``resets=``; a call without passes
+    neither, so its plan and launch are as before."""
+    fake = fake_fused()
+    call = _call()
+    with_resets = RecurrenceCall(**{**call.__dict__, "has_resets": True})
+    assert cuda_backend._fused_mode(call, "forward") is True and fake.plan_resets[-1] == {}
+    assert cuda_backend._fused_mode(with_resets, "backward") is True and fake.plan_resets[-1] == {"resets": True}
+    seen = []
+
+    def fn(entry, *args, barrier=(0, 0, 0, 0), tf32=False, **kw):
+        seen.append(kw)
+        return "ran"
+
+    mask = torch.zeros(2, 16, dtype=torch.uint8)
+    for persistent in (True, False):
+        cuda_backend._run_fused(fn, "forward", call, persistent, call.device)
+        cuda_backend._run_fused(fn, "forward", with_resets, persistent, call.device, resets=mask)
+    assert seen == [{}, {"resets": mask}] * 2
 
 
 def test_named_persistent_raises_where_the_fused_grid_does_not_fit(fake_fused):

@@ -20,7 +20,12 @@ backward: H = 592, the largest it serves on sm_90):
 - block barriers per step as designed (2) and none inside nested loops; one grid barrier per
   step: one release-add (RED/REDG ... STRONG.GPU) and one acquire-poll loop;
 - h_{t-1} (dG_{t+1}) copied with cp.async (LDGSTS);
-- no local memory (spills).
+- no local memory (spills);
+- resets inside a sequence (the kernels' RESETS template parameter): the instance without resets is
+  the one checked above, and the instance with resets keeps every designed count (k loops, HMMA per
+  warp, barriers, release-adds, no loads in nested loops) and differs from it only by the mask's load
+  (one more LDG in the step loop), a vote (forward) and integer/select instructions, with the k loops
+  instruction for instruction the same.
 
 ``pytest -s`` prints the counts, and the same counts for the previous persistent kernels of
 ``lstm_forward.cu`` / ``lstm_backward.cu`` as built into ``lstm_kernels._C`` (before/after).
@@ -207,12 +212,18 @@ def op_of(name: str) -> str:
     return found[0]
 
 
-def _kernels(funcs, stem: str, arch: str, proj: bool):
-    """{op: (name, instrs)} of the four instances (one per Op) of ``stem``."""
-    tag = "Lb1E" if proj else "Lb0E"
+def flags_tag(proj: bool, resets: bool = False) -> str:
+    """The mangled template flags <..., PROJ, RESETS> of a fused kernel instance."""
+    return f"Lb{int(proj)}ELb{int(resets)}E"
+
+
+def _kernels(funcs, stem: str, arch: str, proj: bool, resets: bool = False):
+    """{op: (name, instrs)} of the four instances (one per Op) of ``stem`` with these flags."""
+    tag = flags_tag(proj, resets)
     found = {op_of(name): (name, instrs) for (a, name), instrs in funcs.items()
              if a == arch and stem in name and tag in name}
-    assert sorted(found) == sorted(OPS), f"{stem} {arch} proj={proj}: expected one instance per Op, got {sorted(found)}"
+    assert sorted(found) == sorted(OPS), (f"{stem} {arch} proj={proj} resets={resets}: expected one instance per Op, "
+                                          f"got {sorted(found)}")
     return found
 
 
@@ -227,8 +238,10 @@ def design_shape(stem: str, op: str, proj: bool) -> tuple:
 # Designed per-step figures of the fused kernels (the headers of fused_forward.cu / fused_backward.cu).
 # k loops, in address order: (output tiles of one block's product as m16n8 tiles, 32-byte chunks of
 # K at the design shape, chunks per k-loop iteration, MMAs per tile and chunk).
-def design(stem: str, proj: bool, op: str = "Fp16Mma") -> dict:
+def design(stem: str, proj: bool, op: str = "Fp16Mma", resets: bool = False) -> dict:
+    """With ``resets``: the same, and one more scalar load per step (the step's reset flags)."""
     elem, passes = OPS[op]
+    extra = 1 if resets else 0
     H, P = design_shape(stem, op, proj)
     Pk, Hk, K4k = (cf.k_chunks(cf.round_up(n, cf.kpad(elem)), elem) for n in (P, H, 4 * H))
     if stem == "fused_forward_kernel":
@@ -236,13 +249,13 @@ def design(stem: str, proj: bool, op: str = "Fp16Mma") -> dict:
         if proj:
             loops.append(((cf.BATCH_TILE // 16) * (cf.UNITS // 8), Hk, 2, passes))  # h = m W_hr^T: batch x p
         # loads per half-step: 4 xg prefetch, batch_sizes of t and t+1
-        return dict(loops=loops, bar_sync=2 * len(loops), release_add=len(loops), ldg_max=6)
+        return dict(loops=loops, bar_sync=2 * len(loops), release_add=len(loops), ldg_max=6 + extra)
     # dG W_hh: batch x units (p), dG streamed per warp: one ring stage (STAGE_PAIRS pairs) per iteration
     loops = [((cf.BATCH_TILE // 16) * (cf.UNITS // 8), K4k, 2 * cf.STAGE_PAIRS, passes)]
     if proj:
         loops.append(((cf.BATCH_TILE // 16) * (cf.UNITS // 8), Pk, 2, passes))  # dm = dh W_hr: batch x units
     # loads: 7 prefetched cell inputs, dh_T, dc_T, dh_all (proj), batch_sizes of t and t+1, c0
-    return dict(loops=loops, bar_sync=2 * len(loops), release_add=len(loops), ldg_max=13, streamed=True)
+    return dict(loops=loops, bar_sync=2 * len(loops), release_add=len(loops), ldg_max=13 + extra, streamed=True)
 
 
 #: The products of each kernel's k loops, in address order, by the name of the function of
@@ -277,15 +290,16 @@ def hmma_per_warp_per_step(loop: StepLoop, spec, k_ranges) -> tuple:
     return per_warp + loop.count(is_hmma) - loop.count(is_hmma, loop.in_k), ideal, bodies, trips
 
 
+@pytest.mark.parametrize("resets", [False, True])
 @pytest.mark.parametrize("proj", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("stem", ["fused_forward_kernel", "fused_backward_kernel"])
-def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj):
+def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, resets):
     funcs, _ = fused_sass
-    for op, (name, instrs) in _kernels(funcs, stem, arch, proj).items():
-        d = design(stem, proj, op)
+    for op, (name, instrs) in _kernels(funcs, stem, arch, proj, resets).items():
+        d = design(stem, proj, op, resets)
         loop = step_loop_of(name, instrs)
-        tag = f"{stem}{'<proj>' if proj else ''} {arch} {op}"
+        tag = f"{stem}{'<proj>' if proj else ''}{'<resets>' if resets else ''} {arch} {op}"
         assert len(loop.k_loops) == len(d["loops"]), (tag, loop.k_loops)
         per_warp, ideal, bodies, trips = hmma_per_warp_per_step(loop, d["loops"],
                                                                 kernel_k_ranges(plan_dump, stem, op, proj))
@@ -329,7 +343,7 @@ def test_fused_kernels_use_no_local_memory(fused_sass):
     funcs, usage = fused_sass
     kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     names = [n for n, *_ in kernels]
-    per_arch = 2 * len(OPS)  # each Op, with a projection or not
+    per_arch = 4 * len(OPS)  # each Op, with a projection or not, with resets or not
     assert sum("fused_forward_kernel" in n for n in names) == per_arch * len(ARCHS)
     assert sum("fused_backward_kernel" in n for n in names) == per_arch * len(ARCHS)
     for name, reg, stack, local in kernels:
@@ -377,6 +391,67 @@ def test_per_warp_mma_check_catches_an_unbalanced_k_split(fused_sass, tmp_path):
                                                    kernel_k_ranges(mutant_dump, stem, "Fp16Mma", False))
     assert per_warp == 4 * ideal  # half of K on one warp: four times the even share of an eighth
     assert abs(per_warp / ideal - 1.0) > 0.10
+
+
+#: What the step loop of a fused kernel's instance with resets may have more of than the instance
+#: without: the flags' load, the forward's vote over its batch tile, and integer, predicate, select,
+#: constant and control instructions (the masked exchange copy is its own small loop).
+RESETS_MAY_ADD = {"LDG", "VOTE", "ISETP", "SEL", "FSEL", "LOP3", "SHF", "IMAD", "LEA", "IADD3", "VIADD", "MOV",
+                  "PRMT", "P2R", "R2P", "PLOP3", "BRA", "BSSY", "BSYNC", "WARPSYNC", "S2R", "CS2R", "S2UR", "LDC",
+                  "ULDC", "UMOV", "USHF", "UIADD3", "UIMAD", "ULEA", "ULOP3", "NOP", "YIELD"}
+
+
+#: Integer address arithmetic, which ptxas may write one way or another (LEA or IMAD) per instance.
+_ADDRESS_OPS = {"IMAD", "LEA", "IADD3", "VIADD", "SHF", "LOP3", "MOV"}
+
+
+def _k_loop_profile(loop: StepLoop, lp: Loop) -> tuple:
+    """(instructions, sorted opcodes but address arithmetic) of one k loop."""
+    ops = [opcode(t) for a, t in loop.ops if lp.holds(a)]
+    return len(ops), sorted(o for o in ops if o not in _ADDRESS_OPS)
+
+
+def _loop_counts(loop: StepLoop) -> dict:
+    return dict(hmma=loop.count(is_hmma), bar_sync=loop.count(is_bar_sync), release_add=loop.count(is_release_add),
+                poll=loop.count(is_poll), ldg=loop.count(lambda t: is_ldg(t) and not is_poll(t)),
+                ldg_nested=loop.count(lambda t: is_ldg(t) and not is_poll(t), loop.in_nested), vote=loop.count(lambda t: opcode(t) == "VOTE"),
+                k_loops=[_k_loop_profile(loop, lp) for lp in loop.k_loops])
+
+
+@pytest.mark.parametrize("proj", [False, True])
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("stem", ["fused_forward_kernel", "fused_backward_kernel"])
+def test_resets_instance_adds_only_the_mask(fused_sass, arch, stem, proj):
+    """The instance with resets against the one without, per Op: the same k loops (the same instructions
+    but for how the address arithmetic is written, at most 2 more of it),
+    HMMA, block barriers, release-adds and polls; one byte load in the step loop (the flags) and at
+    most one global load more than without, none in a nested loop; one vote in the forward (the batch tile's flags), none in the backward; and
+    nothing else but integer, select and control instructions more."""
+    funcs, _ = fused_sass
+    free, with_resets = _kernels(funcs, stem, arch, proj), _kernels(funcs, stem, arch, proj, True)
+    for op in OPS:
+        a, b = (step_loop_of(k[op][0], k[op][1]) for k in (free, with_resets))
+        ca, cb = _loop_counts(a), _loop_counts(b)
+        tag = f"{stem}{'<proj>' if proj else ''} {arch} {op}"
+        # "@!PT" (never true) instructions are placeholders ptxas emits after cp.async; they never run
+        ops_a, ops_b = ({} for _ in range(2))
+        for ops, loop in ((ops_a, a), (ops_b, b)):
+            for _, t in loop.ops:
+                if not t.startswith("@!PT "):
+                    ops[opcode(t)] = ops.get(opcode(t), 0) + 1
+        more = {k: ops_b[k] - ops_a.get(k, 0) for k in ops_b if ops_b[k] > ops_a.get(k, 0)}
+        print(f"\n[resets] {tag}: without {({k: v for k, v in ca.items() if k != 'k_loops'})}, with "
+              f"{({k: v for k, v in cb.items() if k != 'k_loops'})}, static instructions {len(a.ops)} -> {len(b.ops)}, "
+              f"more of: {more}")
+        assert [ops for _, ops in cb["k_loops"]] == [ops for _, ops in ca["k_loops"]], tag
+        assert all(nb <= na + 2 for (na, _), (nb, _) in zip(ca["k_loops"], cb["k_loops"])), (tag, ca, cb)
+        for key in ("hmma", "bar_sync", "release_add", "poll"):
+            assert cb[key] == ca[key], (tag, key, ca, cb)
+        # the flags: one byte load per step (ptxas may fold another load of the step's into one, never more)
+        flags = b.count(lambda t: is_ldg(t) and ".U8" in t)
+        assert flags == 1 and cb["ldg"] <= ca["ldg"] + 1 and cb["ldg_nested"] == 0, (tag, flags, ca, cb)
+        assert cb["vote"] == ca["vote"] + (1 if stem == "fused_forward_kernel" else 0), (tag, ca, cb)
+        assert set(more) <= RESETS_MAY_ADD, (tag, more)
 
 
 def test_structure_checks_can_fail():
@@ -442,7 +517,8 @@ def test_extension_carries_the_fused_kernels_for_sm80_and_sm90():
     for arch in ARCHS:
         for stem in ("fused_forward_kernel", "fused_backward_kernel"):
             names = [n for (a, n) in funcs if a == arch and stem in n]
-            assert len(names) == 2 * len(OPS), (arch, stem, names)
+            assert len(names) == 4 * len(OPS), (arch, stem, names)
             for name in names:  # the extension's instance has the same step loop as the standalone build
                 loop = step_loop_of(name, funcs[(arch, name)])
-                assert loop.count(is_bar_sync) == design(stem, "Lb1E" in name)["bar_sync"]
+                proj = flags_tag(True, False) in name or flags_tag(True, True) in name
+                assert loop.count(is_bar_sync) == design(stem, proj)["bar_sync"]

@@ -69,12 +69,20 @@ leaves a record (:mod:`.barrier_bound`); nothing synchronises the call: the reco
 queued after the launch, and the next call on that device raises a RuntimeError naming the
 kernel, the step and the block (verification raises at once).
 
+Resets inside a sequence (``resets`` [T, B] bool on xg's device, passed to the kernels as uint8): served
+by the fused kernels (both launch modes; each kernel's instance with resets is a template instance of
+its own, the one without is unchanged) and by the per-step kernels. The earlier cooperative
+``persistent`` kernels do not serve them: a call with resets that ``LSTM_KERNELS_CUDA_VARIANT=persistent``
+would send there (no projection, no variable lengths) is refused by :meth:`CudaBackend.supports`, and
+``auto`` runs the per-step kernels for it.
+
 Dimension names: T steps, B batch, H hidden units. Gate order along 4H: i, f, g, o.
 Workspace kept for backward: the activated gates ``act`` [T, B, 4H] fp32 and the
 cell states ``c_all`` [T, B, H] fp32 (backward recomputes only tanh(c_t)).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
@@ -189,8 +197,10 @@ def _grad_or_zeros(g: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tenso
     return g.to(like.dtype).contiguous()
 
 
-def _run_variant(entry, args: tuple, requested: str, mma: bool, key: tuple, barrier: tuple = (0, 0, 0, 0)) -> int:
-    """``entry(*args, variant, mma, *barrier)`` for the ``requested`` variant; returns the code of the one that ran.
+def _run_variant(entry, args: tuple, requested: str, mma: bool, key: tuple, barrier: tuple = (0, 0, 0, 0),
+                 **kwargs) -> int:
+    """``entry(*args, variant, mma, *barrier, **kwargs)`` for the ``requested`` variant; returns the code of the
+    one that ran.
 
     With ``auto``, a cooperative launch the runtime refuses (``_C.CooperativeLaunchRefused``:
     nothing ran) is run again per-step, and ``key`` is remembered so that later ``auto``
@@ -198,7 +208,7 @@ def _run_variant(entry, args: tuple, requested: str, mma: bool, key: tuple, barr
     """
     variant = "step" if requested == "auto" and key in _REFUSED else requested
     try:
-        return entry(*args, _variant_code(variant), mma, *barrier)
+        return entry(*args, _variant_code(variant), mma, *barrier, **kwargs)
     except _C.CooperativeLaunchRefused as e:
         if variant != "auto":
             raise
@@ -209,7 +219,25 @@ def _run_variant(entry, args: tuple, requested: str, mma: bool, key: tuple, barr
             RuntimeWarning,
             stacklevel=2,
         )
-        return entry(*args, _C.VARIANT_STEP, mma, *barrier)
+        return entry(*args, _C.VARIANT_STEP, mma, *barrier, **kwargs)
+
+
+def resets_mask(resets: Optional[torch.Tensor], T: int, B: int, device: torch.device) -> Optional[torch.Tensor]:
+    """``resets`` [T, B] bool on ``device`` as the kernels read it: contiguous uint8 (the same bytes), or None."""
+    if resets is None:
+        return None
+    if resets.dtype != torch.bool:
+        raise TypeError(f"cuda backend: resets must be a bool tensor, got {resets.dtype}")
+    if tuple(resets.shape) != (T, B):
+        raise ValueError(f"cuda backend: resets has shape {tuple(resets.shape)}, expected (T, B) = ({T}, {B})")
+    if resets.device != device:
+        raise ValueError(f"cuda backend: resets is on {resets.device}, xg on {device}")
+    return resets.contiguous().view(torch.uint8)
+
+
+def _with_resets(mask: Optional[torch.Tensor]) -> dict:
+    """The ``resets`` keyword of an extension entry: none without resets, so that call is as before."""
+    return {} if mask is None else {"resets": mask.data_ptr()}
 
 
 def _barrier(device: torch.device, kernel: str) -> tuple:
@@ -225,24 +253,27 @@ def _barrier_args(barrier: tuple) -> tuple:
 
 
 def _launch(entry, kernel: str, like: torch.Tensor, *tensors: Optional[torch.Tensor],
-            sizes: tuple) -> tuple[str, bool]:
+            sizes: tuple, resets: Optional[torch.Tensor] = None) -> tuple[str, bool]:
     """Call ``_C.forward`` or ``_C.backward`` (``kernel``: "forward" or "backward") on torch's
     current stream of ``like``'s device.
 
     ``tensors`` are the entry's tensor arguments in order (None for a null pointer); the
     dtype code, variant, tensor-core switch and the barrier's bound follow from ``like``'s dtype
     and the environment; a persistent launch queues the copy of the device's barrier record. Returns the variant that ran and whether tensor cores were used.
+    ``resets``: the uint8 mask of :func:`resets_mask`, or None; only the per-step kernels serve it (``auto``
+    runs them; ``persistent`` is refused by :meth:`CudaBackend.supports`).
     """
     mma = use_tensor_cores(like.dtype)
     requested = requested_variant()
-    if requested == "fused":  # the call was not served by the fused kernels: the per-step kernels
+    if requested == "fused" or (resets is not None and requested == "auto"):  # the per-step kernels
         requested = "step"
     key = (str(like.device), kernel, like.dtype, sizes[-1], mma)
     with torch.cuda.device(like.device):
         stream = torch.cuda.current_stream(like.device).cuda_stream
         barrier = _barrier(like.device, f"cuda {kernel} (persistent)") if requested != "step" else None
         args = (_dtype_codes()[like.dtype], *(_ptr(t) for t in tensors), *sizes, stream)
-        used = _run_variant(entry, args, requested, mma, key, _barrier_args(barrier) if barrier else (0, 0, 0, 0))
+        used = _run_variant(entry, args, requested, mma, key, _barrier_args(barrier) if barrier else (0, 0, 0, 0),
+                            **_with_resets(resets))
         if used == _C.VARIANT_PERSISTENT:
             barrier_bound.after_launch(like.device, barrier[1])
     return _variant_name(used), mma
@@ -285,21 +316,23 @@ def fused_unserved_reason(call: RecurrenceCall, directions: Optional[tuple] = No
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_plan_of(device: str, direction: str, code: int, B: int, H: int, P: int) -> dict:
+def _fused_plan_of(device: str, direction: str, code: int, B: int, H: int, P: int, resets: bool = False) -> dict:
     with torch.cuda.device(torch.device(device)):
-        return dict(_C.fused_plan(direction, code, B, H, P))
+        return dict(_C.fused_plan(direction, code, B, H, P, **({"resets": True} if resets else {})))
 
 
-def _fused_plan(device: torch.device, direction: str, dtype, B: int, H: int, P: int) -> dict:
-    """``_C.fused_plan`` of the fused ``direction`` kernel for this call on ``device`` (cached)."""
+def _fused_plan(device: torch.device, direction: str, dtype, B: int, H: int, P: int, resets: bool = False) -> dict:
+    """``_C.fused_plan`` of the fused ``direction`` kernel for this call on ``device`` (cached); ``resets``:
+    of the kernel's instance that serves resets (its own registers, so its own occupancy)."""
     code = cuda_fused.op_code(dtype, fused_tf32(dtype))
-    return _fused_plan_of(str(device), direction, code, B, H, P)
+    return _fused_plan_of(str(device), direction, code, B, H, P, resets)
 
 
-def fused_persistent_possible(device: torch.device, direction: str, dtype, B: int, H: int, P: int) -> bool:
+def fused_persistent_possible(device: torch.device, direction: str, dtype, B: int, H: int, P: int,
+                              resets: bool = False) -> bool:
     """The fused ``direction`` kernel's grid is co-resident on ``device`` (``_C.fused_plan``, cached)."""
     key = (str(device), "fused-" + direction, dtype, B, H, P)
-    return key not in _REFUSED and _fused_plan(device, direction, dtype, B, H, P)["possible"]
+    return key not in _REFUSED and _fused_plan(device, direction, dtype, B, H, P, resets)["possible"]
 
 
 def _fused_mode(call: RecurrenceCall, direction: str) -> Optional[bool]:
@@ -313,7 +346,8 @@ def _fused_mode(call: RecurrenceCall, direction: str) -> Optional[bool]:
         return None
     P = call.state_size
     why = fused_unserved_reason(call, (direction,))
-    if why is None and not _fused_plan(call.device, direction, call.dtype, call.batch, call.hidden_size, P)["fits"]:
+    if why is None and not _fused_plan(call.device, direction, call.dtype, call.batch, call.hidden_size, P,
+                                       call.has_resets)["fits"]:
         why = f"the device's plan says the fused {direction} block's shared memory does not fit (B={call.batch}, " \
               f"H={call.hidden_size}, P={P}, {call.dtype})"
     if why is not None:
@@ -323,7 +357,7 @@ def _fused_mode(call: RecurrenceCall, direction: str) -> Optional[bool]:
         return None
     if requested == "step":
         return False
-    if fused_persistent_possible(call.device, direction, call.dtype, call.batch, call.hidden_size, P):
+    if fused_persistent_possible(call.device, direction, call.dtype, call.batch, call.hidden_size, P, call.has_resets):
         return True
     if requested == "persistent":
         raise RuntimeError(
@@ -333,19 +367,22 @@ def _fused_mode(call: RecurrenceCall, direction: str) -> Optional[bool]:
     return False if only_fused else None
 
 
-def _run_fused(fn, direction: str, call: RecurrenceCall, persistent: bool, device: torch.device, *args):
-    """``fn(entry, *args, persistent, barrier=...)`` on ``device``'s current stream; returns (result,
+def _run_fused(fn, direction: str, call: RecurrenceCall, persistent: bool, device: torch.device, *args,
+               resets: Optional[torch.Tensor] = None):
+    """``fn(entry, *args, persistent, barrier=...)`` (and ``resets=`` where not None) on ``device``'s current
+    stream; returns (result,
     whether the persistent launch ran). A refused cooperative launch (nothing ran) is run again per
     (half-)step, and its key remembered (:func:`refused_cooperative_launches`); a named ``persistent``
     raises. The persistent launch's grid waits are bounded in time (:mod:`.barrier_bound`), and the
     copy of the device's record is queued after it (no host sync)."""
     entry = getattr(_C, "fused_" + direction)
     tf32 = fused_tf32(call.dtype)
+    kw = {} if resets is None else {"resets": resets}
     with torch.cuda.device(device):
         if persistent:
             barrier = _barrier(device, f"cuda fused {direction} (persistent)")
             try:
-                out = fn(entry, *args, True, barrier=_barrier_args(barrier), tf32=tf32)
+                out = fn(entry, *args, True, barrier=_barrier_args(barrier), tf32=tf32, **kw)
             except _C.CooperativeLaunchRefused as e:
                 if requested_variant() == "persistent":
                     raise
@@ -357,12 +394,13 @@ def _run_fused(fn, direction: str, call: RecurrenceCall, persistent: bool, devic
             else:
                 barrier_bound.after_launch(device, barrier[1])
                 return out, True
-        return fn(entry, *args, False, tf32=tf32), False
+        return fn(entry, *args, False, tf32=tf32, **kw), False
 
 
 class CudaBackend(Backend):
     name = "cuda"
     differentiable_backward = False
+    serves_resets = True
     #: The variants that ran in the last forward and backward (for tests and benchmarks).
     last_forward_variant: Optional[str] = None
     last_backward_variant: Optional[str] = None
@@ -397,6 +435,10 @@ class CudaBackend(Backend):
             if why is not None:
                 what = "proj_size > 0" if call.has_projection else "variable lengths (PackedSequence)"
                 return f"{what} is served by the fused kernels only, and {why}"
+        if (call.has_resets and requested_variant() == "persistent"
+                and not (call.has_projection or call.variable_lengths)):
+            return (f"resets inside a sequence are not served by the earlier cooperative persistent kernels "
+                    f"({VARIANT_ENV}=persistent); the fused and the step variants serve them")
         if call.seq_len < 1 or call.batch < 1 or call.hidden_size < 1:
             return "empty input (T, B and H must be >= 1)"
         if call.batch * 4 * call.hidden_size > _INT32_MAX:
@@ -429,17 +471,19 @@ class CudaBackend(Backend):
                 raise ValueError(f"cuda backend: {name} is on {t.device}, xg on {xg.device}")
         return T, B, H
 
-    def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool):
-        why = self.unavailable_reason() or self.supports(RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad))
+    def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool, resets=None):
+        call = RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad, resets)
+        why = self.unavailable_reason() or self.supports(call)
         if why is not None:
             raise RuntimeError(f"cuda backend: {why}")
-        call = RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad)
         T, B, H = self._check(xg, w_hh, h0, c0, w_hr)
+        mask = resets_mask(resets, T, B, xg.device)
         barrier_bound.raise_if_gave_up(xg.device)
         mode = _fused_mode(call, "forward")
         if mode is not None:
             (h_all, h_T, c_T, workspace), ran = _run_fused(
-                cuda_fused.forward, "forward", call, mode, xg.device, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad)
+                cuda_fused.forward, "forward", call, mode, xg.device, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad,
+                resets=mask)
             self.last_forward_variant = "persistent" if ran else "step"
             self.last_forward_kernel, self.last_forward_mma = "fused", True
             return h_all, h_T, c_T, workspace
@@ -455,30 +499,31 @@ class CudaBackend(Backend):
             act = c_all = None
             c_work = torch.empty((B, H), dtype=torch.float32, device=dev)
         self.last_forward_variant, self.last_forward_mma = _launch(
-            _C.forward, "forward", xg, xg, w_hh, h0, c0, h_all, c_T, act, c_all, c_work, sizes=(T, B, H)
+            _C.forward, "forward", xg, xg, w_hh, h0, c0, h_all, c_T, act, c_all, c_work, sizes=(T, B, H), resets=mask
         )
         self.last_forward_kernel = "wmma" if self.last_forward_mma else "fma"
         h_T = h_all[-1].clone()
         workspace = (act, c_all) if needs_grad else ()
         return h_all, h_T, c_T, workspace
 
-    def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T):
+    def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T, resets=None):
         xg, w_hh, h0, c0, w_hr, batch_sizes = inputs
         if len(workspace) != 2:
             raise RuntimeError("cuda backend: backward needs the workspace of a forward run with needs_grad=True")
         T, B, H = self._check(xg, w_hh, h0, c0, w_hr)
+        mask = resets_mask(resets, T, B, xg.device)
         barrier_bound.raise_if_gave_up(xg.device)
         act, c_all = (w.contiguous() for w in workspace)
         w_hh, c0 = w_hh.contiguous(), c0.contiguous()
         dh_all = _grad_or_zeros(dh_all, h_all)
         dh_T = _grad_or_zeros(dh_T, h0)
         dc_T = _grad_or_zeros(dc_T, c0)
-        call = inputs.call()
+        call = dataclasses.replace(inputs.call(), has_resets=mask is not None)
         mode = _fused_mode(call, "backward")
         if mode is not None:
             (dG, dh0, dc0, dw_hr), ran = _run_fused(
                 cuda_fused.backward, "backward", call, mode, xg.device, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T,
-                batch_sizes)
+                batch_sizes, resets=mask)
             self.last_backward_variant = "persistent" if ran else "step"
             self.last_backward_kernel, self.last_backward_mma = "fused", True
             return dG, dh0, dc0, dw_hr
@@ -490,7 +535,7 @@ class CudaBackend(Backend):
         dc_work = torch.empty((B, H), dtype=torch.float32, device=dev)
         self.last_backward_variant, self.last_backward_mma = _launch(
             _C.backward, "backward", xg, w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work, dc_work,
-            sizes=(T, B, H),
+            sizes=(T, B, H), resets=mask,
         )
         self.last_backward_kernel = "wmma" if self.last_backward_mma else "fma"
         return dG, dh0, dc0, None

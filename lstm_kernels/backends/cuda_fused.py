@@ -260,7 +260,8 @@ def tf32_matmul(a: torch.Tensor, b: torch.Tensor, split: bool) -> torch.Tensor:
 
 # ---- launches ------------------------------------------------------------------------------
 # ``entry`` is the extension's ``_C.fused_forward`` / ``_C.fused_backward`` (or the ctypes function of
-# a standalone build: same arguments, ints for pointers, sizes and the stream, then the barrier's four).
+# a standalone build: same arguments, ints for pointers, sizes and the stream, then the barrier's four;
+# the keyword ``resets`` only where a call has resets).
 PERSISTENT, PER_STEP = 1, 0
 
 
@@ -268,8 +269,13 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _resets_arg(resets: Optional[torch.Tensor]) -> dict:
+    """The entry's ``resets`` keyword: absent without resets (the call is as before), else the pointer."""
+    return {} if resets is None else {"resets": resets.data_ptr()}
+
+
 def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool, persistent: bool,
-            barrier: tuple = (0, 0, 0, 0), tf32: bool = False):
+            barrier: tuple = (0, 0, 0, 0), tf32: bool = False, resets: Optional[torch.Tensor] = None):
     """Run the fused forward. Returns h_all [T, B, P], h_T [B, P], c_T [B, H] and, when needs_grad,
     the workspace (act [T, B, 4H] fp32, c_all [T, B, H] fp32), zero on rows a step does not touch.
 
@@ -277,7 +283,9 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
     (non-increasing, batch_sizes[0] == B). ``barrier``: (per-launch state pointer, device record
     pointer, bound in ns, kernel code) of the persistent launch's time-bounded grid wait
     (csrc/barrier_wait.cuh), or (0, 0, 0, 0): no bound. ``tf32``: float32 products on tf32
-    (:func:`op_code`; the caller asks only where torch allows TF32).
+    (:func:`op_code`; the caller asks only where torch allows TF32). ``resets``: None or a contiguous uint8
+    [T, B] on xg's device (nonzero: that row starts step t from zero state; the kernel masks h_{t-1} in its
+    exchange copy and c_{t-1} in its register, so h0 / c0 go in unmasked).
     """
     T, B, H4 = xg.shape
     H = H4 // 4
@@ -302,16 +310,17 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
     stream = torch.cuda.current_stream(dev).cuda_stream
     err = entry(op_code(dt, tf32), _ptr(xg), _ptr(w_fwd), _ptr(w_hr_p), _ptr(c0), _ptr(c_work), _ptr(hx), _ptr(mx),
                 _ptr(h_all), _ptr(h_T), _ptr(c_T), _ptr(act), _ptr(c_all), _ptr(bs), _ptr(counters), T, B, H, P,
-                PERSISTENT if persistent else PER_STEP, stream, *barrier)
+                PERSISTENT if persistent else PER_STEP, stream, *barrier, **_resets_arg(resets))
     if err:
         raise RuntimeError(f"lstm fused_forward_kernel failed: CUDA error {err}")
     return h_all, h_T, c_T, ((act, c_all) if needs_grad else ())
 
 
 def backward(entry: Callable, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, batch_sizes, persistent: bool,
-             barrier: tuple = (0, 0, 0, 0), tf32: bool = False):
+             barrier: tuple = (0, 0, 0, 0), tf32: bool = False, resets: Optional[torch.Tensor] = None):
     """Run the fused backward on the forward's (act, c_all). Returns dG [T, B, 4H], dh0 [B, P],
-    dc0 [B, H] and dW_hr [P, H] (None without projection). ``tf32`` as for :func:`forward`."""
+    dc0 [B, H] and dW_hr [P, H] (None without projection). ``tf32`` and ``resets`` as for :func:`forward`
+    (the same mask: nothing flows back across a reset, and c_{t-1} is 0 in the forget gate's gradient)."""
     T, B, P = dh_all.shape
     H = c0.shape[1]
     dev, dt = dh_all.device, dh_all.dtype
@@ -333,7 +342,7 @@ def backward(entry: Callable, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, ba
     err = entry(op_code(dt, tf32), _ptr(w_bwd), _ptr(w_hrT), _ptr(act), _ptr(c_all), _ptr(c0), _ptr(dh_all),
                 _ptr(dh_T), _ptr(dc_T), _ptr(dc_work), _ptr(dgx), _ptr(dhx), _ptr(dG), _ptr(dh0), _ptr(dc0),
                 _ptr(dh_tot), _ptr(bs), _ptr(counters), T, B, H, P, PERSISTENT if persistent else PER_STEP, stream,
-                *barrier)
+                *barrier, **_resets_arg(resets))
     if err:
         raise RuntimeError(f"lstm fused_backward_kernel failed: CUDA error {err}")
     dw_hr = None
