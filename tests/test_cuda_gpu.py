@@ -10,15 +10,19 @@ largest reference magnitude (tests/utils.py: one wrong edge tile cannot hide in 
 Inter-block races of the persistent kernels (racecheck sees only shared memory) are
 looked for by comparing them bit for bit with the per-step kernels, at every shape of
 this file and at the flagship shape, several times (test_variants_agree_bitwise).
-Every test has a per-test timeout (tests/conftest.py); the debug grid barrier
-(LSTM_KERNELS_BARRIER_TIMEOUT) is tested to report a barrier that never opens.
+Every test has a per-test timeout (tests/conftest.py); the time-bounded grid barrier
+(LSTM_KERNELS_BARRIER_TIMEOUT, seconds; lstm_kernels/backends/barrier_bound.py) is tested to give
+the same bits as grid.sync(), and to report a barrier that never opens (an injected arrival
+counter one short) at the next call on the device, or at once under bounded_barriers.
 """
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 
-from lstm_kernels.backends import RecurrenceCall, RecurrenceInputs, get_backend
+from lstm_kernels.backends import RecurrenceCall, RecurrenceInputs, barrier_bound, get_backend
 from lstm_kernels.backends import cuda as cuda_backend
 from lstm_kernels.function import lstm_layer
 from utils import REL_TOL, assert_rel_close, rel_error
@@ -274,43 +278,111 @@ def test_persistent_plan_is_cached(monkeypatch):
     assert again["planned"] == 2 and again["size"] == 2 and again["hits"] >= first["hits"] + 6, (first, again)
 
 
+#: How long a wait on a barrier that never opens lasts in these tests (seconds): long enough for a
+#: working barrier, short enough to keep the tests fast.
+SHORT_BOUND_S = 0.05
+
+
+def never_opens(launch_state):
+    """A stand-in for ``barrier_bound.launch_state`` whose arrival counter starts one short (-1 as
+    int64): persistent.cuh's barrier then never sees every block of a generation (count < target
+    for ever), the injected bug of the tests below."""
+
+    def state(device, slots=2):
+        s = launch_state(device, slots)
+        s[0] = -1
+        return s
+
+    return state
+
+
+def grid_sync_instead(barrier: tuple) -> tuple:
+    """A stand-in for ``cuda_backend._barrier_args``: no barrier state, so the earlier persistent
+    kernels use cooperative groups' grid.sync() (the C API's default, csrc/lstm_cuda.h)."""
+    return (0, 0, 0, 0)
+
+
 @pytest.mark.timeout(120, method="thread")
 @pytest.mark.parametrize("dt", ["fp32", "fp16"])
-def test_debug_barrier_gives_the_same_bits(dt, monkeypatch):
-    """The bounded debug barrier (LSTM_KERNELS_BARRIER_TIMEOUT) orders the steps like grid.sync()."""
+def test_bounded_barrier_gives_the_same_bits(dt, monkeypatch):
+    """The time-bounded grid barrier (persistent.cuh's bounded_grid_sync, on by default) orders the
+    steps like grid.sync(): bitwise equal outputs and gradients, with the default bound, a short
+    one and none (LSTM_KERNELS_BARRIER_TIMEOUT=0), several runs each, and no give-up recorded."""
     dtype = DTYPES[dt]
     T, B, H = 50, 33, 200
     use_variant(monkeypatch, "persistent", dtype, H, mma=dtype != torch.float32)
     inputs, cot = make_case(T, B, H, dtype, seed=29)
-    want = run_layer(inputs, cot, "cuda")
-    monkeypatch.setenv(cuda_backend.BARRIER_TIMEOUT_ENV, str(10**8))
-    for r in range(REPEATS):
-        got = run_layer(inputs, cot, "cuda")
+    with monkeypatch.context() as m:
+        m.setattr(cuda_backend, "_barrier_args", grid_sync_instead)
+        want = run_layer(inputs, cot, "cuda")
         check_variant_ran("persistent")
-        assert_bitwise(got, want, f"debug barrier run {r + 1} vs grid.sync()")
+    for bound in ("", "1", "0"):
+        monkeypatch.setenv(cuda_backend.BARRIER_TIMEOUT_ENV, bound)
+        for r in range(REPEATS):
+            got = run_layer(inputs, cot, "cuda")
+            check_variant_ran("persistent")
+            assert_bitwise(got, want, f"bounded barrier ({cuda_backend.BARRIER_TIMEOUT_ENV}={bound!r}) run {r + 1} "
+                                      "vs grid.sync()")
+    torch.cuda.synchronize()
+    barrier_bound.raise_if_gave_up(torch.device("cuda"))  # nothing recorded: raises nothing
+
+
+def _gave_up(kernel: str, step: int) -> str:
+    """The message (barrier_bound.describe) of a give-up of ``kernel`` after ``step``, any block."""
+    return (rf"grid barrier of the {re.escape(kernel)} kernel on cuda:\d+ gave up after waiting [\d.e+-]+ s "
+            rf"\(block \d+, waiting after step {step}\).*outputs of the call that launched it are invalid")
 
 
 @pytest.mark.timeout(120, method="thread")
-def test_debug_barrier_reports_a_barrier_that_never_opens(monkeypatch):
-    """A barrier bug (here: the arrival counter starts one short, so no barrier ever sees every
-    block) fails the call with the kernel and the step named, instead of hanging the GPU."""
-    H = 64
+def test_bounded_barrier_raises_at_the_next_call_on_the_device(monkeypatch):
+    """A barrier bug (the arrival counter starts one short, so no barrier ever sees every block):
+    the launch does not hang; its wait gives up after the bound (LSTM_KERNELS_BARRIER_TIMEOUT,
+    seconds), the call itself returns (nothing synchronises it), and the next call on the device
+    raises, naming the kernel, the step (forward: after step 0; backward: after step T-1) and a
+    block. The record is then cleared: the call after that runs normally and is right."""
+    T, B, H = 5, 3, 64
     use_variant(monkeypatch, "persistent", torch.float32, H)
-    monkeypatch.setenv(cuda_backend.BARRIER_TIMEOUT_ENV, "20000")
-    one_short = lambda device: torch.tensor([-1, 0, 0, 0], dtype=torch.int64, device=device)  # noqa: E731
-    monkeypatch.setattr(cuda_backend, "_new_barrier_state", one_short)
-    inputs, cot = make_case(5, 3, H, torch.float32, seed=31)
+    monkeypatch.setenv(cuda_backend.BARRIER_TIMEOUT_ENV, str(SHORT_BOUND_S))
+    inputs, cot = make_case(T, B, H, torch.float32, seed=31)
     backend = get_backend("cuda")
-    with pytest.raises(RuntimeError, match=r"forward persistent kernel: the grid barrier after step t=0 timed out"):
-        backend.forward(*inputs.values(), None, None, True)
-    # backward: its first barrier follows step T-1 (a forward with a sound barrier first)
-    monkeypatch.setattr(cuda_backend, "_new_barrier_state", lambda device: torch.zeros(4, dtype=torch.int64,
-                                                                                       device=device))
-    h_all, _, _, ws = backend.forward(*inputs.values(), None, None, True)
-    monkeypatch.setattr(cuda_backend, "_new_barrier_state", one_short)
-    with pytest.raises(RuntimeError, match=r"backward persistent kernel: the grid barrier after step t=4 timed out"):
-        backend.backward(RecurrenceInputs(*inputs.values(), None, None), h_all, ws, *cot)
-    torch.cuda.synchronize()  # the device is still usable
+    device = torch.device("cuda")
+    barrier_bound.reset(device)
+    sound = barrier_bound.launch_state
+    ref = get_backend("reference").forward(*inputs.values(), None, None, True)
+    for direction, step in (("forward", 0), ("backward", T - 1)):
+        h_all, _, _, ws = backend.forward(*inputs.values(), None, None, True)  # a sound forward
+        monkeypatch.setattr(barrier_bound, "launch_state", never_opens(sound))
+        if direction == "forward":
+            backend.forward(*inputs.values(), None, None, True)  # gives up; returns invalid outputs
+        else:
+            backend.backward(RecurrenceInputs(*inputs.values(), None, None), h_all, ws, *cot)
+        assert backend.last_forward_variant == "persistent" and backend.last_backward_variant == "persistent"
+        monkeypatch.setattr(barrier_bound, "launch_state", sound)
+        torch.cuda.synchronize()  # the launch ended (after the bound) and the record's copy landed
+        with pytest.raises(RuntimeError, match=_gave_up(f"cuda {direction} (persistent)", step)):
+            backend.forward(*inputs.values(), None, None, True)
+        h_all, h_T, c_T, _ = backend.forward(*inputs.values(), None, None, True)  # cleared: runs, and is right
+        torch.cuda.synchronize()
+        assert_rel_close(h_all, ref[0], REL_TOL[torch.float32], f"h_all after a {direction} give-up")
+    barrier_bound.raise_if_gave_up(device)  # nothing left
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_bounded_barrier_raises_at_once_under_bounded_barriers(monkeypatch):
+    """Under barrier_bound.bounded_barriers (verification's context) the launch whose wait gave up
+    raises before the call returns, naming kernel, step and block, whatever the environment says;
+    nothing is left for the next call."""
+    T, B, H = 5, 3, 64
+    use_variant(monkeypatch, "persistent", torch.float32, H)
+    monkeypatch.setenv(cuda_backend.BARRIER_TIMEOUT_ENV, "0")  # no bound outside the context
+    inputs, _ = make_case(T, B, H, torch.float32, seed=37)
+    backend = get_backend("cuda")
+    barrier_bound.reset(torch.device("cuda"))
+    monkeypatch.setattr(barrier_bound, "launch_state", never_opens(barrier_bound.launch_state))
+    with barrier_bound.bounded_barriers(SHORT_BOUND_S):
+        with pytest.raises(RuntimeError, match=_gave_up("cuda forward (persistent)", 0)):
+            backend.forward(*inputs.values(), None, None, True)
+    barrier_bound.raise_if_gave_up(torch.device("cuda"))  # the record was cleared by the raise
 
 
 def test_backend_backward_direct():

@@ -10,15 +10,15 @@
   bitwise determinism;
 - µs per step at the flagship shape, printed next to nn.LSTM's (pytest -s).
 
-The kernels are reached through ``lstm_kernels._C`` when the extension exports them
-(``fused_forward`` / ``fused_backward``), else through a standalone build of the two .cu files
-with nvcc (ctypes), so they can be checked before the extension is wired.
+The kernels are reached through ``lstm_kernels._C`` (``fused_forward`` / ``fused_backward``; the
+tests skip where the extension lacks them). The persistent launch's grid wait is bounded in time
+(csrc/barrier_wait.cuh): test_fused_barrier_that_never_opens_gives_up_and_is_reported injects
+arrival counters that can never reach their target and checks the give-up is recorded (kernel,
+step, block) and raised, and that the next launch is unaffected.
 """
 from __future__ import annotations
 
-import ctypes
-import shutil
-import subprocess
+import re
 from pathlib import Path
 
 import pytest
@@ -47,34 +47,49 @@ def _skip_unless_fits(dtype, B, H, P):
         pytest.skip(f"the fused kernels' blocks for B={B} H={H} P={P} {dtype} do not fit {optin} bytes here")
 
 
-@pytest.fixture(scope="module")
-def entries(tmp_path_factory):
-    """(forward entry, backward entry, plan entries) taking ints, returning a CUDA error code."""
+def _extension():
+    """``lstm_kernels._C`` with the fused entries, or None."""
     try:
         from lstm_kernels import _C
     except ImportError:
-        _C = None
-    if _C is not None and hasattr(_C, "fused_forward"):
-        return _C.fused_forward, _C.fused_backward
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("neither lstm_kernels._C.fused_forward nor nvcc for a standalone build")
-    cap = torch.cuda.get_device_capability()
-    so = tmp_path_factory.mktemp("fused") / "libfused_lstm.so"
-    subprocess.run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17", f"-arch=sm_{cap[0]}{cap[1]}",
-                    f"-I{ROOT / 'csrc'}", str(ROOT / "csrc/fused_forward.cu"), str(ROOT / "csrc/fused_backward.cu"),
-                    "-o", str(so)], check=True)
-    lib = ctypes.CDLL(str(so))
-    P, I = ctypes.c_void_p, ctypes.c_int
-    L = ctypes.c_longlong
-    lib.lstm_fused_forward.argtypes = [I] + [P] * 14 + [I] * 5 + [P, L, P]
-    lib.lstm_fused_backward.argtypes = [I] + [P] * 17 + [I] * 5 + [P, L, P]
-    lib.lstm_fused_forward.restype = lib.lstm_fused_backward.restype = I
+        return None
+    return _C if hasattr(_C, "fused_forward") and hasattr(_C, "fused_backward") else None
 
-    def c_order(fn):  # the extension's order (..., stream, barrier_state, barrier_spins) -> the C API's
-        return lambda *a: fn(*a[:-3], a[-2], a[-1], a[-3])
 
-    return c_order(lib.lstm_fused_forward), c_order(lib.lstm_fused_backward)
+@pytest.fixture(scope="module")
+def entries():
+    """The extension's (fused_forward, fused_backward), as ``cuda_fused.forward`` / ``backward`` call them."""
+    _C = _extension()
+    if _C is None:
+        pytest.skip("lstm_kernels._C is not built with fused_forward / fused_backward")
+    return _C.fused_forward, _C.fused_backward
+
+
+def parameter_names(fn) -> list:
+    """The parameter names of a pybind11 function, in order, from its signature line
+    (``name(a: int, b: int = 0) -> int``)."""
+    head = (fn.__doc__ or "").lstrip().split("\n", 1)[0]
+    inner = head[head.index("(") + 1:head.rindex(")")] if "(" in head else ""
+    return re.findall(r"(?:^|,)\s*(\w+)\s*:", inner)
+
+
+def by_keyword(fn, **replace):
+    """``fn`` called by keyword: the positional arguments of a caller (``cuda_fused.forward``) are
+    named after ``fn``'s own parameters, then ``replace`` swaps some of them (name -> value, or
+    callable of the old value), so a parameter added to ``fn`` cannot shift what a test swaps."""
+    names = parameter_names(fn)
+
+    def call(*args, **kwargs):
+        if len(args) > len(names):
+            raise TypeError(f"{len(args)} positional arguments for {names}")
+        kwargs = {**dict(zip(names, args)), **kwargs}
+        for name, value in replace.items():
+            if name not in kwargs:
+                raise KeyError(f"{name!r} is not an argument of this call ({sorted(kwargs)})")
+            kwargs[name] = value(kwargs[name]) if callable(value) else value
+        return fn(**kwargs)
+
+    return call
 
 
 def _rel(a, b) -> float:
@@ -227,3 +242,86 @@ def test_backend_serves_projection_and_variable_lengths(monkeypatch, set_tf32, n
                           ref):
         if a is not None:
             assert_rel_close(a, r, tol, f"{name} {dtype} tf32={tf32}")
+
+
+def gave_up_message(kernel: str, step: int, block: int) -> str:
+    """The message (barrier_bound.describe) of a give-up of ``kernel`` after ``step`` in ``block``."""
+    return (rf"grid barrier of the {re.escape(kernel)} kernel on cuda:\d+ gave up after waiting [\d.e+-]+ s "
+            rf"\(block {block}, waiting after step {step}\)")
+
+
+#: The bound of the wait in the give-up tests below (seconds).
+SHORT_BOUND_S = 0.05
+#: Arrival counters that start this far below zero never reach a wait's target (the kernels compare
+#: wrap-safe: (int)(count - target) >= 0), so every wait of such a launch is on a barrier that never opens.
+NEVER = -(2**30)
+
+
+@pytest.mark.timeout(120, method="thread")
+@pytest.mark.parametrize("direction, first_step", [("forward", 0), ("backward", 4)])
+def test_fused_barrier_that_never_opens_gives_up_and_is_reported(entries, direction, first_step):
+    """A persistent fused launch whose arrival counters can never reach their targets (swapped for
+    counters that start at -2**30) gives up after the bound instead of hanging: the launch's abort
+    flag (state[1]) is raised, the device record holds the kernel's code, the step of its first
+    wait (forward: after step 0; backward: after step T-1) and a block of the grid, and the time
+    waited is at least the bound; barrier_bound raises on it naming all three. A launch with sound
+    counters right after is bitwise equal to one launched before (the give-up left nothing behind)."""
+    from lstm_kernels.backends import barrier_bound
+
+    fwd, bwd = entries
+    T, B, H = 5, 16, 64
+    dtype = torch.float16
+    _skip_unless_fits(dtype, B, H, None)
+    device = torch.device("cuda")
+    xg, w, h0, c0, _, _ = _inputs(T, B, H, dtype, seed=7, varlen=False)
+    dh_all = torch.randn(T, B, H, device="cuda").to(dtype)
+    dh_T, dc_T = torch.zeros(B, H, device="cuda", dtype=dtype), torch.zeros(B, H, device="cuda", dtype=dtype)
+    kernel = f"cuda fused {direction} (persistent)"
+    barrier_bound.reset(device)
+
+    def launch(entry, barrier):
+        if direction == "forward":
+            return cf.forward(entry, xg, w, h0, c0, None, None, True, True, barrier=barrier)
+        saved = cf.forward(fwd, xg, w, h0, c0, None, None, True, True)[3]
+        return cf.backward(entry, w, c0, *saved, None, dh_all, dh_T, dc_T, None, True, barrier=barrier)
+
+    def barrier():
+        state, record = barrier_bound.launch_state(device), barrier_bound.device_record(device)
+        args = (state.data_ptr(), record.data_ptr(), int(SHORT_BOUND_S * 1e9), barrier_bound.kernel_code(kernel))
+        return state, record, args
+
+    entry = fwd if direction == "forward" else bwd
+    state, record, args = barrier()
+    before = launch(entry, args)
+    torch.cuda.synchronize()
+    assert state.tolist()[1] == 0 and record.tolist() == [0, 0, 0, 0], "a sound launch gave up"
+
+    keep = []  # the swapped counters, alive until the launch has run
+
+    def never_counters(ptr: int) -> int:  # a buffer of cuda_fused's size (one per batch tile) at NEVER
+        keep.append(torch.full((cf.batch_tiles(B),), NEVER, dtype=torch.int32, device="cuda"))
+        return keep[-1].data_ptr()
+
+    never = by_keyword(entry, counters=never_counters)
+    state, record, args = barrier()
+    launch(never, args)
+    torch.cuda.synchronize()
+    code, step, block, waited = record.tolist()
+    assert state.tolist()[1] == 1, "the launch's abort flag is not up"
+    assert code == barrier_bound.kernel_code(kernel) and step == first_step, record.tolist()
+    grid = cf.Plan(B, H).blocks
+    assert 0 <= block < grid, (block, grid)
+    assert waited >= SHORT_BOUND_S * 1e9, waited
+    barrier_bound.after_launch(device, record)
+    torch.cuda.synchronize()  # the record's copy has landed
+    with pytest.raises(RuntimeError, match=gave_up_message(kernel, first_step, block)):
+        barrier_bound.raise_if_gave_up(device)
+    assert record.tolist() == [0, 0, 0, 0], "the host did not clear the record"
+
+    state, record, args = barrier()
+    after = launch(entry, args)
+    torch.cuda.synchronize()
+    assert state.tolist()[1] == 0 and record.tolist() == [0, 0, 0, 0]
+    for a, b in zip(before[:3], after[:3]):
+        assert torch.equal(a, b), "a launch after a give-up differs from one before"
+

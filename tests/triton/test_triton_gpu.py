@@ -21,6 +21,7 @@ last_backward_kernel).
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -322,10 +323,81 @@ def test_row_counts_of_a_packed_batch_come_from_pinned_memory(monkeypatch):
     assert device_rows.step_rows(None, 3, 5, torch.device("cuda")).tolist() == [5, 5, 5, 0]
 
 
+#: The modules that launch persistent Triton kernels, each with its own name for barrier_args.
+BARRIER_LAUNCHERS = (triton_forward, triton_backward, triton_persistent)
+#: A grid-barrier counter that starts this far below zero never reaches a wait's target
+#: (``_wait`` compares seen < target, int32): a barrier that never opens.
+NEVER = -(2**30)
+#: The message of a give-up of a persistent Triton kernel (barrier_bound.describe), any step and program.
+GAVE_UP = (r"grid barrier of the triton (forward|backward) \(persistent(, step budget)?\) kernel on "
+           r"cuda:\d+ gave up after waiting [\d.e+-]+ s \(block \d+, waiting after step \d+\)")
+
+
+def never_opens(barrier_args):
+    """A stand-in for ``triton_kernels.barrier_args`` whose counter starts at NEVER."""
+
+    def args(device, kernel):
+        state, *rest = barrier_args(device, kernel)
+        state[0] = NEVER
+        return (state, *rest)
+
+    return args
+
+
 @pytest.mark.timeout(120, method="thread")
 def test_bounded_barrier_passes_a_working_launch(monkeypatch):
-    """The debug switch on a working persistent launch: same results as without it, no error."""
+    """The time bound on a working persistent launch: the default bound, a short one, and
+    bounded_barriers (which checks the record at once) give the same bits as no bound
+    (LSTM_KERNELS_BARRIER_TIMEOUT=0), and nothing is recorded."""
+    barrier_bound = kernels.barrier_bound
     case = make_case(32, 64, 256, 0, torch.float16, seed=5)
-    expected = run(triton_backend.TritonBackend("persistent"), case)
-    monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, str(10**8))
-    assert_bitwise(run(triton_backend.TritonBackend("persistent"), case), expected, "with a bounded barrier")
+    backend = triton_backend.TritonBackend("persistent")
+    barrier_bound.reset(torch.device("cuda"))
+    monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "0")
+    expected = run(backend, case)
+    for bound in ("", "1"):
+        monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, bound)
+        assert_bitwise(run(backend, case), expected, f"with {kernels.BARRIER_TIMEOUT_ENV}={bound!r}")
+    with barrier_bound.bounded_barriers(1.0):
+        assert_bitwise(run(backend, case), expected, "under bounded_barriers")
+    torch.cuda.synchronize()
+    barrier_bound.raise_if_gave_up(torch.device("cuda"))  # nothing recorded
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_bounded_barrier_reports_a_barrier_that_never_opens(monkeypatch):
+    """A persistent launch whose grid-barrier counter can never reach its target gives up after the
+    bound instead of hanging. Without bounded_barriers the call returns and the next call on the
+    device raises (or the same call's backward launch, if the forward's record copy landed by then),
+    naming the Triton kernel, the step and the program; under bounded_barriers the
+    call itself raises. After the raise a working call runs and matches the call before."""
+    barrier_bound = kernels.barrier_bound
+    case = make_case(32, 64, 256, 0, torch.float16, seed=6)
+    backend = triton_backend.TritonBackend("persistent")
+    device = torch.device("cuda")
+    barrier_bound.reset(device)
+    expected = run(backend, case)
+    message = GAVE_UP
+    monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "0.05")
+    raised = []
+    with monkeypatch.context() as m:
+        for module in BARRIER_LAUNCHERS:
+            m.setattr(module, "barrier_args", never_opens(kernels.barrier_args))
+        try:  # the forward gives up; the backward's launch may already see the record's copy
+            run(backend, case)
+        except RuntimeError as e:
+            raised.append(str(e))
+    if not raised:  # else: the next call raises (the copy has landed: run() synchronised)
+        with pytest.raises(RuntimeError) as info:
+            run(backend, case)
+        raised.append(str(info.value))
+    assert re.search(message, raised[0]), raised[0]
+    assert_bitwise(run(backend, case), expected, "after a give-up")
+    with monkeypatch.context() as m:
+        for module in BARRIER_LAUNCHERS:
+            m.setattr(module, "barrier_args", never_opens(kernels.barrier_args))
+        monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "0")  # no bound outside the context
+        with barrier_bound.bounded_barriers(0.05):
+            with pytest.raises(RuntimeError, match=message):
+                run(backend, case)
+    barrier_bound.raise_if_gave_up(device)  # cleared by the raise
