@@ -261,13 +261,14 @@ def budget_of(arch: int) -> int:
     return min(kernels.RESIDENT_BYTES, MAX_SHARED[arch] - kernels.RESIDENT_MARGIN)
 
 
-def forward_build(B, H, P, dtype, arch, kernel=_lstm_pfw_kernel):
+def forward_build(B, H, P, dtype, arch, kernel=_lstm_pfw_kernel, has_resets=False):
     has_proj = P != H
     cfg = tp.forward_plan(B, H, P, dtype, torch.device("cuda"), has_proj, programs=SMS[arch], budget=budget_of(arch))
     assert isinstance(cfg, dict), cfg
-    consts = tp.forward_constants(H, P, dtype, cfg, has_proj, store_workspace=True, use_barrier=True)
+    consts = tp.forward_constants(H, P, dtype, cfg, has_proj, store_workspace=True, use_barrier=True,
+                                  has_resets=has_resets)
     typed = {n: PTR[dtype] for n in ("xg_ptr", "w_ptr", "w_hr_ptr", "h_buf_ptr", "h_all_ptr")}
-    typed |= {"bs_ptr": "*i32", "bar_ptr": "*i32"}
+    typed |= {"bs_ptr": "*i32", "bar_ptr": "*i32", "rst_ptr": "*i8"}
     compiled = compile_kernel(kernel, consts, typed, dict(t_begin=0, n_steps=1024, B=B), cfg["num_warps"], arch)
     # 16-bit operands: m16n8k16; fp32 (served with tf32 only): m16n8k8
     dots = {(16, 8, 16) if dtype != torch.float32 else (16, 8, 8): [
@@ -293,14 +294,14 @@ def test_persistent_forward_step_budget(shape, dtype, arch, tmp_path):
         assert cfg["programs"] >= 0.7 * SMS[arch], cfg
 
 
-def backward_build(B, H, P, dtype, arch, kernel=_lstm_pbw_kernel):
+def backward_build(B, H, P, dtype, arch, kernel=_lstm_pbw_kernel, has_resets=False):
     has_proj = P != H
     cfg = tp.backward_plan(B, H, P, dtype, torch.device("cuda"), has_proj, programs=SMS[arch], budget=budget_of(arch))
     assert isinstance(cfg, dict), cfg
-    consts = tp.backward_constants(H, P, dtype, cfg, has_proj, use_barrier=True)
+    consts = tp.backward_constants(H, P, dtype, cfg, has_proj, use_barrier=True, has_resets=has_resets)
     typed = {n: PTR[dtype] for n in ("w_ptr", "w_hr_ptr", "dh_all_ptr", "dh_last_ptr", "c0_ptr", "dg_ptr",
                                      "dg_buf_ptr")}
-    typed |= {"bs_ptr": "*i32", "bar_ptr": "*i32"}
+    typed |= {"bs_ptr": "*i32", "bar_ptr": "*i32", "rst_ptr": "*i8"}
     compiled = compile_kernel(kernel, consts, typed, dict(t_begin=1023, n_steps=1025, B=B), cfg["num_warps"], arch)
     dots = {(16, 8, 16): [(cfg["BLOCK_H"], cfg["BLOCK_B"], consts["KP"] * consts["NP"])]}
     if has_proj:  # dh (fp32) @ W_hr in tf32 for 16-bit inputs
@@ -324,6 +325,42 @@ def test_persistent_backward_step_budget(shape, dtype, arch, tmp_path):
     if (B, H) == (16, 768):
         fw_cfg, _, _ = forward_build(B, H, P, dtype, arch)
         assert cfg["programs"] >= fw_cfg["programs"], (cfg, fw_cfg)
+
+
+def loads_from(ttgir: str, arg: str, in_loop: bool) -> int:
+    """Global loads whose address derives from the argument ``arg``: in the step loop, or anywhere."""
+    if in_loop:
+        return sum(ops_in_loop_from(ttgir, op, arg) for op in GLOBAL_LOADS)
+    defs = _definitions(ttgir)
+    return sum(derives_from(re.findall(r"%[\w.]+", line.split(f" {op} ", 1)[1])[0], arg, defs)
+               for line in ttgir.splitlines() for op in GLOBAL_LOADS if f" {op} " in line)
+
+
+#: What the step-budget counts of a kernel with resets may differ in from the same kernel without.
+RESET_FREE_COUNTS = ("mma_per_warp", "w_global_loads_in_loop", "w_smem_copies_in_loop", "w_smem_reads_in_loop",
+                     "grid_arrivals", "cross_warp_sums", "block_barriers", "layout_conversions", "warps")
+
+
+@pytest.mark.parametrize("build", [forward_build, backward_build], ids=["forward", "backward"])
+@pytest.mark.parametrize("shape", [SHAPES["B16_H768"], SHAPES["B5_H100_P40"]], ids=["B16_H768", "B5_H100_P40"])
+def test_resets_cost_one_flag_load_per_step(build, shape, tmp_path):
+    """Without resets (HAS_RESETS=False) the kernels read nothing of the resets argument, so they are the
+    kernels the budget tests above check; with resets the step loop gains one load of the tile's flags
+    and nothing that the budget counts (MMAs, W_hh traffic, grid and block barriers, cross-warp sums,
+    layout conversions),
+    within the architecture's shared memory and without spills."""
+    B, H, P = shape
+    _, without, _ = build(B, H, P, torch.float16, 90)
+    _, with_resets, dots = build(B, H, P, torch.float16, 90, has_resets=True)
+    assert loads_from(without.asm["ttgir"], "%rst_ptr", in_loop=False) == 0
+    assert loads_from(with_resets.asm["ttgir"], "%rst_ptr", in_loop=True) == 1
+    args = ("%w_ptr", "%w_hr_ptr")
+    kind = "forward" if build is forward_build else "backward"
+    plain = report(f"{kind} (no resets)", 90, torch.float16, f"B{B}_H{H}_P{P}", without, tmp_path, args)
+    counts = report(f"{kind} (resets)", 90, torch.float16, f"B{B}_H{H}_P{P}", with_resets, tmp_path, args)
+    assert {k: counts[k] for k in RESET_FREE_COUNTS} == {k: plain[k] for k in RESET_FREE_COUNTS}
+    assert_designed_step(counts, P != H, build is forward_build, f"{kind} with resets")
+    assert_fits(counts, 90, f"{kind} with resets")
 
 
 def clock_reads(ttgir: str) -> tuple:
@@ -498,7 +535,7 @@ def test_forward_checks_catch_a_mutant(mutant, tmp_path):
 
 
 #: Arguments the existing kernels gained meanwhile, with the value their launch helpers default to.
-OLD_KERNEL_DEFAULTS: dict = {}
+OLD_KERNEL_DEFAULTS: dict = {"HAS_RESETS": False}
 
 
 def _old_constants(fn, values: dict) -> dict:

@@ -32,6 +32,10 @@ exchange in the backward) wherever their plan fits, and otherwise the kernels of
 triton_forward / triton_backward, which keep W_hh on chip where each program's slice fits.
 ``TritonBackend.variant`` ("auto" by default) or the environment variable
 ``LSTM_KERNELS_TRITON_VARIANT`` picks one.
+
+Resets inside a sequence (``resets``, the contract's) are served by every variant and kernel: a
+compile-time switch of the kernels (HAS_RESETS; without resets they compile as before) masks
+the state where it enters a step and the gradients where they leave it (triton_kernels).
 """
 from __future__ import annotations
 
@@ -68,6 +72,7 @@ _MAX_ELEMENTS = 2**31 - 1
 class TritonBackend(Backend):
     name = "triton"
     differentiable_backward = False
+    serves_resets = True
 
     def __init__(self, variant: str = "auto"):
         if variant not in VARIANTS:
@@ -120,19 +125,19 @@ class TritonBackend(Backend):
         spec = (((T, B, 4 * H), torch.float32), ((T, B, H), torch.float32))
         return spec + ((((T, B, H), torch.float32),) if call.has_projection else ())
 
-    def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool):
+    def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool, resets=None):
         _check_dtypes(xg, w_hh, h0, c0, w_hr)
         h_all, h_T, c_T, workspace = lstm_forward(
-            xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace=needs_grad, variant=self.variant
+            xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace=needs_grad, variant=self.variant, resets=resets
         )
         return h_all, h_T, c_T.to(c0.dtype), workspace
 
-    def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T):
+    def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T, resets=None):
         xg, w_hh, h0, c0, w_hr, batch_sizes = inputs
         if len(workspace) != (3 if w_hr is not None else 2):
             raise RuntimeError("triton backward needs the workspace of a forward run with needs_grad=True")
         dG, dh0, dc0, dw_hr = lstm_backward(
-            xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, variant=self.variant
+            xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, variant=self.variant, resets=resets
         )
         return dG, dh0.to(h0.dtype), dc0.to(c0.dtype), None if dw_hr is None else dw_hr.to(w_hr.dtype)
 

@@ -8,6 +8,10 @@ Per phase t = T-1 ... 0, -1: phase A (tiles of B x P) dh = dG_{t+1} @ W_hh + dh_
 (at t = -1 that is dh0); phase B (tiles of B x H) dm = dh @ W_hr (projection) or dh, then
 the cell backward writes dG_t and updates dc. Without a projection both phases are one
 tile pass (a tile of P == H units is a tile of H units).
+With resets (HAS_RESETS; see triton_kernels) a row that resets at t gets dc_{t-1} = 0 and reads
+c_{t-1} = 0 for its forget-gate gradient, and the next phase's load of dG_t reads 0 for it, so
+dh_{t-1} = 0; per step one load of the tile's flags (_kept_rows) per dh tile (step t + 1) and
+per cell tile (step t), an and on the dG row mask and a select on dc.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from .triton_kernels import (
     RESIDENT_WARPS, backward_buffers, backward_resident_bytes, BARRIER_RUNTIME_ARGS, barrier_args,
     choose_variant, co_resident_programs, device_guard, dot_precisions, _dot_tile, launch_config, num_tiles,
     persistent_config, _phase_barrier, projection_weight_grad, record_kernel, resident_budget, resident_weights,
-    run_with_fallback, split_k, _tanh, tile_coords,
+    _kept_rows, reset_rows, run_with_fallback, split_k, _tanh, tile_coords,
 )
 
 
@@ -97,8 +101,11 @@ def _bw_cell(
     dc_ptr,  # [B, H] fp32
     dg_buf_ptr,  # [2, B, 4H] fp32
     dg_ptr,  # [T, B, 4H] input dtype
-    B, H: tl.constexpr,
+    rst_ptr,  # [T + 2, cdiv(B, 64)] int64: resets (HAS_RESETS)
+    B, H: tl.constexpr, HAS_RESETS: tl.constexpr,
 ):
+    """The cell backward of step t on a tile: dG_t into dg_buf and the dG output, dc_{t-1} into dc.
+    A row that resets at t used c_{t-1} = 0 and passes no dc_{t-1} back."""
     col_in = cols < H
     tile_in = (rows < B)[:, None] & col_in[None, :]
     active = (rows < n_t)[:, None] & col_in[None, :]
@@ -109,12 +116,15 @@ def _bw_cell(
     g = tl.load(g_ptr + 2 * H, mask=active, other=0.0)
     o = tl.load(g_ptr + 3 * H, mask=active, other=0.0)
     tanh_c = _tanh(tl.load(ws_c_ptr + t * B * H + cell, mask=active, other=0.0))
+    carried = active  # where c_{t-1} entered step t
+    if HAS_RESETS:
+        carried = active & _kept_rows(rst_ptr, t, rows, B)[:, None]
     # A branch on the scalar t, not a mask `active & (t > 0)`: Triton 3.9's interpreter refuses a
     # mask built from a scalar bool.
     if t > 0:
-        c_prev = tl.load(ws_c_ptr + (t - 1) * B * H + cell, mask=active, other=0.0)
+        c_prev = tl.load(ws_c_ptr + (t - 1) * B * H + cell, mask=carried, other=0.0)
     else:
-        c_prev = tl.load(c0_ptr + cell, mask=active, other=0.0).to(tl.float32)
+        c_prev = tl.load(c0_ptr + cell, mask=carried, other=0.0).to(tl.float32)
 
     dc_in = tl.load(dc_ptr + cell, mask=tile_in, other=0.0)
     dc = dc_in + dm * o * (1.0 - tanh_c * tanh_c)
@@ -136,7 +146,10 @@ def _bw_cell(
     tl.store(out + H, d_f.to(out_ty), mask=tile_in)
     tl.store(out + 2 * H, d_g.to(out_ty), mask=tile_in)
     tl.store(out + 3 * H, d_o.to(out_ty), mask=tile_in)
-    tl.store(dc_ptr + cell, tl.where(active, dc * f, dc_in), mask=tile_in)
+    if HAS_RESETS:
+        tl.store(dc_ptr + cell, tl.where(active, tl.where(carried, dc * f, 0.0), dc_in), mask=tile_in)
+    else:
+        tl.store(dc_ptr + cell, tl.where(active, dc * f, dc_in), mask=tile_in)
 
 
 # t_begin and n_steps change from launch to launch of the step variant: not specialised (Triton
@@ -146,6 +159,7 @@ def _lstm_bw_kernel(
     w_ptr,  # [4H, P] input dtype: W_hh
     w_hr_ptr,  # [P, H] input dtype: W_hr (projection only)
     bs_ptr,  # [T + 1] int32: active rows of each step, bs[T] = 0
+    rst_ptr,  # [T + 2, cdiv(B, 64)] int64: resets of step t as bits of row t + 1 (HAS_RESETS; reset_rows)
     dh_all_ptr,  # [T, B, P] any float dtype
     dh_last_ptr,  # [B, P] any float dtype: dh_T
     ws_gates_ptr,  # [T, B, 4H] fp32: activated gates from forward
@@ -165,6 +179,7 @@ def _lstm_bw_kernel(
     H: tl.constexpr, P: tl.constexpr,
     HAS_PROJ: tl.constexpr, RUN_DH: tl.constexpr, RUN_CELL: tl.constexpr,  # which phases to run
     USE_BARRIER: tl.constexpr,
+    HAS_RESETS: tl.constexpr,  # resets inside the sequence (rst_ptr); False: the kernel compiles as without
     W_RESIDENT: tl.constexpr,  # load W_hh[:, tile] once and keep it on chip (persistent, one dh tile per program)
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     K1: tl.constexpr, K2: tl.constexpr,  # the resident slice's two K pieces (split_k(4H))
@@ -192,21 +207,24 @@ def _lstm_bw_kernel(
             while tile < n_b_tiles * n_p_tiles:
                 if W_RESIDENT:
                     rows, cols = res_rows, res_cols
-                    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    acc = _bw_recurrent_resident(acc, dg_next_ptr, w_res1, rows, rows < n_next, 0, K1, H, DOT_PRECISION)
-                    acc = _bw_recurrent_resident(acc, dg_next_ptr, w_res2, rows, rows < n_next, K1, K2, H,
-                                                 DOT_PRECISION)
                 else:
                     rows, cols = tile_coords(tile, n_p_tiles, BLOCK_B, BLOCK_H)
-                    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    acc = _dot_tile(acc, dg_next_ptr, 4 * H, rows, rows < n_next, w_ptr, P, 1, cols, cols < P, 4 * H,
+                dg_in = rows < n_next  # rows whose dG_{t+1} flows into dh_t
+                if HAS_RESETS:
+                    dg_in = dg_in & _kept_rows(rst_ptr, t + 1, rows, B)
+                acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                if W_RESIDENT:
+                    acc = _bw_recurrent_resident(acc, dg_next_ptr, w_res1, rows, dg_in, 0, K1, H, DOT_PRECISION)
+                    acc = _bw_recurrent_resident(acc, dg_next_ptr, w_res2, rows, dg_in, K1, K2, H, DOT_PRECISION)
+                else:
+                    acc = _dot_tile(acc, dg_next_ptr, 4 * H, rows, dg_in, w_ptr, P, 1, cols, cols < P, 4 * H,
                                     BLOCK_K, DOT_PRECISION)
                 dh = _bw_dh_tile(t, rows, cols, n_next, acc, bs_ptr, dh_all_ptr, dh_last_ptr, dh_buf_ptr, dh_hist_ptr,
                                  dh0_ptr, B, P, HAS_PROJ)
                 if not HAS_PROJ:  # P == H: this tile of P units is a tile of H units, dm = dh
                     if t >= 0:
                         _bw_cell(t, n_t, rows, cols, dh, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr,
-                                 B, H)
+                                 rst_ptr, B, H, HAS_RESETS)
                 tile += nprog
         if HAS_PROJ and RUN_CELL:
             if RUN_DH:  # dh_t complete before any dm
@@ -219,15 +237,17 @@ def _lstm_bw_kernel(
                     dm = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
                     dm = _dot_tile(dm, dh_buf_ptr, P, rows, rows < n_t, w_hr_ptr, H, 1, cols, cols < H, P, BLOCK_K,
                                    DOT_PRECISION)  # dm = dh_t @ W_hr
-                    _bw_cell(t, n_t, rows, cols, dm, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr, B, H)
+                    _bw_cell(t, n_t, rows, cols, dm, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr,
+                             rst_ptr, B, H, HAS_RESETS)
                     tile += nprog
         s += 1
         # dG_t complete before phase t - 1
         arrivals = _phase_barrier(bar_ptr, arrivals, nprog, t, rec_ptr, timeout_ns, kernel_code, USE_BARRIER)
 
 
-def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes=None, variant="auto"):
-    """Backward recurrence from the forward workspace (see ``triton_forward.lstm_forward``).
+def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes=None, variant="auto", resets=None):
+    """Backward recurrence from the forward workspace (see ``triton_forward.lstm_forward``), with the
+    forward's ``resets`` [T, B] bool or None.
 
     Returns dG [T, B, 4H] in xg's dtype, dh0 [B, P] fp32, dc0 [B, H] fp32, and
     dW_hr [P, H] fp32 (one GEMM over the steps) or None without a projection.
@@ -240,11 +260,11 @@ def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes
         barrier_bound.raise_if_gave_up(xg.device)  # an earlier call's persistent launch gave up
         return run_with_fallback(
             variant, chosen,
-            lambda v: _backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, v),
+            lambda v: _backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, v, resets),
         )
 
 
-def _backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, variant):
+def _backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, variant, resets=None):
     """lstm_backward with the variant resolved ("step" or "persistent"), on the current device."""
     T, B, four_h = xg.shape
     H, P = four_h // 4, w_hh.shape[1]
@@ -255,7 +275,7 @@ def _backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, va
         if isinstance(plan, dict):
             record_kernel("backward", "step_budget")
             return triton_persistent.persistent_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T,
-                                                         batch_sizes, cfg=plan)
+                                                         batch_sizes, cfg=plan, resets=resets)
     gates, c_all = workspace[:2]
     cfg = launch_config(max(H, P), B, dtype)
     record_kernel("backward", variant)
@@ -268,10 +288,11 @@ def _backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, va
     dg_buf = torch.empty((2, B, 4 * H), dtype=torch.float32, device=device)
     dG = torch.empty((T, B, 4 * H), dtype=dtype, device=device)
     _, bw_prec = dot_precisions(dtype)
-    consts = dict(H=H, P=P, HAS_PROJ=has_proj, BLOCK_B=cfg["BLOCK_B"], BLOCK_H=cfg["BLOCK_H"],
-                  BLOCK_K=cfg["BLOCK_K"], K1=k1, K2=k2, DOT_PRECISION=bw_prec, num_warps=cfg["num_warps"])
-    args = (w_hh.contiguous(), w_hr.contiguous() if has_proj else w_hh, bs, dh_all.contiguous(), dh_T.contiguous(),
-            gates, c_all, c0.contiguous(), dc, dg_buf, dG, dh_buf, dh_hist, dh0)
+    consts = dict(H=H, P=P, HAS_PROJ=has_proj, HAS_RESETS=resets is not None, BLOCK_B=cfg["BLOCK_B"],
+                  BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], K1=k1, K2=k2, DOT_PRECISION=bw_prec,
+                  num_warps=cfg["num_warps"])
+    args = (w_hh.contiguous(), w_hr.contiguous() if has_proj else w_hh, bs, reset_rows(resets, T, B, bs),
+            dh_all.contiguous(), dh_T.contiguous(), gates, c_all, c0.contiguous(), dc, dg_buf, dG, dh_buf, dh_hist, dh0)
     dh_tiles, cell_tiles = num_tiles(P, B, cfg), num_tiles(H, B, cfg)
     if variant == "persistent":
         grid = (min(max(dh_tiles, cell_tiles if has_proj else 0), programs),)

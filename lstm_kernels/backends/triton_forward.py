@@ -7,6 +7,9 @@ Dimension names (see :mod:`.triton_kernels` for the whole design):
 Per step t: phase A (tiles of B x H): gates, cell update, m_t = o * tanh(c_t); without a
 projection h_t = m_t is stored right there. Phase B (tiles of B x P, projection only):
 h_t = m_t @ W_hr^T. See ``lstm_forward`` for the two variants.
+With resets (HAS_RESETS; see triton_kernels) a row that resets at t reads h_{t-1} = 0 (the mask
+of the h_{t-1} loads) and c_{t-1} = 0 in phase A; per step and cell tile one load of the
+tile's flags (_kept_rows), an and on the h row mask and a select on c_{t-1}.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from .triton_kernels import (
     RESIDENT_WARPS, BARRIER_RUNTIME_ARGS, barrier_args, choose_variant, co_resident_programs,
     device_guard, dot_precisions, _dot_tile, forward_buffers, forward_dot_dtype, forward_resident_bytes,
     launch_config, num_tiles, persistent_config, _phase_barrier, record_kernel, resident_budget,
-    resident_weights, run_with_fallback, split_k, _tanh, tile_coords,
+    _kept_rows, reset_rows, resident_weights, run_with_fallback, split_k, _tanh, tile_coords,
 )
 
 
@@ -28,13 +31,13 @@ def _fw_gates_streamed(
     h_prev_ptr,  # [B, P] input dtype: h_{t-1}
     w_ptr,  # [4H, P] input dtype: W_hh
     rows, cols,  # [BLOCK_B] batch rows, [BLOCK_H] hidden units of this tile
-    B, H: tl.constexpr, P: tl.constexpr,
+    row_in,  # [BLOCK_B] the rows whose h_{t-1} is read (others count as 0: beyond B, or reset)
+    H: tl.constexpr, P: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """h_{t-1} @ W_hh^T for the four gates of a tile, W_hh streamed from global memory (L2)
     in BLOCK_K chunks. Returns four [BLOCK_B, BLOCK_H] fp32 accumulators (i, f, g, o)."""
-    row_in = rows < B
     col_in = cols < H
     acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -82,13 +85,13 @@ def _fw_gates_resident(
     acc_i, acc_f, acc_g, acc_o,  # [BLOCK_B, BLOCK_H] fp32 each: the sums so far
     h_prev_ptr,  # [B, P] input dtype: h_{t-1}
     w_i, w_f, w_g, w_o,  # [K_LEN, BLOCK_H] each: one resident piece (_fw_load_resident)
-    rows,  # [BLOCK_B]
+    rows, row_in,  # [BLOCK_B] rows, and those whose h_{t-1} is read (others count as 0)
     k_off, K_LEN: tl.constexpr,  # the piece's rows
-    B, P: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Adds h_{t-1}[:, piece] @ W_hh^T[piece] to the four gates' accumulators: one tl.dot per gate."""
     ks = k_off + tl.arange(0, K_LEN)
-    h = tl.load(h_prev_ptr + rows[:, None] * P + ks[None, :], mask=(rows < B)[:, None] & (ks < P)[None, :],
+    h = tl.load(h_prev_ptr + rows[:, None] * P + ks[None, :], mask=row_in[:, None] & (ks < P)[None, :],
                 other=0.0, cache_modifier=".cg").to(DOT_DTYPE)  # [BLOCK_B, K_LEN]
     acc_i = tl.dot(h, w_i, acc_i, input_precision=DOT_PRECISION)
     acc_f = tl.dot(h, w_f, acc_f, input_precision=DOT_PRECISION)
@@ -100,6 +103,7 @@ def _fw_gates_resident(
 @triton.jit
 def _fw_cell_tile(
     t, rows, cols, n_t,
+    carried,  # [BLOCK_B] the rows that carry c_{t-1} into step t (HAS_RESETS: not reset at t)
     acc_i, acc_f, acc_g, acc_o,  # [BLOCK_B, BLOCK_H] fp32 each: h_{t-1} @ W_hh^T of the four gates
     xg_ptr,  # [T, B, 4H] input dtype
     h_buf_ptr,  # [2, B, P] input dtype
@@ -110,9 +114,10 @@ def _fw_cell_tile(
     ws_c_ptr,  # [T, B, H] fp32
     ws_m_ptr,  # [T, B, H] fp32 (projection only)
     B, H: tl.constexpr, P: tl.constexpr,
-    HAS_PROJ: tl.constexpr, STORE_WS: tl.constexpr,
+    HAS_PROJ: tl.constexpr, STORE_WS: tl.constexpr, HAS_RESETS: tl.constexpr,
 ):
-    """The pointwise part of step t on a tile: gates, cell update, m_t (and h_t without a projection)."""
+    """The pointwise part of step t on a tile: gates, cell update, m_t (and h_t without a projection).
+    A row that resets at t starts from c_{t-1} = 0; an inactive row keeps its c either way."""
     row_in = rows < B
     col_in = cols < H
     tile_in = row_in[:, None] & col_in[None, :]
@@ -125,7 +130,10 @@ def _fw_cell_tile(
 
     cell = rows[:, None] * H + cols[None, :]  # offsets into a [B, H] tensor
     c_prev = tl.load(c_ptr + cell, mask=tile_in, other=0.0)
-    c_new = f * c_prev + i * g
+    if HAS_RESETS:
+        c_new = f * tl.where(carried[:, None], c_prev, 0.0) + i * g
+    else:
+        c_new = f * c_prev + i * g
     m = o * _tanh(c_new)
     active = (rows < n_t)[:, None] & col_in[None, :]
     c_new = tl.where(active, c_new, c_prev)
@@ -181,6 +189,7 @@ def _lstm_fw_kernel(
     w_ptr,  # [4H, P] input dtype: W_hh
     w_hr_ptr,  # [P, H] input dtype: W_hr (projection only)
     bs_ptr,  # [T + 1] int32: active rows of each step, bs[T] = 0
+    rst_ptr,  # [T + 2, cdiv(B, 64)] int64: resets of step t as bits of row t + 1 (HAS_RESETS; reset_rows)
     h_buf_ptr,  # [2, B, P] input dtype: slot 0 holds h0 on entry
     c_ptr,  # [B, H] fp32: c0 on entry, c_T on exit
     h_all_ptr,  # [T, B, P] input dtype
@@ -196,6 +205,7 @@ def _lstm_fw_kernel(
     H: tl.constexpr, P: tl.constexpr,
     HAS_PROJ: tl.constexpr, RUN_CELL: tl.constexpr, RUN_PROJ: tl.constexpr,  # which phases to run
     STORE_WS: tl.constexpr, USE_BARRIER: tl.constexpr,
+    HAS_RESETS: tl.constexpr,  # resets inside the sequence (rst_ptr); False: the kernel compiles as without
     W_RESIDENT: tl.constexpr,  # load W_hh once and keep it on chip (persistent, one cell tile per program)
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     K1: tl.constexpr, K2: tl.constexpr,  # the resident slice's two K pieces (split_k(P))
@@ -221,24 +231,32 @@ def _lstm_fw_kernel(
         if RUN_CELL:
             if W_RESIDENT:
                 if pid < n_cell_tiles:
+                    h_in = rows < B  # the rows whose h_{t-1}, c_{t-1} enter step t
+                    if HAS_RESETS:
+                        h_in = h_in & _kept_rows(rst_ptr, t, rows, B)
                     acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
                     acc_f, acc_g, acc_o = acc_i, acc_i, acc_i
                     acc_i, acc_f, acc_g, acc_o = _fw_gates_resident(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_i1, w_f1,
-                                                                    w_g1, w_o1, rows, 0, K1, B, P, DOT_PRECISION,
+                                                                    w_g1, w_o1, rows, h_in, 0, K1, P, DOT_PRECISION,
                                                                     DOT_DTYPE)
                     acc_i, acc_f, acc_g, acc_o = _fw_gates_resident(acc_i, acc_f, acc_g, acc_o, h_prev_ptr, w_i2, w_f2,
-                                                                    w_g2, w_o2, rows, K1, K2, B, P, DOT_PRECISION,
+                                                                    w_g2, w_o2, rows, h_in, K1, K2, P, DOT_PRECISION,
                                                                     DOT_DTYPE)
-                    _fw_cell_tile(t, rows, cols, n_t, acc_i, acc_f, acc_g, acc_o, xg_ptr, h_buf_ptr, c_ptr,
-                                  h_all_ptr, m_buf_ptr, ws_gates_ptr, ws_c_ptr, ws_m_ptr, B, H, P, HAS_PROJ, STORE_WS)
+                    _fw_cell_tile(t, rows, cols, n_t, h_in, acc_i, acc_f, acc_g, acc_o, xg_ptr, h_buf_ptr, c_ptr,
+                                  h_all_ptr, m_buf_ptr, ws_gates_ptr, ws_c_ptr, ws_m_ptr, B, H, P, HAS_PROJ, STORE_WS,
+                                  HAS_RESETS)
             else:
                 tile = pid
                 while tile < n_cell_tiles:
                     rows, cols = tile_coords(tile, n_h_tiles, BLOCK_B, BLOCK_H)
-                    acc_i, acc_f, acc_g, acc_o = _fw_gates_streamed(h_prev_ptr, w_ptr, rows, cols, B, H, P, BLOCK_B,
+                    h_in = rows < B
+                    if HAS_RESETS:
+                        h_in = h_in & _kept_rows(rst_ptr, t, rows, B)
+                    acc_i, acc_f, acc_g, acc_o = _fw_gates_streamed(h_prev_ptr, w_ptr, rows, cols, h_in, H, P, BLOCK_B,
                                                                     BLOCK_H, BLOCK_K, DOT_PRECISION, DOT_DTYPE)
-                    _fw_cell_tile(t, rows, cols, n_t, acc_i, acc_f, acc_g, acc_o, xg_ptr, h_buf_ptr, c_ptr,
-                                  h_all_ptr, m_buf_ptr, ws_gates_ptr, ws_c_ptr, ws_m_ptr, B, H, P, HAS_PROJ, STORE_WS)
+                    _fw_cell_tile(t, rows, cols, n_t, h_in, acc_i, acc_f, acc_g, acc_o, xg_ptr, h_buf_ptr, c_ptr,
+                                  h_all_ptr, m_buf_ptr, ws_gates_ptr, ws_c_ptr, ws_m_ptr, B, H, P, HAS_PROJ, STORE_WS,
+                                  HAS_RESETS)
                     tile += nprog
         if HAS_PROJ and RUN_PROJ:
             if RUN_CELL:  # m_t complete before any h_t
@@ -253,8 +271,9 @@ def _lstm_fw_kernel(
         arrivals = _phase_barrier(bar_ptr, arrivals, nprog, t, rec_ptr, timeout_ns, kernel_code, USE_BARRIER)
 
 
-def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=True, variant="auto"):
-    """Forward recurrence. xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H], w_hr [P, H] or None.
+def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=True, variant="auto", resets=None):
+    """Forward recurrence. xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H], w_hr [P, H] or None,
+    resets [T, B] bool on xg's device or None (a row where True starts that step from zero state).
 
     All in one dtype. Returns h_all [T, B, P], h_T [B, P], c_T [B, H] fp32, and the
     workspace (gates [T, B, 4H], c_all [T, B, H] (+ m_all [T, B, H] with a projection),
@@ -271,11 +290,11 @@ def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=
     with device_guard(xg.device):
         barrier_bound.raise_if_gave_up(xg.device)  # an earlier call's persistent launch gave up
         return run_with_fallback(
-            variant, chosen, lambda v: _forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace, v)
+            variant, chosen, lambda v: _forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace, v, resets)
         )
 
 
-def _forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace, variant):
+def _forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace, variant, resets=None):
     """lstm_forward with the variant resolved ("step" or "persistent"), on the current device."""
     T, B, four_h = xg.shape
     H, P = four_h // 4, w_hh.shape[1]
@@ -286,7 +305,7 @@ def _forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace, variant):
         if isinstance(plan, dict):
             record_kernel("forward", "step_budget")
             return triton_persistent.persistent_forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace,
-                                                        cfg=plan)
+                                                        cfg=plan, resets=resets)
     xg, w_hh = xg.contiguous(), w_hh.contiguous()
     w_hr = w_hr.contiguous() if has_proj else w_hh  # never read without a projection
     cfg = launch_config(max(H, P), B, dtype)
@@ -298,10 +317,10 @@ def _forward(xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace, variant):
     bs = step_rows(batch_sizes, T, B, device)
     h_buf, c, h_all, m_buf, ws, ws_args = forward_buffers(xg, h0, c0, P, has_proj, store_workspace)
     fw_prec, other_prec = dot_precisions(dtype)
-    consts = dict(H=H, P=P, HAS_PROJ=has_proj, STORE_WS=store_workspace, BLOCK_B=cfg["BLOCK_B"],
-                  BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], K1=k1, K2=k2, DOT_PRECISION=fw_prec,
-                  DOT_DTYPE=forward_dot_dtype(dtype), PROJ_PRECISION=other_prec, num_warps=cfg["num_warps"])
-    args = (xg, w_hh, w_hr, bs, h_buf, c, h_all, m_buf, *ws_args)
+    consts = dict(H=H, P=P, HAS_PROJ=has_proj, STORE_WS=store_workspace, HAS_RESETS=resets is not None,
+                  BLOCK_B=cfg["BLOCK_B"], BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], K1=k1, K2=k2,
+                  DOT_PRECISION=fw_prec, DOT_DTYPE=forward_dot_dtype(dtype), PROJ_PRECISION=other_prec, num_warps=cfg["num_warps"])
+    args = (xg, w_hh, w_hr, bs, reset_rows(resets, T, B, bs), h_buf, c, h_all, m_buf, *ws_args)
     cell_tiles, proj_tiles = num_tiles(H, B, cfg), num_tiles(P, B, cfg)
     if variant == "persistent":
         grid = (min(max(cell_tiles, proj_tiles if has_proj else 0), programs),)

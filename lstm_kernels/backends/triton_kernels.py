@@ -38,6 +38,24 @@ Variable lengths: ``bs [T + 1]`` int32 holds the active rows per step and bs[T] 
 Step t updates rows [0, bs[t]); other rows keep h and c, get 0 in h_all and in dG.
 In backward, rows not active at t+1 carry dh_T (they are never active after t).
 
+Resets inside a sequence (HAS_RESETS, a constexpr: without resets the kernels compile as
+before): ``rst [T + 2, cdiv(B, 64)]`` int64 holds resets[t] as bits, row r in bit r % 64 of
+word [t + 1, r // 64], and zero words for the steps -1 and T (``reset_rows``), so that every
+kernel reads steps t - 1 and t + 1 without a bound check. A row that resets at t starts step t
+from zero state, applied where the state enters step t, to the copy each program reads:
+h_{t-1}, which other programs wrote to the exchange buffer h_buf, counts as 0 for those rows
+(a row mask on its load here; a select on the summed h_{t-1} W_hh^T in triton_persistent), and
+c_{t-1} (c buffer or register) is replaced by 0 in the cell update; the buffers and the kept
+h / c of inactive rows are untouched. In the backward the gradients leave step t masked:
+dc_{t-1} = dc_t * f is 0 for those rows, c_{t-1} read from the workspace for the forget-gate
+gradient is 0 (the value the forward used), and dh_{t-1} = dG_t W_hh is 0 for them (a row mask
+on the next step's load of dG_t from dg_buf; a select on the summed product in
+triton_persistent), so dh0 is 0 where row b resets at step 0; dG_t itself is unchanged. A reset
+on a row not active at t changes nothing (it keeps its state, as in the reference). Cost per
+step and tile: one load of the tile's flags (a [BLOCK_B] gather of its word, ``_kept_rows``;
+triton_persistent loads the one int64 word as a scalar and tests its bits in whatever layout
+they are needed: no layout conversion), and a select or a mask term where the state enters.
+
 Two variants, one kernel source each for forward and backward:
   * step:       grid = all tiles, launched once per step (twice with a projection: one
                 launch per phase); the launch boundary is the barrier.
@@ -209,6 +227,28 @@ def _phase_barrier(bar_ptr, arrivals, nprog, step, rec_ptr, timeout_ns, kernel_c
 
 
 @triton.jit
+def _reset_word(rst_ptr, t, row0, B):
+    """The reset flags of step ``t`` (-1 <= t <= T) of the 64 rows around ``row0``, as the bits of one
+    int64 (``reset_rows``); every row of a tile of at most 64 rows, aligned, is in that word."""
+    return tl.load(rst_ptr + (t + 1) * tl.cdiv(B, 64) + row0 // 64)
+
+
+@triton.jit
+def _word_keeps(word, rows):
+    """Which ``rows`` (any shape; of ``word``'s 64) carry their state into the step: their bit is clear.
+    Computed from the row indices, so Triton builds it in the layout where it is used: no layout
+    conversion, where a loaded vector of flags would need one per layout."""
+    return ((word >> (rows % 64).to(tl.int64)) & 1) == 0
+
+
+@triton.jit
+def _kept_rows(rst_ptr, t, rows, B):
+    """[BLOCK_B] bool: which ``rows`` carry their state into step ``t`` (rows >= B count as kept)."""
+    words = tl.load(rst_ptr + (t + 1) * tl.cdiv(B, 64) + rows // 64, mask=rows < B, other=0)
+    return _word_keeps(words, rows)
+
+
+@triton.jit
 def tile_coords(tile, n_unit_tiles, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """Rows [BLOCK_B] and units [BLOCK_H] of ``tile``; tiles are numbered batch-tile major."""
     rows = (tile // n_unit_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -327,6 +367,21 @@ def persistent_config(cfg: dict, hidden: int, batch: int, resident_bytes, budget
     if num_tiles(hidden, batch, narrow) <= programs and resident_bytes(narrow) <= budget:
         return narrow
     return cfg
+
+
+def reset_rows(resets, seq_len: int, batch: int, placeholder):
+    """The kernels' ``rst`` argument: [T + 2, cdiv(B, 64)] int64 on resets' device, bit r % 64 of
+    word [t + 1, r // 64] set where resets[t, r], and zero words for the steps -1 and T (read
+    without a bound check); ``placeholder`` (never read: HAS_RESETS is False) where ``resets`` is
+    None. Made on the device, no host sync."""
+    if resets is None:
+        return placeholder
+    words = triton.cdiv(batch, 64)
+    bits = torch.zeros((seq_len + 2, words * 64), dtype=torch.int64, device=resets.device)
+    bits[1:seq_len + 1, :batch] = resets
+    shifts = torch.arange(64, dtype=torch.int64, device=resets.device)
+    # distinct bits: the sum is their OR (bit 63 wraps to the sign, as int64 holds it)
+    return (bits.view(seq_len + 2, words, 64) << shifts).sum(dim=2)
 
 
 def padded(n: int) -> int:

@@ -38,6 +38,8 @@ Design (both kernels):
     n_steps = 1 and USE_BARRIER=False; c / dc then live in global memory between launches
     (the kernels load them on entry and store them on exit in every mode). The same
     "steps" mode (``steps_mode=True``) can serve a GPU where no cooperative launch fits.
+  * Resets inside a sequence (HAS_RESETS, see triton_kernels): one scalar int64 load of the tile's flags
+    per step, prefetched before the wait; without resets the kernels compile as before.
   * Deterministic: the only atomic is the barrier counter; every output element is written by
     one program in a fixed order.
   * Not served (the plans return the reason; the caller falls back to the existing kernels):
@@ -61,7 +63,7 @@ from . import barrier_bound
 from .device_rows import step_rows
 from .triton_kernels import (
     backward_buffers, barrier_args, co_resident_programs, dot_precisions, forward_buffers,
-    forward_dot_dtype, interpreting, padded, projection_weight_grad, resident_budget, )
+    forward_dot_dtype, interpreting, padded, projection_weight_grad, reset_rows, resident_budget, )
 from .triton_persistent_backward import _lstm_pbw_kernel
 from .triton_persistent_forward import _lstm_pfw_kernel
 
@@ -186,13 +188,13 @@ def _planned(cfg, plan, *args) -> dict:
 
 
 def forward_constants(H: int, P: int, dtype: torch.dtype, cfg: dict, has_proj: bool, store_workspace: bool,
-                      use_barrier: bool) -> dict:
+                      use_barrier: bool, has_resets: bool = False) -> dict:
     """The constexpr arguments (and num_warps) of ``_lstm_pfw_kernel`` for a plan, both phases on."""
     fw_prec, proj_prec = dot_precisions(dtype)
     k1, k2 = k_pieces(P, cfg["KS"])
     kh1, kh2 = k_pieces(H, cfg["KS"])
     return dict(H=H, P=P, HAS_PROJ=has_proj, RUN_CELL=True, RUN_PROJ=True, STORE_WS=store_workspace,
-                USE_BARRIER=use_barrier, BLOCK_H=cfg["BLOCK_H"],
+                USE_BARRIER=use_barrier, HAS_RESETS=has_resets, BLOCK_H=cfg["BLOCK_H"],
                 BLOCK_B=cfg["BLOCK_B"], BLOCK_P=cfg["BLOCK_P"],
                 K1=k1, K2=k2, KS=cfg["KS"], KSP=cfg["KSP"], KH1=kh1, KH2=kh2, DOT_PRECISION=fw_prec,
                 DOT_DTYPE=forward_dot_dtype(dtype), PROJ_PRECISION=proj_prec, num_warps=cfg["num_warps"],
@@ -219,8 +221,9 @@ def use_steps_mode() -> bool:
 
 
 def persistent_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=True, cfg=None,
-                       steps_mode: Optional[bool] = None):
-    """Forward recurrence. xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H], w_hr [P, H] or None.
+                       steps_mode: Optional[bool] = None, resets=None):
+    """Forward recurrence. xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H], w_hr [P, H] or None,
+    resets [T, B] bool or None (a row where True starts that step from zero state).
 
     Same contract and workspace as ``triton_forward.lstm_forward``: returns h_all [T, B, P],
     h_T [B, P], c_T [B, H] fp32, and (gates [T, B, 4H], c_all [T, B, H] (+ m_all [T, B, H]))
@@ -247,8 +250,9 @@ def persistent_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_work
     w_hr_p = _pad_rows(w_hr.contiguous(), triton.cdiv(P, PB) * PB) if has_proj else w_int
     bs = step_rows(batch_sizes, T, B, device)
     h_buf, c, h_all, m_buf, ws, ws_args = forward_buffers(xg, h0, c0, P, has_proj, store_workspace)
-    consts = forward_constants(H, P, dtype, cfg, has_proj, store_workspace, use_barrier=not steps and grid > 1)
-    args = (xg.contiguous(), w_int, w_hr_p, bs, h_buf, c, h_all, m_buf, *ws_args)
+    consts = forward_constants(H, P, dtype, cfg, has_proj, store_workspace, use_barrier=not steps and grid > 1,
+                               has_resets=resets is not None)
+    args = (xg.contiguous(), w_int, w_hr_p, bs, reset_rows(resets, T, B, bs), h_buf, c, h_all, m_buf, *ws_args)
     barrier_bound.raise_if_gave_up(device)
     barrier = barrier_args(device, "triton forward (persistent, step budget)")
     if steps:
@@ -315,25 +319,27 @@ def backward_plan(B: int, H: int, P: int, dtype: torch.dtype, device: torch.devi
     return f"persistent backward: {reason}"
 
 
-def backward_constants(H: int, P: int, dtype: torch.dtype, cfg: dict, has_proj: bool, use_barrier: bool) -> dict:
+def backward_constants(H: int, P: int, dtype: torch.dtype, cfg: dict, has_proj: bool, use_barrier: bool,
+                       has_resets: bool = False) -> dict:
     """The constexpr arguments (and num_warps) of ``_lstm_pbw_kernel`` for a plan, both phases on."""
     prec, proj_prec = dot_precisions(dtype)
     kp1, kp2 = k_pieces(P, cfg["KS"])
     return dict(H=H, P=P, HAS_PROJ=has_proj, RUN_DH=True, RUN_CELL=True, USE_BARRIER=use_barrier,
+                HAS_RESETS=has_resets,
                 UNITS=cfg["UNITS"], BLOCK_H=cfg["BLOCK_H"], BLOCK_B=cfg["BLOCK_B"], KP=cfg["KP"], NP=cfg["NP"],
                 KS=cfg["KS"], KP1=kp1, KP2=kp2, KSP=cfg["KSP"], DOT_PRECISION=prec, DOT_DTYPE=forward_dot_dtype(dtype),
                 PROJ_PRECISION=proj_prec, num_warps=cfg["num_warps"], maxnreg=MAX_REGISTERS)
 
 
 def persistent_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes=None, cfg=None,
-                        steps_mode: Optional[bool] = None):
+                        steps_mode: Optional[bool] = None, resets=None):
     """Backward recurrence from the workspace of ``persistent_forward`` (the same as
     ``triton_forward.lstm_forward``'s: gates [T, B, 4H], c_all [T, B, H] (+ m_all) fp32).
 
     Same contract as ``triton_backward.lstm_backward``: returns dG [T, B, 4H] in xg's dtype,
     dh0 [B, P] fp32, dc0 [B, H] fp32, and dW_hr [P, H] fp32 or None. Raises ValueError with the
     reason of ``backward_plan`` when it does not serve the call (the caller falls back).
-    ``cfg``, ``steps_mode`` and the barrier's bound: as ``persistent_forward``.
+    ``cfg``, ``steps_mode``, ``resets`` (the forward's) and the barrier's bound: as ``persistent_forward``.
 
     Numerics: dG_{t+1} is exchanged between programs in the input dtype (the dG output's own
     rounding) and multiplied with W_hh in the input dtype, fp32 accumulation, where
@@ -358,8 +364,9 @@ def persistent_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch
     dG = torch.zeros((T, B, 4 * H), dtype=dtype, device=device)  # rows not active at t stay 0
     w_t = w_hh.t().contiguous()  # [P, 4H]
     w_hr_t = w_hr.t().contiguous() if has_proj else w_t  # [H, P]
-    consts = backward_constants(H, P, dtype, cfg, has_proj, use_barrier=not steps and grid > 1)
-    args = (w_t, w_hr_t, bs, dh_all.contiguous(), dh_T.contiguous(), gates, c_all, c0.contiguous(), dc, dg_buf, dG,
+    consts = backward_constants(H, P, dtype, cfg, has_proj, use_barrier=not steps and grid > 1,
+                                has_resets=resets is not None)
+    args = (w_t, w_hr_t, bs, reset_rows(resets, T, B, bs), dh_all.contiguous(), dh_T.contiguous(), gates, c_all, c0.contiguous(), dc, dg_buf, dG,
             dh_buf, dh_hist, dh0)
     barrier_bound.raise_if_gave_up(device)
     barrier = barrier_args(device, "triton backward (persistent, step budget)")

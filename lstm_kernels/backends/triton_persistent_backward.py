@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import BARRIER_RUNTIME_ARGS, _arrive, _tanh, _wait
+from .triton_kernels import BARRIER_RUNTIME_ARGS, _arrive, _reset_word, _tanh, _wait, _word_keeps
 from .triton_persistent_forward import _load_t_split
 
 
@@ -38,8 +38,9 @@ def _load_rows_split(w_ptr, row0, ROWS: tl.constexpr, n_rows, k0, K_LEN: tl.cons
 
 
 @triton.jit
-def _load_saved(ws_gates_ptr, ws_c_ptr, c0_ptr, t, cell, gate, c_in, B, H: tl.constexpr):
-    """The forward's saved activations of step t (clamped to 0) on the tile: i, f, g, o, c_t, c_{t-1}."""
+def _load_saved(ws_gates_ptr, ws_c_ptr, c0_ptr, t, cell, gate, c_in, cp_in, B, H: tl.constexpr):
+    """The forward's saved activations of step t (clamped to 0) on the tile: i, f, g, o, c_t, c_{t-1};
+    c_{t-1} as step t used it: read where ``cp_in`` (c_in less the rows that reset at t), else 0."""
     tc = tl.maximum(t, 0)
     g_ptr = ws_gates_ptr + tc * B * 4 * H + gate
     i = tl.load(g_ptr, mask=c_in, other=0.0)
@@ -48,8 +49,8 @@ def _load_saved(ws_gates_ptr, ws_c_ptr, c0_ptr, t, cell, gate, c_in, B, H: tl.co
     o = tl.load(g_ptr + 3 * H, mask=c_in, other=0.0)
     c = tl.load(ws_c_ptr + tc * B * H + cell, mask=c_in, other=0.0)
     first = (tl.zeros_like(cell) + tc) == 0  # a tensor condition (scalar-and-tensor masks break Triton 3.9)
-    c_ws = tl.load(ws_c_ptr + tl.maximum(tc - 1, 0) * B * H + cell, mask=c_in & (first == 0), other=0.0)
-    c_prev = c_ws + tl.load(c0_ptr + cell, mask=c_in & first, other=0.0).to(tl.float32)
+    c_ws = tl.load(ws_c_ptr + tl.maximum(tc - 1, 0) * B * H + cell, mask=cp_in & (first == 0), other=0.0)
+    c_prev = c_ws + tl.load(c0_ptr + cell, mask=cp_in & first, other=0.0).to(tl.float32)
     return i, f, g, o, c, c_prev
 
 
@@ -58,6 +59,7 @@ def _lstm_pbw_kernel(
     w_ptr,  # [P, 4H] input dtype: W_hh^T (row q: the 4H gate weights of state unit q)
     w_hr_ptr,  # [H, P] input dtype: W_hr^T (projection only)
     bs_ptr,  # [T + 2] int32: active rows of step t at bs[t + 1]; bs[0] = bs[T + 1] = 0 (steps -1 and T)
+    rst_ptr,  # [T + 2, cdiv(B, 64)] int64: resets of step t as bits of row t + 1 (HAS_RESETS; reset_rows)
     dh_all_ptr,  # [T, B, P] any float dtype
     dh_last_ptr,  # [B, P] any float dtype: dh_T
     ws_gates_ptr,  # [T, B, 4H] fp32: activated gates from forward
@@ -77,6 +79,7 @@ def _lstm_pbw_kernel(
     H: tl.constexpr, P: tl.constexpr,
     HAS_PROJ: tl.constexpr, RUN_DH: tl.constexpr, RUN_CELL: tl.constexpr,  # phases to run
     USE_BARRIER: tl.constexpr,
+    HAS_RESETS: tl.constexpr,  # resets inside the sequence (rst_ptr); False: the kernel compiles as without
     UNITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
     KP: tl.constexpr, NP: tl.constexpr, KS: tl.constexpr,  # K = 4H in NP <= 4 pieces of KP, each split over KS warps
     KP1: tl.constexpr, KP2: tl.constexpr, KSP: tl.constexpr,  # of dh @ W_hr (k_pieces(P))
@@ -109,6 +112,13 @@ def _lstm_pbw_kernel(
     one clock read per extra poll, under the poll's own round trip).
     Per step, in the compiled loop: one cross-warp sum per product (dG W_hh; and dh W_hr with a
     projection), two block barriers per grid barrier, at most one layout conversion per sum.
+    Resets (HAS_RESETS): the flags of step t - 1 for the tile's BB rows are one scalar int64 load
+    per step (their bits), prefetched with the saved activations between arrive and wait; those of
+    steps t + 1 and t are carried in two registers. A row that resets at t reads c_{t-1} = 0 for
+    its forget-gate gradient (the mask of the saved c_{t-1} load), passes dc_{t-1} = 0 (a select
+    on the register dc) and, in the next step, dh_{t-1} = 0 (a select on the summed dG_t W_hh: the
+    same as reading dG_t = 0). Each tests the row's bit in its own layout: the same MMAs, sums,
+    barriers and layout conversions as without resets (test_triton_step_budget.py).
     Guarded on the CPU by tests/test_triton_step_budget.py (as the forward).
     """
     pid = tl.program_id(0)
@@ -129,6 +139,13 @@ def _lstm_pbw_kernel(
     c_in = ((r < UNITS) & (j < H))[:, None] & (bc < B)[None, :]
     cell = bc[None, :] * H + j[:, None]  # [BLOCK_H, BB] offsets into a [B, H] tensor
     gate = bc[None, :] * (4 * H) + j[:, None]  # gate i of the tile in a [B, 4H] tensor
+    cp_in = c_in  # where c_{t-1} entered step t
+    if HAS_RESETS:
+        # the first row of the batch tile of both phases (ba / bc are it, or rows >= B where a phase has none)
+        row0 = (pid % n_bt) * BLOCK_B
+        word_next = _reset_word(rst_ptr, t_begin + 1, row0, B)  # the flags of step t + 1
+        word = _reset_word(rst_ptr, t_begin, row0, B)  # ... of step t
+        cp_in = c_in & _word_keeps(word, bc)[None, :]
     if RUN_DH:
         # W_hh[:, q]^T, loaded once per launch: NP pieces [KS, BLOCK_H, KP / KS]
         n_rows = tl.minimum(UNITS, P - va * UNITS)
@@ -148,7 +165,8 @@ def _lstm_pbw_kernel(
                 r2 = _load_rows_split(w_hr_ptr, uc * UNITS, BLOCK_H, tl.minimum(UNITS, H - uc * UNITS), KP1, KP2,
                                       KSP, P, tl.float32)
         dc_reg = tl.load(dc_ptr + cell, mask=c_in, other=0.0)  # fp32, on chip for all steps
-        s_i, s_f, s_g, s_o, s_c, s_cp = _load_saved(ws_gates_ptr, ws_c_ptr, c0_ptr, t_begin, cell, gate, c_in, B, H)
+        s_i, s_f, s_g, s_o, s_c, s_cp = _load_saved(ws_gates_ptr, ws_c_ptr, c0_ptr, t_begin, cell, gate, c_in, cp_in,
+                                                    B, H)
     n_next = tl.load(bs_ptr + t_begin + 2)
     n_t = tl.load(bs_ptr + t_begin + 1)
     # while loops, not range(): runtime loop bounds break the interpreter with NumPy >= 2.
@@ -170,6 +188,8 @@ def _lstm_pbw_kernel(
                 acc = tl.dot(w4, _load_t_split(dg_next, ba, ba < n_next, 3 * KP, KP, KS, 4 * H, DOT_DTYPE), acc,
                              input_precision=DOT_PRECISION)
             dh = tl.sum(acc, axis=0)  # [BLOCK_H, BB] fp32: dG_{t+1} @ W_hh on rows active at t+1
+            if HAS_RESETS:  # nothing flows back across a reset at t + 1
+                dh = tl.where(_word_keeps(word_next, ba)[None, :], dh, 0.0)
             dh_last = tl.load(dh_last_ptr + state, mask=a_in & (ba >= n_next)[None, :], other=0.0)  # dh_T (L1)
             dh = tl.where((ba >= n_next)[None, :], dh_last.to(tl.float32), dh)
             if t < 0:
@@ -205,7 +225,10 @@ def _lstm_pbw_kernel(
             d_f = tl.where(active, dc * s_cp * s_f * (1.0 - s_f), zero).to(dg_ptr.dtype.element_ty)
             d_g = tl.where(active, dc * s_i * (1.0 - s_g * s_g), zero).to(dg_ptr.dtype.element_ty)
             d_o = tl.where(active, dm * tanh_c * s_o * (1.0 - s_o), zero).to(dg_ptr.dtype.element_ty)
-            dc_reg = tl.where(active, dc * s_f, dc_reg)
+            if HAS_RESETS:
+                dc_reg = tl.where(active, tl.where(_word_keeps(word, bc)[None, :], dc * s_f, 0.0), dc_reg)
+            else:
+                dc_reg = tl.where(active, dc * s_f, dc_reg)
             buf = dg_buf_ptr + (t % 2) * B * 4 * H + gate
             tl.store(buf, d_i, mask=active)
             tl.store(buf + H, d_f, mask=active)
@@ -218,8 +241,13 @@ def _lstm_pbw_kernel(
             _arrive(bar_ptr)
         # between arrive and wait: the prefetch of step t - 1's inputs first (their latency runs
         # under the wait), then the dG output of step t (zeros elsewhere), which nobody reads here
+        if HAS_RESETS:
+            word_next = word
+            word = _reset_word(rst_ptr, tl.maximum(t - 1, -1), row0, B)  # step t - 1 (none after -1)
+            cp_in = c_in & _word_keeps(word, bc)[None, :]
         if RUN_CELL:
-            s_i, s_f, s_g, s_o, s_c, s_cp = _load_saved(ws_gates_ptr, ws_c_ptr, c0_ptr, t - 1, cell, gate, c_in, B, H)
+            s_i, s_f, s_g, s_o, s_c, s_cp = _load_saved(ws_gates_ptr, ws_c_ptr, c0_ptr, t - 1, cell, gate, c_in, cp_in,
+                                                        B, H)
         if RUN_DH:
             dh_t = tl.load(dh_all_ptr + tl.maximum(t - 1, 0) * B * P + state, mask=a_in, other=0.0)
         if RUN_CELL:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import BARRIER_RUNTIME_ARGS, _arrive, _tanh, _wait
+from .triton_kernels import BARRIER_RUNTIME_ARGS, _arrive, _reset_word, _tanh, _wait, _word_keeps
 
 
 @triton.jit
@@ -80,6 +80,7 @@ def _lstm_pfw_kernel(
     w_ptr,  # [NU * 4U, P] input dtype: W_hh, gate rows interleaved unit-block-major, 0 beyond H
     w_hr_ptr,  # [NPB * PB, H] input dtype: W_hr, 0 beyond P (projection only)
     bs_ptr,  # [T + 1] int32: active rows per step, bs[T] = 0
+    rst_ptr,  # [T + 2, cdiv(B, 64)] int64: resets of step t as bits of row t + 1 (HAS_RESETS; reset_rows)
     h_buf_ptr,  # [2, B, P] input dtype: slot t_begin % 2 holds h_{t_begin - 1} on entry
     c_ptr,  # [B, H] fp32: c on entry, c after the launch's last step on exit
     h_all_ptr,  # [T, B, P] input dtype
@@ -95,6 +96,7 @@ def _lstm_pfw_kernel(
     H: tl.constexpr, P: tl.constexpr,
     HAS_PROJ: tl.constexpr, RUN_CELL: tl.constexpr, RUN_PROJ: tl.constexpr,  # phases to run
     STORE_WS: tl.constexpr, USE_BARRIER: tl.constexpr,
+    HAS_RESETS: tl.constexpr,  # resets inside the sequence (rst_ptr); False: the kernel compiles as without
     BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
     K1: tl.constexpr, K2: tl.constexpr,  # K pieces of h @ W_hh^T (k_pieces(P); K2 = 0: none)
     KS: tl.constexpr,  # warps that split K of h @ W_hh^T (each piece in KS slices)
@@ -129,6 +131,12 @@ def _lstm_pfw_kernel(
     Per step, in the compiled loop: one cross-warp sum per product (one; two with a projection),
     two block barriers per grid barrier (its arrive and its wait), at most one layout conversion
     per cross-warp sum plus four (the gate split and the h / c store layouts).
+    Resets (HAS_RESETS): the flags of step t + 1 for the tile's BB rows are one scalar int64 load
+    per step (their bits), prefetched with xg_{t+1} between arrive and wait. A row that resets
+    gets h_{t-1} W_hh^T = 0 (a select on the summed accumulator: the same as reading h_{t-1} = 0)
+    and c_{t-1} = 0 (a select on the register c); each select tests the row's bit in its own
+    layout, so the step has the same MMAs, sums, barriers and layout conversions as without
+    resets (test_triton_step_budget.py), plus a few integer ops per element.
     Guarded on the CPU by tests/test_triton_step_budget.py: MMA instructions per warp equal
     the ideal for the tile, no load of W_hh / W_hr from global memory (nor copy to shared
     memory) inside the step loop, one (two) grid-barrier arrivals per step, the sums, barriers
@@ -156,6 +164,9 @@ def _lstm_pfw_kernel(
         g_off, g_in = _gate_offsets(u * BLOCK_H, b, B, H, BLOCK_H)  # [4U, BB]
         is_g = ((tl.arange(0, GR) // BLOCK_H) == 2)[:, None]  # the rows of gate g (tanh)
         xg_t = tl.load(xg_ptr + t_begin * B * 4 * H + g_off, mask=g_in, other=0.0)  # xg_t, prefetched
+        if HAS_RESETS:
+            row0 = (pid % n_bt) * BLOCK_B  # the batch tile's first row (b is >= B for a program without one)
+            word = _reset_word(rst_ptr, t_begin, row0, B)  # the flags of step t
         if not HAS_PROJ:  # P == H: the kept h of the tile's rows
             h_keep = tl.load(h_buf_ptr + (t_begin % 2) * B * P + cell, mask=tile_in, other=0.0)
     # ---- the program's projection tile: state units q, same batch tile
@@ -185,10 +196,15 @@ def _lstm_pfw_kernel(
                 acc = tl.dot(w2, _load_t_split(h_prev, b, b_in, K1, K2, KS, P, DOT_DTYPE), acc,
                              input_precision=DOT_PRECISION)
             acc = tl.sum(acc, axis=0)  # [4U, BB] fp32
+            if HAS_RESETS:  # h_{t-1} = 0 on the rows that reset: their columns of h_{t-1} W_hh^T are 0
+                acc = tl.where(_word_keeps(word, b)[None, :], acc, 0.0)
             pre = acc + xg_t.to(tl.float32)
             act = tl.where(is_g, _tanh(pre), tl.sigmoid(pre))  # [4U, BB]: i; f; g; o activated
             i, f, g, o = _split_gates(act, BLOCK_H, BLOCK_B)
-            c_new = f * c_reg + i * g
+            if HAS_RESETS:
+                c_new = f * tl.where(_word_keeps(word, b)[None, :], c_reg, 0.0) + i * g
+            else:
+                c_new = f * c_reg + i * g
             m = o * _tanh(c_new)
             active = (j < H)[:, None] & (b < n_t)[None, :]
             c_reg = tl.where(active, c_new, c_reg)
@@ -233,6 +249,8 @@ def _lstm_pfw_kernel(
         if RUN_CELL:
             t_next = t_begin + tl.minimum(s, n_steps - 1)  # xg_{t+1} (clamped at the end)
             xg_t = tl.load(xg_ptr + t_next * B * 4 * H + g_off, mask=g_in, other=0.0)
+            if HAS_RESETS:
+                word = _reset_word(rst_ptr, t_next, row0, B)
         n_t = tl.load(bs_ptr + t + 1)
         if HAS_PROJ and RUN_PROJ:
             tl.store(h_all_ptr + t * B * P + state, tl.where(p_active, hp_new, tl.zeros_like(hp_new)), mask=ptile_in)
