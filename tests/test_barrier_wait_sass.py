@@ -30,7 +30,6 @@ the top of every wait, and with barrier_gives_up asked before the vote, and show
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -39,27 +38,12 @@ from pathlib import Path
 
 import pytest
 
+from cuda_tools import CUOBJDUMP, NVCC
+
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90")
 
 
-def _tool(name: str):
-    found = shutil.which(name)
-    if found:
-        return found
-    for base in filter(None, (os.environ.get("CUDA_HOME"), "/usr/local/cuda")):
-        path = os.path.join(base, "bin", name)
-        if os.path.exists(path):
-            return path
-    try:
-        import triton
-    except ImportError:
-        return None
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-    return path if os.path.exists(path) else None
-
-
-NVCC, CUOBJDUMP = _tool("nvcc"), _tool("cuobjdump")
 pytestmark = pytest.mark.skipif(NVCC is None or CUOBJDUMP is None, reason="needs nvcc and cuobjdump")
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")

@@ -32,15 +32,14 @@ backward: H = 592, the largest it serves on sm_90):
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from cuda_tools import CUOBJDUMP, NVCC
 from lstm_kernels.backends import cuda_fused as cf
 from plan_dump import compile_plan_dump
 
@@ -49,23 +48,6 @@ ARCHS = ("sm_80", "sm_90")
 FLAGSHIP_B, FLAGSHIP_H = 16, 768
 
 
-def _tool(name: str):
-    found = shutil.which(name)
-    if found:
-        return found
-    for base in filter(None, (os.environ.get("CUDA_HOME"), "/usr/local/cuda")):
-        path = os.path.join(base, "bin", name)
-        if os.path.exists(path):
-            return path
-    try:
-        import triton
-    except ImportError:
-        return None
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-    return path if os.path.exists(path) else None
-
-
-NVCC, CUOBJDUMP = _tool("nvcc"), _tool("cuobjdump")
 pytestmark = pytest.mark.skipif(NVCC is None or CUOBJDUMP is None, reason="needs nvcc and cuobjdump")
 
 
