@@ -328,14 +328,10 @@ def _reset_mask(pattern: str, T: int = 7, B: int = 5) -> torch.Tensor:
     return r
 
 
-@pytest.mark.parametrize("pattern", list(RESET_PATTERNS))
-@pytest.mark.parametrize("proj", [False, True])
-@pytest.mark.parametrize("varlen", [False, True])
-def test_step_rules_with_resets_match_the_reference_in_float64(varlen, proj, pattern):
-    """The kernels' row rules for resets (masked exchange rows and c register in the forward; c_{t-1} = 0,
-    zero dc and zero dG exchange rows in the backward) are the reference's resets, outputs and every
-    gradient, with variable lengths and proj_size too."""
-    torch.manual_seed(6)
+def _emulated_and_reference(varlen: bool, proj: bool, seed: int, resets=None) -> tuple:
+    """(the emulated kernel rules' results, the reference backend's) in float64, no rounding:
+    h_all, dG, dh0, dc0 (and dW_hr with proj_size) on one random call of T = 7, B = 5, H = 6."""
+    torch.manual_seed(seed)
     T, B, H = 7, 5, 6
     P = 4 if proj else H
     xg = torch.randn(T, B, 4 * H, dtype=torch.float64)
@@ -343,21 +339,36 @@ def test_step_rules_with_resets_match_the_reference_in_float64(varlen, proj, pat
     w_hr = torch.randn(P, H, dtype=torch.float64) * 0.5 if proj else None
     h0, c0 = torch.randn(B, P, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
     bs = torch.tensor([5, 5, 4, 3, 3, 1, 1]) if varlen else None
-    resets = _reset_mask(pattern)
     dh_all = torch.randn(T, B, P, dtype=torch.float64)
     if varlen:
         dh_all *= (torch.arange(B)[None, :, None] < bs[:, None, None])
     dh_T, dc_T = torch.randn(B, P, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
-    got = _emulate(xg, w, h0, c0, bs, dh_all, dh_T, dc_T, None, w_hr=w_hr, resets=resets)
+    kw = {} if resets is None else {"resets": resets}
+    got = _emulate(xg, w, h0, c0, bs, dh_all, dh_T, dc_T, None, w_hr=w_hr, **kw)
     ref = ReferenceBackend()
-    r_h_all, _, _, _ = ref.forward(xg, w, h0, c0, w_hr, bs, True, resets=resets)
+    r_h_all, _, _, _ = ref.forward(xg, w, h0, c0, w_hr, bs, True, **kw)
     r_dG, r_dh0, r_dc0, r_dw_hr = ref.backward(RecurrenceInputs(xg, w, h0, c0, w_hr, bs), r_h_all, (), dh_all, dh_T,
-                                               dc_T, resets=resets)
+                                               dc_T, **kw)
     want = (r_h_all, r_dG, r_dh0, r_dc0) + ((r_dw_hr,) if proj else ())
+    without_resets = None if resets is None else _emulate(xg, w, h0, c0, bs, dh_all, dh_T, dc_T, None, w_hr=w_hr)
+    return got, want, without_resets
+
+
+def _assert_same(got, want) -> None:
     for name, a, b in zip(("h_all", "dG", "dh0", "dc0", "dW_hr"), got, want):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), f"{name}: max err {(a - b).abs().max():.3e}"
+
+
+@pytest.mark.parametrize("pattern", list(RESET_PATTERNS))
+@pytest.mark.parametrize("proj", [False, True])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_step_rules_with_resets_match_the_reference_in_float64(varlen, proj, pattern):
+    """The kernels' row rules for resets (masked exchange rows and c register in the forward; c_{t-1} = 0,
+    zero dc and zero dG exchange rows in the backward) are the reference's resets, outputs and every
+    gradient, with variable lengths and proj_size too."""
+    got, want, plain = _emulated_and_reference(varlen, proj, 6, _reset_mask(pattern))
+    _assert_same(got, want)
     if pattern != "none":  # the rules matter: without them the emulation is not the reference's
-        plain = _emulate(xg, w, h0, c0, bs, dh_all, dh_T, dc_T, None, w_hr=w_hr)
         assert not all(torch.allclose(a, b) for a, b in zip(plain, want))
 
 
@@ -366,26 +377,8 @@ def test_step_rules_with_resets_match_the_reference_in_float64(varlen, proj, pat
 def test_step_rules_match_the_reference_in_float64(varlen, proj):
     """With no rounding (ex_dtype None) the emulated kernel rules are the reference's BPTT
     (with proj_size: the two half-steps of each step, and dW_hr from the saved dh_t and m_t)."""
-    torch.manual_seed(3)
-    T, B, H = 7, 5, 6
-    P = 4 if proj else H
-    xg = torch.randn(T, B, 4 * H, dtype=torch.float64)
-    w = torch.randn(4 * H, P, dtype=torch.float64) * 0.4
-    w_hr = torch.randn(P, H, dtype=torch.float64) * 0.5 if proj else None
-    h0, c0 = torch.randn(B, P, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
-    bs = torch.tensor([5, 5, 4, 3, 3, 1, 1]) if varlen else None
-    dh_all = torch.randn(T, B, P, dtype=torch.float64)
-    if varlen:
-        dh_all *= (torch.arange(B)[None, :, None] < bs[:, None, None])
-    dh_T, dc_T = torch.randn(B, P, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
-    got = _emulate(xg, w, h0, c0, bs, dh_all, dh_T, dc_T, None, w_hr=w_hr)
-    ref = ReferenceBackend()
-    r_h_all, _, _, _ = ref.forward(xg, w, h0, c0, w_hr, bs, True)
-    r_dG, r_dh0, r_dc0, r_dw_hr = ref.backward(RecurrenceInputs(xg, w, h0, c0, w_hr, bs), r_h_all, (), dh_all, dh_T,
-                                               dc_T)
-    want = (r_h_all, r_dG, r_dh0, r_dc0) + ((r_dw_hr,) if proj else ())
-    for name, a, b in zip(("h_all", "dG", "dh0", "dc0", "dW_hr"), got, want):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), f"{name}: max err {(a - b).abs().max():.3e}"
+    got, want, _ = _emulated_and_reference(varlen, proj, 3)
+    _assert_same(got, want)
 
 
 @pytest.mark.parametrize("dtype", SIXTEEN_BIT)
