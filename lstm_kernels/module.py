@@ -240,8 +240,9 @@ class FusedLSTM(nn.Module):
         ``hx`` (or None: zeros) is what a measurement runs the candidates on; ``resets`` [T, B] or None."""
         why_not_native = self._native_path_reason(x, resets)
         if why_not_native is None and (native.taken_outright(x) or exporting()):
-            return PathChoice(NATIVE, "torch's own CPU LSTM kernel, bitwise nn.LSTM's (lstm_kernels.native)"
-                              if not exporting() else "an exported program holds the module as one op")
+            return PathChoice(NATIVE, "torch's own LSTM kernel, nn.LSTM's, taken outright where no fused kernel "
+                                      "runs (lstm_kernels.native)" if not exporting()
+                              else "an exported program holds the module as one op")
         if torch.compiler.is_compiling():
             from . import ops  # noqa: F401  (fills the backend registry: dynamo runs an import statement natively)
 
