@@ -50,13 +50,18 @@ __device__ __forceinline__ bool claim_record(long long* p, long long kernel) {
   return atomicCAS(reinterpret_cast<unsigned long long*>(p), 0ull, (unsigned long long)kernel) == 0ull;
 }
 #else
-// The host build's clock: steady_clock, counted (clock_reads) so the host check can tell the
-// open-barrier path reads no clock.
+// The host build's clock, counted (clock_reads) so the host check can tell the open-barrier path
+// reads no clock: steady_clock, or the function LSTM_BARRIER_HOST_CLOCK names (declared before
+// this header is included: the host check's fake clock).
 inline long long clock_reads = 0;
 inline long long now_ns() {
   ++clock_reads;
+#ifdef LSTM_BARRIER_HOST_CLOCK
+  return LSTM_BARRIER_HOST_CLOCK();
+#else
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
+#endif
 }
 inline unsigned long long load_acquire(const unsigned long long* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 inline bool claim(unsigned long long* p) {

@@ -1,13 +1,12 @@
 // Host check of csrc/barrier_wait.cuh's give-up logic (barrier_gives_up), compiled with g++ over the
-// header's host build (tests/test_barrier_wait_host.py). The header's clock (std::chrono's
-// steady_clock) is swapped for a fake one that the check advances itself, so the bound is tested
-// deterministically; the header counts its clock reads (lstm::barrier::clock_reads).
+// header's host build (tests/test_barrier_wait_host.py). The header's clock is a fake one that the
+// check advances itself (LSTM_BARRIER_HOST_CLOCK), so the bound is tested deterministically; the
+// header counts its clock reads (lstm::barrier::clock_reads).
 //
 // wait() below is the kernels' wait loop (fused_common.cuh's grid_wait, persistent.cuh's
 // bounded_grid_sync) on one thread: poll, leave if open, else ask barrier_gives_up.
 // Prints one JSON object of the scenarios' observations; the test asserts on them.
 #include <atomic>
-#include <chrono>
 #include <cstdio>
 #include <thread>
 #include <vector>
@@ -15,22 +14,13 @@
 namespace fake {
 // A clock that moves only when told: `ns` now, plus `tick` per read (time passing between polls).
 struct clock {
-  using rep = long long;
-  using period = std::nano;
-  using duration = std::chrono::nanoseconds;
-  using time_point = std::chrono::time_point<clock, duration>;
-  static constexpr bool is_steady = true;
   static inline std::atomic<long long> ns{1000000};
   static inline long long tick = 0;
-  static time_point now() { return time_point(duration(ns.fetch_add(tick) + tick)); }
+  static long long now_ns() { return ns.fetch_add(tick) + tick; }
 };
 }  // namespace fake
-namespace std::chrono {
-using lstm_check_fake_clock = ::fake::clock;
-}
-#define steady_clock lstm_check_fake_clock
+#define LSTM_BARRIER_HOST_CLOCK fake::clock::now_ns
 #include "barrier_wait.cuh"
-#undef steady_clock
 
 using lstm::BarrierWatch;
 using lstm::barrier::barrier_gives_up;
