@@ -7,10 +7,12 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 # The Triton a new .venv gets (an importable one is reused): the newest that setup.py declares.
 TRITON_VERSION ?= 3.9.0
-# `make test` runs the Triton kernels under the interpreter with the oldest and the newest Triton
-# that setup.py declares (triton>=3.3,<3.10: launch_cooperative_grid came in 3.3). A version that
-# is not the venv's own is installed into $(VENV)/triton-<version> and put first on PYTHONPATH.
-TRITON_TEST_VERSIONS ?= 3.3.0 3.9.0
+# `make test` runs the Triton kernels under the interpreter with the oldest Triton that setup.py
+# declares (triton>=3.3,<3.10: launch_cooperative_grid came in 3.3) here, and with the Triton each
+# end of the torch range pins in test-torch (3.6.0 with torch 2.11, 3.9.0, the newest, with torch
+# 2.15). A version that is not the venv's own is installed into $(VENV)/triton-<version> and put
+# first on PYTHONPATH.
+TRITON_TEST_VERSIONS ?= 3.3.0
 STAMP := $(VENV)/.installed
 # The ends of the torch range setup.py declares (torch>=2.11,<2.16; TORCH_VERSION above is the
 # middle): `make test` runs the tests of the module, the CPU native path, torch.compile and the
