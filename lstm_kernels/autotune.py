@@ -124,16 +124,13 @@ _DEVICE_NAMES: dict = {}
 
 @trace_time_constant
 def device_name(device: torch.device) -> str:
-    """"<name> sm_<major><minor>" of a CUDA device, else its type (once per device and process)."""
+    """The device as verification keys its plans (``verification.device_description``: "<name>
+    sm_<major><minor>" of a CUDA device, else its type), asked once per device and process."""
     name = _DEVICE_NAMES.get(device)
     if name is None:
-        if device.type != "cuda":
-            name = device.type
-        else:
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            major, minor = torch.cuda.get_device_capability(index)
-            name = f"{torch.cuda.get_device_name(index)} sm_{major}{minor}"
-        _DEVICE_NAMES[device] = name
+        from .verification import device_description
+
+        name = _DEVICE_NAMES[device] = device_description(device)
     return name
 
 

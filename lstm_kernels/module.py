@@ -316,13 +316,14 @@ class FusedLSTM(nn.Module):
 
         return forward_backward if call.needs_grad and params else forward
 
-    def _forward_on(self, path: str, x, hx, batch_sizes, resets=None):
-        """(output, h_n, c_n) of ``x`` (time-major, or packed data with ``batch_sizes``) on ``path``."""
+    def _forward_on(self, path: str, x, hx, batch_sizes, resets=None, weights: Optional[list] = None):
+        """(output, h_n, c_n) of ``x`` (time-major, or packed data with ``batch_sizes``) on ``path``;
+        ``weights`` (``_flat_weights`` order) replace the parameters on a backend's path."""
         if path == NATIVE:
             return run_native(self, x, hx, batch_sizes)
         if batch_sizes is not None:
             x = unpack_to_time_major(x, batch_sizes)
-        output, h_n, c_n = self._run_layers(x, hx, batch_sizes, backend=path, resets=resets)
+        output, h_n, c_n = self._run_layers(x, hx, batch_sizes, backend=path, weights=weights, resets=resets)
         return (output if batch_sizes is None else pack_time_major(output, batch_sizes)), h_n, c_n
 
     def _native_path_reason(self, x, resets=None) -> Optional[str]:
@@ -429,15 +430,6 @@ class FusedLSTM(nn.Module):
             output = output.squeeze(0 if self.batch_first else 1)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
-
-    def _run_reference(self, x, hx, batch_sizes, weights):
-        """:func:`~lstm_kernels.native.run_native`'s call (x time-major, or packed data with
-        ``batch_sizes``) on the ``reference`` backend with ``weights`` (``_flat_weights`` order):
-        its differentiable-twice recomputation."""
-        if batch_sizes is not None:
-            x = unpack_to_time_major(x, batch_sizes)
-        output, h_n, c_n = self._run_layers(x, hx, batch_sizes, backend="reference", weights=weights)
-        return (output if batch_sizes is None else pack_time_major(output, batch_sizes)), h_n, c_n
 
     def _run_layers(self, x, hx, batch_sizes, backend: Optional[str] = None, weights: Optional[list] = None,
                     resets=None):

@@ -170,7 +170,8 @@ class TorchKernelLSTM(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: gradients that are differentiable themselves
             saved = ctx.saved_tensors
             with torch.enable_grad():
-                outputs = ctx.module._run_reference(saved[0], (saved[1], saved[2]), ctx.batch_sizes, saved[3:])
+                outputs = ctx.module._forward_on("reference", saved[0], (saved[1], saved[2]), ctx.batch_sizes,
+                                                 weights=saved[3:])
             inputs = [saved[i] for i in wanted]
             grads = torch.autograd.grad(outputs, inputs, grad_outputs, create_graph=True, allow_unused=True)
         else:  # the kernel's own backward; kept for a second backward of the outer graph (retain_graph)
