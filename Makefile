@@ -26,7 +26,7 @@ TORCH_RANGE_TESTS := tests/test_module.py tests/test_module_parity.py tests/test
 
 .PHONY: install test test-fast test-triton test-torch bench clean
 
-$(STAMP): setup.py pyproject.toml requirements-dev.txt constraints-test.txt $(wildcard CMakeLists.txt csrc/*)
+$(STAMP): setup.py pyproject.toml requirements-dev.txt constraints-test.txt CMakeLists.txt $(shell find csrc -type f)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==$(TORCH_VERSION)
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton==$(TRITON_VERSION)
