@@ -15,7 +15,7 @@ FusedLSTM in one graph, forward and backward.
 ``backend`` is a concrete backend name: :func:`recurrence_with_grad` resolves
 "auto" while tracing, so the fake and the real implementation agree on the
 workspace (``Backend.workspace_spec``). The autograd formula is the one of
-:class:`lstm_kernels.function.LSTMLayer` (``layer_backward``).
+:class:`lstm_kernels.function.LSTMLayer` (:func:`lstm_kernels.layer_calls.layer_backward`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from torch import Tensor
 from .backends import (
     BackendUnsupportedError, RecurrenceCall, RecurrenceInputs, _verification_failure, get_backend, load_builtin_backends,
 )
-from .function import check_workspace, layer_backward, select_backend, with_resets
+from .layer_calls import check_workspace, layer_backward, select_backend, with_resets
 
 # Dispatch runs while dynamo traces; its first call must not import (see load_builtin_backends).
 load_builtin_backends()

@@ -51,6 +51,7 @@ import torch
 
 from . import __version__
 from .backends import Backend, RecurrenceCall, RecurrenceInputs, get_backend, verification_bounds, set_verifier
+from .layer_calls import with_resets
 from .disk_cache import CACHE_DIR_ENV, DiskCache, cache_dir  # noqa: F401  (part of this module's face)
 from .tolerances import REL_TOL, mismatch, rel_error
 
@@ -187,7 +188,7 @@ def _run(backend: Backend, case: dict, needs_grad: bool, dtype: Optional[torch.d
     cast = (lambda t: None if t is None else t.to(dtype)) if dtype is not None else (lambda t: t)
     xg, w_hh, h0, c0, w_hr = (cast(case[n]) for n in ("xg", "w_hh", "h0", "c0", "w_hr"))
     bs = case["batch_sizes"]
-    resets = {} if case["resets"] is None else {"resets": case["resets"]}
+    resets = with_resets(case["resets"])
     h_all, h_T, c_T, workspace = backend.forward(xg, w_hh, h0, c0, w_hr, bs, needs_grad, **resets)
     out = dict(h_all=h_all, h_T=h_T, c_T=c_T)
     if needs_grad:
