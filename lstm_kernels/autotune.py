@@ -2,7 +2,7 @@
 
 On a GPU more than one path can serve a call exactly: the ``cuda`` and ``triton`` backends (each
 verified before first use, lstm_kernels/verification.py) and torch's own kernel for the whole
-module (cuDNN, lstm_kernels/native.py). Which is fastest depends on the GPU, the dtype and the
+module (cuDNN, lstm_kernels/backends/native.py). Which is fastest depends on the GPU, the dtype and the
 shape, and nobody can measure every GPU beforehand. So ``backend="auto"``, on the first call of a
 *shape bucket*, times every candidate that serves the call, as cuDNN's benchmark mode and Triton's
 autotuner do, and keeps the fastest:

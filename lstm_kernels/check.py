@@ -134,7 +134,7 @@ def verify_all(cands: list[Candidate], device: torch.device, shapes, dtypes, ste
 def native_outright():
     """Within the block ``auto`` takes torch's own kernel wherever it may serve, unmeasured (on a GPU
     it is otherwise one candidate of the measured choice): how the check times that path itself."""
-    from . import native
+    from .backends import native
 
     original = native.taken_outright
     native.taken_outright = lambda x: True

@@ -9,7 +9,7 @@ Per layer and direction the data path is: one GEMM for the input projection
 of all steps, then :class:`~lstm_kernels.function.LSTMLayer` for the
 recurrence. Reversed directions reverse each sequence within its own length.
 On the CPU, ``backend="auto"`` runs torch's own LSTM kernel for the whole
-module instead (:mod:`lstm_kernels.native` says when and why).
+module instead (:mod:`lstm_kernels.backends.native` says when and why).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from . import autotune
 from .autotune import NATIVE, PathChoice
 from .backends import RecurrenceCall, backend_from_env, check_backend_name, resolve_backend, serving_kernels
 from .function import lstm_layer
-from . import native
-from .native import exporting, native_path_reason, run_native
+from .backends import native
+from .backends.native import exporting, native_path_reason, run_native
 from .recompute import check_recompute, recompute_layer
 from .onnx_export import exporting_to_onnx, onnx_lstm, packed_input_error, resets_export_error
 from .sequences import pack_time_major, reverse_resets, reverse_time_major, unpack_to_time_major
@@ -153,7 +153,7 @@ class FusedLSTM(nn.Module):
 
     def flatten_parameters(self) -> None:
         """As nn.LSTM's: on CUDA with cuDNN, the parameters become views of one contiguous buffer, so
-        that torch's own kernel (lstm_kernels.native, a candidate there) need not copy them on every
+        that torch's own kernel (lstm_kernels.backends.native, a candidate there) need not copy them on every
         call; the fused kernels read each parameter as before. Elsewhere, and where a parameter is
         reparametrized or shared, it does nothing (nn.LSTM's conditions)."""
         weights = self._flat_weights
@@ -218,7 +218,7 @@ class FusedLSTM(nn.Module):
 
     def path_for(self, input, explain: bool = False):
         """What ``forward(input)`` runs: ``"native"`` (torch's own LSTM kernel for the whole module,
-        see :mod:`lstm_kernels.native`) or the name of the backend that serves every layer's
+        see :mod:`lstm_kernels.backends.native`) or the name of the backend that serves every layer's
         recurrence. With ``explain``, a :class:`~lstm_kernels.autotune.PathChoice` (path, reason).
         On a GPU this may measure the candidates, as the first ``forward`` of the shape would."""
         if isinstance(input, PackedSequence):
@@ -241,7 +241,7 @@ class FusedLSTM(nn.Module):
         why_not_native = self._native_path_reason(x, resets)
         if why_not_native is None and (native.taken_outright(x) or exporting()):
             return PathChoice(NATIVE, "torch's own LSTM kernel, nn.LSTM's, taken outright where no fused kernel "
-                                      "runs (lstm_kernels.native)" if not exporting()
+                                      "runs (lstm_kernels.backends.native)" if not exporting()
                               else "an exported program holds the module as one op")
         if torch.compiler.is_compiling():
             from . import ops  # noqa: F401  (fills the backend registry: dynamo runs an import statement natively)
@@ -327,7 +327,7 @@ class FusedLSTM(nn.Module):
         return (output if batch_sizes is None else pack_time_major(output, batch_sizes)), h_n, c_n
 
     def _native_path_reason(self, x, resets=None) -> Optional[str]:
-        """None when ``x`` runs through torch's own LSTM kernel for the whole module (lstm_kernels.native)."""
+        """None when ``x`` runs through torch's own LSTM kernel for the whole module (lstm_kernels.backends.native)."""
         if resets is not None:
             return "resets inside the sequence (torch's kernel has none)"
         if self.recompute is not False and not exporting():

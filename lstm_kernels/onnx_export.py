@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .native import exporting
+from .backends.native import exporting
 
 #: PyTorch's gate blocks (i, f, g, o) in ONNX's order (i, o, f, c).
 ONNX_GATE_ORDER = (0, 3, 1, 2)

@@ -22,7 +22,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fake_backends
 import lstm_kernels.module as module_mod
-from lstm_kernels import FusedLSTM, autotune, native, verification
+from lstm_kernels import FusedLSTM, autotune, verification
+from lstm_kernels.backends import native
 from lstm_kernels import backends as backends_mod
 from utils import assert_rel_close
 
@@ -164,7 +165,8 @@ def test_choices_carry_across_processes(tmp_path):
         import sys
         sys.path.insert(0, {str(TESTS)!r})
         import torch, fake_backends
-        from lstm_kernels import FusedLSTM, autotune, native
+        from lstm_kernels import FusedLSTM, autotune
+        from lstm_kernels.backends import native
         from lstm_kernels import backends
         fake_backends.install()
         backends.AUTO_ORDER = ("right", "reference")

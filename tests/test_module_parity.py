@@ -3,7 +3,7 @@
 Outputs, h_n, c_n and the gradients of the input, h0, c0 and every parameter.
 The backends under test come from LSTM_KERNELS_TEST_BACKENDS (comma-separated,
 default "reference,auto"; auto on the CPU is torch's own kernel, see
-lstm_kernels/native.py); CI also runs this file for "triton" under
+lstm_kernels/backends/native.py); CI also runs this file for "triton" under
 TRITON_INTERPRET=1. A case a backend declines is skipped with its reason.
 """
 from __future__ import annotations

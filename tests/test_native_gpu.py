@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from lstm_kernels import FusedLSTM, autotune, native, verification
+from lstm_kernels import FusedLSTM, autotune, verification
+from lstm_kernels.backends import native
 from utils import REL_TOL, assert_rel_close
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -1,4 +1,4 @@
-"""``backend="auto"`` on the CPU: torch's own LSTM kernel for the whole module (lstm_kernels/native.py).
+"""``backend="auto"`` on the CPU: torch's own LSTM kernel for the whole module (lstm_kernels/backends/native.py).
 
 The path exists so that FusedLSTM is never slower than nn.LSTM on the CPU; these
 tests check when it is taken and that every promise FusedLSTM makes holds on it:
@@ -13,10 +13,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstm_kernels.module as module_mod
-from lstm_kernels import native
+from lstm_kernels.backends import native
 from lstm_kernels import FusedLSTM
 from lstm_kernels.backends import ENV_VAR
-from lstm_kernels.native import native_path_reason
+from lstm_kernels.backends.native import native_path_reason
 from utils import assert_rel_close
 
 CONFIG = dict(num_layers=2, bidirectional=True, proj_size=3)
@@ -209,7 +209,7 @@ def test_compiled_native_path_is_nn_lstm(packed, compiler):
 
 
 def test_native_ops_pass_torch_library_opcheck():
-    from lstm_kernels import native
+    from lstm_kernels.backends import native
 
     torch.manual_seed(0)
     fused = FusedLSTM(3, 4, num_layers=2, bidirectional=True).double()

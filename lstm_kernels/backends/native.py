@@ -56,7 +56,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import backend_from_env
+from . import backend_from_env
 
 #: The dtypes torch's CPU LSTM serves on every CPU.
 NATIVE_DTYPES = (torch.float32, torch.float64)
