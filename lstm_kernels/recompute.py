@@ -13,7 +13,7 @@ later step reads). The backward
 walks the segments in reverse: it runs the backend forward again on the segment (from its
 checkpoint, with ``needs_grad=True``, so the backend makes its workspace for those k steps only),
 then the backend backward with the dh, dc carried from the segment after it; dW_hh is one GEMM over
-the whole dG, by :func:`lstm_kernels.function.layer_backward`'s own code.
+the whole dG, by :func:`lstm_kernels.layer_calls.layer_backward`'s own code.
 
 Memory kept for the backward, per layer and direction, with s = the input's bytes per element
 and s_c = the bytes of the cell state's compute dtype (4 for 16-bit inputs, else s):
@@ -80,7 +80,8 @@ from torch import Tensor
 
 from .backends import Backend, BackendUnsupportedError, RecurrenceCall, RecurrenceInputs, get_backend
 from .backends.reference import ReferenceBackend, compute_dtype
-from .function import check_workspace, layer_backward, lstm_layer, select_backend, with_resets
+from .function import lstm_layer
+from .layer_calls import check_workspace, layer_backward, select_backend, with_resets
 from .validation import check_layer_shapes
 
 
@@ -190,7 +191,9 @@ def backward_segments(impl: Backend, inputs: RecurrenceInputs, h_all, checkpoint
             # h_all[s - 1] is the state entering step s, but for the rows of a PackedSequence that ended
             # before s (zeros there): the contract leaves such rows out of every step, so their state
             # reaches only h_T, which the backward does not use.
-            h_s, c_s = h_all[s - 1].to(checkpoints.dtype), checkpoints[idx - 1]
+            # A fresh tensor, as the normal mode's state entering step s is: a CPU BLAS may round a product
+            # by its operand's alignment (MKL on AVX-512 does), and a row of h_all is not aligned alike.
+            h_s, c_s = h_all[s - 1].to(checkpoints.dtype, copy=True), checkpoints[idx - 1]
         segment = RecurrenceInputs(xg[s:e], w_hh, h_s, c_s, w_hr_seg, _rows(batch_sizes, s, e))
         outputs = impl.forward(*segment, True, **_resets_of(resets, s, e))
         workspace = check_workspace(impl, outputs[3], segment, outputs[:3])
