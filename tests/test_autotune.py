@@ -24,7 +24,7 @@ import fake_backends
 import lstm_kernels.module as module_mod
 from lstm_kernels import FusedLSTM, autotune, verification
 from lstm_kernels.backends import native
-from lstm_kernels import backends as backends_mod
+from lstm_kernels.backends import dispatch
 from utils import assert_rel_close
 
 TESTS = Path(__file__).resolve().parent
@@ -40,7 +40,7 @@ def gpu_like(monkeypatch, tmp_path):
     verification.clear()
     autotune.clear()
     fakes = fake_backends.install()
-    monkeypatch.setattr(backends_mod, "AUTO_ORDER", ("right", "reference"))
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", ("right", "reference"))
     monkeypatch.setattr(native, "taken_outright", lambda x: False)
     timings = {"right": 1.0, "native": 2.0}
     timed = []
@@ -111,7 +111,7 @@ def test_the_fixed_order_without_autotune(gpu_like, monkeypatch):
 
 
 def test_a_kernel_that_fails_verification_is_no_candidate(gpu_like, monkeypatch):
-    monkeypatch.setattr(backends_mod, "AUTO_ORDER", ("wrong", "reference"))
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", ("wrong", "reference"))
     fused = FusedLSTM(4, 6)
     with pytest.warns(RuntimeWarning, match="failed verification"):
         choice = fused.path_for(torch.randn(5, 3, 4), explain=True)
@@ -167,9 +167,9 @@ def test_choices_carry_across_processes(tmp_path):
         import torch, fake_backends
         from lstm_kernels import FusedLSTM, autotune
         from lstm_kernels.backends import native
-        from lstm_kernels import backends
+        from lstm_kernels.backends import dispatch
         fake_backends.install()
-        backends.AUTO_ORDER = ("right", "reference")
+        dispatch.AUTO_ORDER = ("right", "reference")
         native.taken_outright = lambda x: False
         timed = []
         autotune.timer = lambda path, run, device: timed.append(path) or {{"right": 3.0, "native": 1.0}}[path]

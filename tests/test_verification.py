@@ -20,6 +20,7 @@ import torch
 import fake_backends
 from lstm_kernels import BackendUnsupportedError, lstm_layer, verification
 from lstm_kernels import backends as backends_mod
+from lstm_kernels.backends import dispatch
 from lstm_kernels.backends import RecurrenceCall
 from utils import REL_TOL, assert_rel_close
 
@@ -51,7 +52,7 @@ def _call(B=3, H=5, device="cpu"):
 
 
 def test_a_wrong_kernel_is_caught_warned_about_once_and_auto_falls_back(fakes, monkeypatch):
-    monkeypatch.setattr(backends_mod, "AUTO_ORDER", ("wrong", "reference"))
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", ("wrong", "reference"))
     args = _inputs()
     with pytest.warns(RuntimeWarning, match="'wrong' backend failed verification.*largest error") as record:
         h_all, _, _ = lstm_layer(*args, backend="auto")
@@ -70,7 +71,7 @@ def test_a_named_backend_that_fails_verification_raises(fakes):
 
 def test_a_launch_that_raises_fails_verification(fakes, monkeypatch):
     """A kernel that raises (here: a grid barrier that gave up) is a failed plan, not a crash of the call."""
-    monkeypatch.setattr(backends_mod, "AUTO_ORDER", ("raising", "reference"))
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", ("raising", "reference"))
     with pytest.warns(RuntimeWarning, match="raised RuntimeError: triton forward: grid barrier"):
         lstm_layer(*_inputs(), backend="auto")
 
@@ -112,7 +113,7 @@ def test_inference_kernels_are_verified_as_inference(fakes, monkeypatch):
 
 def test_a_failed_launch_is_remembered_in_this_process_only(fakes, monkeypatch):
     """An exception may be transient (out of memory, a refused launch): it is not written to disk."""
-    monkeypatch.setattr(backends_mod, "AUTO_ORDER", ("raising", "reference"))
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", ("raising", "reference"))
     with pytest.warns(RuntimeWarning):
         lstm_layer(*_inputs(), backend="auto")
     assert not (verification.cache_dir() / verification.CACHE_FILE).exists()
@@ -125,7 +126,7 @@ def test_an_exception_without_a_message_fails_verification_cleanly(fakes, monkey
         raise RuntimeError()
 
     monkeypatch.setattr(fakes["raising"], "forward", forward)
-    monkeypatch.setattr(backends_mod, "AUTO_ORDER", ("raising", "reference"))
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", ("raising", "reference"))
     with pytest.warns(RuntimeWarning, match="raised RuntimeError"):
         lstm_layer(*_inputs(), backend="auto")
 
@@ -179,7 +180,7 @@ def test_the_compiled_op_verifies_at_its_first_run(fakes):
 
 def test_compile_consults_known_verdicts(fakes, monkeypatch):
     """A plan known to fail (here: from an eager call) is skipped while dynamo traces ``auto``."""
-    monkeypatch.setattr(backends_mod, "AUTO_ORDER", ("wrong", "reference"))
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", ("wrong", "reference"))
     args = _inputs()
     with pytest.warns(RuntimeWarning, match="failed verification"):
         lstm_layer(*args, backend="auto")
