@@ -1,19 +1,20 @@
-// pybind11 module lstm_kernels._C: argument checks, and the calls into the
-// kernels of lstm_forward.cu / lstm_backward.cu. No libtorch: tensors arrive
-// as device pointers (Python ints), sizes, a dtype code (static_switch.h) and
-// the CUDA stream as an int; lstm_kernels/backends/cuda.py validates shapes,
-// allocates outputs and picks the stream. A CUDA error becomes a RuntimeError
-// naming the kernel and cudaGetErrorString; a bad argument a ValueError.
+// pybind11 module lstm_kernels._C: argument checks, and the calls into both kernel families. No
+// libtorch: tensors arrive as device pointers (Python ints), sizes, a dtype code and the CUDA stream
+// as an int; lstm_kernels/backends/cuda/ validates shapes, allocates outputs and picks the stream. A
+// CUDA error becomes a RuntimeError naming the kernel and cudaGetErrorString; a bad argument a
+// ValueError.
 //
-// A cooperative launch the runtime refused (Status::cooperative_refused) becomes
-// _C.CooperativeLaunchRefused, a RuntimeError that cuda.py catches for "auto".
+// The fused kernels at the budget of one step (fused/fused_forward.cu, fused/fused_backward.cu, C
+// API in fused/fused_lstm.h): fused_forward, fused_backward and fused_plan; cuda/fused.py prepares
+// their layouts. A cooperative launch the runtime refused (fused/launch_refusal.h) becomes
+// _C.CooperativeLaunchRefused, a RuntimeError that cuda/fused.py catches to run the same kernel one
+// launch per (half-)step.
 //
-// The fused kernels at the budget of one step (fused_forward.cu / fused_backward.cu, C API in
-// fused_lstm.h): fused_forward, fused_backward and fused_plan; cuda.py prepares their layouts.
+// The per-step kernels (step/step_forward.cu, step/step_backward.cu, API in step/step_kernels.h):
+// step_forward and step_backward, the fallback where the fused kernels cannot serve a call.
 //
-// Also: host entry points running the cell math of cell.cuh on numpy arrays
-// (tests check it without a GPU), CUDA queries (runtime status, device count,
-// occupancy) and the counters of the persistent-plan cache.
+// Also: host entry points running the cell math of common/cell.cuh on numpy arrays (tests check it
+// without a GPU) and CUDA queries (runtime status, device count, device properties).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -21,14 +22,14 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <utility>
-#include <vector>
 
-#include "cell.cuh"
-#include "fused_lstm.h"
-#include "lstm_cuda.h"
-#include "static_switch.h"
+#include "common/cell.cuh"
+#include "fused/barrier_wait.cuh"
+#include "fused/fused_lstm.h"
+#include "fused/launch_refusal.h"
+#include "step/static_switch.h"
+#include "step/step_kernels.h"
 
 namespace py = pybind11;
 
@@ -41,14 +42,12 @@ struct CooperativeLaunchRefused : std::runtime_error {
 
 void check_status(const lstm::Status& st) {
   if (!st.ok()) {
-    const std::string msg = std::string(st.where) + " failed: " + cudaGetErrorString(st.error) + " (" +
-                            cudaGetErrorName(st.error) + ")";
-    if (st.cooperative_refused) throw CooperativeLaunchRefused(msg);
-    throw std::runtime_error(msg);
+    throw std::runtime_error(std::string(st.where) + " failed: " + cudaGetErrorString(st.error) + " (" +
+                             cudaGetErrorName(st.error) + ")");
   }
 }
 
-// The time bound of a persistent launch's grid barrier (barrier_wait.cuh): a per-launch state, the
+// The time bound of a fused persistent launch's grid barrier (fused/barrier_wait.cuh): a per-launch state, the
 // device's error record, the bound in ns (0: none) and the kernel's code in the record.
 lstm::BarrierWatch barrier_watch(const char* fn, uintptr_t state, uintptr_t record, int64_t timeout_ns,
                                  int64_t kernel) {
@@ -85,73 +84,48 @@ P* ptr(const char* fn, const char* name, uintptr_t p, bool optional = false) {
 
 cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
-// resets: a uint8 [T, B] device buffer (nonzero: the row starts step t from zero state), or 0. The
-// earlier cooperative persistent kernels do not serve it; auto then runs the per-step kernels.
-void check_resets(const char* fn, uintptr_t resets, int variant) {
-  if (resets != 0 && variant == lstm::kPersistent) {
-    throw std::invalid_argument(std::string(fn) + ": the persistent variant does not serve resets (use step or auto)");
-  }
-}
-
-void check_variant(const char* fn, int variant) {
-  if (variant != lstm::kStep && variant != lstm::kPersistent && variant != lstm::kAuto) {
-    throw std::invalid_argument(std::string(fn) + ": unknown variant " + std::to_string(variant) +
-                                " (0 step, 1 persistent, 2 auto)");
-  }
-}
-
-int forward(int dtype, uintptr_t xg, uintptr_t w_hh, uintptr_t h0, uintptr_t c0, uintptr_t h_all, uintptr_t c_T,
-            uintptr_t act, uintptr_t c_all, uintptr_t c_work, int64_t T, int64_t B, int64_t H, uintptr_t stream,
-            int variant, bool mma, uintptr_t barrier_state, uintptr_t barrier_record,
-            int64_t barrier_timeout_ns, int64_t barrier_kernel, uintptr_t resets) {
-  const char* fn = "lstm_kernels._C.forward";
-  const lstm::BarrierWatch dbg = barrier_watch(fn, barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel);
+// The per-step kernels. resets: a uint8 [T, B] device buffer (nonzero: the row starts step t from
+// zero state), or 0.
+void step_forward(int dtype, uintptr_t xg, uintptr_t w_hh, uintptr_t h0, uintptr_t c0, uintptr_t h_all,
+                  uintptr_t c_T, uintptr_t act, uintptr_t c_all, uintptr_t c_work, int64_t T, int64_t B, int64_t H,
+                  uintptr_t stream, bool mma, uintptr_t resets) {
+  const char* fn = "lstm_kernels._C.step_forward";
   check_dtype(fn, dtype);
-  check_variant(fn, variant);
-  check_resets(fn, resets, variant);
   check_sizes(fn, T, B, H);
   if ((act == 0) != (c_all == 0)) throw std::invalid_argument(std::string(fn) + ": act and c_all go together");
   if (c_all == 0 && c_work == 0) throw std::invalid_argument(std::string(fn) + ": c_work is needed without c_all");
   lstm::Status st;
-  int used = -1;
   {
     py::gil_scoped_release nogil;
-    st = lstm::forward(dtype, ptr<const void>(fn, "xg", xg), ptr<const void>(fn, "w_hh", w_hh),
-                       ptr<const void>(fn, "h0", h0), ptr<const void>(fn, "c0", c0), ptr<void>(fn, "h_all", h_all),
-                       ptr<void>(fn, "c_T", c_T), ptr<float>(fn, "act", act, true),
-                       ptr<float>(fn, "c_all", c_all, true), ptr<float>(fn, "c_work", c_work, true), (int)T, (int)B,
-                       (int)H, variant, mma, &used, stream_of(stream), dbg,
-                       ptr<const unsigned char>(fn, "resets", resets, true));
+    st = lstm::step_forward(dtype, ptr<const void>(fn, "xg", xg), ptr<const void>(fn, "w_hh", w_hh),
+                            ptr<const void>(fn, "h0", h0), ptr<const void>(fn, "c0", c0),
+                            ptr<void>(fn, "h_all", h_all), ptr<void>(fn, "c_T", c_T),
+                            ptr<float>(fn, "act", act, true), ptr<float>(fn, "c_all", c_all, true),
+                            ptr<float>(fn, "c_work", c_work, true), (int)T, (int)B, (int)H, mma, stream_of(stream),
+                            ptr<const unsigned char>(fn, "resets", resets, true));
   }
   check_status(st);
-  return used;
 }
 
-int backward(int dtype, uintptr_t w_hh, uintptr_t c0, uintptr_t act, uintptr_t c_all, uintptr_t dh_all,
-             uintptr_t dh_T, uintptr_t dc_T, uintptr_t dG, uintptr_t dh0, uintptr_t dc0, uintptr_t dg_work,
-             uintptr_t dc_work, int64_t T, int64_t B, int64_t H, uintptr_t stream, int variant, bool mma,
-             uintptr_t barrier_state, uintptr_t barrier_record,
-            int64_t barrier_timeout_ns, int64_t barrier_kernel, uintptr_t resets) {
-  const char* fn = "lstm_kernels._C.backward";
-  const lstm::BarrierWatch dbg = barrier_watch(fn, barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel);
+void step_backward(int dtype, uintptr_t w_hh, uintptr_t c0, uintptr_t act, uintptr_t c_all, uintptr_t dh_all,
+                   uintptr_t dh_T, uintptr_t dc_T, uintptr_t dG, uintptr_t dh0, uintptr_t dc0, uintptr_t dg_work,
+                   uintptr_t dc_work, int64_t T, int64_t B, int64_t H, uintptr_t stream, bool mma,
+                   uintptr_t resets) {
+  const char* fn = "lstm_kernels._C.step_backward";
   check_dtype(fn, dtype);
-  check_variant(fn, variant);
-  check_resets(fn, resets, variant);
   check_sizes(fn, T, B, H);
   lstm::Status st;
-  int used = -1;
   {
     py::gil_scoped_release nogil;
-    st = lstm::backward(dtype, ptr<const void>(fn, "w_hh", w_hh), ptr<const void>(fn, "c0", c0),
-                        ptr<const float>(fn, "act", act), ptr<const float>(fn, "c_all", c_all),
-                        ptr<const void>(fn, "dh_all", dh_all), ptr<const void>(fn, "dh_T", dh_T),
-                        ptr<const void>(fn, "dc_T", dc_T), ptr<void>(fn, "dG", dG), ptr<void>(fn, "dh0", dh0),
-                        ptr<void>(fn, "dc0", dc0), ptr<float>(fn, "dg_work", dg_work),
-                        ptr<float>(fn, "dc_work", dc_work), (int)T, (int)B, (int)H, variant, mma, &used,
-                        stream_of(stream), dbg, ptr<const unsigned char>(fn, "resets", resets, true));
+    st = lstm::step_backward(dtype, ptr<const void>(fn, "w_hh", w_hh), ptr<const void>(fn, "c0", c0),
+                             ptr<const float>(fn, "act", act), ptr<const float>(fn, "c_all", c_all),
+                             ptr<const void>(fn, "dh_all", dh_all), ptr<const void>(fn, "dh_T", dh_T),
+                             ptr<const void>(fn, "dc_T", dc_T), ptr<void>(fn, "dG", dG), ptr<void>(fn, "dh0", dh0),
+                             ptr<void>(fn, "dc0", dc0), ptr<float>(fn, "dg_work", dg_work),
+                             ptr<float>(fn, "dc_work", dc_work), (int)T, (int)B, (int)H, mma, stream_of(stream),
+                             ptr<const unsigned char>(fn, "resets", resets, true));
   }
   check_status(st);
-  return used;
 }
 
 // A fused kernel's cudaError_t code as an exception (CooperativeLaunchRefused for a refused
@@ -253,25 +227,6 @@ py::dict fused_plan(const std::string& direction, int dtype, int64_t B, int64_t 
   return d;
 }
 
-py::dict occupancy(const std::string& direction, int dtype, int64_t H, bool mma) {
-  check_dtype("lstm_kernels._C.occupancy", dtype);
-  if (H < 1 || H > INT32_MAX / 64) throw std::invalid_argument("lstm_kernels._C.occupancy: bad H");
-  int blocks = 0, threads = 0;
-  lstm::PersistentPlan plan;
-  check_status(lstm::occupancy(direction.c_str(), dtype, (int)H, mma, &blocks, &threads, &plan));
-  py::dict d;
-  d["step_blocks_per_sm"] = blocks;
-  d["threads_per_block"] = threads;
-  d["persistent_possible"] = plan.possible;
-  d["persistent_why_not"] = plan.possible ? py::object(py::none()) : py::object(py::str(plan.why));
-  d["persistent_blocks"] = plan.blocks;
-  d["persistent_blocks_per_sm"] = plan.blocks_per_sm;
-  d["sm_count"] = plan.sm_count;
-  d["persistent_dynamic_smem"] = plan.dynamic_smem;
-  d["persistent_static_smem"] = plan.static_smem;
-  return d;
-}
-
 // (count, None) or (0, "why not"): never raises, so import-time probing is safe.
 py::tuple device_count() {
   int n = 0;
@@ -303,47 +258,7 @@ py::tuple runtime_status() {
   return py::make_tuple((int)err, msg, n, runtime, driver);
 }
 
-py::dict plan_cache_stats() {
-  long long planned = 0, hits = 0, size = 0;
-  lstm::plan_cache().stats(&planned, &hits, &size);
-  py::dict d;
-  d["planned"] = planned;
-  d["hits"] = hits;
-  d["size"] = size;
-  return d;
-}
-
-// The PlanCache class on its own (tests, no GPU): `threads` threads each look up every
-// key of `keys` (tuples (device, kernel id, blocks, dynamic smem)) in a fresh cache whose
-// planner counts its calls and fails for blocks < 0. -> (planned, hits, size).
-py::tuple plan_cache_probe(const std::vector<std::tuple<int, int64_t, int, int64_t>>& keys, int threads) {
-  if (threads < 1 || threads > 64) throw std::invalid_argument("threads must be in [1, 64]");
-  lstm::PlanCache cache;
-  {
-    py::gil_scoped_release nogil;
-    std::vector<std::thread> pool;
-    for (int w = 0; w < threads; ++w) {
-      pool.emplace_back([&cache, &keys] {
-        for (const auto& k : keys) {
-          const lstm::PlanCache::Key key{std::get<0>(k), reinterpret_cast<const void*>(std::get<1>(k)),
-                                         std::get<2>(k), (size_t)std::get<3>(k)};
-          lstm::PersistentPlan plan;
-          cache.get(key, &plan, [&](lstm::PersistentPlan* p) {
-            p->blocks = std::get<2>(k);
-            p->possible = true;
-            return std::get<2>(k) < 0 ? lstm::Status{cudaErrorInvalidValue, "probe"} : lstm::Status{};
-          });
-        }
-      });
-    }
-    for (auto& t : pool) t.join();
-  }
-  long long planned = 0, hits = 0, size = 0;
-  cache.stats(&planned, &hits, &size);
-  return py::make_tuple(planned, hits, size);
-}
-
-// Attributes the persistent/per-step decision needs, for one device.
+// Attributes the launch plans depend on, for one device.
 py::dict device_properties(int device) {
   py::dict d;
   int v = 0;
@@ -414,49 +329,41 @@ py::tuple cell_backward_host(F32 dh, F32 dc, F32 act, F32 c_prev, F32 c) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "Fused LSTM recurrence kernels (CUDA); pointers, sizes and streams as Python ints";
+  m.doc() = "LSTM recurrence kernels (CUDA): the fused kernels and the per-step fallback; pointers, sizes and"
+            " streams as Python ints";
   m.attr("DTYPE_FLOAT32") = (int)lstm::kFloat32;
   m.attr("DTYPE_FLOAT16") = (int)lstm::kFloat16;
   m.attr("DTYPE_BFLOAT16") = (int)lstm::kBFloat16;
-  m.attr("FUSED_FLOAT32") = (int)kFusedFloat32;  // the fused kernels' codes (fused_lstm.h)
+  m.attr("FUSED_FLOAT32") = (int)kFusedFloat32;  // the fused kernels' codes (fused/fused_lstm.h)
   m.attr("FUSED_FLOAT16") = (int)kFusedFloat16;
   m.attr("FUSED_BFLOAT16") = (int)kFusedBFloat16;
   m.attr("FUSED_TF32") = (int)kFusedTf32;
   m.attr("CUDA_RUNTIME_VERSION") = CUDART_VERSION;
-  m.attr("VARIANT_STEP") = (int)lstm::kStep;
-  m.attr("VARIANT_PERSISTENT") = (int)lstm::kPersistent;
-  m.attr("VARIANT_AUTO") = (int)lstm::kAuto;
   py::register_exception<CooperativeLaunchRefused>(m, "CooperativeLaunchRefused", PyExc_RuntimeError);
   {
     py::dict refusals;  // cudaError_t code -> name, of the errors raised as CooperativeLaunchRefused
     for (const cudaError_t e : lstm::kCooperativeRefusals) refusals[py::int_((int)e)] = cudaGetErrorName(e);
     m.attr("COOPERATIVE_REFUSALS") = refusals;
   }
-  m.def("forward", &forward,
-        "Forward recurrence; returns the variant that ran; mma: tensor cores; barrier_state (a zeroed int64 [2]"
-        " device buffer, or 0: grid.sync()), barrier_record (the device's int64 [4] error record),"
-        " barrier_timeout_ns (0: no bound) and barrier_kernel (its code in the record): the persistent"
-        " kernel's time-bounded grid barrier; see csrc/barrier_wait.cuh; resets: a uint8 [T, B] device"
-        " buffer or 0 (per-step kernel only: the persistent variant raises, auto runs per-step)",
-        py::arg("dtype"),
-        py::arg("xg"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"), py::arg("h_all"), py::arg("c_T"),
-        py::arg("act"), py::arg("c_all"), py::arg("c_work"), py::arg("T"), py::arg("B"), py::arg("H"),
-        py::arg("stream"), py::arg("variant") = (int)lstm::kStep, py::arg("mma") = false,
-        py::arg("barrier_state") = 0, py::arg("barrier_record") = 0,
-        py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0, py::arg("resets") = 0);
-  m.def("backward", &backward,
-        "Backward recurrence; returns the variant that ran; mma: tf32 tensor cores; barrier_*:"
-        " as for forward; resets: as for forward; see csrc/lstm_cuda.h",
+  m.def("step_forward", &step_forward,
+        "Forward recurrence by the per-step kernels (csrc/step/step_kernels.h), one launch per step; mma: the"
+        " matmul on tensor cores (wmma), else fp32 FMA; resets: a uint8 [T, B] device buffer or 0",
+        py::arg("dtype"), py::arg("xg"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"), py::arg("h_all"),
+        py::arg("c_T"), py::arg("act"), py::arg("c_all"), py::arg("c_work"), py::arg("T"), py::arg("B"),
+        py::arg("H"), py::arg("stream"), py::arg("mma") = false, py::arg("resets") = 0);
+  m.def("step_backward", &step_backward,
+        "Backward recurrence by the per-step kernels, one launch per step and one for dh0; mma: tf32 tensor"
+        " cores; resets: as for step_forward; see csrc/step/step_kernels.h",
         py::arg("dtype"), py::arg("w_hh"), py::arg("c0"), py::arg("act"), py::arg("c_all"), py::arg("dh_all"),
         py::arg("dh_T"), py::arg("dc_T"), py::arg("dG"), py::arg("dh0"), py::arg("dc0"), py::arg("dg_work"),
-        py::arg("dc_work"), py::arg("T"), py::arg("B"), py::arg("H"), py::arg("stream"),
-        py::arg("variant") = (int)lstm::kStep, py::arg("mma") = false, py::arg("barrier_state") = 0,
-        py::arg("barrier_record") = 0, py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0,
+        py::arg("dc_work"), py::arg("T"), py::arg("B"), py::arg("H"), py::arg("stream"), py::arg("mma") = false,
         py::arg("resets") = 0);
   m.def("fused_forward", &fused_forward,
-        "Fused forward at the budget of one step (dtype: a FusedOp code; csrc/fused_lstm.h); persistent: one cooperative launch,"
-        " else one launch per half-step; barrier_*: the time bound of the grid wait (as for forward); resets:"
-        " a uint8 [T, B] device buffer or 0",
+        "Fused forward at the budget of one step (dtype: a FusedOp code; csrc/fused/fused_lstm.h); persistent:"
+        " one cooperative launch, else one launch per half-step; barrier_state (a zeroed int64 [2] device"
+        " buffer, or 0: no bound), barrier_record (the device's int64 [4] error record), barrier_timeout_ns (0:"
+        " no bound) and barrier_kernel (its code in the record): the time bound of the grid wait, see"
+        " csrc/fused/barrier_wait.cuh; resets: a uint8 [T, B] device buffer or 0",
         py::arg("dtype"), py::arg("xg"), py::arg("w_fwd"), py::arg("w_hr"), py::arg("c0"), py::arg("c_work"),
         py::arg("hx"), py::arg("mx"), py::arg("h_all"), py::arg("h_T"), py::arg("c_T"), py::arg("act"),
         py::arg("c_all"), py::arg("batch_sizes"), py::arg("counters"), py::arg("T"), py::arg("B"), py::arg("H"),
@@ -465,7 +372,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("resets") = 0);
   m.def("fused_backward", &fused_backward,
         "Fused backward at the budget of one step (dtype: a FusedOp code, dG exchanged in the storage dtype;"
-        " csrc/fused_lstm.h; resets: as for fused_forward)",
+        " csrc/fused/fused_lstm.h; barrier_*, resets: as for fused_forward)",
         py::arg("dtype"), py::arg("w_bwd"), py::arg("w_hrT"), py::arg("act"), py::arg("c_all"), py::arg("c0"),
         py::arg("dh_all"), py::arg("dh_T"), py::arg("dc_T"), py::arg("dc_work"), py::arg("dgx"), py::arg("dhx"),
         py::arg("dG"), py::arg("dh0"), py::arg("dc0"), py::arg("dh_tot"), py::arg("batch_sizes"),
@@ -479,20 +386,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("runtime_status", &runtime_status,
         "(error code, 'name: description' or None, device count, runtime version, driver version) of the"
         " extension's own CUDA runtime (cudaGetDeviceCount, cudaRuntimeGetVersion, cudaDriverGetVersion)");
-  m.def("plan_cache_stats", &plan_cache_stats,
-        "{'planned': plans computed, 'hits': plans served from the cache, 'size': plans kept}");
-  m.def("clear_plan_cache", [] { lstm::plan_cache().clear(); }, "Forget the cached persistent plans (and counters)");
-  m.def("plan_cache_probe", &plan_cache_probe,
-        "The plan cache with a counting fake planner (tests): -> (planned, hits, size)", py::arg("keys"),
-        py::arg("threads") = 1);
-  m.def("occupancy", &occupancy,
-        "Occupancy of the per-step kernel and the persistent plan (co-residency, shared memory) for hidden size H",
-        py::arg("direction"), py::arg("dtype"), py::arg("H"), py::arg("mma") = false);
   m.def("device_count", &device_count, "(number of CUDA devices, None) or (0, reason)");
   m.def("device_properties", &device_properties, "SM count, cooperative launch, shared memory of a device",
         py::arg("device"));
-  m.def("cell_forward_host", &cell_forward_host, "cell.cuh forward on the host (tests)", py::arg("pre"),
+  m.def("cell_forward_host", &cell_forward_host, "common/cell.cuh forward on the host (tests)", py::arg("pre"),
         py::arg("c_prev"));
-  m.def("cell_backward_host", &cell_backward_host, "cell.cuh backward on the host (tests)", py::arg("dh"),
+  m.def("cell_backward_host", &cell_backward_host, "common/cell.cuh backward on the host (tests)", py::arg("dh"),
         py::arg("dc"), py::arg("act"), py::arg("c_prev"), py::arg("c"));
 }

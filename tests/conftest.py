@@ -63,7 +63,7 @@ def no_tf32(set_tf32):
 
 @pytest.fixture(scope="session")
 def plan_dump(tmp_path_factory):
-    """tests/cuda_host/plan_dump.cpp compiled over csrc/fused_plan.cuh: ``plan_dump(B, H, elem=2, P=None)``
+    """tests/cuda_host/plan_dump.cpp compiled over csrc/fused/fused_plan.cuh: ``plan_dump(B, H, elem=2, P=None)``
     gives the fused kernels' plan and index arithmetic as a dict (see tests/plan_dump.py)."""
     from plan_dump import compile_plan_dump
 

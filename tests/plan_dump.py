@@ -1,4 +1,4 @@
-"""The host program tests/cuda_host/plan_dump.cpp, compiled over csrc/fused_plan.cuh (or over a
+"""The host program tests/cuda_host/plan_dump.cpp, compiled over csrc/fused/fused_plan.cuh (or over a
 changed copy of it, for a mutant): the fused kernels' plan and index arithmetic as JSON."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def compile_plan_dump(out_dir: Path, include_dir: Path = ROOT / "csrc") -> Optional[Callable[..., dict]]:
-    """``run(B, H, elem=2, P=None) -> dict``, or None without a host C++ compiler."""
+    """``run(B, H, elem=2, P=None) -> dict``, or None without a host C++ compiler. ``include_dir``: the csrc/
+    directory (a mutant's copy holds its header at ``include_dir / "fused" / "fused_plan.cuh"``)."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         return None

@@ -5,14 +5,14 @@ with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own allocation
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tests/sanitize_cuda.py
     python tests/sanitize_cuda.py --backend cuda      # one backend only (default: cuda and triton)
 
-Backends and variants: ``cuda`` fused (the default: the fused kernels of csrc/fused_*.cu,
-persistent where their grid is co-resident; float32 both at fp32 accuracy and on tf32), step
-and persistent (csrc/lstm_*.cu), the last two with both matmuls (tensor cores, FMA);
-``triton`` step and persistent. Shapes cover tails in every tile dimension (H and B not
+Backends and variants: ``cuda`` fused (the default: the fused kernels of csrc/fused/,
+persistent where their grid is co-resident; float32 both at fp32 accuracy and on tf32), persistent
+(the fused kernels' persistent launch only) and step (the per-step kernels of csrc/step/, with both
+matmuls: tensor cores, FMA); ``triton`` step and persistent. Shapes cover tails in every tile dimension (H and B not
 multiples of 16, 4H not of 32), T = 1, every dtype; for ``cuda`` fused and step, projected
 (proj_size) and variable-length (batch_sizes) calls too, which only the fused kernels serve
-(``step``: one launch per half-step). A persistent case whose plan says it cannot run here is
-reported and skipped, not counted as a failure.
+(``step``: one launch per half-step). A persistent case the fused kernels cannot run here (their
+plan, or what they serve) is reported and skipped, not counted as a failure.
 Exits non-zero if a backend that was asked for is unavailable, a call raises, or a
 result is non-finite.
 """
@@ -44,10 +44,9 @@ def configurations(backend: str):
     if backend == "cuda":
         for tf32 in (False, True):
             yield f"cuda/fused/{'tf32' if tf32 else 'fp32'}", {CUDA_MMA_ENV: "1", CUDA_VARIANT_ENV: "fused"}, tf32
+        yield "cuda/persistent", {CUDA_MMA_ENV: "1", CUDA_VARIANT_ENV: "persistent"}, True
         for mma in ("1", "0"):
-            for variant in ("step", "persistent"):
-                yield (f"cuda/{variant}/{'mma' if mma == '1' else 'fma'}", {CUDA_MMA_ENV: mma, CUDA_VARIANT_ENV: variant},
-                       True)
+            yield f"cuda/step/{'mma' if mma == '1' else 'fma'}", {CUDA_MMA_ENV: mma, CUDA_VARIANT_ENV: "step"}, True
     else:
         for variant in ("step", "persistent"):
             yield f"triton/{variant}", {TRITON_VARIANT_ENV: variant}, True
@@ -80,26 +79,30 @@ def main(argv=None) -> int:
     return 1 if bad else 0
 
 
-def persistent_impossible(label: str, dtype, H: int) -> str | None:
-    """Why the cuda persistent kernels cannot run this case here (their plan), or None."""
-    if not label.startswith("cuda/persistent"):  # the fused kernels fall back per step themselves
+def persistent_impossible(label: str, dtype, B: int, H: int, P, varlen: bool) -> str | None:
+    """Why the fused kernels' persistent launch cannot run this case here, or None (only for
+    cuda/persistent: the other variants fall back themselves)."""
+    if not label.startswith("cuda/persistent"):
         return None
-    from lstm_kernels import _C
+    from lstm_kernels.backends import RecurrenceCall
     from lstm_kernels.backends import cuda as cuda_backend
 
-    code = {torch.float32: _C.DTYPE_FLOAT32, torch.float16: _C.DTYPE_FLOAT16, torch.bfloat16: _C.DTYPE_BFLOAT16}
-    mma = cuda_backend.use_tensor_cores(dtype)
+    call = RecurrenceCall(seq_len=1, batch=B, hidden_size=H, state_size=P or H, dtype=dtype,
+                          device=torch.device("cuda"), has_projection=P is not None, variable_lengths=varlen,
+                          needs_grad=True)
+    why = cuda_backend.fused_unserved_reason(call)
+    if why is not None:
+        return why
     for direction in ("forward", "backward"):
-        plan = _C.occupancy(direction, code[dtype], H, mma)
-        if not plan["persistent_possible"]:
-            return f"{direction}: {plan['persistent_why_not']}"
+        if not cuda_backend.fused_persistent_possible(call.device, direction, dtype, B, H, P or H):
+            return f"{direction}: the fused grid is not co-resident here"
     return None
 
 
 def _cases(label):
     """(T, B, H, P, variable lengths) of ``label``'s runs."""
     cases = [(T, B, H, None, False) for T, B, H in SHAPES]
-    if label.startswith(("cuda/fused", "cuda/step")):
+    if label.startswith(("cuda/fused", "cuda/persistent", "cuda/step")):
         cases += CONTRACT_SHAPES
     return cases
 
@@ -109,7 +112,7 @@ def run_all(backend, label) -> int:
     for dtype in DTYPES:
         for T, B, H, P, varlen in _cases(label):
             case = f"{label:22s} {str(dtype):15s} T={T} B={B} H={H} P={P} varlen={varlen}"
-            why = persistent_impossible(label, dtype, H)
+            why = persistent_impossible(label, dtype, B, H, P, varlen)
             if why is not None:
                 print(f"{case}: skipped ({why})")
                 continue

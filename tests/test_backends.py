@@ -92,9 +92,9 @@ def test_triton_refuses_calls_whose_offsets_pass_int32():
     elements is refused with the reason, not served with wrapped offsets (no allocation needed)."""
     triton_backend = pytest.importorskip("lstm_kernels.backends.triton")
     backend = triton_backend.TritonBackend()
-    from lstm_kernels.backends import triton_kernels
+    from lstm_kernels.backends.triton.config import interpreting
 
-    if triton_kernels.interpreting():
+    if interpreting():
         pytest.skip("under the interpreter CUDA calls are not served at all")
 
     def call(T, B, H):

@@ -122,14 +122,14 @@ def test_bounded_barriers_check_at_once(records):
 def test_nothing_is_copied_or_queried_under_graph_capture(records, monkeypatch):
     dev = torch.device("cpu")
     record = barrier_bound.device_record(dev)
-    _give_up(record, "cuda forward (persistent)", 2, 1)
+    _give_up(record, "cuda fused forward (persistent)", 2, 1)
     monkeypatch.setattr(barrier_bound, "_capturing", lambda device: True)
     barrier_bound.after_launch(dev, record)
     assert records == [] and barrier_bound._PENDING == {}
     barrier_bound._PENDING[dev] = [barrier_bound._Copy(_Event(), record.clone())]
     barrier_bound.raise_if_gave_up(dev)  # not under capture
     monkeypatch.setattr(barrier_bound, "_capturing", lambda device: False)
-    with pytest.raises(RuntimeError, match=r"cuda forward \(persistent\)"):  # the sticky record: the next eager look
+    with pytest.raises(RuntimeError, match=r"cuda fused forward \(persistent\)"):  # the sticky record: the next eager look
         barrier_bound.raise_if_gave_up(dev)
 
 

@@ -1,4 +1,4 @@
-"""csrc/barrier_wait.cuh's give-up logic (barrier_gives_up, the time bound of every CUDA grid-barrier
+"""csrc/fused/barrier_wait.cuh's give-up logic (barrier_gives_up, the time bound of every CUDA grid-barrier
 wait) compiled for the host with g++ (tests/cuda_host/barrier_wait_check.cpp), with a fake clock
 that the check advances, and the header's count of clock reads. Proven on the CPU:
 
@@ -14,7 +14,7 @@ that the check advances, and the header's count of clock reads. Proven on the CP
 - on threads (blocks) sharing one arrival counter: a working barrier passes every generation with
   no give-up; one that can never open ends in every block, with one record naming one block.
 
-Not proven here: the GPU's own loop (grid_wait's vote and sleep, bounded_grid_sync), the memory
+Not proven here: the GPU's own loop (fused_common.cuh's grid_wait: its vote and sleep), the memory
 model of the device atomics, or %globaltimer (tests/test_barrier_wait_sass.py checks the compiled
 loop; the GPU tests run it). test_each_check_catches_its_mutant shows each of these checks fails on
 a header with the matching bug.
@@ -31,7 +31,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CXX = shutil.which("g++") or shutil.which("c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a host C++ compiler")
-HEADER = ROOT / "csrc" / "barrier_wait.cuh"
+HEADER = ROOT / "csrc" / "fused" / "barrier_wait.cuh"
 
 
 def run_check(out_dir: Path, include_dir: Path = ROOT / "csrc") -> dict:
@@ -88,7 +88,7 @@ def test_barrier_wait_gives_up_as_designed(tmp_path):
     assert failures(r) == [], json.dumps(r, indent=1)
 
 
-#: (name, text in csrc/barrier_wait.cuh, its replacement): a bug each, and what must catch it.
+#: (name, text in csrc/fused/barrier_wait.cuh, its replacement): a bug each, and what must catch it.
 MUTANTS = [
     ("clock read first", "  if (w.state == nullptr) return false;\n",
      "  (void)now_ns();\n  if (w.state == nullptr) return false;\n"),
@@ -105,6 +105,6 @@ def test_each_check_catches_its_mutant(tmp_path, name, old, new):
     text = HEADER.read_text()
     assert text.count(old) == 1, f"mutant {name!r}: its text is no longer in {HEADER.name}; update MUTANTS"
     include = tmp_path / "csrc"
-    include.mkdir()
-    (include / HEADER.name).write_text(text.replace(old, new))
+    (include / "fused").mkdir(parents=True)
+    (include / "fused" / HEADER.name).write_text(text.replace(old, new))
     assert failures(run_check(tmp_path, include)), f"mutant {name!r} passes every check"

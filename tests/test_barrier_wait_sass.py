@@ -1,5 +1,5 @@
-"""Where the fused kernels read the GPU clock, in their compiled code (csrc/fused_forward.cu,
-csrc/fused_backward.cu, every instance, sm_80 and sm_90, nvcc -O3, cuobjdump -sass; no GPU needed).
+"""Where the fused kernels read the GPU clock, in their compiled code (csrc/fused/fused_forward.cu,
+csrc/fused/fused_backward.cu, every instance, sm_80 and sm_90, nvcc -O3, cuobjdump -sass; no GPU needed).
 
 The grid wait (fused_common.cuh's grid_wait) polls its counter with an acquire load, votes across
 the warp (VOTE.ALL) and branches; only after a closed poll does it call barrier_gives_up
@@ -23,8 +23,7 @@ So a wait whose first poll finds the barrier open executes no clock read, and no
 barrier_gives_up's memory traffic, until the next wait's poll. Not proven: which way the vote's
 predicate goes at run time (the retry side is told apart structurally: it loops back to the poll
 without the step's MMA work), the cost of the open path's remaining instructions (the branch, the
-register moves that set up ``since``, any register pressure the slow path adds), or the earlier
-persistent kernels (persistent.cuh's bounded_grid_sync, not checked here).
+register moves that set up ``since``, any register pressure the slow path adds).
 test_the_check_catches_a_clock_on_the_fast_path compiles the forward with a clock read moved to
 the top of every wait, and with barrier_gives_up asked before the vote, and shows the check fails.
 """
@@ -182,7 +181,7 @@ def compile_sass(src: Path, arch: str, out: Path, include: Path = ROOT / "csrc")
 @pytest.fixture(scope="module")
 def sass(tmp_path_factory):
     out = tmp_path_factory.mktemp("barrier_sass")
-    return {(arch, src): compile_sass(ROOT / "csrc" / f"{src}.cu", arch, out)
+    return {(arch, src): compile_sass(ROOT / "csrc" / "fused" / f"{src}.cu", arch, out)
             for arch in ARCHS for src in ("fused_forward", "fused_backward")}
 
 
@@ -212,10 +211,10 @@ MUTANTS = [
 def test_the_check_catches_a_clock_on_the_fast_path(tmp_path, name, old, new):
     include = tmp_path / "csrc"
     shutil.copytree(ROOT / "csrc", include)
-    header = include / "fused_common.cuh"
+    header = include / "fused" / "fused_common.cuh"
     text = header.read_text()
     assert text.count(old) == 1, f"mutant {name!r}: its text is no longer in fused_common.cuh; update MUTANTS"
     header.write_text(text.replace(old, new))
-    funcs = compile_sass(include / "fused_forward.cu", "sm_90", tmp_path, include)
+    funcs = compile_sass(include / "fused" / "fused_forward.cu", "sm_90", tmp_path, include)
     bad = [v for n, instrs in funcs.items() if "kernel" in n for v in fast_path_violations(n, instrs)]
     assert bad, f"mutant {name!r} passes the check"

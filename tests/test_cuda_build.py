@@ -1,4 +1,4 @@
-"""The CUDA extension without a GPU: it imports, its host-side cell math (csrc/cell.cuh,
+"""The CUDA extension without a GPU: it imports, its host-side cell math (csrc/common/cell.cuh,
 the same functions the kernels run) matches the reference, and the backend says why it
 is unavailable. Skips when ``lstm_kernels._C`` is not built (no nvcc)."""
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch
 
 from lstm_kernels.backends import RecurrenceCall, get_backend, unavailable_backends
 from lstm_kernels.backends import cuda as cuda_backend
+from lstm_kernels.backends.cuda import extension as cuda_ext
 from lstm_kernels.backends.reference import ReferenceBackend
 
 try:
@@ -153,17 +154,15 @@ def test_host_cell_rejects_bad_shapes():
 def test_argument_checks_raise_value_errors():
     args = dict(dtype=0, xg=8, w_hh=8, h0=8, c0=8, h_all=8, c_T=8, act=8, c_all=8, c_work=0, T=1, B=1, H=1, stream=0)
     with pytest.raises(ValueError, match="dtype code"):
-        _C.forward(**{**args, "dtype": 7})
+        _C.step_forward(**{**args, "dtype": 7})
     with pytest.raises(ValueError, match="T, B and H"):
-        _C.forward(**{**args, "T": 0})
+        _C.step_forward(**{**args, "T": 0})
     with pytest.raises(ValueError, match="null pointer for w_hh"):
-        _C.forward(**{**args, "w_hh": 0})
+        _C.step_forward(**{**args, "w_hh": 0})
     with pytest.raises(ValueError, match="act and c_all"):
-        _C.forward(**{**args, "act": 0})
-    with pytest.raises(ValueError, match="unknown variant"):
-        _C.forward(**{**args, "variant": 5})
+        _C.step_forward(**{**args, "act": 0})
     with pytest.raises(ValueError, match="unknown kernel direction"):
-        _C.occupancy("nope", 0, 16)
+        _C.fused_plan("nope", 1, 16, 16, 16)
 
 
 @needs_ext
@@ -173,13 +172,13 @@ def test_launch_without_gpu_raises_naming_the_kernel():
         pytest.skip("a CUDA device is visible to the runtime")
     # Non-null fake pointers: the launch fails before any memory is touched.
     with pytest.raises(RuntimeError, match="forward_step_kernel failed: "):
-        _C.forward(0, 8, 8, 8, 8, 8, 8, 0, 0, 8, 2, 1, 1, 0)
+        _C.step_forward(0, 8, 8, 8, 8, 8, 8, 0, 0, 8, 2, 1, 1, 0)
     with pytest.raises(RuntimeError, match="backward_step_kernel failed: "):
-        _C.backward(0, *([8] * 12), 2, 1, 1, 0)
-    with pytest.raises(RuntimeError, match="cudaOccupancyMaxActiveBlocksPerMultiprocessor"):
-        _C.occupancy("forward", 0, 16)
-    with pytest.raises(RuntimeError, match="persistent_kernel"):
-        _C.forward(0, 8, 8, 8, 8, 8, 8, 0, 0, 8, 2, 1, 1, 0, _C.VARIANT_PERSISTENT)
+        _C.step_backward(0, *([8] * 12), 2, 1, 1, 0)
+    with pytest.raises(RuntimeError, match="fused plan"):
+        _C.fused_plan("forward", 1, 16, 16, 16)
+    with pytest.raises(RuntimeError, match=r"fused_forward_kernel \(cooperative launch\)"):
+        _C.fused_forward(1, 8, 8, 0, *([8] * 11), 2, 1, 16, 16, 1, 0)
 
 
 @no_gpu
@@ -201,10 +200,10 @@ def test_variant_env(monkeypatch):
 
 
 def test_backend_reason_when_extension_missing(monkeypatch):
-    monkeypatch.setattr(cuda_backend, "_C", None)
-    monkeypatch.setattr(cuda_backend, "build_info", lambda: None)
+    monkeypatch.setattr(cuda_ext, "_C", None)
+    monkeypatch.setattr(cuda_ext, "build_info", lambda: None)
     assert get_backend("cuda").unavailable_reason() == cuda_backend.NOT_BUILT
-    monkeypatch.setattr(cuda_backend, "build_info", lambda: {"cuda_extension": False, "reason": "no nvcc"})
+    monkeypatch.setattr(cuda_ext, "build_info", lambda: {"cuda_extension": False, "reason": "no nvcc"})
     assert get_backend("cuda").unavailable_reason() == cuda_backend.NOT_BUILT + "; the build says: no nvcc"
 
 
@@ -281,10 +280,10 @@ def test_extension_kernels_are_built_for_sm80_and_sm90_without_spills():
     usage = subprocess.run([tool, "-res-usage", so], capture_output=True, text=True, check=True).stdout
     kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage)
     names = {name for name, _, _ in kernels}
-    # one instance per dtype and tensor-core switch; the per-step kernels also per resets switch (the
-    # persistent ones do not serve resets)
-    for stem, count in (("forward_step_kernel", 12), ("forward_persistent_kernel", 6), ("backward_step_kernel", 12),
-                        ("backward_persistent_kernel", 6)):
+    # the per-step kernels: one instance per dtype, tensor-core switch and resets switch; the fused kernels:
+    # one per Op (4), projection and resets switch; the retired cooperative kernels are gone
+    for stem, count in (("forward_step_kernel", 12), ("backward_step_kernel", 12), ("fused_forward_kernel", 16),
+                        ("fused_backward_kernel", 16), ("persistent_kernel", 0)):
         assert sum(stem in n for n in names) == count, f"{stem}: expected {count} instances in {sorted(names)}"
     spilling = [(name, local) for name, _, local in kernels if int(local) != 0]
     assert not spilling, f"kernels spilling to local memory: {spilling}"
@@ -308,8 +307,7 @@ def test_tensor_core_instances_use_tensor_cores():
             hmma[name] = hmma.get(name, 0) + block.count("HMMA")
     # mangled template arguments: 13__nv_bfloat16 / 6__half / f, then Lb1 (tensor cores) or Lb0
     for dtype_tag in ("13__nv_bfloat16", "6__half", "f"):
-        for kind in ("forward_step_kernel", "forward_persistent_kernel", "backward_step_kernel",
-                     "backward_persistent_kernel"):
+        for kind in ("forward_step_kernel", "backward_step_kernel"):
             mma = [n for n in hmma if kind in n and f"I{dtype_tag}Lb1E" in n]
             fma = [n for n in hmma if kind in n and f"I{dtype_tag}Lb0E" in n]
             assert mma and fma, f"{kind} {dtype_tag}: instances not found in {sorted(hmma)}"
@@ -340,10 +338,9 @@ def test_tensor_cores_for_float32_follow_torch_tf32_flag(monkeypatch, set_tf32):
 
 
 @needs_ext
-def test_persistent_kernels_carry_the_bounded_debug_barrier_on_every_architecture():
-    """The debug grid barrier (bounded_grid_sync in persistent.cuh, LSTM_KERNELS_BARRIER_TIMEOUT) is
-    compiled into every persistent kernel for sm_80 and sm_90 (its poll sleeps: NANOSLEEP), and into
-    no per-step kernel."""
+def test_only_the_fused_kernels_carry_a_grid_barrier_on_every_architecture():
+    """The time-bounded grid barrier (fused_common.cuh's grid_wait, LSTM_KERNELS_BARRIER_TIMEOUT) is compiled
+    into every fused kernel for sm_80 and sm_90 (its poll sleeps: NANOSLEEP), and into no per-step kernel."""
     import re
     import subprocess
 
@@ -358,12 +355,12 @@ def test_persistent_kernels_carry_the_bounded_debug_barrier_on_every_architectur
             continue
         for block in re.split(r"\n\s*Function : ", section)[1:]:
             name = block.split("\n", 1)[0].strip()
-            # lstm::{forward,backward}_{persistent,step}_kernel<T, MMA> (lstm_forward.cu, lstm_backward.cu)
-            if re.match(r"_ZN4lstm\d+(forward|backward)_(persistent|step)_kernel", name):
+            if "_kernel" in name:
                 sleeps[(arch.group(1), name)] = block.count("NANOSLEEP")
     for arch in ("sm_80", "sm_90"):
-        persistent = [n for (a, n) in sleeps if a == arch and "persistent_kernel" in n]
-        step = [n for (a, n) in sleeps if a == arch and "step_kernel" in n]
-        assert len(persistent) == 12 and len(step) == 24, (arch, sorted(n for a, n in sleeps if a == arch))
-        assert all(sleeps[(arch, n)] > 0 for n in persistent), f"{arch}: a persistent kernel lacks the debug barrier"
+        fused = [n for (a, n) in sleeps if a == arch and re.search(r"fused_(forward|backward)_kernel", n)]
+        step = [n for (a, n) in sleeps if a == arch and re.search(r"(forward|backward)_step_kernel", n)]
+        assert len(fused) == 32 and len(step) == 24 and len(fused) + len(step) == sum(a == arch for a, _ in sleeps), (
+            arch, sorted(n for a, n in sleeps if a == arch))
+        assert all(sleeps[(arch, n)] > 0 for n in fused), f"{arch}: a fused kernel lacks the bounded grid barrier"
         assert all(sleeps[(arch, n)] == 0 for n in step), f"{arch}: a per-step kernel holds a grid barrier"

@@ -7,13 +7,18 @@ max(REL_TOL[dtype], 2 x the error of the reference backend itself run in that dt
 and no single element is off by more than ELEMENT_FACTOR times that, relative to the
 largest reference magnitude (tests/utils.py: one wrong edge tile cannot hide in the norm).
 
-Inter-block races of the persistent kernels (racecheck sees only shared memory) are
-looked for by comparing them bit for bit with the per-step kernels, at every shape of
-this file and at the flagship shape, several times (test_variants_agree_bitwise).
+Variants (LSTM_KERNELS_CUDA_VARIANT): ``fused`` (the default: the fused kernels of csrc/fused/,
+persistent where their grid is co-resident, else one launch per step; the per-step kernels of
+csrc/step/ where the fused ones cannot serve), ``step`` (the per-step kernels) and ``persistent``
+(the fused kernels' persistent launch only; skipped where it cannot run here).
+
+Inter-block races of the fused kernels' persistent launch (racecheck sees only shared memory) are
+looked for by comparing it bit for bit with the same kernels launched once per step, at every
+shape of this file and at the flagship shape, several times (test_launch_modes_agree_bitwise).
 Every test has a per-test timeout (tests/conftest.py); the time-bounded grid barrier
 (LSTM_KERNELS_BARRIER_TIMEOUT, seconds; lstm_kernels/backends/barrier_bound.py) is tested to give
-the same bits as grid.sync(), and to report a barrier that never opens (an injected arrival
-counter one short) at the next call on the device, or at once under bounded_barriers.
+the same bits as no bound, and to report a barrier that never opens (injected arrival counters that
+never reach their targets) at the next call on the device, or at once under bounded_barriers.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ import torch
 
 from lstm_kernels.backends import RecurrenceCall, RecurrenceInputs, barrier_bound, get_backend
 from lstm_kernels.backends import cuda as cuda_backend
+from lstm_kernels.backends.cuda import extension as cuda_ext
+from lstm_kernels.backends.cuda import fused as cuda_fused
 from lstm_kernels.function import lstm_layer
 from utils import REL_TOL, assert_rel_close, rel_error
 
@@ -39,7 +46,8 @@ pytestmark = [
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-#: "fused": the default (csrc/fused_*.cu where they serve the call); "step" / "persistent": the earlier kernels.
+#: "fused": the default (csrc/fused/ where they serve the call); "step": the per-step kernels of csrc/step/;
+#: "persistent": the fused kernels' persistent launch only.
 VARIANTS = ["fused", "step", "persistent"]
 # (T, B, H): T = 1, B = 1, H not a multiple of the 16-unit tile (13, 100, 1000), B not a
 # multiple of the 16-row tile (3, 17), the largest batch (256), a long sequence (2048).
@@ -55,15 +63,27 @@ SHAPES = {
 }
 
 
-def use_variant(monkeypatch, variant, dtype, H, mma=False):
-    """Select the kernel variant; skip a persistent case whose plan (for the tensor-core or the
-    FMA kernels) says it cannot run here."""
+def _call(T, B, H, dtype):
+    return RecurrenceCall(seq_len=T, batch=B, hidden_size=H, state_size=H, dtype=dtype, device=torch.device("cuda"),
+                          has_projection=False, variable_lengths=False, needs_grad=True)
+
+
+def skip_unless_persistent(dtype, B, H):
+    """Skip where the fused kernels cannot serve (B, H, dtype) here (with the tensor-core switch and torch's
+    TF32 flag as set), or their grid is not co-resident."""
+    why = cuda_backend.fused_unserved_reason(_call(1, B, H, dtype))
+    if why is not None:
+        pytest.skip(f"the fused kernels do not serve B={B} H={H} {dtype} here: {why}")
+    for direction in ("forward", "backward"):
+        if not cuda_backend.fused_persistent_possible(torch.device("cuda"), direction, dtype, B, H, H):
+            pytest.skip(f"the fused {direction} grid for B={B} H={H} {dtype} is not co-resident here")
+
+
+def use_variant(monkeypatch, variant, dtype, H, B=None):
+    """Select the kernel variant; skip a persistent case that cannot run here (B: every batch size of the
+    test; None skips only on what the fused kernels cannot serve)."""
     if variant == "persistent":
-        code = {torch.float32: _C.DTYPE_FLOAT32, torch.float16: _C.DTYPE_FLOAT16, torch.bfloat16: _C.DTYPE_BFLOAT16}
-        for direction in ("forward", "backward"):
-            plan = _C.occupancy(direction, code[dtype], H, mma)
-            if not plan["persistent_possible"]:
-                pytest.skip(f"persistent {direction} not possible for H={H} {dtype}: {plan['persistent_why_not']}")
+        skip_unless_persistent(dtype, B or 1, H)
     monkeypatch.setenv(cuda_backend.VARIANT_ENV, variant)
 
 
@@ -73,14 +93,16 @@ def check_variant_ran(variant, T=None, B=None, H=None, dtype=None):
     backend = get_backend("cuda")
     ran = [(backend.last_forward_kernel, backend.last_forward_variant),
            (backend.last_backward_kernel, backend.last_backward_variant)]
-    if variant != "fused":
-        assert [v for _, v in ran] == [variant, variant], ran
+    if variant == "step":
+        assert [v for _, v in ran] == ["step", "step"], ran
         assert all(k != "fused" for k, _ in ran), ran
         return
-    call = RecurrenceCall(seq_len=T, batch=B, hidden_size=H, state_size=H, dtype=dtype, device=torch.device("cuda"),
-                          has_projection=False, variable_lengths=False, needs_grad=True)
+    if variant == "persistent":
+        assert ran == [("fused", "persistent")] * 2, ran
+        return
+    call = _call(T, B, H, dtype)
     for (kernel, ran_variant), direction in zip(ran, ("forward", "backward")):
-        mode = cuda_backend._fused_mode(call, direction)
+        mode = cuda_fused.fused_mode(call, direction)
         expected = ("fused", "persistent" if mode else "step") if mode is not None else (kernel, "step")
         assert (kernel, ran_variant) == expected, (direction, ran, expected)
         assert (kernel == "fused") == (mode is not None), (direction, kernel)
@@ -141,7 +163,7 @@ def test_layer_matches_reference(shape, dt, matmul, variant, monkeypatch):
     T, B, H = SHAPES[shape]
     dtype = DTYPES[dt]
     tol_key = use_matmul(monkeypatch, matmul)
-    use_variant(monkeypatch, variant, dtype, H, mma=matmul != "fma")
+    use_variant(monkeypatch, variant, dtype, H, B)
     inputs, cot = make_case(T, B, H, dtype)
     got = run_layer(inputs, cot, "cuda")
     check_variant_ran(variant, T, B, H, dtype)
@@ -155,7 +177,7 @@ FLAGSHIP = {"T1024_B16_H768": (1024, 16, 768)}
 BITWISE_SHAPES = {**SHAPES, "T40_B37_H100": (40, 37, 100), **FLAGSHIP}
 BITWISE_CASES = [
     (shape, dt, matmul) for shape in BITWISE_SHAPES for dt, matmul in MATMULS
-    if shape not in FLAGSHIP or dt in ("fp16", "bf16")
+    if matmul != "fma" and (shape not in FLAGSHIP or dt in ("fp16", "bf16"))  # fma: the fused kernels do not run
 ]
 #: Persistent runs compared with one per-step run: a race between blocks need not show every time.
 REPEATS = 3
@@ -174,37 +196,46 @@ def assert_bitwise(got, want, what):
             )
 
 
+def per_step_launches(monkeypatch):
+    """The fused kernels one launch per step (as where their grid is not co-resident): their plan says so."""
+    monkeypatch.setattr(cuda_fused, "fused_persistent_possible", lambda *a, **k: False)
+
+
 @pytest.mark.parametrize("shape,dt,matmul", BITWISE_CASES, ids=[f"{s}-{d}-{m}" for s, d, m in BITWISE_CASES])
-def test_variants_agree_bitwise(shape, dt, matmul, monkeypatch):
-    """Same tiles, same summation order: the persistent and per-step kernels give identical bits,
-    forward and backward, run after run (a difference is a race between blocks, or a stale read
-    across the grid barrier)."""
+def test_launch_modes_agree_bitwise(shape, dt, matmul, monkeypatch):
+    """Same tile code, same summation order: the fused kernels' persistent launch and their launches one
+    per step give identical bits, forward and backward, run after run (a difference is a race between
+    blocks, or a stale read across the grid barrier)."""
     T, B, H = BITWISE_SHAPES[shape]
     dtype = DTYPES[dt]
     inputs, cot = make_case(T, B, H, dtype, seed=17)
     use_matmul(monkeypatch, matmul)
-    use_variant(monkeypatch, "persistent", dtype, H, mma=matmul != "fma")  # skips where it cannot run
-    use_variant(monkeypatch, "step", dtype, H, mma=matmul != "fma")
-    want = run_layer(inputs, cot, "cuda")
-    check_variant_ran("step")
-    use_variant(monkeypatch, "persistent", dtype, H, mma=matmul != "fma")
+    use_variant(monkeypatch, "persistent", dtype, H, B)  # skips where it cannot run
+    with monkeypatch.context() as m:
+        m.setenv(cuda_backend.VARIANT_ENV, "fused")
+        per_step_launches(m)
+        want = run_layer(inputs, cot, "cuda")
+        backend = get_backend("cuda")
+        assert (backend.last_forward_kernel, backend.last_forward_variant) == ("fused", "step")
+        assert (backend.last_backward_kernel, backend.last_backward_variant) == ("fused", "step")
     for r in range(REPEATS):
         got = run_layer(inputs, cot, "cuda")
         check_variant_ran("persistent")
-        assert_bitwise(got, want, f"persistent run {r + 1} of {REPEATS} vs step")
+        assert_bitwise(got, want, f"persistent run {r + 1} of {REPEATS} vs one launch per step")
 
 
-def test_auto_falls_back_to_step_when_weights_do_not_fit(monkeypatch):
-    H = 2048  # fp32: 4 gates x 16 units x 2048 x 4 bytes = 512 KiB of W_hh per block
-    plan = _C.occupancy("forward", _C.DTYPE_FLOAT32, H)
-    assert not plan["persistent_possible"] and plan["persistent_why_not"]
-    monkeypatch.setenv(cuda_backend.VARIANT_ENV, "auto")
-    inputs, cot = make_case(3, 2, H, torch.float32, seed=19)
-    got = run_layer(inputs, cot, "cuda")
-    check_variant_ran("step")
-    check_against_reference(got, inputs, cot, torch.float32)
+def test_fused_falls_back_to_the_per_step_kernels_where_weights_do_not_fit(monkeypatch):
+    H = 2048  # fp32: beyond the fused blocks' shared memory (1120 forward at most, on sm_90)
+    call = _call(3, 2, H, torch.float32)
+    assert cuda_backend.fused_unserved_reason(call) is not None
+    for variant in ("fused", "auto"):
+        monkeypatch.setenv(cuda_backend.VARIANT_ENV, variant)
+        inputs, cot = make_case(3, 2, H, torch.float32, seed=19)
+        got = run_layer(inputs, cot, "cuda")
+        check_variant_ran("step")
+        check_against_reference(got, inputs, cot, torch.float32)
     monkeypatch.setenv(cuda_backend.VARIANT_ENV, "persistent")
-    with pytest.raises(RuntimeError, match="persistent kernel requested but not possible"):
+    with pytest.raises(RuntimeError, match="LSTM_KERNELS_CUDA_VARIANT=persistent runs the fused kernels only"):
         run_layer(inputs, cot, "cuda")
 
 
@@ -248,7 +279,7 @@ def test_deterministic_and_needs_grad_invariant(dt):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_side_stream(variant, monkeypatch):
-    use_variant(monkeypatch, variant, torch.float32, 64)
+    use_variant(monkeypatch, variant, torch.float32, 64, 8)
     inputs, cot = make_case(20, 8, 64, torch.float32, seed=11)
     expected = run_layer(inputs, cot, "cuda")
     check_variant_ran(variant, 20, 8, 64, torch.float32)
@@ -262,20 +293,20 @@ def test_side_stream(variant, monkeypatch):
     assert_bitwise(got, expected, f"{variant} on a side stream vs the default stream")
 
 
-def test_persistent_plan_is_cached(monkeypatch):
-    """Planning the persistent kernels (runtime queries, cudaFuncSetAttribute) happens once per
-    (device, kernel, grid, shared memory), not per call."""
-    use_variant(monkeypatch, "persistent", torch.float16, 64)
+def test_fused_plan_is_cached(monkeypatch):
+    """Planning the fused kernels (runtime queries, cudaFuncSetAttribute: _C.fused_plan) happens once per
+    (device, direction, op, B, H, P, resets), not per call."""
+    use_variant(monkeypatch, "persistent", torch.float16, 64, 4)
     inputs, cot = make_case(6, 4, 64, torch.float16, seed=23)
-    _C.clear_plan_cache()
+    cuda_fused._fused_plan_of.cache_clear()
     run_layer(inputs, cot, "cuda")
     check_variant_ran("persistent")
-    first = _C.plan_cache_stats()
-    assert first["planned"] == 2 and first["size"] == 2, first  # the forward and the backward kernel
+    first = cuda_fused._fused_plan_of.cache_info()
+    assert first.misses == 2 and first.currsize == 2, first  # the forward and the backward kernel
     for _ in range(3):
         run_layer(inputs, cot, "cuda")
-    again = _C.plan_cache_stats()
-    assert again["planned"] == 2 and again["size"] == 2 and again["hits"] >= first["hits"] + 6, (first, again)
+    again = cuda_fused._fused_plan_of.cache_info()
+    assert again.misses == 2 and again.currsize == 2 and again.hits >= first.hits + 6, (first, again)
 
 
 #: How long a wait on a barrier that never opens lasts in these tests (seconds): long enough for a
@@ -283,37 +314,46 @@ def test_persistent_plan_is_cached(monkeypatch):
 SHORT_BOUND_S = 0.05
 
 
-def never_opens(launch_state):
-    """A stand-in for ``barrier_bound.launch_state`` whose arrival counter starts one short (-1 as
-    int64): persistent.cuh's barrier then never sees every block of a generation (count < target
-    for ever), the injected bug of the tests below."""
+def never_opens(ext, device="cuda"):
+    """A stand-in for ``lstm_kernels._C`` whose fused entries get arrival counters that can never reach
+    their targets (test_cuda_fused_gpu.py's injection: counters that start at its NEVER), the injected
+    bug of the tests below; every other attribute is the extension's."""
+    from test_cuda_fused_gpu import NEVER, by_keyword
 
-    def state(device, slots=2):
-        s = launch_state(device, slots)
-        s[0] = -1
-        return s
+    keep = []  # the swapped counters, alive as long as the stand-in
 
-    return state
+    def never_counters(ptr: int) -> int:
+        keep.append(torch.full((65536,), NEVER, dtype=torch.int32, device=device))  # >= one per batch tile
+        return keep[-1].data_ptr()
+
+    class NeverOpens:
+        fused_forward = staticmethod(by_keyword(ext.fused_forward, counters=never_counters))
+        fused_backward = staticmethod(by_keyword(ext.fused_backward, counters=never_counters))
+
+        def __getattr__(self, name):
+            return getattr(ext, name)
+
+    return NeverOpens()
 
 
-def grid_sync_instead(barrier: tuple) -> tuple:
-    """A stand-in for ``cuda_backend._barrier_args``: no barrier state, so the earlier persistent
-    kernels use cooperative groups' grid.sync() (the C API's default, csrc/lstm_cuda.h)."""
+def no_bound_instead(barrier: tuple) -> tuple:
+    """A stand-in for ``cuda/fused.py``'s ``barrier_args``: no barrier state, so the fused kernels' grid
+    waits are not bounded and leave no record (the C API's default)."""
     return (0, 0, 0, 0)
 
 
 @pytest.mark.timeout(120, method="thread")
 @pytest.mark.parametrize("dt", ["fp32", "fp16"])
 def test_bounded_barrier_gives_the_same_bits(dt, monkeypatch):
-    """The time-bounded grid barrier (persistent.cuh's bounded_grid_sync, on by default) orders the
-    steps like grid.sync(): bitwise equal outputs and gradients, with the default bound, a short
-    one and none (LSTM_KERNELS_BARRIER_TIMEOUT=0), several runs each, and no give-up recorded."""
+    """The time-bounded grid barrier (on by default) orders the steps like an unbounded wait: bitwise
+    equal outputs and gradients, with the default bound, a short one and none
+    (LSTM_KERNELS_BARRIER_TIMEOUT=0), several runs each, and no give-up recorded."""
     dtype = DTYPES[dt]
     T, B, H = 50, 33, 200
-    use_variant(monkeypatch, "persistent", dtype, H, mma=dtype != torch.float32)
+    use_variant(monkeypatch, "persistent", dtype, H, B)
     inputs, cot = make_case(T, B, H, dtype, seed=29)
     with monkeypatch.context() as m:
-        m.setattr(cuda_backend, "_barrier_args", grid_sync_instead)
+        m.setattr(cuda_fused, "barrier_args", no_bound_instead)
         want = run_layer(inputs, cot, "cuda")
         check_variant_ran("persistent")
     for bound in ("", "1", "0"):
@@ -322,7 +362,7 @@ def test_bounded_barrier_gives_the_same_bits(dt, monkeypatch):
             got = run_layer(inputs, cot, "cuda")
             check_variant_ran("persistent")
             assert_bitwise(got, want, f"bounded barrier ({cuda_backend.BARRIER_TIMEOUT_ENV}={bound!r}) run {r + 1} "
-                                      "vs grid.sync()")
+                                      "vs no bound")
     torch.cuda.synchronize()
     barrier_bound.raise_if_gave_up(torch.device("cuda"))  # nothing recorded: raises nothing
 
@@ -335,31 +375,31 @@ def _gave_up(kernel: str, step: int) -> str:
 
 @pytest.mark.timeout(120, method="thread")
 def test_bounded_barrier_raises_at_the_next_call_on_the_device(monkeypatch):
-    """A barrier bug (the arrival counter starts one short, so no barrier ever sees every block):
-    the launch does not hang; its wait gives up after the bound (LSTM_KERNELS_BARRIER_TIMEOUT,
-    seconds), the call itself returns (nothing synchronises it), and the next call on the device
-    raises, naming the kernel, the step (forward: after step 0; backward: after step T-1) and a
-    block. The record is then cleared: the call after that runs normally and is right."""
+    """A barrier bug (arrival counters that never reach their targets): the launch does not hang; its
+    wait gives up after the bound (LSTM_KERNELS_BARRIER_TIMEOUT, seconds), the call itself returns
+    (nothing synchronises it), and the next call on the device raises, naming the kernel, the step
+    (forward: after step 0; backward: after step T-1) and a block. The record is then cleared: the
+    call after that runs normally and is right."""
     T, B, H = 5, 3, 64
-    use_variant(monkeypatch, "persistent", torch.float32, H)
+    use_variant(monkeypatch, "persistent", torch.float32, H, B)
     monkeypatch.setenv(cuda_backend.BARRIER_TIMEOUT_ENV, str(SHORT_BOUND_S))
     inputs, cot = make_case(T, B, H, torch.float32, seed=31)
     backend = get_backend("cuda")
     device = torch.device("cuda")
     barrier_bound.reset(device)
-    sound = barrier_bound.launch_state
-    ref = get_backend("reference").forward(*inputs.values(), None, None, True)
+    sound = cuda_ext._C
+    ref = get_backend("reference").forward(*(v.double() for v in inputs.values()), None, None, True)
     for direction, step in (("forward", 0), ("backward", T - 1)):
         h_all, _, _, ws = backend.forward(*inputs.values(), None, None, True)  # a sound forward
-        monkeypatch.setattr(barrier_bound, "launch_state", never_opens(sound))
+        monkeypatch.setattr(cuda_ext, "_C", never_opens(sound))
         if direction == "forward":
             backend.forward(*inputs.values(), None, None, True)  # gives up; returns invalid outputs
         else:
             backend.backward(RecurrenceInputs(*inputs.values(), None, None), h_all, ws, *cot)
         assert backend.last_forward_variant == "persistent" and backend.last_backward_variant == "persistent"
-        monkeypatch.setattr(barrier_bound, "launch_state", sound)
+        monkeypatch.setattr(cuda_ext, "_C", sound)
         torch.cuda.synchronize()  # the launch ended (after the bound) and the record's copy landed
-        with pytest.raises(RuntimeError, match=_gave_up(f"cuda {direction} (persistent)", step)):
+        with pytest.raises(RuntimeError, match=_gave_up(f"cuda fused {direction} (persistent)", step)):
             backend.forward(*inputs.values(), None, None, True)
         h_all, h_T, c_T, _ = backend.forward(*inputs.values(), None, None, True)  # cleared: runs, and is right
         torch.cuda.synchronize()
@@ -373,14 +413,14 @@ def test_bounded_barrier_raises_at_once_under_bounded_barriers(monkeypatch):
     raises before the call returns, naming kernel, step and block, whatever the environment says;
     nothing is left for the next call."""
     T, B, H = 5, 3, 64
-    use_variant(monkeypatch, "persistent", torch.float32, H)
+    use_variant(monkeypatch, "persistent", torch.float32, H, B)
     monkeypatch.setenv(cuda_backend.BARRIER_TIMEOUT_ENV, "0")  # no bound outside the context
     inputs, _ = make_case(T, B, H, torch.float32, seed=37)
     backend = get_backend("cuda")
     barrier_bound.reset(torch.device("cuda"))
-    monkeypatch.setattr(barrier_bound, "launch_state", never_opens(barrier_bound.launch_state))
+    monkeypatch.setattr(cuda_ext, "_C", never_opens(cuda_ext._C))
     with barrier_bound.bounded_barriers(SHORT_BOUND_S):
-        with pytest.raises(RuntimeError, match=_gave_up("cuda forward (persistent)", 0)):
+        with pytest.raises(RuntimeError, match=_gave_up("cuda fused forward (persistent)", 0)):
             backend.forward(*inputs.values(), None, None, True)
     barrier_bound.raise_if_gave_up(torch.device("cuda"))  # the record was cleared by the raise
 
@@ -399,7 +439,7 @@ def test_backend_backward_direct():
     assert got[3] is None
 
 
-def test_occupancy_and_device_queries():
+def test_fused_plan_and_device_queries():
     n, why = _C.device_count()
     assert n >= 1 and why is None
     code, message, count, runtime, driver = _C.runtime_status()
@@ -408,11 +448,10 @@ def test_occupancy_and_device_queries():
     props = _C.device_properties(torch.cuda.current_device())
     assert props["multiprocessor_count"] > 0
     for direction in ("forward", "backward"):
-        for code in (_C.DTYPE_FLOAT32, _C.DTYPE_FLOAT16, _C.DTYPE_BFLOAT16):
-            plan = _C.occupancy(direction, code, 256)
-            assert plan["step_blocks_per_sm"] >= 1 and plan["threads_per_block"] >= 32
-            assert plan["persistent_possible"], plan  # 16 blocks, 64 KiB of W_hh at most: fits on sm_80+
-            assert plan["persistent_blocks"] == 16
+        for code in (_C.FUSED_FLOAT32, _C.FUSED_FLOAT16, _C.FUSED_BFLOAT16, _C.FUSED_TF32):
+            plan = _C.fused_plan(direction, code, 16, 256, 256)
+            assert plan["fits"] and plan["possible"], plan  # 32 blocks of 256 units: co-resident on sm_80+
+            assert plan["blocks"] == cuda_fused.Plan(16, 256).blocks
 
 
 @pytest.mark.parametrize("dt", list(DTYPES))

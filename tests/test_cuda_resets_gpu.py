@@ -1,21 +1,21 @@
 """The cuda backend with resets inside a sequence, on a GPU (skipped without one).
 
 Every dtype (float32 at fp32 accuracy and on TF32, bfloat16, float16) and every variant that serves
-resets (``fused``: the fused kernels, persistent where their grid is co-resident, else one launch per
-half-step; ``step`` and ``auto``: the per-step kernels), against the reference backend in float64 on
+resets (``fused`` and ``auto``: the fused kernels, persistent where their grid is co-resident, else one
+launch per half-step; ``step``: the per-step kernels), against the reference backend in float64 on
 the same rounded inputs: h_all, h_T, c_T and the gradients of xg, w_hh, h0, c0 (and w_hr with a
 projection), with reset patterns at the first step, the last step, adjacent steps, every row at one
-step, and none. A projection and variable lengths (fused kernels only) with resets too. The earlier
-cooperative ``persistent`` kernels refuse resets: the named backend raises.
+step, and none. A projection and variable lengths (fused kernels only) with resets too, and the
+``persistent`` variant (the fused kernels' persistent launch).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lstm_kernels import BackendUnsupportedError
 from lstm_kernels.backends import get_backend
 from lstm_kernels.backends import cuda as cuda_backend
+from lstm_kernels.backends.cuda import fused as cuda_fused
 from lstm_kernels.function import lstm_layer
 from utils import REL_TOL, assert_rel_close, rel_error
 
@@ -106,7 +106,7 @@ def test_resets_against_the_reference(variant_env, dtype_name, variant, shape, p
     check(inputs, cotangents, dtype, tf32, make_resets(pattern, T, B))
     backend = get_backend("cuda")
     kernels = (backend.last_forward_kernel, backend.last_backward_kernel)
-    if variant == "fused":
+    if variant in ("fused", "auto"):
         assert kernels == ("fused", "fused"), kernels
     else:
         assert "fused" not in kernels and (backend.last_forward_variant, backend.last_backward_variant) == (
@@ -120,7 +120,7 @@ def test_fused_launch_modes_with_resets(variant_env, monkeypatch, dtype_name, pe
     dtype, tf32 = DTYPES[dtype_name]
     variant_env("fused", tf32)
     if not persistent:
-        monkeypatch.setattr(cuda_backend, "fused_persistent_possible", lambda *a, **k: False)
+        monkeypatch.setattr(cuda_fused, "fused_persistent_possible", lambda *a, **k: False)
     T, B, H = 10, 20, 96
     if persistent and not all(cuda_backend.fused_persistent_possible(torch.device("cuda"), d, dtype, B, H, H, True)
                               for d in ("forward", "backward")):
@@ -145,10 +145,15 @@ def test_resets_with_projection_and_variable_lengths(variant_env, dtype_name, pa
     check(inputs, cotangents, dtype, tf32, make_resets(pattern, T, B), batch_sizes)
 
 
-def test_the_earlier_persistent_kernels_refuse_resets(variant_env):
+def test_the_persistent_variant_serves_resets(variant_env):
+    """``persistent`` is the fused kernels' persistent launch, which serves resets."""
     variant_env("persistent", False)
     T, B, H = 5, 3, 13
+    if not all(cuda_backend.fused_persistent_possible(torch.device("cuda"), d, torch.float16, B, H, H, True)
+               for d in ("forward", "backward")):
+        pytest.skip("the fused grid is not co-resident here")
     inputs, cotangents = make_case(T, B, H, torch.float16)
-    with pytest.raises(BackendUnsupportedError, match="resets"):
-        run_layer(inputs, cotangents, "cuda", make_resets("first", T, B))
-    run_layer(inputs, cotangents, "auto", make_resets("first", T, B))  # auto moves on
+    check(inputs, cotangents, torch.float16, False, make_resets("first", T, B))
+    backend = get_backend("cuda")
+    assert (backend.last_forward_kernel, backend.last_backward_kernel) == ("fused", "fused")
+    assert (backend.last_forward_variant, backend.last_backward_variant) == ("persistent", "persistent")

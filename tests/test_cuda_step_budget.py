@@ -1,7 +1,7 @@
-"""Structural checks of the CUDA persistent kernels' step loop, on the cubins, without a GPU
+"""Structural checks of the CUDA fused kernels' step loop, on the cubins, without a GPU
 (issue 13; DESIGN.md "The budget of one step"). A CPU proxy for speed, not a measurement.
 
-The fused kernels (``csrc/fused_forward.cu``, ``csrc/fused_backward.cu``), one instance per operand
+The fused kernels (``csrc/fused/fused_forward.cu``, ``csrc/fused/fused_backward.cu``), one instance per operand
 precision (fp16, bf16, float on tf32, float at fp32 accuracy by three tf32 MMAs per product), are
 compiled here with nvcc for sm_80 and sm_90 and read with cuobjdump -sass. In each kernel the step loop is the
 outermost loop (a conditional backward branch) that holds both tensor-core (HMMA) and block
@@ -15,7 +15,7 @@ backward: H = 592, the largest it serves on sm_90):
   store (STS) in the k loop (W is not restaged from one on-chip buffer to another);
 - the k loop is ldmatrix (LDSM) + HMMA only, and HMMA per warp per step is within 10% of the
   ideal for the tile (its product count divided over the warps), derived from the tile sizes
-  of ``lstm_kernels/backends/cuda_fused.py`` (which tests/test_cuda_plan_host.py ties to the
+  of ``lstm_kernels/backends/cuda/fused.py`` (which tests/test_cuda_plan_host.py ties to the
   header) and the warps' k ranges;
 - block barriers per step as designed (2) and none inside nested loops; one grid barrier per
   step: one release-add (RED/REDG ... STRONG.GPU) and one acquire-poll loop;
@@ -27,8 +27,7 @@ backward: H = 592, the largest it serves on sm_90):
   (one more LDG in the step loop), a vote (forward) and integer/select instructions, with the k loops
   instruction for instruction the same.
 
-``pytest -s`` prints the counts, and the same counts for the previous persistent kernels of
-``lstm_forward.cu`` / ``lstm_backward.cu`` as built into ``lstm_kernels._C`` (before/after).
+``pytest -s`` prints the counts.
 """
 from __future__ import annotations
 
@@ -40,7 +39,7 @@ from pathlib import Path
 import pytest
 
 from cuda_tools import CUOBJDUMP, NVCC
-from lstm_kernels.backends import cuda_fused as cf
+from lstm_kernels.backends.cuda import fused as cf
 from plan_dump import compile_plan_dump
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +174,7 @@ def fused_sass(tmp_path_factory):
         for arch in ARCHS:
             cubin = out_dir / f"{src}.{arch}.cubin"
             subprocess.run([NVCC, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", f"-I{ROOT / 'csrc'}",
-                            str(ROOT / "csrc" / src), "-o", str(cubin)], check=True)
+                            str(ROOT / "csrc" / "fused" / src), "-o", str(cubin)], check=True)
             sass = subprocess.run([CUOBJDUMP, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
             for (a, name), instrs in split_functions(sass).items():
                 funcs[(a or arch, name)] = instrs
@@ -184,7 +183,7 @@ def fused_sass(tmp_path_factory):
     return funcs, usage
 
 
-#: The kernels' operand precisions (csrc/fused_common.cuh): storage bytes and MMAs per tile and chunk.
+#: The kernels' operand precisions (csrc/fused/fused_common.cuh): storage bytes and MMAs per tile and chunk.
 OPS = {"Fp16Mma": (2, 1), "Bf16Mma": (2, 1), "Tf32Mma": (4, 1), "Fp32Mma": (4, 3)}
 
 
@@ -241,7 +240,7 @@ def design(stem: str, proj: bool, op: str = "Fp16Mma", resets: bool = False) -> 
 
 
 #: The products of each kernel's k loops, in address order, by the name of the function of
-#: csrc/fused_plan.cuh that gives each warp its k range there (printed by tests/cuda_host/plan_dump.cpp).
+#: csrc/fused/fused_plan.cuh that gives each warp its k range there (printed by tests/cuda_host/plan_dump.cpp).
 K_RANGES = {"fused_forward_kernel": ("fwd_gate_k", "fwd_proj_k"), "fused_backward_kernel": ("bwd_gate_k", "bwd_proj_k")}
 
 
@@ -350,7 +349,7 @@ def test_kernels_take_their_k_ranges_from_the_plan_header():
     theirs from the same functions, not compute their own."""
     for src, functions in (("fused_forward.cu", ("fwd_gate_k", "fwd_proj_k")),
                            ("fused_backward.cu", ("bwd_gate_k", "bwd_proj_k"))):
-        text = (ROOT / "csrc" / src).read_text()
+        text = (ROOT / "csrc" / "fused" / src).read_text()
         assert all(f"{name}(warp," in text for name in functions), src
         assert "warp_k_range(" not in text, f"{src} splits K itself"
 
@@ -358,10 +357,11 @@ def test_kernels_take_their_k_ranges_from_the_plan_header():
 def test_per_warp_mma_check_catches_an_unbalanced_k_split(fused_sass, tmp_path):
     """The busiest warp's MMA count follows the kernels' own k split: a header whose split gives warp 0
     half of K (96 HMMA on that warp against an ideal of 24 at the flagship) fails the 10% bound."""
-    header = (ROOT / "csrc" / "fused_plan.cuh").read_text()
+    header = (ROOT / "csrc" / "fused" / "fused_plan.cuh").read_text()
     site = "FUSED_HD KRange fwd_gate_k(int w, int P, int elem) { return warp_k_chunks(w, P, elem, 1); }"
     assert header.count(site) == 1
-    (tmp_path / "fused_plan.cuh").write_text(header.replace(site, UNBALANCED_FWD_GATE_K))
+    (tmp_path / "fused").mkdir()
+    (tmp_path / "fused" / "fused_plan.cuh").write_text(header.replace(site, UNBALANCED_FWD_GATE_K))
     mutant_dump = compile_plan_dump(tmp_path, include_dir=tmp_path)
     if mutant_dump is None:
         pytest.skip("no host C++ compiler")
@@ -445,46 +445,6 @@ def test_structure_checks_can_fail():
     loop = step_loop_of("fake", fake)
     assert (loop.k_loop.start, loop.k_loop.end) == (0x120, 0x150)
     assert loop.count(is_sts, loop.in_k) == 1 and loop.count(is_ldg, loop.in_nested) == 1
-
-
-# ---- before: the previous persistent kernels in lstm_kernels._C ----------------------------
-
-
-def test_print_previous_persistent_kernels_counts():
-    """Counts of the persistent kernels of lstm_forward.cu / lstm_backward.cu (the extension as
-    built), for the before/after note. Their k loop runs ceil(K / TILE_K) chunks per batch tile
-    (TILE_K = 32; K = H forward, 4H backward); only 4 (forward) or 4 (backward, tf32) of 8 warps
-    issue HMMA. Printed, not asserted."""
-    try:
-        from lstm_kernels import _C
-    except ImportError:
-        pytest.skip("lstm_kernels._C is not built")
-    sass = subprocess.run([CUOBJDUMP, "-sass", _C.__file__], capture_output=True, text=True, check=True).stdout
-    tile_k = int(re.search(r"TILE_K = (\d+)", (ROOT / "csrc/dtype_convert.cuh").read_text()).group(1))
-    found = 0
-    for (arch, name), instrs in split_functions(sass).items():
-        if "persistent_kernel" not in name or "Lb1E" not in name or "fused" in name or "I6__half" not in name:
-            continue
-        loop = step_loop_of(name, instrs)
-        K = FLAGSHIP_H if "forward" in name else 4 * FLAGSHIP_H
-        chunks = -(-K // tile_k)
-        k0 = loop.k_loops[0]  # the k loop of the t >= 0 tile call (the backward has a second, for dh0)
-        in_k0 = lambda pred: loop.count(pred, k0.holds)  # noqa: E731
-        outside = lambda pred: loop.count(pred) - loop.count(pred, loop.in_k)  # noqa: E731
-        counts = dict(
-            k_chunks_per_step=chunks, warps_issuing_hmma="4 of 8", hmma_k_loop_body=in_k0(is_hmma),
-            hmma_per_busy_warp_per_step=in_k0(is_hmma) * chunks,
-            bar_sync_in_k_loop=in_k0(is_bar_sync),
-            bar_sync_per_step_approx=in_k0(is_bar_sync) * chunks + outside(is_bar_sync),
-            ldg_in_k_loop=in_k0(is_ldg), sts_in_k_loop=in_k0(is_sts), lds_in_k_loop=in_k0(lambda t: "LDS" in t
-                                                                                           and "LDSM" not in t),
-            cp_async=loop.count(lambda t: "LDGSTS" in t),
-        )
-        kind = "forward" if "forward" in name else "backward"
-        print(f"\n[before] {kind}_persistent_kernel<half, mma> {arch} (B={FLAGSHIP_B}, H={FLAGSHIP_H}): "
-              + ", ".join(f"{k}={v}" for k, v in counts.items()))
-        found += 1
-    assert found >= 2
 
 
 def test_extension_carries_the_fused_kernels_for_sm80_and_sm90():

@@ -8,7 +8,7 @@ drift without anyone noticing. Here:
   barrier states (a counter one short, a counter that can never reach its target), the regular
   expressions the give-up tests match against barrier_bound.describe's message, the attributes
   the tests monkeypatch, and the keyword wrapper of the fused entries, driven by
-  ``cuda_fused.forward`` / ``backward`` themselves, so that the positional order they call the
+  ``lstm_kernels.backends.cuda.fused``'s ``forward`` / ``backward`` themselves, so that the positional order they call the
   extension with and the extension's parameter names agree (the counters the test swaps are the
   counters, the barrier's four arguments are the barrier's).
 
@@ -29,7 +29,7 @@ from lstm_kernels.backends import barrier_bound
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-GPU_TEST_FILES = ("tests/test_cuda_gpu.py", "tests/test_cuda_persistent_gpu.py", "tests/triton/test_triton_gpu.py")
+GPU_TEST_FILES = ("tests/test_cuda_gpu.py", "tests/test_cuda_fused_gpu.py", "tests/triton/test_triton_gpu.py")
 
 
 def _importable(name: str) -> bool:
@@ -77,24 +77,30 @@ def _describe(kernel: str, step: int, block: int) -> str:
 def test_cuda_gpu_helpers(monkeypatch, records):
     mod = _module("test_cuda_gpu", monkeypatch)
     from lstm_kernels.backends import cuda as cuda_backend
+    from lstm_kernels.backends.cuda import fused as cuda_fused
 
-    # the injected state: barrier_bound's own, with the arrival counter one short
-    sound = barrier_bound.launch_state(torch.device("cpu"))
-    state = mod.never_opens(barrier_bound.launch_state)(torch.device("cpu"))
-    assert state.dtype == sound.dtype == torch.int64 and state.shape == sound.shape == (2,)
-    assert state.tolist() == [-1, 0]
+    # the injected extension: the fused entries wrapped (their counters swapped), everything else the real one's
+    from lstm_kernels import _C
+
+    never = mod.never_opens(_C, device="cpu")
+    assert never.fused_plan is _C.fused_plan and never.runtime_status is _C.runtime_status
+    assert never.fused_forward is not _C.fused_forward and never.fused_backward is not _C.fused_backward
+    fused_mod = _module("test_cuda_fused_gpu", monkeypatch)
+    assert fused_mod.NEVER < -(2**20)
     # the attributes the tests swap, and what they swap in has the shape of the real thing
-    for owner, name in ((barrier_bound, "launch_state"), (cuda_backend, "_barrier_args")):
+    for owner, name in ((barrier_bound, "launch_state"), (cuda_fused, "barrier_args"), (cuda_fused, "fused_mode"),
+                        (cuda_fused, "fused_persistent_possible")):
         assert callable(getattr(owner, name)), (owner, name)
-    real = cuda_backend._barrier_args(cuda_backend._barrier(torch.device("cpu"), "cuda forward (persistent)"))
-    assert len(real) == len(mod.grid_sync_instead(real)) == 4 and mod.grid_sync_instead(real) == (0, 0, 0, 0)
+    real = cuda_fused.barrier_args(cuda_fused.barrier(torch.device("cpu"), "cuda fused forward (persistent)"))
+    assert len(real) == len(mod.no_bound_instead(real)) == 4 and mod.no_bound_instead(real) == (0, 0, 0, 0)
     assert isinstance(mod.SHORT_BOUND_S, float) and 0 < mod.SHORT_BOUND_S < barrier_bound.DEFAULT_BARRIER_TIMEOUT_S
     # the messages the give-up tests expect are the ones barrier_bound writes, and only those
     for direction, step in (("forward", 0), ("backward", 4)):
-        kernel = f"cuda {direction} (persistent)"
+        kernel = f"cuda fused {direction} (persistent)"
         assert re.search(mod._gave_up(kernel, step), _describe(kernel, step, 3))
         assert not re.search(mod._gave_up(kernel, step), _describe(kernel, step + 1, 3))
-        assert not re.search(mod._gave_up(kernel, step), _describe(f"cuda fused {direction} (persistent)", step, 3))
+        other = "backward" if direction == "forward" else "forward"
+        assert not re.search(mod._gave_up(kernel, step), _describe(f"cuda fused {other} (persistent)", step, 3))
     for name in ("reset", "raise_if_gave_up", "bounded_barriers", "after_launch", "device_record"):
         assert callable(getattr(barrier_bound, name)), name
     assert cuda_backend.BARRIER_TIMEOUT_ENV == barrier_bound.BARRIER_TIMEOUT_ENV
@@ -105,13 +111,13 @@ class _Stream:
 
 
 @needs_extension
-def test_cuda_persistent_gpu_helpers(monkeypatch, records):
-    """by_keyword over the extension's own parameter names, driven by cuda_fused.forward and
+def test_cuda_fused_gpu_helpers(monkeypatch, records):
+    """by_keyword over the extension's own parameter names, driven by cuda/fused.py's forward and
     backward on CPU tensors (the launch replaced by a recorder): every argument lands on the
-    parameter of its name, and the swapped counters replace the counters cuda_fused allocated."""
-    mod = _module("test_cuda_persistent_gpu", monkeypatch)
+    parameter of its name, and the swapped counters replace the counters cuda/fused.py allocated."""
+    mod = _module("test_cuda_fused_gpu", monkeypatch)
     from lstm_kernels import _C
-    from lstm_kernels.backends import cuda_fused as cf
+    from lstm_kernels.backends.cuda import fused as cf
 
     if not hasattr(_C, "fused_forward"):
         pytest.skip("lstm_kernels._C lacks fused_forward")
@@ -174,11 +180,11 @@ def test_triton_gpu_helpers(monkeypatch, records):
     kernels = mod.kernels
     for module in mod.BARRIER_LAUNCHERS:  # each launcher has the name the tests swap
         assert getattr(module, "barrier_args") is kernels.barrier_args, module.__name__
-    state, record, timeout_ns, code = mod.never_opens(kernels.barrier_args)(torch.device("cpu"),
-                                                                           "triton forward (persistent)")
-    sound = kernels.barrier_args(torch.device("cpu"), "triton forward (persistent)")[0]
+    kernel = "triton forward (persistent, step budget)"
+    state, record, timeout_ns, code = mod.never_opens(kernels.barrier_args)(torch.device("cpu"), kernel)
+    sound = kernels.barrier_args(torch.device("cpu"), kernel)[0]
     assert state.dtype == sound.dtype and state.shape == sound.shape and state.tolist() == [mod.NEVER, 0]
-    assert code == barrier_bound.kernel_code("triton forward (persistent)")
+    assert code == barrier_bound.kernel_code(kernel)
     assert kernels.barrier_bound is barrier_bound and kernels.BARRIER_TIMEOUT_ENV == barrier_bound.BARRIER_TIMEOUT_ENV
     for kernel in barrier_bound.KERNELS:
         matches = re.search(mod.GAVE_UP, _describe(kernel, 9, 2)) is not None

@@ -10,8 +10,9 @@ Triton's own JIT binder (16-byte pointer alignment, integers divisible by 16,
 do_not_specialize, the launch options) and compiled ahead of time to a cubin with the
 ptxas that ships in the triton wheel: the kernel that runs, not a look-alike. The
 compiled kernels are checked to fit the architecture's shared memory per block and not to
-spill to local memory (the cubin's resource usage, from the wheel's cuobjdump), the
-resident-W_hh kernels at the largest slice ``resident_weights`` admits.
+spill to local memory (the cubin's resource usage, from the wheel's cuobjdump). The
+persistent kernels' own structural checks (MMA counts, barriers, the plans' shapes) are in
+tests/test_triton_step_budget.py.
 
 Runs without TRITON_INTERPRET (under it ``@triton.jit`` gives interpreted functions).
 """
@@ -36,8 +37,8 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from lstm_kernels.backends import known_backends  # noqa: E402
 
 known_backends()
-from lstm_kernels.backends import triton_backward, triton_forward  # noqa: E402
-from lstm_kernels.backends import triton_kernels as kernels  # noqa: E402
+from lstm_kernels.backends.triton import config as kernels  # noqa: E402
+from lstm_kernels.backends.triton import persistent  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton"))
 import launch_capture  # noqa: E402  (tests/triton/launch_capture.py)
@@ -53,8 +54,8 @@ ARCHS = list(MAX_SHARED)
 
 
 def budget_of(arch: int) -> int:
-    """``resident_budget`` of a GPU of this architecture (the rule of triton_kernels)."""
-    return min(kernels.RESIDENT_BYTES, MAX_SHARED[arch] - kernels.RESIDENT_MARGIN)
+    """``resident_budget`` of a GPU of this architecture (the rule of persistent)."""
+    return min(persistent.RESIDENT_BYTES, MAX_SHARED[arch] - persistent.RESIDENT_MARGIN)
 
 
 def target_of(arch: int):
@@ -63,13 +64,14 @@ def target_of(arch: int):
 
 def as_on_gpu(monkeypatch, arch: int) -> None:
     """Make the launch helpers configure launches as on a GPU of ``arch`` (SMs, shared memory)."""
-    for module in (triton_forward, triton_backward):
-        monkeypatch.setattr(module, "co_resident_programs", lambda device: SMS[arch])
-        monkeypatch.setattr(module, "resident_budget", lambda device: budget_of(arch))
+    monkeypatch.setattr(persistent, "co_resident_programs", lambda device: SMS[arch])
+    monkeypatch.setattr(persistent, "resident_budget", lambda device: budget_of(arch))
 
 
 def record(monkeypatch, arch, T, B, H, dtype, proj=0, variant="step"):
-    """(forward launches, backward launches) of one forward + backward through the launch helpers."""
+    """(forward launches, backward launches) of one forward + backward through the launch helpers
+    ("persistent": the persistent kernels where their plan fits on the architecture, else the step
+    kernels; float32 without TF32, torch's default, is the step kernels')."""
     as_on_gpu(monkeypatch, arch)
     fw, bw = launch_capture.record_launches(monkeypatch)
     launch_capture.run_host_path(launch_capture.meta_case(T, B, H, dtype, proj=proj), variant)
@@ -132,7 +134,7 @@ def test_launched_kernels_compile(shape, variant, dtype, arch, tmp_path, monkeyp
     for what, launches in (("forward", fw), ("backward", bw)):
         assert launches, f"{what}: no launch recorded"
         for launch in distinct(launches, arch):
-            phases = {k: v for k, v in launch.kwargs.items() if k.startswith("RUN_") or k == "W_RESIDENT"}
+            phases = {k: v for k, v in launch.kwargs.items() if k.startswith("RUN_") or k.endswith("_PHASE")}
             assert_fits(compile_launch(launch, arch), arch, f"{what} {variant} {phases}", tmp_path)
 
 
@@ -140,16 +142,15 @@ def test_launched_kernels_compile(shape, variant, dtype, arch, tmp_path, monkeyp
 def test_step_variant_compiles_each_phase_once(proj, monkeypatch):
     """The step variant launches each phase once per step with a new step index; those are not
     specialised (do_not_specialize), so each phase is one JIT compilation for all T steps, not
-    three (t = 0 and the multiples of 16, t = 1, the rest). The persistent launch is one more."""
+    three (t = 0 and the multiples of 16, t = 1, the rest)."""
     fw, bw = record(monkeypatch, 90, 40, 16, 64, torch.float16, proj=proj)
     phases = 2 if proj else 1
     assert len(fw) == 40 * phases and len(distinct(fw, 90)) == phases
     assert len(bw) == 41 + 40 * (phases - 1) and len(distinct(bw, 90)) == phases
-    for launch in fw + bw:  # the step indices are plain i32 arguments, not specialised
+    for launch in fw + bw:  # the step index is a plain i32 argument, not specialised
         signature, _, attrs, _ = launch_capture.jit_compile_inputs(launch, make_backend(target_of(90)))
         index = {name: i for i, name in enumerate(signature)}
-        assert signature["t_begin"] == signature["n_steps"] == "i32"
-        assert not attrs.get((index["t_begin"],)) and not attrs.get((index["n_steps"],))
+        assert signature["t"] == "i32" and not attrs.get((index["t"],))
 
 
 def test_jit_specialises_pointers_as_a_launch_does(monkeypatch):
@@ -169,52 +170,23 @@ def test_jit_specialises_pointers_as_a_launch_does(monkeypatch):
     assert not attrs.get((xg,)), attrs
 
 
-def largest_admitted(on_chip_bytes, budget: int) -> int:
-    """The largest power of two n >= 16 for which ``on_chip_bytes(n)`` is within ``budget``."""
-    n = 16
-    while kernels.resident_weights("persistent", 1, 1, on_chip_bytes(2 * n), budget):
-        n *= 2
-    assert kernels.resident_weights("persistent", 1, 1, on_chip_bytes(n), budget)
-    return n
-
-
 def persistent_launch(launches):
     [launch] = [x for x in launches if "launch_cooperative_grid" in x.kwargs]
     return launch
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("B", [1, 64])
-def test_resident_kernels_at_the_budget_fit_on_chip(B, dtype, arch, tmp_path, monkeypatch):
-    """The largest W_hh slice the launch helpers keep resident, forward and backward, fits."""
-    cfg = kernels.launch_config(1024, B, dtype)
-    P = largest_admitted(lambda p: kernels.forward_resident_bytes(p, cfg, dtype), budget_of(arch))
-    fw, _ = record(monkeypatch, arch, 3, B, P, dtype, variant="persistent")
-    launch = persistent_launch(fw)
-    assert launch.kwargs["W_RESIDENT"], f"forward at P = {P}: the launch helper streams W_hh"
-    assert_fits(compile_launch(launch, arch), arch, f"forward with a resident P = {P} slice", tmp_path)
-
-    H = largest_admitted(lambda h: kernels.backward_resident_bytes(h, cfg), budget_of(arch))
-    monkeypatch.undo()
-    _, bw = record(monkeypatch, arch, 3, B, H, dtype, variant="persistent")
-    launch = persistent_launch(bw)
-    assert launch.kwargs["W_RESIDENT"], f"backward at H = {H}: the launch helper streams W_hh"
-    assert_fits(compile_launch(launch, arch), arch, f"backward with a resident 4H = {4 * H} slice", tmp_path)
-
-
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_flagship_shape_keeps_w_hh_resident(dtype, arch, tmp_path, monkeypatch):
-    """B = 16, H = 768 (cuDNN's persistent-kernel showcase): the persistent forward on a GPU with
-    at least 48 SMs narrows its tiles to 16 units so that each of its 48 programs keeps its W_hh
-    slice on chip (512 + 256 rows, unpadded), and that kernel fits."""
-    H, B = 768, 16
-    assert kernels.split_k(H) == (512, 256)
-    fw, _ = record(monkeypatch, arch, 3, B, H, dtype, variant="persistent")
-    launch = persistent_launch(fw)
-    assert launch.grid == (48,) and launch.kwargs["BLOCK_H"] == 16 and launch.kwargs["W_RESIDENT"]
-    assert_fits(compile_launch(launch, arch), arch, "forward, B = 16, H = 768, resident", tmp_path)
+def test_flagship_shape_runs_the_persistent_kernels(arch, tmp_path, monkeypatch):
+    """B = 16, H = 768 (cuDNN's persistent-kernel showcase), fp16: a persistent call launches the
+    persistent kernels once each, 96 programs of 8 units (both architectures have more SMs), and
+    the forward, as launched, fits."""
+    fw, bw = record(monkeypatch, arch, 3, 16, 768, torch.float16, variant="persistent")
+    for what, launches, kernel in (("forward", fw, persistent._lstm_pfw_kernel.kernel),
+                                   ("backward", bw, persistent._lstm_pbw_kernel.kernel)):
+        launch = persistent_launch(launches)
+        assert len(launches) == 1 and launch.kernel is kernel and launch.grid == (96,), (what, launch.grid)
+        assert launch.kwargs["launch_cooperative_grid"] and launch.kwargs["USE_BARRIER"], what
+    assert_fits(compile_launch(persistent_launch(fw), arch), arch, "forward, B = 16, H = 768", tmp_path)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -223,8 +195,7 @@ def test_every_bound_runs_one_binary_with_the_time_bounded_spin(proj, arch, tmp_
     """The persistent kernels bound their spin in time by default: the bound (seconds, passed in ns)
     is a runtime argument, so a launch with another bound (0: none) runs the same binary; it has the
     acquire poll, the GPU-clock read and the compare-and-swap that records a give-up."""
-    for module in (triton_forward, triton_backward):  # the host's look at the (meta) record
-        monkeypatch.setattr(module.barrier_bound, "after_launch", lambda *args: None)
+    monkeypatch.setattr(persistent.barrier_bound, "after_launch", lambda *args: None)  # the host's look at the record
     ptx = {}
     for seconds in ("0", "10", "0.5"):
         monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, seconds)

@@ -1,7 +1,7 @@
 """The budget of one step, guarded on a CPU: the persistent kernels compiled for sm_80 / sm_90.
 
 DESIGN.md, "The budget of one step", and issue 12. The kernels of
-lstm_kernels/backends/triton_persistent*.py are compiled ahead of time with the JIT's own
+lstm_kernels/backends/triton/persistent*.py are compiled ahead of time with the JIT's own
 specialisation (pointers 16-byte aligned, ints divisible by 16 marked so, as
 triton/runtime/jit.py does for a launch) and the wheel's ptxas, and their TTGIR / PTX / SASS
 are read for what the GPU will run per step:
@@ -20,10 +20,8 @@ are read for what the GPU will run per step:
       two other shapes are the design's, so that a plan that regressed (to fewer warps, say)
       cannot match an ideal computed from its own configuration.
 Each check has a mutant here (a kernel compiled with one deliberate fault, or a plan rule
-broken) that it must catch.
-The same counts are printed for the existing persistent kernels (triton_forward /
-triton_backward) as "before" (``pytest -s`` shows them). These are structural counts, a CPU
-proxy for speed, not a measurement.
+broken) that it must catch. These are structural counts, a CPU proxy for speed, not a
+measurement (``pytest -s`` prints them).
 
 Runs without TRITON_INTERPRET (under it ``@triton.jit`` gives interpreted functions).
 """
@@ -47,10 +45,10 @@ from triton.compiler import ASTSource  # noqa: E402
 from lstm_kernels.backends import known_backends  # noqa: E402
 
 known_backends()
-from lstm_kernels.backends import triton_kernels as kernels  # noqa: E402
-from lstm_kernels.backends import triton_persistent as tp  # noqa: E402
-from lstm_kernels.backends.triton_persistent_backward import _lstm_pbw_kernel  # noqa: E402
-from lstm_kernels.backends.triton_persistent_forward import _lstm_pfw_kernel  # noqa: E402
+from lstm_kernels.backends.triton import config as kernels  # noqa: E402
+from lstm_kernels.backends.triton import persistent as tp  # noqa: E402
+from lstm_kernels.backends.triton.persistent_backward import _lstm_pbw_kernel  # noqa: E402
+from lstm_kernels.backends.triton.persistent_forward import _lstm_pfw_kernel  # noqa: E402
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -258,7 +256,7 @@ def _instr(dtype, precision):
 
 def budget_of(arch: int) -> int:
     """``resident_budget`` of a GPU of this architecture."""
-    return min(kernels.RESIDENT_BYTES, MAX_SHARED[arch] - kernels.RESIDENT_MARGIN)
+    return min(tp.RESIDENT_BYTES, MAX_SHARED[arch] - tp.RESIDENT_MARGIN)
 
 
 def forward_build(B, H, P, dtype, arch, kernel=_lstm_pfw_kernel, has_resets=False):
@@ -406,7 +404,7 @@ def test_the_served_kernel_bounds_its_waits_at_run_time(build, shape, tmp_path):
 @pytest.mark.parametrize("arch", [80, 90])
 def test_fp32_is_served_with_tf32_only(arch, tmp_path, set_tf32):
     """fp32 without tf32 (torch's default) would run the dot on FMA units and spill: the plans refuse it
-    with a reason (the existing kernels serve it). With tf32 allowed the forward fits at the flagship
+    with a reason (the step kernels serve it). With tf32 allowed the forward fits at the flagship
     shape; the backward's fp32 slice does not fit the register budget there and says so."""
     cuda = torch.device("cuda")
     set_tf32(False)
@@ -425,7 +423,7 @@ def test_fp32_is_served_with_tf32_only(arch, tmp_path, set_tf32):
 
 # ----------------------------------------------------------------------------- (f) the plans' shapes
 
-#: The plans the design gives (triton_persistent.forward_plan / backward_plan docstrings), on sm_90
+#: The plans the design gives (persistent.forward_plan / backward_plan docstrings), on sm_90
 #: (132 SMs): BB = B padded up to 64 rows; U = the fewest units per program (4, 8, 16, 32) whose
 #: tiles fit one per SM; warps = K slices = min(8, shortest K / 16) (backward: K = 4H, and P).
 #:   flagship B16 H768: forward U = 4 gives 192 tiles > 132, so U = 8: 96 programs of 8 warps;
@@ -484,7 +482,8 @@ def mutant_kernel(module, kernel_name: str, old: str, new: str, tmp_path):
 
     source = inspect.getsource(module)
     assert source.count(old) == 1, f"the mutation site {old!r} is not unique in {module.__name__}"
-    source = source.replace(old, new).replace("from .triton_kernels import", "from lstm_kernels.backends.triton_kernels import")
+    source = re.sub(r"^from \.(\w+) import", r"from lstm_kernels.backends.triton.\1 import", source.replace(old, new),
+                    flags=re.M)  # the copy is no module of the package: its relative imports made absolute
     path = tmp_path / f"mutant_{module.__name__.rsplit('.', 1)[-1]}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -517,10 +516,10 @@ FORWARD_MUTANTS = {
 @pytest.mark.parametrize("mutant", list(FORWARD_MUTANTS))
 def test_forward_checks_catch_a_mutant(mutant, tmp_path):
     """Each structural check fails on a forward kernel with the fault it guards against."""
-    from lstm_kernels.backends import triton_persistent_forward
+    from lstm_kernels.backends.triton import persistent_forward
 
     old, new, caught_by = FORWARD_MUTANTS[mutant]
-    kernel = mutant_kernel(triton_persistent_forward, "_lstm_pfw_kernel", old, new, tmp_path)
+    kernel = mutant_kernel(persistent_forward, "_lstm_pfw_kernel", old, new, tmp_path)
     B, H, P = SHAPES["B16_H768"]
     _, compiled, dots = forward_build(B, H, P, torch.float16, 90, kernel=kernel)
     counts = report(f"forward (mutant {mutant})", 90, torch.float16, "B16_H768", compiled, tmp_path, ("%w_ptr",))
@@ -529,77 +528,3 @@ def test_forward_checks_catch_a_mutant(mutant, tmp_path):
         assert counts["w_global_loads_in_loop"] == 0 and counts["w_smem_copies_in_loop"] == 0, "mutant: W_hh in the loop"
         assert_designed_step(counts, False, True, "mutant")
     assert caught_by in str(failure.value), failure.value
-
-
-# ----------------------------------------------------------------------------- before: the existing kernels
-
-
-#: Arguments the existing kernels gained meanwhile, with the value their launch helpers default to.
-OLD_KERNEL_DEFAULTS: dict = {"HAS_RESETS": False}
-
-
-def _old_constants(fn, values: dict) -> dict:
-    values = values | {n: v for n, v in OLD_KERNEL_DEFAULTS.items() if n in fn.arg_names}
-    missing = [n for n in fn.arg_names
-               if not n.endswith("_ptr") and n not in values and n not in kernels.BARRIER_RUNTIME_ARGS]
-    if missing:
-        pytest.skip(f"the existing kernel's signature changed ({missing}); before-counts not measured")
-    return values
-
-
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-def test_existing_persistent_kernels_before(dtype, arch, tmp_path):
-    """The same counts for the existing persistent kernels at the flagship shape, as their launch
-    helpers configure them (printed for the before/after note; asserts only that they compile)."""
-    from lstm_kernels.backends.triton_backward import _lstm_bw_kernel
-    from lstm_kernels.backends.triton_forward import _lstm_fw_kernel
-
-    B, H = 16, 768
-    budget = budget_of(arch)
-    cfg = kernels.launch_config(H, B, dtype)
-    fw_cfg = kernels.persistent_config(cfg, H, B, lambda c: kernels.forward_resident_bytes(H, c, dtype), budget,
-                                       SMS[arch])
-    tiles = kernels.num_tiles(H, B, fw_cfg)
-    resident = kernels.resident_weights("persistent", min(tiles, SMS[arch]), tiles,
-                                        kernels.forward_resident_bytes(H, fw_cfg, dtype), budget)
-    k1, k2 = kernels.split_k(H)
-    fw_prec, other_prec = kernels.dot_precisions(dtype)
-    consts = _old_constants(_lstm_fw_kernel, dict(
-        H=H, P=H, HAS_PROJ=False, RUN_CELL=True, RUN_PROJ=True, STORE_WS=True, USE_BARRIER=True, W_RESIDENT=resident,
-        BLOCK_B=fw_cfg["BLOCK_B"], BLOCK_H=fw_cfg["BLOCK_H"], BLOCK_K=fw_cfg["BLOCK_K"], K1=k1, K2=k2,
-        DOT_PRECISION=fw_prec, DOT_DTYPE=kernels.forward_dot_dtype(dtype), PROJ_PRECISION=other_prec,
-        t_begin=0, n_steps=1024, B=B))
-    ints = {n: consts.pop(n) for n in ("t_begin", "n_steps", "B")}
-    warps = kernels.RESIDENT_WARPS if resident else fw_cfg["num_warps"]
-    typed = {n: PTR[dtype] for n in ("xg_ptr", "w_ptr", "w_hr_ptr", "h_buf_ptr", "h_all_ptr")}
-    typed |= {"bs_ptr": "*i32", "bar_ptr": "*i32"}
-    compiled = compile_kernel(_lstm_fw_kernel, consts, typed, ints, warps, arch)
-    fw = report("forward (before)", arch, dtype, f"B{B}_H{H} {fw_cfg} resident={resident}", compiled, tmp_path,
-                ("%w_ptr",))
-    ideal = ideal_mma([(fw_cfg["BLOCK_B"], fw_cfg["BLOCK_H"], k1 + k2)] * 4, (16, 8, 16), warps)
-    print(f"[step budget] forward (before): ideal MMA per warp {ideal}, "
-          f"programs {kernels.num_tiles(H, B, fw_cfg)}")
-
-    bw_cfg = kernels.persistent_config(cfg, H, B, lambda c: kernels.backward_resident_bytes(H, c), budget, SMS[arch])
-    tiles = kernels.num_tiles(H, B, bw_cfg)
-    resident = kernels.resident_weights("persistent", min(tiles, SMS[arch]), tiles,
-                                        kernels.backward_resident_bytes(H, bw_cfg), budget)
-    k1, k2 = kernels.split_k(4 * H)
-    consts = _old_constants(_lstm_bw_kernel, dict(
-        H=H, P=H, HAS_PROJ=False, RUN_DH=True, RUN_CELL=True, USE_BARRIER=True, W_RESIDENT=resident,
-        BLOCK_B=bw_cfg["BLOCK_B"], BLOCK_H=bw_cfg["BLOCK_H"], BLOCK_K=bw_cfg["BLOCK_K"], K1=k1, K2=k2,
-        DOT_PRECISION=kernels.dot_precisions(dtype)[1], t_begin=H - 1, n_steps=1025, B=B))
-    ints = {n: consts.pop(n) for n in ("t_begin", "n_steps", "B")}
-    warps = kernels.RESIDENT_WARPS if resident else bw_cfg["num_warps"]
-    typed = {n: PTR[dtype] for n in ("w_ptr", "w_hr_ptr", "dh_all_ptr", "dh_last_ptr", "c0_ptr", "dg_ptr")}
-    typed |= {"bs_ptr": "*i32", "bar_ptr": "*i32"}
-    compiled = compile_kernel(_lstm_bw_kernel, consts, typed, ints, warps, arch)
-    bw = report("backward (before)", arch, dtype, f"B{B}_H{H} {bw_cfg} resident={resident} programs={tiles}",
-                compiled, tmp_path, ("%w_ptr",))
-    if not resident:  # the streamed k-loop runs its body 4H / BLOCK_K times per step
-        trips = triton.cdiv(4 * H, bw_cfg["BLOCK_K"])
-        print(f"[step budget] backward (before): k-loop of {trips} trips per step -> "
-              f"{ {s: n * trips for s, n in bw['mma_per_warp'].items()} } MMA per warp per step, ideal "
-              f"{ideal_mma([(bw_cfg['BLOCK_B'], bw_cfg['BLOCK_H'], 4 * H)], (16, 8, 8), warps)}")
-    assert fw["grid_arrivals"] >= 1

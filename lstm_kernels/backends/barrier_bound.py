@@ -49,14 +49,12 @@ DEFAULT_BARRIER_TIMEOUT_S = 10.0
 #: The bound while a plan is verified: a proven kernel's barrier waits microseconds.
 VERIFY_BARRIER_TIMEOUT_S = 2.0
 
-#: The codes the kernels write into the record (index + 1), both backends.
+#: The codes the kernels write into the record (index + 1), both backends: every kernel with a grid
+#: barrier. A launch passes its code as a runtime argument (:func:`kernel_code`), so only this tuple
+#: fixes the numbers; the host names the kernel from it (:func:`describe`).
 KERNELS = (
-    "cuda forward (persistent)",
-    "cuda backward (persistent)",
     "cuda fused forward (persistent)",
     "cuda fused backward (persistent)",
-    "triton forward (persistent)",
-    "triton backward (persistent)",
     "triton forward (persistent, step budget)",
     "triton backward (persistent, step budget)",
 )

@@ -1,10 +1,10 @@
-// Host check of csrc/barrier_wait.cuh's give-up logic (barrier_gives_up), compiled with g++ over the
+// Host check of csrc/fused/barrier_wait.cuh's give-up logic (barrier_gives_up), compiled with g++ over the
 // header's host build (tests/test_barrier_wait_host.py). The header's clock is a fake one that the
 // check advances itself (LSTM_BARRIER_HOST_CLOCK), so the bound is tested deterministically; the
 // header counts its clock reads (lstm::barrier::clock_reads).
 //
-// wait() below is the kernels' wait loop (fused_common.cuh's grid_wait, persistent.cuh's
-// bounded_grid_sync) on one thread: poll, leave if open, else ask barrier_gives_up.
+// wait() below is the kernels' wait loop (fused_common.cuh's grid_wait) on one thread: poll, leave
+// if open, else ask barrier_gives_up.
 // Prints one JSON object of the scenarios' observations; the test asserts on them.
 #include <atomic>
 #include <cstdio>
@@ -20,7 +20,7 @@ struct clock {
 };
 }  // namespace fake
 #define LSTM_BARRIER_HOST_CLOCK fake::clock::now_ns
-#include "barrier_wait.cuh"
+#include "fused/barrier_wait.cuh"
 
 using lstm::BarrierWatch;
 using lstm::barrier::barrier_gives_up;

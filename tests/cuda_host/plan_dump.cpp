@@ -1,11 +1,11 @@
-// Host program over csrc/fused_plan.cuh (compiled by g++ in tests/test_cuda_plan_host.py):
+// Host program over csrc/fused/fused_plan.cuh (compiled by g++ in tests/test_cuda_plan_host.py):
 // prints the fused kernels' plan for "B H [elem [P]]" as JSON, so Python can check it without a GPU.
 // elem: bytes of the storage type (2: fp16/bf16, default; 4: float), for the reduction's chunks;
 // P: the state size (proj_size; default H), for the warps' k ranges.
 #include <cstdio>
 #include <cstdlib>
 
-#include "fused_plan.cuh"
+#include "fused/fused_plan.cuh"
 
 using namespace lstm::fused;
 

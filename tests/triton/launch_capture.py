@@ -1,8 +1,9 @@
 """What the Triton launch helpers launch, without launching it.
 
-``record_launches`` replaces the two kernels in the launch modules by recorders, so that
-``lstm_forward`` / ``lstm_backward`` run their whole host path (choice of variant, launch
-configuration, buffers, row counts) and record each launch's grid, arguments and keywords.
+``record_launches`` replaces the kernels in the launch modules (the per-step kernels of
+step_forward / step_backward and the persistent ones as persistent launches them) by recorders,
+so that ``lstm_forward`` / ``lstm_backward`` run their whole host path (choice of variant, plan,
+launch configuration, buffers, row counts) and record each launch's grid, arguments and keywords.
 With ``meta`` tensors that host path runs on any machine, at any size, and touches no data:
 a host read of device data (``.item()``, ``.tolist()``) fails on a meta tensor.
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lstm_kernels.backends import triton_backward, triton_forward
+from lstm_kernels.backends.triton import launch, persistent, step_backward, step_forward
 
 
 @dataclass
@@ -30,7 +31,8 @@ class Launch:
 
 @dataclass
 class Recorder:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` is recorded, not run."""
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` is recorded, not run,
+    into ``launches`` (which recorders of one direction share)."""
     kernel: object
     launches: list = field(default_factory=list)
 
@@ -40,16 +42,24 @@ class Recorder:
         return launch
 
 
+#: (module, kernel name) of the forward's and the backward's kernels, as their launch helpers look them up.
+FORWARD_KERNELS = ((step_forward, "_lstm_fw_kernel"), (persistent, "_lstm_pfw_kernel"))
+BACKWARD_KERNELS = ((step_backward, "_lstm_bw_kernel"), (persistent, "_lstm_pbw_kernel"))
+
+
 def record_launches(monkeypatch):
-    """Replace the forward and backward kernels by recorders; returns (forward, backward) recorders."""
+    """Replace the forward and backward kernels by recorders; returns (forward, backward) recorders,
+    whose ``launches`` hold every launch of that direction in order (each with its real kernel)."""
     def real(kernel):  # a recorder recorded again records for the same kernel
         return kernel.kernel if isinstance(kernel, Recorder) else kernel
 
-    fw = Recorder(real(triton_forward._lstm_fw_kernel))
-    bw = Recorder(real(triton_backward._lstm_bw_kernel))
-    monkeypatch.setattr(triton_forward, "_lstm_fw_kernel", fw)
-    monkeypatch.setattr(triton_backward, "_lstm_bw_kernel", bw)
-    return fw, bw
+    recorders = []
+    for kernels in (FORWARD_KERNELS, BACKWARD_KERNELS):
+        launches = []
+        for module, name in kernels:
+            monkeypatch.setattr(module, name, Recorder(real(getattr(module, name)), launches))
+        recorders.append(getattr(kernels[0][0], kernels[0][1]))
+    return tuple(recorders)
 
 
 def meta_case(T, B, H, dtype, proj=0, batch_sizes=None):
@@ -65,12 +75,12 @@ def meta_case(T, B, H, dtype, proj=0, batch_sizes=None):
 
 def run_host_path(case, variant, needs_grad=True):
     """lstm_forward (and lstm_backward when ``needs_grad``) of ``case`` with the kernels recorded."""
-    h_all, h_T, c_T, ws = triton_forward.lstm_forward(
+    h_all, h_T, c_T, ws = launch.lstm_forward(
         case["xg"], case["w_hh"], case["h0"], case["c0"], case["w_hr"], case["batch_sizes"],
         store_workspace=needs_grad, variant=variant)
     if needs_grad:
-        triton_backward.lstm_backward(case["xg"], case["w_hh"], case["c0"], case["w_hr"], ws, case["dh_all"],
-                                      case["dh_T"], case["dc_T"], case["batch_sizes"], variant=variant)
+        launch.lstm_backward(case["xg"], case["w_hh"], case["c0"], case["w_hr"], ws, case["dh_all"], case["dh_T"],
+                             case["dc_T"], case["batch_sizes"], variant=variant)
     return h_all, h_T, c_T, ws
 
 

@@ -2,11 +2,10 @@
 
 ``lstm_layer(..., backend="triton", resets=...)`` against the reference backend in float64 on the
 same (float32) inputs, with the same resets: the outputs h_all, h_T, c_T and every gradient (dxg,
-dw_hh, dh0, dc0, and dw_hr with a projection), with the tolerances of tests/utils.py. Every
-kernel that serves calls runs: the step kernels, the earlier persistent kernels (one program, no
-barrier under the interpreter) and the kernels at the budget of one step (triton_persistent*.py,
-which the backend runs only on a GPU: here they are put behind the backend in their per-step
-mode, the one the interpreter can run). Resets at the first step, the last step, adjacent steps,
+dw_hh, dh0, dc0, and dw_hr with a projection), with the tolerances of tests/utils.py. Both kernel
+sets that serve calls run: the step kernels and the persistent kernels (backends/triton/persistent*.py;
+the backend runs them in their per-step mode under the interpreter, and here also with forced
+tiles and as one launch over all steps). Resets at the first step, the last step, adjacent steps,
 every step and none; with a projection; with packed batch sizes; several batch tiles. Last,
 FusedLSTM(backend="triton") against nn.LSTM run piece by piece (tests/test_resets.py).
 Tiny shapes: the interpreter is slow.
@@ -24,11 +23,14 @@ from utils import REL_TOL, assert_rel_close
 
 known_backends()
 triton_backend = pytest.importorskip("lstm_kernels.backends.triton")
-kernels = pytest.importorskip("lstm_kernels.backends.triton_kernels")
-tp = pytest.importorskip("lstm_kernels.backends.triton_persistent")
+kernels = pytest.importorskip("lstm_kernels.backends.triton.config")
+tp = pytest.importorskip("lstm_kernels.backends.triton.persistent")
 
 DEVICE = "cuda" if torch.cuda.is_available() and not kernels.interpreting() else "cpu"
-KERNELS = ["step", "persistent", "step_budget"]
+#: The variants, and what each runs (LAST_KERNELS) on these small calls.
+KERNELS = {"step": "step", "persistent": "step_budget"}
+#: float32 runs on TF32 on a GPU (see use_kernels).
+TOL = REL_TOL["tf32" if DEVICE == "cuda" else torch.float32]
 T, B, H = 5, 3, 6
 
 #: (t, b) pairs where resets is True, over T = 5 steps and B = 3 rows.
@@ -50,15 +52,19 @@ def resets_of(pattern, steps=T, rows=B):
 
 
 @pytest.fixture
-def use_kernels(monkeypatch):
-    """``use_kernels(name, fw_cfg=None, bw_cfg=None, steps_mode=None)``: make backend "triton" run those
-    kernels; returns a check that they ran. "step_budget" routes the backend's launch helpers to
-    triton_persistent's (with the given plans, or planned there; ``steps_mode`` as they take it)."""
+def use_kernels(monkeypatch, set_tf32):
+    """``use_kernels(variant)``: make backend "triton" run that variant; returns a check that it ran
+    its kernels (KERNELS). ``use_kernels("step_budget", fw_cfg, bw_cfg, steps_mode)`` routes the
+    backend's launch helpers to the persistent kernels with the given plans (or planned there) and
+    ``steps_mode`` as they take it."""
+    if DEVICE == "cuda":
+        set_tf32(True)  # on a GPU the persistent kernels serve float32 with TF32 only (TOL)
+
     def use(name, fw_cfg=None, bw_cfg=None, steps_mode=None):
-        if name != "step_budget":
+        if name in KERNELS:
             monkeypatch.setenv(kernels.VARIANT_ENV, name)
             backend = get_backend("triton")
-            return lambda: (backend.last_forward_kernel, backend.last_backward_kernel) == (name, name)
+            return lambda: (backend.last_forward_kernel, backend.last_backward_kernel) == (KERNELS[name],) * 2
         ran = []
 
         def forward(*args, variant, **kwargs):
@@ -104,7 +110,7 @@ def check_layer(inputs, resets, batch_sizes=None):
     expected = layer_outputs_and_grads(inputs, "reference", resets, batch_sizes, dtype=torch.float64)
     assert set(actual) == set(expected)
     for name, e in expected.items():
-        assert_rel_close(actual[name], e, REL_TOL[torch.float32], name)
+        assert_rel_close(actual[name], e, TOL, name)
     return actual
 
 
@@ -147,7 +153,7 @@ def test_step_budget_kernels_with_several_tiles(proj, use_kernels):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_more_than_64_rows(kernel, use_kernels):
-    """The flags of rows 64 and on are in the second word of each step (triton_kernels.reset_rows),
+    """The flags of rows 64 and on are in the second word of each step (config.reset_rows),
     read by the programs of the second batch tile."""
     rows = 70
     ran = use_kernels(kernel)
@@ -196,4 +202,4 @@ def test_fused_lstm_matches_nn_lstm_piece_by_piece(use_kernels):
                                tuple(s.double() for s in hx))
     assert len(actual) == len(expected)
     for i, (a, e) in enumerate(zip(actual, expected)):
-        assert_rel_close(a, e, REL_TOL[torch.float32], f"output or gradient {i}")
+        assert_rel_close(a, e, TOL, f"output or gradient {i}")

@@ -10,13 +10,13 @@ in that dtype), and no single element is off by more than ELEMENT_FACTOR times t
 of the tensor's largest magnitude (tests/utils.py: one wrong tile cannot hide in the norm).
 
 Races between the programs of a persistent launch (its grid barrier) are what no
-sanitizer sees; the detector is the comparison with the step variant, where a launch
-boundary is the barrier: bitwise, for every shape here and at the flagship shape,
-several runs each (test_persistent_matches_step_bitwise). The step-budget kernels that fp16 and
-bf16 calls launch by default have tiles of their own: they are compared bitwise with the same
-kernels launched once per step (test_step_budget_kernels_match_their_steps_mode_bitwise). Every
-test that claims a kernel asserts that it ran (the backend's last_forward_kernel /
-last_backward_kernel).
+sanitizer sees; the detector is the comparison of the persistent kernels with the same kernels
+launched once per step (their steps mode, where a launch boundary is the barrier): bitwise, for
+every shape here and at the flagship shape, several runs each
+(test_step_budget_kernels_match_their_steps_mode_bitwise). The persistent variant as launched is
+also bitwise the same run after run and close to the step variant
+(test_persistent_is_deterministic_and_close_to_step). Every test that claims a kernel asserts
+that it ran (the backend's last_forward_kernel / last_backward_kernel).
 """
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ from utils import REL_TOL, assert_rel_close, rel_error
 
 known_backends()
 triton_backend = pytest.importorskip("lstm_kernels.backends.triton")
-kernels = pytest.importorskip("lstm_kernels.backends.triton_kernels")
-from lstm_kernels.backends import device_rows, triton_backward, triton_forward, triton_persistent  # noqa: E402
+kernels = pytest.importorskip("lstm_kernels.backends.triton.config")
+from lstm_kernels.backends import device_rows  # noqa: E402
+from lstm_kernels.backends.triton import launch, persistent as triton_persistent  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -45,7 +46,7 @@ pytestmark = [
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ["step", "persistent"]
 # (T, B, H, proj_size): long sequence; the largest batch x hidden; B = 1 with odd H; odd
-# sizes; more tiles than SMs (the persistent programs loop over tiles); projections; one tile.
+# sizes; more tiles than SMs (persistent runs the step kernels); projections; one tile.
 SHAPES = {
     "T1024_B64_H256": (1024, 64, 256, 0),
     "T512_B256_H1024": (512, 256, 1024, 0),
@@ -71,8 +72,8 @@ def run(backend, case, dtype=None):
 
 
 def expected_kernels(variant, case) -> tuple:
-    """(forward, backward) kernels a call of ``variant`` must run: the step-budget kernels where their
-    plan serves the call (fp16/bf16, and fp32 with TF32), else the earlier persistent ones."""
+    """(forward, backward) kernels a call of ``variant`` must run: the persistent kernels where their
+    plan serves the call (fp16/bf16, and fp32 with TF32), else the step ones."""
     if variant == "step":
         return "step", "step"
     T, B, four_h = case["xg"].shape
@@ -80,7 +81,7 @@ def expected_kernels(variant, case) -> tuple:
     device = case["xg"].device
     fw = triton_persistent.forward_plan(B, H, P, dtype, device, has_proj)
     bw = triton_persistent.backward_plan(B, H, P, dtype, device, has_proj)
-    return tuple("step_budget" if isinstance(plan, dict) else "persistent" for plan in (fw, bw))
+    return tuple("step_budget" if isinstance(plan, dict) else "step" for plan in (fw, bw))
 
 
 def assert_ran(backend, expected, what=""):
@@ -139,15 +140,14 @@ def test_deterministic(dtype, variant):
 
 
 def test_auto_variant_choice():
-    """auto = persistent when every tile has its own SM, step otherwise."""
+    """auto = the persistent kernels where their plan fits (every tile its own SM), the step kernels
+    otherwise."""
     device = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    small = kernels.launch_config(256, 64, torch.bfloat16)
-    assert kernels.num_tiles(256, 64, small) <= sms
-    assert kernels.choose_variant("auto", 256, 64, small, device) == "persistent"
-    big = kernels.launch_config(4096, 256, torch.bfloat16)
-    assert kernels.num_tiles(4096, 256, big) > sms
-    assert kernels.choose_variant("auto", 4096, 256, big, device) == "step"
+    assert launch.choose_variant("auto", device) == "persistent"
+    for (T, B, H), expected in (((4, 64, 256), "step_budget"), ((2, 256, 4096), "step")):
+        backend = triton_backend.TritonBackend("auto")
+        run(backend, make_case(T, B, H, 0, torch.bfloat16))
+        assert_ran(backend, (expected, expected), f"auto at B = {B}, H = {H}")
 
 
 @pytest.mark.parametrize("proj_size", [0, 32], ids=["no_proj", "proj32"])
@@ -185,16 +185,6 @@ BITWISE_CASES = [(shape, dtype) for shape in SHAPES for dtype in DTYPES] + [
 RUNS = 3
 
 
-def _streamed_like_step(monkeypatch):
-    """Persistent launches with the step variant's tiles and W_hh streamed in BLOCK_K chunks, as
-    the step variant does: the same arithmetic per tile, so any difference is a race."""
-    for module in (triton_forward, triton_backward):
-        monkeypatch.setattr(module, "resident_weights", lambda *args: False)
-        monkeypatch.setattr(module, "persistent_config", lambda cfg, *args: cfg)
-    for plan in ("forward_plan", "backward_plan"):  # not the step-budget kernels: their tiles differ
-        monkeypatch.setattr(triton_persistent, plan, lambda *args, **kwargs: "disabled for this comparison")
-
-
 def assert_bitwise(actual, expected, what):
     for name in expected:
         a, e = actual[name], expected[name]
@@ -208,24 +198,16 @@ def assert_bitwise(actual, expected, what):
 
 @pytest.mark.timeout(900, method="thread")
 @pytest.mark.parametrize("shape_name,dtype_name", BITWISE_CASES, ids=[f"{s}-{d}" for s, d in BITWISE_CASES])
-def test_persistent_matches_step_bitwise(shape_name, dtype_name, monkeypatch):
-    """The persistent variant against the step variant, several runs each.
-
-    With the step variant's tiles and W_hh streamed (the same arithmetic per tile) the results
-    must be bitwise equal: a grid-barrier race (a program reading h_{t-1} or dG_{t+1} before
-    another program stored it, a stale line) shows up as a difference. As launched (resident
-    W_hh in one tl.dot over K where it fits: another summation grouping) the persistent
-    variant must be bitwise the same run after run, and within the tolerance of the step
-    variant element by element."""
+def test_persistent_is_deterministic_and_close_to_step(shape_name, dtype_name):
+    """The persistent variant against the step variant: as launched (the persistent kernels where
+    their plan fits: another summation grouping, K split over warps) bitwise the same run after
+    run, and within the tolerance of the step variant element by element. (The race detector of
+    the persistent kernels, bitwise against their own steps mode, is
+    test_step_budget_kernels_match_their_steps_mode_bitwise.)"""
     shape = FLAGSHIP if shape_name == "flagship" else SHAPES[shape_name]
     dtype = DTYPES[dtype_name]
     case = make_case(*shape, dtype, seed=11)
     step = run(triton_backend.TritonBackend("step"), case)
-    with monkeypatch.context() as m:
-        _streamed_like_step(m)
-        for i in range(RUNS):
-            assert_bitwise(run(triton_backend.TritonBackend("persistent"), case), step,
-                           f"persistent (streamed like step), run {i}")
     first = run(triton_backend.TritonBackend("persistent"), case)
     for i in range(1, RUNS):
         again = run(triton_backend.TritonBackend("persistent"), case)
@@ -236,7 +218,7 @@ def test_persistent_matches_step_bitwise(shape_name, dtype_name, monkeypatch):
 
 
 def _run_step_budget(case, steps_mode: bool) -> dict:
-    """triton_persistent's forward and backward, launched persistently or once per step (the same
+    """The persistent kernels' forward and backward, launched persistently or once per step (the same
     kernels, tiles and arithmetic without the grid barrier)."""
     xg, w_hh, h0, c0, w_hr, bs = (case[n] for n in ("xg", "w_hh", "h0", "c0", "w_hr", "batch_sizes"))
     h_all, h_T, c_T, ws = triton_persistent.persistent_forward(xg, w_hh, h0, c0, w_hr, bs, True, steps_mode=steps_mode)
@@ -254,7 +236,7 @@ STEP_BUDGET_CASES = [(shape, dtype) for shape in SHAPES for dtype in ("fp16", "b
 @pytest.mark.timeout(900, method="thread")
 @pytest.mark.parametrize("shape_name,dtype_name", STEP_BUDGET_CASES, ids=[f"{s}-{d}" for s, d in STEP_BUDGET_CASES])
 def test_step_budget_kernels_match_their_steps_mode_bitwise(shape_name, dtype_name):
-    """The kernels fp16/bf16 calls launch by default (triton_persistent's), persistent against the same
+    """The kernels fp16/bf16 calls launch by default (the persistent ones), persistent against the same
     kernels launched once per step: bitwise equal, several runs, so a grid-barrier race shows."""
     shape = FLAGSHIP if shape_name == "flagship" else SHAPES[shape_name]
     case = make_case(*shape, DTYPES[dtype_name], seed=11)
@@ -324,7 +306,7 @@ def test_row_counts_of_a_packed_batch_come_from_pinned_memory(monkeypatch):
 
 
 #: The modules that launch persistent Triton kernels, each with its own name for barrier_args.
-BARRIER_LAUNCHERS = (triton_forward, triton_backward, triton_persistent)
+BARRIER_LAUNCHERS = (triton_persistent,)
 #: A grid-barrier counter that starts this far below zero never reaches a wait's target
 #: (``_wait`` compares seen < target, int32): a barrier that never opens.
 NEVER = -(2**30)
@@ -334,7 +316,7 @@ GAVE_UP = (r"grid barrier of the triton (forward|backward) \(persistent(, step b
 
 
 def never_opens(barrier_args):
-    """A stand-in for ``triton_kernels.barrier_args`` whose counter starts at NEVER."""
+    """A stand-in for ``config.barrier_args`` whose counter starts at NEVER."""
 
     def args(device, kernel):
         state, *rest = barrier_args(device, kernel)

@@ -1,4 +1,6 @@
-"""The triton backend's recurrence against the reference backend, both variants.
+"""The triton backend's recurrence against the reference backend, both variants: "step" (the
+per-step kernels) and "persistent" (the persistent kernels, in their steps mode under the
+interpreter; tests/triton/test_triton_persistent_budget.py tests them at their own tiles).
 
 Runs on the CPU under TRITON_INTERPRET=1 (small shapes: the interpreter is slow) and
 on a GPU as is. Forward outputs h_all, h_T, c_T and backward outputs dG, dh0, dc0 are
@@ -17,7 +19,7 @@ from utils import REL_TOL, assert_rel_close
 
 known_backends()  # load the built-in backends first: importing the triton module alone would register only it
 triton_backend = pytest.importorskip("lstm_kernels.backends.triton")
-kernels = pytest.importorskip("lstm_kernels.backends.triton_kernels")
+kernels = pytest.importorskip("lstm_kernels.backends.triton.config")
 
 DEVICE = "cuda" if torch.cuda.is_available() and not kernels.interpreting() else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,8 +78,8 @@ def test_variable_lengths_match_reference(T, lengths, proj, dtype, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_deterministic_and_the_variants_agree(variant):
     """Run after run, bitwise the same. The variants compute the same math, but the persistent
-    one may sum a resident W_hh slice in one tl.dot where the step one sums BLOCK_K chunks, so
-    across variants the results only agree closely."""
+    kernels sum K in slices over warps where the step ones sum BLOCK_K chunks, so across
+    variants the results only agree closely."""
     case = make_case(5, 17, 33, torch.float32, seed=3, proj=20)
     first, _ = run(triton_backend.TritonBackend(variant), case)
     again, _ = run(triton_backend.TritonBackend(variant), case)
@@ -92,68 +94,16 @@ def _small_blocks(hidden, batch, dtype):
     return dict(BLOCK_B=16, BLOCK_H=16, BLOCK_K=16, num_warps=4)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("proj", [0, 20], ids=["no_proj", "proj20"])
 @pytest.mark.parametrize("lengths", [None, [5, 5, 4] + [3] * 14 + [1] * 16], ids=["dense", "packed"])
-def test_many_tiles_match_reference(lengths, proj, variant, monkeypatch):
-    """Several tiles along B and H (and P): the tile arithmetic, the tail masks and, for the
-    persistent variant, one program looping over all tiles with W_hh streamed."""
-    for module in ("triton_forward", "triton_backward"):
-        monkeypatch.setattr(f"lstm_kernels.backends.{module}.launch_config", _small_blocks)
+def test_many_tiles_match_reference(lengths, proj, monkeypatch):
+    """The step kernels with several tiles along B and H (and P): the tile arithmetic and the tail
+    masks (the persistent kernels' several tiles: test_triton_persistent_budget.py)."""
+    for module in ("step_forward", "step_backward"):
+        monkeypatch.setattr(f"lstm_kernels.backends.triton.{module}.step_config", _small_blocks)
     B = 33 if lengths is None else len(lengths)
     case = make_case(5, B, 35, torch.float32, seed=4, lengths=lengths, proj=proj)
-    check_against_reference(variant, case, torch.float32)
-
-
-def test_resident_weights_rule():
-    """W_hh stays on chip only for a persistent launch with one tile per program, within the budget."""
-    budget = kernels.RESIDENT_BYTES
-    assert kernels.resident_weights("persistent", 8, 8, budget)
-    assert not kernels.resident_weights("persistent", 4, 8, budget)  # programs loop over tiles
-    assert not kernels.resident_weights("step", 8, 8, 1024)
-    assert not kernels.resident_weights("persistent", 8, 8, budget + 1)
-    cfg = dict(BLOCK_B=16, BLOCK_H=32)
-    assert kernels.forward_resident_bytes(100, cfg, torch.bfloat16) == (4 * 32 + 16) * (64 + 64) * 2
-    assert kernels.forward_resident_bytes(100, cfg, torch.float32) == (4 * 32 + 16) * (64 + 64) * 4
-    assert kernels.backward_resident_bytes(100, cfg) == (32 + 16) * (256 + 256) * 4
-
-
-@pytest.mark.parametrize("n,pieces", [(1, (16, 16)), (16, (16, 16)), (20, (16, 16)), (33, (32, 16)),
-                                      (100, (64, 64)), (768, (512, 256)), (1000, (512, 512)), (1024, (1024, 16))])
-def test_split_k(n, pieces):
-    """Two power-of-two pieces >= 16 that cover n; the second is all padding when n is a power of two."""
-    assert kernels.split_k(n) == pieces
-    assert sum(pieces) >= n
-
-
-def test_persistent_config_narrows_tiles_only_to_make_weights_resident():
-    cfg = dict(BLOCK_B=16, BLOCK_H=32, BLOCK_K=64, num_warps=4)
-
-    def fw_bytes(c):
-        return kernels.forward_resident_bytes(768, c, torch.bfloat16)
-
-    budget = kernels.RESIDENT_BYTES
-    assert kernels.persistent_config(cfg, 768, 16, fw_bytes, budget, 132)["BLOCK_H"] == 16  # 48 tiles, 120 KiB
-    assert kernels.persistent_config(cfg, 768, 16, fw_bytes, budget, 40)["BLOCK_H"] == 32  # 48 tiles > 40 programs
-    assert kernels.persistent_config(cfg, 768, 16, fw_bytes, 100 * 1024, 132)["BLOCK_H"] == 32  # over budget
-    small = kernels.persistent_config(cfg, 64, 16, lambda c: kernels.forward_resident_bytes(64, c, torch.bfloat16),
-                                      budget, 132)
-    assert small is cfg  # already resident with 32-unit tiles
-
-
-@pytest.mark.skipif(not kernels.interpreting(), reason="the interpreter's one persistent program owns one tile here")
-def test_persistent_runs_with_resident_weights(monkeypatch):
-    """The resident path is what the persistent tests above exercise under the interpreter."""
-    decisions = []
-
-    def spy(*args):
-        decisions.append(kernels.resident_weights(*args))
-        return decisions[-1]
-
-    for module in ("triton_forward", "triton_backward"):
-        monkeypatch.setattr(f"lstm_kernels.backends.{module}.resident_weights", spy)
-    check_against_reference("persistent", make_case(3, 5, 13, torch.bfloat16), torch.bfloat16)
-    assert decisions == [True, True]
+    check_against_reference("step", case, torch.float32)
 
 
 @pytest.mark.parametrize("proj", [0, 4], ids=["no_proj", "proj4"])
@@ -178,17 +128,6 @@ def test_non_contiguous_inputs():
     assert not wide["xg"].is_contiguous()
     wide["batch_sizes"] = wide["w_hr"] = None
     check_against_reference("step", wide, torch.float32)
-
-
-def test_environment_variable_forces_a_variant(monkeypatch):
-    cfg = kernels.launch_config(13, 3, torch.float32)
-    device = torch.device(DEVICE)
-    monkeypatch.setenv(kernels.VARIANT_ENV, "persistent")
-    assert kernels.choose_variant("auto", 13, 3, cfg, device) == "persistent"
-    assert kernels.choose_variant("step", 13, 3, cfg, device) == "step"
-    monkeypatch.setenv(kernels.VARIANT_ENV, "bogus")
-    with pytest.raises(ValueError, match="bogus"):
-        kernels.choose_variant("auto", 13, 3, cfg, device)
 
 
 def _call(**overrides):
@@ -220,8 +159,8 @@ def test_supports_serves_the_plain_case():
     assert triton_backend.TritonBackend().supports(_call(has_projection=True, state_size=2)) is None
 
 
-def test_launch_config_blocks_are_at_least_16():
+def test_step_config_blocks_are_at_least_16():
     for H in (1, 13, 16, 33, 129, 1024):
         for B in (1, 3, 17, 256):
-            cfg = kernels.launch_config(H, B, torch.bfloat16)
+            cfg = kernels.step_config(H, B, torch.bfloat16)
             assert all(cfg[k] >= 16 for k in ("BLOCK_B", "BLOCK_H", "BLOCK_K"))

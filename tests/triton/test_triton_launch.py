@@ -5,12 +5,12 @@
   the host every call). The launch helpers run on meta tensors with the kernels recorded
   (launch_capture), under a spy on every tensor copy.
 - Launches run inside a device guard of the tensors' device.
-- A cooperative launch refused at run time makes ``auto`` fall back to the step variant; a
-  named variant raises.
+- A persistent call whose plan does not fit runs the per-step kernels; a cooperative launch
+  refused at run time makes ``auto`` fall back to them; a named variant raises.
 - The bounded barrier spin (LSTM_KERNELS_BARRIER_TIMEOUT): a persistent launch whose programs
   cannot all run at once fails with the barrier it waited on, instead of hanging. The
-  interpreter runs programs one after another, so a persistent grid of several programs is
-  exactly such a launch.
+  interpreter runs programs one after another, so a persistent launch of several programs over
+  all steps (not the steps mode the interpreter gets by default) is exactly such a launch.
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ from lstm_kernels.backends import known_backends
 
 known_backends()
 triton_backend = pytest.importorskip("lstm_kernels.backends.triton")
-kernels = pytest.importorskip("lstm_kernels.backends.triton_kernels")
-from lstm_kernels.backends import device_rows, triton_backward, triton_forward  # noqa: E402
+kernels = pytest.importorskip("lstm_kernels.backends.triton.config")
+from lstm_kernels.backends import device_rows  # noqa: E402
+from lstm_kernels.backends.triton import launch, persistent, step_backward, step_forward  # noqa: E402
 
 import launch_capture  # noqa: E402
 import recurrence_cases  # noqa: E402
@@ -152,8 +153,7 @@ def test_launches_run_under_a_guard_of_the_tensors_device(variant, monkeypatch):
         entered.remove(device)
 
     inside = []
-    for module in (triton_forward, triton_backward):
-        monkeypatch.setattr(module, "device_guard", guard)
+    monkeypatch.setattr(launch, "device_guard", guard)
     real = launch_capture.Recorder.__getitem__
 
     def getitem(self, grid):
@@ -177,20 +177,50 @@ def test_device_guard_selects_the_tensors_cuda_device(monkeypatch):
     assert len(chosen) == 1
 
 
-# ----------------------------------------------------------------------------- refused cooperative launch
+# ----------------------------------------------------------------------------- which kernels serve
+
+
+def test_auto_is_persistent_on_a_gpu_and_step_elsewhere(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv(kernels.VARIANT_ENV, raising=False)
+    assert launch.choose_variant("auto", cpu) == "step"
+    assert launch.choose_variant("persistent", cpu) == "persistent" and launch.choose_variant("step", cuda) == "step"
+    assert launch.choose_variant("auto", cuda) == ("step" if kernels.interpreting() else "persistent")
+    monkeypatch.setenv(kernels.VARIANT_ENV, "persistent")
+    assert launch.choose_variant("auto", cpu) == "persistent"
+    assert launch.choose_variant("step", cpu) == "step"
+    monkeypatch.setenv(kernels.VARIANT_ENV, "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        launch.choose_variant("auto", cpu)
+
+
+@pytest.mark.parametrize("declined", ["forward", "backward"])
+def test_a_persistent_call_whose_plan_does_not_fit_runs_the_step_kernels(declined, monkeypatch):
+    """Forward and backward plan separately: the direction whose plan declines runs the step kernel,
+    the other the persistent one (host path on meta tensors, kernels recorded)."""
+    monkeypatch.setattr(persistent, "co_resident_programs", lambda device: 1 << 20)  # as under the interpreter
+    monkeypatch.setattr(persistent, f"{declined}_plan", lambda *args, **kwargs: "does not fit (test)")
+    step_kernels = dict(forward=step_forward._lstm_fw_kernel, backward=step_backward._lstm_bw_kernel)
+    persistent_kernels = dict(forward=persistent._lstm_pfw_kernel, backward=persistent._lstm_pbw_kernel)
+    fw, bw = launch_capture.record_launches(monkeypatch)
+    launch_capture.run_host_path(launch_capture.meta_case(3, 5, 24, torch.float16), "persistent")
+    for direction, recorder in (("forward", fw), ("backward", bw)):
+        expected = step_kernels[direction] if direction == declined else persistent_kernels[direction]
+        assert recorder.launches and all(x.kernel is expected for x in recorder.launches), direction
+        assert kernels.LAST_KERNELS[direction] == ("step" if direction == declined else "step_budget"), direction
 
 
 def test_cooperative_launch_refused_recognises_the_driver_errors():
-    assert kernels.cooperative_launch_refused(RuntimeError(REFUSED))
-    assert kernels.cooperative_launch_refused(RuntimeError("Triton Error [CUDA]: operation not supported"))
-    assert not kernels.cooperative_launch_refused(RuntimeError("Triton Error [CUDA]: an illegal memory access"))
-    assert not kernels.cooperative_launch_refused(RuntimeError("too many blocks in cooperative launch"))
-    assert not kernels.cooperative_launch_refused(ValueError(REFUSED))
+    assert launch.cooperative_launch_refused(RuntimeError(REFUSED))
+    assert launch.cooperative_launch_refused(RuntimeError("Triton Error [CUDA]: operation not supported"))
+    assert not launch.cooperative_launch_refused(RuntimeError("Triton Error [CUDA]: an illegal memory access"))
+    assert not launch.cooperative_launch_refused(RuntimeError("too many blocks in cooperative launch"))
+    assert not launch.cooperative_launch_refused(ValueError(REFUSED))
 
 
 class RefusingKernel:
-    """A kernel whose persistent (cooperative) launches fail as the driver refuses them; the
-    step launches run the real kernel."""
+    """A kernel whose persistent (cooperative) launches fail as the driver refuses them; its
+    launches in steps mode run the real kernel."""
 
     def __init__(self, kernel, error):
         self.kernel, self.error, self.refused = kernel, error, 0
@@ -205,13 +235,14 @@ class RefusingKernel:
 
 
 def _refuse_persistent(monkeypatch, error):
-    fw = RefusingKernel(triton_forward._lstm_fw_kernel, error)
-    bw = RefusingKernel(triton_backward._lstm_bw_kernel, error)
-    monkeypatch.setattr(triton_forward, "_lstm_fw_kernel", fw)
-    monkeypatch.setattr(triton_backward, "_lstm_bw_kernel", bw)
-    for module in (triton_forward, triton_backward):  # auto chooses persistent, as on a GPU where it fits
-        monkeypatch.setattr(module, "choose_variant",
-                            lambda variant, *a: "persistent" if variant in ("auto", "persistent") else variant)
+    """The persistent kernels launched over all steps, as on a GPU, and refused there; auto chooses them."""
+    fw = RefusingKernel(persistent._lstm_pfw_kernel, error)
+    bw = RefusingKernel(persistent._lstm_pbw_kernel, error)
+    monkeypatch.setattr(persistent, "_lstm_pfw_kernel", fw)
+    monkeypatch.setattr(persistent, "_lstm_pbw_kernel", bw)
+    monkeypatch.setattr(persistent, "use_steps_mode", lambda: False)
+    monkeypatch.setattr(launch, "choose_variant",
+                        lambda variant, device: "step" if kernels.requested_variant(variant) == "step" else "persistent")
     return fw, bw
 
 
@@ -255,35 +286,30 @@ def test_auto_does_not_swallow_other_launch_errors(monkeypatch):
 
 def test_barrier_args_carry_the_bound_and_the_kernel(monkeypatch):
     monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "0.5")
-    state, record, timeout_ns, code = kernels.barrier_args(torch.device("cpu"), "triton backward (persistent)")
+    name = "triton backward (persistent, step budget)"
+    state, record, timeout_ns, code = kernels.barrier_args(torch.device("cpu"), name)
     assert state.dtype == torch.int32 and state.tolist() == [0, 0] and record.dtype == torch.int64
-    assert timeout_ns == 500_000_000 and kernels.barrier_bound.KERNELS[code - 1] == "triton backward (persistent)"
+    assert timeout_ns == 500_000_000 and kernels.barrier_bound.KERNELS[code - 1] == name
 
 
 @needs_interpreter
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the programs run on with invalid data
 @pytest.mark.parametrize("which", ["forward", "backward"])
 @pytest.mark.parametrize("proj", [0, 6], ids=["no_proj", "proj6"])
 def test_a_barrier_that_cannot_open_fails_instead_of_hanging(which, proj, monkeypatch):
-    """Four persistent programs under the interpreter run one after another: the first one's first
-    barrier can never see the four arrivals it waits for (a co-residency bug, as on a GPU). Its wait
-    gives up after the bound (1 ms, read from the interpreter's clock: the host's monotonic clock,
-    as inline asm cannot run there), every later wait leaves at once, the call returns, and the
-    next call raises naming the kernel, the step and the program (block 0)."""
+    """The persistent kernels launched over all steps under the interpreter: their programs run one
+    after another, so the first one's first barrier can never see the arrivals it waits for (a
+    co-residency bug, as on a GPU). Its wait gives up after the bound (1 ms, read from the
+    interpreter's clock: the host's monotonic clock, as inline asm cannot run there), every later
+    wait leaves at once, the call returns, and the next call raises naming the kernel, the step and
+    the program (block 0)."""
     monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "0.001")
-    for module in (triton_forward, triton_backward):
-        monkeypatch.setattr(module, "co_resident_programs", lambda device: 4)
-    case = recurrence_cases.make_case(2, 17, 40, torch.float32, "cpu", proj=proj)
-    monkeypatch.setattr(kernels, "launch_config", lambda *a: dict(BLOCK_B=16, BLOCK_H=16, BLOCK_K=16, num_warps=4))
-    for module in (triton_forward, triton_backward):  # 2 x 3 tiles: a grid of 4 programs
-        monkeypatch.setattr(module, "launch_config", kernels.launch_config)
+    case = recurrence_cases.make_case(2, 3, 13, torch.float32, "cpu", proj=proj)
     backend = triton_backend.TritonBackend("persistent")
     args = (case["xg"], case["w_hh"], case["h0"], case["c0"], case["w_hr"], None)
-    if which == "backward":
-        monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "0")
-        with monkeypatch.context() as m:  # a forward that works: one program, no grid barrier
-            m.setattr(triton_forward, "co_resident_programs", lambda device: 1)
-            h_all, _, _, ws = backend.forward(*args, True)
-        monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "0.001")
+    if which == "backward":  # a forward that works: the steps mode, no grid barrier
+        h_all, _, _, ws = backend.forward(*args, True)
+    monkeypatch.setattr(persistent, "use_steps_mode", lambda: False)  # one launch over all steps: 4 programs
     kernels.barrier_bound.reset()
     inputs = recurrence_cases.RecurrenceInputs(*args)
     run = (lambda: backend.forward(*args, True)) if which == "forward" else (
@@ -292,11 +318,11 @@ def test_a_barrier_that_cannot_open_fails_instead_of_hanging(which, proj, monkey
     run()  # gave up after one bound, not one per step; nothing synchronised, nothing raised yet
     assert time.monotonic() - started < 60
     first_step = 0 if which == "forward" else 1  # T = 2: the backward's first barrier follows step t = 1
-    with pytest.raises(RuntimeError, match=rf"triton {which} \(persistent\) kernel on cpu gave up after waiting "
-                                           rf".* \(block 0, waiting after step {first_step}\).*invalid"):
+    with pytest.raises(RuntimeError, match=rf"triton {which} \(persistent, step budget\) kernel on cpu gave up after "
+                                           rf"waiting .* \(block 0, waiting after step {first_step}\).*invalid"):
         backend.forward(*args, True)  # the next call on the device
     with kernels.barrier_bound.bounded_barriers(0.001):  # verification's context: raised by the call itself
-        with pytest.raises(RuntimeError, match=rf"triton {which} \(persistent\) kernel"):
+        with pytest.raises(RuntimeError, match=rf"triton {which} \(persistent, step budget\) kernel"):
             run()
 
 
@@ -316,15 +342,16 @@ def test_triton_older_than_3_3_is_declined(version, served, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["step", "persistent"])
-def test_backend_records_the_kernels_it_ran(variant):
+def test_backend_records_the_kernels_it_ran(variant, set_tf32):
     """last_forward_kernel / last_backward_kernel name what ran, so that a test claiming a kernel can
-    check it (here the interpreter: no step-budget kernels, which serve CUDA tensors only)."""
+    check it: "persistent" runs the persistent kernels ("step_budget") where their plan fits (here it
+    does: a small call, float32 with TF32 on a GPU; under the interpreter in their steps mode)."""
     device = "cuda" if torch.cuda.is_available() and not kernels.interpreting() else "cpu"
     if device == "cpu" and not kernels.interpreting():
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    set_tf32(True)
     backend = triton_backend.TritonBackend(variant)
     kernels.LAST_KERNELS.update(forward=None, backward=None)
     recurrence_cases.run(backend, recurrence_cases.make_case(2, 3, 5, torch.float32, device))
-    expected = variant if device == "cpu" else backend.last_forward_kernel
-    assert backend.last_forward_kernel == expected and backend.last_backward_kernel == expected
-    assert backend.last_forward_kernel in (("step",) if variant == "step" else ("persistent", "step_budget"))
+    expected = "step" if variant == "step" else "step_budget"
+    assert (backend.last_forward_kernel, backend.last_backward_kernel) == (expected, expected)

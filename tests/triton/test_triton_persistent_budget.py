@@ -1,4 +1,4 @@
-"""The persistent kernels of issue 12 (lstm_kernels/backends/triton_persistent*.py) against the reference.
+"""The persistent kernels of issue 12 (lstm_kernels/backends/triton/persistent*.py) against the reference.
 
 On the CPU under TRITON_INTERPRET=1 the kernels run in their per-step mode (one launch per step
 and phase, no grid barrier: the interpreter runs programs one after another); on a GPU as one
@@ -19,8 +19,8 @@ import recurrence_cases
 from utils import REL_TOL, assert_rel_close
 
 known_backends()
-tp = pytest.importorskip("lstm_kernels.backends.triton_persistent")
-kernels = pytest.importorskip("lstm_kernels.backends.triton_kernels")
+tp = pytest.importorskip("lstm_kernels.backends.triton.persistent")
+kernels = pytest.importorskip("lstm_kernels.backends.triton.config")
 
 DEVICE = "cuda" if torch.cuda.is_available() and not kernels.interpreting() else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,15 +123,15 @@ def test_deterministic():
         assert torch.equal(first[name], again[name]), name
 
 
-def test_workspace_pairs_with_the_existing_backward():
-    """persistent_forward keeps triton_forward's workspace layout: the existing backward accepts it."""
-    from lstm_kernels.backends.triton_backward import lstm_backward
+def test_workspace_pairs_with_the_step_backward():
+    """persistent_forward keeps step_forward's workspace layout: the step backward accepts it (forward
+    and backward choose their kernels separately)."""
+    from lstm_kernels.backends.triton.step_backward import step_backward
 
     case = recurrence_cases.make_case(3, 3, 13, torch.float32, DEVICE, proj=5)
     xg, w_hh, h0, c0, w_hr = (case[n] for n in ("xg", "w_hh", "h0", "c0", "w_hr"))
     _, _, _, ws = tp.persistent_forward(xg, w_hh, h0, c0, w_hr, None, True)
-    dG, dh0, dc0, dw_hr = lstm_backward(xg, w_hh, c0, w_hr, ws, case["dh_all"], case["dh_T"], case["dc_T"], None,
-                                        variant="step")
+    dG, dh0, dc0, dw_hr = step_backward(xg, w_hh, c0, w_hr, ws, case["dh_all"], case["dh_T"], case["dc_T"], None)
     expected = reference(case)
     for name, actual in (("dG", dG), ("dh0", dh0), ("dc0", dc0), ("dW_hr", dw_hr)):
         assert_rel_close(actual, expected[name], tolerance(torch.float32), name)

@@ -52,12 +52,4 @@ __device__ __forceinline__ S convert(T x) {
   }
 }
 
-// Tile sizes of the per-step kernels: a block computes TILE_J hidden units
-// (all four gates of each) for TILE_B batch rows, looping over the reduction
-// dimension in chunks of TILE_K. One thread per (batch row, hidden unit).
-constexpr int TILE_J = 16;
-constexpr int TILE_B = 16;
-constexpr int TILE_K = 32;
-constexpr int STEP_THREADS = TILE_J * TILE_B;
-
 }  // namespace lstm

@@ -8,7 +8,7 @@
 #include <tuple>
 #include <type_traits>
 
-#include "fused_common.cuh"
+#include "fused/fused_common.cuh"
 
 namespace lstm {
 namespace fused {

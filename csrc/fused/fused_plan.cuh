@@ -1,7 +1,7 @@
 // The tiling plan of the fused kernels (fused_forward.cu, fused_backward.cu) as plain
 // arithmetic, __host__ __device__: the kernels index with these functions, and
 // tests/test_cuda_plan_host.py compiles them into a host program (tests/cuda_host/plan_dump.cpp)
-// to check them without a GPU against lstm_kernels/backends/cuda_fused.py, which interleaves
+// to check them without a GPU against lstm_kernels/backends/cuda/fused.py, which interleaves
 // the weights on the host with the same maps.
 //
 // Legend: B batch, H hidden units, g gate (0 i, 1 f, 2 g, 3 o), j unit, b batch row,

@@ -63,10 +63,10 @@
 // Structural checks: as fused_forward.cu (tests/test_cuda_step_budget.py).
 #include <cuda_runtime.h>
 
-#include "cell.cuh"
-#include "fused_common.cuh"
-#include "fused_launch.cuh"
-#include "fused_lstm.h"
+#include "common/cell.cuh"
+#include "fused/fused_common.cuh"
+#include "fused/fused_launch.cuh"
+#include "fused/fused_lstm.h"
 
 namespace lstm {
 namespace fused {

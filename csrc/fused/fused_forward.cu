@@ -12,7 +12,7 @@
 //   gates_t = xg_t + h_{t-1} W_hh^T;  c_t = f*c_{t-1} + i*g;  m_t = o*tanh(c_t)   (cell.cuh)
 //   h_t = m_t (or m_t W_hr^T with PROJ), rounded to the storage dtype.
 //
-// Tiling (fused_plan.cuh; lstm_kernels/backends/cuda_fused.py mirrors it; tests/test_cuda_plan_host.py
+// Tiling (fused_plan.cuh; lstm_kernels/backends/cuda/fused.py mirrors it; tests/test_cuda_plan_host.py
 // checks both): grid (ceil(H / UNITS), ceil(B / BATCH_TILE)); block q owns units [8q, 8q + 8) for
 // batch rows [16y, 16y + 16): its 32 rows of W_hh, interleaved on the host as row 32q + 8g + u =
 // W_hh[g*H + 8q + u] (w_fwd), sit in shared memory for the whole launch (ldmatrix reads them,
@@ -66,10 +66,10 @@
 // acquire-poll present; cp.async (LDGSTS) for the exchange copies; no local memory.
 #include <cuda_runtime.h>
 
-#include "cell.cuh"
-#include "fused_common.cuh"
-#include "fused_launch.cuh"
-#include "fused_lstm.h"
+#include "common/cell.cuh"
+#include "fused/fused_common.cuh"
+#include "fused/fused_launch.cuh"
+#include "fused/fused_lstm.h"
 
 namespace lstm {
 namespace fused {

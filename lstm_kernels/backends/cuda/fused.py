@@ -1,10 +1,11 @@
-"""Host side of the fused CUDA kernels at the budget of one step (``csrc/fused_forward.cu``,
-``csrc/fused_backward.cu``, issue 13): the tiling plan, the gate-row interleaving of W_hh,
-the exchange buffers, and the launches.
+"""The fused kernels at the budget of one step (``csrc/fused/fused_forward.cu``,
+``csrc/fused/fused_backward.cu``), host side: their tiling plan, the gate-row interleaving of W_hh,
+the exchange buffers, the launches, and which launch serves a call (:func:`fused_mode`,
+:func:`run_fused`).
 
-The plan mirrors ``csrc/fused_plan.cuh`` (``tests/test_cuda_plan_host.py`` compiles that header
-into a host program and checks both agree): a block owns ``UNITS`` hidden units (all four gates)
-for ``BATCH_TILE`` batch rows; the grid is ``(ceil(H / UNITS), ceil(B / BATCH_TILE))``.
+The plan mirrors ``csrc/fused/fused_plan.cuh`` (``tests/test_cuda_plan_host.py`` compiles that
+header into a host program and checks both agree): a block owns ``UNITS`` hidden units (all four
+gates) for ``BATCH_TILE`` batch rows; the grid is ``(ceil(H / UNITS), ceil(B / BATCH_TILE))``.
 
 Interleavings (the kernels read these layouts; the inverse maps recover W_hh):
 
@@ -15,20 +16,36 @@ Interleavings (the kernels read these layouts; the inverse maps recover W_hh):
 
 Dimension names: T steps, B batch, H hidden units. Gate order along 4H: i, f, g, o.
 
-Precisions (the kernels' ``Op``, ``csrc/fused_common.cuh``; the C API's FusedOp codes, :func:`op_code`):
-float16 and bfloat16 on mma.sync m16n8k16; float32 on m16n8k8 tf32, either rounded to tf32 (only
-where torch allows TF32) or at fp32 accuracy by "3xTF32" (each operand split into two tf32 parts,
-three MMAs per product; :func:`tf32_split` emulates it). Sizes are in bytes where they depend on
-the storage type: the reduction runs in 32-byte chunks (k16 of a 16-bit type, k8 of float).
+Precisions (the kernels' ``Op``, ``csrc/fused/fused_common.cuh``; the C API's FusedOp codes,
+:func:`op_code`): float16 and bfloat16 on mma.sync m16n8k16; float32 on m16n8k8 tf32, either
+rounded to tf32 (only where torch allows TF32) or at fp32 accuracy by "3xTF32" (each operand split
+into two tf32 parts, three MMAs per product; :func:`tf32_split` emulates it). Sizes are in bytes
+where they depend on the storage type: the reduction runs in 32-byte chunks (k16 of a 16-bit type,
+k8 of float).
+
+Launch modes: persistent (one cooperative launch for all steps, a light grid barrier between
+(half-)steps, its waits bounded in time: :mod:`..barrier_bound`) where the grid is co-resident
+(``_C.fused_plan``), else one launch per (half-)step of the same code, with the same bits. A
+cooperative launch the runtime refuses although the plan allowed it (MPS, MIG, green contexts,
+SMs held elsewhere: ``_C.CooperativeLaunchRefused``) runs again per (half-)step, and that key stays
+per-step for the process (:func:`refused_cooperative_launches`), unless
+``LSTM_KERNELS_CUDA_VARIANT=persistent`` asked for the persistent launch: then it raises.
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from .device_rows import step_rows
+from .. import RecurrenceCall, barrier_bound
+from ..device_rows import step_rows
+from . import extension
+from .extension import ptr as _ptr
+from .extension import resets_arg as _resets_arg
+from .variants import MMA_ENV, VARIANT_ENV, requested_variant, tensor_cores_requested
 
 WARPS = 8
 UNITS = 8
@@ -51,7 +68,7 @@ SMEM_OPTIN_SM90 = 227 * 1024
 STATIC_SMEM_BYTES = 16
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: FusedOp codes of csrc/fused_lstm.h.
+#: FusedOp codes of csrc/fused/fused_lstm.h.
 FLOAT32, FLOAT16, BFLOAT16, TF32 = 0, 1, 2, 3
 
 
@@ -265,15 +282,6 @@ def tf32_matmul(a: torch.Tensor, b: torch.Tensor, split: bool) -> torch.Tensor:
 PERSISTENT, PER_STEP = 1, 0
 
 
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def _resets_arg(resets: Optional[torch.Tensor]) -> dict:
-    """The entry's ``resets`` keyword: absent without resets (the call is as before), else the pointer."""
-    return {} if resets is None else {"resets": resets.data_ptr()}
-
-
 def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool, persistent: bool,
             barrier: tuple = (0, 0, 0, 0), tf32: bool = False, resets: Optional[torch.Tensor] = None):
     """Run the fused forward. Returns h_all [T, B, P], h_T [B, P], c_T [B, H] and, when needs_grad,
@@ -282,7 +290,7 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
     ``w_hr``: None or W_hr [P, H] (proj_size P < H). ``batch_sizes``: None or an int tensor [T]
     (non-increasing, batch_sizes[0] == B). ``barrier``: (per-launch state pointer, device record
     pointer, bound in ns, kernel code) of the persistent launch's time-bounded grid wait
-    (csrc/barrier_wait.cuh), or (0, 0, 0, 0): no bound. ``tf32``: float32 products on tf32
+    (csrc/fused/barrier_wait.cuh), or (0, 0, 0, 0): no bound. ``tf32``: float32 products on tf32
     (:func:`op_code`; the caller asks only where torch allows TF32). ``resets``: None or a contiguous uint8
     [T, B] on xg's device (nonzero: that row starts step t from zero state; the kernel masks h_{t-1} in its
     exchange copy and c_{t-1} in its register, so h0 / c0 go in unmasked).
@@ -350,3 +358,165 @@ def backward(entry: Callable, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, ba
         m = act[..., 3 * H:] * torch.tanh(c_all)
         dw_hr = (dh_tot.reshape(T * B, P).t() @ m.reshape(T * B, H)).to(w_hr.dtype)
     return dG, dh0, dc0, dw_hr
+
+
+# ---- which launch serves a call ---------------------------------------------------------------
+
+#: Cooperative launches the runtime refused, {(device, "fused-" + direction, dtype, B, H, P): error}:
+#: those keys run one launch per (half-)step from then on.
+_REFUSED: dict = {}
+
+
+def refused_cooperative_launches() -> dict:
+    """The keys whose cooperative launch the runtime refused in this process, with the error."""
+    return dict(_REFUSED)
+
+
+def _refusal_key(device: torch.device, direction: str, dtype, B: int, H: int, P: int) -> tuple:
+    return (str(device), "fused-" + direction, dtype, B, H, P)
+
+
+def smem_optin(device: torch.device) -> int:
+    """Shared memory a block may opt in to on ``device`` (a conservative sm_80 figure when unknown)."""
+    try:
+        return int(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
+    except Exception:  # no GPU here, or an older torch
+        return SMEM_OPTIN_SM80
+
+
+def fused_tf32(dtype: torch.dtype) -> bool:
+    """Whether the fused kernels run a float32 call's products on tf32 (torch allows TF32), rather
+    than at fp32 accuracy."""
+    return dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def directions(call: RecurrenceCall) -> tuple:
+    """The directions a call runs: the forward, and the backward when it needs gradients."""
+    return ("forward", "backward") if call.needs_grad else ("forward",)
+
+
+def fused_unserved_reason(call: RecurrenceCall, dirs: Optional[tuple] = None) -> Optional[str]:
+    """Why the fused kernels do not serve ``call`` in ``dirs`` (default: :func:`directions`), or None.
+    Host knowledge only (dtype, the tensor-core switch, proj_size, the block's shared memory against
+    the device's opt-in); the device's own plan is asked by :func:`fused_mode`."""
+    if call.dtype not in DTYPES:
+        return f"the fused kernels serve float16, bfloat16 and float32, not {call.dtype}"
+    if not tensor_cores_requested():
+        return f"the fused kernels run on tensor cores, which {MMA_ENV}=0 turns off"
+    if call.has_projection and not 0 < call.state_size < call.hidden_size:
+        return f"proj_size must be in [1, H), got {call.state_size} (H={call.hidden_size})"
+    plan = Plan(call.batch, call.hidden_size, call.state_size if call.has_projection else None)
+    elem = torch.empty((), dtype=call.dtype).element_size()
+    for direction in dirs or directions(call):
+        if not plan.fits(smem_optin(call.device), elem, (direction,)):
+            return (f"H={call.hidden_size} is too large for the fused {direction} kernel's shared memory "
+                    f"({plan.smem_bytes(direction, elem)} bytes in {call.dtype}) on this device")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_plan_of(device: str, direction: str, code: int, B: int, H: int, P: int, resets: bool = False) -> dict:
+    with torch.cuda.device(torch.device(device)):
+        return dict(extension._C.fused_plan(direction, code, B, H, P, **({"resets": True} if resets else {})))
+
+
+def device_plan(device: torch.device, direction: str, dtype, B: int, H: int, P: int, resets: bool = False) -> dict:
+    """``_C.fused_plan`` of the fused ``direction`` kernel for this call on ``device`` (cached); ``resets``:
+    of the kernel's instance that serves resets (its own registers, so its own occupancy)."""
+    return _fused_plan_of(str(device), direction, op_code(dtype, fused_tf32(dtype)), B, H, P, resets)
+
+
+def fused_persistent_possible(device: torch.device, direction: str, dtype, B: int, H: int, P: int,
+                              resets: bool = False) -> bool:
+    """The fused ``direction`` kernel's grid is co-resident on ``device`` (``_C.fused_plan``, cached) and
+    the runtime has not refused its cooperative launch in this process."""
+    return (_refusal_key(device, direction, dtype, B, H, P) not in _REFUSED
+            and device_plan(device, direction, dtype, B, H, P, resets)["possible"])
+
+
+def _what_only_fused(call: RecurrenceCall) -> str:
+    return "proj_size > 0" if call.has_projection else "variable lengths (PackedSequence)"
+
+
+def fused_mode(call: RecurrenceCall, direction: str) -> Optional[bool]:
+    """How the fused kernels run ``call``'s ``direction`` under ``LSTM_KERNELS_CUDA_VARIANT``: True one
+    persistent launch, False one launch per (half-)step, None not at all (the per-step kernels of
+    csrc/step/ serve it).
+
+    ``fused`` / ``auto``: persistent where the grid is co-resident, else per (half-)step, else None.
+    ``persistent``: True, or RuntimeError (the fused kernels cannot serve the call, or their grid is
+    not co-resident here). ``step``: None, but a projected or packed call (which only the fused
+    kernels serve) runs them per (half-)step. A projected or packed call raises RuntimeError where the
+    fused kernels cannot run it (never a kernel that ignores W_hr or batch_sizes)."""
+    requested = requested_variant()
+    only_fused = call.has_projection or call.variable_lengths
+    if requested == "step" and not only_fused:
+        return None
+    P = call.state_size
+    why = fused_unserved_reason(call, (direction,))
+    if why is None and not device_plan(call.device, direction, call.dtype, call.batch, call.hidden_size, P,
+                                       call.has_resets)["fits"]:
+        why = f"the device's plan says the fused {direction} block's shared memory does not fit (B={call.batch}, " \
+              f"H={call.hidden_size}, P={P}, {call.dtype})"
+    if why is not None:
+        if only_fused:
+            raise RuntimeError(f"cuda backend: {_what_only_fused(call)} is served by the fused kernels only, and {why}")
+        if requested == "persistent":
+            raise RuntimeError(f"cuda backend: the persistent fused {direction} kernel was requested "
+                               f"({VARIANT_ENV}=persistent), but {why}")
+        return None
+    if requested == "step":
+        return False
+    if fused_persistent_possible(call.device, direction, call.dtype, call.batch, call.hidden_size, P, call.has_resets):
+        return True
+    if requested == "persistent":
+        refused = _REFUSED.get(_refusal_key(call.device, direction, call.dtype, call.batch, call.hidden_size, P))
+        raise RuntimeError(
+            f"cuda backend: the persistent fused {direction} kernel was requested ({VARIANT_ENV}=persistent) but "
+            + (f"the runtime refused its cooperative launch here ({refused})" if refused else
+               f"its grid cannot be co-resident here (B={call.batch}, H={call.hidden_size}, P={P})"))
+    return False
+
+
+def barrier(device: torch.device, kernel: str) -> tuple:
+    """The barrier of a persistent launch of ``kernel`` (a :data:`barrier_bound.KERNELS` name): a zeroed
+    per-launch state, the device's error record, the bound in ns and the kernel's code."""
+    return (barrier_bound.launch_state(device), barrier_bound.device_record(device),
+            barrier_bound.barrier_timeout_ns(), barrier_bound.kernel_code(kernel))
+
+
+def barrier_args(state: tuple) -> tuple:
+    """:func:`barrier` as the entry's four ints (pointers, bound, code)."""
+    launch_state, record, timeout_ns, code = state
+    return _ptr(launch_state), _ptr(record), timeout_ns, code
+
+
+def run_fused(fn: Callable, direction: str, call: RecurrenceCall, persistent: bool, device: torch.device, *args,
+              resets: Optional[torch.Tensor] = None):
+    """``fn(entry, *args, persistent, barrier=..., tf32=...)`` (and ``resets=`` where not None; ``fn`` is
+    :func:`forward` or :func:`backward`) on ``device``'s current stream; returns (result, whether the
+    persistent launch ran). A refused cooperative launch (nothing ran) is run again per (half-)step and
+    its key remembered (:func:`refused_cooperative_launches`); under ``persistent`` it raises. The
+    persistent launch's grid waits are bounded in time (:mod:`..barrier_bound`), and the copy of the
+    device's record is queued after it (no host sync)."""
+    ext = extension._C
+    entry = getattr(ext, "fused_" + direction)
+    tf32 = fused_tf32(call.dtype)
+    kw = {} if resets is None else {"resets": resets}
+    with torch.cuda.device(device):
+        if persistent:
+            state = barrier(device, f"cuda fused {direction} (persistent)")
+            try:
+                out = fn(entry, *args, True, barrier=barrier_args(state), tf32=tf32, **kw)
+            except ext.CooperativeLaunchRefused as e:
+                if requested_variant() == "persistent":
+                    raise
+                _REFUSED[_refusal_key(device, direction, call.dtype, call.batch, call.hidden_size,
+                                      call.state_size)] = str(e)
+                warnings.warn(f"lstm_kernels cuda backend: the runtime refused the fused {direction} kernel's "
+                              f"cooperative launch ({e}); one launch per step for this shape from now on",
+                              RuntimeWarning, stacklevel=3)
+            else:
+                barrier_bound.after_launch(device, state[1])
+                return out, True
+        return fn(entry, *args, False, tf32=tf32, **kw), False

@@ -1,6 +1,6 @@
 """The persistent backward kernel built to the budget of one step (issue 12).
 
-Dimension names (see :mod:`.triton_persistent` for the design and the launch helpers):
+Dimension names (see :mod:`.persistent` for the design and the launch helpers):
     T steps, B batch rows, H hidden units, P state size (proj_size or H),
     4H the gate axis in PyTorch's order i, f, g, o (gate k of unit j is column k*H + j).
     U   = UNITS real units per program, BLOCK_H >= max(16, U) rows of its MMA (rows >= U masked)
@@ -20,8 +20,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import BARRIER_RUNTIME_ARGS, _arrive, _reset_word, _tanh, _wait, _word_keeps
-from .triton_persistent_forward import _load_t_split
+from .config import BARRIER_RUNTIME_ARGS
+from .device_helpers import _reset_word, _step_arrive, _step_wait, _tanh, _word_keeps
+from .persistent_forward import _load_t_split
 
 
 @triton.jit
@@ -100,7 +101,7 @@ def _lstm_pbw_kernel(
         pieces of 1024 (fewer operand registers live at once).                        <= 0.3 us
       * MMA: 16 x BB x 4H from the resident slice, K split over KS = 8 warps:
         16*BB*4H / (16*8*16) / KS mma.m16n8k16 per warp, 48 at the flagship shape (the
-        existing kernel streams W_hh from L2 every step: 384 tf32 MMAs per warp in a chain of
+        step kernel streams W_hh from L2 every step: 384 tf32 MMAs per warp in a chain of
         48 k-loop trips, 24 programs), then one cross-warp sum.                       <= 0.5 us
       * cell backward on the summed accumulators; dc in registers for all steps.     <= 0.2 us
     16-bit dG_{t+1} operands (the exchange buffer holds dG_t rounded to the input dtype, the
@@ -202,12 +203,8 @@ def _lstm_pbw_kernel(
                     tl.store(dh_hist_ptr + t * B * P + state, tl.where(a_active, dh, tl.zeros_like(dh)), mask=a_in)
         if RUN_CELL:
             if HAS_PROJ and RUN_DH:  # dh_t complete before any dm: the step's first barrier
-                if USE_BARRIER:
-                    arrivals += 1
-                    _arrive(bar_ptr)
-                    _wait(bar_ptr, arrivals * nprog, t, rec_ptr, timeout_ns, kernel_code)
-                else:
-                    tl.debug_barrier()
+                arrivals = _step_arrive(bar_ptr, arrivals, USE_BARRIER)
+                _step_wait(bar_ptr, arrivals, nprog, t, rec_ptr, timeout_ns, kernel_code, USE_BARRIER)
             if HAS_PROJ:
                 dm = tl.dot(r1, _load_t_split(dh_buf_ptr, bc, bc < n_t, 0, KP1, KSP, P, tl.float32),
                             input_precision=PROJ_PRECISION)
@@ -236,9 +233,7 @@ def _lstm_pbw_kernel(
             tl.store(buf + 3 * H, d_o, mask=active)
         # ---- the step's (last) grid barrier: arrive, independent work, wait
         s += 1
-        if USE_BARRIER:
-            arrivals += 1
-            _arrive(bar_ptr)
+        arrivals = _step_arrive(bar_ptr, arrivals, USE_BARRIER)
         # between arrive and wait: the prefetch of step t - 1's inputs first (their latency runs
         # under the wait), then the dG output of step t (zeros elsewhere), which nobody reads here
         if HAS_RESETS:
@@ -258,9 +253,6 @@ def _lstm_pbw_kernel(
             tl.store(out + 3 * H, d_o, mask=active)
         n_next = n_t
         n_t = tl.load(bs_ptr + tl.maximum(t, 0))  # step t - 1 (none at -1)
-        if USE_BARRIER:
-            _wait(bar_ptr, arrivals * nprog, t, rec_ptr, timeout_ns, kernel_code)
-        else:
-            tl.debug_barrier()
+        _step_wait(bar_ptr, arrivals, nprog, t, rec_ptr, timeout_ns, kernel_code, USE_BARRIER)
     if RUN_CELL:
         tl.store(dc_ptr + cell, dc_reg, mask=c_in)

@@ -10,7 +10,7 @@
 
 namespace lstm {
 
-// Dtype codes shared with lstm_kernels/backends/cuda.py.
+// Dtype codes of the per-step kernels, shared with lstm_kernels/backends/cuda/extension.py.
 enum DtypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 }  // namespace lstm

@@ -1,15 +1,30 @@
 """The ``triton`` backend: the LSTM recurrence as fused Triton kernels.
 
-Runs on CUDA GPUs, and on the CPU under ``TRITON_INTERPRET=1`` (for tests; the
-interpreter runs programs one after another and is slow). The kernels and their
-launch helpers live in :mod:`.triton_forward`, :mod:`.triton_backward` and
-:mod:`.triton_kernels` (the shared design notes, device helpers and launch configuration).
+Runs on CUDA GPUs, and on the CPU under ``TRITON_INTERPRET=1`` (for tests; the interpreter runs
+programs one after another and is slow).
+
+Which kernels serve a call (:mod:`.launch`):
+  * the persistent kernels (:mod:`.persistent`, kernels in :mod:`.persistent_forward` /
+    :mod:`.persistent_backward`): one launch for the forward and one for the backward, each
+    program owning one tile for all steps with its W_hh slice in registers, K split over warps,
+    one grid barrier per step. They serve every "persistent" call ("auto" on a GPU) whose plan
+    fits: at most one program per SM, the resident weights within the register and shared-memory
+    budget, fp32 only with TF32.
+  * the per-step kernels (:mod:`.step_forward` / :mod:`.step_backward`): one launch per step and
+    phase, W_hh streamed from L2. The fallback where the persistent plan does not fit (or the
+    driver refuses the cooperative launch under "auto"), the "step" variant, and the correctness
+    anchor the persistent kernels are compared with.
+Shared by both: :mod:`.config` (variant names, tl.dot numerics, buffers, reset words, barrier
+arguments) and :mod:`.device_helpers` (tanh, the grid barrier, reset flags, tile helpers).
+``TritonBackend.variant`` ("auto" by default) or the environment variable
+``LSTM_KERNELS_TRITON_VARIANT`` picks the variant; ``last_forward_kernel`` /
+``last_backward_kernel`` say which kernels ran ("step_budget" or "step").
 
 Dimension names: T steps, B batch, H hidden, P = proj_size or H.
 Gate order along 4H: i, f, g, o (PyTorch's).
 
-What forward saves for backward (the workspace): the activated gates i, f, g, o
-[T, B, 4H] and the cell states c_t [T, B, H], both fp32, and with a projection
+What forward saves for backward (the workspace, the same from both kernel sets): the activated
+gates i, f, g, o [T, B, 4H] and the cell states c_t [T, B, H], both fp32, and with a projection
 m_t = o * tanh(c_t) [T, B, H] fp32 (for dW_hr = sum_t dh_t^T m_t, one GEMM). Backward then needs no
 matmul other than the recurrent dG_t @ W_hh and no transcendental other than
 tanh(c_t): recomputing the gates would add a second forward recurrence (a
@@ -19,23 +34,15 @@ than the 20 bytes per (t, b, unit) of memory it would save. With
 
 Numerics match the reference backend: fp32 accumulation and fp32 cell state;
 h_t rounded to the input dtype every step; c_T returned in the input dtype;
-fp32 uses tf32 only when ``torch.backends.cuda.matmul.allow_tf32`` is True.
+fp32 uses tf32 only when ``torch.backends.cuda.matmul.allow_tf32`` is True (the persistent
+backward exchanges dG in the input dtype: ``persistent.persistent_backward``).
 Deterministic: no atomics accumulate anything (the only atomic is the grid
-barrier counter of the persistent variant); every output element is written by
+barrier counter of the persistent kernels); every output element is written by
 one program in a fixed order.
 
-Variants (see triton_kernels): "step" launches the kernel once per step (and phase);
-"persistent" launches once for the forward and once for the backward, with a grid-wide
-barrier between steps. On a GPU, persistent runs the kernels built to the budget of one step
-(triton_persistent: K split over warps, W_hh in registers, one barrier per step, 16-bit dG
-exchange in the backward) wherever their plan fits, and otherwise the kernels of
-triton_forward / triton_backward, which keep W_hh on chip where each program's slice fits.
-``TritonBackend.variant`` ("auto" by default) or the environment variable
-``LSTM_KERNELS_TRITON_VARIANT`` picks one.
-
-Resets inside a sequence (``resets``, the contract's) are served by every variant and kernel: a
+Resets inside a sequence (``resets``, the contract's) are served by both kernel sets: a
 compile-time switch of the kernels (HAS_RESETS; without resets they compile as before) masks
-the state where it enters a step and the gradients where they leave it (triton_kernels).
+the state where it enters a step and the gradients where they leave it (:mod:`.config`).
 """
 from __future__ import annotations
 
@@ -46,10 +53,9 @@ import torch
 
 import triton  # ImportError here keeps the backend unregistered
 
-from . import Backend, RecurrenceCall, RecurrenceInputs, register
-from .triton_backward import lstm_backward
-from .triton_forward import lstm_forward
-from .triton_kernels import LAST_KERNELS, VARIANT_ENV, VARIANTS, interpreting
+from .. import Backend, RecurrenceCall, RecurrenceInputs, register
+from .config import LAST_KERNELS, VARIANT_ENV, VARIANTS, interpreting
+from .launch import lstm_backward, lstm_forward
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: The oldest Triton served (setup.py declares triton>=3.3,<3.10): 3.3 brought launch_cooperative_grid,
@@ -77,12 +83,12 @@ class TritonBackend(Backend):
     def __init__(self, variant: str = "auto"):
         if variant not in VARIANTS:
             raise ValueError(f"unknown Triton LSTM variant {variant!r}; choose one of {VARIANTS}")
-        #: "auto", "step" or "persistent"; "auto" also consults LSTM_KERNELS_TRITON_VARIANT.
+        #: "auto", "step" or "persistent" (see :mod:`.launch`); "auto" also consults LSTM_KERNELS_TRITON_VARIANT.
         self.variant = variant
 
     @property
     def last_forward_kernel(self) -> Optional[str]:
-        """What the last forward ran: "step_budget", "persistent" or "step" (any TritonBackend)."""
+        """What the last forward ran: "step_budget" (the persistent kernels) or "step" (any TritonBackend)."""
         return LAST_KERNELS["forward"]
 
     @property

@@ -1,8 +1,6 @@
-// Backward recurrence (BPTT) of one LSTM layer, one direction, two variants
-// sharing one tile function (backward_tile): the per-step fused kernel
-// (recurrent matmul dh_rec = dG_{t+1} W_hh + cell backward, one launch per
-// step, then one for dh0) and the persistent cooperative kernel (one launch,
-// W_hh columns in shared memory, grid sync between steps).
+// Backward recurrence (BPTT) of one LSTM layer, one direction: the per-step kernel (recurrent
+// matmul dh_rec = dG_{t+1} W_hh + cell backward, one launch per step, then one for dh0), the
+// fallback where the fused kernels (csrc/fused/) cannot serve a call (step_kernels.h).
 //
 // Legend: T steps, B batch, H hidden units, r the reduction index over 4H.
 // Gate order along 4H: i, f, g, o. Per step t, from T-1 down to 0:
@@ -12,14 +10,11 @@
 // dh0 = dG_0 W_hh, dc0 = dc_0 * f_0. dG is kept in fp32 for the recurrence
 // (ping-pong dg_work) and stored in the input dtype as the output.
 // Deterministic: every sum is one thread's sequential loop, no atomics.
-#include <cooperative_groups.h>
-
-#include "cell.cuh"
-#include "dtype_convert.cuh"
-#include "lstm_cuda.h"
-#include "mma_tile.cuh"
-#include "persistent.cuh"
-#include "static_switch.h"
+#include "common/cell.cuh"
+#include "common/dtype_convert.cuh"
+#include "step/mma_tile.cuh"
+#include "step/static_switch.h"
+#include "step/step_kernels.h"
 
 namespace lstm {
 
@@ -27,8 +22,7 @@ namespace lstm {
 // final dh0 pass): dh_rec = dG_{t+1} W_hh for TILE_B rows x TILE_J units, then
 // the cell backward. Called by every thread of the block (it holds
 // __syncthreads). wload(r, jj) is W_hh[r, j0 + jj] in the storage type (global
-// memory, or the block's shared copy in the persistent kernel); only called in
-// range. dG is fp32, so with MMA the product runs on tf32 tensor cores whatever
+// memory); only called in range. dG is fp32, so with MMA the product runs on tf32 tensor cores whatever
 // T is (16-bit W is exact in tf32; dG is rounded to tf32): warp w < TILE_K / 8
 // sums the w-th 8 columns of every chunk, and the partial sums are added in a
 // fixed order. Without MMA each thread sums its own (b, j) in fp32 FMA. RESETS: a row b with
@@ -56,8 +50,7 @@ __device__ __forceinline__ void backward_tile(WLoad wload, int j0, int b0,
   constexpr int LDW = tile_ld<float, MMA>(TILE_J), LDG = tile_ld<float, MMA>(TILE_K);
   __shared__ __align__(32) float w_s[TILE_K][LDW];  // [r, unit]
   __shared__ __align__(32) float g_s[TILE_B][LDG];  // [row, r]
-  // dg_next is loaded with load_cg (L2, not L1): in the persistent kernel other
-  // blocks wrote it before the grid sync, and a stale L1 line must not serve it.
+  // dg_next is loaded with load_cg (L2, not L1): the previous launch wrote it.
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int tid = ty * TILE_J + tx;
   const int warp = tid / 32;
@@ -95,7 +88,6 @@ __device__ __forceinline__ void backward_tile(WLoad wload, int j0, int b0,
       __syncthreads();
 #pragma unroll
       for (int p = 0; p < kParts; ++p) acc += part_s[p][ty][tx];
-      __syncthreads();  // part_s is rewritten by the next batch tile of a persistent block
     }
   }
   if (j >= H || b >= B) return;
@@ -152,65 +144,6 @@ __global__ void __launch_bounds__(STEP_THREADS)
                                 dc_work, dg_cur, dG_t, dh0, dc0, B, H, resets_t);
 }
 
-// Persistent kernel: one cooperative launch for all T steps and the dh0 pass.
-// Block x owns the units [x*TILE_J, x*TILE_J + TILE_J): the columns of W_hh it
-// needs (W_hh[:, units], copied once into dynamic shared memory as [4H, TILE_J]
-// in the storage dtype); it loops over the batch tiles. A grid-wide sync
-// separates the steps (dG_{t+1} is written by every block; dg_work ping-pongs,
-// so a step never overwrites what another block still reads).
-template <typename T, bool MMA>
-__global__ void __launch_bounds__(STEP_THREADS, 1)
-    backward_persistent_kernel(const T* __restrict__ w_hh,      // [4H, H]
-                               const T* __restrict__ c0,        // [B, H]
-                               const float* __restrict__ act,   // [T, B, 4H] fp32
-                               const float* __restrict__ c_all, // [T, B, H] fp32
-                               const T* __restrict__ dh_all,    // [T, B, H]
-                               const T* __restrict__ dh_T,      // [B, H]
-                               const T* __restrict__ dc_T,      // [B, H]
-                               T* __restrict__ dG,              // [T, B, 4H] out
-                               T* __restrict__ dh0,             // [B, H] out
-                               T* __restrict__ dc0,             // [B, H] out
-                               float* dg_work,                  // [2, B, 4H] fp32 (read across blocks: no __restrict__)
-                               float* dc_work,                  // [B, H] fp32
-                               int T_, int B, int H,
-                               BarrierWatch dbg) {  // state null: grid.sync(); else the time-bounded barrier
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* w_blk = reinterpret_cast<T*>(smem_raw);  // [4H, TILE_J]
-  const int j0 = blockIdx.x * TILE_J;
-  const int tid = threadIdx.y * TILE_J + threadIdx.x;
-  for (int idx = tid; idx < 4 * H * TILE_J; idx += STEP_THREADS) {
-    const int r = idx / TILE_J, jj = idx % TILE_J;
-    w_blk[idx] = j0 + jj < H ? w_hh[(size_t)r * H + j0 + jj] : from_float<T>(0.f);
-  }
-  __syncthreads();
-  auto wload = [&](int r, int jj) { return w_blk[r * TILE_J + jj]; };
-  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
-  const size_t bh = (size_t)B * H, b4h = 4 * bh;
-  const float* dg_next = nullptr;
-  for (int t = T_ - 1; t >= -1; --t) {
-    float* dg_cur = t >= 0 ? dg_work + (t % 2) * b4h : nullptr;
-    for (int b0 = 0; b0 < B; b0 += TILE_B) {
-      if (t >= 0) {
-        backward_tile<T, MMA, false>(wload, j0, b0, dg_next, dh_T, dc_T, dh_all + t * bh, act + t * b4h,
-                                     c_all + t * bh, t == 0 ? nullptr : c_all + (t - 1) * bh, c0, dc_work, dg_cur,
-                                     dG + t * b4h, nullptr, nullptr, B, H, nullptr);
-      } else {
-        backward_tile<T, MMA, false>(wload, j0, b0, dg_next, dh_T, dc_T, nullptr, nullptr, nullptr, nullptr, c0,
-                                     dc_work, nullptr, nullptr, dh0, dc0, B, H, nullptr);
-      }
-      __syncthreads();  // the tile's shared buffers are reused by the next batch tile
-    }
-    if (t >= 0) {  // dG_t complete (and visible) before any block reads it
-      if (dbg.state == nullptr) {
-        grid.sync();
-      } else if (!bounded_grid_sync(dbg, T_ - t, t)) {
-        return;  // a wait gave up (the device's error record says where): leave, the host raises
-      }
-    }
-    dg_next = dg_cur;
-  }
-}
-
 template <typename T, bool MMA, bool RESETS>
 Status backward_step(const T* w_hh, const T* c0, const float* act, const float* c_all, const T* dh_all,
                      const T* dh_T, const T* dc_T, T* dG, T* dh0, T* dc0, float* dg_work, float* dc_work,
@@ -236,73 +169,21 @@ Status backward_step(const T* w_hh, const T* c0, const float* act, const float* 
   return Status{};
 }
 
-template <typename T, bool MMA>
-Status backward_persistent_plan(int H, PersistentPlan* plan) {
-  return persistent_plan(reinterpret_cast<const void*>(backward_persistent_kernel<T, MMA>), (H + TILE_J - 1) / TILE_J,
-                         (size_t)4 * H * TILE_J * sizeof(T), "lstm backward_persistent_kernel", plan);
-}
-
-// With resets (RESETS) only the per-step kernel serves, as in forward_impl.
-template <typename T, bool MMA, bool RESETS>
-Status backward_impl(const T* w_hh, const T* c0, const float* act, const float* c_all, const T* dh_all,
-                     const T* dh_T, const T* dc_T, T* dG, T* dh0, T* dc0, float* dg_work, float* dc_work,
-                     const unsigned char* resets, int T_, int B, int H, int variant, int* used, cudaStream_t stream,
-                     BarrierWatch barrier) {
-  if constexpr (RESETS) {
-    if (variant == kPersistent) return failed(cudaErrorInvalidValue, "lstm backward_persistent_kernel (resets)");
-    *used = kStep;
-    return backward_step<T, MMA, true>(w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work, dc_work,
-                                       resets, T_, B, H, stream);
-  }
-  void* args[] = {&w_hh, &c0,     &act,     &c_all,   &dh_all, &dh_T, &dc_T, &dG,
-                  &dh0,  &dc0,    &dg_work, &dc_work, &T_,     &B,    &H,    &barrier};
-  return run_variant(
-      variant, reinterpret_cast<const void*>(backward_persistent_kernel<T, MMA>),
-      "lstm backward_persistent_kernel (cooperative launch)", args,
-      [&](PersistentPlan* plan) { return backward_persistent_plan<T, MMA>(H, plan); },
-      [&] {
-        return backward_step<T, MMA, false>(w_hh, c0, act, c_all, dh_all, dh_T, dc_T, dG, dh0, dc0, dg_work,
-                                            dc_work, nullptr, T_, B, H, stream);
-      },
-      used, stream);
-}
-
-Status backward(int dtype, const void* w_hh, const void* c0, const float* act, const float* c_all,
-                const void* dh_all, const void* dh_T, const void* dc_T, void* dG, void* dh0, void* dc0,
-                float* dg_work, float* dc_work, int T_, int B, int H, int variant, bool mma, int* used,
-                cudaStream_t stream, BarrierWatch barrier, const unsigned char* resets) {
+Status step_backward(int dtype, const void* w_hh, const void* c0, const float* act, const float* c_all,
+                     const void* dh_all, const void* dh_T, const void* dc_T, void* dG, void* dh0, void* dc0,
+                     float* dg_work, float* dc_work, int T_, int B, int H, bool mma, cudaStream_t stream,
+                     const unsigned char* resets) {
   return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
     return LSTM_BOOL_SWITCH(mma, kMma, [&] {
       return LSTM_BOOL_SWITCH(resets != nullptr, kResets, [&] {
         using P = const scalar_t*;
-        return backward_impl<scalar_t, kMma, kResets>(
+        return backward_step<scalar_t, kMma, kResets>(
             static_cast<P>(w_hh), static_cast<P>(c0), act, c_all, static_cast<P>(dh_all), static_cast<P>(dh_T),
             static_cast<P>(dc_T), static_cast<scalar_t*>(dG), static_cast<scalar_t*>(dh0),
-            static_cast<scalar_t*>(dc0), dg_work, dc_work, resets, T_, B, H, variant, used, stream, barrier);
+            static_cast<scalar_t*>(dc0), dg_work, dc_work, resets, T_, B, H, stream);
       });
     });
   });
-}
-
-Status backward_occupancy(int dtype, int H, bool mma, int* blocks_per_sm, PersistentPlan* plan) {
-  return LSTM_DTYPE_SWITCH(dtype, scalar_t, [&] {
-    return LSTM_BOOL_SWITCH(mma, kMma, [&] {
-      const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          blocks_per_sm, backward_step_kernel<scalar_t, kMma, false>, STEP_THREADS, 0);
-      if (err != cudaSuccess)
-        return failed(err, "cudaOccupancyMaxActiveBlocksPerMultiprocessor(lstm backward_step_kernel)");
-      return backward_persistent_plan<scalar_t, kMma>(H, plan);
-    });
-  });
-}
-
-Status occupancy(const char* direction, int dtype, int H, bool mma, int* step_blocks_per_sm, int* threads_per_block,
-                 PersistentPlan* plan) {
-  *threads_per_block = STEP_THREADS;
-  const std::string name(direction);
-  if (name == "forward") return forward_occupancy(dtype, H, mma, step_blocks_per_sm, plan);
-  if (name == "backward") return backward_occupancy(dtype, H, mma, step_blocks_per_sm, plan);
-  throw std::invalid_argument("unknown kernel direction '" + name + "' (forward or backward)");
 }
 
 }  // namespace lstm

@@ -1,5 +1,5 @@
-"""GPU tests of the fused CUDA kernels at the budget of one step (``csrc/fused_forward.cu``,
-``csrc/fused_backward.cu``; issue 13). Marked ``gpu``: skipped without a CUDA GPU.
+"""GPU tests of the fused CUDA kernels at the budget of one step (``csrc/fused/fused_forward.cu``,
+``csrc/fused/fused_backward.cu``; issue 13). Marked ``gpu``: skipped without a CUDA GPU.
 
 - persistent (one cooperative launch, light grid barrier) against the float64 reference, and
   bitwise against the same tile code launched once per (half-)step, at several shapes including
@@ -12,7 +12,7 @@
 
 The kernels are reached through ``lstm_kernels._C`` (``fused_forward`` / ``fused_backward``; the
 tests skip where the extension lacks them). The persistent launch's grid wait is bounded in time
-(csrc/barrier_wait.cuh): test_fused_barrier_that_never_opens_gives_up_and_is_reported injects
+(csrc/fused/barrier_wait.cuh): test_fused_barrier_that_never_opens_gives_up_and_is_reported injects
 arrival counters that can never reach their target and checks the give-up is recorded (kernel,
 step, block) and raised, and that the next launch is unaffected.
 """
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from lstm_kernels.backends import RecurrenceInputs
-from lstm_kernels.backends import cuda_fused as cf
+from lstm_kernels.backends.cuda import fused as cf
 from lstm_kernels.backends.reference import ReferenceBackend
 from utils import REL_TOL, assert_rel_close
 
@@ -58,7 +58,7 @@ def _extension():
 
 @pytest.fixture(scope="module")
 def entries():
-    """The extension's (fused_forward, fused_backward), as ``cuda_fused.forward`` / ``backward`` call them."""
+    """The extension's (fused_forward, fused_backward), as ``cuda/fused.py``'s ``forward`` / ``backward`` call them."""
     _C = _extension()
     if _C is None:
         pytest.skip("lstm_kernels._C is not built with fused_forward / fused_backward")
@@ -74,7 +74,7 @@ def parameter_names(fn) -> list:
 
 
 def by_keyword(fn, **replace):
-    """``fn`` called by keyword: the positional arguments of a caller (``cuda_fused.forward``) are
+    """``fn`` called by keyword: the positional arguments of a caller (``cuda/fused.py``'s ``forward``) are
     named after ``fn``'s own parameters, then ``replace`` swaps some of them (name -> value, or
     callable of the old value), so a parameter added to ``fn`` cannot shift what a test swaps."""
     names = parameter_names(fn)
@@ -298,7 +298,7 @@ def test_fused_barrier_that_never_opens_gives_up_and_is_reported(entries, direct
 
     keep = []  # the swapped counters, alive until the launch has run
 
-    def never_counters(ptr: int) -> int:  # a buffer of cuda_fused's size (one per batch tile) at NEVER
+    def never_counters(ptr: int) -> int:  # a buffer of cuda/fused.py's size (one per batch tile) at NEVER
         keep.append(torch.full((cf.batch_tiles(B),), NEVER, dtype=torch.int32, device="cuda"))
         return keep[-1].data_ptr()
 

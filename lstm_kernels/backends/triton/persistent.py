@@ -1,9 +1,11 @@
-"""Persistent Triton kernels built to "the budget of one step" (DESIGN.md; issue 12): launch helpers.
+"""The persistent kernels, built to "the budget of one step" (docs/design.md; issue 12): their plans
+and their launch. They serve every persistent call whose plan fits; the per-step kernels
+(:mod:`.step_forward` / :mod:`.step_backward`) serve the others.
 
-The kernels are in :mod:`.triton_persistent_forward` and :mod:`.triton_persistent_backward`;
-this module chooses their tiles (``forward_plan`` / ``backward_plan``), says when they do not
-serve a call (a reason string; the caller then uses :mod:`.triton_forward` /
-:mod:`.triton_backward`), prepares the interleaved weights and launches them.
+The kernels are in :mod:`.persistent_forward` and :mod:`.persistent_backward`; this module chooses
+their tiles (``forward_plan`` / ``backward_plan``), says when they do not serve a call (a reason
+string; :mod:`.launch` then runs the per-step kernels), prepares the interleaved weights and
+launches them.
 
 Dimension names:
     T steps, B batch rows, H hidden units, P state size (proj_size or H)
@@ -19,7 +21,7 @@ Design (both kernels):
     K-slices, one slice per warp (Triton's warpsPerCTA = [KS, 1, 1]), then one cross-warp sum.
     num_warps = KS, so no warp repeats another's MMA and each warp's chain of dependent MMAs
     is K / KS deep. (A 2D tl.dot of the same tile gets warpsPerCTA = [num_warps, 1] and every
-    warp computes the whole 16-row tile: the existing kernels' 8x replication.)
+    warp computes the whole 16-row tile: 8x replication.)
   * W_hh is interleaved on the host for the forward (``interleave_gate_rows``): unit block u's
     rows are [i rows; f rows; g rows; o rows] of its U units, so one tl.dot gives all four
     gates of the block and one thread holds i, f, g, o of a (unit, row).
@@ -30,27 +32,32 @@ Design (both kernels):
   * One grid barrier per step (two with a projection), split into arrive (after the stores the
     other programs need) and wait (before the loads of them); the workspace / dG-output
     stores and the prefetch of xg_{t+1} (forward) / the saved activations of step t-1
-    (backward) sit between.
-  * Nearly all SMs busy: at B = 16, H = 768 both kernels run 96 programs of 8 units
-    (the existing ones 48 and 24) on a 132-SM H100.
+    (backward) sit between. Only launched with every program co-resident (at most one per SM,
+    ``co_resident_programs``), as a cooperative launch (launch_cooperative_grid): the driver
+    places every program at once or refuses the launch, so the spin cannot wait on a program
+    that never starts (a refusal at run time: :mod:`.launch` falls back to the step kernels).
+  * Nearly all SMs busy: at B = 16, H = 768 both kernels run 96 programs of 8 units on a
+    132-SM H100.
   * On the CPU (TRITON_INTERPRET=1) programs run one after another, so a grid barrier would
     deadlock: there the same kernels are launched once per step (and phase) with
-    n_steps = 1 and USE_BARRIER=False; c / dc then live in global memory between launches
-    (the kernels load them on entry and store them on exit in every mode). The same
-    "steps" mode (``steps_mode=True``) can serve a GPU where no cooperative launch fits.
-  * Resets inside a sequence (HAS_RESETS, see triton_kernels): one scalar int64 load of the tile's flags
-    per step, prefetched before the wait; without resets the kernels compile as before.
+    n_steps = 1 and USE_BARRIER=False (``use_steps_mode``); c / dc then live in global memory
+    between launches (the kernels load them on entry and store them on exit in every mode).
+    This "steps" mode (``steps_mode=True``) also serves a GPU, for tests and debugging (a
+    debugger that runs programs one at a time deadlocks the spin).
+  * Resets inside a sequence (HAS_RESETS, see :mod:`.config`): one scalar int64 load of the
+    tile's flags per step, prefetched before the wait; without resets the kernels compile as
+    before.
   * Deterministic: the only atomic is the barrier counter; every output element is written by
     one program in a fixed order.
-  * Not served (the plans return the reason; the caller falls back to the existing kernels):
-    more tiles than co-resident programs (one per SM), resident weights over
-    MAX_WEIGHT_REGISTERS registers per thread or the shared-memory budget, and fp32 without
+  * Not served (the plans return the reason; the per-step kernels serve the call): more tiles
+    than co-resident programs (one per SM), resident weights over MAX_WEIGHT_REGISTERS
+    registers per thread or the shared-memory budget (``resident_budget``), and fp32 without
     tf32 (an "ieee" tl.dot runs on the FMA units with both operands in registers and spills).
 
-Numerics: forward as the existing kernels (16-bit operands, fp32 accumulation, fp32 cell
-state; fp32 inputs with tf32 when torch allows it; the projection multiplies fp32 m with
-W_hr in tf32 for 16-bit inputs). Backward exchanges dG_{t+1} in the input dtype (16-bit)
-where the existing kernel keeps fp32: see ``persistent_backward`` for the added error.
+Numerics: forward as the step kernels (16-bit operands, fp32 accumulation, fp32 cell state;
+fp32 inputs with tf32 when torch allows it; the projection multiplies fp32 m with W_hr in tf32
+for 16-bit inputs). Backward exchanges dG_{t+1} in the input dtype (16-bit) where the step
+kernel keeps fp32: see ``persistent_backward`` for the added error.
 """
 from __future__ import annotations
 
@@ -59,13 +66,22 @@ from typing import Optional, Union
 import torch
 import triton
 
-from . import barrier_bound
-from .device_rows import step_rows
-from .triton_kernels import (
-    backward_buffers, barrier_args, co_resident_programs, dot_precisions, forward_buffers,
-    forward_dot_dtype, interpreting, padded, projection_weight_grad, reset_rows, resident_budget, )
-from .triton_persistent_backward import _lstm_pbw_kernel
-from .triton_persistent_forward import _lstm_pfw_kernel
+from .. import barrier_bound
+from ..device_rows import step_rows
+from .config import (
+    backward_buffers, barrier_args, dot_precisions, forward_buffers, forward_dot_dtype, interpreting,
+    projection_weight_grad, reset_rows,
+)
+from .persistent_backward import _lstm_pbw_kernel
+from .persistent_forward import _lstm_pfw_kernel
+
+#: Most shared memory (bytes) a program's on-chip operands may take (the resident weight slices
+#: Triton stages through shared memory before the step loop, and the per-step operands).
+#: 144 KiB stays within sm_80's 163 KiB per block with room for Triton's own scratch;
+#: tests/test_triton_step_budget.py compiles the kernels within it and checks their shared memory.
+RESIDENT_BYTES = 144 * 1024
+#: Shared memory per block left to Triton's own scratch below the device's opt-in limit.
+RESIDENT_MARGIN = 19 * 1024
 
 #: Units per program tried, smallest first (most programs): the forward's M = 4U >= 16.
 UNIT_BLOCKS = (4, 8, 16, 32)
@@ -86,6 +102,30 @@ MAX_K_SPLIT = 8
 
 def _operand_bytes(dtype: torch.dtype) -> int:
     return 4 if dtype == torch.float32 else 2
+
+
+def padded(n: int) -> int:
+    """The next power of two >= n, at least 16 (tl.arange extents and tl.dot dimensions)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def resident_budget(device: torch.device) -> int:
+    """RESIDENT_BYTES, lowered on GPUs with less shared memory per block (sm_86/89/120: 99 KiB)."""
+    if interpreting() or device.type != "cuda":
+        return RESIDENT_BYTES
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+    return min(RESIDENT_BYTES, optin - RESIDENT_MARGIN)
+
+
+def co_resident_programs(device: torch.device) -> int:
+    """How many programs a persistent launch may have: one per SM (conservative; INTERPRETER_PROGRAMS
+    under the interpreter, where the launch is per step, and 1 off a GPU)."""
+    if interpreting():
+        return INTERPRETER_PROGRAMS
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def k_split(*extents: int, most: int = MAX_K_SPLIT) -> int:
@@ -161,7 +201,7 @@ def _plan_limits(B: int, dtype: torch.dtype, device: torch.device, programs: Opt
     if fp32_reason:
         return fp32_reason
     if programs is None:
-        programs = INTERPRETER_PROGRAMS if interpreting() else co_resident_programs(device)
+        programs = co_resident_programs(device)
     if budget is None:
         budget = resident_budget(device)
     bb = block_b or min(MAX_BLOCK_B, padded(B))
@@ -171,7 +211,7 @@ def _plan_limits(B: int, dtype: torch.dtype, device: torch.device, programs: Opt
 def _fp32_reason(dtype: torch.dtype) -> Optional[str]:
     """fp32 without tf32 (torch.backends.cuda.matmul.allow_tf32 False, torch's default): Triton computes
     an "ieee" tl.dot on the FMA units with both operands in registers, and the resident slice spills
-    (1.2 KB of stack at B = 16, H = 768). The existing kernels serve it. Under the interpreter it
+    (1.2 KB of stack at B = 16, H = 768). The step kernels serve it. Under the interpreter it
     is served (the same kernel code is tested there)."""
     if dtype == torch.float32 and dot_precisions(dtype)[0] == "ieee" and not interpreting():
         return "fp32 without tf32 (torch.backends.cuda.matmul.allow_tf32 is False) is not served"
@@ -180,7 +220,7 @@ def _fp32_reason(dtype: torch.dtype) -> Optional[str]:
 
 def _planned(cfg, plan, *args) -> dict:
     """``cfg``, or ``plan(*args)`` when it is None; a plan that does not serve the call (its reason, a
-    string) raises ValueError with that reason (the caller falls back)."""
+    string) raises ValueError with that reason."""
     cfg = plan(*args) if cfg is None else cfg
     if isinstance(cfg, str):
         raise ValueError(cfg)
@@ -220,15 +260,32 @@ def use_steps_mode() -> bool:
     return interpreting()
 
 
+def _launch(kernel, grid: int, args: tuple, consts: dict, B: int, device, name: str, steps, t_begin: int,
+            n_steps: int) -> None:
+    """Launch ``kernel`` (``name``: its ``barrier_bound.KERNELS`` name) over ``grid`` programs: once for
+    ``n_steps`` steps from ``t_begin``, cooperatively, with the grid barrier where consts["USE_BARRIER"];
+    or, in steps mode, once per ``(t, phase)`` of ``steps`` (``phase``: the constexprs that switch a phase
+    off), without barrier. Raises first when an earlier persistent launch on the device gave up a wait."""
+    barrier_bound.raise_if_gave_up(device)
+    barrier = barrier_args(device, name)
+    if steps is not None:
+        for t, phase in steps:
+            kernel[(grid,)](*args, *barrier, t, 1, B, **(consts | phase))
+        return
+    kernel[(grid,)](*args, *barrier, t_begin, n_steps, B, launch_cooperative_grid=grid > 1, **consts)
+    if consts["USE_BARRIER"]:
+        barrier_bound.after_launch(device, barrier[1])
+
+
 def persistent_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=True, cfg=None,
                        steps_mode: Optional[bool] = None, resets=None):
     """Forward recurrence. xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H], w_hr [P, H] or None,
     resets [T, B] bool or None (a row where True starts that step from zero state).
 
-    Same contract and workspace as ``triton_forward.lstm_forward``: returns h_all [T, B, P],
+    Same contract and workspace as ``step_forward.step_forward``: returns h_all [T, B, P],
     h_T [B, P], c_T [B, H] fp32, and (gates [T, B, 4H], c_all [T, B, H] (+ m_all [T, B, H]))
     fp32 or () without ``store_workspace``. Raises ValueError with the reason of
-    ``forward_plan`` when it does not serve the call (the caller falls back).
+    ``forward_plan`` when it does not serve the call.
     ``cfg``: a ``forward_plan`` (default: planned here). ``steps_mode``: one launch per step and
     phase, no grid barrier (default: under the interpreter only). The persistent launch's grid
     waits are bounded in time (``barrier_bound``): one that gave up is raised by the next call on
@@ -253,17 +310,9 @@ def persistent_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_work
     consts = forward_constants(H, P, dtype, cfg, has_proj, store_workspace, use_barrier=not steps and grid > 1,
                                has_resets=resets is not None)
     args = (xg.contiguous(), w_int, w_hr_p, bs, reset_rows(resets, T, B, bs), h_buf, c, h_all, m_buf, *ws_args)
-    barrier_bound.raise_if_gave_up(device)
-    barrier = barrier_args(device, "triton forward (persistent, step budget)")
-    if steps:
-        for t in range(T):
-            _lstm_pfw_kernel[(grid,)](*args, *barrier, t, 1, B, **(consts | dict(RUN_PROJ=not has_proj)))
-            if has_proj:
-                _lstm_pfw_kernel[(grid,)](*args, *barrier, t, 1, B, **(consts | dict(RUN_CELL=False)))
-    else:
-        _lstm_pfw_kernel[(grid,)](*args, *barrier, 0, T, B, launch_cooperative_grid=grid > 1, **consts)
-        if consts["USE_BARRIER"]:
-            barrier_bound.after_launch(device, barrier[1])
+    phases = (dict(RUN_PROJ=False), dict(RUN_CELL=False)) if has_proj else ({},)  # cell, projection
+    _launch(_lstm_pfw_kernel, grid, args, consts, B, device, "triton forward (persistent, step budget)",
+            steps=[(t, phase) for t in range(T) for phase in phases] if steps else None, t_begin=0, n_steps=T)
     return h_all, h_buf[T % 2].clone(), c, ws
 
 
@@ -334,19 +383,19 @@ def backward_constants(H: int, P: int, dtype: torch.dtype, cfg: dict, has_proj: 
 def persistent_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes=None, cfg=None,
                         steps_mode: Optional[bool] = None, resets=None):
     """Backward recurrence from the workspace of ``persistent_forward`` (the same as
-    ``triton_forward.lstm_forward``'s: gates [T, B, 4H], c_all [T, B, H] (+ m_all) fp32).
+    ``step_forward.step_forward``'s: gates [T, B, 4H], c_all [T, B, H] (+ m_all) fp32).
 
-    Same contract as ``triton_backward.lstm_backward``: returns dG [T, B, 4H] in xg's dtype,
+    Same contract as ``step_backward.step_backward``: returns dG [T, B, 4H] in xg's dtype,
     dh0 [B, P] fp32, dc0 [B, H] fp32, and dW_hr [P, H] fp32 or None. Raises ValueError with the
-    reason of ``backward_plan`` when it does not serve the call (the caller falls back).
+    reason of ``backward_plan`` when it does not serve the call.
     ``cfg``, ``steps_mode``, ``resets`` (the forward's) and the barrier's bound: as ``persistent_forward``.
 
     Numerics: dG_{t+1} is exchanged between programs in the input dtype (the dG output's own
     rounding) and multiplied with W_hh in the input dtype, fp32 accumulation, where
-    triton_backward keeps dG_{t+1} in fp32 (tf32 MMA). For 16-bit inputs that adds one
+    the step kernel keeps dG_{t+1} in fp32 (tf32 MMA). For 16-bit inputs that adds one
     rounding of dG (relative 2^-8 for bf16, 2^-11 for fp16) to every dh_t = dG_{t+1} W_hh:
     measured against float64 in tests/triton/test_triton_persistent_budget.py, within
-    DESIGN.md's 1e-2. fp32 inputs keep fp32 (tf32 only when torch allows it).
+    docs/design.md's 1e-2. fp32 inputs keep fp32 (tf32 only when torch allows it).
     """
     T, B, four_h = xg.shape
     H, P = four_h // 4, w_hh.shape[1]
@@ -366,17 +415,10 @@ def persistent_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch
     w_hr_t = w_hr.t().contiguous() if has_proj else w_t  # [H, P]
     consts = backward_constants(H, P, dtype, cfg, has_proj, use_barrier=not steps and grid > 1,
                                 has_resets=resets is not None)
-    args = (w_t, w_hr_t, bs, reset_rows(resets, T, B, bs), dh_all.contiguous(), dh_T.contiguous(), gates, c_all, c0.contiguous(), dc, dg_buf, dG,
-            dh_buf, dh_hist, dh0)
-    barrier_bound.raise_if_gave_up(device)
-    barrier = barrier_args(device, "triton backward (persistent, step budget)")
-    if steps:
-        for t in range(T - 1, -2, -1):
-            _lstm_pbw_kernel[(grid,)](*args, *barrier, t, 1, B, **(consts | dict(RUN_CELL=not has_proj)))
-            if has_proj and t >= 0:
-                _lstm_pbw_kernel[(grid,)](*args, *barrier, t, 1, B, **(consts | dict(RUN_DH=False)))
-    else:
-        _lstm_pbw_kernel[(grid,)](*args, *barrier, T - 1, T + 1, B, launch_cooperative_grid=grid > 1, **consts)
-        if consts["USE_BARRIER"]:
-            barrier_bound.after_launch(device, barrier[1])
+    args = (w_t, w_hr_t, bs, reset_rows(resets, T, B, bs), dh_all.contiguous(), dh_T.contiguous(), gates, c_all,
+            c0.contiguous(), dc, dg_buf, dG, dh_buf, dh_hist, dh0)
+    phases = (dict(RUN_CELL=False), dict(RUN_DH=False)) if has_proj else ({},)  # dh, cell (t >= 0)
+    steps = [(t, phase) for t in range(T - 1, -2, -1) for phase in phases[:1 + (t >= 0)]] if steps else None
+    _launch(_lstm_pbw_kernel, grid, args, consts, B, device, "triton backward (persistent, step budget)", steps=steps,
+            t_begin=T - 1, n_steps=T + 1)
     return dG, dh0, dc, projection_weight_grad(dh_hist, workspace[2]) if has_proj else None

@@ -30,10 +30,10 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "barrier_wait.cuh"    // BarrierWatch, barrier_gives_up: the time bound of the wait
-#include "dtype_convert.cuh"  // to_float / from_float: storage type <-> fp32
-#include "fused_lstm.h"
-#include "fused_plan.cuh"
+#include "fused/barrier_wait.cuh"  // BarrierWatch, barrier_gives_up: the time bound of the wait
+#include "common/dtype_convert.cuh"  // to_float / from_float: storage type <-> fp32
+#include "fused/fused_lstm.h"
+#include "fused/fused_plan.cuh"
 
 namespace lstm {
 namespace fused {

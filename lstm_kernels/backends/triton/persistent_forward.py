@@ -1,6 +1,6 @@
 """The persistent forward kernel built to the budget of one step (issue 12).
 
-Dimension names (see :mod:`.triton_persistent` for the design and the launch helpers):
+Dimension names (see :mod:`.persistent` for the design and the launch helpers):
     T steps, B batch rows, H hidden units, P state size (proj_size or H),
     4H the gate axis in PyTorch's order i, f, g, o (gate k of unit j is column k*H + j).
     U   = BLOCK_H units per program; its gate rows are 4U = GR rows of the interleaved W_hh
@@ -24,7 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import BARRIER_RUNTIME_ARGS, _arrive, _reset_word, _tanh, _wait, _word_keeps
+from .config import BARRIER_RUNTIME_ARGS
+from .device_helpers import _reset_word, _step_arrive, _step_wait, _tanh, _word_keeps
 
 
 @triton.jit
@@ -116,14 +117,14 @@ def _lstm_pfw_kernel(
       * h_{t-1}^T [P, BB] read once per step per program (one .cg load per K piece).  <= 0.3 us
       * MMA: 4U x BB x P from the resident W_u (never loaded from global inside the loop), K
         split over KS = 8 warps: 4U*BB*P / (16*8*16) / KS mma.m16n8k16 per warp, 24 at the
-        flagship shape (the existing kernel: 384, every warp the whole tile); then one
+        flagship shape (a 2D tl.dot of the tile: 384, every warp the whole tile); then one
         cross-warp sum.                                                               <= 0.5 us
       * cell update on the summed accumulators (one thread holds i, f, g, o of its
         (unit, row)); c_t and the kept h stay in registers for all steps.  The elementwise
         work is repeated by the warps (the summed layout is the same in every warp): 4
         elements per thread; Triton stores each element once.                         <= 0.2 us
     With a projection a second phase (PB state units per program, m^T [H, BB] read once,
-    W_hr's slice resident in fp32, tf32 MMA for 16-bit inputs as in the existing kernels)
+    W_hr's slice resident in fp32, tf32 MMA for 16-bit inputs as in the step kernels)
     adds one grid barrier: two per step.
     The grid waits' time bound (``_wait``, ``barrier_bound``) adds nothing to a wait whose first poll
     finds the barrier open; after a closed poll it reads the abort flag and the GPU clock (one load and
@@ -217,16 +218,10 @@ def _lstm_pfw_kernel(
                 tl.store(h_buf_ptr + ((t + 1) % 2) * B * P + cell, h_keep, mask=tile_in)
         if HAS_PROJ and RUN_PROJ:
             if RUN_CELL:  # m_t complete before any h_t: the step's first barrier
-                if USE_BARRIER:
-                    arrivals += 1
-                    _arrive(bar_ptr)
-                    if STORE_WS:
-                        tl.store(ws_m_ptr + t * B * H + cell, m, mask=tile_in)
-                    _wait(bar_ptr, arrivals * nprog, t, rec_ptr, timeout_ns, kernel_code)
-                else:
-                    tl.debug_barrier()
-                    if STORE_WS:
-                        tl.store(ws_m_ptr + t * B * H + cell, m, mask=tile_in)
+                arrivals = _step_arrive(bar_ptr, arrivals, USE_BARRIER)
+                if STORE_WS:
+                    tl.store(ws_m_ptr + t * B * H + cell, m, mask=tile_in)
+                _step_wait(bar_ptr, arrivals, nprog, t, rec_ptr, timeout_ns, kernel_code, USE_BARRIER)
             acc_p = tl.dot(r1, _load_t_split(m_buf_ptr, bp, bp < n_t, 0, KH1, KSP, H, tl.float32),
                            input_precision=PROJ_PRECISION)
             if KH2 > 0:
@@ -241,9 +236,7 @@ def _lstm_pfw_kernel(
             tl.store(ws_m_ptr + t * B * H + cell, m, mask=tile_in)
         # ---- the step's (last) grid barrier: arrive, independent work, wait
         s += 1
-        if USE_BARRIER:
-            arrivals += 1
-            _arrive(bar_ptr)
+        arrivals = _step_arrive(bar_ptr, arrivals, USE_BARRIER)
         # between arrive and wait: the prefetch of step t + 1's inputs first (their latency runs
         # under the wait), then the outputs of step t that nobody reads in this launch
         if RUN_CELL:
@@ -260,9 +253,6 @@ def _lstm_pfw_kernel(
             if STORE_WS:
                 tl.store(ws_gates_ptr + t * B * 4 * H + g_off, act, mask=g_in)
                 tl.store(ws_c_ptr + t * B * H + cell, c_reg, mask=tile_in)
-        if USE_BARRIER:
-            _wait(bar_ptr, arrivals * nprog, t, rec_ptr, timeout_ns, kernel_code)
-        else:
-            tl.debug_barrier()
+        _step_wait(bar_ptr, arrivals, nprog, t, rec_ptr, timeout_ns, kernel_code, USE_BARRIER)
     if RUN_CELL:
         tl.store(c_ptr + cell, c_reg, mask=tile_in)

@@ -16,11 +16,11 @@
 
 extern "C" {
 
-// 16-bit codes as static_switch.h's; float has two, by the precision of its products: fp32
+// 16-bit codes as step/static_switch.h's; float has two, by the precision of its products: fp32
 // accuracy (3xTF32 on tensor cores), or tf32 (only where torch allows TF32).
 enum FusedOp { kFusedFloat32 = 0, kFusedFloat16 = 1, kFusedBFloat16 = 2, kFusedTf32 = 3 };
 
-// xg [T,B,4H]; w_fwd [ceil(H/8)*32, P] (cuda_fused.interleave_forward); w_hr [ceil(P/8)*8, H] or
+// xg [T,B,4H]; w_fwd [ceil(H/8)*32, P] (cuda/fused.py's interleave_forward); w_hr [ceil(P/8)*8, H] or
 // null; c0 [B,H]; c_work [B,H] fp32 scratch; hx [2,Bp,Pk] zeroed with h0 in slot 1; mx [Bp,Hk]
 // zeroed (proj) or null; out h_all [T,B,P], h_T [B,P], c_T [B,H] (pre-filled with h0, c0), act
 // [T,B,4H] fp32 / c_all [T,B,H] fp32 or null; batch_sizes [T] int32 or null; resets [T,B] uint8 or
@@ -32,7 +32,7 @@ int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, const void*
                        int persistent, unsigned long long* barrier_state, long long* barrier_record,
                        long long barrier_timeout_ns, long long barrier_kernel, void* stream);
 
-// w_bwd [ceil(P/8)*8, 4H] (cuda_fused.interleave_backward); w_hrT [ceil(H/8)*8, P] or null; act,
+// w_bwd [ceil(P/8)*8, 4H] (cuda/fused.py's interleave_backward); w_hrT [ceil(H/8)*8, P] or null; act,
 // c_all from the forward; c0 [B,H]; dh_all [T,B,P]; dh_T [B,P]; dc_T [B,H]; dc_work [B,H] fp32;
 // dgx [2,Bp,K4p] zeroed; dhx [Bp,Pk] zeroed (proj) or null; out dG [T,B,4H], dh0 [B,P], dc0
 // [B,H], dh_tot [T,B,P] fp32 (proj: dh_t for dW_hr) or null; resets as the forward's (nothing flows

@@ -1,5 +1,5 @@
-// The time bound of the persistent kernels' grid barriers (fused_common.cuh's grid_wait,
-// persistent.cuh's bounded_grid_sync), and the error record a wait that gave up leaves for the host
+// The time bound of the fused kernels' grid barrier in their persistent launch (fused_common.cuh's
+// grid_wait), and the error record a wait that gave up leaves for the host
 // (lstm_kernels/backends/barrier_bound.py reads it). Compiles as CUDA and as host C++: the host
 // build (tests/cuda_host/barrier_wait_check.cpp) runs the same give-up logic on CPU threads.
 //
@@ -26,7 +26,7 @@ namespace lstm {
 // What a persistent launch's barriers need to give up. state null: no bound and no record (the C
 // API's default; the Python launch code always passes one).
 struct BarrierWatch {
-  unsigned long long* state = nullptr;  // [2] per launch, zeroed by the host: arrivals (persistent.cuh), gave up
+  unsigned long long* state = nullptr;  // [2] per launch, zeroed by the host: unused, gave up
   long long* record = nullptr;          // [4] per device: kernel code, step, block, ns waited (0: none)
   long long timeout_ns = 0;             // a wait gives up after this long (GPU clock); 0: no bound
   long long kernel = 0;                 // this kernel's code in the record (barrier_bound.KERNELS)
