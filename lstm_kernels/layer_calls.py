@@ -3,18 +3,27 @@
 (:mod:`lstm_kernels.recompute`): dispatch, the ``resets`` keyword, the workspace check and the
 backward of one layer (the backend's recurrence backward, then dW_hh as one GEMM).
 
-Shapes (time-major): xg [T, B, 4H], w_hh [4H, P], h0 [B, P], h_all [T, B, P], resets [T, B] bool or None.
+Shapes (time-major): xg [T, B, 4H] (GRU: 3H), w_hh [4H, P] (GRU: [3H, H]), h0 [B, P], h_all [T, B, P],
+resets [T, B] bool or None, b_hn [H] or None (GRU only).
 """
 from __future__ import annotations
 
 import torch
 
 from .backends import Backend, RecurrenceCall, RecurrenceInputs, resolve_backend
+from .cells import GRU, LSTM
 
 
-def select_backend(xg, w_hh, w_hr, batch_sizes, needs_grad: bool, backend: str, resets=None) -> Backend:
+def select_backend(xg, w_hh, w_hr, batch_sizes, needs_grad: bool, backend: str, resets=None,
+                   cell: str = LSTM) -> Backend:
     """Dispatch for one recurrence call (see :func:`lstm_kernels.backends.resolve_backend`)."""
-    return resolve_backend(backend, RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad, resets))
+    return resolve_backend(backend, RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad, resets, cell))
+
+
+def cell_args(cell: str, b_hn=None) -> dict:
+    """The keyword arguments that tell a backend the cell: none for the LSTM (so that a backend
+    serving only the LSTM is called exactly as before), ``cell`` and ``b_hn`` for the GRU."""
+    return {} if cell == LSTM else {"cell": cell, "b_hn": b_hn}
 
 
 def with_resets(resets) -> dict:
@@ -40,15 +49,24 @@ def check_workspace(impl: Backend, workspace, inputs: RecurrenceInputs, outputs)
 
 
 def layer_backward(impl: Backend, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T, need_dw_hh: bool,
-                   resets=None):
+                   resets=None, b_hn=None):
     """Gradients of one layer: the backend's recurrence backward, then dW_hh as one GEMM.
 
-    Returns (dxg, dw_hh or None, dh0, dc0, dw_hr or None).
+    Returns (dxg, dw_hh or None, dh0, dc0, dw_hr or None) for the LSTM; for the GRU (``inputs.c0``
+    None) (dxg, dw_hh or None, dh0, None, db_hn or None), dW_hh from the gradient of the recurrent
+    product: dG with its n rows replaced by the backend's d_hn.
     """
-    dG, dh0, dc0, dw_hr = impl.backward(inputs, h_all, workspace, dh_all, dh_T, dc_T, **with_resets(resets))
+    cell = inputs.cell
+    dG, dh0, dc0, extra = impl.backward(inputs, h_all, workspace, dh_all, dh_T, dc_T, **with_resets(resets),
+                                        **cell_args(cell, b_hn))
+    d_recurrent = dG
+    if cell == GRU:
+        hidden = dG.shape[2] // 3
+        d_recurrent = torch.cat([dG[..., :2 * hidden], extra], dim=2)
+        extra = None if b_hn is None else extra.sum((0, 1))
     dw_hh = None
     if need_dw_hh:
-        T, B, four_h = dG.shape
+        T, B, gate_rows = d_recurrent.shape
         h_prev = previous_states(inputs.h0, h_all, resets)
-        dw_hh = dG.reshape(T * B, four_h).t() @ h_prev.reshape(T * B, h_prev.shape[-1])
-    return dG, dw_hh, dh0, dc0, dw_hr
+        dw_hh = d_recurrent.reshape(T * B, gate_rows).t() @ h_prev.reshape(T * B, h_prev.shape[-1])
+    return dG, dw_hh, dh0, dc0, extra

@@ -95,6 +95,13 @@ def check_hidden(hx, expected_h: tuple, expected_c: tuple, input: torch.Tensor) 
             raise RuntimeError(f"Expected hidden and input to have the same dtype, got {state.dtype} and {input.dtype}")
 
 
+def check_gru_hidden(hx, expected: tuple, input: torch.Tensor) -> None:
+    """nn.GRU's h_0 check (RuntimeError, nn.GRU's message), then device and dtype against the input."""
+    if tuple(hx.shape) != expected:
+        raise RuntimeError(f"Expected hidden size {expected}, got {list(hx.shape)}")
+    check_hidden((hx,), expected, expected, input)
+
+
 def split_hx(hx) -> Optional[tuple]:
     """(h_0, c_0) out of ``hx``, as nn.LSTM takes them: by ``hx[0]`` and ``hx[1]``.
 
@@ -151,26 +158,33 @@ def check_resets(resets, input: torch.Tensor, batch_first: bool, is_batched: boo
     return resets.t() if batch_first else resets
 
 
-def check_layer_shapes(xg, w_hh, h0, c0, w_hr, batch_sizes, resets=None) -> None:
+def check_layer_shapes(xg, w_hh, h0, c0, w_hr, batch_sizes, resets=None, b_hn=None) -> None:
     """The shapes of one layer's recurrence call (``lstm_layer``), each wrong one named with the
     shape it must have: xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H], w_hr [P, H] or None
-    (then P = H), batch_sizes [T] or None, resets [T, B] bool on xg's device or None.
+    (then P = H), batch_sizes [T] or None, resets [T, B] bool on xg's device or None. The GRU's
+    (``gru_layer``: c0 and w_hr None): xg [T, B, 3H], w_hh [3H, H], h0 [B, H], b_hn [H] or None.
     RuntimeError, as nn.LSTM raises for wrong state shapes."""
-    if xg.dim() != 3 or xg.shape[2] % 4 != 0:
-        raise RuntimeError(f"xg must be [T, B, 4*hidden_size] (time-major), got {list(xg.shape)}")
-    T, B, four_h = xg.shape
-    H = four_h // 4
+    gru = c0 is None
+    gates, names = (3, "3*hidden_size") if gru else (4, "4*hidden_size")
+    if xg.dim() != 3 or xg.shape[2] % gates != 0:
+        raise RuntimeError(f"xg must be [T, B, {names}] (time-major), got {list(xg.shape)}")
+    T, B, gate_rows = xg.shape
+    H = gate_rows // gates
     P = w_hh.shape[1] if w_hh.dim() == 2 else (w_hr.shape[0] if w_hr is not None else H)
-    expected = {"w_hh": (four_h, P), "h0": (B, P), "c0": (B, H)}
+    expected = {"w_hh": (gate_rows, P), "h0": (B, P)}
+    if gru:
+        expected["b_hn"] = (H,)
+    else:
+        expected["c0"] = (B, H)
     if w_hr is not None:
         expected["w_hr"] = (P, H)
     elif P != H:
-        raise RuntimeError(f"w_hh must be [4*hidden_size, hidden_size] = {[four_h, H]} without w_hr, "
-                           f"got {list(w_hh.shape)}")
-    for name, tensor in (("w_hh", w_hh), ("h0", h0), ("c0", c0), ("w_hr", w_hr)):
-        if name in expected and tuple(tensor.shape) != expected[name]:
+        raise RuntimeError(f"w_hh must be [{names}, hidden_size] = {[gate_rows, H]}"
+                           f"{'' if gru else ' without w_hr'}, got {list(w_hh.shape)}")
+    for name, tensor in (("w_hh", w_hh), ("h0", h0), ("c0", c0), ("w_hr", w_hr), ("b_hn", b_hn)):
+        if name in expected and tensor is not None and tuple(tensor.shape) != expected[name]:
             raise RuntimeError(f"{name} must be {list(expected[name])} for xg {list(xg.shape)} "
-                               f"(T, B, 4*hidden_size) and w_hh {list(w_hh.shape)}, got {list(tensor.shape)}")
+                               f"(T, B, {names}) and w_hh {list(w_hh.shape)}, got {list(tensor.shape)}")
     if resets is not None and (tuple(resets.shape) != (T, B) or resets.dtype != torch.bool
                                or resets.device != xg.device):
         raise RuntimeError(f"resets must be a bool tensor [T, B] = {[T, B]} on {xg.device}, got "

@@ -51,6 +51,7 @@ import torch
 
 from . import __version__
 from .backends import Backend, RecurrenceCall, RecurrenceInputs, get_backend, verification_bounds, set_verifier
+from .cells import LSTM
 from .layer_calls import with_resets
 from .disk_cache import CACHE_DIR_ENV, DiskCache, cache_dir  # noqa: F401  (part of this module's face)
 from .tolerances import REL_TOL, mismatch, rel_error
@@ -86,7 +87,7 @@ def tf32_in_use(call: RecurrenceCall) -> bool:
 def _plan_fields(backend: Backend, call: RecurrenceCall) -> tuple:
     return (backend.name, tuple(backend.plan_signature(call)), call.dtype, tf32_in_use(call), call.hidden_size,
             call.state_size, call.has_projection, call.variable_lengths, call.batch, call.needs_grad, call.device,
-            call.has_resets)
+            call.has_resets, call.cell)
 
 
 _KEYS: dict = {}  # _plan_fields -> plan_key: the JSON is built once per plan, not per call
@@ -100,7 +101,8 @@ def plan_key(backend: Backend, call: RecurrenceCall) -> str:
             backend=backend.name, plan=list(fields[1]), dtype=str(call.dtype).replace("torch.", ""),
             tf32=fields[3], H=call.hidden_size, P=call.state_size, projection=call.has_projection,
             variable_lengths=call.variable_lengths, batch=call.batch, needs_grad=call.needs_grad,
-            device=device_description(call.device), **({"resets": True} if call.has_resets else {})),
+            device=device_description(call.device), **({"resets": True} if call.has_resets else {}),
+            **({"cell": call.cell} if call.cell != LSTM else {})),
             sort_keys=True)
     return key
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import lstm_kernels.module as module_mod
+import lstm_kernels.recurrent_module as module_mod
 from lstm_kernels.backends import native
 from lstm_kernels import FusedLSTM
 from lstm_kernels.backends import ENV_VAR
@@ -266,22 +266,22 @@ def test_reparametrized_weights_like_nn_lstm(native_calls):
 
 
 # ---- the CUDA rule and its wrapper, exercised on the CPU -----------------------------------------
-# On CUDA a call that needs gradients runs torch's kernel inside native.TorchKernelLSTM (cuDNN has no
+# On CUDA a call that needs gradients runs torch's kernel inside native.TorchKernelRNN (cuDNN has no
 # double backward); the wrapper is device-agnostic, so these tests run it on the CPU's kernel.
 
 
 @pytest.fixture
 def wrapped(monkeypatch):
-    """The CPU native path runs through TorchKernelLSTM, as CUDA's does; counts its forwards."""
+    """The CPU native path runs through TorchKernelRNN, as CUDA's does; counts its forwards."""
     calls = []
-    original = native.TorchKernelLSTM.forward
+    original = native.TorchKernelRNN.forward
 
     def forward(ctx, *args):
         calls.append(1)
         return original(ctx, *args)
 
     monkeypatch.setattr(native, "differentiate_by_wrapper", lambda x: True)
-    monkeypatch.setattr(native.TorchKernelLSTM, "forward", staticmethod(forward))
+    monkeypatch.setattr(native.TorchKernelRNN, "forward", staticmethod(forward))
     return calls
 
 

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from lstm_kernels import BackendUnsupportedError, FusedLSTM, lstm_layer
 from lstm_kernels.backends import _REGISTRY, Backend, get_backend, register
-from lstm_kernels.backends.reference import _recurrence, compute_dtype
+from lstm_kernels.backends.reference import _LSTMCell, _recurrence, compute_dtype
 from lstm_kernels.recompute import check_recompute, recompute_layer, segment_bounds, segment_length
 from utils import REL_TOL, assert_rel_close
 
@@ -73,7 +73,9 @@ class KeepingBackend(Backend):
     def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad):
         if not needs_grad:
             return get_backend("reference").forward(xg, w_hh, h0, c0, w_hr, batch_sizes, False)
-        h_all, h_T, c_T, acts = _recurrence(xg, w_hh, h0, c0, w_hr, batch_sizes, keep_activations=True)
+        acc = compute_dtype(xg.dtype)
+        h_all, h_T, (c_T,), acts = _recurrence(_LSTMCell(w_hh, w_hr, xg.dtype, acc), xg, h0, (c0.to(acc),),
+                                               batch_sizes, keep_activations=True)
         T_, B, four_h = xg.shape
         gates = xg.new_zeros((T_, B, four_h), dtype=c_T.dtype)
         cells = xg.new_zeros((T_, B, four_h // 4), dtype=c_T.dtype)

@@ -18,24 +18,13 @@ T, B, H = 128, 16, 64
 FORGET_BIAS = 4.0  # f = σ(4 + ...) ≈ 0.98: a long memory
 
 
-def _cell_in_input_dtype(xg, w_hh, h0, c0, w_hr, batch_sizes, keep_activations, resets=None):
-    """The reference recurrence with one mistake: c_t rounded to the input dtype every step."""
-    assert resets is None
-    dtype, acc = xg.dtype, reference.compute_dtype(xg.dtype)
-    w_hh_t = w_hh.to(acc).t()
-    h, c = h0, c0.to(acc)
-    outputs, activations = [], []
-    for t in range(xg.shape[0]):
-        i, f, g, o = (xg[t].to(acc) + h.to(acc) @ w_hh_t).chunk(4, dim=1)
-        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-        c_new = (f * c + i * g).to(dtype).to(acc)
-        tanh_c = c_new.tanh()
-        m = o * tanh_c
-        if keep_activations:
-            activations.append((i, f, g, o, c, tanh_c, m))
-        h, c = m.to(dtype), c_new
-        outputs.append(h)
-    return torch.stack(outputs), h, c, activations
+_correct_lstm_step = reference._LSTMCell.step
+
+
+def _step_rounding_c(cell, x_t, h_prev, state_prev):
+    """The reference LSTM step with one mistake: the carried c_t rounded to the input dtype."""
+    h_new, (c_new,), saved = _correct_lstm_step(cell, x_t, h_prev, state_prev)
+    return h_new, (c_new.to(cell.dtype).to(c_new.dtype),), saved
 
 
 def _case(dtype, seed=0):
@@ -62,7 +51,7 @@ def _errors(dtype, monkeypatch, mutant: bool):
     inputs, cotangents = _case(dtype)
     expected = _outputs_and_grads(inputs, cotangents, torch.float64)
     if mutant:
-        monkeypatch.setattr(reference, "_recurrence", _cell_in_input_dtype)
+        monkeypatch.setattr(reference._LSTMCell, "step", _step_rounding_c)
     actual = _outputs_and_grads(inputs, cotangents, dtype)
     monkeypatch.undo()
     return actual, expected

@@ -23,6 +23,16 @@ that is already projected (``xg = x @ W_ih^T + b``), time-major:
         -> dG [T, B, 4H] (gradients of the gate pre-activations),
            dh0 [B, P], dc0 [B, H], dW_hr [P, H] or None
 
+The GRU (``cell="gru"``; lstm_kernels/cells.py) runs through the same two calls with its own
+shapes: xg [T, B, 3H] in the order r, z, n, holding both biases of r and z and the input's of n;
+w_hh [3H, H]; h0 [B, H]; no cell state and no projection (c0, w_hr, c_T, dc_T, dc0 and dW_hr are
+None); and the keyword ``b_hn`` [H] or None, the recurrent bias of n, which r scales. Only backends
+whose ``cells`` name the GRU get it, with the keywords ``cell="gru", b_hn=``; dispatch moves past
+the others. backward returns dG (again the gradient of xg), dh0, None, and in dW_hr's place
+d_hn [T, B, H]: the gradient of the n rows of the recurrent product (h_{t-1} W_hnᵀ + b_hn), which
+is r ⊙ dG_n and differs from dG's n rows; from it the layer forms dW_hh and db_hn
+(lstm_kernels/layer_calls.py).
+
 ``workspace`` is a tuple of tensors that forward creates for its backward
 (saved gate activations, cell states, ...); it is the backend's choice and may
 be empty (a backward that recomputes). It never holds an input or an output:
@@ -43,6 +53,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..cells import GRU, LSTM, gates
+
 
 class BackendUnsupportedError(RuntimeError):
     """A named backend cannot serve a call (wrong device, dtype, size, ...)."""
@@ -62,14 +74,15 @@ class RecurrenceCall:
     variable_lengths: bool
     needs_grad: bool
     has_resets: bool = False
+    cell: str = LSTM  # "lstm" or "gru" (lstm_kernels/cells.py)
 
     @classmethod
-    def of(cls, xg, w_hh, w_hr, batch_sizes, needs_grad: bool, resets=None) -> "RecurrenceCall":
-        T, B, four_h = xg.shape
+    def of(cls, xg, w_hh, w_hr, batch_sizes, needs_grad: bool, resets=None, cell: str = LSTM) -> "RecurrenceCall":
+        T, B, gate_rows = xg.shape
         return cls(
             seq_len=T,
             batch=B,
-            hidden_size=four_h // 4,
+            hidden_size=gate_rows // gates(cell),
             state_size=w_hh.shape[1],
             dtype=xg.dtype,
             device=xg.device,
@@ -77,21 +90,27 @@ class RecurrenceCall:
             variable_lengths=batch_sizes is not None,
             needs_grad=needs_grad,
             has_resets=resets is not None,
+            cell=cell,
         )
 
 
 class RecurrenceInputs(NamedTuple):
     """The tensors of one recurrence call, as backward gets them back."""
 
-    xg: torch.Tensor  # [T, B, 4H]
-    w_hh: torch.Tensor  # [4H, P]
+    xg: torch.Tensor  # [T, B, 4H] (GRU: [T, B, 3H])
+    w_hh: torch.Tensor  # [4H, P] (GRU: [3H, H])
     h0: torch.Tensor  # [B, P]
-    c0: torch.Tensor  # [B, H]
+    c0: Optional[torch.Tensor]  # [B, H]; None for the GRU, which has no cell state
     w_hr: Optional[torch.Tensor]  # [P, H] or None
     batch_sizes: Optional[torch.Tensor]  # [T] int64 on the CPU, or None
 
+    @property
+    def cell(self) -> str:
+        """The cell of the call: the GRU's has no cell state."""
+        return LSTM if self.c0 is not None else GRU
+
     def call(self, needs_grad: bool = True) -> RecurrenceCall:
-        return RecurrenceCall.of(self.xg, self.w_hh, self.w_hr, self.batch_sizes, needs_grad)
+        return RecurrenceCall.of(self.xg, self.w_hh, self.w_hr, self.batch_sizes, needs_grad, cell=self.cell)
 
 
 #: (shape, dtype) of one workspace tensor.
@@ -107,6 +126,9 @@ class Backend:
     differentiable_backward: bool = False
     #: True when forward and backward take ``resets`` (resets inside a sequence).
     serves_resets: bool = False
+    #: The cells whose recurrence the backend runs (lstm_kernels/cells.py); the GRU's calls come
+    #: with the keywords ``cell="gru", b_hn=``.
+    cells: tuple[str, ...] = (LSTM,)
 
     def unavailable_reason(self) -> Optional[str]:
         """None when this machine can run the backend, else why not."""

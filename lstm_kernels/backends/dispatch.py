@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ..cells import TORCH_NAME
 from .contract import Backend, BackendUnsupportedError, RecurrenceCall
 
 ENV_VAR = "LSTM_KERNELS_BACKEND"
@@ -60,7 +61,7 @@ def _verification_failure(backend: Backend, call: RecurrenceCall) -> Optional[st
     # any batch (batch -1), which the verifier answers with a failure known at any batch.
     return _known_failure(backend.name, (1, -1, call.hidden_size, call.state_size, call.dtype, call.device,
                                          call.has_projection, call.variable_lengths, call.needs_grad,
-                                         call.has_resets))
+                                         call.has_resets, call.cell))
 
 
 def trace_time_constant(fn):
@@ -157,6 +158,8 @@ def _refusal(backend: Backend, call: RecurrenceCall) -> Optional[str]:
     why = backend.unavailable_reason()
     if why is None and call.has_resets and not backend.serves_resets:
         why = "it does not serve resets inside a sequence"
+    if why is None and call.cell not in backend.cells:
+        why = f"it does not serve the {TORCH_NAME[call.cell]} cell"
     return why or backend.supports(call) or _verification_failure(backend, call)
 
 

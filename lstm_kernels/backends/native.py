@@ -1,4 +1,9 @@
-"""torch's own LSTM kernel for the whole module: the CPU path of ``backend="auto"``, and on CUDA a candidate.
+"""torch's own LSTM (and GRU) kernel for the whole module: the CPU path of ``backend="auto"``, and on CUDA a candidate.
+
+FusedGRU takes the same path with ``torch._VF.gru`` (nn.GRU's call); what follows holds for it too,
+except under ``torch.compile``, where the GRU's kernel is traced as the aten op it is (no op of this
+package wraps it yet: inductor may decompose it, so a compiled FusedGRU agrees with eager within the
+tolerances, not to the bit).
 
 On the CPU no fused kernel of this package runs (the Triton kernels need a GPU
 or the interpreter), and the ``reference`` backend steps through time in
@@ -22,7 +27,7 @@ Every promise FusedLSTM makes holds on this path, which is why it is allowed
   CPU LSTM is differentiable twice, oneDNN's float32 kernel included. cuDNN refuses a backward
   of a forward run in inference mode and has no double backward, so on CUDA a call that needs
   gradients runs cuDNN in training mode (with dropout 0 in eval: the same results) inside
-  :class:`TorchKernelLSTM`, whose backward is cuDNN's, except under ``create_graph=True``: then it
+  :class:`TorchKernelRNN`, whose backward is cuDNN's, except under ``create_graph=True``: then it
   recomputes the module on the ``reference`` backend and differentiates that (the gradients agree
   within the tolerances, not to the bit);
 - determinism: the CPU kernels have no atomics; the same inputs give the same bits. cuDNN's RNN
@@ -56,6 +61,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..cells import LSTM
 from . import backend_from_env
 
 #: The dtypes torch's CPU LSTM serves on every CPU.
@@ -113,37 +119,37 @@ def exporting() -> bool:
 
 
 def run_native(module, x: Tensor, hx, batch_sizes: Optional[Tensor]):
-    """All layers and directions of ``module`` by ``torch._VF.lstm``.
+    """All layers and directions of ``module`` by ``torch._VF.lstm`` (FusedGRU: ``torch._VF.gru``).
 
     x: time-major [T, B, I], or a PackedSequence's data [sum(batch_sizes), I] when
-    ``batch_sizes`` is given; hx = (h0 [L*D, B, P], c0 [L*D, B, H]) in sorted order.
-    Returns (output [T, B, D*P] or packed data [sum(batch_sizes), D*P], h_n, c_n).
-    Eager calls go to the kernel directly (autograd through it, double backward included);
-    under torch.compile through the op ``lstm_kernels::native_lstm``.
+    ``batch_sizes`` is given; hx the states in sorted order: (h0 [L*D, B, P], c0 [L*D, B, H]), the
+    GRU's (h0 [L*D, B, H],). Returns (output [T, B, D*P] or packed data [sum(batch_sizes), D*P],
+    *final states). Eager calls go to the kernel directly (autograd through it, double backward
+    included); under torch.compile the LSTM's through the op ``lstm_kernels::native_lstm``.
     """
     weights = module._flat_weights
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *hx, *weights))
     # cuDNN differentiates only a forward run in training mode; with dropout 0 the modes agree.
     train = module.training or (needs_grad and x.is_cuda)
     config = (module.bias, module.num_layers, module.dropout if module.training else 0.0, train, module.bidirectional)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and module.cell == LSTM:
         return native_lstm(x, hx[0], hx[1], weights, batch_sizes, *config)
     if needs_grad and differentiate_by_wrapper(x):
-        return TorchKernelLSTM.apply(module, x, batch_sizes, config, hx[0], hx[1], *weights)
-    return _vf_lstm(x, hx[0], hx[1], weights, batch_sizes, *config)
+        return TorchKernelRNN.apply(module, x, batch_sizes, config, len(hx), *hx, *weights)
+    return _vf_rnn(module.cell, x, hx, weights, batch_sizes, *config)
 
 
 def differentiate_by_wrapper(x: Tensor) -> bool:
     """Whether torch's kernel for ``x``'s device lacks a double backward (cuDNN's), so that
-    :class:`TorchKernelLSTM` must wrap it."""
+    :class:`TorchKernelRNN` must wrap it."""
     return x.is_cuda
 
 
-class TorchKernelLSTM(torch.autograd.Function):
-    """torch's LSTM kernel for the whole module, with a double backward where the kernel has none.
+class TorchKernelRNN(torch.autograd.Function):
+    """torch's LSTM or GRU kernel for the whole module, with a double backward where the kernel has none.
 
-    forward(module, x, batch_sizes, config, h0, c0, *weights) -> (output, h_n, c_n), as
-    :func:`run_native`. The forward runs the kernel with autograd on over detached copies of the
+    forward(module, x, batch_sizes, config, n_states, *states, *weights) -> (output, *final states),
+    as :func:`run_native`. The forward runs the kernel with autograd on over detached copies of the
     inputs and keeps that graph; the backward differentiates it (cuDNN's own backward). Under
     ``create_graph=True`` it instead runs the module again on the ``reference`` backend (which is
     differentiable twice) on the saved inputs and differentiates that, so the gradients it returns
@@ -152,14 +158,16 @@ class TorchKernelLSTM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, module, x, batch_sizes, config, h0, c0, *weights):
+    def forward(ctx, module, x, batch_sizes, config, n_states, *states_and_weights):
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(t.requires_grad) for t in (x, h0, c0, *weights)]
-            outputs = _vf_lstm(*leaves[:3], leaves[3:], batch_sizes, *config)
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in (x, *states_and_weights)]
+            outputs = _vf_rnn(module.cell, leaves[0], leaves[1:1 + n_states], leaves[1 + n_states:], batch_sizes,
+                              *config)
         ctx.module = module
         ctx.batch_sizes = batch_sizes
+        ctx.n_states = n_states
         ctx.inner = (leaves, outputs)
-        ctx.save_for_backward(x, h0, c0, *weights)
+        ctx.save_for_backward(x, *states_and_weights)
         return tuple(o.detach() for o in outputs)
 
     @staticmethod
@@ -168,10 +176,10 @@ class TorchKernelLSTM(torch.autograd.Function):
         wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
         grad_outputs = [torch.zeros_like(o) if g is None else g for g, o in zip(grad_outputs, outputs)]
         if torch.is_grad_enabled():  # create_graph: gradients that are differentiable themselves
-            saved = ctx.saved_tensors
+            saved, n = ctx.saved_tensors, ctx.n_states
             with torch.enable_grad():
-                outputs = ctx.module._forward_on("reference", saved[0], (saved[1], saved[2]), ctx.batch_sizes,
-                                                 weights=saved[3:])
+                outputs = ctx.module._forward_on("reference", saved[0], saved[1:1 + n], ctx.batch_sizes,
+                                                 weights=saved[1 + n:])
             inputs = [saved[i] for i in wanted]
             grads = torch.autograd.grad(outputs, inputs, grad_outputs, create_graph=True, allow_unused=True)
         else:  # the kernel's own backward; kept for a second backward of the outer graph (retain_graph)
@@ -180,15 +188,21 @@ class TorchKernelLSTM(torch.autograd.Function):
         result = [None] * len(leaves)
         for i, g in zip(wanted, grads):
             result[i] = g
-        return (None, result[0], None, None, *result[1:])
+        return (None, result[0], None, None, None, *result[1:])
 
 
-def _vf_lstm(x, h0, c0, weights, batch_sizes, has_biases, num_layers, dropout, train, bidirectional):
-    """``torch._VF.lstm`` in its padded or its packed form (nn.LSTM's own call)."""
+def _vf_rnn(cell, x, states, weights, batch_sizes, has_biases, num_layers, dropout, train, bidirectional):
+    """``torch._VF.lstm`` (``cell`` "lstm", states (h0, c0)) or ``torch._VF.gru`` ("gru", states (h0,)) in
+    its padded or its packed form (nn's own call)."""
     args = (weights, has_biases, num_layers, dropout, train, bidirectional)
+    kernel, hx = (torch._VF.lstm, tuple(states)) if cell == LSTM else (torch._VF.gru, states[0])
     if batch_sizes is None:
-        return torch._VF.lstm(x, (h0, c0), *args, False)
-    return torch._VF.lstm(x, batch_sizes, (h0, c0), *args)
+        return kernel(x, hx, *args, False)
+    return kernel(x, batch_sizes, hx, *args)
+
+
+def _vf_lstm(x, h0, c0, weights, batch_sizes, *config):
+    return _vf_rnn(LSTM, x, (h0, c0), weights, batch_sizes, *config)
 
 
 @torch.library.custom_op("lstm_kernels::native_lstm", mutates_args=())
