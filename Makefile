@@ -22,7 +22,7 @@ STAMP := $(VENV)/.installed
 TORCH_TEST_VERSIONS ?= 2.11.0 2.15.0
 TORCH_RANGE_TESTS := tests/test_module.py tests/test_module_parity.py tests/test_validation.py \
 	tests/test_native_path.py tests/test_compile.py tests/test_compile_fresh_process.py tests/test_autotune.py \
-	tests/test_resets.py
+	tests/test_resets.py tests/test_gru.py
 
 .PHONY: install test test-fast test-triton test-torch bench clean
 
