@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pass", dest="passes", help="passes among fwd,fwd_bwd (default: both)")
     p.add_argument("--case", help="cases among single (1 layer), bidir (2 layers, bidirectional) and resets (1 layer, "
                    "episodes ending inside the sequence); default all three")
+    p.add_argument("--cell", help=f"recurrent cells among {','.join(cfgs.CELLS)}, each against torch's module "
+                   "(nn.LSTM, nn.GRU; the baseline column keeps the name nn.LSTM); default lstm")
     p.add_argument("--layers", type=int, help="one custom case with this many layers (replaces --case)")
     p.add_argument("--bidirectional", action="store_true", default=None, help="the custom case is bidirectional")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
@@ -89,6 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             layers=args.layers,
             bidirectional=args.bidirectional,
             quick=args.quick,
+            cells=cfgs.parse_names(args.cell, cfgs.CELLS),
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

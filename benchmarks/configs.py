@@ -1,6 +1,6 @@
-"""The sweep grid: which shapes, dtypes, implementations and passes are measured.
+"""The sweep grid: which shapes, dtypes, cells, implementations and passes are measured.
 
-A :class:`Config` is one problem (T, B, H, I, layers, direction, dtype); a
+A :class:`Config` is one problem (T, B, H, I, layers, direction, dtype, cell); a
 :class:`Measurement` is one (config, implementation, pass) triple, which is
 one CSV row. :func:`build_plan` turns the command-line filters into the list
 of measurements, ordered cheapest first so that a time budget running out
@@ -15,6 +15,8 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PASSES = ("fwd", "fwd_bwd")
+#: The recurrent cells (``--cell``): each config runs against torch's module of its cell (nn.LSTM, nn.GRU).
+CELLS = ("lstm", "gru")
 
 #: The full sweep (issue 6), for a GPU.
 GPU_GRID = dict(T=(16, 128, 512, 1024), B=(1, 8, 16, 64, 256), H=(256, 512, 768, 1024), dtype=("fp32", "bf16", "fp16"))
@@ -47,6 +49,7 @@ class Config:
     bidirectional: bool
     dtype: str  # a key of DTYPES
     reset_rate: float = 0.0  # the fraction of (step, row) pairs where a row's state restarts
+    cell: str = "lstm"  # a key of CELLS
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -60,7 +63,8 @@ class Config:
         case = f" L{self.layers}{'bi' if self.bidirectional else ''}" if (self.layers, self.bidirectional) != (1, False) else ""
         if self.reset_rate:
             case += f" resets {self.reset_rate:.0%}"
-        return f"{self.dtype} T={self.T} B={self.B} H={self.H}{case}"
+        cell = " GRU" if self.cell == "gru" else ""
+        return f"{self.dtype}{cell} T={self.T} B={self.B} H={self.H}{case}"
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ def cudnn_persistent_eligible(cfg: Config) -> bool:
     """
     return (
         cfg.dtype == "fp16"
+        and cfg.cell == "lstm"
         and cfg.layers == 1
         and not cfg.bidirectional
         and cfg.H % 128 == 0
@@ -153,8 +158,10 @@ def build_configs(
     layers: Optional[int] = None,
     bidirectional: Optional[bool] = None,
     quick: bool = False,
+    cells: Optional[Sequence[str]] = None,
 ) -> list[Config]:
-    """The configs of a sweep on ``device`` ("cpu" or "cuda"), after the filters.
+    """The configs of a sweep on ``device`` ("cpu" or "cuda"), after the filters; ``cells`` (default
+    the LSTM only) repeats every config per cell.
 
     An axis given explicitly replaces the grid's values (the bidirectional
     case then uses it too). ``layers``/``bidirectional`` define one custom
@@ -185,12 +192,13 @@ def build_configs(
             case_T, case_B, case_H = (tuple(T) if T else reset_grid["T"], tuple(B) if B else reset_grid["B"],
                                       tuple(H) if H else reset_grid["H"])
             rate = RESET_RATE
-        for dt in dtypes:
-            for h in case_H:
-                for b in case_B:
-                    for t in case_T:
-                        configs.append(Config(T=t, B=b, H=h, I=h, layers=n_layers, bidirectional=bidir, dtype=dt,
-                                              reset_rate=rate))
+        for cell in tuple(cells) if cells else ("lstm",):
+            for dt in dtypes:
+                for h in case_H:
+                    for b in case_B:
+                        for t in case_T:
+                            configs.append(Config(T=t, B=b, H=h, I=h, layers=n_layers, bidirectional=bidir, dtype=dt,
+                                                  reset_rate=rate, cell=cell))
     return configs
 
 
@@ -210,8 +218,9 @@ def estimate_seconds(m: Measurement, device: str) -> float:
     is enforced on measured times.
     """
     c = m.config
-    flops_step = 2.0 * c.B * c.H * 4 * c.H  # recurrent GEMM per step
-    flops_in = 2.0 * c.B * c.I * 4 * c.H  # input projection per step (parallel)
+    gate_rows = (3 if c.cell == "gru" else 4) * c.H
+    flops_step = 2.0 * c.B * c.H * gate_rows  # recurrent GEMM per step
+    flops_in = 2.0 * c.B * c.I * gate_rows  # input projection per step (parallel)
     # the reference's Python loop: named, and what recompute runs on the CPU under "auto"
     python_loop = m.impl in ("fused-reference", "fused-reference-recompute") or (
         device != "cuda" and m.impl == "fused-auto-recompute")

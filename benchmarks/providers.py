@@ -1,7 +1,10 @@
 """The implementations compared, each built from the same ``nn.LSTM`` (same weights).
 
 A provider turns the sweep's base ``nn.LSTM`` into a module whose
-``forward(x [T, B, I]) -> output [T, B, D*H]`` is what gets timed:
+``forward(x [T, B, I]) -> output [T, B, D*H]`` is what gets timed. A GRU config (``--cell gru``)
+builds from an ``nn.GRU`` instead: the rows below then name nn.GRU and FusedGRU (the impl names
+stay, "nn.LSTM" being the torch baseline), and flashrnn and the recompute providers, which serve
+the LSTM only, skip it.
 
     nn.LSTM           torch.nn.LSTM (cuDNN on a GPU): the baseline of speedup_vs_cudnn
     nn.LSTM-compile   torch.compile(nn.LSTM) (dynamo graph-breaks around RNN modules by default)
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lstm_kernels
-from lstm_kernels import FusedLSTM
+from lstm_kernels import FusedGRU, FusedLSTM
 
 from .configs import Config, reset_pattern
 
@@ -67,6 +70,16 @@ class TorchLSTM(Provider):
         return _OutputOnly(_copy_lstm(base))
 
 
+def fused_from_torch(base: nn.Module, **kwargs) -> nn.Module:
+    """FusedGRU or FusedLSTM, by ``base``'s class, with its weights."""
+    return (FusedGRU if isinstance(base, nn.GRU) else FusedLSTM).from_torch(base, **kwargs)
+
+
+def _lstm_only(provider: Provider, cfg: Config) -> None:
+    if cfg.cell != "lstm":
+        raise NotImplementedError(f"{provider.name} serves the LSTM only")
+
+
 def _no_resets(provider: Provider, cfg: Config) -> None:
     if cfg.reset_rate:
         raise NotImplementedError(f"{provider.name} does not serve resets inside a sequence")
@@ -89,7 +102,7 @@ class CompiledFused(Provider):
     def build(self, base, cfg):
         _no_resets(self, cfg)
         torch._dynamo.reset()
-        module = _OutputOnly(FusedLSTM.from_torch(base))
+        module = _OutputOnly(fused_from_torch(base))
         module.forward = torch.compile(module.forward, fullgraph=True, dynamic=False)
         return module
 
@@ -111,7 +124,9 @@ class Fused(Provider):
         return f"backend {self.backend!r} unavailable: {why}"
 
     def build(self, base, cfg):
-        fused = FusedLSTM.from_torch(base, backend=self.backend)
+        if self.recompute:
+            _lstm_only(self, cfg)
+        fused = fused_from_torch(base, backend=self.backend)
         fused.recompute = self.recompute
         return _OutputOnly(fused, reset_pattern(cfg, base.weight_ih_l0.device))
 
@@ -128,12 +143,13 @@ class FlashRNN(Provider):
 
     def build(self, base, cfg):
         _no_resets(self, cfg)
+        _lstm_only(self, cfg)
         if cfg.layers != 1 or cfg.bidirectional:
             raise NotImplementedError("the flashrnn provider covers one unidirectional layer only")
         return _FlashRNNLSTM(base, cfg)
 
 
-def _copy_lstm(base: nn.LSTM) -> nn.LSTM:
+def _copy_lstm(base: nn.Module) -> nn.Module:
     """A copy with its own weights, flattened into one buffer as cuDNN wants (no per-call copy)."""
     lstm = copy.deepcopy(base)
     lstm.flatten_parameters()

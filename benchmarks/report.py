@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, TextIO
 
-from .configs import DTYPES, cudnn_persistent_eligible
+from .configs import CELLS, DTYPES, cudnn_persistent_eligible
 from lstm_kernels.environment import header_lines
 from .providers import BASELINE, PROVIDERS
 from .runner import OK, Result
@@ -21,9 +21,9 @@ COLUMNS = [
     "device", "dtype", "T", "B", "H", "I", "layers", "bidirectional", "impl", "pass",
     "median_ms", "p10_ms", "p90_ms", "peak_mem_mb", "speedup_vs_cudnn",
     "per_step_us", "reps", "cudnn_persistent_eligible", "status", "note", "paired_baseline_ms", "saved_mb",
-    "reset_rate",
+    "reset_rate", "cell",
 ]  # fmt: skip
-CONFIG_KEYS = ("device", "dtype", "T", "B", "H", "I", "layers", "bidirectional", "reset_rate", "pass")
+CONFIG_KEYS = ("device", "dtype", "T", "B", "H", "I", "layers", "bidirectional", "reset_rate", "cell", "pass")
 IMPL_ORDER = list(PROVIDERS)
 DTYPE_ORDER = list(DTYPES)
 
@@ -53,6 +53,7 @@ def rows_from_results(results: Iterable[Result], device_name: str) -> list[dict]
                 "layers": c.layers,
                 "bidirectional": c.bidirectional,
                 "reset_rate": c.reset_rate,
+                "cell": c.cell,
                 "impl": r.measurement.impl,
                 "pass": r.measurement.pass_,
                 "median_ms": s.median_ms if s else None,
@@ -78,6 +79,7 @@ def _sort_key(row: dict):
     impl = row["impl"]
     return (
         DTYPE_ORDER.index(row["dtype"]) if row["dtype"] in DTYPE_ORDER else 99,
+        CELLS.index(_cell_name(row)) if _cell_name(row) in CELLS else 99,
         _reset_rate(row),
         int(row["layers"]),
         str(row["bidirectional"]),
@@ -90,6 +92,15 @@ def _sort_key(row: dict):
     )
 
 
+def _config_key(row: dict) -> tuple:
+    """What makes two rows the same problem (a CSV written before the cell column was the LSTM's)."""
+    return tuple(str(_cell_name(row) if k == "cell" else row[k]) for k in CONFIG_KEYS)
+
+
+def _cell_name(row: dict) -> str:
+    return row.get("cell") or "lstm"
+
+
 def add_speedups(rows: list[dict]) -> None:
     """speedup_vs_cudnn = median of nn.LSTM / this median.
 
@@ -97,12 +108,12 @@ def add_speedups(rows: list[dict]) -> None:
     on the CPU) where there is one, else that of the nn.LSTM row of the same config and pass.
     """
     baseline = {
-        tuple(str(row[k]) for k in CONFIG_KEYS): float(row["median_ms"])
+        _config_key(row): float(row["median_ms"])
         for row in rows
         if row["impl"] == BASELINE and row["status"] == OK and row["median_ms"] not in (None, "")
     }
     for row in rows:
-        base = baseline.get(tuple(str(row[k]) for k in CONFIG_KEYS))
+        base = baseline.get(_config_key(row))
         if row.get("paired_baseline_ms") not in (None, ""):
             base = float(row["paired_baseline_ms"])
         ok = row["status"] == OK and row["median_ms"] not in (None, "")
@@ -164,7 +175,7 @@ def _groups(rows: Sequence[dict]):
     for r in rows:
         key = (r["dtype"], r["pass"])
         cfg = (int(r["layers"]), str(r["bidirectional"]) in ("True", "true", "1"), int(r["H"]), int(r["B"]), int(r["T"]),
-               _reset_rate(r))
+               _reset_rate(r), _cell_name(r))
         groups.setdefault(key, {}).setdefault(cfg, {})[r["impl"]] = r
     return groups
 
@@ -198,8 +209,8 @@ def _reset_rate(row: dict) -> float:
 
 
 def _case(cfg) -> str:
-    layers, bidir, rate = cfg[0], cfg[1], cfg[5]
-    return f"{layers}{'bi' if bidir else ''}" + (f" r{rate:.0%}" if rate else "")
+    layers, bidir, rate, cell = cfg[0], cfg[1], cfg[5], cfg[6]
+    return ("GRU " if cell == "gru" else "") + f"{layers}{'bi' if bidir else ''}" + (f" r{rate:.0%}" if rate else "")
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -266,13 +277,14 @@ def format_memory_table(rows: Sequence[dict]) -> str:
 
 
 def summary_lines(rows: Sequence[dict]) -> list[list[str]]:
-    """Per (dtype, pass, impl): measured/total, geometric-mean, min and max speedup vs nn.LSTM."""
-    table = [["dtype", "pass", "impl", "ok/total", "geomean x", "min x", "max x"]]
+    """Per (cell, dtype, pass, impl): measured/total, geometric-mean, min and max speedup vs torch's
+    module of the cell (nn.LSTM, nn.GRU)."""
+    table = [["cell", "dtype", "pass", "impl", "ok/total", "geomean x", "min x", "max x"]]
     keys: dict = {}
     for r in rows:
-        keys.setdefault((r["dtype"], r["pass"], r["impl"]), []).append(r)
-    order = sorted(keys, key=lambda k: (DTYPE_ORDER.index(k[0]) if k[0] in DTYPE_ORDER else 99, k[1],
-                                        IMPL_ORDER.index(k[2]) if k[2] in IMPL_ORDER else 99))  # fmt: skip
+        keys.setdefault((_cell_name(r), r["dtype"], r["pass"], r["impl"]), []).append(r)
+    order = sorted(keys, key=lambda k: (CELLS.index(k[0]) if k[0] in CELLS else 99, DTYPE_ORDER.index(k[1]) if k[1] in DTYPE_ORDER else 99, k[2],
+                                        IMPL_ORDER.index(k[3]) if k[3] in IMPL_ORDER else 99))  # fmt: skip
     for key in order:
         group = keys[key]
         ok = [r for r in group if r["status"] == OK]
@@ -292,7 +304,8 @@ def format_summary(rows: Sequence[dict]) -> str:
 def print_table(rows: Sequence[dict], file: Optional[TextIO] = None, max_lines: Optional[int] = None) -> None:
     """Print :func:`format_table` (median ms; speedup vs nn.LSTM in parentheses) to ``file`` or stdout."""
     file = file if file is not None else sys.stdout
-    n_lines = len({(r["dtype"], r["pass"], r["layers"], r["bidirectional"], r["H"], r["B"], r["T"], _reset_rate(r))
+    n_lines = len({(r["dtype"], r["pass"], r["layers"], r["bidirectional"], r["H"], r["B"], r["T"], _reset_rate(r),
+                    _cell_name(r))
                    for r in rows})
     if max_lines is not None and n_lines > max_lines:
         print(f"speedup vs nn.LSTM by dtype, pass and impl ({n_lines} table lines: see the Markdown file)", file=file)
@@ -384,7 +397,7 @@ def write_plots(out_dir: Path, rows: Sequence[dict], info: dict) -> list[Path]:
     suptitle = "\n".join(header_lines(info))
     written = []
     single = [r for r in rows if int(r["layers"]) == 1 and str(r["bidirectional"]) in ("False", "false", "0")
-              and not _reset_rate(r)]
+              and not _reset_rate(r) and _cell_name(r) == "lstm"]  # the plots show the LSTM
     ok = [r for r in single if r["status"] == OK and r["median_ms"] not in (None, "")]
     impls = _impls(single)
     for dtype in [d for d in DTYPE_ORDER if any(r["dtype"] == d for r in ok)]:

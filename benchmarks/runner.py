@@ -186,7 +186,9 @@ def _run_config(cfg, group, device, warmup, budget, share, need, bar):
     try:
         torch.manual_seed(0)
         where = tensor_device(device)
-        base = nn.LSTM(cfg.I, cfg.H, cfg.layers, bidirectional=cfg.bidirectional, device=where, dtype=cfg.torch_dtype)
+        torch_module = nn.GRU if cfg.cell == "gru" else nn.LSTM
+        base = torch_module(cfg.I, cfg.H, cfg.layers, bidirectional=cfg.bidirectional, device=where,
+                            dtype=cfg.torch_dtype)
         inputs = Inputs(cfg, where)
     except Exception as exc:  # noqa: BLE001  (e.g. OOM allocating inputs: skip the config)
         why = _short_error(exc)

@@ -84,46 +84,60 @@ P* ptr(const char* fn, const char* name, uintptr_t p, bool optional = false) {
 
 cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
+// The cell of a per-step call: 4 (the LSTM) or 3 (the GRU, which has no cell state).
+bool check_gates(const char* fn, int64_t gates) {
+  if (gates != 3 && gates != 4) {
+    throw std::invalid_argument(std::string(fn) + ": gates must be 4 (LSTM) or 3 (GRU), got " + std::to_string(gates));
+  }
+  return gates == 3;
+}
+
 // The per-step kernels. resets: a uint8 [T, B] device buffer (nonzero: the row starts step t from
-// zero state), or 0.
+// zero state), or 0. gates: 4 (LSTM) or 3 (GRU: c0 and c_T are 0, b_hn the n gate's recurrent bias or 0).
 void step_forward(int dtype, uintptr_t xg, uintptr_t w_hh, uintptr_t h0, uintptr_t c0, uintptr_t h_all,
                   uintptr_t c_T, uintptr_t act, uintptr_t c_all, uintptr_t c_work, int64_t T, int64_t B, int64_t H,
-                  uintptr_t stream, bool mma, uintptr_t resets) {
+                  uintptr_t stream, bool mma, uintptr_t resets, int64_t gates, uintptr_t b_hn) {
   const char* fn = "lstm_kernels._C.step_forward";
   check_dtype(fn, dtype);
   check_sizes(fn, T, B, H);
+  const bool gru = check_gates(fn, gates);
   if ((act == 0) != (c_all == 0)) throw std::invalid_argument(std::string(fn) + ": act and c_all go together");
   if (c_all == 0 && c_work == 0) throw std::invalid_argument(std::string(fn) + ": c_work is needed without c_all");
   lstm::Status st;
   {
     py::gil_scoped_release nogil;
     st = lstm::step_forward(dtype, ptr<const void>(fn, "xg", xg), ptr<const void>(fn, "w_hh", w_hh),
-                            ptr<const void>(fn, "h0", h0), ptr<const void>(fn, "c0", c0),
-                            ptr<void>(fn, "h_all", h_all), ptr<void>(fn, "c_T", c_T),
+                            ptr<const void>(fn, "h0", h0), ptr<const void>(fn, "c0", c0, gru),
+                            ptr<void>(fn, "h_all", h_all), ptr<void>(fn, "c_T", c_T, gru),
                             ptr<float>(fn, "act", act, true), ptr<float>(fn, "c_all", c_all, true),
                             ptr<float>(fn, "c_work", c_work, true), (int)T, (int)B, (int)H, mma, stream_of(stream),
-                            ptr<const unsigned char>(fn, "resets", resets, true));
+                            ptr<const unsigned char>(fn, "resets", resets, true), (int)gates,
+                            ptr<const void>(fn, "b_hn", b_hn, true));
   }
   check_status(st);
 }
 
+// gates 3 (GRU): c0, dc_T and dc0 are 0; h0 and h_all (the forward's) and d_hn [T, B, H] are given.
 void step_backward(int dtype, uintptr_t w_hh, uintptr_t c0, uintptr_t act, uintptr_t c_all, uintptr_t dh_all,
                    uintptr_t dh_T, uintptr_t dc_T, uintptr_t dG, uintptr_t dh0, uintptr_t dc0, uintptr_t dg_work,
                    uintptr_t dc_work, int64_t T, int64_t B, int64_t H, uintptr_t stream, bool mma,
-                   uintptr_t resets) {
+                   uintptr_t resets, int64_t gates, uintptr_t h0, uintptr_t h_all, uintptr_t d_hn) {
   const char* fn = "lstm_kernels._C.step_backward";
   check_dtype(fn, dtype);
   check_sizes(fn, T, B, H);
+  const bool gru = check_gates(fn, gates);
   lstm::Status st;
   {
     py::gil_scoped_release nogil;
-    st = lstm::step_backward(dtype, ptr<const void>(fn, "w_hh", w_hh), ptr<const void>(fn, "c0", c0),
+    st = lstm::step_backward(dtype, ptr<const void>(fn, "w_hh", w_hh), ptr<const void>(fn, "c0", c0, gru),
                              ptr<const float>(fn, "act", act), ptr<const float>(fn, "c_all", c_all),
                              ptr<const void>(fn, "dh_all", dh_all), ptr<const void>(fn, "dh_T", dh_T),
-                             ptr<const void>(fn, "dc_T", dc_T), ptr<void>(fn, "dG", dG), ptr<void>(fn, "dh0", dh0),
-                             ptr<void>(fn, "dc0", dc0), ptr<float>(fn, "dg_work", dg_work),
+                             ptr<const void>(fn, "dc_T", dc_T, gru), ptr<void>(fn, "dG", dG), ptr<void>(fn, "dh0", dh0),
+                             ptr<void>(fn, "dc0", dc0, gru), ptr<float>(fn, "dg_work", dg_work),
                              ptr<float>(fn, "dc_work", dc_work), (int)T, (int)B, (int)H, mma, stream_of(stream),
-                             ptr<const unsigned char>(fn, "resets", resets, true));
+                             ptr<const unsigned char>(fn, "resets", resets, true), (int)gates,
+                             ptr<const void>(fn, "h0", h0, !gru), ptr<const void>(fn, "h_all", h_all, !gru),
+                             ptr<void>(fn, "d_hn", d_hn, !gru));
   }
   check_status(st);
 }
@@ -326,6 +340,50 @@ py::tuple cell_backward_host(F32 dh, F32 dc, F32 act, F32 c_prev, F32 c) {
   return py::make_tuple(d_pre, dc_prev);
 }
 
+// Host run of lstm::gru_cell_forward. pre [N, 4] (pr, pz, xn, hn), h_prev [N] -> (act [N, 3] (r, z, n),
+// h [N]), all float32.
+py::tuple gru_cell_forward_host(F32 pre, F32 h_prev) {
+  if (pre.ndim() != 2 || pre.shape(1) != 4) throw std::invalid_argument("pre must have shape [N, 4]");
+  const py::ssize_t n = pre.shape(0);
+  if (h_prev.ndim() != 1 || h_prev.shape(0) != n) throw std::invalid_argument("h_prev must have shape [N]");
+  F32 act({n, (py::ssize_t)3}), h({n});
+  const float* p = pre.data();
+  float* a = act.mutable_data();
+  for (py::ssize_t k = 0; k < n; ++k) {
+    lstm::GruGates g;
+    lstm::gru_cell_forward(p[4 * k], p[4 * k + 1], p[4 * k + 2], p[4 * k + 3], h_prev.data()[k], &g,
+                           &h.mutable_data()[k]);
+    a[3 * k] = g.r;
+    a[3 * k + 1] = g.z;
+    a[3 * k + 2] = g.n;
+  }
+  return py::make_tuple(act, h);
+}
+
+// Host run of lstm::gru_cell_backward. dh [N], act [N, 3], hn [N], h_prev [N] -> grads [N, 5]
+// (r, z, n, hn, h_prev: the gradients of pr, pz, xn, hn and the direct part of h_prev's), float32.
+F32 gru_cell_backward_host(F32 dh, F32 act, F32 hn, F32 h_prev) {
+  if (act.ndim() != 2 || act.shape(1) != 3) throw std::invalid_argument("act must have shape [N, 3]");
+  const py::ssize_t n = act.shape(0);
+  for (const F32* v : {&dh, &hn, &h_prev}) {
+    if (v->ndim() != 1 || v->shape(0) != n) throw std::invalid_argument("dh, hn and h_prev must have shape [N]");
+  }
+  F32 grads({n, (py::ssize_t)5});
+  const float* a = act.data();
+  float* d = grads.mutable_data();
+  for (py::ssize_t k = 0; k < n; ++k) {
+    lstm::GruGrads g;
+    lstm::gru_cell_backward(dh.data()[k], lstm::GruGates{a[3 * k], a[3 * k + 1], a[3 * k + 2]}, hn.data()[k],
+                            h_prev.data()[k], &g);
+    d[5 * k] = g.r;
+    d[5 * k + 1] = g.z;
+    d[5 * k + 2] = g.n;
+    d[5 * k + 3] = g.hn;
+    d[5 * k + 4] = g.h_prev;
+  }
+  return grads;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -350,14 +408,15 @@ PYBIND11_MODULE(_C, m) {
         " matmul on tensor cores (wmma), else fp32 FMA; resets: a uint8 [T, B] device buffer or 0",
         py::arg("dtype"), py::arg("xg"), py::arg("w_hh"), py::arg("h0"), py::arg("c0"), py::arg("h_all"),
         py::arg("c_T"), py::arg("act"), py::arg("c_all"), py::arg("c_work"), py::arg("T"), py::arg("B"),
-        py::arg("H"), py::arg("stream"), py::arg("mma") = false, py::arg("resets") = 0);
+        py::arg("H"), py::arg("stream"), py::arg("mma") = false, py::arg("resets") = 0, py::arg("gates") = 4,
+        py::arg("b_hn") = 0);
   m.def("step_backward", &step_backward,
         "Backward recurrence by the per-step kernels, one launch per step and one for dh0; mma: tf32 tensor"
         " cores; resets: as for step_forward; see csrc/step/step_kernels.h",
         py::arg("dtype"), py::arg("w_hh"), py::arg("c0"), py::arg("act"), py::arg("c_all"), py::arg("dh_all"),
         py::arg("dh_T"), py::arg("dc_T"), py::arg("dG"), py::arg("dh0"), py::arg("dc0"), py::arg("dg_work"),
         py::arg("dc_work"), py::arg("T"), py::arg("B"), py::arg("H"), py::arg("stream"), py::arg("mma") = false,
-        py::arg("resets") = 0);
+        py::arg("resets") = 0, py::arg("gates") = 4, py::arg("h0") = 0, py::arg("h_all") = 0, py::arg("d_hn") = 0);
   m.def("fused_forward", &fused_forward,
         "Fused forward at the budget of one step (dtype: a FusedOp code; csrc/fused/fused_lstm.h); persistent:"
         " one cooperative launch, else one launch per half-step; barrier_state (a zeroed int64 [2] device"
@@ -393,4 +452,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("c_prev"));
   m.def("cell_backward_host", &cell_backward_host, "common/cell.cuh backward on the host (tests)", py::arg("dh"),
         py::arg("dc"), py::arg("act"), py::arg("c_prev"), py::arg("c"));
+  m.def("gru_cell_forward_host", &gru_cell_forward_host, "common/cell.cuh GRU forward on the host (tests)",
+        py::arg("pre"), py::arg("h_prev"));
+  m.def("gru_cell_backward_host", &gru_cell_backward_host, "common/cell.cuh GRU backward on the host (tests)",
+        py::arg("dh"), py::arg("act"), py::arg("hn"), py::arg("h_prev"));
 }

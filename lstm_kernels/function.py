@@ -17,8 +17,8 @@ its backward dW_hh and db_hn (lstm_kernels/layer_calls.py).
 Eager calls go through the ``torch.autograd.Function`` below; under
 ``torch.compile`` :func:`lstm_layer` calls the ``torch.library`` op of
 :mod:`lstm_kernels.ops` instead, so the compiled graph holds one op per layer
-and direction. Both run the same backend code and the same backward GEMMs. The GRU has no op
-yet: under ``torch.compile`` :func:`gru_layer` runs eagerly (a graph break).
+and direction (the GRU's too: the op's calls without c0). Both run the same backend code and the
+same backward GEMMs.
 """
 from __future__ import annotations
 
@@ -138,21 +138,14 @@ def gru_layer(
 
     Returns (h_all [T, B, H], h_T [B, H]) with nn.GRU's equations: r = σ(xg_r + W_hr h),
     z = σ(xg_z + W_hz h), n = tanh(xg_n + r ⊙ (W_hn h + b_hn)), h_t = (1 − z) ⊙ n + z ⊙ h_{t-1}.
-    Served by the backends whose ``cells`` name the GRU. Under ``torch.compile`` it runs eagerly.
+    Served by the backends whose ``cells`` name the GRU. Under ``torch.compile`` it calls the custom
+    op ``lstm_kernels::recurrence`` (its GRU form).
     """
     if torch.compiler.is_compiling():
-        return _eager(gru_layer)(xg, w_hh, h0, b_hn, batch_sizes, backend, resets)
+        from .ops import recurrence_with_grad
+
+        h_all, h_T, _ = recurrence_with_grad(xg, w_hh, h0, None, None, batch_sizes, backend, resets, b_hn)
+        return h_all, h_T
     check_layer_shapes(xg, w_hh, h0, None, None, batch_sizes, resets, b_hn=b_hn)
     h_all, h_T, _ = _layer(xg, w_hh, h0, None, None, batch_sizes, backend, resets, b_hn)
     return h_all, h_T
-
-
-_EAGER: dict = {}
-
-
-def _eager(fn):
-    """``fn`` kept out of torch.compile's graph (a graph break). Wrapped on first use, since the
-    wrapper imports dynamo, which importing the package must not."""
-    if fn not in _EAGER:
-        _EAGER[fn] = torch.compiler.disable(fn)
-    return _EAGER[fn]

@@ -51,8 +51,8 @@ import torch
 
 from . import __version__
 from .backends import Backend, RecurrenceCall, RecurrenceInputs, get_backend, verification_bounds, set_verifier
-from .cells import LSTM
-from .layer_calls import with_resets
+from .cells import GRU, LSTM, gates
+from .layer_calls import cell_args, with_resets
 from .disk_cache import CACHE_DIR_ENV, DiskCache, cache_dir  # noqa: F401  (part of this module's face)
 from .tolerances import REL_TOL, mismatch, rel_error
 
@@ -165,15 +165,20 @@ def clear(disk: bool = False) -> None:
 
 
 def _prefix_case(call: RecurrenceCall, steps: int) -> dict:
+    """Random inputs of ``call``'s cell and shapes over ``steps`` steps (the GRU's: no c0, dc_T or
+    w_hr; a b_hn)."""
     T, B, H, P = steps, call.batch, call.hidden_size, call.state_size
     gen = torch.Generator().manual_seed(0)
+    lstm = call.cell == LSTM
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(call.dtype).to(call.device)
 
-    case = dict(xg=rnd(T, B, 4 * H, scale=0.5), w_hh=rnd(4 * H, P, scale=P**-0.5), h0=rnd(B, P, scale=0.5),
-                c0=rnd(B, H, scale=0.5), w_hr=rnd(P, H, scale=H**-0.5) if call.has_projection else None,
-                dh_all=rnd(T, B, P), dh_T=rnd(B, P), dc_T=rnd(B, H), batch_sizes=None, resets=None)
+    G = gates(call.cell)
+    case = dict(xg=rnd(T, B, G * H, scale=0.5), w_hh=rnd(G * H, P, scale=P**-0.5), h0=rnd(B, P, scale=0.5),
+                c0=rnd(B, H, scale=0.5) if lstm else None, w_hr=rnd(P, H, scale=H**-0.5) if call.has_projection else None,
+                dh_all=rnd(T, B, P), dh_T=rnd(B, P), dc_T=rnd(B, H) if lstm else None, batch_sizes=None, resets=None,
+                b_hn=None if lstm else rnd(H, scale=0.5))
     if call.has_resets:  # at the first step in row 0, every third step in the others, none in the last
         resets = torch.zeros(T, B, dtype=torch.bool)
         resets[0, 0] = True
@@ -191,15 +196,22 @@ def _run(backend: Backend, case: dict, needs_grad: bool, dtype: Optional[torch.d
     xg, w_hh, h0, c0, w_hr = (cast(case[n]) for n in ("xg", "w_hh", "h0", "c0", "w_hr"))
     bs = case["batch_sizes"]
     resets = with_resets(case["resets"])
-    h_all, h_T, c_T, workspace = backend.forward(xg, w_hh, h0, c0, w_hr, bs, needs_grad, **resets)
-    out = dict(h_all=h_all, h_T=h_T, c_T=c_T)
+    inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, bs)
+    cell = cell_args(inputs.cell, cast(case["b_hn"]))
+    h_all, h_T, c_T, workspace = backend.forward(xg, w_hh, h0, c0, w_hr, bs, needs_grad, **resets, **cell)
+    out = dict(h_all=h_all, h_T=h_T)
+    if inputs.cell == LSTM:
+        out["c_T"] = c_T
     if needs_grad:
-        dG, dh0, dc0, dw_hr = backend.backward(RecurrenceInputs(xg, w_hh, h0, c0, w_hr, bs), h_all,
-                                               tuple(workspace), cast(case["dh_all"]), cast(case["dh_T"]),
-                                               cast(case["dc_T"]), **resets)
-        out.update(dG=dG, dh0=dh0, dc0=dc0)
-        if w_hr is not None:
-            out["dW_hr"] = dw_hr
+        dG, dh0, dc0, extra = backend.backward(inputs, h_all, tuple(workspace), cast(case["dh_all"]),
+                                               cast(case["dh_T"]), cast(case["dc_T"]), **resets, **cell)
+        out.update(dG=dG, dh0=dh0)
+        if inputs.cell == GRU:
+            out["d_hn"] = extra
+        else:
+            out["dc0"] = dc0
+            if w_hr is not None:
+                out["dW_hr"] = extra
     if xg.is_cuda:
         torch.cuda.synchronize(xg.device)
     return out
@@ -237,7 +249,8 @@ def verify(backend: Backend, call: RecurrenceCall, steps: int = VERIFY_STEPS) ->
             worst = max(worst, rel_error(a, e))
         if what is not None:
             failures.append(f"{name}: {what}")
-    detail = "; ".join(failures) if failures else f"h, c and every gradient within tolerance over {len(case['xg'])} steps"
+    states = "h, c" if call.cell == LSTM else "h"
+    detail = "; ".join(failures) if failures else f"{states} and every gradient within tolerance over {len(case['xg'])} steps"
     return Verdict(not failures, worst, detail)
 
 

@@ -469,3 +469,37 @@ def test_resets_case_and_its_nn_lstm_baseline():
     assert_rel_close(fused, split, 1e-5, "output")
     with pytest.raises(NotImplementedError, match="resets"):
         providers.PROVIDERS["fused-auto-compile"].build(base, cfg)
+
+
+def test_gru_cell_axis_runs_against_nn_gru(tmp_path):
+    """--cell lstm,gru repeats each config per cell; a GRU config builds every provider from an nn.GRU
+    (FusedGRU with its weights, same outputs), its speedups are against the nn.GRU row of the same
+    config, and the LSTM-only providers (recompute, flashrnn) are recorded as skips."""
+    configs = cfgs.build_configs("cpu", T=(4,), B=(2,), H=(8,), cases=("single",), cells=("lstm", "gru"))
+    assert [c.cell for c in configs] == ["lstm", "gru"] and "GRU" in configs[1].label()
+    gru_cfg = configs[1]
+    torch.manual_seed(0)
+    base = torch.nn.GRU(gru_cfg.I, gru_cfg.H)
+    x = torch.randn(gru_cfg.T, gru_cfg.B, gru_cfg.I)
+    expected = providers.PROVIDERS["nn.LSTM"].build(base, gru_cfg)(x)
+    for impl in ("fused-auto", "fused-reference"):
+        module = providers.PROVIDERS[impl].build(base, gru_cfg)
+        assert type(module.lstm).__name__ == "FusedGRU"
+        assert_rel_close(module(x), expected, 1e-5, impl)
+    for impl in ("fused-reference-recompute", "flashrnn"):
+        with pytest.raises(NotImplementedError, match="LSTM only"):
+            providers.PROVIDERS[impl].build(base, gru_cfg)
+
+    rows = run_cli(tmp_path, "--T", "4", "--case", "single", "--cell", "lstm,gru", "--no-plots")
+    assert {r["cell"] for r in rows} == {"lstm", "gru"}
+    for cell in ("lstm", "gru"):
+        mine = [r for r in rows if r["cell"] == cell]
+        assert {r["impl"] for r in mine} == {"nn.LSTM", "fused-auto", "fused-reference", "fused-auto-recompute"}
+        recompute = [r for r in mine if r["impl"] == "fused-auto-recompute"]
+        assert all((r["status"] == "ok") == (cell == "lstm") for r in recompute)
+        unpaired = [dict(r, paired_baseline_ms="") for r in rows]
+        report.add_speedups(unpaired)
+        base_ms = {r["pass"]: float(r["median_ms"]) for r in mine if r["impl"] == "nn.LSTM"}
+        for r in (r for r in unpaired if r["cell"] == cell and r["status"] == "ok"):
+            assert float(r["speedup_vs_cudnn"]) == pytest.approx(base_ms[r["pass"]] / float(r["median_ms"]), rel=1e-4)
+    assert main([*TINY, "--out", str(tmp_path), "--cell", "rnn", "--dry-run"]) == 2

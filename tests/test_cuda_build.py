@@ -280,9 +280,9 @@ def test_extension_kernels_are_built_for_sm80_and_sm90_without_spills():
     usage = subprocess.run([tool, "-res-usage", so], capture_output=True, text=True, check=True).stdout
     kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage)
     names = {name for name, _, _ in kernels}
-    # the per-step kernels: one instance per dtype, tensor-core switch and resets switch; the fused kernels:
-    # one per Op (4), projection and resets switch; the retired cooperative kernels are gone
-    for stem, count in (("forward_step_kernel", 12), ("backward_step_kernel", 12), ("fused_forward_kernel", 16),
+    # the per-step kernels: one instance per dtype, cell (LSTM, GRU), tensor-core switch and resets switch; the
+    # fused kernels: one per Op (4), projection and resets switch; the retired cooperative kernels are gone
+    for stem, count in (("forward_step_kernel", 24), ("backward_step_kernel", 24), ("fused_forward_kernel", 16),
                         ("fused_backward_kernel", 16), ("persistent_kernel", 0)):
         assert sum(stem in n for n in names) == count, f"{stem}: expected {count} instances in {sorted(names)}"
     spilling = [(name, local) for name, _, local in kernels if int(local) != 0]
@@ -305,14 +305,16 @@ def test_tensor_core_instances_use_tensor_cores():
         name = block.split("\n", 1)[0].strip()
         if "_kernel" in name:
             hmma[name] = hmma.get(name, 0) + block.count("HMMA")
-    # mangled template arguments: 13__nv_bfloat16 / 6__half / f, then Lb1 (tensor cores) or Lb0
+    # mangled template arguments: 13__nv_bfloat16 / 6__half / f, the cell's gates Li4 / Li3, then Lb1 (tensor
+    # cores) or Lb0
     for dtype_tag in ("13__nv_bfloat16", "6__half", "f"):
         for kind in ("forward_step_kernel", "backward_step_kernel"):
-            mma = [n for n in hmma if kind in n and f"I{dtype_tag}Lb1E" in n]
-            fma = [n for n in hmma if kind in n and f"I{dtype_tag}Lb0E" in n]
-            assert mma and fma, f"{kind} {dtype_tag}: instances not found in {sorted(hmma)}"
-            assert all(hmma[n] > 0 for n in mma), f"{kind} {dtype_tag}: no HMMA in the tensor-core instance"
-            assert all(hmma[n] == 0 for n in fma), f"{kind} {dtype_tag}: HMMA in the FMA instance"
+            for cell in ("Li4E", "Li3E"):
+                mma = [n for n in hmma if kind in n and f"I{dtype_tag}{cell}Lb1E" in n]
+                fma = [n for n in hmma if kind in n and f"I{dtype_tag}{cell}Lb0E" in n]
+                assert mma and fma, f"{kind} {dtype_tag} {cell}: instances not found in {sorted(hmma)}"
+                assert all(hmma[n] > 0 for n in mma), f"{kind} {dtype_tag} {cell}: no HMMA in the tensor-core instance"
+                assert all(hmma[n] == 0 for n in fma), f"{kind} {dtype_tag} {cell}: HMMA in the FMA instance"
 
 
 def test_tensor_core_env(monkeypatch):
@@ -360,7 +362,7 @@ def test_only_the_fused_kernels_carry_a_grid_barrier_on_every_architecture():
     for arch in ("sm_80", "sm_90"):
         fused = [n for (a, n) in sleeps if a == arch and re.search(r"fused_(forward|backward)_kernel", n)]
         step = [n for (a, n) in sleeps if a == arch and re.search(r"(forward|backward)_step_kernel", n)]
-        assert len(fused) == 32 and len(step) == 24 and len(fused) + len(step) == sum(a == arch for a, _ in sleeps), (
+        assert len(fused) == 32 and len(step) == 48 and len(fused) + len(step) == sum(a == arch for a, _ in sleeps), (
             arch, sorted(n for a, n in sleeps if a == arch))
         assert all(sleeps[(arch, n)] > 0 for n in fused), f"{arch}: a fused kernel lacks the bounded grid barrier"
         assert all(sleeps[(arch, n)] == 0 for n in step), f"{arch}: a per-step kernel holds a grid barrier"

@@ -29,7 +29,8 @@ from lstm_kernels.backends import barrier_bound
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-GPU_TEST_FILES = ("tests/test_cuda_gpu.py", "tests/test_cuda_fused_gpu.py", "tests/triton/test_triton_gpu.py")
+GPU_TEST_FILES = ("tests/test_cuda_gpu.py", "tests/test_cuda_fused_gpu.py", "tests/triton/test_triton_gpu.py",
+                  "tests/test_gru_gpu.py")
 
 
 def _importable(name: str) -> bool:

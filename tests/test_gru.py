@@ -319,13 +319,56 @@ def test_good_input_forms_give_nn_grus_shapes():
 
 
 def test_compiled_matches_eager():
-    """torch.compile: torch's GRU kernel traced on the CPU path (fullgraph), the per-layer path run
-    eagerly inside the compiled function."""
+    """torch.compile with fullgraph=True: torch's GRU kernel traced on the CPU auto path, the op
+    lstm_kernels::recurrence on the per-layer path (the reference), outputs and gradients."""
     torch.manual_seed(0)
     x = torch.randn(5, 2, 3)
-    for backend, fullgraph in (("auto", True), ("reference", False)):
+    for backend in ("auto", "reference"):
         fused = FusedGRU(3, 4, num_layers=2, backend=backend)
+        torch._dynamo.reset()
         expected, expected_h = fused(x)
-        out, h = torch.compile(fused, fullgraph=fullgraph, backend="eager")(x)
+        expected_grads = torch.autograd.grad((expected.square().sum() + expected_h.sum()), list(fused.parameters()))
+        out, h = torch.compile(fused, fullgraph=True, backend="aot_eager")(x)
+        grads = torch.autograd.grad((out.square().sum() + h.sum()), list(fused.parameters()))
         assert_rel_close(out, expected, REL_TOL[torch.float32], f"{backend} output")
         assert_rel_close(h, expected_h, REL_TOL[torch.float32], f"{backend} h_n")
+        for (name, _), a, e in zip(fused.named_parameters(), grads, expected_grads):
+            assert_rel_close(a, e, REL_TOL[torch.float32], f"{backend} grad {name}")
+
+
+def test_compiled_per_layer_path_has_one_op_per_layer_direction_and_no_break():
+    fused = FusedGRU(3, 4, num_layers=2, bidirectional=True, backend="reference")
+    explanation = torch._dynamo.explain(fused)(torch.randn(5, 2, 3))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    code = "\n".join(g.code for g in explanation.graphs)
+    assert code.count("lstm_kernels.recurrence") == 4, code
+
+
+@pytest.mark.parametrize("with_b_hn", [True, False], ids=["b_hn", "no_b_hn"])
+@pytest.mark.parametrize("with_resets", [False, True], ids=["", "resets"])
+def test_gru_form_of_the_ops_passes_opcheck(with_resets, with_b_hn):
+    """The ops' GRU form (no c0): schema, fake implementation and autograd (torch.library.opcheck),
+    and gradcheck through the op path."""
+    from lstm_kernels import ops
+
+    gen = torch.Generator().manual_seed(0)
+    T, B, H = 4, 3, 5
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=gen).requires_grad_(True)
+
+    b_hn = rand(H) if with_b_hn else None
+    resets = torch.rand(T, B, generator=gen) < 0.3 if with_resets else None
+    args = (rand(T, B, 3 * H), rand(3 * H, H), rand(B, H), None, None, None, "reference", True, resets, b_hn)
+    torch.library.opcheck(ops.recurrence, args)
+    h_all = ops.recurrence(*args)[0].detach()
+    backward_args = (*(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:6]), h_all, [],
+                     torch.randn(T, B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64), None,
+                     "reference", resets, None if b_hn is None else b_hn.detach())
+    torch.library.opcheck(ops.recurrence_backward, backward_args)
+    leaves = [a for a in (args[0], args[1], args[2], b_hn) if a is not None]
+
+    def op_path(xg, w_hh, h0, *bias):
+        return ops.recurrence_with_grad(xg, w_hh, h0, None, None, None, "reference", resets, *bias)[:2]
+
+    assert torch.autograd.gradcheck(op_path, leaves)

@@ -138,6 +138,36 @@ def test_launched_kernels_compile(shape, variant, dtype, arch, tmp_path, monkeyp
             assert_fits(compile_launch(launch, arch), arch, f"{what} {variant} {phases}", tmp_path)
 
 
+def hmma_count(compiled, tmp_path) -> int:
+    """HMMA instructions in the cubin's SASS (a static count: a loop body counts once)."""
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(compiled.asm["cubin"])
+    sass = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "-sass", str(path)], capture_output=True,
+                          text=True, check=True).stdout
+    return len(re.findall(r"\bHMMA\.", sass))
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gru_launches_compile_with_three_gates_of_mma(dtype, arch, tmp_path, monkeypatch):
+    """The GRU's launches (the per-step kernels with GATES = 3; "persistent" falls back to them, as
+    its plans decline the GRU) compile and fit, forward and backward; and, a structural count, the
+    GRU forward's k-step issues 3/4 of the LSTM's MMAs (three gates' products, none for a fourth)."""
+    H, B = SHAPES["H768_B16"][2], SHAPES["H768_B16"][1]
+    as_on_gpu(monkeypatch, arch)
+    fw, bw = launch_capture.record_launches(monkeypatch)
+    launch_capture.run_host_path(launch_capture.meta_case(3, B, H, dtype, cell="gru"), "persistent")
+    gru_launches = {"forward": list(fw.launches), "backward": list(bw.launches)}
+    for what, launches in gru_launches.items():
+        assert launches and all(launch.kwargs["GATES"] == 3 for launch in launches), what
+        for launch in distinct(launches, arch):
+            assert_fits(compile_launch(launch, arch), arch, f"GRU {what}", tmp_path)
+    lstm_fw = record(monkeypatch, arch, 3, B, H, dtype, variant="step")[0]
+    gru_mma = hmma_count(compile_launch(gru_launches["forward"][0], arch), tmp_path)
+    lstm_mma = hmma_count(compile_launch(lstm_fw[0], arch), tmp_path)
+    assert gru_mma > 0 and 4 * gru_mma == 3 * lstm_mma, f"GRU forward {gru_mma} MMAs, LSTM {lstm_mma}"
+
+
 @pytest.mark.parametrize("proj", [0, 20], ids=["no_proj", "proj20"])
 def test_step_variant_compiles_each_phase_once(proj, monkeypatch):
     """The step variant launches each phase once per step with a new step index; those are not

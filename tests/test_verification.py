@@ -46,9 +46,21 @@ def _inputs(T=4, B=3, H=5, seed=0, requires_grad=True):
     return tuple(t.requires_grad_(requires_grad) for t in tensors)
 
 
-def _call(B=3, H=5, device="cpu"):
+def _call(B=3, H=5, device="cpu", cell="lstm"):
     return RecurrenceCall(seq_len=4, batch=B, hidden_size=H, state_size=H, dtype=torch.float32,
-                          device=torch.device(device), has_projection=False, variable_lengths=False, needs_grad=True)
+                          device=torch.device(device), has_projection=False, variable_lengths=False, needs_grad=True,
+                          cell=cell)
+
+
+def test_the_gru_is_verified_as_the_gru(fakes):
+    """A GRU call is verified on the GRU's inputs and outputs, its d_hn included: a backend right for
+    the LSTM and wrong in the GRU's backward passes the one and fails the other."""
+    assert verification.verify(fakes["wrong_gru"], _call()).ok
+    verdict = verification.verify(fakes["wrong_gru"], _call(cell="gru"))
+    assert not verdict.ok and "d_hn" in verdict.detail, verdict
+    right = verification.verify(fakes["right"], _call(cell="gru"))
+    assert right.ok and right.detail.startswith("h and every gradient"), right
+    assert verification.plan_key(fakes["right"], _call(cell="gru")) != verification.plan_key(fakes["right"], _call())
 
 
 def test_a_wrong_kernel_is_caught_warned_about_once_and_auto_falls_back(fakes, monkeypatch):

@@ -1,5 +1,5 @@
-// The LSTM cell math, shared by the forward and backward kernels and by the
-// host test entry points of bindings.cpp (compiled by g++ there, by nvcc in
+// The cells' math (the LSTM's, and the GRU's at the end), shared by the forward and backward
+// kernels and by the host test entry points of bindings.cpp (compiled by g++ there, by nvcc in
 // the kernels): one definition, tested on the host without a GPU.
 //
 // Dimension names: T steps, B batch, H hidden units.
@@ -68,6 +68,40 @@ LSTM_HD void cell_backward(float dh, float dc, const Gates& a, float c_prev, flo
   d->g = dc_t * a.i * (1.0f - a.g * a.g);
   d->o = dh * tanh_c * a.o * (1.0f - a.o);
   *dc_prev = dc_t * a.f;
+}
+
+// The GRU cell, nn.GRU's equations; gate order along 3H: r (reset), z (update), n (new). Inputs of
+// the forward: pr, pz the summed pre-activations of r and z (the input's and the recurrent
+// products, both biases); xn the input's pre-activation of n (with b_in); hn the n rows of the
+// recurrent product plus b_hn, which r scales; h_prev the state the product read (0 after a
+// reset). n = tanh(xn + r*hn), h = (1 - z)*n + z*h_prev (before rounding to the storage dtype).
+struct GruGates {
+  float r, z, n;
+};
+
+LSTM_HD void gru_cell_forward(float pr, float pz, float xn, float hn, float h_prev, GruGates* act, float* h) {
+  GruGates a;
+  a.r = sigmoidf(pr);
+  a.z = sigmoidf(pz);
+  a.n = tanh_f(xn + a.r * hn);
+  *act = a;
+  *h = (1.0f - a.z) * a.n + a.z * h_prev;
+}
+
+// Backward of one GRU cell from dh (the gradient of h_t, from the output and from step t+1): the
+// gradients of the pre-activations of r and z, of n's (dn: xn's gradient), of hn (the recurrent
+// product's n rows: dn * r) and the part of dh_{t-1} that skips W_hh (dh * z).
+struct GruGrads {
+  float r, z, n, hn, h_prev;
+};
+
+LSTM_HD void gru_cell_backward(float dh, const GruGates& a, float hn, float h_prev, GruGrads* d) {
+  const float dn = dh * (1.0f - a.z) * (1.0f - a.n * a.n);
+  d->n = dn;
+  d->r = dn * hn * a.r * (1.0f - a.r);
+  d->z = dh * (h_prev - a.n) * a.z * (1.0f - a.z);
+  d->hn = dn * a.r;
+  d->h_prev = dh * a.z;
 }
 
 }  // namespace lstm

@@ -46,3 +46,17 @@ enum DtypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
       return __VA_ARGS__();                \
     }                                      \
   }()
+
+// GATES_SWITCH(gates, NAME, ...): the cell's gate rows per unit (4: the LSTM, 3: the GRU) as the
+// compile-time constant NAME.
+#define LSTM_GATES_SWITCH(GATES, NAME, ...)                                                      \
+  [&] {                                                                                          \
+    if ((GATES) == 3) {                                                                          \
+      constexpr int NAME = 3;                                                                    \
+      return __VA_ARGS__();                                                                      \
+    }                                                                                            \
+    if ((GATES) != 4) throw std::invalid_argument("gates must be 4 (LSTM) or 3 (GRU), got " +   \
+                                                  std::to_string(GATES));                        \
+    constexpr int NAME = 4;                                                                      \
+    return __VA_ARGS__();                                                                        \
+  }()

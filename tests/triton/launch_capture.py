@@ -43,8 +43,8 @@ class Recorder:
 
 
 #: (module, kernel name) of the forward's and the backward's kernels, as their launch helpers look them up.
-FORWARD_KERNELS = ((step_forward, "_lstm_fw_kernel"), (persistent, "_lstm_pfw_kernel"))
-BACKWARD_KERNELS = ((step_backward, "_lstm_bw_kernel"), (persistent, "_lstm_pbw_kernel"))
+FORWARD_KERNELS = ((step_forward, "_step_fw_kernel"), (persistent, "_lstm_pfw_kernel"))
+BACKWARD_KERNELS = ((step_backward, "_step_bw_kernel"), (persistent, "_lstm_pbw_kernel"))
 
 
 def record_launches(monkeypatch):
@@ -62,25 +62,31 @@ def record_launches(monkeypatch):
     return tuple(recorders)
 
 
-def meta_case(T, B, H, dtype, proj=0, batch_sizes=None):
-    """Recurrence inputs on the meta device (shapes and dtypes only)."""
+def meta_case(T, B, H, dtype, proj=0, batch_sizes=None, cell="lstm"):
+    """Recurrence inputs on the meta device (shapes and dtypes only); ``cell="gru"``: the GRU's (3H
+    gate rows, b_hn, no cell state, no projection)."""
     P = proj or H
 
     def t(*shape):
         return torch.empty(*shape, dtype=dtype, device="meta")
 
+    if cell == "gru":
+        return dict(cell=cell, xg=t(T, B, 3 * H), w_hh=t(3 * H, H), h0=t(B, H), c0=None, w_hr=None, b_hn=t(H),
+                    batch_sizes=batch_sizes, dh_all=t(T, B, H), dh_T=t(B, H), dc_T=None)
     return dict(xg=t(T, B, 4 * H), w_hh=t(4 * H, P), h0=t(B, P), c0=t(B, H), w_hr=t(P, H) if proj else None,
                 batch_sizes=batch_sizes, dh_all=t(T, B, P), dh_T=t(B, P), dc_T=t(B, H))
 
 
 def run_host_path(case, variant, needs_grad=True):
     """lstm_forward (and lstm_backward when ``needs_grad``) of ``case`` with the kernels recorded."""
+    gru = {"cell": "gru"} if case.get("cell") == "gru" else {}
     h_all, h_T, c_T, ws = launch.lstm_forward(
         case["xg"], case["w_hh"], case["h0"], case["c0"], case["w_hr"], case["batch_sizes"],
-        store_workspace=needs_grad, variant=variant)
+        store_workspace=needs_grad, variant=variant, **gru, **({"b_hn": case["b_hn"]} if gru else {}))
     if needs_grad:
         launch.lstm_backward(case["xg"], case["w_hh"], case["c0"], case["w_hr"], ws, case["dh_all"], case["dh_T"],
-                             case["dc_T"], case["batch_sizes"], variant=variant)
+                             case["dc_T"], case["batch_sizes"], variant=variant, **gru,
+                             **({"h0": case["h0"], "h_all": h_all} if gru else {}))
     return h_all, h_T, c_T, ws
 
 

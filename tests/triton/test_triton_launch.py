@@ -200,7 +200,7 @@ def test_a_persistent_call_whose_plan_does_not_fit_runs_the_step_kernels(decline
     the other the persistent one (host path on meta tensors, kernels recorded)."""
     monkeypatch.setattr(persistent, "co_resident_programs", lambda device: 1 << 20)  # as under the interpreter
     monkeypatch.setattr(persistent, f"{declined}_plan", lambda *args, **kwargs: "does not fit (test)")
-    step_kernels = dict(forward=step_forward._lstm_fw_kernel, backward=step_backward._lstm_bw_kernel)
+    step_kernels = dict(forward=step_forward._step_fw_kernel, backward=step_backward._step_bw_kernel)
     persistent_kernels = dict(forward=persistent._lstm_pfw_kernel, backward=persistent._lstm_pbw_kernel)
     fw, bw = launch_capture.record_launches(monkeypatch)
     launch_capture.run_host_path(launch_capture.meta_case(3, 5, 24, torch.float16), "persistent")

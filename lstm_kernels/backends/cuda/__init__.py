@@ -58,6 +58,10 @@ Resets inside a sequence (``resets`` [T, B] bool on xg's device, passed to the k
 served by both families in every launch mode (each kernel's instance with resets is a template
 instance of its own; the one without is unchanged).
 
+The GRU (``cell="gru"``): the per-step kernels only, their cell a template parameter (3 gate rows,
+r, z, n; :mod:`.step`), dense calls (no PackedSequence: only the fused kernels serve variable
+lengths, and they serve the LSTM only); the fused kernels and the ``persistent`` variant decline it.
+
 Dimension names: T steps, B batch, H hidden units, P = proj_size or H. Gate order along 4H: i, f, g,
 o. Workspace kept for backward: the activated gates ``act`` [T, B, 4H] fp32 and the cell states
 ``c_all`` [T, B, H] fp32 (backward recomputes only tanh(c_t)).
@@ -69,6 +73,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ...cells import GRU, LSTM, gates
 from .. import Backend, RecurrenceCall, RecurrenceInputs, barrier_bound, register
 from ..barrier_bound import BARRIER_TIMEOUT_ENV  # noqa: F401  (the bound's switch, shared with the triton backend)
 from . import extension, fused, step
@@ -93,6 +98,7 @@ class CudaBackend(Backend):
     name = "cuda"
     differentiable_backward = False
     serves_resets = True
+    cells = (LSTM, GRU)  # the GRU on the per-step kernels (the fused kernels decline it)
     #: How the last forward and backward were launched: "persistent" (one cooperative launch of the fused
     #: kernels) or "step" (one launch per (half-)step, of either family); for tests and benchmarks.
     last_forward_variant: Optional[str] = None
@@ -129,7 +135,7 @@ class CudaBackend(Backend):
                 return f"{VARIANT_ENV}=persistent runs the fused kernels only, and {why}"
         if call.seq_len < 1 or call.batch < 1 or call.hidden_size < 1:
             return "empty input (T, B and H must be >= 1)"
-        if call.batch * 4 * call.hidden_size > _INT32_MAX:
+        if call.batch * gates(call.cell) * call.hidden_size > _INT32_MAX:
             return "B * 4H does not fit in int32"
         if call.batch > step.MAX_BATCH:
             return f"batch {call.batch} is larger than the kernels' grid allows ({step.MAX_BATCH})"
@@ -139,55 +145,64 @@ class CudaBackend(Backend):
         if not call.needs_grad:
             return ()
         T, B, H = call.seq_len, call.batch, call.hidden_size
-        return (((T, B, 4 * H), torch.float32), ((T, B, H), torch.float32))
+        return (((T, B, gates(call.cell) * H), torch.float32), ((T, B, H), torch.float32))
 
-    def _check(self, xg, w_hh, h0, c0, w_hr=None):
-        T, B, four_h = xg.shape
-        H = four_h // 4
+    def _check(self, xg, w_hh, h0, c0, w_hr=None, b_hn=None):
+        T, B, gate_rows = xg.shape
+        G = gates(RecurrenceInputs(xg, w_hh, h0, c0, w_hr, None).cell)
+        H = gate_rows // G
         P = H if w_hr is None else w_hr.shape[0]
-        if (four_h != 4 * H or w_hh.shape != (4 * H, P) or h0.shape != (B, P) or c0.shape != (B, H)
-                or (w_hr is not None and w_hr.shape != (P, H))):
+        if (gate_rows != G * H or w_hh.shape != (G * H, P) or h0.shape != (B, P)
+                or (c0 is not None and c0.shape != (B, H)) or (w_hr is not None and w_hr.shape != (P, H))
+                or (b_hn is not None and b_hn.shape != (H,))):
             raise ValueError(
-                f"cuda backend: bad shapes xg {tuple(xg.shape)}, w_hh {tuple(w_hh.shape)}, "
-                f"h0 {tuple(h0.shape)}, c0 {tuple(c0.shape)}"
+                f"cuda backend: bad shapes xg {tuple(xg.shape)}, w_hh {tuple(w_hh.shape)}, h0 {tuple(h0.shape)}"
+                + ("" if c0 is None else f", c0 {tuple(c0.shape)}")
                 + ("" if w_hr is None else f", w_hr {tuple(w_hr.shape)}")
+                + ("" if b_hn is None else f", b_hn {tuple(b_hn.shape)}")
             )
-        for name, t in (("w_hh", w_hh), ("h0", h0), ("c0", c0)) + ((("w_hr", w_hr),) if w_hr is not None else ()):
+        for name, t in (("w_hh", w_hh), ("h0", h0), ("c0", c0), ("w_hr", w_hr), ("b_hn", b_hn)):
+            if t is None:
+                continue
             if t.dtype != xg.dtype:
                 raise TypeError(f"cuda backend: {name} is {t.dtype}, xg is {xg.dtype}; one dtype expected")
             if t.device != xg.device:
                 raise ValueError(f"cuda backend: {name} is on {t.device}, xg on {xg.device}")
         return T, B, H
 
-    def _run(self, direction: str, call: RecurrenceCall, mask: Optional[torch.Tensor], fused_fn: Callable,
-             fused_args: tuple, step_fn: Callable, step_args: tuple):
+    def _run(self, direction: str, call: RecurrenceCall, mask: Optional[torch.Tensor], fused_fn: Optional[Callable],
+             fused_args: tuple, step_fn: Callable, step_args: tuple, step_kwargs: Optional[dict] = None):
         """One direction of a call: the fused kernels where :func:`.fused.fused_mode` says they serve it,
-        else the per-step kernels; records which kernels ran and how (``last_<direction>_*``)."""
+        else the per-step kernels (with ``step_kwargs``: the GRU's); records which kernels ran and how
+        (``last_<direction>_*``)."""
         mode = fused.fused_mode(call, direction)
         if mode is not None:
             out, persistent = fused.run_fused(fused_fn, direction, call, mode, call.device, *fused_args, resets=mask)
             kernel, variant, mma = "fused", ("persistent" if persistent else "step"), True
         else:
             mma = use_tensor_cores(call.dtype)
-            out = step_fn(*step_args, mma=mma, resets=mask)
+            out = step_fn(*step_args, mma=mma, resets=mask, **(step_kwargs or {}))
             kernel, variant = ("wmma" if mma else "fma"), "step"
         setattr(self, f"last_{direction}_kernel", kernel)
         setattr(self, f"last_{direction}_variant", variant)
         setattr(self, f"last_{direction}_mma", mma)
         return out
 
-    def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool, resets=None):
-        call = RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad, resets)
+    def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool, resets=None, cell=LSTM, b_hn=None):
+        cell = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, batch_sizes).cell
+        call = RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad, resets, cell)
         why = self.unavailable_reason() or self.supports(call)
         if why is not None:
             raise RuntimeError(f"cuda backend: {why}")
-        T, B, H = self._check(xg, w_hh, h0, c0, w_hr)
+        T, B, H = self._check(xg, w_hh, h0, c0, w_hr, b_hn)
         mask = resets_mask(resets, T, B, xg.device)
         barrier_bound.raise_if_gave_up(xg.device)
+        gru = {} if cell == LSTM else {"cell": cell, "b_hn": b_hn}
         return self._run("forward", call, mask, fused.forward, (xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad),
-                         step.forward, (xg, w_hh, h0, c0, needs_grad))
+                         step.forward, (xg, w_hh, h0, c0, needs_grad), gru)
 
-    def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T, resets=None):
+    def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T, resets=None, cell=LSTM,
+                 b_hn=None):
         xg, w_hh, h0, c0, w_hr, batch_sizes = inputs
         if len(workspace) != 2:
             raise RuntimeError("cuda backend: backward needs the workspace of a forward run with needs_grad=True")
@@ -195,9 +210,14 @@ class CudaBackend(Backend):
         mask = resets_mask(resets, T, B, xg.device)
         barrier_bound.raise_if_gave_up(xg.device)
         act, c_all = (w.contiguous() for w in workspace)
-        w_hh, c0 = w_hh.contiguous(), c0.contiguous()
-        dh_all, dh_T, dc_T = _grad_or_zeros(dh_all, h_all), _grad_or_zeros(dh_T, h0), _grad_or_zeros(dc_T, c0)
+        w_hh = w_hh.contiguous()
+        dh_all, dh_T = _grad_or_zeros(dh_all, h_all), _grad_or_zeros(dh_T, h0)
         call = dataclasses.replace(inputs.call(), has_resets=mask is not None)
+        if inputs.cell == GRU:
+            return self._run("backward", call, mask, None, (), step.backward,
+                             (w_hh, None, act, c_all, dh_all, dh_T, None), dict(cell=GRU, h0=h0, h_all=h_all))
+        c0 = c0.contiguous()
+        dc_T = _grad_or_zeros(dc_T, c0)
         return self._run("backward", call, mask,
                          fused.backward, (w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, batch_sizes),
                          step.backward, (w_hh, c0, act, c_all, dh_all, dh_T, dc_T))

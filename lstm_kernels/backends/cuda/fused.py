@@ -40,6 +40,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ...cells import LSTM
 from .. import RecurrenceCall, barrier_bound
 from ..device_rows import step_rows
 from . import extension
@@ -399,6 +400,8 @@ def fused_unserved_reason(call: RecurrenceCall, dirs: Optional[tuple] = None) ->
     """Why the fused kernels do not serve ``call`` in ``dirs`` (default: :func:`directions`), or None.
     Host knowledge only (dtype, the tensor-core switch, proj_size, the block's shared memory against
     the device's opt-in); the device's own plan is asked by :func:`fused_mode`."""
+    if call.cell != LSTM:
+        return "the fused kernels serve the LSTM only, not the GRU"
     if call.dtype not in DTYPES:
         return f"the fused kernels serve float16, bfloat16 and float32, not {call.dtype}"
     if not tensor_cores_requested():

@@ -53,6 +53,7 @@ import torch
 
 import triton  # ImportError here keeps the backend unregistered
 
+from ...cells import GRU, LSTM, gates
 from .. import Backend, RecurrenceCall, RecurrenceInputs, register
 from .config import LAST_KERNELS, VARIANT_ENV, VARIANTS, interpreting
 from .launch import lstm_backward, lstm_forward
@@ -79,6 +80,7 @@ class TritonBackend(Backend):
     name = "triton"
     differentiable_backward = False
     serves_resets = True
+    cells = (LSTM, GRU)  # the GRU on the per-step kernels (the persistent plans decline it)
 
     def __init__(self, variant: str = "auto"):
         if variant not in VARIANTS:
@@ -120,7 +122,7 @@ class TritonBackend(Backend):
         if call.seq_len < 1 or call.batch < 1 or call.hidden_size < 1:
             return "empty sequence, batch or hidden size"
         T, B, H, P = call.seq_len, call.batch, call.hidden_size, call.state_size
-        if max(T * B * 4 * H, T * B * P, 4 * H * P) > _MAX_ELEMENTS:
+        if max(T * B * 4 * H, T * B * P, 4 * H * P) > _MAX_ELEMENTS:  # 4H: the GRU's 3H is within
             return "T * B * 4H, T * B * P or 4H * P is too large for the kernels' int32 offsets"
         return None
 
@@ -128,29 +130,34 @@ class TritonBackend(Backend):
         if not call.needs_grad:
             return ()
         T, B, H = call.seq_len, call.batch, call.hidden_size
-        spec = (((T, B, 4 * H), torch.float32), ((T, B, H), torch.float32))
+        spec = (((T, B, gates(call.cell) * H), torch.float32), ((T, B, H), torch.float32))
         return spec + ((((T, B, H), torch.float32),) if call.has_projection else ())
 
-    def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool, resets=None):
-        _check_dtypes(xg, w_hh, h0, c0, w_hr)
+    def forward(self, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool, resets=None, cell=LSTM, b_hn=None):
+        _check_dtypes(xg, w_hh, h0, c0, w_hr, b_hn)
         h_all, h_T, c_T, workspace = lstm_forward(
-            xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace=needs_grad, variant=self.variant, resets=resets
+            xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace=needs_grad, variant=self.variant, resets=resets,
+            **({} if cell == LSTM else dict(cell=cell, b_hn=b_hn)),  # the LSTM's call as before
         )
-        return h_all, h_T, c_T.to(c0.dtype), workspace
+        return h_all, h_T, None if c_T is None else c_T.to(c0.dtype), workspace
 
-    def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T, resets=None):
+    def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T, resets=None, cell=LSTM,
+                 b_hn=None):
         xg, w_hh, h0, c0, w_hr, batch_sizes = inputs
         if len(workspace) != (3 if w_hr is not None else 2):
             raise RuntimeError("triton backward needs the workspace of a forward run with needs_grad=True")
-        dG, dh0, dc0, dw_hr = lstm_backward(
-            xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, variant=self.variant, resets=resets
+        dG, dh0, dc0, extra = lstm_backward(
+            xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes, variant=self.variant, resets=resets,
+            **({} if inputs.cell == LSTM else dict(cell=GRU, h0=h0, h_all=h_all)),
         )
-        return dG, dh0.to(h0.dtype), dc0.to(c0.dtype), None if dw_hr is None else dw_hr.to(w_hr.dtype)
+        if inputs.cell == GRU:
+            return dG, dh0.to(h0.dtype), None, extra  # extra: d_hn (contract.py)
+        return dG, dh0.to(h0.dtype), dc0.to(c0.dtype), None if extra is None else extra.to(w_hr.dtype)
 
 
-def _check_dtypes(xg, w_hh, h0, c0, w_hr) -> None:
+def _check_dtypes(xg, w_hh, h0, c0, w_hr, b_hn=None) -> None:
     """The kernels compute in xg's dtype; a mismatch would change numerics, so it is an error."""
-    for name, t in (("w_hh", w_hh), ("h0", h0), ("c0", c0), ("w_hr", w_hr)):
+    for name, t in (("w_hh", w_hh), ("h0", h0), ("c0", c0), ("w_hr", w_hr), ("b_hn", b_hn)):
         if t is not None and t.dtype != xg.dtype:
             raise TypeError(f"triton backend: {name} is {t.dtype} but xg is {xg.dtype}; cast them alike")
 

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...cells import LSTM
 from .. import barrier_bound
 from ..barrier_bound import BARRIER_TIMEOUT_ENV  # noqa: F401  (the bound's switch, shared with the cuda backend)
 
@@ -106,37 +107,49 @@ def reset_rows(resets, seq_len: int, batch: int, placeholder):
     return (bits.view(seq_len + 2, words, 64) << shifts).sum(dim=2)
 
 
-def forward_buffers(xg, h0, c0, P: int, has_proj: bool, store_workspace: bool):
+def forward_buffers(xg, h0, c0, P: int, has_proj: bool, store_workspace: bool, n_gates: int = 4):
     """The tensors a forward launch writes, shared by both kernel sets.
 
     Returns h_buf [2, B, P] (h0 in slot 0; step t reads slot t % 2 and writes slot (t + 1) % 2),
-    c [B, H] fp32 (c0 on entry, c_T on exit), h_all [T, B, P], m_buf [B, H] fp32 (an alias of c
-    without a projection: never touched), the workspace (gates [T, B, 4H], c_all [T, B, H]
-    (+ m_all [T, B, H]) fp32, or ()) and the three workspace arguments of the kernels
-    (placeholders never written where absent).
+    c [B, H] fp32 (c0 on entry, c_T on exit; for the GRU, c0 None, an alias of h_buf never
+    touched), h_all [T, B, P], m_buf [B, H] fp32 (an alias of c without a projection: never
+    touched), the workspace (gates [T, B, n_gates*H], c_all [T, B, H] (the GRU's hn) (+ m_all
+    [T, B, H]) fp32, or ()) and the three workspace arguments of the kernels (placeholders never
+    written where absent).
     """
-    T, B, four_h = xg.shape
-    H, dtype, device = four_h // 4, xg.dtype, xg.device
+    T, B, gate_rows = xg.shape
+    H, dtype, device = gate_rows // n_gates, xg.dtype, xg.device
     h_buf = torch.empty((2, B, P), dtype=dtype, device=device)
     h_buf[0].copy_(h0)
-    c = c0.to(torch.float32).contiguous().clone()
+    c = h_buf if c0 is None else c0.to(torch.float32).contiguous().clone()
     h_all = torch.empty((T, B, P), dtype=dtype, device=device)
     f32 = dict(dtype=torch.float32, device=device)
     m_buf = torch.empty((B, H), **f32) if has_proj else c
     ws = ()
     if store_workspace:
-        ws = (torch.empty((T, B, 4 * H), **f32), torch.empty((T, B, H), **f32))
+        ws = (torch.empty((T, B, gate_rows), **f32), torch.empty((T, B, H), **f32))
         ws += (torch.empty((T, B, H), **f32),) if has_proj else ()
     return h_buf, c, h_all, m_buf, ws, (ws + (c, c, c))[:3]
 
 
-def backward_buffers(dc_T, T: int, P: int, has_proj: bool):
+def recurrent_bias(b_hn, cell: str, hidden: int, like):
+    """The kernels' ``b_hn`` argument: the GRU's b_hn [H] (zeros where the layer has no bias), and
+    for the LSTM ``like`` (a placeholder, never read)."""
+    if cell == LSTM:
+        return like
+    if b_hn is None:
+        return torch.zeros(hidden, dtype=like.dtype, device=like.device)
+    return b_hn.contiguous()
+
+
+def backward_buffers(dc_T, dh_T, T: int, P: int, has_proj: bool):
     """The fp32 state a backward launch writes, shared by both kernel sets: dc [B, H] (dc_T on
-    entry, dc0 on exit), dh0 [B, P], and with a projection dh_buf [B, P] and dh_hist [T, B, P]
-    (dh_t on active rows, 0 elsewhere); without one both alias dh0, never touched."""
-    B, device = dc_T.shape[0], dc_T.device
+    entry, dc0 on exit; for the GRU, dc_T None, the carry [2, B, H] of dh_t * z_t, zeros), dh0
+    [B, P], and with a projection dh_buf [B, P] and dh_hist [T, B, P] (dh_t on active rows, 0
+    elsewhere); without one both alias dh0, never touched."""
+    B, device = dh_T.shape[0], dh_T.device
     f32 = dict(dtype=torch.float32, device=device)
-    dc = dc_T.to(torch.float32).contiguous().clone()
+    dc = torch.zeros((2, B, P), **f32) if dc_T is None else dc_T.to(torch.float32).contiguous().clone()
     dh0 = torch.empty((B, P), **f32)
     dh_buf = torch.empty((B, P), **f32) if has_proj else dh0
     dh_hist = torch.zeros((T, B, P), **f32) if has_proj else dh0

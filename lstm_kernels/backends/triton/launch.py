@@ -25,6 +25,7 @@ import warnings
 
 import torch
 
+from ...cells import LSTM, gates
 from .. import barrier_bound
 from . import persistent
 from .config import device_guard, interpreting, record_kernel, requested_variant
@@ -93,40 +94,50 @@ def _serve(direction: str, variant: str, device: torch.device, plan, persistent_
         return run_with_fallback(variant, chosen, run)
 
 
-def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=True, variant="auto", resets=None):
-    """Forward recurrence. xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H], w_hr [P, H] or None,
-    resets [T, B] bool on xg's device or None (a row where True starts that step from zero state).
+#: Why the persistent plan declines the GRU: its kernels serve the LSTM only so far.
+PERSISTENT_CELLS_REASON = "the persistent kernels serve the LSTM only; the GRU runs the per-step kernels"
 
-    All in one dtype. Returns h_all [T, B, P], h_T [B, P], c_T [B, H] fp32, and the workspace
-    (gates [T, B, 4H], c_all [T, B, H] (+ m_all [T, B, H] with a projection), all fp32) or ()
-    when not ``store_workspace``; the same from either kernel set. The kernels run on xg's
-    device, on its current stream.
+
+def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=True, variant="auto", resets=None,
+                 cell=LSTM, b_hn=None):
+    """Forward recurrence. xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H], w_hr [P, H] or None,
+    resets [T, B] bool on xg's device or None (a row where True starts that step from zero state);
+    the GRU (``cell="gru"``, the per-step kernels only): xg [T, B, 3H], w_hh [3H, H], c0 and w_hr
+    None, b_hn [H] or None.
+
+    All in one dtype. Returns h_all [T, B, P], h_T [B, P], c_T [B, H] fp32 (None for the GRU), and
+    the workspace (gates [T, B, 4H], c_all [T, B, H] (+ m_all [T, B, H] with a projection), all fp32;
+    the GRU's in :func:`.step_forward.step_forward`) or () when not ``store_workspace``; the same
+    from either kernel set. The kernels run on xg's device, on its current stream.
     """
-    T, B, four_h = xg.shape
-    H, P = four_h // 4, w_hh.shape[1]
+    T, B, gate_rows = xg.shape
+    H, P = gate_rows // gates(cell), w_hh.shape[1]
     args = (xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace)
     return _serve(
         "forward", variant, xg.device,
-        lambda: persistent.forward_plan(B, H, P, xg.dtype, xg.device, w_hr is not None),
+        lambda: (persistent.forward_plan(B, H, P, xg.dtype, xg.device, w_hr is not None) if cell == LSTM
+                 else PERSISTENT_CELLS_REASON),
         lambda cfg: persistent.persistent_forward(*args, cfg=cfg, resets=resets),
-        lambda: step_forward(*args, resets=resets),
+        lambda: step_forward(*args, resets=resets, cell=cell, b_hn=b_hn),
     )
 
 
-def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes=None, variant="auto", resets=None):
+def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes=None, variant="auto", resets=None,
+                  cell=LSTM, h0=None, h_all=None):
     """Backward recurrence from the forward workspace (see ``lstm_forward``), with the forward's
-    ``resets`` [T, B] bool or None.
+    ``resets`` [T, B] bool or None; the GRU's also takes the forward's h0 and h_all.
 
     Returns dG [T, B, 4H] in xg's dtype, dh0 [B, P] fp32, dc0 [B, H] fp32, and
-    dW_hr [P, H] fp32 (one GEMM over the steps) or None without a projection.
-    Variants, fallback and device as in ``lstm_forward``.
+    dW_hr [P, H] fp32 (one GEMM over the steps) or None without a projection; the GRU's: dG
+    [T, B, 3H], dh0, None and d_hn [T, B, H]. Variants, fallback and device as in ``lstm_forward``.
     """
-    T, B, four_h = xg.shape
-    H, P = four_h // 4, w_hh.shape[1]
+    T, B, gate_rows = xg.shape
+    H, P = gate_rows // gates(cell), w_hh.shape[1]
     args = (xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes)
     return _serve(
         "backward", variant, xg.device,
-        lambda: persistent.backward_plan(B, H, P, xg.dtype, xg.device, w_hr is not None),
+        lambda: (persistent.backward_plan(B, H, P, xg.dtype, xg.device, w_hr is not None) if cell == LSTM
+                 else PERSISTENT_CELLS_REASON),
         lambda cfg: persistent.persistent_backward(*args, cfg=cfg, resets=resets),
-        lambda: step_backward(*args, resets=resets),
+        lambda: step_backward(*args, resets=resets, cell=cell, h0=h0, h_all=h_all),
     )

@@ -408,7 +408,7 @@ def persistent_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch
     grid = max(triton.cdiv(P, cfg["UNITS"]), triton.cdiv(H, cfg["UNITS"])) * n_bt
     rows = step_rows(batch_sizes, T, B, device)  # [T + 1]: bs[t], then 0
     bs = torch.cat([rows.new_zeros(1), rows])  # [T + 2]: step t at t + 1; steps -1 and T have no rows
-    dc, dh0, dh_buf, dh_hist = backward_buffers(dc_T, T, P, has_proj)
+    dc, dh0, dh_buf, dh_hist = backward_buffers(dc_T, dh_T, T, P, has_proj)
     dg_buf = torch.zeros((2, B, 4 * H), dtype=dtype, device=device)
     dG = torch.zeros((T, B, 4 * H), dtype=dtype, device=device)  # rows not active at t stay 0
     w_t = w_hh.t().contiguous()  # [P, 4H]

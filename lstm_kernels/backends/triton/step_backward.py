@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..device_rows import step_rows
+from ...cells import LSTM, gates
 from .config import backward_buffers, dot_precisions, num_tiles, projection_weight_grad, reset_rows, step_config
 from .device_helpers import _dot_tile, _kept_rows, _tanh, tile_coords
 
@@ -61,48 +62,50 @@ def _bw_dh_tile(
 
 
 @triton.jit
-def _store_gates(dst, d_i, d_f, d_g, d_o, mask, H: tl.constexpr):
-    """The four gates' values of a tile at ``dst`` (gate i; f, g, o H, 2H, 3H further), in ``dst``'s dtype."""
+def _store_gates(dst, d_0, d_1, d_2, d_3, mask, H: tl.constexpr, GATES: tl.constexpr):
+    """The gates' values of a tile at ``dst`` (gate 0; the others H, 2H (, 3H) further), in ``dst``'s
+    dtype; ``d_3`` only with 4 gates."""
     ty = dst.dtype.element_ty
-    tl.store(dst, d_i.to(ty), mask=mask)
-    tl.store(dst + H, d_f.to(ty), mask=mask)
-    tl.store(dst + 2 * H, d_g.to(ty), mask=mask)
-    tl.store(dst + 3 * H, d_o.to(ty), mask=mask)
+    tl.store(dst, d_0.to(ty), mask=mask)
+    tl.store(dst + H, d_1.to(ty), mask=mask)
+    tl.store(dst + 2 * H, d_2.to(ty), mask=mask)
+    if GATES == 4:
+        tl.store(dst + 3 * H, d_3.to(ty), mask=mask)
 
 
 @triton.jit
-def _bw_cell(
-    t, n_t, rows, cols, dm,  # dm [BLOCK_B, BLOCK_H]: the gradient of m_t on this tile of B x H
+def _previous_state(t, cell, carried, hist_ptr, state0_ptr, B, H: tl.constexpr):
+    """The state [tile] that entered step t where ``carried`` (0 elsewhere), fp32: hist[t - 1] ([T, B, H])
+    or, at t = 0, state0 ([B, H])."""
+    # A branch on the scalar t, not a mask `carried & (t > 0)`: Triton 3.9's interpreter refuses a
+    # mask built from a scalar bool.
+    if t > 0:
+        prev = tl.load(hist_ptr + (t - 1) * B * H + cell, mask=carried, other=0.0).to(tl.float32)
+    else:
+        prev = tl.load(state0_ptr + cell, mask=carried, other=0.0).to(tl.float32)
+    return prev
+
+
+@triton.jit
+def _lstm_bw_cell(
+    t, tile_in, active, carried, cell, gate, dm,  # dm [BLOCK_B, BLOCK_H]: the gradient of m_t on this tile of B x H
     ws_gates_ptr,  # [T, B, 4H] fp32
     ws_c_ptr,  # [T, B, H] fp32
     c0_ptr,  # [B, H] input dtype
     dc_ptr,  # [B, H] fp32
     dg_buf_ptr,  # [2, B, 4H] fp32
     dg_ptr,  # [T, B, 4H] input dtype
-    rst_ptr,  # [T + 2, cdiv(B, 64)] int64: resets (HAS_RESETS)
     B, H: tl.constexpr, HAS_RESETS: tl.constexpr,
 ):
-    """The cell backward of step t on a tile: dG_t into dg_buf and the dG output, dc_{t-1} into dc.
+    """The LSTM cell's backward of step t on a tile: dG_t into dg_buf and the dG output, dc_{t-1} into dc.
     A row that resets at t used c_{t-1} = 0 and passes no dc_{t-1} back."""
-    col_in = cols < H
-    tile_in = (rows < B)[:, None] & col_in[None, :]
-    active = (rows < n_t)[:, None] & col_in[None, :]
-    cell = rows[:, None] * H + cols[None, :]  # offsets into a [B, H] tensor
-    g_ptr = ws_gates_ptr + t * B * 4 * H + rows[:, None] * (4 * H) + cols[None, :]
+    g_ptr = ws_gates_ptr + t * B * 4 * H + gate
     i = tl.load(g_ptr, mask=active, other=0.0)
     f = tl.load(g_ptr + H, mask=active, other=0.0)
     g = tl.load(g_ptr + 2 * H, mask=active, other=0.0)
     o = tl.load(g_ptr + 3 * H, mask=active, other=0.0)
     tanh_c = _tanh(tl.load(ws_c_ptr + t * B * H + cell, mask=active, other=0.0))
-    carried = active  # where c_{t-1} entered step t
-    if HAS_RESETS:
-        carried = active & _kept_rows(rst_ptr, t, rows, B)[:, None]
-    # A branch on the scalar t, not a mask `active & (t > 0)`: Triton 3.9's interpreter refuses a
-    # mask built from a scalar bool.
-    if t > 0:
-        c_prev = tl.load(ws_c_ptr + (t - 1) * B * H + cell, mask=carried, other=0.0)
-    else:
-        c_prev = tl.load(c0_ptr + cell, mask=carried, other=0.0).to(tl.float32)
+    c_prev = _previous_state(t, cell, carried, ws_c_ptr, c0_ptr, B, H)
 
     dc_in = tl.load(dc_ptr + cell, mask=tile_in, other=0.0)
     dc = dc_in + dm * o * (1.0 - tanh_c * tanh_c)
@@ -112,34 +115,94 @@ def _bw_cell(
     d_g = tl.where(active, dc * i * (1.0 - g * g), zero)
     d_o = tl.where(active, dm * tanh_c * o * (1.0 - o), zero)
 
-    gate = rows[:, None] * (4 * H) + cols[None, :]  # gate i of [BLOCK_B, BLOCK_H] in a [B, 4H] tensor
-    _store_gates(dg_buf_ptr + (t % 2) * B * 4 * H + gate, d_i, d_f, d_g, d_o, tile_in, H)
-    _store_gates(dg_ptr + t * B * 4 * H + gate, d_i, d_f, d_g, d_o, tile_in, H)
+    _store_gates(dg_buf_ptr + (t % 2) * B * 4 * H + gate, d_i, d_f, d_g, d_o, tile_in, H, 4)
+    _store_gates(dg_ptr + t * B * 4 * H + gate, d_i, d_f, d_g, d_o, tile_in, H, 4)
     if HAS_RESETS:
         tl.store(dc_ptr + cell, tl.where(active, tl.where(carried, dc * f, 0.0), dc_in), mask=tile_in)
     else:
         tl.store(dc_ptr + cell, tl.where(active, dc * f, dc_in), mask=tile_in)
 
 
+@triton.jit
+def _gru_bw_cell(
+    t, tile_in, active, carried, cell, gate, dh,  # dh [BLOCK_B, BLOCK_H]: the gradient of h_t on this tile
+    ws_gates_ptr,  # [T, B, 3H] fp32: r, z, n
+    ws_hn_ptr,  # [T, B, H] fp32: hn = h_{t-1} W_hn^T + b_hn
+    h0_ptr,  # [B, H] input dtype
+    h_all_ptr,  # [T, B, H] input dtype: the forward's h_t
+    carry_ptr,  # [2, B, H] fp32: dh_t * z_t (the part of dh_{t-1} that skips W_hh) in slot t % 2
+    dg_buf_ptr,  # [2, B, 3H] fp32: the gradient of the recurrent product (d_r, d_z, d_hn)
+    dg_ptr,  # [T, B, 3H] input dtype: dG output (d_r, d_z, d_n)
+    d_hn_ptr,  # [T, B, H] input dtype: d_hn output
+    B, H: tl.constexpr,
+):
+    """The GRU cell's backward of step t on a tile (the reference's equations):
+        d_n = dh (1 - z)(1 - n^2)      (the gradient of n's pre-activation, x_n + r hn)
+        d_r = d_n hn r (1 - r);  d_z = dh (h_{t-1} - n) z (1 - z);  d_hn = d_n r
+    into dg_buf ([d_r, d_z, d_hn]: the next phase's dh_{t-1} = that @ W_hh + dh_t z), the dG output
+    ([d_r, d_z, d_n]), the d_hn output and the carry (dh_t z). A row that resets at t used
+    h_{t-1} = 0 and passes no gradient back."""
+    g_ptr = ws_gates_ptr + t * B * 3 * H + gate
+    r = tl.load(g_ptr, mask=active, other=0.0)
+    z = tl.load(g_ptr + H, mask=active, other=0.0)
+    n = tl.load(g_ptr + 2 * H, mask=active, other=0.0)
+    hn = tl.load(ws_hn_ptr + t * B * H + cell, mask=active, other=0.0)
+    h_prev = _previous_state(t, cell, carried, h_all_ptr, h0_ptr, B, H)
+    zero = tl.zeros_like(dh)
+    d_n = tl.where(active, dh * (1.0 - z) * (1.0 - n * n), zero)
+    d_r = d_n * hn * r * (1.0 - r)
+    d_z = tl.where(active, dh * (h_prev - n) * z * (1.0 - z), zero)
+    d_hn = d_n * r
+    _store_gates(dg_buf_ptr + (t % 2) * B * 3 * H + gate, d_r, d_z, d_hn, d_hn, tile_in, H, 3)
+    _store_gates(dg_ptr + t * B * 3 * H + gate, d_r, d_z, d_n, d_n, tile_in, H, 3)
+    tl.store(d_hn_ptr + t * B * H + cell, d_hn.to(d_hn_ptr.dtype.element_ty), mask=tile_in)
+    tl.store(carry_ptr + (t % 2) * B * H + cell, tl.where(carried, dh * z, zero), mask=tile_in)
+
+
+@triton.jit
+def _bw_cell(
+    t, n_t, rows, cols, dm, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr, h_all_ptr, d_hn_ptr, rst_ptr,
+    B, H: tl.constexpr, HAS_RESETS: tl.constexpr, GATES: tl.constexpr,
+):
+    """The cell backward of step t on a tile of B x H (``dm``: the gradient of m_t, the GRU's h_t):
+    the LSTM's (GATES 4) or the GRU's (3; ``c0_ptr`` is h0, ``dc_ptr`` its carry, ``ws_c_ptr`` hn)."""
+    col_in = cols < H
+    tile_in = (rows < B)[:, None] & col_in[None, :]
+    active = (rows < n_t)[:, None] & col_in[None, :]
+    carried = active  # where the state entered step t
+    if HAS_RESETS:
+        carried = active & _kept_rows(rst_ptr, t, rows, B)[:, None]
+    cell = rows[:, None] * H + cols[None, :]  # offsets into a [B, H] tensor
+    gate = rows[:, None] * (GATES * H) + cols[None, :]  # gate 0 of [BLOCK_B, BLOCK_H] in a [B, GATES*H] tensor
+    if GATES == 3:
+        _gru_bw_cell(t, tile_in, active, carried, cell, gate, dm, ws_gates_ptr, ws_c_ptr, c0_ptr, h_all_ptr, dc_ptr,
+                     dg_buf_ptr, dg_ptr, d_hn_ptr, B, H)
+    else:
+        _lstm_bw_cell(t, tile_in, active, carried, cell, gate, dm, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr,
+                      dg_ptr, B, H, HAS_RESETS)
+
+
 # t changes from launch to launch: not specialised (Triton would compile each phase again for
 # t = 1 and for t divisible by 16).
 @triton.jit(do_not_specialize=["t"])
-def _lstm_bw_kernel(
-    w_ptr,  # [4H, P] input dtype: W_hh
+def _step_bw_kernel(
+    w_ptr,  # [GATES*H, P] input dtype: W_hh
     w_hr_ptr,  # [P, H] input dtype: W_hr (projection only)
     bs_ptr,  # [T + 1] int32: active rows of each step, bs[T] = 0
     rst_ptr,  # [T + 2, cdiv(B, 64)] int64: resets of step t as bits of row t + 1 (HAS_RESETS; reset_rows)
     dh_all_ptr,  # [T, B, P] any float dtype
     dh_last_ptr,  # [B, P] any float dtype: dh_T
-    ws_gates_ptr,  # [T, B, 4H] fp32: activated gates from forward
-    ws_c_ptr,  # [T, B, H] fp32: c_t from forward
-    c0_ptr,  # [B, H] input dtype
-    dc_ptr,  # [B, H] fp32: dc_T on entry, dc0 on exit
-    dg_buf_ptr,  # [2, B, 4H] fp32: dG_t in slot t % 2
-    dg_ptr,  # [T, B, 4H] input dtype: dG output
+    ws_gates_ptr,  # [T, B, GATES*H] fp32: activated gates from forward
+    ws_c_ptr,  # [T, B, H] fp32: c_t from forward (the GRU's hn)
+    c0_ptr,  # [B, H] input dtype (the GRU's h0)
+    dc_ptr,  # [B, H] fp32: dc_T on entry, dc0 on exit (the GRU's [2, B, H] carry dh_t * z_t in slot t % 2)
+    dg_buf_ptr,  # [2, B, GATES*H] fp32: dG_t (the GRU's gradient of the recurrent product) in slot t % 2
+    dg_ptr,  # [T, B, GATES*H] input dtype: dG output
     dh_buf_ptr,  # [B, P] fp32: dh_t between the phases (projection only)
     dh_hist_ptr,  # [T, B, P] fp32: dh_t for dW_hr (projection only)
     dh0_ptr,  # [B, P] fp32: dh0 output (written in phase t = -1)
+    h_all_ptr,  # [T, B, H] input dtype: the forward's h_t (GRU only)
+    d_hn_ptr,  # [T, B, H] input dtype: d_hn output (GRU only)
     t, B,  # the step, T-1 ... 0, -1
     H: tl.constexpr, P: tl.constexpr,
     HAS_PROJ: tl.constexpr,
@@ -148,6 +211,7 @@ def _lstm_bw_kernel(
     HAS_RESETS: tl.constexpr,  # resets inside the sequence (rst_ptr); False: the kernel compiles as without
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    GATES: tl.constexpr,  # the cell: 4 the LSTM, 3 the GRU (lstm_kernels/cells.py)
 ):
     """One phase of step t; each program one tile."""
     tile = tl.program_id(0)
@@ -157,8 +221,8 @@ def _lstm_bw_kernel(
         dm = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
         dm = _dot_tile(dm, dh_buf_ptr, P, rows, rows < n_t, w_hr_ptr, H, 1, cols, cols < H, P, BLOCK_K,
                        DOT_PRECISION)  # dm = dh_t @ W_hr
-        _bw_cell(t, n_t, rows, cols, dm, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr, rst_ptr, B, H,
-                 HAS_RESETS)
+        _bw_cell(t, n_t, rows, cols, dm, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr, h_all_ptr,
+                 d_hn_ptr, rst_ptr, B, H, HAS_RESETS, GATES)
     else:
         rows, cols = tile_coords(tile, tl.cdiv(P, BLOCK_H), BLOCK_B, BLOCK_H)
         n_next = tl.load(bs_ptr + t + 1)
@@ -166,42 +230,56 @@ def _lstm_bw_kernel(
         if HAS_RESETS:
             dg_in = dg_in & _kept_rows(rst_ptr, t + 1, rows, B)
         acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-        acc = _dot_tile(acc, dg_buf_ptr + ((t + 1) % 2) * B * 4 * H, 4 * H, rows, dg_in, w_ptr, P, 1, cols, cols < P,
-                        4 * H, BLOCK_K, DOT_PRECISION)
+        acc = _dot_tile(acc, dg_buf_ptr + ((t + 1) % 2) * B * GATES * H, GATES * H, rows, dg_in, w_ptr, P, 1, cols,
+                        cols < P, GATES * H, BLOCK_K, DOT_PRECISION)
+        if GATES == 3:  # the GRU's dh_t also takes dh_{t+1} z_{t+1} directly (0 where step t+1 reset the row)
+            acc += tl.load(dc_ptr + ((t + 1) % 2) * B * H + rows[:, None] * H + cols[None, :],
+                           mask=dg_in[:, None] & (cols < H)[None, :], other=0.0)
         dh = _bw_dh_tile(t, rows, cols, n_next, acc, bs_ptr, dh_all_ptr, dh_last_ptr, dh_buf_ptr, dh_hist_ptr, dh0_ptr,
                          B, P, HAS_PROJ)
         if not HAS_PROJ:  # P == H: this tile of P units is a tile of H units, dm = dh
             if t >= 0:
-                _bw_cell(t, n_t, rows, cols, dh, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr, rst_ptr,
-                         B, H, HAS_RESETS)
+                _bw_cell(t, n_t, rows, cols, dh, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr, h_all_ptr,
+                         d_hn_ptr, rst_ptr, B, H, HAS_RESETS, GATES)
 
 
-def step_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes=None, resets=None):
+def step_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes=None, resets=None, cell=LSTM,
+                  h0=None, h_all=None):
     """Backward recurrence with one launch per step and phase, from the forward workspace (gates
     [T, B, 4H], c_all [T, B, H] (+ m_all) fp32) and the forward's ``resets`` [T, B] bool or None.
+    The GRU (``cell="gru"``; c0, w_hr and dc_T None) also takes the forward's h0 [B, H] and h_all
+    [T, B, H], and its workspace is r, z, n [T, B, 3H] and hn [T, B, H].
 
     Returns dG [T, B, 4H] in xg's dtype, dh0 [B, P] fp32, dc0 [B, H] fp32, and dW_hr [P, H] fp32
-    (one GEMM over the steps) or None without a projection. Launches on the current CUDA device
-    and stream (the caller's device guard).
+    (one GEMM over the steps) or None without a projection; the GRU's: dG [T, B, 3H], dh0, None,
+    and d_hn [T, B, H] in xg's dtype. Launches on the current CUDA device and stream (the caller's
+    device guard).
     """
-    T, B, four_h = xg.shape
-    H, P = four_h // 4, w_hh.shape[1]
+    T, B, gate_rows = xg.shape
+    n_gates = gates(cell)
+    H, P = gate_rows // n_gates, w_hh.shape[1]
     has_proj = w_hr is not None
     dtype, device = xg.dtype, xg.device
-    gates, c_all = workspace[:2]
+    gates_ws, c_all = workspace[:2]
     cfg = step_config(max(H, P), B, dtype)
     bs = step_rows(batch_sizes, T, B, device)
-    dc, dh0, dh_buf, dh_hist = backward_buffers(dc_T, T, P, has_proj)
-    dg_buf = torch.empty((2, B, 4 * H), dtype=torch.float32, device=device)
-    dG = torch.empty((T, B, 4 * H), dtype=dtype, device=device)
+    is_gru = cell != LSTM
+    c0 = h0 if is_gru else c0  # the state that entered step 0
+    dc, dh0, dh_buf, dh_hist = backward_buffers(dc_T, dh_T, T, P, has_proj)
+    dg_buf = torch.empty((2, B, gate_rows), dtype=torch.float32, device=device)
+    dG = torch.empty((T, B, gate_rows), dtype=dtype, device=device)
+    d_hn = torch.empty((T, B, H), dtype=dtype, device=device) if is_gru else dG
     consts = dict(H=H, P=P, HAS_PROJ=has_proj, HAS_RESETS=resets is not None, BLOCK_B=cfg["BLOCK_B"],
                   BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=dot_precisions(dtype)[1],
-                  num_warps=cfg["num_warps"])
+                  GATES=n_gates, num_warps=cfg["num_warps"])
     args = (w_hh.contiguous(), w_hr.contiguous() if has_proj else w_hh, bs, reset_rows(resets, T, B, bs),
-            dh_all.contiguous(), dh_T.contiguous(), gates, c_all, c0.contiguous(), dc, dg_buf, dG, dh_buf, dh_hist, dh0)
+            dh_all.contiguous(), dh_T.contiguous(), gates_ws, c_all, c0.contiguous(), dc, dg_buf, dG, dh_buf, dh_hist,
+            dh0, h_all.contiguous() if is_gru else dG, d_hn)
     dh_grid, cell_grid = (num_tiles(P, B, cfg),), (num_tiles(H, B, cfg),)
     for t in range(T - 1, -2, -1):
-        _lstm_bw_kernel[dh_grid](*args, t, B, CELL_PHASE=False, **consts)
+        _step_bw_kernel[dh_grid](*args, t, B, CELL_PHASE=False, **consts)
         if has_proj and t >= 0:
-            _lstm_bw_kernel[cell_grid](*args, t, B, CELL_PHASE=True, **consts)
+            _step_bw_kernel[cell_grid](*args, t, B, CELL_PHASE=True, **consts)
+    if is_gru:
+        return dG, dh0, None, d_hn
     return dG, dh0, dc, projection_weight_grad(dh_hist, workspace[2]) if has_proj else None

@@ -1,0 +1,114 @@
+"""The triton backend serves the GRU: the per-step kernels with the cell as their parameter (GATES = 3).
+
+``gru_layer(..., backend="triton")`` against the reference backend in float64 on the same inputs:
+h_all, h_T and the gradients of xg, W_hh, h0 and b_hn, dense, packed, with resets (at the first
+step, inside, every step), without b_hn, over several unit tiles, and in the 16-bit dtypes within
+their tolerances. FusedGRU(backend="triton") against nn.GRU on every config and input form of
+tests/test_gru.py. The persistent kernels serve the LSTM only: a "persistent" GRU call runs the
+per-step kernels, and says so (LAST_KERNELS). Tiny shapes: the interpreter is slow.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lstm_kernels import gru_layer
+from lstm_kernels.backends import RecurrenceCall, resolve_backend
+from utils import REL_TOL, assert_rel_close
+
+kernels = pytest.importorskip("lstm_kernels.backends.triton.config")
+
+DEVICE = "cuda" if torch.cuda.is_available() and not kernels.interpreting() else "cpu"
+#: float32 runs on TF32 on a GPU where allowed; the tests' GPU runs keep torch's default (off).
+TOL = REL_TOL[torch.float32]
+
+
+def layer_case(T=4, B=3, H=6, seed=0, dtype=torch.float64):
+    """float64 leaves of one GRU layer (nn.GRU-like scales) and a fixed weighting of its outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    xg = torch.randn(T, B, 3 * H, dtype=torch.float64, generator=gen) * 0.7
+    w_hh = torch.randn(3 * H, H, dtype=torch.float64, generator=gen) / H ** 0.5
+    h0 = torch.randn(B, H, dtype=torch.float64, generator=gen) * 0.5
+    b_hn = torch.randn(H, dtype=torch.float64, generator=gen) * 0.3
+    weights = (torch.randn(T, B, H, dtype=torch.float64, generator=gen), torch.randn(B, H, dtype=torch.float64,
+                                                                                      generator=gen))
+    return (xg, w_hh, h0, b_hn), weights
+
+
+def run_layer(leaves, weights, backend, dtype, with_b_hn=True, batch_sizes=None, resets=None):
+    """(h_all, h_T) and the gradients of xg, w_hh, h0 (and b_hn) of sum(weights * outputs), in ``dtype``
+    on DEVICE."""
+    leaves = [t.detach().to(DEVICE, dtype).requires_grad_(True) for t in leaves[:4 if with_b_hn else 3]]
+    b_hn = leaves[3] if with_b_hn else None
+    h_all, h_T = gru_layer(*leaves[:3], b_hn, batch_sizes=batch_sizes, backend=backend,
+                           resets=None if resets is None else resets.to(DEVICE))
+    loss = (h_all.double() * weights[0].to(DEVICE)).sum() + (h_T.double() * weights[1].to(DEVICE)).sum()
+    return (h_all, h_T), torch.autograd.grad(loss, leaves)
+
+
+def check_against_reference(dtype, tol, **call):
+    leaves, weights = layer_case(**call.pop("shape", {}))
+    actual, actual_grads = run_layer(leaves, weights, "triton", dtype, **call)
+    expected, expected_grads = run_layer(leaves, weights, "reference", torch.float64, **call)
+    for name, a, e in zip(("h_all", "h_T"), actual, expected):
+        assert a.dtype == dtype, f"{name} is {a.dtype}"
+        assert_rel_close(a.double().cpu(), e.cpu(), tol, name)
+    for name, a, e in zip(("dxg", "dw_hh", "dh0", "db_hn"), actual_grads, expected_grads):
+        assert_rel_close(a.double().cpu(), e.cpu(), tol, name)
+
+
+RESETS = {
+    "first_step": [(0, 0), (0, 2)],
+    "inside": [(1, 0), (2, 0), (3, 1)],
+    "every": [(t, b) for t in range(4) for b in range(3)],
+}
+
+
+def resets_of(pairs, T=4, B=3):
+    resets = torch.zeros(T, B, dtype=torch.bool)
+    for t, b in pairs:
+        resets[t, b] = True
+    return resets
+
+
+@pytest.mark.parametrize("variant", ["step", "persistent"])
+@pytest.mark.parametrize("form", ["dense", "no_b_hn", "packed", *(f"resets_{k}" for k in RESETS), "unit_tiles"])
+def test_gru_layer_matches_the_reference(form, variant, monkeypatch):
+    monkeypatch.setenv("LSTM_KERNELS_TRITON_VARIANT", variant)
+    call = {}
+    if form == "no_b_hn":
+        call["with_b_hn"] = False
+    elif form == "packed":
+        call["batch_sizes"] = torch.tensor([3, 3, 2, 1])
+    elif form.startswith("resets_"):
+        call["resets"] = resets_of(RESETS[form[len("resets_"):]])
+    elif form == "unit_tiles":  # H above one tile of units (64 under the interpreter, 32 on a GPU), masked edge
+        call["shape"] = dict(T=3, B=2, H=72)
+    check_against_reference(torch.float32, TOL, **call)
+    assert kernels.LAST_KERNELS == {"forward": "step", "backward": "step"}, "the GRU runs the per-step kernels"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gru_layer_in_16_bit_within_the_tolerance(dtype):
+    check_against_reference(dtype, REL_TOL[dtype], batch_sizes=torch.tensor([3, 3, 2, 1]))
+
+
+def test_the_persistent_plans_decline_the_gru_and_say_why():
+    from lstm_kernels.backends.triton.launch import PERSISTENT_CELLS_REASON
+
+    call = RecurrenceCall(seq_len=4, batch=3, hidden_size=6, state_size=6, dtype=torch.float32,
+                          device=torch.device(DEVICE), has_projection=False, variable_lengths=False,
+                          needs_grad=True, cell="gru")
+    assert resolve_backend("triton", call).name == "triton"
+    assert "GRU" in PERSISTENT_CELLS_REASON
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="module parity on the CPU under the interpreter; test_triton_gpu on a GPU")
+@pytest.mark.parametrize("with_hx", [False, True], ids=["hx_none", "hx"])
+@pytest.mark.parametrize("input_name", ["dense", "T1", "unbatched", "packed_unsorted", "packed_sorted"])
+@pytest.mark.parametrize("config_name", ["plain", "no_bias", "two_layers", "bidir", "everything"])
+def test_fused_gru_on_triton_matches_nn_gru(config_name, input_name, with_hx):
+    import test_gru  # tests/ is on sys.path (conftest); imported as a module so pytest does not collect it here
+
+    assert set(test_gru.INPUTS) >= {input_name} and set(test_gru.CONFIGS) >= {config_name}
+    test_gru.test_matches_nn_gru(config_name, input_name, with_hx, torch.float32, "triton")
