@@ -4,8 +4,8 @@ The first command to run on a machine, before the test suite. It reports:
 
 1. the device, driver and versions, and which backends are available (and why the others are not);
 2. every available backend x variant x dtype verified on a fixed set of small shapes (and, on a
-   GPU, the flagship B = 16, H = 768, with and without a projection): the plan's prefix forward
-   and backward against float64, as verification before first use runs it
+   GPU, the flagship B = 16, H = 768, with and without a projection; and the GRU's calls): the
+   plan's prefix forward and backward against float64, as verification before first use runs it
    (:func:`lstm_kernels.verification.verify`), grid barriers bounded, so a hang becomes a failure;
    and FusedLSTM's path through torch's own kernel against nn.LSTM (bitwise on the CPU; on a GPU
    within tolerance, with backward in eval mode);
@@ -36,10 +36,13 @@ import torch
 from .autotune import median_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-#: (B, H, P or None, variable lengths): tails in B and H, a projection, PackedSequence-like rows.
-CPU_SHAPES = [(2, 5, None, False), (3, 8, 3, False), (3, 6, None, True)]
-GPU_SHAPES = [(1, 13, None, False), (17, 100, None, False), (16, 256, None, True), (16, 768, None, False),
-              (16, 768, 256, False)]
+#: (B, H, P or None, variable lengths, cell): tails in B and H, a projection, PackedSequence-like rows,
+#: the GRU.
+CPU_SHAPES = [(2, 5, None, False, "lstm"), (3, 8, 3, False, "lstm"), (3, 6, None, True, "lstm"),
+              (3, 5, None, False, "gru"), (3, 6, None, True, "gru")]
+GPU_SHAPES = [(1, 13, None, False, "lstm"), (17, 100, None, False, "lstm"), (16, 256, None, True, "lstm"),
+              (16, 768, None, False, "lstm"), (16, 768, 256, False, "lstm"), (17, 100, None, False, "gru"),
+              (16, 768, None, False, "gru")]
 FLAGSHIP = dict(T=1024, B=16, H=768)
 CPU_TIMING = dict(T=64, B=8, H=64)
 
@@ -102,11 +105,11 @@ def environment_set(values: dict):
                 os.environ[k] = v
 
 
-def _call(device, dtype, T, B, H, P, varlen):
+def _call(device, dtype, T, B, H, P, varlen, cell="lstm"):
     from .backends import RecurrenceCall
 
     return RecurrenceCall(seq_len=T, batch=B, hidden_size=H, state_size=P or H, dtype=dtype, device=device,
-                          has_projection=P is not None, variable_lengths=varlen, needs_grad=True)
+                          has_projection=P is not None, variable_lengths=varlen, needs_grad=True, cell=cell)
 
 
 def verify_all(cands: list[Candidate], device: torch.device, shapes, dtypes, steps: int) -> list[Row]:
@@ -115,12 +118,15 @@ def verify_all(cands: list[Candidate], device: torch.device, shapes, dtypes, ste
     rows = []
     for cand in cands:
         for dtype_name in dtypes:
-            for B, H, P, varlen in shapes:
-                shape = f"B={B} H={H}" + (f" P={P}" if P else "") + (" packed" if varlen else "")
-                call = _call(device, DTYPES[dtype_name], steps, B, H, P, varlen)
+            for B, H, P, varlen, cell in shapes:
+                shape = (("GRU " if cell == "gru" else "") + f"B={B} H={H}" + (f" P={P}" if P else "")
+                         + (" packed" if varlen else ""))
+                call = _call(device, DTYPES[dtype_name], steps, B, H, P, varlen, cell)
                 with environment_set(cand.env):
                     backend = cand.make()
                     why = backend.unavailable_reason() or backend.supports(call)
+                    if why is None and cell not in backend.cells:
+                        why = f"the {backend.name!r} backend does not serve the {cell.upper()} cell"
                     if why is not None:
                         rows.append(Row("verify", cand.backend, cand.variant, dtype_name, shape, True, f"not served: {why}"))
                         continue
@@ -334,7 +340,7 @@ def run_check(out: Path, backends: Optional[Sequence[str]] = None, quick: bool =
     cands = candidates(names)
     shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
     if quick:
-        shapes = shapes[:2]
+        shapes = shapes[:2] + [s for s in shapes if s[4] != "lstm"][:1]  # and one GRU call
     dtypes = list(DTYPES)
     steps = 6 if on_gpu else 3
     info = environment.collect(device.type)

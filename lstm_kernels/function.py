@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from .backends import RecurrenceInputs
-from .cells import GRU, LSTM
+from .cells import LSTM
 from .layer_calls import cell_args, check_workspace, layer_backward, select_backend, with_resets
 from .validation import check_layer_shapes
 
@@ -41,12 +41,11 @@ class LSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xg, w_hh, h0, c0, w_hr, batch_sizes, backend: str = "auto", resets=None, b_hn=None):
-        cell = LSTM if c0 is not None else GRU
-        needs_grad = any(ctx.needs_input_grad[:5]) or any(ctx.needs_input_grad[8:])
-        impl = select_backend(xg, w_hh, w_hr, batch_sizes, needs_grad, backend, resets, cell)
         inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, batch_sizes)
+        needs_grad = any(ctx.needs_input_grad[:5]) or any(ctx.needs_input_grad[8:])
+        impl = select_backend(xg, w_hh, w_hr, batch_sizes, needs_grad, backend, resets, inputs.cell)
         h_all, h_T, c_T, workspace = impl.forward(*inputs, needs_grad, **with_resets(resets),
-                                                  **cell_args(cell, b_hn))
+                                                  **cell_args(inputs.cell, b_hn))
         workspace = check_workspace(impl, workspace, inputs, (h_all, h_T, c_T))
         ctx.impl = impl
         ctx.batch_sizes = batch_sizes
@@ -66,7 +65,7 @@ class LSTMLayer(torch.autograd.Function):
         grads = layer_backward(ctx.impl, inputs, h_all, tuple(workspace), dh_all, dh_T, dc_T, ctx.needs_input_grad[1],
                                ctx.resets, b_hn)
         dxg, dw_hh, dh0, dc0, extra = grads
-        dw_hr, db_hn = (extra, None) if c0 is not None else (None, extra)
+        dw_hr, db_hn = (extra, None) if inputs.cell == LSTM else (None, extra)
         grads = (dxg, dw_hh, dh0, dc0, dw_hr if w_hr is not None else None, None, None, None, db_hn)
         return grads[:len(ctx.needs_input_grad)]
 
@@ -112,10 +111,9 @@ def _layer(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, resets, b_hn=None):
     grad)."""
     if torch.is_grad_enabled():
         return LSTMLayer.apply(xg, w_hh, h0, c0, w_hr, batch_sizes, backend, resets, b_hn)
-    cell = LSTM if c0 is not None else GRU
-    impl = select_backend(xg, w_hh, w_hr, batch_sizes, False, backend, resets, cell)
-    h_all, h_T, c_T, _ = impl.forward(xg, w_hh, h0, c0, w_hr, batch_sizes, False, **with_resets(resets),
-                                      **cell_args(cell, b_hn))
+    inputs = RecurrenceInputs(xg, w_hh, h0, c0, w_hr, batch_sizes)
+    impl = select_backend(xg, w_hh, w_hr, batch_sizes, False, backend, resets, inputs.cell)
+    h_all, h_T, c_T, _ = impl.forward(*inputs, False, **with_resets(resets), **cell_args(inputs.cell, b_hn))
     return h_all, h_T, c_T
 
 

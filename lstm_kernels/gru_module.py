@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import validation
 from .cells import GRU
 from .function import gru_layer
-from .onnx_export import exporting_to_onnx
+from .onnx_export import exporting_to_onnx, onnx_recurrence, packed_input_error, resets_export_error
 from .recurrent_module import RecurrentModule
 
 
@@ -79,10 +79,9 @@ class FusedGRU(RecurrentModule):
 
         Raises what nn.GRU raises for the same bad input (the same exception types).
         """
-        if exporting_to_onnx():
-            raise torch.onnx.errors.OnnxExporterError(
-                "FusedGRU has no ONNX export yet; export its nn.GRU (FusedGRU.to_torch()) instead")
         packed = isinstance(input, PackedSequence)
+        if packed and exporting_to_onnx():
+            raise packed_input_error(GRU)
         weight = self._param("weight_ih_l0")
         is_batched = True
         if packed:
@@ -116,7 +115,12 @@ class FusedGRU(RecurrentModule):
             hx = torch.zeros(h_shape, dtype=x.dtype, device=x.device)
         else:
             validation.check_gru_hidden(hx, h_shape, x)
-        output, h_n = self._run(x, (hx,), batch_sizes, resets)
+        if exporting_to_onnx():
+            if resets is not None:
+                raise resets_export_error(GRU)
+            output, h_n = onnx_recurrence(self, x, (hx,), batch_sizes)
+        else:
+            output, h_n = self._run(x, (hx,), batch_sizes, resets)
         output, (h_n,) = self._in_input_layout(output, (h_n,), input if packed else None, is_batched)
         return output, h_n
 

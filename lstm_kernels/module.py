@@ -23,7 +23,7 @@ from . import validation
 from .cells import LSTM
 from .function import lstm_layer
 from .recompute import recompute_layer
-from .onnx_export import exporting_to_onnx, onnx_lstm, packed_input_error, resets_export_error
+from .onnx_export import exporting_to_onnx, onnx_recurrence, packed_input_error, resets_export_error
 from .recurrent_module import RecurrentModule
 
 
@@ -140,7 +140,7 @@ class FusedLSTM(RecurrentModule):
         if exporting_to_onnx():
             if resets is not None:
                 raise resets_export_error()
-            output, *finals = onnx_lstm(self, x, hx, batch_sizes)
+            output, *finals = onnx_recurrence(self, x, hx, batch_sizes)
         else:
             output, *finals = self._run(x, hx, batch_sizes, resets)
         return self._in_input_layout(output, tuple(finals), input if packed else None, packed or is_batched)

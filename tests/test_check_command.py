@@ -36,6 +36,9 @@ def test_check_on_this_machine_passes_and_writes_its_report(tmp_path):
     assert ("native", "-", "fp32") in verified
     if "triton" in proc.stdout.split("available:")[1].split(";")[0]:
         assert {("triton", v, "fp16") for v in ("step", "persistent")} <= verified
+    gru = {(r["backend"], r["dtype"]) for r in rows if r["kind"] == "verify" and r["shape"].startswith("GRU")
+           and not r["detail"].startswith("not served")}
+    assert {("reference", d) for d in ("fp32", "bf16", "fp16")} <= gru, "the GRU's calls are verified too"
     timed = {r["backend"]: r for r in rows if r["kind"] == "time"}
     assert float(timed["native"]["fwd_us_per_step"]) > 0 and float(timed["native"]["nn_lstm_fwd_us_per_step"]) > 0
     assert all(r["ok"] == "True" for r in rows)

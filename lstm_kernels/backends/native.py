@@ -201,10 +201,6 @@ def _vf_rnn(cell, x, states, weights, batch_sizes, has_biases, num_layers, dropo
     return kernel(x, batch_sizes, hx, *args)
 
 
-def _vf_lstm(x, h0, c0, weights, batch_sizes, *config):
-    return _vf_rnn(LSTM, x, (h0, c0), weights, batch_sizes, *config)
-
-
 @torch.library.custom_op("lstm_kernels::native_lstm", mutates_args=())
 def native_lstm(
     x: Tensor,
@@ -220,7 +216,7 @@ def native_lstm(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """torch's LSTM kernel as one graph node: the arguments and results of :func:`run_native`."""
     with torch.no_grad():
-        return _vf_lstm(x, h0, c0, weights, batch_sizes, has_biases, num_layers, dropout, train, bidirectional)
+        return _vf_rnn(LSTM, x, (h0, c0), weights, batch_sizes, has_biases, num_layers, dropout, train, bidirectional)
 
 
 @native_lstm.register_fake
@@ -252,8 +248,8 @@ def native_lstm_backward(
     """
     with torch.enable_grad(), torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False):
         leaves = [t.detach().requires_grad_(True) for t in (x, h0, c0, *weights)]
-        outputs = _vf_lstm(*leaves[:3], leaves[3:], batch_sizes, has_biases, num_layers, dropout, train,
-                           bidirectional)
+        outputs = _vf_rnn(LSTM, leaves[0], leaves[1:3], leaves[3:], batch_sizes, has_biases, num_layers, dropout,
+                          train, bidirectional)
         grads = torch.autograd.grad(outputs, leaves, (d_output, d_h_n, d_c_n), allow_unused=True)
     return [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
 
