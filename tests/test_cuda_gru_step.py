@@ -18,18 +18,15 @@ GATES (4: the LSTM, 3: the GRU); one kernel, no second copy of the step loop. Ch
 """
 from __future__ import annotations
 
-import subprocess
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cuda_tools import CUOBJDUMP, NVCC
-from test_cuda_step_budget import loops_of, opcode, split_functions
+from cuda_tools import CUOBJDUMP, NVCC, compile_cubins
+from test_cuda_step_budget import functions_of, loops_of, opcode
 
-ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90")
 DTYPES = ("f", "6__half", "13__nv_bfloat16")  # the mangled template arguments
 
@@ -39,19 +36,9 @@ needs_nvcc = pytest.mark.skipif(NVCC is None or CUOBJDUMP is None, reason="needs
 @pytest.fixture(scope="module")
 def step_sass(tmp_path_factory):
     """{(arch, kernel name): [(addr, text)]} of the per-step kernels and the res-usage text."""
-    out_dir = tmp_path_factory.mktemp("step_cubins")
-    funcs, usage = {}, ""
-    for src in ("step_forward.cu", "step_backward.cu"):
-        for arch in ARCHS:
-            cubin = out_dir / f"{src}.{arch}.cubin"
-            subprocess.run([NVCC, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", f"-I{ROOT / 'csrc'}",
-                            str(ROOT / "csrc" / "step" / src), "-o", str(cubin)], check=True)
-            sass = subprocess.run([CUOBJDUMP, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-            for (a, name), instrs in split_functions(sass).items():
-                funcs[(a or arch, name)] = instrs
-            usage += subprocess.run([CUOBJDUMP, "-res-usage", str(cubin)], capture_output=True, text=True,
-                                    check=True).stdout
-    return funcs, usage
+    listings, usage = compile_cubins(["step/step_forward.cu", "step/step_backward.cu"], ARCHS,
+                                     tmp_path_factory.mktemp("step_cubins"))
+    return functions_of(listings), usage
 
 
 def instance(funcs, arch: str, direction: str, dtype: str, gates: int, mma: bool, resets: bool):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from cuda_tools import CUOBJDUMP, NVCC
+from cuda_tools import CUOBJDUMP, NVCC, compile_cubins
 from lstm_kernels.backends.cuda import fused as cf
 from plan_dump import compile_plan_dump
 
@@ -168,19 +168,14 @@ def step_loop_of(name: str, instrs) -> StepLoop:
 @pytest.fixture(scope="module")
 def fused_sass(tmp_path_factory):
     """{(arch, kernel): [(addr, text)]} and the res-usage text of the fused kernels, both archs."""
-    out_dir = tmp_path_factory.mktemp("fused_cubins")
-    funcs, usage = {}, ""
-    for src in ("fused_forward.cu", "fused_backward.cu"):
-        for arch in ARCHS:
-            cubin = out_dir / f"{src}.{arch}.cubin"
-            subprocess.run([NVCC, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", f"-I{ROOT / 'csrc'}",
-                            str(ROOT / "csrc" / "fused" / src), "-o", str(cubin)], check=True)
-            sass = subprocess.run([CUOBJDUMP, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-            for (a, name), instrs in split_functions(sass).items():
-                funcs[(a or arch, name)] = instrs
-            usage += subprocess.run([CUOBJDUMP, "-res-usage", str(cubin)], capture_output=True, text=True,
-                                    check=True).stdout
-    return funcs, usage
+    listings, usage = compile_cubins(["fused/fused_forward.cu", "fused/fused_backward.cu"], ARCHS,
+                                     tmp_path_factory.mktemp("fused_cubins"))
+    return functions_of(listings), usage
+
+
+def functions_of(listings) -> dict:
+    """{(arch, kernel): [(addr, text)]} of compile_cubins' listings."""
+    return {(a or arch, name): instrs for arch, sass in listings for (a, name), instrs in split_functions(sass).items()}
 
 
 #: The kernels' operand precisions (csrc/fused/fused_common.cuh): storage bytes and MMAs per tile and chunk.
