@@ -136,7 +136,7 @@ class CudaBackend(Backend):
         if call.seq_len < 1 or call.batch < 1 or call.hidden_size < 1:
             return "empty input (T, B and H must be >= 1)"
         if call.batch * gates(call.cell) * call.hidden_size > _INT32_MAX:
-            return "B * 4H does not fit in int32"
+            return f"B * {gates(call.cell)}H does not fit in int32"
         if call.batch > step.MAX_BATCH:
             return f"batch {call.batch} is larger than the kernels' grid allows ({step.MAX_BATCH})"
         return None

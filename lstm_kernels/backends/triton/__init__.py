@@ -40,6 +40,11 @@ Deterministic: no atomics accumulate anything (the only atomic is the grid
 barrier counter of the persistent kernels); every output element is written by
 one program in a fixed order.
 
+The GRU (``cell="gru"``): the per-step kernels, their cell the constexpr GATES (3 gate rows r, z, n;
+:mod:`.step_forward`); the persistent plans decline it (``launch.PERSISTENT_CELLS_REASON``), so a
+"persistent" GRU call runs the per-step kernels. Its workspace is r, z, n [T, B, 3H] and hn =
+h_{t-1} W_hn^T + b_hn [T, B, H] (in c_all's place), fp32.
+
 Resets inside a sequence (``resets``, the contract's) are served by both kernel sets: a
 compile-time switch of the kernels (HAS_RESETS; without resets they compile as before) masks
 the state where it enters a step and the gradients where they leave it (:mod:`.config`).
