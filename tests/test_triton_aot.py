@@ -150,20 +150,26 @@ def hmma_count(compiled, tmp_path) -> int:
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_gru_launches_compile_with_three_gates_of_mma(dtype, arch, tmp_path, monkeypatch):
-    """The GRU's launches (the per-step kernels with GATES = 3; "persistent" falls back to them, as
-    its plans decline the GRU) compile and fit, forward and backward; and, a structural count, the
-    GRU forward's k-step issues 3/4 of the LSTM's MMAs (three gates' products, none for a fourth)."""
-    H, B = SHAPES["H768_B16"][2], SHAPES["H768_B16"][1]
-    as_on_gpu(monkeypatch, arch)
-    fw, bw = launch_capture.record_launches(monkeypatch)
-    launch_capture.run_host_path(launch_capture.meta_case(3, B, H, dtype, cell="gru"), "persistent")
-    gru_launches = {"forward": list(fw.launches), "backward": list(bw.launches)}
-    for what, launches in gru_launches.items():
-        assert launches and all(launch.kwargs["GATES"] == 3 for launch in launches), what
-        for launch in distinct(launches, arch):
-            assert_fits(compile_launch(launch, arch), arch, f"GRU {what}", tmp_path)
-    lstm_fw = record(monkeypatch, arch, 3, B, H, dtype, variant="step")[0]
-    gru_mma = hmma_count(compile_launch(gru_launches["forward"][0], arch), tmp_path)
+    """The GRU's launches compile and fit, forward and backward, under "persistent" (the persistent
+    forward with GATES = 3; the per-step backward, as the persistent backward declines the GRU) and
+    "step"; and, a structural count, the GRU's per-step forward issues 3/4 of the LSTM's MMAs per
+    k-step (three gates' products, none for a fourth)."""
+    T, B, H = 3, SHAPES["H768_B16"][1], SHAPES["H768_B16"][2]
+    launches = {}
+    for variant in ("persistent", "step"):
+        as_on_gpu(monkeypatch, arch)
+        fw, bw = launch_capture.record_launches(monkeypatch)
+        launch_capture.run_host_path(launch_capture.meta_case(T, B, H, dtype, cell="gru"), variant)
+        launches[variant] = {"forward": list(fw.launches), "backward": list(bw.launches)}
+        for what, recorded in launches[variant].items():
+            assert recorded and all(launch.kwargs["GATES"] == 3 for launch in recorded), (variant, what)
+            for launch in distinct(recorded, arch):
+                assert_fits(compile_launch(launch, arch), arch, f"GRU {variant} {what}", tmp_path)
+    persistent_fw = launches["persistent"]["forward"]
+    assert len(persistent_fw) == 1 and "launch_cooperative_grid" in persistent_fw[0].kwargs, "one persistent launch"
+    assert len(launches["persistent"]["backward"]) == T + 1, "the per-step backward: T steps and dh0"
+    lstm_fw = record(monkeypatch, arch, T, B, H, dtype, variant="step")[0]
+    gru_mma = hmma_count(compile_launch(launches["step"]["forward"][0], arch), tmp_path)
     lstm_mma = hmma_count(compile_launch(lstm_fw[0], arch), tmp_path)
     assert gru_mma > 0 and 4 * gru_mma == 3 * lstm_mma, f"GRU forward {gru_mma} MMAs, LSTM {lstm_mma}"
 

@@ -259,18 +259,21 @@ def budget_of(arch: int) -> int:
     return min(tp.RESIDENT_BYTES, MAX_SHARED[arch] - tp.RESIDENT_MARGIN)
 
 
-def forward_build(B, H, P, dtype, arch, kernel=_lstm_pfw_kernel, has_resets=False):
+def forward_build(B, H, P, dtype, arch, kernel=_lstm_pfw_kernel, has_resets=False, cell="lstm"):
     has_proj = P != H
-    cfg = tp.forward_plan(B, H, P, dtype, torch.device("cuda"), has_proj, programs=SMS[arch], budget=budget_of(arch))
+    cfg = tp.forward_plan(B, H, P, dtype, torch.device("cuda"), has_proj, programs=SMS[arch], budget=budget_of(arch),
+                          cell=cell)
     assert isinstance(cfg, dict), cfg
     consts = tp.forward_constants(H, P, dtype, cfg, has_proj, store_workspace=True, use_barrier=True,
-                                  has_resets=has_resets)
-    typed = {n: PTR[dtype] for n in ("xg_ptr", "w_ptr", "w_hr_ptr", "h_buf_ptr", "h_all_ptr")}
+                                  has_resets=has_resets, cell=cell)
+    typed = {n: PTR[dtype] for n in ("xg_ptr", "w_ptr", "w_hr_ptr", "w_n_ptr", "b_hn_ptr", "h_buf_ptr", "h_all_ptr")}
     typed |= {"bs_ptr": "*i32", "bar_ptr": "*i32", "rst_ptr": "*i8"}
     compiled = compile_kernel(kernel, consts, typed, dict(t_begin=0, n_steps=1024, B=B), cfg["num_warps"], arch)
-    # 16-bit operands: m16n8k16; fp32 (served with tf32 only): m16n8k8
-    dots = {(16, 8, 16) if dtype != torch.float32 else (16, 8, 8): [
-        (4 * cfg["BLOCK_H"], cfg["BLOCK_B"], consts["K1"] + consts["K2"])]}
+    # 16-bit operands: m16n8k16; fp32 (served with tf32 only): m16n8k8. The GRU: its r, z rows and its
+    # n rows, two dots of 2U and U rows
+    K, U = consts["K1"] + consts["K2"], cfg["BLOCK_H"]
+    rows = [4 * U] if cell == "lstm" else [2 * U, U]
+    dots = {(16, 8, 16) if dtype != torch.float32 else (16, 8, 8): [(m, cfg["BLOCK_B"], K) for m in rows]}
     if has_proj:  # m (fp32) @ W_hr^T in tf32
         dots.setdefault((16, 8, 8), []).append((cfg["BLOCK_P"], cfg["BLOCK_B"], consts["KH1"] + consts["KH2"]))
     return cfg, compiled, dots
@@ -290,6 +293,65 @@ def test_persistent_forward_step_budget(shape, dtype, arch, tmp_path):
     assert_fits(counts, arch, what)
     if (B, H) == (16, 768):  # the flagship: nearly all SMs busy
         assert cfg["programs"] >= 0.7 * SMS[arch], cfg
+
+
+#: The GRU forward's layout conversions per step, at most: the forward's rule (one per cross-warp sum,
+#: two here, plus four: the gate split and the h stores) for its two sums.
+GRU_CONVERSIONS = 2 + 4
+
+
+def assert_designed_gru_step(counts, dots, what):
+    """The GRU forward's step as designed (see test_persistent_gru_forward_step_budget)."""
+    assert_ideal_mma(counts, dots, what)
+    assert counts["w_global_loads_in_loop"] == 0 and counts["w_smem_copies_in_loop"] == 0, f"{what}: W in the loop"
+    assert counts["grid_arrivals"] == 1, f"{what}: {counts['grid_arrivals']} grid arrivals per step"
+    assert counts["cross_warp_sums"] == 2, f"{what}: {counts['cross_warp_sums']} cross-warp sums, one per dot"
+    assert counts["block_barriers"] == 2, f"{what}: {counts['block_barriers']} block barriers per step"
+    assert counts["layout_conversions"] <= GRU_CONVERSIONS, (
+        f"{what}: {counts['layout_conversions']} layout conversions per step, designed at most {GRU_CONVERSIONS}")
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", [SHAPES["B16_H768"], SHAPES["B64_H256"]], ids=["B16_H768", "B64_H256"])
+def test_persistent_gru_forward_step_budget(shape, dtype, arch, tmp_path):
+    """The GRU's instance of the persistent forward (GATES = 3): MMA per warp at the ideal for its 3U
+    rows (two dots, 2U and U rows, U >= 16: no padded MMA row), no W from global memory in the loop,
+    one grid barrier per step, one cross-warp sum per dot, the layout conversions of GRU_CONVERSIONS."""
+    B, H, P = shape
+    cfg, compiled, dots = forward_build(B, H, P, dtype, arch, cell="gru")
+    counts = report("gru forward", arch, dtype, f"B{B}_H{H} {cfg}", compiled, tmp_path,
+                    ("%w_ptr", "%w_n_ptr"))
+    what = f"persistent GRU forward sm_{arch} {dtype} B={B} H={H}"
+    assert cfg["BLOCK_H"] >= 16, cfg
+    assert_designed_gru_step(counts, dots, what)
+    assert_fits(counts, arch, what)
+
+
+GRU_DOT_SITE = "                acc_n = tl.dot(wn1, h_t1, input_precision=DOT_PRECISION)\n"
+GRU_FORWARD_MUTANTS = {
+    # W_n read from global memory inside the step loop
+    "w_n_loaded_in_loop": (GRU_DOT_SITE, "                acc_n = tl.dot(_load_w_split(w_n_ptr, u * BLOCK_H, BLOCK_H, 0, K1, "
+                                         "KS, P, DOT_DTYPE), h_t1, input_precision=DOT_PRECISION)\n", "W in the loop"),
+    # the n rows' MMA issued twice
+    "repeated_n_mma": (GRU_DOT_SITE, "                acc_n = 0.0 * tl.dot(wn1, h_t1, input_precision=DOT_PRECISION)\n"
+                                     "                acc_n += tl.dot(wn1, h_t1, input_precision=DOT_PRECISION)\n", "MMA"),
+}
+
+
+@pytest.mark.parametrize("mutant", list(GRU_FORWARD_MUTANTS))
+def test_gru_forward_checks_catch_a_mutant(mutant, tmp_path):
+    from lstm_kernels.backends.triton import persistent_forward
+
+    old, new, caught_by = GRU_FORWARD_MUTANTS[mutant]
+    kernel = mutant_kernel(persistent_forward, "_lstm_pfw_kernel", old, new, tmp_path)
+    B, H, P = SHAPES["B16_H768"]
+    _, compiled, dots = forward_build(B, H, P, torch.float16, 90, kernel=kernel, cell="gru")
+    counts = report(f"gru forward (mutant {mutant})", 90, torch.float16, "B16_H768", compiled, tmp_path,
+                    ("%w_ptr", "%w_n_ptr"))
+    with pytest.raises(AssertionError) as failure:
+        assert_designed_gru_step(counts, dots, "mutant")
+    assert caught_by in str(failure.value), failure.value
 
 
 def backward_build(B, H, P, dtype, arch, kernel=_lstm_pbw_kernel, has_resets=False):
@@ -492,7 +554,8 @@ def mutant_kernel(module, kernel_name: str, old: str, new: str, tmp_path):
     return getattr(mutated, kernel_name)
 
 
-SUM_SITE = "            acc = tl.sum(acc, axis=0)  # [4U, BB] fp32\n"
+SUM_SITE = "            acc = tl.sum(acc, axis=0)  # [GR, BB] fp32\n"
+DOT_SITE = "            acc = tl.dot(w1, h_t1, input_precision=DOT_PRECISION)\n"
 FORWARD_MUTANTS = {
     # one more block barrier in the step
     "extra_block_barrier": (SUM_SITE, SUM_SITE + "            tl.debug_barrier()\n", "block barriers"),
@@ -500,16 +563,11 @@ FORWARD_MUTANTS = {
     "extra_cross_warp_sum": (SUM_SITE, "            acc = tl.sum(acc * 0.25, axis=0) + tl.sum(acc * 0.75, axis=0)\n",
                              "cross-warp sums"),
     # the recurrent MMA issued twice (a warp repeating work)
-    "repeated_mma": ("            acc = tl.dot(w1, _load_t_split(h_prev, b, b_in, 0, K1, KS, P, DOT_DTYPE),\n",
-                     "            acc = 0.0 * tl.dot(w1, _load_t_split(h_prev, b, b_in, 0, K1, KS, P, DOT_DTYPE),\n"
-                     "                               input_precision=DOT_PRECISION)\n"
-                     "            acc += tl.dot(w1, _load_t_split(h_prev, b, b_in, 0, K1, KS, P, DOT_DTYPE),\n",
-                     "MMA"),
+    "repeated_mma": (DOT_SITE, "            acc = 0.0 * tl.dot(w1, h_t1, input_precision=DOT_PRECISION)\n"
+                               "            acc += tl.dot(w1, h_t1, input_precision=DOT_PRECISION)\n", "MMA"),
     # W_hh read from global memory inside the step loop
-    "w_loaded_in_loop": ("            acc = tl.dot(w1, _load_t_split(h_prev, b, b_in, 0, K1, KS, P, DOT_DTYPE),\n",
-                         "            acc = tl.dot(_load_w_split(w_ptr, u * GR, GR, 0, K1, KS, P, DOT_DTYPE),\n"
-                         "                         _load_t_split(h_prev, b, b_in, 0, K1, KS, P, DOT_DTYPE),\n",
-                         "W_hh"),
+    "w_loaded_in_loop": (DOT_SITE, "            acc = tl.dot(_load_w_split(w_ptr, u * GR, GR, 0, K1, KS, P, DOT_DTYPE), h_t1,\n"
+                                   "                         input_precision=DOT_PRECISION)\n", "W_hh"),
 }
 
 

@@ -94,16 +94,15 @@ def _serve(direction: str, variant: str, device: torch.device, plan, persistent_
         return run_with_fallback(variant, chosen, run)
 
 
-#: Why the persistent plan declines the GRU: its kernels serve the LSTM only so far.
-PERSISTENT_CELLS_REASON = "the persistent kernels serve the LSTM only; the GRU runs the per-step kernels"
+#: Why the persistent backward plan declines the GRU: its kernel serves the LSTM only so far.
+PERSISTENT_CELLS_REASON = "the persistent backward serves the LSTM only; the GRU's runs the per-step kernels"
 
 
 def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=True, variant="auto", resets=None,
                  cell=LSTM, b_hn=None):
     """Forward recurrence. xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H], w_hr [P, H] or None,
     resets [T, B] bool on xg's device or None (a row where True starts that step from zero state);
-    the GRU (``cell="gru"``, the per-step kernels only): xg [T, B, 3H], w_hh [3H, H], c0 and w_hr
-    None, b_hn [H] or None.
+    the GRU (``cell="gru"``): xg [T, B, 3H], w_hh [3H, H], c0 and w_hr None, b_hn [H] or None.
 
     All in one dtype. Returns h_all [T, B, P], h_T [B, P], c_T [B, H] fp32 (None for the GRU), and
     the workspace (gates [T, B, 4H], c_all [T, B, H] (+ m_all [T, B, H] with a projection), all fp32;
@@ -115,9 +114,9 @@ def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=
     args = (xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace)
     return _serve(
         "forward", variant, xg.device,
-        lambda: (persistent.forward_plan(B, H, P, xg.dtype, xg.device, w_hr is not None) if cell == LSTM
-                 else PERSISTENT_CELLS_REASON),
-        lambda cfg: persistent.persistent_forward(*args, cfg=cfg, resets=resets),
+        lambda: persistent.forward_plan(B, H, P, xg.dtype, xg.device, w_hr is not None, cell=cell),
+        lambda cfg: persistent.persistent_forward(*args, cfg=cfg, resets=resets,
+                                                  **({} if cell == LSTM else dict(cell=cell, b_hn=b_hn))),
         lambda: step_forward(*args, resets=resets, cell=cell, b_hn=b_hn),
     )
 

@@ -44,6 +44,10 @@ Design (both kernels):
     between launches (the kernels load them on entry and store them on exit in every mode).
     This "steps" mode (``steps_mode=True``) also serves a GPU, for tests and debugging (a
     debugger that runs programs one at a time deadlocks the spin).
+  * The GRU (``cell="gru"``, the forward only; its backward runs the per-step kernels): the same
+    kernel with GATES = 3, its gate rows two resident operands, W_rz [2U, P] interleaved as the
+    LSTM's and W_n [U, P], two dots and two cross-warp sums per step, U >= 16
+    (GRU_UNIT_BLOCKS) so that neither pads MMA rows (:mod:`.persistent_forward`).
   * Resets inside a sequence (HAS_RESETS, see :mod:`.config`): one scalar int64 load of the
     tile's flags per step, prefetched before the wait; without resets the kernels compile as
     before.
@@ -66,11 +70,12 @@ from typing import Optional, Union
 import torch
 import triton
 
+from ...cells import GRU, LSTM, gates
 from .. import barrier_bound
 from ..device_rows import step_rows
 from .config import (
     backward_buffers, barrier_args, dot_precisions, forward_buffers, forward_dot_dtype, interpreting,
-    projection_weight_grad, reset_rows,
+    projection_weight_grad, recurrent_bias, reset_rows,
 )
 from .persistent_backward import _lstm_pbw_kernel
 from .persistent_forward import _lstm_pfw_kernel
@@ -85,6 +90,8 @@ RESIDENT_MARGIN = 19 * 1024
 
 #: Units per program tried, smallest first (most programs): the forward's M = 4U >= 16.
 UNIT_BLOCKS = (4, 8, 16, 32)
+#: The GRU's: both of its dots (2U and U rows) at least one MMA's 16 rows.
+GRU_UNIT_BLOCKS = (16, 32)
 #: Most batch rows per program (the N side); more rows become more batch tiles (more programs).
 MAX_BLOCK_B = 64
 #: ptxas's register limit per thread (.maxnreg): without it ptxas may settle for 128 registers and spill
@@ -143,18 +150,19 @@ def k_pieces(K: int, ks: int = 1) -> tuple[int, int]:
     return k1, (max(16 * ks, padded(K - k1)) if K > k1 else 0)
 
 
-def forward_on_chip_bytes(H: int, P: int, cfg: dict, dtype: torch.dtype, has_proj: bool) -> int:
-    """Shared memory of the resident operands: W_u [4U, K1 + K2] and h^T [K1 + K2, BB] in the operand
-    dtype, plus with a projection W_hr's slice [PB, KH1 + KH2] and m^T [KH1 + KH2, BB] in fp32."""
+def forward_on_chip_bytes(H: int, P: int, cfg: dict, dtype: torch.dtype, has_proj: bool, cell: str = LSTM) -> int:
+    """Shared memory of the resident operands: W_u [4U, K1 + K2] (the GRU's [3U, ...]) and h^T
+    [K1 + K2, BB] in the operand dtype, plus with a projection W_hr's slice [PB, KH1 + KH2] and m^T
+    [KH1 + KH2, BB] in fp32."""
     kp, kh = sum(k_pieces(P, cfg["KS"])), sum(k_pieces(H, cfg["KS"]))
     ob = _operand_bytes(dtype)
-    fw = (4 * cfg["BLOCK_H"] + cfg["BLOCK_B"]) * kp * ob
+    fw = (gates(cell) * cfg["BLOCK_H"] + cfg["BLOCK_B"]) * kp * ob
     return fw + ((cfg["BLOCK_P"] + cfg["BLOCK_B"]) * kh * 4 if has_proj else 0)
 
 
 def forward_plan(B: int, H: int, P: int, dtype: torch.dtype, device: torch.device, has_proj: bool,
                  programs: Optional[int] = None, budget: Optional[int] = None,
-                 block_h: Optional[int] = None, block_b: Optional[int] = None) -> Union[dict, str]:
+                 block_h: Optional[int] = None, block_b: Optional[int] = None, cell: str = LSTM) -> Union[dict, str]:
     """The tiles of the persistent forward, or a reason why it does not serve the call.
 
     BB = padded(B) up to MAX_BLOCK_B rows; U the smallest of UNIT_BLOCKS (the most programs)
@@ -162,17 +170,19 @@ def forward_plan(B: int, H: int, P: int, dtype: torch.dtype, device: torch.devic
     the fewest state units that fit) fit in ``programs`` co-resident programs (default: one per
     SM), whose resident weights take at most MAX_WEIGHT_REGISTERS registers per thread and whose
     on-chip operands fit ``budget`` bytes of shared memory (default: ``resident_budget``).
-    num_warps = KS, the K split (``k_split``). ``block_h`` / ``block_b`` force a tile (tests).
+    num_warps = KS, the K split (``k_split``). ``block_h`` / ``block_b`` force a tile (tests). The
+    GRU's (``cell="gru"``): U from GRU_UNIT_BLOCKS, 3U resident rows.
     """
     limits = _plan_limits(B, dtype, device, programs, budget, block_b)
     if isinstance(limits, str):
         return f"persistent forward: {limits}"
     programs, budget, bb, n_bt, ob = limits
-    reason = f"no tile of {UNIT_BLOCKS} units fits"
+    unit_blocks = UNIT_BLOCKS if cell == LSTM else GRU_UNIT_BLOCKS
+    reason = f"no tile of {unit_blocks} units fits"
     pb = 16  # projection: the fewest state units per program (smallest resident fp32 W_hr slice) that fit
     while has_proj and triton.cdiv(P, pb) * n_bt > programs and pb < 128:
         pb *= 2
-    for u in ((block_h,) if block_h else UNIT_BLOCKS):
+    for u in ((block_h,) if block_h else unit_blocks):
         ks = k_split(P, H) if has_proj else k_split(P)
         cfg = dict(BLOCK_H=u, BLOCK_B=bb, BLOCK_P=pb, KS=ks, KSP=ks, num_warps=ks)
         tiles = triton.cdiv(H, u) * n_bt
@@ -181,8 +191,8 @@ def forward_plan(B: int, H: int, P: int, dtype: torch.dtype, device: torch.devic
         if tiles > programs:
             reason = f"{tiles} tiles of {u} units x {bb} rows exceed {programs} co-resident programs"
             continue
-        on_chip = forward_on_chip_bytes(H, P, cfg, dtype, has_proj)
-        w_bytes = 4 * u * sum(k_pieces(P, ks)) * ob + (pb * sum(k_pieces(H, ks)) * 4 if has_proj else 0)
+        on_chip = forward_on_chip_bytes(H, P, cfg, dtype, has_proj, cell)
+        w_bytes = gates(cell) * u * sum(k_pieces(P, ks)) * ob + (pb * sum(k_pieces(H, ks)) * 4 if has_proj else 0)
         regs = w_bytes / 4 / (32 * ks)
         if on_chip > budget or regs > MAX_WEIGHT_REGISTERS:
             reason = (f"the resident weights of {u} units x {bb} rows take {regs:.0f} registers per thread (at "
@@ -218,17 +228,17 @@ def _fp32_reason(dtype: torch.dtype) -> Optional[str]:
     return None
 
 
-def _planned(cfg, plan, *args) -> dict:
-    """``cfg``, or ``plan(*args)`` when it is None; a plan that does not serve the call (its reason, a
-    string) raises ValueError with that reason."""
-    cfg = plan(*args) if cfg is None else cfg
+def _planned(cfg, plan, *args, **kwargs) -> dict:
+    """``cfg``, or ``plan(*args, **kwargs)`` when it is None; a plan that does not serve the call (its
+    reason, a string) raises ValueError with that reason."""
+    cfg = plan(*args, **kwargs) if cfg is None else cfg
     if isinstance(cfg, str):
         raise ValueError(cfg)
     return cfg
 
 
 def forward_constants(H: int, P: int, dtype: torch.dtype, cfg: dict, has_proj: bool, store_workspace: bool,
-                      use_barrier: bool, has_resets: bool = False) -> dict:
+                      use_barrier: bool, has_resets: bool = False, cell: str = LSTM) -> dict:
     """The constexpr arguments (and num_warps) of ``_lstm_pfw_kernel`` for a plan, both phases on."""
     fw_prec, proj_prec = dot_precisions(dtype)
     k1, k2 = k_pieces(P, cfg["KS"])
@@ -238,17 +248,18 @@ def forward_constants(H: int, P: int, dtype: torch.dtype, cfg: dict, has_proj: b
                 BLOCK_B=cfg["BLOCK_B"], BLOCK_P=cfg["BLOCK_P"],
                 K1=k1, K2=k2, KS=cfg["KS"], KSP=cfg["KSP"], KH1=kh1, KH2=kh2, DOT_PRECISION=fw_prec,
                 DOT_DTYPE=forward_dot_dtype(dtype), PROJ_PRECISION=proj_prec, num_warps=cfg["num_warps"],
-                maxnreg=MAX_REGISTERS)
+                maxnreg=MAX_REGISTERS, GATES=gates(cell),
+                GATE_ROWS=(4 if cell == LSTM else 2) * cfg["BLOCK_H"])
 
 
 def interleave_gate_rows(w: torch.Tensor, H: int, U: int) -> torch.Tensor:
-    """W [4H, K] (rows i, f, g, o) -> [NU * 4U, K]: unit block u holds rows [i; f; g; o] of units
-    u*U ... u*U + U - 1, zero rows beyond H."""
-    nu = triton.cdiv(H, U)
-    w4 = w.reshape(4, H, -1)
+    """W [G*H, K] (G gates' rows: the LSTM's i, f, g, o; the GRU's r, z; one gate) -> [NU * G*U, K]:
+    unit block u holds the G gates' rows of units u*U ... u*U + U - 1, zero rows beyond H."""
+    nu, g = triton.cdiv(H, U), w.shape[0] // H
+    wg = w.reshape(g, H, -1)
     if nu * U != H:
-        w4 = torch.cat([w4, w4.new_zeros((4, nu * U - H, w4.shape[2]))], dim=1)
-    return w4.reshape(4, nu, U, -1).transpose(0, 1).reshape(nu * 4 * U, -1).contiguous()
+        wg = torch.cat([wg, wg.new_zeros((g, nu * U - H, wg.shape[2]))], dim=1)
+    return wg.reshape(g, nu, U, -1).transpose(0, 1).reshape(nu * g * U, -1).contiguous()
 
 
 def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
@@ -278,9 +289,10 @@ def _launch(kernel, grid: int, args: tuple, consts: dict, B: int, device, name: 
 
 
 def persistent_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=True, cfg=None,
-                       steps_mode: Optional[bool] = None, resets=None):
+                       steps_mode: Optional[bool] = None, resets=None, cell=LSTM, b_hn=None):
     """Forward recurrence. xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H], w_hr [P, H] or None,
-    resets [T, B] bool or None (a row where True starts that step from zero state).
+    resets [T, B] bool or None (a row where True starts that step from zero state). The GRU
+    (``cell="gru"``): xg [T, B, 3H], w_hh [3H, H], c0 and w_hr None, b_hn [H] or None; c_T None.
 
     Same contract and workspace as ``step_forward.step_forward``: returns h_all [T, B, P],
     h_T [B, P], c_T [B, H] fp32, and (gates [T, B, 4H], c_all [T, B, H] (+ m_all [T, B, H]))
@@ -292,28 +304,34 @@ def persistent_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_work
     the device (at once under ``bounded_barriers``), and this checks for an earlier one first.
     Launches on the current CUDA device and stream (the caller's device guard).
     """
-    T, B, four_h = xg.shape
-    H, P = four_h // 4, w_hh.shape[1]
+    T, B, gate_rows = xg.shape
+    H, P = gate_rows // gates(cell), w_hh.shape[1]
     has_proj = w_hr is not None
     dtype, device = xg.dtype, xg.device
-    cfg = _planned(cfg, forward_plan, B, H, P, dtype, device, has_proj)
+    cfg = _planned(cfg, forward_plan, B, H, P, dtype, device, has_proj, cell=cell)
     steps = use_steps_mode() if steps_mode is None else steps_mode
     U, BB, PB = cfg["BLOCK_H"], cfg["BLOCK_B"], cfg["BLOCK_P"]
     n_bt = triton.cdiv(B, BB)
     grid = triton.cdiv(H, U) * n_bt
     if has_proj:
         grid = max(grid, triton.cdiv(P, PB) * n_bt)
-    w_int = interleave_gate_rows(w_hh.contiguous(), H, U)
+    w_hh = w_hh.contiguous()
+    if cell == GRU:  # the r, z rows interleaved as the LSTM's; the n rows an operand of their own
+        w_int, w_n = interleave_gate_rows(w_hh[:2 * H], H, U), interleave_gate_rows(w_hh[2 * H:], H, U)
+    else:
+        w_int = interleave_gate_rows(w_hh, H, U)
+        w_n = w_int  # never read
     w_hr_p = _pad_rows(w_hr.contiguous(), triton.cdiv(P, PB) * PB) if has_proj else w_int
     bs = step_rows(batch_sizes, T, B, device)
-    h_buf, c, h_all, m_buf, ws, ws_args = forward_buffers(xg, h0, c0, P, has_proj, store_workspace)
+    h_buf, c, h_all, m_buf, ws, ws_args = forward_buffers(xg, h0, c0, P, has_proj, store_workspace, gates(cell))
     consts = forward_constants(H, P, dtype, cfg, has_proj, store_workspace, use_barrier=not steps and grid > 1,
-                               has_resets=resets is not None)
-    args = (xg.contiguous(), w_int, w_hr_p, bs, reset_rows(resets, T, B, bs), h_buf, c, h_all, m_buf, *ws_args)
+                               has_resets=resets is not None, cell=cell)
+    args = (xg.contiguous(), w_int, w_hr_p, w_n, recurrent_bias(b_hn, cell, H, xg), bs, reset_rows(resets, T, B, bs),
+            h_buf, c, h_all, m_buf, *ws_args)
     phases = (dict(RUN_PROJ=False), dict(RUN_CELL=False)) if has_proj else ({},)  # cell, projection
     _launch(_lstm_pfw_kernel, grid, args, consts, B, device, "triton forward (persistent, step budget)",
             steps=[(t, phase) for t in range(T) for phase in phases] if steps else None, t_begin=0, n_steps=T)
-    return h_all, h_buf[T % 2].clone(), c, ws
+    return h_all, h_buf[T % 2].clone(), c if c0 is not None else None, ws
 
 
 # ----------------------------------------------------------------------------- backward

@@ -18,6 +18,13 @@ dependent MMAs is K/KS deep; one cross-warp sum (tl.sum over the slices) follows
 summed layout each thread holds rows r, r + U, r + 2U, r + 3U of the tile, i.e. i, f, g, o
 of one (unit, batch row) (the TTGIR at the flagship shape), so the split into gates moves
 no data.
+
+The GRU (GATES = 3; the same kernel, the cell its parameter): its 3U gate rows are not a power
+of two, so they are two resident operands, not one padded to 4U: W_rz [2U, P] (rows [r; z] of
+the block's units, interleaved as the LSTM's) and W_n [U, P], two tl.dots on the same h_{t-1}^T
+(loaded once per K piece) and two cross-warp sums; U >= 16 so that neither dot pads MMA rows
+(``persistent.GRU_UNIT_BLOCKS``). Then hn = the n sums + b_hn, n = tanh(xg_n + r * hn) and
+h_t = (1 - z) n + z h_{t-1}, with h_{t-1} the kept h of the tile (in registers, as rounded).
 """
 from __future__ import annotations
 
@@ -55,12 +62,14 @@ def _load_t_split(src_ptr, b, b_in, k0, K_LEN: tl.constexpr, KS: tl.constexpr, K
 
 
 @triton.jit
-def _gate_offsets(j0, b, B, H: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Offsets into a [B, 4H] tensor of the tile's gate rows [4U] (i; f; g; o of units j0 ... j0 + U - 1)
-    x batch rows b [BB], and which of them exist."""
-    r = tl.arange(0, 4 * BLOCK_H)
+def _gate_offsets(j0, b, B, H: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr, GATES: tl.constexpr,
+                  FIRST: tl.constexpr):
+    """Offsets into a [B, GATES*H] tensor of ROWS gate rows of the tile (gates FIRST, FIRST + 1, ... of
+    units j0 ... j0 + U - 1, U rows each: the LSTM's i; f; g; o, the GRU's r; z or n) x batch rows
+    b [BB], and which of them exist."""
+    r = tl.arange(0, ROWS)
     j = j0 + r % BLOCK_H
-    off = b[None, :] * (4 * H) + ((r // BLOCK_H) * H + j)[:, None]
+    off = b[None, :] * (GATES * H) + ((FIRST + r // BLOCK_H) * H + j)[:, None]
     return off, (j < H)[:, None] & (b < B)[None, :]
 
 
@@ -75,19 +84,28 @@ def _split_gates(acc, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr):
     return i, f, g, o
 
 
+@triton.jit
+def _split_pair(acc, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr):
+    """acc [2U, BB] (rows r; z of U units) -> two [U, BB] tensors r, z."""
+    return tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_H, BLOCK_B)), (1, 2, 0)))
+
+
 @triton.jit(do_not_specialize=BARRIER_RUNTIME_ARGS)
 def _lstm_pfw_kernel(
-    xg_ptr,  # [T, B, 4H] input dtype
-    w_ptr,  # [NU * 4U, P] input dtype: W_hh, gate rows interleaved unit-block-major, 0 beyond H
+    xg_ptr,  # [T, B, GATES*H] input dtype
+    w_ptr,  # [NU * GATE_ROWS, P] input dtype: W_hh (the GRU's r, z rows), gate rows interleaved unit-block-major,
+            # 0 beyond H
     w_hr_ptr,  # [NPB * PB, H] input dtype: W_hr, 0 beyond P (projection only)
+    w_n_ptr,  # [NU * U, P] input dtype: the GRU's n rows of W_hh, 0 beyond H (GATES == 3 only)
+    b_hn_ptr,  # [H] input dtype: the GRU's b_hn (GATES == 3 only)
     bs_ptr,  # [T + 1] int32: active rows per step, bs[T] = 0
     rst_ptr,  # [T + 2, cdiv(B, 64)] int64: resets of step t as bits of row t + 1 (HAS_RESETS; reset_rows)
     h_buf_ptr,  # [2, B, P] input dtype: slot t_begin % 2 holds h_{t_begin - 1} on entry
     c_ptr,  # [B, H] fp32: c on entry, c after the launch's last step on exit
     h_all_ptr,  # [T, B, P] input dtype
     m_buf_ptr,  # [B, H] fp32: m_t between the phases (projection only)
-    ws_gates_ptr,  # [T, B, 4H] fp32: activated gates (STORE_WS)
-    ws_c_ptr,  # [T, B, H] fp32: c_t (STORE_WS)
+    ws_gates_ptr,  # [T, B, GATES*H] fp32: activated gates (STORE_WS)
+    ws_c_ptr,  # [T, B, H] fp32: c_t, the GRU's hn (STORE_WS)
     ws_m_ptr,  # [T, B, H] fp32: m_t (STORE_WS and HAS_PROJ)
     bar_ptr,  # [2] int32, zeroed: grid-barrier counter, gave up (USE_BARRIER; barrier_args)
     rec_ptr,  # [4] int64: the device's barrier record (barrier_bound; USE_BARRIER)
@@ -105,6 +123,8 @@ def _lstm_pfw_kernel(
     KH1: tl.constexpr, KH2: tl.constexpr,  # K pieces of m @ W_hr^T (k_pieces(H))
     DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,  # of h @ W_hh^T and its operand dtype
     PROJ_PRECISION: tl.constexpr,  # of m @ W_hr^T (fp32 operands)
+    GATES: tl.constexpr = 4,  # the cell: 4 the LSTM, 3 the GRU (no projection)
+    GATE_ROWS: tl.constexpr = 0,  # rows of w_ptr's tile: 4U (LSTM), 2U (the GRU's r, z)
 ):
     """Persistent forward, one (unit block, batch tile) per program for all steps.
 
@@ -123,6 +143,11 @@ def _lstm_pfw_kernel(
         (unit, row)); c_t and the kept h stay in registers for all steps.  The elementwise
         work is repeated by the warps (the summed layout is the same in every warp): 4
         elements per thread; Triton stores each element once.                         <= 0.2 us
+    The GRU (GATES = 3) at the flagship shape: U = 16, 48 programs x 8 warps; W_rz [32, 768] and
+    W_n [16, 768] resident (72 registers per thread); two dots on the one h_{t-1}^T load, 36
+    mma.m16n8k16 per warp (the ideal for its 3U rows: no padded row), two cross-warp sums (one
+    more than the LSTM's, the price of 3U rows not being one power-of-two tile), one grid barrier,
+    at most six layout conversions (one per sum plus four).
     With a projection a second phase (PB state units per program, m^T [H, BB] read once,
     W_hr's slice resident in fp32, tf32 MMA for 16-bit inputs as in the step kernels)
     adds one grid barrier: two per step.
@@ -147,7 +172,7 @@ def _lstm_pfw_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_bt = tl.cdiv(B, BLOCK_B)
-    GR: tl.constexpr = 4 * BLOCK_H
+    GR: tl.constexpr = GATE_ROWS
     # ---- the program's cell tile: unit block u, batch tile bt (programs beyond compute nothing)
     # (a program without a cell tile gets rows >= B: it loads and stores nothing)
     u = tl.minimum(pid // n_bt, tl.cdiv(H, BLOCK_H) - 1)
@@ -161,10 +186,18 @@ def _lstm_pfw_kernel(
         w1 = _load_w_split(w_ptr, u * GR, GR, 0, K1, KS, P, DOT_DTYPE)
         if K2 > 0:
             w2 = _load_w_split(w_ptr, u * GR, GR, K1, K2, KS, P, DOT_DTYPE)
-        c_reg = tl.load(c_ptr + cell, mask=tile_in, other=0.0)  # fp32, on chip for all steps
-        g_off, g_in = _gate_offsets(u * BLOCK_H, b, B, H, BLOCK_H)  # [4U, BB]
-        is_g = ((tl.arange(0, GR) // BLOCK_H) == 2)[:, None]  # the rows of gate g (tanh)
-        xg_t = tl.load(xg_ptr + t_begin * B * 4 * H + g_off, mask=g_in, other=0.0)  # xg_t, prefetched
+        g_off, g_in = _gate_offsets(u * BLOCK_H, b, B, H, BLOCK_H, GR, GATES, 0)  # [GR, BB]
+        xg_t = tl.load(xg_ptr + t_begin * B * GATES * H + g_off, mask=g_in, other=0.0)  # xg_t, prefetched
+        if GATES == 3:  # the GRU: W_n of the tile's units, b_hn, and xg_t's n rows
+            wn1 = _load_w_split(w_n_ptr, u * BLOCK_H, BLOCK_H, 0, K1, KS, P, DOT_DTYPE)
+            if K2 > 0:
+                wn2 = _load_w_split(w_n_ptr, u * BLOCK_H, BLOCK_H, K1, K2, KS, P, DOT_DTYPE)
+            b_hn = tl.load(b_hn_ptr + j, mask=j < H, other=0.0).to(tl.float32)  # [U]
+            n_off, n_in = _gate_offsets(u * BLOCK_H, b, B, H, BLOCK_H, BLOCK_H, GATES, 2)  # [U, BB]
+            xg_n = tl.load(xg_ptr + t_begin * B * GATES * H + n_off, mask=n_in, other=0.0)
+        else:
+            c_reg = tl.load(c_ptr + cell, mask=tile_in, other=0.0)  # fp32, on chip for all steps
+            is_g = ((tl.arange(0, GR) // BLOCK_H) == 2)[:, None]  # the rows of gate g (tanh)
         if HAS_RESETS:
             row0 = (pid % n_bt) * BLOCK_B  # the batch tile's first row (b is >= B for a program without one)
             word = _reset_word(rst_ptr, t_begin, row0, B)  # the flags of step t
@@ -190,25 +223,42 @@ def _lstm_pfw_kernel(
         t = t_begin + s
         if RUN_CELL:
             h_prev = h_buf_ptr + (t % 2) * B * P
-            # K split over KS warps: [KS, 4U, BB] partial sums, then one cross-warp sum
-            acc = tl.dot(w1, _load_t_split(h_prev, b, b_in, 0, K1, KS, P, DOT_DTYPE),
-                         input_precision=DOT_PRECISION)
+            # K split over KS warps: [KS, GR, BB] partial sums, then one cross-warp sum (the GRU: two dots
+            # on the same h_{t-1}^T, [KS, 2U, BB] and [KS, U, BB], two sums)
+            h_t1 = _load_t_split(h_prev, b, b_in, 0, K1, KS, P, DOT_DTYPE)
+            acc = tl.dot(w1, h_t1, input_precision=DOT_PRECISION)
+            if GATES == 3:
+                acc_n = tl.dot(wn1, h_t1, input_precision=DOT_PRECISION)
             if K2 > 0:
-                acc = tl.dot(w2, _load_t_split(h_prev, b, b_in, K1, K2, KS, P, DOT_DTYPE), acc,
-                             input_precision=DOT_PRECISION)
-            acc = tl.sum(acc, axis=0)  # [4U, BB] fp32
+                h_t2 = _load_t_split(h_prev, b, b_in, K1, K2, KS, P, DOT_DTYPE)
+                acc = tl.dot(w2, h_t2, acc, input_precision=DOT_PRECISION)
+                if GATES == 3:
+                    acc_n = tl.dot(wn2, h_t2, acc_n, input_precision=DOT_PRECISION)
+            acc = tl.sum(acc, axis=0)  # [GR, BB] fp32
             if HAS_RESETS:  # h_{t-1} = 0 on the rows that reset: their columns of h_{t-1} W_hh^T are 0
                 acc = tl.where(_word_keeps(word, b)[None, :], acc, 0.0)
             pre = acc + xg_t.to(tl.float32)
-            act = tl.where(is_g, _tanh(pre), tl.sigmoid(pre))  # [4U, BB]: i; f; g; o activated
-            i, f, g, o = _split_gates(act, BLOCK_H, BLOCK_B)
-            if HAS_RESETS:
-                c_new = f * tl.where(_word_keeps(word, b)[None, :], c_reg, 0.0) + i * g
-            else:
-                c_new = f * c_reg + i * g
-            m = o * _tanh(c_new)
             active = (j < H)[:, None] & (b < n_t)[None, :]
-            c_reg = tl.where(active, c_new, c_reg)
+            if GATES == 3:
+                act = tl.sigmoid(pre)  # [2U, BB]: r; z activated
+                r, z = _split_pair(act, BLOCK_H, BLOCK_B)
+                acc_n = tl.sum(acc_n, axis=0)  # [U, BB]: W_hn h_{t-1}
+                h_carried = h_keep.to(tl.float32)
+                if HAS_RESETS:
+                    acc_n = tl.where(_word_keeps(word, b)[None, :], acc_n, 0.0)
+                    h_carried = tl.where(_word_keeps(word, b)[None, :], h_carried, 0.0)
+                hn = acc_n + b_hn[:, None]
+                n = _tanh(xg_n.to(tl.float32) + r * hn)
+                m = (1.0 - z) * n + z * h_carried  # h_t before rounding
+            else:
+                act = tl.where(is_g, _tanh(pre), tl.sigmoid(pre))  # [4U, BB]: i; f; g; o activated
+                i, f, g, o = _split_gates(act, BLOCK_H, BLOCK_B)
+                if HAS_RESETS:
+                    c_new = f * tl.where(_word_keeps(word, b)[None, :], c_reg, 0.0) + i * g
+                else:
+                    c_new = f * c_reg + i * g
+                m = o * _tanh(c_new)
+                c_reg = tl.where(active, c_new, c_reg)
             if HAS_PROJ:
                 m = tl.where(active, m, tl.zeros_like(m))
                 tl.store(m_buf_ptr + cell, m, mask=tile_in)
@@ -241,7 +291,9 @@ def _lstm_pfw_kernel(
         # under the wait), then the outputs of step t that nobody reads in this launch
         if RUN_CELL:
             t_next = t_begin + tl.minimum(s, n_steps - 1)  # xg_{t+1} (clamped at the end)
-            xg_t = tl.load(xg_ptr + t_next * B * 4 * H + g_off, mask=g_in, other=0.0)
+            xg_t = tl.load(xg_ptr + t_next * B * GATES * H + g_off, mask=g_in, other=0.0)
+            if GATES == 3:
+                xg_n = tl.load(xg_ptr + t_next * B * GATES * H + n_off, mask=n_in, other=0.0)
             if HAS_RESETS:
                 word = _reset_word(rst_ptr, t_next, row0, B)
         n_t = tl.load(bs_ptr + t + 1)
@@ -251,8 +303,12 @@ def _lstm_pfw_kernel(
             if not HAS_PROJ:
                 tl.store(h_all_ptr + t * B * P + cell, tl.where(active, h_new, tl.zeros_like(h_new)), mask=tile_in)
             if STORE_WS:
-                tl.store(ws_gates_ptr + t * B * 4 * H + g_off, act, mask=g_in)
-                tl.store(ws_c_ptr + t * B * H + cell, c_reg, mask=tile_in)
+                tl.store(ws_gates_ptr + t * B * GATES * H + g_off, act, mask=g_in)
+                if GATES == 3:
+                    tl.store(ws_gates_ptr + t * B * GATES * H + n_off, n, mask=n_in)
+                    tl.store(ws_c_ptr + t * B * H + cell, hn, mask=tile_in)
+                else:
+                    tl.store(ws_c_ptr + t * B * H + cell, c_reg, mask=tile_in)
         _step_wait(bar_ptr, arrivals, nprog, t, rec_ptr, timeout_ns, kernel_code, USE_BARRIER)
-    if RUN_CELL:
+    if RUN_CELL and GATES == 4:
         tl.store(c_ptr + cell, c_reg, mask=tile_in)
