@@ -283,8 +283,10 @@ def summary_lines(rows: Sequence[dict]) -> list[list[str]]:
     keys: dict = {}
     for r in rows:
         keys.setdefault((_cell_name(r), r["dtype"], r["pass"], r["impl"]), []).append(r)
-    order = sorted(keys, key=lambda k: (CELLS.index(k[0]) if k[0] in CELLS else 99, DTYPE_ORDER.index(k[1]) if k[1] in DTYPE_ORDER else 99, k[2],
-                                        IMPL_ORDER.index(k[3]) if k[3] in IMPL_ORDER else 99))  # fmt: skip
+    def rank(order, value):
+        return order.index(value) if value in order else 99
+
+    order = sorted(keys, key=lambda k: (rank(CELLS, k[0]), rank(DTYPE_ORDER, k[1]), k[2], rank(IMPL_ORDER, k[3])))
     for key in order:
         group = keys[key]
         ok = [r for r in group if r["status"] == OK]

@@ -176,7 +176,8 @@ def _prefix_case(call: RecurrenceCall, steps: int) -> dict:
 
     G = gates(call.cell)
     case = dict(xg=rnd(T, B, G * H, scale=0.5), w_hh=rnd(G * H, P, scale=P**-0.5), h0=rnd(B, P, scale=0.5),
-                c0=rnd(B, H, scale=0.5) if lstm else None, w_hr=rnd(P, H, scale=H**-0.5) if call.has_projection else None,
+                c0=rnd(B, H, scale=0.5) if lstm else None,
+                w_hr=rnd(P, H, scale=H**-0.5) if call.has_projection else None,
                 dh_all=rnd(T, B, P), dh_T=rnd(B, P), dc_T=rnd(B, H) if lstm else None, batch_sizes=None, resets=None,
                 b_hn=None if lstm else rnd(H, scale=0.5))
     if call.has_resets:  # at the first step in row 0, every third step in the others, none in the last
@@ -250,7 +251,8 @@ def verify(backend: Backend, call: RecurrenceCall, steps: int = VERIFY_STEPS) ->
         if what is not None:
             failures.append(f"{name}: {what}")
     states = "h, c" if call.cell == LSTM else "h"
-    detail = "; ".join(failures) if failures else f"{states} and every gradient within tolerance over {len(case['xg'])} steps"
+    steps_run = len(case["xg"])
+    detail = "; ".join(failures) or f"{states} and every gradient within tolerance over {steps_run} steps"
     return Verdict(not failures, worst, detail)
 
 

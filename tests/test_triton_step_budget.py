@@ -328,32 +328,6 @@ def test_persistent_gru_forward_step_budget(shape, dtype, arch, tmp_path):
     assert_fits(counts, arch, what)
 
 
-GRU_DOT_SITE = "                acc_n = tl.dot(wn1, h_t1, input_precision=DOT_PRECISION)\n"
-GRU_FORWARD_MUTANTS = {
-    # W_n read from global memory inside the step loop
-    "w_n_loaded_in_loop": (GRU_DOT_SITE, "                acc_n = tl.dot(_load_w_split(w_n_ptr, u * BLOCK_H, BLOCK_H, 0, K1, "
-                                         "KS, P, DOT_DTYPE), h_t1, input_precision=DOT_PRECISION)\n", "W in the loop"),
-    # the n rows' MMA issued twice
-    "repeated_n_mma": (GRU_DOT_SITE, "                acc_n = 0.0 * tl.dot(wn1, h_t1, input_precision=DOT_PRECISION)\n"
-                                     "                acc_n += tl.dot(wn1, h_t1, input_precision=DOT_PRECISION)\n", "MMA"),
-}
-
-
-@pytest.mark.parametrize("mutant", list(GRU_FORWARD_MUTANTS))
-def test_gru_forward_checks_catch_a_mutant(mutant, tmp_path):
-    from lstm_kernels.backends.triton import persistent_forward
-
-    old, new, caught_by = GRU_FORWARD_MUTANTS[mutant]
-    kernel = mutant_kernel(persistent_forward, "_lstm_pfw_kernel", old, new, tmp_path)
-    B, H, P = SHAPES["B16_H768"]
-    _, compiled, dots = forward_build(B, H, P, torch.float16, 90, kernel=kernel, cell="gru")
-    counts = report(f"gru forward (mutant {mutant})", 90, torch.float16, "B16_H768", compiled, tmp_path,
-                    ("%w_ptr", "%w_n_ptr"))
-    with pytest.raises(AssertionError) as failure:
-        assert_designed_gru_step(counts, dots, "mutant")
-    assert caught_by in str(failure.value), failure.value
-
-
 def backward_build(B, H, P, dtype, arch, kernel=_lstm_pbw_kernel, has_resets=False):
     has_proj = P != H
     cfg = tp.backward_plan(B, H, P, dtype, torch.device("cuda"), has_proj, programs=SMS[arch], budget=budget_of(arch))
@@ -566,23 +540,46 @@ FORWARD_MUTANTS = {
     "repeated_mma": (DOT_SITE, "            acc = 0.0 * tl.dot(w1, h_t1, input_precision=DOT_PRECISION)\n"
                                "            acc += tl.dot(w1, h_t1, input_precision=DOT_PRECISION)\n", "MMA"),
     # W_hh read from global memory inside the step loop
-    "w_loaded_in_loop": (DOT_SITE, "            acc = tl.dot(_load_w_split(w_ptr, u * GR, GR, 0, K1, KS, P, DOT_DTYPE), h_t1,\n"
-                                   "                         input_precision=DOT_PRECISION)\n", "W_hh"),
+    "w_loaded_in_loop": (DOT_SITE, "            acc = tl.dot(_load_w_split(w_ptr, u * GR, GR, 0, K1, KS, P, DOT_DTYPE),\n"
+                                   "                         h_t1, input_precision=DOT_PRECISION)\n", "W_hh"),
 }
 
 
-@pytest.mark.parametrize("mutant", list(FORWARD_MUTANTS))
-def test_forward_checks_catch_a_mutant(mutant, tmp_path):
-    """Each structural check fails on a forward kernel with the fault it guards against."""
+GRU_DOT_SITE = "                acc_n = tl.dot(wn1, h_t1, input_precision=DOT_PRECISION)\n"
+#: The GRU instance's own sites: its n rows' dot.
+GRU_FORWARD_MUTANTS = {
+    # W_n read from global memory inside the step loop
+    "w_n_loaded_in_loop": (
+        GRU_DOT_SITE,
+        "                acc_n = tl.dot(_load_w_split(w_n_ptr, u * BLOCK_H, BLOCK_H, 0, K1, KS, P, DOT_DTYPE),\n"
+        "                               h_t1, input_precision=DOT_PRECISION)\n", "W in the loop"),
+    # the n rows' MMA issued twice
+    "repeated_n_mma": (
+        GRU_DOT_SITE,
+        "                acc_n = 0.0 * tl.dot(wn1, h_t1, input_precision=DOT_PRECISION)\n"
+        "                acc_n += tl.dot(wn1, h_t1, input_precision=DOT_PRECISION)\n", "MMA"),
+}
+
+
+@pytest.mark.parametrize("cell, mutant",
+                         [("lstm", m) for m in FORWARD_MUTANTS] + [("gru", m) for m in GRU_FORWARD_MUTANTS])
+def test_forward_checks_catch_a_mutant(cell, mutant, tmp_path):
+    """Each structural check fails on a forward kernel (the LSTM's or the GRU's instance) with the
+    fault it guards against."""
     from lstm_kernels.backends.triton import persistent_forward
 
-    old, new, caught_by = FORWARD_MUTANTS[mutant]
+    old, new, caught_by = (FORWARD_MUTANTS | GRU_FORWARD_MUTANTS)[mutant]
     kernel = mutant_kernel(persistent_forward, "_lstm_pfw_kernel", old, new, tmp_path)
     B, H, P = SHAPES["B16_H768"]
-    _, compiled, dots = forward_build(B, H, P, torch.float16, 90, kernel=kernel)
-    counts = report(f"forward (mutant {mutant})", 90, torch.float16, "B16_H768", compiled, tmp_path, ("%w_ptr",))
+    _, compiled, dots = forward_build(B, H, P, torch.float16, 90, kernel=kernel, cell=cell)
+    counts = report(f"{cell} forward (mutant {mutant})", 90, torch.float16, "B16_H768", compiled, tmp_path,
+                    ("%w_ptr", "%w_n_ptr"))
     with pytest.raises(AssertionError) as failure:
-        assert_ideal_mma(counts, dots, "mutant")
-        assert counts["w_global_loads_in_loop"] == 0 and counts["w_smem_copies_in_loop"] == 0, "mutant: W_hh in the loop"
-        assert_designed_step(counts, False, True, "mutant")
+        if cell == "gru":
+            assert_designed_gru_step(counts, dots, "mutant")
+        else:
+            assert_ideal_mma(counts, dots, "mutant")
+            assert counts["w_global_loads_in_loop"] == 0 and counts["w_smem_copies_in_loop"] == 0, (
+                "mutant: W_hh in the loop")
+            assert_designed_step(counts, False, True, "mutant")
     assert caught_by in str(failure.value), failure.value
