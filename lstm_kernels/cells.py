@@ -21,6 +21,12 @@ HAS_CELL_STATE = {LSTM: True, GRU: False}
 TORCH_NAME = {LSTM: "LSTM", GRU: "GRU"}
 
 
+def cell_args(cell: str, b_hn=None) -> dict:
+    """The keyword arguments that tell a backend (or a kernel launch) the cell: none for the LSTM (so
+    that what serves only the LSTM is called exactly as before), ``cell`` and ``b_hn`` for the GRU."""
+    return {} if cell == LSTM else {"cell": cell, "b_hn": b_hn}
+
+
 def gates(cell: str) -> int:
     """Gate rows per hidden unit of ``cell``; ValueError for a cell the package does not know."""
     try:

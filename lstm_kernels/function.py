@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 
 from .backends import RecurrenceInputs
-from .cells import LSTM
-from .layer_calls import cell_args, check_workspace, layer_backward, select_backend, with_resets
+from .cells import LSTM, cell_args
+from .layer_calls import check_workspace, layer_backward, select_backend, with_resets
 from .validation import check_layer_shapes
 
 

@@ -11,19 +11,13 @@ from __future__ import annotations
 import torch
 
 from .backends import Backend, RecurrenceCall, RecurrenceInputs, resolve_backend
-from .cells import GRU, LSTM
+from .cells import GRU, LSTM, cell_args
 
 
 def select_backend(xg, w_hh, w_hr, batch_sizes, needs_grad: bool, backend: str, resets=None,
                    cell: str = LSTM) -> Backend:
     """Dispatch for one recurrence call (see :func:`lstm_kernels.backends.resolve_backend`)."""
     return resolve_backend(backend, RecurrenceCall.of(xg, w_hh, w_hr, batch_sizes, needs_grad, resets, cell))
-
-
-def cell_args(cell: str, b_hn=None) -> dict:
-    """The keyword arguments that tell a backend the cell: none for the LSTM (so that a backend
-    serving only the LSTM is called exactly as before), ``cell`` and ``b_hn`` for the GRU."""
-    return {} if cell == LSTM else {"cell": cell, "b_hn": b_hn}
 
 
 def with_resets(resets) -> dict:

@@ -31,8 +31,8 @@ from torch import Tensor
 from .backends import (
     BackendUnsupportedError, RecurrenceCall, RecurrenceInputs, _verification_failure, get_backend, load_builtin_backends,
 )
-from .cells import GRU
-from .layer_calls import cell_args, check_workspace, layer_backward, select_backend, with_resets
+from .cells import GRU, cell_args
+from .layer_calls import check_workspace, layer_backward, select_backend, with_resets
 
 # Dispatch runs while dynamo traces; its first call must not import (see load_builtin_backends).
 load_builtin_backends()

@@ -51,8 +51,8 @@ import torch
 
 from . import __version__
 from .backends import Backend, RecurrenceCall, RecurrenceInputs, get_backend, verification_bounds, set_verifier
-from .cells import GRU, LSTM, gates
-from .layer_calls import cell_args, with_resets
+from .cells import GRU, LSTM, cell_args, gates
+from .layer_calls import with_resets
 from .disk_cache import CACHE_DIR_ENV, DiskCache, cache_dir  # noqa: F401  (part of this module's face)
 from .tolerances import REL_TOL, mismatch, rel_error
 

@@ -73,7 +73,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ...cells import GRU, LSTM, gates
+from ...cells import GRU, LSTM, cell_args, gates
 from .. import Backend, RecurrenceCall, RecurrenceInputs, barrier_bound, register
 from ..barrier_bound import BARRIER_TIMEOUT_ENV  # noqa: F401  (the bound's switch, shared with the triton backend)
 from . import extension, fused, step
@@ -197,9 +197,8 @@ class CudaBackend(Backend):
         T, B, H = self._check(xg, w_hh, h0, c0, w_hr, b_hn)
         mask = resets_mask(resets, T, B, xg.device)
         barrier_bound.raise_if_gave_up(xg.device)
-        gru = {} if cell == LSTM else {"cell": cell, "b_hn": b_hn}
         return self._run("forward", call, mask, fused.forward, (xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad),
-                         step.forward, (xg, w_hh, h0, c0, needs_grad), gru)
+                         step.forward, (xg, w_hh, h0, c0, needs_grad), cell_args(cell, b_hn))
 
     def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T, resets=None, cell=LSTM,
                  b_hn=None):

@@ -59,7 +59,7 @@ import torch
 
 import triton  # ImportError here keeps the backend unregistered
 
-from ...cells import GRU, LSTM, gates
+from ...cells import GRU, LSTM, cell_args, gates
 from .. import Backend, RecurrenceCall, RecurrenceInputs, register
 from .config import LAST_KERNELS, VARIANT_ENV, VARIANTS, interpreting
 from .launch import lstm_backward, lstm_forward
@@ -143,7 +143,7 @@ class TritonBackend(Backend):
         _check_dtypes(xg, w_hh, h0, c0, w_hr, b_hn)
         h_all, h_T, c_T, workspace = lstm_forward(
             xg, w_hh, h0, c0, w_hr, batch_sizes, store_workspace=needs_grad, variant=self.variant, resets=resets,
-            **({} if cell == LSTM else dict(cell=cell, b_hn=b_hn)),  # the LSTM's call as before
+            **cell_args(cell, b_hn),
         )
         return h_all, h_T, None if c_T is None else c_T.to(c0.dtype), workspace
 

@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from ...cells import LSTM, gates
+from ...cells import LSTM, cell_args, gates
 from .. import barrier_bound
 from . import persistent
 from .config import device_guard, interpreting, record_kernel, requested_variant
@@ -115,8 +115,7 @@ def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=
     return _serve(
         "forward", variant, xg.device,
         lambda: persistent.forward_plan(B, H, P, xg.dtype, xg.device, w_hr is not None, cell=cell),
-        lambda cfg: persistent.persistent_forward(*args, cfg=cfg, resets=resets,
-                                                  **({} if cell == LSTM else dict(cell=cell, b_hn=b_hn))),
+        lambda cfg: persistent.persistent_forward(*args, cfg=cfg, resets=resets, **cell_args(cell, b_hn)),
         lambda: step_forward(*args, resets=resets, cell=cell, b_hn=b_hn),
     )
 
