@@ -150,9 +150,8 @@ def hmma_count(compiled, tmp_path) -> int:
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_gru_launches_compile_with_three_gates_of_mma(dtype, arch, tmp_path, monkeypatch):
-    """The GRU's launches compile and fit, forward and backward, under "persistent" (the persistent
-    forward with GATES = 3; the per-step backward, as the persistent backward declines the GRU) and
-    "step"; and, a structural count, the GRU's per-step forward issues 3/4 of the LSTM's MMAs per
+    """The GRU's launches compile and fit, forward and backward, under "persistent" (one persistent
+    launch per direction, GATES = 3) and "step"; and, a structural count, the GRU's per-step forward issues 3/4 of the LSTM's MMAs per
     k-step (three gates' products, none for a fourth)."""
     T, B, H = 3, SHAPES["H768_B16"][1], SHAPES["H768_B16"][2]
     launches = {}
@@ -165,9 +164,9 @@ def test_gru_launches_compile_with_three_gates_of_mma(dtype, arch, tmp_path, mon
             assert recorded and all(launch.kwargs["GATES"] == 3 for launch in recorded), (variant, what)
             for launch in distinct(recorded, arch):
                 assert_fits(compile_launch(launch, arch), arch, f"GRU {variant} {what}", tmp_path)
-    persistent_fw = launches["persistent"]["forward"]
-    assert len(persistent_fw) == 1 and "launch_cooperative_grid" in persistent_fw[0].kwargs, "one persistent launch"
-    assert len(launches["persistent"]["backward"]) == T + 1, "the per-step backward: T steps and dh0"
+    for what, recorded in launches["persistent"].items():
+        assert len(recorded) == 1 and "launch_cooperative_grid" in recorded[0].kwargs, f"one persistent {what}"
+    assert len(launches["step"]["backward"]) == T + 1, "the per-step backward: T steps and dh0"
     lstm_fw = record(monkeypatch, arch, T, B, H, dtype, variant="step")[0]
     gru_mma = hmma_count(compile_launch(launches["step"]["forward"][0], arch), tmp_path)
     lstm_mma = hmma_count(compile_launch(lstm_fw[0], arch), tmp_path)

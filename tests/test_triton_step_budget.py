@@ -328,16 +328,18 @@ def test_persistent_gru_forward_step_budget(shape, dtype, arch, tmp_path):
     assert_fits(counts, arch, what)
 
 
-def backward_build(B, H, P, dtype, arch, kernel=_lstm_pbw_kernel, has_resets=False):
+def backward_build(B, H, P, dtype, arch, kernel=_lstm_pbw_kernel, has_resets=False, cell="lstm"):
     has_proj = P != H
-    cfg = tp.backward_plan(B, H, P, dtype, torch.device("cuda"), has_proj, programs=SMS[arch], budget=budget_of(arch))
+    cfg = tp.backward_plan(B, H, P, dtype, torch.device("cuda"), has_proj, programs=SMS[arch], budget=budget_of(arch),
+                           cell=cell)
     assert isinstance(cfg, dict), cfg
-    consts = tp.backward_constants(H, P, dtype, cfg, has_proj, use_barrier=True, has_resets=has_resets)
+    consts = tp.backward_constants(H, P, dtype, cfg, has_proj, use_barrier=True, has_resets=has_resets, cell=cell)
     typed = {n: PTR[dtype] for n in ("w_ptr", "w_hr_ptr", "dh_all_ptr", "dh_last_ptr", "c0_ptr", "dg_ptr",
-                                     "dg_buf_ptr")}
+                                     "dg_buf_ptr", "h_all_ptr", "d_hn_ptr")}
     typed |= {"bs_ptr": "*i32", "bar_ptr": "*i32", "rst_ptr": "*i8"}
     compiled = compile_kernel(kernel, consts, typed, dict(t_begin=1023, n_steps=1025, B=B), cfg["num_warps"], arch)
-    dots = {(16, 8, 16): [(cfg["BLOCK_H"], cfg["BLOCK_B"], consts["KP"] * consts["NP"])]}
+    K = sum(consts[k] for k in ("K1", "K2", "K3", "K4"))
+    dots = {(16, 8, 16): [(cfg["BLOCK_H"], cfg["BLOCK_B"], K)]}
     if has_proj:  # dh (fp32) @ W_hr in tf32 for 16-bit inputs
         dots[(16, 8, 8)] = [(cfg["BLOCK_H"], cfg["BLOCK_B"], consts["KP1"] + consts["KP2"])]
     return cfg, compiled, dots
@@ -361,6 +363,36 @@ def test_persistent_backward_step_budget(shape, dtype, arch, tmp_path):
         assert cfg["programs"] >= fw_cfg["programs"], (cfg, fw_cfg)
 
 
+def assert_designed_gru_backward_step(counts, dots, ttgir, what):
+    """The GRU backward's step as designed (see test_persistent_gru_backward_step_budget)."""
+    assert_ideal_mma(counts, dots, what)
+    assert counts["w_global_loads_in_loop"] == 0 and counts["w_smem_copies_in_loop"] == 0, f"{what}: W in the loop"
+    assert_designed_step(counts, False, False, what)
+    carry_loads = loads_from(ttgir, "%dc_ptr", in_loop=True)
+    assert carry_loads == 0, f"{what}: {carry_loads} loads of the carry in the step loop, designed in registers"
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", [SHAPES["B16_H768"], SHAPES["B64_H256"]], ids=["B16_H768", "B64_H256"])
+def test_persistent_gru_backward_step_budget(shape, dtype, arch, tmp_path):
+    """The GRU's instance of the persistent backward (GATES = 3): K = 3H in pieces that pad no MMA
+    (2304 = 1024 + 1024 + 256 at the flagship: 36 per warp per step, 3/4 of the LSTM's 48), no W
+    from global memory in the loop, one grid barrier, one cross-warp sum, at most one layout
+    conversion per step, the carry dh z in registers (no load of it in the loop), the LSTM's
+    programs."""
+    B, H, P = shape
+    cfg, compiled, dots = backward_build(B, H, P, dtype, arch, cell="gru")
+    counts = report("gru backward", arch, dtype, f"B{B}_H{H} {cfg}", compiled, tmp_path, ("%w_ptr",))
+    what = f"persistent GRU backward sm_{arch} {dtype} B={B} H={H}"
+    assert sum(cfg["PIECES"]) == 3 * H, cfg  # powers of two cover 3H at these shapes: nothing padded
+    assert_designed_gru_backward_step(counts, dots, compiled.asm["ttgir"], what)
+    assert_fits(counts, arch, what)
+    lstm_cfg = tp.backward_plan(B, H, P, dtype, torch.device("cuda"), False, programs=SMS[arch],
+                                budget=budget_of(arch))
+    assert cfg["programs"] == lstm_cfg["programs"], (cfg, lstm_cfg)
+
+
 def loads_from(ttgir: str, arg: str, in_loop: bool) -> int:
     """Global loads whose address derives from the argument ``arg``: in the step loop, or anywhere."""
     if in_loop:
@@ -375,21 +407,23 @@ RESET_FREE_COUNTS = ("mma_per_warp", "w_global_loads_in_loop", "w_smem_copies_in
                      "grid_arrivals", "cross_warp_sums", "block_barriers", "layout_conversions", "warps")
 
 
-@pytest.mark.parametrize("build", [forward_build, backward_build], ids=["forward", "backward"])
-@pytest.mark.parametrize("shape", [SHAPES["B16_H768"], SHAPES["B5_H100_P40"]], ids=["B16_H768", "B5_H100_P40"])
-def test_resets_cost_one_flag_load_per_step(build, shape, tmp_path):
+@pytest.mark.parametrize("build, shape, cell", [
+    (build, SHAPES[shape_id], "lstm") for build in (forward_build, backward_build) for shape_id in ("B16_H768", "B5_H100_P40")
+] + [(backward_build, SHAPES["B16_H768"], "gru")], ids=["forward-B16_H768", "forward-B5_H100_P40", "backward-B16_H768",
+                                                      "backward-B5_H100_P40", "gru_backward-B16_H768"])
+def test_resets_cost_one_flag_load_per_step(build, shape, cell, tmp_path):
     """Without resets (HAS_RESETS=False) the kernels read nothing of the resets argument, so they are the
     kernels the budget tests above check; with resets the step loop gains one load of the tile's flags
     and nothing that the budget counts (MMAs, W_hh traffic, grid and block barriers, cross-warp sums,
-    layout conversions),
-    within the architecture's shared memory and without spills."""
+    layout conversions), within the architecture's shared memory and without spills. The LSTM's
+    kernels, and the GRU's instance of the backward."""
     B, H, P = shape
-    _, without, _ = build(B, H, P, torch.float16, 90)
-    _, with_resets, dots = build(B, H, P, torch.float16, 90, has_resets=True)
+    _, without, _ = build(B, H, P, torch.float16, 90, cell=cell)
+    _, with_resets, dots = build(B, H, P, torch.float16, 90, has_resets=True, cell=cell)
     assert loads_from(without.asm["ttgir"], "%rst_ptr", in_loop=False) == 0
     assert loads_from(with_resets.asm["ttgir"], "%rst_ptr", in_loop=True) == 1
     args = ("%w_ptr", "%w_hr_ptr")
-    kind = "forward" if build is forward_build else "backward"
+    kind = ("forward" if build is forward_build else "backward") + f" {cell}"
     plain = report(f"{kind} (no resets)", 90, torch.float16, f"B{B}_H{H}_P{P}", without, tmp_path, args)
     counts = report(f"{kind} (resets)", 90, torch.float16, f"B{B}_H{H}_P{P}", with_resets, tmp_path, args)
     assert {k: counts[k] for k in RESET_FREE_COUNTS} == {k: plain[k] for k in RESET_FREE_COUNTS}
@@ -559,6 +593,42 @@ GRU_FORWARD_MUTANTS = {
         "                acc_n = 0.0 * tl.dot(wn1, h_t1, input_precision=DOT_PRECISION)\n"
         "                acc_n += tl.dot(wn1, h_t1, input_precision=DOT_PRECISION)\n", "MMA"),
 }
+
+
+GRU_CARRY_SITE = "                dh += dc_reg\n"
+GRU_LAST_DOT_SITE = (
+    "                acc = tl.dot(w3, _load_t_split(dg_next, ba, ba < n_next, K1 + K2, K3, KS, GH, DOT_DTYPE), acc,\n"
+    "                             input_precision=DOT_PRECISION)\n")
+#: The GRU backward's sites: its carry, and its last piece of K (256 of 2304 at the flagship).
+GRU_BACKWARD_MUTANTS = {
+    # the carry dh z round-tripped through global memory every step instead of kept in registers
+    "carry_from_global": (GRU_CARRY_SITE,
+                          "                dh += tl.load(dc_ptr + state, mask=a_in, other=0.0) + 0.0 * dc_reg\n",
+                          "carry"),
+    # the last piece's MMA issued twice
+    "repeated_last_piece": (GRU_LAST_DOT_SITE, GRU_LAST_DOT_SITE + GRU_LAST_DOT_SITE, "MMA"),
+    # the last piece of W_hh read from global memory in the loop
+    "w_piece_loaded_in_loop": (
+        GRU_LAST_DOT_SITE,
+        "                acc = tl.dot(_load_rows_split(w_ptr, va * UNITS, BLOCK_H, n_rows, K1 + K2, K3, KS, GH, DOT_DTYPE),\n"
+        "                             _load_t_split(dg_next, ba, ba < n_next, K1 + K2, K3, KS, GH, DOT_DTYPE), acc,\n"
+        "                             input_precision=DOT_PRECISION)\n", "W in the loop"),
+}
+
+
+@pytest.mark.parametrize("mutant", list(GRU_BACKWARD_MUTANTS))
+def test_gru_backward_checks_catch_a_mutant(mutant, tmp_path):
+    """Each structural check of the GRU backward fails on its kernel with the fault it guards against."""
+    from lstm_kernels.backends.triton import persistent_backward
+
+    old, new, caught_by = GRU_BACKWARD_MUTANTS[mutant]
+    kernel = mutant_kernel(persistent_backward, "_lstm_pbw_kernel", old, new, tmp_path)
+    B, H, P = SHAPES["B16_H768"]
+    _, compiled, dots = backward_build(B, H, P, torch.float16, 90, kernel=kernel, cell="gru")
+    counts = report(f"gru backward (mutant {mutant})", 90, torch.float16, "B16_H768", compiled, tmp_path, ("%w_ptr",))
+    with pytest.raises(AssertionError) as failure:
+        assert_designed_gru_backward_step(counts, dots, compiled.asm["ttgir"], "mutant")
+    assert caught_by in str(failure.value), failure.value
 
 
 @pytest.mark.parametrize("cell, mutant",

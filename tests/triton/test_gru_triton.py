@@ -4,10 +4,10 @@
 h_all, h_T and the gradients of xg, W_hh, h0 and b_hn, dense, packed, with resets (at the first
 step, inside, every step), without b_hn, over several unit tiles, and in the 16-bit dtypes within
 their tolerances. FusedGRU(backend="triton") against nn.GRU on every config and input form of
-tests/test_gru.py. Under "persistent" the forward is the persistent kernel's GRU instance (GATES = 3;
-under the interpreter in its steps mode) and the backward the per-step kernels (the persistent
-backward serves the LSTM only), and LAST_KERNELS says so; the persistent forward also with forced
-tiles (several batch tiles and unit blocks). Tiny shapes: the interpreter is slow.
+tests/test_gru.py. Under "persistent" both directions are the persistent kernels' GRU instances
+(GATES = 3; under the interpreter in their steps mode), and LAST_KERNELS says so; they also run with
+forced tiles (several batch tiles and unit blocks, the last masked). Tiny shapes: the interpreter is
+slow.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lstm_kernels import gru_layer
-from lstm_kernels.backends import RecurrenceCall, RecurrenceInputs, get_backend, known_backends, resolve_backend
+from lstm_kernels.backends import RecurrenceInputs, get_backend, known_backends
 from utils import REL_TOL, assert_rel_close
 
 known_backends()
@@ -88,8 +88,8 @@ def test_gru_layer_matches_the_reference(form, variant, monkeypatch):
     elif form == "unit_tiles":  # H above one tile of units (64 under the interpreter, 32 on a GPU), masked edge
         call["shape"] = dict(T=3, B=2, H=72)
     check_against_reference(torch.float32, TOL, **call)
-    forward = "step_budget" if variant == "persistent" else "step"
-    assert kernels.LAST_KERNELS == {"forward": forward, "backward": "step"}, kernels.LAST_KERNELS
+    ran = "step_budget" if variant == "persistent" else "step"
+    assert kernels.LAST_KERNELS == {"forward": ran, "backward": ran}, kernels.LAST_KERNELS
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -97,23 +97,12 @@ def test_gru_layer_in_16_bit_within_the_tolerance(dtype):
     check_against_reference(dtype, REL_TOL[dtype], batch_sizes=torch.tensor([3, 3, 2, 1]))
 
 
-def test_the_persistent_backward_declines_the_gru_and_says_why():
-    from lstm_kernels.backends.triton.launch import PERSISTENT_CELLS_REASON
-
-    call = RecurrenceCall(seq_len=4, batch=3, hidden_size=6, state_size=6, dtype=torch.float32,
-                          device=torch.device(DEVICE), has_projection=False, variable_lengths=False,
-                          needs_grad=True, cell="gru")
-    assert resolve_backend("triton", call).name == "triton"
-    assert "GRU" in PERSISTENT_CELLS_REASON and "backward" in PERSISTENT_CELLS_REASON
-
-
 @pytest.mark.parametrize("with_resets", [False, True], ids=["", "resets"])
-def test_persistent_gru_forward_with_forced_tiles(with_resets):
-    """The persistent forward's GRU instance with two batch tiles of 16 rows and three unit blocks of
-    16 (the last one masked), against the reference: h_all, h_T and the workspace the per-step
-    backward reads (r, z, n and hn), through that backward to every gradient."""
+def test_persistent_gru_with_forced_tiles(with_resets):
+    """The persistent kernels' GRU instances with two batch tiles of 16 rows, against the reference: the
+    forward in three unit blocks of 16 (the last masked), h_all and h_T; the backward on its
+    workspace (r, z, n and hn) in five unit blocks of 8, dG, dh0 and d_hn."""
     from lstm_kernels.backends.triton import persistent
-    from lstm_kernels.backends.triton.step_backward import step_backward
 
     T, B, H = 3, 20, 40
     gen = torch.Generator().manual_seed(3)
@@ -134,8 +123,11 @@ def test_persistent_gru_forward_with_forced_tiles(with_resets):
     assert_rel_close(h_all.double(), e_all, TOL, "h_all")
     assert_rel_close(h_T.double(), e_T, TOL, "h_T")
     dh_all, dh_T = torch.randn(T, B, H, generator=gen).to(DEVICE), torch.randn(B, H, generator=gen).to(DEVICE)
-    dG, dh0, _, d_hn = step_backward(xg, w_hh, None, None, ws, dh_all, dh_T, None, resets=resets, cell="gru", h0=h0,
-                                     h_all=h_all)
+    bw_cfg = persistent.backward_plan(B, H, H, torch.float32, xg.device, False, units=8, block_b=16, cell="gru")
+    assert bw_cfg["programs"] == 2 * 5, bw_cfg
+    dG, dh0, dc0, d_hn = persistent.persistent_backward(xg, w_hh, None, None, ws, dh_all, dh_T, None, cfg=bw_cfg,
+                                                        resets=resets, cell="gru", h0=h0, h_all=h_all)
+    assert dc0 is None
     e_dG, e_dh0, _, e_d_hn = reference.backward(RecurrenceInputs(*inputs64[:3], None, None, None), e_all, (),
                                                 dh_all.double(), dh_T.double(), None, resets=resets, cell="gru",
                                                 b_hn=inputs64[3])

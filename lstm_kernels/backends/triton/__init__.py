@@ -40,10 +40,9 @@ Deterministic: no atomics accumulate anything (the only atomic is the grid
 barrier counter of the persistent kernels); every output element is written by
 one program in a fixed order.
 
-The GRU (``cell="gru"``): the per-step kernels and the persistent forward, their cell the constexpr
-GATES (3 gate rows r, z, n; :mod:`.step_forward`, :mod:`.persistent_forward`); the persistent
-backward declines it (``launch.PERSISTENT_CELLS_REASON``), so its backward runs the per-step
-kernels. Its workspace is r, z, n [T, B, 3H] and hn = h_{t-1} W_hn^T + b_hn [T, B, H] (in c_all's
+The GRU (``cell="gru"``): both kernel sets, their cell the constexpr GATES (3 gate rows r, z, n;
+:mod:`.step_forward`, :mod:`.persistent_forward` and their backwards; the cells' gradient
+arithmetic shared in :mod:`.cell_grads`). Its workspace is r, z, n [T, B, 3H] and hn = h_{t-1} W_hn^T + b_hn [T, B, H] (in c_all's
 place), fp32, from either forward.
 
 Resets inside a sequence (``resets``, the contract's) are served by both kernel sets: a
@@ -86,7 +85,7 @@ class TritonBackend(Backend):
     name = "triton"
     differentiable_backward = False
     serves_resets = True
-    cells = (LSTM, GRU)  # the GRU: persistent or per-step forward, per-step backward
+    cells = (LSTM, GRU)  # the GRU: persistent or per-step kernels, as the LSTM
 
     def __init__(self, variant: str = "auto"):
         if variant not in VARIANTS:

@@ -94,10 +94,6 @@ def _serve(direction: str, variant: str, device: torch.device, plan, persistent_
         return run_with_fallback(variant, chosen, run)
 
 
-#: Why the persistent backward plan declines the GRU: its kernel serves the LSTM only so far.
-PERSISTENT_CELLS_REASON = "the persistent backward serves the LSTM only; the GRU's runs the per-step kernels"
-
-
 def lstm_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=True, variant="auto", resets=None,
                  cell=LSTM, b_hn=None):
     """Forward recurrence. xg [T, B, 4H], w_hh [4H, P], h0 [B, P], c0 [B, H], w_hr [P, H] or None,
@@ -134,8 +130,7 @@ def lstm_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes
     args = (xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes)
     return _serve(
         "backward", variant, xg.device,
-        lambda: (persistent.backward_plan(B, H, P, xg.dtype, xg.device, w_hr is not None) if cell == LSTM
-                 else PERSISTENT_CELLS_REASON),
-        lambda cfg: persistent.persistent_backward(*args, cfg=cfg, resets=resets),
+        lambda: persistent.backward_plan(B, H, P, xg.dtype, xg.device, w_hr is not None, cell=cell),
+        lambda cfg: persistent.persistent_backward(*args, cfg=cfg, resets=resets, cell=cell, h0=h0, h_all=h_all),
         lambda: step_backward(*args, resets=resets, cell=cell, h0=h0, h_all=h_all),
     )

@@ -44,10 +44,12 @@ Design (both kernels):
     between launches (the kernels load them on entry and store them on exit in every mode).
     This "steps" mode (``steps_mode=True``) also serves a GPU, for tests and debugging (a
     debugger that runs programs one at a time deadlocks the spin).
-  * The GRU (``cell="gru"``, the forward only; its backward runs the per-step kernels): the same
-    kernel with GATES = 3, its gate rows two resident operands, W_rz [2U, P] interleaved as the
-    LSTM's and W_n [U, P], two dots and two cross-warp sums per step, U >= 16
-    (GRU_UNIT_BLOCKS) so that neither pads MMA rows (:mod:`.persistent_forward`).
+  * The GRU (``cell="gru"``): the same kernels with GATES = 3. Forward: its gate rows two
+    resident operands, W_rz [2U, P] interleaved as the LSTM's and W_n [U, P], two dots and two
+    cross-warp sums per step, U >= 16 (GRU_UNIT_BLOCKS) so that neither pads MMA rows
+    (:mod:`.persistent_forward`). Backward: K = 3H in power-of-two pieces that pad nothing where
+    they can (``backward_pieces``: 2304 = 1024 + 1024 + 256), the carry dh_{t+1} z_{t+1} in
+    registers (:mod:`.persistent_backward`).
   * Resets inside a sequence (HAS_RESETS, see :mod:`.config`): one scalar int64 load of the
     tile's flags per step, prefetched before the wait; without resets the kernels compile as
     before.
@@ -342,23 +344,32 @@ MAX_K_SPLIT_BACKWARD = 8
 BACKWARD_UNIT_BLOCKS = (8, 16, 32)
 
 
-def backward_pieces(K: int, ks: int) -> tuple[int, int]:
-    """(KP, NP): K in NP <= 4 equal power-of-two pieces of KP >= 16 * ks (smaller pieces keep fewer
-    operand registers live per dot; 3072 = 3 x 1024)."""
-    piece = max(16 * ks, triton.next_power_of_2(triton.cdiv(K, 4)))
-    return piece, triton.cdiv(K, piece)
+def backward_pieces(K: int, ks: int) -> tuple[int, int, int, int]:
+    """K in at most 4 power-of-two pieces (0: no piece), each >= 16 * ks and at most a quarter of K
+    rounded up to a power of two (smaller pieces keep fewer operand registers live per dot), largest
+    first: the largest power of two that fits the rest, so that only the last piece pads
+    (3072 = 3 x 1024; the GRU's 2304 = 1024 + 1024 + 256). Equal pieces where that takes more
+    than 4."""
+    smallest, cap = 16 * ks, max(16 * ks, triton.next_power_of_2(triton.cdiv(K, 4)))
+    pieces, rest = [], K
+    while rest > 0:
+        pieces.append(min(cap, max(smallest, 1 << (rest.bit_length() - 1))))
+        rest -= pieces[-1]
+    if len(pieces) > 4:
+        pieces = [cap] * triton.cdiv(K, cap)
+    return tuple(pieces) + (0,) * (4 - len(pieces))
 
 
 def backward_plan(B: int, H: int, P: int, dtype: torch.dtype, device: torch.device, has_proj: bool,
                   programs: Optional[int] = None, budget: Optional[int] = None,
-                  units: Optional[int] = None, block_b: Optional[int] = None) -> Union[dict, str]:
+                  units: Optional[int] = None, block_b: Optional[int] = None, cell: str = LSTM) -> Union[dict, str]:
     """The tiles of the persistent backward, or a reason why it does not serve the call.
 
     U units per program (the smallest of BACKWARD_UNIT_BLOCKS whose tiles, cdiv(P, U) and
     cdiv(H, U) times the batch tiles, fit ``programs``), MMA rows BLOCK_H = max(16, U); K = 4H
-    split over KS warps so that the resident W_hh[:, units]^T fragments take at most
-    MAX_WEIGHT_REGISTERS registers per thread, and its shared staging (and the per-step dG operand)
-    fit ``budget``.
+    (the GRU's 3H) split over KS warps and in the pieces of ``backward_pieces`` so that the
+    resident W_hh[:, units]^T fragments take at most MAX_WEIGHT_REGISTERS registers per thread,
+    and its shared staging (and the per-step dG operand) fit ``budget``.
     """
     limits = _plan_limits(B, dtype, device, programs, budget, block_b)
     if isinstance(limits, str):
@@ -367,9 +378,10 @@ def backward_plan(B: int, H: int, P: int, dtype: torch.dtype, device: torch.devi
     reason = f"no tile of {BACKWARD_UNIT_BLOCKS} units fits"
     for u in ((units,) if units else BACKWARD_UNIT_BLOCKS):
         rows = max(16, u)
-        ks = k_split(4 * H, P, most=MAX_K_SPLIT_BACKWARD) if has_proj else k_split(4 * H, most=MAX_K_SPLIT_BACKWARD)
-        piece, n_pieces = backward_pieces(4 * H, ks)
-        k4, kp = piece * n_pieces, sum(k_pieces(P, ks))
+        K = gates(cell) * H
+        ks = k_split(K, P, most=MAX_K_SPLIT_BACKWARD) if has_proj else k_split(K, most=MAX_K_SPLIT_BACKWARD)
+        pieces = backward_pieces(K, ks)
+        k4, kp = sum(pieces), sum(k_pieces(P, ks))
         warps = ks
         tiles = max(triton.cdiv(P, u), triton.cdiv(H, u)) * n_bt
         if tiles > programs:
@@ -379,7 +391,7 @@ def backward_plan(B: int, H: int, P: int, dtype: torch.dtype, device: torch.devi
         regs = w_bytes / 4 / (32 * warps)
         smem = max(rows * k4 * ob, k4 * bb * ob) + ((rows + bb) * kp * 4 if has_proj else 0)
         if regs <= MAX_WEIGHT_REGISTERS and smem <= budget:
-            return dict(UNITS=u, BLOCK_H=rows, BLOCK_B=bb, KP=piece, NP=n_pieces, KS=ks, KSP=ks, num_warps=warps,
+            return dict(UNITS=u, BLOCK_H=rows, BLOCK_B=bb, PIECES=pieces, KS=ks, KSP=ks, num_warps=warps,
                         programs=tiles)
         reason = (f"the resident weights of {u} units take {regs:.0f} registers per thread (at most "
                   f"{MAX_WEIGHT_REGISTERS}) and {smem} bytes of shared memory (at most {budget})")
@@ -387,56 +399,64 @@ def backward_plan(B: int, H: int, P: int, dtype: torch.dtype, device: torch.devi
 
 
 def backward_constants(H: int, P: int, dtype: torch.dtype, cfg: dict, has_proj: bool, use_barrier: bool,
-                       has_resets: bool = False) -> dict:
+                       has_resets: bool = False, cell: str = LSTM) -> dict:
     """The constexpr arguments (and num_warps) of ``_lstm_pbw_kernel`` for a plan, both phases on."""
     prec, proj_prec = dot_precisions(dtype)
     kp1, kp2 = k_pieces(P, cfg["KS"])
+    k1, k2, k3, k4 = cfg["PIECES"]
     return dict(H=H, P=P, HAS_PROJ=has_proj, RUN_DH=True, RUN_CELL=True, USE_BARRIER=use_barrier,
-                HAS_RESETS=has_resets,
-                UNITS=cfg["UNITS"], BLOCK_H=cfg["BLOCK_H"], BLOCK_B=cfg["BLOCK_B"], KP=cfg["KP"], NP=cfg["NP"],
-                KS=cfg["KS"], KP1=kp1, KP2=kp2, KSP=cfg["KSP"], DOT_PRECISION=prec, DOT_DTYPE=forward_dot_dtype(dtype),
-                PROJ_PRECISION=proj_prec, num_warps=cfg["num_warps"], maxnreg=MAX_REGISTERS)
+                HAS_RESETS=has_resets, UNITS=cfg["UNITS"], BLOCK_H=cfg["BLOCK_H"], BLOCK_B=cfg["BLOCK_B"],
+                K1=k1, K2=k2, K3=k3, K4=k4, KS=cfg["KS"], KP1=kp1, KP2=kp2, KSP=cfg["KSP"], DOT_PRECISION=prec,
+                DOT_DTYPE=forward_dot_dtype(dtype), PROJ_PRECISION=proj_prec, num_warps=cfg["num_warps"],
+                maxnreg=MAX_REGISTERS, GATES=gates(cell))
 
 
 def persistent_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes=None, cfg=None,
-                        steps_mode: Optional[bool] = None, resets=None):
+                        steps_mode: Optional[bool] = None, resets=None, cell=LSTM, h0=None, h_all=None):
     """Backward recurrence from the workspace of ``persistent_forward`` (the same as
-    ``step_forward.step_forward``'s: gates [T, B, 4H], c_all [T, B, H] (+ m_all) fp32).
+    ``step_forward.step_forward``'s: gates [T, B, 4H], c_all [T, B, H] (+ m_all) fp32). The GRU
+    (``cell="gru"``; c0, w_hr and dc_T None) also takes the forward's h0 [B, H] and h_all [T, B, H],
+    and its workspace is r, z, n [T, B, 3H] and hn [T, B, H].
 
     Same contract as ``step_backward.step_backward``: returns dG [T, B, 4H] in xg's dtype,
-    dh0 [B, P] fp32, dc0 [B, H] fp32, and dW_hr [P, H] fp32 or None. Raises ValueError with the
-    reason of ``backward_plan`` when it does not serve the call.
+    dh0 [B, P] fp32, dc0 [B, H] fp32, and dW_hr [P, H] fp32 or None; the GRU's: dG [T, B, 3H],
+    dh0, None and d_hn [T, B, H] in xg's dtype. Raises ValueError with the reason of
+    ``backward_plan`` when it does not serve the call.
     ``cfg``, ``steps_mode``, ``resets`` (the forward's) and the barrier's bound: as ``persistent_forward``.
 
-    Numerics: dG_{t+1} is exchanged between programs in the input dtype (the dG output's own
-    rounding) and multiplied with W_hh in the input dtype, fp32 accumulation, where
-    the step kernel keeps dG_{t+1} in fp32 (tf32 MMA). For 16-bit inputs that adds one
+    Numerics: dG_{t+1} (the GRU's [d_r, d_z, d_hn]) is exchanged between programs in the input dtype
+    (the dG output's own rounding) and multiplied with W_hh in the input dtype, fp32 accumulation,
+    where the step kernel keeps dG_{t+1} in fp32 (tf32 MMA). For 16-bit inputs that adds one
     rounding of dG (relative 2^-8 for bf16, 2^-11 for fp16) to every dh_t = dG_{t+1} W_hh:
     measured against float64 in tests/triton/test_triton_persistent_budget.py, within
     docs/design.md's 1e-2. fp32 inputs keep fp32 (tf32 only when torch allows it).
     """
-    T, B, four_h = xg.shape
-    H, P = four_h // 4, w_hh.shape[1]
-    has_proj = w_hr is not None
+    T, B, gate_rows = xg.shape
+    H, P = gate_rows // gates(cell), w_hh.shape[1]
+    has_proj, is_gru = w_hr is not None, cell != LSTM
     dtype, device = xg.dtype, xg.device
-    cfg = _planned(cfg, backward_plan, B, H, P, dtype, device, has_proj)
+    cfg = _planned(cfg, backward_plan, B, H, P, dtype, device, has_proj, cell=cell)
     steps = use_steps_mode() if steps_mode is None else steps_mode
-    gates, c_all = workspace[:2]
+    saved, c_all = workspace[:2]
     n_bt = triton.cdiv(B, cfg["BLOCK_B"])
     grid = max(triton.cdiv(P, cfg["UNITS"]), triton.cdiv(H, cfg["UNITS"])) * n_bt
     rows = step_rows(batch_sizes, T, B, device)  # [T + 1]: bs[t], then 0
     bs = torch.cat([rows.new_zeros(1), rows])  # [T + 2]: step t at t + 1; steps -1 and T have no rows
-    dc, dh0, dh_buf, dh_hist = backward_buffers(dc_T, dh_T, T, P, has_proj)
-    dg_buf = torch.zeros((2, B, 4 * H), dtype=dtype, device=device)
-    dG = torch.zeros((T, B, 4 * H), dtype=dtype, device=device)  # rows not active at t stay 0
+    dc, dh0, dh_buf, dh_hist = backward_buffers(dc_T, dh_T, T, P, has_proj)  # the GRU's dc: its carry, zeros
+    dg_buf = torch.zeros((2, B, gate_rows), dtype=dtype, device=device)
+    dG = torch.zeros((T, B, gate_rows), dtype=dtype, device=device)  # rows not active at t stay 0
+    d_hn = torch.zeros((T, B, H), dtype=dtype, device=device) if is_gru else dG
     w_t = w_hh.t().contiguous()  # [P, 4H]
     w_hr_t = w_hr.t().contiguous() if has_proj else w_t  # [H, P]
     consts = backward_constants(H, P, dtype, cfg, has_proj, use_barrier=not steps and grid > 1,
-                                has_resets=resets is not None)
-    args = (w_t, w_hr_t, bs, reset_rows(resets, T, B, bs), dh_all.contiguous(), dh_T.contiguous(), gates, c_all,
-            c0.contiguous(), dc, dg_buf, dG, dh_buf, dh_hist, dh0)
+                                has_resets=resets is not None, cell=cell)
+    args = (w_t, w_hr_t, bs, reset_rows(resets, T, B, bs), dh_all.contiguous(), dh_T.contiguous(), saved, c_all,
+            (h0 if is_gru else c0).contiguous(), dc, dg_buf, dG, dh_buf, dh_hist, dh0,
+            h_all.contiguous() if is_gru else dG, d_hn)
     phases = (dict(RUN_CELL=False), dict(RUN_DH=False)) if has_proj else ({},)  # dh, cell (t >= 0)
     steps = [(t, phase) for t in range(T - 1, -2, -1) for phase in phases[:1 + (t >= 0)]] if steps else None
     _launch(_lstm_pbw_kernel, grid, args, consts, B, device, "triton backward (persistent, step budget)", steps=steps,
             t_begin=T - 1, n_steps=T + 1)
+    if is_gru:
+        return dG, dh0, None, d_hn
     return dG, dh0, dc, projection_weight_grad(dh_hist, workspace[2]) if has_proj else None

@@ -28,7 +28,8 @@ import triton.language as tl
 from ..device_rows import step_rows
 from ...cells import LSTM, gates
 from .config import backward_buffers, dot_precisions, num_tiles, projection_weight_grad, reset_rows, step_config
-from .device_helpers import _dot_tile, _kept_rows, _tanh, tile_coords
+from .cell_grads import _gru_grads, _lstm_grads
+from .device_helpers import _dot_tile, _kept_rows, tile_coords
 
 
 @triton.jit
@@ -104,23 +105,14 @@ def _lstm_bw_cell(
     f = tl.load(g_ptr + H, mask=active, other=0.0)
     g = tl.load(g_ptr + 2 * H, mask=active, other=0.0)
     o = tl.load(g_ptr + 3 * H, mask=active, other=0.0)
-    tanh_c = _tanh(tl.load(ws_c_ptr + t * B * H + cell, mask=active, other=0.0))
     c_prev = _previous_state(t, cell, carried, ws_c_ptr, c0_ptr, B, H)
 
     dc_in = tl.load(dc_ptr + cell, mask=tile_in, other=0.0)
-    dc = dc_in + dm * o * (1.0 - tanh_c * tanh_c)
-    zero = tl.zeros_like(dc)
-    d_i = tl.where(active, dc * g * i * (1.0 - i), zero)
-    d_f = tl.where(active, dc * c_prev * f * (1.0 - f), zero)
-    d_g = tl.where(active, dc * i * (1.0 - g * g), zero)
-    d_o = tl.where(active, dm * tanh_c * o * (1.0 - o), zero)
-
+    c = tl.load(ws_c_ptr + t * B * H + cell, mask=active, other=0.0)
+    d_i, d_f, d_g, d_o, dc_prev = _lstm_grads(dm, dc_in, i, f, g, o, c, c_prev, active, carried, HAS_RESETS)
     _store_gates(dg_buf_ptr + (t % 2) * B * 4 * H + gate, d_i, d_f, d_g, d_o, tile_in, H, 4)
     _store_gates(dg_ptr + t * B * 4 * H + gate, d_i, d_f, d_g, d_o, tile_in, H, 4)
-    if HAS_RESETS:
-        tl.store(dc_ptr + cell, tl.where(active, tl.where(carried, dc * f, 0.0), dc_in), mask=tile_in)
-    else:
-        tl.store(dc_ptr + cell, tl.where(active, dc * f, dc_in), mask=tile_in)
+    tl.store(dc_ptr + cell, dc_prev, mask=tile_in)
 
 
 @triton.jit
@@ -136,11 +128,9 @@ def _gru_bw_cell(
     d_hn_ptr,  # [T, B, H] input dtype: d_hn output
     B, H: tl.constexpr,
 ):
-    """The GRU cell's backward of step t on a tile (the reference's equations):
-        d_n = dh (1 - z)(1 - n^2)      (the gradient of n's pre-activation, x_n + r hn)
-        d_r = d_n hn r (1 - r);  d_z = dh (h_{t-1} - n) z (1 - z);  d_hn = d_n r
-    into dg_buf ([d_r, d_z, d_hn]: the next phase's dh_{t-1} = that @ W_hh + dh_t z), the dG output
-    ([d_r, d_z, d_n]), the d_hn output and the carry (dh_t z). A row that resets at t used
+    """The GRU cell's backward of step t on a tile (``_gru_grads``) into dg_buf ([d_r, d_z, d_hn]: the
+    next phase's dh_{t-1} = that @ W_hh + dh_t z), the dG output ([d_r, d_z, d_n]), the d_hn output
+    and the carry (dh_t z). A row that resets at t used
     h_{t-1} = 0 and passes no gradient back."""
     g_ptr = ws_gates_ptr + t * B * 3 * H + gate
     r = tl.load(g_ptr, mask=active, other=0.0)
@@ -148,15 +138,11 @@ def _gru_bw_cell(
     n = tl.load(g_ptr + 2 * H, mask=active, other=0.0)
     hn = tl.load(ws_hn_ptr + t * B * H + cell, mask=active, other=0.0)
     h_prev = _previous_state(t, cell, carried, h_all_ptr, h0_ptr, B, H)
-    zero = tl.zeros_like(dh)
-    d_n = tl.where(active, dh * (1.0 - z) * (1.0 - n * n), zero)
-    d_r = d_n * hn * r * (1.0 - r)
-    d_z = tl.where(active, dh * (h_prev - n) * z * (1.0 - z), zero)
-    d_hn = d_n * r
+    d_r, d_z, d_n, d_hn, carry = _gru_grads(dh, r, z, n, hn, h_prev, active, carried)
     _store_gates(dg_buf_ptr + (t % 2) * B * 3 * H + gate, d_r, d_z, d_hn, d_hn, tile_in, H, 3)
     _store_gates(dg_ptr + t * B * 3 * H + gate, d_r, d_z, d_n, d_n, tile_in, H, 3)
     tl.store(d_hn_ptr + t * B * H + cell, d_hn.to(d_hn_ptr.dtype.element_ty), mask=tile_in)
-    tl.store(carry_ptr + (t % 2) * B * H + cell, tl.where(carried, dh * z, zero), mask=tile_in)
+    tl.store(carry_ptr + (t % 2) * B * H + cell, carry, mask=tile_in)
 
 
 @triton.jit
