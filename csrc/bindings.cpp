@@ -165,29 +165,38 @@ void check_fused_args(const char* fn, int dtype, int64_t T, int64_t B, int64_t H
   }
 }
 
+// The cell of a fused call (check_gates); the GRU has no projection.
+bool check_fused_gates(const char* fn, int gates, bool proj) {
+  const bool gru = check_gates(fn, gates);
+  if (gru && proj) throw std::invalid_argument(std::string(fn) + ": the GRU has no projection");
+  return gru;
+}
+
 void fused_forward(int dtype, uintptr_t xg, uintptr_t w_fwd, uintptr_t w_hr, uintptr_t c0, uintptr_t c_work,
                    uintptr_t hx, uintptr_t mx, uintptr_t h_all, uintptr_t h_T, uintptr_t c_T, uintptr_t act,
                    uintptr_t c_all, uintptr_t batch_sizes, uintptr_t counters, int64_t T, int64_t B, int64_t H,
                    int64_t P, int persistent, uintptr_t stream, uintptr_t barrier_state, uintptr_t barrier_record,
-            int64_t barrier_timeout_ns, int64_t barrier_kernel, uintptr_t resets) {
+            int64_t barrier_timeout_ns, int64_t barrier_kernel, uintptr_t resets, int gates, uintptr_t b_hn) {
   const char* fn = "lstm_kernels._C.fused_forward";
   const lstm::BarrierWatch dbg = barrier_watch(fn, barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel);
   check_fused_args(fn, dtype, T, B, H, P, w_hr != 0);
   if ((act == 0) != (c_all == 0)) throw std::invalid_argument(std::string(fn) + ": act and c_all go together");
   if (w_hr != 0 && mx == 0) throw std::invalid_argument(std::string(fn) + ": mx is needed with w_hr");
+  const bool lstm_cell = !check_fused_gates(fn, gates, w_hr != 0);
   int err;
   {
     py::gil_scoped_release nogil;
     err = lstm_fused_forward(dtype, ptr<const void>(fn, "xg", xg), ptr<const void>(fn, "w_fwd", w_fwd),
-                             ptr<const void>(fn, "w_hr", w_hr, true), ptr<const void>(fn, "c0", c0),
-                             ptr<float>(fn, "c_work", c_work), ptr<void>(fn, "hx", hx), ptr<void>(fn, "mx", mx, true),
-                             ptr<void>(fn, "h_all", h_all), ptr<void>(fn, "h_T", h_T), ptr<void>(fn, "c_T", c_T),
+                             ptr<const void>(fn, "w_hr", w_hr, true), ptr<const void>(fn, "c0", c0, !lstm_cell),
+                             ptr<float>(fn, "c_work", c_work, !lstm_cell), ptr<void>(fn, "hx", hx),
+                             ptr<void>(fn, "mx", mx, true), ptr<void>(fn, "h_all", h_all), ptr<void>(fn, "h_T", h_T),
+                             ptr<void>(fn, "c_T", c_T, !lstm_cell),
                              ptr<float>(fn, "act", act, true), ptr<float>(fn, "c_all", c_all, true),
                              ptr<const int>(fn, "batch_sizes", batch_sizes, true),
                              ptr<const unsigned char>(fn, "resets", resets, true),
                              ptr<unsigned int>(fn, "counters", counters), (int)T, (int)B, (int)H, (int)P,
                              persistent ? 1 : 0, dbg.state, dbg.record, dbg.timeout_ns, dbg.kernel,
-                             reinterpret_cast<void*>(stream));
+                             reinterpret_cast<void*>(stream), gates, ptr<const void>(fn, "b_hn", b_hn, true));
   }
   check_fused(err, persistent ? "fused_forward_kernel (cooperative launch)" : "fused_forward_kernel");
 }
@@ -197,10 +206,12 @@ void fused_backward(int dtype, uintptr_t w_bwd, uintptr_t w_hrT, uintptr_t act, 
                     uintptr_t dhx, uintptr_t dG, uintptr_t dh0, uintptr_t dc0, uintptr_t dh_tot,
                     uintptr_t batch_sizes, uintptr_t counters, int64_t T, int64_t B, int64_t H, int64_t P,
                     int persistent, uintptr_t stream, uintptr_t barrier_state, uintptr_t barrier_record,
-            int64_t barrier_timeout_ns, int64_t barrier_kernel, uintptr_t resets) {
+            int64_t barrier_timeout_ns, int64_t barrier_kernel, uintptr_t resets, int gates, uintptr_t h_all,
+            uintptr_t d_hn) {
   const char* fn = "lstm_kernels._C.fused_backward";
   const lstm::BarrierWatch dbg = barrier_watch(fn, barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel);
   check_fused_args(fn, dtype, T, B, H, P, w_hrT != 0);
+  const bool gru = check_fused_gates(fn, gates, w_hrT != 0);
   if (w_hrT != 0 && (dhx == 0 || dh_tot == 0))
     throw std::invalid_argument(std::string(fn) + ": dhx and dh_tot are needed with w_hrT");
   int err;
@@ -209,26 +220,30 @@ void fused_backward(int dtype, uintptr_t w_bwd, uintptr_t w_hrT, uintptr_t act, 
     err = lstm_fused_backward(
         dtype, ptr<const void>(fn, "w_bwd", w_bwd), ptr<const void>(fn, "w_hrT", w_hrT, true),
         ptr<const float>(fn, "act", act), ptr<const float>(fn, "c_all", c_all), ptr<const void>(fn, "c0", c0),
-        ptr<const void>(fn, "dh_all", dh_all), ptr<const void>(fn, "dh_T", dh_T), ptr<const void>(fn, "dc_T", dc_T),
-        ptr<float>(fn, "dc_work", dc_work), ptr<void>(fn, "dgx", dgx), ptr<void>(fn, "dhx", dhx, true),
-        ptr<void>(fn, "dG", dG), ptr<void>(fn, "dh0", dh0), ptr<void>(fn, "dc0", dc0),
+        ptr<const void>(fn, "dh_all", dh_all), ptr<const void>(fn, "dh_T", dh_T),
+        ptr<const void>(fn, "dc_T", dc_T, gru), ptr<float>(fn, "dc_work", dc_work), ptr<void>(fn, "dgx", dgx),
+        ptr<void>(fn, "dhx", dhx, true), ptr<void>(fn, "dG", dG), ptr<void>(fn, "dh0", dh0),
+        ptr<void>(fn, "dc0", dc0, gru),
         ptr<float>(fn, "dh_tot", dh_tot, true), ptr<const int>(fn, "batch_sizes", batch_sizes, true),
         ptr<const unsigned char>(fn, "resets", resets, true), ptr<unsigned int>(fn, "counters", counters), (int)T, (int)B, (int)H, (int)P, persistent ? 1 : 0, dbg.state,
-        dbg.record, dbg.timeout_ns, dbg.kernel, reinterpret_cast<void*>(stream));
+        dbg.record, dbg.timeout_ns, dbg.kernel, reinterpret_cast<void*>(stream), gates,
+        ptr<const void>(fn, "h_all", h_all, !gru), ptr<void>(fn, "d_hn", d_hn, !gru));
   }
   check_fused(err, persistent ? "fused_backward_kernel (cooperative launch)" : "fused_backward_kernel");
 }
 
-py::dict fused_plan(const std::string& direction, int dtype, int64_t B, int64_t H, int64_t P, bool resets) {
+py::dict fused_plan(const std::string& direction, int dtype, int64_t B, int64_t H, int64_t P, bool resets,
+                    int gates) {
   const char* fn = "lstm_kernels._C.fused_plan";
   check_fused_args(fn, dtype, 1, B, H, P, P < H);
+  check_fused_gates(fn, gates, P < H);
   int blocks = 0, possible = 0;
   size_t smem = 0;
   int err;
   if (direction == "forward") {
-    err = lstm_fused_forward_plan(dtype, (int)B, (int)H, (int)P, resets ? 1 : 0, &blocks, &smem, &possible);
+    err = lstm_fused_forward_plan(dtype, (int)B, (int)H, (int)P, resets ? 1 : 0, &blocks, &smem, &possible, gates);
   } else if (direction == "backward") {
-    err = lstm_fused_backward_plan(dtype, (int)B, (int)H, (int)P, resets ? 1 : 0, &blocks, &smem, &possible);
+    err = lstm_fused_backward_plan(dtype, (int)B, (int)H, (int)P, resets ? 1 : 0, &blocks, &smem, &possible, gates);
   } else {
     throw std::invalid_argument("unknown kernel direction '" + direction + "' (forward or backward)");
   }
@@ -422,26 +437,30 @@ PYBIND11_MODULE(_C, m) {
         " one cooperative launch, else one launch per half-step; barrier_state (a zeroed int64 [2] device"
         " buffer, or 0: no bound), barrier_record (the device's int64 [4] error record), barrier_timeout_ns (0:"
         " no bound) and barrier_kernel (its code in the record): the time bound of the grid wait, see"
-        " csrc/fused/barrier_wait.cuh; resets: a uint8 [T, B] device buffer or 0",
+        " csrc/fused/barrier_wait.cuh; resets: a uint8 [T, B] device buffer or 0; gates: 4 the LSTM, 3 the GRU"
+        " (c0, c_work, c_T 0; b_hn [H] or 0)",
         py::arg("dtype"), py::arg("xg"), py::arg("w_fwd"), py::arg("w_hr"), py::arg("c0"), py::arg("c_work"),
         py::arg("hx"), py::arg("mx"), py::arg("h_all"), py::arg("h_T"), py::arg("c_T"), py::arg("act"),
         py::arg("c_all"), py::arg("batch_sizes"), py::arg("counters"), py::arg("T"), py::arg("B"), py::arg("H"),
         py::arg("P"), py::arg("persistent"), py::arg("stream"), py::arg("barrier_state") = 0,
         py::arg("barrier_record") = 0, py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0,
-        py::arg("resets") = 0);
+        py::arg("resets") = 0, py::arg("gates") = 4, py::arg("b_hn") = 0);
   m.def("fused_backward", &fused_backward,
         "Fused backward at the budget of one step (dtype: a FusedOp code, dG exchanged in the storage dtype;"
-        " csrc/fused/fused_lstm.h; barrier_*, resets: as for fused_forward)",
+        " csrc/fused/fused_lstm.h; barrier_*, resets, gates: as for fused_forward; the GRU: c0 its h0, dc_T and"
+        " dc0 0, h_all and d_hn)",
         py::arg("dtype"), py::arg("w_bwd"), py::arg("w_hrT"), py::arg("act"), py::arg("c_all"), py::arg("c0"),
         py::arg("dh_all"), py::arg("dh_T"), py::arg("dc_T"), py::arg("dc_work"), py::arg("dgx"), py::arg("dhx"),
         py::arg("dG"), py::arg("dh0"), py::arg("dc0"), py::arg("dh_tot"), py::arg("batch_sizes"),
         py::arg("counters"), py::arg("T"), py::arg("B"), py::arg("H"), py::arg("P"), py::arg("persistent"),
         py::arg("stream"), py::arg("barrier_state") = 0, py::arg("barrier_record") = 0,
-        py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0, py::arg("resets") = 0);
+        py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0, py::arg("resets") = 0, py::arg("gates") = 4,
+        py::arg("h_all") = 0, py::arg("d_hn") = 0);
   m.def("fused_plan", &fused_plan,
         "The fused kernels' plan on the current device: {'blocks', 'smem', 'possible' (persistent grid"
         " co-resident), 'fits' (the block's shared memory fits)}; resets: of the kernel that serves resets",
-        py::arg("direction"), py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("P"), py::arg("resets") = false);
+        py::arg("direction"), py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("P"), py::arg("resets") = false,
+        py::arg("gates") = 4);
   m.def("runtime_status", &runtime_status,
         "(error code, 'name: description' or None, device count, runtime version, driver version) of the"
         " extension's own CUDA runtime (cudaGetDeviceCount, cudaRuntimeGetVersion, cudaDriverGetVersion)");

@@ -13,8 +13,9 @@ GATES (4: the LSTM, 3: the GRU); one kernel, no second copy of the step loop. Ch
 - ``common/cell.cuh``'s GRU forward and backward (the functions the kernels run), on the host,
   against float64 and autograd;
 - the backend's host path (``backends/cuda/step.py``) hands the GRU's pointers, ``gates=3`` and
-  b_hn to the extension and returns the contract's shapes; dispatch declines what only the fused
-  kernels serve (packed GRU calls, the persistent variant).
+  b_hn to the extension and returns the contract's shapes, and so do the fused kernels'
+  (``backends/cuda/fused.py``: gates=3, b_hn; h0, h_all, d_hn; the per-step kernels' workspace);
+  dispatch serves every GRU call the LSTM's would (packed calls and the persistent variant included).
 """
 from __future__ import annotations
 
@@ -176,7 +177,48 @@ def test_the_gru_host_path_passes_the_cell_and_returns_the_contracts_shapes(monk
     assert kwargs["h0"] == h0.data_ptr() and kwargs["h_all"] == h_all.data_ptr() and kwargs["d_hn"] == d_hn.data_ptr()
 
 
-def test_dispatch_declines_what_only_the_fused_kernels_serve_for_the_gru(monkeypatch):
+def test_the_fused_gru_forward_host_path_passes_the_cell(monkeypatch):
+    """fused.forward with cell="gru" hands the extension gates=3 and b_hn, no c0 / c_work / c_T, and
+    returns the per-step kernels' workspace shapes (r, z, n and hn), which the per-step backward reads;
+    the LSTM's call is as before (no cell keywords)."""
+    from lstm_kernels.backends.cuda import fused
+
+    calls = []
+
+    def entry(*args, **kwargs):
+        calls.append((args, kwargs))
+        return 0
+
+    class Stream:
+        cuda_stream = 7
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    T, B, H = 3, 2, 5
+    xg, w_hh, h0, b_hn = torch.randn(T, B, 3 * H), torch.randn(3 * H, H), torch.randn(B, H), torch.randn(H)
+    h_all, h_T, c_T, workspace = fused.forward(entry, xg, w_hh, h0, None, None, None, True, False, cell="gru",
+                                               b_hn=b_hn)
+    assert c_T is None and h_all.shape == (T, B, H) and h_T.shape == (B, H)
+    assert [w.shape for w in workspace] == [(T, B, 3 * H), (T, B, H)]
+    args, kwargs = calls[-1]
+    assert kwargs["gates"] == 3 and kwargs["b_hn"] == b_hn.data_ptr()
+    assert args[4] == 0 and args[5] == 0 and args[10] == 0  # c0, c_work and c_T: null for the GRU
+    fused.forward(entry, torch.randn(T, B, 4 * H), torch.randn(4 * H, H), h0, torch.randn(B, H), None, None, True,
+                  False)
+    assert "gates" not in calls[-1][1] and calls[-1][0][4] != 0
+    # the backward on that workspace: gates=3, h0 in c0's place, h_all and d_hn; no dc_T, dc0
+    h_all = torch.randn(T, B, H)
+    dG, dh0, dc0, d_hn = fused.backward(entry, w_hh, None, *workspace, None, torch.randn(T, B, H), torch.randn(B, H),
+                                        None, None, False, cell="gru", h0=h0, h_all=h_all)
+    assert dG.shape == (T, B, 3 * H) and dh0.shape == (B, H) and dc0 is None and d_hn.shape == (T, B, H)
+    args, kwargs = calls[-1]
+    assert kwargs["gates"] == 3 and kwargs["h_all"] == h_all.data_ptr() and kwargs["d_hn"] == d_hn.data_ptr()
+    assert args[5] == h0.data_ptr() and args[8] == 0 and args[14] == 0  # h0 as c0; dc_T and dc0 null
+    assert args[18:22] == (T, B, H, H)
+
+
+def test_dispatch_serves_the_gru_by_the_fused_kernels(monkeypatch):
+    """The fused kernels serve the GRU both ways: packed GRU calls (the fused kernels' alone) are served
+    with and without gradients, and so is the persistent variant."""
     from lstm_kernels.backends import RecurrenceCall
     from lstm_kernels.backends import cuda as cuda_backend
 
@@ -187,8 +229,12 @@ def test_dispatch_declines_what_only_the_fused_kernels_serve_for_the_gru(monkeyp
         return RecurrenceCall(**{**fields, **kw})
 
     backend = cuda_backend.CudaBackend()
-    assert "GRU" in backend.supports(call(variable_lengths=True))
-    assert backend.supports(call()) is None
-    assert cuda_backend.fused.fused_mode(call(), "forward") is None  # the per-step kernels serve it
+    for needs_grad in (True, False):
+        assert backend.supports(call(variable_lengths=True, needs_grad=needs_grad)) is None
+        assert backend.supports(call(needs_grad=needs_grad)) is None
+    assert cuda_backend.fused.fused_unserved_reason(call()) is None
     monkeypatch.setenv(cuda_backend.VARIANT_ENV, "persistent")
-    assert "GRU" in backend.supports(call())
+    assert backend.supports(call()) is None
+    # the GRU's backward block holds 3H of W_hh^T, not 4H: it fits where the LSTM's does not
+    plan = cuda_backend.fused.Plan(16, 1000, None, 3)
+    assert plan.smem_bytes("backward") < cuda_backend.fused.Plan(16, 1000).smem_bytes("backward")

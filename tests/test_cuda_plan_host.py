@@ -66,13 +66,15 @@ def test_header_maps_agree_with_python(plan_dump, B, H, elem):
         assert (b, j) == cf.fwd_cell(q, y, w, lane)
     for q, y, w, lane, b, j in d["bwd_cells"]:
         assert (b, j) == cf.bwd_cell(q, y, w, lane)
+    for w, lane, src_lane, element in d["fwd_n_fragment"]:
+        assert (src_lane, element) == cf.fwd_n_fragment(w, lane)
     # the forward walks chunks of K = H, the backward pairs of chunks of K = 4H
     assert d["ks_fwd"] == cf.k_chunks(cf.round_up(H, cf.kpad(elem)), elem)
     assert d["kpairs_bwd"] == cf.k_chunks(cf.round_up(4 * H, cf.kpad(elem)), elem) // 2
     assert d["fwd_k"] == [list(cf.warp_k_range(w, d["ks_fwd"])) for w in range(cf.WARPS)]
     assert d["bwd_k"] == [list(cf.warp_k_range(w, d["kpairs_bwd"])) for w in range(cf.WARPS)]
     # the kernels' k ranges cover each product's K once, in order, balanced to within one unit
-    for product in ("fwd_gate_k", "fwd_proj_k", "bwd_gate_k", "bwd_proj_k"):
+    for product in ("fwd_gate_k", "fwd_proj_k", "bwd_gate_k", "bwd_proj_k", "bwd_gru_gate_k"):
         ranges = d[product]
         assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), (product, ranges)
         sizes = [e - b for b, e in ranges]
@@ -195,21 +197,62 @@ def test_forward_fragment_holds_the_four_gates_of_one_cell(B, H):
                     assert torch.allclose(torch.stack(got), torch.stack(want)), (q, y, w_, lane)
 
 
+@pytest.mark.parametrize("B, H", [(5, 13), (16, 24), (17, 129)])
+def test_gru_forward_fragments_hold_the_three_gates_of_one_cell(B, H):
+    """The GRU's forward (fused_forward.cu with GATES = 3): w_fwd holds r, z where the LSTM holds i, f and
+    the n rows at 16-23 of a block (its fourth gate's rows zero); the block's r, z tile read as the LSTM's
+    i, f, and its transposed n tile (h [16 batch, K] x the n rows^T: batch x 8 units) read at
+    fwd_n_fragment, are r, z and the n rows' pre-activations of the cell thread's (b, j)."""
+    torch.manual_seed(2)
+    w = torch.randn(3 * H, H, dtype=torch.float64)
+    h = torch.randn(B, H, dtype=torch.float64)
+    gates = h @ w.t()  # [B, 3H]
+    w_fwd = cf.interleave_forward(w, 3)
+    assert w_fwd.shape == (cf.unit_blocks(H) * cf.FWD_ROWS, H)
+    assert torch.equal(cf.deinterleave_forward(w_fwd, H, 3), w)
+    plan = cf.Plan(B, H)
+    for q in range(plan.grid[0]):
+        block = w_fwd[q * cf.FWD_ROWS:(q + 1) * cf.FWD_ROWS]
+        assert (block[24:] == 0).all()  # no fourth gate
+        for y in range(plan.grid[1]):
+            h_tile = torch.zeros(cf.BATCH_TILE, H, dtype=torch.float64)
+            rows = list(plan.block_rows(y))
+            h_tile[: len(rows)] = h[rows]
+            rz = block[0:16] @ h_tile.t()  # [16 rows: r, z of 8 units; 16 batch]
+            n_tile = h_tile @ block[16:24].t()  # [16 batch, 8 units]
+            for w_ in range(4):
+                nt, cc = (w_ >> 1) & 1, w_ & 1
+                for lane in range(32):
+                    b, j = cf.fwd_cell(q, y, w_, lane)
+                    if b >= B or j >= H:
+                        continue
+                    t0 = rz[:, nt * 8:nt * 8 + 8]
+                    got = [_fragment(t0, lane, cc), _fragment(t0, lane, 2 + cc), _fragment(n_tile,
+                                                                                          *cf.fwd_n_fragment(w_, lane))]
+                    want = [gates[b, g * H + j] for g in range(3)]
+                    assert torch.allclose(torch.stack(got), torch.stack(want)), (q, y, w_, lane)
+
+
+@pytest.mark.parametrize("n_gates", [4, 3], ids=["lstm", "gru"])
 @pytest.mark.parametrize("B, H", [(5, 13), (17, 24)])
-def test_backward_fragment_and_exchange_order(B, H):
-    """dG in the exchange order r' = 4j + g times w_bwd is dG W_hh; the backward's cell thread
-    (warp w, lane) reads element w of its fragment of the block's [16 x 8] product."""
+def test_backward_fragment_and_exchange_order(B, H, n_gates):
+    """dG in the exchange order r' = 4j + g (the GRU's [d_r, d_z, d_hn] in r' = 3j + g) times w_bwd is
+    dG W_hh; the backward's cell thread (warp w, lane) reads element w of its fragment of the block's
+    [16 x 8] product, and writes its gates at bwd_col(g, j)."""
     torch.manual_seed(1)
-    w = torch.randn(4 * H, H, dtype=torch.float64)
-    dg = torch.randn(B, 4 * H, dtype=torch.float64)
+    w = torch.randn(n_gates * H, H, dtype=torch.float64)
+    dg = torch.randn(B, n_gates * H, dtype=torch.float64)
     want = dg @ w
-    dg_x = dg[:, cf.backward_col_index(H)]  # [B, 4H] in r' order
-    w_bwd = cf.interleave_backward(w)
+    dg_x = dg[:, cf.backward_col_index(H, n_gates=n_gates)]  # [B, n_gates*H] in r' order
+    for g in range(n_gates):
+        assert torch.equal(dg_x[:, [cf.bwd_col(g, j, n_gates) for j in range(H)]], dg[:, g * H:(g + 1) * H])
+    w_bwd = cf.interleave_backward(w, n_gates)
+    assert torch.equal(cf.deinterleave_backward(w_bwd, H, n_gates), w)
     plan = cf.Plan(B, H)
     for q in range(plan.grid[0]):
         for y in range(plan.grid[1]):
             rows = list(plan.block_rows(y))
-            g_tile = torch.zeros(cf.BATCH_TILE, 4 * H, dtype=torch.float64)
+            g_tile = torch.zeros(cf.BATCH_TILE, n_gates * H, dtype=torch.float64)
             g_tile[: len(rows)] = dg_x[rows]
             prod = g_tile @ w_bwd[q * cf.UNITS:(q + 1) * cf.UNITS].t()  # [16 batch, 8 units]
             for w_ in range(4):

@@ -1,5 +1,6 @@
-"""The GRU on a real GPU: the cuda backend's per-step kernels and the triton backend's, against the
-reference, and FusedGRU against nn.GRU.
+"""The GRU on a real GPU: the cuda backend's fused and per-step kernels and the triton backend's
+(persistent, and per-step in float32 without TF32), against the reference, and FusedGRU against
+nn.GRU, packed input included.
 
 Marked ``gpu`` (skipped without CUDA). The rule of tests/test_cuda_gpu.py: against the float64
 reference on the same rounded inputs, the relative error of every output and gradient is at most
@@ -30,19 +31,28 @@ def _backend_or_skip(name: str) -> None:
         pytest.skip(f"{name} backend unavailable: {why}")
 
 
-def _run(backend, leaves, weights, dtype, resets):
+def _run(backend, leaves, weights, dtype, resets, batch_sizes=None):
     leaves = [t.detach().to(dtype).requires_grad_(True) for t in leaves]
-    h_all, h_T = gru_layer(*leaves, backend=backend, resets=resets)
+    h_all, h_T = gru_layer(*leaves, backend=backend, resets=resets, batch_sizes=batch_sizes)
     loss = (h_all.double() * weights[0]).sum() + (h_T.double() * weights[1]).sum()
     return [h_all, h_T, *torch.autograd.grad(loss, leaves)]
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+#: (backend, LSTM_KERNELS_CUDA_VARIANT): the cuda backend's fused kernels and its per-step kernels.
+KERNELS = {"cuda_fused": ("cuda", "fused"), "cuda_step": ("cuda", "step"), "triton": ("triton", None)}
+
+
+@pytest.mark.parametrize("kernels", list(KERNELS))
 @pytest.mark.parametrize("with_resets", [False, True], ids=["", "resets"])
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 @pytest.mark.parametrize("dt", list(DTYPES))
-def test_gru_layer_matches_the_reference(dt, shape, with_resets, backend):
+def test_gru_layer_matches_the_reference(dt, shape, with_resets, kernels, monkeypatch):
+    backend, variant = KERNELS[kernels]
     _backend_or_skip(backend)
+    if variant is not None:
+        from lstm_kernels.backends import cuda as cuda_backend
+
+        monkeypatch.setenv(cuda_backend.VARIANT_ENV, variant)
     T, B, H = SHAPES[shape]
     dtype = DTYPES[dt]
     gen = torch.Generator().manual_seed(0)
@@ -57,7 +67,38 @@ def test_gru_layer_matches_the_reference(dt, shape, with_resets, backend):
     own = _run("reference", leaves, weights, dtype, resets)
     for name, a, e, o in zip(("h_all", "h_T", "dxg", "dw_hh", "dh0", "db_hn"), actual, expected, own):
         tol = max(REL_TOL[dtype], 2 * rel_error(o.double(), e))
-        assert_rel_close(a.double(), e, tol, f"{backend} {dt} {name}")
+        assert_rel_close(a.double(), e, tol, f"{kernels} {dt} {name}")
+    if variant is not None:
+        ran = get_backend("cuda")
+        want = ("fused",) if variant == "fused" else ("wmma", "fma")
+        assert ran.last_forward_kernel in want and ran.last_backward_kernel in want, (ran.last_forward_kernel,
+                                                                                      ran.last_backward_kernel)
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_packed_gru_on_the_fused_kernels(dt):
+    """Variable lengths (only the fused kernels serve them on the cuda backend), with and without
+    gradients."""
+    _backend_or_skip("cuda")
+    dtype = DTYPES[dt]
+    T, B, H = 9, 5, 40
+    gen = torch.Generator().manual_seed(1)
+    cpu = [torch.randn(T, B, 3 * H, generator=gen) * 0.7, torch.randn(3 * H, H, generator=gen) / H ** 0.5,
+           torch.randn(B, H, generator=gen) * 0.5, torch.randn(H, generator=gen) * 0.3]
+    leaves = [t.cuda().to(dtype).double() for t in cpu]
+    weights = (torch.randn(T, B, H, generator=gen, dtype=torch.float64).cuda(),
+               torch.randn(B, H, generator=gen, dtype=torch.float64).cuda())
+    batch_sizes = torch.tensor([5, 5, 4, 4, 3, 2, 2, 1, 1])
+    actual = _run("cuda", leaves, weights, dtype, None, batch_sizes)
+    expected = _run("reference", leaves, weights, torch.float64, None, batch_sizes)
+    own = _run("reference", leaves, weights, dtype, None, batch_sizes)
+    for name, a, e, o in zip(("h_all", "h_T", "dxg", "dw_hh", "dh0", "db_hn"), actual, expected, own):
+        assert_rel_close(a.double(), e, max(REL_TOL[dtype], 2 * rel_error(o.double(), e)), f"packed {dt} {name}")
+    assert get_backend("cuda").last_backward_kernel == "fused"
+    with torch.no_grad():
+        h_all, h_T = gru_layer(*[t.to(dtype) for t in leaves], backend="cuda", batch_sizes=batch_sizes)
+    assert_rel_close(h_all.double(), expected[0], max(REL_TOL[dtype], 2 * rel_error(own[0].double(), expected[0])),
+                     "no-grad h_all")
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -74,4 +115,4 @@ def test_fused_gru_matches_nn_gru(backend, bidirectional):
     assert_rel_close(h.double(), expected_h, REL_TOL[torch.float32], "h_n")
     ran = get_backend(backend)
     if backend == "cuda":
-        assert ran.last_forward_kernel in ("wmma", "fma")  # the per-step kernels: the fused ones are the LSTM's
+        assert ran.last_forward_kernel == "fused"

@@ -60,6 +60,14 @@
 // exchange (dG_t itself unchanged), so dh_{t-1} = dG_t W_hh is 0 for the row (dh0, dc0 too at t = 0).
 // Cost per step: one load and a few selects; nothing in the k loop, no extra barrier.
 //
+// The GRU (GATES = 3, no PROJ; the equations above the kernel): the reduction over 3H in the order
+// r' = 3j + g, the exchange [d_r, d_z, d_hn] (three 16-bit stores per cell thread), the carry
+// dh z in the register of the LSTM's dc. Its dG ring takes one pair of chunks per stage (7 stages
+// in the warp's ring): 3H = 2304 gives each warp 9 pairs at the flagship in 16 bits, which 2-pair
+// stages would round up to 10 (a zero pair multiplied); so 18 HMMA per warp per step, the ideal,
+// 3/4 of the LSTM's 24. Shared memory: 8 * (K3p * e + 16) + the rings + 4096 bytes (112.1 KB at
+// H = 768 in 16 bits), so the largest H served is 4/3 of the LSTM's.
+//
 // Structural checks: as fused_forward.cu (tests/test_cuda_step_budget.py).
 #include <cuda_runtime.h>
 
@@ -88,6 +96,18 @@ __device__ __forceinline__ void store_gate_grads(T* dg, int H, T* ex, const Gate
   *reinterpret_cast<Four*>(ex) = pack;
 }
 
+// The GRU's: d_r, d_z, d_n to dG (stride H), d_hn to its own output, and the gradient of the recurrent
+// product, d_r, d_z, d_hn, to the exchange at r' = 3j .. 3j + 2 (zeros where `cut`, as the LSTM's).
+template <typename T, bool RESETS = false>
+__device__ __forceinline__ void store_gru_grads(T* dg, int H, T* d_hn, T* ex, const GruGrads& d, bool cut = false) {
+  const T r = from_float<T>(d.r), z = from_float<T>(d.z), hn = from_float<T>(d.hn);
+  dg[0] = r, dg[H] = z, dg[2 * H] = from_float<T>(d.n);
+  *d_hn = hn;
+  const bool keep = !(RESETS && cut);
+  const T zero = from_float<T>(0.f);
+  ex[0] = keep ? r : zero, ex[1] = keep ? z : zero, ex[2] = keep ? hn : zero;
+}
+
 // PROJ (proj_size P < H): a step has two half-steps, each closed by one grid barrier.
 //   A': dh_t = dh_all[t] + dG_{t+1} W_hh (K = 4H) by the blocks q < ceil(P / 8) (8 columns p of
 //       W_hh each), to dh_tot (fp32, for dW_hr = sum_t dh_t^T m_t on the host) and the 16-bit
@@ -97,20 +117,29 @@ __device__ __forceinline__ void store_gate_grads(T* dg, int H, T* ex, const Gate
 // Without PROJ, one half-step per step (the cell takes dh = dh_all[t] + dG_{t+1} W_hh).
 // Half-steps hs = NPH*it + phase, it = T-1-t from 0 to T (T: the dh0 pass); a launch runs
 // [hs_begin, hs_end), all in the persistent launch, one in the per-step mode (same bits).
-template <typename Op, bool PROJ, bool RESETS, typename T = typename Op::T>
+//
+// GATES = 3, the GRU (no PROJ): K = 3H, r' = 3j + g; the exchange holds d_r, d_z, d_hn (the gradient of
+// h_{t-1} W_hh^T's rows) and dc_reg the carry dh_{t+1} z_{t+1} (the part of dh_t that skips W_hh):
+//   dh  = dh_all[t] + (row active at t+1 ? [d_r, d_z, d_hn]_{t+1} W_hh + carry : dh_T)
+//   d_r, d_z, d_n, d_hn, carry = gru_cell_backward(dh, r, z, n, hn, h_{t-1})       (cell.cuh)
+// with act = r, z, n and c_all = hn from the forward, h_{t-1} from h_all (h0 at t = 0: the c0 slot);
+// dc_T, dc0 unused, d_hn written.
+template <typename Op, bool PROJ, bool RESETS, int GATES, typename T = typename Op::T>
 __global__ void __launch_bounds__(THREADS, 1)
-    fused_backward_kernel(const T* __restrict__ w_bwd,        // [ceil(P/8)*8, 4H] W_hh^T, columns interleaved
+    fused_backward_kernel(const T* __restrict__ w_bwd,        // [ceil(P/8)*8, GATES*H] W_hh^T, columns interleaved
                           const T* __restrict__ w_hrT,        // [ceil(H/8)*8, P] W_hr^T (PROJ)
-                          const float* __restrict__ act,      // [T, B, 4H] fp32 activations from forward
-                          const float* __restrict__ c_all,    // [T, B, H] fp32 cell states from forward
-                          const T* __restrict__ c0,           // [B, H]
+                          const float* __restrict__ act,      // [T, B, GATES*H] fp32 activations from forward
+                          const float* __restrict__ c_all,    // [T, B, H] fp32 cell states (the GRU's hn)
+                          const T* __restrict__ c0,           // [B, H] (the GRU's h0)
+                          const T* __restrict__ h_all,        // [T, B, H] the forward's h_t (GRU)
+                          T* __restrict__ d_hn,               // [T, B, H] out: d_hn (GRU)
                           const T* __restrict__ dh_all,       // [T, B, P]
                           const T* __restrict__ dh_T,         // [B, P]
                           const T* __restrict__ dc_T,         // [B, H]
                           float* dc_work,                     // [B, H] fp32 carried dc between launches
                           T* dgx,                             // [2, Bp, K4p] dG exchange (r' order), zeroed
                           T* dhx,                             // [Bp, Pk] dh exchange (PROJ), zeroed
-                          T* __restrict__ dG,                 // [T, B, 4H] out (PyTorch gate order)
+                          T* __restrict__ dG,                 // [T, B, GATES*H] out (PyTorch gate order)
                           T* __restrict__ dh0,                // [B, P] out (dh0 pass)
                           T* __restrict__ dc0,                // [B, H] out (dh0 pass)
                           float* __restrict__ dh_tot,         // [T, B, P] fp32 out: dh_t (PROJ)
@@ -119,11 +148,12 @@ __global__ void __launch_bounds__(THREADS, 1)
                           int T_, int B, int H, int P, int hs_begin, int hs_end,
                           BarrierWatch watch,  // the time bound of the grid wait (barrier_wait.cuh)
                           const unsigned char* __restrict__ resets) {  // [T, B] uint8 (RESETS), else unused
+  static_assert(GATES == 4 || (GATES == 3 && !PROJ), "the LSTM, or the GRU without a projection");
   constexpr int NPH = PROJ ? 2 : 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int abort_s;  // the grid wait gave up: every thread of the block leaves
   constexpr int E = sizeof(T);
-  const int K4 = 4 * H, Kp = round_up(K4, kpad(E)), LD = Kp + smem_pad(E), Bp = round_up(B, BATCH_TILE);
+  const int K4 = GATES * H, Kp = round_up(K4, kpad(E)), LD = Kp + smem_pad(E), Bp = round_up(B, BATCH_TILE);
   const int Pk = round_up(P, kpad(E)), LDP = Pk + smem_pad(E);
   T* w_s = reinterpret_cast<T*>(smem_raw);                      // [UNITS][LD]
   unsigned char* ring = reinterpret_cast<unsigned char*>(w_s + UNITS * LD);  // [WARPS][WARP_RING_BYTES]
@@ -132,7 +162,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   T* d_s = wr_s + UNITS * LDP;                                   // [BATCH_TILE][LDP] (PROJ)
   const int q = blockIdx.x, b0 = blockIdx.y * BATCH_TILE;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const size_t BH = (size_t)B * H, BP = (size_t)B * P, B4H = 4 * BH, gx_slot = (size_t)Bp * Kp;
+  const size_t BH = (size_t)B * H, BP = (size_t)B * P, B4H = GATES * BH, gx_slot = (size_t)Bp * Kp;
   const bool w_block = !PROJ || q * UNITS < P;  // owns columns [8q, 8q + 8) of W_hh
   const T zero = from_float<T>(0.f);
   unsigned int* counter = counters + blockIdx.y;
@@ -145,18 +175,23 @@ __global__ void __launch_bounds__(THREADS, 1)
   const bool mine = cell_warp && j < H && b < B;
   const bool mine_p = PROJ && cell_warp && j < P && b < B;  // half-step A': column p = j of dh
   const size_t s = (size_t)b * H + j;
-  float dc_reg = 0.f;
+  float dc_reg = 0.f;  // the LSTM's dc; the GRU's carry dh_{t+1} z_{t+1}
   if (mine && hs_begin > 0) dc_reg = dc_work[s];
-  // Prefetched inputs of the cell at step t: activations, c_t, c_{t-1}, dh_all[t] (without PROJ),
-  // and (RESETS) whether row b starts step t from zero state.
+  // Prefetched inputs of the cell at step t: activations (i, f, g, o; r, z, n), c_t (hn), c_{t-1}
+  // (h_{t-1}), dh_all[t] (without PROJ), and (RESETS) whether row b starts step t from zero state.
   float p_i = 0.f, p_f = 0.f, p_g = 0.f, p_o = 0.f, p_c = 0.f, p_cp = 0.f, p_dh = 0.f;
   int p_cut = 0;
   auto prefetch = [&](int t) {
     if (!mine || t < 0) return;
     const float* a = act + t * B4H + (size_t)b * K4 + j;
-    p_i = a[0], p_f = a[H], p_g = a[2 * H], p_o = a[3 * H];
+    p_i = a[0], p_f = a[H], p_g = a[2 * H];
+    if constexpr (GATES == 4) p_o = a[3 * H];
     p_c = c_all[t * BH + s];
-    p_cp = t > 0 ? c_all[(t - 1) * BH + s] : to_float(c0[s]);
+    if constexpr (GATES == 4) {
+      p_cp = t > 0 ? c_all[(t - 1) * BH + s] : to_float(c0[s]);
+    } else {
+      p_cp = to_float(t > 0 ? h_all[(t - 1) * BH + s] : c0[s]);
+    }
     if (!PROJ) p_dh = to_float(dh_all[t * BH + s]);
     if constexpr (RESETS) p_cut = resets[(size_t)t * B + b];
   };
@@ -164,7 +199,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   // gradient) and nothing flows back: dc_{t-1} = 0 (dc_reg), dh_{t-1} = 0 (the zeroed exchange).
   const int it_first = hs_begin / NPH, it_end = (hs_end + NPH - 1) / NPH;
   prefetch(T_ - 1 - it_first);
-  const KRange gate_k = bwd_gate_k(warp, H, E);  // pairs of chunks of K = 4H
+  const KRange gate_k = bwd_gate_k(warp, H, E, GATES);  // pairs of chunks of K = 4H (3H)
   const KRange proj_k = bwd_proj_k(warp, P, E);  // pairs of chunks of K = P (PROJ)
   const int kp_begin = gate_k.begin, kp_end = gate_k.end, kq_begin = proj_k.begin, kq_end = proj_k.end;
   const unsigned int arrivals = 4u * gridDim.x;
@@ -184,7 +219,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       if (!block_wait(counter, (unsigned int)(hs_a - hs_begin) * arrivals, hs_a > hs_begin, watch, t + 1, warp, lane,
                       &abort_s))
         return;
-      const float rec = split_k_mma_16x8_streamed<Op>(  // [2] partial sums in red
+      const float rec = split_k_mma_16x8_streamed<Op, GATES == 4 ? STAGE_PAIRS : 1>(  // [2] partial sums in red
           dgx + ((t + 1) & 1) * gx_slot + (size_t)b0 * Kp, Kp, ring + warp * WARP_RING_BYTES, w_base, kp_begin,
           kp_end, w_block && b0 < n_next, red, warp, lane);
       if (cell_warp) {
@@ -204,22 +239,36 @@ __global__ void __launch_bounds__(THREADS, 1)
             }
           }
         } else if (mine) {
-          const float dh_in = from_next ? rec : to_float(dh_T[s]);
-          const float dc_in = from_next ? dc_reg : to_float(dc_T[s]);
+          // the GRU's carry dh_{t+1} z_{t+1} joins dG_{t+1} W_hh (0 where step t + 1 reset the row)
+          const float dh_in = from_next ? rec + (GATES == 3 ? dc_reg : 0.f) : to_float(dh_T[s]);
+          const float dc_in = GATES == 3 ? 0.f : from_next ? dc_reg : to_float(dc_T[s]);
           if (t < 0) {
             dh0[s] = from_float<T>(dh_in);
-            dc0[s] = from_float<T>(dc_in);
+            if constexpr (GATES == 4) dc0[s] = from_float<T>(dc_in);
           } else {
             T* dg = dG + t * B4H + (size_t)b * K4 + j;
+            T* ex = dgx + (t & 1) * gx_slot + (size_t)b * Kp + bwd_col(0, j, GATES);
+            const bool cut = RESETS && p_cut;
             if (b < n_t) {
-              GateGrads d;
-              float dc_prev;
-              cell_backward(dh_in + p_dh, dc_in, Gates{p_i, p_f, p_g, p_o}, RESETS && p_cut ? 0.f : p_cp, p_c, &d,
-                            &dc_prev);
-              dc_reg = RESETS && p_cut ? 0.f : dc_prev;
-              store_gate_grads<T, RESETS>(dg, H, dgx + (t & 1) * gx_slot + (size_t)b * Kp + bwd_col(0, j), d, p_cut);
+              if constexpr (GATES == 4) {
+                GateGrads d;
+                float dc_prev;
+                cell_backward(dh_in + p_dh, dc_in, Gates{p_i, p_f, p_g, p_o}, cut ? 0.f : p_cp, p_c, &d, &dc_prev);
+                dc_reg = cut ? 0.f : dc_prev;
+                store_gate_grads<T, RESETS>(dg, H, ex, d, p_cut);
+              } else {
+                GruGrads d;
+                gru_cell_backward(dh_in + p_dh, GruGates{p_i, p_f, p_g}, p_c, cut ? 0.f : p_cp, &d);
+                dc_reg = cut ? 0.f : d.h_prev;
+                store_gru_grads<T, RESETS>(dg, H, d_hn + t * BH + s, ex, d, p_cut);
+              }
             } else {
-              dg[0] = zero, dg[H] = zero, dg[2 * H] = zero, dg[3 * H] = zero;
+              dg[0] = zero, dg[H] = zero, dg[2 * H] = zero;
+              if constexpr (GATES == 4) {
+                dg[3 * H] = zero;
+              } else {
+                d_hn[t * BH + s] = zero;
+              }
             }
           }
         }
@@ -268,66 +317,68 @@ __global__ void __launch_bounds__(THREADS, 1)
   if (mine && dc_work) dc_work[s] = dc_reg;
 }
 
-size_t backward_smem_bytes(int H, int P, bool proj, int elem) {
-  const int LD = round_up(4 * H, kpad(elem)) + smem_pad(elem), LDP = round_up(P, kpad(elem)) + smem_pad(elem);
+size_t backward_smem_bytes(int H, int P, bool proj, int elem, int gates) {
+  const int LD = round_up(gates * H, kpad(elem)) + smem_pad(elem), LDP = round_up(P, kpad(elem)) + smem_pad(elem);
   return (size_t)UNITS * LD * elem + (size_t)WARPS * WARP_RING_BYTES + (size_t)WARPS * 4 * 32 * sizeof(float) +
          (proj ? (size_t)(UNITS + BATCH_TILE) * LDP * elem : 0);
 }
 
-template <typename Op, bool PROJ, bool RESETS, typename T = typename Op::T>
+template <typename Op, bool PROJ, bool RESETS, int GATES, typename T = typename Op::T>
 cudaError_t backward_launch(const void* w_bwd, const void* w_hrT, const float* act, const float* c_all,
-                            const void* c0, const void* dh_all, const void* dh_T, const void* dc_T, float* dc_work,
-                            void* dgx, void* dhx, void* dG, void* dh0, void* dc0, float* dh_tot,
-                            const int* batch_sizes, const unsigned char* resets, unsigned int* counters, int T_, int B,
-                            int H, int P, int persistent, BarrierWatch watch, cudaStream_t stream) {
+                            const void* c0, const void* h_all, void* d_hn, const void* dh_all, const void* dh_T,
+                            const void* dc_T, float* dc_work, void* dgx, void* dhx, void* dG, void* dh0, void* dc0,
+                            float* dh_tot, const int* batch_sizes, const unsigned char* resets, unsigned int* counters,
+                            int T_, int B, int H, int P, int persistent, BarrierWatch watch, cudaStream_t stream) {
   const dim3 grid(unit_blocks(H), batch_tiles(B));
-  return launch_half_steps(fused_backward_kernel<Op, PROJ, RESETS>, grid, backward_smem_bytes(H, P, PROJ, sizeof(T)),
-                           (PROJ ? 2 : 1) * (T_ + 1), persistent, counters, watch, resets, stream,
-                           static_cast<const T*>(w_bwd), static_cast<const T*>(w_hrT), act, c_all,
-                           static_cast<const T*>(c0), static_cast<const T*>(dh_all), static_cast<const T*>(dh_T),
-                           static_cast<const T*>(dc_T), dc_work, static_cast<T*>(dgx), static_cast<T*>(dhx),
-                           static_cast<T*>(dG), static_cast<T*>(dh0), static_cast<T*>(dc0), dh_tot, batch_sizes,
-                           counters, T_, B, H, P);
+  return launch_half_steps(fused_backward_kernel<Op, PROJ, RESETS, GATES>, grid,
+                           backward_smem_bytes(H, P, PROJ, sizeof(T), GATES), (PROJ ? 2 : 1) * (T_ + 1), persistent,
+                           counters, watch, resets, stream, static_cast<const T*>(w_bwd), static_cast<const T*>(w_hrT),
+                           act, c_all, static_cast<const T*>(c0), static_cast<const T*>(h_all), static_cast<T*>(d_hn),
+                           static_cast<const T*>(dh_all), static_cast<const T*>(dh_T), static_cast<const T*>(dc_T),
+                           dc_work, static_cast<T*>(dgx), static_cast<T*>(dhx), static_cast<T*>(dG),
+                           static_cast<T*>(dh0), static_cast<T*>(dc0), dh_tot, batch_sizes, counters, T_, B, H, P);
 }
 
-template <typename Op, bool PROJ, bool RESETS>
+template <typename Op, bool PROJ, bool RESETS, int GATES>
 cudaError_t backward_plan(int B, int H, int P, int* blocks, size_t* smem, int* possible) {
-  *smem = backward_smem_bytes(H, P, PROJ, sizeof(typename Op::T));
+  *smem = backward_smem_bytes(H, P, PROJ, sizeof(typename Op::T), GATES);
   *blocks = unit_blocks(H) * batch_tiles(B);
-  return kernel_plan(fused_backward_kernel<Op, PROJ, RESETS>, *smem, *blocks, possible);
+  return kernel_plan(fused_backward_kernel<Op, PROJ, RESETS, GATES>, *smem, *blocks, possible);
 }
 
 }  // namespace fused
 }  // namespace lstm
 
 // C entry points (dtype: with_op's codes, as lstm_fused_forward; proj: P < H with w_hrT, dhx and
-// dh_tot). Return a cudaError_t code.
+// dh_tot; gates 4 the LSTM, 3 the GRU with h_all and d_hn). Return a cudaError_t code.
 extern "C" int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_hrT, const float* act,
                                    const float* c_all, const void* c0, const void* dh_all, const void* dh_T,
                                    const void* dc_T, float* dc_work, void* dgx, void* dhx, void* dG, void* dh0,
                                    void* dc0, float* dh_tot, const int* batch_sizes, const unsigned char* resets,
                                    unsigned int* counters, int T, int B, int H, int P, int persistent,
                                    unsigned long long* barrier_state, long long* barrier_record,
-                                   long long barrier_timeout_ns, long long barrier_kernel, void* stream) {
+                                   long long barrier_timeout_ns, long long barrier_kernel, void* stream, int gates,
+                                   const void* h_all, void* d_hn) {
   using namespace lstm::fused;
   const lstm::BarrierWatch watch{barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel};
   return with_op(dtype, [&](auto op) {
     using Op = decltype(op);
-    return with_flags(w_hrT != nullptr, resets != nullptr, [&](auto proj, auto with_resets) {
-      return backward_launch<Op, decltype(proj)::value, decltype(with_resets)::value>(
-          w_bwd, w_hrT, act, c_all, c0, dh_all, dh_T, dc_T, dc_work, dgx, dhx, dG, dh0, dc0, dh_tot, batch_sizes,
-          resets, counters, T, B, H, P, persistent, watch, static_cast<cudaStream_t>(stream));
+    return with_instance(w_hrT != nullptr, resets != nullptr, gates, [&](auto proj, auto with_resets, auto cell_gates) {
+      return backward_launch<Op, decltype(proj)::value, decltype(with_resets)::value, decltype(cell_gates)::value>(
+          w_bwd, w_hrT, act, c_all, c0, h_all, d_hn, dh_all, dh_T, dc_T, dc_work, dgx, dhx, dG, dh0, dc0, dh_tot,
+          batch_sizes, resets, counters, T, B, H, P, persistent, watch, static_cast<cudaStream_t>(stream));
     });
   });
 }
 
 extern "C" int lstm_fused_backward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem,
-                                        int* possible) {
+                                        int* possible, int gates) {
   using namespace lstm::fused;
   return with_op(dtype, [&](auto op) {
     using Op = decltype(op);
-    return with_flags(P != H, resets != 0, [&](auto proj, auto with_resets) {
-      return backward_plan<Op, decltype(proj)::value, decltype(with_resets)::value>(B, H, P, blocks, smem, possible);
+    return with_instance(P != H, resets != 0, gates, [&](auto proj, auto with_resets, auto cell_gates) {
+      return backward_plan<Op, decltype(proj)::value, decltype(with_resets)::value, decltype(cell_gates)::value>(
+          B, H, P, blocks, smem, possible);
     });
   });
 }

@@ -361,49 +361,58 @@ __device__ __forceinline__ float split_k_mma_16x8(uint32_t a_base, uint32_t b_ba
 // the stage's start (finite values), adding exact zeros, so the loop body has no predicated MMA.
 // A lane's copies keep their ring and source offsets from stage to stage (4 rows x one 16-byte
 // column per lane), so a stage costs 4 cp.async and a few address additions.
-template <typename Op, typename T = typename Op::T>
+//
+// PAIRS: pairs of chunks per stage (STAGE_PAIRS, or 1 where a warp's count of pairs is odd at the
+// design shape, so that no zero pair is multiplied: the GRU's 3H); the ring holds as many stages of
+// PAIRS as fit in WARP_RING_BYTES (RING_STAGES of STAGE_PAIRS; 7 of one pair), RING_STAGES - 1 or more
+// in flight.
+template <typename Op, int PAIRS = STAGE_PAIRS, typename T = typename Op::T>
 __device__ __forceinline__ float split_k_mma_16x8_streamed(const T* src, int ld, unsigned char* ring, uint32_t b_base,
                                                            int kp_begin, int kp_end, bool active, float* red,
                                                            int warp, int lane) {
-  constexpr int kRow = STAGE_PAIRS * 2 * CHUNK_BYTES / 16;  // 16-byte copies per row of a stage
+  constexpr int kStageRowBytes = PAIRS * 2 * CHUNK_BYTES + SMEM_PAD_BYTES;
+  constexpr int kStageBytes = BATCH_TILE * kStageRowBytes;
+  constexpr int kStages = WARP_RING_BYTES / kStageBytes;
+  static_assert(kStages >= RING_STAGES, "at least RING_STAGES - 1 stages in flight");
+  constexpr int kRow = PAIRS * 2 * CHUNK_BYTES / 16;  // 16-byte copies per row of a stage
   constexpr int kRowsPerPass = 32 / kRow;                   // rows the warp copies per cp.async instruction
   static_assert(32 % kRow == 0 && BATCH_TILE % kRowsPerPass == 0, "a stage is whole passes of the warp");
   float acc0[4] = {}, acc1[4] = {};
   if (active) {
-    const int n_stages = (kp_end - kp_begin + STAGE_PAIRS - 1) / STAGE_PAIRS;
+    const int n_stages = (kp_end - kp_begin + PAIRS - 1) / PAIRS;
     const int col = lane % kRow, row = lane / kRow;  // this lane's 16-byte column and first row
-    const uint32_t ring_lane = smem_addr(ring) + row * STAGE_ROW_BYTES + col * 16;
+    const uint32_t ring_lane = smem_addr(ring) + row * kStageRowBytes + col * 16;
     const size_t row_bytes = (size_t)ld * sizeof(T);
     const unsigned char* src_row = reinterpret_cast<const unsigned char*>(src) + row * row_bytes +
                                    (size_t)kp_begin * 2 * CHUNK_BYTES;
-    auto issue = [&](int s) {  // stage s into slot s % RING_STAGES; one commit group per stage, empty past the end
+    auto issue = [&](int s) {  // stage s into slot s % kStages; one commit group per stage, empty past the end
       if (s < n_stages) {
-        const int pairs = min(STAGE_PAIRS, kp_end - kp_begin - s * STAGE_PAIRS);
+        const int pairs = min(PAIRS, kp_end - kp_begin - s * PAIRS);
         const bool copy = col < pairs * (2 * CHUNK_BYTES / 16);  // else zero-fill, from the stage's column 0
-        const uint32_t dst = ring_lane + (s % RING_STAGES) * STAGE_BYTES;
-        const unsigned char* from = src_row + (size_t)s * STAGE_PAIRS * 2 * CHUNK_BYTES + (copy ? col * 16 : 0);
+        const uint32_t dst = ring_lane + (s % kStages) * kStageBytes;
+        const unsigned char* from = src_row + (size_t)s * PAIRS * 2 * CHUNK_BYTES + (copy ? col * 16 : 0);
 #pragma unroll
         for (int r = 0; r < BATCH_TILE; r += kRowsPerPass)
-          cp_async_16_zfill(dst + r * STAGE_ROW_BYTES, from + r * row_bytes, copy ? 16u : 0u);
+          cp_async_16_zfill(dst + r * kStageRowBytes, from + r * row_bytes, copy ? 16u : 0u);
       }
       cp_async_commit();
     };
-    const uint32_t a_lane = ldsm_a16(lane, STAGE_ROW_BYTES);
+    const uint32_t a_lane = ldsm_a16(lane, kStageRowBytes);
 #pragma unroll
-    for (int s = 0; s < RING_STAGES - 1; ++s) issue(s);
+    for (int s = 0; s < kStages - 1; ++s) issue(s);
 #pragma unroll 1
     for (int s = 0; s < n_stages; ++s) {
-      issue(s + RING_STAGES - 1);  // into the slot multiplied in iteration s - 1 (its __syncwarp below)
-      cp_async_wait_group<RING_STAGES - 1>();
+      issue(s + kStages - 1);  // into the slot multiplied in iteration s - 1 (its __syncwarp below)
+      cp_async_wait_group<kStages - 1>();
       __syncwarp();  // stage s has landed, copied by every lane
-      const uint32_t slot = smem_addr(ring) + (s % RING_STAGES) * STAGE_BYTES + a_lane;
-      const int p0 = kp_begin + s * STAGE_PAIRS;
+      const uint32_t slot = smem_addr(ring) + (s % kStages) * kStageBytes + a_lane;
+      const int p0 = kp_begin + s * PAIRS;
 #pragma unroll
-      for (int i = 0; i < STAGE_PAIRS; ++i) {
+      for (int i = 0; i < PAIRS; ++i) {
         const int p = p0 + i < kp_end ? p0 + i : p0;  // past kp_end: zeros times the stage's first W pair
         mma_pair<Op>(acc0, acc1, slot + i * 2 * CHUNK_BYTES, b_base + p * 2 * CHUNK_BYTES);
       }
-      __syncwarp();  // every lane has read slot s % RING_STAGES before it is refilled
+      __syncwarp();  // every lane has read slot s % kStages before it is refilled
     }
     cp_async_wait_all();  // the empty groups
   }

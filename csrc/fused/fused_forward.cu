@@ -58,6 +58,17 @@
 // thread zeroes c_{t-1} in its register. Cost per step: one load (latency hidden), one vote, a few
 // integer and select instructions; nothing in the k loop, no extra barrier.
 //
+// The GRU (GATES = 3, no PROJ; nn.GRU's r, z, n): the same grid, tiles, exchange and barrier. w_fwd
+// holds its r, z rows where the LSTM's i, f are (tile 0: lane l holds r, z of unit 8q + l/4 as it
+// holds i, f) and its n rows at block rows 16-23 (24-31 zero). Those 8 rows are the B operand of one
+// transposed MMA per chunk, hn^T [16 batch rows, 8 units] = h_{t-1} (A, ldmatrix of the same h tile)
+// x W_n^T, instead of a second 16-row tile: 3 MMA tiles per chunk, the ideal for 24 rows (18 HMMA
+// per warp per step at the flagship in 16 bits, 3/4 of the LSTM's 24; one more ldmatrix per chunk).
+// The cell thread reads its (b, j) of that tile at fwd_n_lane / fwd_n_element (fused_plan.cuh),
+// keeps h_{t-1} as stored (rounded) in the register that holds the LSTM's c, and computes
+// hn = that sum + b_hn, n = tanh(x_n + r hn), h_t = (1 - z) n + z h_{t-1} (gru_cell_forward). act
+// keeps r, z, n and c_all keeps hn: the per-step kernels' workspace, which either backward reads.
+//
 // Structural checks (tests/test_cuda_step_budget.py, on the cubins, CPU only): in the step
 // loop no global load inside a k loop or any nested loop but the barrier's poll (W_hh, W_hr
 // never read from global memory per step), only the designed handful of global loads (xg
@@ -83,25 +94,29 @@ namespace fused {
 // (all of them in the persistent launch; one per launch in the per-step mode), so both modes
 // run the same code on the same tiles (same bits). At a launch's start the state comes from
 // the exchange buffers and c_work; the host puts h0 in hx's slot 1 (step -1).
-template <typename Op, bool PROJ, bool RESETS, typename T = typename Op::T>
+//
+// GATES = 3, the GRU (no PROJ): see "The GRU" above; c0, c_work, c_T unused, b_hn read.
+template <typename Op, bool PROJ, bool RESETS, int GATES, typename T = typename Op::T>
 __global__ void __launch_bounds__(THREADS, 1)
-    fused_forward_kernel(const T* __restrict__ xg,           // [T, B, 4H]
+    fused_forward_kernel(const T* __restrict__ xg,           // [T, B, GATES*H]
                          const T* __restrict__ w_fwd,        // [ceil(H/8)*32, P] interleaved rows (see above)
                          const T* __restrict__ w_hr,         // [ceil(P/8)*8, H] W_hr, zero rows >= P (PROJ)
-                         const T* __restrict__ c0,           // [B, H]
+                         const T* __restrict__ c0,           // [B, H] (LSTM)
+                         const T* __restrict__ b_hn,         // [H] (GRU) or null (no bias)
                          float* c_work,                      // [B, H] fp32 c between launches (per-step mode)
                          T* hx,                              // [2, Bp, Pk] h exchange (slot 1: h0), pad zero
                          T* mx,                              // [Bp, Hk] m exchange (PROJ), pad zero
                          T* __restrict__ h_all,              // [T, B, P] out (zero for inactive rows)
                          T* __restrict__ h_T,                // [B, P] out: h at each row's last step
                          T* __restrict__ c_T,                // [B, H] out: c at each row's last step
-                         float* __restrict__ act,            // [T, B, 4H] fp32 activations (i,f,g,o), or null
-                         float* __restrict__ c_all,          // [T, B, H] fp32 cell states, or null
+                         float* __restrict__ act,            // [T, B, GATES*H] fp32 activations (i,f,g,o; r,z,n) or null
+                         float* __restrict__ c_all,          // [T, B, H] fp32 cell states (the GRU's hn), or null
                          const int* __restrict__ batch_sizes,  // [T] int32 active rows per step, or null
                          unsigned int* counters,             // [gridDim.y] zeroed; used with several half-steps
                          int T_, int B, int H, int P, int hs_begin, int hs_end,
                          BarrierWatch watch,  // the time bound of the grid wait (barrier_wait.cuh)
                          const unsigned char* __restrict__ resets) {  // [T, B] uint8 (RESETS), else unused
+  static_assert(GATES == 4 || (GATES == 3 && !PROJ), "the LSTM, or the GRU without a projection");
   constexpr int NPH = PROJ ? 2 : 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int abort_s;  // the grid wait gave up: every thread of the block leaves
@@ -115,7 +130,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   T* m_s = wr_s + UNITS * LDH;                                       // [BATCH_TILE][LDH] (PROJ)
   const int q = blockIdx.x, b0 = blockIdx.y * BATCH_TILE;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const size_t BH = (size_t)B * H, BP = (size_t)B * P, B4H = 4 * BH, hx_slot = (size_t)Bp * Pk;
+  const size_t BH = (size_t)B * H, BP = (size_t)B * P, BGH = GATES * BH, hx_slot = (size_t)Bp * Pk;
   const bool proj_block = PROJ && q * UNITS < P;  // owns rows [8q, 8q + 8) of W_hr
   const T zero = from_float<T>(0.f);
   unsigned int* counter = counters + blockIdx.y;
@@ -132,16 +147,25 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int pp = bwd_cell_unit(q, warp, lane), pb = bwd_cell_row(blockIdx.y, warp, lane);
   const bool mine_p = PROJ && cell_warp && pp < P && pb < B;
   const int t_first = hs_begin / NPH, t_end = (hs_end + NPH - 1) / NPH;
-  float c_reg = 0.f, x_i = 0.f, x_f = 0.f, x_g = 0.f, x_o = 0.f;
+  // c_reg: the LSTM's c_{t-1}; the GRU's h_{t-1} (as stored, rounded), from the exchange slot of step
+  // t_first - 1 (h0 at the start). x_*: xg_t of the thread's (b, j), gates i, f, g, o (r, z, n).
+  float c_reg = 0.f, x_i = 0.f, x_f = 0.f, x_g = 0.f, x_o = 0.f, bias_n = 0.f;
   int reset_next = 0;  // RESETS: this lane's flag (row b0 + lane) of the next step that runs half-step A
   if constexpr (RESETS) reset_next = reset_flag(resets, t_first, B, b0, lane);
+  auto load_xg = [&](int t) {
+    const T* x = xg + t * BGH + (size_t)b * GATES * H + j;
+    x_i = to_float(x[0]), x_f = to_float(x[H]), x_g = to_float(x[2 * H]);
+    if constexpr (GATES == 4) x_o = to_float(x[3 * H]);
+  };
   if (mine) {
     const size_t s = (size_t)b * H + j;
-    c_reg = hs_begin == 0 ? to_float(c0[s]) : c_work[s];
-    if (hs_begin % NPH == 0) {
-      const T* x = xg + t_first * B4H + (size_t)b * 4 * H + j;
-      x_i = to_float(x[0]), x_f = to_float(x[H]), x_g = to_float(x[2 * H]), x_o = to_float(x[3 * H]);
+    if constexpr (GATES == 4) {
+      c_reg = hs_begin == 0 ? to_float(c0[s]) : c_work[s];
+    } else {
+      c_reg = to_float(hx[((t_first - 1) & 1) * hx_slot + (size_t)b * Pk + j]);
+      if (b_hn) bias_n = to_float(b_hn[j]);
     }
+    if (hs_begin % NPH == 0) load_xg(t_first);
   }
   const KRange gate_k = fwd_gate_k(warp, P, E);  // half-step A: chunks of K = P
   const KRange proj_k = fwd_proj_k(warp, H, E);  // half-step B: pairs of chunks of K = H
@@ -151,6 +175,9 @@ __global__ void __launch_bounds__(THREADS, 1)
   // half-step B: A = m rows (batch) x k, B = W_hr rows (p) x k.
   const uint32_t w_base = smem_addr(w_s) + ldsm_a16(lane, LD * E);
   const uint32_t h_base = smem_addr(h_s) + ldsm_b16(lane, LD * E);
+  // The GRU's n rows (w_s rows 16-23) as the B operand (n8 tile 0 of ldsm_b16 from row 16), h as A.
+  const uint32_t wn_base = smem_addr(w_s + 16 * LD) + ldsm_b16(lane, LD * E);
+  const uint32_t ha_base = smem_addr(h_s) + ldsm_a16(lane, LD * E);
   const uint32_t m_base = smem_addr(m_s) + ldsm_a16(lane, LDH * E);
   const uint32_t r_base = smem_addr(wr_s) + ldsm_b8x2(lane, LDH * E);
 
@@ -178,40 +205,64 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll 1
         for (int ks = ks_begin; ks < ks_end; ++ks) {
           const Frag<Op> a0 = ldsm_frag<Op>(w_base + ks * CHUNK_BYTES);
-          const Frag<Op> a1 = ldsm_frag<Op>(w_base + ks * CHUNK_BYTES + 16 * LD * E);
           const Frag<Op> bf = ldsm_frag<Op>(h_base + ks * CHUNK_BYTES);
           mma_chunk<Op>(acc[0][0], a0, bf, 0);
           mma_chunk<Op>(acc[0][1], a0, bf, 1);
-          mma_chunk<Op>(acc[1][0], a1, bf, 0);
-          mma_chunk<Op>(acc[1][1], a1, bf, 1);
+          if constexpr (GATES == 4) {
+            const Frag<Op> a1 = ldsm_frag<Op>(w_base + ks * CHUNK_BYTES + 16 * LD * E);
+            mma_chunk<Op>(acc[1][0], a1, bf, 0);
+            mma_chunk<Op>(acc[1][1], a1, bf, 1);
+          } else {  // hn^T: batch rows x the n rows' 8 units, one MMA (the transposed tile of acc[1][0])
+            const Frag<Op> ha = ldsm_frag<Op>(ha_base + ks * CHUNK_BYTES);
+            const Frag<Op> wn = ldsm_frag<Op>(wn_base + ks * CHUNK_BYTES);
+            mma_chunk<Op>(acc[1][0], ha, wn, 0);
+          }
         }
       }
+      constexpr int TILES = GATES == 4 ? 4 : 3;  // accumulator tiles in use: (0, 0), (0, 1), (1, 0) [, (1, 1)]
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int tile = 0; tile < TILES; ++tile)
 #pragma unroll
-        for (int n = 0; n < 2; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) red[(warp * 16 + (mt * 2 + n) * 4 + e) * 32 + lane] = acc[mt][n][e];
+        for (int e = 0; e < 4; ++e) red[(warp * 16 + tile * 4 + e) * 32 + lane] = acc[tile >> 1][tile & 1][e];
       __syncthreads();  // [2] partial sums of the 8 warps in red
 
       if (cell_warp) {
-        // i: tile (0, nt) element cc; f: element 2 + cc; g, o: the same in tile (1, nt).
+        // i (r): tile (0, nt) element cc; f (z): element 2 + cc; g, o: the same in tile (1, nt). The GRU's
+        // n rows: tile (1, 0) holds hn^T (rows: batch, columns: units), (b, j) at fwd_n_lane / fwd_n_element.
         const int ri = nt * 4 + cc, rg = (2 + nt) * 4 + cc;
+        const int n_slot = 8 + fwd_n_element(warp, lane), n_lane = fwd_n_lane(warp, lane);
         float pi = 0.f, pf = 0.f, pg = 0.f, po = 0.f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) {
-          const float* rw = red + w * 16 * 32 + lane;
-          pi += rw[ri * 32], pf += rw[(ri + 2) * 32], pg += rw[rg * 32], po += rw[(rg + 2) * 32];
+          const float* rw = red + w * 16 * 32;
+          pi += rw[ri * 32 + lane], pf += rw[(ri + 2) * 32 + lane];
+          if constexpr (GATES == 4) {
+            pg += rw[rg * 32 + lane], po += rw[(rg + 2) * 32 + lane];
+          } else {
+            pg += rw[n_slot * 32 + n_lane];
+          }
         }
         if (mine) {
           const size_t s = (size_t)b * H + j;
           if (b < n_t) {
-            if (RESETS && ((zero_rows >> (b - b0)) & 1u)) c_reg = 0.f;
-            Gates a;
-            float c_new, h;
-            cell_forward(pi + x_i, pf + x_f, pg + x_g, po + x_o, c_reg, &a, &c_new, &h);
-            c_reg = c_new;
+            const bool reset = RESETS && ((zero_rows >> (b - b0)) & 1u);
+            if (reset) c_reg = 0.f;
+            float h, saved;  // h_t before rounding; what c_all keeps (c_t; the GRU's hn)
+            float* ap = act ? act + t * BGH + (size_t)b * GATES * H + j : nullptr;
+            if constexpr (GATES == 4) {
+              Gates a;
+              cell_forward(pi + x_i, pf + x_f, pg + x_g, po + x_o, c_reg, &a, &saved, &h);
+              c_reg = saved;
+              if (ap) ap[0] = a.i, ap[H] = a.f, ap[2 * H] = a.g, ap[3 * H] = a.o;
+              if (last_step || b >= n_after) c_T[s] = from_float<T>(saved);
+            } else {
+              GruGates a;
+              saved = pg + bias_n;
+              gru_cell_forward(pi + x_i, pf + x_f, x_g, saved, c_reg, &a, &h);
+              if (ap) ap[0] = a.r, ap[H] = a.z, ap[2 * H] = a.n;
+            }
             const T hT = from_float<T>(h);
+            if constexpr (GATES == 3) c_reg = to_float(hT);  // h_{t-1} of the next step, as stored
             if (PROJ) {
               mx[(size_t)b * Hk + j] = hT;  // m_t, projected in half-step B
             } else {
@@ -219,22 +270,14 @@ __global__ void __launch_bounds__(THREADS, 1)
               hx[(t & 1) * hx_slot + (size_t)b * Pk + j] = hT;
               if (last_step || b >= n_after) h_T[s] = hT;
             }
-            if (act) {
-              float* ap = act + t * B4H + (size_t)b * 4 * H + j;
-              ap[0] = a.i, ap[H] = a.f, ap[2 * H] = a.g, ap[3 * H] = a.o;
-            }
-            if (c_all) c_all[t * BH + s] = c_new;
-            if (last_step || b >= n_after) c_T[s] = from_float<T>(c_new);
+            if (c_all) c_all[t * BH + s] = saved;
           } else if (!PROJ) {
             h_all[t * BH + s] = zero;
           }
         }
         if (hs_a + 1 < hs_end) {
           grid_arrive(counter, lane);  // this warp's h_t (m_t) stored: release
-          if (mine && t + 1 < t_end) {  // xg_{t+1}, before the next wait
-            const T* x = xg + (t + 1) * B4H + (size_t)b * 4 * H + j;
-            x_i = to_float(x[0]), x_f = to_float(x[H]), x_g = to_float(x[2 * H]), x_o = to_float(x[3 * H]);
-          }
+          if (mine && t + 1 < t_end) load_xg(t + 1);  // xg_{t+1}, before the next wait
         }
       }
     }
@@ -265,7 +308,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       }
     }
   }
-  if (mine && c_work) c_work[(size_t)b * H + j] = c_reg;
+  if (GATES == 4 && mine && c_work) c_work[(size_t)b * H + j] = c_reg;
 }
 
 size_t forward_smem_bytes(int H, int P, bool proj, int elem) {
@@ -274,59 +317,63 @@ size_t forward_smem_bytes(int H, int P, bool proj, int elem) {
          (proj ? (size_t)(UNITS + BATCH_TILE) * LDH * elem : 0);
 }
 
-template <typename Op, bool PROJ, bool RESETS, typename T = typename Op::T>
-cudaError_t forward_launch(const void* xg, const void* w_fwd, const void* w_hr, const void* c0, float* c_work,
-                           void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act, float* c_all,
-                           const int* batch_sizes, const unsigned char* resets, unsigned int* counters, int T_, int B,
-                           int H, int P, int persistent, BarrierWatch watch, cudaStream_t stream) {
+template <typename Op, bool PROJ, bool RESETS, int GATES, typename T = typename Op::T>
+cudaError_t forward_launch(const void* xg, const void* w_fwd, const void* w_hr, const void* c0, const void* b_hn,
+                           float* c_work, void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act,
+                           float* c_all, const int* batch_sizes, const unsigned char* resets, unsigned int* counters,
+                           int T_, int B, int H, int P, int persistent, BarrierWatch watch, cudaStream_t stream) {
   const dim3 grid(unit_blocks(H), batch_tiles(B));
-  return launch_half_steps(fused_forward_kernel<Op, PROJ, RESETS>, grid, forward_smem_bytes(H, P, PROJ, sizeof(T)),
-                           (PROJ ? 2 : 1) * T_, persistent, counters, watch, resets, stream, static_cast<const T*>(xg),
-                           static_cast<const T*>(w_fwd), static_cast<const T*>(w_hr), static_cast<const T*>(c0), c_work,
+  return launch_half_steps(fused_forward_kernel<Op, PROJ, RESETS, GATES>, grid,
+                           forward_smem_bytes(H, P, PROJ, sizeof(T)), (PROJ ? 2 : 1) * T_, persistent, counters, watch,
+                           resets, stream, static_cast<const T*>(xg), static_cast<const T*>(w_fwd),
+                           static_cast<const T*>(w_hr), static_cast<const T*>(c0), static_cast<const T*>(b_hn), c_work,
                            static_cast<T*>(hx), static_cast<T*>(mx), static_cast<T*>(h_all), static_cast<T*>(h_T),
                            static_cast<T*>(c_T), act, c_all, batch_sizes, counters, T_, B, H, P);
 }
 
 // Whether the fused forward serves (B, H, P) on the current device: *possible 0 the block's
 // shared memory does not fit, 1 the persistent grid is co-resident, 2 per-step launches only.
-template <typename Op, bool PROJ, bool RESETS>
+template <typename Op, bool PROJ, bool RESETS, int GATES>
 cudaError_t forward_plan(int B, int H, int P, int* blocks, size_t* smem, int* possible) {
   *smem = forward_smem_bytes(H, P, PROJ, sizeof(typename Op::T));
   *blocks = unit_blocks(H) * batch_tiles(B);
-  return kernel_plan(fused_forward_kernel<Op, PROJ, RESETS>, *smem, *blocks, possible);
+  return kernel_plan(fused_forward_kernel<Op, PROJ, RESETS, GATES>, *smem, *blocks, possible);
 }
 
 }  // namespace fused
 }  // namespace lstm
 
 // C entry points (dtype 0 float at fp32 accuracy, 1 fp16, 2 bf16, 3 float on tf32: with_op's codes;
-// proj: P < H with w_hr and mx), for bindings.cpp and for the GPU tests' standalone build. Return a
-// cudaError_t code.
+// proj: P < H with w_hr and mx; gates 4 the LSTM, 3 the GRU with b_hn), for bindings.cpp and for the
+// GPU tests' standalone build. Return a cudaError_t code.
 extern "C" int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, const void* w_hr, const void* c0,
                                   float* c_work, void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act,
                                   float* c_all, const int* batch_sizes, const unsigned char* resets,
                                   unsigned int* counters, int T, int B, int H, int P, int persistent,
                                   unsigned long long* barrier_state, long long* barrier_record,
-                                  long long barrier_timeout_ns, long long barrier_kernel, void* stream) {
+                                  long long barrier_timeout_ns, long long barrier_kernel, void* stream, int gates,
+                                  const void* b_hn) {
   using namespace lstm::fused;
   const lstm::BarrierWatch watch{barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel};
   return with_op(dtype, [&](auto op) {
     using Op = decltype(op);
-    return with_flags(w_hr != nullptr, resets != nullptr, [&](auto proj, auto with_resets) {
-      return forward_launch<Op, decltype(proj)::value, decltype(with_resets)::value>(
-          xg, w_fwd, w_hr, c0, c_work, hx, mx, h_all, h_T, c_T, act, c_all, batch_sizes, resets, counters, T, B, H, P,
-          persistent, watch, static_cast<cudaStream_t>(stream));
+    return with_instance(w_hr != nullptr, resets != nullptr, gates, [&](auto proj, auto with_resets,
+                                                                                 auto cell_gates) {
+      return forward_launch<Op, decltype(proj)::value, decltype(with_resets)::value, decltype(cell_gates)::value>(
+          xg, w_fwd, w_hr, c0, b_hn, c_work, hx, mx, h_all, h_T, c_T, act, c_all, batch_sizes, resets, counters, T, B,
+          H, P, persistent, watch, static_cast<cudaStream_t>(stream));
     });
   });
 }
 
 extern "C" int lstm_fused_forward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem,
-                                       int* possible) {
+                                       int* possible, int gates) {
   using namespace lstm::fused;
   return with_op(dtype, [&](auto op) {
     using Op = decltype(op);
-    return with_flags(P != H, resets != 0, [&](auto proj, auto with_resets) {
-      return forward_plan<Op, decltype(proj)::value, decltype(with_resets)::value>(B, H, P, blocks, smem, possible);
+    return with_instance(P != H, resets != 0, gates, [&](auto proj, auto with_resets, auto cell_gates) {
+      return forward_plan<Op, decltype(proj)::value, decltype(with_resets)::value, decltype(cell_gates)::value>(
+          B, H, P, blocks, smem, possible);
     });
   });
 }

@@ -43,6 +43,21 @@ cudaError_t with_flags(bool a, bool b, F&& f) {
   return b ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
 }
 
+// Calls f(proj, resets, gates) (std::integral_constant's) for the kernel instances that exist: the
+// LSTM's four (gates 4), and the GRU's two (gates 3, no projection); cudaErrorInvalidValue otherwise.
+template <typename F>
+cudaError_t with_instance(bool proj, bool resets, int gates, F&& f) {
+  if (gates != 4 && (gates != 3 || proj)) return cudaErrorInvalidValue;
+  return with_flags(proj, resets, [&](auto with_proj, auto with_resets) {
+    if constexpr (decltype(with_proj)::value) {
+      return f(with_proj, with_resets, std::integral_constant<int, 4>{});
+    } else {
+      return gates == 3 ? f(with_proj, with_resets, std::integral_constant<int, 3>{})
+                        : f(with_proj, with_resets, std::integral_constant<int, 4>{});
+    }
+  });
+}
+
 // Runs half-steps [0, n_half) of `kernel`, whose parameters are `args...` followed by the first
 // and the end half-step, a BarrierWatch and the resets pointer: with `persistent`, one cooperative launch that passes
 // the grid barrier between half-steps (the per-batch-tile counters, grid.y of them, are zeroed

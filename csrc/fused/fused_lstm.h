@@ -25,28 +25,37 @@ enum FusedOp { kFusedFloat32 = 0, kFusedFloat16 = 1, kFusedBFloat16 = 2, kFusedT
 // zeroed (proj) or null; out h_all [T,B,P], h_T [B,P], c_T [B,H] (pre-filled with h0, c0), act
 // [T,B,4H] fp32 / c_all [T,B,H] fp32 or null; batch_sizes [T] int32 or null; resets [T,B] uint8 or
 // null (nonzero: that row starts step t from h_{t-1} = 0, c_{t-1} = 0); counters [ceil(B/16)].
+// gates: 4 the LSTM; 3 the GRU (no projection): xg [T,B,3H], c0, c_work and c_T null, b_hn [H] or null,
+// act [T,B,3H] (r, z, n) and c_all [T,B,H] (hn = h_{t-1} W_hn^T + b_hn), as the per-step kernels' workspace.
 int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, const void* w_hr, const void* c0,
                        float* c_work, void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act,
                        float* c_all, const int* batch_sizes, const unsigned char* resets, unsigned int* counters,
                        int T, int B, int H, int P,
                        int persistent, unsigned long long* barrier_state, long long* barrier_record,
-                       long long barrier_timeout_ns, long long barrier_kernel, void* stream);
+                       long long barrier_timeout_ns, long long barrier_kernel, void* stream, int gates,
+                       const void* b_hn);
 
 // w_bwd [ceil(P/8)*8, 4H] (cuda/fused.py's interleave_backward); w_hrT [ceil(H/8)*8, P] or null; act,
 // c_all from the forward; c0 [B,H]; dh_all [T,B,P]; dh_T [B,P]; dc_T [B,H]; dc_work [B,H] fp32;
 // dgx [2,Bp,K4p] zeroed; dhx [Bp,Pk] zeroed (proj) or null; out dG [T,B,4H], dh0 [B,P], dc0
 // [B,H], dh_tot [T,B,P] fp32 (proj: dh_t for dW_hr) or null; resets as the forward's (nothing flows
 // back across a reset: dh_{t-1}, dc_{t-1} leave step t as 0 for that row; dG_t itself unchanged).
+// gates: 4 the LSTM; 3 the GRU (no projection): w_bwd [ceil(H/8)*8, 3H] (r' = 3j + g), act / c_all the
+// GRU forward's (r, z, n; hn), c0 = h0, h_all [T,B,H] the forward's h_t, dc_T, dc0 null, d_hn [T,B,H] out,
+// dgx [2,Bp,K3p]; dc_work carries dh_t z_t between launches.
 int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_hrT, const float* act, const float* c_all,
                         const void* c0, const void* dh_all, const void* dh_T, const void* dc_T, float* dc_work,
                         void* dgx, void* dhx, void* dG, void* dh0, void* dc0, float* dh_tot,
-                        const int* batch_sizes, const unsigned char* resets, unsigned int* counters, int T, int B, int H, int P, int persistent,
-                        unsigned long long* barrier_state, long long* barrier_record, long long barrier_timeout_ns,
-                        long long barrier_kernel, void* stream);
+                        const int* batch_sizes, const unsigned char* resets, unsigned int* counters, int T, int B,
+                        int H, int P, int persistent, unsigned long long* barrier_state, long long* barrier_record,
+                        long long barrier_timeout_ns, long long barrier_kernel, void* stream, int gates,
+                        const void* h_all, void* d_hn);
 
 // *possible: 0 the block's shared memory does not fit this device, 1 the persistent grid is
 // co-resident (cooperative launch), 2 per-step launches only. *blocks, *smem: grid size, bytes.
 // resets: 1 plans the kernel that serves resets (its own registers), 0 the one without.
-int lstm_fused_forward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem, int* possible);
-int lstm_fused_backward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem, int* possible);
+int lstm_fused_forward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem, int* possible,
+                            int gates);
+int lstm_fused_backward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem, int* possible,
+                             int gates);
 }

@@ -59,7 +59,7 @@ FUSED_HD void warp_k_range(int w, int KS, int* begin, int* end) {
 
 // The reduction each warp multiplies in each product of the kernels, as [begin, end) of 32-byte
 // chunks (fwd_gate_k: the forward's h W_hh^T, K = P) or of pairs of chunks (fwd_proj_k: m W_hr^T,
-// K = H; bwd_gate_k: dG W_hh, K = 4H; bwd_proj_k: dh W_hr, K = P), K padded to kpad(elem). The
+// K = H; bwd_gate_k: dG W_hh, K = 4H, the GRU's 3H; bwd_proj_k: dh W_hr, K = P), K padded to kpad(elem). The
 // kernels take their ranges from these, and tests/cuda_host/plan_dump.cpp prints them for every
 // warp, so the structural check's per-warp MMA count follows the kernels' own arithmetic.
 struct KRange {
@@ -72,7 +72,7 @@ FUSED_HD KRange warp_k_chunks(int w, int K, int elem, int per_unit) {
 }
 FUSED_HD KRange fwd_gate_k(int w, int P, int elem) { return warp_k_chunks(w, P, elem, 1); }
 FUSED_HD KRange fwd_proj_k(int w, int H, int elem) { return warp_k_chunks(w, H, elem, 2); }
-FUSED_HD KRange bwd_gate_k(int w, int H, int elem) { return warp_k_chunks(w, 4 * H, elem, 2); }
+FUSED_HD KRange bwd_gate_k(int w, int H, int elem, int gates = 4) { return warp_k_chunks(w, gates * H, elem, 2); }
 FUSED_HD KRange bwd_proj_k(int w, int P, int elem) { return warp_k_chunks(w, P, elem, 2); }
 
 // Forward interleaving: row of w_fwd [unit_blocks(H) * FWD_ROWS, H] that holds W_hh row g*H + j:
@@ -86,10 +86,18 @@ FUSED_HD int fwd_cell_row(int y, int w, int lane) {
   return y * BATCH_TILE + ((w >> 1) & 1) * 8 + 2 * (lane & 3) + (w & 1);
 }
 
+// The GRU's forward (3 gates): its r, z rows are the LSTM's i, f rows (tile 0 of the interleaving); its n
+// rows (w_fwd rows 16-23 of the block) are multiplied as the B operand of a transposed tile, hn^T [16 batch
+// rows, 8 units] (accumulator tile (1, 0)). The cell thread of (warp w < 4, lane) reads its (b, j) there
+// at fragment element fwd_n_element of lane fwd_n_lane: row (batch) 8 nt + 2 (lane % 4) + cc, column
+// (unit) lane / 4, with nt, cc as for fwd_cell_row.
+FUSED_HD int fwd_n_lane(int w, int lane) { return ((2 * (lane & 3) + (w & 1)) & 7) * 4 + ((lane >> 2) >> 1); }
+FUSED_HD int fwd_n_element(int w, int lane) { return ((lane >> 2) & 1) + 2 * ((w >> 1) & 1); }
+
 // Backward interleaving of the reduction index: r' = 4j + g <-> r = g*H + j, both for the
 // columns of w_bwd [unit_blocks(H) * UNITS, 4H] (= W_hh^T, rows of units >= H zero) and the dG
-// exchange buffer.
-FUSED_HD int bwd_col(int g, int j) { return 4 * j + g; }
+// exchange buffer; the GRU's (gates = 3) r' = 3j + g over 3H.
+FUSED_HD int bwd_col(int g, int j, int gates = 4) { return gates * j + g; }
 
 // Backward cell thread: warp w < 4, lane l: accumulator element e = w (rows b, columns j).
 FUSED_HD int bwd_cell_unit(int q, int w, int lane) { return q * UNITS + 2 * (lane & 3) + (w & 1); }

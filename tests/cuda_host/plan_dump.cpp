@@ -48,17 +48,23 @@ int main(int argc, char** argv) {
             first = false;
           }
   }
+  // the GRU forward's n product: [w, lane, source lane, element] of every cell thread
+  std::printf("],\n\"fwd_n_fragment\": [");
+  for (int w = 0; w < 4; ++w)
+    for (int lane = 0; lane < 32; ++lane)
+      std::printf("%s[%d, %d, %d, %d]", w || lane ? ", " : "", w, lane, fwd_n_lane(w, lane), fwd_n_element(w, lane));
   // warp k ranges as the kernels take them (fused_plan.cuh's fwd_gate_k, fwd_proj_k, bwd_gate_k,
   // bwd_proj_k, called by fused_forward.cu / fused_backward.cu), at state size P (default H): the
   // forward's gate product in chunks of K = P, the rest in pairs of chunks
   const int ks_f = k_chunks(round_up(H, kpad(elem)), elem), kp_b = k_chunks(round_up(4 * H, kpad(elem)), elem) / 2;
   std::printf("],\n\"ks_fwd\": %d, \"kpairs_bwd\": %d,\n\"P\": %d", ks_f, kp_b, P);
-  const char* products[4] = {"fwd_gate_k", "fwd_proj_k", "bwd_gate_k", "bwd_proj_k"};
-  for (int k = 0; k < 4; ++k) {
+  // (bwd_gru_gate_k: the GRU's, K = 3H)
+  const char* products[5] = {"fwd_gate_k", "fwd_proj_k", "bwd_gate_k", "bwd_proj_k", "bwd_gru_gate_k"};
+  for (int k = 0; k < 5; ++k) {
     std::printf(",\n\"%s\": [", products[k]);
     for (int w = 0; w < WARPS; ++w) {
       const KRange r = k == 0 ? fwd_gate_k(w, P, elem) : k == 1 ? fwd_proj_k(w, H, elem)
-                     : k == 2 ? bwd_gate_k(w, H, elem) : bwd_proj_k(w, P, elem);
+                     : k == 2 ? bwd_gate_k(w, H, elem) : k == 3 ? bwd_proj_k(w, P, elem) : bwd_gate_k(w, H, elem, 3);
       std::printf("%s[%d, %d]", w ? ", " : "", r.begin, r.end);
     }
     std::printf("]");

@@ -58,9 +58,10 @@ Resets inside a sequence (``resets`` [T, B] bool on xg's device, passed to the k
 served by both families in every launch mode (each kernel's instance with resets is a template
 instance of its own; the one without is unchanged).
 
-The GRU (``cell="gru"``): the per-step kernels only, their cell a template parameter (3 gate rows,
-r, z, n; :mod:`.step`), dense calls (no PackedSequence: only the fused kernels serve variable
-lengths, and they serve the LSTM only); the fused kernels and the ``persistent`` variant decline it.
+The GRU (``cell="gru"``): the fused kernels' instances with 3 gate rows (``csrc/fused/``: the
+forward's r, z rows as the LSTM's i, f and its n rows a transposed product; the backward over 3H
+with the carry dh z in a register) and the per-step kernels, the cell a template parameter
+(:mod:`.step`); as for the LSTM, packed GRU calls are the fused kernels' alone.
 
 Dimension names: T steps, B batch, H hidden units, P = proj_size or H. Gate order along 4H: i, f, g,
 o. Workspace kept for backward: the activated gates ``act`` [T, B, 4H] fp32 and the cell states
@@ -69,6 +70,7 @@ o. Workspace kept for backward: the activated gates ``act`` [T, B, 4H] fp32 and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -98,7 +100,7 @@ class CudaBackend(Backend):
     name = "cuda"
     differentiable_backward = False
     serves_resets = True
-    cells = (LSTM, GRU)  # the GRU on the per-step kernels (the fused kernels decline it)
+    cells = (LSTM, GRU)  # the GRU: the fused kernels' instances with 3 gate rows, and the per-step kernels
     #: How the last forward and backward were launched: "persistent" (one cooperative launch of the fused
     #: kernels) or "step" (one launch per (half-)step, of either family); for tests and benchmarks.
     last_forward_variant: Optional[str] = None
@@ -197,8 +199,10 @@ class CudaBackend(Backend):
         T, B, H = self._check(xg, w_hh, h0, c0, w_hr, b_hn)
         mask = resets_mask(resets, T, B, xg.device)
         barrier_bound.raise_if_gave_up(xg.device)
-        return self._run("forward", call, mask, fused.forward, (xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad),
-                         step.forward, (xg, w_hh, h0, c0, needs_grad), cell_args(cell, b_hn))
+        cell_kwargs = cell_args(cell, b_hn)
+        return self._run("forward", call, mask, functools.partial(fused.forward, **cell_kwargs),
+                         (xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad), step.forward, (xg, w_hh, h0, c0, needs_grad),
+                         cell_kwargs)
 
     def backward(self, inputs: RecurrenceInputs, h_all, workspace, dh_all, dh_T, dc_T, resets=None, cell=LSTM,
                  b_hn=None):
@@ -213,8 +217,10 @@ class CudaBackend(Backend):
         dh_all, dh_T = _grad_or_zeros(dh_all, h_all), _grad_or_zeros(dh_T, h0)
         call = dataclasses.replace(inputs.call(), has_resets=mask is not None)
         if inputs.cell == GRU:
-            return self._run("backward", call, mask, None, (), step.backward,
-                             (w_hh, None, act, c_all, dh_all, dh_T, None), dict(cell=GRU, h0=h0, h_all=h_all))
+            gru_args = dict(cell=GRU, h0=h0, h_all=h_all)
+            return self._run("backward", call, mask, functools.partial(fused.backward, **gru_args),
+                             (w_hh, None, act, c_all, None, dh_all, dh_T, None, batch_sizes), step.backward,
+                             (w_hh, None, act, c_all, dh_all, dh_T, None), gru_args)
         c0 = c0.contiguous()
         dc_T = _grad_or_zeros(dc_T, c0)
         return self._run("backward", call, mask,

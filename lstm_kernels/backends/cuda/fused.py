@@ -10,9 +10,13 @@ gates) for ``BATCH_TILE`` batch rows; the grid is ``(ceil(H / UNITS), ceil(B / B
 Interleavings (the kernels read these layouts; the inverse maps recover W_hh):
 
 - forward ``w_fwd`` [ceil(H/8) * 32, H]: row ``fwd_row(g, j) = 32 (j // 8) + 8 g + j % 8`` holds
-  ``W_hh[g H + j]``, so one mma.sync thread holds i, f, g, o of the same (b, j);
+  ``W_hh[g H + j]``, so one mma.sync thread holds i, f, g, o of the same (b, j); the GRU's (3 gates
+  r, z, n) the same map, its fourth gate's rows zero: r, z as the LSTM's i, f, and the n rows the
+  operand of a transposed product (batch x units) whose (b, j) the cell thread reads from the
+  block's partial sums;
 - backward ``w_bwd`` [ceil(H/8) * 8, 4H] = W_hh^T with its columns (the reduction index r over
-  4H) in the order ``r' = 4 j + g`` (``bwd_col``); the dG exchange buffer uses the same order.
+  4H) in the order ``r' = 4 j + g`` (``bwd_col``); the dG exchange buffer uses the same order; the
+  GRU's over 3H, ``r' = 3 j + g``, its exchange [d_r, d_z, d_hn] (the gradient of h_{t-1} W_hh^T).
 
 Dimension names: T steps, B batch, H hidden units. Gate order along 4H: i, f, g, o.
 
@@ -40,7 +44,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ...cells import LSTM
+from ...cells import LSTM, gates
 from .. import RecurrenceCall, barrier_bound
 from ..device_rows import step_rows
 from . import extension
@@ -71,6 +75,13 @@ STATIC_SMEM_BYTES = 16
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: FusedOp codes of csrc/fused/fused_lstm.h.
 FLOAT32, FLOAT16, BFLOAT16, TF32 = 0, 1, 2, 3
+
+
+def stage_pairs(n_gates: int) -> int:
+    """Pairs of chunks per stage of the backward's dG ring (fused_backward.cu): STAGE_PAIRS for the LSTM;
+    1 for the GRU, whose 3H gives each warp an odd count of pairs at H = 768 (9), so that no stage
+    multiplies a zero pair."""
+    return STAGE_PAIRS if n_gates == 4 else 1
 
 
 def round_up(x: int, m: int) -> int:
@@ -116,8 +127,8 @@ def fwd_row(g: int, j: int) -> int:
     return (j // UNITS) * FWD_ROWS + g * UNITS + j % UNITS
 
 
-def bwd_col(g: int, j: int) -> int:
-    return 4 * j + g
+def bwd_col(g: int, j: int, n_gates: int = 4) -> int:
+    return n_gates * j + g
 
 
 def fwd_cell(q: int, y: int, w: int, lane: int) -> tuple[int, int]:
@@ -125,56 +136,65 @@ def fwd_cell(q: int, y: int, w: int, lane: int) -> tuple[int, int]:
     return y * BATCH_TILE + ((w >> 1) & 1) * 8 + 2 * (lane & 3) + (w & 1), q * UNITS + (lane >> 2)
 
 
+def fwd_n_fragment(w: int, lane: int) -> tuple[int, int]:
+    """(lane, element) of the GRU forward's transposed n tile (batch x units) where cell thread (warp w < 4,
+    lane) finds its (b, j) (fused_plan.cuh's fwd_n_lane, fwd_n_element)."""
+    b_local, j_local = ((w >> 1) & 1) * 8 + 2 * (lane & 3) + (w & 1), lane >> 2
+    return (b_local & 7) * 4 + (j_local >> 1), (j_local & 1) + 2 * (b_local >> 3)
+
+
 def bwd_cell(q: int, y: int, w: int, lane: int) -> tuple[int, int]:
     """(batch row, unit) that cell thread (warp w < 4, lane) of block (q, y) runs in the backward."""
     return y * BATCH_TILE + (lane >> 2) + ((w >> 1) & 1) * 8, q * UNITS + 2 * (lane & 3) + (w & 1)
 
 
-def forward_row_index(H: int, device=None) -> torch.Tensor:
-    """Index [ceil(H/8) * 32] into W_hh's rows (``-1`` for the zero rows of units >= H): w_fwd = W_hh[index].
-    Built on ``device`` (no host-to-device copy: CUDA-graph capture allows it)."""
+def forward_row_index(H: int, device=None, n_gates: int = 4) -> torch.Tensor:
+    """Index [ceil(H/8) * 32] into W_hh's rows (``-1`` for the zero rows of units >= H, and of the fourth
+    gate where ``n_gates`` is 3): w_fwd = W_hh[index]. Built on ``device`` (no host-to-device copy:
+    CUDA-graph capture allows it)."""
     idx = torch.full((unit_blocks(H) * FWD_ROWS,), -1, dtype=torch.long, device=device)
-    g = torch.arange(4, device=device).repeat_interleave(H)
-    j = torch.arange(H, device=device).repeat(4)
+    g = torch.arange(n_gates, device=device).repeat_interleave(H)
+    j = torch.arange(H, device=device).repeat(n_gates)
     idx[(j // UNITS) * FWD_ROWS + g * UNITS + j % UNITS] = g * H + j
     return idx
 
 
-def backward_col_index(H: int, device=None) -> torch.Tensor:
-    """Index [4H] into W_hh's rows r = g H + j, in the backward's order r' = 4 j + g (on ``device``)."""
-    r_prime = torch.arange(4 * H, device=device)
-    return (r_prime % 4) * H + r_prime // 4
+def backward_col_index(H: int, device=None, n_gates: int = 4) -> torch.Tensor:
+    """Index [n_gates*H] into W_hh's rows r = g H + j, in the backward's order r' = n_gates j + g (on
+    ``device``)."""
+    r_prime = torch.arange(n_gates * H, device=device)
+    return (r_prime % n_gates) * H + r_prime // n_gates
 
 
-def interleave_forward(w_hh: torch.Tensor) -> torch.Tensor:
-    """w_fwd [ceil(H/8) * 32, P] from W_hh [4H, P] (zero rows for units >= H). Device ops only
-    (index_select: no host sync, so CUDA-graph capture allows it)."""
-    H = w_hh.shape[0] // 4
-    idx = forward_row_index(H, w_hh.device)
-    idx = torch.where(idx >= 0, idx, torch.full_like(idx, 4 * H))  # row 4H: the appended zero row
+def interleave_forward(w_hh: torch.Tensor, n_gates: int = 4) -> torch.Tensor:
+    """w_fwd [ceil(H/8) * 32, P] from W_hh [n_gates*H, P] (zero rows for units >= H, and the GRU's
+    fourth gate). Device ops only (index_select: no host sync, so CUDA-graph capture allows it)."""
+    H = w_hh.shape[0] // n_gates
+    idx = forward_row_index(H, w_hh.device, n_gates)
+    idx = torch.where(idx >= 0, idx, torch.full_like(idx, n_gates * H))  # the appended zero row
     return torch.cat([w_hh, w_hh.new_zeros((1, w_hh.shape[1]))]).index_select(0, idx)
 
 
-def deinterleave_forward(w_fwd: torch.Tensor, H: int) -> torch.Tensor:
-    idx = forward_row_index(H, w_fwd.device)
-    out = w_fwd.new_empty((4 * H, w_fwd.shape[1]))
+def deinterleave_forward(w_fwd: torch.Tensor, H: int, n_gates: int = 4) -> torch.Tensor:
+    idx = forward_row_index(H, w_fwd.device, n_gates)
+    out = w_fwd.new_empty((n_gates * H, w_fwd.shape[1]))
     keep = idx >= 0
     out[idx[keep]] = w_fwd[keep]
     return out
 
 
-def interleave_backward(w_hh: torch.Tensor) -> torch.Tensor:
-    """w_bwd [ceil(P/8) * 8, 4H] = (W_hh[backward_col_index])^T from W_hh [4H, P], zero rows >= P."""
-    H, P = w_hh.shape[0] // 4, w_hh.shape[1]
-    out = w_hh.new_zeros((unit_blocks(P) * UNITS, 4 * H))
-    out[:P] = w_hh[backward_col_index(H, w_hh.device)].t()
+def interleave_backward(w_hh: torch.Tensor, n_gates: int = 4) -> torch.Tensor:
+    """w_bwd [ceil(P/8) * 8, n_gates*H] = (W_hh[backward_col_index])^T from W_hh [n_gates*H, P], zero rows >= P."""
+    H, P = w_hh.shape[0] // n_gates, w_hh.shape[1]
+    out = w_hh.new_zeros((unit_blocks(P) * UNITS, n_gates * H))
+    out[:P] = w_hh[backward_col_index(H, w_hh.device, n_gates)].t()
     return out
 
 
-def deinterleave_backward(w_bwd: torch.Tensor, P: int) -> torch.Tensor:
-    H = w_bwd.shape[1] // 4
-    out = w_bwd.new_empty((4 * H, P))
-    out[backward_col_index(H, w_bwd.device)] = w_bwd[:P].t()
+def deinterleave_backward(w_bwd: torch.Tensor, P: int, n_gates: int = 4) -> torch.Tensor:
+    H = w_bwd.shape[1] // n_gates
+    out = w_bwd.new_empty((n_gates * H, P))
+    out[backward_col_index(H, w_bwd.device, n_gates)] = w_bwd[:P].t()
     return out
 
 
@@ -196,9 +216,9 @@ def forward_smem_bytes(H: int, P: Optional[int] = None, elem: int = 2) -> int:
     return (FWD_ROWS + BATCH_TILE) * ld * elem + WARPS * 16 * 32 * 4 + proj
 
 
-def backward_smem_bytes(H: int, P: Optional[int] = None, elem: int = 2) -> int:
+def backward_smem_bytes(H: int, P: Optional[int] = None, elem: int = 2, n_gates: int = 4) -> int:
     P = H if P is None else P
-    ld, ldp = _ld(4 * H, elem), _ld(P, elem)
+    ld, ldp = _ld(n_gates * H, elem), _ld(P, elem)
     proj = (UNITS + BATCH_TILE) * ldp * elem if P != H else 0
     return UNITS * ld * elem + WARPS * WARP_RING_BYTES + WARPS * 4 * 32 * 4 + proj
 
@@ -210,6 +230,7 @@ class Plan:
     B: int
     H: int
     P: Optional[int] = None  # proj_size, or None
+    n_gates: int = 4  # the cell's gate rows per unit: 4 the LSTM, 3 the GRU
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -226,7 +247,9 @@ class Plan:
         return range(y * BATCH_TILE, min((y + 1) * BATCH_TILE, self.B))
 
     def smem_bytes(self, direction: str, elem: int = 2) -> int:
-        return (forward_smem_bytes if direction == "forward" else backward_smem_bytes)(self.H, self.P, elem)
+        if direction == "forward":
+            return forward_smem_bytes(self.H, self.P, elem)
+        return backward_smem_bytes(self.H, self.P, elem, self.n_gates)
 
     def fits(self, smem_optin: int = SMEM_OPTIN_SM90, elem: int = 2,
              directions: tuple = ("forward", "backward")) -> bool:
@@ -284,9 +307,12 @@ PERSISTENT, PER_STEP = 1, 0
 
 
 def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bool, persistent: bool,
-            barrier: tuple = (0, 0, 0, 0), tf32: bool = False, resets: Optional[torch.Tensor] = None):
+            barrier: tuple = (0, 0, 0, 0), tf32: bool = False, resets: Optional[torch.Tensor] = None,
+            cell: str = LSTM, b_hn: Optional[torch.Tensor] = None):
     """Run the fused forward. Returns h_all [T, B, P], h_T [B, P], c_T [B, H] and, when needs_grad,
     the workspace (act [T, B, 4H] fp32, c_all [T, B, H] fp32), zero on rows a step does not touch.
+    The GRU (``cell="gru"``: xg [T, B, 3H], w_hh [3H, H], c0 and w_hr None, b_hn [H] or None): c_T
+    None, and the workspace of the per-step kernels (act: r, z, n [T, B, 3H]; c_all: hn [T, B, H]).
 
     ``w_hr``: None or W_hr [P, H] (proj_size P < H). ``batch_sizes``: None or an int tensor [T]
     (non-increasing, batch_sizes[0] == B). ``barrier``: (per-launch state pointer, device record
@@ -296,12 +322,14 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
     [T, B] on xg's device (nonzero: that row starts step t from zero state; the kernel masks h_{t-1} in its
     exchange copy and c_{t-1} in its register, so h0 / c0 go in unmasked).
     """
-    T, B, H4 = xg.shape
-    H = H4 // 4
+    T, B, gate_rows = xg.shape
+    n_gates, is_lstm = gates(cell), cell == LSTM
+    H = gate_rows // n_gates
     P = H if w_hr is None else w_hr.shape[0]
     dev, dt = xg.device, xg.dtype
-    xg, c0 = xg.contiguous(), c0.to(dt).contiguous()  # the kernel reads c0 in the input dtype
-    w_fwd = interleave_forward(w_hh.contiguous())
+    xg = xg.contiguous()
+    c0 = c0.to(dt).contiguous() if is_lstm else None  # the kernel reads c0 in the input dtype
+    w_fwd = interleave_forward(w_hh.contiguous(), n_gates)
     w_hr_p = None if w_hr is None else pad_rows(w_hr.contiguous())
     pad = kpad(xg.element_size())
     hx = torch.zeros((2, round_up(B, BATCH_TILE), round_up(P, pad)), dtype=dt, device=dev)
@@ -309,51 +337,62 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
     mx = None if w_hr is None else torch.zeros((round_up(B, BATCH_TILE), round_up(H, pad)), dtype=dt, device=dev)
     h_all = torch.empty((T, B, P), dtype=dt, device=dev)
     h_T = h0.to(dt).clone()
-    c_T = c0.to(dt).clone()
-    c_work = torch.empty((B, H), dtype=torch.float32, device=dev)
+    c_T = c0.clone() if is_lstm else None
+    c_work = torch.empty((B, H), dtype=torch.float32, device=dev) if is_lstm else None
     alloc = torch.zeros if batch_sizes is not None else torch.empty
-    act = alloc((T, B, 4 * H), dtype=torch.float32, device=dev) if needs_grad else None
+    act = alloc((T, B, gate_rows), dtype=torch.float32, device=dev) if needs_grad else None
     c_all = alloc((T, B, H), dtype=torch.float32, device=dev) if needs_grad else None
     bs = None if batch_sizes is None else step_rows(batch_sizes, T, B, dev)[:T]  # no host sync
     counters = torch.zeros(batch_tiles(B), dtype=torch.int32, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
     err = entry(op_code(dt, tf32), _ptr(xg), _ptr(w_fwd), _ptr(w_hr_p), _ptr(c0), _ptr(c_work), _ptr(hx), _ptr(mx),
                 _ptr(h_all), _ptr(h_T), _ptr(c_T), _ptr(act), _ptr(c_all), _ptr(bs), _ptr(counters), T, B, H, P,
-                PERSISTENT if persistent else PER_STEP, stream, *barrier, **_resets_arg(resets))
+                PERSISTENT if persistent else PER_STEP, stream, *barrier, **_resets_arg(resets),
+                **({} if is_lstm else dict(gates=n_gates, b_hn=_ptr(None if b_hn is None else b_hn.contiguous()))))
     if err:
         raise RuntimeError(f"lstm fused_forward_kernel failed: CUDA error {err}")
     return h_all, h_T, c_T, ((act, c_all) if needs_grad else ())
 
 
 def backward(entry: Callable, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, batch_sizes, persistent: bool,
-             barrier: tuple = (0, 0, 0, 0), tf32: bool = False, resets: Optional[torch.Tensor] = None):
+             barrier: tuple = (0, 0, 0, 0), tf32: bool = False, resets: Optional[torch.Tensor] = None,
+             cell: str = LSTM, h0: Optional[torch.Tensor] = None, h_all: Optional[torch.Tensor] = None):
     """Run the fused backward on the forward's (act, c_all). Returns dG [T, B, 4H], dh0 [B, P],
     dc0 [B, H] and dW_hr [P, H] (None without projection). ``tf32`` and ``resets`` as for :func:`forward`
-    (the same mask: nothing flows back across a reset, and c_{t-1} is 0 in the forget gate's gradient)."""
+    (the same mask: nothing flows back across a reset, and c_{t-1} is 0 in the forget gate's gradient).
+    The GRU (``cell="gru"``; c0, w_hr and dc_T None) takes the forward's h0 [B, H] and h_all [T, B, H] and
+    returns dG [T, B, 3H] (d_r, d_z, d_n), dh0, None and d_hn [T, B, H]."""
     T, B, P = dh_all.shape
-    H = c0.shape[1]
+    n_gates, is_lstm = gates(cell), cell == LSTM
+    H = act.shape[-1] // n_gates
     dev, dt = dh_all.device, dh_all.dtype
-    w_bwd = interleave_backward(w_hh.contiguous())
+    w_bwd = interleave_backward(w_hh.contiguous(), n_gates)
     w_hrT = None if w_hr is None else pad_rows(w_hr.t().contiguous())
-    c0, dh_all, dh_T, dc_T = (t.to(dt).contiguous() for t in (c0, dh_all, dh_T, dc_T))
+    state0 = c0 if is_lstm else h0  # the state that entered step 0
+    state0, dh_all, dh_T = (t.to(dt).contiguous() for t in (state0, dh_all, dh_T))
+    dc_T = dc_T.to(dt).contiguous() if is_lstm else None
     Bp = round_up(B, BATCH_TILE)
     pad = kpad(dh_all.element_size())
-    dgx = torch.zeros((2, Bp, round_up(4 * H, pad)), dtype=dt, device=dev)
+    dgx = torch.zeros((2, Bp, round_up(n_gates * H, pad)), dtype=dt, device=dev)
     dhx = None if w_hr is None else torch.zeros((Bp, round_up(P, pad)), dtype=dt, device=dev)
     dh_tot = None if w_hr is None else torch.empty((T, B, P), dtype=torch.float32, device=dev)
-    dG = torch.empty((T, B, 4 * H), dtype=dt, device=dev)
+    dG = torch.empty((T, B, n_gates * H), dtype=dt, device=dev)
     dh0 = torch.empty((B, P), dtype=dt, device=dev)
-    dc0 = torch.empty((B, H), dtype=dt, device=dev)
+    dc0 = torch.empty((B, H), dtype=dt, device=dev) if is_lstm else None
+    d_hn = None if is_lstm else torch.empty((T, B, H), dtype=dt, device=dev)
     dc_work = torch.empty((B, H), dtype=torch.float32, device=dev)
     bs = None if batch_sizes is None else step_rows(batch_sizes, T, B, dev)[:T]  # no host sync
     counters = torch.zeros(batch_tiles(B), dtype=torch.int32, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
-    err = entry(op_code(dt, tf32), _ptr(w_bwd), _ptr(w_hrT), _ptr(act), _ptr(c_all), _ptr(c0), _ptr(dh_all),
+    err = entry(op_code(dt, tf32), _ptr(w_bwd), _ptr(w_hrT), _ptr(act), _ptr(c_all), _ptr(state0), _ptr(dh_all),
                 _ptr(dh_T), _ptr(dc_T), _ptr(dc_work), _ptr(dgx), _ptr(dhx), _ptr(dG), _ptr(dh0), _ptr(dc0),
                 _ptr(dh_tot), _ptr(bs), _ptr(counters), T, B, H, P, PERSISTENT if persistent else PER_STEP, stream,
-                *barrier, **_resets_arg(resets))
+                *barrier, **_resets_arg(resets),
+                **({} if is_lstm else dict(gates=n_gates, h_all=_ptr(h_all.to(dt).contiguous()), d_hn=_ptr(d_hn))))
     if err:
         raise RuntimeError(f"lstm fused_backward_kernel failed: CUDA error {err}")
+    if not is_lstm:
+        return dG, dh0, None, d_hn
     dw_hr = None
     if w_hr is not None:  # dW_hr = sum_t dh_t^T m_t, m_t = o_t * tanh(c_t): one GEMM outside the recurrence
         m = act[..., 3 * H:] * torch.tanh(c_all)
@@ -373,8 +412,8 @@ def refused_cooperative_launches() -> dict:
     return dict(_REFUSED)
 
 
-def _refusal_key(device: torch.device, direction: str, dtype, B: int, H: int, P: int) -> tuple:
-    return (str(device), "fused-" + direction, dtype, B, H, P)
+def _refusal_key(device: torch.device, direction: str, dtype, B: int, H: int, P: int, cell: str = LSTM) -> tuple:
+    return (str(device), "fused-" + direction, dtype, B, H, P) + (() if cell == LSTM else (cell,))
 
 
 def smem_optin(device: torch.device) -> int:
@@ -400,15 +439,13 @@ def fused_unserved_reason(call: RecurrenceCall, dirs: Optional[tuple] = None) ->
     """Why the fused kernels do not serve ``call`` in ``dirs`` (default: :func:`directions`), or None.
     Host knowledge only (dtype, the tensor-core switch, proj_size, the block's shared memory against
     the device's opt-in); the device's own plan is asked by :func:`fused_mode`."""
-    if call.cell != LSTM:
-        return "the fused kernels serve the LSTM only, not the GRU"
     if call.dtype not in DTYPES:
         return f"the fused kernels serve float16, bfloat16 and float32, not {call.dtype}"
     if not tensor_cores_requested():
         return f"the fused kernels run on tensor cores, which {MMA_ENV}=0 turns off"
     if call.has_projection and not 0 < call.state_size < call.hidden_size:
         return f"proj_size must be in [1, H), got {call.state_size} (H={call.hidden_size})"
-    plan = Plan(call.batch, call.hidden_size, call.state_size if call.has_projection else None)
+    plan = Plan(call.batch, call.hidden_size, call.state_size if call.has_projection else None, gates(call.cell))
     elem = torch.empty((), dtype=call.dtype).element_size()
     for direction in dirs or directions(call):
         if not plan.fits(smem_optin(call.device), elem, (direction,)):
@@ -418,23 +455,27 @@ def fused_unserved_reason(call: RecurrenceCall, dirs: Optional[tuple] = None) ->
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_plan_of(device: str, direction: str, code: int, B: int, H: int, P: int, resets: bool = False) -> dict:
+def _fused_plan_of(device: str, direction: str, code: int, B: int, H: int, P: int, resets: bool = False,
+                   n_gates: int = 4) -> dict:
+    kw = ({"resets": True} if resets else {}) | ({"gates": n_gates} if n_gates != 4 else {})
     with torch.cuda.device(torch.device(device)):
-        return dict(extension._C.fused_plan(direction, code, B, H, P, **({"resets": True} if resets else {})))
+        return dict(extension._C.fused_plan(direction, code, B, H, P, **kw))
 
 
-def device_plan(device: torch.device, direction: str, dtype, B: int, H: int, P: int, resets: bool = False) -> dict:
+def device_plan(device: torch.device, direction: str, dtype, B: int, H: int, P: int, resets: bool = False,
+                cell: str = LSTM) -> dict:
     """``_C.fused_plan`` of the fused ``direction`` kernel for this call on ``device`` (cached); ``resets``:
-    of the kernel's instance that serves resets (its own registers, so its own occupancy)."""
-    return _fused_plan_of(str(device), direction, op_code(dtype, fused_tf32(dtype)), B, H, P, resets)
+    of the kernel's instance that serves resets (its own registers, so its own occupancy); ``cell``: of
+    the cell's instance."""
+    return _fused_plan_of(str(device), direction, op_code(dtype, fused_tf32(dtype)), B, H, P, resets, gates(cell))
 
 
 def fused_persistent_possible(device: torch.device, direction: str, dtype, B: int, H: int, P: int,
-                              resets: bool = False) -> bool:
+                              resets: bool = False, cell: str = LSTM) -> bool:
     """The fused ``direction`` kernel's grid is co-resident on ``device`` (``_C.fused_plan``, cached) and
     the runtime has not refused its cooperative launch in this process."""
-    return (_refusal_key(device, direction, dtype, B, H, P) not in _REFUSED
-            and device_plan(device, direction, dtype, B, H, P, resets)["possible"])
+    return (_refusal_key(device, direction, dtype, B, H, P, cell) not in _REFUSED
+            and device_plan(device, direction, dtype, B, H, P, resets, cell)["possible"])
 
 
 def _what_only_fused(call: RecurrenceCall) -> str:
@@ -458,7 +499,7 @@ def fused_mode(call: RecurrenceCall, direction: str) -> Optional[bool]:
     P = call.state_size
     why = fused_unserved_reason(call, (direction,))
     if why is None and not device_plan(call.device, direction, call.dtype, call.batch, call.hidden_size, P,
-                                       call.has_resets)["fits"]:
+                                       call.has_resets, call.cell)["fits"]:
         why = f"the device's plan says the fused {direction} block's shared memory does not fit (B={call.batch}, " \
               f"H={call.hidden_size}, P={P}, {call.dtype})"
     if why is not None:
@@ -470,10 +511,12 @@ def fused_mode(call: RecurrenceCall, direction: str) -> Optional[bool]:
         return None
     if requested == "step":
         return False
-    if fused_persistent_possible(call.device, direction, call.dtype, call.batch, call.hidden_size, P, call.has_resets):
+    if fused_persistent_possible(call.device, direction, call.dtype, call.batch, call.hidden_size, P, call.has_resets,
+                                 call.cell):
         return True
     if requested == "persistent":
-        refused = _REFUSED.get(_refusal_key(call.device, direction, call.dtype, call.batch, call.hidden_size, P))
+        refused = _REFUSED.get(_refusal_key(call.device, direction, call.dtype, call.batch, call.hidden_size, P,
+                                            call.cell))
         raise RuntimeError(
             f"cuda backend: the persistent fused {direction} kernel was requested ({VARIANT_ENV}=persistent) but "
             + (f"the runtime refused its cooperative launch here ({refused})" if refused else
@@ -515,7 +558,7 @@ def run_fused(fn: Callable, direction: str, call: RecurrenceCall, persistent: bo
                 if requested_variant() == "persistent":
                     raise
                 _REFUSED[_refusal_key(device, direction, call.dtype, call.batch, call.hidden_size,
-                                      call.state_size)] = str(e)
+                                      call.state_size, call.cell)] = str(e)
                 warnings.warn(f"lstm_kernels cuda backend: the runtime refused the fused {direction} kernel's "
                               f"cooperative launch ({e}); one launch per step for this shape from now on",
                               RuntimeWarning, stacklevel=3)
