@@ -165,6 +165,23 @@ def _fragment(tile: torch.Tensor, lane: int, e: int) -> torch.Tensor:
     return tile[lane // 4 + 8 * (e // 2), 2 * (lane % 4) + e % 2]
 
 
+def _forward_cell_threads(h: torch.Tensor, H: int):
+    """Every forward cell thread that owns a cell: (block q, the block's batch rows of h as a zero-padded
+    [16, H] tile, warp, nt, cc, lane, b, j) (fused_forward.cu: nt = (warp >> 1) & 1, cc = warp & 1)."""
+    B = h.shape[0]
+    plan = cf.Plan(B, H)
+    for q in range(plan.grid[0]):
+        for y in range(plan.grid[1]):
+            h_tile = torch.zeros(cf.BATCH_TILE, H, dtype=torch.float64)
+            rows = list(plan.block_rows(y))
+            h_tile[: len(rows)] = h[rows]
+            for w_ in range(4):
+                for lane in range(32):
+                    b, j = cf.fwd_cell(q, y, w_, lane)
+                    if b < B and j < H:
+                        yield q, h_tile, w_, (w_ >> 1) & 1, w_ & 1, lane, b, j
+
+
 @pytest.mark.parametrize("B, H", [(5, 13), (16, 24), (17, 129)])
 def test_forward_fragment_holds_the_four_gates_of_one_cell(B, H):
     """The products of one block, cut into the m16n8 tiles the warps accumulate, read at the
@@ -176,25 +193,13 @@ def test_forward_fragment_holds_the_four_gates_of_one_cell(B, H):
     h = torch.randn(B, H, dtype=torch.float64)
     gates = h @ w.t()  # [B, 4H]
     w_fwd = cf.interleave_forward(w)
-    plan = cf.Plan(B, H)
-    for q in range(plan.grid[0]):
-        for y in range(plan.grid[1]):
-            h_tile = torch.zeros(cf.BATCH_TILE, H, dtype=torch.float64)
-            rows = list(plan.block_rows(y))
-            h_tile[: len(rows)] = h[rows]
-            prod = w_fwd[q * cf.FWD_ROWS:(q + 1) * cf.FWD_ROWS] @ h_tile.t()  # [32 rows, 16 batch]
-            for w_ in range(4):
-                nt, cc = (w_ >> 1) & 1, w_ & 1
-                for lane in range(32):
-                    b, j = cf.fwd_cell(q, y, w_, lane)
-                    if b >= B or j >= H:
-                        continue
-                    t0 = prod[0:16, nt * 8:nt * 8 + 8]
-                    t1 = prod[16:32, nt * 8:nt * 8 + 8]
-                    got = [_fragment(t0, lane, cc), _fragment(t0, lane, 2 + cc), _fragment(t1, lane, cc),
-                           _fragment(t1, lane, 2 + cc)]
-                    want = [gates[b, g * H + j] for g in range(4)]
-                    assert torch.allclose(torch.stack(got), torch.stack(want)), (q, y, w_, lane)
+    for q, h_tile, w_, nt, cc, lane, b, j in _forward_cell_threads(h, H):
+        prod = w_fwd[q * cf.FWD_ROWS:(q + 1) * cf.FWD_ROWS] @ h_tile.t()  # [32 rows, 16 batch]
+        t0, t1 = prod[0:16, nt * 8:nt * 8 + 8], prod[16:32, nt * 8:nt * 8 + 8]
+        got = [_fragment(t0, lane, cc), _fragment(t0, lane, 2 + cc), _fragment(t1, lane, cc),
+               _fragment(t1, lane, 2 + cc)]
+        want = [gates[b, g * H + j] for g in range(4)]
+        assert torch.allclose(torch.stack(got), torch.stack(want)), (q, b, j, w_, lane)
 
 
 @pytest.mark.parametrize("B, H", [(5, 13), (16, 24), (17, 129)])
@@ -210,27 +215,15 @@ def test_gru_forward_fragments_hold_the_three_gates_of_one_cell(B, H):
     w_fwd = cf.interleave_forward(w, 3)
     assert w_fwd.shape == (cf.unit_blocks(H) * cf.FWD_ROWS, H)
     assert torch.equal(cf.deinterleave_forward(w_fwd, H, 3), w)
-    plan = cf.Plan(B, H)
-    for q in range(plan.grid[0]):
+    for q in range(cf.unit_blocks(H)):
+        assert (w_fwd[q * cf.FWD_ROWS + 24:(q + 1) * cf.FWD_ROWS] == 0).all()  # no fourth gate
+    for q, h_tile, w_, nt, cc, lane, b, j in _forward_cell_threads(h, H):
         block = w_fwd[q * cf.FWD_ROWS:(q + 1) * cf.FWD_ROWS]
-        assert (block[24:] == 0).all()  # no fourth gate
-        for y in range(plan.grid[1]):
-            h_tile = torch.zeros(cf.BATCH_TILE, H, dtype=torch.float64)
-            rows = list(plan.block_rows(y))
-            h_tile[: len(rows)] = h[rows]
-            rz = block[0:16] @ h_tile.t()  # [16 rows: r, z of 8 units; 16 batch]
-            n_tile = h_tile @ block[16:24].t()  # [16 batch, 8 units]
-            for w_ in range(4):
-                nt, cc = (w_ >> 1) & 1, w_ & 1
-                for lane in range(32):
-                    b, j = cf.fwd_cell(q, y, w_, lane)
-                    if b >= B or j >= H:
-                        continue
-                    t0 = rz[:, nt * 8:nt * 8 + 8]
-                    got = [_fragment(t0, lane, cc), _fragment(t0, lane, 2 + cc), _fragment(n_tile,
-                                                                                          *cf.fwd_n_fragment(w_, lane))]
-                    want = [gates[b, g * H + j] for g in range(3)]
-                    assert torch.allclose(torch.stack(got), torch.stack(want)), (q, y, w_, lane)
+        t0 = (block[0:16] @ h_tile.t())[:, nt * 8:nt * 8 + 8]  # r, z of 8 units x 8 batch rows
+        n_tile = h_tile @ block[16:24].t()  # [16 batch, 8 units]
+        got = [_fragment(t0, lane, cc), _fragment(t0, lane, 2 + cc), _fragment(n_tile, *cf.fwd_n_fragment(w_, lane))]
+        want = [gates[b, g * H + j] for g in range(3)]
+        assert torch.allclose(torch.stack(got), torch.stack(want)), (q, b, j, w_, lane)
 
 
 @pytest.mark.parametrize("n_gates", [4, 3], ids=["lstm", "gru"])
