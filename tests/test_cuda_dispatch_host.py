@@ -69,10 +69,10 @@ def fake_fused(monkeypatch):
     cf._fused_plan_of.cache_clear()
 
 
-def _call(dtype=torch.float16, B=16, H=768, P=None, varlen=False):
+def _call(dtype=torch.float16, B=16, H=768, P=None, varlen=False, cell="lstm"):
     return RecurrenceCall(seq_len=8, batch=B, hidden_size=H, state_size=P or H, dtype=dtype,
                           device=torch.device("cuda"), has_projection=P is not None, variable_lengths=varlen,
-                          needs_grad=True)
+                          needs_grad=True, cell=cell)
 
 
 def test_default_variant_is_the_fused_kernels():
@@ -104,6 +104,19 @@ def test_supports_declines_what_the_fused_kernels_do_not_serve(fake_fused, kw, o
     fake_fused(optin=optin)
     why = cuda_backend.CudaBackend().supports(_call(**kw))
     assert why is not None and all(w in why for w in words), why
+
+
+def test_the_gru_asks_the_plan_of_its_own_instances(fake_fused):
+    """A GRU call's fused_mode asks _C.fused_plan for the GRU's instance (gates=3), both directions; its
+    backward block holds 3H of W_hh^T, so float32 at the flagship fits sm_80's shared memory where the
+    LSTM's does not."""
+    fake = fake_fused(optin=cf.SMEM_OPTIN_SM80)
+    call = _call(torch.float32, varlen=True, cell="gru")
+    assert cuda_backend.CudaBackend().supports(call) is None
+    assert cuda_backend.CudaBackend().supports(_call(torch.float32, varlen=True)) is not None
+    for direction in ("forward", "backward"):
+        assert cf.fused_mode(call, direction) is True
+    assert {"gates": 3} in fake.plan_resets and all(kw.get("gates", 4) in (3, 4) for kw in fake.plan_resets)
 
 
 def test_fused_kernels_do_not_serve_other_dtypes(fake_fused):
