@@ -8,6 +8,8 @@
   (proj_size: h_t = W_hr m_t, dW_hr), where the device's shared memory holds the kernels;
 - the backward likewise (dG exchanged in the storage dtype, streamed per warp), and run-to-run
   bitwise determinism;
+- the GRU's instances (GATES = 3) likewise: persistent against per-step bitwise and against the
+  float64 reference, dense, packed, with resets;
 - µs per step at the flagship shape, printed next to nn.LSTM's (pytest -s).
 
 The kernels are reached through ``lstm_kernels._C`` (``fused_forward`` / ``fused_backward``; the
@@ -166,6 +168,59 @@ def test_fused_matches_reference_and_per_step_bitwise(entries, name, dtype, tf32
     if bs is not None:
         for t in range(T):  # inactive rows: zero outputs
             assert (h_all[t, int(bs[t]):] == 0).all() and (dG[t, int(bs[t]):] == 0).all()
+
+
+GRU_SHAPES = [(1, 1, 1), (5, 3, 13), (7, 17, 40), (16, 16, 768)]  # (T, B, H)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name, dtype, tf32, tol", PRECISIONS, ids=PRECISION_IDS)
+@pytest.mark.parametrize("T, B, H", GRU_SHAPES)
+@pytest.mark.parametrize("varlen, with_resets", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["dense", "packed", "resets", "packed_resets"])
+def test_fused_gru_matches_reference_and_per_step_bitwise(entries, name, dtype, tf32, tol, T, B, H, varlen,
+                                                          with_resets):
+    """The GRU's instances (GATES = 3): persistent against one launch per step, bitwise (the state that
+    crosses launches: h_{t-1} from the exchange, the carry through dc_work), and against the float64
+    reference: h_all, h_T, dG, dh0 and d_hn."""
+    fwd, bwd = entries
+    if not cf.Plan(B, H, None, 3).fits(torch.cuda.get_device_properties(0).shared_memory_per_block_optin,
+                                       torch.empty((), dtype=dtype).element_size()):
+        pytest.skip("the GRU's fused blocks do not fit this device's shared memory")
+    g = torch.Generator().manual_seed(T * 1000 + H)
+    cuda = lambda t: t.to("cuda", dtype)  # noqa: E731
+    xg, w, h0 = cuda(torch.randn(T, B, 3 * H, generator=g) * 0.5), cuda(torch.randn(3 * H, H, generator=g) / H**0.5), \
+        cuda(torch.randn(B, H, generator=g) * 0.5)
+    b_hn = cuda(torch.randn(H, generator=g) * 0.3)
+    bs = None
+    if varlen:
+        lengths = torch.randint(1, T + 1, (B,), generator=g).sort(descending=True).values
+        lengths[0] = T
+        bs = torch.tensor([int((lengths > t).sum()) for t in range(T)])
+    resets = (torch.rand(T, B, generator=g) < 0.3).cuda() if with_resets else None
+    dh_all, dh_T = cuda(torch.randn(T, B, H, generator=g)), cuda(torch.randn(B, H, generator=g))
+    mask = None if resets is None else resets.to(torch.uint8).contiguous()
+    outs = {}
+    for persistent in (True, False):
+        h_all, h_T, c_T, (act, hn) = cf.forward(fwd, xg, w, h0, None, None, bs, True, persistent, tf32=tf32,
+                                                resets=mask, cell="gru", b_hn=b_hn)
+        dG, dh0, dc0, d_hn = cf.backward(bwd, w, None, act, hn, None, dh_all, dh_T, None, bs, persistent, tf32=tf32,
+                                         resets=mask, cell="gru", h0=h0, h_all=h_all)
+        torch.cuda.synchronize()
+        assert c_T is None and dc0 is None
+        outs[persistent] = (h_all, h_T, act, hn, dG, dh0, d_hn)
+    for n, a, b in zip(("h_all", "h_T", "act", "hn", "dG", "dh0", "d_hn"), outs[True], outs[False]):
+        assert torch.equal(a, b), f"{n}: persistent and per-step launches differ"
+    ref = ReferenceBackend()
+    d = lambda t: t.double()  # noqa: E731
+    e_all, e_T, _, _ = ref.forward(d(xg), d(w), d(h0), None, None, bs, False, resets=resets, cell="gru",
+                                   b_hn=d(b_hn))
+    e_dG, e_dh0, _, e_d_hn = ref.backward(RecurrenceInputs(d(xg), d(w), d(h0), None, None, bs), e_all, (),
+                                          d(dh_all), d(dh_T), None, resets=resets, cell="gru", b_hn=d(b_hn))
+    h_all, h_T, _, _, dG, dh0, d_hn = outs[True]
+    for n, a, r in zip(("h_all", "h_T", "dG", "dh0", "d_hn"), (h_all, h_T, dG, dh0, d_hn),
+                       (e_all, e_T, e_dG, e_dh0, e_d_hn)):
+        assert_rel_close(a, r, tol, f"GRU {name} {n}")
 
 
 @pytest.mark.timeout(600)

@@ -6,6 +6,7 @@
 //
 // Legend: T steps, B batch, H hidden units, r the reduction index over 4H, K4p = 4H rounded up
 // to kpad(sizeof(T)); a chunk = 32 bytes of r (fused_plan.cuh). Gate order along 4H: i, f, g, o.
+// (The GRU's: 3H, K3p, r, z, n; see "The GRU" below.)
 // Per step t from T-1 down to 0, for active rows:
 //   dh  = dh_all[t] + (row active at t+1 ? dG_{t+1} W_hh : dh_T)
 //   dc  = (row active at t+1 ? dc_{t+1} * f_{t+1} : dc_T)
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                           const T* __restrict__ dh_T,         // [B, P]
                           const T* __restrict__ dc_T,         // [B, H]
                           float* dc_work,                     // [B, H] fp32 carried dc between launches
-                          T* dgx,                             // [2, Bp, K4p] dG exchange (r' order), zeroed
+                          T* dgx,                             // [2, Bp, K4p] dG exchange (r' order), zeroed (K3p)
                           T* dhx,                             // [Bp, Pk] dh exchange (PROJ), zeroed
                           T* __restrict__ dG,                 // [T, B, GATES*H] out (PyTorch gate order)
                           T* __restrict__ dh0,                // [B, P] out (dh0 pass)

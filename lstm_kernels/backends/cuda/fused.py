@@ -345,10 +345,11 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
     bs = None if batch_sizes is None else step_rows(batch_sizes, T, B, dev)[:T]  # no host sync
     counters = torch.zeros(batch_tiles(B), dtype=torch.int32, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
+    b_hn = None if b_hn is None else b_hn.contiguous()  # kept alive through the launch
     err = entry(op_code(dt, tf32), _ptr(xg), _ptr(w_fwd), _ptr(w_hr_p), _ptr(c0), _ptr(c_work), _ptr(hx), _ptr(mx),
                 _ptr(h_all), _ptr(h_T), _ptr(c_T), _ptr(act), _ptr(c_all), _ptr(bs), _ptr(counters), T, B, H, P,
                 PERSISTENT if persistent else PER_STEP, stream, *barrier, **_resets_arg(resets),
-                **({} if is_lstm else dict(gates=n_gates, b_hn=_ptr(None if b_hn is None else b_hn.contiguous()))))
+                **({} if is_lstm else dict(gates=n_gates, b_hn=_ptr(b_hn))))
     if err:
         raise RuntimeError(f"lstm fused_forward_kernel failed: CUDA error {err}")
     return h_all, h_T, c_T, ((act, c_all) if needs_grad else ())
@@ -371,6 +372,7 @@ def backward(entry: Callable, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, ba
     state0 = c0 if is_lstm else h0  # the state that entered step 0
     state0, dh_all, dh_T = (t.to(dt).contiguous() for t in (state0, dh_all, dh_T))
     dc_T = dc_T.to(dt).contiguous() if is_lstm else None
+    h_all = None if is_lstm else h_all.to(dt).contiguous()  # kept alive through the launch
     Bp = round_up(B, BATCH_TILE)
     pad = kpad(dh_all.element_size())
     dgx = torch.zeros((2, Bp, round_up(n_gates * H, pad)), dtype=dt, device=dev)
@@ -388,7 +390,7 @@ def backward(entry: Callable, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, ba
                 _ptr(dh_T), _ptr(dc_T), _ptr(dc_work), _ptr(dgx), _ptr(dhx), _ptr(dG), _ptr(dh0), _ptr(dc0),
                 _ptr(dh_tot), _ptr(bs), _ptr(counters), T, B, H, P, PERSISTENT if persistent else PER_STEP, stream,
                 *barrier, **_resets_arg(resets),
-                **({} if is_lstm else dict(gates=n_gates, h_all=_ptr(h_all.to(dt).contiguous()), d_hn=_ptr(d_hn))))
+                **({} if is_lstm else dict(gates=n_gates, h_all=_ptr(h_all), d_hn=_ptr(d_hn))))
     if err:
         raise RuntimeError(f"lstm fused_backward_kernel failed: CUDA error {err}")
     if not is_lstm:
