@@ -43,6 +43,7 @@ def test_constants_agree_with_the_header(plan_dump):
                  "STAGE_PAIRS", "RING_STAGES", "STAGE_ROW_BYTES", "STAGE_BYTES", "WARP_RING_BYTES"):
         assert d[name] == getattr(cf, name), name
     assert d["THREADS"] == 32 * cf.WARPS
+    assert d["bwd_stage_pairs"] == {str(g): cf.stage_pairs(g) for g in (4, 3)}
     for elem in ELEMS:
         assert d["kpad"][str(elem)] == cf.kpad(elem), elem
         assert d["smem_pad"][str(elem)] == cf.smem_pad(elem), elem

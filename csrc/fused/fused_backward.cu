@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       if (!block_wait(counter, (unsigned int)(hs_a - hs_begin) * arrivals, hs_a > hs_begin, watch, t + 1, warp, lane,
                       &abort_s))
         return;
-      const float rec = split_k_mma_16x8_streamed<Op, GATES == 4 ? STAGE_PAIRS : 1>(  // [2] partial sums in red
+      const float rec = split_k_mma_16x8_streamed<Op, bwd_stage_pairs(GATES)>(  // [2] partial sums in red
           dgx + ((t + 1) & 1) * gx_slot + (size_t)b0 * Kp, Kp, ring + warp * WARP_RING_BYTES, w_base, kp_begin,
           kp_end, w_block && b0 < n_next, red, warp, lane);
       if (cell_warp) {

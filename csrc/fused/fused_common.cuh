@@ -370,8 +370,7 @@ template <typename Op, int PAIRS = STAGE_PAIRS, typename T = typename Op::T>
 __device__ __forceinline__ float split_k_mma_16x8_streamed(const T* src, int ld, unsigned char* ring, uint32_t b_base,
                                                            int kp_begin, int kp_end, bool active, float* red,
                                                            int warp, int lane) {
-  constexpr int kStageRowBytes = PAIRS * 2 * CHUNK_BYTES + SMEM_PAD_BYTES;
-  constexpr int kStageBytes = BATCH_TILE * kStageRowBytes;
+  constexpr int kStageRowBytes = stage_row_bytes(PAIRS), kStageBytes = stage_bytes(PAIRS);
   constexpr int kStages = WARP_RING_BYTES / kStageBytes;
   static_assert(kStages >= RING_STAGES, "at least RING_STAGES - 1 stages in flight");
   constexpr int kRow = PAIRS * 2 * CHUNK_BYTES / 16;  // 16-byte copies per row of a stage

@@ -34,10 +34,13 @@ constexpr int SMEM_PAD_BYTES = 16;  // padding per shared row: ldmatrix rows wit
 // The backward streams its dG operand per warp through a ring (fused_common.cuh,
 // split_k_mma_16x8_streamed): RING_STAGES slots of STAGE_PAIRS pairs of chunks x BATCH_TILE rows,
 // rows padded like every shared tile. 9 KB per warp, 72 KB per block, whatever H and the type.
+// A stage of `pairs` pairs of chunks (the GRU's ring takes one: bwd_stage_pairs) is the same rows.
+FUSED_HD constexpr int stage_row_bytes(int pairs) { return pairs * 2 * CHUNK_BYTES + SMEM_PAD_BYTES; }
+FUSED_HD constexpr int stage_bytes(int pairs) { return BATCH_TILE * stage_row_bytes(pairs); }
 constexpr int STAGE_PAIRS = 2;
 constexpr int RING_STAGES = 4;
-constexpr int STAGE_ROW_BYTES = STAGE_PAIRS * 2 * CHUNK_BYTES + SMEM_PAD_BYTES;
-constexpr int STAGE_BYTES = BATCH_TILE * STAGE_ROW_BYTES;
+constexpr int STAGE_ROW_BYTES = stage_row_bytes(STAGE_PAIRS);
+constexpr int STAGE_BYTES = stage_bytes(STAGE_PAIRS);
 constexpr int WARP_RING_BYTES = RING_STAGES * STAGE_BYTES;
 
 FUSED_HD constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
@@ -93,6 +96,11 @@ FUSED_HD int fwd_cell_row(int y, int w, int lane) {
 // (unit) lane / 4, with nt, cc as for fwd_cell_row.
 FUSED_HD int fwd_n_lane(int w, int lane) { return ((2 * (lane & 3) + (w & 1)) & 7) * 4 + ((lane >> 2) >> 1); }
 FUSED_HD int fwd_n_element(int w, int lane) { return ((lane >> 2) & 1) + 2 * ((w >> 1) & 1); }
+
+// Pairs of chunks per stage of the backward's dG ring (split_k_mma_16x8_streamed): STAGE_PAIRS for the
+// LSTM; 1 for the GRU (gates = 3), whose 3H gives each warp an odd count of pairs at the flagship (9),
+// which 2-pair stages would round up with a zero pair.
+FUSED_HD constexpr int bwd_stage_pairs(int gates) { return gates == 4 ? STAGE_PAIRS : 1; }
 
 // Backward interleaving of the reduction index: r' = 4j + g <-> r = g*H + j, both for the
 // columns of w_bwd [unit_blocks(H) * UNITS, 4H] (= W_hh^T, rows of units >= H zero) and the dG

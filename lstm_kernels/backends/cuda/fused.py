@@ -78,9 +78,9 @@ FLOAT32, FLOAT16, BFLOAT16, TF32 = 0, 1, 2, 3
 
 
 def stage_pairs(n_gates: int) -> int:
-    """Pairs of chunks per stage of the backward's dG ring (fused_backward.cu): STAGE_PAIRS for the LSTM;
-    1 for the GRU, whose 3H gives each warp an odd count of pairs at H = 768 (9), so that no stage
-    multiplies a zero pair."""
+    """Pairs of chunks per stage of the backward's dG ring (fused_plan.cuh's bwd_stage_pairs): STAGE_PAIRS
+    for the LSTM; 1 for the GRU, whose 3H gives each warp an odd count of pairs at H = 768 (9), so that
+    no stage multiplies a zero pair."""
     return STAGE_PAIRS if n_gates == 4 else 1
 
 

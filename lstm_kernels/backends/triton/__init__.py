@@ -42,8 +42,8 @@ one program in a fixed order.
 
 The GRU (``cell="gru"``): both kernel sets, their cell the constexpr GATES (3 gate rows r, z, n;
 :mod:`.step_forward`, :mod:`.persistent_forward` and their backwards; the cells' gradient
-arithmetic shared in :mod:`.cell_grads`). Its workspace is r, z, n [T, B, 3H] and hn = h_{t-1} W_hn^T + b_hn [T, B, H] (in c_all's
-place), fp32, from either forward.
+arithmetic shared in :mod:`.cell_grads`). Its workspace is r, z, n [T, B, 3H] and
+hn = h_{t-1} W_hn^T + b_hn [T, B, H] (in c_all's place), fp32, from either forward.
 
 Resets inside a sequence (``resets``, the contract's) are served by both kernel sets: a
 compile-time switch of the kernels (HAS_RESETS; without resets they compile as before) masks

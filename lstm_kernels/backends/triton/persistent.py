@@ -375,14 +375,14 @@ def backward_plan(B: int, H: int, P: int, dtype: torch.dtype, device: torch.devi
     if isinstance(limits, str):
         return f"persistent backward: {limits}"
     programs, budget, bb, n_bt, ob = limits
+    K = gates(cell) * H
+    ks = k_split(K, P, most=MAX_K_SPLIT_BACKWARD) if has_proj else k_split(K, most=MAX_K_SPLIT_BACKWARD)
+    pieces = backward_pieces(K, ks)
+    k4, kp = sum(pieces), sum(k_pieces(P, ks))
+    warps = ks
     reason = f"no tile of {BACKWARD_UNIT_BLOCKS} units fits"
     for u in ((units,) if units else BACKWARD_UNIT_BLOCKS):
         rows = max(16, u)
-        K = gates(cell) * H
-        ks = k_split(K, P, most=MAX_K_SPLIT_BACKWARD) if has_proj else k_split(K, most=MAX_K_SPLIT_BACKWARD)
-        pieces = backward_pieces(K, ks)
-        k4, kp = sum(pieces), sum(k_pieces(P, ks))
-        warps = ks
         tiles = max(triton.cdiv(P, u), triton.cdiv(H, u)) * n_bt
         if tiles > programs:
             reason = f"{tiles} tiles of {u} units x {bb} rows exceed {programs} co-resident programs"
