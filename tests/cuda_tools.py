@@ -31,15 +31,16 @@ def find_tool(name: str) -> Optional[str]:
 NVCC, CUOBJDUMP = find_tool("nvcc"), find_tool("cuobjdump")
 
 
-def compile_cubins(sources, archs, out_dir: Path) -> tuple[list, str]:
-    """Compile each of ``sources`` (paths below csrc/) for each of ``archs`` ("sm_80", ...) to a cubin
-    in ``out_dir`` (-O3, C++17, csrc/ on the include path, as the extension's build); returns
-    ([(arch, cuobjdump -sass text)], the -res-usage text of them all)."""
+def compile_cubins(sources, archs, out_dir: Path, csrc: Path = CSRC) -> tuple[list, str]:
+    """Compile each of ``sources`` (paths below ``csrc``, by default the package's csrc/; a test's
+    mutant copy otherwise) for each of ``archs`` ("sm_80", ...) to a cubin in ``out_dir`` (-O3, C++17,
+    ``csrc`` on the include path, as the extension's build); returns ([(arch, cuobjdump -sass text)],
+    the -res-usage text of them all)."""
     listings, usage = [], ""
     for src in sources:
         for arch in archs:
             cubin = out_dir / f"{Path(src).name}.{arch}.cubin"
-            subprocess.run([NVCC, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", f"-I{CSRC}", str(CSRC / src),
+            subprocess.run([NVCC, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", f"-I{csrc}", str(csrc / src),
                             "-o", str(cubin)], check=True)
             listings.append((arch, subprocess.run([CUOBJDUMP, "-sass", str(cubin)], capture_output=True, text=True,
                                                   check=True).stdout))

@@ -35,7 +35,8 @@
 // Per step (persistent launch, flagship H100, B = 16, H = 768: 96 blocks):
 // | part of one backward step                                              | budget |
 // |---|---|
-// | grid barrier (release-add by 4 warps, acquire-poll by warp 0)           | <= 0.7 us |
+// | grid barrier (one release-add per block after the dG_t exchange stores:  | <= 0.7 us |
+// |   one fence; dG, d_hn, dh_tot stored after it; acquire-poll by warp 0)    |           |
 // | dG_{t+1}: each warp streams its 16 x 384 slice (12 KB in 16 bits, 24 KB | ~0.9 us |
 // |   in float) through its ring, overlapped with its MMAs                   |           |
 // | MMA from the resident W^T slice, 8 warps, 24 HMMA per warp (float: 48    | <= 0.5 us |
@@ -43,12 +44,12 @@
 // | reduce partials once through smem; cell backward in registers, dc reg   | <= 0.2 us |
 // | act_t, c_t, c_{t-1}, dh_all[t] prefetched before the barrier wait        | hidden |
 // | **backward step**                                                        | **<= 3 us** |
-// Block barriers per step: 2 (after warp 0's grid wait; after the partial sums). Grid barriers:
+// Block barriers per step: 2 (after warp 0's grid wait; after the partial sums), and the cell
+// warps' named barrier before the arrival. Grid barriers: 1 (PROJ: 4 + 2 and 2).
 // The grid wait's time bound (barrier_wait.cuh) adds nothing to a wait whose first poll finds the
 // barrier open; after a closed poll, lane 0 reads the abort flag and %globaltimer (one L2 load and
 // one clock read per extra poll, under the poll's own round trip).
-// 1 (PROJ: 4 and 2). Shared memory per block: 8 * (K4p * e + 16) + 8 * 9216 (rings) + 4096 bytes,
-// e = sizeof(T): 124.1 KB at H = 768 in 16 bits, 172.1 KB in float; the largest H served is
+// Shared memory per block: 8 * (K4p * e + 16) + 8 * 9216 (rings) + 4096 bytes, e = sizeof(T): 124.1 KB at H = 768 in 16 bits, 172.1 KB in float; the largest H served is
 // 2408 (16-bit) and 1204 (float) in sm_90's 227 KB, 1384 and 692 in sm_80's 163 KB; PROJ
 // + (8 + 16) * (Pk * e + 16).
 // The dG_{t+1} stream is the largest part: every block reads the 16 rows x 4H of its batch
@@ -80,33 +81,47 @@
 namespace lstm {
 namespace fused {
 
-// The four gate gradients of one (b, j), rounded once to T: to dG (PyTorch order, stride H) and,
-// as one 8-byte store, to the exchange at r' = 4j .. 4j + 3. RESETS and `cut` (the row starts step
-// t from zero state): zeros to the exchange, so dh_{t-1} = dG_t W_hh is 0 for the row; dG unchanged.
-template <typename T, bool RESETS = false>
-__device__ __forceinline__ void store_gate_grads(T* dg, int H, T* ex, const GateGrads& d, bool cut = false) {
-  struct alignas(4 * sizeof(T)) Four {
-    T v[4];
-  } pack;
-  pack.v[0] = from_float<T>(d.i), pack.v[1] = from_float<T>(d.f), pack.v[2] = from_float<T>(d.g);
-  pack.v[3] = from_float<T>(d.o);
-  dg[0] = pack.v[0], dg[H] = pack.v[1], dg[2 * H] = pack.v[2], dg[3 * H] = pack.v[3];
-  if constexpr (RESETS) {
-    if (cut) pack = Four{};
-  }
-  *reinterpret_cast<Four*>(ex) = pack;
+// The cell's gradients of one (b, j), rounded once to T (the values dG holds and the next step
+// multiplies): the LSTM's d_i, d_f, d_g, d_o; the GRU's d_r, d_z, d_hn, d_n (the first three are the
+// gradient of its recurrent product h_{t-1} W_hh^T's rows).
+template <typename T>
+struct alignas(4 * sizeof(T)) RoundedGrads {
+  T v[4];
+};
+template <typename T>
+__device__ __forceinline__ RoundedGrads<T> round_grads(const GateGrads& d) {
+  return {{from_float<T>(d.i), from_float<T>(d.f), from_float<T>(d.g), from_float<T>(d.o)}};
+}
+template <typename T>
+__device__ __forceinline__ RoundedGrads<T> round_grads(const GruGrads& d) {
+  return {{from_float<T>(d.r), from_float<T>(d.z), from_float<T>(d.hn), from_float<T>(d.n)}};
 }
 
-// The GRU's: d_r, d_z, d_n to dG (stride H), d_hn to its own output, and the gradient of the recurrent
-// product, d_r, d_z, d_hn, to the exchange at r' = 3j .. 3j + 2 (zeros where `cut`, as the LSTM's).
-template <typename T, bool RESETS = false>
-__device__ __forceinline__ void store_gru_grads(T* dg, int H, T* d_hn, T* ex, const GruGrads& d, bool cut = false) {
-  const T r = from_float<T>(d.r), z = from_float<T>(d.z), hn = from_float<T>(d.hn);
-  dg[0] = r, dg[H] = z, dg[2 * H] = from_float<T>(d.n);
-  *d_hn = hn;
-  const bool keep = !(RESETS && cut);
-  const T zero = from_float<T>(0.f);
-  ex[0] = keep ? r : zero, ex[1] = keep ? z : zero, ex[2] = keep ? hn : zero;
+// The recurrent product's gradient to the exchange (r' order), what other blocks read: the LSTM's
+// four at r' = 4j .. 4j + 3 as one 8-byte (float: 16-byte) store, the GRU's three at r' = 3j .. 3j + 2.
+// RESETS and `cut` (the row starts step t from zero state): zeros, so dh_{t-1} = dG_t W_hh is 0 for
+// the row (dG itself unchanged).
+template <typename T, int GATES, bool RESETS>
+__device__ __forceinline__ void store_exchange(T* ex, const RoundedGrads<T>& g, bool cut) {
+  const bool zero_it = RESETS && cut;
+  if constexpr (GATES == 4) {
+    *reinterpret_cast<RoundedGrads<T>*>(ex) = zero_it ? RoundedGrads<T>{} : g;
+  } else {
+    const T zero = from_float<T>(0.f);
+    ex[0] = zero_it ? zero : g.v[0], ex[1] = zero_it ? zero : g.v[1], ex[2] = zero_it ? zero : g.v[2];
+  }
+}
+
+// The same gradients to the outputs, issued after the block's arrival (no other block reads them):
+// dG (PyTorch gate order, stride H; the GRU's d_r, d_z, d_n) and the GRU's d_hn (d_hn_out).
+template <typename T, int GATES>
+__device__ __forceinline__ void store_outputs(T* dg, int H, T* d_hn_out, const RoundedGrads<T>& g) {
+  dg[0] = g.v[0], dg[H] = g.v[1];
+  if constexpr (GATES == 4) {
+    dg[2 * H] = g.v[2], dg[3 * H] = g.v[3];
+  } else {
+    dg[2 * H] = g.v[3], *d_hn_out = g.v[2];
+  }
 }
 
 // PROJ (proj_size P < H): a step has two half-steps, each closed by one grid barrier.
@@ -203,7 +218,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   const KRange gate_k = bwd_gate_k(warp, H, E, GATES);  // pairs of chunks of K = 4H (3H)
   const KRange proj_k = bwd_proj_k(warp, P, E);  // pairs of chunks of K = P (PROJ)
   const int kp_begin = gate_k.begin, kp_end = gate_k.end, kq_begin = proj_k.begin, kq_end = proj_k.end;
-  const unsigned int arrivals = 4u * gridDim.x;
+  const unsigned int arrivals = gridDim.x;  // one per block and half-step (block_arrive)
   // Lane addresses of ldmatrix (fused_plan.cuh), in bytes: B = units (p) x r' (A = dG rows x r' is streamed);
   // PROJ half-step B': A = dh rows (batch) x p, B = W_hr^T rows (units) x p.
   const uint32_t w_base = smem_addr(w_s) + ldsm_b8x2(lane, LD * E);
@@ -224,58 +239,69 @@ __global__ void __launch_bounds__(THREADS, 1)
           dgx + ((t + 1) & 1) * gx_slot + (size_t)b0 * Kp, Kp, ring + warp * WARP_RING_BYTES, w_base, kp_begin,
           kp_end, w_block && b0 < n_next, red, warp, lane);
       if (cell_warp) {
+        // The cell, then the stores other blocks read (dG_t to dgx; PROJ: dh_t to dhx), the block's
+        // arrival, and only then the outputs, so the arrival's fence does not wait for them.
         const bool from_next = b < n_next;  // else this row's gradient enters here: dh_T, dc_T
+        const bool step_row = !PROJ && mine && t >= 0 && b < n_t;  // the cell runs for this (b, j) at step t
+        RoundedGrads<T> g{};
+        float dh_in = 0.f, dc_in = 0.f, dh_p = 0.f;  // dh_p: PROJ's dh_t
         if (PROJ) {
           if (mine_p) {
             const size_t sp = (size_t)b * P + j;
-            const float dh_in = from_next ? rec : to_float(dh_T[sp]);
-            if (t < 0) {
-              dh0[sp] = from_float<T>(dh_in);
-            } else if (b < n_t) {
-              const float dh = dh_in + to_float(dh_all[t * BP + sp]);
-              dh_tot[t * BP + sp] = dh;
-              dhx[(size_t)b * Pk + j] = from_float<T>(dh);
-            } else {
-              dh_tot[t * BP + sp] = 0.f;
+            dh_in = from_next ? rec : to_float(dh_T[sp]);
+            if (t >= 0 && b < n_t) {
+              dh_p = dh_in + to_float(dh_all[t * BP + sp]);
+              dhx[(size_t)b * Pk + j] = from_float<T>(dh_p);
             }
           }
         } else if (mine) {
           // the GRU's carry dh_{t+1} z_{t+1} joins dG_{t+1} W_hh (0 where step t + 1 reset the row)
-          const float dh_in = from_next ? rec + (GATES == 3 ? dc_reg : 0.f) : to_float(dh_T[s]);
-          const float dc_in = GATES == 3 ? 0.f : from_next ? dc_reg : to_float(dc_T[s]);
+          dh_in = from_next ? rec + (GATES == 3 ? dc_reg : 0.f) : to_float(dh_T[s]);
+          dc_in = GATES == 3 ? 0.f : from_next ? dc_reg : to_float(dc_T[s]);
+        }
+        if (step_row) {
+          const bool cut = RESETS && p_cut;
+          if constexpr (GATES == 4) {
+            GateGrads d;
+            float dc_prev;
+            cell_backward(dh_in + p_dh, dc_in, Gates{p_i, p_f, p_g, p_o}, cut ? 0.f : p_cp, p_c, &d, &dc_prev);
+            dc_reg = cut ? 0.f : dc_prev;
+            g = round_grads<T>(d);
+          } else {
+            GruGrads d;
+            gru_cell_backward(dh_in + p_dh, GruGates{p_i, p_f, p_g}, p_c, cut ? 0.f : p_cp, &d);
+            dc_reg = cut ? 0.f : d.h_prev;
+            g = round_grads<T>(d);
+          }
+          store_exchange<T, GATES, RESETS>(dgx + (t & 1) * gx_slot + (size_t)b * Kp + bwd_col(0, j, GATES), g, cut);
+        }
+        const bool arrive = hs_a + 1 < hs_end;
+        if (arrive) block_arrive(counter);  // this block's dG_t (PROJ: dh_t) stored: release
+        if (arrive && !PROJ) prefetch(t - 1);  // the next step's inputs, before the wait
+        if (PROJ) {
+          if (mine_p) {
+            const size_t sp = (size_t)b * P + j;
+            if (t < 0) {
+              dh0[sp] = from_float<T>(dh_in);
+            } else {
+              dh_tot[t * BP + sp] = b < n_t ? dh_p : 0.f;
+            }
+          }
+        } else if (mine) {
+          T* dg = dG + t * B4H + (size_t)b * K4 + j;
           if (t < 0) {
             dh0[s] = from_float<T>(dh_in);
             if constexpr (GATES == 4) dc0[s] = from_float<T>(dc_in);
+          } else if (step_row) {
+            store_outputs<T, GATES>(dg, H, d_hn + t * BH + s, g);
           } else {
-            T* dg = dG + t * B4H + (size_t)b * K4 + j;
-            T* ex = dgx + (t & 1) * gx_slot + (size_t)b * Kp + bwd_col(0, j, GATES);
-            const bool cut = RESETS && p_cut;
-            if (b < n_t) {
-              if constexpr (GATES == 4) {
-                GateGrads d;
-                float dc_prev;
-                cell_backward(dh_in + p_dh, dc_in, Gates{p_i, p_f, p_g, p_o}, cut ? 0.f : p_cp, p_c, &d, &dc_prev);
-                dc_reg = cut ? 0.f : dc_prev;
-                store_gate_grads<T, RESETS>(dg, H, ex, d, p_cut);
-              } else {
-                GruGrads d;
-                gru_cell_backward(dh_in + p_dh, GruGates{p_i, p_f, p_g}, p_c, cut ? 0.f : p_cp, &d);
-                dc_reg = cut ? 0.f : d.h_prev;
-                store_gru_grads<T, RESETS>(dg, H, d_hn + t * BH + s, ex, d, p_cut);
-              }
+            dg[0] = zero, dg[H] = zero, dg[2 * H] = zero;
+            if constexpr (GATES == 4) {
+              dg[3 * H] = zero;
             } else {
-              dg[0] = zero, dg[H] = zero, dg[2 * H] = zero;
-              if constexpr (GATES == 4) {
-                dg[3 * H] = zero;
-              } else {
-                d_hn[t * BH + s] = zero;
-              }
+              d_hn[t * BH + s] = zero;
             }
           }
-        }
-        if (hs_a + 1 < hs_end) {
-          grid_arrive(counter, lane);  // dG_t (PROJ: dh_t) of this warp stored: release
-          if (!PROJ) prefetch(t - 1);  // the next step's inputs, before the wait
         }
       }
     }
@@ -292,22 +318,28 @@ __global__ void __launch_bounds__(THREADS, 1)
         const float dm =  // [4] partial sums in red
             split_k_mma_16x8<Op>(d_base, r_base, kq_begin, kq_end, b0 < n_t, red, warp, lane);
         if (cell_warp) {
+          const bool step_row = mine && b < n_t;
+          RoundedGrads<T> g{};
+          if (step_row) {
+            const float dc_in = b < n_next ? dc_reg : to_float(dc_T[s]);
+            GateGrads d;
+            float dc_prev;
+            cell_backward(dm, dc_in, Gates{p_i, p_f, p_g, p_o}, RESETS && p_cut ? 0.f : p_cp, p_c, &d, &dc_prev);
+            dc_reg = RESETS && p_cut ? 0.f : dc_prev;
+            g = round_grads<T>(d);
+            store_exchange<T, GATES, RESETS>(dgx + (t & 1) * gx_slot + (size_t)b * Kp + bwd_col(0, j), g, p_cut);
+          }
+          if (hs_b + 1 < hs_end) {
+            block_arrive(counter);  // this block's dG_t stored: release
+            prefetch(t - 1);
+          }
           if (mine) {
             T* dg = dG + t * B4H + (size_t)b * K4 + j;
-            if (b < n_t) {
-              const float dc_in = b < n_next ? dc_reg : to_float(dc_T[s]);
-              GateGrads d;
-              float dc_prev;
-              cell_backward(dm, dc_in, Gates{p_i, p_f, p_g, p_o}, RESETS && p_cut ? 0.f : p_cp, p_c, &d, &dc_prev);
-              dc_reg = RESETS && p_cut ? 0.f : dc_prev;
-              store_gate_grads<T, RESETS>(dg, H, dgx + (t & 1) * gx_slot + (size_t)b * Kp + bwd_col(0, j), d, p_cut);
+            if (step_row) {
+              store_outputs<T, GATES>(dg, H, nullptr, g);
             } else {
               dg[0] = zero, dg[H] = zero, dg[2 * H] = zero, dg[3 * H] = zero;
             }
-          }
-          if (hs_b + 1 < hs_end) {
-            grid_arrive(counter, lane);  // dG_t of this warp stored: release
-            prefetch(t - 1);
           }
         }
       } else if (mine) {  // the dh0 pass: dc0

@@ -1,7 +1,7 @@
 // Building blocks of the fused persistent kernels (fused_forward.cu, fused_backward.cu):
 // the operand precisions (Op), warp-level tensor-core products (ldmatrix + mma.sync with fp32
 // accumulation, one MMA per 32-byte chunk of the reduction), bulk asynchronous copies to shared
-// memory (cp.async), and the light grid barrier (a release-add per arriving warp, one warp
+// memory (cp.async), and the light grid barrier (one release-add per arriving block, one warp
 // acquire-polling), split into arrive and wait so that independent work runs in between.
 //
 // Legend: T steps, B batch, H hidden units, K the reduction length (H forward, 4H backward),
@@ -238,18 +238,21 @@ __device__ __forceinline__ uint32_t reset_rows(int flag) { return __ballot_sync(
 
 // ---- the light grid barrier ----------------------------------------------------------------
 // One counter per group of blocks that exchange data (blocks with the same batch tile):
-// zeroed by the host before the launch, it only grows. After step t every arriving warp has
-// added 1 once per step: the wait for step t's data is "counter >= (t + 1) * arrivals".
+// zeroed by the host before the launch, it only grows. After step t every block has added 1 once
+// per half-step: the wait for step t's data is "counter >= (t + 1) * gridDim.x".
 
-// Arrive: every lane fences its own stores at GPU scope, then after __syncwarp() lane 0 adds 1
-// with release semantics at GPU scope, so the stores of the whole warp are visible before the
-// count. (The PTX memory model orders other lanes' stores before lane 0's release through
-// bar.warp.sync less explicitly than through bar.sync; the fence makes it explicit, at one
-// instruction per lane, and the release waits for those stores anyway.)
-__device__ __forceinline__ void grid_arrive(unsigned int* counter, int lane) {
-  __threadfence();
-  __syncwarp();
-  if (lane == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+// Arrive, once per block, by the cell warps (warps 0-3, which alone store what other blocks read)
+// right after their exchange stores: they meet at named barrier 1, then thread 0 adds 1 with
+// release semantics at GPU scope. That release is the arrival's one fence (MEMBAR.ALL.GPU before
+// the add). The barrier orders the other cell threads' stores before thread 0's release, and a
+// release is cumulative (PTX memory model: causality order through bar.sync, as cooperative
+// groups' grid sync relies on), so a block that acquires the count sees every exchange store.
+// The stores no other block reads (h_all, act, c_all, dG, ...) are issued after the arrival,
+// so the fence does not wait for them. The other warps, whose reads of the exchange ended
+// before the block barrier that precedes the cell, do not take part.
+__device__ __forceinline__ void block_arrive(unsigned int* counter) {
+  asm volatile("bar.sync 1, %0;" ::"n"(CELL_WARPS * 32) : "memory");
+  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
 }
 
 // Wait: every lane of the calling warp polls with acquire loads (one transaction for the warp)

@@ -31,9 +31,11 @@
 // same grid, twice the chunks and (Fp32Mma) three MMA per tile and chunk, see below):
 // | part of one forward step                                                | budget (DESIGN.md) |
 // |---|---|
-// | grid barrier: 4 warps per block release-add one counter per batch tile;  | <= 0.7 us |
-// |   warp 0 acquire-polls it (arrive right after the h_t stores, wait at the |           |
-// |   top of the next step: xg_{t+1} loads issued in between)                 |           |
+// | grid barrier: one release-add per block on one counter per batch tile    | <= 0.7 us |
+// |   (96 per step), after the cell warps' named barrier: one fence, which   |           |
+// |   waits for the h_t exchange stores only (h_all, act, c_all, h_T, c_T are |           |
+// |   stored after it); warp 0 acquire-polls it at the top of the next step, |           |
+// |   xg_{t+1} loads issued in between                                        |           |
 // | h_{t-1} [16, Pk] copied once by cp.async (16 B each) into padded smem,    | <= 0.3 us |
 // |   each warp the k columns it multiplies (12 lanes x 16 rows at H = 768)  |           |
 // | MMA from the resident W slice (ldmatrix), 8 warps, K split 8 ways,        | <= 0.5 us |
@@ -42,11 +44,12 @@
 // | partial sums reduced once through smem; cell in registers, c_t in a reg   | <= 0.2 us |
 // | xg_{t+1} prefetched into registers before the barrier wait               | hidden    |
 // | **forward step**                                                          | **<= 2 us** |
-// Block barriers per step: 2 (after warp 0's grid wait; after the partial sums). Grid barriers: 1.
+// Block barriers per step: 2 (after warp 0's grid wait; after the partial sums), and the cell warps'
+// named barrier before the arrival. Grid barriers: 1.
 // The grid wait's time bound (barrier_wait.cuh) adds nothing to a wait whose first poll finds the
 // barrier open; after a closed poll, lane 0 reads the abort flag and %globaltimer (one L2 load and
 // one clock read per extra poll, under the poll's own round trip).
-// PROJ: 4 and 2 (DESIGN.md: "two with a projection"); the half-step B adds a 16 x Hk copy of m_t
+// PROJ: 4 + 2 and 2 (DESIGN.md: "two with a projection"); the half-step B adds a 16 x Hk copy of m_t
 // and (2 HMMA per k16 pair) x Hk/32/8 per warp on the projecting blocks.
 // Shared memory per block: (32 + 16) * (Pk * e + 16) + 8 * 16 * 32 * 4 bytes, e = sizeof(T) (90.6 KB
 // at H = 768 in 16 bits, 160.8 KB in float: inside sm_80's 163 KB), PROJ + (8 + 16) * (Hk * e + 16).
@@ -73,7 +76,8 @@
 // loop no global load inside a k loop or any nested loop but the barrier's poll (W_hh, W_hr
 // never read from global memory per step), only the designed handful of global loads (xg
 // prefetch, batch_sizes); no shared store in a k loop (no restaging); HMMA per warp per step
-// within 10% of the ideal for the tile; BAR.SYNC and release-adds per step as designed; the
+// within 10% of the ideal for the tile; BAR.SYNC and release-adds per step as designed; one arrival
+// per block (the named barrier, one fence, only the exchange's store before it); the
 // acquire-poll present; cp.async (LDGSTS) for the exchange copies; no local memory.
 #include <cuda_runtime.h>
 
@@ -84,6 +88,14 @@
 
 namespace lstm {
 namespace fused {
+
+// One (b, j)'s activations to act (fp32, gate stride H): i, f, g, o; the GRU's r, z, n.
+__device__ __forceinline__ void store_activations(float* ap, int H, const Gates& a) {
+  ap[0] = a.i, ap[H] = a.f, ap[2 * H] = a.g, ap[3 * H] = a.o;
+}
+__device__ __forceinline__ void store_activations(float* ap, int H, const GruGates& a) {
+  ap[0] = a.r, ap[H] = a.z, ap[2 * H] = a.n;
+}
 
 // PROJ (proj_size P < H): a step has two half-steps, each closed by one grid barrier.
 //   A: gates from h_{t-1} [B, P] (K = P), the cell, m_t = o*tanh(c_t) to the exchange mx (16-bit);
@@ -170,7 +182,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   const KRange gate_k = fwd_gate_k(warp, P, E);  // half-step A: chunks of K = P
   const KRange proj_k = fwd_proj_k(warp, H, E);  // half-step B: pairs of chunks of K = H
   const int ks_begin = gate_k.begin, ks_end = gate_k.end, kp_begin = proj_k.begin, kp_end = proj_k.end;
-  const unsigned int arrivals = 4u * gridDim.x;
+  const unsigned int arrivals = gridDim.x;  // one per block and half-step (block_arrive)
   // Lane addresses of ldmatrix (fused_plan.cuh), in bytes: A = W rows x k, B = h rows (batch) x k;
   // half-step B: A = m rows (batch) x k, B = W_hr rows (p) x k.
   const uint32_t w_base = smem_addr(w_s) + ldsm_a16(lane, LD * E);
@@ -242,42 +254,44 @@ __global__ void __launch_bounds__(THREADS, 1)
             pg += rw[n_slot * 32 + n_lane];
           }
         }
-        if (mine) {
-          const size_t s = (size_t)b * H + j;
-          if (b < n_t) {
-            const bool reset = RESETS && ((zero_rows >> (b - b0)) & 1u);
-            if (reset) c_reg = 0.f;
-            float h, saved;  // h_t before rounding; what c_all keeps (c_t; the GRU's hn)
-            float* ap = act ? act + t * BGH + (size_t)b * GATES * H + j : nullptr;
-            if constexpr (GATES == 4) {
-              Gates a;
-              cell_forward(pi + x_i, pf + x_f, pg + x_g, po + x_o, c_reg, &a, &saved, &h);
-              c_reg = saved;
-              if (ap) ap[0] = a.i, ap[H] = a.f, ap[2 * H] = a.g, ap[3 * H] = a.o;
-              if (last_step || b >= n_after) c_T[s] = from_float<T>(saved);
-            } else {
-              GruGates a;
-              saved = pg + bias_n;
-              gru_cell_forward(pi + x_i, pf + x_f, x_g, saved, c_reg, &a, &h);
-              if (ap) ap[0] = a.r, ap[H] = a.z, ap[2 * H] = a.n;
-            }
-            const T hT = from_float<T>(h);
-            if constexpr (GATES == 3) c_reg = to_float(hT);  // h_{t-1} of the next step, as stored
-            if (PROJ) {
-              mx[(size_t)b * Hk + j] = hT;  // m_t, projected in half-step B
-            } else {
-              h_all[t * BH + s] = hT;
-              hx[(t & 1) * hx_slot + (size_t)b * Pk + j] = hT;
-              if (last_step || b >= n_after) h_T[s] = hT;
-            }
-            if (c_all) c_all[t * BH + s] = saved;
-          } else if (!PROJ) {
-            h_all[t * BH + s] = zero;
+        // The cell, then the one store other blocks read (h_t to hx; PROJ: m_t to mx), the block's
+        // arrival, and only then the outputs, so the arrival's fence does not wait for them.
+        const size_t s = (size_t)b * H + j;
+        const bool step_row = mine && b < n_t;  // the cell runs for this (b, j) at step t
+        std::conditional_t<GATES == 4, Gates, GruGates> a{};
+        float saved = 0.f;  // what c_all keeps: c_t (the GRU's hn)
+        T hT = zero;
+        if (step_row) {
+          if (RESETS && ((zero_rows >> (b - b0)) & 1u)) c_reg = 0.f;
+          float h;  // h_t before rounding
+          if constexpr (GATES == 4) {
+            cell_forward(pi + x_i, pf + x_f, pg + x_g, po + x_o, c_reg, &a, &saved, &h);
+            c_reg = saved;
+          } else {
+            saved = pg + bias_n;
+            gru_cell_forward(pi + x_i, pf + x_f, x_g, saved, c_reg, &a, &h);
+          }
+          hT = from_float<T>(h);
+          if constexpr (GATES == 3) c_reg = to_float(hT);  // h_{t-1} of the next step, as stored
+          if (PROJ) {
+            mx[(size_t)b * Hk + j] = hT;  // m_t, projected in half-step B
+          } else {
+            hx[(t & 1) * hx_slot + (size_t)b * Pk + j] = hT;
           }
         }
-        if (hs_a + 1 < hs_end) {
-          grid_arrive(counter, lane);  // this warp's h_t (m_t) stored: release
-          if (mine && t + 1 < t_end) load_xg(t + 1);  // xg_{t+1}, before the next wait
+        const bool arrive = hs_a + 1 < hs_end;
+        if (arrive) block_arrive(counter);  // this block's h_t (m_t) stored: release
+        if (arrive && mine && t + 1 < t_end) load_xg(t + 1);  // xg_{t+1}, before the next wait
+        if (step_row) {
+          if (act) store_activations(act + t * BGH + (size_t)b * GATES * H + j, H, a);
+          if (GATES == 4 && (last_step || b >= n_after)) c_T[s] = from_float<T>(saved);
+          if (!PROJ) {
+            h_all[t * BH + s] = hT;
+            if (last_step || b >= n_after) h_T[s] = hT;
+          }
+          if (c_all) c_all[t * BH + s] = saved;
+        } else if (mine && !PROJ) {
+          h_all[t * BH + s] = zero;
         }
       }
     }
@@ -293,18 +307,14 @@ __global__ void __launch_bounds__(THREADS, 1)
       const float h =  // [4] partial sums in red
           split_k_mma_16x8<Op>(m_base, r_base, kp_begin, kp_end, proj_block && b0 < n_t, red, warp, lane);
       if (cell_warp) {
+        const size_t s = (size_t)pb * P + pp;
+        const T hT = from_float<T>(h);
+        if (mine_p && pb < n_t) hx[(t & 1) * hx_slot + (size_t)pb * Pk + pp] = hT;
+        if (hs_b + 1 < hs_end) block_arrive(counter);  // this block's h_t stored: release
         if (mine_p) {
-          const size_t s = (size_t)pb * P + pp;
-          if (pb < n_t) {
-            const T hT = from_float<T>(h);
-            h_all[t * BP + s] = hT;
-            hx[(t & 1) * hx_slot + (size_t)pb * Pk + pp] = hT;
-            if (last_step || pb >= n_after) h_T[s] = hT;
-          } else {
-            h_all[t * BP + s] = zero;
-          }
+          h_all[t * BP + s] = pb < n_t ? hT : zero;
+          if (pb < n_t && (last_step || pb >= n_after)) h_T[s] = hT;
         }
-        if (hs_b + 1 < hs_end) grid_arrive(counter, lane);  // this warp's h_t stored: release
       }
     }
   }

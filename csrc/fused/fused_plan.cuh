@@ -26,6 +26,7 @@ constexpr int WARPS = 8;        // every warp takes 1/WARPS of the reduction (K 
 constexpr int THREADS = WARPS * 32;
 constexpr int UNITS = 8;        // hidden units per block (all four gates of each)
 constexpr int BATCH_TILE = 16;  // batch rows per block (batch tiles spread over gridDim.y)
+constexpr int CELL_WARPS = 4;   // warps 0-3 finish the cross-warp sums, run the cell and store the exchange
 constexpr int FWD_ROWS = 4 * UNITS;  // forward: W_hh rows per block, interleaved [gate][unit]
 constexpr int CHUNK_BYTES = 32;     // one MMA's k extent: k16 of a 16-bit type, k8 of float
 constexpr int KPAD_BYTES = 64;      // K is padded to pairs of chunks
