@@ -288,18 +288,20 @@ __global__ void __launch_bounds__(THREADS, 1)
             }
           }
         } else if (mine) {
-          T* dg = dG + t * B4H + (size_t)b * K4 + j;
           if (t < 0) {
             dh0[s] = from_float<T>(dh_in);
             if constexpr (GATES == 4) dc0[s] = from_float<T>(dc_in);
-          } else if (step_row) {
-            store_outputs<T, GATES>(dg, H, d_hn + t * BH + s, g);
           } else {
-            dg[0] = zero, dg[H] = zero, dg[2 * H] = zero;
-            if constexpr (GATES == 4) {
-              dg[3 * H] = zero;
+            T* dg = dG + t * B4H + (size_t)b * K4 + j;
+            if (step_row) {
+              store_outputs<T, GATES>(dg, H, d_hn + t * BH + s, g);
             } else {
-              d_hn[t * BH + s] = zero;
+              dg[0] = zero, dg[H] = zero, dg[2 * H] = zero;
+              if constexpr (GATES == 4) {
+                dg[3 * H] = zero;
+              } else {
+                d_hn[t * BH + s] = zero;
+              }
             }
           }
         }
