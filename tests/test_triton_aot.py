@@ -213,13 +213,13 @@ def persistent_launch(launches):
 @pytest.mark.parametrize("arch", [80, 90])
 def test_flagship_shape_runs_the_persistent_kernels(arch, tmp_path, monkeypatch):
     """B = 16, H = 768 (cuDNN's persistent-kernel showcase), fp16: a persistent call launches the
-    persistent kernels once each, 96 programs of 8 units (both architectures have more SMs), and
-    the forward, as launched, fits."""
+    persistent kernels once each, the forward in 96 programs of 8 units and the backward in 48 of 16
+    (both architectures have more SMs), and the forward, as launched, fits."""
     fw, bw = record(monkeypatch, arch, 3, 16, 768, torch.float16, variant="persistent")
-    for what, launches, kernel in (("forward", fw, persistent._lstm_pfw_kernel.kernel),
-                                   ("backward", bw, persistent._lstm_pbw_kernel.kernel)):
+    for what, launches, kernel, programs in (("forward", fw, persistent._lstm_pfw_kernel.kernel, 96),
+                                             ("backward", bw, persistent._lstm_pbw_kernel.kernel, 48)):
         launch = persistent_launch(launches)
-        assert len(launches) == 1 and launch.kernel is kernel and launch.grid == (96,), (what, launch.grid)
+        assert len(launches) == 1 and launch.kernel is kernel and launch.grid == (programs,), (what, launch.grid)
         assert launch.kwargs["launch_cooperative_grid"] and launch.kwargs["USE_BARRIER"], what
     assert_fits(compile_launch(persistent_launch(fw), arch), arch, "forward, B = 16, H = 768", tmp_path)
 

@@ -165,10 +165,11 @@ def test_plans_say_why_they_do_not_serve():
 
 
 def test_flagship_plan_spreads_over_the_sms():
-    """B = 16, H = 768 on a 132-SM H100: 96 programs of 8 units, forward and backward (the
-    structural counts of these kernels are in tests/test_triton_step_budget.py)."""
+    """B = 16, H = 768 on a 132-SM H100: the forward in 96 programs of 8 units, the backward in 48 of
+    16 units, none of its MMA rows padded (the structural counts of these kernels are in
+    tests/test_triton_step_budget.py)."""
     for dtype in (torch.float16, torch.bfloat16):
         fw = tp.forward_plan(16, 768, 768, dtype, torch.device("cuda"), False, programs=132, budget=144 * 1024)
         bw = tp.backward_plan(16, 768, 768, dtype, torch.device("cuda"), False, programs=132, budget=144 * 1024)
         assert fw["programs"] == 96 and fw["BLOCK_H"] == 8, fw
-        assert bw["programs"] >= fw["programs"], (bw, fw)
+        assert bw["programs"] == 48 and bw["UNITS"] == bw["BLOCK_H"] == 16, bw

@@ -36,8 +36,10 @@ Design (both kernels):
     ``co_resident_programs``), as a cooperative launch (launch_cooperative_grid): the driver
     places every program at once or refuses the launch, so the spin cannot wait on a program
     that never starts (a refusal at run time: :mod:`.launch` falls back to the step kernels).
-  * Nearly all SMs busy: at B = 16, H = 768 both kernels run 96 programs of 8 units on a
-    132-SM H100.
+  * Nearly all SMs busy where that costs no traffic: at B = 16, H = 768 the forward runs 96
+    programs of 8 units on a 132-SM H100. The backward runs 48 of 16 units: its MMA has at least 16
+    rows either way, and each program reads the whole dG_{t+1} of its batch tile every step, so 16
+    units per program halve that L2 traffic (4.7 MB per step in 16 bits) at the same MMA count.
   * On the CPU (TRITON_INTERPRET=1) programs run one after another, so a grid barrier would
     deadlock: there the same kernels are launched once per step (and phase) with
     n_steps = 1 and USE_BARRIER=False (``use_steps_mode``); c / dc then live in global memory
@@ -340,8 +342,11 @@ def persistent_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_work
 
 #: Most warps that split K = 4H of the backward's recurrent MMA.
 MAX_K_SPLIT_BACKWARD = 8
-#: Units per program tried by the backward, smallest first; its MMA has max(16, U) rows.
-BACKWARD_UNIT_BLOCKS = (8, 16, 32)
+#: Units per program tried by the backward, smallest first; its MMA has max(16, U) rows, so fewer than 16
+#: units would pad rows with zeros at the same MMA count, registers and shared memory, and only add
+#: programs, each of which reads the whole dG_{t+1} of its batch tile every step (twice the L2 traffic
+#: for 8 units).
+BACKWARD_UNIT_BLOCKS = (16, 32)
 
 
 def backward_pieces(K: int, ks: int) -> tuple[int, int, int, int]:

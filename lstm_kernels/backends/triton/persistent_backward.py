@@ -108,16 +108,17 @@ def _lstm_pbw_kernel(
 ):
     """Persistent backward, one (unit block, batch tile) per program for all steps.
 
-    Budget of one step (no projection; flagship B = 16, H = 768, fp16/bf16 on an H100: U = 8
-    units in 16 MMA rows (rows 8-15 are zero padding: tl.dot needs M >= 16 on Triton 3.2),
-    BB = 16, 96 programs x 8 warps, as many as the forward; W_hh[:, units]^T 16 x 3072 in 16 bits
+    Budget of one step (no projection; flagship B = 16, H = 768, fp16/bf16 on an H100: U = 16
+    units in 16 MMA rows (tl.dot needs M >= 16 on Triton 3.2, so fewer units would pad rows with
+    zeros), BB = 16, 48 programs x 8 warps; W_hh[:, units]^T 16 x 3072 in 16 bits
     kept as register fragments, 96 registers per thread, loaded from global once; the GRU's
     16 x 2304, 72 registers):
       * grid barrier: ONE per step, split: arrive right after the stores of dG_t into the
         exchange buffer; then the dG output of step t is stored and the saved activations of
         step t-1 (gates, c_{t-1}, c_{t-2} or c0) and dh_all[t-1] are loaded (prefetch); then
         wait.                                                                         <= 0.7 us
-      * dG_{t+1}^T [4H, BB] read once per step per program, in 16 bits (.cg), in 3 pieces of
+      * dG_{t+1}^T [4H, BB] read once per step per program (48 x 96 KiB = 4.7 MB of L2 reads per
+        step grid-wide), in 16 bits (.cg), in 3 pieces of
         1024 (fewer operand registers live at once; the GRU's 3H = 2304 in 1024 + 1024 + 256:
         ``backward_pieces`` pads no MMA where powers of two cover K).                 <= 0.3 us
       * MMA: 16 x BB x 4H from the resident slice, K split over KS = 8 warps:
