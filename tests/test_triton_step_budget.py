@@ -10,10 +10,13 @@ are read for what the GPU will run per step:
       the instruction shape read from the SASS mnemonic (HMMA.16816: m16n8k16, HMMA.1688: m16n8k8);
   (b) no load of W_hh (nor W_hr) from global memory inside the step loop, and no copy of it
       into shared memory there (traced through the TTGIR def-use chains to the pointer argument);
-  (c) grid-barrier arrivals (release atomics) per step: 1, or 2 with a projection;
+  (c) grid-barrier arrivals (release atomics) per step: 1, or 2 with a projection; no atomic on a
+      scalar in the step loop (Triton lowers one with a block barrier before it, and one after it
+      where its result is used: the barrier's atomics and polls are inline PTX instead, issue 21);
   (d) shared memory within the architecture's limit, no spills (cuobjdump: LOCAL and STACK 0);
   (e) per step, as designed (the kernels' docstrings): one cross-warp sum per recurrent product,
-      two block barriers per grid barrier (its arrive and its wait), and at most one layout
+      one block barrier per grid barrier (its arrive; the wait's threads poll each for itself),
+      and at most one layout
       conversion per cross-warp sum (its result into the cell's layout) plus, in the forward,
       four (the gate split and the layouts of the h / c stores);
   (f) the plans' shapes (units and batch rows per program, warps, programs) at the flagship and
@@ -151,7 +154,14 @@ GLOBAL_LOADS = ("tt.load", "ttg.async_copy_global_to_local", "ttng.async_tma_cop
 
 
 def grid_arrivals_per_step(ttgir: str) -> int:
-    return sum("tt.atomic_rmw add, release" in line for line in step_loop(ttgir))
+    """Release adds in the step loop: Triton's atomic, or the inline PTX of device_helpers' arrival."""
+    return sum("tt.atomic_rmw add, release" in line or ("elementwise_inline_asm" in line and "red.release" in line)
+               for line in step_loop(ttgir))
+
+
+def scalar_atomics_per_step(ttgir: str) -> int:
+    """Triton atomics in the step loop (each a scalar in these kernels: lowered with block barriers)."""
+    return sum(bool(re.search(r"\btt\.atomic_(rmw|cas)\b", line)) for line in step_loop(ttgir))
 
 
 def layout_exchanges_per_step(ttgir: str) -> int:
@@ -210,6 +220,7 @@ def report(kernel, arch, dtype, shape_id, compiled, tmp_path, w_args):
         w_smem_copies_in_loop=sum(ops_in_loop_from(ttgir, "ttg.local_alloc", a) for a in w_args),
         w_smem_reads_in_loop=sum(ops_in_loop_from(ttgir, "ttg.local_load", a) for a in w_args),
         grid_arrivals=grid_arrivals_per_step(ttgir),
+        scalar_atomics=scalar_atomics_per_step(ttgir),
         layout_exchanges=layout_exchanges_per_step(ttgir),
         cross_warp_sums=cross_warp_sums_per_step(ttgir),
         layout_conversions=layout_conversions_per_step(ttgir),
@@ -240,8 +251,9 @@ def assert_designed_step(counts, has_proj: bool, forward: bool, what: str):
     products = 2 if has_proj else 1  # h W_hh^T (dG W_hh), and m W_hr^T (dh W_hr) with a projection
     assert counts["grid_arrivals"] == products, f"{what}: {counts['grid_arrivals']} grid arrivals per step"
     assert counts["cross_warp_sums"] == products, f"{what}: {counts['cross_warp_sums']} cross-warp sums per step"
-    assert counts["block_barriers"] == 2 * counts["grid_arrivals"], (
-        f"{what}: {counts['block_barriers']} block barriers per step, designed 2 per grid barrier")
+    assert counts["block_barriers"] == counts["grid_arrivals"], (
+        f"{what}: {counts['block_barriers']} block barriers per step, designed 1 per grid barrier")
+    assert counts["scalar_atomics"] == 0, f"{what}: {counts['scalar_atomics']} scalar atomics (block barriers) per step"
     most = products + (4 if forward else 0)
     assert counts["layout_conversions"] <= most, (
         f"{what}: {counts['layout_conversions']} layout conversions per step, designed at most {most}")
@@ -306,7 +318,8 @@ def assert_designed_gru_step(counts, dots, what):
     assert counts["w_global_loads_in_loop"] == 0 and counts["w_smem_copies_in_loop"] == 0, f"{what}: W in the loop"
     assert counts["grid_arrivals"] == 1, f"{what}: {counts['grid_arrivals']} grid arrivals per step"
     assert counts["cross_warp_sums"] == 2, f"{what}: {counts['cross_warp_sums']} cross-warp sums, one per dot"
-    assert counts["block_barriers"] == 2, f"{what}: {counts['block_barriers']} block barriers per step"
+    assert counts["block_barriers"] == 1, f"{what}: {counts['block_barriers']} block barriers per step"
+    assert counts["scalar_atomics"] == 0, f"{what}: {counts['scalar_atomics']} scalar atomics (block barriers) per step"
     assert counts["layout_conversions"] <= GRU_CONVERSIONS, (
         f"{what}: {counts['layout_conversions']} layout conversions per step, designed at most {GRU_CONVERSIONS}")
 
@@ -562,6 +575,7 @@ def mutant_kernel(module, kernel_name: str, old: str, new: str, tmp_path):
 
 
 SUM_SITE = "            acc = tl.sum(acc, axis=0)  # [GR, BB] fp32\n"
+ARRIVE_SITE = "        arrivals = _step_arrive(bar_ptr, arrivals, USE_BARRIER)\n        # between arrive and wait"
 DOT_SITE = "            acc = tl.dot(w1, h_t1, input_precision=DOT_PRECISION)\n"
 FORWARD_MUTANTS = {
     # one more block barrier in the step
@@ -572,6 +586,11 @@ FORWARD_MUTANTS = {
     # the recurrent MMA issued twice (a warp repeating work)
     "repeated_mma": (DOT_SITE, "            acc = 0.0 * tl.dot(w1, h_t1, input_precision=DOT_PRECISION)\n"
                                "            acc += tl.dot(w1, h_t1, input_precision=DOT_PRECISION)\n", "MMA"),
+    # the former arrival: Triton's atomic on a scalar, which passes a block barrier of its own
+    "scalar_atomic_arrival": (ARRIVE_SITE, "        arrivals += 1\n        tl.debug_barrier()\n"
+                                           "        tl.atomic_add(bar_ptr, 1, sem=\"release\", scope=\"gpu\")\n"
+                                           "        # between arrive and wait",
+                              "scalar atomics"),
     # W_hh read from global memory inside the step loop
     "w_loaded_in_loop": (DOT_SITE, "            acc = tl.dot(_load_w_split(w_ptr, u * GR, GR, 0, K1, KS, P, DOT_DTYPE),\n"
                                    "                         h_t1, input_precision=DOT_PRECISION)\n", "W_hh"),

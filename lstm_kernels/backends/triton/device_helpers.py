@@ -3,8 +3,9 @@ and its clock, the reset flags of a tile's rows, the tile coordinates and a stre
 
 The grid barrier (persistent kernels only): data other programs wrote in the launch (h_buf,
 m_buf, dh_buf, dg_buf) is made visible by it: bar.sync, then one release arrival per program
-(``_arrive``), and acquire loads in the spin (``_wait``; PTX memory model, as cooperative groups'
-grid sync). Loads of such data also ask for cache_modifier=".cg"; Triton may lower them otherwise
+(``_arrive``), and acquire loads in the spin, by every thread (``_wait``; PTX memory model, as
+cooperative groups' grid sync). Its atomics are inline PTX, so that it passes one block barrier
+per step where Triton's scalar atomics passed two per arrival and two per poll. Loads of such data also ask for cache_modifier=".cg"; Triton may lower them otherwise
 (cp.async through L1), which the acquire makes correct anyway. Every spin is bounded in time
 (LSTM_KERNELS_BARRIER_TIMEOUT seconds, default 10; a runtime argument, so the binary verification
 proves is the one that serves): a launch whose wait gave up ends early and the next call on that
@@ -49,31 +50,79 @@ def _host_clock_ns():
 _clock_ns = _host_clock_ns if interpreting() else _gpu_clock_ns
 
 
+# Atomics and polls as inline PTX, each by the threads that run it: Triton lowers an atomic on a
+# scalar with a block barrier before it and, where its result is used, another after it to broadcast
+# the one thread's result through shared memory. That put two block barriers in every arrival and in
+# every poll of the spin. Here the arrival passes one (its own bar.sync), and a poll none: every
+# thread polls for itself (one L2 transaction per warp) and leaves the spin on what it saw itself.
+
+
+@triton.jit
+def _release_add_one(bar_ptr):
+    """bar_ptr[0] += 1 (int32) with release semantics at GPU scope, by thread 0 of the program alone."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred first; .reg .u32 tid; mov.u32 tid, %tid.x; setp.eq.u32 first, tid, 0; "
+        "@first red.release.gpu.global.add.u32 [$1], 1; mov.u32 $0, 0; }",
+        "=r,l", [bar_ptr], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _acquire_load(ptr):
+    """ptr[0] (int32) by an acquire load at GPU scope, in every thread: later loads see what the
+    releasers stored before their release."""
+    return tl.inline_asm_elementwise("ld.acquire.gpu.global.u32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _cas_i32(ptr, expected, value):
+    """Compare-and-swap of ptr[0] (int32) at GPU scope in the calling thread; returns the old value."""
+    return tl.inline_asm_elementwise("atom.acq_rel.gpu.global.cas.b32 $0, [$1], $2, $3;", "=r,l,r,r",
+                                     [ptr, expected, value], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _cas_i64(ptr, expected, value):
+    """Compare-and-swap of ptr[0] (int64) at GPU scope in the calling thread; returns the old value."""
+    return tl.inline_asm_elementwise("atom.acq_rel.gpu.global.cas.b64 $0, [$1], $2, $3;", "=l,l,l,l",
+                                     [ptr, expected, value], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _store_i64(ptr, value):
+    """ptr[0] = value (int64) by the calling thread, whichever it is (a scalar tl.store is one thread's)."""
+    tl.inline_asm_elementwise("st.global.b64 [$1], $2; mov.u32 $0, 0;", "=r,l,l", [ptr, value], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
 @triton.jit
 def _arrive(bar_ptr):
     """First half of the grid barrier: bar.sync, so that every thread's stores of this program
-    precede the release, then one release arrival per program (a scalar atomic: one thread)."""
+    precede the release, then one release arrival per program (thread 0: ``_release_add_one``)."""
     tl.debug_barrier()
-    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+    _release_add_one(bar_ptr)
 
 
 @triton.jit
 def _wait(bar_ptr, target, step, rec_ptr, timeout_ns, kernel_code):
-    """Second half: spin with acquire loads (gpu scope) until ``target`` arrivals have been
-    counted at ``bar_ptr[0]`` (a monotonic counter), which also makes the other programs' stores
-    visible; then bar.sync, so no thread runs ahead of the spin.
+    """Second half: every thread spins with its own acquire loads (gpu scope) until it has seen
+    ``target`` arrivals counted at ``bar_ptr[0]`` (a monotonic counter), which also makes the other
+    programs' stores visible to it. No block barrier: the counter only grows, so every thread leaves
+    the spin, each after its own acquire.
 
     Bounded in time (:mod:`..barrier_bound`): a first poll that finds the barrier open costs nothing
-    more. After one that finds it closed the wait reads the clock (``_clock_ns``) for its start,
+    more. After one that finds it closed the thread reads the clock (``_clock_ns``) for its start,
     and after every later closed poll the launch's abort flag ``bar_ptr[1]`` and the clock; it
     gives up once ``timeout_ns`` (a runtime argument; 0: no bound) have passed or another program
-    gave up. The first program to give up raises the flag, so every later wait of every program
-    leaves at its first closed poll (a stalled launch ends after one bound, not one per step; the
-    programs run on with invalid data and no more waiting), and, the first on the device since the
+    gave up. The first thread of the launch to give up raises the flag, so every later wait of every
+    program leaves at its first closed poll (a stalled launch ends after one bound, not one per step;
+    the programs run on with invalid data and no more waiting), and, the first on the device since the
     host looked, writes ``kernel_code``, ``step``, its program id and the time waited into the
-    device's record ``rec_ptr`` (int64 [4]); the host raises on it (``barrier_bound``).
+    device's record ``rec_ptr`` (int64 [4]); the host raises on it (``barrier_bound``). The give-up
+    runs in the threads that gave up, by atomics of their own, so no block barrier is passed by some
+    threads and not others.
     """
-    seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    seen = _acquire_load(bar_ptr)
     if seen < target:
         since = _clock_ns()
         waited = since - since
@@ -83,15 +132,14 @@ def _wait(bar_ptr, target, step, rec_ptr, timeout_ns, kernel_code):
             if (gave_up == 0) & (timeout_ns > 0):
                 waited = _clock_ns() - since
                 if waited > timeout_ns:
-                    gave_up = 2  # this program's own give-up
-            seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+                    gave_up = 2  # this thread's own give-up
+            seen = _acquire_load(bar_ptr)
         if gave_up == 2:
-            if tl.atomic_cas(bar_ptr + 1, 0, 1) == 0:  # the launch's first give-up
-                if tl.atomic_cas(rec_ptr, tl.zeros_like(waited), kernel_code.to(tl.int64)) == 0:  # the device's first since the host looked
-                    tl.store(rec_ptr + 1, step.to(tl.int64))
-                    tl.store(rec_ptr + 2, tl.program_id(0).to(tl.int64))
-                    tl.store(rec_ptr + 3, waited)
-    tl.debug_barrier()
+            if _cas_i32(bar_ptr + 1, 0, 1) == 0:  # the launch's first give-up
+                if _cas_i64(rec_ptr, waited - waited, kernel_code.to(tl.int64)) == 0:  # the device's first since the host looked
+                    _store_i64(rec_ptr + 1, step.to(tl.int64))
+                    _store_i64(rec_ptr + 2, tl.program_id(0).to(tl.int64))
+                    _store_i64(rec_ptr + 3, waited)
 
 
 @triton.jit

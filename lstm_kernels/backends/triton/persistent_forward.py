@@ -131,9 +131,10 @@ def _lstm_pfw_kernel(
     Budget of one step (no projection; flagship B = 16, H = 768, fp16/bf16 on an H100: U = 8,
     BB = 16, 96 programs x 8 warps; W_u 32 x 768 16-bit = 48 KiB per program, kept as register
     fragments, 48 registers per thread; 48 KiB of shared memory for the per-step operands):
-      * grid barrier: ONE per step, split: arrive (bar.sync + one release add) right after the
-        stores of h_t; then the workspace of step t is stored and xg_{t+1}, bs[t+1] are loaded
-        (prefetch); then wait (acquire poll, bar.sync).                              <= 0.7 us
+      * grid barrier: ONE per step, split: arrive (bar.sync + one release add by one thread)
+        right after the stores of h_t; then the workspace of step t is stored and xg_{t+1},
+        bs[t+1] are loaded (prefetch); then wait (every thread acquire-polls for itself: no
+        block barrier in the wait, ``device_helpers._wait``).                         <= 0.7 us
       * h_{t-1}^T [P, BB] read once per step per program (one .cg load per K piece).  <= 0.3 us
       * MMA: 4U x BB x P from the resident W_u (never loaded from global inside the loop), K
         split over KS = 8 warps: 4U*BB*P / (16*8*16) / KS mma.m16n8k16 per warp, 24 at the
@@ -155,7 +156,7 @@ def _lstm_pfw_kernel(
     finds the barrier open; after a closed poll it reads the abort flag and the GPU clock (one load and
     one clock read per extra poll, under the poll's own round trip).
     Per step, in the compiled loop: one cross-warp sum per product (one; two with a projection),
-    two block barriers per grid barrier (its arrive and its wait), at most one layout conversion
+    one block barrier per grid barrier (its arrive), no scalar atomic, at most one layout conversion
     per cross-warp sum plus four (the gate split and the h / c store layouts).
     Resets (HAS_RESETS): the flags of step t + 1 for the tile's BB rows are one scalar int64 load
     per step (their bits), prefetched with xg_{t+1} between arrive and wait. A row that resets
