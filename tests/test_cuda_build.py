@@ -199,6 +199,41 @@ def test_variant_env(monkeypatch):
         cuda_backend.requested_variant()
 
 
+def test_fused_weights_env_selects_the_register_path_under_its_own_plan(monkeypatch):
+    """LSTM_KERNELS_CUDA_FUSED_WEIGHTS: ``shared`` by default (the kernels as measured so far), ``registers``
+    opts in; the plan signature differs, so verification admits each under its own key; a bad value raises."""
+    backend = get_backend("cuda")
+    monkeypatch.delenv(cuda_backend.WEIGHTS_ENV, raising=False)
+    assert cuda_backend.fused_weights_in_registers() is False
+    shared = backend.plan_signature(_call())
+    monkeypatch.setenv(cuda_backend.WEIGHTS_ENV, "registers")
+    assert cuda_backend.fused_weights_in_registers() is True
+    assert backend.plan_signature(_call()) != shared
+    monkeypatch.setenv(cuda_backend.WEIGHTS_ENV, "smem")
+    with pytest.raises(ValueError, match="LSTM_KERNELS_CUDA_FUSED_WEIGHTS"):
+        cuda_backend.fused_weights_in_registers()
+
+
+def test_fused_forward_hands_the_weights_switch_to_the_kernel(monkeypatch):
+    """fused.forward passes w_registers=1 to the extension only under ``registers`` (the C API's default, 0,
+    reads W from shared memory every step)."""
+    from lstm_kernels.backends.cuda import fused
+
+    calls = []
+
+    class Stream:
+        cuda_stream = 7
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    T, B, H = 2, 2, 4
+    args = (torch.randn(T, B, 4 * H), torch.randn(4 * H, H), torch.randn(B, H), torch.randn(B, H), None, None, False,
+            False)
+    for value, expected in (("shared", None), ("registers", 1)):
+        monkeypatch.setenv(cuda_backend.WEIGHTS_ENV, value)
+        fused.forward(lambda *a, **kw: calls.append(kw) or 0, *args)
+        assert calls[-1].get("w_registers") == expected, (value, calls[-1])
+
+
 def test_backend_reason_when_extension_missing(monkeypatch):
     monkeypatch.setattr(cuda_ext, "_C", None)
     monkeypatch.setattr(cuda_ext, "build_info", lambda: None)

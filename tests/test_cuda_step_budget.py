@@ -309,7 +309,7 @@ def kernel_k_ranges(plan_dump, stem: str, op: str, proj: bool, gates: int = 4) -
 
 
 def hmma_per_warp_per_step(loop: StepLoop, spec, k_ranges) -> tuple:
-    """(busiest warp's HMMA per step, ideal, k-loop bodies, trips): k loop i's body runs once per
+    """(busiest warp's HMMA per step in the k loops, ideal, k-loop bodies, trips): k loop i's body runs once per
     k_unit chunks of the warp's range, taken from the kernels' own arithmetic (``k_ranges``, in
     chunks where k_unit is 1, else in pairs); the ideal is each product's MMA count (tiles x chunks
     x MMAs per tile and chunk) divided over the warps. A warp given more than its share of K makes
@@ -323,7 +323,19 @@ def hmma_per_warp_per_step(loop: StepLoop, spec, k_ranges) -> tuple:
         per_warp += body * trip
         ideal += tiles * k_steps * passes / cf.WARPS
         bodies.append(body), trips.append(trip)
-    return per_warp + loop.count(is_hmma) - loop.count(is_hmma, loop.in_k), ideal, bodies, trips
+    return per_warp, ideal, bodies, trips
+
+
+def register_path(plan_dump, stem: str, op: str, proj: bool, gates: int):
+    """(slots, HMMA per chunk, ldmatrix per chunk) of the forward's path with W in registers (16-bit
+    Ops: W_REG_CHUNKS of fused_plan.cuh, unrolled), or None where a kernel has none."""
+    elem, passes = OPS[op]
+    if stem != "fused_forward_kernel" or elem != 2:
+        return None
+    H, P = design_shape(stem, op, proj)
+    slots = plan_dump(FLAGSHIP_B, H, elem, P)["W_REG_CHUNKS"]
+    tiles = (gates * cf.UNITS) * cf.BATCH_TILE // (16 * 8)
+    return slots, tiles * passes, 1 if gates == 4 else 2
 
 
 #: (stem, proj, gates) of every fused kernel instance family: the LSTM's with and without a projection,
@@ -363,6 +375,23 @@ def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, gate
         H, P = design_shape(stem, op, proj)
         shape = f"B={FLAGSHIP_B}, H={H}" + (f", P={P}" if proj else "")
         print(f"\n[after] {tag} ({shape}): " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        # the forward's W in registers (16-bit): outside the k loops, the register path unrolled over the
+        # W_REG_CHUNKS slots, each chunk one ldmatrix of h (the GRU's two: h as B and as A operand) and its
+        # MMA tiles, and no ldmatrix of W; the busiest warp's range fits the slots at the design shape
+        reg = register_path(plan_dump, stem, op, proj, gates)
+        ldsm_outside = loop.count(lambda t: "LDSM" in t) - counts["ldsm_in_k_loop"]
+        if reg is None:
+            assert counts["hmma_outside_k_loops"] == 0 and ldsm_outside == 0, counts
+        else:
+            slots, hmma_per_chunk, ldsm_per_chunk = reg
+            busiest = max(e - b for b, e in kernel_k_ranges(plan_dump, stem, op, proj, gates)[0])
+            print(f"[registers] {tag}: {slots} slots, HMMA {counts['hmma_outside_k_loops']}, LDSM {ldsm_outside}, "
+                  f"busiest warp {busiest} chunks: {busiest * hmma_per_chunk} HMMA per step")
+            assert counts["hmma_outside_k_loops"] == slots * hmma_per_chunk, counts
+            assert ldsm_outside == slots * ldsm_per_chunk, (ldsm_outside, counts)
+            tiles, k_steps, _, passes = d["loops"][0]
+            ideal_gates = tiles * k_steps * passes / cf.WARPS
+            assert busiest <= slots and abs(busiest * hmma_per_chunk / ideal_gates - 1.0) <= 0.10, (busiest, counts)
         # W_hh (and W_hr) stay on chip: no global load in a k loop or any nested loop, no restaging store
         assert counts["ldg_in_k_loop"] == 0 and counts["ldg_in_nested_loops"] == 0, counts
         assert counts["sts_in_k_loop"] == 0, counts
@@ -373,9 +402,8 @@ def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, gate
         streamed = {"LDGSTS"} if d.get("streamed") else set()
         assert {"HMMA", "LDSM"} | streamed <= k_ops, k_ops
         assert not (k_ops & ({"LDG", "LDS", "STS", "STG", "LDGSTS"} - streamed)), k_ops
-        # tensor-core work per warp per step within 10% of the ideal; no work outside the k loops
+        # tensor-core work per warp per step within 10% of the ideal
         assert bodies == [tiles * k_unit * passes for tiles, _, k_unit, passes in d["loops"]], counts
-        assert counts["hmma_outside_k_loops"] == 0, counts
         assert abs(per_warp / ideal - 1.0) <= 0.10, counts
         # barriers per step as designed
         assert counts["bar_sync"] == d["bar_sync"] and counts["bar_sync_in_nested_loops"] == 0, counts
@@ -421,38 +449,53 @@ def arrival_problems(counts: dict, d: dict) -> list:
     return problems
 
 
-#: Mutants of the forward's arrival (csrc/fused/): the former one per warp, a fence of every lane and a
-#: release-add by each cell warp's lane 0; and h_all stored before the arrival, so its fence waits for it.
-ARRIVAL_MUTANTS = {
+def register_path_problems(loop: "StepLoop", plan_dump) -> list:
+    """What departs from the fp16 LSTM forward's register path (ldmatrix of h only, one per slot)."""
+    slots, _, ldsm_per_chunk = register_path(plan_dump, "fused_forward_kernel", "Fp16Mma", False, 4)
+    ldsm = loop.count(lambda t: "LDSM" in t) - loop.count(lambda t: "LDSM" in t, loop.in_k)
+    return [] if ldsm == slots * ldsm_per_chunk else [f"{ldsm} ldmatrix in the register path, designed {slots}"]
+
+
+def arrival_problems_of(loop: "StepLoop", plan_dump) -> list:
+    counts = dict(arrival_barriers=loop.count(is_arrival_barrier), fences=loop.count(is_fence),
+                  sc_fences=loop.count(lambda t: "MEMBAR.SC" in t), stores_before_arrivals=stores_before_arrivals(loop))
+    return arrival_problems(counts, design("fused_forward_kernel", False))
+
+
+#: Mutants of the fp16 LSTM forward (csrc/fused/) and the check that must catch each: the arrival as it
+#: was, one per warp with a fence of every lane and a release-add by each cell warp's lane 0; h_all
+#: stored before the arrival, so its fence waits for it; the register path reading W from shared memory.
+SOURCE_MUTANTS = {
     "arrival per warp": ("fused/fused_common.cuh", """  asm volatile("bar.sync 1, %0;" ::"n"(CELL_WARPS * 32) : "memory");
   if (threadIdx.x == 0) asm""", """  __threadfence();
   __syncwarp();
-  if ((threadIdx.x & 31) == 0) asm"""),
+  if ((threadIdx.x & 31) == 0) asm""", arrival_problems_of),
     "output before the arrival": ("fused/fused_forward.cu", """            hx[(t & 1) * hx_slot + (size_t)b * Pk + j] = hT;
 """, """            hx[(t & 1) * hx_slot + (size_t)b * Pk + j] = hT;
             h_all[t * BH + s] = hT;
-"""),
+""", arrival_problems_of),
+    "W from shared memory in the register path": (
+        "fused/fused_forward.cu", "chunk_product(ks_begin + i, w_reg[i][0], w_reg[i][1]);",
+        "chunk_product(ks_begin + i, w_frags(ks_begin + i, 0), w_reg[i][1]);", register_path_problems),
 }
 
 
-@pytest.mark.parametrize("mutant", sorted(ARRIVAL_MUTANTS))
-def test_arrival_checks_catch_the_former_arrival(tmp_path, mutant):
-    """The checks of the arrival fail on the forward compiled from a mutant of its source."""
-    path, site, replacement = ARRIVAL_MUTANTS[mutant]
+@pytest.mark.parametrize("mutant", sorted(SOURCE_MUTANTS))
+def test_step_checks_catch_a_mutant_source(tmp_path, plan_dump, mutant):
+    """The checks of the arrival and of the register path fail on the forward compiled from a mutant of
+    its source (the unmutated source, compiled the same way, passes them in
+    test_fused_step_loop_structure)."""
+    path, site, replacement, problems_of = SOURCE_MUTANTS[mutant]
     csrc = tmp_path / "csrc"
     shutil.copytree(ROOT / "csrc", csrc)
     text = (csrc / path).read_text()
     assert text.count(site) == 1, f"{path}: the mutated site is gone"
     (csrc / path).write_text(text.replace(site, replacement))
     listings, _ = compile_cubins(["fused/fused_forward.cu"], ("sm_90",), tmp_path, csrc=csrc)
-    stem = "fused_forward_kernel"
-    name, instrs = _kernels(functions_of(listings), stem, "sm_90", False)["Fp16Mma"]
-    loop = step_loop_of(name, instrs)
-    counts = dict(arrival_barriers=loop.count(is_arrival_barrier), fences=loop.count(is_fence),
-                  sc_fences=loop.count(lambda t: "MEMBAR.SC" in t), stores_before_arrivals=stores_before_arrivals(loop))
-    problems = arrival_problems(counts, design(stem, False))
+    name, instrs = _kernels(functions_of(listings), "fused_forward_kernel", "sm_90", False)["Fp16Mma"]
+    problems = problems_of(step_loop_of(name, instrs), plan_dump)
     print(f"\n[{mutant}] {problems}")
-    assert problems, counts
+    assert problems
 
 
 def test_kernels_take_their_k_ranges_from_the_plan_header():

@@ -125,7 +125,9 @@ __global__ void __launch_bounds__(THREADS, 1)
                          float* __restrict__ c_all,          // [T, B, H] fp32 cell states (the GRU's hn), or null
                          const int* __restrict__ batch_sizes,  // [T] int32 active rows per step, or null
                          unsigned int* counters,             // [gridDim.y] zeroed; used with several half-steps
-                         int T_, int B, int H, int P, int hs_begin, int hs_end,
+                         int T_, int B, int H, int P,
+                         int w_registers,  // 1: W in registers where it fits (see the step loop), 0: never
+                         int hs_begin, int hs_end,
                          BarrierWatch watch,  // the time bound of the grid wait (barrier_wait.cuh)
                          const unsigned char* __restrict__ resets) {  // [T, B] uint8 (RESETS), else unused
   static_assert(GATES == 4 || (GATES == 3 && !PROJ), "the LSTM, or the GRU without a projection");
@@ -192,6 +194,25 @@ __global__ void __launch_bounds__(THREADS, 1)
   const uint32_t ha_base = smem_addr(h_s) + ldsm_a16(lane, LD * E);
   const uint32_t m_base = smem_addr(m_s) + ldsm_a16(lane, LDH * E);
   const uint32_t r_base = smem_addr(wr_s) + ldsm_b8x2(lane, LDH * E);
+  // Fragment f (0, 1) of chunk ks of the resident slice: rows 0-15, then rows 16-31 (LSTM) or the n
+  // rows as a B operand (GRU).
+  auto w_frags = [&](int ks, int f) {
+    return ldsm_frag<Op>((f == 0 ? w_base : GATES == 4 ? w_base + 16 * LD * E : wn_base) + ks * CHUNK_BYTES);
+  };
+  // W in registers (w_registers, 16-bit Ops, a warp's k range of at most W_REG_CHUNKS chunks): the
+  // warp's fragments of the slice, read from shared memory once per launch; each step then reads
+  // only h_{t-1} there. Otherwise (float, larger H, or w_registers 0) every step reads them again.
+  constexpr int kWRegChunks = Op::kTf32 ? 0 : W_REG_CHUNKS;
+  Frag<Op> w_reg[kWRegChunks > 0 ? kWRegChunks : 1][2];
+  const bool w_in_registers = w_registers && kWRegChunks > 0 && ks_end - ks_begin <= kWRegChunks;
+  if (w_registers) {
+    __syncthreads();  // the resident slice is in shared memory
+    if (w_in_registers) {
+#pragma unroll
+      for (int i = 0; i < kWRegChunks; ++i)
+        if (i < ks_end - ks_begin) w_reg[i][0] = w_frags(ks_begin + i, 0), w_reg[i][1] = w_frags(ks_begin + i, 1);
+    }
+  }
 
   // ---- the step loop ----
   for (int t = t_first; t < t_end; ++t) {
@@ -211,24 +232,30 @@ __global__ void __launch_bounds__(THREADS, 1)
                       &abort_s))
         return;
       float acc[2][2][4] = {};
+      // One chunk ks of the product, given its two W fragments (w_frags: the LSTM's rows 0-15 and
+      // 16-31 as A operands; the GRU's r, z rows as A and its n rows as the B operand).
+      auto chunk_product = [&](int ks, const Frag<Op>& w0, const Frag<Op>& w1) {
+        const Frag<Op> bf = ldsm_frag<Op>(h_base + ks * CHUNK_BYTES);
+        mma_chunk<Op>(acc[0][0], w0, bf, 0);
+        mma_chunk<Op>(acc[0][1], w0, bf, 1);
+        if constexpr (GATES == 4) {
+          mma_chunk<Op>(acc[1][0], w1, bf, 0);
+          mma_chunk<Op>(acc[1][1], w1, bf, 1);
+        } else {  // hn^T: batch rows x the n rows' 8 units, one MMA (the transposed tile of acc[1][0])
+          const Frag<Op> ha = ldsm_frag<Op>(ha_base + ks * CHUNK_BYTES);
+          mma_chunk<Op>(acc[1][0], ha, w1, 0);
+        }
+      };
       if (b0 < n_t) {  // a batch tile with no active row skips its products
         warp_fetch_columns<T, RESETS>(h_s, LD, hx + ((t - 1) & 1) * hx_slot + (size_t)b0 * Pk, Pk,
                                       ks_begin * CHUNK_BYTES / E, ks_end * CHUNK_BYTES / E, lane, zero_rows);
+        if (w_in_registers) {  // unrolled over the register slots: no W read from shared memory
+#pragma unroll
+          for (int i = 0; i < kWRegChunks; ++i)
+            if (i < ks_end - ks_begin) chunk_product(ks_begin + i, w_reg[i][0], w_reg[i][1]);
+        } else {
 #pragma unroll 1
-        for (int ks = ks_begin; ks < ks_end; ++ks) {
-          const Frag<Op> a0 = ldsm_frag<Op>(w_base + ks * CHUNK_BYTES);
-          const Frag<Op> bf = ldsm_frag<Op>(h_base + ks * CHUNK_BYTES);
-          mma_chunk<Op>(acc[0][0], a0, bf, 0);
-          mma_chunk<Op>(acc[0][1], a0, bf, 1);
-          if constexpr (GATES == 4) {
-            const Frag<Op> a1 = ldsm_frag<Op>(w_base + ks * CHUNK_BYTES + 16 * LD * E);
-            mma_chunk<Op>(acc[1][0], a1, bf, 0);
-            mma_chunk<Op>(acc[1][1], a1, bf, 1);
-          } else {  // hn^T: batch rows x the n rows' 8 units, one MMA (the transposed tile of acc[1][0])
-            const Frag<Op> ha = ldsm_frag<Op>(ha_base + ks * CHUNK_BYTES);
-            const Frag<Op> wn = ldsm_frag<Op>(wn_base + ks * CHUNK_BYTES);
-            mma_chunk<Op>(acc[1][0], ha, wn, 0);
-          }
+          for (int ks = ks_begin; ks < ks_end; ++ks) chunk_product(ks, w_frags(ks, 0), w_frags(ks, 1));
         }
       }
       constexpr int TILES = GATES == 4 ? 4 : 3;  // accumulator tiles in use: (0, 0), (0, 1), (1, 0) [, (1, 1)]
@@ -331,14 +358,15 @@ template <typename Op, bool PROJ, bool RESETS, int GATES, typename T = typename 
 cudaError_t forward_launch(const void* xg, const void* w_fwd, const void* w_hr, const void* c0, const void* b_hn,
                            float* c_work, void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act,
                            float* c_all, const int* batch_sizes, const unsigned char* resets, unsigned int* counters,
-                           int T_, int B, int H, int P, int persistent, BarrierWatch watch, cudaStream_t stream) {
+                           int T_, int B, int H, int P, int persistent, int w_registers, BarrierWatch watch,
+                           cudaStream_t stream) {
   const dim3 grid(unit_blocks(H), batch_tiles(B));
   return launch_half_steps(fused_forward_kernel<Op, PROJ, RESETS, GATES>, grid,
                            forward_smem_bytes(H, P, PROJ, sizeof(T)), (PROJ ? 2 : 1) * T_, persistent, counters, watch,
                            resets, stream, static_cast<const T*>(xg), static_cast<const T*>(w_fwd),
                            static_cast<const T*>(w_hr), static_cast<const T*>(c0), static_cast<const T*>(b_hn), c_work,
                            static_cast<T*>(hx), static_cast<T*>(mx), static_cast<T*>(h_all), static_cast<T*>(h_T),
-                           static_cast<T*>(c_T), act, c_all, batch_sizes, counters, T_, B, H, P);
+                           static_cast<T*>(c_T), act, c_all, batch_sizes, counters, T_, B, H, P, w_registers);
 }
 
 // Whether the fused forward serves (B, H, P) on the current device: *possible 0 the block's
@@ -362,7 +390,7 @@ extern "C" int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, 
                                   unsigned int* counters, int T, int B, int H, int P, int persistent,
                                   unsigned long long* barrier_state, long long* barrier_record,
                                   long long barrier_timeout_ns, long long barrier_kernel, void* stream, int gates,
-                                  const void* b_hn) {
+                                  const void* b_hn, int w_registers) {
   using namespace lstm::fused;
   const lstm::BarrierWatch watch{barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel};
   return with_op(dtype, [&](auto op) {
@@ -371,7 +399,7 @@ extern "C" int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, 
                                                                                  auto cell_gates) {
       return forward_launch<Op, decltype(proj)::value, decltype(with_resets)::value, decltype(cell_gates)::value>(
           xg, w_fwd, w_hr, c0, b_hn, c_work, hx, mx, h_all, h_T, c_T, act, c_all, batch_sizes, resets, counters, T, B,
-          H, P, persistent, watch, static_cast<cudaStream_t>(stream));
+          H, P, persistent, w_registers, watch, static_cast<cudaStream_t>(stream));
     });
   });
 }

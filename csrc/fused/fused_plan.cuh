@@ -31,6 +31,10 @@ constexpr int FWD_ROWS = 4 * UNITS;  // forward: W_hh rows per block, interleave
 constexpr int CHUNK_BYTES = 32;     // one MMA's k extent: k16 of a 16-bit type, k8 of float
 constexpr int KPAD_BYTES = 64;      // K is padded to pairs of chunks
 constexpr int SMEM_PAD_BYTES = 16;  // padding per shared row: ldmatrix rows without bank conflicts
+// The forward may keep each warp's k range of its resident W slice as MMA register fragments for
+// the whole launch (16-bit types): at most this many chunks, 8 registers each (2 x 16 rows), 64 in
+// all; at B = 16 a warp's range is H / 128 chunks, so H <= 1024.
+constexpr int W_REG_CHUNKS = 8;
 
 // The backward streams its dG operand per warp through a ring (fused_common.cuh,
 // split_k_mma_16x8_streamed): RING_STAGES slots of STAGE_PAIRS pairs of chunks x BATCH_TILE rows,

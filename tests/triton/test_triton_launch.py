@@ -304,12 +304,12 @@ def test_a_barrier_that_cannot_open_fails_instead_of_hanging(which, proj, monkey
     wait leaves at once, the call returns, and the next call raises naming the kernel, the step and
     the program (block 0)."""
     monkeypatch.setenv(kernels.BARRIER_TIMEOUT_ENV, "0.001")
-    case = recurrence_cases.make_case(2, 3, 13, torch.float32, "cpu", proj=proj)
+    case = recurrence_cases.make_case(2, 3, 20, torch.float32, "cpu", proj=proj)  # H = 20: 2 backward programs
     backend = triton_backend.TritonBackend("persistent")
     args = (case["xg"], case["w_hh"], case["h0"], case["c0"], case["w_hr"], None)
     if which == "backward":  # a forward that works: the steps mode, no grid barrier
         h_all, _, _, ws = backend.forward(*args, True)
-    monkeypatch.setattr(persistent, "use_steps_mode", lambda: False)  # one launch over all steps: 4 programs
+    monkeypatch.setattr(persistent, "use_steps_mode", lambda: False)  # one launch over all steps, several programs
     kernels.barrier_bound.reset()
     inputs = recurrence_cases.RecurrenceInputs(*args)
     run = (lambda: backend.forward(*args, True)) if which == "forward" else (

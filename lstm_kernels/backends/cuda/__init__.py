@@ -84,7 +84,8 @@ from .fused import (  # noqa: F401
     fused_persistent_possible, fused_tf32, fused_unserved_reason, refused_cooperative_launches,
 )
 from .variants import (  # noqa: F401
-    DEFAULT_VARIANT, MMA_ENV, VARIANT_ENV, VARIANTS, requested_variant, tensor_cores_requested, use_tensor_cores,
+    DEFAULT_VARIANT, MMA_ENV, VARIANT_ENV, VARIANTS, WEIGHTS_ENV, fused_weights_in_registers, requested_variant,
+    tensor_cores_requested, use_tensor_cores,
 )
 
 _INT32_MAX = 2**31 - 1
@@ -116,7 +117,8 @@ class CudaBackend(Backend):
         return call.device.type == "cuda"
 
     def plan_signature(self, call: RecurrenceCall) -> tuple:
-        return (requested_variant(), use_tensor_cores(call.dtype))
+        return (requested_variant(), use_tensor_cores(call.dtype),
+                *(("weights in registers",) if fused_weights_in_registers() else ()))
 
     def unavailable_reason(self) -> Optional[str]:
         return extension.unavailable_reason()

@@ -50,7 +50,7 @@ from ..device_rows import step_rows
 from . import extension
 from .extension import ptr as _ptr
 from .extension import resets_arg as _resets_arg
-from .variants import MMA_ENV, VARIANT_ENV, requested_variant, tensor_cores_requested
+from .variants import MMA_ENV, VARIANT_ENV, fused_weights_in_registers, requested_variant, tensor_cores_requested
 
 WARPS = 8
 UNITS = 8
@@ -320,7 +320,8 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
     (csrc/fused/barrier_wait.cuh), or (0, 0, 0, 0): no bound. ``tf32``: float32 products on tf32
     (:func:`op_code`; the caller asks only where torch allows TF32). ``resets``: None or a contiguous uint8
     [T, B] on xg's device (nonzero: that row starts step t from zero state; the kernel masks h_{t-1} in its
-    exchange copy and c_{t-1} in its register, so h0 / c0 go in unmasked).
+    exchange copy and c_{t-1} in its register, so h0 / c0 go in unmasked). The kernel keeps W_hh in
+    registers where it fits when ``LSTM_KERNELS_CUDA_FUSED_WEIGHTS=registers`` (variants.py).
     """
     T, B, gate_rows = xg.shape
     n_gates, is_lstm = gates(cell), cell == LSTM
@@ -349,7 +350,8 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
     err = entry(op_code(dt, tf32), _ptr(xg), _ptr(w_fwd), _ptr(w_hr_p), _ptr(c0), _ptr(c_work), _ptr(hx), _ptr(mx),
                 _ptr(h_all), _ptr(h_T), _ptr(c_T), _ptr(act), _ptr(c_all), _ptr(bs), _ptr(counters), T, B, H, P,
                 PERSISTENT if persistent else PER_STEP, stream, *barrier, **_resets_arg(resets),
-                **({} if is_lstm else dict(gates=n_gates, b_hn=_ptr(b_hn))))
+                **({} if is_lstm else dict(gates=n_gates, b_hn=_ptr(b_hn))),
+                **({"w_registers": 1} if fused_weights_in_registers() else {}))
     if err:
         raise RuntimeError(f"lstm fused_forward_kernel failed: CUDA error {err}")
     return h_all, h_T, c_T, ((act, c_all) if needs_grad else ())

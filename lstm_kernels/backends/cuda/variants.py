@@ -7,6 +7,12 @@ launched (the package docstring, :mod:`lstm_kernels.backends.cuda`, says what ea
 ``LSTM_KERNELS_CUDA_MMA`` (:data:`MMA_ENV`, default 1): the recurrent matmuls on tensor cores. The
 fused kernels run only on tensor cores, so ``0`` leaves every call the fused kernels would serve to
 the per-step kernels' fp32 FMA path.
+
+``LSTM_KERNELS_CUDA_FUSED_WEIGHTS`` (:data:`WEIGHTS_ENV`, default ``shared``): where the fused forward
+keeps its resident W_hh slice during the step loop. ``shared``: in shared memory, read by ldmatrix every
+step. ``registers``: each warp's part as MMA register fragments, read from shared memory once per
+launch (16-bit types, H up to 1024 at B = 16; elsewhere ``shared`` serves). Both are verified before
+first use under their own plan; the default stays ``shared`` until a GPU has measured both.
 """
 from __future__ import annotations
 
@@ -20,6 +26,19 @@ DEFAULT_VARIANT = "fused"
 VARIANTS = ("fused", "step", "persistent", "auto")
 
 MMA_ENV = "LSTM_KERNELS_CUDA_MMA"
+
+
+WEIGHTS_ENV = "LSTM_KERNELS_CUDA_FUSED_WEIGHTS"
+WEIGHTS = ("shared", "registers")
+
+
+def fused_weights_in_registers() -> bool:
+    """``LSTM_KERNELS_CUDA_FUSED_WEIGHTS`` (default ``shared``) is ``registers``; ValueError naming it
+    for another value."""
+    v = os.environ.get(WEIGHTS_ENV, WEIGHTS[0])
+    if v not in WEIGHTS:
+        raise ValueError(f"{WEIGHTS_ENV}={v!r}; choose one of {', '.join(WEIGHTS)}")
+    return v == "registers"
 
 
 def requested_variant() -> str:

@@ -58,7 +58,7 @@ _clock_ns = _host_clock_ns if interpreting() else _gpu_clock_ns
 
 
 @triton.jit
-def _release_add_one(bar_ptr):
+def _release_add_one_ptx(bar_ptr):
     """bar_ptr[0] += 1 (int32) with release semantics at GPU scope, by thread 0 of the program alone."""
     tl.inline_asm_elementwise(
         "{ .reg .pred first; .reg .u32 tid; mov.u32 tid, %tid.x; setp.eq.u32 first, tid, 0; "
@@ -67,7 +67,7 @@ def _release_add_one(bar_ptr):
 
 
 @triton.jit
-def _acquire_load(ptr):
+def _acquire_load_ptx(ptr):
     """ptr[0] (int32) by an acquire load at GPU scope, in every thread: later loads see what the
     releasers stored before their release."""
     return tl.inline_asm_elementwise("ld.acquire.gpu.global.u32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
@@ -75,24 +75,56 @@ def _acquire_load(ptr):
 
 
 @triton.jit
-def _cas_i32(ptr, expected, value):
+def _cas_i32_ptx(ptr, expected, value):
     """Compare-and-swap of ptr[0] (int32) at GPU scope in the calling thread; returns the old value."""
     return tl.inline_asm_elementwise("atom.acq_rel.gpu.global.cas.b32 $0, [$1], $2, $3;", "=r,l,r,r",
                                      [ptr, expected, value], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
-def _cas_i64(ptr, expected, value):
+def _cas_i64_ptx(ptr, expected, value):
     """Compare-and-swap of ptr[0] (int64) at GPU scope in the calling thread; returns the old value."""
     return tl.inline_asm_elementwise("atom.acq_rel.gpu.global.cas.b64 $0, [$1], $2, $3;", "=l,l,l,l",
                                      [ptr, expected, value], dtype=tl.int64, is_pure=False, pack=1)
 
 
 @triton.jit
-def _store_i64(ptr, value):
+def _store_i64_ptx(ptr, value):
     """ptr[0] = value (int64) by the calling thread, whichever it is (a scalar tl.store is one thread's)."""
     tl.inline_asm_elementwise("st.global.b64 [$1], $2; mov.u32 $0, 0;", "=r,l,l", [ptr, value], dtype=tl.int32,
                               is_pure=False, pack=1)
+
+
+# The same under the interpreter (TRITON_INTERPRET=1 runs no inline asm; its programs run one after
+# another, one thread each): Triton's own atomics and store.
+
+
+@triton.jit
+def _release_add_one_interpreted(bar_ptr):
+    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _acquire_load_interpreted(ptr):
+    return tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def _cas_interpreted(ptr, expected, value):
+    return tl.atomic_cas(ptr, expected, value)
+
+
+@triton.jit
+def _store_i64_interpreted(ptr, value):
+    tl.store(ptr, value)
+
+
+if interpreting():
+    _release_add_one, _acquire_load = _release_add_one_interpreted, _acquire_load_interpreted
+    _cas_i32, _cas_i64, _store_i64 = _cas_interpreted, _cas_interpreted, _store_i64_interpreted
+else:
+    _release_add_one, _acquire_load = _release_add_one_ptx, _acquire_load_ptx
+    _cas_i32, _cas_i64, _store_i64 = _cas_i32_ptx, _cas_i64_ptx, _store_i64_ptx
 
 
 @triton.jit
