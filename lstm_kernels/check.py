@@ -78,9 +78,11 @@ def candidates(names: Sequence[str]) -> list[Candidate]:
 
     found = []
     for name in names:
-        if name == "cuda":
-            found += [Candidate("cuda", v, lambda: get_backend("cuda"), {"LSTM_KERNELS_CUDA_VARIANT": v})
-                      for v in ("fused", "step")]
+        if name == "cuda":  # the fused kernels with W_hh in shared memory and in registers (both measured)
+            found += [Candidate("cuda", label, lambda: get_backend("cuda"),
+                                {"LSTM_KERNELS_CUDA_VARIANT": v, "LSTM_KERNELS_CUDA_FUSED_WEIGHTS": weights})
+                      for label, v, weights in (("fused", "fused", "shared"), ("fused+registers", "fused", "registers"),
+                                                ("step", "step", "shared"))]
         elif name == "triton":
             from .backends.triton import TritonBackend
 

@@ -170,6 +170,37 @@ def test_fused_matches_reference_and_per_step_bitwise(entries, name, dtype, tf32
             assert (h_all[t, int(bs[t]):] == 0).all() and (dG[t, int(bs[t]):] == 0).all()
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("T, B, H, P, cell", [(5, 3, 13, None, "lstm"), (16, 16, 768, None, "lstm"),
+                                              (11, 18, 100, 36, "lstm"), (16, 16, 1024, None, "lstm"),
+                                              (7, 17, 40, None, "gru"), (16, 16, 768, None, "gru")])
+def test_fused_forward_with_weights_in_registers_is_bitwise_the_shared_one(entries, monkeypatch, dtype, T, B, H, P,
+                                                                           cell):
+    """LSTM_KERNELS_CUDA_FUSED_WEIGHTS=registers (W_hh as register fragments, read from shared memory once per
+    launch) against the default: the same MMAs in the same order, so the same bits, persistent and per step;
+    H = 1024 fills the W_REG_CHUNKS slots at B = 16."""
+    fwd, _ = entries
+    n_gates = 4 if cell == "lstm" else 3
+    _skip_unless_fits(dtype, B, H, P)
+    xg, w, h0, c0, w_hr, _ = _inputs(T, B, H, dtype, seed=T * 1000 + H, varlen=False, P=P)
+    if cell == "gru":
+        xg, w, c0 = xg[..., :3 * H].contiguous(), w[:3 * H].contiguous(), None
+    outs = {}
+    for weights in ("shared", "registers"):
+        monkeypatch.setenv("LSTM_KERNELS_CUDA_FUSED_WEIGHTS", weights)
+        for persistent in (True, False):
+            h_all, h_T, c_T, (act, c_all) = cf.forward(fwd, xg, w, h0, c0, w_hr, None, True, persistent, cell=cell)
+            torch.cuda.synchronize()
+            outs[weights, persistent] = (h_all, h_T, c_T, act, c_all)
+    assert act.shape[-1] == n_gates * H
+    for persistent in (True, False):
+        for n, a, b in zip(("h_all", "h_T", "c_T", "act", "c_all"), outs["registers", persistent],
+                           outs["shared", persistent]):
+            if a is not None:
+                assert torch.equal(a, b), f"{n} (persistent={persistent}): registers and shared memory differ"
+
+
 GRU_SHAPES = [(1, 1, 1), (5, 3, 13), (7, 17, 40), (16, 16, 768)]  # (T, B, H)
 
 

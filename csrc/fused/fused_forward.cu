@@ -40,7 +40,11 @@
 // |   each warp the k columns it multiplies (12 lanes x 16 rows at H = 768)  |           |
 // | MMA from the resident W slice (ldmatrix), 8 warps, K split 8 ways,        | <= 0.5 us |
 // |   (2 x 2 tiles) x KS/8 = 24 HMMA per warp at H = 768 (float: 48 tf32, or  |           |
-// |   144 for fp32 accuracy, plus the split of each fragment)                 |           |
+// |   144 for fp32 accuracy, plus the split of each fragment); per chunk 3     |           |
+// |   ldmatrix.x4 (2 of W, 1 of h): 48 KB of W read from shared memory per     |           |
+// |   block and step. With w_registers (16-bit, H <= 1024 at B = 16) each warp |           |
+// |   holds its 6 chunks of W as fragments (48 of 64 slot registers): per     |           |
+// |   chunk 1 ldmatrix (h) and no W read per step                             |           |
 // | partial sums reduced once through smem; cell in registers, c_t in a reg   | <= 0.2 us |
 // | xg_{t+1} prefetched into registers before the barrier wait               | hidden    |
 // | **forward step**                                                          | **<= 2 us** |
@@ -72,10 +76,19 @@
 // hn = that sum + b_hn, n = tanh(x_n + r hn), h_t = (1 - z) n + z h_{t-1} (gru_cell_forward). act
 // keeps r, z, n and c_all keeps hn: the per-step kernels' workspace, which either backward reads.
 //
+// W IN REGISTERS (w_registers = 1, LSTM_KERNELS_CUDA_FUSED_WEIGHTS=registers; 16-bit Ops): a warp whose k
+// range has at most W_REG_CHUNKS chunks (fused_plan.cuh) reads its fragments of the resident slice once
+// per launch into W_REG_CHUNKS x 2 register fragments, and its step then multiplies by a product unrolled
+// over those slots (a uniform branch per slot past its range), the same MMAs in the same order as the
+// shared-memory loop, so the same bits. The price: 64 registers whatever the range, and the slots'
+// unrolled code beside the loop, which still serves float, larger H and w_registers = 0. The h
+// ldmatrix of each chunk feeds its MMAs directly: the chain per chunk is the same as the loop's.
+//
 // Structural checks (tests/test_cuda_step_budget.py, on the cubins, CPU only): in the step
 // loop no global load inside a k loop or any nested loop but the barrier's poll (W_hh, W_hr
 // never read from global memory per step), only the designed handful of global loads (xg
-// prefetch, batch_sizes); no shared store in a k loop (no restaging); HMMA per warp per step
+// prefetch, batch_sizes); no shared store in a k loop (no restaging); the register path: one
+// ldmatrix (h) per slot and no other, its HMMA per warp at the ideal; HMMA per warp per step
 // within 10% of the ideal for the tile; BAR.SYNC and release-adds per step as designed; one arrival
 // per block (the named barrier, one fence, only the exchange's store before it); the
 // acquire-poll present; cp.async (LDGSTS) for the exchange copies; no local memory.
