@@ -49,7 +49,8 @@
 // The grid wait's time bound (barrier_wait.cuh) adds nothing to a wait whose first poll finds the
 // barrier open; after a closed poll, lane 0 reads the abort flag and %globaltimer (one L2 load and
 // one clock read per extra poll, under the poll's own round trip).
-// Shared memory per block: 8 * (K4p * e + 16) + 8 * 9216 (rings) + 4096 bytes, e = sizeof(T): 124.1 KB at H = 768 in 16 bits, 172.1 KB in float; the largest H served is
+// Shared memory per block: 8 * (K4p * e + 16) + 8 * 9216 (rings) + 4096 bytes, e = sizeof(T):
+// 124.1 KB at H = 768 in 16 bits, 172.1 KB in float; the largest H served is
 // 2408 (16-bit) and 1204 (float) in sm_90's 227 KB, 1384 and 692 in sm_80's 163 KB; PROJ
 // + (8 + 16) * (Pk * e + 16).
 // The dG_{t+1} stream is the largest part: every block reads the 16 rows x 4H of its batch

@@ -4,8 +4,10 @@ and its clock, the reset flags of a tile's rows, the tile coordinates and a stre
 The grid barrier (persistent kernels only): data other programs wrote in the launch (h_buf,
 m_buf, dh_buf, dg_buf) is made visible by it: bar.sync, then one release arrival per program
 (``_arrive``), and acquire loads in the spin, by every thread (``_wait``; PTX memory model, as
-cooperative groups' grid sync). Its atomics are inline PTX, so that it passes one block barrier
-per step where Triton's scalar atomics passed two per arrival and two per poll. Loads of such data also ask for cache_modifier=".cg"; Triton may lower them otherwise
+cooperative groups' grid sync). Its atomics are inline PTX, so that its arrival passes one block
+barrier and its spin none, where Triton's scalar atomics passed two per arrival and two per poll
+(Triton's own shared-memory analysis may still place one after the spin, before the step's first
+shared-memory write). Loads of such data also ask for cache_modifier=".cg"; Triton may lower them otherwise
 (cp.async through L1), which the acquire makes correct anyway. Every spin is bounded in time
 (LSTM_KERNELS_BARRIER_TIMEOUT seconds, default 10; a runtime argument, so the binary verification
 proves is the one that serves): a launch whose wait gave up ends early and the next call on that
@@ -54,7 +56,8 @@ _clock_ns = _host_clock_ns if interpreting() else _gpu_clock_ns
 # scalar with a block barrier before it and, where its result is used, another after it to broadcast
 # the one thread's result through shared memory. That put two block barriers in every arrival and in
 # every poll of the spin. Here the arrival passes one (its own bar.sync), and a poll none: every
-# thread polls for itself (one L2 transaction per warp) and leaves the spin on what it saw itself.
+# thread polls for itself (one L2 transaction per warp, 8 per poll of an 8-warp program where the
+# scalar atomic made 1) and leaves the spin on what it saw itself.
 
 
 @triton.jit
@@ -168,7 +171,8 @@ def _wait(bar_ptr, target, step, rec_ptr, timeout_ns, kernel_code):
             seen = _acquire_load(bar_ptr)
         if gave_up == 2:
             if _cas_i32(bar_ptr + 1, 0, 1) == 0:  # the launch's first give-up
-                if _cas_i64(rec_ptr, waited - waited, kernel_code.to(tl.int64)) == 0:  # the device's first since the host looked
+                # the device's first since the host looked
+                if _cas_i64(rec_ptr, waited - waited, kernel_code.to(tl.int64)) == 0:
                     _store_i64(rec_ptr + 1, step.to(tl.int64))
                     _store_i64(rec_ptr + 2, tl.program_id(0).to(tl.int64))
                     _store_i64(rec_ptr + 3, waited)

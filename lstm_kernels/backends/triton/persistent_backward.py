@@ -135,8 +135,8 @@ def _lstm_pbw_kernel(
     finds the barrier open; after a closed poll it reads the abort flag and the GPU clock (one load and
     one clock read per extra poll, under the poll's own round trip).
     Per step, in the compiled loop: one cross-warp sum per product (dG W_hh; and dh W_hr with a
-    projection), one block barrier per grid barrier (its arrive), no scalar atomic, at most one
-    layout conversion per sum.
+    projection), one explicit block barrier per grid barrier (its arrive; none in the spin), no
+    scalar atomic, at most one layout conversion per sum.
     Resets (HAS_RESETS): the flags of step t - 1 for the tile's BB rows are one scalar int64 load
     per step (their bits), prefetched with the saved activations between arrive and wait; those of
     steps t + 1 and t are carried in two registers. A row that resets at t reads c_{t-1} = 0 for

@@ -156,8 +156,9 @@ def _lstm_pfw_kernel(
     finds the barrier open; after a closed poll it reads the abort flag and the GPU clock (one load and
     one clock read per extra poll, under the poll's own round trip).
     Per step, in the compiled loop: one cross-warp sum per product (one; two with a projection),
-    one block barrier per grid barrier (its arrive), no scalar atomic, at most one layout conversion
-    per cross-warp sum plus four (the gate split and the h / c store layouts).
+    one explicit block barrier per grid barrier (its arrive; none in the spin), no scalar atomic, at
+    most one layout conversion per cross-warp sum plus four (the gate split and the h / c store
+    layouts).
     Resets (HAS_RESETS): the flags of step t + 1 for the tile's BB rows are one scalar int64 load
     per step (their bits), prefetched with xg_{t+1} between arrive and wait. A row that resets
     gets h_{t-1} W_hh^T = 0 (a select on the summed accumulator: the same as reading h_{t-1} = 0)
