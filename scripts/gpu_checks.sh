@@ -15,6 +15,12 @@
 #                                     SANITIZE_TIMEOUT=540 s: name one tool per run where they do not
 #                                     fit together), then exits non-zero if any failed
 #   scripts/gpu_checks.sh bench [ARGS...]   the benchmark sweep (python -m benchmarks ARGS) into $OUT/bench
+#   scripts/gpu_checks.sh profile [ARGS...] Nsight Compute (ncu) on one flagship forward + backward per
+#                                     implementation (benchmarks/profile_flagship.py ARGS: cuDNN, the cuda
+#                                     fused kernels with W_hh in shared memory and in registers, the triton
+#                                     persistent kernels): per kernel its duration, L2 / DRAM / shared-memory
+#                                     traffic, tensor instructions and barrier / membar stalls, as CSV in
+#                                     $OUT/profile/<implementation>.csv (each at most PROFILE_TIMEOUT=240 s)
 #
 # Every log starts with the device, driver, versions and commit.
 set -uo pipefail
@@ -88,7 +94,28 @@ case "${1:-test}" in
     ensure_built
     # results under $OUT, beside the logs; --out in ARGS overrides
     { header; $PY -m benchmarks --out "$OUT/bench" "$@"; } 2>&1 | tee "$OUT/bench.log" ;;
+  profile)
+    shift
+    ensure_built
+    metrics=gpu__time_duration.sum,lts__t_bytes.sum,dram__bytes.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum
+    metrics+=,sm__inst_executed_pipe_tensor.sum,smsp__average_warp_latency_issue_stalled_barrier.ratio
+    metrics+=,smsp__average_warp_latency_issue_stalled_membar.ratio
+    metrics+=,smsp__average_warp_latency_issue_stalled_long_scoreboard.ratio
+    mkdir -p "$OUT/profile"
+    failed=()
+    for impl in $($PY -m benchmarks.profile_flagship --list "$@"); do
+      log="$OUT/profile/$impl.csv"
+      { header; timeout "${PROFILE_TIMEOUT:-240}" ncu --nvtx --nvtx-include "$impl/" --csv --metrics "$metrics" \
+          $PY -m benchmarks.profile_flagship --impl "$impl" "$@"; } 2>&1 | tee "$log"
+      rc=${PIPESTATUS[0]}
+      echo "# exit: $rc" | tee -a "$log"
+      [ "$rc" -eq 0 ] || failed+=("$impl")
+    done
+    if [ ${#failed[@]} -gt 0 ]; then
+      echo "profile: FAILED: ${failed[*]} (logs in $OUT/profile)" >&2
+      exit 1
+    fi ;;
   *)
-    echo "usage: $0 check|build|test|sanitize|bench [ARGS...]" >&2
+    echo "usage: $0 check|build|test|sanitize|bench|profile [ARGS...]" >&2
     exit 2 ;;
 esac

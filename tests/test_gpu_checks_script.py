@@ -128,3 +128,46 @@ def test_check_stage_runs_the_check_command_and_keeps_its_status(tmp_path, py_rc
     assert f"-m lstm_kernels check --out {out}/check" in runs, runs
     assert (proc.returncode != 0) == bool(py_rc), proc.stdout + proc.stderr
     assert f"exit: {py_rc}" in (out / "check.log").read_text()
+
+
+# ncu stub: records its arguments, exits 1 for the implementation named in STUB_FAIL_IMPL, else 0.
+NCU = """#!/usr/bin/env bash
+echo "ncu $*" >> "$STUB_LOG/ncu_runs"
+case "$*" in *"--nvtx-include $STUB_FAIL_IMPL/"*) [ -n "$STUB_FAIL_IMPL" ] && exit 1 ;; esac
+exit 0
+"""
+# python stub for the profile stage: the implementations' list comes from the real driver.
+PROFILE_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = "-c" ]; then exit 0; fi
+case "$*" in *--list*) exec "$REAL_PYTHON" "$@" ;; esac
+echo "args: $*" >> "$STUB_LOG/python_runs"
+"""
+
+
+@pytest.mark.parametrize("fail_impl", ["", "cuda-fused-registers"])
+def test_profile_stage_runs_ncu_once_per_implementation_on_its_nvtx_range(tmp_path, fail_impl):
+    """scripts/gpu_checks.sh profile: one ncu run per implementation of benchmarks/profile_flagship.py, each
+    limited to that implementation's NVTX range and running the driver for it alone, its CSV in
+    $OUT/profile; an ncu failure fails the stage after every implementation ran."""
+    import sys
+
+    from benchmarks.profile_flagship import RUNS
+
+    bin_dir, log_dir, out_dir = tmp_path / "bin", tmp_path / "log", tmp_path / "out"
+    for d in (bin_dir, log_dir, out_dir):
+        d.mkdir()
+    _write_exe(bin_dir / "ncu", NCU)
+    _write_exe(bin_dir / "python-stub", PROFILE_PYTHON)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHON=str(bin_dir / "python-stub"), REAL_PYTHON=sys.executable, OUT=str(out_dir), STUB_LOG=str(log_dir), STUB_FAIL_IMPL=fail_impl,
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run(["bash", str(SCRIPT), "profile", "--T", "8"], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    ncu_runs = (log_dir / "ncu_runs").read_text().splitlines()
+    assert len(ncu_runs) == len(RUNS), ncu_runs
+    for impl, run in zip(RUNS, ncu_runs):
+        assert f"--nvtx-include {impl}/" in run and f"-m benchmarks.profile_flagship --impl {impl} --T 8" in run, run
+        assert (out_dir / "profile" / f"{impl}.csv").exists()
+    assert (proc.returncode != 0) == bool(fail_impl), proc.stdout + proc.stderr
+    if fail_impl:
+        assert fail_impl in proc.stderr
