@@ -475,8 +475,8 @@ SOURCE_MUTANTS = {
             h_all[t * BH + s] = hT;
 """, arrival_problems_of),
     "W from shared memory in the register path": (
-        "fused/fused_forward.cu", "chunk_product(ks_begin + i, w_reg[i][0], w_reg[i][1]);",
-        "chunk_product(ks_begin + i, w_frags(ks_begin + i, 0), w_reg[i][1]);", register_path_problems),
+        "fused/fused_forward.cu", "chunk_mma(w_reg[i][0], w_reg[i][1], h[i]);",
+        "chunk_mma(w_frags(ks_begin + i, 0), w_reg[i][1], h[i]);", register_path_problems),
 }
 
 
@@ -531,8 +531,9 @@ def test_per_warp_mma_check_catches_an_unbalanced_k_split(fused_sass, tmp_path):
 
 #: What the step loop of a fused kernel's instance with resets may have more of than the instance
 #: without: the flags' load, the forward's vote over its batch tile, and integer, predicate, select,
-#: constant and control instructions (the masked exchange copy is its own small loop).
-RESETS_MAY_ADD = {"LDG", "VOTE", "ISETP", "SEL", "FSEL", "LOP3", "SHF", "IMAD", "LEA", "IADD3", "VIADD", "MOV",
+#: constant and control instructions (the masked exchange copy is its own small loop), among them the
+#: uniform votes (VOTEU) by which ptxas makes the register path's per-slot conditions uniform.
+RESETS_MAY_ADD = {"LDG", "VOTE", "VOTEU", "ISETP", "SEL", "FSEL", "LOP3", "SHF", "IMAD", "LEA", "IADD3", "VIADD", "MOV",
                   "PRMT", "P2R", "R2P", "PLOP3", "BRA", "BSSY", "BSYNC", "WARPSYNC", "S2R", "CS2R", "S2UR", "LDC",
                   "ULDC", "UMOV", "USHF", "UIADD3", "UIMAD", "ULEA", "ULOP3", "NOP", "YIELD"}
 

@@ -79,10 +79,11 @@
 // W IN REGISTERS (w_registers = 1, LSTM_KERNELS_CUDA_FUSED_WEIGHTS=registers; 16-bit Ops): a warp whose k
 // range has at most W_REG_CHUNKS chunks (fused_plan.cuh) reads its fragments of the resident slice once
 // per launch into W_REG_CHUNKS x 2 register fragments, and its step then multiplies by a product unrolled
-// over those slots (a uniform branch per slot past its range), the same MMAs in the same order as the
-// shared-memory loop, so the same bits. The price: 64 registers whatever the range, and the slots'
-// unrolled code beside the loop, which still serves float, larger H and w_registers = 0. The h
-// ldmatrix of each chunk feeds its MMAs directly: the chain per chunk is the same as the loop's.
+// over those slots: every slot's ldmatrix of h is issued first (a uniform branch per slot past the
+// range), so their latencies overlap where the loop waits once per chunk, then the MMAs (predicated),
+// the same MMAs in the same order as the shared-memory loop, so the same bits. The price: 64 registers
+// of W and 32 of h whatever the range (165 in all for the fp16 LSTM, no spills), and the slots'
+// unrolled code beside the loop, which still serves float, larger H and w_registers = 0.
 //
 // Structural checks (tests/test_cuda_step_budget.py, on the cubins, CPU only): in the step
 // loop no global load inside a k loop or any nested loop but the barrier's poll (W_hh, W_hr
@@ -245,30 +246,42 @@ __global__ void __launch_bounds__(THREADS, 1)
                       &abort_s))
         return;
       float acc[2][2][4] = {};
-      // One chunk ks of the product, given its two W fragments (w_frags: the LSTM's rows 0-15 and
-      // 16-31 as A operands; the GRU's r, z rows as A and its n rows as the B operand).
-      auto chunk_product = [&](int ks, const Frag<Op>& w0, const Frag<Op>& w1) {
-        const Frag<Op> bf = ldsm_frag<Op>(h_base + ks * CHUNK_BYTES);
-        mma_chunk<Op>(acc[0][0], w0, bf, 0);
-        mma_chunk<Op>(acc[0][1], w0, bf, 1);
+      // h_{t-1}'s fragments of chunk ks: the B operand (and the GRU's A operand of its transposed n tile).
+      struct HFrags {
+        Frag<Op> b, a;
+      };
+      auto h_frags = [&](int ks) {
+        HFrags f;
+        f.b = ldsm_frag<Op>(h_base + ks * CHUNK_BYTES);
+        if constexpr (GATES == 3) f.a = ldsm_frag<Op>(ha_base + ks * CHUNK_BYTES);
+        return f;
+      };
+      // One chunk of the product, given its two W fragments (w_frags: the LSTM's rows 0-15 and 16-31
+      // as A operands; the GRU's r, z rows as A and its n rows as the B operand) and h's.
+      auto chunk_mma = [&](const Frag<Op>& w0, const Frag<Op>& w1, const HFrags& h) {
+        mma_chunk<Op>(acc[0][0], w0, h.b, 0);
+        mma_chunk<Op>(acc[0][1], w0, h.b, 1);
         if constexpr (GATES == 4) {
-          mma_chunk<Op>(acc[1][0], w1, bf, 0);
-          mma_chunk<Op>(acc[1][1], w1, bf, 1);
+          mma_chunk<Op>(acc[1][0], w1, h.b, 0);
+          mma_chunk<Op>(acc[1][1], w1, h.b, 1);
         } else {  // hn^T: batch rows x the n rows' 8 units, one MMA (the transposed tile of acc[1][0])
-          const Frag<Op> ha = ldsm_frag<Op>(ha_base + ks * CHUNK_BYTES);
-          mma_chunk<Op>(acc[1][0], ha, w1, 0);
+          mma_chunk<Op>(acc[1][0], h.a, w1, 0);
         }
       };
       if (b0 < n_t) {  // a batch tile with no active row skips its products
         warp_fetch_columns<T, RESETS>(h_s, LD, hx + ((t - 1) & 1) * hx_slot + (size_t)b0 * Pk, Pk,
                                       ks_begin * CHUNK_BYTES / E, ks_end * CHUNK_BYTES / E, lane, zero_rows);
-        if (w_in_registers) {  // unrolled over the register slots: no W read from shared memory
+        if (w_in_registers) {  // no W read from shared memory: every h ldmatrix issued, then the MMAs
+          HFrags h[kWRegChunks > 0 ? kWRegChunks : 1];
 #pragma unroll
           for (int i = 0; i < kWRegChunks; ++i)
-            if (i < ks_end - ks_begin) chunk_product(ks_begin + i, w_reg[i][0], w_reg[i][1]);
+            if (i < ks_end - ks_begin) h[i] = h_frags(ks_begin + i);
+#pragma unroll
+          for (int i = 0; i < kWRegChunks; ++i)
+            if (i < ks_end - ks_begin) chunk_mma(w_reg[i][0], w_reg[i][1], h[i]);
         } else {
 #pragma unroll 1
-          for (int ks = ks_begin; ks < ks_end; ++ks) chunk_product(ks, w_frags(ks, 0), w_frags(ks, 1));
+          for (int ks = ks_begin; ks < ks_end; ++ks) chunk_mma(w_frags(ks, 0), w_frags(ks, 1), h_frags(ks));
         }
       }
       constexpr int TILES = GATES == 4 ? 4 : 3;  // accumulator tiles in use: (0, 0), (0, 1), (1, 0) [, (1, 1)]
