@@ -180,6 +180,17 @@ def stores_before_arrivals(loop: "StepLoop") -> list:
     return counts
 
 
+def arrival_counts(loop: "StepLoop") -> dict:
+    """The step loop's named barriers, fences (SC among them) and stores before each arrival."""
+    return dict(arrival_barriers=loop.count(is_arrival_barrier), fences=loop.count(is_fence),
+                sc_fences=loop.count(lambda t: "MEMBAR.SC" in t), stores_before_arrivals=stores_before_arrivals(loop))
+
+
+def ldsm_outside_k_loops(loop: "StepLoop") -> int:
+    """ldmatrix in the step loop but outside its k loops (the forward's register path)."""
+    return loop.count(lambda t: "LDSM" in t) - loop.count(lambda t: "LDSM" in t, loop.in_k)
+
+
 def is_release_add(t):
     return re.search(r"\b(REDG?|ATOMG?)\.E\.ADD\.STRONG\.GPU", t) is not None
 
@@ -363,8 +374,7 @@ def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, gate
             hmma_per_warp_per_step=per_warp, hmma_ideal=ideal,
             bar_sync=loop.count(is_bar_sync), bar_sync_in_nested_loops=loop.count(is_bar_sync, loop.in_nested),
             release_add=loop.count(is_release_add), poll_loads=loop.count(is_poll),
-            arrival_barriers=loop.count(is_arrival_barrier), fences=loop.count(is_fence),
-            sc_fences=loop.count(lambda t: "MEMBAR.SC" in t), stores_before_arrivals=stores_before_arrivals(loop),
+            **arrival_counts(loop),
             ldg=loop.count(lambda t: is_ldg(t) and not is_poll(t)),
             ldg_in_nested_loops=loop.count(lambda t: is_ldg(t) and not is_poll(t), loop.in_nested),
             ldg_in_k_loop=loop.count(is_ldg, loop.in_k), sts_in_k_loop=loop.count(is_sts, loop.in_k),
@@ -379,7 +389,7 @@ def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, gate
         # W_REG_CHUNKS slots, each chunk one ldmatrix of h (the GRU's two: h as B and as A operand) and its
         # MMA tiles, and no ldmatrix of W; the busiest warp's range fits the slots at the design shape
         reg = register_path(plan_dump, stem, op, proj, gates)
-        ldsm_outside = loop.count(lambda t: "LDSM" in t) - counts["ldsm_in_k_loop"]
+        ldsm_outside = ldsm_outside_k_loops(loop)
         if reg is None:
             assert counts["hmma_outside_k_loops"] == 0 and ldsm_outside == 0, counts
         else:
@@ -452,14 +462,12 @@ def arrival_problems(counts: dict, d: dict) -> list:
 def register_path_problems(loop: "StepLoop", plan_dump) -> list:
     """What departs from the fp16 LSTM forward's register path (ldmatrix of h only, one per slot)."""
     slots, _, ldsm_per_chunk = register_path(plan_dump, "fused_forward_kernel", "Fp16Mma", False, 4)
-    ldsm = loop.count(lambda t: "LDSM" in t) - loop.count(lambda t: "LDSM" in t, loop.in_k)
+    ldsm = ldsm_outside_k_loops(loop)
     return [] if ldsm == slots * ldsm_per_chunk else [f"{ldsm} ldmatrix in the register path, designed {slots}"]
 
 
 def arrival_problems_of(loop: "StepLoop", plan_dump) -> list:
-    counts = dict(arrival_barriers=loop.count(is_arrival_barrier), fences=loop.count(is_fence),
-                  sc_fences=loop.count(lambda t: "MEMBAR.SC" in t), stores_before_arrivals=stores_before_arrivals(loop))
-    return arrival_problems(counts, design("fused_forward_kernel", False))
+    return arrival_problems(arrival_counts(loop), design("fused_forward_kernel", False))
 
 
 #: Mutants of the fp16 LSTM forward (csrc/fused/) and the check that must catch each: the arrival as it
@@ -540,8 +548,8 @@ RESETS_MAY_ADD = {"LDG", "VOTE", "VOTEU", "ISETP", "SEL", "FSEL", "LOP3", "SHF",
 
 #: Integer address arithmetic, which ptxas may write one way or another (LEA or IMAD) per instance, and
 #: the branches, convergence markers and out-of-line calls of the warp's __syncwarp, which it may lay out
-#: one way or another (seen in the GRU's and the LSTM's fp32 backward), the same arithmetic on the uniform datapath (U*, S2UR) and the
-#: NOPs of the schedule, and the thread index the ring's copy addresses start from, which it may read
+#: one way or another (seen in the GRU's and the LSTM's fp32 backward), the same arithmetic on the
+#: uniform datapath (U*, S2UR) and the NOPs of the schedule, and the thread index the ring's copy addresses start from, which it may read
 #: again (S2R SR_TID) rather than keep in a register (seen in the LSTM's sm_80 backward). The k loop's
 #: instruction count bounds them.
 _ADDRESS_OPS = {"IMAD", "LEA", "IADD3", "VIADD", "SHF", "LOP3", "MOV", "BRA", "BSSY", "BSYNC", "CALL", "S2R", "S2UR",
@@ -587,7 +595,8 @@ def test_resets_instance_adds_only_the_mask(fused_sass, arch, stem, proj, gates)
               f"{({k: v for k, v in cb.items() if k != 'k_loops'})}, static instructions {len(a.ops)} -> {len(b.ops)}, "
               f"more of: {more}")
         assert [ops for _, ops in cb["k_loops"]] == [ops for _, ops in ca["k_loops"]], tag
-        assert all(nb <= na + max(2, na // 6) for (na, _), (nb, _) in zip(ca["k_loops"], cb["k_loops"])), (tag, ca, cb)
+        assert all(nb <= na + max(2, na // 6)
+                   for (na, _), (nb, _) in zip(ca["k_loops"], cb["k_loops"])), (tag, ca, cb)
         for key in ("hmma", "bar_sync", "release_add", "poll"):
             assert cb[key] == ca[key], (tag, key, ca, cb)
         # the flags: one byte load per step (ptxas may fold another load of the step's into one, never more)

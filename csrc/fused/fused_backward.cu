@@ -114,7 +114,8 @@ __device__ __forceinline__ void store_exchange(T* ex, const RoundedGrads<T>& g, 
 }
 
 // The same gradients to the outputs, issued after the block's arrival (no other block reads them):
-// dG (PyTorch gate order, stride H; the GRU's d_r, d_z, d_n) and the GRU's d_hn (d_hn_out).
+// dG (PyTorch gate order, stride H; the GRU's d_r, d_z, d_n) and the GRU's d_hn (d_hn_out). A row
+// inactive at the step passes RoundedGrads<T>{}: zeros.
 template <typename T, int GATES>
 __device__ __forceinline__ void store_outputs(T* dg, int H, T* d_hn_out, const RoundedGrads<T>& g) {
   dg[0] = g.v[0], dg[H] = g.v[1];
@@ -181,7 +182,6 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const size_t BH = (size_t)B * H, BP = (size_t)B * P, B4H = GATES * BH, gx_slot = (size_t)Bp * Kp;
   const bool w_block = !PROJ || q * UNITS < P;  // owns columns [8q, 8q + 8) of W_hh
-  const T zero = from_float<T>(0.f);
   unsigned int* counter = counters + blockIdx.y;
 
   if (w_block) block_load_padded(w_s, LD, w_bwd + (size_t)q * UNITS * K4, UNITS, K4, Kp);
@@ -292,18 +292,8 @@ __global__ void __launch_bounds__(THREADS, 1)
           if (t < 0) {
             dh0[s] = from_float<T>(dh_in);
             if constexpr (GATES == 4) dc0[s] = from_float<T>(dc_in);
-          } else {
-            T* dg = dG + t * B4H + (size_t)b * K4 + j;
-            if (step_row) {
-              store_outputs<T, GATES>(dg, H, d_hn + t * BH + s, g);
-            } else {
-              dg[0] = zero, dg[H] = zero, dg[2 * H] = zero;
-              if constexpr (GATES == 4) {
-                dg[3 * H] = zero;
-              } else {
-                d_hn[t * BH + s] = zero;
-              }
-            }
+          } else {  // g is zero for a row inactive at step t
+            store_outputs<T, GATES>(dG + t * B4H + (size_t)b * K4 + j, H, d_hn + t * BH + s, g);
           }
         }
       }
@@ -336,14 +326,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             block_arrive(counter);  // this block's dG_t stored: release
             prefetch(t - 1);
           }
-          if (mine) {
-            T* dg = dG + t * B4H + (size_t)b * K4 + j;
-            if (step_row) {
-              store_outputs<T, GATES>(dg, H, nullptr, g);
-            } else {
-              dg[0] = zero, dg[H] = zero, dg[2 * H] = zero, dg[3 * H] = zero;
-            }
-          }
+          if (mine) store_outputs<T, GATES>(dG + t * B4H + (size_t)b * K4 + j, H, nullptr, g);  // zero if inactive
         }
       } else if (mine) {  // the dh0 pass: dc0
         dc0[s] = from_float<T>(b < n_next ? dc_reg : to_float(dc_T[s]));

@@ -335,16 +335,12 @@ __global__ void __launch_bounds__(THREADS, 1)
         const bool arrive = hs_a + 1 < hs_end;
         if (arrive) block_arrive(counter);  // this block's h_t (m_t) stored: release
         if (arrive && mine && t + 1 < t_end) load_xg(t + 1);  // xg_{t+1}, before the next wait
+        if (mine && !PROJ) h_all[t * BH + s] = hT;  // zero for a row inactive at step t
         if (step_row) {
           if (act) store_activations(act + t * BGH + (size_t)b * GATES * H + j, H, a);
           if (GATES == 4 && (last_step || b >= n_after)) c_T[s] = from_float<T>(saved);
-          if (!PROJ) {
-            h_all[t * BH + s] = hT;
-            if (last_step || b >= n_after) h_T[s] = hT;
-          }
+          if (!PROJ && (last_step || b >= n_after)) h_T[s] = hT;
           if (c_all) c_all[t * BH + s] = saved;
-        } else if (mine && !PROJ) {
-          h_all[t * BH + s] = zero;
         }
       }
     }

@@ -7,11 +7,11 @@ m_buf, dh_buf, dg_buf) is made visible by it: bar.sync, then one release arrival
 cooperative groups' grid sync). Its atomics are inline PTX, so that its arrival passes one block
 barrier and its spin none, where Triton's scalar atomics passed two per arrival and two per poll
 (Triton's own shared-memory analysis may still place one after the spin, before the step's first
-shared-memory write). Loads of such data also ask for cache_modifier=".cg"; Triton may lower them otherwise
-(cp.async through L1), which the acquire makes correct anyway. Every spin is bounded in time
-(LSTM_KERNELS_BARRIER_TIMEOUT seconds, default 10; a runtime argument, so the binary verification
-proves is the one that serves): a launch whose wait gave up ends early and the next call on that
-device raises, naming the kernel, the step and the program (``barrier_bound``).
+shared-memory write). Loads of such data also ask for cache_modifier=".cg"; Triton may lower
+them otherwise (cp.async through L1), which the acquire makes correct anyway. Every spin is
+bounded in time (LSTM_KERNELS_BARRIER_TIMEOUT seconds, default 10; a runtime argument, so the
+binary verification proves is the one that serves): a launch whose wait gave up ends early and
+the next call on that device raises, naming the kernel, the step and the program (``barrier_bound``).
 """
 from __future__ import annotations
 
