@@ -1,9 +1,9 @@
 """One forward and backward of each implementation at the flagship shape, for a kernel profiler.
 
 ``scripts/gpu_checks.sh profile`` runs this under Nsight Compute (ncu) to answer where a step's
-time goes: nn.LSTM (cuDNN), FusedLSTM on the ``cuda`` backend's fused kernels with W_hh in shared
-memory and in registers (``LSTM_KERNELS_CUDA_FUSED_WEIGHTS``), and on the ``triton`` backend's
-persistent kernels. Each runs once to warm up (compile, verify before first use), then once inside
+time goes: nn.LSTM (cuDNN), FusedLSTM on each variant of the ``cuda`` backend's fused kernels
+(``FUSED_CANDIDATES``: W_hh in shared memory or in registers, h exchanged through the grid barrier or
+tagged), and on the ``triton`` backend's persistent kernels. Each runs once to warm up (compile, verify before first use), then once inside
 an NVTX range named after it, which ncu's ``--nvtx --nvtx-include`` selects, so only the measured
 launches are profiled.
 
@@ -18,14 +18,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from lstm_kernels.backends.cuda.variants import FUSED_CANDIDATES
 from lstm_kernels.check import environment_set
 
 #: name -> (FusedLSTM backend, or None for nn.LSTM; the environment that selects the variant)
 RUNS = {
     "cudnn": (None, {}),
-    "cuda-fused-shared": ("cuda", {"LSTM_KERNELS_CUDA_VARIANT": "fused", "LSTM_KERNELS_CUDA_FUSED_WEIGHTS": "shared"}),
-    "cuda-fused-registers": ("cuda", {"LSTM_KERNELS_CUDA_VARIANT": "fused",
-                                      "LSTM_KERNELS_CUDA_FUSED_WEIGHTS": "registers"}),
+    **{"cuda-" + label.replace("+", "-"): ("cuda", env) for label, env in FUSED_CANDIDATES.items()},
     "triton-persistent": ("triton", {"LSTM_KERNELS_TRITON_VARIANT": "persistent"}),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -177,7 +177,7 @@ void fused_forward(int dtype, uintptr_t xg, uintptr_t w_fwd, uintptr_t w_hr, uin
                    uintptr_t c_all, uintptr_t batch_sizes, uintptr_t counters, int64_t T, int64_t B, int64_t H,
                    int64_t P, int persistent, uintptr_t stream, uintptr_t barrier_state, uintptr_t barrier_record,
             int64_t barrier_timeout_ns, int64_t barrier_kernel, uintptr_t resets, int gates, uintptr_t b_hn,
-            int w_registers) {
+            int w_registers, uintptr_t hx_tagged) {
   const char* fn = "lstm_kernels._C.fused_forward";
   const lstm::BarrierWatch dbg = barrier_watch(fn, barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel);
   check_fused_args(fn, dtype, T, B, H, P, w_hr != 0);
@@ -198,7 +198,7 @@ void fused_forward(int dtype, uintptr_t xg, uintptr_t w_fwd, uintptr_t w_hr, uin
                              ptr<unsigned int>(fn, "counters", counters), (int)T, (int)B, (int)H, (int)P,
                              persistent ? 1 : 0, dbg.state, dbg.record, dbg.timeout_ns, dbg.kernel,
                              reinterpret_cast<void*>(stream), gates, ptr<const void>(fn, "b_hn", b_hn, true),
-                             w_registers ? 1 : 0);
+                             w_registers ? 1 : 0, ptr<void>(fn, "hx_tagged", hx_tagged, true));
   }
   check_fused(err, persistent ? "fused_forward_kernel (cooperative launch)" : "fused_forward_kernel");
 }
@@ -440,13 +440,15 @@ PYBIND11_MODULE(_C, m) {
         " buffer, or 0: no bound), barrier_record (the device's int64 [4] error record), barrier_timeout_ns (0:"
         " no bound) and barrier_kernel (its code in the record): the time bound of the grid wait, see"
         " csrc/fused/barrier_wait.cuh; resets: a uint8 [T, B] device buffer or 0; gates: 4 the LSTM, 3 the GRU"
-        " (c0, c_work, c_T 0; b_hn [H] or 0); w_registers: 1 the W slice in registers where it fits",
+        " (c0, c_work, c_T 0; b_hn [H] or 0); w_registers: 1 the W slice in registers where it fits; hx_tagged:"
+        " 0, or the tagged exchange of h (uint64 [2, Bp, Pk / 2], slot 1 h0 with tag 0) used where it serves",
         py::arg("dtype"), py::arg("xg"), py::arg("w_fwd"), py::arg("w_hr"), py::arg("c0"), py::arg("c_work"),
         py::arg("hx"), py::arg("mx"), py::arg("h_all"), py::arg("h_T"), py::arg("c_T"), py::arg("act"),
         py::arg("c_all"), py::arg("batch_sizes"), py::arg("counters"), py::arg("T"), py::arg("B"), py::arg("H"),
         py::arg("P"), py::arg("persistent"), py::arg("stream"), py::arg("barrier_state") = 0,
         py::arg("barrier_record") = 0, py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0,
-        py::arg("resets") = 0, py::arg("gates") = 4, py::arg("b_hn") = 0, py::arg("w_registers") = 0);
+        py::arg("resets") = 0, py::arg("gates") = 4, py::arg("b_hn") = 0, py::arg("w_registers") = 0,
+        py::arg("hx_tagged") = 0);
   m.def("fused_backward", &fused_backward,
         "Fused backward at the budget of one step (dtype: a FusedOp code, dG exchanged in the storage dtype;"
         " csrc/fused/fused_lstm.h; barrier_*, resets, gates: as for fused_forward; the GRU: c0 its h0, dc_T and"

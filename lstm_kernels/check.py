@@ -78,11 +78,11 @@ def candidates(names: Sequence[str]) -> list[Candidate]:
 
     found = []
     for name in names:
-        if name == "cuda":  # the fused kernels with W_hh in shared memory and in registers (both measured)
-            found += [Candidate("cuda", label, lambda: get_backend("cuda"),
-                                {"LSTM_KERNELS_CUDA_VARIANT": v, "LSTM_KERNELS_CUDA_FUSED_WEIGHTS": weights})
-                      for label, v, weights in (("fused", "fused", "shared"), ("fused+registers", "fused", "registers"),
-                                                ("step", "step", "shared"))]
+        if name == "cuda":  # every variant of the fused kernels (all measured), then the per-step kernels
+            from .backends.cuda.variants import FUSED_CANDIDATES, VARIANT_ENV
+
+            found += [Candidate("cuda", label, lambda: get_backend("cuda"), env)
+                      for label, env in (*FUSED_CANDIDATES.items(), ("step", {VARIANT_ENV: "step"}))]
         elif name == "triton":
             from .backends.triton import TritonBackend
 

@@ -234,6 +234,64 @@ def test_fused_forward_hands_the_weights_switch_to_the_kernel(monkeypatch):
         assert calls[-1].get("w_registers") == expected, (value, calls[-1])
 
 
+def test_fused_exchange_switch_selects_its_own_plan(monkeypatch):
+    """LSTM_KERNELS_CUDA_FUSED_EXCHANGE: ``counter`` by default; ``tagged`` implies the weights in registers
+    and is a plan of its own (verified under its own key); another value is a ValueError naming it."""
+    backend = get_backend("cuda")
+    monkeypatch.delenv(cuda_backend.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(cuda_backend.EXCHANGE_ENV, raising=False)
+    assert cuda_backend.fused_exchange_tagged() is False
+    counter = backend.plan_signature(_call())
+    monkeypatch.setenv(cuda_backend.WEIGHTS_ENV, "registers")
+    registers = backend.plan_signature(_call())
+    monkeypatch.setenv(cuda_backend.WEIGHTS_ENV, "shared")
+    monkeypatch.setenv(cuda_backend.EXCHANGE_ENV, "tagged")
+    assert cuda_backend.fused_exchange_tagged() is True and cuda_backend.fused_weights_in_registers() is True
+    assert len({counter, registers, backend.plan_signature(_call())}) == 3
+    monkeypatch.setenv(cuda_backend.EXCHANGE_ENV, "flags")
+    with pytest.raises(ValueError, match="LSTM_KERNELS_CUDA_FUSED_EXCHANGE"):
+        cuda_backend.fused_exchange_tagged()
+
+
+@pytest.mark.parametrize("dtype, cell, proj, served", [(torch.float16, "lstm", False, True),
+                                                       (torch.bfloat16, "lstm", False, True),
+                                                       (torch.float32, "lstm", False, False),
+                                                       (torch.float16, "lstm", True, False),
+                                                       (torch.float16, "gru", False, False)])
+def test_fused_forward_hands_the_tagged_exchange_to_the_kernel(monkeypatch, dtype, cell, proj, served):
+    """Under ``tagged``, fused.forward passes the kernel the tagged buffer (h0 packed into slot 1 under tag 0)
+    and w_registers=1 for the 16-bit LSTM without projection, and no buffer elsewhere (the counter serves)."""
+    from lstm_kernels.backends.cuda import fused
+
+    calls = []
+
+    class Stream:
+        cuda_stream = 7
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setenv(cuda_backend.EXCHANGE_ENV, "tagged")
+    packed = []
+    pack = fused.pack_tagged
+    monkeypatch.setattr(fused, "pack_tagged", lambda *a: packed.append(pack(*a)) or packed[-1])
+    T, B, H, P = 2, 3, 10, (6 if proj else 10)
+    n_gates = 4 if cell == "lstm" else 3
+    h0 = torch.randn(B, P).to(dtype)
+    fused.forward(lambda *a, **kw: calls.append(kw) or 0, torch.randn(T, B, n_gates * H).to(dtype),
+                  torch.randn(n_gates * H, P).to(dtype), h0, torch.randn(B, H).to(dtype) if cell == "lstm" else None,
+                  torch.randn(P, H).to(dtype) if proj else None, None, False, False, cell=cell)
+    assert calls[-1].get("w_registers") == 1
+    assert ("hx_tagged" in calls[-1]) == served and len(packed) == served
+    if served:
+        words = packed[0]
+        assert words.shape == (2, 16, 16) and calls[-1]["hx_tagged"] == words.data_ptr()
+        assert (words >> 32).eq(0).all(), "tag 0 everywhere before the first step"
+        units = (words[1, :B] & 0xFFFF, (words[1, :B] >> 16) & 0xFFFF)  # word tagged_pos(p): units 2p, 2p + 1
+        pos = fused.tagged_pos(torch.arange(5))
+        got = torch.stack([units[0][:, pos], units[1][:, pos]], dim=-1).reshape(B, 10).to(torch.int16)
+        assert torch.equal(got.view(dtype), h0)
+        assert words[0].eq(0).all() and words[1, B:].eq(0).all() and words[1, :, fused.tagged_pos(torch.arange(5, 8))].eq(0).all()
+
+
 def test_backend_reason_when_extension_missing(monkeypatch):
     monkeypatch.setattr(cuda_ext, "_C", None)
     monkeypatch.setattr(cuda_ext, "build_info", lambda: None)

@@ -201,6 +201,44 @@ def test_fused_forward_with_weights_in_registers_is_bitwise_the_shared_one(entri
                 assert torch.equal(a, b), f"{n} (persistent={persistent}): registers and shared memory differ"
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("T, B, H", [(5, 3, 13), (9, 33, 100), (16, 16, 768), (16, 16, 1024)])
+@pytest.mark.parametrize("varlen, with_resets", [(False, False), (True, True)], ids=["dense", "packed_resets"])
+def test_fused_forward_with_the_tagged_exchange_is_bitwise_the_shared_one(entries, monkeypatch, dtype, T, B, H, varlen,
+                                                                          with_resets):
+    """LSTM_KERNELS_CUDA_FUSED_EXCHANGE=tagged (h_t exchanged as tagged words, no grid barrier; W in registers)
+    against the default (shared W, the counter's barrier): the same MMAs in the same order, so the same bits,
+    persistent and per step, dense and packed with resets; odd H leaves a last pair half padding. The tagged
+    buffer's last slot carries tag T for every row active at the last step: the kernel took the tagged path."""
+    fwd, _ = entries
+    _skip_unless_fits(dtype, B, H, None)
+    xg, w, h0, c0, _, bs = _inputs(T, B, H, dtype, seed=T * 100 + H, varlen=varlen)
+    g = torch.Generator().manual_seed(H)
+    mask = (torch.rand(T, B, generator=g) < 0.3).to(torch.uint8).cuda().contiguous() if with_resets else None
+    packed = []
+    pack = cf.pack_tagged
+    monkeypatch.setattr(cf, "pack_tagged", lambda *a: packed.append(pack(*a)) or packed[-1])
+    outs = {}
+    for exchange, weights in (("counter", "shared"), ("tagged", "shared")):
+        monkeypatch.setenv("LSTM_KERNELS_CUDA_FUSED_EXCHANGE", exchange)
+        monkeypatch.setenv("LSTM_KERNELS_CUDA_FUSED_WEIGHTS", weights)
+        for persistent in (True, False):
+            h_all, h_T, c_T, (act, c_all) = cf.forward(fwd, xg, w, h0, c0, None, bs, True, persistent, resets=mask)
+            torch.cuda.synchronize()
+            outs[exchange, persistent] = (h_all, h_T, c_T, act, c_all)
+            if exchange == "tagged":
+                last = packed[-1][(T - 1) & 1]
+                active = B if bs is None else int(bs[T - 1])
+                words = last[:active, cf.tagged_pos(torch.arange((H + 1) // 2, device=last.device))]
+                assert ((words >> 32) == T).all(), "a word of the last step does not carry its tag"
+    assert len(packed) == 2
+    for persistent in (True, False):
+        for n, a, b in zip(("h_all", "h_T", "c_T", "act", "c_all"), outs["tagged", persistent],
+                           outs["counter", persistent]):
+            assert torch.equal(a, b), f"{n} (persistent={persistent}): the tagged and the counter exchange differ"
+
+
 GRU_SHAPES = [(1, 1, 1), (5, 3, 13), (7, 17, 40), (16, 16, 768)]  # (T, B, H)
 
 

@@ -336,3 +336,47 @@ def test_streamed_ring_computes_the_block_product(plan_dump, op, kind, landing, 
             consumed.add(s)
         total += acc0 + acc1
     _check(op, kind, _tile_of(total), _want(op, kind, src, w[:, :Kp]))
+
+
+def test_tagged_exchange_words_are_the_ldmatrix_fragments(plan_dump):
+    """The tagged exchange (csrc/fused/fused_common.cuh): a lane's two 16-byte loads of chunk ks
+    (tagged_lane_word, words w and w + 1, for rows lane/4 and lane/4 + 8) from an h tile packed as the
+    producers store it (cf.pack_tagged: word tagged_pos(p) of row b holds units 2p, 2p + 1) deliver, in
+    their low 32 bits, exactly the four registers ldmatrix gives at ldsm_b16 from the same tile in shared
+    memory, for every lane and chunk; tagged_pos agrees with the header."""
+    torch.manual_seed(8)
+    d = plan_dump(1, 1)
+    assert d["tagged_pos"] == [cf.tagged_pos(p) for p in range(32)]
+    assert sorted(d["tagged_pos"]) == list(range(32)), "tagged_pos is a permutation within each chunk"
+    row_words, chunks = 24, 3  # the header's dump: rows of 24 words, chunks 0-2
+    Pk = 2 * row_words
+    h = torch.randn(cf.BATCH_TILE, Pk).half()
+    words = cf.pack_tagged(h, cf.BATCH_TILE, Pk)[1].reshape(-1)  # slot 1: [16 rows * 24 words]
+    assert torch.equal(words >> 32, torch.zeros_like(words)), "h0 goes in under tag 0"
+    low = (words & 0xFFFFFFFF).to(torch.int32)  # the b16 pairs, as a lane's registers hold them
+    h_off = _lane_offsets(plan_dump, "ldsm_b16", Pk * 2)
+    seen = {}
+    for lane, half, ks, w in d["tagged_lane_word"]:
+        seen[(lane, half, ks)] = w
+    assert len(seen) == 32 * 2 * chunks
+    for ks in range(chunks):
+        regs = _ldmatrix_x4(h, 2, [o + ks * cf.CHUNK_BYTES for o in h_off])  # [32 lanes, 4 registers, 2 halves]
+        want = regs.contiguous().view(torch.int32).reshape(32, 4)
+        for lane in range(32):
+            w0, w1 = seen[(lane, 0, ks)], seen[(lane, 1, ks)]
+            assert w0 % 2 == 0 and w1 % 2 == 0, "a lane's pair of words is 16-byte aligned"
+            assert seen[(lane, 0, ks)] == seen[(lane, 0, 0)] + 8 * ks, "slot i's words sit 8 i further"
+            got = torch.stack([low[w0], low[w0 + 1], low[w1], low[w1 + 1]])
+            assert torch.equal(got, want[lane]), (ks, lane, got, want[lane])
+
+
+def test_tagged_exchange_producer_lanes_pair_consecutive_units():
+    """The tagged store: the cell thread of an even unit j takes unit j + 1 of the same row from lane ^ 4
+    (fused_forward.cu), so every word's two units come from one shuffle; a cell thread's unit is even
+    exactly when bit 2 of its lane is clear."""
+    for w in range(4):
+        for lane in range(32):
+            b, j = cf.fwd_cell(0, 0, w, lane)
+            b2, j2 = cf.fwd_cell(0, 0, w, lane ^ 4)
+            assert b2 == b and j2 == j ^ 1
+            assert (j % 2 == 0) == ((lane >> 2) & 1 == 0)

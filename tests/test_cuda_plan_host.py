@@ -80,6 +80,8 @@ def test_header_maps_agree_with_python(plan_dump, B, H, elem):
         assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), (product, ranges)
         sizes = [e - b for b, e in ranges]
         assert max(sizes) - min(sizes) <= 1, (product, ranges)
+    # the tagged exchange's test of the register path: the longest of the warps' gate ranges
+    assert d["fwd_gate_k_longest"] == max(e - b for b, e in d["fwd_gate_k"])
 
 
 @pytest.mark.parametrize("B, H", SHAPES)

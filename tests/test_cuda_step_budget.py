@@ -112,11 +112,18 @@ class StepLoop:
         return any(lp.holds(a) for lp in self.nested)
 
 
+_BRA_DIV = re.compile(r"BRA\.DIV\s+[^,]*,\s*0x([0-9a-f]+)")
+
+
 def loops_of(instrs) -> list:
     """Loops as backward branches (conditional, or the unconditional back edge of a rotated
-    loop) placed before the kernel's first unpredicated EXIT: the out-of-line stubs after it
-    (divergence handling of warp-synchronous code) jump back into the body and are not loops."""
-    last = min((a for a, t in instrs if t == "EXIT" or t.startswith("EXIT ")), default=max(a for a, _ in instrs))
+    loop) placed before the body's last unpredicated EXIT: the out-of-line stubs after it
+    (divergence handling of warp-synchronous code, entered by BRA.DIV) jump back into the body and
+    are not loops. An early return inside the body (a block that leaves the step loop) is an
+    unpredicated EXIT too, so the body ends at the last one before the first stub."""
+    stubs = min((int(m.group(1), 16) for _, t in instrs for m in [_BRA_DIV.search(t)] if m), default=float("inf"))
+    last = max((a for a, t in instrs if (t == "EXIT" or t.startswith("EXIT ")) and a < stubs),
+               default=max(a for a, _ in instrs))
     loops = []
     for addr, text in instrs:
         m = _BRA.match(text)
@@ -285,8 +292,12 @@ def design(stem: str, proj: bool, op: str = "Fp16Mma", resets: bool = False, gat
             loops.append(((cf.BATCH_TILE // 16) * (cf.UNITS // 8), Hk, 2, passes))  # h = m W_hr^T: batch x p
         # loads per half-step: the xg prefetch (one per gate), batch_sizes of t and t+1
         # arrivals: one per half-step, after the one exchange store of the cell thread (hx; PROJ: mx, then hx)
-        return dict(loops=loops, bar_sync=3 * len(loops), release_add=len(loops), ldg_max=gates + 2 + extra,
-                    exchange_stores=[1] * len(loops))
+        # The tagged exchange (16-bit LSTM without projection) is a second path through the same step: its own
+        # block barrier after the products, and its tagged store beside hx's (the two exchange stores that lie
+        # between the block barrier and the arrival in address order; one of them runs)
+        tagged = elem == 2 and gates == 4 and not proj
+        return dict(loops=loops, bar_sync=3 * len(loops) + tagged, release_add=len(loops), ldg_max=gates + 2 + extra,
+                    exchange_stores=[1 + tagged] * len(loops), tagged=tagged)
     # dG W_hh (K = 4H; the GRU's 3H): batch x units (p), dG streamed per warp: one ring stage (STAGE_PAIRS
     # pairs) per iteration
     loops = [((cf.BATCH_TILE // 16) * (cf.UNITS // 8), K4k, 2 * cf.stage_pairs(gates), passes)]
@@ -337,6 +348,40 @@ def hmma_per_warp_per_step(loop: StepLoop, spec, k_ranges) -> tuple:
     return per_warp, ideal, bodies, trips
 
 
+def is_tagged_load(t):
+    """The tagged exchange's operand load: ld.relaxed.gpu.v2.u64 (two tagged words)."""
+    return is_ldg(t) and ".128" in t and "STRONG.GPU" in t
+
+
+def is_tagged_store(t):
+    """The tagged exchange's store: st.relaxed.gpu.u64 (one tagged word)."""
+    return is_stg(t) and ".64" in t and "STRONG.GPU" in t
+
+
+def tagged_counts(loop: "StepLoop") -> dict:
+    """The tagged exchange in the step loop: its operand loads (in the step, and in the wait's spin loop, a
+    loop nested in it), its stores, and what the spin loop holds besides the loads."""
+    spins = [lp for lp in loop.nested if any(lp.holds(a) and is_tagged_load(t) for a, t in loop.ops)]
+    in_spin = lambda a: any(lp.holds(a) for lp in spins)  # noqa: E731
+    return dict(tagged_loads=loop.count(is_tagged_load), tagged_loads_in_spin=loop.count(is_tagged_load, in_spin),
+                tagged_stores=loop.count(is_tagged_store), spin_loops=len(spins),
+                spin_barriers_fences=loop.count(lambda t: is_bar_sync(t) or is_fence(t), in_spin))
+
+
+def tagged_problems(counts: dict, slots: int) -> list:
+    """What departs from the tagged exchange's design: every slot's two 16-byte loads issued at once, then
+    a spin loop that reloads only those (no barrier, no fence in it), and one tagged store per step."""
+    problems = []
+    if counts["tagged_loads"] != 4 * slots or counts["tagged_loads_in_spin"] != 2 * slots:
+        problems.append(f"{counts['tagged_loads']} tagged loads ({counts['tagged_loads_in_spin']} in the spin), "
+                        f"designed {4 * slots} ({2 * slots})")
+    if counts["spin_loops"] != 1 or counts["spin_barriers_fences"]:
+        problems.append(f"{counts['spin_loops']} spin loops with {counts['spin_barriers_fences']} barriers/fences")
+    if counts["tagged_stores"] != 1:
+        problems.append(f"{counts['tagged_stores']} tagged stores per step, designed 1")
+    return problems
+
+
 def register_path(plan_dump, stem: str, op: str, proj: bool, gates: int):
     """(slots, HMMA per chunk, ldmatrix per chunk) of the forward's path with W in registers (16-bit
     Ops: W_REG_CHUNKS of fused_plan.cuh, unrolled), or None where a kernel has none."""
@@ -381,6 +426,7 @@ def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, gate
             ldsm_in_k_loop=loop.count(lambda t: "LDSM" in t, loop.in_k),
             k_loop_instructions=[loop.count(lambda t: not t.startswith("@!PT "), lp.holds) for lp in loop.k_loops],
             cp_async=loop.count(lambda t: "LDGSTS" in t),
+            **tagged_counts(loop),
         )
         H, P = design_shape(stem, op, proj)
         shape = f"B={FLAGSHIP_B}, H={H}" + (f", P={P}" if proj else "")
@@ -392,13 +438,19 @@ def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, gate
         ldsm_outside = ldsm_outside_k_loops(loop)
         if reg is None:
             assert counts["hmma_outside_k_loops"] == 0 and ldsm_outside == 0, counts
+        if not d.get("tagged"):
+            assert counts["tagged_loads"] == 0 and counts["tagged_stores"] == 0, counts
         else:
             slots, hmma_per_chunk, ldsm_per_chunk = reg
             busiest = max(e - b for b, e in kernel_k_ranges(plan_dump, stem, op, proj, gates)[0])
             print(f"[registers] {tag}: {slots} slots, HMMA {counts['hmma_outside_k_loops']}, LDSM {ldsm_outside}, "
                   f"busiest warp {busiest} chunks: {busiest * hmma_per_chunk} HMMA per step")
-            assert counts["hmma_outside_k_loops"] == slots * hmma_per_chunk, counts
+            # the tagged exchange's path multiplies the same slots from fragments it loaded itself (no ldmatrix)
+            paths = 2 if d.get("tagged") else 1
+            assert counts["hmma_outside_k_loops"] == paths * slots * hmma_per_chunk, counts
             assert ldsm_outside == slots * ldsm_per_chunk, (ldsm_outside, counts)
+            if d.get("tagged"):
+                assert not tagged_problems(counts, slots), (tagged_problems(counts, slots), counts)
             tiles, k_steps, _, passes = d["loops"][0]
             ideal_gates = tiles * k_steps * passes / cf.WARPS
             assert busiest <= slots and abs(busiest * hmma_per_chunk / ideal_gates - 1.0) <= 0.10, (busiest, counts)
@@ -540,8 +592,9 @@ def test_per_warp_mma_check_catches_an_unbalanced_k_split(fused_sass, tmp_path):
 #: What the step loop of a fused kernel's instance with resets may have more of than the instance
 #: without: the flags' load, the forward's vote over its batch tile, and integer, predicate, select,
 #: constant and control instructions (the masked exchange copy is its own small loop), among them the
-#: uniform votes (VOTEU) by which ptxas makes the register path's per-slot conditions uniform.
-RESETS_MAY_ADD = {"LDG", "VOTE", "VOTEU", "ISETP", "SEL", "FSEL", "LOP3", "SHF", "IMAD", "LEA", "IADD3", "VIADD", "MOV",
+#: uniform votes (VOTEU) by which ptxas makes the register path's per-slot conditions uniform, and the
+#: uniform compares (UISETP) of the tagged exchange's rows to wait for.
+RESETS_MAY_ADD = {"LDG", "VOTE", "VOTEU", "ISETP", "UISETP", "SEL", "FSEL", "LOP3", "SHF", "IMAD", "LEA", "IADD3", "VIADD", "MOV",
                   "PRMT", "P2R", "R2P", "PLOP3", "BRA", "BSSY", "BSYNC", "WARPSYNC", "S2R", "CS2R", "S2UR", "LDC",
                   "ULDC", "UMOV", "USHF", "UIADD3", "UIMAD", "ULEA", "ULOP3", "NOP", "YIELD"}
 

@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
 #include <type_traits>
 
 namespace lstm {
@@ -21,6 +22,10 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// The bits of a 16-bit value, zero-extended (the tagged exchange packs two in a word).
+__device__ __forceinline__ uint32_t b16_bits(__half x) { return __half_as_ushort(x); }
+__device__ __forceinline__ uint32_t b16_bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
 
 // Load through L2 (bypassing L1: ld.global.cg), for data other blocks wrote
 // before a grid sync. asm volatile with a memory clobber, so the compiler

@@ -294,6 +294,103 @@ __device__ __forceinline__ bool block_wait(const unsigned int* counter, unsigned
   return !*abort_s;
 }
 
+// ---- the tagged exchange: the flag in the data --------------------------------------------
+// The forward of the LSTM without projection, with W in registers, may exchange h_t without the grid
+// barrier, as NCCL's LL protocol carries its flag: each 8-byte word holds two units of h_t (a b16
+// pair) and the tag t + 1 (h0: tag 0), laid out by tagged_pos (fused_plan.cuh), and is written by one
+// st.relaxed.gpu.u64. A naturally aligned 64-bit access is single-copy atomic (PTX memory model; a
+// vector access is one such access per element), so a consumer that reads a word carrying the tag it
+// waits for has that step's two values in the same access. No fence, no counter, no arrival: the
+// wait is the operand loads themselves, repeated for the words whose tag is older.
+//
+// The two slots are reused without a barrier: a block stores h_{t+1} into the slot of h_{t-1} only
+// after it has read every block's h_t (the step's wait), and each block stored its h_t only after it
+// had read all of h_{t-1} (its MMAs consumed those loads before its cell ran), so no read of h_{t-1}
+// is outstanding when the slot is overwritten.
+__device__ __forceinline__ void store_tagged(unsigned long long* p, uint32_t data, uint32_t tag) {
+  const unsigned long long v = (unsigned long long)tag << 32 | data;
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+// Two adjacent words when `load`, else lo and hi unchanged: predicated in the instruction, so that the
+// destination registers are the same either way (a branch around the load would make the compiler
+// merge two values of each word in fresh registers, twice the registers a wait holds).
+__device__ __forceinline__ void load_tagged_pair(const unsigned long long* p, bool load, unsigned long long& lo,
+                                                 unsigned long long& hi) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.u32 p, %3, 0;\n@p ld.relaxed.gpu.global.v2.u64 {%0, %1}, [%2];\n}"
+      : "+l"(lo), "+l"(hi)
+      : "l"(p), "r"((uint32_t)load)
+      : "memory");
+}
+
+// A stalled wait asks barrier_gives_up once per this many rounds of reloads (not after each, as
+// grid_wait does after each closed poll): the abort flag's load would add an L2 round trip to a
+// round, and the time bound is seconds.
+constexpr int TAGGED_ROUNDS_PER_CHECK = 16;
+
+// h_{t-1}'s B fragments (ldsm_b16's four registers, the ldmatrix of the shared tile they replace) of
+// chunks ks_begin + i, i < n <= SLOTS, read by the calling warp from the tagged exchange: `rows` points
+// at the batch tile's first row of the slot, `row_words` words per row. Lane l reads rows l/4 and
+// l/4 + 8, at word tagged_pos(8 ks + l % 4) and the next one (pairs p, p + 4: registers 0, 1 of a row;
+// 2, 3 of the row + 8). It waits for the words of rows in `need` (bit r: row b0 + r is active at the
+// step and not reset) and pairs below `pairs` (units < P) to carry `tag`; the other rows read as zero
+// (a reset row's h_{t-1} is zero; an inactive row's products are not used). Without `wait` (the first
+// half-step of a launch, whose h_{t-1} an earlier launch or the host wrote) it reads once, as the
+// counter's wait does not wait there either. Returns false, to the whole warp, when the wait gave up
+// (barrier_gives_up: the launch's abort flag or its time bound).
+template <int SLOTS>
+__device__ __forceinline__ bool tagged_fetch(uint32_t (&h)[SLOTS][4], const unsigned long long* rows, int row_words,
+                                             int ks_begin, int n, uint32_t tag, uint32_t need, int pairs, bool wait,
+                                             const BarrierWatch& watch, int step, int lane) {
+  const int r = lane >> 2;
+  const bool need_row[2] = {((need >> r) & 1u) != 0, ((need >> (r + 8)) & 1u) != 0};
+  // slot i's words sit 8 i words past the lane's words of slot 0 (tagged_lane_word)
+  const unsigned long long* base[2] = {rows + tagged_lane_word(lane, 0, ks_begin, row_words),
+                                       rows + tagged_lane_word(lane, 1, ks_begin, row_words)};
+  const int pair0 = 8 * ks_begin + (lane & 3);  // the lane's first pair of slot 0; slot i's: + 8 i
+  unsigned long long w[SLOTS][2][2];
+  uint32_t pending = 0;  // bit 2i + half: slot i's row r (half 0) or r + 8 (half 1) not yet arrived
+#pragma unroll
+  for (int i = 0; i < SLOTS; ++i)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const bool load = i < n && need_row[half];
+      w[i][half][0] = w[i][half][1] = 0ull;
+      load_tagged_pair(base[half] + 8 * i, load, w[i][half][0], w[i][half][1]);
+      if (load && wait && pair0 + 8 * i < pairs) pending |= 1u << (2 * i + half);
+    }
+  long long since = -1;
+  for (int round = 1;; ++round) {
+#pragma unroll
+    for (int i = 0; i < SLOTS; ++i)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const bool arrived = uint32_t(w[i][half][0] >> 32) == tag &&
+                             (pair0 + 8 * i + 4 >= pairs || uint32_t(w[i][half][1] >> 32) == tag);
+        if (arrived) pending &= ~(1u << (2 * i + half));
+      }
+    if (!__any_sync(0xffffffffu, pending != 0)) break;
+    if (round % TAGGED_ROUNDS_PER_CHECK == 0) {
+      int give_up = 0;
+      if (lane == 0) give_up = barrier::barrier_gives_up(watch, &since, step, blockIdx.y * gridDim.x + blockIdx.x);
+      if (__shfl_sync(0xffffffffu, give_up, 0)) return false;
+    }
+#pragma unroll
+    for (int i = 0; i < SLOTS; ++i)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        load_tagged_pair(base[half] + 8 * i, (pending >> (2 * i + half)) & 1u, w[i][half][0], w[i][half][1]);
+  }
+#pragma unroll
+  for (int i = 0; i < SLOTS; ++i)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      h[i][2 * half] = need_row[half] ? uint32_t(w[i][half][0]) : 0u;
+      h[i][2 * half + 1] = need_row[half] ? uint32_t(w[i][half][1]) : 0u;
+    }
+  return true;
+}
+
 // Columns [k0, k1) (multiples of 16 bytes) of BATCH_TILE rows of an exchange buffer (row stride ld
 // elements) into the same columns of the padded shared tile dst (row stride LD), by the calling warp
 // alone, which then reads only these columns: every warp copies the k range it multiplies (its

@@ -141,6 +141,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                          unsigned int* counters,             // [gridDim.y] zeroed; used with several half-steps
                          int T_, int B, int H, int P,
                          int w_registers,  // 1: W in registers where it fits (see the step loop), 0: never
+                         unsigned long long* hxt,  // [2, Bp, Pk / 2] tagged h exchange (slot 1: h0), or null
                          int hs_begin, int hs_end,
                          BarrierWatch watch,  // the time bound of the grid wait (barrier_wait.cuh)
                          const unsigned char* __restrict__ resets) {  // [T, B] uint8 (RESETS), else unused
@@ -219,6 +220,13 @@ __global__ void __launch_bounds__(THREADS, 1)
   constexpr int kWRegChunks = Op::kTf32 ? 0 : W_REG_CHUNKS;
   Frag<Op> w_reg[kWRegChunks > 0 ? kWRegChunks : 1][2];
   const bool w_in_registers = w_registers && kWRegChunks > 0 && ks_end - ks_begin <= kWRegChunks;
+  // The tagged exchange (fused_common.cuh) in place of hx and the grid barrier: the LSTM without
+  // projection in 16 bits, every warp's range on the register path.
+  constexpr bool kTaggable = GATES == 4 && !PROJ && kWRegChunks > 0;
+  const bool tagged = kTaggable && hxt != nullptr && w_registers && fwd_gate_k_longest(P, E) <= kWRegChunks;
+  const int row_words = Pk / 2;
+  const size_t hxt_slot = (size_t)Bp * row_words;
+  if (threadIdx.x == 0) abort_s = 0;  // the tagged wait's give-up (the counter's wait sets it every step)
   if (w_registers) {
     __syncthreads();  // the resident slice is in shared memory
     if (w_in_registers) {
@@ -240,11 +248,6 @@ __global__ void __launch_bounds__(THREADS, 1)
         zero_rows = reset_rows(reset_next);
         if (t + 1 < t_end) reset_next = reset_flag(resets, t + 1, B, b0, lane);
       }
-      // [1] h_{t-1} of every block of this batch tile is stored; each warp copies its k columns
-      // (rows that reset land as zeros)
-      if (!block_wait(counter, (unsigned int)(hs_a - hs_begin) * arrivals, hs_a > hs_begin, watch, t - 1, warp, lane,
-                      &abort_s))
-        return;
       float acc[2][2][4] = {};
       // h_{t-1}'s fragments of chunk ks: the B operand (and the GRU's A operand of its transposed n tile).
       struct HFrags {
@@ -268,7 +271,38 @@ __global__ void __launch_bounds__(THREADS, 1)
           mma_chunk<Op>(acc[1][0], h.a, w1, 0);
         }
       };
-      if (b0 < n_t) {  // a batch tile with no active row skips its products
+      if (tagged) {
+        if constexpr (kTaggable) {
+          // Each warp waits for its own operands, the tagged words of h_{t-1} (tag t), read straight
+          // into B fragments: no counter, no copy to shared memory, no block barrier before the MMAs.
+          bool ok = true;
+          if (b0 < n_t) {  // rows to wait for: active at step t and not reset
+            const uint32_t need = (n_t - b0 >= BATCH_TILE ? 0xffffu : (1u << (n_t - b0)) - 1u) & ~zero_rows;
+            uint32_t hw[kWRegChunks][4];
+            ok = tagged_fetch(hw, hxt + ((t - 1) & 1) * hxt_slot + (size_t)b0 * row_words, row_words, ks_begin,
+                              ks_end - ks_begin, (uint32_t)t, need, (P + 1) / 2, hs_a > hs_begin, watch, t - 1, lane);
+            if (ok) {
+#pragma unroll
+              for (int i = 0; i < kWRegChunks; ++i) {
+                HFrags f;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) f.b.big[e] = hw[i][e];
+                if (i < ks_end - ks_begin) chunk_mma(w_reg[i][0], w_reg[i][1], f);
+              }
+            }
+          }
+          if (!ok && lane == 0) abort_s = 1;
+          __syncthreads();  // [1] the cell warps have read red (step t - 1); a warp that gave up is known
+          if (abort_s) return;
+        }
+      } else {
+        // [1] h_{t-1} of every block of this batch tile is stored; each warp copies its k columns
+        // (rows that reset land as zeros)
+        if (!block_wait(counter, (unsigned int)(hs_a - hs_begin) * arrivals, hs_a > hs_begin, watch, t - 1, warp,
+                        lane, &abort_s))
+          return;
+      }
+      if (!tagged && b0 < n_t) {  // a batch tile with no active row skips its products
         warp_fetch_columns<T, RESETS>(h_s, LD, hx + ((t - 1) & 1) * hx_slot + (size_t)b0 * Pk, Pk,
                                       ks_begin * CHUNK_BYTES / E, ks_end * CHUNK_BYTES / E, lane, zero_rows);
         if (w_in_registers) {  // no W read from shared memory: every h ldmatrix issued, then the MMAs
@@ -328,13 +362,22 @@ __global__ void __launch_bounds__(THREADS, 1)
           if constexpr (GATES == 3) c_reg = to_float(hT);  // h_{t-1} of the next step, as stored
           if (PROJ) {
             mx[(size_t)b * Hk + j] = hT;  // m_t, projected in half-step B
-          } else {
+          } else if (!tagged) {
             hx[(t & 1) * hx_slot + (size_t)b * Pk + j] = hT;
           }
         }
-        const bool arrive = hs_a + 1 < hs_end;
-        if (arrive) block_arrive(counter);  // this block's h_t (m_t) stored: release
-        if (arrive && mine && t + 1 < t_end) load_xg(t + 1);  // xg_{t+1}, before the next wait
+        if constexpr (kTaggable) {
+          if (tagged) {  // units j, j + 1 of row b in one word (tag t + 1), by the lane of the even unit;
+            // the lane of j + 1 is lane ^ 4 (fwd_cell_unit)
+            const uint32_t bits = b16_bits(hT), odd = __shfl_xor_sync(0xffffffffu, bits, 4);
+            if (step_row && ((lane >> 2) & 1) == 0)
+              store_tagged(hxt + (t & 1) * hxt_slot + (size_t)b * row_words + tagged_pos(j >> 1), bits | odd << 16,
+                           (uint32_t)t + 1u);
+          }
+        }
+        const bool more = hs_a + 1 < hs_end;  // another half-step in this launch
+        if (more && !tagged) block_arrive(counter);  // this block's h_t (m_t) stored: release
+        if (more && mine && t + 1 < t_end) load_xg(t + 1);  // xg_{t+1}, before the next wait
         if (mine && !PROJ) h_all[t * BH + s] = hT;  // zero for a row inactive at step t
         if (step_row) {
           if (act) store_activations(act + t * BGH + (size_t)b * GATES * H + j, H, a);
@@ -380,15 +423,16 @@ template <typename Op, bool PROJ, bool RESETS, int GATES, typename T = typename 
 cudaError_t forward_launch(const void* xg, const void* w_fwd, const void* w_hr, const void* c0, const void* b_hn,
                            float* c_work, void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act,
                            float* c_all, const int* batch_sizes, const unsigned char* resets, unsigned int* counters,
-                           int T_, int B, int H, int P, int persistent, int w_registers, BarrierWatch watch,
-                           cudaStream_t stream) {
+                           int T_, int B, int H, int P, int persistent, int w_registers, void* hx_tagged,
+                           BarrierWatch watch, cudaStream_t stream) {
   const dim3 grid(unit_blocks(H), batch_tiles(B));
   return launch_half_steps(fused_forward_kernel<Op, PROJ, RESETS, GATES>, grid,
                            forward_smem_bytes(H, P, PROJ, sizeof(T)), (PROJ ? 2 : 1) * T_, persistent, counters, watch,
                            resets, stream, static_cast<const T*>(xg), static_cast<const T*>(w_fwd),
                            static_cast<const T*>(w_hr), static_cast<const T*>(c0), static_cast<const T*>(b_hn), c_work,
                            static_cast<T*>(hx), static_cast<T*>(mx), static_cast<T*>(h_all), static_cast<T*>(h_T),
-                           static_cast<T*>(c_T), act, c_all, batch_sizes, counters, T_, B, H, P, w_registers);
+                           static_cast<T*>(c_T), act, c_all, batch_sizes, counters, T_, B, H, P, w_registers,
+                           static_cast<unsigned long long*>(hx_tagged));
 }
 
 // Whether the fused forward serves (B, H, P) on the current device: *possible 0 the block's
@@ -412,7 +456,7 @@ extern "C" int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, 
                                   unsigned int* counters, int T, int B, int H, int P, int persistent,
                                   unsigned long long* barrier_state, long long* barrier_record,
                                   long long barrier_timeout_ns, long long barrier_kernel, void* stream, int gates,
-                                  const void* b_hn, int w_registers) {
+                                  const void* b_hn, int w_registers, void* hx_tagged) {
   using namespace lstm::fused;
   const lstm::BarrierWatch watch{barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel};
   return with_op(dtype, [&](auto op) {
@@ -421,7 +465,7 @@ extern "C" int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, 
                                                                                  auto cell_gates) {
       return forward_launch<Op, decltype(proj)::value, decltype(with_resets)::value, decltype(cell_gates)::value>(
           xg, w_fwd, w_hr, c0, b_hn, c_work, hx, mx, h_all, h_T, c_T, act, c_all, batch_sizes, resets, counters, T, B,
-          H, P, persistent, w_registers, watch, static_cast<cudaStream_t>(stream));
+          H, P, persistent, w_registers, hx_tagged, watch, static_cast<cudaStream_t>(stream));
     });
   });
 }

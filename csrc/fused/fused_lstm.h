@@ -29,13 +29,17 @@ enum FusedOp { kFusedFloat32 = 0, kFusedFloat16 = 1, kFusedBFloat16 = 2, kFusedT
 // act [T,B,3H] (r, z, n) and c_all [T,B,H] (hn = h_{t-1} W_hn^T + b_hn), as the per-step kernels' workspace.
 // w_registers: 1 each warp keeps its k range of the W slice in registers where it fits (16-bit types, at
 // most W_REG_CHUNKS chunks, fused_plan.cuh), 0 every step reads it from shared memory.
+// hx_tagged: null, or [2, ceil(B/16)*16, Pk/2] uint64 (Pk = P padded to 32) zeroed, slot 1 holding h0 as
+// tagged words (fused_common.cuh: the tagged exchange; cuda/fused.py's pack_tagged): where the kernel
+// can (the LSTM without projection, 16-bit types, w_registers and every warp's range in registers)
+// h_t is exchanged there with its step's tag instead of through hx and the grid barrier.
 int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, const void* w_hr, const void* c0,
                        float* c_work, void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act,
                        float* c_all, const int* batch_sizes, const unsigned char* resets, unsigned int* counters,
                        int T, int B, int H, int P,
                        int persistent, unsigned long long* barrier_state, long long* barrier_record,
                        long long barrier_timeout_ns, long long barrier_kernel, void* stream, int gates,
-                       const void* b_hn, int w_registers);
+                       const void* b_hn, int w_registers, void* hx_tagged);
 
 // w_bwd [ceil(P/8)*8, 4H] (cuda/fused.py's interleave_backward); w_hrT [ceil(H/8)*8, P] or null; act,
 // c_all from the forward; c0 [B,H]; dh_all [T,B,P]; dh_T [B,P]; dc_T [B,H]; dc_work [B,H] fp32;

@@ -80,6 +80,11 @@ FUSED_HD KRange warp_k_chunks(int w, int K, int elem, int per_unit) {
 }
 FUSED_HD KRange fwd_gate_k(int w, int P, int elem) { return warp_k_chunks(w, P, elem, 1); }
 FUSED_HD KRange fwd_proj_k(int w, int H, int elem) { return warp_k_chunks(w, H, elem, 2); }
+// The longest of the warps' ranges fwd_gate_k: whether every warp's part of the forward's W slice fits
+// W_REG_CHUNKS register slots (the tagged exchange needs every warp on the register path).
+FUSED_HD int fwd_gate_k_longest(int P, int elem) {
+  return (k_chunks(round_up(P, kpad(elem)), elem) + WARPS - 1) / WARPS;
+}
 FUSED_HD KRange bwd_gate_k(int w, int H, int elem, int gates = 4) { return warp_k_chunks(w, gates * H, elem, 2); }
 FUSED_HD KRange bwd_proj_k(int w, int P, int elem) { return warp_k_chunks(w, P, elem, 2); }
 
@@ -115,6 +120,21 @@ FUSED_HD int bwd_col(int g, int j, int gates = 4) { return gates * j + g; }
 // Backward cell thread: warp w < 4, lane l: accumulator element e = w (rows b, columns j).
 FUSED_HD int bwd_cell_unit(int q, int w, int lane) { return q * UNITS + 2 * (lane & 3) + (w & 1); }
 FUSED_HD int bwd_cell_row(int y, int w, int lane) { return y * BATCH_TILE + (lane >> 2) + ((w >> 1) & 1) * 8; }
+
+// The forward's tagged exchange (fused_common.cuh, "the tagged exchange"): h_t as 8-byte words, each
+// two consecutive units of one batch row (the low 32 bits: units 2p and 2p + 1 as a b16 pair, the
+// lower unit in the low half, as ldmatrix delivers them) and the step's tag (the high 32 bits).
+// Within each group of 8 pairs (one 32-byte chunk of a row) pair p sits at word tagged_pos(p):
+// the two pairs one mma.sync lane takes from a row of a chunk, p and p + 4 (its B fragment
+// registers b0, b1: ldsm_b16's matrices 0 and 1), are adjacent, so the lane reads them with one
+// 16-byte load. A row of the buffer is Pk / 2 words (Pk = P padded to kpad(2): whole chunks).
+FUSED_HD int tagged_pos(int pair) { return (pair & ~7) | ((pair & 3) << 1) | ((pair >> 2) & 1); }
+// The first of the two words (pairs p, p + 4) that `lane` reads of chunk ks for its row `half` (0: row
+// lane / 4 of the batch tile, 1: that row + 8), as a word offset from the tile's first row; chunk ks + i's
+// are 8 i words further.
+FUSED_HD int tagged_lane_word(int lane, int half, int ks, int row_words) {
+  return ((lane >> 2) + 8 * half) * row_words + tagged_pos(8 * ks + (lane & 3));
+}
 
 // ldmatrix.x4 lane addresses, in bytes into a shared tile of row stride ldb bytes: lane l gives
 // row (l % 8) of 8x8 b16 matrix l / 8 (16 bytes), and receives in register i the 32-bit word

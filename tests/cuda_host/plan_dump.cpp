@@ -30,6 +30,15 @@ int main(int argc, char** argv) {
       std::printf("%s[%d, %d, %d]", first ? "" : ", ", Kp, e, k_chunks(Kp, e));
       first = false;
     }
+  std::printf("],\n\"tagged_pos\": [");
+  for (int p = 0; p < 32; ++p) std::printf("%s%d", p ? ", " : "", tagged_pos(p));
+  // tagged_lane_word at a row of 24 words (3 chunks): [lane, half, ks, word]
+  std::printf("],\n\"tagged_lane_word\": [");
+  for (int lane = 0; lane < 32; ++lane)
+    for (int half = 0; half < 2; ++half)
+      for (int ks = 0; ks < 3; ++ks)
+        std::printf("%s[%d, %d, %d, %d]", lane || half || ks ? ", " : "", lane, half, ks,
+                    tagged_lane_word(lane, half, ks, 24));
   std::printf("],\n\"elem\": %d,\n\"grid\": [%d, %d],\n\"fwd_row\": [", elem, unit_blocks(H), batch_tiles(B));
   for (int g = 0; g < 4; ++g)
     for (int j = 0; j < H; ++j) std::printf("%s%d", g || j ? ", " : "", fwd_row(g, j));
@@ -59,7 +68,8 @@ int main(int argc, char** argv) {
   // bwd_proj_k, called by fused_forward.cu / fused_backward.cu), at state size P (default H): the
   // forward's gate product in chunks of K = P, the rest in pairs of chunks
   const int ks_f = k_chunks(round_up(H, kpad(elem)), elem), kp_b = k_chunks(round_up(4 * H, kpad(elem)), elem) / 2;
-  std::printf("],\n\"ks_fwd\": %d, \"kpairs_bwd\": %d,\n\"P\": %d", ks_f, kp_b, P);
+  std::printf("],\n\"ks_fwd\": %d, \"kpairs_bwd\": %d,\n\"P\": %d, \"fwd_gate_k_longest\": %d", ks_f, kp_b, P,
+              fwd_gate_k_longest(P, elem));
   // (bwd_gru_gate_k: the GRU's, K = 3H)
   const char* products[5] = {"fwd_gate_k", "fwd_proj_k", "bwd_gate_k", "bwd_proj_k", "bwd_gru_gate_k"};
   for (int k = 0; k < 5; ++k) {

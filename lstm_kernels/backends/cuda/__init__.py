@@ -84,8 +84,8 @@ from .fused import (  # noqa: F401
     fused_persistent_possible, fused_tf32, fused_unserved_reason, refused_cooperative_launches,
 )
 from .variants import (  # noqa: F401
-    DEFAULT_VARIANT, MMA_ENV, VARIANT_ENV, VARIANTS, WEIGHTS_ENV, fused_weights_in_registers, requested_variant,
-    tensor_cores_requested, use_tensor_cores,
+    DEFAULT_VARIANT, EXCHANGE_ENV, FUSED_CANDIDATES, MMA_ENV, VARIANT_ENV, VARIANTS, WEIGHTS_ENV,
+    fused_exchange_tagged, fused_weights_in_registers, requested_variant, tensor_cores_requested, use_tensor_cores,
 )
 
 _INT32_MAX = 2**31 - 1
@@ -118,7 +118,8 @@ class CudaBackend(Backend):
 
     def plan_signature(self, call: RecurrenceCall) -> tuple:
         return (requested_variant(), use_tensor_cores(call.dtype),
-                *(("weights in registers",) if fused_weights_in_registers() else ()))
+                *(("weights in registers",) if fused_weights_in_registers() else ()),
+                *(("tagged exchange",) if fused_exchange_tagged() else ()))
 
     def unavailable_reason(self) -> Optional[str]:
         return extension.unavailable_reason()

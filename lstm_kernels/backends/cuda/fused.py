@@ -50,7 +50,9 @@ from ..device_rows import step_rows
 from . import extension
 from .extension import ptr as _ptr
 from .extension import resets_arg as _resets_arg
-from .variants import MMA_ENV, VARIANT_ENV, fused_weights_in_registers, requested_variant, tensor_cores_requested
+from .variants import (
+    MMA_ENV, VARIANT_ENV, fused_exchange_tagged, fused_weights_in_registers, requested_variant, tensor_cores_requested,
+)
 
 WARPS = 8
 UNITS = 8
@@ -141,6 +143,26 @@ def fwd_n_fragment(w: int, lane: int) -> tuple[int, int]:
     lane) finds its (b, j) (fused_plan.cuh's fwd_n_lane, fwd_n_element)."""
     b_local, j_local = ((w >> 1) & 1) * 8 + 2 * (lane & 3) + (w & 1), lane >> 2
     return (b_local & 7) * 4 + (j_local >> 1), (j_local & 1) + 2 * (b_local >> 3)
+
+
+def tagged_pos(pair):
+    """Word of a row of the tagged exchange that holds b16 pair ``pair`` (units 2 pair, 2 pair + 1):
+    fused_plan.cuh's tagged_pos, for an int or an integer tensor."""
+    return (pair & ~7) | ((pair & 3) << 1) | ((pair >> 2) & 1)
+
+
+def pack_tagged(h0: torch.Tensor, Bp: int, Pk: int) -> torch.Tensor:
+    """The forward's tagged exchange (csrc/fused/fused_common.cuh), zero, [2, Bp, Pk / 2] int64 words,
+    with h0 [B, P] (16-bit, P <= Pk even) in slot 1 (the slot of step -1) under tag 0: word tagged_pos(p)
+    of row b holds h0[b, 2p] in its low 16 bits and h0[b, 2p + 1] in the next 16 (zero past P). Built on
+    h0's device."""
+    B, P = h0.shape
+    words = torch.zeros((2, Bp, Pk // 2), dtype=torch.int64, device=h0.device)
+    padded = torch.zeros((B, Pk), dtype=h0.dtype, device=h0.device)
+    padded[:, :P] = h0
+    pairs = padded.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # [B, Pk / 2]: pair p = units 2p, 2p + 1
+    words[1, :B, tagged_pos(torch.arange(Pk // 2, device=h0.device))] = pairs
+    return words
 
 
 def bwd_cell(q: int, y: int, w: int, lane: int) -> tuple[int, int]:
@@ -321,7 +343,8 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
     (:func:`op_code`; the caller asks only where torch allows TF32). ``resets``: None or a contiguous uint8
     [T, B] on xg's device (nonzero: that row starts step t from zero state; the kernel masks h_{t-1} in its
     exchange copy and c_{t-1} in its register, so h0 / c0 go in unmasked). The kernel keeps W_hh in
-    registers where it fits when ``LSTM_KERNELS_CUDA_FUSED_WEIGHTS=registers`` (variants.py).
+    registers where it fits when ``LSTM_KERNELS_CUDA_FUSED_WEIGHTS=registers`` (variants.py), and exchanges h
+    as tagged words (:func:`pack_tagged`) where it can when ``LSTM_KERNELS_CUDA_FUSED_EXCHANGE=tagged``.
     """
     T, B, gate_rows = xg.shape
     n_gates, is_lstm = gates(cell), cell == LSTM
@@ -335,6 +358,8 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
     pad = kpad(xg.element_size())
     hx = torch.zeros((2, round_up(B, BATCH_TILE), round_up(P, pad)), dtype=dt, device=dev)
     hx[1, :B, :P] = h0  # h_{-1}: the slot of step -1
+    tagged = is_lstm and w_hr is None and xg.element_size() == 2 and fused_exchange_tagged()
+    hx_tagged = pack_tagged(h0.to(dt), hx.shape[1], hx.shape[2]) if tagged else None  # the kernel says if it serves
     mx = None if w_hr is None else torch.zeros((round_up(B, BATCH_TILE), round_up(H, pad)), dtype=dt, device=dev)
     h_all = torch.empty((T, B, P), dtype=dt, device=dev)
     h_T = h0.to(dt).clone()
@@ -351,7 +376,8 @@ def forward(entry: Callable, xg, w_hh, h0, c0, w_hr, batch_sizes, needs_grad: bo
                 _ptr(h_all), _ptr(h_T), _ptr(c_T), _ptr(act), _ptr(c_all), _ptr(bs), _ptr(counters), T, B, H, P,
                 PERSISTENT if persistent else PER_STEP, stream, *barrier, **_resets_arg(resets),
                 **({} if is_lstm else dict(gates=n_gates, b_hn=_ptr(b_hn))),
-                **({"w_registers": 1} if fused_weights_in_registers() else {}))
+                **({"w_registers": 1} if fused_weights_in_registers() else {}),
+                **({"hx_tagged": _ptr(hx_tagged)} if tagged else {}))
     if err:
         raise RuntimeError(f"lstm fused_forward_kernel failed: CUDA error {err}")
     return h_all, h_T, c_T, ((act, c_all) if needs_grad else ())

@@ -13,6 +13,17 @@ keeps its resident W_hh slice during the step loop. ``shared``: in shared memory
 step. ``registers``: each warp's part as MMA register fragments, read from shared memory once per
 launch (16-bit types, H up to 1024 at B = 16; elsewhere ``shared`` serves). Both are verified before
 first use under their own plan; the default stays ``shared`` until a GPU has measured both.
+
+``LSTM_KERNELS_CUDA_FUSED_EXCHANGE`` (:data:`EXCHANGE_ENV`, default ``counter``): how the fused forward's
+blocks hand h_t to each other. ``counter``: h_t stored to an exchange buffer, then a grid barrier (one
+release-add per block, acquire-polled). ``tagged``: each 8-byte word of h_t carries its step's tag, and a
+block waits by reading its operands until their tags are current, with no barrier and no fence
+(csrc/fused/fused_common.cuh, "the tagged exchange"). It reads the words straight into MMA fragments,
+so it implies ``registers``, and serves the LSTM without projection in 16 bits where every warp's part
+of W fits the registers; elsewhere ``counter`` serves. Verified under its own plan, like the weights.
+
+:data:`FUSED_CANDIDATES` names the fused kernels' variants that ``python -m lstm_kernels check`` and the
+flagship profile measure side by side, with the environment that selects each.
 """
 from __future__ import annotations
 
@@ -32,13 +43,34 @@ WEIGHTS_ENV = "LSTM_KERNELS_CUDA_FUSED_WEIGHTS"
 WEIGHTS = ("shared", "registers")
 
 
+EXCHANGE_ENV = "LSTM_KERNELS_CUDA_FUSED_EXCHANGE"
+EXCHANGES = ("counter", "tagged")
+
+#: label -> the environment that selects that variant of the fused kernels (persistent where co-resident).
+FUSED_CANDIDATES = {
+    "fused": {VARIANT_ENV: "fused", WEIGHTS_ENV: "shared", EXCHANGE_ENV: "counter"},
+    "fused+registers": {VARIANT_ENV: "fused", WEIGHTS_ENV: "registers", EXCHANGE_ENV: "counter"},
+    "fused+tagged": {VARIANT_ENV: "fused", WEIGHTS_ENV: "registers", EXCHANGE_ENV: "tagged"},
+}
+
+
+def _choice(env: str, choices: tuple) -> str:
+    v = os.environ.get(env, choices[0])
+    if v not in choices:
+        raise ValueError(f"{env}={v!r}; choose one of {', '.join(choices)}")
+    return v
+
+
+def fused_exchange_tagged() -> bool:
+    """``LSTM_KERNELS_CUDA_FUSED_EXCHANGE`` (default ``counter``) is ``tagged``; ValueError naming it for
+    another value."""
+    return _choice(EXCHANGE_ENV, EXCHANGES) == "tagged"
+
+
 def fused_weights_in_registers() -> bool:
-    """``LSTM_KERNELS_CUDA_FUSED_WEIGHTS`` (default ``shared``) is ``registers``; ValueError naming it
-    for another value."""
-    v = os.environ.get(WEIGHTS_ENV, WEIGHTS[0])
-    if v not in WEIGHTS:
-        raise ValueError(f"{WEIGHTS_ENV}={v!r}; choose one of {', '.join(WEIGHTS)}")
-    return v == "registers"
+    """``LSTM_KERNELS_CUDA_FUSED_WEIGHTS`` (default ``shared``) is ``registers``, or the tagged exchange,
+    which implies it, is asked for; ValueError naming the variable for another value."""
+    return _choice(WEIGHTS_ENV, WEIGHTS) == "registers" or fused_exchange_tagged()
 
 
 def requested_variant() -> str:
