@@ -522,9 +522,15 @@ def arrival_problems_of(loop: "StepLoop", plan_dump) -> list:
     return arrival_problems(arrival_counts(loop), design("fused_forward_kernel", False))
 
 
+def tagged_problems_of(loop: "StepLoop", plan_dump) -> list:
+    slots, _, _ = register_path(plan_dump, "fused_forward_kernel", "Fp16Mma", False, 4)
+    return tagged_problems(tagged_counts(loop), slots)
+
+
 #: Mutants of the fp16 LSTM forward (csrc/fused/) and the check that must catch each: the arrival as it
 #: was, one per warp with a fence of every lane and a release-add by each cell warp's lane 0; h_all
-#: stored before the arrival, so its fence waits for it; the register path reading W from shared memory.
+#: stored before the arrival, so its fence waits for it; the register path reading W from shared memory; a
+#: fence in the tagged exchange's spin (each round would wait for the warp's earlier stores).
 SOURCE_MUTANTS = {
     "arrival per warp": ("fused/fused_common.cuh", """  asm volatile("bar.sync 1, %0;" ::"n"(CELL_WARPS * 32) : "memory");
   if (threadIdx.x == 0) asm""", """  __threadfence();
@@ -537,6 +543,9 @@ SOURCE_MUTANTS = {
     "W from shared memory in the register path": (
         "fused/fused_forward.cu", "chunk_mma(w_reg[i][0], w_reg[i][1], h[i]);",
         "chunk_mma(w_frags(ks_begin + i, 0), w_reg[i][1], h[i]);", register_path_problems),
+    "fence in the tagged spin": ("fused/fused_common.cuh", """    if (round % TAGGED_ROUNDS_PER_CHECK == 0) {""",
+                                 """    __threadfence();
+    if (round % TAGGED_ROUNDS_PER_CHECK == 0) {""", tagged_problems_of),
 }
 
 
@@ -690,4 +699,5 @@ def test_extension_carries_the_fused_kernels_for_sm80_and_sm90():
             for name in names:  # the extension's instance has the same step loop as the standalone build
                 loop = step_loop_of(name, funcs[(arch, name)])
                 proj = flags_tag(True, False) in name or flags_tag(True, True) in name
-                assert loop.count(is_bar_sync) == design(stem, proj)["bar_sync"]
+                gates = 3 if any(flags_tag(False, r, 3) in name for r in (False, True)) else 4
+                assert loop.count(is_bar_sync) == design(stem, proj, op_of(name), gates=gates)["bar_sync"], name
