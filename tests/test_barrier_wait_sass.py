@@ -19,13 +19,20 @@ followed by VOTE.ALL and its vote branch the first predicated BRA after the vote
   reaches no clock read, abort-flag load or CAS before the next poll;
 - every kernel has at least one poll and one clock read (the bound is compiled in).
 
+The tagged exchange's wait (fused_common.cuh's tagged_fetch, in the forward's taggable instances)
+is held to the same properties, its vote (VOTE.ANY into a predicate, over the words whose tag is
+still old, or the BRA.DIV stub before it) taking the poll's place; its loads (LDG.E.128.STRONG.GPU,
+the step's operands) are not slow-path instructions. A kernel has tagged loads exactly when it has
+a tagged vote.
+
 So a wait whose first poll finds the barrier open executes no clock read, and none of
 barrier_gives_up's memory traffic, until the next wait's poll. Not proven: which way the vote's
 predicate goes at run time (the retry side is told apart structurally: it loops back to the poll
 without the step's MMA work), the cost of the open path's remaining instructions (the branch, the
 register moves that set up ``since``, any register pressure the slow path adds).
 test_the_check_catches_a_clock_on_the_fast_path compiles the forward with a clock read moved to
-the top of every wait, and with barrier_gives_up asked before the vote, and shows the check fails.
+the top of every wait, with barrier_gives_up asked before the vote, and with the tagged wait's
+give-up asked before its vote, and shows the check fails for each.
 """
 from __future__ import annotations
 
@@ -66,6 +73,17 @@ def is_clock(t: str) -> bool:
 
 def is_strong_load(t: str) -> bool:
     return _op(t).startswith("LDG") and "STRONG.GPU" in t
+
+
+def is_tagged_load(t: str) -> bool:
+    """The tagged exchange's operand load (ld.relaxed.gpu.v2.u64: two tagged words of h_{t-1})."""
+    return _op(t).startswith("LDG") and ".128" in t and "STRONG.GPU" in t
+
+
+def is_tagged_vote(t: str) -> bool:
+    """The tagged wait's vote: __any_sync over the words still pending, VOTE.ANY into a predicate (a
+    ballot, VOTE.ANY into a register, is something else)."""
+    return _op(t) == "VOTE.ANY" and re.match(r"VOTE\.ANY\s+!?P\d", _PRED.sub("", t)) is not None
 
 
 def is_cas(t: str) -> bool:
@@ -112,12 +130,31 @@ class Cfg:
         return seen
 
 
+def _vote_branch(cfg: Cfg, vote: int):
+    """The first predicated BRA (BRA.DIV / BRA.CONV skipped) within a few instructions after ``vote``."""
+    for j in range(vote + 1, min(vote + 8, len(cfg.instrs))):
+        u = cfg.instrs[j][1]
+        if _op(u).startswith("BRA") and _op(u) not in ("BRA.DIV", "BRA.CONV"):
+            return j if _PRED.match(u) else None
+        if _op(u) == "EXIT":
+            return None
+    return None
+
+
 def polls_of(cfg: Cfg) -> dict:
-    """{poll index: vote branch index}: a STRONG.GPU load whose straight line reaches VOTE.ALL (past
-    a BRA.DIV) and then a predicated BRA."""
+    """{poll index: vote branch index}: a STRONG.GPU load (not a tagged one) whose straight line
+    reaches VOTE.ALL (past a BRA.DIV) and then a predicated BRA; and a tagged wait's vote with the
+    first predicated BRA after it. The tagged wait's poll is its vote, or the BRA.DIV just before it
+    (whose out-of-line stub votes and returns to the branch): the tagged words were loaded before it,
+    as the step's operands."""
     out = {}
     for i, (_, t) in enumerate(cfg.instrs):
-        if not is_strong_load(t):
+        if is_tagged_vote(t):
+            branch = _vote_branch(cfg, i)
+            if branch is not None:
+                out[i - 1 if i and _op(cfg.instrs[i - 1][1]) == "BRA.DIV" else i] = branch
+            continue
+        if not is_strong_load(t) or is_tagged_load(t):
             continue
         voted = False
         for j in range(i + 1, min(i + 24, len(cfg.instrs))):
@@ -138,13 +175,17 @@ def fast_path_violations(name: str, instrs) -> list:
     cfg = Cfg(instrs)
     polls = polls_of(cfg)
     slow = {i for i, (_, t) in enumerate(instrs)
-            if is_clock(t) or is_cas(t) or (is_strong_load(t) and i not in polls)}
+            if is_clock(t) or is_cas(t) or (is_strong_load(t) and not is_tagged_load(t) and i not in polls)}
     clocks = {i for i, (_, t) in enumerate(instrs) if is_clock(t)}
     hmma = {i for i, (_, t) in enumerate(instrs) if is_hmma(t)}
     where = lambda idx: ", ".join(f"{instrs[i][0]:#x} {instrs[i][1]}" for i in sorted(idx)[:4])  # noqa: E731
     bad = []
     if not polls or not clocks:
         return [f"{name}: {len(polls)} polls, {len(clocks)} clock reads (expected both)"]
+    tagged_loads = any(is_tagged_load(t) for _, t in instrs)
+    tagged_votes = [i for i, (_, t) in enumerate(instrs) if is_tagged_vote(t)]
+    if tagged_loads != bool(tagged_votes):
+        bad.append(f"{name}: {'tagged loads without a tagged vote' if tagged_loads else 'a tagged vote without tagged loads'}")
     from_entry = cfg.reach([0], set(polls)) & slow
     if from_entry:
         bad.append(f"{name}: reached from the entry without a poll: {where(from_entry)}")
@@ -194,7 +235,7 @@ def test_clock_is_read_only_after_a_closed_poll(sass, arch, src):
     assert bad == [], "\n".join(bad[:10])
 
 
-#: (name, text in fused_common.cuh's grid_wait, its replacement): a clock read on the fast path.
+#: (name, text in fused_common.cuh's grid_wait or tagged_fetch, its replacement): a clock read on the fast path.
 MUTANTS = [
     ("clock at every wait's start", "  long long since = -1;\n  bool ok = true;\n",
      "  long long since = watch.timeout_ns > 0 ? barrier::now_ns() : -1;\n  bool ok = true;\n"),
@@ -204,6 +245,16 @@ MUTANTS = [
      "    int give_up = 0;\n"
      "    if (lane == 0) give_up = barrier::barrier_gives_up(watch, &since, step, blockIdx.y * gridDim.x + blockIdx.x);\n"
      "    if (__all_sync(0xffffffffu, (int)(v - target) >= 0)) break;\n"),
+    ("tagged wait asks before its vote",
+     "    if (!__any_sync(0xffffffffu, pending != 0)) break;\n    if (round % TAGGED_ROUNDS_PER_CHECK == 0) {\n"
+     "      int give_up = 0;\n"
+     "      if (lane == 0) give_up = barrier::barrier_gives_up(watch, &since, step, blockIdx.y * gridDim.x + blockIdx.x);\n"
+     "      if (__shfl_sync(0xffffffffu, give_up, 0)) return false;\n    }\n",
+     "    if (round % TAGGED_ROUNDS_PER_CHECK == 0) {\n"
+     "      int give_up = 0;\n"
+     "      if (lane == 0) give_up = barrier::barrier_gives_up(watch, &since, step, blockIdx.y * gridDim.x + blockIdx.x);\n"
+     "      if (__shfl_sync(0xffffffffu, give_up, 0)) return false;\n    }\n"
+     "    if (!__any_sync(0xffffffffu, pending != 0)) break;\n"),
 ]
 
 

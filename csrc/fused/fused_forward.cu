@@ -85,6 +85,25 @@
 // of W and 32 of h whatever the range (165 in all for the fp16 LSTM, no spills), and the slots'
 // unrolled code beside the loop, which still serves float, larger H and w_registers = 0.
 //
+// THE TAGGED EXCHANGE (hxt non-null, LSTM_KERNELS_CUDA_FUSED_EXCHANGE=tagged; the LSTM without
+// projection, 16-bit Ops, every warp on the register path): h_t goes to hxt as 8-byte words, two units and
+// the tag t + 1 each (fused_common.cuh, "the tagged exchange"; fused_plan.cuh's tagged_pos), stored by the
+// cell lane of the even unit after one shuffle; there is no counter, no arrival and no fence. At the top
+// of a step each warp reads its operands, two 16-byte loads per chunk and lane, straight into the B
+// fragments the ldmatrix of h would give, and reloads only the words whose tag is older. Per step:
+// | part of one forward step (tagged, flagship)                            | estimate           |
+// |---|---|
+// | h_t stored (one 8-byte store per two units) -> a consumer's load sees it | one L2 round trip  |
+// |   (the counter's release fence, its red, the poll and the copy: gone)    | (was about three)  |
+// | MMA from W in registers on the loaded fragments, 24 HMMA per warp       | as above           |
+// | block barrier, partial sums through smem, cell                          | as above           |
+// The wait is the operand load itself: its first round's 12 loads per lane (6 chunks x 2 rows) are in
+// flight together, and a later round reloads only the late words. A stalled wait asks barrier_gives_up
+// every TAGGED_ROUNDS_PER_CHECK rounds; a warp that gave up raises abort_s, which every warp reads after
+// the block barrier that follows the products, so the block leaves as one. Block barriers per step: 2
+// (after the products: the cell warps have read red of step t - 1; after the partial sums). Registers:
+// 255 in the taggable instances (the words in flight: 64 per thread with the tags), no spills.
+//
 // Structural checks (tests/test_cuda_step_budget.py, on the cubins, CPU only): in the step
 // loop no global load inside a k loop or any nested loop but the barrier's poll (W_hh, W_hr
 // never read from global memory per step), only the designed handful of global loads (xg
@@ -92,7 +111,10 @@
 // ldmatrix (h) per slot and no other, its HMMA per warp at the ideal; HMMA per warp per step
 // within 10% of the ideal for the tile; BAR.SYNC and release-adds per step as designed; one arrival
 // per block (the named barrier, one fence, only the exchange's store before it); the
-// acquire-poll present; cp.async (LDGSTS) for the exchange copies; no local memory.
+// acquire-poll present; cp.async (LDGSTS) for the exchange copies; no local memory; in the taggable
+// instances, the tagged path: 2 x W_REG_CHUNKS 16-byte strong loads issued together, one spin loop
+// that reloads them with no barrier and no fence in it, one tagged store per step, its own HMMA at the
+// register path's count.
 #include <cuda_runtime.h>
 
 #include "common/cell.cuh"
