@@ -6,7 +6,8 @@ with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own allocation
     python tests/sanitize_cuda.py --backend cuda      # one backend only (default: cuda and triton)
 
 Backends and variants: ``cuda`` fused (the default: the fused kernels of csrc/fused/,
-persistent where their grid is co-resident; float32 both at fp32 accuracy and on tf32), persistent
+persistent where their grid is co-resident; float32 both at fp32 accuracy and on tf32), its
+variants of variants.FUSED_CANDIDATES (W in registers, the tagged exchange; 16 bits), persistent
 (the fused kernels' persistent launch only) and step (the per-step kernels of csrc/step/, with both
 matmuls: tensor cores, FMA); ``triton`` step and persistent. Shapes cover tails in every tile dimension (H and B not
 multiples of 16, 4H not of 32), T = 1, every dtype; for ``cuda`` fused and step, projected
@@ -40,13 +41,21 @@ CONTRACT_SHAPES = [(3, 5, 24, 7, False), (4, 17, 40, 16, True), (2, 3, 13, None,
 
 
 def configurations(backend: str):
-    """(label, environment, TF32 allowed) of every variant (and matmul) of ``backend`` to sanitize."""
+    """(label, environment, TF32 allowed) of every variant (and matmul) of ``backend`` to sanitize.
+    Every CUDA configuration sets all of the fused kernels' variables (those of the default, where
+    it does not name another), so none inherits the previous one's."""
     if backend == "cuda":
+        from lstm_kernels.backends.cuda.variants import FUSED_CANDIDATES
+
+        base = {CUDA_MMA_ENV: "1", **FUSED_CANDIDATES["fused"]}
         for tf32 in (False, True):
-            yield f"cuda/fused/{'tf32' if tf32 else 'fp32'}", {CUDA_MMA_ENV: "1", CUDA_VARIANT_ENV: "fused"}, tf32
-        yield "cuda/persistent", {CUDA_MMA_ENV: "1", CUDA_VARIANT_ENV: "persistent"}, True
+            yield f"cuda/fused/{'tf32' if tf32 else 'fp32'}", base, tf32
+        for label, env in FUSED_CANDIDATES.items():
+            if label != "fused":
+                yield f"cuda/{label}", {**base, **env}, True
+        yield "cuda/persistent", {**base, CUDA_VARIANT_ENV: "persistent"}, True
         for mma in ("1", "0"):
-            yield f"cuda/step/{'mma' if mma == '1' else 'fma'}", {CUDA_MMA_ENV: mma, CUDA_VARIANT_ENV: "step"}, True
+            yield f"cuda/step/{'mma' if mma == '1' else 'fma'}", {**base, CUDA_MMA_ENV: mma, CUDA_VARIANT_ENV: "step"}, True
     else:
         for variant in ("step", "persistent"):
             yield f"triton/{variant}", {TRITON_VARIANT_ENV: variant}, True
@@ -107,9 +116,17 @@ def _cases(label):
     return cases
 
 
+def _dtypes(label):
+    """The fused variants past the default (W in registers, the tagged exchange) differ from it only
+    in 16 bits; float32 under them is the default's run again."""
+    if label.startswith("cuda/fused+"):
+        return [d for d in DTYPES if d != torch.float32]
+    return DTYPES
+
+
 def run_all(backend, label) -> int:
     bad = 0
-    for dtype in DTYPES:
+    for dtype in _dtypes(label):
         for T, B, H, P, varlen in _cases(label):
             case = f"{label:22s} {str(dtype):15s} T={T} B={B} H={H} P={P} varlen={varlen}"
             why = persistent_impossible(label, dtype, B, H, P, varlen)

@@ -5,7 +5,9 @@ on PATH and a stub python (PYTHON=...), so that the script's own logic is what i
   and every tool still runs;
 - a clean run passes;
 - the sanitized process gets PYTORCH_NO_CUDA_MEMORY_CACHING=1 and runs tests/sanitize_cuda.py
-  on both backends; the four tools are memcheck, racecheck, synccheck and initcheck.
+  on both backends; the four tools are memcheck, racecheck, synccheck and initcheck;
+- tests/sanitize_cuda.py's CUDA configurations cover every fused variant and each sets all of
+  their variables.
 """
 from __future__ import annotations
 
@@ -171,3 +173,30 @@ def test_profile_stage_runs_ncu_once_per_implementation_on_its_nvtx_range(tmp_pa
     assert (proc.returncode != 0) == bool(fail_impl), proc.stdout + proc.stderr
     if fail_impl:
         assert fail_impl in proc.stderr
+
+
+def test_sanitized_cuda_configurations_cover_every_fused_variant_and_set_all_its_variables():
+    """tests/sanitize_cuda.py runs every fused variant that check times (W in registers and the tagged
+    exchange in 16 bits only), and each CUDA configuration sets every variable a fused variant reads,
+    so no configuration runs under the one before it (os.environ is updated, not replaced)."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import sanitize_cuda
+    finally:
+        sys.path.pop(0)
+    from lstm_kernels.backends.cuda.variants import FUSED_CANDIDATES
+
+    configs = {label: env for label, env, _ in sanitize_cuda.configurations("cuda")}
+    keys = set().union(*FUSED_CANDIDATES.values())
+    for label, env in configs.items():
+        assert keys <= set(env), f"{label} leaves {sorted(keys - set(env))} to the previous configuration"
+    for name, env in FUSED_CANDIDATES.items():
+        label = "cuda/fused/fp32" if name == "fused" else f"cuda/{name}"
+        assert {k: configs[label][k] for k in env} == env, label
+        if name != "fused":
+            assert torch.float32 not in sanitize_cuda._dtypes(label)
+    assert configs["cuda/persistent"][sanitize_cuda.CUDA_VARIANT_ENV] == "persistent"
