@@ -204,18 +204,28 @@ def test_fused_forward_with_weights_in_registers_is_bitwise_the_shared_one(entri
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("T, B, H", [(5, 3, 13), (9, 33, 100), (16, 16, 768), (16, 16, 1024)])
-@pytest.mark.parametrize("varlen, with_resets", [(False, False), (True, True)], ids=["dense", "packed_resets"])
+@pytest.mark.parametrize("varlen, resets", [(False, None), (True, "random"), (False, "whole steps")],
+                         ids=["dense", "packed_resets", "whole_step_resets"])
 def test_fused_forward_with_the_tagged_exchange_is_bitwise_the_shared_one(entries, monkeypatch, dtype, T, B, H, varlen,
-                                                                          with_resets):
+                                                                          resets):
     """LSTM_KERNELS_CUDA_FUSED_EXCHANGE=tagged (h_t exchanged as tagged words, no grid barrier; W in registers)
     against the default (shared W, the counter's barrier): the same MMAs in the same order, so the same bits,
     persistent and per step, dense and packed with resets; odd H leaves a last pair half padding. The tagged
-    buffer's last slot carries tag T for every row active at the last step: the kernel took the tagged path."""
+    buffer's last slot carries tag T for every row active at the last step: the kernel took the tagged path.
+    "whole steps" resets every row at step 1 and at step T / 2, where a tile whose rows all reset must still
+    wait for h_{t-1} before it overwrites the slot of h_{t-2}; the persistent run is repeated, as a race
+    there shows only in some runs (a hang until the barrier's bound, or another block's h_t read as h_0)."""
     fwd, _ = entries
     _skip_unless_fits(dtype, B, H, None)
     xg, w, h0, c0, _, bs = _inputs(T, B, H, dtype, seed=T * 100 + H, varlen=varlen)
     g = torch.Generator().manual_seed(H)
-    mask = (torch.rand(T, B, generator=g) < 0.3).to(torch.uint8).cuda().contiguous() if with_resets else None
+    mask = None
+    if resets == "random":
+        mask = (torch.rand(T, B, generator=g) < 0.3).to(torch.uint8).cuda().contiguous()
+    elif resets == "whole steps":
+        mask = torch.zeros(T, B, dtype=torch.uint8)
+        mask[[1, T // 2]] = 1
+        mask = mask.cuda().contiguous()
     packed = []
     pack = cf.pack_tagged
     monkeypatch.setattr(cf, "pack_tagged", lambda *a: packed.append(pack(*a)) or packed[-1])
@@ -237,6 +247,10 @@ def test_fused_forward_with_the_tagged_exchange_is_bitwise_the_shared_one(entrie
         for n, a, b in zip(("h_all", "h_T", "c_T", "act", "c_all"), outs["tagged", persistent],
                            outs["counter", persistent]):
             assert torch.equal(a, b), f"{n} (persistent={persistent}): the tagged and the counter exchange differ"
+    for _ in range(10 if resets == "whole steps" else 0):
+        h_all, *_ = cf.forward(fwd, xg, w, h0, c0, None, bs, True, True, resets=mask)
+        torch.cuda.synchronize()
+        assert torch.equal(h_all, outs["counter", True][0]), "a repeated persistent run differs"
 
 
 GRU_SHAPES = [(1, 1, 1), (5, 3, 13), (7, 17, 40), (16, 16, 768)]  # (T, B, H)

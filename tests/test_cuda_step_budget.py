@@ -358,14 +358,39 @@ def is_tagged_store(t):
     return is_stg(t) and ".64" in t and "STRONG.GPU" in t
 
 
+def is_memory_or_sync(t):
+    """A load, store, copy, fence or barrier: what a wait's exit must not pass on its way to the MMAs."""
+    return opcode(t) in {"LDG", "LDS", "LDSM", "LDGSTS", "STG", "STS", "RED", "ATOMG", "MEMBAR", "BAR", "DEPBAR"}
+
+
+def spin_exit_to_mma(loop: "StepLoop", spin: Loop) -> list:
+    """The instructions (in address order) from the tagged wait's exit to the first HMMA after it: the
+    exit is the vote's branch (VOTE.ANY into a predicate, then a predicated BRA) where it leaves the spin
+    loop, whether by its target or by falling through."""
+    ops = loop.ops
+    for i, (a, t) in enumerate(ops):
+        if spin.holds(a) and re.search(r"\bVOTE\.ANY\s+!?P\d", t):
+            j = next(j for j in range(i + 1, len(ops)) if _BRA.match(ops[j][1]))
+            m = _BRA.match(ops[j][1])
+            target = int(m.group(2), 16) if not spin.holds(int(m.group(2), 16)) else ops[j + 1][0]
+            after = [(b, u) for b, u in ops if b >= target]
+            first = next(k for k, (_, u) in enumerate(after) if is_hmma(u))
+            return after[:first]
+    raise AssertionError(f"{loop.name}: no vote in the tagged spin at {spin.start:#x}")
+
+
 def tagged_counts(loop: "StepLoop") -> dict:
     """The tagged exchange in the step loop: its operand loads (in the step, and in the wait's spin loop, a
-    loop nested in it), its stores, and what the spin loop holds besides the loads."""
+    loop nested in it), its stores, what the spin loop holds besides the loads, and the path from the
+    wait's exit to the first MMA (its instructions, and the memory operations and barriers among them)."""
     spins = [lp for lp in loop.nested if any(lp.holds(a) and is_tagged_load(t) for a, t in loop.ops)]
     in_spin = lambda a: any(lp.holds(a) for lp in spins)  # noqa: E731
+    exits = [spin_exit_to_mma(loop, lp) for lp in spins]
     return dict(tagged_loads=loop.count(is_tagged_load), tagged_loads_in_spin=loop.count(is_tagged_load, in_spin),
                 tagged_stores=loop.count(is_tagged_store), spin_loops=len(spins),
-                spin_barriers_fences=loop.count(lambda t: is_bar_sync(t) or is_fence(t), in_spin))
+                spin_barriers_fences=loop.count(lambda t: is_bar_sync(t) or is_fence(t), in_spin),
+                exit_to_mma_instructions=[len(e) for e in exits],
+                exit_to_mma_memory_or_sync=[sum(is_memory_or_sync(t) for _, t in e) for e in exits])
 
 
 def tagged_problems(counts: dict, slots: int) -> list:
@@ -379,6 +404,10 @@ def tagged_problems(counts: dict, slots: int) -> list:
         problems.append(f"{counts['spin_loops']} spin loops with {counts['spin_barriers_fences']} barriers/fences")
     if counts["tagged_stores"] != 1:
         problems.append(f"{counts['tagged_stores']} tagged stores per step, designed 1")
+    # past the wait, the loaded words go straight into the MMAs: register moves, nothing that waits
+    if any(counts["exit_to_mma_memory_or_sync"]):
+        problems.append(f"{counts['exit_to_mma_memory_or_sync']} memory operations or barriers between the tagged "
+                        "wait's exit and the first MMA, designed none")
     return problems
 
 
@@ -530,7 +559,8 @@ def tagged_problems_of(loop: "StepLoop", plan_dump) -> list:
 #: Mutants of the fp16 LSTM forward (csrc/fused/) and the check that must catch each: the arrival as it
 #: was, one per warp with a fence of every lane and a release-add by each cell warp's lane 0; h_all
 #: stored before the arrival, so its fence waits for it; the register path reading W from shared memory; a
-#: fence in the tagged exchange's spin (each round would wait for the warp's earlier stores).
+#: fence in the tagged exchange's spin (each round would wait for the warp's earlier stores); a fence between
+#: the tagged wait and the MMAs (an "acquire" the single-copy atomic words do not need).
 SOURCE_MUTANTS = {
     "arrival per warp": ("fused/fused_common.cuh", """  asm volatile("bar.sync 1, %0;" ::"n"(CELL_WARPS * 32) : "memory");
   if (threadIdx.x == 0) asm""", """  __threadfence();
@@ -546,6 +576,14 @@ SOURCE_MUTANTS = {
     "fence in the tagged spin": ("fused/fused_common.cuh", """    if (round % TAGGED_ROUNDS_PER_CHECK == 0) {""",
                                  """    __threadfence();
     if (round % TAGGED_ROUNDS_PER_CHECK == 0) {""", tagged_problems_of),
+    "fence between the tagged wait and the MMAs": ("fused/fused_forward.cu", """            if (ok) {
+#pragma unroll
+              for (int i = 0; i < kWRegChunks; ++i) {
+                HFrags f;""", """            __threadfence();
+            if (ok) {
+#pragma unroll
+              for (int i = 0; i < kWRegChunks; ++i) {
+                HFrags f;""", tagged_problems_of),
 }
 
 

@@ -304,9 +304,14 @@ __device__ __forceinline__ bool block_wait(const unsigned int* counter, unsigned
 // wait is the operand loads themselves, repeated for the words whose tag is older.
 //
 // The two slots are reused without a barrier: a block stores h_{t+1} into the slot of h_{t-1} only
-// after it has read every block's h_t (the step's wait), and each block stored its h_t only after it
-// had read all of h_{t-1} (its MMAs consumed those loads before its cell ran), so no read of h_{t-1}
-// is outstanding when the slot is overwritten.
+// after it has read every block's h_t (the step's wait, over every row active at t + 1, reset or not:
+// a tile must not skip it), and each block stored its h_t only after it had read all of h_{t-1} (its
+// MMAs consumed those loads before its block barrier, and the cell that stores h_t runs after that
+// barrier), so no read of h_{t-1} is outstanding when the slot is overwritten. The PTX memory model
+// alone does not order a relaxed load before a later relaxed store of another thread through a
+// CTA barrier and a relaxed store (load buffering); what orders them is that the stores depend on the
+// loads, on their values through the MMAs and on their tags through the branch that ends the wait (a
+// store is not issued before the branch it follows resolves), as in NCCL's LL protocol.
 __device__ __forceinline__ void store_tagged(unsigned long long* p, uint32_t data, uint32_t tag) {
   const unsigned long long v = (unsigned long long)tag << 32 | data;
   asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
@@ -333,17 +338,19 @@ constexpr int TAGGED_ROUNDS_PER_CHECK = 16;
 // at the batch tile's first row of the slot, `row_words` words per row. Lane l reads rows l/4 and
 // l/4 + 8, at word tagged_pos(8 ks + l % 4) and the next one (pairs p, p + 4: registers 0, 1 of a row;
 // 2, 3 of the row + 8). It waits for the words of rows in `need` (bit r: row b0 + r is active at the
-// step and not reset) and pairs below `pairs` (units < P) to carry `tag`; the other rows read as zero
-// (a reset row's h_{t-1} is zero; an inactive row's products are not used). Without `wait` (the first
+// step) and pairs below `pairs` (units < P) to carry `tag`; rows outside `need` and rows in `zero`
+// (reset at the step: h_{t-1} is zero, though they were waited for) read as zero (an inactive row's
+// products are not used). Without `wait` (the first
 // half-step of a launch, whose h_{t-1} an earlier launch or the host wrote) it reads once, as the
 // counter's wait does not wait there either. Returns false, to the whole warp, when the wait gave up
 // (barrier_gives_up: the launch's abort flag or its time bound).
 template <int SLOTS>
 __device__ __forceinline__ bool tagged_fetch(uint32_t (&h)[SLOTS][4], const unsigned long long* rows, int row_words,
-                                             int ks_begin, int n, uint32_t tag, uint32_t need, int pairs, bool wait,
-                                             const BarrierWatch& watch, int step, int lane) {
+                                             int ks_begin, int n, uint32_t tag, uint32_t need, uint32_t zero,
+                                             int pairs, bool wait, const BarrierWatch& watch, int step, int lane) {
   const int r = lane >> 2;
   const bool need_row[2] = {((need >> r) & 1u) != 0, ((need >> (r + 8)) & 1u) != 0};
+  const bool keep_row[2] = {need_row[0] && !((zero >> r) & 1u), need_row[1] && !((zero >> (r + 8)) & 1u)};
   // slot i's words sit 8 i words past the lane's words of slot 0 (tagged_lane_word)
   const unsigned long long* base[2] = {rows + tagged_lane_word(lane, 0, ks_begin, row_words),
                                        rows + tagged_lane_word(lane, 1, ks_begin, row_words)};
@@ -385,8 +392,8 @@ __device__ __forceinline__ bool tagged_fetch(uint32_t (&h)[SLOTS][4], const unsi
   for (int i = 0; i < SLOTS; ++i)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      h[i][2 * half] = need_row[half] ? uint32_t(w[i][half][0]) : 0u;
-      h[i][2 * half + 1] = need_row[half] ? uint32_t(w[i][half][1]) : 0u;
+      h[i][2 * half] = keep_row[half] ? uint32_t(w[i][half][0]) : 0u;
+      h[i][2 * half + 1] = keep_row[half] ? uint32_t(w[i][half][1]) : 0u;
     }
   return true;
 }

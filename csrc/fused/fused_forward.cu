@@ -95,9 +95,13 @@
 // |---|---|
 // | h_t stored (one 8-byte store per two units) -> a consumer's load sees it | one L2 round trip  |
 // |   (the counter's release fence, its red, the poll and the copy: gone)    | (was about three)  |
+// |   but twice the bytes: each block reads 16 rows x Pk x 4 B (48 KB at the  | + 2.4 MB of L2     |
+// |   flagship, 4.7 MB per step grid-wide, where the copy reads 2.4 MB)      |   reads per step   |
 // | MMA from W in registers on the loaded fragments, 24 HMMA per warp       | as above           |
 // | block barrier, partial sums through smem, cell                          | as above           |
-// The wait is the operand load itself: its first round's 12 loads per lane (6 chunks x 2 rows) are in
+// Whether the round trips saved outweigh the doubled bytes (at an L2 bandwidth of several TB/s, the extra
+// 2.4 MB is a few tenths of a microsecond if nothing overlaps it) is for a GPU to say; the counter stays the
+// default until it has. The wait is the operand load itself: its first round's 12 loads per lane (6 chunks x 2 rows) are in
 // flight together, and a later round reloads only the late words. A stalled wait asks barrier_gives_up
 // every TAGGED_ROUNDS_PER_CHECK rounds; a warp that gave up raises abort_s, which every warp reads after
 // the block barrier that follows the products, so the block leaves as one. Block barriers per step: 2
@@ -298,11 +302,16 @@ __global__ void __launch_bounds__(THREADS, 1)
           // Each warp waits for its own operands, the tagged words of h_{t-1} (tag t), read straight
           // into B fragments: no counter, no copy to shared memory, no block barrier before the MMAs.
           bool ok = true;
-          if (b0 < n_t) {  // rows to wait for: active at step t and not reset
-            const uint32_t need = (n_t - b0 >= BATCH_TILE ? 0xffffu : (1u << (n_t - b0)) - 1u) & ~zero_rows;
+          if (b0 < n_t) {
+            // rows to wait for: every row active at step t, reset or not. A reset row's h_{t-1} is used as
+            // zero, but its wait is what keeps the slot's reuse safe: were a tile whose active rows all
+            // reset to skip it, its block could store h_t into the slot of h_{t-2} before a slower block
+            // has read h_{t-2} there.
+            const uint32_t active = n_t - b0 >= BATCH_TILE ? 0xffffu : (1u << (n_t - b0)) - 1u;
             uint32_t hw[kWRegChunks][4];
             ok = tagged_fetch(hw, hxt + ((t - 1) & 1) * hxt_slot + (size_t)b0 * row_words, row_words, ks_begin,
-                              ks_end - ks_begin, (uint32_t)t, need, (P + 1) / 2, hs_a > hs_begin, watch, t - 1, lane);
+                              ks_end - ks_begin, (uint32_t)t, active, zero_rows, (P + 1) / 2, hs_a > hs_begin,
+                              watch, t - 1, lane);
             if (ok) {
 #pragma unroll
               for (int i = 0; i < kWRegChunks; ++i) {
