@@ -19,6 +19,9 @@ are read for what the GPU will run per step:
       and at most one layout
       conversion per cross-warp sum (its result into the cell's layout) plus, in the forward,
       four (the gate split and the layouts of the h / c stores);
+  (e') exponentials per step (tensor math.exp, one per sigmoid or tanh): 2 in the forward (one
+      sigmoid over all the gates, the g rows' tanh taken from it as 2 sigmoid(2x) - 1, and tanh c;
+      the GRU's r, z and n), 1 in the LSTM backward (tanh c), 0 in the GRU's;
   (f) the plans' shapes (units and batch rows per program, warps, programs) at the flagship and
       two other shapes are the design's, so that a plan that regressed (to fewer warps, say)
       cannot match an ideal computed from its own configuration.
@@ -177,6 +180,12 @@ def layout_conversions_per_step(ttgir: str) -> int:
     return sum("ttg.convert_layout" in line for line in step_loop(ttgir))
 
 
+def exponentials_per_step(ttgir: str) -> int:
+    """Tensor exponentials in the step loop (math.exp / math.exp2: one MUFU.EX2 per element each): a
+    sigmoid or a tanh costs one."""
+    return sum(bool(re.search(r"=\s*math\.exp2?\b", line)) for line in step_loop(ttgir))
+
+
 def block_barriers_per_step(ttgir: str) -> int:
     """Block-wide barriers (bar.sync) the step loop passes: tl.debug_barrier and the barriers inside
     the grid barrier's halves."""
@@ -225,6 +234,7 @@ def report(kernel, arch, dtype, shape_id, compiled, tmp_path, w_args):
         cross_warp_sums=cross_warp_sums_per_step(ttgir),
         layout_conversions=layout_conversions_per_step(ttgir),
         block_barriers=block_barriers_per_step(ttgir),
+        exponentials=exponentials_per_step(ttgir),
         bar_sync_ptx=len(re.findall(r"\bbar\.sync|\bbarrier\.sync", compiled.asm["ptx"])),
         warps=compiled.metadata.num_warps,
         **resources(compiled, tmp_path),
@@ -257,6 +267,8 @@ def assert_designed_step(counts, has_proj: bool, forward: bool, what: str):
     most = products + (4 if forward else 0)
     assert counts["layout_conversions"] <= most, (
         f"{what}: {counts['layout_conversions']} layout conversions per step, designed at most {most}")
+    if forward:  # one sigmoid over all the gates (the g rows' tanh taken from it), one tanh of c
+        assert counts["exponentials"] == 2, f"{what}: {counts['exponentials']} exponentials per step, designed 2"
 
 
 def _instr(dtype, precision):
@@ -322,6 +334,7 @@ def assert_designed_gru_step(counts, dots, what):
     assert counts["scalar_atomics"] == 0, f"{what}: {counts['scalar_atomics']} scalar atomics (block barriers) per step"
     assert counts["layout_conversions"] <= GRU_CONVERSIONS, (
         f"{what}: {counts['layout_conversions']} layout conversions per step, designed at most {GRU_CONVERSIONS}")
+    assert counts["exponentials"] == 2, f"{what}: {counts['exponentials']} exponentials per step, designed 2 (r, z; n)"
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -370,6 +383,7 @@ def test_persistent_backward_step_budget(shape, dtype, arch, tmp_path):
     assert_ideal_mma(counts, dots, what)
     assert counts["w_global_loads_in_loop"] == 0 and counts["w_smem_copies_in_loop"] == 0, what
     assert_designed_step(counts, P != H, False, what)
+    assert counts["exponentials"] == 1, f"{what}: {counts['exponentials']} exponentials per step, designed 1 (tanh c)"
     assert_fits(counts, arch, what)
     if (B, H) == (16, 768):  # no MMA row padded with zeros: each program's dG read serves 16 real rows
         assert cfg["UNITS"] == cfg["BLOCK_H"], cfg
@@ -382,6 +396,7 @@ def assert_designed_gru_backward_step(counts, dots, ttgir, what):
     assert_designed_step(counts, False, False, what)
     carry_loads = loads_from(ttgir, "%dc_ptr", in_loop=True)
     assert carry_loads == 0, f"{what}: {carry_loads} loads of the carry in the step loop, designed in registers"
+    assert counts["exponentials"] == 0, f"{what}: {counts['exponentials']} exponentials per step (the saved r, z, n)"
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -416,7 +431,8 @@ def loads_from(ttgir: str, arg: str, in_loop: bool) -> int:
 
 #: What the step-budget counts of a kernel with resets may differ in from the same kernel without.
 RESET_FREE_COUNTS = ("mma_per_warp", "w_global_loads_in_loop", "w_smem_copies_in_loop", "w_smem_reads_in_loop",
-                     "grid_arrivals", "cross_warp_sums", "block_barriers", "layout_conversions", "warps")
+                     "grid_arrivals", "cross_warp_sums", "block_barriers", "layout_conversions", "exponentials",
+                     "warps")
 
 
 @pytest.mark.parametrize("build, shape, cell", [
@@ -591,6 +607,10 @@ FORWARD_MUTANTS = {
                                            "        tl.atomic_add(bar_ptr, 1, sem=\"release\", scope=\"gpu\")\n"
                                            "        # between arrive and wait",
                               "scalar atomics"),
+    # the gates' tanh and sigmoid each computed over all the gates, then selected (twice the exponentials)
+    "tanh_and_sigmoid_over_all_gates": ("                act = _activate(pre, is_g)  # [4U, BB]: i; f; g; o activated\n",
+                                        "                act = tl.where(is_g, _tanh(pre), tl.sigmoid(pre))\n",
+                                        "exponentials"),
     # W_hh read from global memory inside the step loop
     "w_loaded_in_loop": (DOT_SITE, "            acc = tl.dot(_load_w_split(w_ptr, u * GR, GR, 0, K1, KS, P, DOT_DTYPE),\n"
                                    "                         h_t1, input_precision=DOT_PRECISION)\n", "W_hh"),
