@@ -117,8 +117,9 @@
 // per block (the named barrier, one fence, only the exchange's store before it); the
 // acquire-poll present; cp.async (LDGSTS) for the exchange copies; no local memory; in the taggable
 // instances, the tagged path: 2 x W_REG_CHUNKS 16-byte strong loads issued together, one spin loop
-// that reloads them with no barrier and no fence in it, one tagged store per step, its own HMMA at the
-// register path's count.
+// that reloads them with no barrier and no fence in it, no memory operation, fence or barrier between the
+// wait's exit and the first HMMA, one tagged store per step, its own HMMA at the register path's count
+// (and in tests/test_barrier_wait_sass.py: its give-up reached only from the retry side of its vote).
 #include <cuda_runtime.h>
 
 #include "common/cell.cuh"
