@@ -101,8 +101,8 @@
 // | block barrier, partial sums through smem, cell                          | as above           |
 // Whether the round trips saved outweigh the doubled bytes (at an L2 bandwidth of several TB/s, the extra
 // 2.4 MB is a few tenths of a microsecond if nothing overlaps it) is for a GPU to say; the counter stays the
-// default until it has. The wait is the operand load itself: its first round's 12 loads per lane (6 chunks x 2 rows) are in
-// flight together, and a later round reloads only the late words. A stalled wait asks barrier_gives_up
+// default until it has. The wait is the operand load itself: its first round's 12 loads per lane (6 chunks
+// x 2 rows) are in flight together, and a later round reloads only the late words. A stalled wait asks barrier_gives_up
 // every TAGGED_ROUNDS_PER_CHECK rounds; a warp that gave up raises abort_s, which every warp reads after
 // the block barrier that follows the products, so the block leaves as one. Block barriers per step: 2
 // (after the products: the cell warps have read red of step t - 1; after the partial sums). Registers:

@@ -145,8 +145,8 @@ def _lstm_pfw_kernel(
         work is repeated by the warps (the summed layout is the same in every warp): 4
         elements per thread; Triton stores each element once. One sigmoid over all the
         gates, the g rows' tanh taken from it as 2 sigmoid(2x) - 1 (``_activate``), and
-        tanh c: two exponentials and two divisions per element, where a tanh and a sigmoid
-        over the gates, selected, cost three of each.                                 <= 0.2 us
+        tanh c: 5 exponentials and 5 divisions per (unit, row), where a tanh and a sigmoid
+        over all the gates, then selected, cost 9 of each.                           <= 0.2 us
     The GRU (GATES = 3) at the flagship shape: U = 16, 48 programs x 8 warps; W_rz [32, 768] and
     W_n [16, 768] resident (72 registers per thread); two dots on the one h_{t-1}^T load, 36
     mma.m16n8k16 per warp (the ideal for its 3U rows: no padded row), two cross-warp sums (one
