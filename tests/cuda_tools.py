@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -47,3 +48,18 @@ def compile_cubins(sources, archs, out_dir: Path, csrc: Path = CSRC) -> tuple[li
             usage += subprocess.run([CUOBJDUMP, "-res-usage", str(cubin)], capture_output=True, text=True,
                                     check=True).stdout
     return listings, usage
+
+
+# ---- the tagged exchange in SASS (csrc/fused/fused_common.cuh, "the tagged exchange") --------------
+
+
+def is_tagged_load(t: str) -> bool:
+    """The tagged exchange's operand load, ld.relaxed.gpu.v2.u64 (two tagged words of h_{t-1}):
+    LDG.E.128.STRONG.GPU."""
+    return re.search(r"\bLDG\.", t) is not None and ".128" in t and "STRONG.GPU" in t
+
+
+def is_tagged_vote(t: str) -> bool:
+    """The tagged wait's vote: __any_sync over the words still pending, VOTE.ANY into a predicate (a
+    ballot, VOTE.ANY into a register, is something else)."""
+    return re.search(r"\bVOTE\.ANY\s+!?P\d", t) is not None

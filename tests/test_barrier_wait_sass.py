@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pytest
 
-from cuda_tools import CUOBJDUMP, NVCC
+from cuda_tools import CUOBJDUMP, NVCC, is_tagged_load, is_tagged_vote
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90")
@@ -73,17 +73,6 @@ def is_clock(t: str) -> bool:
 
 def is_strong_load(t: str) -> bool:
     return _op(t).startswith("LDG") and "STRONG.GPU" in t
-
-
-def is_tagged_load(t: str) -> bool:
-    """The tagged exchange's operand load (ld.relaxed.gpu.v2.u64: two tagged words of h_{t-1})."""
-    return _op(t).startswith("LDG") and ".128" in t and "STRONG.GPU" in t
-
-
-def is_tagged_vote(t: str) -> bool:
-    """The tagged wait's vote: __any_sync over the words still pending, VOTE.ANY into a predicate (a
-    ballot, VOTE.ANY into a register, is something else)."""
-    return _op(t) == "VOTE.ANY" and re.match(r"VOTE\.ANY\s+!?P\d", _PRED.sub("", t)) is not None
 
 
 def is_cas(t: str) -> bool:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pytest
 
-from cuda_tools import CUOBJDUMP, NVCC, compile_cubins
+from cuda_tools import CUOBJDUMP, NVCC, compile_cubins, is_tagged_load, is_tagged_vote
 from lstm_kernels.backends.cuda import fused as cf
 from plan_dump import compile_plan_dump
 
@@ -348,11 +348,6 @@ def hmma_per_warp_per_step(loop: StepLoop, spec, k_ranges) -> tuple:
     return per_warp, ideal, bodies, trips
 
 
-def is_tagged_load(t):
-    """The tagged exchange's operand load: ld.relaxed.gpu.v2.u64 (two tagged words)."""
-    return is_ldg(t) and ".128" in t and "STRONG.GPU" in t
-
-
 def is_tagged_store(t):
     """The tagged exchange's store: st.relaxed.gpu.u64 (one tagged word)."""
     return is_stg(t) and ".64" in t and "STRONG.GPU" in t
@@ -369,7 +364,7 @@ def spin_exit_to_mma(loop: "StepLoop", spin: Loop) -> list:
     loop, whether by its target or by falling through."""
     ops = loop.ops
     for i, (a, t) in enumerate(ops):
-        if spin.holds(a) and re.search(r"\bVOTE\.ANY\s+!?P\d", t):
+        if spin.holds(a) and is_tagged_vote(t):
             j = next(j for j in range(i + 1, len(ops)) if _BRA.match(ops[j][1]))
             m = _BRA.match(ops[j][1])
             target = int(m.group(2), 16) if not spin.holds(int(m.group(2), 16)) else ops[j + 1][0]
