@@ -310,9 +310,16 @@ py::dict device_properties(int device) {
 
 using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
+// The host runs below take the cell's activations as the kernels do (common/cell.cuh): fast (16-bit and
+// tf32 kernels) or precise (float32 accuracy).
+template <class Fn>
+auto with_activations(bool fast, Fn&& fn) {
+  return fast ? fn(lstm::FastActivations{}) : fn(lstm::PreciseActivations{});
+}
+
 // Host run of lstm::cell_forward. pre [N, 4] (i, f, g, o), c_prev [N] ->
 // (act [N, 4], c [N], h [N]), all float32.
-py::tuple cell_forward_host(F32 pre, F32 c_prev) {
+py::tuple cell_forward_host(F32 pre, F32 c_prev, bool fast) {
   if (pre.ndim() != 2 || pre.shape(1) != 4) throw std::invalid_argument("pre must have shape [N, 4]");
   const py::ssize_t n = pre.shape(0);
   if (c_prev.ndim() != 1 || c_prev.shape(0) != n) throw std::invalid_argument("c_prev must have shape [N]");
@@ -322,20 +329,24 @@ py::tuple cell_forward_host(F32 pre, F32 c_prev) {
   float* a = act.mutable_data();
   float* co = c.mutable_data();
   float* ho = h.mutable_data();
-  for (py::ssize_t k = 0; k < n; ++k) {
-    lstm::Gates g;
-    lstm::cell_forward(p[4 * k], p[4 * k + 1], p[4 * k + 2], p[4 * k + 3], cp[k], &g, &co[k], &ho[k]);
-    a[4 * k] = g.i;
-    a[4 * k + 1] = g.f;
-    a[4 * k + 2] = g.g;
-    a[4 * k + 3] = g.o;
-  }
+  with_activations(fast, [&](auto act_policy) {
+    using Act = decltype(act_policy);
+    for (py::ssize_t k = 0; k < n; ++k) {
+      lstm::Gates g;
+      lstm::cell_forward<Act>(p[4 * k], p[4 * k + 1], p[4 * k + 2], p[4 * k + 3], cp[k], &g, &co[k], &ho[k]);
+      a[4 * k] = g.i;
+      a[4 * k + 1] = g.f;
+      a[4 * k + 2] = g.g;
+      a[4 * k + 3] = g.o;
+    }
+    return 0;
+  });
   return py::make_tuple(act, c, h);
 }
 
 // Host run of lstm::cell_backward. dh, dc [N], act [N, 4], c_prev, c [N] ->
 // (d_pre [N, 4], dc_prev [N]), all float32.
-py::tuple cell_backward_host(F32 dh, F32 dc, F32 act, F32 c_prev, F32 c) {
+py::tuple cell_backward_host(F32 dh, F32 dc, F32 act, F32 c_prev, F32 c, bool fast) {
   if (act.ndim() != 2 || act.shape(1) != 4) throw std::invalid_argument("act must have shape [N, 4]");
   const py::ssize_t n = act.shape(0);
   for (const F32* v : {&dh, &dc, &c_prev, &c}) {
@@ -345,35 +356,43 @@ py::tuple cell_backward_host(F32 dh, F32 dc, F32 act, F32 c_prev, F32 c) {
   const float* a = act.data();
   float* d = d_pre.mutable_data();
   float* dcp = dc_prev.mutable_data();
-  for (py::ssize_t k = 0; k < n; ++k) {
-    const lstm::Gates g{a[4 * k], a[4 * k + 1], a[4 * k + 2], a[4 * k + 3]};
-    lstm::GateGrads gg;
-    lstm::cell_backward(dh.data()[k], dc.data()[k], g, c_prev.data()[k], c.data()[k], &gg, &dcp[k]);
-    d[4 * k] = gg.i;
-    d[4 * k + 1] = gg.f;
-    d[4 * k + 2] = gg.g;
-    d[4 * k + 3] = gg.o;
-  }
+  with_activations(fast, [&](auto act_policy) {
+    using Act = decltype(act_policy);
+    for (py::ssize_t k = 0; k < n; ++k) {
+      const lstm::Gates g{a[4 * k], a[4 * k + 1], a[4 * k + 2], a[4 * k + 3]};
+      lstm::GateGrads gg;
+      lstm::cell_backward<Act>(dh.data()[k], dc.data()[k], g, c_prev.data()[k], c.data()[k], &gg, &dcp[k]);
+      d[4 * k] = gg.i;
+      d[4 * k + 1] = gg.f;
+      d[4 * k + 2] = gg.g;
+      d[4 * k + 3] = gg.o;
+    }
+    return 0;
+  });
   return py::make_tuple(d_pre, dc_prev);
 }
 
 // Host run of lstm::gru_cell_forward. pre [N, 4] (pr, pz, xn, hn), h_prev [N] -> (act [N, 3] (r, z, n),
 // h [N]), all float32.
-py::tuple gru_cell_forward_host(F32 pre, F32 h_prev) {
+py::tuple gru_cell_forward_host(F32 pre, F32 h_prev, bool fast) {
   if (pre.ndim() != 2 || pre.shape(1) != 4) throw std::invalid_argument("pre must have shape [N, 4]");
   const py::ssize_t n = pre.shape(0);
   if (h_prev.ndim() != 1 || h_prev.shape(0) != n) throw std::invalid_argument("h_prev must have shape [N]");
   F32 act({n, (py::ssize_t)3}), h({n});
   const float* p = pre.data();
   float* a = act.mutable_data();
-  for (py::ssize_t k = 0; k < n; ++k) {
-    lstm::GruGates g;
-    lstm::gru_cell_forward(p[4 * k], p[4 * k + 1], p[4 * k + 2], p[4 * k + 3], h_prev.data()[k], &g,
-                           &h.mutable_data()[k]);
-    a[3 * k] = g.r;
-    a[3 * k + 1] = g.z;
-    a[3 * k + 2] = g.n;
-  }
+  with_activations(fast, [&](auto act_policy) {
+    using Act = decltype(act_policy);
+    for (py::ssize_t k = 0; k < n; ++k) {
+      lstm::GruGates g;
+      lstm::gru_cell_forward<Act>(p[4 * k], p[4 * k + 1], p[4 * k + 2], p[4 * k + 3], h_prev.data()[k], &g,
+                                  &h.mutable_data()[k]);
+      a[3 * k] = g.r;
+      a[3 * k + 1] = g.z;
+      a[3 * k + 2] = g.n;
+    }
+    return 0;
+  });
   return py::make_tuple(act, h);
 }
 
@@ -472,11 +491,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("device_properties", &device_properties, "SM count, cooperative launch, shared memory of a device",
         py::arg("device"));
   m.def("cell_forward_host", &cell_forward_host, "common/cell.cuh forward on the host (tests)", py::arg("pre"),
-        py::arg("c_prev"));
+        py::arg("c_prev"), py::arg("fast"));
   m.def("cell_backward_host", &cell_backward_host, "common/cell.cuh backward on the host (tests)", py::arg("dh"),
-        py::arg("dc"), py::arg("act"), py::arg("c_prev"), py::arg("c"));
+        py::arg("dc"), py::arg("act"), py::arg("c_prev"), py::arg("c"), py::arg("fast"));
   m.def("gru_cell_forward_host", &gru_cell_forward_host, "common/cell.cuh GRU forward on the host (tests)",
-        py::arg("pre"), py::arg("h_prev"));
+        py::arg("pre"), py::arg("h_prev"), py::arg("fast"));
   m.def("gru_cell_backward_host", &gru_cell_backward_host, "common/cell.cuh GRU backward on the host (tests)",
         py::arg("dh"), py::arg("act"), py::arg("hn"), py::arg("h_prev"));
 }

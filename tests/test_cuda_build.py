@@ -71,13 +71,19 @@ def test_extension_imports_and_reports_devices():
     assert {_C.DTYPE_FLOAT32, _C.DTYPE_FLOAT16, _C.DTYPE_BFLOAT16} == {0, 1, 2}
 
 
+#: The cell's two activation policies (csrc/common/cell.cuh): fast (the 16-bit and tf32 kernels) and
+#: precise (float32 accuracy); the host runs each with correctly rounded primitives.
+ACTIVATIONS = pytest.mark.parametrize("fast", [True, False], ids=["fast", "precise"])
+
+
 @needs_ext
+@ACTIVATIONS
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_host_cell_forward_matches_float64(seed):
+def test_host_cell_forward_matches_float64(seed, fast):
     n = 4096
     pre = _pre_acts(n, seed)
     c_prev = np.random.default_rng(seed + 100).normal(0.0, 2.0, size=n).astype(np.float32)
-    act, c, h = _C.cell_forward_host(pre, c_prev)
+    act, c, h = _C.cell_forward_host(pre, c_prev, fast)
     act64, c64, h64 = _forward64(pre, c_prev)
     _close(act, act64, "activations")
     _close(c, c64, "c")
@@ -85,9 +91,10 @@ def test_host_cell_forward_matches_float64(seed):
 
 
 @needs_ext
-def test_host_cell_forward_extremes_saturate_exactly():
+@ACTIVATIONS
+def test_host_cell_forward_extremes_saturate_exactly(fast):
     pre = np.array([[-100, 100, -100, 100], [100, -100, 100, -100], [-30, 30, -30, 30]], dtype=np.float32)
-    act, c, h = _C.cell_forward_host(pre, np.array([1.5, -2.0, 0.5], dtype=np.float32))
+    act, c, h = _C.cell_forward_host(pre, np.array([1.5, -2.0, 0.5], dtype=np.float32), fast)
     assert np.isfinite(act).all() and np.isfinite(c).all() and np.isfinite(h).all()
     assert act[0].tolist() == [0.0, 1.0, -1.0, 1.0]
     assert act[1].tolist() == [1.0, 0.0, 1.0, 0.0]
@@ -95,24 +102,26 @@ def test_host_cell_forward_extremes_saturate_exactly():
 
 
 @needs_ext
+@ACTIVATIONS
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_host_cell_backward_matches_float64(seed):
+def test_host_cell_backward_matches_float64(seed, fast):
     n = 4096
     rng = np.random.default_rng(seed)
     pre = _pre_acts(n, seed)
     c_prev = rng.normal(0.0, 2.0, size=n).astype(np.float32)
-    act, c, _ = _C.cell_forward_host(pre, c_prev)
+    act, c, _ = _C.cell_forward_host(pre, c_prev, fast)
     dh = rng.normal(size=n).astype(np.float32)
     dc = rng.normal(size=n).astype(np.float32)
-    d_pre, dc_prev = _C.cell_backward_host(dh, dc, act, c_prev, c)
+    d_pre, dc_prev = _C.cell_backward_host(dh, dc, act, c_prev, c, fast)
     d64, dcp64 = _backward64(dh, dc, act, c_prev, c)
     _close(d_pre, d64, "d_pre")
     _close(dc_prev, dcp64, "dc_prev")
 
 
 @needs_ext
+@ACTIVATIONS
 @pytest.mark.parametrize("seed", [0, 1])
-def test_host_cell_matches_reference_backend_one_step(seed):
+def test_host_cell_matches_reference_backend_one_step(seed, fast):
     """One step with W_hh = 0 is the cell alone: compare with the reference backend's forward and BPTT."""
     torch.manual_seed(seed)
     B, H = 64, 16
@@ -125,7 +134,7 @@ def test_host_cell_matches_reference_backend_one_step(seed):
     ref = ReferenceBackend()
     h_all, _, c_T, _ = ref.forward(xg, w_hh, h0, c0, None, None, True)
     pre = xg[0].reshape(B, 4, H).permute(0, 2, 1).reshape(-1, 4).numpy()  # [(b, j), gate]
-    act, c, h = _C.cell_forward_host(pre, c0.reshape(-1).numpy())
+    act, c, h = _C.cell_forward_host(pre, c0.reshape(-1).numpy(), fast)
     _close(h, h_all[0].reshape(-1).numpy(), "h vs reference")
     _close(c, c_T.reshape(-1).numpy(), "c vs reference")
 
@@ -136,7 +145,7 @@ def test_host_cell_matches_reference_backend_one_step(seed):
     inputs = RecurrenceInputs(xg, w_hh, h0, c0, None, None)
     dG, _, dc0, _ = ref.backward(inputs, h_all, (), dh, torch.zeros(B, H), dc)
     d_pre, dc_prev = _C.cell_backward_host(dh[0].reshape(-1).numpy(), dc.reshape(-1).numpy(), act,
-                                           c0.reshape(-1).numpy(), c)
+                                           c0.reshape(-1).numpy(), c, fast)
     d_ref = dG[0].reshape(B, 4, H).permute(0, 2, 1).reshape(-1, 4).numpy()
     _close(d_pre, d_ref, "dG vs reference")
     _close(dc_prev, dc0.reshape(-1).numpy(), "dc0 vs reference")
@@ -145,9 +154,10 @@ def test_host_cell_matches_reference_backend_one_step(seed):
 @needs_ext
 def test_host_cell_rejects_bad_shapes():
     with pytest.raises(ValueError):
-        _C.cell_forward_host(np.zeros((3, 3), np.float32), np.zeros(3, np.float32))
+        _C.cell_forward_host(np.zeros((3, 3), np.float32), np.zeros(3, np.float32), True)
     with pytest.raises(ValueError):
-        _C.cell_backward_host(*(np.zeros(2, np.float32),) * 2, np.zeros((3, 4), np.float32), *(np.zeros(3, np.float32),) * 2)
+        _C.cell_backward_host(*(np.zeros(2, np.float32),) * 2, np.zeros((3, 4), np.float32), *(np.zeros(3, np.float32),) * 2,
+                              True)
 
 
 @needs_ext

@@ -171,6 +171,30 @@ def test_fused_matches_reference_and_per_step_bitwise(entries, name, dtype, tf32
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("name, dtype, tf32, tol", PRECISIONS, ids=PRECISION_IDS)
+@pytest.mark.parametrize("T, B, H", [(512, 16, 64), (256, 16, 768)])
+def test_fused_long_memory_holds_the_tolerance(entries, name, dtype, tf32, tol, T, B, H):
+    """A forget gate near 1 (its pre-activation + 4): an error of one sign in f piles up in c over the
+    memory's length. The 16-bit and tf32 kernels run the fast activations of csrc/common/cell.cuh (ex2 and
+    rcp approximations), float32 accuracy the precise ones; every output and gradient within the tolerance
+    (tests/test_cell_error_budget.py models the same case on the CPU)."""
+    fwd, bwd = entries
+    _skip_unless_fits(dtype, B, H, None)
+    xg, w, h0, c0, w_hr, bs = _inputs(T, B, H, dtype, seed=H, varlen=False)
+    xg[:, :, H:2 * H] += 4.0
+    g = torch.Generator().manual_seed(3)
+    dh_all, dh_T, dc_T = (torch.randn(*shape, generator=g).to("cuda", dtype) for shape in ((T, B, H), (B, H), (B, H)))
+    h_all, h_T, c_T, (act, c_all) = cf.forward(fwd, xg, w, h0, c0, None, None, True, True, tf32=tf32)
+    dG, dh0, dc0, _ = cf.backward(bwd, w, c0, act, c_all, None, dh_all, dh_T, dc_T, None, True, tf32=tf32)
+    ref = _reference(xg, w, h0, c0, None, None, dh_all, dh_T, dc_T)
+    names = ("h_all", "h_T", "c_T", "dG", "dh0", "dc0")
+    print(f"\nlong memory {name} T={T} B={B} H={H}: "
+          + ", ".join(f"{n} {_rel(a, r):.2e}" for n, a, r in zip(names, (h_all, h_T, c_T, dG, dh0, dc0), ref)))
+    for n, a, r in zip(names, (h_all, h_T, c_T, dG, dh0, dc0), ref):
+        assert_rel_close(a, r, tol, f"{name} {n}")
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("T, B, H, P, cell", [(5, 3, 13, None, "lstm"), (16, 16, 768, None, "lstm"),
                                               (11, 18, 100, 36, "lstm"), (16, 16, 1024, None, "lstm"),

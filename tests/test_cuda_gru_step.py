@@ -106,16 +106,17 @@ except ImportError:
 
 
 @pytest.mark.skipif(_C is None, reason="lstm_kernels._C is not built (no nvcc)")
-def test_gru_cell_math_matches_float64_and_autograd():
-    """gru_cell_forward / gru_cell_backward of common/cell.cuh against the reference equations in
-    float64 (autograd for the backward), including saturated gates."""
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "precise"])
+def test_gru_cell_math_matches_float64_and_autograd(fast):
+    """gru_cell_forward / gru_cell_backward of common/cell.cuh, with either activation policy, against the
+    reference equations in float64 (autograd for the backward), including saturated gates."""
     rng = np.random.default_rng(0)
     n = 512
     pre = rng.normal(0.0, 3.0, size=(n, 4)).astype(np.float32)  # pr, pz, xn, hn
     pre[: n // 8] = rng.choice(np.array([-30.0, 30.0, -100.0, 100.0, 0.0], dtype=np.float32), size=(n // 8, 4))
     h_prev = rng.normal(0.0, 1.0, size=n).astype(np.float32)
     dh = rng.normal(0.0, 1.0, size=n).astype(np.float32)
-    act, h = _C.gru_cell_forward_host(pre, h_prev)
+    act, h = _C.gru_cell_forward_host(pre, h_prev, fast)
     grads = _C.gru_cell_backward_host(dh, act, pre[:, 3].copy(), h_prev)  # [n, 5]: r, z, n, hn, h_prev
 
     leaves = [torch.tensor(pre[:, k], dtype=torch.float64, requires_grad=True) for k in range(4)]

@@ -25,6 +25,11 @@ backward: H = 592, the largest it serves on sm_90):
   the only global stores are the exchange's (h_t, m_t, dG_t, dh_t: what other blocks read), so the
   fence waits for nothing else;
 - h_{t-1} (dG_{t+1}) copied with cp.async (LDGSTS);
+- the cell (csrc/common/cell.cuh) of the 16-bit and tf32 instances is branch free: no branch,
+  convergence region or call between the step loop's first special-function instruction (MUFU) and its
+  last (a precise division or tanhf puts its slow path behind one), and the MUFU are the cell's
+  designed count, one ex2 and one rcp per activation (the LSTM's forward 5 + 5, backward 1 + 1 for
+  tanh(c_t); the GRU's forward 3 + 3, backward none); float32 accuracy keeps the precise activations;
 - no local memory (spills);
 - resets inside a sequence (the kernels' RESETS template parameter): the instance without resets is
   the one checked above, and the instance with resets keeps every designed count (k loops, HMMA per
@@ -196,6 +201,50 @@ def arrival_counts(loop: "StepLoop") -> dict:
 def ldsm_outside_k_loops(loop: "StepLoop") -> int:
     """ldmatrix in the step loop but outside its k loops (the forward's register path)."""
     return loop.count(lambda t: "LDSM" in t) - loop.count(lambda t: "LDSM" in t, loop.in_k)
+
+
+def is_mufu(t, fn: str) -> bool:
+    """A special-function instruction ``fn`` (EX2, RCP, TANH, ...): MUFU.fn."""
+    return re.search(rf"\bMUFU\.{fn}\b", t) is not None
+
+
+#: The activations of each cell's step, (kernel stem, gates) -> how many: the LSTM's forward i, f, g, o and
+#: tanh(c_t), its backward tanh(c_t) (the gates' activations are saved); the GRU's forward r, z, n, its
+#: backward none. Each is one MUFU.EX2 and one MUFU.RCP (csrc/common/cell.cuh).
+ACTIVATIONS_PER_STEP = {("fused_forward_kernel", 4): 5, ("fused_backward_kernel", 4): 1,
+                        ("fused_forward_kernel", 3): 3, ("fused_backward_kernel", 3): 0}
+
+
+#: Control flow: a branch, a convergence region, a call (a precise division calls its slow path).
+CONTROL_OPS = {"BRA", "BSSY", "BSYNC", "CALL", "RET", "WARPSYNC", "JMP", "BRX"}
+
+
+#: The Ops whose cell runs the fast activations (csrc/fused/fused_common.cuh); Fp32Mma, float32 accuracy,
+#: keeps the precise ones.
+FAST_ACTIVATION_OPS = {"Fp16Mma", "Bf16Mma", "Tf32Mma"}
+
+
+def cell_counts(loop: "StepLoop") -> dict:
+    """The step loop's special-function instructions, and the cell's span: the instructions from its first
+    MUFU to its last, and the control-flow instructions among them."""
+    mufu = [i for i, (_, t) in enumerate(loop.ops) if opcode(t) == "MUFU"]
+    span = loop.ops[mufu[0]:mufu[-1] + 1] if mufu else []
+    return dict(mufu_ex2=loop.count(lambda t: is_mufu(t, "EX2")), mufu_rcp=loop.count(lambda t: is_mufu(t, "RCP")),
+                mufu_other=loop.count(lambda t: opcode(t) == "MUFU" and not (is_mufu(t, "EX2") or is_mufu(t, "RCP"))),
+                cell_span=len(span), cell_control=sum(opcode(t) in CONTROL_OPS for _, t in span))
+
+
+def cell_problems(counts: dict, activations: int) -> list:
+    """What departs from the branch-free cell: control flow between its first special function and its last,
+    or MUFU other than one ex2 and one rcp per activation."""
+    problems = []
+    if counts["cell_control"]:
+        problems.append(f"{counts['cell_control']} branches or calls among the cell's {counts['cell_span']} "
+                        "instructions")
+    got = (counts["mufu_ex2"], counts["mufu_rcp"], counts["mufu_other"])
+    if got != (activations, activations, 0):
+        problems.append(f"MUFU ex2, rcp, other {got}, designed ({activations}, {activations}, 0)")
+    return problems
 
 
 def is_release_add(t):
@@ -450,7 +499,7 @@ def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, gate
             ldsm_in_k_loop=loop.count(lambda t: "LDSM" in t, loop.in_k),
             k_loop_instructions=[loop.count(lambda t: not t.startswith("@!PT "), lp.holds) for lp in loop.k_loops],
             cp_async=loop.count(lambda t: "LDGSTS" in t),
-            **tagged_counts(loop),
+            **tagged_counts(loop), **cell_counts(loop),
         )
         H, P = design_shape(stem, op, proj)
         shape = f"B={FLAGSHIP_B}, H={H}" + (f", P={P}" if proj else "")
@@ -496,6 +545,18 @@ def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, gate
         assert counts["release_add"] == d["release_add"] and counts["poll_loads"] >= 1, counts
         assert not arrival_problems(counts, d), (arrival_problems(counts, d), counts)
         assert counts["cp_async"] >= 1, counts
+        if op in FAST_ACTIVATION_OPS:
+            assert not cell_problems(counts, ACTIVATIONS_PER_STEP[stem, gates]), (cell_problems(
+                counts, ACTIVATIONS_PER_STEP[stem, gates]), counts)
+
+
+def test_the_ops_name_their_activations_as_the_checks_assume():
+    """FAST_ACTIVATION_OPS is what fused_common.cuh's Op structs say."""
+    header = (ROOT / "csrc" / "fused" / "fused_common.cuh").read_text()
+    found = dict(re.findall(r"struct (\w+Mma) \{[^}]*?using Activations = (\w+);", header))
+    assert sorted(found) == sorted(OPS), found
+    assert {op for op, act in found.items() if act == "FastActivations"} == FAST_ACTIVATION_OPS, found
+    assert {found[op] for op in set(OPS) - FAST_ACTIVATION_OPS} == {"PreciseActivations"}, found
 
 
 def test_fused_kernels_use_no_local_memory(fused_sass):
@@ -546,6 +607,10 @@ def arrival_problems_of(loop: "StepLoop", plan_dump) -> list:
     return arrival_problems(arrival_counts(loop), design("fused_forward_kernel", False))
 
 
+def cell_problems_of(loop: "StepLoop", plan_dump) -> list:
+    return cell_problems(cell_counts(loop), ACTIVATIONS_PER_STEP["fused_forward_kernel", 4])
+
+
 def tagged_problems_of(loop: "StepLoop", plan_dump) -> list:
     slots, _, _ = register_path(plan_dump, "fused_forward_kernel", "Fp16Mma", False, 4)
     return tagged_problems(tagged_counts(loop), slots)
@@ -555,8 +620,12 @@ def tagged_problems_of(loop: "StepLoop", plan_dump) -> list:
 #: was, one per warp with a fence of every lane and a release-add by each cell warp's lane 0; h_all
 #: stored before the arrival, so its fence waits for it; the register path reading W from shared memory; a
 #: fence in the tagged exchange's spin (each round would wait for the warp's earlier stores); a fence between
-#: the tagged wait and the MMAs (an "acquire" the single-copy atomic words do not need).
+#: the tagged wait and the MMAs (an "acquire" the single-copy atomic words do not need); the fast
+#: activations' sigmoid as the precise expf and division (the division's slow path behind a branch and a call).
 SOURCE_MUTANTS = {
+    "precise sigmoid": ("common/cell.cuh",
+                        "static LSTM_HD float sigmoid(float x) { return rcp_approx(1.0f + exp2_approx(x * kNegLog2e)); }",
+                        "static LSTM_HD float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }", cell_problems_of),
     "arrival per warp": ("fused/fused_common.cuh", """  asm volatile("bar.sync 1, %0;" ::"n"(CELL_WARPS * 32) : "memory");
   if (threadIdx.x == 0) asm""", """  __threadfence();
   __syncwarp();

@@ -5,10 +5,18 @@
 // Dimension names: T steps, B batch, H hidden units.
 // Gate order along 4H: i (input), f (forget), g (cell candidate), o (output),
 // PyTorch's. All cell math is fp32: pre-activations, activations, the cell
-// state. Precise expf/tanhf (no --use_fast_math), to match the reference.
+// state. The activations are a template parameter of every cell function, one of two policies:
+//   FastActivations     sigmoid and tanh from 2^x and 1/x, one MUFU instruction each on the GPU: the
+//                       cell is branch free. For the kernels whose operands are 16-bit or tf32.
+//   PreciseActivations  expf, a correctly rounded division, tanhf: their slow paths sit behind branches
+//                       and calls (three serial branch regions per step). For float32 accuracy (float
+//                       storage without TF32), whose tolerance the fast ones would not keep with a margin
+//                       (tests/test_cell_error_budget.py).
 #pragma once
 
 #include <math.h>
+
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define LSTM_HD __host__ __device__ __forceinline__
@@ -18,11 +26,57 @@
 
 namespace lstm {
 
-// sigmoid(x) = 1 / (1 + exp(-x)); exp(-x) overflows to +inf for x < -88,
-// giving exactly 0, and underflows to 0 for large x, giving exactly 1.
-LSTM_HD float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+// The fast activations' primitives. On the GPU: ex2.approx.ftz.f32, within 2 ulp (the MUFU.EX2 that the
+// precise expf also ends in, after reducing its argument), and rcp.approx.ftz.f32, within 1 ulp; one MUFU
+// each, denormals flushed to zero. On the host, where the tests run the cell through bindings.cpp, the
+// correctly rounded exp2f and 1/x: the same formulas with exact primitives.
+LSTM_HD float exp2_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
 
-LSTM_HD float tanh_f(float x) { return tanhf(x); }
+LSTM_HD float rcp_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return 1.0f / x;
+#endif
+}
+
+struct FastActivations {
+  static constexpr float kNegLog2e = -1.4426950408889634f;
+
+  // 1 / (1 + 2^(-x log2 e)): exactly 0 for x < -89 (2^(...) is +inf; on the GPU already for x < -87, where
+  // the reciprocal is flushed) and exactly 1 for x > 17 (1 + 2^(...) rounds to 1). Error at most about
+  // sigmoid(x) (1 - sigmoid(x)) (|x| 2^-24 + 2^-22) + 1 ulp: from rounding the product x log2 e, from ex2,
+  // from rcp.
+  static LSTM_HD float sigmoid(float x) { return rcp_approx(1.0f + exp2_approx(x * kNegLog2e)); }
+
+  // 2 sigmoid(2x) - 1: exactly -1, 0 and 1 where tanh rounds to them; an absolute error of twice sigmoid's
+  // (about 2^-21), not a relative one (near x = 0 it is larger than tanhf's in relative terms). x (2
+  // kNegLog2e) is (2x) kNegLog2e to the bit (doubling is exact): one multiply fewer in the chain.
+  static LSTM_HD float tanh(float x) {
+    return fmaf(2.0f, rcp_approx(1.0f + exp2_approx(x * (2.0f * kNegLog2e))), -1.0f);
+  }
+};
+
+struct PreciseActivations {
+  // exp(-x) overflows to +inf for x < -88, giving exactly 0, and underflows to 0 for large x, giving 1.
+  static LSTM_HD float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+  static LSTM_HD float tanh(float x) { return tanhf(x); }
+};
+
+// A kernel's activations: precise where it computes at float32 accuracy (float storage, a float32 product),
+// fast everywhere else.
+template <bool kFloat32Accuracy>
+using ActivationsFor = typename std::conditional<kFloat32Accuracy, PreciseActivations, FastActivations>::type;
 
 // Activated gates of one hidden unit of one batch row.
 struct Gates {
@@ -32,22 +86,24 @@ struct Gates {
 // Forward of one cell: pre-activations (i, f, g, o) and c_prev ->
 // activations, c = f*c_prev + i*g, h = o*tanh(c) (h before rounding to the
 // storage dtype; the kernels round it).
+template <class Act>
 LSTM_HD Gates cell_activations(float pi, float pf, float pg, float po) {
   Gates a;
-  a.i = sigmoidf(pi);
-  a.f = sigmoidf(pf);
-  a.g = tanh_f(pg);
-  a.o = sigmoidf(po);
+  a.i = Act::sigmoid(pi);
+  a.f = Act::sigmoid(pf);
+  a.g = Act::tanh(pg);
+  a.o = Act::sigmoid(po);
   return a;
 }
 
+template <class Act>
 LSTM_HD void cell_forward(float pi, float pf, float pg, float po, float c_prev, Gates* act, float* c,
                           float* h) {
-  const Gates a = cell_activations(pi, pf, pg, po);
+  const Gates a = cell_activations<Act>(pi, pf, pg, po);
   const float c_new = a.f * c_prev + a.i * a.g;
   *act = a;
   *c = c_new;
-  *h = a.o * tanh_f(c_new);
+  *h = a.o * Act::tanh(c_new);
 }
 
 // Backward of one cell. Inputs: dh (gradient of h_t, from the output and from
@@ -59,9 +115,10 @@ struct GateGrads {
   float i, f, g, o;
 };
 
+template <class Act>
 LSTM_HD void cell_backward(float dh, float dc, const Gates& a, float c_prev, float c, GateGrads* d,
                            float* dc_prev) {
-  const float tanh_c = tanh_f(c);
+  const float tanh_c = Act::tanh(c);
   const float dc_t = dc + dh * a.o * (1.0f - tanh_c * tanh_c);
   d->i = dc_t * a.g * a.i * (1.0f - a.i);
   d->f = dc_t * c_prev * a.f * (1.0f - a.f);
@@ -79,11 +136,12 @@ struct GruGates {
   float r, z, n;
 };
 
+template <class Act>
 LSTM_HD void gru_cell_forward(float pr, float pz, float xn, float hn, float h_prev, GruGates* act, float* h) {
   GruGates a;
-  a.r = sigmoidf(pr);
-  a.z = sigmoidf(pz);
-  a.n = tanh_f(xn + a.r * hn);
+  a.r = Act::sigmoid(pr);
+  a.z = Act::sigmoid(pz);
+  a.n = Act::tanh(xn + a.r * hn);
   *act = a;
   *h = (1.0f - a.z) * a.n + a.z * h_prev;
 }

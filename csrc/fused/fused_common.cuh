@@ -31,6 +31,7 @@
 #include <type_traits>
 
 #include "fused/barrier_wait.cuh"  // BarrierWatch, barrier_gives_up: the time bound of the wait
+#include "common/cell.cuh"  // the cell and its activations
 #include "common/dtype_convert.cuh"  // to_float / from_float: storage type <-> fp32
 #include "fused/fused_lstm.h"
 #include "fused/fused_plan.cuh"
@@ -98,6 +99,7 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {  // nearest, ties away fr
 struct Fp16Mma {
   using T = __half;
   static constexpr bool kTf32 = false, kSplit = false;
+  using Activations = FastActivations;  // the cell's (common/cell.cuh)
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     mma_16816<__half>(d, a, b);
   }
@@ -105,6 +107,7 @@ struct Fp16Mma {
 struct Bf16Mma {
   using T = __nv_bfloat16;
   static constexpr bool kTf32 = false, kSplit = false;
+  using Activations = FastActivations;  // the cell's (common/cell.cuh)
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     mma_16816<__nv_bfloat16>(d, a, b);
   }
@@ -112,6 +115,7 @@ struct Bf16Mma {
 struct Tf32Mma {
   using T = float;
   static constexpr bool kTf32 = true, kSplit = false;
+  using Activations = FastActivations;  // the cell's (common/cell.cuh)
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     mma_1688_tf32(d, a, b);
   }
@@ -119,6 +123,7 @@ struct Tf32Mma {
 struct Fp32Mma {
   using T = float;
   static constexpr bool kTf32 = true, kSplit = true;
+  using Activations = PreciseActivations;  // the cell's (common/cell.cuh)
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     mma_1688_tf32(d, a, b);
   }

@@ -46,6 +46,10 @@
 // |   holds its 6 chunks of W as fragments (48 of 64 slot registers): per     |           |
 // |   chunk 1 ldmatrix (h) and no W read per step                             |           |
 // | partial sums reduced once through smem; cell in registers, c_t in a reg   | <= 0.2 us |
+// |   (16-bit, tf32: the fast activations of cell.cuh, 5 MUFU.EX2 + 5 MUFU.RCP |           |
+// |   and no branch, 37 instructions from the first EX2 to h's rounding on     |           |
+// |   sm_90, where the precise expf/division/tanhf took 142 in three branch    |           |
+// |   regions; float32 accuracy keeps the precise ones)                         |           |
 // | xg_{t+1} prefetched into registers before the barrier wait               | hidden    |
 // | **forward step**                                                          | **<= 2 us** |
 // Block barriers per step: 2 (after warp 0's grid wait; after the partial sums), and the cell warps'
@@ -115,7 +119,8 @@
 // ldmatrix (h) per slot and no other, its HMMA per warp at the ideal; HMMA per warp per step
 // within 10% of the ideal for the tile; BAR.SYNC and release-adds per step as designed; one arrival
 // per block (the named barrier, one fence, only the exchange's store before it); the
-// acquire-poll present; cp.async (LDGSTS) for the exchange copies; no local memory; in the taggable
+// acquire-poll present; the cell's MUFU (one EX2 and one RCP per activation) and no branch or call among
+// them (16-bit, tf32); cp.async (LDGSTS) for the exchange copies; no local memory; in the taggable
 // instances, the tagged path: 2 x W_REG_CHUNKS 16-byte strong loads issued together, one spin loop
 // that reloads them with no barrier and no fence in it, no memory operation, fence or barrier between the
 // wait's exit and the first HMMA, one tagged store per step, its own HMMA at the register path's count
@@ -384,11 +389,12 @@ __global__ void __launch_bounds__(THREADS, 1)
           if (RESETS && ((zero_rows >> (b - b0)) & 1u)) c_reg = 0.f;
           float h;  // h_t before rounding
           if constexpr (GATES == 4) {
-            cell_forward(pi + x_i, pf + x_f, pg + x_g, po + x_o, c_reg, &a, &saved, &h);
+            cell_forward<typename Op::Activations>(pi + x_i, pf + x_f, pg + x_g, po + x_o, c_reg, &a, &saved,
+                                                   &h);
             c_reg = saved;
           } else {
             saved = pg + bias_n;
-            gru_cell_forward(pi + x_i, pf + x_f, x_g, saved, c_reg, &a, &h);
+            gru_cell_forward<typename Op::Activations>(pi + x_i, pf + x_f, x_g, saved, c_reg, &a, &h);
           }
           hT = from_float<T>(h);
           if constexpr (GATES == 3) c_reg = to_float(hT);  // h_{t-1} of the next step, as stored

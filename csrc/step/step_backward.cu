@@ -16,6 +16,8 @@
 //   dG_t = [dr, dz, dn] (output), d_hn_t = dn r (output), carried dh z      (cell.cuh)
 // dh0 = dR_0 W_hh + dh_0 z_0. dc_work carries dh z between the launches (each thread its own (b, j)).
 // Deterministic: every sum is one thread's sequential loop, no atomics.
+#include <type_traits>
+
 #include "common/cell.cuh"
 #include "common/dtype_convert.cuh"
 #include "step/mma_tile.cuh"
@@ -132,9 +134,10 @@ __device__ __forceinline__ void backward_tile(WLoad wload, int j0, int b0,
     const float dh = dh_in + to_float(dh_out_t[s]);
     const Gates a{act_t[g_row + j], act_t[g_row + H + j], act_t[g_row + 2 * H + j], act_t[g_row + 3 * H + j]};
     const float cp = cut ? 0.f : c_prev ? c_prev[s] : to_float(c0[s]);
+    using Act = ActivationsFor<std::is_same<T, float>::value && !MMA>;  // cell.cuh
     GateGrads d;
     float dc_prev;
-    cell_backward(dh, dc_in, a, cp, c_t[s], &d, &dc_prev);
+    cell_backward<Act>(dh, dc_in, a, cp, c_t[s], &d, &dc_prev);
     dc_work[s] = cut ? 0.f : dc_prev;
     dg_cur[g_row + j] = cut ? 0.f : d.i;
     dg_cur[g_row + H + j] = cut ? 0.f : d.f;

@@ -109,14 +109,15 @@ __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
   if (j >= H || b >= B) return;
 
   const size_t g_row = (size_t)b * GATES * H;
+  using Act = ActivationsFor<std::is_same<T, float>::value && !MMA>;  // cell.cuh
   const size_t s = (size_t)b * H + j;
   if constexpr (GATES == 3) {
     const float hp = RESETS && resets_t[b] ? 0.f : to_float(load_cg(h_prev + s));
     const float hn = acc[2] + (b_hn ? to_float(b_hn[j]) : 0.f);
     GruGates a;
     float h;
-    gru_cell_forward(acc[0] + to_float(xg_t[g_row + j]), acc[1] + to_float(xg_t[g_row + H + j]),
-                     to_float(xg_t[g_row + 2 * H + j]), hn, hp, &a, &h);
+    gru_cell_forward<Act>(acc[0] + to_float(xg_t[g_row + j]), acc[1] + to_float(xg_t[g_row + H + j]),
+                          to_float(xg_t[g_row + 2 * H + j]), hn, hp, &a, &h);
     h_out[s] = from_float<T>(h);
     c_out[s] = hn;
     if (act_out) {
@@ -128,9 +129,9 @@ __device__ __forceinline__ void forward_tile(WLoad wload, int j0, int b0,
     const float cp = RESETS && resets_t[b] ? 0.f : c_prev ? c_prev[s] : to_float(c0[s]);
     Gates a;
     float c, h;
-    cell_forward(acc[0] + to_float(xg_t[g_row + j]), acc[1] + to_float(xg_t[g_row + H + j]),
-                 acc[2] + to_float(xg_t[g_row + 2 * H + j]), acc[3] + to_float(xg_t[g_row + 3 * H + j]), cp, &a,
-                 &c, &h);
+    cell_forward<Act>(acc[0] + to_float(xg_t[g_row + j]), acc[1] + to_float(xg_t[g_row + H + j]),
+                      acc[2] + to_float(xg_t[g_row + 2 * H + j]), acc[3] + to_float(xg_t[g_row + 3 * H + j]), cp,
+                      &a, &c, &h);
     h_out[s] = from_float<T>(h);
     c_out[s] = c;
     if (act_out) {

@@ -1,0 +1,151 @@
+"""The CUDA kernels' fast activations (csrc/common/cell.cuh) hold the tolerances of the kernels that use them.
+
+The fast activations build sigmoid and tanh from two GPU primitives, ex2.approx (within 2 ulp: the MUFU.EX2
+the precise expf ends in too) and rcp.approx (within 1 ulp), where the precise ones use expf, a correctly
+rounded division and tanhf. Here a model of the fast formulas in float32, with each primitive's result
+moved within its error bound, runs the reference recurrence forward and backward with a long memory
+(forget gate near 1, where an error of one sign in f piles up in c). With the errors drawn at random and
+with either primitive biased by a whole ulp in one direction, the outputs and every gradient stay ten
+times inside the tightest tolerance of the kernels that use the fast activations (tf32's; the 16-bit
+ones are wider). The biased reciprocal's worst case is over float32's own tolerance: why the kernels at
+float32 accuracy keep the precise activations. The model is tied to cell.cuh by the extension's host
+entry points, which run the same formulas with correctly rounded primitives. A CPU proxy for the GPU's
+numerics; the GPU tests measure the kernels themselves.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lstm_kernels import lstm_layer
+from lstm_kernels.backends import reference
+from utils import REL_TOL, rel_error
+
+try:
+    from lstm_kernels import _C
+except ImportError:
+    _C = None
+
+ULP = 2.0**-23  # of 1, relative to a value in [1, 2)
+EX2_BOUND, RCP_BOUND = 2 * ULP, ULP  # ex2.approx: 2 ulp; rcp.approx: 1 ulp
+NEG_LOG2E = torch.tensor(-1.4426950408889634, dtype=torch.float32)
+#: The tightest tolerance among the kernels that run the fast activations (16-bit and tf32 operands).
+FAST_TOL = min(REL_TOL["tf32"], REL_TOL[torch.float16], REL_TOL[torch.bfloat16])
+MARGIN = 10
+
+
+def _perturb(x, error, gen):
+    """x scaled by 1 + error: a float (one sign for every element) or "random:<bound>" (uniform in +-bound,
+    drawn anew for every element of every call from ``gen``)."""
+    if isinstance(error, str):
+        bound = float(error.split(":")[1])
+        return x * (1 + (torch.rand(x.shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound).float()
+    return x * torch.tensor(1.0 + error, dtype=torch.float32) if error else x
+
+
+def device_activations(ex2_error=0.0, rcp_error=0.0):
+    """(sigmoid, tanh) as cell.cuh's FastActivations compute them, in float32, with each exponential and
+    each reciprocal moved by ``ex2_error`` and ``rcp_error`` (see _perturb)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def logistic2(y):
+        return _perturb(1.0 / (1.0 + _perturb(torch.exp2(y), ex2_error, gen)), rcp_error, gen)
+
+    def sigmoid(x):
+        return logistic2(x * NEG_LOG2E)
+
+    def tanh(x):
+        return torch.addcmul(torch.tensor(-1.0), logistic2(x * (2 * NEG_LOG2E)), torch.tensor(2.0))
+
+    return sigmoid, tanh
+
+
+def _device_step(sigmoid, tanh):
+    """The reference LSTM step (reference._LSTMCell.step) with the device's activations."""
+
+    def step(cell, x_t, h_prev, state_prev):
+        (c_prev,) = state_prev
+        gates = x_t + h_prev @ cell.w_hh.t()
+        i, f, g, o = gates.chunk(4, dim=1)
+        i, f, g, o = sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)
+        c_new = f * c_prev + i * g
+        tanh_c = tanh(c_new)
+        m = o * tanh_c
+        return m.to(cell.dtype), (c_new,), (i, f, g, o, c_prev, tanh_c, m)
+
+    return step
+
+
+T, B, H = 512, 8, 32
+FORGET_BIAS = 4.0  # f = σ(4 + ...) ≈ 0.98: a long memory, where a biased error in f piles up in c
+
+
+def _case(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    xg = torch.randn(T, B, 4 * H, generator=gen)
+    xg[:, :, H:2 * H] += FORGET_BIAS
+    w_hh = (torch.rand(4 * H, H, generator=gen) * 2 - 1) / H**0.5
+    h0, c0 = torch.randn(B, H, generator=gen) / 2, torch.randn(B, H, generator=gen) / 2
+    cotangents = [torch.randn(T, B, H, generator=gen), torch.randn(B, H, generator=gen), torch.randn(B, H, generator=gen)]
+    return (xg, w_hh, h0, c0), cotangents
+
+
+def _outputs_and_grads(inputs, cotangents, dtype):
+    leaves = [t.to(dtype).detach().requires_grad_(True) for t in inputs]
+    outputs = lstm_layer(*leaves, backend="reference")
+    torch.autograd.backward(outputs, [c.to(dtype) for c in cotangents])
+    return [*outputs, *(leaf.grad for leaf in leaves)]
+
+
+NAMES = ["h_all", "h_T", "c_T", "dxg", "dw_hh", "dh0", "dc0"]
+
+
+@pytest.fixture(scope="module")
+def expected():
+    inputs, cotangents = _case()
+    return _outputs_and_grads(inputs, cotangents, torch.float64)
+
+
+#: (the exponential's error, the reciprocal's): exact primitives; errors at random within the bounds; one
+#: primitive biased by an ulp either way (the other at random).
+CASES = {"exact": (0.0, 0.0), "random": (f"random:{EX2_BOUND}", f"random:{RCP_BOUND}"),
+         "ex2 biased up": (ULP, f"random:{RCP_BOUND}"), "ex2 biased down": (-ULP, f"random:{RCP_BOUND}"),
+         "rcp biased up": (f"random:{EX2_BOUND}", ULP), "rcp biased down": (f"random:{EX2_BOUND}", -ULP)}
+
+
+def _errors_with(monkeypatch, expected, ex2_error, rcp_error) -> dict:
+    inputs, cotangents = _case()
+    monkeypatch.setattr(reference._LSTMCell, "step", _device_step(*device_activations(ex2_error, rcp_error)))
+    actual = _outputs_and_grads(inputs, cotangents, torch.float32)
+    monkeypatch.undo()
+    return {name: rel_error(a, e) for name, a, e in zip(NAMES, actual, expected)}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fast_activations_keep_a_margin_to_the_tolerances_they_serve(expected, monkeypatch, case):
+    errors = _errors_with(monkeypatch, expected, *CASES[case])
+    print(f"{case}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    assert max(errors.values()) <= FAST_TOL / MARGIN, errors
+
+
+def test_their_worst_case_is_over_the_float32_tolerance(expected, monkeypatch):
+    """A reciprocal biased by its ulp: over float32's tolerance, so float32 accuracy keeps the precise
+    activations (and this model tells an error of that size apart)."""
+    errors = _errors_with(monkeypatch, expected, *CASES["rcp biased up"])
+    assert max(errors.values()) > REL_TOL[torch.float32], errors
+
+
+@pytest.mark.skipif(_C is None, reason="lstm_kernels._C is not built (no nvcc)")
+def test_the_model_is_the_cells_formula():
+    """With exact primitives the model computes what cell.cuh's host build of FastActivations computes (exp2f and 1/x
+    correctly rounded there, torch's exp2 within an ulp here): sigmoid to 2 ulps of its value, tanh to
+    2 ulps of sigmoid's (its error is absolute: 2 sigmoid(2x) - 1 cancels near 0)."""
+    x = np.concatenate([np.linspace(-20, 20, 4001), [-100, -88, -87, 0, 1e-6, 17, 100]]).astype(np.float32)
+    pre = np.stack([x, x, x, x], axis=1)
+    act, _, _ = _C.cell_forward_host(pre, np.zeros_like(x), True)
+    sigmoid, tanh = (f(torch.from_numpy(x)).numpy() for f in device_activations())
+    ulps = np.abs(act[:, 0] - sigmoid) / np.spacing(np.maximum(sigmoid, np.float32(2.0**-126)))  # normal or 0
+    assert ulps.max() <= 2, f"sigmoid: {ulps.max()} ulps at x = {x[ulps.argmax()]}"
+    ulps = np.abs(act[:, 2] - tanh) / np.spacing(np.float32(1.0))
+    assert ulps.max() <= 4, f"tanh: {ulps.max()} ulps of 1 at x = {x[ulps.argmax()]}"
