@@ -123,6 +123,19 @@ def test_variable_lengths(dtype, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_long_memory(dtype, variant):
+    """A forget gate near 1 (its pre-activation + 4): an error of one sign in f piles up in c over the
+    memory's length. The kernels' sigmoid is Triton's (ex2.approx and div.full.f32 in float32 too);
+    tests/test_cell_error_budget.py models the case on the CPU and puts a reciprocal biased by an ulp
+    over float32's tolerance, so this measures what the GPU's approximations do."""
+    T, B, H = 512, 16, 64
+    case = make_case(T, B, H, 0, dtype)
+    case["xg"][:, :, H:2 * H] += 4.0
+    check(variant, case, dtype)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_tf32(variant, set_tf32):
     set_tf32(True)
     check(variant, make_case(256, 64, 512, 0, torch.float32), torch.float32, tol_key="tf32")
