@@ -31,6 +31,9 @@ backward: H = 592, the largest it serves on sm_90):
   designed count, one ex2 and one rcp per activation (the LSTM's forward 5 + 5, backward 1 + 1 for
   tanh(c_t); the GRU's forward 3 + 3, backward none); float32 accuracy keeps the precise activations;
 - no local memory (spills);
+- the exchange's L2 reads per step, from the plan (fused_plan.cuh's grid and k ranges), are the figures
+  the kernels' docstrings state (2.4 MB forward, 4.7 MB tagged, 9.4 MB backward in 16 bits, 18.9 MB in
+  float, at the flagship);
 - resets inside a sequence (the kernels' RESETS template parameter): the instance without resets is
   the one checked above, and the instance with resets keeps every designed count (k loops, HMMA per
   warp, barriers, release-adds, no loads in nested loops) and differs from it only by the mask's load
@@ -557,6 +560,54 @@ def test_the_ops_name_their_activations_as_the_checks_assume():
     assert sorted(found) == sorted(OPS), found
     assert {op for op, act in found.items() if act == "FastActivations"} == FAST_ACTIVATION_OPS, found
     assert {found[op] for op in set(OPS) - FAST_ACTIVATION_OPS} == {"PreciseActivations"}, found
+
+
+#: What all blocks together read from L2 per step for the exchange at the flagship (B = 16, H = 768), in MB, as
+#: the kernels' docstrings state it: (kernel, storage bytes, tagged) -> MB. The forward's h_{t-1} (the tagged
+#: exchange's 8-byte words carry 4 bytes of h: twice the copy's bytes), the backward's dG_{t+1}.
+EXCHANGE_MB = {("fused_forward_kernel", 2, False): 2.4, ("fused_forward_kernel", 2, True): 4.7,
+               ("fused_backward_kernel", 2, False): 9.4, ("fused_backward_kernel", 4, False): 18.9}
+
+
+def exchange_bytes_per_step(d: dict, stem: str, tagged: bool = False) -> int:
+    """From the plan (fused_plan.cuh run on the host: the kernels' own grid and k ranges): the bytes of the
+    exchange every block reads per step, summed over the grid; each warp reads its k range of the batch
+    tile's rows (the forward's in chunks, the backward's in pairs of chunks)."""
+    if stem == "fused_forward_kernel":
+        per_row = sum(e - b for b, e in d["fwd_gate_k"]) * d["CHUNK_BYTES"] * (2 if tagged else 1)
+    else:
+        per_row = sum(e - b for b, e in d["bwd_gate_k"]) * 2 * d["CHUNK_BYTES"]
+    blocks = d["grid"][0] * d["grid"][1]
+    return blocks * d["BATCH_TILE"] * per_row
+
+
+@pytest.mark.parametrize("stem, elem, tagged", sorted(EXCHANGE_MB), ids=[
+    f"{s.split('_')[1]}-{8 * e}bit{'-tagged' if t else ''}" for s, e, t in sorted(EXCHANGE_MB)])
+def test_exchange_l2_bytes_per_step_from_the_plan(plan_dump, stem, elem, tagged):
+    """The L2 traffic of the exchange per step (issue 21: the backward is bound by it), from the plan, is the
+    docstring's figure, and the docstring states it: a plan that reads more (a warp reading a k range twice,
+    smaller blocks) changes the figure."""
+    d = plan_dump(FLAGSHIP_B, FLAGSHIP_H, elem, FLAGSHIP_H)
+    mb = exchange_bytes_per_step(d, stem, tagged) / 1e6
+    print(f"\n{stem} {8 * elem}-bit{' tagged' if tagged else ''}: {mb:.2f} MB of L2 reads per step")
+    assert round(mb, 1) == EXCHANGE_MB[stem, elem, tagged], mb
+    source = (ROOT / "csrc" / "fused" / f"{stem.rsplit('_', 1)[0]}.cu").read_text()
+    assert f"{EXCHANGE_MB[stem, elem, tagged]} MB" in source, "the docstring no longer states the figure"
+
+
+def test_exchange_bytes_check_catches_smaller_blocks(tmp_path):
+    """A plan of 4 units per block (twice the blocks, each still reading the whole exchange of its batch
+    tile) doubles the forward's L2 traffic, and the check sees it."""
+    header = (ROOT / "csrc" / "fused" / "fused_plan.cuh").read_text()
+    site = "constexpr int UNITS = 8;"
+    assert header.count(site) == 1
+    (tmp_path / "fused").mkdir()
+    (tmp_path / "fused" / "fused_plan.cuh").write_text(header.replace(site, "constexpr int UNITS = 4;"))
+    mutant_dump = compile_plan_dump(tmp_path, include_dir=tmp_path)
+    if mutant_dump is None:
+        pytest.skip("no host C++ compiler")
+    mb = exchange_bytes_per_step(mutant_dump(FLAGSHIP_B, FLAGSHIP_H, 2, FLAGSHIP_H), "fused_forward_kernel") / 1e6
+    assert round(mb, 1) != EXCHANGE_MB["fused_forward_kernel", 2, False], mb
 
 
 def test_fused_kernels_use_no_local_memory(fused_sass):

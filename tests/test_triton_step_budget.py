@@ -24,7 +24,9 @@ are read for what the GPU will run per step:
       the GRU's r, z and n), 1 in the LSTM backward (tanh c), 0 in the GRU's;
   (f) the plans' shapes (units and batch rows per program, warps, programs) at the flagship and
       two other shapes are the design's, so that a plan that regressed (to fewer warps, say)
-      cannot match an ideal computed from its own configuration.
+      cannot match an ideal computed from its own configuration; and the exchange's L2 reads per
+      step from the plan at the flagship are the docstrings' figures (2.4 MB forward, 4.7 MB
+      backward).
 Each check has a mutant here (a kernel compiled with one deliberate fault, or a plan rule
 broken) that it must catch. These are structural counts, a CPU proxy for speed, not a
 measurement (``pytest -s`` prints them).
@@ -556,6 +558,35 @@ def assert_designed_plan(shape_id: str, direction: str, what: str = ""):
 @pytest.mark.parametrize("shape_id", list(SHAPES))
 def test_plans_have_the_designed_shape(shape_id, direction):
     assert_designed_plan(shape_id, direction)
+
+
+def exchange_mb_per_step(direction: str, B: int, H: int, P: int, elem: int = 2) -> float:
+    """From the plan: what all programs together read from L2 per step for the exchange, in MB: each
+    program reads the whole h_{t-1} [BB, P] (forward) or dG_{t+1} [BB, 4H] (backward) of its batch tile."""
+    cfg = plan_of(direction, B, H, P)
+    row = P if direction == "forward" else 4 * H
+    return cfg["programs"] * min(cfg["BLOCK_B"], B) * row * elem / 1e6
+
+
+@pytest.mark.parametrize("direction, mb, where", [
+    ("forward", 2.4, None), ("backward", 4.7, "persistent_backward.py")])
+def test_exchange_l2_bytes_per_step_from_the_plan(direction, mb, where):
+    """The exchange's L2 traffic per step at the flagship (issue 21): 16-unit backward programs halve the
+    dG_{t+1} broadcast, and the kernel's docstring states the figure."""
+    got = exchange_mb_per_step(direction, *SHAPES["B16_H768"])
+    print(f"\n{direction}: {got:.2f} MB of L2 reads per step")
+    assert round(got, 1) == mb, got
+    if where:
+        source = open(os.path.join(os.path.dirname(tp.__file__), where)).read()
+        assert f"{mb} MB" in source, "the docstring no longer states the figure"
+
+
+def test_exchange_bytes_check_catches_more_programs(monkeypatch):
+    """A backward plan rule that allows 8 units per program (96 programs, as before issue 21) reads dG_{t+1}
+    twice as often: the figure moves."""
+    monkeypatch.setattr(tp, "BACKWARD_UNIT_BLOCKS", (8, 16, 32))
+    got = exchange_mb_per_step("backward", *SHAPES["B16_H768"])
+    assert round(got, 1) != 4.7, got
 
 
 def test_mutant_plan_with_fewer_warps_is_caught(monkeypatch):
