@@ -117,9 +117,10 @@ def _inputs(T, B, H, dtype, seed, varlen, P=None):
     return cuda(xg), cuda(w), cuda(h0), cuda(c0), cuda(w_hr), bs
 
 
-def _reference(xg, w, h0, c0, w_hr, bs, dh_all, dh_T, dc_T):
+def _reference(xg, w, h0, c0, w_hr, bs, dh_all, dh_T, dc_T, dtype=torch.float64):
+    """The reference backend's outputs and gradients, computed in ``dtype`` (float64: the oracle)."""
     ref = ReferenceBackend()
-    d = lambda t: None if t is None else t.double()  # noqa: E731
+    d = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     h_all, h_T, c_T, _ = ref.forward(d(xg), d(w), d(h0), d(c0), d(w_hr), bs, True)
     dG, dh0, dc0, dw_hr = ref.backward(RecurrenceInputs(d(xg), d(w), d(h0), d(c0), d(w_hr), bs), h_all, (),
                                        d(dh_all), d(dh_T), d(dc_T))
@@ -176,8 +177,9 @@ def test_fused_matches_reference_and_per_step_bitwise(entries, name, dtype, tf32
 def test_fused_long_memory_holds_the_tolerance(entries, name, dtype, tf32, tol, T, B, H):
     """A forget gate near 1 (its pre-activation + 4): an error of one sign in f piles up in c over the
     memory's length. The 16-bit and tf32 kernels run the fast activations of csrc/common/cell.cuh (ex2 and
-    rcp approximations), float32 accuracy the precise ones; every output and gradient within the tolerance
-    (tests/test_cell_error_budget.py models the same case on the CPU)."""
+    rcp approximations), float32 accuracy the precise ones; every output and gradient within the tolerance,
+    or within twice the reference's own error in the same dtype where the case makes that larger (a long
+    memory amplifies every rounding; tests/test_cell_error_budget.py models the case on the CPU)."""
     fwd, bwd = entries
     _skip_unless_fits(dtype, B, H, None)
     xg, w, h0, c0, w_hr, bs = _inputs(T, B, H, dtype, seed=H, varlen=False)
@@ -187,11 +189,13 @@ def test_fused_long_memory_holds_the_tolerance(entries, name, dtype, tf32, tol, 
     h_all, h_T, c_T, (act, c_all) = cf.forward(fwd, xg, w, h0, c0, None, None, True, True, tf32=tf32)
     dG, dh0, dc0, _ = cf.backward(bwd, w, c0, act, c_all, None, dh_all, dh_T, dc_T, None, True, tf32=tf32)
     ref = _reference(xg, w, h0, c0, None, None, dh_all, dh_T, dc_T)
+    own = _reference(xg, w, h0, c0, None, None, dh_all, dh_T, dc_T, dtype=dtype)
     names = ("h_all", "h_T", "c_T", "dG", "dh0", "dc0")
-    print(f"\nlong memory {name} T={T} B={B} H={H}: "
-          + ", ".join(f"{n} {_rel(a, r):.2e}" for n, a, r in zip(names, (h_all, h_T, c_T, dG, dh0, dc0), ref)))
-    for n, a, r in zip(names, (h_all, h_T, c_T, dG, dh0, dc0), ref):
-        assert_rel_close(a, r, tol, f"{name} {n}")
+    print(f"\nlong memory {name} T={T} B={B} H={H}: " + ", ".join(
+        f"{n} {_rel(a, r):.2e} (reference in {name}: {_rel(o, r):.2e})"
+        for n, a, o, r in zip(names, (h_all, h_T, c_T, dG, dh0, dc0), own, ref)))
+    for n, a, o, r in zip(names, (h_all, h_T, c_T, dG, dh0, dc0), own, ref):
+        assert_rel_close(a, r, max(tol, 2 * _rel(o, r)), f"{name} {n}")
 
 
 @pytest.mark.timeout(300)
