@@ -63,3 +63,16 @@ def is_tagged_vote(t: str) -> bool:
     """The tagged wait's vote: __any_sync over the words still pending, VOTE.ANY into a predicate (a
     ballot, VOTE.ANY into a register, is something else)."""
     return re.search(r"\bVOTE\.ANY\s+!?P\d", t) is not None
+
+
+# ---- the cell's activations in SASS (csrc/common/cell.cuh) ----------------------------------------
+
+#: The argument of a fast activation: x times -log2(e) (sigmoid) or -2 log2(e) (tanh), an FMUL by an
+#: immediate, which MUFU.EX2 then takes. The precise activations (expf's FFMA range reduction, tanhf's
+#: polynomial) have none.
+_FAST_ARGUMENT = re.compile(r"\bFMUL\S*\s+R\d+,\s*R\d+,\s*-(1\.44269502|2\.88539004)")
+
+
+def is_fast_activation_argument(t: str) -> bool:
+    """A FastActivations argument: FMUL by -log2(e) or -2 log2(e) (one per sigmoid or tanh)."""
+    return _FAST_ARGUMENT.search(t) is not None

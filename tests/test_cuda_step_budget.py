@@ -27,9 +27,11 @@ backward: H = 592, the largest it serves on sm_90):
 - h_{t-1} (dG_{t+1}) copied with cp.async (LDGSTS);
 - the cell (csrc/common/cell.cuh) of the 16-bit and tf32 instances is branch free: no branch,
   convergence region or call between the step loop's first special-function instruction (MUFU) and its
-  last (a precise division or tanhf puts its slow path behind one), and the MUFU are the cell's
-  designed count, one ex2 and one rcp per activation (the LSTM's forward 5 + 5, backward 1 + 1 for
-  tanh(c_t); the GRU's forward 3 + 3, backward none); float32 accuracy keeps the precise activations;
+  last (a precise division puts its slow path behind one), the MUFU are the cell's designed count, one
+  ex2 and one rcp per activation (the LSTM's forward 5 + 5, backward 1 + 1 for tanh(c_t); the GRU's
+  forward 3 + 3, backward none), and each activation's argument is the fast formula's (an FMUL by
+  -log2 e or -2 log2 e); the float32-accuracy instances have no such argument (the precise activations;
+  tests/test_cuda_activations_sass.py checks the per-step kernels);
 - no local memory (spills);
 - the exchange's L2 reads per step, from the plan (fused_plan.cuh's grid and k ranges), are the figures
   the kernels' docstrings state (2.4 MB forward, 4.7 MB tagged, 9.4 MB backward in 16 bits, 18.9 MB in
@@ -52,7 +54,7 @@ from pathlib import Path
 
 import pytest
 
-from cuda_tools import CUOBJDUMP, NVCC, compile_cubins, is_tagged_load, is_tagged_vote
+from cuda_tools import CUOBJDUMP, NVCC, compile_cubins, is_fast_activation_argument, is_tagged_load, is_tagged_vote
 from lstm_kernels.backends.cuda import fused as cf
 from plan_dump import compile_plan_dump
 
@@ -234,13 +236,17 @@ def cell_counts(loop: "StepLoop") -> dict:
     span = loop.ops[mufu[0]:mufu[-1] + 1] if mufu else []
     return dict(mufu_ex2=loop.count(lambda t: is_mufu(t, "EX2")), mufu_rcp=loop.count(lambda t: is_mufu(t, "RCP")),
                 mufu_other=loop.count(lambda t: opcode(t) == "MUFU" and not (is_mufu(t, "EX2") or is_mufu(t, "RCP"))),
+                fast_arguments=loop.count(is_fast_activation_argument),
                 cell_span=len(span), cell_control=sum(opcode(t) in CONTROL_OPS for _, t in span))
 
 
 def cell_problems(counts: dict, activations: int) -> list:
     """What departs from the branch-free cell: control flow between its first special function and its last,
-    or MUFU other than one ex2 and one rcp per activation."""
+    MUFU other than one ex2 and one rcp per activation, or an activation not the fast formula (tanhf, say,
+    which also ends in one MUFU.EX2 and one MUFU.RCP and has no branch: its argument is no FMUL by -2 log2 e)."""
     problems = []
+    if counts["fast_arguments"] != activations:
+        problems.append(f"{counts['fast_arguments']} fast activation arguments, designed {activations}")
     if counts["cell_control"]:
         problems.append(f"{counts['cell_control']} branches or calls among the cell's {counts['cell_span']} "
                         "instructions")
@@ -551,6 +557,8 @@ def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, gate
         if op in FAST_ACTIVATION_OPS:
             assert not cell_problems(counts, ACTIVATIONS_PER_STEP[stem, gates]), (cell_problems(
                 counts, ACTIVATIONS_PER_STEP[stem, gates]), counts)
+        else:  # float32 accuracy: the precise activations, no fast argument
+            assert counts["fast_arguments"] == 0, counts
 
 
 def test_the_ops_name_their_activations_as_the_checks_assume():
@@ -672,8 +680,11 @@ def tagged_problems_of(loop: "StepLoop", plan_dump) -> list:
 #: stored before the arrival, so its fence waits for it; the register path reading W from shared memory; a
 #: fence in the tagged exchange's spin (each round would wait for the warp's earlier stores); a fence between
 #: the tagged wait and the MMAs (an "acquire" the single-copy atomic words do not need); the fast
-#: activations' sigmoid as the precise expf and division (the division's slow path behind a branch and a call).
+#: activations' sigmoid as the precise expf and division (the division's slow path behind a branch and a call);
+#: their tanh as tanhf (branch free too, one MUFU.EX2 and one MUFU.RCP, but not the fast formula).
 SOURCE_MUTANTS = {
+    "tanhf as the fast tanh": ("common/cell.cuh", "return fmaf(2.0f, rcp_approx(1.0f + exp2_approx(x * (2.0f * kNegLog2e))), -1.0f);",
+                               "return tanhf(x);", cell_problems_of),
     "precise sigmoid": ("common/cell.cuh",
                         "static LSTM_HD float sigmoid(float x) { return rcp_approx(1.0f + exp2_approx(x * kNegLog2e)); }",
                         "static LSTM_HD float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }", cell_problems_of),

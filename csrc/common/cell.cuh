@@ -8,10 +8,11 @@
 // state. The activations are a template parameter of every cell function, one of two policies:
 //   FastActivations     sigmoid and tanh from 2^x and 1/x, one MUFU instruction each on the GPU: the
 //                       cell is branch free. For the kernels whose operands are 16-bit or tf32.
-//   PreciseActivations  expf, a correctly rounded division, tanhf: their slow paths sit behind branches
-//                       and calls (three serial branch regions per step). For float32 accuracy (float
-//                       storage without TF32), whose tolerance the fast ones would not keep with a margin
-//                       (tests/test_cell_error_budget.py).
+//   PreciseActivations  expf, a correctly rounded division, tanhf: the division's slow path sits behind
+//                       a branch and a call (one per sigmoid: three per step in the LSTM forward), and
+//                       each function is several times the fast one's instructions. For float32
+//                       accuracy (float storage without TF32), whose tolerance the fast ones would keep
+//                       only with errors of random sign, not with a bias (tests/test_cell_error_budget.py).
 #pragma once
 
 #include <math.h>
@@ -54,9 +55,10 @@ struct FastActivations {
   static constexpr float kNegLog2e = -1.4426950408889634f;
 
   // 1 / (1 + 2^(-x log2 e)): exactly 0 for x < -89 (2^(...) is +inf; on the GPU already for x < -87, where
-  // the reciprocal is flushed) and exactly 1 for x > 17 (1 + 2^(...) rounds to 1). Error at most about
-  // sigmoid(x) (1 - sigmoid(x)) (|x| 2^-24 + 2^-22) + 1 ulp: from rounding the product x log2 e, from ex2,
-  // from rcp.
+  // the reciprocal is flushed) and 1 for x > 17 (1 + 2^(...) rounds to 1; exactly 1 where rcp.approx(1) is
+  // 1, which its 1-ulp bound does not promise). Error about sigmoid(x) (1 - sigmoid(x)) (|x| 2^-24 + 2^-22)
+  // + 1.5 ulp: from rounding the product x log2 e (and kNegLog2e itself, |x| 2^-26 of one sign), from ex2,
+  // from rounding 1 + 2^(...) and from rcp.
   static LSTM_HD float sigmoid(float x) { return rcp_approx(1.0f + exp2_approx(x * kNegLog2e)); }
 
   // 2 sigmoid(2x) - 1: exactly -1, 0 and 1 where tanh rounds to them; an absolute error of twice sigmoid's

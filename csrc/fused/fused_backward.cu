@@ -42,8 +42,8 @@
 // | MMA from the resident W^T slice, 8 warps, 24 HMMA per warp (float: 48    | <= 0.5 us |
 // |   tf32, or 144 for fp32 accuracy plus the split of each fragment)        |           |
 // | reduce partials once through smem; cell backward in registers, dc reg   | <= 0.2 us |
-// |   (its one activation, tanh(c_t), one MUFU.EX2 + one MUFU.RCP, no branch, |           |
-// |   in 16 bits and tf32; float32 accuracy keeps tanhf)                      |           |
+// |   (its one activation, tanh(c_t): the fast formula in 16 bits and tf32,   |           |
+// |   one MUFU.EX2 + one MUFU.RCP; tanhf at float32 accuracy)                 |           |
 // | act_t, c_t, c_{t-1}, dh_all[t] prefetched before the barrier wait        | hidden |
 // | **backward step**                                                        | **<= 3 us** |
 // Block barriers per step: 2 (after warp 0's grid wait; after the partial sums), and the cell

@@ -48,8 +48,8 @@
 // | partial sums reduced once through smem; cell in registers, c_t in a reg   | <= 0.2 us |
 // |   (16-bit, tf32: the fast activations of cell.cuh, 5 MUFU.EX2 + 5 MUFU.RCP |           |
 // |   and no branch, 37 instructions from the first EX2 to h's rounding on     |           |
-// |   sm_90, where the precise expf/division/tanhf took 142 in three branch    |           |
-// |   regions; float32 accuracy keeps the precise ones)                         |           |
+// |   sm_90, where expf, the division and tanhf took 142, each division's slow |           |
+// |   path behind a branch and a call; float32 accuracy keeps the precise ones) |           |
 // | xg_{t+1} prefetched into registers before the barrier wait               | hidden    |
 // | **forward step**                                                          | **<= 2 us** |
 // Block barriers per step: 2 (after warp 0's grid wait; after the partial sums), and the cell warps'
