@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from lstm_kernels import lstm_layer
 from lstm_kernels.backends import reference
-from utils import REL_TOL, rel_error
+from utils import LSTM_RESULT_NAMES, REL_TOL, long_memory_case, reference_outputs_and_grads, rel_error
 
 try:
     from lstm_kernels import _C
@@ -86,27 +85,14 @@ def _device_step(sigmoid, tanh):
 
 
 T, B, H = 512, 8, 32
-FORGET_BIAS = 4.0  # f = σ(4 + ...) ≈ 0.98: a long memory, where a biased error in f piles up in c
+NAMES = LSTM_RESULT_NAMES
 
 
-def _case(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    xg = torch.randn(T, B, 4 * H, generator=gen)
-    xg[:, :, H:2 * H] += FORGET_BIAS
-    w_hh = (torch.rand(4 * H, H, generator=gen) * 2 - 1) / H**0.5
-    h0, c0 = torch.randn(B, H, generator=gen) / 2, torch.randn(B, H, generator=gen) / 2
-    cotangents = [torch.randn(T, B, H, generator=gen), torch.randn(B, H, generator=gen), torch.randn(B, H, generator=gen)]
-    return (xg, w_hh, h0, c0), cotangents
+def _case():
+    return long_memory_case(T, B, H)
 
 
-def _outputs_and_grads(inputs, cotangents, dtype):
-    leaves = [t.to(dtype).detach().requires_grad_(True) for t in inputs]
-    outputs = lstm_layer(*leaves, backend="reference")
-    torch.autograd.backward(outputs, [c.to(dtype) for c in cotangents])
-    return [*outputs, *(leaf.grad for leaf in leaves)]
-
-
-NAMES = ["h_all", "h_T", "c_T", "dxg", "dw_hh", "dh0", "dc0"]
+_outputs_and_grads = reference_outputs_and_grads
 
 
 @pytest.fixture(scope="module")

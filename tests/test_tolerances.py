@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lstm_kernels import lstm_layer
 from lstm_kernels.backends import reference
-from utils import REL_TOL, UNIT_ROUNDOFF, assert_rel_close, rel_error
+from utils import (LSTM_RESULT_NAMES, REL_TOL, UNIT_ROUNDOFF, assert_rel_close, long_memory_case, rel_error,
+                   reference_outputs_and_grads)
 
 T, B, H = 128, 16, 64
 FORGET_BIAS = 4.0  # f = σ(4 + ...) ≈ 0.98: a long memory
@@ -28,23 +28,12 @@ def _step_rounding_c(cell, x_t, h_prev, state_prev):
 
 
 def _case(dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    xg = torch.randn(T, B, 4 * H, generator=gen)
-    xg[:, :, H:2 * H] += FORGET_BIAS
-    w_hh = (torch.rand(4 * H, H, generator=gen) * 2 - 1) / H**0.5
-    h0, c0 = torch.randn(B, H, generator=gen) / 2, torch.randn(B, H, generator=gen) / 2
-    cotangents = [torch.randn(T, B, H, generator=gen), torch.randn(B, H, generator=gen), torch.randn(B, H, generator=gen)]
-    return [t.to(dtype) for t in (xg, w_hh, h0, c0)], [t.to(dtype) for t in cotangents]
+    inputs, cotangents = long_memory_case(T, B, H, FORGET_BIAS, seed)
+    return [t.to(dtype) for t in inputs], [t.to(dtype) for t in cotangents]
 
 
-def _outputs_and_grads(inputs, cotangents, dtype):
-    leaves = [t.to(dtype).detach().requires_grad_(True) for t in inputs]
-    outputs = lstm_layer(*leaves, backend="reference")
-    torch.autograd.backward(outputs, [c.to(dtype) for c in cotangents])
-    return [*outputs, *(leaf.grad for leaf in leaves)]
-
-
-NAMES = ["h_all", "h_T", "c_T", "dxg", "dw_hh", "dh0", "dc0"]
+_outputs_and_grads = reference_outputs_and_grads
+NAMES = LSTM_RESULT_NAMES
 
 
 def _errors(dtype, monkeypatch, mutant: bool):
