@@ -138,6 +138,25 @@ def test_launched_kernels_compile(shape, variant, dtype, arch, tmp_path, monkeyp
             assert_fits(compile_launch(launch, arch), arch, f"{what} {variant} {phases}", tmp_path)
 
 
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_step_cells_divide_correctly_rounded_only_at_float32_accuracy(dtype, tf32, set_tf32, monkeypatch):
+    """The LSTM cell's sigmoids in the per-step kernels: a correctly rounded division (div.rn.f32) in float32
+    without TF32, tl.sigmoid's approximate one (div.full.f32) everywhere else (device_helpers._sigmoid, the
+    CUDA kernels' policy: csrc/common/cell.cuh)."""
+    set_tf32(tf32)
+    fw, bw = record(monkeypatch, 90, 5, 16, 64, dtype, variant="step")
+    precise = dtype == torch.float32 and not tf32
+    for launch in distinct(fw + bw, 90):
+        ptx = compile_launch(launch, 90).asm["ptx"]
+        rounded, approximate = ptx.count("div.rn.f32"), ptx.count("div.full.f32")
+        what = (launch.kernel, rounded, approximate)
+        if precise:
+            assert rounded > 0 and approximate == 0, what
+        else:
+            assert rounded == 0 and approximate > 0, what
+
+
 def hmma_count(compiled, tmp_path) -> int:
     """HMMA instructions in the cubin's SASS (a static count: a loop body counts once)."""
     path = tmp_path / "kernel.cubin"

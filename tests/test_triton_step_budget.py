@@ -640,7 +640,7 @@ FORWARD_MUTANTS = {
                               "scalar atomics"),
     # the gates' tanh and sigmoid each computed over all the gates, then selected (twice the exponentials)
     "tanh_and_sigmoid_over_all_gates": ("                act = _activate(pre, is_g)  # [4U, BB]: i; f; g; o activated\n",
-                                        "                act = tl.where(is_g, _tanh(pre), tl.sigmoid(pre))\n",
+                                        "                act = tl.where(is_g, _tanh(pre, False), tl.sigmoid(pre))\n",
                                         "exponentials"),
     # W_hh read from global memory inside the step loop
     "w_loaded_in_loop": (DOT_SITE, "            acc = tl.dot(_load_w_split(w_ptr, u * GR, GR, 0, K1, KS, P, DOT_DTYPE),\n"

@@ -126,9 +126,9 @@ def test_variable_lengths(dtype, variant):
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_long_memory(dtype, variant):
     """A forget gate near 1 (its pre-activation + 4): an error of one sign in f piles up in c over the
-    memory's length. The kernels' sigmoid is Triton's (ex2.approx and div.full.f32 in float32 too);
-    tests/test_cell_error_budget.py models the case on the CPU and puts a reciprocal biased by an ulp
-    over float32's tolerance, so this measures what the GPU's approximations do."""
+    memory's length. The cell's sigmoid divides by div.full.f32 (approximate) in 16 bits and tf32, and
+    correctly rounded at float32 accuracy (device_helpers._sigmoid); tests/test_cell_error_budget.py
+    models the case on the CPU, where a reciprocal biased by an ulp breaks float32's tolerance."""
     T, B, H = 512, 16, 64
     case = make_case(T, B, H, 0, dtype)
     case["xg"][:, :, H:2 * H] += 4.0

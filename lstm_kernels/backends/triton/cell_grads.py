@@ -15,11 +15,13 @@ from .device_helpers import _tanh
 
 
 @triton.jit
-def _lstm_grads(dm, dc_in, i, f, g, o, c, c_prev, active, carried, HAS_RESETS: tl.constexpr):
+def _lstm_grads(dm, dc_in, i, f, g, o, c, c_prev, active, carried, HAS_RESETS: tl.constexpr,
+                FLOAT32_ACCURACY: tl.constexpr):
     """The LSTM's: ``dm`` the gradient of m_t, ``dc_in`` that of c_t from step t + 1; i, f, g, o, c_t and
     c_{t-1} (0 where the row reset) as the forward saved them. Returns d_i, d_f, d_g, d_o (0 where not
-    active) and dc_{t-1}: dc f where carried, 0 where the row reset at t, dc_in where not active."""
-    tanh_c = _tanh(c)
+    active) and dc_{t-1}: dc f where carried, 0 where the row reset at t, dc_in where not active.
+    FLOAT32_ACCURACY: tanh c_t with a correctly rounded division (device_helpers._sigmoid)."""
+    tanh_c = _tanh(c, FLOAT32_ACCURACY)
     dc = dc_in + dm * o * (1.0 - tanh_c * tanh_c)
     zero = tl.zeros_like(dc)
     d_i = tl.where(active, dc * g * i * (1.0 - i), zero)

@@ -80,6 +80,12 @@ def dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
     return "ieee", "tf32"
 
 
+def float32_accuracy(dtype: torch.dtype) -> bool:
+    """Whether kernels for ``dtype`` compute at float32 accuracy (float32 without TF32, what
+    dot_precisions gives it): their cell divides correctly rounded (device_helpers._sigmoid)."""
+    return dtype == torch.float32 and dot_precisions(dtype)[0] == "ieee"
+
+
 def forward_dot_dtype(dtype: torch.dtype):
     """Operand dtype of the 16-bit tl.dot: the input dtype, except bfloat16 under the interpreter.
 

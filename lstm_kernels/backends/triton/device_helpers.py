@@ -24,12 +24,24 @@ from .config import interpreting
 
 
 @triton.jit
-def _tanh(x):
+def _sigmoid(x, FLOAT32_ACCURACY: tl.constexpr):
+    """1 / (1 + exp(-x)). tl.sigmoid's division is div.full.f32, within 2 ulp and with no promise that its
+    errors are unbiased; at float32 accuracy (float32 without TF32, ``config.float32_accuracy``) the
+    division is correctly rounded, as in the CUDA kernels' precise activations: a division that errs one
+    way moves every forget gate the same way, and over a long memory that piles up in c past float32's
+    tolerance (tests/test_cell_error_budget.py)."""
+    if FLOAT32_ACCURACY:
+        return tl.math.div_rn(1.0, 1.0 + tl.exp(-x))
+    return tl.sigmoid(x)
+
+
+@triton.jit
+def _tanh(x, FLOAT32_ACCURACY: tl.constexpr):
     # tanh(x) = 2 sigmoid(2x) - 1: one exponential and one division, what a sigmoid costs, so that a
     # tensor of gates can take its g rows' tanh from the one sigmoid of the whole tensor (_activate).
     # 2x and 2s are exact; the result's error is the sigmoid's, doubled (about 1e-7 absolute), and it
     # saturates to -1 and 1 without overflow (exp(-2x) = inf gives s = 0).
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    return 2.0 * _sigmoid(2.0 * x, FLOAT32_ACCURACY) - 1.0
 
 
 @triton.jit

@@ -255,7 +255,7 @@ def _lstm_pbw_kernel(
             # d_hn) and, for the GRU, d_n (the dG output's third gate) in d_3
             if GATES == 4:
                 d_0, d_1, d_2, d_3, dc_reg = _lstm_grads(dm, dc_reg, s_0, s_1, s_2, s_3, s_c, s_prev, active, carried,
-                                                         HAS_RESETS)
+                                                         HAS_RESETS, False)  # fp32 without tf32: only interpreted here
             else:
                 d_0, d_1, d_3, d_2, dc_reg = _gru_grads(dm, s_0, s_1, s_2, s_c, s_prev, active, carried)
             _store_gates(dg_buf_ptr + (t % 2) * B * GH + gate, d_0, d_1, d_2, d_3, active, H, GATES)

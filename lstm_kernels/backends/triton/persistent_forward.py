@@ -253,7 +253,7 @@ def _lstm_pfw_kernel(
                     acc_n = tl.where(_word_keeps(word, b)[None, :], acc_n, 0.0)
                     h_carried = tl.where(_word_keeps(word, b)[None, :], h_carried, 0.0)
                 hn = acc_n + b_hn[:, None]
-                n = _tanh(xg_n.to(tl.float32) + r * hn)
+                n = _tanh(xg_n.to(tl.float32) + r * hn, False)  # fp32 without tf32: only interpreted here
                 m = (1.0 - z) * n + z * h_carried  # h_t before rounding
             else:
                 act = _activate(pre, is_g)  # [4U, BB]: i; f; g; o activated
@@ -262,7 +262,7 @@ def _lstm_pfw_kernel(
                     c_new = f * tl.where(_word_keeps(word, b)[None, :], c_reg, 0.0) + i * g
                 else:
                     c_new = f * c_reg + i * g
-                m = o * _tanh(c_new)
+                m = o * _tanh(c_new, False)
                 c_reg = tl.where(active, c_new, c_reg)
             if HAS_PROJ:
                 m = tl.where(active, m, tl.zeros_like(m))

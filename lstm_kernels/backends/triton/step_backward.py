@@ -27,7 +27,8 @@ import triton.language as tl
 
 from ..device_rows import step_rows
 from ...cells import LSTM, gates
-from .config import backward_buffers, dot_precisions, num_tiles, projection_weight_grad, reset_rows, step_config
+from .config import (backward_buffers, dot_precisions, float32_accuracy, num_tiles, projection_weight_grad,
+                     reset_rows, step_config)
 from .cell_grads import _gru_grads, _lstm_grads
 from .device_helpers import _dot_tile, _kept_rows, tile_coords
 
@@ -96,7 +97,7 @@ def _lstm_bw_cell(
     dc_ptr,  # [B, H] fp32
     dg_buf_ptr,  # [2, B, 4H] fp32
     dg_ptr,  # [T, B, 4H] input dtype
-    B, H: tl.constexpr, HAS_RESETS: tl.constexpr,
+    B, H: tl.constexpr, HAS_RESETS: tl.constexpr, FLOAT32_ACCURACY: tl.constexpr,
 ):
     """The LSTM cell's backward of step t on a tile: dG_t into dg_buf and the dG output, dc_{t-1} into dc.
     A row that resets at t used c_{t-1} = 0 and passes no dc_{t-1} back."""
@@ -109,7 +110,8 @@ def _lstm_bw_cell(
 
     dc_in = tl.load(dc_ptr + cell, mask=tile_in, other=0.0)
     c = tl.load(ws_c_ptr + t * B * H + cell, mask=active, other=0.0)
-    d_i, d_f, d_g, d_o, dc_prev = _lstm_grads(dm, dc_in, i, f, g, o, c, c_prev, active, carried, HAS_RESETS)
+    d_i, d_f, d_g, d_o, dc_prev = _lstm_grads(dm, dc_in, i, f, g, o, c, c_prev, active, carried, HAS_RESETS,
+                                              FLOAT32_ACCURACY)
     _store_gates(dg_buf_ptr + (t % 2) * B * 4 * H + gate, d_i, d_f, d_g, d_o, tile_in, H, 4)
     _store_gates(dg_ptr + t * B * 4 * H + gate, d_i, d_f, d_g, d_o, tile_in, H, 4)
     tl.store(dc_ptr + cell, dc_prev, mask=tile_in)
@@ -148,7 +150,7 @@ def _gru_bw_cell(
 @triton.jit
 def _bw_cell(
     t, n_t, rows, cols, dm, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr, h_all_ptr, d_hn_ptr, rst_ptr,
-    B, H: tl.constexpr, HAS_RESETS: tl.constexpr, GATES: tl.constexpr,
+    B, H: tl.constexpr, HAS_RESETS: tl.constexpr, GATES: tl.constexpr, FLOAT32_ACCURACY: tl.constexpr,
 ):
     """The cell backward of step t on a tile of B x H (``dm``: the gradient of m_t, the GRU's h_t):
     the LSTM's (GATES 4) or the GRU's (3; ``c0_ptr`` is h0, ``dc_ptr`` its carry, ``ws_c_ptr`` hn)."""
@@ -165,7 +167,7 @@ def _bw_cell(
                      dg_buf_ptr, dg_ptr, d_hn_ptr, B, H)
     else:
         _lstm_bw_cell(t, tile_in, active, carried, cell, gate, dm, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr,
-                      dg_ptr, B, H, HAS_RESETS)
+                      dg_ptr, B, H, HAS_RESETS, FLOAT32_ACCURACY)
 
 
 # t changes from launch to launch: not specialised (Triton would compile each phase again for
@@ -198,6 +200,7 @@ def _step_bw_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     GATES: tl.constexpr,  # the cell: 4 the LSTM, 3 the GRU (lstm_kernels/cells.py)
+    FLOAT32_ACCURACY: tl.constexpr,  # float32 without TF32: correctly rounded divisions (device_helpers._sigmoid)
 ):
     """One phase of step t; each program one tile."""
     tile = tl.program_id(0)
@@ -208,7 +211,7 @@ def _step_bw_kernel(
         dm = _dot_tile(dm, dh_buf_ptr, P, rows, rows < n_t, w_hr_ptr, H, 1, cols, cols < H, P, BLOCK_K,
                        DOT_PRECISION)  # dm = dh_t @ W_hr
         _bw_cell(t, n_t, rows, cols, dm, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr, h_all_ptr,
-                 d_hn_ptr, rst_ptr, B, H, HAS_RESETS, GATES)
+                 d_hn_ptr, rst_ptr, B, H, HAS_RESETS, GATES, FLOAT32_ACCURACY)
     else:
         rows, cols = tile_coords(tile, tl.cdiv(P, BLOCK_H), BLOCK_B, BLOCK_H)
         n_next = tl.load(bs_ptr + t + 1)
@@ -226,7 +229,7 @@ def _step_bw_kernel(
         if not HAS_PROJ:  # P == H: this tile of P units is a tile of H units, dm = dh
             if t >= 0:
                 _bw_cell(t, n_t, rows, cols, dh, ws_gates_ptr, ws_c_ptr, c0_ptr, dc_ptr, dg_buf_ptr, dg_ptr, h_all_ptr,
-                         d_hn_ptr, rst_ptr, B, H, HAS_RESETS, GATES)
+                         d_hn_ptr, rst_ptr, B, H, HAS_RESETS, GATES, FLOAT32_ACCURACY)
 
 
 def step_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes=None, resets=None, cell=LSTM,
@@ -257,7 +260,7 @@ def step_backward(xg, w_hh, c0, w_hr, workspace, dh_all, dh_T, dc_T, batch_sizes
     d_hn = torch.empty((T, B, H), dtype=dtype, device=device) if is_gru else dG
     consts = dict(H=H, P=P, HAS_PROJ=has_proj, HAS_RESETS=resets is not None, BLOCK_B=cfg["BLOCK_B"],
                   BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=dot_precisions(dtype)[1],
-                  GATES=n_gates, num_warps=cfg["num_warps"])
+                  GATES=n_gates, FLOAT32_ACCURACY=float32_accuracy(dtype), num_warps=cfg["num_warps"])
     args = (w_hh.contiguous(), w_hr.contiguous() if has_proj else w_hh, bs, reset_rows(resets, T, B, bs),
             dh_all.contiguous(), dh_T.contiguous(), gates_ws, c_all, c0.contiguous(), dc, dg_buf, dG, dh_buf, dh_hist,
             dh0, h_all.contiguous() if is_gru else dG, d_hn)

@@ -36,9 +36,9 @@ import triton.language as tl
 
 from ..device_rows import step_rows
 from ...cells import LSTM, gates
-from .config import (dot_precisions, forward_buffers, forward_dot_dtype, num_tiles, recurrent_bias, reset_rows,
-                     step_config)
-from .device_helpers import _dot_tile, _kept_rows, _tanh, tile_coords
+from .config import (dot_precisions, float32_accuracy, forward_buffers, forward_dot_dtype, num_tiles, recurrent_bias,
+                     reset_rows, step_config)
+from .device_helpers import _dot_tile, _kept_rows, _sigmoid, _tanh, tile_coords
 
 
 @triton.jit
@@ -92,20 +92,21 @@ def _lstm_update(
     t, acc_i, acc_f, acc_g, acc_o, x_ptr, ws_ptr, rows, carried, tile_in, active, cell,
     c_ptr, h_buf_ptr, h_all_ptr, m_buf_ptr, ws_c_ptr, ws_m_ptr,
     B, H: tl.constexpr, P: tl.constexpr, HAS_PROJ: tl.constexpr, STORE_WS: tl.constexpr, HAS_RESETS: tl.constexpr,
+    FLOAT32_ACCURACY: tl.constexpr,
 ):
     """The LSTM's update of a tile: gates, c_t, m_t (and h_t without a projection). A row that resets
     at t starts from c_{t-1} = 0; an inactive row keeps its c."""
-    i = tl.sigmoid(acc_i + tl.load(x_ptr, mask=tile_in, other=0.0).to(tl.float32))
-    f = tl.sigmoid(acc_f + tl.load(x_ptr + H, mask=tile_in, other=0.0).to(tl.float32))
-    g = _tanh(acc_g + tl.load(x_ptr + 2 * H, mask=tile_in, other=0.0).to(tl.float32))
-    o = tl.sigmoid(acc_o + tl.load(x_ptr + 3 * H, mask=tile_in, other=0.0).to(tl.float32))
+    i = _sigmoid(acc_i + tl.load(x_ptr, mask=tile_in, other=0.0).to(tl.float32), FLOAT32_ACCURACY)
+    f = _sigmoid(acc_f + tl.load(x_ptr + H, mask=tile_in, other=0.0).to(tl.float32), FLOAT32_ACCURACY)
+    g = _tanh(acc_g + tl.load(x_ptr + 2 * H, mask=tile_in, other=0.0).to(tl.float32), FLOAT32_ACCURACY)
+    o = _sigmoid(acc_o + tl.load(x_ptr + 3 * H, mask=tile_in, other=0.0).to(tl.float32), FLOAT32_ACCURACY)
 
     c_prev = tl.load(c_ptr + cell, mask=tile_in, other=0.0)
     if HAS_RESETS:
         c_new = f * tl.where(carried[:, None], c_prev, 0.0) + i * g
     else:
         c_new = f * c_prev + i * g
-    m = o * _tanh(c_new)
+    m = o * _tanh(c_new, FLOAT32_ACCURACY)
     c_new = tl.where(active, c_new, c_prev)
     tl.store(c_ptr + cell, c_new, mask=tile_in)
     if HAS_PROJ:
@@ -127,15 +128,15 @@ def _lstm_update(
 def _gru_update(
     t, acc_r, acc_z, acc_n, x_ptr, ws_ptr, cols, carried, tile_in, active, cell,
     b_hn_ptr, h_buf_ptr, h_all_ptr, ws_hn_ptr,
-    B, H: tl.constexpr, STORE_WS: tl.constexpr,
+    B, H: tl.constexpr, STORE_WS: tl.constexpr, FLOAT32_ACCURACY: tl.constexpr,
 ):
     """The GRU's update of a tile (P == H): r and z from the summed pre-activations, hn = the n rows
     of h_{t-1} W_hh^T plus b_hn, n = tanh(x_n + r * hn), h_t = (1 - z) n + z h_{t-1}, with h_{t-1}
     as the product read it (0 where a row resets). The workspace keeps r, z, n and hn."""
-    r = tl.sigmoid(acc_r + tl.load(x_ptr, mask=tile_in, other=0.0).to(tl.float32))
-    z = tl.sigmoid(acc_z + tl.load(x_ptr + H, mask=tile_in, other=0.0).to(tl.float32))
+    r = _sigmoid(acc_r + tl.load(x_ptr, mask=tile_in, other=0.0).to(tl.float32), FLOAT32_ACCURACY)
+    z = _sigmoid(acc_z + tl.load(x_ptr + H, mask=tile_in, other=0.0).to(tl.float32), FLOAT32_ACCURACY)
     hn = acc_n + tl.load(b_hn_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
-    n = _tanh(tl.load(x_ptr + 2 * H, mask=tile_in, other=0.0).to(tl.float32) + r * hn)
+    n = _tanh(tl.load(x_ptr + 2 * H, mask=tile_in, other=0.0).to(tl.float32) + r * hn, FLOAT32_ACCURACY)
     h_prev = tl.load(h_buf_ptr + (t % 2) * B * H + cell, mask=carried[:, None] & tile_in, other=0.0,
                      cache_modifier=".cg").to(tl.float32)
     h_new = (1.0 - z) * n + z * h_prev
@@ -154,7 +155,7 @@ def _fw_cell_tile(
     B, H: tl.constexpr, P: tl.constexpr,
     HAS_PROJ: tl.constexpr, STORE_WS: tl.constexpr, HAS_RESETS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GATES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, GATES: tl.constexpr, FLOAT32_ACCURACY: tl.constexpr,
 ):
     """Phase A of step t on a tile of B x H: the recurrent product of all gates, then the cell's
     update (GATES 4: the LSTM's, 3: the GRU's). A row that resets at t starts from zero state."""
@@ -172,11 +173,11 @@ def _fw_cell_tile(
     gate = t * B * GATES * H + rows[:, None] * (GATES * H) + cols[None, :]  # gate 0 of the tile in [T, B, GATES*H]
     if GATES == 3:
         _gru_update(t, acc_0, acc_1, acc_2, xg_ptr + gate, ws_gates_ptr + gate, cols, carried, tile_in, active, cell,
-                    b_hn_ptr, h_buf_ptr, h_all_ptr, ws_c_ptr, B, H, STORE_WS)
+                    b_hn_ptr, h_buf_ptr, h_all_ptr, ws_c_ptr, B, H, STORE_WS, FLOAT32_ACCURACY)
     else:
         _lstm_update(t, acc_0, acc_1, acc_2, acc_3, xg_ptr + gate, ws_gates_ptr + gate, rows, carried, tile_in, active,
                      cell, c_ptr, h_buf_ptr, h_all_ptr, m_buf_ptr, ws_c_ptr, ws_m_ptr, B, H, P, HAS_PROJ, STORE_WS,
-                     HAS_RESETS)
+                     HAS_RESETS, FLOAT32_ACCURACY)
 
 
 @triton.jit
@@ -229,6 +230,7 @@ def _step_fw_kernel(
     DOT_DTYPE: tl.constexpr,  # its operand dtype (see forward_dot_dtype)
     PROJ_PRECISION: tl.constexpr,  # of m @ W_hr^T
     GATES: tl.constexpr,  # the cell: 4 the LSTM, 3 the GRU (lstm_kernels/cells.py)
+    FLOAT32_ACCURACY: tl.constexpr,  # float32 without TF32: correctly rounded divisions (_sigmoid)
 ):
     """One phase of step t; each program one tile."""
     tile = tl.program_id(0)
@@ -239,7 +241,7 @@ def _step_fw_kernel(
     else:
         _fw_cell_tile(t, tile, n_t, xg_ptr, w_ptr, b_hn_ptr, rst_ptr, h_buf_ptr, c_ptr, h_all_ptr, m_buf_ptr,
                       ws_gates_ptr, ws_c_ptr, ws_m_ptr, B, H, P, HAS_PROJ, STORE_WS, HAS_RESETS, BLOCK_B, BLOCK_H,
-                      BLOCK_K, DOT_PRECISION, DOT_DTYPE, GATES)
+                      BLOCK_K, DOT_PRECISION, DOT_DTYPE, GATES, FLOAT32_ACCURACY)
 
 
 def step_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=True, resets=None, cell=LSTM,
@@ -268,7 +270,7 @@ def step_forward(xg, w_hh, h0, c0, w_hr=None, batch_sizes=None, store_workspace=
     consts = dict(H=H, P=P, HAS_PROJ=has_proj, STORE_WS=store_workspace, HAS_RESETS=resets is not None,
                   BLOCK_B=cfg["BLOCK_B"], BLOCK_H=cfg["BLOCK_H"], BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=fw_prec,
                   DOT_DTYPE=forward_dot_dtype(dtype), PROJ_PRECISION=other_prec, GATES=n_gates,
-                  num_warps=cfg["num_warps"])
+                  FLOAT32_ACCURACY=float32_accuracy(dtype), num_warps=cfg["num_warps"])
     args = (xg, w_hh, w_hr, recurrent_bias(b_hn, cell, H, xg), bs, reset_rows(resets, T, B, bs), h_buf, c, h_all,
             m_buf, *ws_args)
     cell_grid, proj_grid = (num_tiles(H, B, cfg),), (num_tiles(P, B, cfg),)
