@@ -339,7 +339,6 @@ py::tuple cell_forward_host(F32 pre, F32 c_prev, bool fast) {
       a[4 * k + 2] = g.g;
       a[4 * k + 3] = g.o;
     }
-    return 0;
   });
   return py::make_tuple(act, c, h);
 }
@@ -367,7 +366,6 @@ py::tuple cell_backward_host(F32 dh, F32 dc, F32 act, F32 c_prev, F32 c, bool fa
       d[4 * k + 2] = gg.g;
       d[4 * k + 3] = gg.o;
     }
-    return 0;
   });
   return py::make_tuple(d_pre, dc_prev);
 }
@@ -391,7 +389,6 @@ py::tuple gru_cell_forward_host(F32 pre, F32 h_prev, bool fast) {
       a[3 * k + 1] = g.z;
       a[3 * k + 2] = g.n;
     }
-    return 0;
   });
   return py::make_tuple(act, h);
 }

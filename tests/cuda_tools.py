@@ -73,6 +73,12 @@ def is_tagged_vote(t: str) -> bool:
 _FAST_ARGUMENT = re.compile(r"\bFMUL\S*\s+R\d+,\s*R\d+,\s*-(1\.44269502|2\.88539004)")
 
 
+#: The activations of one cell per step, (direction, gates) -> how many: the LSTM's forward i, f, g, o and
+#: tanh(c_t), its backward tanh(c_t) (the gates' activations are saved); the GRU's forward r, z, n, its
+#: backward none. Each is one MUFU.EX2 and one MUFU.RCP with the fast activations.
+ACTIVATIONS_PER_CELL = {("forward", 4): 5, ("backward", 4): 1, ("forward", 3): 3, ("backward", 3): 0}
+
+
 def is_fast_activation_argument(t: str) -> bool:
     """A FastActivations argument: FMUL by -log2(e) or -2 log2(e) (one per sigmoid or tanh)."""
     return _FAST_ARGUMENT.search(t) is not None

@@ -17,17 +17,13 @@ import shutil
 
 import pytest
 
-from cuda_tools import CSRC, CUOBJDUMP, NVCC, compile_cubins, is_fast_activation_argument
+from cuda_tools import ACTIVATIONS_PER_CELL, CSRC, CUOBJDUMP, NVCC, compile_cubins, is_fast_activation_argument
 
 pytestmark = pytest.mark.skipif(NVCC is None or CUOBJDUMP is None, reason="needs nvcc and cuobjdump")
 
 ARCHS = ("sm_80", "sm_90")
 SOURCES = ("step/step_forward.cu", "step/step_backward.cu")
-#: Activations per cell: the LSTM's forward i, f, g, o and tanh(c); its backward tanh(c); the GRU's
-#: forward r, z, n; its backward none.
-ACTIVATIONS = {("forward", 4): 5, ("backward", 4): 1, ("forward", 3): 3, ("backward", 3): 0}
 _INSTANCE = re.compile(r"(forward|backward)_step_kernelI(6__half|13__nv_bfloat16|f)Li(\d)ELb(\d)ELb(\d)E")
-_FUNCTION = re.compile(r"Function : (\S+)")
 
 
 def instances(listings) -> list:
@@ -50,7 +46,7 @@ def policy_problems(found: list) -> list:
     problems = []
     for direction, storage, gates, mma, fast in found:
         precise = storage == "float" and not mma
-        want = 0 if precise else ACTIVATIONS[direction, gates]
+        want = 0 if precise else ACTIVATIONS_PER_CELL[direction, gates]
         if fast != want:
             problems.append(f"{direction} {storage} gates={gates} mma={mma}: {fast} fast activations, want {want}")
     return problems

@@ -54,7 +54,8 @@ from pathlib import Path
 
 import pytest
 
-from cuda_tools import CUOBJDUMP, NVCC, compile_cubins, is_fast_activation_argument, is_tagged_load, is_tagged_vote
+from cuda_tools import (ACTIVATIONS_PER_CELL, CUOBJDUMP, NVCC, compile_cubins, is_fast_activation_argument,
+                        is_tagged_load, is_tagged_vote)
 from lstm_kernels.backends.cuda import fused as cf
 from plan_dump import compile_plan_dump
 
@@ -213,11 +214,9 @@ def is_mufu(t, fn: str) -> bool:
     return re.search(rf"\bMUFU\.{fn}\b", t) is not None
 
 
-#: The activations of each cell's step, (kernel stem, gates) -> how many: the LSTM's forward i, f, g, o and
-#: tanh(c_t), its backward tanh(c_t) (the gates' activations are saved); the GRU's forward r, z, n, its
-#: backward none. Each is one MUFU.EX2 and one MUFU.RCP (csrc/common/cell.cuh).
-ACTIVATIONS_PER_STEP = {("fused_forward_kernel", 4): 5, ("fused_backward_kernel", 4): 1,
-                        ("fused_forward_kernel", 3): 3, ("fused_backward_kernel", 3): 0}
+def activations_per_step(stem: str, gates: int) -> int:
+    """The cell's activations per step of the fused kernel ``stem`` (cuda_tools.ACTIVATIONS_PER_CELL)."""
+    return ACTIVATIONS_PER_CELL[stem.split("_")[1], gates]
 
 
 #: Control flow: a branch, a convergence region, a call (a precise division calls its slow path).
@@ -555,8 +554,8 @@ def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, gate
         assert not arrival_problems(counts, d), (arrival_problems(counts, d), counts)
         assert counts["cp_async"] >= 1, counts
         if op in FAST_ACTIVATION_OPS:
-            assert not cell_problems(counts, ACTIVATIONS_PER_STEP[stem, gates]), (cell_problems(
-                counts, ACTIVATIONS_PER_STEP[stem, gates]), counts)
+            problems = cell_problems(counts, activations_per_step(stem, gates))
+            assert not problems, (problems, counts)
         else:  # float32 accuracy: the precise activations, no fast argument
             assert counts["fast_arguments"] == 0, counts
 
@@ -667,7 +666,7 @@ def arrival_problems_of(loop: "StepLoop", plan_dump) -> list:
 
 
 def cell_problems_of(loop: "StepLoop", plan_dump) -> list:
-    return cell_problems(cell_counts(loop), ACTIVATIONS_PER_STEP["fused_forward_kernel", 4])
+    return cell_problems(cell_counts(loop), activations_per_step("fused_forward_kernel", 4))
 
 
 def tagged_problems_of(loop: "StepLoop", plan_dump) -> list:
