@@ -104,10 +104,25 @@ __device__ __forceinline__ RoundedGrads<T> round_grads(const GruGrads& d) {
 // four at r' = 4j .. 4j + 3 as one 8-byte (float: 16-byte) store, the GRU's three at r' = 3j .. 3j + 2.
 // RESETS and `cut` (the row starts step t from zero state): zeros, so dh_{t-1} = dG_t W_hh is 0 for
 // the row (dG itself unchanged).
-template <typename T, int GATES, bool RESETS>
-__device__ __forceinline__ void store_exchange(T* ex, const RoundedGrads<T>& g, bool cut) {
+// WIDE: the wide backward's layout (fused_plan.cuh's wide_exchange_pos): each 4-byte word where the transpose
+// puts it (ex: the row's first element, j the unit); otherwise ex is the unit's first gate's element.
+template <typename T>
+struct alignas(2 * sizeof(T)) TwoGrads {
+  T v[2];
+};
+template <typename T, int GATES, bool RESETS, bool WIDE = false>
+__device__ __forceinline__ void store_exchange(T* ex, int j, const RoundedGrads<T>& g, bool cut) {
   const bool zero_it = RESETS && cut;
-  if constexpr (GATES == 4) {
+  if constexpr (WIDE) {
+    const RoundedGrads<T> v = zero_it ? RoundedGrads<T>{} : g;
+    if constexpr (GATES == 4 && sizeof(T) == 2) {  // i, f and g, o: one word each
+      *reinterpret_cast<TwoGrads<T>*>(ex + wide_exchange_pos(4 * j, 2)) = TwoGrads<T>{{v.v[0], v.v[1]}};
+      *reinterpret_cast<TwoGrads<T>*>(ex + wide_exchange_pos(4 * j + 2, 2)) = TwoGrads<T>{{v.v[2], v.v[3]}};
+    } else {
+#pragma unroll
+      for (int g = 0; g < GATES; ++g) ex[wide_exchange_pos(bwd_col(g, j, GATES), (int)sizeof(T))] = v.v[g];
+    }
+  } else if constexpr (GATES == 4) {
     *reinterpret_cast<RoundedGrads<T>*>(ex) = zero_it ? RoundedGrads<T>{} : g;
   } else {
     const T zero = from_float<T>(0.f);
@@ -144,7 +159,7 @@ __device__ __forceinline__ void store_outputs(T* dg, int H, T* d_hn_out, const R
 //   d_r, d_z, d_n, d_hn, carry = gru_cell_backward(dh, r, z, n, hn, h_{t-1})       (cell.cuh)
 // with act = r, z, n and c_all = hn from the forward, h_{t-1} from h_all (h0 at t = 0: the c0 slot);
 // dc_T, dc0 unused, d_hn written.
-template <typename Op, bool PROJ, bool RESETS, int GATES, typename T = typename Op::T>
+template <typename Op, bool PROJ, bool RESETS, int GATES, bool WIDE = false, typename T = typename Op::T>
 __global__ void __launch_bounds__(THREADS, 1)
     fused_backward_kernel(const T* __restrict__ w_bwd,        // [ceil(P/8)*8, GATES*H] W_hh^T, columns interleaved
                           const T* __restrict__ w_hrT,        // [ceil(H/8)*8, P] W_hr^T (PROJ)
@@ -169,16 +184,19 @@ __global__ void __launch_bounds__(THREADS, 1)
                           BarrierWatch watch,  // the time bound of the grid wait (barrier_wait.cuh)
                           const unsigned char* __restrict__ resets) {  // [T, B] uint8 (RESETS), else unused
   static_assert(GATES == 4 || (GATES == 3 && !PROJ), "the LSTM, or the GRU without a projection");
+  static_assert(!(WIDE && PROJ), "the wide backward serves no projection");
   constexpr int NPH = PROJ ? 2 : 1;
+  constexpr int BU = WIDE ? WIDE_UNITS : UNITS, NT = BU / 8;  // units per block, n tiles of 8 units
+  constexpr int kCellWarps = WIDE ? WARPS : CELL_WARPS;     // warps that run the cell (one (b, j) per lane)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int abort_s;  // the grid wait gave up: every thread of the block leaves
   constexpr int E = sizeof(T);
   const int K4 = GATES * H, Kp = round_up(K4, kpad(E)), LD = Kp + smem_pad(E), Bp = round_up(B, BATCH_TILE);
   const int Pk = round_up(P, kpad(E)), LDP = Pk + smem_pad(E);
-  T* w_s = reinterpret_cast<T*>(smem_raw);                      // [UNITS][LD]
-  unsigned char* ring = reinterpret_cast<unsigned char*>(w_s + UNITS * LD);  // [WARPS][WARP_RING_BYTES]
-  float* red = reinterpret_cast<float*>(ring + WARPS * WARP_RING_BYTES);     // [WARPS][4][32]
-  T* wr_s = reinterpret_cast<T*>(red + WARPS * 4 * 32);         // [UNITS][LDP] (PROJ)
+  T* w_s = reinterpret_cast<T*>(smem_raw);                      // [BU][LD]
+  unsigned char* ring = reinterpret_cast<unsigned char*>(w_s + BU * LD);  // [WARPS][WARP_RING_BYTES] (not WIDE)
+  float* red = reinterpret_cast<float*>(ring + (WIDE ? 0 : WARPS * WARP_RING_BYTES));  // [WARPS][4 NT][32]
+  T* wr_s = reinterpret_cast<T*>(red + WARPS * 4 * NT * 32);    // [UNITS][LDP] (PROJ)
   T* d_s = wr_s + UNITS * LDP;                                   // [BATCH_TILE][LDP] (PROJ)
   const int q = blockIdx.x, b0 = blockIdx.y * BATCH_TILE;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -186,11 +204,12 @@ __global__ void __launch_bounds__(THREADS, 1)
   const bool w_block = !PROJ || q * UNITS < P;  // owns columns [8q, 8q + 8) of W_hh
   unsigned int* counter = counters + blockIdx.y;
 
-  if (w_block) block_load_padded(w_s, LD, w_bwd + (size_t)q * UNITS * K4, UNITS, K4, Kp);
+  if (w_block) block_load_padded(w_s, LD, w_bwd + (size_t)q * BU * K4, BU, K4, Kp);
   if (PROJ) block_load_padded(wr_s, LDP, w_hrT + (size_t)q * UNITS * P, UNITS, P, Pk);
-  // Cell thread of warps 0-3: element e = warp of lane's accumulator fragment (rows b, cols j).
-  const bool cell_warp = warp < 4;
-  const int j = bwd_cell_unit(q, warp, lane), b = bwd_cell_row(blockIdx.y, warp, lane);
+  // Cell thread of warps 0-3 (WIDE: of every warp): element warp % 4 of the lane's accumulator fragment
+  // of n tile warp / 4 (rows b, cols j).
+  const bool cell_warp = warp < kCellWarps;
+  const int j = bwd_cell_unit(q, warp, lane, BU), b = bwd_cell_row(blockIdx.y, warp, lane);
   const bool mine = cell_warp && j < H && b < B;
   const bool mine_p = PROJ && cell_warp && j < P && b < B;  // half-step A': column p = j of dh
   const size_t s = (size_t)b * H + j;
@@ -238,9 +257,17 @@ __global__ void __launch_bounds__(THREADS, 1)
       if (!block_wait(counter, (unsigned int)(hs_a - hs_begin) * arrivals, hs_a > hs_begin, watch, t + 1, warp, lane,
                       &abort_s))
         return;
-      const float rec = split_k_mma_16x8_streamed<Op, bwd_stage_pairs(GATES)>(  // [2] partial sums in red
-          dgx + ((t + 1) & 1) * gx_slot + (size_t)b0 * Kp, Kp, ring + warp * WARP_RING_BYTES, w_base, kp_begin,
-          kp_end, w_block && b0 < n_next, red, warp, lane);
+      const T* dg_next = dgx + ((t + 1) & 1) * gx_slot + (size_t)b0 * Kp;
+      float rec;  // [2] partial sums in red
+      if constexpr (WIDE) {
+        rec = split_k_mma_wide<Op, NT, WIDE_PAIR_SLOTS>(reinterpret_cast<const unsigned char*>(dg_next), Kp * E,
+                                                         w_base, LD * E, kp_begin, kp_end, b0 < n_next, red, warp,
+                                                         lane);
+      } else {
+        rec = split_k_mma_16x8_streamed<Op, bwd_stage_pairs(GATES)>(dg_next, Kp, ring + warp * WARP_RING_BYTES,
+                                                                    w_base, kp_begin, kp_end, w_block && b0 < n_next,
+                                                                    red, warp, lane);
+      }
       if (cell_warp) {
         // The cell, then the stores other blocks read (dG_t to dgx; PROJ: dh_t to dhx), the block's
         // arrival, and only then the outputs, so the arrival's fence does not wait for them.
@@ -277,10 +304,11 @@ __global__ void __launch_bounds__(THREADS, 1)
             dc_reg = cut ? 0.f : d.h_prev;
             g = round_grads<T>(d);
           }
-          store_exchange<T, GATES, RESETS>(dgx + (t & 1) * gx_slot + (size_t)b * Kp + bwd_col(0, j, GATES), g, cut);
+          T* ex_row = dgx + (t & 1) * gx_slot + (size_t)b * Kp;
+          store_exchange<T, GATES, RESETS, WIDE>(WIDE ? ex_row : ex_row + bwd_col(0, j, GATES), j, g, cut);
         }
         const bool arrive = hs_a + 1 < hs_end;
-        if (arrive) block_arrive(counter);  // this block's dG_t (PROJ: dh_t) stored: release
+        if (arrive) block_arrive<kCellWarps * 32>(counter);  // this block's dG_t (PROJ: dh_t) stored: release
         if (arrive && !PROJ) prefetch(t - 1);  // the next step's inputs, before the wait
         if (PROJ) {
           if (mine_p) {
@@ -324,7 +352,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                                                     RESETS && p_cut ? 0.f : p_cp, p_c, &d, &dc_prev);
             dc_reg = RESETS && p_cut ? 0.f : dc_prev;
             g = round_grads<T>(d);
-            store_exchange<T, GATES, RESETS>(dgx + (t & 1) * gx_slot + (size_t)b * Kp + bwd_col(0, j), g, p_cut);
+            store_exchange<T, GATES, RESETS>(dgx + (t & 1) * gx_slot + (size_t)b * Kp + bwd_col(0, j), j, g, p_cut);
           }
           if (hs_b + 1 < hs_end) {
             block_arrive(counter);  // this block's dG_t stored: release
@@ -340,40 +368,76 @@ __global__ void __launch_bounds__(THREADS, 1)
   if (mine && dc_work) dc_work[s] = dc_reg;
 }
 
-size_t backward_smem_bytes(int H, int P, bool proj, int elem, int gates) {
+size_t backward_smem_bytes(int H, int P, bool proj, int elem, int gates, bool wide = false) {
   const int LD = round_up(gates * H, kpad(elem)) + smem_pad(elem), LDP = round_up(P, kpad(elem)) + smem_pad(elem);
-  return (size_t)UNITS * LD * elem + (size_t)WARPS * WARP_RING_BYTES + (size_t)WARPS * 4 * 32 * sizeof(float) +
-         (proj ? (size_t)(UNITS + BATCH_TILE) * LDP * elem : 0);
+  const int nt = bwd_units(wide) / 8;
+  return (size_t)bwd_units(wide) * LD * elem + (wide ? 0 : (size_t)WARPS * WARP_RING_BYTES) +
+         (size_t)WARPS * 4 * nt * 32 * sizeof(float) + (proj ? (size_t)(UNITS + BATCH_TILE) * LDP * elem : 0);
 }
 
-template <typename Op, bool PROJ, bool RESETS, int GATES, typename T = typename Op::T>
+// Whether the wide backward serves (H, P) when asked for (`wide`): no projection, every warp's k range in
+// its slots (bwd_wide_fits), and its block's shared memory within the current device's opt-in; else the
+// ring serves. The plan and the launch ask the same question, so they describe the same kernel.
+template <typename Op, bool PROJ, bool RESETS, int GATES>
+bool serves_wide(int wide, int H, int P) {
+  if constexpr (PROJ) {
+    return false;
+  } else {
+    constexpr int E = sizeof(typename Op::T);
+    if (!wide || !bwd_wide_fits(H, E, GATES)) return false;
+    int dev = 0, optin = 0;
+    cudaFuncAttributes attr;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+        cudaFuncGetAttributes(&attr, fused_backward_kernel<Op, false, RESETS, GATES, true>) != cudaSuccess)
+      return false;
+    return backward_smem_bytes(H, P, false, E, GATES, true) + attr.sharedSizeBytes <= (size_t)optin;
+  }
+}
+
+template <typename Op, bool PROJ, bool RESETS, int GATES, bool WIDE, typename T = typename Op::T>
 cudaError_t backward_launch(const void* w_bwd, const void* w_hrT, const float* act, const float* c_all,
                             const void* c0, const void* h_all, void* d_hn, const void* dh_all, const void* dh_T,
                             const void* dc_T, float* dc_work, void* dgx, void* dhx, void* dG, void* dh0, void* dc0,
                             float* dh_tot, const int* batch_sizes, const unsigned char* resets, unsigned int* counters,
                             int T_, int B, int H, int P, int persistent, BarrierWatch watch, cudaStream_t stream) {
-  const dim3 grid(unit_blocks(H), batch_tiles(B));
-  return launch_half_steps(fused_backward_kernel<Op, PROJ, RESETS, GATES>, grid,
-                           backward_smem_bytes(H, P, PROJ, sizeof(T), GATES), (PROJ ? 2 : 1) * (T_ + 1), persistent,
-                           counters, watch, resets, stream, static_cast<const T*>(w_bwd), static_cast<const T*>(w_hrT),
-                           act, c_all, static_cast<const T*>(c0), static_cast<const T*>(h_all), static_cast<T*>(d_hn),
-                           static_cast<const T*>(dh_all), static_cast<const T*>(dh_T), static_cast<const T*>(dc_T),
-                           dc_work, static_cast<T*>(dgx), static_cast<T*>(dhx), static_cast<T*>(dG),
-                           static_cast<T*>(dh0), static_cast<T*>(dc0), dh_tot, batch_sizes, counters, T_, B, H, P);
+  const dim3 grid(bwd_unit_blocks(H, WIDE), batch_tiles(B));
+  return launch_half_steps(fused_backward_kernel<Op, PROJ, RESETS, GATES, WIDE>, grid,
+                           backward_smem_bytes(H, P, PROJ, sizeof(T), GATES, WIDE), (PROJ ? 2 : 1) * (T_ + 1),
+                           persistent, counters, watch, resets, stream, static_cast<const T*>(w_bwd),
+                           static_cast<const T*>(w_hrT), act, c_all, static_cast<const T*>(c0),
+                           static_cast<const T*>(h_all), static_cast<T*>(d_hn), static_cast<const T*>(dh_all),
+                           static_cast<const T*>(dh_T), static_cast<const T*>(dc_T), dc_work, static_cast<T*>(dgx),
+                           static_cast<T*>(dhx), static_cast<T*>(dG), static_cast<T*>(dh0), static_cast<T*>(dc0),
+                           dh_tot, batch_sizes, counters, T_, B, H, P);
 }
 
-template <typename Op, bool PROJ, bool RESETS, int GATES>
+template <typename Op, bool PROJ, bool RESETS, int GATES, bool WIDE>
 cudaError_t backward_plan(int B, int H, int P, int* blocks, size_t* smem, int* possible) {
-  *smem = backward_smem_bytes(H, P, PROJ, sizeof(typename Op::T), GATES);
-  *blocks = unit_blocks(H) * batch_tiles(B);
-  return kernel_plan(fused_backward_kernel<Op, PROJ, RESETS, GATES>, *smem, *blocks, possible);
+  *smem = backward_smem_bytes(H, P, PROJ, sizeof(typename Op::T), GATES, WIDE);
+  *blocks = bwd_unit_blocks(H, WIDE) * batch_tiles(B);
+  return kernel_plan(fused_backward_kernel<Op, PROJ, RESETS, GATES, WIDE>, *smem, *blocks, possible);
+}
+
+// Calls f(proj, resets, gates, wide) (std::integral_constant's) for the backward instance that serves the call:
+// with_instance's, and the wide one where serves_wide.
+template <typename Op, typename F>
+cudaError_t with_backward_instance(bool proj, bool resets, int gates, int wide, int H, int P, F&& f) {
+  return with_instance(proj, resets, gates, [&](auto with_proj, auto with_resets, auto cell_gates) {
+    if (serves_wide<Op, decltype(with_proj)::value, decltype(with_resets)::value, decltype(cell_gates)::value>(wide, H,
+                                                                                                                P)) {
+      if constexpr (!decltype(with_proj)::value) return f(with_proj, with_resets, cell_gates, std::true_type{});
+    }
+    return f(with_proj, with_resets, cell_gates, std::false_type{});
+  });
 }
 
 }  // namespace fused
 }  // namespace lstm
 
 // C entry points (dtype: with_op's codes, as lstm_fused_forward; proj: P < H with w_hrT, dhx and
-// dh_tot; gates 4 the LSTM, 3 the GRU with h_all and d_hn). Return a cudaError_t code.
+// dh_tot; gates 4 the LSTM, 3 the GRU with h_all and d_hn; wide: the wide backward where it serves).
+// Return a cudaError_t code.
 extern "C" int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_hrT, const float* act,
                                    const float* c_all, const void* c0, const void* dh_all, const void* dh_T,
                                    const void* dc_T, float* dc_work, void* dgx, void* dhx, void* dG, void* dh0,
@@ -381,27 +445,34 @@ extern "C" int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_h
                                    unsigned int* counters, int T, int B, int H, int P, int persistent,
                                    unsigned long long* barrier_state, long long* barrier_record,
                                    long long barrier_timeout_ns, long long barrier_kernel, void* stream, int gates,
-                                   const void* h_all, void* d_hn) {
+                                   const void* h_all, void* d_hn, int wide) {
   using namespace lstm::fused;
   const lstm::BarrierWatch watch{barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel};
   return with_op(dtype, [&](auto op) {
     using Op = decltype(op);
-    return with_instance(w_hrT != nullptr, resets != nullptr, gates, [&](auto proj, auto with_resets, auto cell_gates) {
-      return backward_launch<Op, decltype(proj)::value, decltype(with_resets)::value, decltype(cell_gates)::value>(
-          w_bwd, w_hrT, act, c_all, c0, h_all, d_hn, dh_all, dh_T, dc_T, dc_work, dgx, dhx, dG, dh0, dc0, dh_tot,
-          batch_sizes, resets, counters, T, B, H, P, persistent, watch, static_cast<cudaStream_t>(stream));
-    });
+    return with_backward_instance<Op>(
+        w_hrT != nullptr, resets != nullptr, gates, wide, H, P,
+        [&](auto proj, auto with_resets, auto cell_gates, auto is_wide) {
+          return backward_launch<Op, decltype(proj)::value, decltype(with_resets)::value,
+                                 decltype(cell_gates)::value, decltype(is_wide)::value>(
+              w_bwd, w_hrT, act, c_all, c0, h_all, d_hn, dh_all, dh_T, dc_T, dc_work, dgx, dhx, dG, dh0, dc0,
+              dh_tot, batch_sizes, resets, counters, T, B, H, P, persistent, watch,
+              static_cast<cudaStream_t>(stream));
+        });
   });
 }
 
 extern "C" int lstm_fused_backward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem,
-                                        int* possible, int gates) {
+                                        int* possible, int gates, int wide, int* wide_serves) {
   using namespace lstm::fused;
   return with_op(dtype, [&](auto op) {
     using Op = decltype(op);
-    return with_instance(P != H, resets != 0, gates, [&](auto proj, auto with_resets, auto cell_gates) {
-      return backward_plan<Op, decltype(proj)::value, decltype(with_resets)::value, decltype(cell_gates)::value>(
-          B, H, P, blocks, smem, possible);
-    });
+    return with_backward_instance<Op>(P != H, resets != 0, gates, wide, H, P,
+                                      [&](auto proj, auto with_resets, auto cell_gates, auto is_wide) {
+                                        *wide_serves = decltype(is_wide)::value;
+                                        return backward_plan<Op, decltype(proj)::value, decltype(with_resets)::value,
+                                                             decltype(cell_gates)::value, decltype(is_wide)::value>(
+                                            B, H, P, blocks, smem, possible);
+                                      });
   });
 }

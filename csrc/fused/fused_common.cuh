@@ -138,9 +138,7 @@ struct Frag {
 };
 
 template <typename Op>
-__device__ __forceinline__ Frag<Op> ldsm_frag(uint32_t addr) {
-  uint32_t r[4];
-  ldmatrix_x4(r, addr);
+__device__ __forceinline__ Frag<Op> frag_of(const uint32_t (&r)[4]) {
   Frag<Op> f;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -153,6 +151,12 @@ __device__ __forceinline__ Frag<Op> ldsm_frag(uint32_t addr) {
     }
   }
   return f;
+}
+template <typename Op>
+__device__ __forceinline__ Frag<Op> ldsm_frag(uint32_t addr) {
+  uint32_t r[4];
+  ldmatrix_x4(r, addr);
+  return frag_of<Op>(r);
 }
 
 // d += a x (b's n8 tile `half`: registers 2 half, 2 half + 1) over one chunk, in Op's precision.
@@ -246,7 +250,8 @@ __device__ __forceinline__ uint32_t reset_rows(int flag) { return __ballot_sync(
 // zeroed by the host before the launch, it only grows. After step t every block has added 1 once
 // per half-step: the wait for step t's data is "counter >= (t + 1) * gridDim.x".
 
-// Arrive, once per block, by the cell warps (warps 0-3, which alone store what other blocks read)
+// Arrive, once per block, by the cell warps (warps 0-3, or CELL_THREADS / 32 of them, which alone store
+// what other blocks read)
 // right after their exchange stores: they meet at named barrier 1, then thread 0 adds 1 with
 // release semantics at GPU scope. That release is the arrival's one fence (MEMBAR.ALL.GPU before
 // the add). The barrier orders the other cell threads' stores before thread 0's release, and a
@@ -255,8 +260,9 @@ __device__ __forceinline__ uint32_t reset_rows(int flag) { return __ballot_sync(
 // The stores no other block reads (h_all, act, c_all, dG, ...) are issued after the arrival,
 // so the fence does not wait for them. The other warps, whose reads of the exchange ended
 // before the block barrier that precedes the cell, do not take part.
+template <int CELL_THREADS = CELL_WARPS * 32>
 __device__ __forceinline__ void block_arrive(unsigned int* counter) {
-  asm volatile("bar.sync 1, %0;" ::"n"(CELL_WARPS * 32) : "memory");
+  asm volatile("bar.sync 1, %0;" ::"n"(CELL_THREADS) : "memory");
   if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
 }
 
@@ -425,20 +431,26 @@ __device__ __forceinline__ void mma_pair(float (&acc0)[4], float (&acc1)[4], uin
   mma_chunk<Op>(acc1, a1, bw, 1);
 }
 
-// The block's sum of every warp's acc0 + acc1 (16 x 8 fragments): through `red` ([WARPS][4][32]
-// floats) and one block barrier, added by warps 0-3 in the fixed order w = 0..7 (deterministic).
-// Returns, in warp w < 4, the sum of fragment element w of `lane`; 0 in the other warps.
-__device__ __forceinline__ float sum_over_warps(const float (&acc0)[4], const float (&acc1)[4], float* red, int warp,
-                                                int lane) {
+// The block's sum of every warp's partial product, NT tiles of 16 x 8 (part: element e of tile n at
+// 4 n + e, each acc0 + acc1 of its two MMA chains): through `red` ([WARPS][4 NT][32] floats) and one
+// block barrier, added by warps 0 .. 4 NT - 1 in the fixed order w = 0..7 (deterministic). Returns, in
+// warp v < 4 NT, the sum of element v % 4 of tile v / 4 of `lane`; 0 in the other warps.
+template <int NT = 1>
+__device__ __forceinline__ float sum_over_warps(const float (&part)[4 * NT], float* red, int warp, int lane) {
 #pragma unroll
-  for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + lane] = acc0[e] + acc1[e];
+  for (int e = 0; e < 4 * NT; ++e) red[(warp * 4 * NT + e) * 32 + lane] = part[e];
   __syncthreads();
   float sum = 0.f;
-  if (warp < 4) {
+  if (warp < 4 * NT) {
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) sum += red[(w * 4 + warp) * 32 + lane];
+    for (int w = 0; w < WARPS; ++w) sum += red[(w * 4 * NT + warp) * 32 + lane];
   }
   return sum;
+}
+__device__ __forceinline__ float sum_over_warps(const float (&acc0)[4], const float (&acc1)[4], float* red, int warp,
+                                                int lane) {
+  const float part[4] = {acc0[0] + acc1[0], acc0[1] + acc1[1], acc0[2] + acc1[2], acc0[3] + acc1[3]};
+  return sum_over_warps<1>(part, red, warp, lane);
 }
 
 // One 16 x 8 product A[16, K] . B[K, 8] with K split over the block's warps: each warp runs its
@@ -528,6 +540,65 @@ __device__ __forceinline__ float split_k_mma_16x8_streamed(const T* src, int ld,
     cp_async_wait_all();  // the empty groups
   }
   return sum_over_warps(acc0, acc1, red, warp, lane);
+}
+
+// 16 bytes from global memory through L2 only (ld.global.cg) when `load`, else v unchanged; volatile, so
+// that the loads a warp issues together stay ahead of the MMAs (asm volatile too) that consume them.
+__device__ __forceinline__ void load_cg_16(uint4& v, const void* p, bool load) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.u32 p, %5, 0;\n@p ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+               : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+               : "l"(p), "r"((uint32_t)load)
+               : "memory");
+}
+
+// The wide backward's product (fused_plan.cuh, "the wide backward"): dG (16 rows x K) x the resident
+// W^T slice of 8 NT units, K split over the warps as split_k_mma_16x8's. Each warp loads its pairs of
+// chunks [kp_begin, kp_end) (at most SLOTS) of dG straight from the exchange (src: the batch tile's first
+// row, rows of row_bytes bytes, laid out by wide_exchange_pos) into A fragments: one 16-byte load per
+// row half and pair, all issued before the first MMA (8 SLOTS registers: the whole range in flight at
+// once, one L2 round trip), through L2 only (ld.global.cg: the slot is rewritten two steps later, and L1
+// is not coherent). B comes from the W^T slice by ldmatrix (b_base:
+// ldsm_b8x2's lane address of n tile 0; tile n is 8 n rows of ldb bytes further). The MMAs of each tile
+// run in split_k_mma_16x8's order (chunk 0 of a pair into acc0, chunk 1 into acc1), on the operands the
+// ring's ldmatrix would give, so the sums are the ring's bits. Every thread of the block must call it
+// (one block barrier). Returns sum_over_warps<NT>'s.
+template <typename Op, int NT, int SLOTS>
+__device__ __forceinline__ float split_k_mma_wide(const unsigned char* src, int row_bytes, uint32_t b_base, int ldb,
+                                                  int kp_begin, int kp_end, bool active, float* red, int warp,
+                                                  int lane) {
+  float acc[NT][2][4] = {};
+  if (active) {
+    const int n = kp_end - kp_begin;
+    uint4 a[SLOTS][2] = {};
+#pragma unroll
+    for (int i = 0; i < SLOTS; ++i)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        load_cg_16(a[i][half], src + wide_lane_byte(lane, half, kp_begin + i, row_bytes), i < n);
+    __syncwarp();  // a memory-ordering point ptxas keeps the loads above: all in flight, none sunk to its MMA
+#pragma unroll
+    for (int i = 0; i < SLOTS; ++i) {
+      if (i < n) {
+        // chunk 0: a0 = row r word 0, a1 = row r + 8 word 0, a2, a3 = words 1; chunk 1: words 2, 3
+        const uint32_t r0[4] = {a[i][0].x, a[i][1].x, a[i][0].y, a[i][1].y};
+        const uint32_t r1[4] = {a[i][0].z, a[i][1].z, a[i][0].w, a[i][1].w};
+        const Frag<Op> a0 = frag_of<Op>(r0), a1 = frag_of<Op>(r1);
+        const uint32_t b_pair = b_base + (kp_begin + i) * 2 * CHUNK_BYTES;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const Frag<Op> bw = ldsm_frag<Op>(b_pair + nt * 8 * ldb);
+          mma_chunk<Op>(acc[nt][0], a0, bw, 0);
+          mma_chunk<Op>(acc[nt][1], a1, bw, 1);
+        }
+      }
+    }
+  }
+  float part[4 * NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) part[4 * nt + e] = acc[nt][0][e] + acc[nt][1][e];
+  return sum_over_warps<NT>(part, red, warp, lane);
 }
 
 }  // namespace fused

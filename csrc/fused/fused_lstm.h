@@ -49,19 +49,23 @@ int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, const void*
 // gates: 4 the LSTM; 3 the GRU (no projection): w_bwd [ceil(H/8)*8, 3H] (r' = 3j + g), act / c_all the
 // GRU forward's (r, z, n; hn), c0 = h0, h_all [T,B,H] the forward's h_t, dc_T, dc0 null, d_hn [T,B,H] out,
 // dgx [2,Bp,K3p]; dc_work carries dh_t z_t between launches.
+// wide: 1 the wide backward (fused_plan.cuh: 16 units per block, dG loaded straight into MMA fragments; the
+// same bits) where it serves (no projection, every warp's range in WIDE_PAIR_SLOTS, its shared memory within
+// the device's opt-in), else the ring's kernel; w_bwd then has ceil(P/16)*16 rows.
 int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_hrT, const float* act, const float* c_all,
                         const void* c0, const void* dh_all, const void* dh_T, const void* dc_T, float* dc_work,
                         void* dgx, void* dhx, void* dG, void* dh0, void* dc0, float* dh_tot,
                         const int* batch_sizes, const unsigned char* resets, unsigned int* counters, int T, int B,
                         int H, int P, int persistent, unsigned long long* barrier_state, long long* barrier_record,
                         long long barrier_timeout_ns, long long barrier_kernel, void* stream, int gates,
-                        const void* h_all, void* d_hn);
+                        const void* h_all, void* d_hn, int wide);
 
 // *possible: 0 the block's shared memory does not fit this device, 1 the persistent grid is
 // co-resident (cooperative launch), 2 per-step launches only. *blocks, *smem: grid size, bytes.
-// resets: 1 plans the kernel that serves resets (its own registers), 0 the one without.
+// resets: 1 plans the kernel that serves resets (its own registers), 0 the one without. The backward's wide:
+// as lstm_fused_backward's; *wide_serves 1 where the plan is the wide kernel's.
 int lstm_fused_forward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem, int* possible,
                             int gates);
 int lstm_fused_backward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem, int* possible,
-                             int gates);
+                             int gates, int wide, int* wide_serves);
 }

@@ -117,9 +117,45 @@ FUSED_HD constexpr int bwd_stage_pairs(int gates) { return gates == 4 ? STAGE_PA
 // exchange buffer; the GRU's (gates = 3) r' = 3j + g over 3H.
 FUSED_HD int bwd_col(int g, int j, int gates = 4) { return gates * j + g; }
 
-// Backward cell thread: warp w < 4, lane l: accumulator element e = w (rows b, columns j).
-FUSED_HD int bwd_cell_unit(int q, int w, int lane) { return q * UNITS + 2 * (lane & 3) + (w & 1); }
+// Backward cell thread: warp w, lane l: element e = w % 4 of the lane's accumulator fragment of n tile
+// w / 4 (rows b, columns j). Blocks of `units` units (UNITS, or the wide backward's WIDE_UNITS: two n
+// tiles, every warp a cell warp); the blocks of UNITS use warps 0-3.
+FUSED_HD int bwd_cell_unit(int q, int w, int lane, int units = UNITS) {
+  return q * units + 8 * (w >> 2) + 2 * (lane & 3) + (w & 1);
+}
 FUSED_HD int bwd_cell_row(int y, int w, int lane) { return y * BATCH_TILE + (lane >> 2) + ((w >> 1) & 1) * 8; }
+
+// THE WIDE BACKWARD (LSTM_KERNELS_CUDA_FUSED_BACKWARD=wide; no projection): blocks of WIDE_UNITS units,
+// half the blocks, so the grid reads dG_{t+1} from L2 half as often (every block reads its batch tile's
+// whole dG). Each warp loads its k range of dG straight into MMA A fragments (no ring, no shared
+// copy): lane l reads, for rows l / 4 and l / 4 + 8, the 16 bytes at byte 16 (l % 4) of each pair of
+// chunks, and the exchange is laid out so that these are its A registers of both chunks of the pair,
+// in the order ldmatrix delivers them from the natural layout (a0, a2 of chunk 0, then of chunk 1):
+// the reduction index's 4-byte word w of a pair (64 bytes: 16 words) is stored at word
+// wide_word(w) = 4 (w % 4) + w / 4 (a 4 x 4 transpose, its own inverse). The products then take the
+// same operands in the same order as the ring's, so the two give the same bits. A warp's range is at
+// most WIDE_PAIR_SLOTS pairs (8 registers each, all loads issued at once); elsewhere the ring serves.
+constexpr int WIDE_UNITS = 16;
+constexpr int WIDE_PAIR_SLOTS = 12;
+FUSED_HD int bwd_units(bool wide) { return wide ? WIDE_UNITS : UNITS; }
+FUSED_HD int bwd_unit_blocks(int H, bool wide) { return (H + bwd_units(wide) - 1) / bwd_units(wide); }
+FUSED_HD int wide_word(int w) { return (w & 3) * 4 + (w >> 2); }
+// Element of a dG exchange row of the wide backward that holds reduction index r' (elements of `elem`
+// bytes; a row is whole pairs of chunks, kpad).
+FUSED_HD int wide_exchange_pos(int r, int elem) {
+  const int per_pair = 2 * CHUNK_BYTES / elem, per_word = 4 / elem, e = r % per_pair;
+  return r - e + wide_word(e / per_word) * per_word + e % per_word;
+}
+// Byte offset, from the batch tile's first row, of the 16 bytes lane `lane` loads of pair `pair` for
+// its row `half` (0: row lane / 4, 1: that row + 8), rows of `row_bytes` bytes.
+FUSED_HD int wide_lane_byte(int lane, int half, int pair, int row_bytes) {
+  return ((lane >> 2) + 8 * half) * row_bytes + pair * 2 * CHUNK_BYTES + 16 * (lane & 3);
+}
+// The longest of the warps' ranges bwd_gate_k in pairs: whether the wide backward's slots hold it.
+FUSED_HD int bwd_gate_k_longest(int H, int elem, int gates) {
+  return (k_chunks(round_up(gates * H, kpad(elem)), elem) / 2 + WARPS - 1) / WARPS;
+}
+FUSED_HD bool bwd_wide_fits(int H, int elem, int gates) { return bwd_gate_k_longest(H, elem, gates) <= WIDE_PAIR_SLOTS; }
 
 // The forward's tagged exchange (fused_common.cuh, "the tagged exchange"): h_t as 8-byte words, each
 // two consecutive units of one batch row (the low 32 bits: units 2p and 2p + 1 as a b16 pair, the

@@ -84,8 +84,9 @@ from .fused import (  # noqa: F401
     fused_persistent_possible, fused_tf32, fused_unserved_reason, refused_cooperative_launches,
 )
 from .variants import (  # noqa: F401
-    DEFAULT_VARIANT, EXCHANGE_ENV, FUSED_CANDIDATES, MMA_ENV, VARIANT_ENV, VARIANTS, WEIGHTS_ENV,
-    fused_exchange_tagged, fused_weights_in_registers, requested_variant, tensor_cores_requested, use_tensor_cores,
+    BACKWARD_ENV, DEFAULT_VARIANT, EXCHANGE_ENV, FUSED_CANDIDATES, MMA_ENV, VARIANT_ENV, VARIANTS, WEIGHTS_ENV,
+    fused_backward_wide, fused_exchange_tagged, fused_weights_in_registers, requested_variant, tensor_cores_requested,
+    use_tensor_cores,
 )
 
 _INT32_MAX = 2**31 - 1
@@ -119,7 +120,8 @@ class CudaBackend(Backend):
     def plan_signature(self, call: RecurrenceCall) -> tuple:
         return (requested_variant(), use_tensor_cores(call.dtype),
                 *(("weights in registers",) if fused_weights_in_registers() else ()),
-                *(("tagged exchange",) if fused_exchange_tagged() else ()))
+                *(("tagged exchange",) if fused_exchange_tagged() else ()),
+                *(("wide backward",) if fused_backward_wide() else ()))
 
     def unavailable_reason(self) -> Optional[str]:
         return extension.unavailable_reason()

@@ -51,7 +51,8 @@ from . import extension
 from .extension import ptr as _ptr
 from .extension import resets_arg as _resets_arg
 from .variants import (
-    MMA_ENV, VARIANT_ENV, fused_exchange_tagged, fused_weights_in_registers, requested_variant, tensor_cores_requested,
+    MMA_ENV, VARIANT_ENV, fused_backward_wide, fused_exchange_tagged, fused_weights_in_registers, requested_variant,
+    tensor_cores_requested,
 )
 
 WARPS = 8
@@ -67,6 +68,10 @@ RING_STAGES = 4
 STAGE_ROW_BYTES = STAGE_PAIRS * 2 * CHUNK_BYTES + SMEM_PAD_BYTES
 STAGE_BYTES = BATCH_TILE * STAGE_ROW_BYTES
 WARP_RING_BYTES = RING_STAGES * STAGE_BYTES
+# The wide backward (fused_plan.cuh): WIDE_UNITS units per block, each warp's dG range (at most
+# WIDE_PAIR_SLOTS pairs of chunks) loaded straight into MMA fragments, no ring.
+WIDE_UNITS = 16
+WIDE_PAIR_SLOTS = 12
 #: Shared memory a block may opt in to on sm_80 (A100: 163 KB) and sm_90 (H100: 227 KB).
 SMEM_OPTIN_SM80 = 163 * 1024
 SMEM_OPTIN_SM90 = 227 * 1024
@@ -165,9 +170,29 @@ def pack_tagged(h0: torch.Tensor, Bp: int, Pk: int) -> torch.Tensor:
     return words
 
 
-def bwd_cell(q: int, y: int, w: int, lane: int) -> tuple[int, int]:
-    """(batch row, unit) that cell thread (warp w < 4, lane) of block (q, y) runs in the backward."""
-    return y * BATCH_TILE + (lane >> 2) + ((w >> 1) & 1) * 8, q * UNITS + 2 * (lane & 3) + (w & 1)
+def bwd_cell(q: int, y: int, w: int, lane: int, units: int = UNITS) -> tuple[int, int]:
+    """(batch row, unit) that cell thread (warp w, lane) of block (q, y) runs in the backward: warps < 4 in
+    blocks of UNITS units, every warp in the wide backward's blocks of WIDE_UNITS (n tile w // 4)."""
+    return y * BATCH_TILE + (lane >> 2) + ((w >> 1) & 1) * 8, q * units + 8 * (w >> 2) + 2 * (lane & 3) + (w & 1)
+
+
+def wide_word(w):
+    """Word (4 bytes) of a pair of chunks (64 bytes) of the wide backward's dG exchange that holds the
+    reduction's word ``w`` (fused_plan.cuh's wide_word: a 4 x 4 transpose, its own inverse)."""
+    return (w & 3) * 4 + (w >> 2)
+
+
+def wide_exchange_pos(r, elem: int):
+    """Element of a row of the wide backward's dG exchange that holds reduction index ``r`` (r' order),
+    for ``elem``-byte elements (fused_plan.cuh's wide_exchange_pos); an int or an integer tensor."""
+    per_pair, per_word = 2 * CHUNK_BYTES // elem, 4 // elem
+    e = r % per_pair
+    return r - e + wide_word(e // per_word) * per_word + e % per_word
+
+
+def bwd_gate_k_longest(H: int, elem: int, n_gates: int = 4) -> int:
+    """Pairs of chunks of the backward's busiest warp (fused_plan.cuh's bwd_gate_k_longest)."""
+    return -(-(k_chunks(round_up(n_gates * H, kpad(elem)), elem) // 2) // WARPS)
 
 
 def forward_row_index(H: int, device=None, n_gates: int = 4) -> torch.Tensor:
@@ -206,9 +231,10 @@ def deinterleave_forward(w_fwd: torch.Tensor, H: int, n_gates: int = 4) -> torch
 
 
 def interleave_backward(w_hh: torch.Tensor, n_gates: int = 4) -> torch.Tensor:
-    """w_bwd [ceil(P/8) * 8, n_gates*H] = (W_hh[backward_col_index])^T from W_hh [n_gates*H, P], zero rows >= P."""
+    """w_bwd [ceil(P/16) * 16, n_gates*H] = (W_hh[backward_col_index])^T from W_hh [n_gates*H, P], zero rows
+    >= P (whole blocks of the ring's UNITS and of the wide backward's WIDE_UNITS)."""
     H, P = w_hh.shape[0] // n_gates, w_hh.shape[1]
-    out = w_hh.new_zeros((unit_blocks(P) * UNITS, n_gates * H))
+    out = w_hh.new_zeros((round_up(P, WIDE_UNITS), n_gates * H))
     out[:P] = w_hh[backward_col_index(H, w_hh.device, n_gates)].t()
     return out
 
@@ -238,11 +264,14 @@ def forward_smem_bytes(H: int, P: Optional[int] = None, elem: int = 2) -> int:
     return (FWD_ROWS + BATCH_TILE) * ld * elem + WARPS * 16 * 32 * 4 + proj
 
 
-def backward_smem_bytes(H: int, P: Optional[int] = None, elem: int = 2, n_gates: int = 4) -> int:
+def backward_smem_bytes(H: int, P: Optional[int] = None, elem: int = 2, n_gates: int = 4, wide: bool = False) -> int:
+    """The backward block's dynamic shared memory (fused_backward.cu's backward_smem_bytes): the W^T slice, the
+    ring (not ``wide``), the partial sums, and the projection's tiles."""
     P = H if P is None else P
     ld, ldp = _ld(n_gates * H, elem), _ld(P, elem)
     proj = (UNITS + BATCH_TILE) * ldp * elem if P != H else 0
-    return UNITS * ld * elem + WARPS * WARP_RING_BYTES + WARPS * 4 * 32 * 4 + proj
+    units = WIDE_UNITS if wide else UNITS
+    return units * ld * elem + (0 if wide else WARPS * WARP_RING_BYTES) + WARPS * 4 * (units // 8) * 32 * 4 + proj
 
 
 @dataclass(frozen=True)
@@ -390,7 +419,8 @@ def backward(entry: Callable, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, ba
     dc0 [B, H] and dW_hr [P, H] (None without projection). ``tf32`` and ``resets`` as for :func:`forward`
     (the same mask: nothing flows back across a reset, and c_{t-1} is 0 in the forget gate's gradient).
     The GRU (``cell="gru"``; c0, w_hr and dc_T None) takes the forward's h0 [B, H] and h_all [T, B, H] and
-    returns dG [T, B, 3H] (d_r, d_z, d_n), dh0, None and d_hn [T, B, H]."""
+    returns dG [T, B, 3H] (d_r, d_z, d_n), dh0, None and d_hn [T, B, H]. Under
+    ``LSTM_KERNELS_CUDA_FUSED_BACKWARD=wide`` the kernel runs its wide blocks where they serve (the same bits)."""
     T, B, P = dh_all.shape
     n_gates, is_lstm = gates(cell), cell == LSTM
     H = act.shape[-1] // n_gates
@@ -418,7 +448,8 @@ def backward(entry: Callable, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, ba
                 _ptr(dh_T), _ptr(dc_T), _ptr(dc_work), _ptr(dgx), _ptr(dhx), _ptr(dG), _ptr(dh0), _ptr(dc0),
                 _ptr(dh_tot), _ptr(bs), _ptr(counters), T, B, H, P, PERSISTENT if persistent else PER_STEP, stream,
                 *barrier, **_resets_arg(resets),
-                **({} if is_lstm else dict(gates=n_gates, h_all=_ptr(h_all), d_hn=_ptr(d_hn))))
+                **({} if is_lstm else dict(gates=n_gates, h_all=_ptr(h_all), d_hn=_ptr(d_hn))),
+                **({"wide": 1} if fused_backward_wide() else {}))
     if err:
         raise RuntimeError(f"lstm fused_backward_kernel failed: CUDA error {err}")
     if not is_lstm:
@@ -486,8 +517,9 @@ def fused_unserved_reason(call: RecurrenceCall, dirs: Optional[tuple] = None) ->
 
 @functools.lru_cache(maxsize=None)
 def _fused_plan_of(device: str, direction: str, code: int, B: int, H: int, P: int, resets: bool = False,
-                   n_gates: int = 4) -> dict:
-    kw = ({"resets": True} if resets else {}) | ({"gates": n_gates} if n_gates != 4 else {})
+                   n_gates: int = 4, wide: bool = False) -> dict:
+    kw = ({"resets": True} if resets else {}) | ({"gates": n_gates} if n_gates != 4 else {}) | (
+        {"wide": 1} if wide else {})
     with torch.cuda.device(torch.device(device)):
         return dict(extension._C.fused_plan(direction, code, B, H, P, **kw))
 
@@ -496,8 +528,11 @@ def device_plan(device: torch.device, direction: str, dtype, B: int, H: int, P: 
                 cell: str = LSTM) -> dict:
     """``_C.fused_plan`` of the fused ``direction`` kernel for this call on ``device`` (cached); ``resets``:
     of the kernel's instance that serves resets (its own registers, so its own occupancy); ``cell``: of
-    the cell's instance."""
-    return _fused_plan_of(str(device), direction, op_code(dtype, fused_tf32(dtype)), B, H, P, resets, gates(cell))
+    the cell's instance; the backward's under ``LSTM_KERNELS_CUDA_FUSED_BACKWARD`` (the wide kernel's where
+    it serves: its own grid and shared memory)."""
+    wide = direction == "backward" and fused_backward_wide()
+    return _fused_plan_of(str(device), direction, op_code(dtype, fused_tf32(dtype)), B, H, P, resets, gates(cell),
+                          wide)
 
 
 def fused_persistent_possible(device: torch.device, direction: str, dtype, B: int, H: int, P: int,

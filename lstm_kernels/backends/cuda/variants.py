@@ -22,6 +22,14 @@ block waits by reading its operands until their tags are current, with no barrie
 so it implies ``registers``, and serves the LSTM without projection in 16 bits where every warp's part
 of W fits the registers; elsewhere ``counter`` serves. Verified under its own plan, like the weights.
 
+``LSTM_KERNELS_CUDA_FUSED_BACKWARD`` (:data:`BACKWARD_ENV`, default ``ring``): how the fused backward's blocks
+read dG_{t+1}. ``ring``: blocks of 8 units, each warp streaming its k range through a ring in shared memory.
+``wide``: blocks of 16 units (half the blocks, so half the L2 reads of the exchange), each warp loading its
+k range straight into MMA fragments, with the same bits (csrc/fused/fused_plan.cuh, "the wide backward").
+It serves calls without projection where every warp's range fits its registers (16-bit: H <= 768 for the
+LSTM, 1024 for the GRU) and the block's shared memory fits; elsewhere ``ring`` serves. Verified under its
+own plan, like the weights.
+
 :data:`FUSED_CANDIDATES` names the fused kernels' variants that ``python -m lstm_kernels check`` and the
 flagship profile measure side by side, with the environment that selects each.
 """
@@ -46,11 +54,16 @@ WEIGHTS = ("shared", "registers")
 EXCHANGE_ENV = "LSTM_KERNELS_CUDA_FUSED_EXCHANGE"
 EXCHANGES = ("counter", "tagged")
 
+
+BACKWARD_ENV = "LSTM_KERNELS_CUDA_FUSED_BACKWARD"
+BACKWARDS = ("ring", "wide")
+
 #: label -> the environment that selects that variant of the fused kernels (persistent where co-resident).
 FUSED_CANDIDATES = {
-    "fused": {VARIANT_ENV: "fused", WEIGHTS_ENV: "shared", EXCHANGE_ENV: "counter"},
-    "fused+registers": {VARIANT_ENV: "fused", WEIGHTS_ENV: "registers", EXCHANGE_ENV: "counter"},
-    "fused+tagged": {VARIANT_ENV: "fused", WEIGHTS_ENV: "registers", EXCHANGE_ENV: "tagged"},
+    "fused": {VARIANT_ENV: "fused", WEIGHTS_ENV: "shared", EXCHANGE_ENV: "counter", BACKWARD_ENV: "ring"},
+    "fused+registers": {VARIANT_ENV: "fused", WEIGHTS_ENV: "registers", EXCHANGE_ENV: "counter", BACKWARD_ENV: "ring"},
+    "fused+tagged": {VARIANT_ENV: "fused", WEIGHTS_ENV: "registers", EXCHANGE_ENV: "tagged", BACKWARD_ENV: "ring"},
+    "fused+wide": {VARIANT_ENV: "fused", WEIGHTS_ENV: "shared", EXCHANGE_ENV: "counter", BACKWARD_ENV: "wide"},
 }
 
 
@@ -65,6 +78,12 @@ def fused_exchange_tagged() -> bool:
     """``LSTM_KERNELS_CUDA_FUSED_EXCHANGE`` (default ``counter``) is ``tagged``; ValueError naming it for
     another value."""
     return _choice(EXCHANGE_ENV, EXCHANGES) == "tagged"
+
+
+def fused_backward_wide() -> bool:
+    """``LSTM_KERNELS_CUDA_FUSED_BACKWARD`` (default ``ring``) is ``wide``; ValueError naming it for another
+    value."""
+    return _choice(BACKWARD_ENV, BACKWARDS) == "wide"
 
 
 def fused_weights_in_registers() -> bool:
