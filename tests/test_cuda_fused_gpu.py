@@ -7,7 +7,7 @@
   accuracy, float32 on tf32), with and without variable lengths, with and without a projection
   (proj_size: h_t = W_hr m_t, dW_hr), where the device's shared memory holds the kernels;
 - the backward likewise (dG exchanged in the storage dtype, streamed per warp), and run-to-run
-  bitwise determinism;
+  bitwise determinism; its wide variant (16 units per block) bitwise against the ring;
 - the GRU's instances (GATES = 3) likewise: persistent against per-step bitwise and against the
   float64 reference, dense, packed, with resets;
 - µs per step at the flagship shape, printed next to nn.LSTM's (pytest -s).
@@ -279,6 +279,50 @@ def test_fused_forward_with_the_tagged_exchange_is_bitwise_the_shared_one(entrie
         h_all, *_ = cf.forward(fwd, xg, w, h0, c0, None, bs, True, True, resets=mask)
         torch.cuda.synchronize()
         assert torch.equal(h_all, outs["counter", True][0]), "a repeated persistent run differs"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name, dtype, tf32, tol", PRECISIONS, ids=PRECISION_IDS)
+@pytest.mark.parametrize("T, B, H, cell", [(5, 3, 13, "lstm"), (9, 33, 100, "lstm"), (16, 16, 768, "lstm"),
+                                           (16, 16, 776, "lstm"), (7, 17, 40, "gru"), (16, 16, 768, "gru")])
+@pytest.mark.parametrize("varlen, with_resets", [(False, False), (True, True)], ids=["dense", "packed_resets"])
+def test_fused_backward_wide_is_bitwise_the_ring(entries, monkeypatch, name, dtype, tf32, tol, T, B, H, cell, varlen,
+                                                 with_resets):
+    """LSTM_KERNELS_CUDA_FUSED_BACKWARD=wide (blocks of 16 units, dG loaded straight into MMA fragments) against
+    the default ring: the same operands in the same order, so the same bits, persistent and per step, dense and
+    packed with resets. The plan names the kernel: wide in 16 bits at the flagship (12 pairs per warp), the
+    ring where the range outgrows the slots (float at H = 768, H = 776: 13 pairs), which the comparison then
+    covers trivially; H = 100 leaves half of the last 16-unit block past H."""
+    fwd, bwd = entries
+    n_gates = 4 if cell == "lstm" else 3
+    _skip_unless_fits(dtype, B, H, None)
+    xg, w, h0, c0, _, bs = _inputs(T, B, H, dtype, seed=T * 10 + H, varlen=varlen)
+    xg, w = xg[..., :n_gates * H].contiguous(), w[:n_gates * H].contiguous()
+    c0 = c0 if cell == "lstm" else None
+    g = torch.Generator().manual_seed(H + 1)
+    mask = (torch.rand(T, B, generator=g) < 0.3).to(torch.uint8).cuda().contiguous() if with_resets else None
+    dh_all, dh_T, dc_T = (torch.randn(*s, generator=g).to("cuda", dtype) for s in ((T, B, H), (B, H), (B, H)))
+    h_all, _, _, (act, c_all) = cf.forward(fwd, xg, w, h0, c0, None, bs, True, True, tf32=tf32, resets=mask,
+                                           cell=cell)
+    elem = torch.empty((), dtype=dtype).element_size()
+    monkeypatch.setenv("LSTM_KERNELS_CUDA_FUSED_BACKWARD", "wide")
+    plan = cf.device_plan(torch.device("cuda"), "backward", dtype, B, H, H, with_resets, cell)
+    fits = cf.bwd_gate_k_longest(H, elem, n_gates) <= cf.WIDE_PAIR_SLOTS
+    assert plan["wide"] == (fits and plan["smem"] == cf.backward_smem_bytes(H, None, elem, n_gates, wide=True)), plan
+    if (H, elem, cell) == (768, 2, "lstm"):
+        assert plan["wide"] and plan["blocks"] == 48, plan
+    outs = {}
+    for backward in ("ring", "wide"):
+        monkeypatch.setenv("LSTM_KERNELS_CUDA_FUSED_BACKWARD", backward)
+        for persistent in (True, False):
+            outs[backward, persistent] = cf.backward(
+                bwd, w, c0, act, c_all, None, dh_all, dh_T, dc_T if cell == "lstm" else None, bs, persistent,
+                tf32=tf32, resets=mask, cell=cell, h0=h0, h_all=h_all)
+            torch.cuda.synchronize()
+    for persistent in (True, False):
+        for n, a, b in zip(("dG", "dh0", "dc0 / d_hn"), outs["wide", persistent], outs["ring", persistent]):
+            if a is not None:
+                assert torch.equal(a, b), f"{n} (persistent={persistent}): the wide and the ring backward differ"
 
 
 GRU_SHAPES = [(1, 1, 1), (5, 3, 13), (7, 17, 40), (16, 16, 768)]  # (T, B, H)

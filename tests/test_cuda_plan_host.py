@@ -13,7 +13,11 @@
 - the 16-bit dG exchange: its rounding against float64, and its effect on a whole BPTT
   against DESIGN.md's tolerance;
 - the kernels' step rules (variable lengths, where dh_T / dc_T enter, zero rows) emulated in
-  float64 against the reference backend.
+  float64 against the reference backend;
+- the wide backward (fused_plan.cuh, "THE WIDE BACKWARD"): its constants, word transpose, exchange
+  layout, lane loads, cell threads, slot test and shared memory against the Python mirror, and that a
+  lane's 16-byte loads from the wide exchange are, register for register, the A fragments ldmatrix gives
+  the ring from the natural layout (a mutant header without the transpose is caught).
 
 Elsewhere: the k loops' ldmatrix + mma.sync emulated with the header's lane addresses
 (tests/test_cuda_mma_emulation_host.py), the backend's dispatch to the fused kernels
@@ -152,7 +156,9 @@ def test_interleavings_and_inverses(H, P):
     assert (w_fwd[pad] == 0).all()  # rows of units >= H
     assert torch.equal(cf.deinterleave_forward(w_fwd, H), w)
     w_bwd = cf.interleave_backward(w)
-    assert w_bwd.shape == (cf.unit_blocks(P) * cf.UNITS, 4 * H)
+    # whole blocks of the ring's UNITS and of the wide backward's WIDE_UNITS
+    assert w_bwd.shape == (cf.round_up(P, cf.WIDE_UNITS), 4 * H)
+    assert w_bwd.shape[0] >= cf.unit_blocks(P) * cf.UNITS and w_bwd.shape[0] % cf.UNITS == 0
     for g in range(4):
         for j in range(0, H, max(1, H // 7)):
             assert torch.equal(w_bwd[:P, cf.bwd_col(g, j)], w[g * H + j])
@@ -640,3 +646,297 @@ def test_to_tf32_keeps_infinities_and_nans():
     assert r[0] == float("inf") and r[1] == -float("inf") and r[2] == float("inf") and r[3].isnan()
     nans = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000, 0x7FFFF000], dtype=torch.int32).view(torch.float32)
     assert cf.to_tf32(nans).isnan().all()
+
+
+# ---- the wide backward (fused_plan.cuh, "THE WIDE BACKWARD") ------------------------------------
+
+WIDE_SHAPES = [(1, 1), (5, 13), (17, 100), (16, 768), (16, 776), (33, 1000), (16, 1024)]  # (B, H)
+#: the header's wide_word without the transpose: the exchange in the natural layout
+IDENTITY_WIDE_WORD = "FUSED_HD int wide_word(int w) { return w; }"
+WIDE_WORD_SITE = "FUSED_HD int wide_word(int w) { return (w & 3) * 4 + (w >> 2); }"
+
+
+def _wide_fits(H: int, elem: int, n_gates: int) -> bool:
+    return cf.bwd_gate_k_longest(H, elem, n_gates) <= cf.WIDE_PAIR_SLOTS
+
+
+def test_wide_constants_agree_with_the_header(plan_dump):
+    d = plan_dump(3, 5)
+    assert (d["WIDE_UNITS"], d["WIDE_PAIR_SLOTS"]) == (cf.WIDE_UNITS, cf.WIDE_PAIR_SLOTS) == (16, 12)
+    assert d["bwd_units"] == {"ring": cf.UNITS, "wide": cf.WIDE_UNITS}
+    assert cf.WIDE_UNITS % 8 == 0 and cf.WIDE_UNITS // 8 * 4 == cf.WARPS  # n tiles of 8 units x 4 elements: every warp
+    assert d["wide_word"] == [cf.wide_word(w) for w in range(16)]
+
+
+@pytest.mark.parametrize("elem", ELEMS)
+@pytest.mark.parametrize("B, H", WIDE_SHAPES)
+def test_wide_maps_agree_with_python(plan_dump, B, H, elem):
+    """The wide backward's grid, busiest warp, slot test, exchange layout, lane loads and cell threads of the
+    header are the Python mirror's (fused.py), for the LSTM (4 gates) and the GRU (3)."""
+    d = plan_dump(B, H, elem)
+    assert tuple(d["wide_grid"]) == (-(-H // cf.WIDE_UNITS), cf.batch_tiles(B))
+    assert tuple(d["ring_grid"]) == cf.Plan(B, H).grid == tuple(d["grid"])
+    for n_gates in (4, 3):
+        key = str(n_gates)
+        assert d["bwd_gate_k_longest"][key] == cf.bwd_gate_k_longest(H, elem, n_gates), d["bwd_gate_k_longest"]
+        assert d["bwd_wide_fits"][key] is _wide_fits(H, elem, n_gates), (n_gates, d["bwd_wide_fits"])
+    # the busiest warp of the kernels' own k ranges (bwd_gate_k; the GRU's K = 3H: bwd_gru_gate_k)
+    assert d["bwd_gate_k_longest"]["4"] == max(e - b for b, e in d["bwd_gate_k"])
+    assert d["bwd_gate_k_longest"]["3"] == max(e - b for b, e in d["bwd_gru_gate_k"])
+    per_pair = 2 * cf.CHUNK_BYTES // elem
+    n = len(d["wide_exchange_pos"])
+    assert n >= 2 * per_pair and n % per_pair == 0
+    assert d["wide_exchange_pos"] == [cf.wide_exchange_pos(r, elem) for r in range(n)]
+    rs = torch.arange(n)
+    assert cf.wide_exchange_pos(rs, elem).tolist() == d["wide_exchange_pos"]  # the tensor form too
+    row_bytes = d["wide_lane_row_bytes"]
+    assert row_bytes % (2 * cf.CHUNK_BYTES) == 0
+    for lane, half, pair, byte in d["wide_lane_byte"]:  # rows lane / 4 (+ 8), 16 bytes at 16 (lane % 4) of the pair
+        assert byte == ((lane // 4) + 8 * half) * row_bytes + pair * 2 * cf.CHUNK_BYTES + 16 * (lane % 4)
+    assert len(d["wide_lane_byte"]) == 32 * 2 * (row_bytes // (2 * cf.CHUNK_BYTES))
+    for q, y, w, lane, b, j in d["bwd_wide_cells"]:
+        assert (b, j) == cf.bwd_cell(q, y, w, lane, cf.WIDE_UNITS), (q, y, w, lane)
+
+
+@pytest.mark.parametrize("elem", ELEMS)
+def test_wide_word_is_an_involution_and_the_exchange_a_permutation_of_each_pair(plan_dump, elem):
+    d = plan_dump(1, 1, elem)
+    ww = d["wide_word"]
+    assert sorted(ww) == list(range(16)), "wide_word is a permutation of a pair's 16 words"
+    assert all(ww[ww[w]] == w for w in range(16)), "wide_word is its own inverse"
+    assert ww != list(range(16))
+    per_pair = 2 * cf.CHUNK_BYTES // elem
+    pos = d["wide_exchange_pos"]
+    for p in range(len(pos) // per_pair):
+        lo = p * per_pair
+        assert sorted(pos[lo:lo + per_pair]) == list(range(lo, lo + per_pair)), f"pair {p} is not permuted in itself"
+    per_word = 4 // elem
+    for r, e in enumerate(pos):  # whole 4-byte words move, their elements in order
+        assert e % per_word == r % per_word and (r // per_word) % 16 == ww[(e // per_word) % 16]
+    # the Python mirror over a whole exchange row of the flagship (r' < 4H padded to kpad)
+    kp = cf.round_up(4 * 768, cf.kpad(elem))
+    got = cf.wide_exchange_pos(torch.arange(kp), elem)
+    assert sorted(got.tolist()) == list(range(kp))
+    assert torch.equal(cf.wide_exchange_pos(got, elem), torch.arange(kp)), "the layout is its own inverse"
+
+
+def _wide_fragment_mismatches(dump, elem: int, seed: int = 0) -> list:
+    """A random dG tile (16 rows x K, K = the dump's whole pairs of `elem`-byte elements, raw bits) read two
+    ways: the ring's (the natural layout, r' contiguous, in a shared stage of padded rows, A fragments by
+    ldmatrix at ldsm_a16 for chunks 2 p and 2 p + 1: fused_common.cuh's mma_pair) and the wide backward's
+    (the tile stored at wide_exchange_pos in rows of whole pairs, each lane's 16-byte loads at wide_lane_byte
+    for its two rows, chunk 0's registers {.x, .x, .y, .y} and chunk 1's {.z, .z, .w, .w} of (row, row + 8):
+    split_k_mma_wide). Returns the (pair, chunk, lane, register, ring word, wide word) that differ."""
+    from test_cuda_mma_emulation_host import _lane_offsets, _ldmatrix_x4
+
+    d = dump(1, 1, elem)
+    row_bytes = d["wide_lane_row_bytes"]
+    pairs, K = row_bytes // (2 * cf.CHUNK_BYTES), row_bytes // elem
+    assert len(d["wide_exchange_pos"]) == K
+    gen = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 1 << (8 * elem), (cf.BATCH_TILE, K), generator=gen, dtype=torch.int64)
+    vals = (bits - (1 << (8 * elem)) * (bits >= 1 << (8 * elem - 1))).to(torch.int16 if elem == 2 else torch.int32)
+    # the ring: a stage of `pairs` pairs, rows padded SMEM_PAD_BYTES, as 4-byte words (ldmatrix moves b32s)
+    stage_row = row_bytes + cf.SMEM_PAD_BYTES
+    stage = torch.zeros(cf.BATCH_TILE, stage_row // elem, dtype=vals.dtype)
+    stage[:, :K] = vals
+    stage_words = stage.view(torch.int32)
+    a_lane = _lane_offsets(dump, "ldsm_a16", stage_row)
+    ring = {(p, c): _ldmatrix_x4(stage_words, 4, [o + (2 * p + c) * cf.CHUNK_BYTES for o in a_lane])[:, :, 0]
+            for p in range(pairs) for c in range(2)}  # [32 lanes, 4 registers]
+    # the wide backward: the exchange rows as the cell threads store them, then each lane's loads
+    ex = torch.zeros(cf.BATCH_TILE, K, dtype=vals.dtype)
+    ex[:, torch.tensor(d["wide_exchange_pos"])] = vals
+    ex_words = ex.view(torch.int32).reshape(-1)
+    byte_of = {(lane, half, pair): byte for lane, half, pair, byte in d["wide_lane_byte"]}
+    bad = []
+    for p in range(pairs):
+        for lane in range(32):
+            loads = []
+            for half in range(2):
+                byte = byte_of[(lane, half, p)]
+                assert byte % 16 == 0 and 0 <= byte and byte + 16 <= ex_words.numel() * 4, (lane, half, p, byte)
+                loads.append(ex_words[byte // 4:byte // 4 + 4])  # .x .y .z .w
+            wide = {0: [loads[0][0], loads[1][0], loads[0][1], loads[1][1]],
+                    1: [loads[0][2], loads[1][2], loads[0][3], loads[1][3]]}
+            for c in range(2):
+                for reg in range(4):
+                    want, got = int(ring[(p, c)][lane, reg]), int(wide[c][reg])
+                    if want != got:
+                        bad.append((p, c, lane, reg, want, got))
+    return bad
+
+
+@pytest.mark.parametrize("elem", ELEMS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_wide_loads_are_the_rings_ldmatrix_fragments(plan_dump, elem, seed):
+    """Why the wide backward gives the ring's bits: for every lane, chunk and register, the A fragment a lane
+    loads straight from the wide exchange is the one ldmatrix gives the ring from the natural layout, so the
+    two run the same MMAs on the same operands in the same order (16-bit and float storage)."""
+    assert _wide_fragment_mismatches(plan_dump, elem, seed) == []
+    # the registers as split_k_mma_wide (fused_common.cuh) builds them from its two loads, as emulated above
+    kernel = (ROOT / "csrc" / "fused" / "fused_common.cuh").read_text()
+    assert "r0[4] = {a[i][0].x, a[i][1].x, a[i][0].y, a[i][1].y}" in kernel
+    assert "r1[4] = {a[i][0].z, a[i][1].z, a[i][0].w, a[i][1].w}" in kernel
+
+
+def test_wide_lstm_cell_stores_are_aligned_words(plan_dump):
+    """The LSTM's 16-bit cell thread stores i, f (r' = 4j, 4j + 1) and g, o (4j + 2, 4j + 3) as two 4-byte
+    words (fused_backward.cu's store_exchange<..., WIDE>): under wide_exchange_pos each pair lands in one
+    aligned word, positions 2k and 2k + 1, in order."""
+    d = plan_dump(1, 1, 2)
+    pos = d["wide_exchange_pos"]
+    for j in range(len(pos) // 4):
+        for lo in (4 * j, 4 * j + 2):
+            assert pos[lo] % 2 == 0 and pos[lo + 1] == pos[lo] + 1, (j, lo, pos[lo], pos[lo + 1])
+    for j in range(4 * 768 // 4):  # the Python mirror over the flagship's units
+        for lo in (4 * j, 4 * j + 2):
+            p = cf.wide_exchange_pos(lo, 2)
+            assert p % 2 == 0 and cf.wide_exchange_pos(lo + 1, 2) == p + 1 and p < 4 * 768, (j, lo)
+
+
+def test_a_wide_word_without_the_transpose_is_caught(tmp_path, plan_dump):
+    """A mutant of fused_plan.cuh whose wide_word is the identity (the exchange in the natural layout) makes
+    the lanes' loads differ from the ring's fragments, and the check above sees it; the real header not."""
+    from plan_dump import compile_plan_dump
+
+    header = (ROOT / "csrc" / "fused" / "fused_plan.cuh").read_text()
+    assert header.count(WIDE_WORD_SITE) == 1
+    (tmp_path / "fused").mkdir()
+    (tmp_path / "fused" / "fused_plan.cuh").write_text(header.replace(WIDE_WORD_SITE, IDENTITY_WIDE_WORD))
+    mutant = compile_plan_dump(tmp_path, include_dir=tmp_path)
+    if mutant is None:
+        pytest.skip("no host C++ compiler")
+    assert mutant(1, 1)["wide_word"] == list(range(16))
+    for elem in ELEMS:
+        assert _wide_fragment_mismatches(plan_dump, elem) == []
+        bad = _wide_fragment_mismatches(mutant, elem)
+        assert bad, f"elem {elem}: the identity wide_word is not caught"
+        # exactly the registers whose word the transpose moves: register reg of chunk c holds the pair's word
+        # n = 8 c + 4 (reg / 2) + lane % 4 of its row, in place unless wide_word moves it (all but 0, 5, 10, 15)
+        pairs = mutant(1, 1, elem)["wide_lane_row_bytes"] // (2 * cf.CHUNK_BYTES)
+        word = {(c, lane, reg): 8 * c + 4 * (reg // 2) + lane % 4 for c in range(2) for lane in range(32)
+                for reg in range(4)}
+        moved = {(p, c, lane, reg) for p in range(pairs) for (c, lane, reg), n in word.items() if cf.wide_word(n) != n}
+        assert {(p, c, lane, reg) for p, c, lane, reg, _, _ in bad} == moved
+
+
+@pytest.mark.parametrize("n_gates", [4, 3], ids=["lstm", "gru"])
+@pytest.mark.parametrize("B, H", [(1, 1), (5, 13), (17, 100), (16, 776)])
+def test_wide_cells_cover_each_block_once(plan_dump, B, H, n_gates):
+    """Each wide block (16 batch rows x WIDE_UNITS units) runs every one of its (b, j) on exactly one of its
+    8 warps x 32 lanes, every (b < B, j < H) is run once over the grid, and thread (w, lane) reads element
+    w % 4 of its fragment of n tile w / 4 of the block's product (sum_over_warps<2>): dG W_hh at (b, j)."""
+    d = plan_dump(B, H)
+    gq, gy = d["wide_grid"]
+    blocks = {}
+    for q, y, w, lane, b, j in d["bwd_wide_cells"]:
+        blocks.setdefault((q, y), []).append((w, lane, b, j))
+    assert set(blocks) == {(q, y) for q in range(gq) for y in range(gy)}
+    seen = set()
+    for (q, y), threads in blocks.items():
+        assert len(threads) == cf.WARPS * 32
+        cells = sorted((b, j) for _, _, b, j in threads)
+        want = sorted((y * cf.BATCH_TILE + r, q * cf.WIDE_UNITS + u) for r in range(cf.BATCH_TILE)
+                      for u in range(cf.WIDE_UNITS))
+        assert cells == want, (q, y)
+        seen |= {(b, j) for b, j in cells if b < B and j < H}
+    assert len(seen) == B * H
+    # the fragments: dG (r' order) x the block's 16 rows of w_bwd, n tiles of 8 units
+    torch.manual_seed(H + n_gates)
+    w = torch.randn(n_gates * H, H, dtype=torch.float64)
+    dg = torch.randn(B, n_gates * H, dtype=torch.float64)
+    want = dg @ w
+    dg_x = dg[:, cf.backward_col_index(H, n_gates=n_gates)]
+    w_bwd = cf.interleave_backward(w, n_gates)
+    assert w_bwd.shape[0] == gq * cf.WIDE_UNITS  # whole wide blocks of rows
+    for (q, y), threads in blocks.items():
+        g_tile = torch.zeros(cf.BATCH_TILE, n_gates * H, dtype=torch.float64)
+        rows = [b for b in range(y * cf.BATCH_TILE, (y + 1) * cf.BATCH_TILE) if b < B]
+        g_tile[: len(rows)] = dg_x[rows]
+        prod = g_tile @ w_bwd[q * cf.WIDE_UNITS:(q + 1) * cf.WIDE_UNITS].t()  # [16 batch, 16 units]
+        for w_, lane, b, j in threads:
+            nt = w_ // 4
+            assert (b - y * cf.BATCH_TILE, j - q * cf.WIDE_UNITS) == (lane // 4 + 8 * ((w_ % 4) // 2),
+                                                                     8 * nt + 2 * (lane % 4) + (w_ % 4) % 2)
+            if b < B and j < H:
+                assert torch.allclose(_fragment(prod[:, 8 * nt:8 * nt + 8], lane, w_ % 4), want[b, j])
+
+
+@pytest.mark.parametrize("B, H", SHAPES)
+def test_ring_cells_are_unchanged(plan_dump, B, H):
+    """Blocks of UNITS units (the ring's backward): warps 0-3, the map of before the wide backward."""
+    d = plan_dump(B, H)
+    for q, y, w, lane, b, j in d["bwd_cells"]:
+        assert w < 4
+        old = (y * cf.BATCH_TILE + (lane >> 2) + ((w >> 1) & 1) * 8, q * cf.UNITS + 2 * (lane & 3) + (w & 1))
+        assert (b, j) == old == cf.bwd_cell(q, y, w, lane) == cf.bwd_cell(q, y, w, lane, cf.UNITS)
+
+
+def test_wide_fits_at_the_flagship(plan_dump):
+    """The slots hold the busiest warp's pairs at the flagship (B = 16, H = 768) in 16 bits: the LSTM's
+    4H = 3072 (12 pairs), the GRU's 3H (9); not float's 24 nor the LSTM's 16 pairs at H = 1024."""
+    cases = [(768, 2, "4", 12, True), (768, 2, "3", 9, True), (768, 4, "4", 24, False), (768, 4, "3", 18, False),
+             (1024, 2, "4", 16, False), (1024, 2, "3", 12, True)]
+    for H, elem, gates, longest, fits in cases:
+        d = plan_dump(16, H, elem)
+        ranges = d["bwd_gate_k" if gates == "4" else "bwd_gru_gate_k"]
+        assert d["bwd_gate_k_longest"][gates] == longest == max(e - b for b, e in ranges), (H, elem, gates)
+        assert d["bwd_wide_fits"][gates] is fits is (longest <= d["WIDE_PAIR_SLOTS"]), (H, elem, gates)
+        assert _wide_fits(H, elem, int(gates)) is fits
+    assert plan_dump(16, 768)["wide_grid"] == [48, 1]  # half the ring's 96 blocks
+
+
+def _header_backward_smem_bytes(tmp_path):
+    """fused_backward.cu's own backward_smem_bytes, cut out of the source and compiled on the host over
+    fused_plan.cuh: ``f(H, P, proj, elem, gates, wide) -> int``, or None without a host C++ compiler."""
+    import re
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        return None
+    src = (ROOT / "csrc" / "fused" / "fused_backward.cu").read_text()
+    m = re.search(r"^size_t backward_smem_bytes\(.*?^}\n", src, re.S | re.M)
+    assert m, "backward_smem_bytes not found in fused_backward.cu"
+    prog = tmp_path / "smem.cpp"
+    prog.write_text('#include <cstddef>\n#include <cstdio>\n#include <cstdlib>\n#include "fused/fused_plan.cuh"\n'
+                    "using namespace lstm::fused;\n" + m.group(0)
+                    + "int main(int c, char** v) {\n  std::printf(\"%zu\\n\", backward_smem_bytes(std::atoi(v[1]), "
+                    "std::atoi(v[2]), std::atoi(v[3]), std::atoi(v[4]), std::atoi(v[5]), std::atoi(v[6])));\n}\n")
+    exe = tmp_path / "smem"
+    subprocess.run([cxx, "-std=c++17", f"-I{ROOT / 'csrc'}", str(prog), "-o", str(exe)], check=True)
+
+    def f(H, P, proj, elem, gates, wide):
+        args = [str(int(a)) for a in (H, P, proj, elem, gates, wide)]
+        return int(subprocess.run([str(exe), *args], capture_output=True, text=True, check=True).stdout)
+
+    return f
+
+
+def test_wide_backward_shared_memory(tmp_path):
+    """The wide block's shared memory: WIDE_UNITS rows of the W^T slice (K = gates H padded to kpad, rows
+    padded smem_pad), no ring, and the partial sums of 8 warps x 2 n tiles x 4 elements x 32 lanes (floats):
+    at the flagship in 16 bits 16 (3072 + 8) 2 + 8 8 32 4 = 106752 bytes; the Python mirror and
+    fused_backward.cu's backward_smem_bytes agree with that layout."""
+    def layout(H, elem, gates, units=cf.WIDE_UNITS):
+        row_bytes = (cf.round_up(gates * H, cf.KPAD_BYTES // elem) + cf.SMEM_PAD_BYTES // elem) * elem
+        ring = 0 if units == cf.WIDE_UNITS else cf.WARPS * cf.WARP_RING_BYTES
+        partial_sums = cf.WARPS * 4 * (units // 8) * 32 * 4  # [WARPS][4 NT][32] floats
+        return units * row_bytes + ring + partial_sums
+
+    assert layout(768, 2, 4) == 16 * (3072 + 8) * 2 + 8 * 8 * 32 * 4 == 98560 + 8192 == 106752
+    assert cf.backward_smem_bytes(768, elem=2, n_gates=4, wide=True) == 106752
+    header = _header_backward_smem_bytes(tmp_path)
+    for H in (1, 13, 100, 768, 776, 1024):
+        for elem in ELEMS:
+            for gates in (4, 3):
+                want = layout(H, elem, gates)
+                assert cf.backward_smem_bytes(H, None, elem, gates, wide=True) == want, (H, elem, gates)
+                ring = cf.backward_smem_bytes(H, None, elem, gates)
+                assert ring == layout(H, elem, gates, cf.UNITS), (H, elem, gates)
+                if header is not None:
+                    assert header(H, H, False, elem, gates, True) == want, (H, elem, gates)
+                    assert header(H, H, False, elem, gates, False) == ring, (H, elem, gates)
+    assert cf.backward_smem_bytes(768, elem=2, n_gates=4, wide=True) + cf.STATIC_SMEM_BYTES <= cf.SMEM_OPTIN_SM80

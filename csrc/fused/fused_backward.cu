@@ -59,6 +59,30 @@
 // tile, 96 blocks x 98 KB = 9.4 MB of L2 reads per step at the flagship in 16 bits (18.9 MB in
 // float); it is the first thing to measure on a GPU.
 //
+// THE WIDE BACKWARD (WIDE, LSTM_KERNELS_CUDA_FUSED_BACKWARD=wide; no PROJ; fused_plan.cuh): blocks of
+// WIDE_UNITS = 16 units, two n8 tiles, grid (ceil(H / 16), ceil(B / 16)): 48 blocks at the flagship, so the
+// grid reads dG_{t+1} half as often, 48 blocks x 98 KB = 4.7 MB of L2 reads per step in 16 bits. Each warp
+// loads its k range (12 pairs at the flagship, at most WIDE_PAIR_SLOTS) straight into A fragments, one
+// 16-byte ld.global.cg per row half and pair, all 24 in flight at once (split_k_mma_wide), from an
+// exchange laid out for those loads (wide_exchange_pos: the cell thread's gate gradients land where a
+// lane's 16 bytes are its ldmatrix registers of both chunks); so no ring, no cp.async, no shared-memory
+// copy of dG, and the W^T slice (16 rows) is the only shared operand: 2 ldmatrix.x4 and 4 HMMA per pair,
+// 48 HMMA per warp per step (the ideal for 16 units), the same MMAs on the same operands in the same order
+// as the ring's, so the same bits. Every warp runs the cell for one (b, j) per lane (256 per block).
+// | part of one backward step (wide, flagship)                               | estimate |
+// |---|---|
+// | grid barrier, as above                                                   | <= 0.7 us |
+// | dG_{t+1}: 12 KB per warp, 98 KB per SM in one round of loads; the grid's | ~0.9 us |
+// |   4.7 MB is below L2's bandwidth, the SM's port (~64 B/clk) bounds it     |          |
+// | 48 HMMA per warp as the loads land, B by ldmatrix (96 KB of shared reads | <= 0.5 us |
+// |   per SM per step, where the ring reads 144 KB and writes 96 KB)          |          |
+// | reduce (8 tiles of partial sums) and the cell                            | <= 0.2 us |
+// | **backward step**                                                        | **<= 2.3 us** |
+// The price: 196 registers (16-bit LSTM; the 24 loads' 96), the slots' unrolled code, 16-bit ranges only at
+// the flagship (float's 24 pairs per warp outgrow the slots: the ring serves), and 16 x (K4p e + 16) + 8 KB of
+// shared memory (106.8 KB at H = 768 in 16 bits: sm_80 holds it too). Which of the two wins is for a GPU to
+// measure; the default stays the ring.
+//
 // RESETS (resets [T, B] uint8, as the forward's): nothing flows back across a reset. The cell thread
 // prefetches its row's flag of step t with the step's other inputs (one byte load, hidden) and, where
 // set, takes c_{t-1} = 0 in the forget gate's gradient, keeps dc_{t-1} = 0 and writes zeros to the dG

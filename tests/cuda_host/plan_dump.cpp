@@ -105,6 +105,41 @@ int main(int argc, char** argv) {
         std::printf("%s%d", lane ? ", " : "", o);
       }
     }
+  // the wide backward (fused_plan.cuh, "THE WIDE BACKWARD"): its constants and grid at this B, H; the busiest
+  // warp's pairs of the dG product and whether the slots hold them, for the LSTM (4) and the GRU (3)
+  std::printf("],\n\"WIDE_UNITS\": %d, \"WIDE_PAIR_SLOTS\": %d, \"wide_grid\": [%d, %d],\n", WIDE_UNITS,
+              WIDE_PAIR_SLOTS, bwd_unit_blocks(H, true), batch_tiles(B));
+  std::printf("\"bwd_units\": {\"ring\": %d, \"wide\": %d}, \"ring_grid\": [%d, %d],\n", bwd_units(false),
+              bwd_units(true), bwd_unit_blocks(H, false), batch_tiles(B));
+  std::printf("\"bwd_gate_k_longest\": {\"4\": %d, \"3\": %d}, \"bwd_wide_fits\": {\"4\": %s, \"3\": %s},\n",
+              bwd_gate_k_longest(H, elem, 4), bwd_gate_k_longest(H, elem, 3),
+              bwd_wide_fits(H, elem, 4) ? "true" : "false", bwd_wide_fits(H, elem, 3) ? "true" : "false");
+  // the word transpose of a pair of chunks, and the exchange element of reduction index r over WIDE_DUMP_PAIRS
+  // pairs at this elem
+  const int WIDE_DUMP_PAIRS = 4, per_pair = 2 * CHUNK_BYTES / elem;
+  std::printf("\"wide_word\": [");
+  for (int w = 0; w < 16; ++w) std::printf("%s%d", w ? ", " : "", wide_word(w));
+  std::printf("],\n\"wide_exchange_pos\": [");
+  for (int r = 0; r < WIDE_DUMP_PAIRS * per_pair; ++r) std::printf("%s%d", r ? ", " : "", wide_exchange_pos(r, elem));
+  // a lane's 16-byte loads, [lane, half, pair, byte], from rows of WIDE_DUMP_PAIRS whole pairs (the exchange's rows)
+  const int wide_row_bytes = WIDE_DUMP_PAIRS * 2 * CHUNK_BYTES;
+  std::printf("],\n\"wide_lane_row_bytes\": %d,\n\"wide_lane_byte\": [", wide_row_bytes);
+  for (int lane = 0; lane < 32; ++lane)
+    for (int half = 0; half < 2; ++half)
+      for (int pair = 0; pair < WIDE_DUMP_PAIRS; ++pair)
+        std::printf("%s[%d, %d, %d, %d]", lane || half || pair ? ", " : "", lane, half, pair,
+                    wide_lane_byte(lane, half, pair, wide_row_bytes));
+  // the wide backward's cell threads, every warp, blocks of WIDE_UNITS: [q, y, w, lane, b, j]
+  std::printf("],\n\"bwd_wide_cells\": [");
+  first = true;
+  for (int q = 0; q < bwd_unit_blocks(H, true); ++q)
+    for (int y = 0; y < batch_tiles(B); ++y)
+      for (int w = 0; w < WARPS; ++w)
+        for (int lane = 0; lane < 32; ++lane) {
+          std::printf("%s[%d, %d, %d, %d, %d, %d]", first ? "" : ", ", q, y, w, lane, bwd_cell_row(y, w, lane),
+                      bwd_cell_unit(q, w, lane, WIDE_UNITS));
+          first = false;
+        }
   std::printf("]}\n");
   return 0;
 }
