@@ -59,6 +59,20 @@ def is_tagged_load(t: str) -> bool:
     return re.search(r"\bLDG\.", t) is not None and ".128" in t and "STRONG.GPU" in t
 
 
+def is_wide_operand_load(t: str) -> bool:
+    """The wide backward's operand load (fused_common.cuh's load_cg_16, ld.global.cg.v4.u32: 16 bytes of dG_{t+1}
+    straight into A fragment registers), which SASS writes as the tagged exchange's is written:
+    LDG.E.128.STRONG.GPU. The two are told apart by kernel: the forward's 128-bit strong loads are the tagged
+    exchange's, the backward's are the wide backward's operand loads (is_wide_backward)."""
+    return is_tagged_load(t)
+
+
+def is_wide_backward(name: str) -> bool:
+    """Whether the kernel ``name`` (mangled) is an instance of the wide backward: fused_backward_kernel<Op, PROJ,
+    RESETS, GATES, WIDE> with WIDE = 1 (its flags end ``...Li<GATES>ELb1E``)."""
+    return "fused_backward_kernel" in name and re.search(r"Lb[01]ELb[01]ELi\dELb1E", name) is not None
+
+
 def is_tagged_vote(t: str) -> bool:
     """The tagged wait's vote: __any_sync over the words still pending, VOTE.ANY into a predicate (a
     ballot, VOTE.ANY into a register, is something else)."""

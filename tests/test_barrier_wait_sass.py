@@ -22,8 +22,11 @@ followed by VOTE.ALL and its vote branch the first predicated BRA after the vote
 The tagged exchange's wait (fused_common.cuh's tagged_fetch, in the forward's taggable instances)
 is held to the same properties, its vote (VOTE.ANY into a predicate, over the words whose tag is
 still old, or the BRA.DIV stub before it) taking the poll's place; its loads (LDG.E.128.STRONG.GPU,
-the step's operands) are not slow-path instructions. A kernel has tagged loads exactly when it has
-a tagged vote.
+the step's operands) are not slow-path instructions. A forward kernel has tagged loads exactly when
+it has a tagged vote. The backward has no tagged exchange (no tagged vote in any instance); its
+128-bit strong loads are the wide backward's operand loads (fused_common.cuh's load_cg_16,
+ld.global.cg.v4.u32 of dG_{t+1}, which SASS writes as LDG.E.128.STRONG.GPU like the tagged ones):
+not polls, not slow-path instructions, and present exactly in the wide instances (WIDE = 1).
 
 So a wait whose first poll finds the barrier open executes no clock read, and none of
 barrier_gives_up's memory traffic, until the next wait's poll. Not proven: which way the vote's
@@ -44,7 +47,7 @@ from pathlib import Path
 
 import pytest
 
-from cuda_tools import CUOBJDUMP, NVCC, is_tagged_load, is_tagged_vote
+from cuda_tools import CUOBJDUMP, NVCC, is_tagged_load, is_tagged_vote, is_wide_backward, is_wide_operand_load
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90")
@@ -131,7 +134,7 @@ def _vote_branch(cfg: Cfg, vote: int):
 
 
 def polls_of(cfg: Cfg) -> dict:
-    """{poll index: vote branch index}: a STRONG.GPU load (not a tagged one) whose straight line
+    """{poll index: vote branch index}: a STRONG.GPU load (not an operand load) whose straight line
     reaches VOTE.ALL (past a BRA.DIV) and then a predicated BRA; and a tagged wait's vote with the
     first predicated BRA after it. The tagged wait's poll is its vote, or the BRA.DIV just before it
     (whose out-of-line stub votes and returns to the branch): the tagged words were loaded before it,
@@ -143,7 +146,7 @@ def polls_of(cfg: Cfg) -> dict:
             if branch is not None:
                 out[i - 1 if i and _op(cfg.instrs[i - 1][1]) == "BRA.DIV" else i] = branch
             continue
-        if not is_strong_load(t) or is_tagged_load(t):
+        if not is_strong_load(t) or is_operand_load(t):
             continue
         voted = False
         for j in range(i + 1, min(i + 24, len(cfg.instrs))):
@@ -159,22 +162,35 @@ def polls_of(cfg: Cfg) -> dict:
     return out
 
 
+def is_operand_load(t: str) -> bool:
+    """A 128-bit strong load of the step's operands: the forward's tagged exchange (is_tagged_load) or the wide
+    backward's dG_{t+1} (is_wide_operand_load); the same SASS, told apart by kernel (fast_path_violations)."""
+    return is_tagged_load(t) or is_wide_operand_load(t)
+
+
 def fast_path_violations(name: str, instrs) -> list:
     """What breaks the module docstring's properties in one kernel; [] when they hold."""
     cfg = Cfg(instrs)
     polls = polls_of(cfg)
     slow = {i for i, (_, t) in enumerate(instrs)
-            if is_clock(t) or is_cas(t) or (is_strong_load(t) and not is_tagged_load(t) and i not in polls)}
+            if is_clock(t) or is_cas(t) or (is_strong_load(t) and not is_operand_load(t) and i not in polls)}
     clocks = {i for i, (_, t) in enumerate(instrs) if is_clock(t)}
     hmma = {i for i, (_, t) in enumerate(instrs) if is_hmma(t)}
     where = lambda idx: ", ".join(f"{instrs[i][0]:#x} {instrs[i][1]}" for i in sorted(idx)[:4])  # noqa: E731
     bad = []
     if not polls or not clocks:
         return [f"{name}: {len(polls)} polls, {len(clocks)} clock reads (expected both)"]
-    tagged_loads = any(is_tagged_load(t) for _, t in instrs)
+    operand_loads = any(is_operand_load(t) for _, t in instrs)
     tagged_votes = [i for i, (_, t) in enumerate(instrs) if is_tagged_vote(t)]
-    if tagged_loads != bool(tagged_votes):
-        bad.append(f"{name}: {'tagged loads without a tagged vote' if tagged_loads else 'a tagged vote without tagged loads'}")
+    if "fused_backward_kernel" in name:  # no tagged exchange; the wide instances' operand loads
+        if tagged_votes:
+            bad.append(f"{name}: a tagged vote in the backward")
+        if operand_loads != is_wide_backward(name):
+            bad.append(f"{name}: " + ("128-bit strong loads in a ring instance" if operand_loads
+                                      else "a wide instance without its operand loads"))
+    elif operand_loads != bool(tagged_votes):
+        bad.append(f"{name}: " + ("tagged loads without a tagged vote" if operand_loads
+                                  else "a tagged vote without tagged loads"))
     from_entry = cfg.reach([0], set(polls)) & slow
     if from_entry:
         bad.append(f"{name}: reached from the entry without a poll: {where(from_entry)}")

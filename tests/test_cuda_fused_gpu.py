@@ -320,7 +320,7 @@ def test_fused_backward_wide_is_bitwise_the_ring(entries, monkeypatch, name, dty
                 tf32=tf32, resets=mask, cell=cell, h0=h0, h_all=h_all)
             torch.cuda.synchronize()
     for persistent in (True, False):
-        for n, a, b in zip(("dG", "dh0", "dc0 / d_hn"), outs["wide", persistent], outs["ring", persistent]):
+        for n, a, b in zip(("dG", "dh0", "dc0", "dW_hr / d_hn"), outs["wide", persistent], outs["ring", persistent]):
             if a is not None:
                 assert torch.equal(a, b), f"{n} (persistent={persistent}): the wide and the ring backward differ"
 

@@ -40,7 +40,22 @@ backward: H = 592, the largest it serves on sm_90):
   the one checked above, and the instance with resets keeps every designed count (k loops, HMMA per
   warp, barriers, release-adds, no loads in nested loops) and differs from it only by the mask's load
   (one more LDG in the step loop), a vote (forward) and integer/select instructions, with the k loops
-  instruction for instruction the same.
+  instruction for instruction the same;
+- the wide backward (fused_backward_kernel's WIDE = 1, no projection; fused_plan.cuh "THE WIDE BACKWARD"),
+  LSTM and GRU, with resets or not: blocks of WIDE_UNITS units (two n tiles), no ring and no k loop: no
+  cp.async (LDGSTS), no loop nested in the step loop holding HMMA, ldmatrix or an operand load; each warp's
+  dG_{t+1} range loaded straight into A fragments by 2 x WIDE_PAIR_SLOTS 16-byte loads
+  (ld.global.cg.v4.u32: LDG.E.128.STRONG.GPU), all after the block barrier that ends the grid wait and
+  before the first HMMA in address order (the whole range in flight at once, none sunk to its MMA), no
+  shared store between them and the last HMMA (dG is not staged); per slot, unrolled, 2 ldmatrix (B of the
+  two n tiles, none elsewhere in the step) and 2 chunks x 2 tiles x passes HMMA; the busiest warp's pairs
+  (the plan's k ranges) fit the slots, and their HMMA are within 10% of the ideal for the 16-unit block
+  (16-bit at the flagship; float at the largest H whose ranges the slots hold, 384 for the LSTM and 512
+  for the GRU: at H = 768 the ring serves float); the ring backward's barriers (3 per step, one release-add,
+  one fence), every warp a cell warp (named barrier 1 of 256 threads), the exchange's stores before the
+  arrival (the LSTM's 2 words in 16 bits, its 4 gradients in float, the GRU's 3), the cell's activations as
+  the other instances', no local memory; its exchange L2 reads (half the ring backward's blocks) are the
+  4.7 MB per step fused_backward.cu states, in 16 bits at the flagship.
 
 ``pytest -s`` prints the counts.
 """
@@ -55,7 +70,7 @@ from pathlib import Path
 import pytest
 
 from cuda_tools import (ACTIVATIONS_PER_CELL, CUOBJDUMP, NVCC, compile_cubins, is_fast_activation_argument,
-                        is_tagged_load, is_tagged_vote)
+                        is_tagged_load, is_tagged_vote, is_wide_backward, is_wide_operand_load)
 from lstm_kernels.backends.cuda import fused as cf
 from plan_dump import compile_plan_dump
 
@@ -170,9 +185,18 @@ def is_block_barrier(t):
     return is_bar_sync(t) and not is_arrival_barrier(t)
 
 
+_ARRIVAL_BARRIER = re.compile(r"\bBAR\.SYNC(?:\.\w+)*\s+0x1,\s*0x([0-9a-f]+)\b")
+
+
 def is_arrival_barrier(t):
-    """The named barrier 1 of the cell warps (4 x 32 threads) that precedes a block's arrival."""
-    return re.search(r"\bBAR\.SYNC(?:\.\w+)*\s+0x1,\s*0x80\b", t) is not None
+    """The named barrier 1 of the cell warps that precedes a block's arrival (4 x 32 threads; the wide
+    backward's 8 x 32: every warp is a cell warp); arrival_threads tells the counts."""
+    return _ARRIVAL_BARRIER.search(t) is not None
+
+
+def arrival_threads(loop: "StepLoop") -> list:
+    """The thread counts of the step loop's arrival barriers (named barrier 1), in address order."""
+    return [int(_ARRIVAL_BARRIER.search(t).group(1), 16) for _, t in loop.ops if is_arrival_barrier(t)]
 
 
 def is_fence(t):
@@ -200,8 +224,9 @@ def stores_before_arrivals(loop: "StepLoop") -> list:
 
 def arrival_counts(loop: "StepLoop") -> dict:
     """The step loop's named barriers, fences (SC among them) and stores before each arrival."""
-    return dict(arrival_barriers=loop.count(is_arrival_barrier), fences=loop.count(is_fence),
-                sc_fences=loop.count(lambda t: "MEMBAR.SC" in t), stores_before_arrivals=stores_before_arrivals(loop))
+    return dict(arrival_barriers=loop.count(is_arrival_barrier), arrival_threads=arrival_threads(loop),
+                fences=loop.count(is_fence), sc_fences=loop.count(lambda t: "MEMBAR.SC" in t),
+                stores_before_arrivals=stores_before_arrivals(loop))
 
 
 def ldsm_outside_k_loops(loop: "StepLoop") -> int:
@@ -263,7 +288,9 @@ def is_sts(t):
     return re.search(r"\bSTS(\.|\s)", t) is not None
 
 
-def step_loop_of(name: str, instrs) -> StepLoop:
+def step_loop_of(name: str, instrs, unrolled: bool = False) -> StepLoop:
+    """The step loop of a kernel and its k loops; ``unrolled``: a kernel whose products are unrolled in the
+    step (the wide backward), which may have no k loop."""
     loops = loops_of(instrs)
     addr_ops = lambda lp, pred: [a for a, t in instrs if lp.holds(a) and pred(t)]  # noqa: E731
     steps = [lp for lp in loops if addr_ops(lp, is_hmma) and addr_ops(lp, is_bar_sync)]
@@ -272,7 +299,7 @@ def step_loop_of(name: str, instrs) -> StepLoop:
     nested = [lp for lp in loops if lp.inside(step) and lp.start > step.start]
     with_hmma = [lp for lp in nested if addr_ops(lp, is_hmma)]
     k_loops = sorted((lp for lp in with_hmma if not any(o.inside(lp) for o in with_hmma)), key=lambda lp: lp.start)
-    assert k_loops, f"{name}: no k loop with HMMA inside the step loop"
+    assert k_loops or unrolled, f"{name}: no k loop with HMMA inside the step loop"
     return StepLoop(name, [(a, t) for a, t in instrs if step.holds(a)], k_loops, nested)
 
 
@@ -302,24 +329,30 @@ def op_of(name: str) -> str:
     return found[0]
 
 
-def flags_tag(proj: bool, resets: bool = False, gates: int = None) -> str:
-    """The mangled template flags <..., PROJ, RESETS(, GATES)> of a fused kernel instance (the forward
-    takes the cell's gate rows, GATES: 4 the LSTM, 3 the GRU)."""
-    return f"Lb{int(proj)}ELb{int(resets)}E" + ("" if gates is None else f"Li{gates}E")
+def flags_tag(proj: bool, resets: bool = False, gates: int = None, wide: bool = None) -> str:
+    """The mangled template flags <..., PROJ, RESETS(, GATES(, WIDE))> of a fused kernel instance (GATES, the
+    cell's gate rows: 4 the LSTM, 3 the GRU; WIDE, the backward's fifth: its wide instance or its ring's).
+    Without ``wide`` the tag matches a backward instance of either kind: name it to pick one."""
+    return (f"Lb{int(proj)}ELb{int(resets)}E" + ("" if gates is None else f"Li{gates}E")
+            + ("" if wide is None else f"Lb{int(wide)}E"))
 
 
 #: The fused kernels' instances per Op and architecture: with a projection or not, with resets or not;
-#: and the GRU's (GATES = 3, no projection), with resets or not.
-INSTANCES = {"fused_forward_kernel": 4 + 2, "fused_backward_kernel": 4 + 2}
+#: and the GRU's (GATES = 3, no projection), with resets or not; the backward's also wide (no projection:
+#: the LSTM's and the GRU's, with resets or not).
+INSTANCES = {"fused_forward_kernel": 4 + 2, "fused_backward_kernel": 4 + 2 + 4}
 
 
-def _kernels(funcs, stem: str, arch: str, proj: bool, resets: bool = False, gates: int = 4):
-    """{op: (name, instrs)} of the four instances (one per Op) of ``stem`` with these flags."""
-    tag = flags_tag(proj, resets, gates)
-    found = {op_of(name): (name, instrs) for (a, name), instrs in funcs.items()
-             if a == arch and stem in name and tag in name}
-    assert sorted(found) == sorted(OPS), (f"{stem} {arch} proj={proj} resets={resets}: expected one instance per Op, "
-                                          f"got {sorted(found)}")
+def _kernels(funcs, stem: str, arch: str, proj: bool, resets: bool = False, gates: int = 4, wide: bool = False):
+    """{op: (name, instrs)} of the four instances (one per Op) of ``stem`` with these flags (the backward's
+    with WIDE = ``wide``: its tag names the flag, so that one instance per Op matches)."""
+    assert not wide or stem == "fused_backward_kernel", stem
+    tag = flags_tag(proj, resets, gates, wide if stem == "fused_backward_kernel" else None)
+    matching = [(name, instrs) for (a, name), instrs in funcs.items() if a == arch and stem in name and tag in name]
+    found = {op_of(name): (name, instrs) for name, instrs in matching}
+    assert len(matching) == len(OPS) and sorted(found) == sorted(OPS), (
+        f"{stem} {arch} proj={proj} resets={resets} gates={gates} wide={wide}: expected one instance per Op, "
+        f"got {sorted(n for n, _ in matching)}")
     return found
 
 
@@ -329,6 +362,11 @@ FLAGSHIP_P = 256  # proj_size of the projected flagship (B = 16, H = 768, P = 25
 def design_shape(stem: str, op: str, proj: bool) -> tuple:
     """(H, P) at which the counts of ``stem`` for ``op`` are taken."""
     return FLAGSHIP_H, (FLAGSHIP_P if proj else FLAGSHIP_H)
+
+
+#: The threads of the cell warps that meet at the arrival's named barrier (fused_plan.cuh's CELL_WARPS x 32);
+#: the wide backward's are every warp's (THREADS).
+CELL_THREADS = 4 * 32
 
 
 # Designed per-step figures of the fused kernels (the headers of fused_forward.cu / fused_backward.cu).
@@ -354,7 +392,7 @@ def design(stem: str, proj: bool, op: str = "Fp16Mma", resets: bool = False, gat
         # between the block barrier and the arrival in address order; one of them runs)
         tagged = elem == 2 and gates == 4 and not proj
         return dict(loops=loops, bar_sync=3 * len(loops) + tagged, release_add=len(loops), ldg_max=gates + 2 + extra,
-                    exchange_stores=[1 + tagged] * len(loops), tagged=tagged)
+                    exchange_stores=[1 + tagged] * len(loops), tagged=tagged, arrival_threads=CELL_THREADS)
     # dG W_hh (K = 4H; the GRU's 3H): batch x units (p), dG streamed per warp: one ring stage (STAGE_PAIRS
     # pairs) per iteration
     loops = [((cf.BATCH_TILE // 16) * (cf.UNITS // 8), K4k, 2 * cf.stage_pairs(gates), passes)]
@@ -367,7 +405,7 @@ def design(stem: str, proj: bool, op: str = "Fp16Mma", resets: bool = False, gat
     # PROJ: dh_t (one), then dG_t
     exchange = [1 if gates == 4 else 3] + ([1] if proj else [])
     return dict(loops=loops, bar_sync=3 * len(loops), release_add=len(loops), ldg_max=ldg_max + extra, streamed=True,
-                exchange_stores=exchange)
+                exchange_stores=exchange, arrival_threads=CELL_THREADS)
 
 
 #: The products of each kernel's k loops, in address order, by the name of the function of
@@ -560,6 +598,156 @@ def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, gate
             assert counts["fast_arguments"] == 0, counts
 
 
+# ---- the wide backward (fused_backward_kernel<..., WIDE = 1>) -------------------------------------------
+
+#: (gates) of the wide backward's instance families (no projection): the LSTM's, the GRU's.
+WIDE_GATES = (4, 3)
+
+#: The largest H whose warps' dG ranges the wide backward's slots hold in float (4-byte storage), where its
+#: float instances' range-dependent counts are taken (at the flagship H = 768 the ring serves float: 24
+#: pairs per warp for the LSTM, 18 for the GRU, over WIDE_PAIR_SLOTS = 12); the 16-bit ones' at the flagship.
+WIDE_FLOAT_H = {4: 384, 3: 512}
+
+
+def wide_design_shape(op: str, gates: int) -> int:
+    """H at which the wide backward's range-dependent counts of ``op`` are taken (B = 16, no projection)."""
+    return FLAGSHIP_H if OPS[op][0] == 2 else WIDE_FLOAT_H[gates]
+
+
+def wide_design(plan_dump, op: str = "Fp16Mma", resets: bool = False, gates: int = 4) -> dict:
+    """Designed per-step figures of the wide backward, from the plan (fused_plan.cuh run on the host: its
+    WIDE_PAIR_SLOTS, WIDE_UNITS and the warps' k ranges bwd_gate_k, the GRU's over 3H) at wide_design_shape.
+    The product is unrolled over the slots (uniform branches on the warp's range), so its static counts are
+    the slots': per slot 2 ldmatrix.x4 (B of each n tile, both chunks of the pair) and 2 chunks x NT tiles x
+    passes HMMA, 2 16-byte loads (rows r and r + 8); the busiest warp runs its pairs of them. The rest is the
+    ring backward's (design), but every warp is a cell warp, and the exchange stores before the arrival are
+    the transposed layout's: the LSTM's gradients as two 4-byte words in 16 bits (i, f and g, o), as four
+    stores in float; the GRU's three."""
+    elem, passes = OPS[op]
+    H = wide_design_shape(op, gates)
+    d = plan_dump(FLAGSHIP_B, H, elem, H)
+    slots, units = d["WIDE_PAIR_SLOTS"], d["WIDE_UNITS"]
+    n_tiles = units // 8
+    tiles = (cf.BATCH_TILE // 16) * n_tiles  # m16n8 tiles of the block's product: batch x units
+    chunks = cf.k_chunks(cf.round_up(gates * H, cf.kpad(elem)), elem)
+    ranges = d["bwd_gate_k" if gates == 4 else "bwd_gru_gate_k"]
+    longest = max(e - b for b, e in ranges)
+    assert longest == d["bwd_gate_k_longest"][str(gates)], (longest, d["bwd_gate_k_longest"])
+    assert sum(e - b for b, e in ranges) * 2 == chunks, (ranges, chunks)
+    ring = design("fused_backward_kernel", False, op, resets, gates)
+    return dict(H=H, slots=slots, n_tiles=n_tiles, passes=passes, longest=longest, fits=d["bwd_wide_fits"][str(gates)],
+                operand_loads=2 * slots, ldsm=slots * n_tiles, hmma=slots * 2 * tiles * passes,
+                hmma_busiest=longest * 2 * tiles * passes, hmma_ideal=tiles * chunks * passes / cf.WARPS,
+                bar_sync=ring["bar_sync"], release_add=ring["release_add"], ldg_max=ring["ldg_max"],
+                exchange_stores=[3 if gates == 3 else (2 if elem == 2 else 4)],
+                arrival_threads=d["THREADS"])
+
+
+def is_operand_load(t):
+    """The wide backward's 16-byte operand load of dG_{t+1} (cuda_tools.is_wide_operand_load)."""
+    return is_wide_operand_load(t)
+
+
+def wide_counts(loop: "StepLoop") -> dict:
+    """The wide backward's step loop: its loops, operand loads, ldmatrix, HMMA, where the loads lie (after the
+    first block barrier, that ends warp 0's grid wait; before the first HMMA), the shared stores between the
+    first load and the last HMMA, and the counts the ring backward's checks take (barriers, arrival, cell)."""
+    loads = [a for a, t in loop.ops if is_operand_load(t)]
+    hmma = [a for a, t in loop.ops if is_hmma(t)]
+    first_bar = min((a for a, t in loop.ops if is_block_barrier(t)), default=None)
+    operand_or_poll = lambda t: is_operand_load(t) or is_poll(t)  # noqa: E731
+    return dict(
+        k_loops=len(loop.k_loops), nested_loops=len(loop.nested),
+        nested_hmma_ldsm_operand=loop.count(lambda t: is_hmma(t) or "LDSM" in t or is_operand_load(t), loop.in_nested),
+        operand_loads=len(loads), hmma=len(hmma), ldsm=loop.count(lambda t: "LDSM" in t),
+        cp_async=loop.count(lambda t: opcode(t) in ("LDGSTS", "LDGDEPBAR", "DEPBAR")),
+        loads_before_first_hmma=sum(a < min(hmma) for a in loads) if hmma else 0,
+        loads_after_first_block_barrier=sum(first_bar is not None and a > first_bar for a in loads),
+        sts_between_loads_and_last_hmma=loop.count(is_sts, lambda a: loads and hmma and min(loads) < a < max(hmma)),
+        bar_sync=loop.count(is_bar_sync), bar_sync_in_nested_loops=loop.count(is_bar_sync, loop.in_nested),
+        release_add=loop.count(is_release_add), poll_loads=loop.count(lambda t: is_poll(t) and not is_operand_load(t)),
+        ldg=loop.count(lambda t: is_ldg(t) and not operand_or_poll(t)),
+        ldg_in_nested_loops=loop.count(lambda t: is_ldg(t) and not operand_or_poll(t), loop.in_nested),
+        **arrival_counts(loop), **cell_counts(loop))
+
+
+def wide_problems(counts: dict, d: dict) -> list:
+    """What departs from the wide backward's design (wide_design) in its step loop's counts (wide_counts)."""
+    problems = []
+    if counts["k_loops"] or counts["nested_hmma_ldsm_operand"]:
+        problems.append(f"{counts['k_loops']} k loops, {counts['nested_hmma_ldsm_operand']} HMMA, ldmatrix or "
+                        "operand loads in nested loops: the product is not unrolled")
+    if counts["cp_async"]:
+        problems.append(f"{counts['cp_async']} cp.async (LDGSTS / its barriers): the ring, not the wide loads")
+    if counts["operand_loads"] != d["operand_loads"]:
+        problems.append(f"{counts['operand_loads']} 16-byte operand loads, designed {d['operand_loads']}")
+    if counts["loads_before_first_hmma"] != counts["operand_loads"]:
+        problems.append(f"{counts['loads_before_first_hmma']} of {counts['operand_loads']} operand loads before the "
+                        "first HMMA: the rest sunk to their MMAs (not all in flight at once)")
+    if counts["loads_after_first_block_barrier"] != counts["operand_loads"]:
+        problems.append(f"{counts['loads_after_first_block_barrier']} of {counts['operand_loads']} operand loads after "
+                        "the block barrier that ends the grid wait")
+    if counts["sts_between_loads_and_last_hmma"]:
+        problems.append(f"{counts['sts_between_loads_and_last_hmma']} shared stores among the loads and MMAs: "
+                        "dG staged")
+    if counts["hmma"] != d["hmma"] or counts["ldsm"] != d["ldsm"]:
+        problems.append(f"HMMA {counts['hmma']}, ldmatrix {counts['ldsm']}, designed {d['hmma']}, {d['ldsm']} "
+                        f"({d['slots']} slots unrolled)")
+    if counts["bar_sync"] != d["bar_sync"] or counts["bar_sync_in_nested_loops"]:
+        problems.append(f"{counts['bar_sync']} BAR.SYNC ({counts['bar_sync_in_nested_loops']} in nested loops), "
+                        f"designed {d['bar_sync']}")
+    if counts["release_add"] != d["release_add"] or counts["poll_loads"] < 1:
+        problems.append(f"{counts['release_add']} release-adds, {counts['poll_loads']} polls")
+    if counts["ldg"] > d["ldg_max"] or counts["ldg_in_nested_loops"]:
+        problems.append(f"{counts['ldg']} other loads ({counts['ldg_in_nested_loops']} in nested loops), at most "
+                        f"{d['ldg_max']}")
+    return problems + arrival_problems(counts, d)
+
+
+@pytest.mark.parametrize("resets", [False, True])
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("gates", WIDE_GATES, ids=["lstm", "gru"])
+def test_wide_backward_step_loop_structure(fused_sass, plan_dump, arch, gates, resets):
+    """The wide backward of every Op (the module docstring's last item): wide_problems, the busiest warp's range
+    in the slots and its HMMA within 10% of the ideal (at wide_design_shape), the cell's activations as the
+    ring backward's, and no local memory with at most 255 registers."""
+    funcs, usage = fused_sass
+    regs = {n: (int(r), int(st), int(lo)) for n, r, st, lo in
+            re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)}
+    for op, (name, instrs) in _kernels(funcs, "fused_backward_kernel", arch, False, resets, gates, wide=True).items():
+        d = wide_design(plan_dump, op, resets, gates)
+        loop = step_loop_of(name, instrs, unrolled=True)
+        counts = wide_counts(loop)
+        tag = f"wide backward{'<gru>' if gates == 3 else ''}{'<resets>' if resets else ''} {arch} {op}"
+        print(f"\n[wide] {tag} (B={FLAGSHIP_B}, H={d['H']}): " + ", ".join(f"{k}={v}" for k, v in counts.items())
+              + f"; busiest warp {d['longest']} pairs, {d['hmma_busiest']} HMMA, ideal {d['hmma_ideal']:g}; "
+              f"REG/STACK/LOCAL {regs.get(name)}")
+        problems = wide_problems(counts, d)
+        assert not problems, (tag, problems, counts)
+        # the busiest warp's range fits the slots, and its HMMA (2 chunks x 2 tiles x passes per pair) are
+        # within 10% of the even share of the block's product
+        assert d["fits"] and d["longest"] <= d["slots"], (tag, d)
+        assert abs(d["hmma_busiest"] / d["hmma_ideal"] - 1.0) <= 0.10, (tag, d)
+        if op in FAST_ACTIVATION_OPS:
+            problems = cell_problems(counts, activations_per_step("fused_backward_kernel", gates))
+            assert not problems, (tag, problems, counts)
+        else:  # float32 accuracy: the precise activations, no fast argument
+            assert counts["fast_arguments"] == 0, (tag, counts)
+        # no spill: the 8 x 12 registers of the slots and the two n tiles' accumulators fit the 255 of a thread
+        assert name in regs and regs[name][0] <= 255 and regs[name][1:] == (0, 0), (tag, regs.get(name))
+        assert not any(re.search(r"\b(LDL|STL)\b", t) for _, t in instrs), (tag, "local memory")
+
+
+def test_wide_float_design_shape_is_the_largest_the_slots_hold(plan_dump):
+    """WIDE_FLOAT_H is where the float instances' counts are taken because the slots hold their ranges there and
+    at no larger H (the plan's bwd_wide_fits), and not at the flagship."""
+    for gates, H in WIDE_FLOAT_H.items():
+        assert plan_dump(FLAGSHIP_B, H, 4, H)["bwd_wide_fits"][str(gates)], (gates, H)
+        assert not plan_dump(FLAGSHIP_B, H + 1, 4, H + 1)["bwd_wide_fits"][str(gates)], (gates, H)
+        assert not plan_dump(FLAGSHIP_B, FLAGSHIP_H, 4, FLAGSHIP_H)["bwd_wide_fits"][str(gates)], gates
+        assert plan_dump(FLAGSHIP_B, FLAGSHIP_H, 2, FLAGSHIP_H)["bwd_wide_fits"][str(gates)], gates
+
+
 def test_the_ops_name_their_activations_as_the_checks_assume():
     """FAST_ACTIVATION_OPS is what fused_common.cuh's Op structs say."""
     header = (ROOT / "csrc" / "fused" / "fused_common.cuh").read_text()
@@ -570,36 +758,42 @@ def test_the_ops_name_their_activations_as_the_checks_assume():
 
 
 #: What all blocks together read from L2 per step for the exchange at the flagship (B = 16, H = 768), in MB, as
-#: the kernels' docstrings state it: (kernel, storage bytes, tagged) -> MB. The forward's h_{t-1} (the tagged
-#: exchange's 8-byte words carry 4 bytes of h: twice the copy's bytes), the backward's dG_{t+1}.
-EXCHANGE_MB = {("fused_forward_kernel", 2, False): 2.4, ("fused_forward_kernel", 2, True): 4.7,
-               ("fused_backward_kernel", 2, False): 9.4, ("fused_backward_kernel", 4, False): 18.9}
+#: the kernels' docstrings state it: (kernel, storage bytes, variant) -> MB, variant "" (the copy; the backward's
+#: ring), "tagged" or "wide". The forward's h_{t-1} (the tagged exchange's 8-byte words carry 4 bytes of h: twice
+#: the copy's bytes), the backward's dG_{t+1} (the wide backward's blocks of WIDE_UNITS: half the blocks, each
+#: reading the same whole dG of its batch tile: 48 blocks x 16 rows x 6144 bytes).
+EXCHANGE_MB = {("fused_forward_kernel", 2, ""): 2.4, ("fused_forward_kernel", 2, "tagged"): 4.7,
+               ("fused_backward_kernel", 2, ""): 9.4, ("fused_backward_kernel", 4, ""): 18.9,
+               ("fused_backward_kernel", 2, "wide"): 4.7}
 
 
-def exchange_bytes_per_step(d: dict, stem: str, tagged: bool = False) -> int:
+def exchange_bytes_per_step(d: dict, stem: str, variant: str = "") -> int:
     """From the plan (fused_plan.cuh run on the host: the kernels' own grid and k ranges): the bytes of the
     exchange every block reads per step, summed over the grid; each warp reads its k range of the batch
-    tile's rows (the forward's in chunks, the backward's in pairs of chunks)."""
+    tile's rows (the forward's in chunks, the backward's in pairs of chunks). ``variant``: "tagged" (the
+    forward's tagged words), "wide" (the wide backward's grid, the plan's wide_grid)."""
     if stem == "fused_forward_kernel":
-        per_row = sum(e - b for b, e in d["fwd_gate_k"]) * d["CHUNK_BYTES"] * (2 if tagged else 1)
+        per_row = sum(e - b for b, e in d["fwd_gate_k"]) * d["CHUNK_BYTES"] * (2 if variant == "tagged" else 1)
     else:
         per_row = sum(e - b for b, e in d["bwd_gate_k"]) * 2 * d["CHUNK_BYTES"]
-    blocks = d["grid"][0] * d["grid"][1]
-    return blocks * d["BATCH_TILE"] * per_row
+    grid = d["wide_grid"] if variant == "wide" else d["grid"]
+    return grid[0] * grid[1] * d["BATCH_TILE"] * per_row
 
 
-@pytest.mark.parametrize("stem, elem, tagged", sorted(EXCHANGE_MB), ids=[
-    f"{s.split('_')[1]}-{8 * e}bit{'-tagged' if t else ''}" for s, e, t in sorted(EXCHANGE_MB)])
-def test_exchange_l2_bytes_per_step_from_the_plan(plan_dump, stem, elem, tagged):
+@pytest.mark.parametrize("stem, elem, variant", sorted(EXCHANGE_MB), ids=[
+    f"{s.split('_')[1]}-{8 * e}bit{'-' + v if v else ''}" for s, e, v in sorted(EXCHANGE_MB)])
+def test_exchange_l2_bytes_per_step_from_the_plan(plan_dump, stem, elem, variant):
     """The L2 traffic of the exchange per step (issue 21: the backward is bound by it), from the plan, is the
     docstring's figure, and the docstring states it: a plan that reads more (a warp reading a k range twice,
-    smaller blocks) changes the figure."""
+    smaller blocks) changes the figure. The wide backward's grid is ceil(H / WIDE_UNITS) unit blocks."""
     d = plan_dump(FLAGSHIP_B, FLAGSHIP_H, elem, FLAGSHIP_H)
-    mb = exchange_bytes_per_step(d, stem, tagged) / 1e6
-    print(f"\n{stem} {8 * elem}-bit{' tagged' if tagged else ''}: {mb:.2f} MB of L2 reads per step")
-    assert round(mb, 1) == EXCHANGE_MB[stem, elem, tagged], mb
+    if variant == "wide":
+        assert d["wide_grid"] == [-(-FLAGSHIP_H // d["WIDE_UNITS"]), d["grid"][1]], (d["wide_grid"], d["WIDE_UNITS"])
+    mb = exchange_bytes_per_step(d, stem, variant) / 1e6
+    print(f"\n{stem} {8 * elem}-bit{' ' + variant if variant else ''}: {mb:.2f} MB of L2 reads per step")
+    assert round(mb, 1) == EXCHANGE_MB[stem, elem, variant], mb
     source = (ROOT / "csrc" / "fused" / f"{stem.rsplit('_', 1)[0]}.cu").read_text()
-    assert f"{EXCHANGE_MB[stem, elem, tagged]} MB" in source, "the docstring no longer states the figure"
+    assert f"{EXCHANGE_MB[stem, elem, variant]} MB" in source, "the docstring no longer states the figure"
 
 
 def test_exchange_bytes_check_catches_smaller_blocks(tmp_path):
@@ -614,7 +808,7 @@ def test_exchange_bytes_check_catches_smaller_blocks(tmp_path):
     if mutant_dump is None:
         pytest.skip("no host C++ compiler")
     mb = exchange_bytes_per_step(mutant_dump(FLAGSHIP_B, FLAGSHIP_H, 2, FLAGSHIP_H), "fused_forward_kernel") / 1e6
-    assert round(mb, 1) != EXCHANGE_MB["fused_forward_kernel", 2, False], mb
+    assert round(mb, 1) != EXCHANGE_MB["fused_forward_kernel", 2, ""], mb
 
 
 def test_fused_kernels_use_no_local_memory(fused_sass):
@@ -646,6 +840,8 @@ def arrival_problems(counts: dict, d: dict) -> list:
     problems = []
     if counts["arrival_barriers"] != d["release_add"]:
         problems.append(f"{counts['arrival_barriers']} named barriers for {d['release_add']} arrivals")
+    elif counts["arrival_threads"] != [d["arrival_threads"]] * d["release_add"]:
+        problems.append(f"named barriers of {counts['arrival_threads']} threads, designed {d['arrival_threads']}")
     if counts["fences"] != d["release_add"] or counts["sc_fences"]:
         problems.append(f"{counts['fences']} fences ({counts['sc_fences']} SC) for {d['release_add']} arrivals")
     if counts["stores_before_arrivals"] != d["exchange_stores"]:
@@ -674,20 +870,26 @@ def tagged_problems_of(loop: "StepLoop", plan_dump) -> list:
     return tagged_problems(tagged_counts(loop), slots)
 
 
+def wide_problems_of(loop: "StepLoop", plan_dump) -> list:
+    return wide_problems(wide_counts(loop), wide_design(plan_dump, "Fp16Mma"))
+
+
 #: Mutants of the fp16 LSTM forward (csrc/fused/) and the check that must catch each: the arrival as it
 #: was, one per warp with a fence of every lane and a release-add by each cell warp's lane 0; h_all
 #: stored before the arrival, so its fence waits for it; the register path reading W from shared memory; a
 #: fence in the tagged exchange's spin (each round would wait for the warp's earlier stores); a fence between
 #: the tagged wait and the MMAs (an "acquire" the single-copy atomic words do not need); the fast
 #: activations' sigmoid as the precise expf and division (the division's slow path behind a branch and a call);
-#: their tanh as tanhf (branch free too, one MUFU.EX2 and one MUFU.RCP, but not the fast formula).
+#: their tanh as tanhf (branch free too, one MUFU.EX2 and one MUFU.RCP, but not the fast formula). And one of
+#: the fp16 LSTM's wide backward (MUTANT_KERNELS): split_k_mma_wide without the __syncwarp after its loads, which
+#: ptxas then sinks each to its MMAs (2 of the 24 before the first HMMA: one slot in flight at a time).
 SOURCE_MUTANTS = {
     "tanhf as the fast tanh": ("common/cell.cuh", "return fmaf(2.0f, rcp_approx(1.0f + exp2_approx(x * (2.0f * kNegLog2e))), -1.0f);",
                                "return tanhf(x);", cell_problems_of),
     "precise sigmoid": ("common/cell.cuh",
                         "static LSTM_HD float sigmoid(float x) { return rcp_approx(1.0f + exp2_approx(x * kNegLog2e)); }",
                         "static LSTM_HD float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }", cell_problems_of),
-    "arrival per warp": ("fused/fused_common.cuh", """  asm volatile("bar.sync 1, %0;" ::"n"(CELL_WARPS * 32) : "memory");
+    "arrival per warp": ("fused/fused_common.cuh", """  asm volatile("bar.sync 1, %0;" ::"n"(CELL_THREADS) : "memory");
   if (threadIdx.x == 0) asm""", """  __threadfence();
   __syncwarp();
   if ((threadIdx.x & 31) == 0) asm""", arrival_problems_of),
@@ -698,6 +900,10 @@ SOURCE_MUTANTS = {
     "W from shared memory in the register path": (
         "fused/fused_forward.cu", "chunk_mma(w_reg[i][0], w_reg[i][1], h[i]);",
         "chunk_mma(w_frags(ks_begin + i, 0), w_reg[i][1], h[i]);", register_path_problems),
+    "wide loads sunk to their MMAs": (
+        "fused/fused_common.cuh",
+        "    __syncwarp();  // a memory-ordering point ptxas keeps the loads above: all in flight, none sunk to its MMA\n",
+        "", wide_problems_of),
     "fence in the tagged spin": ("fused/fused_common.cuh", """    if (round % TAGGED_ROUNDS_PER_CHECK == 0) {""",
                                  """    __threadfence();
     if (round % TAGGED_ROUNDS_PER_CHECK == 0) {""", tagged_problems_of),
@@ -712,20 +918,26 @@ SOURCE_MUTANTS = {
 }
 
 
+#: The kernel a mutant is read in, (source, stem, wide), where it is not the fp16 LSTM forward.
+MUTANT_KERNELS = {"wide loads sunk to their MMAs": ("fused/fused_backward.cu", "fused_backward_kernel", True)}
+
+
 @pytest.mark.parametrize("mutant", sorted(SOURCE_MUTANTS))
 def test_step_checks_catch_a_mutant_source(tmp_path, plan_dump, mutant):
-    """The checks of the arrival and of the register path fail on the forward compiled from a mutant of
-    its source (the unmutated source, compiled the same way, passes them in
-    test_fused_step_loop_structure)."""
+    """The checks of the arrival, of the register path, of the tagged exchange, of the cell and of the wide
+    backward fail on the fp16 LSTM kernel (the forward; the wide backward where MUTANT_KERNELS says) compiled
+    from a mutant of its source (the unmutated source, compiled the same way, passes them in
+    test_fused_step_loop_structure and test_wide_backward_step_loop_structure)."""
     path, site, replacement, problems_of = SOURCE_MUTANTS[mutant]
+    source, stem, wide = MUTANT_KERNELS.get(mutant, ("fused/fused_forward.cu", "fused_forward_kernel", False))
     csrc = tmp_path / "csrc"
     shutil.copytree(ROOT / "csrc", csrc)
     text = (csrc / path).read_text()
     assert text.count(site) == 1, f"{path}: the mutated site is gone"
     (csrc / path).write_text(text.replace(site, replacement))
-    listings, _ = compile_cubins(["fused/fused_forward.cu"], ("sm_90",), tmp_path, csrc=csrc)
-    name, instrs = _kernels(functions_of(listings), "fused_forward_kernel", "sm_90", False)["Fp16Mma"]
-    problems = problems_of(step_loop_of(name, instrs), plan_dump)
+    listings, _ = compile_cubins([source], ("sm_90",), tmp_path, csrc=csrc)
+    name, instrs = _kernels(functions_of(listings), stem, "sm_90", False, wide=wide)["Fp16Mma"]
+    problems = problems_of(step_loop_of(name, instrs, unrolled=wide), plan_dump)
     print(f"\n[{mutant}] {problems}")
     assert problems
 
@@ -794,21 +1006,29 @@ def _loop_counts(loop: StepLoop) -> dict:
                 k_loops=[_k_loop_profile(loop, lp) for lp in loop.k_loops])
 
 
+#: FAMILIES and the wide backward's (stem, proj, gates, wide).
+ALL_FAMILIES = ([(s, p, g, False) for s, p, g in FAMILIES]
+                + [("fused_backward_kernel", False, g, True) for g in WIDE_GATES])
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("stem, proj, gates", FAMILIES,
-                         ids=[f"{s.split('_')[1]}{'-proj' if p else ''}{'-gru' if g == 3 else ''}" for s, p, g in FAMILIES])
-def test_resets_instance_adds_only_the_mask(fused_sass, arch, stem, proj, gates):
+@pytest.mark.parametrize("stem, proj, gates, wide", ALL_FAMILIES,
+                         ids=[f"{s.split('_')[1]}{'-wide' if w else ''}{'-proj' if p else ''}{'-gru' if g == 3 else ''}"
+                              for s, p, g, w in ALL_FAMILIES])
+def test_resets_instance_adds_only_the_mask(fused_sass, arch, stem, proj, gates, wide):
     """The instance with resets against the one without, per Op: the same k loops (the same instructions
-    but for how the address arithmetic is written: at most 2, or a sixth of the loop, more of it),
-    HMMA, block barriers, release-adds and polls; one byte load in the step loop (the flags) and at
-    most one global load more than without, none in a nested loop; one vote in the forward (the batch tile's flags), none in the backward; and
+    but for how the address arithmetic is written: at most 2, or a sixth of the loop, more of it; the wide
+    backward has none), HMMA, block barriers, release-adds and polls (with the wide backward's operand
+    loads); one byte load in the step loop (the flags) and at most one global load more than without, none
+    in a nested loop; one vote in the forward (the batch tile's flags), none in the backward; and
     nothing else but integer, select and control instructions more."""
     funcs, _ = fused_sass
-    free, with_resets = _kernels(funcs, stem, arch, proj, gates=gates), _kernels(funcs, stem, arch, proj, True, gates)
+    free = _kernels(funcs, stem, arch, proj, gates=gates, wide=wide)
+    with_resets = _kernels(funcs, stem, arch, proj, True, gates, wide=wide)
     for op in OPS:
-        a, b = (step_loop_of(k[op][0], k[op][1]) for k in (free, with_resets))
+        a, b = (step_loop_of(k[op][0], k[op][1], unrolled=wide) for k in (free, with_resets))
         ca, cb = _loop_counts(a), _loop_counts(b)
-        tag = f"{stem}{'<proj>' if proj else ''}{'<gru>' if gates == 3 else ''} {arch} {op}"
+        tag = f"{stem}{'<wide>' if wide else ''}{'<proj>' if proj else ''}{'<gru>' if gates == 3 else ''} {arch} {op}"
         # "@!PT" (never true) instructions are placeholders ptxas emits after cp.async; they never run
         ops_a, ops_b = ({} for _ in range(2))
         for ops, loop in ((ops_a, a), (ops_b, b)):
@@ -847,8 +1067,8 @@ def test_structure_checks_can_fail():
 
 
 def test_extension_carries_the_fused_kernels_for_sm80_and_sm90():
-    """The built extension holds the fused kernels (every Op, with and without projection)
-    for both architectures, so what these checks read is what the GPU will run."""
+    """The built extension holds the fused kernels (every Op, with and without projection, the backward's
+    wide instances too) for both architectures, so what these checks read is what the GPU will run."""
     try:
         from lstm_kernels import _C
     except ImportError:
@@ -859,8 +1079,10 @@ def test_extension_carries_the_fused_kernels_for_sm80_and_sm90():
         for stem in ("fused_forward_kernel", "fused_backward_kernel"):
             names = [n for (a, n) in funcs if a == arch and stem in n]
             assert len(names) == INSTANCES[stem] * len(OPS), (arch, stem, names)
+            wide = [n for n in names if is_wide_backward(n)]
+            assert len(wide) == (4 * len(OPS) if stem == "fused_backward_kernel" else 0), (arch, stem, wide)
             for name in names:  # the extension's instance has the same step loop as the standalone build
-                loop = step_loop_of(name, funcs[(arch, name)])
+                loop = step_loop_of(name, funcs[(arch, name)], unrolled=is_wide_backward(name))
                 proj = flags_tag(True, False) in name or flags_tag(True, True) in name
                 gates = 3 if any(flags_tag(False, r, 3) in name for r in (False, True)) else 4
                 assert loop.count(is_bar_sync) == design(stem, proj, op_of(name), gates=gates)["bar_sync"], name

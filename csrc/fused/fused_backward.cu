@@ -23,7 +23,7 @@
 // Tiling: grid (ceil(H / UNITS), ceil(B / BATCH_TILE)); block q owns units [8q, 8q + 8) for
 // batch rows [16y, 16y + 16) and holds W_hh[:, units] in shared memory for the whole launch as
 // [unit][r'] with the reduction index interleaved on the host, r' = 4j + g <-> r = g*H + j
-// (w_bwd [ceil(H/8)*8, 4H]); the dG exchange buffer dgx uses the same r' order, so a cell
+// (w_bwd [ceil(H/16)*16, 4H]); the dG exchange buffer dgx uses the same r' order, so a cell
 // thread stores its four gate gradients as one 8-byte (float: 16-byte) store. 8 warps split the
 // pairs of chunks of K4p (two accumulators per warp to halve the dependent chain); products dG
 // (16 x K4p, A operand) x W^T slice (B operand, ldmatrix from the resident slice). dG is not held
@@ -78,8 +78,9 @@
 // |   per SM per step, where the ring reads 144 KB and writes 96 KB)          |          |
 // | reduce (8 tiles of partial sums) and the cell                            | <= 0.2 us |
 // | **backward step**                                                        | **<= 2.3 us** |
-// The price: 196 registers (16-bit LSTM; the 24 loads' 96), the slots' unrolled code, 16-bit ranges only at
-// the flagship (float's 24 pairs per warp outgrow the slots: the ring serves), and 16 x (K4p e + 16) + 8 KB of
+// The price: 196 registers (16-bit LSTM; the 24 loads' 96), the slots' unrolled code, a range of at most 12
+// pairs (16 bits: H <= 768 for the LSTM, 1024 for the GRU; float: 384 and 512, beyond which the ring
+// serves), and 16 x (K4p e + 16) + 8 KB of
 // shared memory (106.8 KB at H = 768 in 16 bits: sm_80 holds it too). Which of the two wins is for a GPU to
 // measure; the default stays the ring.
 //
@@ -185,7 +186,7 @@ __device__ __forceinline__ void store_outputs(T* dg, int H, T* d_hn_out, const R
 // dc_T, dc0 unused, d_hn written.
 template <typename Op, bool PROJ, bool RESETS, int GATES, bool WIDE = false, typename T = typename Op::T>
 __global__ void __launch_bounds__(THREADS, 1)
-    fused_backward_kernel(const T* __restrict__ w_bwd,        // [ceil(P/8)*8, GATES*H] W_hh^T, columns interleaved
+    fused_backward_kernel(const T* __restrict__ w_bwd,        // [ceil(P/16)*16, GATES*H] W_hh^T, columns interleaved
                           const T* __restrict__ w_hrT,        // [ceil(H/8)*8, P] W_hr^T (PROJ)
                           const float* __restrict__ act,      // [T, B, GATES*H] fp32 activations from forward
                           const float* __restrict__ c_all,    // [T, B, H] fp32 cell states (the GRU's hn)
@@ -413,8 +414,10 @@ bool serves_wide(int wide, int H, int P) {
     cudaFuncAttributes attr;
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-        cudaFuncGetAttributes(&attr, fused_backward_kernel<Op, false, RESETS, GATES, true>) != cudaSuccess)
+        cudaFuncGetAttributes(&attr, fused_backward_kernel<Op, false, RESETS, GATES, true>) != cudaSuccess) {
+      cudaGetLastError();  // not left pending for the launch to report; the ring's plan asks again
       return false;
+    }
     return backward_smem_bytes(H, P, false, E, GATES, true) + attr.sharedSizeBytes <= (size_t)optin;
   }
 }

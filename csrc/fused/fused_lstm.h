@@ -41,17 +41,17 @@ int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, const void*
                        long long barrier_timeout_ns, long long barrier_kernel, void* stream, int gates,
                        const void* b_hn, int w_registers, void* hx_tagged);
 
-// w_bwd [ceil(P/8)*8, 4H] (cuda/fused.py's interleave_backward); w_hrT [ceil(H/8)*8, P] or null; act,
+// w_bwd [ceil(P/16)*16, 4H] (cuda/fused.py's interleave_backward; whole blocks of either variant); w_hrT [ceil(H/8)*8, P] or null; act,
 // c_all from the forward; c0 [B,H]; dh_all [T,B,P]; dh_T [B,P]; dc_T [B,H]; dc_work [B,H] fp32;
 // dgx [2,Bp,K4p] zeroed; dhx [Bp,Pk] zeroed (proj) or null; out dG [T,B,4H], dh0 [B,P], dc0
 // [B,H], dh_tot [T,B,P] fp32 (proj: dh_t for dW_hr) or null; resets as the forward's (nothing flows
 // back across a reset: dh_{t-1}, dc_{t-1} leave step t as 0 for that row; dG_t itself unchanged).
-// gates: 4 the LSTM; 3 the GRU (no projection): w_bwd [ceil(H/8)*8, 3H] (r' = 3j + g), act / c_all the
+// gates: 4 the LSTM; 3 the GRU (no projection): w_bwd [ceil(H/16)*16, 3H] (r' = 3j + g), act / c_all the
 // GRU forward's (r, z, n; hn), c0 = h0, h_all [T,B,H] the forward's h_t, dc_T, dc0 null, d_hn [T,B,H] out,
 // dgx [2,Bp,K3p]; dc_work carries dh_t z_t between launches.
 // wide: 1 the wide backward (fused_plan.cuh: 16 units per block, dG loaded straight into MMA fragments; the
 // same bits) where it serves (no projection, every warp's range in WIDE_PAIR_SLOTS, its shared memory within
-// the device's opt-in), else the ring's kernel; w_bwd then has ceil(P/16)*16 rows.
+// the device's opt-in), else the ring's kernel.
 int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_hrT, const float* act, const float* c_all,
                         const void* c0, const void* dh_all, const void* dh_T, const void* dc_T, float* dc_work,
                         void* dgx, void* dhx, void* dG, void* dh0, void* dc0, float* dh_tot,

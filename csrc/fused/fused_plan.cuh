@@ -113,7 +113,7 @@ FUSED_HD int fwd_n_element(int w, int lane) { return ((lane >> 2) & 1) + 2 * ((w
 FUSED_HD constexpr int bwd_stage_pairs(int gates) { return gates == 4 ? STAGE_PAIRS : 1; }
 
 // Backward interleaving of the reduction index: r' = 4j + g <-> r = g*H + j, both for the
-// columns of w_bwd [unit_blocks(H) * UNITS, 4H] (= W_hh^T, rows of units >= H zero) and the dG
+// columns of w_bwd [bwd_unit_blocks(H, true) * WIDE_UNITS, 4H] (= W_hh^T, rows of units >= H zero) and the dG
 // exchange buffer; the GRU's (gates = 3) r' = 3j + g over 3H.
 FUSED_HD int bwd_col(int g, int j, int gates = 4) { return gates * j + g; }
 

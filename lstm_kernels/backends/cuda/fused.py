@@ -474,7 +474,11 @@ def refused_cooperative_launches() -> dict:
 
 
 def _refusal_key(device: torch.device, direction: str, dtype, B: int, H: int, P: int, cell: str = LSTM) -> tuple:
-    return (str(device), "fused-" + direction, dtype, B, H, P) + (() if cell == LSTM else (cell,))
+    """The key of a refused cooperative launch: the call's shape, cell and, for the backward, its variant
+    (the wide backward's grid is not the ring's)."""
+    wide = direction == "backward" and fused_backward_wide()
+    return (str(device), "fused-" + direction, dtype, B, H, P) + (() if cell == LSTM else (cell,)) + (
+        ("wide",) if wide else ())
 
 
 def smem_optin(device: torch.device) -> int:
