@@ -656,10 +656,6 @@ IDENTITY_WIDE_WORD = "FUSED_HD int wide_word(int w) { return w; }"
 WIDE_WORD_SITE = "FUSED_HD int wide_word(int w) { return (w & 3) * 4 + (w >> 2); }"
 
 
-def _wide_fits(H: int, elem: int, n_gates: int) -> bool:
-    return cf.bwd_gate_k_longest(H, elem, n_gates) <= cf.WIDE_PAIR_SLOTS
-
-
 def test_wide_constants_agree_with_the_header(plan_dump):
     d = plan_dump(3, 5)
     assert (d["WIDE_UNITS"], d["WIDE_PAIR_SLOTS"]) == (cf.WIDE_UNITS, cf.WIDE_PAIR_SLOTS) == (16, 12)
@@ -671,7 +667,7 @@ def test_wide_constants_agree_with_the_header(plan_dump):
 @pytest.mark.parametrize("elem", ELEMS)
 @pytest.mark.parametrize("B, H", WIDE_SHAPES)
 def test_wide_maps_agree_with_python(plan_dump, B, H, elem):
-    """The wide backward's grid, busiest warp, slot test, exchange layout, lane loads and cell threads of the
+    """The wide backward's grid, busiest warp, batches of slots, exchange layout, lane loads and cell threads of the
     header are the Python mirror's (fused.py), for the LSTM (4 gates) and the GRU (3)."""
     d = plan_dump(B, H, elem)
     assert tuple(d["wide_grid"]) == (-(-H // cf.WIDE_UNITS), cf.batch_tiles(B))
@@ -679,7 +675,7 @@ def test_wide_maps_agree_with_python(plan_dump, B, H, elem):
     for n_gates in (4, 3):
         key = str(n_gates)
         assert d["bwd_gate_k_longest"][key] == cf.bwd_gate_k_longest(H, elem, n_gates), d["bwd_gate_k_longest"]
-        assert d["bwd_wide_fits"][key] is _wide_fits(H, elem, n_gates), (n_gates, d["bwd_wide_fits"])
+        assert d["bwd_wide_batches"][key] == cf.bwd_wide_batches(H, elem, n_gates), (n_gates, d["bwd_wide_batches"])
     # the busiest warp of the kernels' own k ranges (bwd_gate_k; the GRU's K = 3H: bwd_gru_gate_k)
     assert d["bwd_gate_k_longest"]["4"] == max(e - b for b, e in d["bwd_gate_k"])
     assert d["bwd_gate_k_longest"]["3"] == max(e - b for b, e in d["bwd_gru_gate_k"])
@@ -873,17 +869,18 @@ def test_ring_cells_are_unchanged(plan_dump, B, H):
         assert (b, j) == old == cf.bwd_cell(q, y, w, lane) == cf.bwd_cell(q, y, w, lane, cf.UNITS)
 
 
-def test_wide_fits_at_the_flagship(plan_dump):
-    """The slots hold the busiest warp's pairs at the flagship (B = 16, H = 768) in 16 bits: the LSTM's
-    4H = 3072 (12 pairs), the GRU's 3H (9); not float's 24 nor the LSTM's 16 pairs at H = 1024."""
-    cases = [(768, 2, "4", 12, True), (768, 2, "3", 9, True), (768, 4, "4", 24, False), (768, 4, "3", 18, False),
-             (1024, 2, "4", 16, False), (1024, 2, "3", 12, True)]
-    for H, elem, gates, longest, fits in cases:
+def test_wide_batches_at_the_flagship(plan_dump):
+    """The slots hold the busiest warp's pairs at the flagship (B = 16, H = 768) in 16 bits in one batch (one
+    L2 round trip): the LSTM's 4H = 3072 (12 pairs), the GRU's 3H (9); float's 24 and 18 and the LSTM's 16
+    pairs at H = 1024 take two."""
+    cases = [(768, 2, "4", 12, 1), (768, 2, "3", 9, 1), (768, 4, "4", 24, 2), (768, 4, "3", 18, 2),
+             (1024, 2, "4", 16, 2), (1024, 2, "3", 12, 1)]
+    for H, elem, gates, longest, batches in cases:
         d = plan_dump(16, H, elem)
         ranges = d["bwd_gate_k" if gates == "4" else "bwd_gru_gate_k"]
         assert d["bwd_gate_k_longest"][gates] == longest == max(e - b for b, e in ranges), (H, elem, gates)
-        assert d["bwd_wide_fits"][gates] is fits is (longest <= d["WIDE_PAIR_SLOTS"]), (H, elem, gates)
-        assert _wide_fits(H, elem, int(gates)) is fits
+        assert d["bwd_wide_batches"][gates] == batches == -(-longest // d["WIDE_PAIR_SLOTS"]), (H, elem, gates)
+        assert cf.bwd_wide_batches(H, elem, int(gates)) == batches
     assert plan_dump(16, 768)["wide_grid"] == [48, 1]  # half the ring's 96 blocks
 
 

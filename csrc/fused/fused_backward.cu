@@ -62,7 +62,7 @@
 // THE WIDE BACKWARD (WIDE, LSTM_KERNELS_CUDA_FUSED_BACKWARD=wide; no PROJ; fused_plan.cuh): blocks of
 // WIDE_UNITS = 16 units, two n8 tiles, grid (ceil(H / 16), ceil(B / 16)): 48 blocks at the flagship, so the
 // grid reads dG_{t+1} half as often, 48 blocks x 98 KB = 4.7 MB of L2 reads per step in 16 bits. Each warp
-// loads its k range (12 pairs at the flagship, at most WIDE_PAIR_SLOTS) straight into A fragments, one
+// loads its k range (12 pairs at the flagship, WIDE_PAIR_SLOTS at a time) straight into A fragments, one
 // 16-byte ld.global.cg per row half and pair, all 24 in flight at once (split_k_mma_wide), from an
 // exchange laid out for those loads (wide_exchange_pos: the cell thread's gate gradients land where a
 // lane's 16 bytes are its ldmatrix registers of both chunks); so no ring, no cp.async, no shared-memory
@@ -78,11 +78,10 @@
 // |   per SM per step, where the ring reads 144 KB and writes 96 KB)          |          |
 // | reduce (8 tiles of partial sums) and the cell                            | <= 0.2 us |
 // | **backward step**                                                        | **<= 2.3 us** |
-// The price: 196 registers (16-bit LSTM; the 24 loads' 96), the slots' unrolled code, a range of at most 12
-// pairs (16 bits: H <= 768 for the LSTM, 1024 for the GRU; float: 384 and 512, beyond which the ring
-// serves), and 16 x (K4p e + 16) + 8 KB of
-// shared memory (106.8 KB at H = 768 in 16 bits: sm_80 holds it too). Which of the two wins is for a GPU to
-// measure; the default stays the ring.
+// The price: 168 registers (16-bit LSTM; the 24 loads' 96), the slots' unrolled code, one L2 round trip per
+// 12 pairs of a warp's range (two in float at the flagship: 24 pairs, 9.4 MB per step where the ring reads
+// 18.9), and 16 x (K4p e + 16) + 8 KB of shared memory (106.8 KB at H = 768 in 16 bits, sm_80 holds it too;
+// 204.9 KB in float, sm_90 only). Which of the two wins is for a GPU to measure; the default stays the ring.
 //
 // RESETS (resets [T, B] uint8, as the forward's): nothing flows back across a reset. The cell thread
 // prefetches its row's flag of step t with the step's other inputs (one byte load, hidden) and, where
@@ -400,16 +399,16 @@ size_t backward_smem_bytes(int H, int P, bool proj, int elem, int gates, bool wi
          (size_t)WARPS * 4 * nt * 32 * sizeof(float) + (proj ? (size_t)(UNITS + BATCH_TILE) * LDP * elem : 0);
 }
 
-// Whether the wide backward serves (H, P) when asked for (`wide`): no projection, every warp's k range in
-// its slots (bwd_wide_fits), and its block's shared memory within the current device's opt-in; else the
-// ring serves. The plan and the launch ask the same question, so they describe the same kernel.
+// Whether the wide backward serves (H, P) when asked for (`wide`): no projection, and its block's shared
+// memory within the current device's opt-in (H <= 1744 for the LSTM in 16 bits on sm_90, where the ring's
+// reaches 2408; 872 and 1204 in float); else the ring serves. The plan and the launch ask the same question, so they describe the same kernel.
 template <typename Op, bool PROJ, bool RESETS, int GATES>
 bool serves_wide(int wide, int H, int P) {
   if constexpr (PROJ) {
     return false;
   } else {
     constexpr int E = sizeof(typename Op::T);
-    if (!wide || !bwd_wide_fits(H, E, GATES)) return false;
+    if (!wide) return false;
     int dev = 0, optin = 0;
     cudaFuncAttributes attr;
     if (cudaGetDevice(&dev) != cudaSuccess ||

@@ -553,11 +553,11 @@ __device__ __forceinline__ void load_cg_16(uint4& v, const void* p, bool load) {
 
 // The wide backward's product (fused_plan.cuh, "the wide backward"): dG (16 rows x K) x the resident
 // W^T slice of 8 NT units, K split over the warps as split_k_mma_16x8's. Each warp loads its pairs of
-// chunks [kp_begin, kp_end) (at most SLOTS) of dG straight from the exchange (src: the batch tile's first
-// row, rows of row_bytes bytes, laid out by wide_exchange_pos) into A fragments: one 16-byte load per
-// row half and pair, all issued before the first MMA (8 SLOTS registers: the whole range in flight at
-// once, one L2 round trip), through L2 only (ld.global.cg: the slot is rewritten two steps later, and L1
-// is not coherent). B comes from the W^T slice by ldmatrix (b_base:
+// chunks [kp_begin, kp_end) of dG straight from the exchange (src: the batch tile's first row, rows of
+// row_bytes bytes, laid out by wide_exchange_pos) into A fragments, SLOTS pairs at a time: one 16-byte
+// load per row half and pair, a batch's loads all issued before its first MMA (8 SLOTS registers: a range
+// of at most SLOTS pairs in flight at once, one L2 round trip; a longer one in ceil(range / SLOTS)),
+// through L2 only (ld.global.cg: the slot is rewritten two steps later, and L1 is not coherent). B comes from the W^T slice by ldmatrix (b_base:
 // ldsm_b8x2's lane address of n tile 0; tile n is 8 n rows of ldb bytes further). The MMAs of each tile
 // run in split_k_mma_16x8's order (chunk 0 of a pair into acc0, chunk 1 into acc1), on the operands the
 // ring's ldmatrix would give, so the sums are the ring's bits. Every thread of the block must call it
@@ -568,27 +568,30 @@ __device__ __forceinline__ float split_k_mma_wide(const unsigned char* src, int 
                                                   int lane) {
   float acc[NT][2][4] = {};
   if (active) {
-    const int n = kp_end - kp_begin;
-    uint4 a[SLOTS][2] = {};
+#pragma unroll 1
+    for (int base = kp_begin; base < kp_end; base += SLOTS) {  // one trip where the range fits the slots
+      const int n = min(SLOTS, kp_end - base);
+      uint4 a[SLOTS][2] = {};
 #pragma unroll
-    for (int i = 0; i < SLOTS; ++i)
+      for (int i = 0; i < SLOTS; ++i)
 #pragma unroll
-      for (int half = 0; half < 2; ++half)
-        load_cg_16(a[i][half], src + wide_lane_byte(lane, half, kp_begin + i, row_bytes), i < n);
-    __syncwarp();  // a memory-ordering point ptxas keeps the loads above: all in flight, none sunk to its MMA
+        for (int half = 0; half < 2; ++half)
+          load_cg_16(a[i][half], src + wide_lane_byte(lane, half, base + i, row_bytes), i < n);
+      __syncwarp();  // a memory-ordering point ptxas keeps the loads above: all in flight, none sunk to its MMA
 #pragma unroll
-    for (int i = 0; i < SLOTS; ++i) {
-      if (i < n) {
-        // chunk 0: a0 = row r word 0, a1 = row r + 8 word 0, a2, a3 = words 1; chunk 1: words 2, 3
-        const uint32_t r0[4] = {a[i][0].x, a[i][1].x, a[i][0].y, a[i][1].y};
-        const uint32_t r1[4] = {a[i][0].z, a[i][1].z, a[i][0].w, a[i][1].w};
-        const Frag<Op> a0 = frag_of<Op>(r0), a1 = frag_of<Op>(r1);
-        const uint32_t b_pair = b_base + (kp_begin + i) * 2 * CHUNK_BYTES;
+      for (int i = 0; i < SLOTS; ++i) {
+        if (i < n) {
+          // chunk 0: a0 = row r word 0, a1 = row r + 8 word 0, a2, a3 = words 1; chunk 1: words 2, 3
+          const uint32_t r0[4] = {a[i][0].x, a[i][1].x, a[i][0].y, a[i][1].y};
+          const uint32_t r1[4] = {a[i][0].z, a[i][1].z, a[i][0].w, a[i][1].w};
+          const Frag<Op> a0 = frag_of<Op>(r0), a1 = frag_of<Op>(r1);
+          const uint32_t b_pair = b_base + (base + i) * 2 * CHUNK_BYTES;
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const Frag<Op> bw = ldsm_frag<Op>(b_pair + nt * 8 * ldb);
-          mma_chunk<Op>(acc[nt][0], a0, bw, 0);
-          mma_chunk<Op>(acc[nt][1], a1, bw, 1);
+          for (int nt = 0; nt < NT; ++nt) {
+            const Frag<Op> bw = ldsm_frag<Op>(b_pair + nt * 8 * ldb);
+            mma_chunk<Op>(acc[nt][0], a0, bw, 0);
+            mma_chunk<Op>(acc[nt][1], a1, bw, 1);
+          }
         }
       }
     }

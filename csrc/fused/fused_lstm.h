@@ -50,8 +50,7 @@ int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, const void*
 // GRU forward's (r, z, n; hn), c0 = h0, h_all [T,B,H] the forward's h_t, dc_T, dc0 null, d_hn [T,B,H] out,
 // dgx [2,Bp,K3p]; dc_work carries dh_t z_t between launches.
 // wide: 1 the wide backward (fused_plan.cuh: 16 units per block, dG loaded straight into MMA fragments; the
-// same bits) where it serves (no projection, every warp's range in WIDE_PAIR_SLOTS, its shared memory within
-// the device's opt-in), else the ring's kernel.
+// same bits) where it serves (no projection, its shared memory within the device's opt-in), else the ring's.
 int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_hrT, const float* act, const float* c_all,
                         const void* c0, const void* dh_all, const void* dh_T, const void* dc_T, float* dc_work,
                         void* dgx, void* dhx, void* dG, void* dh0, void* dc0, float* dh_tot,

@@ -133,8 +133,9 @@ FUSED_HD int bwd_cell_row(int y, int w, int lane) { return y * BATCH_TILE + (lan
 // in the order ldmatrix delivers them from the natural layout (a0, a2 of chunk 0, then of chunk 1):
 // the reduction index's 4-byte word w of a pair (64 bytes: 16 words) is stored at word
 // wide_word(w) = 4 (w % 4) + w / 4 (a 4 x 4 transpose, its own inverse). The products then take the
-// same operands in the same order as the ring's, so the two give the same bits. A warp's range is at
-// most WIDE_PAIR_SLOTS pairs (8 registers each, all loads issued at once); elsewhere the ring serves.
+// same operands in the same order as the ring's, so the two give the same bits. A warp takes its range
+// WIDE_PAIR_SLOTS pairs at a time (8 registers each, a batch's loads all issued at once): one batch at
+// the flagship in 16 bits (12 pairs), bwd_wide_batches of them where the range is longer.
 constexpr int WIDE_UNITS = 16;
 constexpr int WIDE_PAIR_SLOTS = 12;
 FUSED_HD int bwd_units(bool wide) { return wide ? WIDE_UNITS : UNITS; }
@@ -155,7 +156,10 @@ FUSED_HD int wide_lane_byte(int lane, int half, int pair, int row_bytes) {
 FUSED_HD int bwd_gate_k_longest(int H, int elem, int gates) {
   return (k_chunks(round_up(gates * H, kpad(elem)), elem) / 2 + WARPS - 1) / WARPS;
 }
-FUSED_HD bool bwd_wide_fits(int H, int elem, int gates) { return bwd_gate_k_longest(H, elem, gates) <= WIDE_PAIR_SLOTS; }
+// Batches of WIDE_PAIR_SLOTS pairs the wide backward's busiest warp loads per step (L2 round trips).
+FUSED_HD int bwd_wide_batches(int H, int elem, int gates) {
+  return (bwd_gate_k_longest(H, elem, gates) + WIDE_PAIR_SLOTS - 1) / WIDE_PAIR_SLOTS;
+}
 
 // The forward's tagged exchange (fused_common.cuh, "the tagged exchange"): h_t as 8-byte words, each
 // two consecutive units of one batch row (the low 32 bits: units 2p and 2p + 1 as a b16 pair, the

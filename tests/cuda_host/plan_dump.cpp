@@ -106,14 +106,14 @@ int main(int argc, char** argv) {
       }
     }
   // the wide backward (fused_plan.cuh, "THE WIDE BACKWARD"): its constants and grid at this B, H; the busiest
-  // warp's pairs of the dG product and whether the slots hold them, for the LSTM (4) and the GRU (3)
+  // warp's pairs of the dG product and its batches of WIDE_PAIR_SLOTS pairs, for the LSTM (4) and the GRU (3)
   std::printf("],\n\"WIDE_UNITS\": %d, \"WIDE_PAIR_SLOTS\": %d, \"wide_grid\": [%d, %d],\n", WIDE_UNITS,
               WIDE_PAIR_SLOTS, bwd_unit_blocks(H, true), batch_tiles(B));
   std::printf("\"bwd_units\": {\"ring\": %d, \"wide\": %d}, \"ring_grid\": [%d, %d],\n", bwd_units(false),
               bwd_units(true), bwd_unit_blocks(H, false), batch_tiles(B));
-  std::printf("\"bwd_gate_k_longest\": {\"4\": %d, \"3\": %d}, \"bwd_wide_fits\": {\"4\": %s, \"3\": %s},\n",
-              bwd_gate_k_longest(H, elem, 4), bwd_gate_k_longest(H, elem, 3),
-              bwd_wide_fits(H, elem, 4) ? "true" : "false", bwd_wide_fits(H, elem, 3) ? "true" : "false");
+  std::printf("\"bwd_gate_k_longest\": {\"4\": %d, \"3\": %d}, \"bwd_wide_batches\": {\"4\": %d, \"3\": %d},\n",
+              bwd_gate_k_longest(H, elem, 4), bwd_gate_k_longest(H, elem, 3), bwd_wide_batches(H, elem, 4),
+              bwd_wide_batches(H, elem, 3));
   // the word transpose of a pair of chunks, and the exchange element of reduction index r over WIDE_DUMP_PAIRS
   // pairs at this elem
   const int WIDE_DUMP_PAIRS = 4, per_pair = 2 * CHUNK_BYTES / elem;

@@ -68,8 +68,8 @@ RING_STAGES = 4
 STAGE_ROW_BYTES = STAGE_PAIRS * 2 * CHUNK_BYTES + SMEM_PAD_BYTES
 STAGE_BYTES = BATCH_TILE * STAGE_ROW_BYTES
 WARP_RING_BYTES = RING_STAGES * STAGE_BYTES
-# The wide backward (fused_plan.cuh): WIDE_UNITS units per block, each warp's dG range (at most
-# WIDE_PAIR_SLOTS pairs of chunks) loaded straight into MMA fragments, no ring.
+# The wide backward (fused_plan.cuh): WIDE_UNITS units per block, each warp's dG range loaded straight into
+# MMA fragments, WIDE_PAIR_SLOTS pairs of chunks at a time, no ring.
 WIDE_UNITS = 16
 WIDE_PAIR_SLOTS = 12
 #: Shared memory a block may opt in to on sm_80 (A100: 163 KB) and sm_90 (H100: 227 KB).
@@ -193,6 +193,12 @@ def wide_exchange_pos(r, elem: int):
 def bwd_gate_k_longest(H: int, elem: int, n_gates: int = 4) -> int:
     """Pairs of chunks of the backward's busiest warp (fused_plan.cuh's bwd_gate_k_longest)."""
     return -(-(k_chunks(round_up(n_gates * H, kpad(elem)), elem) // 2) // WARPS)
+
+
+def bwd_wide_batches(H: int, elem: int, n_gates: int = 4) -> int:
+    """Batches of WIDE_PAIR_SLOTS pairs (L2 round trips) the wide backward's busiest warp loads per step
+    (fused_plan.cuh's bwd_wide_batches)."""
+    return -(-bwd_gate_k_longest(H, elem, n_gates) // WIDE_PAIR_SLOTS)
 
 
 def forward_row_index(H: int, device=None, n_gates: int = 4) -> torch.Tensor:

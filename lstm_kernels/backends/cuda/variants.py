@@ -26,9 +26,8 @@ of W fits the registers; elsewhere ``counter`` serves. Verified under its own pl
 read dG_{t+1}. ``ring``: blocks of 8 units, each warp streaming its k range through a ring in shared memory.
 ``wide``: blocks of 16 units (half the blocks, so half the L2 reads of the exchange), each warp loading its
 k range straight into MMA fragments, with the same bits (csrc/fused/fused_plan.cuh, "the wide backward").
-It serves calls without projection where every warp's range fits its registers (16-bit: H <= 768 for the
-LSTM, 1024 for the GRU) and the block's shared memory fits; elsewhere ``ring`` serves. Verified under its
-own plan, like the weights.
+It serves calls without projection where its block's shared memory fits (on an H100 the LSTM up to H = 1744
+in 16 bits, 872 in float); elsewhere ``ring`` serves. Verified under its own plan, like the weights.
 
 :data:`FUSED_CANDIDATES` names the fused kernels' variants that ``python -m lstm_kernels check`` and the
 flagship profile measure side by side, with the environment that selects each.
