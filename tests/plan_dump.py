@@ -31,3 +31,13 @@ def compile_plan_dump(out_dir: Path, include_dir: Path = ROOT / "csrc") -> Optio
         return cache[key]
 
     return run
+
+
+def compile_mutant_plan_dump(out_dir: Path, site: str, replacement: str) -> Optional[Callable[..., dict]]:
+    """compile_plan_dump over a copy of fused_plan.cuh (in ``out_dir``) whose one ``site`` reads ``replacement``:
+    a mutant plan that a check must catch. None without a host C++ compiler."""
+    header = (ROOT / "csrc" / "fused" / "fused_plan.cuh").read_text()
+    assert header.count(site) == 1, f"the mutant's site is no longer in fused_plan.cuh once: {site!r}"
+    (Path(out_dir) / "fused").mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "fused" / "fused_plan.cuh").write_text(header.replace(site, replacement))
+    return compile_plan_dump(out_dir, include_dir=Path(out_dir))

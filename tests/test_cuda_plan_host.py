@@ -794,13 +794,9 @@ def test_wide_lstm_cell_stores_are_aligned_words(plan_dump):
 def test_a_wide_word_without_the_transpose_is_caught(tmp_path, plan_dump):
     """A mutant of fused_plan.cuh whose wide_word is the identity (the exchange in the natural layout) makes
     the lanes' loads differ from the ring's fragments, and the check above sees it; the real header not."""
-    from plan_dump import compile_plan_dump
+    from plan_dump import compile_mutant_plan_dump
 
-    header = (ROOT / "csrc" / "fused" / "fused_plan.cuh").read_text()
-    assert header.count(WIDE_WORD_SITE) == 1
-    (tmp_path / "fused").mkdir()
-    (tmp_path / "fused" / "fused_plan.cuh").write_text(header.replace(WIDE_WORD_SITE, IDENTITY_WIDE_WORD))
-    mutant = compile_plan_dump(tmp_path, include_dir=tmp_path)
+    mutant = compile_mutant_plan_dump(tmp_path, WIDE_WORD_SITE, IDENTITY_WIDE_WORD)
     if mutant is None:
         pytest.skip("no host C++ compiler")
     assert mutant(1, 1)["wide_word"] == list(range(16))

@@ -71,7 +71,7 @@ import pytest
 from cuda_tools import (ACTIVATIONS_PER_CELL, CUOBJDUMP, NVCC, compile_cubins, is_fast_activation_argument,
                         is_tagged_load, is_tagged_vote, is_wide_backward, is_wide_operand_load)
 from lstm_kernels.backends.cuda import fused as cf
-from plan_dump import compile_plan_dump
+from plan_dump import compile_mutant_plan_dump
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90")
@@ -785,12 +785,7 @@ def test_exchange_l2_bytes_per_step_from_the_plan(plan_dump, stem, elem, variant
 def test_exchange_bytes_check_catches_smaller_blocks(tmp_path):
     """A plan of 4 units per block (twice the blocks, each still reading the whole exchange of its batch
     tile) doubles the forward's L2 traffic, and the check sees it."""
-    header = (ROOT / "csrc" / "fused" / "fused_plan.cuh").read_text()
-    site = "constexpr int UNITS = 8;"
-    assert header.count(site) == 1
-    (tmp_path / "fused").mkdir()
-    (tmp_path / "fused" / "fused_plan.cuh").write_text(header.replace(site, "constexpr int UNITS = 4;"))
-    mutant_dump = compile_plan_dump(tmp_path, include_dir=tmp_path)
+    mutant_dump = compile_mutant_plan_dump(tmp_path, "constexpr int UNITS = 8;", "constexpr int UNITS = 4;")
     if mutant_dump is None:
         pytest.skip("no host C++ compiler")
     mb = exchange_bytes_per_step(mutant_dump(FLAGSHIP_B, FLAGSHIP_H, 2, FLAGSHIP_H), "fused_forward_kernel") / 1e6
@@ -951,12 +946,9 @@ def test_kernels_take_their_k_ranges_from_the_plan_header():
 def test_per_warp_mma_check_catches_an_unbalanced_k_split(fused_sass, tmp_path):
     """The busiest warp's MMA count follows the kernels' own k split: a header whose split gives warp 0
     half of K (96 HMMA on that warp against an ideal of 24 at the flagship) fails the 10% bound."""
-    header = (ROOT / "csrc" / "fused" / "fused_plan.cuh").read_text()
-    site = "FUSED_HD KRange fwd_gate_k(int w, int P, int elem) { return warp_k_chunks(w, P, elem, 1); }"
-    assert header.count(site) == 1
-    (tmp_path / "fused").mkdir()
-    (tmp_path / "fused" / "fused_plan.cuh").write_text(header.replace(site, UNBALANCED_FWD_GATE_K))
-    mutant_dump = compile_plan_dump(tmp_path, include_dir=tmp_path)
+    mutant_dump = compile_mutant_plan_dump(
+        tmp_path, "FUSED_HD KRange fwd_gate_k(int w, int P, int elem) { return warp_k_chunks(w, P, elem, 1); }",
+        UNBALANCED_FWD_GATE_K)
     if mutant_dump is None:
         pytest.skip("no host C++ compiler")
     funcs, _ = fused_sass

@@ -157,7 +157,9 @@ int main() {
                 ok = false;
                 break;
               }
-              if (++polls >= 5000000) {  // a wait that would hang: counted, not waited for
+              // a wait that would hang: counted, not waited for (twice the polls one lone waiter needs to pass
+              // the bound on the shared clock, so a mutant that never gives up ends in seconds, not a minute)
+              if (++polls >= 2 * bound * 1000) {
                 hung.fetch_add(1);
                 ok = false;
                 break;
