@@ -542,8 +542,9 @@ __device__ __forceinline__ float split_k_mma_16x8_streamed(const T* src, int ld,
   return sum_over_warps(acc0, acc1, red, warp, lane);
 }
 
-// 16 bytes from global memory through L2 only (ld.global.cg) when `load`, else v unchanged; volatile, so
-// that the loads a warp issues together stay ahead of the MMAs (asm volatile too) that consume them.
+// 16 bytes from global memory through L2 only (ld.global.cg) when `load`, else v unchanged (predicated in the
+// instruction, as load_tagged_pair). Volatile keeps the loads in program order before the compiler's back end;
+// ptxas may still sink a load to its use, which the caller's __syncwarp after its loads rules out.
 __device__ __forceinline__ void load_cg_16(uint4& v, const void* p, bool load) {
   asm volatile("{\n.reg .pred p;\nsetp.ne.u32 p, %5, 0;\n@p ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
                : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
@@ -557,8 +558,9 @@ __device__ __forceinline__ void load_cg_16(uint4& v, const void* p, bool load) {
 // row_bytes bytes, laid out by wide_exchange_pos) into A fragments, SLOTS pairs at a time: one 16-byte
 // load per row half and pair, a batch's loads all issued before its first MMA (8 SLOTS registers: a range
 // of at most SLOTS pairs in flight at once, one L2 round trip; a longer one in ceil(range / SLOTS)),
-// through L2 only (ld.global.cg: the slot is rewritten two steps later, and L1 is not coherent). B comes from the W^T slice by ldmatrix (b_base:
-// ldsm_b8x2's lane address of n tile 0; tile n is 8 n rows of ldb bytes further). The MMAs of each tile
+// through L2 only (ld.global.cg: the slot is rewritten two steps later, and L1 is not coherent). B comes
+// from the W^T slice by ldmatrix (b_base: ldsm_b8x2's lane address of n tile 0; tile n is 8 n rows of ldb
+// bytes further). The MMAs of each tile
 // run in split_k_mma_16x8's order (chunk 0 of a pair into acc0, chunk 1 into acc1), on the operands the
 // ring's ldmatrix would give, so the sums are the ring's bits. Every thread of the block must call it
 // (one block barrier). Returns sum_over_warps<NT>'s.
