@@ -78,9 +78,9 @@
 // |   per SM per step, where the ring reads 144 KB and writes 96 KB)          |          |
 // | reduce (8 tiles of partial sums) and the cell                            | <= 0.2 us |
 // | **backward step**                                                        | **<= 2.3 us** |
-// The price: 168 registers (16-bit LSTM; the 24 loads' 96), the slots' unrolled code, one L2 round trip per
-// 12 pairs of a warp's range (two in float at the flagship: 24 pairs, 9.4 MB per step where the ring reads
-// 18.9), and 16 x (K4p e + 16) + 8 KB of shared memory (106.8 KB at H = 768 in 16 bits, sm_80 holds it too;
+// The price: 170 registers (16-bit LSTM on sm_90, no spill; the 24 loads' 96), the slots' unrolled code,
+// one L2 round trip per 12 pairs of a warp's range (two in float at the flagship: 24 pairs, 9.4 MB per step
+// where the ring reads 18.9), and 16 x (K4p e + 16) + 8 KB of shared memory (106.8 KB at H = 768 in 16 bits, sm_80 holds it too;
 // 204.9 KB in float, sm_90 only). Which of the two wins is for a GPU to measure; the default stays the ring.
 //
 // RESETS (resets [T, B] uint8, as the forward's): nothing flows back across a reset. The cell thread
