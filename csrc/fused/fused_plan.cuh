@@ -152,7 +152,7 @@ FUSED_HD int wide_exchange_pos(int r, int elem) {
 FUSED_HD int wide_lane_byte(int lane, int half, int pair, int row_bytes) {
   return ((lane >> 2) + 8 * half) * row_bytes + pair * 2 * CHUNK_BYTES + 16 * (lane & 3);
 }
-// The longest of the warps' ranges bwd_gate_k in pairs: whether the wide backward's slots hold it.
+// The longest of the warps' ranges bwd_gate_k, in pairs (the wide backward's busiest warp).
 FUSED_HD int bwd_gate_k_longest(int H, int elem, int gates) {
   return (k_chunks(round_up(gates * H, kpad(elem)), elem) / 2 + WARPS - 1) / WARPS;
 }
