@@ -47,7 +47,7 @@ from pathlib import Path
 
 import pytest
 
-from cuda_tools import CUOBJDUMP, NVCC, is_tagged_load, is_tagged_vote, is_wide_backward, is_wide_operand_load
+from cuda_tools import CUOBJDUMP, NVCC, is_tagged_load, is_tagged_vote, is_wide_backward
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90")
@@ -163,9 +163,9 @@ def polls_of(cfg: Cfg) -> dict:
 
 
 def is_operand_load(t: str) -> bool:
-    """A 128-bit strong load of the step's operands: the forward's tagged exchange (is_tagged_load) or the wide
-    backward's dG_{t+1} (is_wide_operand_load); the same SASS, told apart by kernel (fast_path_violations)."""
-    return is_tagged_load(t) or is_wide_operand_load(t)
+    """A 128-bit strong load of the step's operands: the forward's tagged exchange or the wide backward's
+    dG_{t+1} (cuda_tools.is_wide_operand_load), one SASS form, told apart by kernel (fast_path_violations)."""
+    return is_tagged_load(t)
 
 
 def fast_path_violations(name: str, instrs) -> list:

@@ -209,19 +209,27 @@ def test_variant_env(monkeypatch):
         cuda_backend.requested_variant()
 
 
+def _check_variant_switch(monkeypatch, env: str, chosen, on: str, bad: str):
+    """A variant switch of the fused kernels: ``chosen()`` is False with ``env`` unset and True under ``on``,
+    whose plan signature differs (verification admits each under its own key); ``bad`` is a ValueError
+    naming ``env``."""
+    backend = get_backend("cuda")
+    monkeypatch.delenv(env, raising=False)
+    assert chosen() is False
+    default = backend.plan_signature(_call())
+    monkeypatch.setenv(env, on)
+    assert chosen() is True
+    assert backend.plan_signature(_call()) != default
+    monkeypatch.setenv(env, bad)
+    with pytest.raises(ValueError, match=env):
+        chosen()
+
+
 def test_fused_weights_env_selects_the_register_path_under_its_own_plan(monkeypatch):
     """LSTM_KERNELS_CUDA_FUSED_WEIGHTS: ``shared`` by default (the kernels as measured so far), ``registers``
     opts in; the plan signature differs, so verification admits each under its own key; a bad value raises."""
-    backend = get_backend("cuda")
-    monkeypatch.delenv(cuda_backend.WEIGHTS_ENV, raising=False)
-    assert cuda_backend.fused_weights_in_registers() is False
-    shared = backend.plan_signature(_call())
-    monkeypatch.setenv(cuda_backend.WEIGHTS_ENV, "registers")
-    assert cuda_backend.fused_weights_in_registers() is True
-    assert backend.plan_signature(_call()) != shared
-    monkeypatch.setenv(cuda_backend.WEIGHTS_ENV, "smem")
-    with pytest.raises(ValueError, match="LSTM_KERNELS_CUDA_FUSED_WEIGHTS"):
-        cuda_backend.fused_weights_in_registers()
+    _check_variant_switch(monkeypatch, cuda_backend.WEIGHTS_ENV, cuda_backend.fused_weights_in_registers,
+                          "registers", "smem")
 
 
 def test_fused_forward_hands_the_weights_switch_to_the_kernel(monkeypatch):
@@ -266,17 +274,8 @@ def test_fused_exchange_switch_selects_its_own_plan(monkeypatch):
 def test_fused_backward_switch_selects_its_own_plan(monkeypatch):
     """LSTM_KERNELS_CUDA_FUSED_BACKWARD: ``ring`` by default; ``wide`` is a plan of its own (verified under its
     own key, and a candidate of ``check``); another value is a ValueError naming it."""
-    backend = get_backend("cuda")
-    monkeypatch.delenv(cuda_backend.BACKWARD_ENV, raising=False)
-    assert cuda_backend.fused_backward_wide() is False
-    ring = backend.plan_signature(_call())
-    monkeypatch.setenv(cuda_backend.BACKWARD_ENV, "wide")
-    assert cuda_backend.fused_backward_wide() is True
-    assert backend.plan_signature(_call()) != ring
+    _check_variant_switch(monkeypatch, cuda_backend.BACKWARD_ENV, cuda_backend.fused_backward_wide, "wide", "16")
     assert {env[cuda_backend.BACKWARD_ENV] for env in cuda_backend.FUSED_CANDIDATES.values()} == {"ring", "wide"}
-    monkeypatch.setenv(cuda_backend.BACKWARD_ENV, "16")
-    with pytest.raises(ValueError, match="LSTM_KERNELS_CUDA_FUSED_BACKWARD"):
-        cuda_backend.fused_backward_wide()
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

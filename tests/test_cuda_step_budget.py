@@ -638,20 +638,15 @@ def wide_design(plan_dump, op: str = "Fp16Mma", resets: bool = False, gates: int
                 arrival_threads=d["THREADS"])
 
 
-def is_operand_load(t):
-    """The wide backward's 16-byte operand load of dG_{t+1} (cuda_tools.is_wide_operand_load)."""
-    return is_wide_operand_load(t)
-
-
 def wide_counts(loop: "StepLoop") -> dict:
     """The wide backward's step loop: its loops, operand loads, ldmatrix, HMMA, where the loads lie (after the
     first block barrier, that ends warp 0's grid wait; before the first HMMA), the shared stores between the
     first load and the last HMMA, and the counts the ring backward's checks take (barriers, arrival, cell)."""
-    loads = [a for a, t in loop.ops if is_operand_load(t)]
+    loads = [a for a, t in loop.ops if is_wide_operand_load(t)]
     hmma = [a for a, t in loop.ops if is_hmma(t)]
     first_bar = min((a for a, t in loop.ops if is_block_barrier(t)), default=None)
-    operand_or_poll = lambda t: is_operand_load(t) or is_poll(t)  # noqa: E731
-    product = lambda t: is_hmma(t) or "LDSM" in t or is_operand_load(t)  # noqa: E731
+    operand_or_poll = lambda t: is_wide_operand_load(t) or is_poll(t)  # noqa: E731
+    product = lambda t: is_hmma(t) or "LDSM" in t or is_wide_operand_load(t)  # noqa: E731
     return dict(
         k_loops=len(loop.k_loops), nested_loops=len(loop.nested),
         product_outside_k_loop=loop.count(product) - loop.count(product, loop.in_k),
@@ -661,7 +656,7 @@ def wide_counts(loop: "StepLoop") -> dict:
         loads_after_first_block_barrier=sum(first_bar is not None and a > first_bar for a in loads),
         sts_between_loads_and_last_hmma=loop.count(is_sts, lambda a: loads and hmma and min(loads) < a < max(hmma)),
         bar_sync=loop.count(is_bar_sync), bar_sync_in_nested_loops=loop.count(is_bar_sync, loop.in_nested),
-        release_add=loop.count(is_release_add), poll_loads=loop.count(lambda t: is_poll(t) and not is_operand_load(t)),
+        release_add=loop.count(is_release_add), poll_loads=loop.count(lambda t: is_poll(t) and not is_wide_operand_load(t)),
         ldg=loop.count(lambda t: is_ldg(t) and not operand_or_poll(t)),
         ldg_in_nested_loops=loop.count(lambda t: is_ldg(t) and not operand_or_poll(t), loop.in_nested),
         **arrival_counts(loop), **cell_counts(loop))

@@ -80,8 +80,8 @@
 // | **backward step**                                                        | **<= 2.3 us** |
 // The price: 170 registers (16-bit LSTM on sm_90, no spill; the 24 loads' 96), the slots' unrolled code,
 // one L2 round trip per 12 pairs of a warp's range (two in float at the flagship: 24 pairs, 9.4 MB per step
-// where the ring reads 18.9), and 16 x (K4p e + 16) + 8 KB of shared memory (106.8 KB at H = 768 in 16 bits, sm_80 holds it too;
-// 204.9 KB in float, sm_90 only). Which of the two wins is for a GPU to measure; the default stays the ring.
+// where the ring reads 18.9), and 16 x (K4p e + 16) + 8 KB of shared memory (106.8 KB at H = 768 in 16
+// bits, sm_80 holds it too; 204.9 KB in float, sm_90 only). Which of the two wins is for a GPU to measure; the default stays the ring.
 //
 // RESETS (resets [T, B] uint8, as the forward's): nothing flows back across a reset. The cell thread
 // prefetches its row's flag of step t with the step's other inputs (one byte load, hidden) and, where
@@ -401,23 +401,19 @@ size_t backward_smem_bytes(int H, int P, bool proj, int elem, int gates, bool wi
 
 // Whether the wide backward serves (H, P) when asked for (`wide`): no projection, and its block's shared
 // memory within the current device's opt-in (H <= 1744 for the LSTM in 16 bits on sm_90, where the ring's
-// reaches 2408; 872 and 1204 in float); else the ring serves. The plan and the launch ask the same question, so they describe the same kernel.
+// reaches 2408; 872 and 1204 in float); else the ring serves. The plan and the launch ask the same
+// question, so they describe the same kernel.
 template <typename Op, bool PROJ, bool RESETS, int GATES>
 bool serves_wide(int wide, int H, int P) {
   if constexpr (PROJ) {
     return false;
   } else {
-    constexpr int E = sizeof(typename Op::T);
-    if (!wide) return false;
-    int dev = 0, optin = 0;
-    cudaFuncAttributes attr;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-        cudaFuncGetAttributes(&attr, fused_backward_kernel<Op, false, RESETS, GATES, true>) != cudaSuccess) {
+    bool fits = false;
+    if (wide && kernel_smem_fits(fused_backward_kernel<Op, false, RESETS, GATES, true>,
+                                 backward_smem_bytes(H, P, false, sizeof(typename Op::T), GATES, true),
+                                 &fits) != cudaSuccess)
       cudaGetLastError();  // not left pending for the launch to report; the ring's plan asks again
-      return false;
-    }
-    return backward_smem_bytes(H, P, false, E, GATES, true) + attr.sharedSizeBytes <= (size_t)optin;
+    return fits;
   }
 }
 

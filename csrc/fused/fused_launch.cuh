@@ -13,21 +13,33 @@
 namespace lstm {
 namespace fused {
 
+// Whether a block of `kernel` with `smem` bytes of dynamic shared memory fits the current device's
+// opt-in (*fits), the kernel's static shared memory (abort_s) counted too.
+template <typename... Params>
+cudaError_t kernel_smem_fits(void (*kernel)(Params...), size_t smem, bool* fits) {
+  *fits = false;
+  int dev = 0, optin = 0;
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, kernel);
+  if (err == cudaSuccess) *fits = smem + attr.sharedSizeBytes <= (size_t)optin;
+  return err;
+}
+
 // Whether `kernel` with `smem` bytes of dynamic shared memory serves a grid of `blocks` blocks on
 // the current device: *possible 0 the block's shared memory does not fit, 1 the persistent grid is
 // co-resident (one cooperative launch), 2 per-half-step launches only.
 template <typename... Params>
 cudaError_t kernel_plan(void (*kernel)(Params...), size_t smem, int blocks, int* possible) {
   *possible = 0;
-  int dev = 0, sms = 0, optin = 0, coop = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  bool fits = false;
+  int dev = 0, sms = 0, coop = 0, per_sm = 0;
+  cudaError_t err = kernel_smem_fits(kernel, smem, &fits);
+  if (err == cudaSuccess) err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
-  cudaFuncAttributes attr;  // the kernel's static shared memory (abort_s) counts against the opt-in too
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, kernel);
-  if (err != cudaSuccess) return err;
-  if (smem + attr.sharedSizeBytes > (size_t)optin) return cudaSuccess;
+  if (err != cudaSuccess || !fits) return err;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS, smem);
   if (err != cudaSuccess) return err;

@@ -41,7 +41,8 @@ int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, const void*
                        long long barrier_timeout_ns, long long barrier_kernel, void* stream, int gates,
                        const void* b_hn, int w_registers, void* hx_tagged);
 
-// w_bwd [ceil(P/16)*16, 4H] (cuda/fused.py's interleave_backward; whole blocks of either variant); w_hrT [ceil(H/8)*8, P] or null; act,
+// w_bwd [ceil(P/16)*16, 4H] (cuda/fused.py's interleave_backward; whole blocks of either variant); w_hrT
+// [ceil(H/8)*8, P] or null; act,
 // c_all from the forward; c0 [B,H]; dh_all [T,B,P]; dh_T [B,P]; dc_T [B,H]; dc_work [B,H] fp32;
 // dgx [2,Bp,K4p] zeroed; dhx [Bp,Pk] zeroed (proj) or null; out dG [T,B,4H], dh0 [B,P], dc0
 // [B,H], dh_tot [T,B,P] fp32 (proj: dh_t for dW_hr) or null; resets as the forward's (nothing flows

@@ -479,12 +479,16 @@ def refused_cooperative_launches() -> dict:
     return dict(_REFUSED)
 
 
+def _wide(direction: str) -> bool:
+    """Whether ``direction``'s kernel is asked for as the wide backward (LSTM_KERNELS_CUDA_FUSED_BACKWARD)."""
+    return direction == "backward" and fused_backward_wide()
+
+
 def _refusal_key(device: torch.device, direction: str, dtype, B: int, H: int, P: int, cell: str = LSTM) -> tuple:
     """The key of a refused cooperative launch: the call's shape, cell and, for the backward, its variant
     (the wide backward's grid is not the ring's)."""
-    wide = direction == "backward" and fused_backward_wide()
     return (str(device), "fused-" + direction, dtype, B, H, P) + (() if cell == LSTM else (cell,)) + (
-        ("wide",) if wide else ())
+        ("wide",) if _wide(direction) else ())
 
 
 def smem_optin(device: torch.device) -> int:
@@ -540,9 +544,8 @@ def device_plan(device: torch.device, direction: str, dtype, B: int, H: int, P: 
     of the kernel's instance that serves resets (its own registers, so its own occupancy); ``cell``: of
     the cell's instance; the backward's under ``LSTM_KERNELS_CUDA_FUSED_BACKWARD`` (the wide kernel's where
     it serves: its own grid and shared memory)."""
-    wide = direction == "backward" and fused_backward_wide()
     return _fused_plan_of(str(device), direction, op_code(dtype, fused_tf32(dtype)), B, H, P, resets, gates(cell),
-                          wide)
+                          _wide(direction))
 
 
 def fused_persistent_possible(device: torch.device, direction: str, dtype, B: int, H: int, P: int,
