@@ -166,6 +166,13 @@ void check_fused_args(const char* fn, int dtype, int64_t T, int64_t B, int64_t H
 }
 
 // The cell of a fused call (check_gates); the GRU has no projection.
+// The backward's tile (fused_lstm.h): 0 the ring's, 1 the wide, 2 the narrow backward's.
+void check_backward_tile(const char* fn, int tile) {
+  if (tile < 0 || tile > 2)
+    throw std::invalid_argument(std::string(fn) + ": tile must be 0 (ring), 1 (wide) or 2 (narrow), got " +
+                                std::to_string(tile));
+}
+
 bool check_fused_gates(const char* fn, int gates, bool proj) {
   const bool gru = check_gates(fn, gates);
   if (gru && proj) throw std::invalid_argument(std::string(fn) + ": the GRU has no projection");
@@ -209,8 +216,9 @@ void fused_backward(int dtype, uintptr_t w_bwd, uintptr_t w_hrT, uintptr_t act, 
                     uintptr_t batch_sizes, uintptr_t counters, int64_t T, int64_t B, int64_t H, int64_t P,
                     int persistent, uintptr_t stream, uintptr_t barrier_state, uintptr_t barrier_record,
             int64_t barrier_timeout_ns, int64_t barrier_kernel, uintptr_t resets, int gates, uintptr_t h_all,
-            uintptr_t d_hn, int wide) {
+            uintptr_t d_hn, int tile) {
   const char* fn = "lstm_kernels._C.fused_backward";
+  check_backward_tile(fn, tile);
   const lstm::BarrierWatch dbg = barrier_watch(fn, barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel);
   check_fused_args(fn, dtype, T, B, H, P, w_hrT != 0);
   const bool gru = check_fused_gates(fn, gates, w_hrT != 0);
@@ -229,24 +237,25 @@ void fused_backward(int dtype, uintptr_t w_bwd, uintptr_t w_hrT, uintptr_t act, 
         ptr<float>(fn, "dh_tot", dh_tot, true), ptr<const int>(fn, "batch_sizes", batch_sizes, true),
         ptr<const unsigned char>(fn, "resets", resets, true), ptr<unsigned int>(fn, "counters", counters), (int)T, (int)B, (int)H, (int)P, persistent ? 1 : 0, dbg.state,
         dbg.record, dbg.timeout_ns, dbg.kernel, reinterpret_cast<void*>(stream), gates,
-        ptr<const void>(fn, "h_all", h_all, !gru), ptr<void>(fn, "d_hn", d_hn, !gru), wide ? 1 : 0);
+        ptr<const void>(fn, "h_all", h_all, !gru), ptr<void>(fn, "d_hn", d_hn, !gru), tile);
   }
   check_fused(err, persistent ? "fused_backward_kernel (cooperative launch)" : "fused_backward_kernel");
 }
 
 py::dict fused_plan(const std::string& direction, int dtype, int64_t B, int64_t H, int64_t P, bool resets,
-                    int gates, int wide) {
+                    int gates, int tile) {
   const char* fn = "lstm_kernels._C.fused_plan";
+  check_backward_tile(fn, tile);
   check_fused_args(fn, dtype, 1, B, H, P, P < H);
   check_fused_gates(fn, gates, P < H);
-  int blocks = 0, possible = 0, wide_serves = 0;
+  int blocks = 0, possible = 0, tile_serves = 0;
   size_t smem = 0;
   int err;
   if (direction == "forward") {
     err = lstm_fused_forward_plan(dtype, (int)B, (int)H, (int)P, resets ? 1 : 0, &blocks, &smem, &possible, gates);
   } else if (direction == "backward") {
     err = lstm_fused_backward_plan(dtype, (int)B, (int)H, (int)P, resets ? 1 : 0, &blocks, &smem, &possible, gates,
-                                   wide ? 1 : 0, &wide_serves);
+                                   tile, &tile_serves);
   } else {
     throw std::invalid_argument("unknown kernel direction '" + direction + "' (forward or backward)");
   }
@@ -256,7 +265,7 @@ py::dict fused_plan(const std::string& direction, int dtype, int64_t B, int64_t 
   d["smem"] = (long long)smem;
   d["possible"] = possible == 1;  // the persistent grid is co-resident
   d["fits"] = possible != 0;      // the block fits in shared memory (per-step launches at least)
-  d["wide"] = wide_serves != 0;   // the backward's plan is the wide kernel's
+  d["tile"] = tile_serves;        // the backward's: the tile of the kernel planned (0 the ring's, the forward's)
   return d;
 }
 
@@ -470,20 +479,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("fused_backward", &fused_backward,
         "Fused backward at the budget of one step (dtype: a FusedOp code, dG exchanged in the storage dtype;"
         " csrc/fused/fused_lstm.h; barrier_*, resets, gates: as for fused_forward; the GRU: c0 its h0, dc_T and"
-        " dc0 0, h_all and d_hn; wide: 1 the wide backward where it serves)",
+        " dc0 0, h_all and d_hn; tile: 1 the wide, 2 the narrow backward where it serves, 0 the ring's)",
         py::arg("dtype"), py::arg("w_bwd"), py::arg("w_hrT"), py::arg("act"), py::arg("c_all"), py::arg("c0"),
         py::arg("dh_all"), py::arg("dh_T"), py::arg("dc_T"), py::arg("dc_work"), py::arg("dgx"), py::arg("dhx"),
         py::arg("dG"), py::arg("dh0"), py::arg("dc0"), py::arg("dh_tot"), py::arg("batch_sizes"),
         py::arg("counters"), py::arg("T"), py::arg("B"), py::arg("H"), py::arg("P"), py::arg("persistent"),
         py::arg("stream"), py::arg("barrier_state") = 0, py::arg("barrier_record") = 0,
         py::arg("barrier_timeout_ns") = 0, py::arg("barrier_kernel") = 0, py::arg("resets") = 0, py::arg("gates") = 4,
-        py::arg("h_all") = 0, py::arg("d_hn") = 0, py::arg("wide") = 0);
+        py::arg("h_all") = 0, py::arg("d_hn") = 0, py::arg("tile") = 0);
   m.def("fused_plan", &fused_plan,
         "The fused kernels' plan on the current device: {'blocks', 'smem', 'possible' (persistent grid"
-        " co-resident), 'fits' (the block's shared memory fits), 'wide' (the backward's plan is the wide kernel's)};"
-        " resets: of the kernel that serves resets; wide: the backward's wide kernel where it serves",
+        " co-resident), 'fits' (the block's shared memory fits), 'tile' (the backward's: the tile of the"
+        " kernel planned)}; resets: of the kernel that serves resets; tile: the backward's tile asked for",
         py::arg("direction"), py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("P"), py::arg("resets") = false,
-        py::arg("gates") = 4, py::arg("wide") = 0);
+        py::arg("gates") = 4, py::arg("tile") = 0);
   m.def("runtime_status", &runtime_status,
         "(error code, 'name: description' or None, device count, runtime version, driver version) of the"
         " extension's own CUDA runtime (cudaGetDeviceCount, cudaRuntimeGetVersion, cudaDriverGetVersion)");

@@ -17,7 +17,10 @@
 - the wide backward (fused_plan.cuh, "THE WIDE BACKWARD"): its constants, word transpose, exchange
   layout, lane loads, cell threads, slot test and shared memory against the Python mirror, and that a
   lane's 16-byte loads from the wide exchange are, register for register, the A fragments ldmatrix gives
-  the ring from the natural layout (a mutant header without the transpose is caught).
+  the ring from the natural layout (a mutant header without the transpose is caught);
+- the narrow backward (fused_plan.cuh, "THE NARROW BACKWARD"): its grid, cell threads (each block's
+  product read from the transposed fragments) and shared memory, and that a lane's one 16-byte load per
+  pair from the same exchange is, register for register, the B fragment ldmatrix gives of dG^T.
 
 Elsewhere: the k loops' ldmatrix + mma.sync emulated with the header's lane addresses
 (tests/test_cuda_mma_emulation_host.py), the backend's dispatch to the fused kernels
@@ -659,7 +662,8 @@ WIDE_WORD_SITE = "FUSED_HD int wide_word(int w) { return (w & 3) * 4 + (w >> 2);
 def test_wide_constants_agree_with_the_header(plan_dump):
     d = plan_dump(3, 5)
     assert (d["WIDE_UNITS"], d["WIDE_PAIR_SLOTS"]) == (cf.WIDE_UNITS, cf.WIDE_PAIR_SLOTS) == (16, 12)
-    assert d["bwd_units"] == {"ring": cf.UNITS, "wide": cf.WIDE_UNITS}
+    assert d["bwd_units"] == {"ring": cf.UNITS, "wide": cf.WIDE_UNITS, "narrow": cf.WIDE_UNITS}
+    assert d["NARROW_BATCH_TILE"] == cf.NARROW_BATCH_TILE == 8 and d["bwd_tiles"] == cf.BWD_TILES
     assert cf.WIDE_UNITS % 8 == 0 and cf.WIDE_UNITS // 8 * 4 == cf.WARPS  # n tiles of 8 units x 4 elements: every warp
     assert d["wide_word"] == [cf.wide_word(w) for w in range(16)]
 
@@ -691,7 +695,12 @@ def test_wide_maps_agree_with_python(plan_dump, B, H, elem):
         assert byte == ((lane // 4) + 8 * half) * row_bytes + pair * 2 * cf.CHUNK_BYTES + 16 * (lane % 4)
     assert len(d["wide_lane_byte"]) == 32 * 2 * (row_bytes // (2 * cf.CHUNK_BYTES))
     for q, y, w, lane, b, j in d["bwd_wide_cells"]:
-        assert (b, j) == cf.bwd_cell(q, y, w, lane, cf.WIDE_UNITS), (q, y, w, lane)
+        assert (b, j) == cf.bwd_cell(q, y, w, lane, "wide"), (q, y, w, lane)
+    # the narrow backward: its grid and cell threads
+    assert tuple(d["narrow_grid"]) == (-(-H // cf.WIDE_UNITS), -(-B // cf.NARROW_BATCH_TILE))
+    assert cf.bwd_batch_tiles(B, "narrow") == d["narrow_grid"][1] and cf.bwd_batch_tiles(B, "ring") == d["grid"][1]
+    for q, y, w, lane, b, j in d["bwd_narrow_cells"]:
+        assert (b, j) == cf.bwd_cell(q, y, w, lane, "narrow"), (q, y, w, lane)
 
 
 @pytest.mark.parametrize("elem", ELEMS)
@@ -763,6 +772,54 @@ def _wide_fragment_mismatches(dump, elem: int, seed: int = 0) -> list:
     return bad
 
 
+def _narrow_fragment_mismatches(dump, elem: int, seed: int = 0) -> list:
+    """A random dG tile (NARROW_BATCH_TILE rows x K, raw bits) read two ways: as the B operand dG^T (K x 8 rows)
+    that ldmatrix gives from the natural layout, an [n][k] tile with n the batch row (ldsm_b8x2: b0, b1 of chunks
+    2 p and 2 p + 1, what mma_pair reads as its B), and as the narrow backward loads it (the tile stored at
+    wide_exchange_pos, each lane's one 16-byte load at wide_lane_byte for row lane / 4, half 0, registers
+    {.x, .y, .z, .w}: split_k_mma_narrow). Returns the (pair, lane, register, ldmatrix word, loaded word) that
+    differ."""
+    from test_cuda_mma_emulation_host import _lane_offsets, _ldmatrix_x4
+
+    d = dump(1, 1, elem)
+    row_bytes = d["wide_lane_row_bytes"]
+    pairs, K, rows = row_bytes // (2 * cf.CHUNK_BYTES), row_bytes // elem, cf.NARROW_BATCH_TILE
+    gen = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 1 << (8 * elem), (rows, K), generator=gen, dtype=torch.int64)
+    vals = (bits - (1 << (8 * elem)) * (bits >= 1 << (8 * elem - 1))).to(torch.int16 if elem == 2 else torch.int32)
+    tile_row = row_bytes + cf.SMEM_PAD_BYTES
+    tile = torch.zeros(rows, tile_row // elem, dtype=vals.dtype)
+    tile[:, :K] = vals
+    b_lane = _lane_offsets(dump, "ldsm_b8x2", tile_row)
+    want = {p: _ldmatrix_x4(tile.view(torch.int32), 4, [o + 2 * p * cf.CHUNK_BYTES for o in b_lane])[:, :, 0]
+            for p in range(pairs)}  # [32 lanes, 4 registers]: b0, b1 of chunk 2p, then of 2p + 1
+    ex = torch.zeros(rows, K, dtype=vals.dtype)
+    ex[:, torch.tensor(d["wide_exchange_pos"])] = vals
+    ex_words = ex.view(torch.int32).reshape(-1)
+    byte_of = {(lane, half, pair): byte for lane, half, pair, byte in d["wide_lane_byte"]}
+    bad = []
+    for p in range(pairs):
+        for lane in range(32):
+            byte = byte_of[(lane, 0, p)]
+            loaded = ex_words[byte // 4:byte // 4 + 4]
+            for reg in range(4):
+                if int(want[p][lane, reg]) != int(loaded[reg]):
+                    bad.append((p, lane, reg, int(want[p][lane, reg]), int(loaded[reg])))
+    return bad
+
+
+@pytest.mark.parametrize("elem", ELEMS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_narrow_loads_are_ldmatrix_b_fragments(plan_dump, elem, seed):
+    """Why the narrow backward multiplies the right operands: for every lane, pair and register, the B fragment a
+    lane loads from the wide exchange (one 16-byte load per pair, row lane / 4) is the one ldmatrix gives of dG^T
+    from the natural layout (16-bit and float storage), and the kernel builds its registers in that order."""
+    assert _narrow_fragment_mismatches(plan_dump, elem, seed) == []
+    kernel = (ROOT / "csrc" / "fused" / "fused_common.cuh").read_text()
+    assert "r[4] = {v[i].x, v[i].y, v[i].z, v[i].w};" in kernel
+    assert "load_cg_16(v[i], src + wide_lane_byte(lane, 0, base + i, row_bytes), i < n);" in kernel
+
+
 @pytest.mark.parametrize("elem", ELEMS)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_wide_loads_are_the_rings_ldmatrix_fragments(plan_dump, elem, seed):
@@ -801,7 +858,8 @@ def test_a_wide_word_without_the_transpose_is_caught(tmp_path, plan_dump):
         pytest.skip("no host C++ compiler")
     assert mutant(1, 1)["wide_word"] == list(range(16))
     for elem in ELEMS:
-        assert _wide_fragment_mismatches(plan_dump, elem) == []
+        assert _wide_fragment_mismatches(plan_dump, elem) == [] == _narrow_fragment_mismatches(plan_dump, elem)
+        assert _narrow_fragment_mismatches(mutant, elem), f"elem {elem}: the identity wide_word is not caught (narrow)"
         bad = _wide_fragment_mismatches(mutant, elem)
         assert bad, f"elem {elem}: the identity wide_word is not caught"
         # exactly the registers whose word the transpose moves: register reg of chunk c holds the pair's word
@@ -855,6 +913,43 @@ def test_wide_cells_cover_each_block_once(plan_dump, B, H, n_gates):
                 assert torch.allclose(_fragment(prod[:, 8 * nt:8 * nt + 8], lane, w_ % 4), want[b, j])
 
 
+@pytest.mark.parametrize("n_gates", [4, 3], ids=["lstm", "gru"])
+@pytest.mark.parametrize("B, H", [(1, 1), (5, 13), (17, 100), (16, 776)])
+def test_narrow_cells_cover_each_block_once(plan_dump, B, H, n_gates):
+    """Each narrow block (NARROW_BATCH_TILE rows x WIDE_UNITS units) runs every one of its (b, j) on exactly one
+    lane of warps 0-3, every (b < B, j < H) is run once over the grid, and thread (w, lane) reads element w of
+    its fragment of the block's product W^T dG^T (16 units x 8 rows: sum_over_warps's): dG W_hh at (b, j)."""
+    d = plan_dump(B, H)
+    gq, gy = d["narrow_grid"]
+    blocks = {}
+    for q, y, w, lane, b, j in d["bwd_narrow_cells"]:
+        blocks.setdefault((q, y), []).append((w, lane, b, j))
+    assert set(blocks) == {(q, y) for q in range(gq) for y in range(gy)}
+    seen = set()
+    rows = cf.NARROW_BATCH_TILE
+    for (q, y), threads in blocks.items():
+        assert len(threads) == 4 * 32  # warps 0-3 (CELL_WARPS)
+        cells = sorted((b, j) for _, _, b, j in threads)
+        assert cells == sorted((y * rows + r, q * cf.WIDE_UNITS + u) for r in range(rows)
+                               for u in range(cf.WIDE_UNITS)), (q, y)
+        seen |= {(b, j) for b, j in cells if b < B and j < H}
+    assert len(seen) == B * H
+    torch.manual_seed(H + n_gates)
+    w = torch.randn(n_gates * H, H, dtype=torch.float64)
+    dg = torch.randn(B, n_gates * H, dtype=torch.float64)
+    want = dg @ w
+    dg_x = dg[:, cf.backward_col_index(H, n_gates=n_gates)]
+    w_bwd = cf.interleave_backward(w, n_gates)
+    for (q, y), threads in blocks.items():
+        g_tile = torch.zeros(rows, n_gates * H, dtype=torch.float64)
+        tile_rows = [b for b in range(y * rows, (y + 1) * rows) if b < B]
+        g_tile[: len(tile_rows)] = dg_x[tile_rows]
+        prod = w_bwd[q * cf.WIDE_UNITS:(q + 1) * cf.WIDE_UNITS] @ g_tile.t()  # [16 units, 8 batch rows]
+        for w_, lane, b, j in threads:
+            if b < B and j < H:
+                assert torch.allclose(_fragment(prod, lane, w_), want[b, j]), (q, y, w_, lane)
+
+
 @pytest.mark.parametrize("B, H", SHAPES)
 def test_ring_cells_are_unchanged(plan_dump, B, H):
     """Blocks of UNITS units (the ring's backward): warps 0-3, the map of before the wide backward."""
@@ -862,7 +957,7 @@ def test_ring_cells_are_unchanged(plan_dump, B, H):
     for q, y, w, lane, b, j in d["bwd_cells"]:
         assert w < 4
         old = (y * cf.BATCH_TILE + (lane >> 2) + ((w >> 1) & 1) * 8, q * cf.UNITS + 2 * (lane & 3) + (w & 1))
-        assert (b, j) == old == cf.bwd_cell(q, y, w, lane) == cf.bwd_cell(q, y, w, lane, cf.UNITS)
+        assert (b, j) == old == cf.bwd_cell(q, y, w, lane) == cf.bwd_cell(q, y, w, lane, "ring")
 
 
 def test_wide_batches_at_the_flagship(plan_dump):
@@ -882,7 +977,8 @@ def test_wide_batches_at_the_flagship(plan_dump):
 
 def _header_backward_smem_bytes(tmp_path):
     """fused_backward.cu's own backward_smem_bytes, cut out of the source and compiled on the host over
-    fused_plan.cuh: ``f(H, P, proj, elem, gates, wide) -> int``, or None without a host C++ compiler."""
+    fused_plan.cuh: ``f(H, P, proj, elem, gates, tile) -> int`` (tile: the C API's code), or None without a host
+    C++ compiler."""
     import re
     import shutil
     import subprocess
@@ -901,8 +997,8 @@ def _header_backward_smem_bytes(tmp_path):
     exe = tmp_path / "smem"
     subprocess.run([cxx, "-std=c++17", f"-I{ROOT / 'csrc'}", str(prog), "-o", str(exe)], check=True)
 
-    def f(H, P, proj, elem, gates, wide):
-        args = [str(int(a)) for a in (H, P, proj, elem, gates, wide)]
+    def f(H, P, proj, elem, gates, tile):
+        args = [str(int(a)) for a in (H, P, proj, elem, gates, tile)]
         return int(subprocess.run([str(exe), *args], capture_output=True, text=True, check=True).stdout)
 
     return f
@@ -913,23 +1009,26 @@ def test_wide_backward_shared_memory(tmp_path):
     padded smem_pad), no ring, and the partial sums of 8 warps x 2 n tiles x 4 elements x 32 lanes (floats):
     at the flagship in 16 bits 16 (3072 + 8) 2 + 8 8 32 4 = 106752 bytes; the Python mirror and
     fused_backward.cu's backward_smem_bytes agree with that layout."""
-    def layout(H, elem, gates, units=cf.WIDE_UNITS):
+    def layout(H, elem, gates, tile="wide"):
         row_bytes = (cf.round_up(gates * H, cf.KPAD_BYTES // elem) + cf.SMEM_PAD_BYTES // elem) * elem
-        ring = 0 if units == cf.WIDE_UNITS else cf.WARPS * cf.WARP_RING_BYTES
-        partial_sums = cf.WARPS * 4 * (units // 8) * 32 * 4  # [WARPS][4 NT][32] floats
+        units = cf.UNITS if tile == "ring" else cf.WIDE_UNITS
+        ring = cf.WARPS * cf.WARP_RING_BYTES if tile == "ring" else 0
+        tiles = 2 if tile == "wide" else 1  # 16 x 8 tiles of a warp's partial sums: the wide warp's two n tiles
+        partial_sums = cf.WARPS * 4 * tiles * 32 * 4  # [WARPS][4 NT][32] floats
         return units * row_bytes + ring + partial_sums
 
     assert layout(768, 2, 4) == 16 * (3072 + 8) * 2 + 8 * 8 * 32 * 4 == 98560 + 8192 == 106752
-    assert cf.backward_smem_bytes(768, elem=2, n_gates=4, wide=True) == 106752
+    assert layout(768, 2, 4, "narrow") == 98560 + 4096 == 102656
+    assert cf.backward_smem_bytes(768, elem=2, n_gates=4, tile="wide") == 106752
+    assert cf.backward_smem_bytes(768, elem=2, n_gates=4, tile="narrow") == 102656
     header = _header_backward_smem_bytes(tmp_path)
     for H in (1, 13, 100, 768, 776, 1024):
         for elem in ELEMS:
             for gates in (4, 3):
-                want = layout(H, elem, gates)
-                assert cf.backward_smem_bytes(H, None, elem, gates, wide=True) == want, (H, elem, gates)
-                ring = cf.backward_smem_bytes(H, None, elem, gates)
-                assert ring == layout(H, elem, gates, cf.UNITS), (H, elem, gates)
-                if header is not None:
-                    assert header(H, H, False, elem, gates, True) == want, (H, elem, gates)
-                    assert header(H, H, False, elem, gates, False) == ring, (H, elem, gates)
-    assert cf.backward_smem_bytes(768, elem=2, n_gates=4, wide=True) + cf.STATIC_SMEM_BYTES <= cf.SMEM_OPTIN_SM80
+                for tile, code in cf.BWD_TILES.items():
+                    want = layout(H, elem, gates, tile)
+                    assert cf.backward_smem_bytes(H, None, elem, gates, tile) == want, (H, elem, gates, tile)
+                    if header is not None:
+                        assert header(H, H, False, elem, gates, code) == want, (H, elem, gates, tile)
+    for tile in ("wide", "narrow"):
+        assert cf.backward_smem_bytes(768, elem=2, n_gates=4, tile=tile) + cf.STATIC_SMEM_BYTES <= cf.SMEM_OPTIN_SM80

@@ -128,16 +128,17 @@ __device__ __forceinline__ RoundedGrads<T> round_grads(const GruGrads& d) {
 // four at r' = 4j .. 4j + 3 as one 8-byte (float: 16-byte) store, the GRU's three at r' = 3j .. 3j + 2.
 // RESETS and `cut` (the row starts step t from zero state): zeros, so dh_{t-1} = dG_t W_hh is 0 for
 // the row (dG itself unchanged).
-// WIDE: the wide backward's layout (fused_plan.cuh's wide_exchange_pos): each 4-byte word where the transpose
-// puts it (ex: the row's first element, j the unit); otherwise ex is the unit's first gate's element.
+// LOADED (the wide and the narrow backward): their layout (fused_plan.cuh's wide_exchange_pos): each 4-byte word
+// where the transpose puts it (ex: the row's first element, j the unit); otherwise ex is the unit's first gate's
+// element.
 template <typename T>
 struct alignas(2 * sizeof(T)) TwoGrads {
   T v[2];
 };
-template <typename T, int GATES, bool RESETS, bool WIDE = false>
+template <typename T, int GATES, bool RESETS, bool LOADED = false>
 __device__ __forceinline__ void store_exchange(T* ex, int j, const RoundedGrads<T>& g, bool cut) {
   const bool zero_it = RESETS && cut;
-  if constexpr (WIDE) {
+  if constexpr (LOADED) {
     const RoundedGrads<T> v = zero_it ? RoundedGrads<T>{} : g;
     if constexpr (GATES == 4 && sizeof(T) == 2) {  // i, f and g, o: one word each
       *reinterpret_cast<TwoGrads<T>*>(ex + wide_exchange_pos(4 * j, 2)) = TwoGrads<T>{{v.v[0], v.v[1]}};
@@ -183,7 +184,7 @@ __device__ __forceinline__ void store_outputs(T* dg, int H, T* d_hn_out, const R
 //   d_r, d_z, d_n, d_hn, carry = gru_cell_backward(dh, r, z, n, hn, h_{t-1})       (cell.cuh)
 // with act = r, z, n and c_all = hn from the forward, h_{t-1} from h_all (h0 at t = 0: the c0 slot);
 // dc_T, dc0 unused, d_hn written.
-template <typename Op, bool PROJ, bool RESETS, int GATES, bool WIDE = false, typename T = typename Op::T>
+template <typename Op, bool PROJ, bool RESETS, int GATES, int TILE = BWD_RING, typename T = typename Op::T>
 __global__ void __launch_bounds__(THREADS, 1)
     fused_backward_kernel(const T* __restrict__ w_bwd,        // [ceil(P/16)*16, GATES*H] W_hh^T, columns interleaved
                           const T* __restrict__ w_hrT,        // [ceil(H/8)*8, P] W_hr^T (PROJ)
@@ -208,21 +209,23 @@ __global__ void __launch_bounds__(THREADS, 1)
                           BarrierWatch watch,  // the time bound of the grid wait (barrier_wait.cuh)
                           const unsigned char* __restrict__ resets) {  // [T, B] uint8 (RESETS), else unused
   static_assert(GATES == 4 || (GATES == 3 && !PROJ), "the LSTM, or the GRU without a projection");
-  static_assert(!(WIDE && PROJ), "the wide backward serves no projection");
+  static_assert(TILE == BWD_RING || !PROJ, "the wide and the narrow backward serve no projection");
+  constexpr bool WIDE = TILE == BWD_WIDE, NARROW = TILE == BWD_NARROW;
+  constexpr bool LOADED = WIDE || NARROW;  // dG loaded straight into MMA fragments, in wide_exchange_pos's layout
   constexpr int NPH = PROJ ? 2 : 1;
-  constexpr int BU = WIDE ? WIDE_UNITS : UNITS, NT = BU / 8;  // units per block, n tiles of 8 units
-  constexpr int kCellWarps = WIDE ? WARPS : CELL_WARPS;     // warps that run the cell (one (b, j) per lane)
+  constexpr int BU = bwd_units(TILE), NT = WIDE ? 2 : 1;  // units per block; 16 x 8 tiles of each warp's product
+  constexpr int kCellWarps = WIDE ? WARPS : CELL_WARPS;  // warps that run the cell (one (b, j) per lane)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int abort_s;  // the grid wait gave up: every thread of the block leaves
   constexpr int E = sizeof(T);
   const int K4 = GATES * H, Kp = round_up(K4, kpad(E)), LD = Kp + smem_pad(E), Bp = round_up(B, BATCH_TILE);
   const int Pk = round_up(P, kpad(E)), LDP = Pk + smem_pad(E);
   T* w_s = reinterpret_cast<T*>(smem_raw);                      // [BU][LD]
-  unsigned char* ring = reinterpret_cast<unsigned char*>(w_s + BU * LD);  // [WARPS][WARP_RING_BYTES] (not WIDE)
-  float* red = reinterpret_cast<float*>(ring + (WIDE ? 0 : WARPS * WARP_RING_BYTES));  // [WARPS][4 NT][32]
+  unsigned char* ring = reinterpret_cast<unsigned char*>(w_s + BU * LD);  // [WARPS][WARP_RING_BYTES] (the ring's)
+  float* red = reinterpret_cast<float*>(ring + (LOADED ? 0 : WARPS * WARP_RING_BYTES));  // [WARPS][4 NT][32]
   T* wr_s = reinterpret_cast<T*>(red + WARPS * 4 * NT * 32);    // [UNITS][LDP] (PROJ)
   T* d_s = wr_s + UNITS * LDP;                                   // [BATCH_TILE][LDP] (PROJ)
-  const int q = blockIdx.x, b0 = blockIdx.y * BATCH_TILE;
+  const int q = blockIdx.x, b0 = blockIdx.y * bwd_batch_tile(TILE);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const size_t BH = (size_t)B * H, BP = (size_t)B * P, B4H = GATES * BH, gx_slot = (size_t)Bp * Kp;
   const bool w_block = !PROJ || q * UNITS < P;  // owns columns [8q, 8q + 8) of W_hh
@@ -231,9 +234,9 @@ __global__ void __launch_bounds__(THREADS, 1)
   if (w_block) block_load_padded(w_s, LD, w_bwd + (size_t)q * BU * K4, BU, K4, Kp);
   if (PROJ) block_load_padded(wr_s, LDP, w_hrT + (size_t)q * UNITS * P, UNITS, P, Pk);
   // Cell thread of warps 0-3 (WIDE: of every warp): element warp % 4 of the lane's accumulator fragment
-  // of n tile warp / 4 (rows b, cols j).
+  // of n tile warp / 4 (rows b, cols j; NARROW: rows j, cols b).
   const bool cell_warp = warp < kCellWarps;
-  const int j = bwd_cell_unit(q, warp, lane, BU), b = bwd_cell_row(blockIdx.y, warp, lane);
+  const int j = bwd_cell_unit(q, warp, lane, TILE), b = bwd_cell_row(blockIdx.y, warp, lane, TILE);
   const bool mine = cell_warp && j < H && b < B;
   const bool mine_p = PROJ && cell_warp && j < P && b < B;  // half-step A': column p = j of dh
   const size_t s = (size_t)b * H + j;
@@ -287,6 +290,10 @@ __global__ void __launch_bounds__(THREADS, 1)
         rec = split_k_mma_wide<Op, NT, WIDE_PAIR_SLOTS>(reinterpret_cast<const unsigned char*>(dg_next), Kp * E,
                                                          w_base, LD * E, kp_begin, kp_end, b0 < n_next, red, warp,
                                                          lane);
+      } else if constexpr (NARROW) {
+        rec = split_k_mma_narrow<Op, WIDE_PAIR_SLOTS>(reinterpret_cast<const unsigned char*>(dg_next), Kp * E,
+                                                      smem_addr(w_s) + ldsm_a16(lane, LD * E), kp_begin, kp_end,
+                                                      b0 < n_next, red, warp, lane);
       } else {
         rec = split_k_mma_16x8_streamed<Op, bwd_stage_pairs(GATES)>(dg_next, Kp, ring + warp * WARP_RING_BYTES,
                                                                     w_base, kp_begin, kp_end, w_block && b0 < n_next,
@@ -329,7 +336,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             g = round_grads<T>(d);
           }
           T* ex_row = dgx + (t & 1) * gx_slot + (size_t)b * Kp;
-          store_exchange<T, GATES, RESETS, WIDE>(WIDE ? ex_row : ex_row + bwd_col(0, j, GATES), j, g, cut);
+          store_exchange<T, GATES, RESETS, LOADED>(LOADED ? ex_row : ex_row + bwd_col(0, j, GATES), j, g, cut);
         }
         const bool arrive = hs_a + 1 < hs_end;
         if (arrive) block_arrive<kCellWarps * 32>(counter);  // this block's dG_t (PROJ: dh_t) stored: release
@@ -392,40 +399,39 @@ __global__ void __launch_bounds__(THREADS, 1)
   if (mine && dc_work) dc_work[s] = dc_reg;
 }
 
-size_t backward_smem_bytes(int H, int P, bool proj, int elem, int gates, bool wide = false) {
+size_t backward_smem_bytes(int H, int P, bool proj, int elem, int gates, int tile = BWD_RING) {
   const int LD = round_up(gates * H, kpad(elem)) + smem_pad(elem), LDP = round_up(P, kpad(elem)) + smem_pad(elem);
-  const int nt = bwd_units(wide) / 8;
-  return (size_t)bwd_units(wide) * LD * elem + (wide ? 0 : (size_t)WARPS * WARP_RING_BYTES) +
+  const int nt = tile == BWD_WIDE ? 2 : 1;  // 16 x 8 tiles of a warp's partial sums
+  return (size_t)bwd_units(tile) * LD * elem + (tile == BWD_RING ? (size_t)WARPS * WARP_RING_BYTES : 0) +
          (size_t)WARPS * 4 * nt * 32 * sizeof(float) + (proj ? (size_t)(UNITS + BATCH_TILE) * LDP * elem : 0);
 }
 
-// Whether the wide backward serves (H, P) when asked for (`wide`): no projection, and its block's shared
-// memory within the current device's opt-in (H <= 1744 for the LSTM in 16 bits on sm_90, where the ring's
-// reaches 2408; 872 and 1204 in float); else the ring serves. The plan and the launch ask the same
-// question, so they describe the same kernel.
-template <typename Op, bool PROJ, bool RESETS, int GATES>
-bool serves_wide(int wide, int H, int P) {
-  if constexpr (PROJ) {
+// Whether the backward's `tile` (BWD_WIDE or BWD_NARROW) serves (H, P) when asked for: no projection, and its
+// block's shared memory within the current device's opt-in (both: H <= 1744 for the LSTM in 16 bits on sm_90,
+// where the ring's reaches 2408; 872 and 1204 in float); else the ring serves. The plan and the launch ask the
+// same question, so they describe the same kernel.
+template <typename Op, bool PROJ, bool RESETS, int GATES, int TILE>
+bool serves_tile(int H, int P) {
+  if constexpr (PROJ || TILE == BWD_RING) {
     return false;
   } else {
     bool fits = false;
-    if (wide && kernel_smem_fits(fused_backward_kernel<Op, false, RESETS, GATES, true>,
-                                 backward_smem_bytes(H, P, false, sizeof(typename Op::T), GATES, true),
-                                 &fits) != cudaSuccess)
+    if (kernel_smem_fits(fused_backward_kernel<Op, false, RESETS, GATES, TILE>,
+                         backward_smem_bytes(H, P, false, sizeof(typename Op::T), GATES, TILE), &fits) != cudaSuccess)
       cudaGetLastError();  // not left pending for the launch to report; the ring's plan asks again
     return fits;
   }
 }
 
-template <typename Op, bool PROJ, bool RESETS, int GATES, bool WIDE, typename T = typename Op::T>
+template <typename Op, bool PROJ, bool RESETS, int GATES, int TILE, typename T = typename Op::T>
 cudaError_t backward_launch(const void* w_bwd, const void* w_hrT, const float* act, const float* c_all,
                             const void* c0, const void* h_all, void* d_hn, const void* dh_all, const void* dh_T,
                             const void* dc_T, float* dc_work, void* dgx, void* dhx, void* dG, void* dh0, void* dc0,
                             float* dh_tot, const int* batch_sizes, const unsigned char* resets, unsigned int* counters,
                             int T_, int B, int H, int P, int persistent, BarrierWatch watch, cudaStream_t stream) {
-  const dim3 grid(bwd_unit_blocks(H, WIDE), batch_tiles(B));
-  return launch_half_steps(fused_backward_kernel<Op, PROJ, RESETS, GATES, WIDE>, grid,
-                           backward_smem_bytes(H, P, PROJ, sizeof(T), GATES, WIDE), (PROJ ? 2 : 1) * (T_ + 1),
+  const dim3 grid(bwd_unit_blocks(H, TILE), bwd_batch_tiles(B, TILE));
+  return launch_half_steps(fused_backward_kernel<Op, PROJ, RESETS, GATES, TILE>, grid,
+                           backward_smem_bytes(H, P, PROJ, sizeof(T), GATES, TILE), (PROJ ? 2 : 1) * (T_ + 1),
                            persistent, counters, watch, resets, stream, static_cast<const T*>(w_bwd),
                            static_cast<const T*>(w_hrT), act, c_all, static_cast<const T*>(c0),
                            static_cast<const T*>(h_all), static_cast<T*>(d_hn), static_cast<const T*>(dh_all),
@@ -434,23 +440,29 @@ cudaError_t backward_launch(const void* w_bwd, const void* w_hrT, const float* a
                            dh_tot, batch_sizes, counters, T_, B, H, P);
 }
 
-template <typename Op, bool PROJ, bool RESETS, int GATES, bool WIDE>
+template <typename Op, bool PROJ, bool RESETS, int GATES, int TILE>
 cudaError_t backward_plan(int B, int H, int P, int* blocks, size_t* smem, int* possible) {
-  *smem = backward_smem_bytes(H, P, PROJ, sizeof(typename Op::T), GATES, WIDE);
-  *blocks = bwd_unit_blocks(H, WIDE) * batch_tiles(B);
-  return kernel_plan(fused_backward_kernel<Op, PROJ, RESETS, GATES, WIDE>, *smem, *blocks, possible);
+  *smem = backward_smem_bytes(H, P, PROJ, sizeof(typename Op::T), GATES, TILE);
+  *blocks = bwd_unit_blocks(H, TILE) * bwd_batch_tiles(B, TILE);
+  return kernel_plan(fused_backward_kernel<Op, PROJ, RESETS, GATES, TILE>, *smem, *blocks, possible);
 }
 
-// Calls f(proj, resets, gates, wide) (std::integral_constant's) for the backward instance that serves the call:
-// with_instance's, and the wide one where serves_wide.
+// Calls f(proj, resets, gates, tile) (std::integral_constant's) for the backward instance that serves the call:
+// with_instance's, with the tile asked for (BWD_WIDE, BWD_NARROW) where serves_tile, else the ring's.
 template <typename Op, typename F>
-cudaError_t with_backward_instance(bool proj, bool resets, int gates, int wide, int H, int P, F&& f) {
+cudaError_t with_backward_instance(bool proj, bool resets, int gates, int tile, int H, int P, F&& f) {
   return with_instance(proj, resets, gates, [&](auto with_proj, auto with_resets, auto cell_gates) {
-    if (serves_wide<Op, decltype(with_proj)::value, decltype(with_resets)::value, decltype(cell_gates)::value>(wide, H,
-                                                                                                                P)) {
-      if constexpr (!decltype(with_proj)::value) return f(with_proj, with_resets, cell_gates, std::true_type{});
+    constexpr bool kProj = decltype(with_proj)::value, kResets = decltype(with_resets)::value;
+    constexpr int kGates = decltype(cell_gates)::value;
+    using Wide = std::integral_constant<int, BWD_WIDE>;
+    using Narrow = std::integral_constant<int, BWD_NARROW>;
+    if (tile == BWD_WIDE && serves_tile<Op, kProj, kResets, kGates, BWD_WIDE>(H, P)) {
+      if constexpr (!kProj) return f(with_proj, with_resets, cell_gates, Wide{});
     }
-    return f(with_proj, with_resets, cell_gates, std::false_type{});
+    if (tile == BWD_NARROW && serves_tile<Op, kProj, kResets, kGates, BWD_NARROW>(H, P)) {
+      if constexpr (!kProj) return f(with_proj, with_resets, cell_gates, Narrow{});
+    }
+    return f(with_proj, with_resets, cell_gates, std::integral_constant<int, BWD_RING>{});
   });
 }
 
@@ -458,7 +470,8 @@ cudaError_t with_backward_instance(bool proj, bool resets, int gates, int wide, 
 }  // namespace lstm
 
 // C entry points (dtype: with_op's codes, as lstm_fused_forward; proj: P < H with w_hrT, dhx and
-// dh_tot; gates 4 the LSTM, 3 the GRU with h_all and d_hn; wide: the wide backward where it serves).
+// dh_tot; gates 4 the LSTM, 3 the GRU with h_all and d_hn; tile: BWD_WIDE or BWD_NARROW (fused_plan.cuh) where it
+// serves, BWD_RING (0) the ring's).
 // Return a cudaError_t code.
 extern "C" int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_hrT, const float* act,
                                    const float* c_all, const void* c0, const void* dh_all, const void* dh_T,
@@ -467,16 +480,16 @@ extern "C" int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_h
                                    unsigned int* counters, int T, int B, int H, int P, int persistent,
                                    unsigned long long* barrier_state, long long* barrier_record,
                                    long long barrier_timeout_ns, long long barrier_kernel, void* stream, int gates,
-                                   const void* h_all, void* d_hn, int wide) {
+                                   const void* h_all, void* d_hn, int tile) {
   using namespace lstm::fused;
   const lstm::BarrierWatch watch{barrier_state, barrier_record, barrier_timeout_ns, barrier_kernel};
   return with_op(dtype, [&](auto op) {
     using Op = decltype(op);
     return with_backward_instance<Op>(
-        w_hrT != nullptr, resets != nullptr, gates, wide, H, P,
-        [&](auto proj, auto with_resets, auto cell_gates, auto is_wide) {
+        w_hrT != nullptr, resets != nullptr, gates, tile, H, P,
+        [&](auto proj, auto with_resets, auto cell_gates, auto served) {
           return backward_launch<Op, decltype(proj)::value, decltype(with_resets)::value,
-                                 decltype(cell_gates)::value, decltype(is_wide)::value>(
+                                 decltype(cell_gates)::value, decltype(served)::value>(
               w_bwd, w_hrT, act, c_all, c0, h_all, d_hn, dh_all, dh_T, dc_T, dc_work, dgx, dhx, dG, dh0, dc0,
               dh_tot, batch_sizes, resets, counters, T, B, H, P, persistent, watch,
               static_cast<cudaStream_t>(stream));
@@ -485,15 +498,15 @@ extern "C" int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_h
 }
 
 extern "C" int lstm_fused_backward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem,
-                                        int* possible, int gates, int wide, int* wide_serves) {
+                                        int* possible, int gates, int tile, int* tile_serves) {
   using namespace lstm::fused;
   return with_op(dtype, [&](auto op) {
     using Op = decltype(op);
-    return with_backward_instance<Op>(P != H, resets != 0, gates, wide, H, P,
-                                      [&](auto proj, auto with_resets, auto cell_gates, auto is_wide) {
-                                        *wide_serves = decltype(is_wide)::value;
+    return with_backward_instance<Op>(P != H, resets != 0, gates, tile, H, P,
+                                      [&](auto proj, auto with_resets, auto cell_gates, auto served) {
+                                        *tile_serves = decltype(served)::value;
                                         return backward_plan<Op, decltype(proj)::value, decltype(with_resets)::value,
-                                                             decltype(cell_gates)::value, decltype(is_wide)::value>(
+                                                             decltype(cell_gates)::value, decltype(served)::value>(
                                             B, H, P, blocks, smem, possible);
                                       });
   });

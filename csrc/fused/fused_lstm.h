@@ -50,22 +50,25 @@ int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, const void*
 // gates: 4 the LSTM; 3 the GRU (no projection): w_bwd [ceil(H/16)*16, 3H] (r' = 3j + g), act / c_all the
 // GRU forward's (r, z, n; hn), c0 = h0, h_all [T,B,H] the forward's h_t, dc_T, dc0 null, d_hn [T,B,H] out,
 // dgx [2,Bp,K3p]; dc_work carries dh_t z_t between launches.
-// wide: 1 the wide backward (fused_plan.cuh: 16 units per block, dG loaded straight into MMA fragments; the
-// same bits) where it serves (no projection, its shared memory within the device's opt-in), else the ring's.
+// tile: the backward's blocks (fused_plan.cuh): 0 the ring's; 1 the wide backward's (16 units x 16 rows, dG
+// loaded straight into MMA fragments, the same bits), 2 the narrow backward's (16 units x 8 rows, W^T and dG^T
+// as the MMA's A and B), each where it serves (no projection, its shared memory within the device's opt-in),
+// else the ring's. counters: one per batch tile of the tile that serves (bwd_batch_tiles).
 int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_hrT, const float* act, const float* c_all,
                         const void* c0, const void* dh_all, const void* dh_T, const void* dc_T, float* dc_work,
                         void* dgx, void* dhx, void* dG, void* dh0, void* dc0, float* dh_tot,
                         const int* batch_sizes, const unsigned char* resets, unsigned int* counters, int T, int B,
                         int H, int P, int persistent, unsigned long long* barrier_state, long long* barrier_record,
                         long long barrier_timeout_ns, long long barrier_kernel, void* stream, int gates,
-                        const void* h_all, void* d_hn, int wide);
+                        const void* h_all, void* d_hn, int tile);
 
 // *possible: 0 the block's shared memory does not fit this device, 1 the persistent grid is
 // co-resident (cooperative launch), 2 per-step launches only. *blocks, *smem: grid size, bytes.
-// resets: 1 plans the kernel that serves resets (its own registers), 0 the one without. The backward's wide:
-// as lstm_fused_backward's; *wide_serves 1 where the plan is the wide kernel's.
+// resets: 1 plans the kernel that serves resets (its own registers), 0 the one without. The backward's tile:
+// as lstm_fused_backward's; *tile_serves the tile of the kernel planned (the ring's where the one asked for does
+// not serve).
 int lstm_fused_forward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem, int* possible,
                             int gates);
 int lstm_fused_backward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem, int* possible,
-                             int gates, int wide, int* wide_serves);
+                             int gates, int tile, int* tile_serves);
 }

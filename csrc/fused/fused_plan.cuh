@@ -117,13 +117,26 @@ FUSED_HD constexpr int bwd_stage_pairs(int gates) { return gates == 4 ? STAGE_PA
 // exchange buffer; the GRU's (gates = 3) r' = 3j + g over 3H.
 FUSED_HD int bwd_col(int g, int j, int gates = 4) { return gates * j + g; }
 
+// The fused backward's tiles (the C API's `tile`, LSTM_KERNELS_CUDA_FUSED_BACKWARD; fused_backward_kernel's
+// TILE): the ring's blocks (UNITS units x BATCH_TILE rows, dG streamed through a shared ring), the wide
+// backward's (WIDE_UNITS x BATCH_TILE) and the narrow backward's (WIDE_UNITS x NARROW_BATCH_TILE), both
+// loading dG straight into MMA fragments ("THE WIDE BACKWARD", "THE NARROW BACKWARD" below).
+constexpr int BWD_RING = 0;
+constexpr int BWD_WIDE = 1;
+constexpr int BWD_NARROW = 2;
+
 // Backward cell thread: warp w, lane l: element e = w % 4 of the lane's accumulator fragment of n tile
-// w / 4 (rows b, columns j). Blocks of `units` units (UNITS, or the wide backward's WIDE_UNITS: two n
-// tiles, every warp a cell warp); the blocks of UNITS use warps 0-3.
-FUSED_HD int bwd_cell_unit(int q, int w, int lane, int units = UNITS) {
-  return q * units + 8 * (w >> 2) + 2 * (lane & 3) + (w & 1);
+// w / 4. The ring's and the wide blocks' fragments are rows b, columns j (the ring's blocks of UNITS units use
+// warps 0-3; the wide blocks of WIDE_UNITS two n tiles, every warp a cell warp); the narrow blocks' are the
+// transpose, rows j (16 units), columns b (8 batch rows), warps 0-3.
+FUSED_HD int bwd_cell_unit(int q, int w, int lane, int tile = BWD_RING) {
+  if (tile == BWD_NARROW) return q * 16 + (lane >> 2) + ((w >> 1) & 1) * 8;
+  return q * (tile == BWD_WIDE ? 16 : UNITS) + 8 * (w >> 2) + 2 * (lane & 3) + (w & 1);
 }
-FUSED_HD int bwd_cell_row(int y, int w, int lane) { return y * BATCH_TILE + (lane >> 2) + ((w >> 1) & 1) * 8; }
+FUSED_HD int bwd_cell_row(int y, int w, int lane, int tile = BWD_RING) {
+  if (tile == BWD_NARROW) return y * 8 + 2 * (lane & 3) + (w & 1);
+  return y * BATCH_TILE + (lane >> 2) + ((w >> 1) & 1) * 8;
+}
 
 // THE WIDE BACKWARD (LSTM_KERNELS_CUDA_FUSED_BACKWARD=wide; no projection): blocks of WIDE_UNITS units,
 // half the blocks, so the grid reads dG_{t+1} from L2 half as often (every block reads its batch tile's
@@ -138,8 +151,9 @@ FUSED_HD int bwd_cell_row(int y, int w, int lane) { return y * BATCH_TILE + (lan
 // the flagship in 16 bits (12 pairs), bwd_wide_batches of them where the range is longer.
 constexpr int WIDE_UNITS = 16;
 constexpr int WIDE_PAIR_SLOTS = 12;
-FUSED_HD int bwd_units(bool wide) { return wide ? WIDE_UNITS : UNITS; }
-FUSED_HD int bwd_unit_blocks(int H, bool wide) { return (H + bwd_units(wide) - 1) / bwd_units(wide); }
+static_assert(WIDE_UNITS == 16, "bwd_cell_unit's blocks of 16 units: two n8 tiles (wide), one m16 tile (narrow)");
+FUSED_HD constexpr int bwd_units(int tile) { return tile == BWD_RING ? UNITS : WIDE_UNITS; }
+FUSED_HD int bwd_unit_blocks(int H, int tile) { return (H + bwd_units(tile) - 1) / bwd_units(tile); }
 FUSED_HD int wide_word(int w) { return (w & 3) * 4 + (w >> 2); }
 // Element of a dG exchange row of the wide backward that holds reduction index r' (elements of `elem`
 // bytes; a row is whole pairs of chunks, kpad).
@@ -160,6 +174,21 @@ FUSED_HD int bwd_gate_k_longest(int H, int elem, int gates) {
 FUSED_HD int bwd_wide_batches(int H, int elem, int gates) {
   return (bwd_gate_k_longest(H, elem, gates) + WIDE_PAIR_SLOTS - 1) / WIDE_PAIR_SLOTS;
 }
+
+// THE NARROW BACKWARD (LSTM_KERNELS_CUDA_FUSED_BACKWARD=narrow; no projection): the wide backward's 16 units
+// for NARROW_BATCH_TILE = 8 batch rows, with the operands swapped: the resident W^T slice (16 units x K) is the
+// MMA's A (ldmatrix, ldsm_a16) and dG_{t+1}^T (K x 8 rows) its B, so a block reads 8 rows of dG, half the
+// wide block's bytes (every SM half the ingress per step), and a warp issues half the wide warp's MMAs (one
+// 16 x 8 tile per pair of chunks, where the wide warp multiplies two 16 x 8 tiles). The exchange is the wide
+// backward's layout: lane l's 16 bytes of row l / 4 of a pair (wide_lane_byte, half 0 of the 8-row tile) are
+// the words l % 4 and l % 4 + 4 of both chunks, which are the B fragment registers b0, b1 of both chunks, as
+// ldsm_b8x2 delivers them from a natural [n][k] tile. Twice the wide grid's blocks (96 at the flagship), each
+// reading 8 x 4H of dG: the grid's 4.7 MB per step in 16 bits, as the wide backward's.
+constexpr int NARROW_BATCH_TILE = 8;
+// Batch rows per block of the backward's tile, and the grid's batch tiles (gridDim.y: one grid-barrier counter
+// each).
+FUSED_HD constexpr int bwd_batch_tile(int tile) { return tile == BWD_NARROW ? NARROW_BATCH_TILE : BATCH_TILE; }
+FUSED_HD int bwd_batch_tiles(int B, int tile) { return (B + bwd_batch_tile(tile) - 1) / bwd_batch_tile(tile); }
 
 // The forward's tagged exchange (fused_common.cuh, "the tagged exchange"): h_t as 8-byte words, each
 // two consecutive units of one batch row (the low 32 bits: units 2p and 2p + 1 as a b16 pair, the

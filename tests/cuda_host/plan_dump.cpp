@@ -108,9 +108,14 @@ int main(int argc, char** argv) {
   // the wide backward (fused_plan.cuh, "THE WIDE BACKWARD"): its constants and grid at this B, H; the busiest
   // warp's pairs of the dG product and its batches of WIDE_PAIR_SLOTS pairs, for the LSTM (4) and the GRU (3)
   std::printf("],\n\"WIDE_UNITS\": %d, \"WIDE_PAIR_SLOTS\": %d, \"wide_grid\": [%d, %d],\n", WIDE_UNITS,
-              WIDE_PAIR_SLOTS, bwd_unit_blocks(H, true), batch_tiles(B));
-  std::printf("\"bwd_units\": {\"ring\": %d, \"wide\": %d}, \"ring_grid\": [%d, %d],\n", bwd_units(false),
-              bwd_units(true), bwd_unit_blocks(H, false), batch_tiles(B));
+              WIDE_PAIR_SLOTS, bwd_unit_blocks(H, BWD_WIDE), bwd_batch_tiles(B, BWD_WIDE));
+  std::printf("\"bwd_units\": {\"ring\": %d, \"wide\": %d, \"narrow\": %d}, \"ring_grid\": [%d, %d],\n",
+              bwd_units(BWD_RING), bwd_units(BWD_WIDE), bwd_units(BWD_NARROW), bwd_unit_blocks(H, BWD_RING),
+              bwd_batch_tiles(B, BWD_RING));
+  // the narrow backward (fused_plan.cuh, "THE NARROW BACKWARD"): its batch tile and grid at this B, H
+  std::printf("\"NARROW_BATCH_TILE\": %d, \"narrow_grid\": [%d, %d],\n", NARROW_BATCH_TILE,
+              bwd_unit_blocks(H, BWD_NARROW), bwd_batch_tiles(B, BWD_NARROW));
+  std::printf("\"bwd_tiles\": {\"ring\": %d, \"wide\": %d, \"narrow\": %d},\n", BWD_RING, BWD_WIDE, BWD_NARROW);
   std::printf("\"bwd_gate_k_longest\": {\"4\": %d, \"3\": %d}, \"bwd_wide_batches\": {\"4\": %d, \"3\": %d},\n",
               bwd_gate_k_longest(H, elem, 4), bwd_gate_k_longest(H, elem, 3), bwd_wide_batches(H, elem, 4),
               bwd_wide_batches(H, elem, 3));
@@ -132,12 +137,23 @@ int main(int argc, char** argv) {
   // the wide backward's cell threads, every warp, blocks of WIDE_UNITS: [q, y, w, lane, b, j]
   std::printf("],\n\"bwd_wide_cells\": [");
   first = true;
-  for (int q = 0; q < bwd_unit_blocks(H, true); ++q)
-    for (int y = 0; y < batch_tiles(B); ++y)
+  for (int q = 0; q < bwd_unit_blocks(H, BWD_WIDE); ++q)
+    for (int y = 0; y < bwd_batch_tiles(B, BWD_WIDE); ++y)
       for (int w = 0; w < WARPS; ++w)
         for (int lane = 0; lane < 32; ++lane) {
-          std::printf("%s[%d, %d, %d, %d, %d, %d]", first ? "" : ", ", q, y, w, lane, bwd_cell_row(y, w, lane),
-                      bwd_cell_unit(q, w, lane, WIDE_UNITS));
+          std::printf("%s[%d, %d, %d, %d, %d, %d]", first ? "" : ", ", q, y, w, lane,
+                      bwd_cell_row(y, w, lane, BWD_WIDE), bwd_cell_unit(q, w, lane, BWD_WIDE));
+          first = false;
+        }
+  // the narrow backward's cell threads, warps 0 .. CELL_WARPS - 1, blocks of 16 units x NARROW_BATCH_TILE rows
+  std::printf("],\n\"bwd_narrow_cells\": [");
+  first = true;
+  for (int q = 0; q < bwd_unit_blocks(H, BWD_NARROW); ++q)
+    for (int y = 0; y < bwd_batch_tiles(B, BWD_NARROW); ++y)
+      for (int w = 0; w < CELL_WARPS; ++w)
+        for (int lane = 0; lane < 32; ++lane) {
+          std::printf("%s[%d, %d, %d, %d, %d, %d]", first ? "" : ", ", q, y, w, lane,
+                      bwd_cell_row(y, w, lane, BWD_NARROW), bwd_cell_unit(q, w, lane, BWD_NARROW));
           first = false;
         }
   std::printf("]}\n");

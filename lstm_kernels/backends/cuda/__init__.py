@@ -85,7 +85,7 @@ from .fused import (  # noqa: F401
 )
 from .variants import (  # noqa: F401
     BACKWARD_ENV, DEFAULT_VARIANT, EXCHANGE_ENV, FUSED_CANDIDATES, MMA_ENV, VARIANT_ENV, VARIANTS, WEIGHTS_ENV,
-    fused_backward_wide, fused_exchange_tagged, fused_weights_in_registers, requested_variant, tensor_cores_requested,
+    fused_backward_tile, fused_exchange_tagged, fused_weights_in_registers, requested_variant, tensor_cores_requested,
     use_tensor_cores,
 )
 
@@ -121,7 +121,7 @@ class CudaBackend(Backend):
         return (requested_variant(), use_tensor_cores(call.dtype),
                 *(("weights in registers",) if fused_weights_in_registers() else ()),
                 *(("tagged exchange",) if fused_exchange_tagged() else ()),
-                *(("wide backward",) if fused_backward_wide() else ()))
+                *((fused_backward_tile() + " backward",) if fused_backward_tile() != "ring" else ()))
 
     def unavailable_reason(self) -> Optional[str]:
         return extension.unavailable_reason()

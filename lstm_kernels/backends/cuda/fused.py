@@ -51,7 +51,7 @@ from . import extension
 from .extension import ptr as _ptr
 from .extension import resets_arg as _resets_arg
 from .variants import (
-    MMA_ENV, VARIANT_ENV, fused_backward_wide, fused_exchange_tagged, fused_weights_in_registers, requested_variant,
+    MMA_ENV, VARIANT_ENV, fused_backward_tile, fused_exchange_tagged, fused_weights_in_registers, requested_variant,
     tensor_cores_requested,
 )
 
@@ -72,6 +72,10 @@ WARP_RING_BYTES = RING_STAGES * STAGE_BYTES
 # MMA fragments, WIDE_PAIR_SLOTS pairs of chunks at a time, no ring.
 WIDE_UNITS = 16
 WIDE_PAIR_SLOTS = 12
+# The narrow backward (fused_plan.cuh): the wide backward's units for NARROW_BATCH_TILE batch rows, W^T and dG^T
+# the MMA's A and B operands. The C API's codes of the backward's tiles (BWD_RING, BWD_WIDE, BWD_NARROW).
+NARROW_BATCH_TILE = 8
+BWD_TILES = {"ring": 0, "wide": 1, "narrow": 2}
 #: Shared memory a block may opt in to on sm_80 (A100: 163 KB) and sm_90 (H100: 227 KB).
 SMEM_OPTIN_SM80 = 163 * 1024
 SMEM_OPTIN_SM90 = 227 * 1024
@@ -170,10 +174,25 @@ def pack_tagged(h0: torch.Tensor, Bp: int, Pk: int) -> torch.Tensor:
     return words
 
 
-def bwd_cell(q: int, y: int, w: int, lane: int, units: int = UNITS) -> tuple[int, int]:
-    """(batch row, unit) that cell thread (warp w, lane) of block (q, y) runs in the backward: warps < 4 in
-    blocks of UNITS units, every warp in the wide backward's blocks of WIDE_UNITS (n tile w // 4)."""
+def bwd_cell(q: int, y: int, w: int, lane: int, tile: str = "ring") -> tuple[int, int]:
+    """(batch row, unit) that cell thread (warp w, lane) of block (q, y) runs in the backward's ``tile``
+    (fused_plan.cuh's bwd_cell_row, bwd_cell_unit): warps < 4 in the ring's blocks of UNITS units, every warp in
+    the wide backward's blocks of WIDE_UNITS (n tile w // 4), warps < 4 in the narrow backward's blocks of
+    WIDE_UNITS units x NARROW_BATCH_TILE rows (its fragments' rows are units, their columns batch rows)."""
+    if tile == "narrow":
+        return y * NARROW_BATCH_TILE + 2 * (lane & 3) + (w & 1), q * WIDE_UNITS + (lane >> 2) + ((w >> 1) & 1) * 8
+    units = WIDE_UNITS if tile == "wide" else UNITS
     return y * BATCH_TILE + (lane >> 2) + ((w >> 1) & 1) * 8, q * units + 8 * (w >> 2) + 2 * (lane & 3) + (w & 1)
+
+
+def bwd_batch_tile(tile: str) -> int:
+    """Batch rows per block of the backward's ``tile`` (fused_plan.cuh's bwd_batch_tile)."""
+    return NARROW_BATCH_TILE if tile == "narrow" else BATCH_TILE
+
+
+def bwd_batch_tiles(B: int, tile: str) -> int:
+    """The backward grid's batch tiles (gridDim.y; one grid-barrier counter each) for ``tile``."""
+    return -(-B // bwd_batch_tile(tile))
 
 
 def wide_word(w):
@@ -270,14 +289,16 @@ def forward_smem_bytes(H: int, P: Optional[int] = None, elem: int = 2) -> int:
     return (FWD_ROWS + BATCH_TILE) * ld * elem + WARPS * 16 * 32 * 4 + proj
 
 
-def backward_smem_bytes(H: int, P: Optional[int] = None, elem: int = 2, n_gates: int = 4, wide: bool = False) -> int:
-    """The backward block's dynamic shared memory (fused_backward.cu's backward_smem_bytes): the W^T slice, the
-    ring (not ``wide``), the partial sums, and the projection's tiles."""
+def backward_smem_bytes(H: int, P: Optional[int] = None, elem: int = 2, n_gates: int = 4, tile: str = "ring") -> int:
+    """The backward block's dynamic shared memory for ``tile`` (fused_backward.cu's backward_smem_bytes): the W^T
+    slice, the ring (the ring's tile only), the partial sums (two 16 x 8 tiles per warp in the wide tile, one
+    otherwise), and the projection's tiles."""
     P = H if P is None else P
     ld, ldp = _ld(n_gates * H, elem), _ld(P, elem)
     proj = (UNITS + BATCH_TILE) * ldp * elem if P != H else 0
-    units = WIDE_UNITS if wide else UNITS
-    return units * ld * elem + (0 if wide else WARPS * WARP_RING_BYTES) + WARPS * 4 * (units // 8) * 32 * 4 + proj
+    units = UNITS if tile == "ring" else WIDE_UNITS
+    tiles = 2 if tile == "wide" else 1
+    return units * ld * elem + (WARPS * WARP_RING_BYTES if tile == "ring" else 0) + WARPS * 4 * tiles * 32 * 4 + proj
 
 
 @dataclass(frozen=True)
@@ -426,7 +447,7 @@ def backward(entry: Callable, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, ba
     (the same mask: nothing flows back across a reset, and c_{t-1} is 0 in the forget gate's gradient).
     The GRU (``cell="gru"``; c0, w_hr and dc_T None) takes the forward's h0 [B, H] and h_all [T, B, H] and
     returns dG [T, B, 3H] (d_r, d_z, d_n), dh0, None and d_hn [T, B, H]. Under
-    ``LSTM_KERNELS_CUDA_FUSED_BACKWARD=wide`` the kernel runs its wide blocks where they serve (the same bits)."""
+    ``LSTM_KERNELS_CUDA_FUSED_BACKWARD=wide`` or ``narrow`` the kernel runs those blocks where they serve."""
     T, B, P = dh_all.shape
     n_gates, is_lstm = gates(cell), cell == LSTM
     H = act.shape[-1] // n_gates
@@ -448,14 +469,16 @@ def backward(entry: Callable, w_hh, c0, act, c_all, w_hr, dh_all, dh_T, dc_T, ba
     d_hn = None if is_lstm else torch.empty((T, B, H), dtype=dt, device=dev)
     dc_work = torch.empty((B, H), dtype=torch.float32, device=dev)
     bs = None if batch_sizes is None else step_rows(batch_sizes, T, B, dev)[:T]  # no host sync
-    counters = torch.zeros(batch_tiles(B), dtype=torch.int32, device=dev)
+    tile = fused_backward_tile()
+    # one counter per batch tile of the tile asked for: at least the ring's, which serves where it does not
+    counters = torch.zeros(bwd_batch_tiles(B, tile), dtype=torch.int32, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
     err = entry(op_code(dt, tf32), _ptr(w_bwd), _ptr(w_hrT), _ptr(act), _ptr(c_all), _ptr(state0), _ptr(dh_all),
                 _ptr(dh_T), _ptr(dc_T), _ptr(dc_work), _ptr(dgx), _ptr(dhx), _ptr(dG), _ptr(dh0), _ptr(dc0),
                 _ptr(dh_tot), _ptr(bs), _ptr(counters), T, B, H, P, PERSISTENT if persistent else PER_STEP, stream,
                 *barrier, **_resets_arg(resets),
                 **({} if is_lstm else dict(gates=n_gates, h_all=_ptr(h_all), d_hn=_ptr(d_hn))),
-                **({"wide": 1} if fused_backward_wide() else {}))
+                **({"tile": BWD_TILES[tile]} if tile != "ring" else {}))
     if err:
         raise RuntimeError(f"lstm fused_backward_kernel failed: CUDA error {err}")
     if not is_lstm:
@@ -479,16 +502,18 @@ def refused_cooperative_launches() -> dict:
     return dict(_REFUSED)
 
 
-def _wide(direction: str) -> bool:
-    """Whether ``direction``'s kernel is asked for as the wide backward (LSTM_KERNELS_CUDA_FUSED_BACKWARD)."""
-    return direction == "backward" and fused_backward_wide()
+def _tile(direction: str) -> str:
+    """The tile ``direction``'s kernel is asked for with: the backward's LSTM_KERNELS_CUDA_FUSED_BACKWARD, the
+    forward's "ring" (its one kind of block)."""
+    return fused_backward_tile() if direction == "backward" else "ring"
 
 
 def _refusal_key(device: torch.device, direction: str, dtype, B: int, H: int, P: int, cell: str = LSTM) -> tuple:
     """The key of a refused cooperative launch: the call's shape, cell and, for the backward, its variant
-    (the wide backward's grid is not the ring's)."""
+    (the wide and the narrow backward's grids are not the ring's)."""
+    tile = _tile(direction)
     return (str(device), "fused-" + direction, dtype, B, H, P) + (() if cell == LSTM else (cell,)) + (
-        ("wide",) if _wide(direction) else ())
+        (tile,) if tile != "ring" else ())
 
 
 def smem_optin(device: torch.device) -> int:
@@ -531,9 +556,9 @@ def fused_unserved_reason(call: RecurrenceCall, dirs: Optional[tuple] = None) ->
 
 @functools.lru_cache(maxsize=None)
 def _fused_plan_of(device: str, direction: str, code: int, B: int, H: int, P: int, resets: bool = False,
-                   n_gates: int = 4, wide: bool = False) -> dict:
+                   n_gates: int = 4, tile: str = "ring") -> dict:
     kw = ({"resets": True} if resets else {}) | ({"gates": n_gates} if n_gates != 4 else {}) | (
-        {"wide": 1} if wide else {})
+        {"tile": BWD_TILES[tile]} if tile != "ring" else {})
     with torch.cuda.device(torch.device(device)):
         return dict(extension._C.fused_plan(direction, code, B, H, P, **kw))
 
@@ -545,7 +570,7 @@ def device_plan(device: torch.device, direction: str, dtype, B: int, H: int, P: 
     the cell's instance; the backward's under ``LSTM_KERNELS_CUDA_FUSED_BACKWARD`` (the wide kernel's where
     it serves: its own grid and shared memory)."""
     return _fused_plan_of(str(device), direction, op_code(dtype, fused_tf32(dtype)), B, H, P, resets, gates(cell),
-                          _wide(direction))
+                          _tile(direction))
 
 
 def fused_persistent_possible(device: torch.device, direction: str, dtype, B: int, H: int, P: int,

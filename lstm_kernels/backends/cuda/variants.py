@@ -22,12 +22,15 @@ block waits by reading its operands until their tags are current, with no barrie
 so it implies ``registers``, and serves the LSTM without projection in 16 bits where every warp's part
 of W fits the registers; elsewhere ``counter`` serves. Verified under its own plan, like the weights.
 
-``LSTM_KERNELS_CUDA_FUSED_BACKWARD`` (:data:`BACKWARD_ENV`, default ``ring``): how the fused backward's blocks
-read dG_{t+1}. ``ring``: blocks of 8 units, each warp streaming its k range through a ring in shared memory.
-``wide``: blocks of 16 units (half the blocks, so half the L2 reads of the exchange), each warp loading its
-k range straight into MMA fragments, with the same bits (csrc/fused/fused_plan.cuh, "the wide backward").
-It serves calls without projection where its block's shared memory fits (on an H100 the LSTM up to H = 1744
-in 16 bits, 872 in float); elsewhere ``ring`` serves. Verified under its own plan, like the weights.
+``LSTM_KERNELS_CUDA_FUSED_BACKWARD`` (:data:`BACKWARD_ENV`, default ``ring``): the fused backward's blocks and
+how they read dG_{t+1}. ``ring``: blocks of 8 units x 16 batch rows, each warp streaming its k range through a
+ring in shared memory. ``wide``: blocks of 16 units x 16 rows (half the blocks, so half the L2 reads of the
+exchange), each warp loading its k range straight into MMA fragments, with the same bits
+(csrc/fused/fused_plan.cuh, "the wide backward"). ``narrow``: blocks of 16 units x 8 rows with W^T and dG^T as
+the MMA's A and B operands, so each block reads half the wide block's dG and each warp issues half its MMAs,
+from the wide exchange's layout (fused_plan.cuh, "the narrow backward"). Both serve calls without projection
+where their block's shared memory fits (on an H100 the LSTM up to H = 1744 in 16 bits, 872 in float);
+elsewhere ``ring`` serves. Each is verified under its own plan, like the weights.
 
 :data:`FUSED_CANDIDATES` names the fused kernels' variants that ``python -m lstm_kernels check`` and the
 flagship profile measure side by side, with the environment that selects each.
@@ -55,7 +58,7 @@ EXCHANGES = ("counter", "tagged")
 
 
 BACKWARD_ENV = "LSTM_KERNELS_CUDA_FUSED_BACKWARD"
-BACKWARDS = ("ring", "wide")
+BACKWARDS = ("ring", "wide", "narrow")
 
 #: label -> the environment that selects that variant of the fused kernels (persistent where co-resident).
 FUSED_CANDIDATES = {
@@ -63,6 +66,7 @@ FUSED_CANDIDATES = {
     "fused+registers": {VARIANT_ENV: "fused", WEIGHTS_ENV: "registers", EXCHANGE_ENV: "counter", BACKWARD_ENV: "ring"},
     "fused+tagged": {VARIANT_ENV: "fused", WEIGHTS_ENV: "registers", EXCHANGE_ENV: "tagged", BACKWARD_ENV: "ring"},
     "fused+wide": {VARIANT_ENV: "fused", WEIGHTS_ENV: "shared", EXCHANGE_ENV: "counter", BACKWARD_ENV: "wide"},
+    "fused+narrow": {VARIANT_ENV: "fused", WEIGHTS_ENV: "shared", EXCHANGE_ENV: "counter", BACKWARD_ENV: "narrow"},
 }
 
 
@@ -79,10 +83,10 @@ def fused_exchange_tagged() -> bool:
     return _choice(EXCHANGE_ENV, EXCHANGES) == "tagged"
 
 
-def fused_backward_wide() -> bool:
-    """``LSTM_KERNELS_CUDA_FUSED_BACKWARD`` (default ``ring``) is ``wide``; ValueError naming it for another
-    value."""
-    return _choice(BACKWARD_ENV, BACKWARDS) == "wide"
+def fused_backward_tile() -> str:
+    """``LSTM_KERNELS_CUDA_FUSED_BACKWARD`` (default ``ring``): one of :data:`BACKWARDS`; ValueError naming it for
+    another value."""
+    return _choice(BACKWARD_ENV, BACKWARDS)
 
 
 def fused_weights_in_registers() -> bool:
