@@ -60,17 +60,28 @@ def is_tagged_load(t: str) -> bool:
 
 
 def is_wide_operand_load(t: str) -> bool:
-    """The wide backward's operand load (fused_common.cuh's load_cg_16, ld.global.cg.v4.u32: 16 bytes of dG_{t+1}
-    straight into A fragment registers), which SASS writes as the tagged exchange's is written:
-    LDG.E.128.STRONG.GPU. The two are told apart by kernel: the forward's 128-bit strong loads are the tagged
-    exchange's, the backward's are the wide backward's operand loads (is_wide_backward)."""
+    """The wide and the narrow backward's operand load (fused_common.cuh's load_cg_16, ld.global.cg.v4.u32: 16
+    bytes of dG_{t+1} straight into MMA fragment registers), which SASS writes as the tagged exchange's is
+    written: LDG.E.128.STRONG.GPU. The two are told apart by kernel: the forward's 128-bit strong loads are the
+    tagged exchange's, the backward's are the wide and narrow backward's operand loads (is_loaded_backward)."""
     return is_tagged_load(t)
 
 
-def is_wide_backward(name: str) -> bool:
-    """Whether the kernel ``name`` (mangled) is an instance of the wide backward: fused_backward_kernel<Op, PROJ,
-    RESETS, GATES, WIDE> with WIDE = 1 (its flags end ``...Li<GATES>ELb1E``)."""
-    return "fused_backward_kernel" in name and re.search(r"Lb[01]ELb[01]ELi\dELb1E", name) is not None
+#: fused_plan.cuh's codes of the backward's tiles (fused_backward_kernel's fifth template argument, TILE).
+BACKWARD_TILES = {0: "ring", 1: "wide", 2: "narrow"}
+
+
+def backward_tile(name: str):
+    """The tile ("ring", "wide", "narrow") of the kernel ``name`` (mangled) if it is an instance of
+    fused_backward_kernel<Op, PROJ, RESETS, GATES, TILE> (its flags end ``...Li<GATES>ELi<TILE>E``), else None."""
+    m = re.search(r"Lb[01]ELb[01]ELi\dELi(\d)E", name) if "fused_backward_kernel" in name else None
+    return BACKWARD_TILES[int(m.group(1))] if m else None
+
+
+def is_loaded_backward(name: str) -> bool:
+    """Whether the kernel ``name`` is an instance of the wide or the narrow backward (dG loaded straight into MMA
+    fragments by 16-byte loads)."""
+    return backward_tile(name) in ("wide", "narrow")
 
 
 def is_tagged_vote(t: str) -> bool:

@@ -24,9 +24,10 @@ is held to the same properties, its vote (VOTE.ANY into a predicate, over the wo
 still old, or the BRA.DIV stub before it) taking the poll's place; its loads (LDG.E.128.STRONG.GPU,
 the step's operands) are not slow-path instructions. A forward kernel has tagged loads exactly when
 it has a tagged vote. The backward has no tagged exchange (no tagged vote in any instance); its
-128-bit strong loads are the wide backward's operand loads (fused_common.cuh's load_cg_16,
-ld.global.cg.v4.u32 of dG_{t+1}, which SASS writes as LDG.E.128.STRONG.GPU like the tagged ones):
-not polls, not slow-path instructions, and present exactly in the wide instances (WIDE = 1).
+128-bit strong loads are the wide and the narrow backward's operand loads (fused_common.cuh's
+load_cg_16, ld.global.cg.v4.u32 of dG_{t+1}, which SASS writes as LDG.E.128.STRONG.GPU like the tagged
+ones): not polls, not slow-path instructions, and present exactly in those instances (TILE = BWD_WIDE or
+BWD_NARROW).
 
 So a wait whose first poll finds the barrier open executes no clock read, and none of
 barrier_gives_up's memory traffic, until the next wait's poll. Not proven: which way the vote's
@@ -47,7 +48,7 @@ from pathlib import Path
 
 import pytest
 
-from cuda_tools import CUOBJDUMP, NVCC, is_tagged_load, is_tagged_vote, is_wide_backward
+from cuda_tools import CUOBJDUMP, NVCC, is_loaded_backward, is_tagged_load, is_tagged_vote
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90")
@@ -163,8 +164,9 @@ def polls_of(cfg: Cfg) -> dict:
 
 
 def is_operand_load(t: str) -> bool:
-    """A 128-bit strong load of the step's operands: the forward's tagged exchange or the wide backward's
-    dG_{t+1} (cuda_tools.is_wide_operand_load), one SASS form, told apart by kernel (fast_path_violations)."""
+    """A 128-bit strong load of the step's operands: the forward's tagged exchange or the wide and narrow
+    backward's dG_{t+1} (cuda_tools.is_wide_operand_load), one SASS form, told apart by kernel
+    (fast_path_violations)."""
     return is_tagged_load(t)
 
 
@@ -182,12 +184,12 @@ def fast_path_violations(name: str, instrs) -> list:
         return [f"{name}: {len(polls)} polls, {len(clocks)} clock reads (expected both)"]
     operand_loads = any(is_operand_load(t) for _, t in instrs)
     tagged_votes = [i for i, (_, t) in enumerate(instrs) if is_tagged_vote(t)]
-    if "fused_backward_kernel" in name:  # no tagged exchange; the wide instances' operand loads
+    if "fused_backward_kernel" in name:  # no tagged exchange; the wide and narrow instances' operand loads
         if tagged_votes:
             bad.append(f"{name}: a tagged vote in the backward")
-        if operand_loads != is_wide_backward(name):
+        if operand_loads != is_loaded_backward(name):
             bad.append(f"{name}: " + ("128-bit strong loads in a ring instance" if operand_loads
-                                      else "a wide instance without its operand loads"))
+                                      else "a wide or narrow instance without its operand loads"))
     elif operand_loads != bool(tagged_votes):
         bad.append(f"{name}: " + ("tagged loads without a tagged vote" if operand_loads
                                   else "a tagged vote without tagged loads"))

@@ -271,18 +271,28 @@ def test_fused_exchange_switch_selects_its_own_plan(monkeypatch):
         cuda_backend.fused_exchange_tagged()
 
 
-def test_fused_backward_switch_selects_its_own_plan(monkeypatch):
-    """LSTM_KERNELS_CUDA_FUSED_BACKWARD: ``ring`` by default; ``wide`` is a plan of its own (verified under its
-    own key, and a candidate of ``check``); another value is a ValueError naming it."""
-    _check_variant_switch(monkeypatch, cuda_backend.BACKWARD_ENV, cuda_backend.fused_backward_wide, "wide", "16")
-    assert {env[cuda_backend.BACKWARD_ENV] for env in cuda_backend.FUSED_CANDIDATES.values()} == {"ring", "wide"}
+@pytest.mark.parametrize("tile", ["wide", "narrow"])
+def test_fused_backward_switch_selects_its_own_plan(monkeypatch, tile):
+    """LSTM_KERNELS_CUDA_FUSED_BACKWARD: ``ring`` by default; ``wide`` and ``narrow`` are plans of their own
+    (verified under their own keys, and candidates of ``check``); another value is a ValueError naming it."""
+    _check_variant_switch(monkeypatch, cuda_backend.BACKWARD_ENV, lambda: cuda_backend.fused_backward_tile() == tile,
+                          tile, "16")
+    backend = get_backend("cuda")
+    signatures = set()
+    for value in cuda_backend.BACKWARDS:
+        monkeypatch.setenv(cuda_backend.BACKWARD_ENV, value)
+        signatures.add(backend.plan_signature(_call()))
+    assert len(signatures) == len(cuda_backend.BACKWARDS) == 3
+    assert {env[cuda_backend.BACKWARD_ENV] for env in cuda_backend.FUSED_CANDIDATES.values()} == {"ring", "wide",
+                                                                                                  "narrow"}
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_fused_backward_hands_the_wide_switch_to_the_kernel(monkeypatch, cell):
-    """fused.backward passes wide=1 to the extension only under ``wide`` (the C API's default, 0, runs the ring's
-    kernel; the kernel itself falls back to it where the wide one does not serve), and hands it a W^T of whole
-    16-unit blocks (the wide block reads 16 rows)."""
+def test_fused_backward_hands_the_tile_to_the_kernel(monkeypatch, cell):
+    """fused.backward passes the C API's tile code to the extension under ``wide`` (1) and ``narrow`` (2) only
+    (the default, 0, runs the ring's kernel; the kernel itself falls back to it where the tile asked for does not
+    serve), one grid-barrier counter per batch tile of the tile asked for (8 rows in the narrow one: at least
+    the ring's), and a W^T of whole 16-unit blocks (the wide and narrow blocks read 16 rows)."""
     from lstm_kernels.backends.cuda import fused
 
     calls = []
@@ -291,21 +301,29 @@ def test_fused_backward_hands_the_wide_switch_to_the_kernel(monkeypatch, cell):
         cuda_stream = 7
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    T, B, H = 2, 3, 20
+    T, B, H = 2, 17, 20  # 2 batch tiles of 16 rows, 3 of 8
     n_gates = 4 if cell == "lstm" else 3
     w_rows = []
     interleave = fused.interleave_backward
     monkeypatch.setattr(fused, "interleave_backward", lambda *a: w_rows.append(interleave(*a).shape[0]) or
                         interleave(*a))
-    for value, expected in (("ring", None), ("wide", 1)):
+    counters = []
+    ptr = fused._ptr
+    monkeypatch.setattr(fused, "_ptr", lambda t: counters.append(t) or ptr(t))
+    for value, expected in (("ring", None), ("wide", 1), ("narrow", 2)):
+        counters.clear()
         monkeypatch.setenv(cuda_backend.BACKWARD_ENV, value)
         fused.backward(lambda *a, **kw: calls.append(kw) or 0, torch.randn(n_gates * H, H),
                        torch.randn(B, H) if cell == "lstm" else None, torch.randn(T, B, n_gates * H),
                        torch.randn(T, B, H), None, torch.randn(T, B, H), torch.randn(B, H),
                        torch.randn(B, H) if cell == "lstm" else None, None, False, cell=cell,
                        h0=torch.randn(B, H), h_all=torch.randn(T, B, H))
-        assert calls[-1].get("wide") == expected, (value, calls[-1])
-    assert w_rows == [32, 32], w_rows
+        assert calls[-1].get("tile") == expected, (value, calls[-1])
+        # the counters are the one int32 tensor handed over
+        (n_counters,) = [t.numel() for t in counters if t is not None and t.dtype == torch.int32 and t.dim() == 1
+                         and t.numel() < B]
+        assert n_counters == (3 if value == "narrow" else 2), (value, n_counters)
+    assert w_rows == [32, 32, 32], w_rows
 
 
 @pytest.mark.parametrize("dtype, cell, proj, served", [(torch.float16, "lstm", False, True),
@@ -430,10 +448,10 @@ def test_extension_kernels_are_built_for_sm80_and_sm90_without_spills():
     names = {name for name, _, _ in kernels}
     # the per-step kernels: one instance per dtype, cell (LSTM, GRU), tensor-core switch and resets switch; the
     # fused kernels: one per Op (4), projection and resets switch, and the GRU's instances (no projection);
-    # the backward's wide instances (no projection: the LSTM's and the GRU's, resets switch); the retired
+    # the backward's wide and narrow instances (no projection: the LSTM's and the GRU's, resets switch); the retired
     # cooperative kernels are gone
     for stem, count in (("forward_step_kernel", 24), ("backward_step_kernel", 24), ("fused_forward_kernel", 16 + 8),
-                        ("fused_backward_kernel", 16 + 8 + 16), ("persistent_kernel", 0)):
+                        ("fused_backward_kernel", 16 + 8 + 16 + 16), ("persistent_kernel", 0)):
         assert sum(stem in n for n in names) == count, f"{stem}: expected {count} instances in {sorted(names)}"
     spilling = [(name, local) for name, _, local in kernels if int(local) != 0]
     assert not spilling, f"kernels spilling to local memory: {spilling}"
@@ -512,8 +530,9 @@ def test_only_the_fused_kernels_carry_a_grid_barrier_on_every_architecture():
     for arch in ("sm_80", "sm_90"):
         fused = [n for (a, n) in sleeps if a == arch and re.search(r"fused_(forward|backward)_kernel", n)]
         step = [n for (a, n) in sleeps if a == arch and re.search(r"(forward|backward)_step_kernel", n)]
-        # the fused kernels: 32 of the LSTM's, 16 of the GRU's, 16 wide backward ones; the per-step kernels: 48
-        assert len(fused) == 32 + 16 + 16 and len(step) == 48, (arch, sorted(n for a, n in sleeps if a == arch))
+        # the fused kernels: 32 of the LSTM's, 16 of the GRU's, 16 wide and 16 narrow backward ones; the per-step
+        # kernels: 48
+        assert len(fused) == 32 + 16 + 16 + 16 and len(step) == 48, (arch, sorted(n for a, n in sleeps if a == arch))
         assert len(fused) + len(step) == sum(a == arch for a, _ in sleeps), (arch, sorted(sleeps))
         assert all(sleeps[(arch, n)] > 0 for n in fused), f"{arch}: a fused kernel lacks the bounded grid barrier"
         assert all(sleeps[(arch, n)] == 0 for n in step), f"{arch}: a per-step kernel holds a grid barrier"

@@ -41,7 +41,7 @@ backward: H = 592, the largest it serves on sm_90):
   warp, barriers, release-adds, no loads in nested loops) and differs from it only by the mask's load
   (one more LDG in the step loop), a vote (forward) and integer/select instructions, with the k loops
   instruction for instruction the same;
-- the wide backward (fused_backward_kernel's WIDE = 1, no projection; fused_plan.cuh "THE WIDE BACKWARD"),
+- the wide backward (fused_backward_kernel's TILE = BWD_WIDE, no projection; fused_plan.cuh "THE WIDE BACKWARD"),
   LSTM and GRU, with resets or not: blocks of WIDE_UNITS units (two n tiles), no ring: no cp.async (LDGSTS);
   one k loop, over batches of WIDE_PAIR_SLOTS pairs, holding every HMMA, ldmatrix and operand load of the
   step; each warp's dG_{t+1} range loaded straight into A fragments by 2 x WIDE_PAIR_SLOTS 16-byte loads
@@ -54,7 +54,13 @@ backward: H = 592, the largest it serves on sm_90):
   one fence), every warp a cell warp (named barrier 1 of 256 threads), the exchange's stores before the
   arrival (the LSTM's 2 words in 16 bits, its 4 gradients in float, the GRU's 3), the cell's activations as
   the other instances', no local memory; its exchange L2 reads (half the ring backward's blocks) are the
-  4.7 MB per step fused_backward.cu states, in 16 bits at the flagship.
+  4.7 MB per step fused_backward.cu states, in 16 bits at the flagship;
+- the narrow backward (fused_backward_kernel's TILE = BWD_NARROW; fused_plan.cuh "THE NARROW BACKWARD"),
+  LSTM and GRU, with resets or not: the wide backward's checks with its own design: blocks of 16 units x
+  NARROW_BATCH_TILE rows (one m16n8 tile, W^T the A operand), per slot one 16-byte operand load (row r), 2
+  ldmatrix (A of both chunks) and 2 x passes HMMA, the busiest warp's HMMA half the wide warp's, warps 0-3
+  the cell warps (named barrier 1 of 128 threads); its exchange L2 reads (the ring's number of blocks, each
+  half the rows) are the 4.7 MB per step fused_backward.cu states.
 
 ``pytest -s`` prints the counts.
 """
@@ -68,8 +74,8 @@ from pathlib import Path
 
 import pytest
 
-from cuda_tools import (ACTIVATIONS_PER_CELL, CUOBJDUMP, NVCC, compile_cubins, is_fast_activation_argument,
-                        is_tagged_load, is_tagged_vote, is_wide_backward, is_wide_operand_load)
+from cuda_tools import (ACTIVATIONS_PER_CELL, CUOBJDUMP, NVCC, backward_tile, compile_cubins,
+                        is_fast_activation_argument, is_tagged_load, is_tagged_vote, is_wide_operand_load)
 from lstm_kernels.backends.cuda import fused as cf
 from plan_dump import compile_mutant_plan_dump
 
@@ -327,29 +333,30 @@ def op_of(name: str) -> str:
     return found[0]
 
 
-def flags_tag(proj: bool, resets: bool = False, gates: int = None, wide: bool = None) -> str:
-    """The mangled template flags <..., PROJ, RESETS(, GATES(, WIDE))> of a fused kernel instance (GATES, the
-    cell's gate rows: 4 the LSTM, 3 the GRU; WIDE, the backward's fifth: its wide instance or its ring's).
-    Without ``wide`` the tag matches a backward instance of either kind: name it to pick one."""
+def flags_tag(proj: bool, resets: bool = False, gates: int = None, tile: str = None) -> str:
+    """The mangled template flags <..., PROJ, RESETS(, GATES(, TILE))> of a fused kernel instance (GATES, the
+    cell's gate rows: 4 the LSTM, 3 the GRU; TILE, the backward's fifth: fused_plan.cuh's BWD_RING, BWD_WIDE or
+    BWD_NARROW, named here "ring", "wide", "narrow"). Without ``tile`` the tag matches a backward instance of
+    any tile: name it to pick one."""
     return (f"Lb{int(proj)}ELb{int(resets)}E" + ("" if gates is None else f"Li{gates}E")
-            + ("" if wide is None else f"Lb{int(wide)}E"))
+            + ("" if tile is None else f"Li{cf.BWD_TILES[tile]}E"))
 
 
 #: The fused kernels' instances per Op and architecture: with a projection or not, with resets or not;
-#: and the GRU's (GATES = 3, no projection), with resets or not; the backward's also wide (no projection:
-#: the LSTM's and the GRU's, with resets or not).
-INSTANCES = {"fused_forward_kernel": 4 + 2, "fused_backward_kernel": 4 + 2 + 4}
+#: and the GRU's (GATES = 3, no projection), with resets or not; the backward's also wide and narrow (no
+#: projection: the LSTM's and the GRU's, with resets or not).
+INSTANCES = {"fused_forward_kernel": 4 + 2, "fused_backward_kernel": 4 + 2 + 4 + 4}
 
 
-def _kernels(funcs, stem: str, arch: str, proj: bool, resets: bool = False, gates: int = 4, wide: bool = False):
+def _kernels(funcs, stem: str, arch: str, proj: bool, resets: bool = False, gates: int = 4, tile: str = "ring"):
     """{op: (name, instrs)} of the four instances (one per Op) of ``stem`` with these flags (the backward's
-    with WIDE = ``wide``: its tag names the flag, so that one instance per Op matches)."""
-    assert not wide or stem == "fused_backward_kernel", stem
-    tag = flags_tag(proj, resets, gates, wide if stem == "fused_backward_kernel" else None)
+    with TILE = ``tile``: its tag names the tile, so that one instance per Op matches)."""
+    assert tile == "ring" or stem == "fused_backward_kernel", stem
+    tag = flags_tag(proj, resets, gates, tile if stem == "fused_backward_kernel" else None)
     matching = [(name, instrs) for (a, name), instrs in funcs.items() if a == arch and stem in name and tag in name]
     found = {op_of(name): (name, instrs) for name, instrs in matching}
     assert len(matching) == len(OPS) and sorted(found) == sorted(OPS), (
-        f"{stem} {arch} proj={proj} resets={resets} gates={gates} wide={wide}: expected one instance per Op, "
+        f"{stem} {arch} proj={proj} resets={resets} gates={gates} tile={tile}: expected one instance per Op, "
         f"got {sorted(n for n, _ in matching)}")
     return found
 
@@ -606,22 +613,26 @@ WIDE_GATES = (4, 3)
 WIDE_BATCHES = {(2, 4): 1, (2, 3): 1, (4, 4): 2, (4, 3): 2}
 
 
-def wide_design(plan_dump, op: str = "Fp16Mma", resets: bool = False, gates: int = 4) -> dict:
-    """Designed per-step figures of the wide backward, from the plan (fused_plan.cuh run on the host: its
-    WIDE_PAIR_SLOTS, WIDE_UNITS and the warps' k ranges bwd_gate_k, the GRU's over 3H) at the flagship.
-    The product's k loop runs batches of WIDE_PAIR_SLOTS pairs, its body unrolled over the slots (uniform
-    branches on the batch's pairs), so the body's static counts are the slots': per slot 2 ldmatrix.x4 (B of
-    each n tile, both chunks of the pair) and 2 chunks x NT tiles x passes HMMA, 2 16-byte loads (rows r and
-    r + 8); the busiest warp runs its pairs of them in ``batches`` trips. The rest is the
-    ring backward's (design), but every warp is a cell warp, and the exchange stores before the arrival are
-    the transposed layout's: the LSTM's gradients as two 4-byte words in 16 bits (i, f and g, o), as four
-    stores in float; the GRU's three."""
+def wide_design(plan_dump, op: str = "Fp16Mma", resets: bool = False, gates: int = 4, tile: str = "wide") -> dict:
+    """Designed per-step figures of the wide backward (``tile`` "wide") or the narrow one ("narrow"), from the
+    plan (fused_plan.cuh run on the host: its WIDE_PAIR_SLOTS, WIDE_UNITS, NARROW_BATCH_TILE and the warps' k
+    ranges bwd_gate_k, the GRU's over 3H) at the flagship. The product's k loop runs batches of
+    WIDE_PAIR_SLOTS pairs, its body unrolled over the slots (uniform branches on the batch's pairs), so the
+    body's static counts are the slots'. The wide block's product is 16 rows x 16 units, two m16n8 tiles: per
+    slot 2 ldmatrix.x4 (B of each n tile, both chunks of the pair), 2 chunks x 2 tiles x passes HMMA and 2
+    16-byte loads (rows r and r + 8). The narrow block's is 16 units x 8 rows, one tile: per slot 2
+    ldmatrix.x4 (A: W^T of each chunk), 2 chunks x passes HMMA and one 16-byte load (row r). The busiest
+    warp runs its pairs in ``batches`` trips. The rest is the ring backward's (design), but in the wide block
+    every warp is a cell warp, and the exchange stores before the arrival are the transposed layout's: the
+    LSTM's gradients as two 4-byte words in 16 bits (i, f and g, o), as four stores in float; the GRU's
+    three."""
     elem, passes = OPS[op]
     H = FLAGSHIP_H
     d = plan_dump(FLAGSHIP_B, H, elem, H)
     slots, units = d["WIDE_PAIR_SLOTS"], d["WIDE_UNITS"]
-    n_tiles = units // 8
-    tiles = (cf.BATCH_TILE // 16) * n_tiles  # m16n8 tiles of the block's product: batch x units
+    narrow = tile == "narrow"
+    n_tiles = 1 if narrow else units // 8  # the wide product's n tiles of 8 units; the narrow one's single tile
+    tiles = (d["NARROW_BATCH_TILE"] * units // 128) if narrow else (cf.BATCH_TILE // 16) * n_tiles  # m16n8 tiles
     chunks = cf.k_chunks(cf.round_up(gates * H, cf.kpad(elem)), elem)
     ranges = d["bwd_gate_k" if gates == 4 else "bwd_gru_gate_k"]
     longest = max(e - b for b, e in ranges)
@@ -631,11 +642,12 @@ def wide_design(plan_dump, op: str = "Fp16Mma", resets: bool = False, gates: int
     batches = -(-longest // slots)
     assert batches == d["bwd_wide_batches"][str(gates)] == WIDE_BATCHES[elem, gates], (batches, d["bwd_wide_batches"])
     return dict(H=H, slots=slots, n_tiles=n_tiles, passes=passes, longest=longest, batches=batches,
-                operand_loads=2 * slots, ldsm=slots * n_tiles, hmma=slots * 2 * tiles * passes,
-                hmma_busiest=longest * 2 * tiles * passes, hmma_ideal=tiles * chunks * passes / cf.WARPS,
+                operand_loads=(1 if narrow else 2) * slots, ldsm=slots * (2 if narrow else n_tiles),
+                hmma=slots * 2 * tiles * passes, hmma_busiest=longest * 2 * tiles * passes,
+                hmma_ideal=tiles * chunks * passes / cf.WARPS,
                 bar_sync=ring["bar_sync"], release_add=ring["release_add"], ldg_max=ring["ldg_max"],
                 exchange_stores=[3 if gates == 3 else (2 if elem == 2 else 4)],
-                arrival_threads=d["THREADS"])
+                arrival_threads=CELL_THREADS if narrow else d["THREADS"])
 
 
 def wide_counts(loop: "StepLoop") -> dict:
@@ -669,7 +681,7 @@ def wide_problems(counts: dict, d: dict) -> list:
         problems.append(f"{counts['k_loops']} k loops, {counts['product_outside_k_loop']} HMMA, ldmatrix or "
                         "operand loads outside the one k loop (the batches of slots)")
     if counts["cp_async"]:
-        problems.append(f"{counts['cp_async']} cp.async (LDGSTS / its barriers): the ring, not the wide loads")
+        problems.append(f"{counts['cp_async']} cp.async (LDGSTS / its barriers): the ring, not the wide or narrow loads")
     if counts["operand_loads"] != d["operand_loads"]:
         problems.append(f"{counts['operand_loads']} 16-byte operand loads, designed {d['operand_loads']}")
     if counts["loads_before_first_hmma"] != counts["operand_loads"]:
@@ -695,28 +707,29 @@ def wide_problems(counts: dict, d: dict) -> list:
     return problems + arrival_problems(counts, d)
 
 
+@pytest.mark.parametrize("tile", ["wide", "narrow"])
 @pytest.mark.parametrize("resets", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("gates", WIDE_GATES, ids=["lstm", "gru"])
-def test_wide_backward_step_loop_structure(fused_sass, plan_dump, arch, gates, resets):
-    """The wide backward of every Op (the module docstring's last item): wide_problems, the busiest warp's batches
-    of slots and its HMMA within 10% of the ideal at the flagship, the cell's activations as the ring
-    backward's, and no local memory with at most 255 registers."""
+def test_wide_backward_step_loop_structure(fused_sass, plan_dump, arch, gates, resets, tile):
+    """The wide and the narrow backward of every Op (the module docstring's last items): wide_problems, the
+    busiest warp's batches of slots and its HMMA within 10% of the ideal at the flagship, the cell's activations
+    as the ring backward's, and no local memory with at most 255 registers."""
     funcs, usage = fused_sass
     regs = {n: (int(r), int(st), int(lo)) for n, r, st, lo in
             re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)}
-    for op, (name, instrs) in _kernels(funcs, "fused_backward_kernel", arch, False, resets, gates, wide=True).items():
-        d = wide_design(plan_dump, op, resets, gates)
+    for op, (name, instrs) in _kernels(funcs, "fused_backward_kernel", arch, False, resets, gates, tile).items():
+        d = wide_design(plan_dump, op, resets, gates, tile)
         loop = step_loop_of(name, instrs)
         counts = wide_counts(loop)
-        tag = f"wide backward{'<gru>' if gates == 3 else ''}{'<resets>' if resets else ''} {arch} {op}"
-        print(f"\n[wide] {tag} (B={FLAGSHIP_B}, H={d['H']}): " + ", ".join(f"{k}={v}" for k, v in counts.items())
+        tag = f"{tile} backward{'<gru>' if gates == 3 else ''}{'<resets>' if resets else ''} {arch} {op}"
+        print(f"\n[{tile}] {tag} (B={FLAGSHIP_B}, H={d['H']}): " + ", ".join(f"{k}={v}" for k, v in counts.items())
               + f"; busiest warp {d['longest']} pairs in {d['batches']} batches, {d['hmma_busiest']} HMMA, ideal "
               f"{d['hmma_ideal']:g}; "
               f"REG/STACK/LOCAL {regs.get(name)}")
         problems = wide_problems(counts, d)
         assert not problems, (tag, problems, counts)
-        # the busiest warp's HMMA (2 chunks x 2 tiles x passes per pair of its range) are within 10% of the even
+        # the busiest warp's HMMA (2 chunks x tiles x passes per pair of its range) are within 10% of the even
         # share of the block's product
         assert abs(d["hmma_busiest"] / d["hmma_ideal"] - 1.0) <= 0.10, (tag, d)
         if op in FAST_ACTIVATION_OPS:
@@ -724,7 +737,7 @@ def test_wide_backward_step_loop_structure(fused_sass, plan_dump, arch, gates, r
             assert not problems, (tag, problems, counts)
         else:  # float32 accuracy: the precise activations, no fast argument
             assert counts["fast_arguments"] == 0, (tag, counts)
-        # no spill: the 8 x 12 registers of the slots and the two n tiles' accumulators fit the 255 of a thread
+        # no spill: the registers of the slots (8 or 4 x 12) and the accumulators fit the 255 of a thread
         assert name in regs and regs[name][0] <= 255 and regs[name][1:] == (0, 0), (tag, regs.get(name))
         assert not any(re.search(r"\b(LDL|STL)\b", t) for _, t in instrs), (tag, "local memory")
 
@@ -745,20 +758,22 @@ def test_the_ops_name_their_activations_as_the_checks_assume():
 #: reading the same whole dG of its batch tile: 48 blocks x 16 rows x 6144 bytes).
 EXCHANGE_MB = {("fused_forward_kernel", 2, ""): 2.4, ("fused_forward_kernel", 2, "tagged"): 4.7,
                ("fused_backward_kernel", 2, ""): 9.4, ("fused_backward_kernel", 4, ""): 18.9,
-               ("fused_backward_kernel", 2, "wide"): 4.7}
+               ("fused_backward_kernel", 2, "wide"): 4.7, ("fused_backward_kernel", 2, "narrow"): 4.7}
 
 
 def exchange_bytes_per_step(d: dict, stem: str, variant: str = "") -> int:
     """From the plan (fused_plan.cuh run on the host: the kernels' own grid and k ranges): the bytes of the
     exchange every block reads per step, summed over the grid; each warp reads its k range of the batch
     tile's rows (the forward's in chunks, the backward's in pairs of chunks). ``variant``: "tagged" (the
-    forward's tagged words), "wide" (the wide backward's grid, the plan's wide_grid)."""
+    forward's tagged words), "wide" (the wide backward's grid, the plan's wide_grid), "narrow" (the narrow
+    backward's grid of NARROW_BATCH_TILE rows per block)."""
     if stem == "fused_forward_kernel":
         per_row = sum(e - b for b, e in d["fwd_gate_k"]) * d["CHUNK_BYTES"] * (2 if variant == "tagged" else 1)
     else:
         per_row = sum(e - b for b, e in d["bwd_gate_k"]) * 2 * d["CHUNK_BYTES"]
-    grid = d["wide_grid"] if variant == "wide" else d["grid"]
-    return grid[0] * grid[1] * d["BATCH_TILE"] * per_row
+    grid = d.get(f"{variant}_grid", d["grid"])
+    rows = d["NARROW_BATCH_TILE"] if variant == "narrow" else d["BATCH_TILE"]
+    return grid[0] * grid[1] * rows * per_row
 
 
 @pytest.mark.parametrize("stem, elem, variant", sorted(EXCHANGE_MB), ids=[
@@ -770,6 +785,8 @@ def test_exchange_l2_bytes_per_step_from_the_plan(plan_dump, stem, elem, variant
     d = plan_dump(FLAGSHIP_B, FLAGSHIP_H, elem, FLAGSHIP_H)
     if variant == "wide":
         assert d["wide_grid"] == [-(-FLAGSHIP_H // d["WIDE_UNITS"]), d["grid"][1]], (d["wide_grid"], d["WIDE_UNITS"])
+    if variant == "narrow":  # as many blocks as the ring's, each reading half the rows
+        assert d["narrow_grid"] == [d["wide_grid"][0], -(-FLAGSHIP_B // d["NARROW_BATCH_TILE"])], d["narrow_grid"]
     mb = exchange_bytes_per_step(d, stem, variant) / 1e6
     print(f"\n{stem} {8 * elem}-bit{' ' + variant if variant else ''}: {mb:.2f} MB of L2 reads per step")
     assert round(mb, 1) == EXCHANGE_MB[stem, elem, variant], mb
@@ -850,6 +867,10 @@ def wide_problems_of(loop: "StepLoop", plan_dump) -> list:
     return wide_problems(wide_counts(loop), wide_design(plan_dump, "Fp16Mma"))
 
 
+def narrow_problems_of(loop: "StepLoop", plan_dump) -> list:
+    return wide_problems(wide_counts(loop), wide_design(plan_dump, "Fp16Mma", tile="narrow"))
+
+
 #: Mutants of the fp16 LSTM forward (csrc/fused/) and the check that must catch each: the arrival as it
 #: was, one per warp with a fence of every lane and a release-add by each cell warp's lane 0; h_all
 #: stored before the arrival, so its fence waits for it; the register path reading W from shared memory; a
@@ -890,6 +911,17 @@ SOURCE_MUTANTS = {
           load_cg_16(a[i][1], src + wide_lane_byte(lane, 1, base + i, row_bytes), true);
           __syncwarp();
 """, wide_problems_of),
+    "narrow loads one slot at a time": (
+        "fused/fused_common.cuh", """      for (int i = 0; i < SLOTS; ++i) load_cg_16(v[i], src + wide_lane_byte(lane, 0, base + i, row_bytes), i < n);
+      __syncwarp();  // as split_k_mma_wide's: the loads all in flight, none sunk to its MMA
+#pragma unroll
+      for (int i = 0; i < SLOTS; ++i) {
+        if (i < n) {
+""", """      for (int i = 0; i < SLOTS; ++i) {
+        if (i < n) {
+          load_cg_16(v[i], src + wide_lane_byte(lane, 0, base + i, row_bytes), true);
+          __syncwarp();
+""", narrow_problems_of),
     "fence in the tagged spin": ("fused/fused_common.cuh", """    if (round % TAGGED_ROUNDS_PER_CHECK == 0) {""",
                                  """    __threadfence();
     if (round % TAGGED_ROUNDS_PER_CHECK == 0) {""", tagged_problems_of),
@@ -904,8 +936,9 @@ SOURCE_MUTANTS = {
 }
 
 
-#: The kernel a mutant is read in, (source, stem, wide), where it is not the fp16 LSTM forward.
-MUTANT_KERNELS = {"wide loads one slot at a time": ("fused/fused_backward.cu", "fused_backward_kernel", True)}
+#: The kernel a mutant is read in, (source, stem, backward tile), where it is not the fp16 LSTM forward.
+MUTANT_KERNELS = {"wide loads one slot at a time": ("fused/fused_backward.cu", "fused_backward_kernel", "wide"),
+                  "narrow loads one slot at a time": ("fused/fused_backward.cu", "fused_backward_kernel", "narrow")}
 
 
 @pytest.mark.parametrize("mutant", sorted(SOURCE_MUTANTS))
@@ -915,14 +948,14 @@ def test_step_checks_catch_a_mutant_source(tmp_path, plan_dump, mutant):
     from a mutant of its source (the unmutated source, compiled the same way, passes them in
     test_fused_step_loop_structure and test_wide_backward_step_loop_structure)."""
     path, site, replacement, problems_of = SOURCE_MUTANTS[mutant]
-    source, stem, wide = MUTANT_KERNELS.get(mutant, ("fused/fused_forward.cu", "fused_forward_kernel", False))
+    source, stem, tile = MUTANT_KERNELS.get(mutant, ("fused/fused_forward.cu", "fused_forward_kernel", "ring"))
     csrc = tmp_path / "csrc"
     shutil.copytree(ROOT / "csrc", csrc)
     text = (csrc / path).read_text()
     assert text.count(site) == 1, f"{path}: the mutated site is gone"
     (csrc / path).write_text(text.replace(site, replacement))
     listings, _ = compile_cubins([source], ("sm_90",), tmp_path, csrc=csrc)
-    name, instrs = _kernels(functions_of(listings), stem, "sm_90", False, wide=wide)["Fp16Mma"]
+    name, instrs = _kernels(functions_of(listings), stem, "sm_90", False, tile=tile)["Fp16Mma"]
     problems = problems_of(step_loop_of(name, instrs), plan_dump)
     print(f"\n[{mutant}] {problems}")
     assert problems
@@ -989,16 +1022,16 @@ def _loop_counts(loop: StepLoop) -> dict:
                 k_loops=[_k_loop_profile(loop, lp) for lp in loop.k_loops])
 
 
-#: FAMILIES and the wide backward's (stem, proj, gates, wide).
-ALL_FAMILIES = ([(s, p, g, False) for s, p, g in FAMILIES]
-                + [("fused_backward_kernel", False, g, True) for g in WIDE_GATES])
+#: FAMILIES and the wide and narrow backward's (stem, proj, gates, tile).
+ALL_FAMILIES = ([(s, p, g, "ring") for s, p, g in FAMILIES]
+                + [("fused_backward_kernel", False, g, t) for t in ("wide", "narrow") for g in WIDE_GATES])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("stem, proj, gates, wide", ALL_FAMILIES,
-                         ids=[f"{s.split('_')[1]}{'-wide' if w else ''}{'-proj' if p else ''}{'-gru' if g == 3 else ''}"
-                              for s, p, g, w in ALL_FAMILIES])
-def test_resets_instance_adds_only_the_mask(fused_sass, arch, stem, proj, gates, wide):
+@pytest.mark.parametrize("stem, proj, gates, tile", ALL_FAMILIES,
+                         ids=[f"{s.split('_')[1]}{'' if t == 'ring' else '-' + t}{'-proj' if p else ''}"
+                              f"{'-gru' if g == 3 else ''}" for s, p, g, t in ALL_FAMILIES])
+def test_resets_instance_adds_only_the_mask(fused_sass, arch, stem, proj, gates, tile):
     """The instance with resets against the one without, per Op: the same k loops (the same instructions
     but for how the address arithmetic is written: at most 2, or a sixth of the loop, more of it; the wide
     backward has none), HMMA, block barriers, release-adds and polls (with the wide backward's operand
@@ -1006,12 +1039,12 @@ def test_resets_instance_adds_only_the_mask(fused_sass, arch, stem, proj, gates,
     in a nested loop; one vote in the forward (the batch tile's flags), none in the backward; and
     nothing else but integer, select and control instructions more."""
     funcs, _ = fused_sass
-    free = _kernels(funcs, stem, arch, proj, gates=gates, wide=wide)
-    with_resets = _kernels(funcs, stem, arch, proj, True, gates, wide=wide)
+    free = _kernels(funcs, stem, arch, proj, gates=gates, tile=tile)
+    with_resets = _kernels(funcs, stem, arch, proj, True, gates, tile=tile)
     for op in OPS:
         a, b = (step_loop_of(k[op][0], k[op][1]) for k in (free, with_resets))
         ca, cb = _loop_counts(a), _loop_counts(b)
-        tag = f"{stem}{'<wide>' if wide else ''}{'<proj>' if proj else ''}{'<gru>' if gates == 3 else ''} {arch} {op}"
+        tag = f"{stem}{'' if tile == 'ring' else '<' + tile + '>'}{'<proj>' if proj else ''}{'<gru>' if gates == 3 else ''} {arch} {op}"
         # "@!PT" (never true) instructions are placeholders ptxas emits after cp.async; they never run
         ops_a, ops_b = ({} for _ in range(2))
         for ops, loop in ((ops_a, a), (ops_b, b)):
@@ -1051,7 +1084,7 @@ def test_structure_checks_can_fail():
 
 def test_extension_carries_the_fused_kernels_for_sm80_and_sm90():
     """The built extension holds the fused kernels (every Op, with and without projection, the backward's
-    wide instances too) for both architectures, so what these checks read is what the GPU will run."""
+    wide and narrow instances too) for both architectures, so what these checks read is what the GPU will run."""
     try:
         from lstm_kernels import _C
     except ImportError:
@@ -1062,8 +1095,9 @@ def test_extension_carries_the_fused_kernels_for_sm80_and_sm90():
         for stem in ("fused_forward_kernel", "fused_backward_kernel"):
             names = [n for (a, n) in funcs if a == arch and stem in n]
             assert len(names) == INSTANCES[stem] * len(OPS), (arch, stem, names)
-            wide = [n for n in names if is_wide_backward(n)]
-            assert len(wide) == (4 * len(OPS) if stem == "fused_backward_kernel" else 0), (arch, stem, wide)
+            for tile in ("wide", "narrow"):
+                found = [n for n in names if backward_tile(n) == tile]
+                assert len(found) == (4 * len(OPS) if stem == "fused_backward_kernel" else 0), (arch, stem, found)
             for name in names:  # the extension's instance has the same step loop as the standalone build
                 loop = step_loop_of(name, funcs[(arch, name)])
                 proj = flags_tag(True, False) in name or flags_tag(True, True) in name
