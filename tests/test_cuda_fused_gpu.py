@@ -7,7 +7,8 @@
   accuracy, float32 on tf32), with and without variable lengths, with and without a projection
   (proj_size: h_t = W_hr m_t, dW_hr), where the device's shared memory holds the kernels;
 - the backward likewise (dG exchanged in the storage dtype, streamed per warp), and run-to-run
-  bitwise determinism; its wide variant (16 units per block) bitwise against the ring;
+  bitwise determinism; its wide variant (16 units per block) and its narrow one (16 units x 8 rows, W^T and
+  dG^T the MMA's A and B) bitwise against the ring;
 - the GRU's instances (GATES = 3) likewise: persistent against per-step bitwise and against the
   float64 reference, dense, packed, with resets;
 - µs per step at the flagship shape, printed next to nn.LSTM's (pytest -s).
@@ -286,13 +287,16 @@ def test_fused_forward_with_the_tagged_exchange_is_bitwise_the_shared_one(entrie
 @pytest.mark.parametrize("T, B, H, cell", [(5, 3, 13, "lstm"), (9, 33, 100, "lstm"), (16, 16, 768, "lstm"),
                                            (16, 16, 776, "lstm"), (7, 17, 40, "gru"), (16, 16, 768, "gru")])
 @pytest.mark.parametrize("varlen, with_resets", [(False, False), (True, True)], ids=["dense", "packed_resets"])
-def test_fused_backward_wide_is_bitwise_the_ring(entries, monkeypatch, name, dtype, tf32, tol, T, B, H, cell, varlen,
-                                                 with_resets):
-    """LSTM_KERNELS_CUDA_FUSED_BACKWARD=wide (blocks of 16 units, dG loaded straight into MMA fragments) against
-    the default ring: the same operands in the same order, so the same bits, persistent and per step, dense and
-    packed with resets. The plan names the kernel: wide wherever its block fits shared memory (48 blocks at the
-    flagship); float at H = 768 and H = 776 (13 pairs per warp in 16 bits) take two batches of slots; H = 100
-    leaves half of the last 16-unit block past H."""
+@pytest.mark.parametrize("tile", ["wide", "narrow"])
+def test_fused_backward_tiles_are_bitwise_the_ring(entries, monkeypatch, name, dtype, tf32, tol, T, B, H, cell, varlen,
+                                                   with_resets, tile):
+    """LSTM_KERNELS_CUDA_FUSED_BACKWARD=wide (blocks of 16 units, dG loaded straight into MMA fragments) and
+    ``narrow`` (16 units x 8 rows, W^T and dG^T the MMA's A and B, from the same exchange layout) against the
+    default ring: the same products in the same order (the narrow one computes each sum's transpose, the same
+    k order inside each MMA), so the same bits, persistent and per step, dense and packed with resets. The
+    plan names the kernel: the tile wherever its block fits shared memory (48 wide blocks at the flagship, 96
+    narrow ones); float at H = 768 and H = 776 (13 pairs per warp in 16 bits) take two batches of slots;
+    H = 100 leaves half of the last 16-unit block past H, B = 3, 17 and 33 part of the last batch tile."""
     fwd, bwd = entries
     n_gates = 4 if cell == "lstm" else 3
     _skip_unless_fits(dtype, B, H, None)
@@ -305,17 +309,19 @@ def test_fused_backward_wide_is_bitwise_the_ring(entries, monkeypatch, name, dty
     h_all, _, _, (act, c_all) = cf.forward(fwd, xg, w, h0, c0, None, bs, True, True, tf32=tf32, resets=mask,
                                            cell=cell)
     elem = torch.empty((), dtype=dtype).element_size()
-    monkeypatch.setenv("LSTM_KERNELS_CUDA_FUSED_BACKWARD", "wide")
+    monkeypatch.setenv("LSTM_KERNELS_CUDA_FUSED_BACKWARD", tile)
     plan = cf.device_plan(torch.device("cuda"), "backward", dtype, B, H, H, with_resets, cell)
     optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
-    wide_smem = cf.backward_smem_bytes(H, None, elem, n_gates, wide=True)
-    assert plan["wide"] == (wide_smem + cf.STATIC_SMEM_BYTES <= optin), (plan, wide_smem, optin)
-    if plan["wide"]:
-        assert plan["smem"] == wide_smem and plan["blocks"] == -(-H // cf.WIDE_UNITS) * cf.batch_tiles(B), plan
+    tile_smem = cf.backward_smem_bytes(H, None, elem, n_gates, tile)
+    served = tile_smem + cf.STATIC_SMEM_BYTES <= optin
+    assert plan["tile"] == cf.BWD_TILES[tile if served else "ring"], (plan, tile_smem, optin)
+    if served:
+        assert plan["smem"] == tile_smem, plan
+        assert plan["blocks"] == -(-H // cf.WIDE_UNITS) * cf.bwd_batch_tiles(B, tile), plan
     if (H, elem) == (768, 2):
-        assert plan["wide"] and plan["blocks"] == 48, plan
+        assert served and plan["blocks"] == {"wide": 48, "narrow": 96}[tile], plan
     outs = {}
-    for backward in ("ring", "wide"):
+    for backward in ("ring", tile):
         monkeypatch.setenv("LSTM_KERNELS_CUDA_FUSED_BACKWARD", backward)
         for persistent in (True, False):
             outs[backward, persistent] = cf.backward(
@@ -323,9 +329,9 @@ def test_fused_backward_wide_is_bitwise_the_ring(entries, monkeypatch, name, dty
                 tf32=tf32, resets=mask, cell=cell, h0=h0, h_all=h_all)
             torch.cuda.synchronize()
     for persistent in (True, False):
-        for n, a, b in zip(("dG", "dh0", "dc0", "dW_hr / d_hn"), outs["wide", persistent], outs["ring", persistent]):
+        for n, a, b in zip(("dG", "dh0", "dc0", "dW_hr / d_hn"), outs[tile, persistent], outs["ring", persistent]):
             if a is not None:
-                assert torch.equal(a, b), f"{n} (persistent={persistent}): the wide and the ring backward differ"
+                assert torch.equal(a, b), f"{n} (persistent={persistent}): the {tile} and the ring backward differ"
 
 
 GRU_SHAPES = [(1, 1, 1), (5, 3, 13), (7, 17, 40), (16, 16, 768)]  # (T, B, H)

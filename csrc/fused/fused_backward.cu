@@ -59,7 +59,7 @@
 // tile, 96 blocks x 98 KB = 9.4 MB of L2 reads per step at the flagship in 16 bits (18.9 MB in
 // float); it is the first thing to measure on a GPU.
 //
-// THE WIDE BACKWARD (WIDE, LSTM_KERNELS_CUDA_FUSED_BACKWARD=wide; no PROJ; fused_plan.cuh): blocks of
+// THE WIDE BACKWARD (TILE = BWD_WIDE, LSTM_KERNELS_CUDA_FUSED_BACKWARD=wide; no PROJ; fused_plan.cuh): blocks of
 // WIDE_UNITS = 16 units, two n8 tiles, grid (ceil(H / 16), ceil(B / 16)): 48 blocks at the flagship, so the
 // grid reads dG_{t+1} half as often, 48 blocks x 98 KB = 4.7 MB of L2 reads per step in 16 bits. Each warp
 // loads its k range (12 pairs at the flagship, WIDE_PAIR_SLOTS at a time) straight into A fragments, one
@@ -82,6 +82,32 @@
 // one L2 round trip per 12 pairs of a warp's range (two in float at the flagship: 24 pairs, 9.4 MB per step
 // where the ring reads 18.9), and 16 x (K4p e + 16) + 8 KB of shared memory (106.8 KB at H = 768 in 16
 // bits, sm_80 holds it too; 204.9 KB in float, sm_90 only). Which of the two wins is for a GPU to measure; the default stays the ring.
+//
+// THE NARROW BACKWARD (TILE = BWD_NARROW, LSTM_KERNELS_CUDA_FUSED_BACKWARD=narrow; no PROJ; fused_plan.cuh): the
+// wide backward's 16 units for NARROW_BATCH_TILE = 8 batch rows, grid (ceil(H / 16), ceil(B / 8)): 96 blocks at
+// the flagship, each reading 8 rows of dG_{t+1}, so an SM takes 49 KB per step where a wide or a ring block takes
+// 98 KB (the grid's 4.7 MB of L2 reads per step in 16 bits, as the wide backward's). The operands swap: the
+// resident W^T slice (16 units x K4p) is the MMA's A (ldmatrix, ldsm_a16), dG_{t+1}^T (K4p x 8 rows) its B, loaded
+// straight from the wide backward's exchange layout, where a lane's 16 bytes of row lane / 4 of a pair are its B
+// registers b0, b1 of both chunks (split_k_mma_narrow): per pair one 16-byte load, 2 ldmatrix.x4 and 2 HMMA, 24
+// HMMA per warp per step at the flagship in 16 bits (the ideal for 16 x 8; half the wide warp's), 12 loads in
+// flight at once (one batch, one L2 round trip; two in float). The accumulators are the transpose of the ring's
+// (rows units, columns batch rows), so warps 0-3 run the cell as the ring's do, one (b, j) per lane
+// (bwd_cell_unit / bwd_cell_row), and each sum is the ring's products in the ring's order (the same k order inside
+// each MMA, chunk 0 and 1 of a pair in two chains, the warps in order): the same bits, which the GPU test checks.
+// | part of one backward step (narrow, flagship)                              | estimate |
+// |---|---|
+// | grid barrier, as above (96 arrivals per step, as the ring's)              | <= 0.7 us |
+// | dG_{t+1}: 6 KB per warp, 49 KB per SM in one round of loads               | ~0.45 us |
+// | 24 HMMA per warp as the loads land, A by ldmatrix (96 KB of shared reads   | <= 0.3 us |
+// |   per SM per step, as the wide block's)                                   |          |
+// | reduce (one tile of partial sums) and the cell                           | <= 0.2 us |
+// | **backward step**                                                        | **<= 1.65 us** |
+// The price: ceil(B / 8) batch tiles, twice the wide grid's blocks (192 at B = 32, H = 768: co-resident on an H100
+// only where an SM holds two, which then share its port; else the per-step launches serve); 102 to 121 registers
+// on sm_90 (no spill); the wide block's shared memory less one tile of partial sums, 16 x (K4p e + 16) + 4 KB
+// (102.7 KB at H = 768 in 16 bits; the same largest H as the wide backward's). Which of the three wins is for a
+// GPU to measure; the default stays the ring.
 //
 // RESETS (resets [T, B] uint8, as the forward's): nothing flows back across a reset. The cell thread
 // prefetches its row's flag of step t with the step's other inputs (one byte load, hidden) and, where
