@@ -3,7 +3,8 @@
 ``scripts/gpu_checks.sh profile`` runs this under Nsight Compute (ncu) to answer where a step's
 time goes: nn.LSTM (cuDNN), FusedLSTM on each variant of the ``cuda`` backend's fused kernels
 (``FUSED_CANDIDATES``: W_hh in shared memory or in registers, h exchanged through the grid barrier or
-tagged, the backward's blocks of 8 or of 16 units), and on the ``triton`` backend's persistent kernels. Each runs once to warm up (compile, verify before first use), then once inside
+tagged, the backward's blocks of 8 units, of 16, or of 16 units x 8 rows), and on the ``triton`` backend's persistent
+kernels. Each runs once to warm up (compile, verify before first use), then once inside
 an NVTX range named after it, which ncu's ``--nvtx --nvtx-include`` selects, so only the measured
 launches are profiled.
 

@@ -725,6 +725,30 @@ def test_wide_word_is_an_involution_and_the_exchange_a_permutation_of_each_pair(
     assert torch.equal(cf.wide_exchange_pos(got, elem), torch.arange(kp)), "the layout is its own inverse"
 
 
+def _random_tile(rows: int, K: int, elem: int, seed: int) -> torch.Tensor:
+    """rows x K random raw bits of ``elem``-byte elements (int16 or int32)."""
+    gen = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 1 << (8 * elem), (rows, K), generator=gen, dtype=torch.int64)
+    return (bits - (1 << (8 * elem)) * (bits >= 1 << (8 * elem - 1))).to(torch.int16 if elem == 2 else torch.int32)
+
+
+def _padded_words(vals: torch.Tensor, row_bytes: int, elem: int) -> tuple:
+    """``vals`` in a shared tile of rows padded by SMEM_PAD_BYTES, as 4-byte words (ldmatrix moves b32s), and
+    the tile's row stride in bytes."""
+    tile_row = row_bytes + cf.SMEM_PAD_BYTES
+    tile = torch.zeros(vals.shape[0], tile_row // elem, dtype=vals.dtype)
+    tile[:, :vals.shape[1]] = vals
+    return tile.view(torch.int32), tile_row
+
+
+def _stored_exchange(d: dict, vals: torch.Tensor) -> tuple:
+    """``vals`` (r' order) as the wide and narrow backward's cell threads store them (wide_exchange_pos), as one
+    run of 4-byte words, and each lane's 16-byte load offset {(lane, half, pair): byte} (wide_lane_byte)."""
+    ex = torch.zeros_like(vals)
+    ex[:, torch.tensor(d["wide_exchange_pos"])] = vals
+    return ex.view(torch.int32).reshape(-1), {(lane, half, pair): byte for lane, half, pair, byte in d["wide_lane_byte"]}
+
+
 def _wide_fragment_mismatches(dump, elem: int, seed: int = 0) -> list:
     """A random dG tile (16 rows x K, K = the dump's whole pairs of `elem`-byte elements, raw bits) read two
     ways: the ring's (the natural layout, r' contiguous, in a shared stage of padded rows, A fragments by
@@ -738,22 +762,14 @@ def _wide_fragment_mismatches(dump, elem: int, seed: int = 0) -> list:
     row_bytes = d["wide_lane_row_bytes"]
     pairs, K = row_bytes // (2 * cf.CHUNK_BYTES), row_bytes // elem
     assert len(d["wide_exchange_pos"]) == K
-    gen = torch.Generator().manual_seed(seed)
-    bits = torch.randint(0, 1 << (8 * elem), (cf.BATCH_TILE, K), generator=gen, dtype=torch.int64)
-    vals = (bits - (1 << (8 * elem)) * (bits >= 1 << (8 * elem - 1))).to(torch.int16 if elem == 2 else torch.int32)
-    # the ring: a stage of `pairs` pairs, rows padded SMEM_PAD_BYTES, as 4-byte words (ldmatrix moves b32s)
-    stage_row = row_bytes + cf.SMEM_PAD_BYTES
-    stage = torch.zeros(cf.BATCH_TILE, stage_row // elem, dtype=vals.dtype)
-    stage[:, :K] = vals
-    stage_words = stage.view(torch.int32)
+    vals = _random_tile(cf.BATCH_TILE, K, elem, seed)
+    # the ring: a stage of `pairs` pairs
+    stage_words, stage_row = _padded_words(vals, row_bytes, elem)
     a_lane = _lane_offsets(dump, "ldsm_a16", stage_row)
     ring = {(p, c): _ldmatrix_x4(stage_words, 4, [o + (2 * p + c) * cf.CHUNK_BYTES for o in a_lane])[:, :, 0]
             for p in range(pairs) for c in range(2)}  # [32 lanes, 4 registers]
     # the wide backward: the exchange rows as the cell threads store them, then each lane's loads
-    ex = torch.zeros(cf.BATCH_TILE, K, dtype=vals.dtype)
-    ex[:, torch.tensor(d["wide_exchange_pos"])] = vals
-    ex_words = ex.view(torch.int32).reshape(-1)
-    byte_of = {(lane, half, pair): byte for lane, half, pair, byte in d["wide_lane_byte"]}
+    ex_words, byte_of = _stored_exchange(d, vals)
     bad = []
     for p in range(pairs):
         for lane in range(32):
@@ -783,20 +799,13 @@ def _narrow_fragment_mismatches(dump, elem: int, seed: int = 0) -> list:
 
     d = dump(1, 1, elem)
     row_bytes = d["wide_lane_row_bytes"]
-    pairs, K, rows = row_bytes // (2 * cf.CHUNK_BYTES), row_bytes // elem, cf.NARROW_BATCH_TILE
-    gen = torch.Generator().manual_seed(seed)
-    bits = torch.randint(0, 1 << (8 * elem), (rows, K), generator=gen, dtype=torch.int64)
-    vals = (bits - (1 << (8 * elem)) * (bits >= 1 << (8 * elem - 1))).to(torch.int16 if elem == 2 else torch.int32)
-    tile_row = row_bytes + cf.SMEM_PAD_BYTES
-    tile = torch.zeros(rows, tile_row // elem, dtype=vals.dtype)
-    tile[:, :K] = vals
+    pairs, K = row_bytes // (2 * cf.CHUNK_BYTES), row_bytes // elem
+    vals = _random_tile(cf.NARROW_BATCH_TILE, K, elem, seed)
+    tile_words, tile_row = _padded_words(vals, row_bytes, elem)
     b_lane = _lane_offsets(dump, "ldsm_b8x2", tile_row)
-    want = {p: _ldmatrix_x4(tile.view(torch.int32), 4, [o + 2 * p * cf.CHUNK_BYTES for o in b_lane])[:, :, 0]
+    want = {p: _ldmatrix_x4(tile_words, 4, [o + 2 * p * cf.CHUNK_BYTES for o in b_lane])[:, :, 0]
             for p in range(pairs)}  # [32 lanes, 4 registers]: b0, b1 of chunk 2p, then of 2p + 1
-    ex = torch.zeros(rows, K, dtype=vals.dtype)
-    ex[:, torch.tensor(d["wide_exchange_pos"])] = vals
-    ex_words = ex.view(torch.int32).reshape(-1)
-    byte_of = {(lane, half, pair): byte for lane, half, pair, byte in d["wide_lane_byte"]}
+    ex_words, byte_of = _stored_exchange(d, vals)
     bad = []
     for p in range(pairs):
         for lane in range(32):
@@ -871,40 +880,57 @@ def test_a_wide_word_without_the_transpose_is_caught(tmp_path, plan_dump):
         assert {(p, c, lane, reg) for p, c, lane, reg, _, _ in bad} == moved
 
 
+def _tile_blocks(d: dict, tile: str, B: int, H: int, warps: int) -> dict:
+    """{(q, y): [(w, lane, b, j)]} of the backward ``tile``'s cell threads (the dump's bwd_<tile>_cells), checked
+    to run each of a block's (b, j) (bwd_batch_tile rows x WIDE_UNITS units) on exactly one of its ``warps`` x 32
+    threads, over the whole grid (<tile>_grid), and every (b < B, j < H) once."""
+    rows = cf.bwd_batch_tile(tile)
+    gq, gy = d[f"{tile}_grid"]
+    blocks = {}
+    for q, y, w, lane, b, j in d[f"bwd_{tile}_cells"]:
+        blocks.setdefault((q, y), []).append((w, lane, b, j))
+    assert set(blocks) == {(q, y) for q in range(gq) for y in range(gy)}
+    seen = set()
+    for (q, y), threads in blocks.items():
+        assert len(threads) == warps * 32
+        cells = sorted((b, j) for _, _, b, j in threads)
+        assert cells == sorted((y * rows + r, q * cf.WIDE_UNITS + u) for r in range(rows)
+                               for u in range(cf.WIDE_UNITS)), (q, y)
+        seen |= {(b, j) for b, j in cells if b < B and j < H}
+    assert len(seen) == B * H
+    return blocks
+
+
+def _block_products(blocks: dict, tile: str, B: int, H: int, n_gates: int):
+    """For random dG and W_hh (float64): dG W_hh [B, H], and per block (q, y) the block's product from its rows of
+    dG (r' order, zero past B) and its 16 rows of w_bwd: [rows, 16 units] (wide), or its transpose (narrow)."""
+    torch.manual_seed(H + n_gates)
+    w = torch.randn(n_gates * H, H, dtype=torch.float64)
+    dg = torch.randn(B, n_gates * H, dtype=torch.float64)
+    dg_x = dg[:, cf.backward_col_index(H, n_gates=n_gates)]
+    w_bwd = cf.interleave_backward(w, n_gates)
+    assert w_bwd.shape[0] % cf.WIDE_UNITS == 0  # whole 16-unit blocks of rows
+    rows = cf.bwd_batch_tile(tile)
+    products = {}
+    for q, y in blocks:
+        g_tile = torch.zeros(rows, n_gates * H, dtype=torch.float64)
+        tile_rows = [b for b in range(y * rows, (y + 1) * rows) if b < B]
+        g_tile[: len(tile_rows)] = dg_x[tile_rows]
+        prod = g_tile @ w_bwd[q * cf.WIDE_UNITS:(q + 1) * cf.WIDE_UNITS].t()  # [rows, 16 units]
+        products[q, y] = prod.t() if tile == "narrow" else prod
+    return dg @ w, products
+
+
 @pytest.mark.parametrize("n_gates", [4, 3], ids=["lstm", "gru"])
 @pytest.mark.parametrize("B, H", [(1, 1), (5, 13), (17, 100), (16, 776)])
 def test_wide_cells_cover_each_block_once(plan_dump, B, H, n_gates):
     """Each wide block (16 batch rows x WIDE_UNITS units) runs every one of its (b, j) on exactly one of its
     8 warps x 32 lanes, every (b < B, j < H) is run once over the grid, and thread (w, lane) reads element
     w % 4 of its fragment of n tile w / 4 of the block's product (sum_over_warps<2>): dG W_hh at (b, j)."""
-    d = plan_dump(B, H)
-    gq, gy = d["wide_grid"]
-    blocks = {}
-    for q, y, w, lane, b, j in d["bwd_wide_cells"]:
-        blocks.setdefault((q, y), []).append((w, lane, b, j))
-    assert set(blocks) == {(q, y) for q in range(gq) for y in range(gy)}
-    seen = set()
+    blocks = _tile_blocks(plan_dump(B, H), "wide", B, H, cf.WARPS)
+    want, products = _block_products(blocks, "wide", B, H, n_gates)
     for (q, y), threads in blocks.items():
-        assert len(threads) == cf.WARPS * 32
-        cells = sorted((b, j) for _, _, b, j in threads)
-        want = sorted((y * cf.BATCH_TILE + r, q * cf.WIDE_UNITS + u) for r in range(cf.BATCH_TILE)
-                      for u in range(cf.WIDE_UNITS))
-        assert cells == want, (q, y)
-        seen |= {(b, j) for b, j in cells if b < B and j < H}
-    assert len(seen) == B * H
-    # the fragments: dG (r' order) x the block's 16 rows of w_bwd, n tiles of 8 units
-    torch.manual_seed(H + n_gates)
-    w = torch.randn(n_gates * H, H, dtype=torch.float64)
-    dg = torch.randn(B, n_gates * H, dtype=torch.float64)
-    want = dg @ w
-    dg_x = dg[:, cf.backward_col_index(H, n_gates=n_gates)]
-    w_bwd = cf.interleave_backward(w, n_gates)
-    assert w_bwd.shape[0] == gq * cf.WIDE_UNITS  # whole wide blocks of rows
-    for (q, y), threads in blocks.items():
-        g_tile = torch.zeros(cf.BATCH_TILE, n_gates * H, dtype=torch.float64)
-        rows = [b for b in range(y * cf.BATCH_TILE, (y + 1) * cf.BATCH_TILE) if b < B]
-        g_tile[: len(rows)] = dg_x[rows]
-        prod = g_tile @ w_bwd[q * cf.WIDE_UNITS:(q + 1) * cf.WIDE_UNITS].t()  # [16 batch, 16 units]
+        prod = products[q, y]  # [16 batch, 16 units]: n tiles of 8 units
         for w_, lane, b, j in threads:
             nt = w_ // 4
             assert (b - y * cf.BATCH_TILE, j - q * cf.WIDE_UNITS) == (lane // 4 + 8 * ((w_ % 4) // 2),
@@ -919,35 +945,12 @@ def test_narrow_cells_cover_each_block_once(plan_dump, B, H, n_gates):
     """Each narrow block (NARROW_BATCH_TILE rows x WIDE_UNITS units) runs every one of its (b, j) on exactly one
     lane of warps 0-3, every (b < B, j < H) is run once over the grid, and thread (w, lane) reads element w of
     its fragment of the block's product W^T dG^T (16 units x 8 rows: sum_over_warps's): dG W_hh at (b, j)."""
-    d = plan_dump(B, H)
-    gq, gy = d["narrow_grid"]
-    blocks = {}
-    for q, y, w, lane, b, j in d["bwd_narrow_cells"]:
-        blocks.setdefault((q, y), []).append((w, lane, b, j))
-    assert set(blocks) == {(q, y) for q in range(gq) for y in range(gy)}
-    seen = set()
-    rows = cf.NARROW_BATCH_TILE
+    blocks = _tile_blocks(plan_dump(B, H), "narrow", B, H, 4)  # warps 0-3 (CELL_WARPS)
+    want, products = _block_products(blocks, "narrow", B, H, n_gates)
     for (q, y), threads in blocks.items():
-        assert len(threads) == 4 * 32  # warps 0-3 (CELL_WARPS)
-        cells = sorted((b, j) for _, _, b, j in threads)
-        assert cells == sorted((y * rows + r, q * cf.WIDE_UNITS + u) for r in range(rows)
-                               for u in range(cf.WIDE_UNITS)), (q, y)
-        seen |= {(b, j) for b, j in cells if b < B and j < H}
-    assert len(seen) == B * H
-    torch.manual_seed(H + n_gates)
-    w = torch.randn(n_gates * H, H, dtype=torch.float64)
-    dg = torch.randn(B, n_gates * H, dtype=torch.float64)
-    want = dg @ w
-    dg_x = dg[:, cf.backward_col_index(H, n_gates=n_gates)]
-    w_bwd = cf.interleave_backward(w, n_gates)
-    for (q, y), threads in blocks.items():
-        g_tile = torch.zeros(rows, n_gates * H, dtype=torch.float64)
-        tile_rows = [b for b in range(y * rows, (y + 1) * rows) if b < B]
-        g_tile[: len(tile_rows)] = dg_x[tile_rows]
-        prod = w_bwd[q * cf.WIDE_UNITS:(q + 1) * cf.WIDE_UNITS] @ g_tile.t()  # [16 units, 8 batch rows]
         for w_, lane, b, j in threads:
             if b < B and j < H:
-                assert torch.allclose(_fragment(prod, lane, w_), want[b, j]), (q, y, w_, lane)
+                assert torch.allclose(_fragment(products[q, y], lane, w_), want[b, j]), (q, y, w_, lane)
 
 
 @pytest.mark.parametrize("B, H", SHAPES)

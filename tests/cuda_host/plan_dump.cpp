@@ -4,6 +4,7 @@
 // P: the state size (proj_size; default H), for the warps' k ranges.
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 
 #include "fused/fused_plan.cuh"
 
@@ -134,28 +135,20 @@ int main(int argc, char** argv) {
       for (int pair = 0; pair < WIDE_DUMP_PAIRS; ++pair)
         std::printf("%s[%d, %d, %d, %d]", lane || half || pair ? ", " : "", lane, half, pair,
                     wide_lane_byte(lane, half, pair, wide_row_bytes));
-  // the wide backward's cell threads, every warp, blocks of WIDE_UNITS: [q, y, w, lane, b, j]
-  std::printf("],\n\"bwd_wide_cells\": [");
-  first = true;
-  for (int q = 0; q < bwd_unit_blocks(H, BWD_WIDE); ++q)
-    for (int y = 0; y < bwd_batch_tiles(B, BWD_WIDE); ++y)
-      for (int w = 0; w < WARPS; ++w)
-        for (int lane = 0; lane < 32; ++lane) {
-          std::printf("%s[%d, %d, %d, %d, %d, %d]", first ? "" : ", ", q, y, w, lane,
-                      bwd_cell_row(y, w, lane, BWD_WIDE), bwd_cell_unit(q, w, lane, BWD_WIDE));
-          first = false;
-        }
-  // the narrow backward's cell threads, warps 0 .. CELL_WARPS - 1, blocks of 16 units x NARROW_BATCH_TILE rows
-  std::printf("],\n\"bwd_narrow_cells\": [");
-  first = true;
-  for (int q = 0; q < bwd_unit_blocks(H, BWD_NARROW); ++q)
-    for (int y = 0; y < bwd_batch_tiles(B, BWD_NARROW); ++y)
-      for (int w = 0; w < CELL_WARPS; ++w)
-        for (int lane = 0; lane < 32; ++lane) {
-          std::printf("%s[%d, %d, %d, %d, %d, %d]", first ? "" : ", ", q, y, w, lane,
-                      bwd_cell_row(y, w, lane, BWD_NARROW), bwd_cell_unit(q, w, lane, BWD_NARROW));
-          first = false;
-        }
+  // the cell threads [q, y, w, lane, b, j] of the wide backward (every warp, blocks of WIDE_UNITS units x
+  // BATCH_TILE rows) and of the narrow one (warps 0 .. CELL_WARPS - 1, 16 units x NARROW_BATCH_TILE rows)
+  for (const int tile : {BWD_WIDE, BWD_NARROW}) {
+    std::printf("],\n\"bwd_%s_cells\": [", tile == BWD_WIDE ? "wide" : "narrow");
+    first = true;
+    for (int q = 0; q < bwd_unit_blocks(H, tile); ++q)
+      for (int y = 0; y < bwd_batch_tiles(B, tile); ++y)
+        for (int w = 0; w < (tile == BWD_WIDE ? WARPS : CELL_WARPS); ++w)
+          for (int lane = 0; lane < 32; ++lane) {
+            std::printf("%s[%d, %d, %d, %d, %d, %d]", first ? "" : ", ", q, y, w, lane,
+                        bwd_cell_row(y, w, lane, tile), bwd_cell_unit(q, w, lane, tile));
+            first = false;
+          }
+  }
   std::printf("]}\n");
   return 0;
 }
