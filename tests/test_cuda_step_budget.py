@@ -621,8 +621,10 @@ def wide_design(plan_dump, op: str = "Fp16Mma", resets: bool = False, gates: int
     body's static counts are the slots'. The wide block's product is 16 rows x 16 units, two m16n8 tiles: per
     slot 2 ldmatrix.x4 (B of each n tile, both chunks of the pair), 2 chunks x 2 tiles x passes HMMA and 2
     16-byte loads (rows r and r + 8). The narrow block's is 16 units x 8 rows, one tile: per slot 2
-    ldmatrix.x4 (A: W^T of each chunk), 2 chunks x passes HMMA and one 16-byte load (row r). The busiest
-    warp runs its pairs in ``batches`` trips. The rest is the ring backward's (design), but in the wide block
+    ldmatrix.x4 (A: W^T of each chunk), 2 chunks x passes HMMA and one 16-byte load (row r); in 16 bits the
+    narrow warp whose range fits the slots holds W^T's fragments in registers, a path of its own outside the k
+    loop: the slots' loads, all before its first HMMA, and their HMMA, with no ldmatrix (``register_path``). The
+    busiest warp runs its pairs in ``batches`` trips. The rest is the ring backward's (design), but in the wide block
     every warp is a cell warp, and the exchange stores before the arrival are the transposed layout's: the
     LSTM's gradients as two 4-byte words in 16 bits (i, f and g, o), as four stores in float; the GRU's
     three."""
@@ -641,9 +643,13 @@ def wide_design(plan_dump, op: str = "Fp16Mma", resets: bool = False, gates: int
     ring = design("fused_backward_kernel", False, op, resets, gates)
     batches = -(-longest // slots)
     assert batches == d["bwd_wide_batches"][str(gates)] == WIDE_BATCHES[elem, gates], (batches, d["bwd_wide_batches"])
+    register_path = narrow and elem == 2  # W^T's fragments in registers (16 bits), beside the k loop
+    loop_loads, loop_hmma = (1 if narrow else 2) * slots, slots * 2 * tiles * passes
     return dict(H=H, slots=slots, n_tiles=n_tiles, passes=passes, longest=longest, batches=batches,
-                operand_loads=(1 if narrow else 2) * slots, ldsm=slots * (2 if narrow else n_tiles),
-                hmma=slots * 2 * tiles * passes, hmma_busiest=longest * 2 * tiles * passes,
+                register_path=register_path, path_loads=loop_loads if register_path else 0,
+                path_hmma=loop_hmma if register_path else 0, in_registers=register_path and longest <= slots,
+                operand_loads=loop_loads, ldsm=slots * (2 if narrow else n_tiles),
+                hmma=loop_hmma, hmma_busiest=longest * 2 * tiles * passes,
                 hmma_ideal=tiles * chunks * passes / cf.WARPS,
                 bar_sync=ring["bar_sync"], release_add=ring["release_add"], ldg_max=ring["ldg_max"],
                 exchange_stores=[3 if gates == 3 else (2 if elem == 2 else 4)],
@@ -654,17 +660,25 @@ def wide_counts(loop: "StepLoop") -> dict:
     """The wide backward's step loop: its loops, operand loads, ldmatrix, HMMA, where the loads lie (after the
     first block barrier, that ends warp 0's grid wait; before the first HMMA), the shared stores between the
     first load and the last HMMA, and the counts the ring backward's checks take (barriers, arrival, cell)."""
-    loads = [a for a, t in loop.ops if is_wide_operand_load(t)]
-    hmma = [a for a, t in loop.ops if is_hmma(t)]
     first_bar = min((a for a, t in loop.ops if is_block_barrier(t)), default=None)
     operand_or_poll = lambda t: is_wide_operand_load(t) or is_poll(t)  # noqa: E731
-    product = lambda t: is_hmma(t) or "LDSM" in t or is_wide_operand_load(t)  # noqa: E731
+    outside = lambda a: not loop.in_k(a)  # noqa: E731
+
+    def loads_first(where) -> int:  # of the operand loads in `where`, those before its first HMMA
+        loads = [a for a, t in loop.ops if is_wide_operand_load(t) and where(a)]
+        hmma = [a for a, t in loop.ops if is_hmma(t) and where(a)]
+        return sum(a < min(hmma) for a in loads) if hmma else 0
+
+    loads = [a for a, t in loop.ops if is_wide_operand_load(t)]
+    hmma = [a for a, t in loop.ops if is_hmma(t)]
     return dict(
         k_loops=len(loop.k_loops), nested_loops=len(loop.nested),
-        product_outside_k_loop=loop.count(product) - loop.count(product, loop.in_k),
-        operand_loads=len(loads), hmma=len(hmma), ldsm=loop.count(lambda t: "LDSM" in t),
+        path_loads=loop.count(is_wide_operand_load, outside), path_hmma=loop.count(is_hmma, outside),
+        path_ldsm=loop.count(lambda t: "LDSM" in t, outside), path_loads_first=loads_first(outside),
+        operand_loads=loop.count(is_wide_operand_load, loop.in_k), hmma=loop.count(is_hmma, loop.in_k),
+        ldsm=loop.count(lambda t: "LDSM" in t, loop.in_k),
         cp_async=loop.count(lambda t: opcode(t) in ("LDGSTS", "LDGDEPBAR", "DEPBAR")),
-        loads_before_first_hmma=sum(a < min(hmma) for a in loads) if hmma else 0,
+        loads_before_first_hmma=loads_first(loop.in_k),
         loads_after_first_block_barrier=sum(first_bar is not None and a > first_bar for a in loads),
         sts_between_loads_and_last_hmma=loop.count(is_sts, lambda a: loads and hmma and min(loads) < a < max(hmma)),
         bar_sync=loop.count(is_bar_sync), bar_sync_in_nested_loops=loop.count(is_bar_sync, loop.in_nested),
@@ -677,9 +691,14 @@ def wide_counts(loop: "StepLoop") -> dict:
 def wide_problems(counts: dict, d: dict) -> list:
     """What departs from the wide backward's design (wide_design) in its step loop's counts (wide_counts)."""
     problems = []
-    if counts["k_loops"] != 1 or counts["product_outside_k_loop"]:
-        problems.append(f"{counts['k_loops']} k loops, {counts['product_outside_k_loop']} HMMA, ldmatrix or "
-                        "operand loads outside the one k loop (the batches of slots)")
+    path = (counts["path_loads"], counts["path_hmma"], counts["path_ldsm"])
+    if counts["k_loops"] != 1 or path != (d["path_loads"], d["path_hmma"], 0):
+        problems.append(f"{counts['k_loops']} k loops; outside the one k loop (the batches of slots) {path} operand "
+                        f"loads, HMMA and ldmatrix, designed ({d['path_loads']}, {d['path_hmma']}, 0): "
+                        + ("the register path" if d["register_path"] else "none"))
+    if counts["path_loads_first"] != counts["path_loads"]:
+        problems.append(f"{counts['path_loads_first']} of the register path's {counts['path_loads']} operand loads "
+                        "before its first HMMA")
     if counts["cp_async"]:
         problems.append(f"{counts['cp_async']} cp.async (LDGSTS / its barriers): the ring, not the wide or narrow loads")
     if counts["operand_loads"] != d["operand_loads"]:
@@ -687,7 +706,7 @@ def wide_problems(counts: dict, d: dict) -> list:
     if counts["loads_before_first_hmma"] != counts["operand_loads"]:
         problems.append(f"{counts['loads_before_first_hmma']} of {counts['operand_loads']} operand loads before the "
                         "first HMMA: the rest sunk to their MMAs (not a batch in flight at once)")
-    if counts["loads_after_first_block_barrier"] != counts["operand_loads"]:
+    if counts["loads_after_first_block_barrier"] != counts["operand_loads"] + counts["path_loads"]:
         problems.append(f"{counts['loads_after_first_block_barrier']} of {counts['operand_loads']} operand loads after "
                         "the block barrier that ends the grid wait")
     if counts["sts_between_loads_and_last_hmma"]:
@@ -912,15 +931,15 @@ SOURCE_MUTANTS = {
           __syncwarp();
 """, wide_problems_of),
     "narrow loads one slot at a time": (
-        "fused/fused_common.cuh", """      for (int i = 0; i < SLOTS; ++i) load_cg_16(v[i], src + wide_lane_byte(lane, 0, base + i, row_bytes), i < n);
-      __syncwarp();  // as split_k_mma_wide's: the loads all in flight, none sunk to its MMA
+        "fused/fused_common.cuh", """    for (int i = 0; i < SLOTS; ++i) load_cg_16(v[i], src + wide_lane_byte(lane, 0, base + i, row_bytes), i < n);
+    __syncwarp();  // as split_k_mma_wide's: the loads all in flight, none sunk to its MMA
 #pragma unroll
-      for (int i = 0; i < SLOTS; ++i) {
-        if (i < n) {
-""", """      for (int i = 0; i < SLOTS; ++i) {
-        if (i < n) {
-          load_cg_16(v[i], src + wide_lane_byte(lane, 0, base + i, row_bytes), true);
-          __syncwarp();
+    for (int i = 0; i < SLOTS; ++i) {
+      if (i < n) {
+""", """    for (int i = 0; i < SLOTS; ++i) {
+      if (i < n) {
+        load_cg_16(v[i], src + wide_lane_byte(lane, 0, base + i, row_bytes), true);
+        __syncwarp();
 """, narrow_problems_of),
     "fence in the tagged spin": ("fused/fused_common.cuh", """    if (round % TAGGED_ROUNDS_PER_CHECK == 0) {""",
                                  """    __threadfence();

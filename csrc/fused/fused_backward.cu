@@ -89,9 +89,11 @@
 // 98 KB (the grid's 4.7 MB of L2 reads per step in 16 bits, as the wide backward's). The operands swap: the
 // resident W^T slice (16 units x K4p) is the MMA's A (ldmatrix, ldsm_a16), dG_{t+1}^T (K4p x 8 rows) its B, loaded
 // straight from the wide backward's exchange layout, where a lane's 16 bytes of row lane / 4 of a pair are its B
-// registers b0, b1 of both chunks (split_k_mma_narrow): per pair one 16-byte load, 2 ldmatrix.x4 and 2 HMMA, 24
-// HMMA per warp per step at the flagship in 16 bits (the ideal for 16 x 8; half the wide warp's), 12 loads in
-// flight at once (one batch, one L2 round trip; two in float). The accumulators are the transpose of the ring's
+// registers b0, b1 of both chunks (split_k_mma_narrow): per pair one 16-byte load and 2 HMMA, 24 HMMA per warp
+// per step at the flagship in 16 bits (the ideal for 16 x 8; half the wide warp's), 12 loads in flight at once
+// (one batch, one L2 round trip; two in float). In 16 bits a warp whose range fits the WIDE_PAIR_SLOTS slots
+// (the LSTM up to H = 768, the GRU up to 1024, at B = 16) holds its A fragments of W^T in registers for the whole
+// launch (96 of them), so its step reads no shared memory but the partial sums; otherwise 2 ldmatrix.x4 per pair. The accumulators are the transpose of the ring's
 // (rows units, columns batch rows), so warps 0-3 run the cell as the ring's do, one (b, j) per lane
 // (bwd_cell_unit / bwd_cell_row), and each sum is the ring's products in the ring's order (the same k order inside
 // each MMA, chunk 0 and 1 of a pair in two chains, the warps in order): the same bits, which the GPU test checks.
@@ -99,13 +101,14 @@
 // |---|---|
 // | grid barrier, as above (96 arrivals per step, as the ring's)              | <= 0.7 us |
 // | dG_{t+1}: 6 KB per warp, 49 KB per SM in one round of loads               | ~0.45 us |
-// | 24 HMMA per warp as the loads land, A by ldmatrix (96 KB of shared reads   | <= 0.3 us |
-// |   per SM per step, as the wide block's)                                   |          |
+// | 24 HMMA per warp as the loads land, A from registers (float, or a longer | <= 0.3 us |
+// |   range: by ldmatrix, 96 KB of shared reads per SM per step)              |          |
 // | reduce (one tile of partial sums) and the cell                           | <= 0.2 us |
 // | **backward step**                                                        | **<= 1.65 us** |
 // The price: ceil(B / 8) batch tiles, twice the wide grid's blocks (192 at B = 32, H = 768: co-resident on an H100
-// only where an SM holds two, which then share its port; else the per-step launches serve); 102 to 121 registers
-// on sm_90 (no spill); the wide block's shared memory less one tile of partial sums, 16 x (K4p e + 16) + 4 KB
+// only where an SM holds two, which then share its port; else the per-step launches serve); 199 to 200 registers
+// on sm_90 in 16 bits (W^T's 96 and the loads' 48; no spill), 102 to 121 in float; the register path's unrolled
+// code beside the loop; the wide block's shared memory less one tile of partial sums, 16 x (K4p e + 16) + 4 KB
 // (102.7 KB at H = 768 in 16 bits; the same largest H as the wide backward's). Which of the three wins is for a
 // GPU to measure; the default stays the ring.
 //
@@ -297,6 +300,23 @@ __global__ void __launch_bounds__(THREADS, 1)
   // Lane addresses of ldmatrix (fused_plan.cuh), in bytes: B = units (p) x r' (A = dG rows x r' is streamed);
   // PROJ half-step B': A = dh rows (batch) x p, B = W_hr^T rows (units) x p.
   const uint32_t w_base = smem_addr(w_s) + ldsm_b8x2(lane, LD * E);
+  // NARROW: W^T is the A operand (ldsm_a16); in 16 bits a warp whose range fits WIDE_PAIR_SLOTS pairs holds its
+  // fragments in registers for the whole launch, read from shared memory once (float, longer ranges: every step).
+  const uint32_t wa_base = smem_addr(w_s) + ldsm_a16(lane, LD * E);
+  constexpr int kWSlots = NARROW && !Op::kTf32 ? WIDE_PAIR_SLOTS : 1;
+  Frag<Op> w_reg[kWSlots][2];
+  const bool w_in_registers = kWSlots == WIDE_PAIR_SLOTS && kp_end - kp_begin <= WIDE_PAIR_SLOTS;
+  if constexpr (kWSlots == WIDE_PAIR_SLOTS) {
+    __syncthreads();  // the resident slice is in shared memory
+    if (w_in_registers) {
+#pragma unroll
+      for (int i = 0; i < kWSlots; ++i)
+        if (i < kp_end - kp_begin) {
+          w_reg[i][0] = ldsm_frag<Op>(wa_base + (kp_begin + i) * 2 * CHUNK_BYTES);
+          w_reg[i][1] = ldsm_frag<Op>(wa_base + (kp_begin + i) * 2 * CHUNK_BYTES + CHUNK_BYTES);
+        }
+    }
+  }
   const uint32_t d_base = smem_addr(d_s) + ldsm_a16(lane, LDP * E);
   const uint32_t r_base = smem_addr(wr_s) + ldsm_b8x2(lane, LDP * E);
 
@@ -317,9 +337,9 @@ __global__ void __launch_bounds__(THREADS, 1)
                                                          w_base, LD * E, kp_begin, kp_end, b0 < n_next, red, warp,
                                                          lane);
       } else if constexpr (NARROW) {
-        rec = split_k_mma_narrow<Op, WIDE_PAIR_SLOTS>(reinterpret_cast<const unsigned char*>(dg_next), Kp * E,
-                                                      smem_addr(w_s) + ldsm_a16(lane, LD * E), kp_begin, kp_end,
-                                                      b0 < n_next, red, warp, lane);
+        rec = split_k_mma_narrow<Op, WIDE_PAIR_SLOTS, kWSlots>(reinterpret_cast<const unsigned char*>(dg_next),
+                                                               Kp * E, wa_base, w_reg, w_in_registers, kp_begin,
+                                                               kp_end, b0 < n_next, red, warp, lane);
       } else {
         rec = split_k_mma_16x8_streamed<Op, bwd_stage_pairs(GATES)>(dg_next, Kp, ring + warp * WARP_RING_BYTES,
                                                                     w_base, kp_begin, kp_end, w_block && b0 < n_next,

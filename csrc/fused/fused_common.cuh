@@ -606,38 +606,51 @@ __device__ __forceinline__ float split_k_mma_wide(const unsigned char* src, int 
   return sum_over_warps<NT>(part, red, warp, lane);
 }
 
-// The narrow backward's product (fused_plan.cuh, "THE NARROW BACKWARD"): the resident W^T slice (16 units x K,
-// A by ldmatrix: a_base is ldsm_a16's lane address of chunk 0) x dG^T (K x 8 batch rows, B), K split over the
-// warps as split_k_mma_16x8's. Each warp loads its pairs of chunks [kp_begin, kp_end) of dG straight from the
-// exchange (src: the 8-row tile's first row, rows of row_bytes bytes, wide_exchange_pos's layout) into B
-// fragments, SLOTS pairs at a time as split_k_mma_wide does: one 16-byte load per pair (row lane / 4: the b0, b1
-// of both chunks), a batch's loads all issued before its first MMA (4 SLOTS registers). Per pair 2 ldmatrix.x4
-// of W^T (chunks 0 and 1) and one MMA per chunk into the pair's two chains, chunk 0 into acc0, chunk 1 into acc1,
-// as split_k_mma_16x8 orders them. Every thread of the block must call it (one block barrier). Returns
-// sum_over_warps's: in warp w < 4, element w of the lane's fragment of the 16 x 8 (units x rows) sum.
-template <typename Op, int SLOTS>
+// The narrow backward's product (fused_plan.cuh, "THE NARROW BACKWARD"): the resident W^T slice (16 units x K, the
+// MMA's A) x dG^T (K x 8 batch rows, B), K split over the warps as split_k_mma_16x8's. Each warp loads its pairs
+// of chunks [kp_begin, kp_end) of dG straight from the exchange (src: the 8-row tile's first row, rows of
+// row_bytes bytes, wide_exchange_pos's layout) into B fragments, SLOTS pairs at a time as split_k_mma_wide does:
+// one 16-byte load per pair (row lane / 4: the b0, b1 of both chunks), a batch's loads all issued before its
+// first MMA (4 SLOTS registers). A comes from w_reg (W_SLOTS == SLOTS and w_in_registers: the warp's fragments
+// of pair kp_begin + i in w_reg[i], held for the whole launch; the range is one batch) or else by 2 ldmatrix.x4
+// per pair from the slice (a_base: ldsm_a16's lane address of chunk 0). One MMA per chunk into the pair's two
+// chains, chunk 0 into acc0, chunk 1 into acc1, as split_k_mma_16x8 orders them. Every thread of the block must
+// call it (one block barrier). Returns sum_over_warps's: in warp w < 4, element w of the lane's fragment of the
+// 16 x 8 (units x rows) sum.
+template <typename Op, int SLOTS, int W_SLOTS>
 __device__ __forceinline__ float split_k_mma_narrow(const unsigned char* src, int row_bytes, uint32_t a_base,
+                                                    const Frag<Op> (&w_reg)[W_SLOTS][2], bool w_in_registers,
                                                     int kp_begin, int kp_end, bool active, float* red, int warp,
                                                     int lane) {
   float acc0[4] = {}, acc1[4] = {};
-  if (active) {
-#pragma unroll 1
-    for (int base = kp_begin; base < kp_end; base += SLOTS) {  // one trip where the range fits the slots
-      const int n = min(SLOTS, kp_end - base);
-      uint4 v[SLOTS] = {};
+  auto batch = [&](int base, int n, auto a_frag) {  // pairs [base, base + n), n <= SLOTS; a_frag(i, chunk)
+    uint4 v[SLOTS] = {};
 #pragma unroll
-      for (int i = 0; i < SLOTS; ++i) load_cg_16(v[i], src + wide_lane_byte(lane, 0, base + i, row_bytes), i < n);
-      __syncwarp();  // as split_k_mma_wide's: the loads all in flight, none sunk to its MMA
+    for (int i = 0; i < SLOTS; ++i) load_cg_16(v[i], src + wide_lane_byte(lane, 0, base + i, row_bytes), i < n);
+    __syncwarp();  // as split_k_mma_wide's: the loads all in flight, none sunk to its MMA
 #pragma unroll
-      for (int i = 0; i < SLOTS; ++i) {
-        if (i < n) {
-          const uint32_t r[4] = {v[i].x, v[i].y, v[i].z, v[i].w};  // b0, b1 of chunk 0, then of chunk 1
-          const Frag<Op> bw = frag_of<Op>(r);
-          const uint32_t a_pair = a_base + (base + i) * 2 * CHUNK_BYTES;
-          mma_chunk<Op>(acc0, ldsm_frag<Op>(a_pair), bw, 0);
-          mma_chunk<Op>(acc1, ldsm_frag<Op>(a_pair + CHUNK_BYTES), bw, 1);
-        }
+    for (int i = 0; i < SLOTS; ++i) {
+      if (i < n) {
+        const uint32_t r[4] = {v[i].x, v[i].y, v[i].z, v[i].w};  // b0, b1 of chunk 0, then of chunk 1
+        const Frag<Op> bw = frag_of<Op>(r);
+        mma_chunk<Op>(acc0, a_frag(i, 0), bw, 0);
+        mma_chunk<Op>(acc1, a_frag(i, 1), bw, 1);
       }
+    }
+  };
+  if (active) {
+    bool done = false;
+    if constexpr (W_SLOTS == SLOTS) {
+      if (w_in_registers) {
+        batch(kp_begin, kp_end - kp_begin, [&](int i, int c) { return w_reg[i][c]; });
+        done = true;
+      }
+    }
+    if (!done) {
+#pragma unroll 1
+      for (int base = kp_begin; base < kp_end; base += SLOTS)  // one trip where the range fits the slots
+        batch(base, min(SLOTS, kp_end - base),
+              [&](int i, int c) { return ldsm_frag<Op>(a_base + (base + i) * 2 * CHUNK_BYTES + c * CHUNK_BYTES); });
     }
   }
   return sum_over_warps(acc0, acc1, red, warp, lane);
