@@ -92,7 +92,7 @@
 // registers b0, b1 of both chunks (split_k_mma_narrow): per pair one 16-byte load and 2 HMMA, 24 HMMA per warp
 // per step at the flagship in 16 bits (the ideal for 16 x 8; half the wide warp's), 12 loads in flight at once
 // (one batch, one L2 round trip; two in float). In 16 bits a warp whose range fits the WIDE_PAIR_SLOTS slots
-// (the LSTM up to H = 768, the GRU up to 1024, at B = 16) holds its A fragments of W^T in registers for the whole
+// (the LSTM up to H = 768, the GRU up to 1024) holds its A fragments of W^T in registers for the whole
 // launch (96 of them), so its step reads no shared memory but the partial sums; otherwise 2 ldmatrix.x4 per pair. The accumulators are the transpose of the ring's
 // (rows units, columns batch rows), so warps 0-3 run the cell as the ring's do, one (b, j) per lane
 // (bwd_cell_unit / bwd_cell_row), and each sum is the ring's products in the ring's order (the same k order inside
