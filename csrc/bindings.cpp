@@ -165,7 +165,6 @@ void check_fused_args(const char* fn, int dtype, int64_t T, int64_t B, int64_t H
   }
 }
 
-// The cell of a fused call (check_gates); the GRU has no projection.
 // The backward's tile (fused_lstm.h): 0 the ring's, 1 the wide, 2 the narrow backward's.
 void check_backward_tile(const char* fn, int tile) {
   if (tile < 0 || tile > 2)
@@ -173,6 +172,7 @@ void check_backward_tile(const char* fn, int tile) {
                                 std::to_string(tile));
 }
 
+// The cell of a fused call (check_gates); the GRU has no projection.
 bool check_fused_gates(const char* fn, int gates, bool proj) {
   const bool gru = check_gates(fn, gates);
   if (gru && proj) throw std::invalid_argument(std::string(fn) + ": the GRU has no projection");

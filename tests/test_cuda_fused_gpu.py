@@ -517,8 +517,9 @@ def test_fused_barrier_that_never_opens_gives_up_and_is_reported(entries, direct
 
     keep = []  # the swapped counters, alive until the launch has run
 
-    def never_counters(ptr: int) -> int:  # a buffer of cuda/fused.py's size (one per batch tile) at NEVER
-        keep.append(torch.full((cf.batch_tiles(B),), NEVER, dtype=torch.int32, device="cuda"))
+    def never_counters(ptr: int) -> int:  # one per batch tile of any backward tile (cuda/fused.py's sizes) at NEVER
+        tiles = max(cf.bwd_batch_tiles(B, tile) for tile in cf.BWD_TILES)
+        keep.append(torch.full((tiles,), NEVER, dtype=torch.int32, device="cuda"))
         return keep[-1].data_ptr()
 
     never = by_keyword(entry, counters=never_counters)
@@ -528,7 +529,7 @@ def test_fused_barrier_that_never_opens_gives_up_and_is_reported(entries, direct
     code, step, block, waited = record.tolist()
     assert state.tolist()[1] == 1, "the launch's abort flag is not up"
     assert code == barrier_bound.kernel_code(kernel) and step == first_step, record.tolist()
-    grid = cf.Plan(B, H).blocks
+    grid = cf.device_plan(device, direction, dtype, B, H, H)["blocks"]  # the backward's under the tile asked for
     assert 0 <= block < grid, (block, grid)
     assert waited >= SHORT_BOUND_S * 1e9, waited
     barrier_bound.after_launch(device, record)

@@ -827,6 +827,12 @@ def test_narrow_loads_are_ldmatrix_b_fragments(plan_dump, elem, seed):
     kernel = (ROOT / "csrc" / "fused" / "fused_common.cuh").read_text()
     assert "r[4] = {v[i].x, v[i].y, v[i].z, v[i].w};" in kernel
     assert "load_cg_16(v[i], src + wide_lane_byte(lane, 0, base + i, row_bytes), i < n);" in kernel
+    # W^T is A and dG^T is B, the ring's operands swapped: 3xTF32's cross terms must keep the ring's order (its
+    # small dG part times big W first), which mma_chunk's SWAPPED gives; both chains of the pair take it
+    narrow = kernel[kernel.index("split_k_mma_narrow("):]
+    assert narrow.count("mma_chunk<Op, true>(") == 2 and "mma_chunk<Op>(" not in narrow, "the cross terms' order"
+    swapped = kernel[kernel.index("if constexpr (SWAPPED) {"):]
+    assert swapped.index("Op::mma(d, a.big, b_small);") < swapped.index("Op::mma(d, a.small, b_big);")
 
 
 @pytest.mark.parametrize("elem", ELEMS)

@@ -81,7 +81,8 @@
 // The price: 170 registers (16-bit LSTM on sm_90, no spill; the 24 loads' 96), the slots' unrolled code,
 // one L2 round trip per 12 pairs of a warp's range (two in float at the flagship: 24 pairs, 9.4 MB per step
 // where the ring reads 18.9), and 16 x (K4p e + 16) + 8 KB of shared memory (106.8 KB at H = 768 in 16
-// bits, sm_80 holds it too; 204.9 KB in float, sm_90 only). Which of the two wins is for a GPU to measure; the default stays the ring.
+// bits, sm_80 holds it too; 204.9 KB in float, sm_90 only). Which of the two wins is for a GPU to measure; the
+// default stays the ring.
 //
 // THE NARROW BACKWARD (TILE = BWD_NARROW, LSTM_KERNELS_CUDA_FUSED_BACKWARD=narrow; no PROJ; fused_plan.cuh): the
 // wide backward's 16 units for NARROW_BATCH_TILE = 8 batch rows, grid (ceil(H / 16), ceil(B / 8)): 96 blocks at
@@ -93,10 +94,11 @@
 // per step at the flagship in 16 bits (the ideal for 16 x 8; half the wide warp's), 12 loads in flight at once
 // (one batch, one L2 round trip; two in float). In 16 bits a warp whose range fits the WIDE_PAIR_SLOTS slots
 // (the LSTM up to H = 768, the GRU up to 1024) holds its A fragments of W^T in registers for the whole
-// launch (96 of them), so its step reads no shared memory but the partial sums; otherwise 2 ldmatrix.x4 per pair. The accumulators are the transpose of the ring's
-// (rows units, columns batch rows), so warps 0-3 run the cell as the ring's do, one (b, j) per lane
-// (bwd_cell_unit / bwd_cell_row), and each sum is the ring's products in the ring's order (the same k order inside
-// each MMA, chunk 0 and 1 of a pair in two chains, the warps in order): the same bits, which the GPU test checks.
+// launch (96 of them), so its step reads no shared memory but the partial sums; otherwise 2 ldmatrix.x4 per
+// pair. The accumulators are the transpose of the ring's (rows units, columns batch rows), so warps 0-3 run the
+// cell as the ring's do, one (b, j) per lane (bwd_cell_unit / bwd_cell_row), and each sum is the ring's products
+// in the ring's order (the same k order inside each MMA, 3xTF32's cross terms in the ring's order, chunk 0 and 1
+// of a pair in two chains, the warps in order): the same bits, which the GPU test checks.
 // | part of one backward step (narrow, flagship)                              | estimate |
 // |---|---|
 // | grid barrier, as above (96 arrivals per step, as the ring's)              | <= 0.7 us |
@@ -105,12 +107,12 @@
 // |   range: by ldmatrix, 96 KB of shared reads per SM per step)              |          |
 // | reduce (one tile of partial sums) and the cell                           | <= 0.2 us |
 // | **backward step**                                                        | **<= 1.65 us** |
-// The price: ceil(B / 8) batch tiles, twice the wide grid's blocks (192 at B = 32, H = 768: co-resident on an H100
-// only where an SM holds two, which then share its port; else the per-step launches serve); 199 to 200 registers
-// on sm_90 in 16 bits (W^T's 96 and the loads' 48; no spill), 102 to 121 in float; the register path's unrolled
-// code beside the loop; the wide block's shared memory less one tile of partial sums, 16 x (K4p e + 16) + 4 KB
-// (102.7 KB at H = 768 in 16 bits; the same largest H as the wide backward's). Which of the three wins is for a
-// GPU to measure; the default stays the ring.
+// The price: ceil(B / 8) batch tiles, twice the wide grid's blocks (192 at B = 32, H = 768: more than an H100
+// holds at the one block per SM its registers allow, so the per-step launches serve); 199 to 200 registers on
+// sm_90 in 16 bits (W^T's 96 and the loads' 48; no spill), 102 to 121 in float; the register path's unrolled code
+// beside the loop; the wide block's shared memory less one tile of partial sums, 16 x (K4p e + 16) + 4 KB
+// (102.7 KB at H = 768 in 16 bits; on sm_90 the LSTM up to H = 1776 in 16 bits, 888 in float). Which of the three
+// wins is for a GPU to measure; the default stays the ring.
 //
 // RESETS (resets [T, B] uint8, as the forward's): nothing flows back across a reset. The cell thread
 // prefetches its row's flag of step t with the step's other inputs (one byte load, hidden) and, where
@@ -453,9 +455,9 @@ size_t backward_smem_bytes(int H, int P, bool proj, int elem, int gates, int til
 }
 
 // Whether the backward's `tile` (BWD_WIDE or BWD_NARROW) serves (H, P) when asked for: no projection, and its
-// block's shared memory within the current device's opt-in (both: H <= 1744 for the LSTM in 16 bits on sm_90,
-// where the ring's reaches 2408; 872 and 1204 in float); else the ring serves. The plan and the launch ask the
-// same question, so they describe the same kernel.
+// block's shared memory within the current device's opt-in (on sm_90 the LSTM up to H = 1744 wide and 1776 narrow
+// in 16 bits, 872 and 888 in float, where the ring's reaches 2408 and 1204); else the ring serves. The plan and
+// the launch ask the same question, so they describe the same kernel.
 template <typename Op, bool PROJ, bool RESETS, int GATES, int TILE>
 bool serves_tile(int H, int P) {
   if constexpr (PROJ || TILE == BWD_RING) {

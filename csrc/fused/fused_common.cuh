@@ -159,14 +159,22 @@ __device__ __forceinline__ Frag<Op> ldsm_frag(uint32_t addr) {
   return frag_of<Op>(r);
 }
 
-// d += a x (b's n8 tile `half`: registers 2 half, 2 half + 1) over one chunk, in Op's precision.
-template <typename Op>
+// d += a x (b's n8 tile `half`: registers 2 half, 2 half + 1) over one chunk, in Op's precision. SWAPPED: a and b
+// are the operands of a product taken transposed (the narrow backward's W^T x dG^T, where the ring's is dG x W^T),
+// whose 3xTF32 cross terms are added in the untransposed product's order (its small A part times the big B part
+// first), so that the sums are its bits.
+template <typename Op, bool SWAPPED = false>
 __device__ __forceinline__ void mma_chunk(float (&d)[4], const Frag<Op>& a, const Frag<Op>& b, int half) {
   const uint32_t b_big[2] = {b.big[2 * half], b.big[2 * half + 1]};
   if constexpr (Op::kSplit) {
     const uint32_t b_small[2] = {b.small[2 * half], b.small[2 * half + 1]};
-    Op::mma(d, a.small, b_big);
-    Op::mma(d, a.big, b_small);
+    if constexpr (SWAPPED) {
+      Op::mma(d, a.big, b_small);
+      Op::mma(d, a.small, b_big);
+    } else {
+      Op::mma(d, a.small, b_big);
+      Op::mma(d, a.big, b_small);
+    }
   }
   Op::mma(d, a.big, b_big);
 }
@@ -614,7 +622,8 @@ __device__ __forceinline__ float split_k_mma_wide(const unsigned char* src, int 
 // first MMA (4 SLOTS registers). A comes from w_reg (W_SLOTS == SLOTS and w_in_registers: the warp's fragments
 // of pair kp_begin + i in w_reg[i], held for the whole launch; the range is one batch) or else by 2 ldmatrix.x4
 // per pair from the slice (a_base: ldsm_a16's lane address of chunk 0). One MMA per chunk into the pair's two
-// chains, chunk 0 into acc0, chunk 1 into acc1, as split_k_mma_16x8 orders them. Every thread of the block must
+// chains, chunk 0 into acc0, chunk 1 into acc1, as split_k_mma_16x8 orders them (3xTF32's cross terms in the
+// ring's order: mma_chunk's SWAPPED). Every thread of the block must
 // call it (one block barrier). Returns sum_over_warps's: in warp w < 4, element w of the lane's fragment of the
 // 16 x 8 (units x rows) sum.
 template <typename Op, int SLOTS, int W_SLOTS>
@@ -633,8 +642,8 @@ __device__ __forceinline__ float split_k_mma_narrow(const unsigned char* src, in
       if (i < n) {
         const uint32_t r[4] = {v[i].x, v[i].y, v[i].z, v[i].w};  // b0, b1 of chunk 0, then of chunk 1
         const Frag<Op> bw = frag_of<Op>(r);
-        mma_chunk<Op>(acc0, a_frag(i, 0), bw, 0);
-        mma_chunk<Op>(acc1, a_frag(i, 1), bw, 1);
+        mma_chunk<Op, true>(acc0, a_frag(i, 0), bw, 0);
+        mma_chunk<Op, true>(acc1, a_frag(i, 1), bw, 1);
       }
     }
   };

@@ -84,9 +84,9 @@ from .fused import (  # noqa: F401
     fused_persistent_possible, fused_tf32, fused_unserved_reason, refused_cooperative_launches,
 )
 from .variants import (  # noqa: F401
-    BACKWARD_ENV, BACKWARDS, DEFAULT_VARIANT, EXCHANGE_ENV, FUSED_CANDIDATES, MMA_ENV, VARIANT_ENV, VARIANTS, WEIGHTS_ENV,
-    fused_backward_tile, fused_exchange_tagged, fused_weights_in_registers, requested_variant, tensor_cores_requested,
-    use_tensor_cores,
+    BACKWARD_ENV, BACKWARDS, DEFAULT_VARIANT, EXCHANGE_ENV, FUSED_CANDIDATES, MMA_ENV, VARIANT_ENV, VARIANTS,
+    WEIGHTS_ENV, fused_backward_tile, fused_exchange_tagged, fused_weights_in_registers, requested_variant,
+    tensor_cores_requested, use_tensor_cores,
 )
 
 _INT32_MAX = 2**31 - 1

@@ -567,8 +567,9 @@ def device_plan(device: torch.device, direction: str, dtype, B: int, H: int, P: 
                 cell: str = LSTM) -> dict:
     """``_C.fused_plan`` of the fused ``direction`` kernel for this call on ``device`` (cached); ``resets``:
     of the kernel's instance that serves resets (its own registers, so its own occupancy); ``cell``: of
-    the cell's instance; the backward's under ``LSTM_KERNELS_CUDA_FUSED_BACKWARD`` (the wide kernel's where
-    it serves: its own grid and shared memory)."""
+    the cell's instance; the backward's under ``LSTM_KERNELS_CUDA_FUSED_BACKWARD`` (the wide or narrow
+    kernel's where it serves: its own grid and shared memory; the plan's ``tile`` names the kernel planned, the
+    C API's code of :data:`BWD_TILES`)."""
     return _fused_plan_of(str(device), direction, op_code(dtype, fused_tf32(dtype)), B, H, P, resets, gates(cell),
                           _tile(direction))
 
