@@ -29,9 +29,8 @@ exchange), each warp loading its k range straight into MMA fragments, with the s
 (csrc/fused/fused_plan.cuh, "the wide backward"). ``narrow``: blocks of 16 units x 8 rows with W^T and dG^T as
 the MMA's A and B operands, so each block reads half the wide block's dG and each warp issues half its MMAs,
 from the wide exchange's layout (fused_plan.cuh, "the narrow backward"). Both serve calls without projection
-where their block's shared memory fits (on an H100 the LSTM up to H = 1744 wide and 1776 narrow in 16 bits, 872 and
-888 in float);
-elsewhere ``ring`` serves. Each is verified under its own plan, like the weights.
+where their block's shared memory fits (on an H100 the LSTM up to H = 1744 wide and 1776 narrow in 16 bits,
+872 and 888 in float); elsewhere ``ring`` serves. Each is verified under its own plan, like the weights.
 
 :data:`FUSED_CANDIDATES` names the fused kernels' variants that ``python -m lstm_kernels check`` and the
 flagship profile measure side by side, with the environment that selects each.
