@@ -67,15 +67,14 @@ def is_wide_operand_load(t: str) -> bool:
     return is_tagged_load(t)
 
 
-#: fused_plan.cuh's codes of the backward's tiles (fused_backward_kernel's fifth template argument, TILE).
-BACKWARD_TILES = {0: "ring", 1: "wide", 2: "narrow"}
-
-
 def backward_tile(name: str):
-    """The tile ("ring", "wide", "narrow") of the kernel ``name`` (mangled) if it is an instance of
-    fused_backward_kernel<Op, PROJ, RESETS, GATES, TILE> (its flags end ``...Li<GATES>ELi<TILE>E``), else None."""
+    """The tile ("ring", "wide", "narrow": the names of the Python mirror's BWD_TILES, whose codes are
+    fused_plan.cuh's) of the kernel ``name`` (mangled) if it is an instance of fused_backward_kernel<Op, PROJ,
+    RESETS, GATES, TILE> (its flags end ``...Li<GATES>ELi<TILE>E``), else None."""
+    from lstm_kernels.backends.cuda.fused import BWD_TILES
+
     m = re.search(r"Lb[01]ELb[01]ELi\dELi(\d)E", name) if "fused_backward_kernel" in name else None
-    return BACKWARD_TILES[int(m.group(1))] if m else None
+    return {code: tile for tile, code in BWD_TILES.items()}[int(m.group(1))] if m else None
 
 
 def is_loaded_backward(name: str) -> bool:

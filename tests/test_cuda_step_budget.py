@@ -633,8 +633,10 @@ def wide_design(plan_dump, op: str = "Fp16Mma", resets: bool = False, gates: int
     d = plan_dump(FLAGSHIP_B, H, elem, H)
     slots, units = d["WIDE_PAIR_SLOTS"], d["WIDE_UNITS"]
     narrow = tile == "narrow"
-    n_tiles = 1 if narrow else units // 8  # the wide product's n tiles of 8 units; the narrow one's single tile
-    tiles = (d["NARROW_BATCH_TILE"] * units // 128) if narrow else (cf.BATCH_TILE // 16) * n_tiles  # m16n8 tiles
+    rows = d["NARROW_BATCH_TILE"] if narrow else cf.BATCH_TILE
+    tiles = rows * units // (16 * 8)  # m16n8 tiles of the block's product: the wide one's 2, the narrow one's 1
+    # ldmatrix.x4 per slot: the narrow one's A of each chunk; the wide one's B of each n tile of 8 units
+    ldsm_per_slot = 2 if narrow else units // 8
     chunks = cf.k_chunks(cf.round_up(gates * H, cf.kpad(elem)), elem)
     ranges = d["bwd_gate_k" if gates == 4 else "bwd_gru_gate_k"]
     longest = max(e - b for b, e in ranges)
@@ -645,10 +647,10 @@ def wide_design(plan_dump, op: str = "Fp16Mma", resets: bool = False, gates: int
     assert batches == d["bwd_wide_batches"][str(gates)] == WIDE_BATCHES[elem, gates], (batches, d["bwd_wide_batches"])
     register_path = narrow and elem == 2  # W^T's fragments in registers (16 bits), beside the k loop
     loop_loads, loop_hmma = (1 if narrow else 2) * slots, slots * 2 * tiles * passes
-    return dict(H=H, slots=slots, n_tiles=n_tiles, passes=passes, longest=longest, batches=batches,
+    return dict(H=H, slots=slots, passes=passes, longest=longest, batches=batches,
                 register_path=register_path, path_loads=loop_loads if register_path else 0,
-                path_hmma=loop_hmma if register_path else 0, in_registers=register_path and longest <= slots,
-                operand_loads=loop_loads, ldsm=slots * (2 if narrow else n_tiles),
+                path_hmma=loop_hmma if register_path else 0,
+                operand_loads=loop_loads, ldsm=slots * ldsm_per_slot,
                 hmma=loop_hmma, hmma_busiest=longest * 2 * tiles * passes,
                 hmma_ideal=tiles * chunks * passes / cf.WARPS,
                 bar_sync=ring["bar_sync"], release_add=ring["release_add"], ldg_max=ring["ldg_max"],

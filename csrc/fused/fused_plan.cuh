@@ -113,7 +113,7 @@ FUSED_HD int fwd_n_element(int w, int lane) { return ((lane >> 2) & 1) + 2 * ((w
 FUSED_HD constexpr int bwd_stage_pairs(int gates) { return gates == 4 ? STAGE_PAIRS : 1; }
 
 // Backward interleaving of the reduction index: r' = 4j + g <-> r = g*H + j, both for the
-// columns of w_bwd [bwd_unit_blocks(H, true) * WIDE_UNITS, 4H] (= W_hh^T, rows of units >= H zero) and the dG
+// columns of w_bwd [bwd_unit_blocks(H, BWD_WIDE) * WIDE_UNITS, 4H] (= W_hh^T, rows of units >= H zero) and the dG
 // exchange buffer; the GRU's (gates = 3) r' = 3j + g over 3H.
 FUSED_HD int bwd_col(int g, int j, int gates = 4) { return gates * j + g; }
 
@@ -124,17 +124,19 @@ FUSED_HD int bwd_col(int g, int j, int gates = 4) { return gates * j + g; }
 constexpr int BWD_RING = 0;
 constexpr int BWD_WIDE = 1;
 constexpr int BWD_NARROW = 2;
+constexpr int WIDE_UNITS = 16;        // units per block of the wide and the narrow tiles
+constexpr int NARROW_BATCH_TILE = 8;  // batch rows per block of the narrow tile
 
 // Backward cell thread: warp w, lane l: element e = w % 4 of the lane's accumulator fragment of n tile
 // w / 4. The ring's and the wide blocks' fragments are rows b, columns j (the ring's blocks of UNITS units use
 // warps 0-3; the wide blocks of WIDE_UNITS two n tiles, every warp a cell warp); the narrow blocks' are the
 // transpose, rows j (16 units), columns b (8 batch rows), warps 0-3.
 FUSED_HD int bwd_cell_unit(int q, int w, int lane, int tile = BWD_RING) {
-  if (tile == BWD_NARROW) return q * 16 + (lane >> 2) + ((w >> 1) & 1) * 8;
-  return q * (tile == BWD_WIDE ? 16 : UNITS) + 8 * (w >> 2) + 2 * (lane & 3) + (w & 1);
+  if (tile == BWD_NARROW) return q * WIDE_UNITS + (lane >> 2) + ((w >> 1) & 1) * 8;
+  return q * (tile == BWD_WIDE ? WIDE_UNITS : UNITS) + 8 * (w >> 2) + 2 * (lane & 3) + (w & 1);
 }
 FUSED_HD int bwd_cell_row(int y, int w, int lane, int tile = BWD_RING) {
-  if (tile == BWD_NARROW) return y * 8 + 2 * (lane & 3) + (w & 1);
+  if (tile == BWD_NARROW) return y * NARROW_BATCH_TILE + 2 * (lane & 3) + (w & 1);
   return y * BATCH_TILE + (lane >> 2) + ((w >> 1) & 1) * 8;
 }
 
@@ -149,9 +151,9 @@ FUSED_HD int bwd_cell_row(int y, int w, int lane, int tile = BWD_RING) {
 // same operands in the same order as the ring's, so the two give the same bits. A warp takes its range
 // WIDE_PAIR_SLOTS pairs at a time (8 registers each, a batch's loads all issued at once): one batch at
 // the flagship in 16 bits (12 pairs), bwd_wide_batches of them where the range is longer.
-constexpr int WIDE_UNITS = 16;
 constexpr int WIDE_PAIR_SLOTS = 12;
-static_assert(WIDE_UNITS == 16, "bwd_cell_unit's blocks of 16 units: two n8 tiles (wide), one m16 tile (narrow)");
+static_assert(WIDE_UNITS == 16 && NARROW_BATCH_TILE == 8,
+              "bwd_cell_unit / bwd_cell_row: two n8 tiles of units (wide); one m16n8 tile, units x rows (narrow)");
 FUSED_HD constexpr int bwd_units(int tile) { return tile == BWD_RING ? UNITS : WIDE_UNITS; }
 FUSED_HD int bwd_unit_blocks(int H, int tile) { return (H + bwd_units(tile) - 1) / bwd_units(tile); }
 FUSED_HD int wide_word(int w) { return (w & 3) * 4 + (w >> 2); }
@@ -184,7 +186,6 @@ FUSED_HD int bwd_wide_batches(int H, int elem, int gates) {
 // the words l % 4 and l % 4 + 4 of both chunks, which are the B fragment registers b0, b1 of both chunks, as
 // ldsm_b8x2 delivers them from a natural [n][k] tile. Twice the wide grid's blocks (96 at the flagship), each
 // reading 8 x 4H of dG: the grid's 4.7 MB per step in 16 bits, as the wide backward's.
-constexpr int NARROW_BATCH_TILE = 8;
 // Batch rows per block of the backward's tile, and the grid's batch tiles (gridDim.y: one grid-barrier counter
 // each).
 FUSED_HD constexpr int bwd_batch_tile(int tile) { return tile == BWD_NARROW ? NARROW_BATCH_TILE : BATCH_TILE; }
