@@ -37,6 +37,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from lstm_kernels.backends import known_backends  # noqa: E402
 
 known_backends()
+from lstm_kernels.backends import triton as triton_backend  # noqa: E402
 from lstm_kernels.backends.triton import config as kernels  # noqa: E402
 from lstm_kernels.backends.triton import persistent  # noqa: E402
 
@@ -94,6 +95,8 @@ def compile_launch(launch, arch: int):
     try:
         signature, constexprs, attrs, options = launch_capture.jit_compile_inputs(launch, backend)
     except launch_capture.JitApiUnsupported as err:
+        if triton_backend.MIN_TRITON <= triton_backend._version_tuple(triton.__version__) < (3, 10):
+            raise  # a Triton setup.py declares: the kernels it runs must be checked, not skipped
         pytest.skip(f"triton {triton.__version__}: the JIT's specialisation API is not the known one ({err})")
     source = ASTSource(launch.kernel, signature, constexprs, attrs)
     return triton.compile(source, target=target_of(arch), options=options.__dict__)

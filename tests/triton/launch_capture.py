@@ -99,10 +99,10 @@ def jit_compile_inputs(launch: Launch, backend):
     (``triton.compiler.make_backend(target)``): its binder specialises the arguments as a real
     launch does (pointer alignment from ``data_ptr()``, integer divisibility, do_not_specialize).
 
-    Known to work with the JIT of Triton 3.3 to 3.9; raises JitApiUnsupported elsewhere.
+    Known to work with the JIT of Triton 3.6 to 3.9; raises JitApiUnsupported elsewhere.
     """
     try:
-        from triton.runtime.jit import create_function_from_signature, find_paths_if, get_iterable_path
+        from triton.runtime.jit import create_function_from_signature
     except ImportError as err:
         raise JitApiUnsupported(f"triton.runtime.jit lacks {err.name!r}") from err
     fn = launch.kernel
@@ -113,20 +113,9 @@ def jit_compile_inputs(launch: Launch, backend):
         bound_args, specialization, _ = binder(*launch.args, **kwargs)
     except TypeError as err:
         raise JitApiUnsupported(f"the JIT binder's interface differs: {err}") from err
-    if hasattr(fn, "_pack_args"):  # Triton >= 3.4
-        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, None)
-    else:  # Triton 3.3: the same steps, inline in JITFunction.run
-        options = backend.parse_options(kwargs)
-        sigvals = [x[0] for x in specialization]
-        signature = {p.name: v for p, v in zip(fn.params, sigvals)}
-        for k in kwargs:
-            if k not in options.__dict__ and k not in signature:
-                raise KeyError(f"Keyword argument {k} was specified but unrecognised")
-        constexprs = find_paths_if(sigvals, lambda _, val: val == "constexpr")
-        constexprs = {path: get_iterable_path(list(bound_args.values()), path) for path in constexprs}
-        attrvals = [x[1] for x in specialization]
-        attrs = find_paths_if(attrvals, lambda _, x: isinstance(x, str))
-        attrs = {k: backend.parse_attr(get_iterable_path(attrvals, k)) for k in attrs}
+    if not hasattr(fn, "_pack_args"):  # since Triton 3.4
+        raise JitApiUnsupported("triton.runtime.jit.JITFunction lacks _pack_args")
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, None)
     return signature, constexprs, attrs, options
 
 

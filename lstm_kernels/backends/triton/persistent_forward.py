@@ -146,7 +146,9 @@ def _lstm_pfw_kernel(
         elements per thread; Triton stores each element once. One sigmoid over all the
         gates, the g rows' tanh taken from it as 2 sigmoid(2x) - 1 (``_activate``), and
         tanh c: 5 exponentials and 5 divisions per (unit, row), where a tanh and a sigmoid
-        over all the gates, then selected, cost 9 of each.                           <= 0.2 us
+        over all the gates, then selected, cost 9 of each. (So Triton 3.9 lays it out; 3.6
+        computes the sigmoid a second time in the workspace store's layout, 22 MUFU.EX2 per
+        thread and step at the flagship where 3.9 has 6: tests/test_triton_step_budget.py.) <= 0.2 us
     The GRU (GATES = 3) at the flagship shape: U = 16, 48 programs x 8 warps; W_rz [32, 768] and
     W_n [16, 768] resident (72 registers per thread); two dots on the one h_{t-1}^T load, 36
     mma.m16n8k16 per warp (the ideal for its 3U rows: no padded row), two cross-warp sums (one
