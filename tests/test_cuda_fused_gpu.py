@@ -200,15 +200,17 @@ def test_fused_long_memory_holds_the_tolerance(entries, name, dtype, tf32, tol, 
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype, tf32", [(torch.float16, False), (torch.bfloat16, False), (torch.float32, True)],
+                         ids=["fp16", "bf16", "tf32"])
 @pytest.mark.parametrize("T, B, H, P, cell", [(5, 3, 13, None, "lstm"), (16, 16, 768, None, "lstm"),
                                               (11, 18, 100, 36, "lstm"), (16, 16, 1024, None, "lstm"),
                                               (7, 17, 40, None, "gru"), (16, 16, 768, None, "gru")])
-def test_fused_forward_with_weights_in_registers_is_bitwise_the_shared_one(entries, monkeypatch, dtype, T, B, H, P,
-                                                                           cell):
+def test_fused_forward_with_weights_in_registers_is_bitwise_the_shared_one(entries, monkeypatch, dtype, tf32, T, B, H,
+                                                                           P, cell):
     """LSTM_KERNELS_CUDA_FUSED_WEIGHTS=registers (W_hh as register fragments, read from shared memory once per
-    launch) against the default: the same MMAs in the same order, so the same bits, persistent and per step;
-    H = 1024 fills the W_REG_CHUNKS slots at B = 16."""
+    launch; tf32: rounded once there) against the default: the same MMAs in the same order, so the same bits,
+    persistent and per step; at B = 16, H = 1024 fills the 16-bit register slots (W_REG_CHUNKS) and H = 768
+    tf32's (W_REG_CHUNKS_TF32), where at H = 1024 tf32 reads W from shared memory."""
     fwd, _ = entries
     n_gates = 4 if cell == "lstm" else 3
     _skip_unless_fits(dtype, B, H, P)
@@ -219,7 +221,8 @@ def test_fused_forward_with_weights_in_registers_is_bitwise_the_shared_one(entri
     for weights in ("shared", "registers"):
         monkeypatch.setenv("LSTM_KERNELS_CUDA_FUSED_WEIGHTS", weights)
         for persistent in (True, False):
-            h_all, h_T, c_T, (act, c_all) = cf.forward(fwd, xg, w, h0, c0, w_hr, None, True, persistent, cell=cell)
+            h_all, h_T, c_T, (act, c_all) = cf.forward(fwd, xg, w, h0, c0, w_hr, None, True, persistent, tf32=tf32,
+                                                       cell=cell)
             torch.cuda.synchronize()
             outs[weights, persistent] = (h_all, h_T, c_T, act, c_all)
     assert act.shape[-1] == n_gates * H

@@ -507,10 +507,11 @@ def tagged_problems(counts: dict, slots: int) -> list:
 
 
 def register_path(plan_dump, stem: str, op: str, proj: bool, gates: int):
-    """(slots, HMMA per chunk, ldmatrix per chunk) of the forward's path with W in registers (16-bit
-    Ops: W_REG_CHUNKS of fused_plan.cuh, unrolled), or None where a kernel has none."""
+    """(slots, HMMA per chunk, ldmatrix per chunk) of the forward's path with W in registers (16-bit and
+    tf32 Ops: fused_plan.cuh's w_reg_chunks for the element size, unrolled), or None where a kernel has none
+    (the backward; 3xTF32, whose small parts would double the fragments)."""
     elem, passes = OPS[op]
-    if stem != "fused_forward_kernel" or elem != 2:
+    if stem != "fused_forward_kernel" or op == "Fp32Mma":
         return None
     H, P = design_shape(stem, op, proj)
     slots = plan_dump(FLAGSHIP_B, H, elem, P)["W_REG_CHUNKS"]
@@ -555,15 +556,15 @@ def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, gate
         H, P = design_shape(stem, op, proj)
         shape = f"B={FLAGSHIP_B}, H={H}" + (f", P={P}" if proj else "")
         print(f"\n[after] {tag} ({shape}): " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-        # the forward's W in registers (16-bit): outside the k loops, the register path unrolled over the
-        # W_REG_CHUNKS slots, each chunk one ldmatrix of h (the GRU's two: h as B and as A operand) and its
-        # MMA tiles, and no ldmatrix of W; the busiest warp's range fits the slots at the design shape
+        # the forward's W in registers (16-bit and tf32): outside the k loops, the register path unrolled over
+        # the plan's W_REG_CHUNKS slots, each chunk one ldmatrix of h (the GRU's two: h as B and as A operand)
+        # and its MMA tiles, and no ldmatrix of W; the busiest warp's range fits the slots at the design shape
         reg = register_path(plan_dump, stem, op, proj, gates)
         ldsm_outside = ldsm_outside_k_loops(loop)
-        if reg is None:
-            assert counts["hmma_outside_k_loops"] == 0 and ldsm_outside == 0, counts
         if not d.get("tagged"):
             assert counts["tagged_loads"] == 0 and counts["tagged_stores"] == 0, counts
+        if reg is None:
+            assert counts["hmma_outside_k_loops"] == 0 and ldsm_outside == 0, counts
         else:
             slots, hmma_per_chunk, ldsm_per_chunk = reg
             busiest = max(e - b for b, e in kernel_k_ranges(plan_dump, stem, op, proj, gates)[0])

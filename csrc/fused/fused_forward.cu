@@ -44,7 +44,8 @@
 // |   ldmatrix.x4 (2 of W, 1 of h): 48 KB of W read from shared memory per     |           |
 // |   block and step. With w_registers (16-bit, H <= 1024 at B = 16) each warp |           |
 // |   holds its 6 chunks of W as fragments (48 of 64 slot registers): per     |           |
-// |   chunk 1 ldmatrix (h) and no W read per step                             |           |
+// |   chunk 1 ldmatrix (h) and no W read per step. tf32 (H <= 768): its 12   |           |
+// |   chunks in 96 registers, none of the 96 KB of W per block and step      |           |
 // | partial sums reduced once through smem; cell in registers, c_t in a reg   | <= 0.2 us |
 // |   (16-bit, tf32: the fast activations of cell.cuh, 5 MUFU.EX2 + 5 MUFU.RCP |           |
 // |   and no branch, 37 instructions from the first EX2 to h's rounding on     |           |
@@ -80,14 +81,16 @@
 // hn = that sum + b_hn, n = tanh(x_n + r hn), h_t = (1 - z) n + z h_{t-1} (gru_cell_forward). act
 // keeps r, z, n and c_all keeps hn: the per-step kernels' workspace, which either backward reads.
 //
-// W IN REGISTERS (w_registers = 1, LSTM_KERNELS_CUDA_FUSED_WEIGHTS=registers; 16-bit Ops): a warp whose k
-// range has at most W_REG_CHUNKS chunks (fused_plan.cuh) reads its fragments of the resident slice once
-// per launch into W_REG_CHUNKS x 2 register fragments, and its step then multiplies by a product unrolled
-// over those slots: every slot's ldmatrix of h is issued first (a uniform branch per slot past the
-// range), so their latencies overlap where the loop waits once per chunk, then the MMAs (predicated),
-// the same MMAs in the same order as the shared-memory loop, so the same bits. The price: 64 registers
-// of W and 32 of h whatever the range (165 in all for the fp16 LSTM, no spills), and the slots'
-// unrolled code beside the loop, which still serves float, larger H and w_registers = 0.
+// W IN REGISTERS (w_registers = 1, LSTM_KERNELS_CUDA_FUSED_WEIGHTS=registers; 16-bit and tf32 Ops): a warp
+// whose k range has at most w_reg_chunks chunks (fused_plan.cuh: 8 in 16 bits, H <= 1024 at B = 16; 12 in
+// tf32, H <= 768) reads its fragments of the resident slice once per launch into that many x 2 register
+// fragments (tf32: rounded once, as the loop rounds them every step), and its step then multiplies by a
+// product unrolled over those slots: every slot's ldmatrix of h is issued first (a uniform branch per slot
+// past the range), so their latencies overlap where the loop waits once per chunk, then the MMAs
+// (predicated), the same MMAs in the same order as the shared-memory loop, so the same bits. The price:
+// the slots' registers whatever the range (16 bits: 64 of W and 32 of h, 165 in all for the fp16 LSTM;
+// tf32: 96 and 48, 211 to 247 on sm_90; no spills), and the slots' unrolled code beside the loop, which
+// still serves 3xTF32 (its small parts would double the fragments), larger H and w_registers = 0.
 //
 // THE TAGGED EXCHANGE (hxt non-null, LSTM_KERNELS_CUDA_FUSED_EXCHANGE=tagged; the LSTM without
 // projection, 16-bit Ops, every warp on the register path): h_t goes to hxt as 8-byte words, two units and
@@ -246,15 +249,16 @@ __global__ void __launch_bounds__(THREADS, 1)
   auto w_frags = [&](int ks, int f) {
     return ldsm_frag<Op>((f == 0 ? w_base : GATES == 4 ? w_base + 16 * LD * E : wn_base) + ks * CHUNK_BYTES);
   };
-  // W in registers (w_registers, 16-bit Ops, a warp's k range of at most W_REG_CHUNKS chunks): the
-  // warp's fragments of the slice, read from shared memory once per launch; each step then reads
-  // only h_{t-1} there. Otherwise (float, larger H, or w_registers 0) every step reads them again.
-  constexpr int kWRegChunks = Op::kTf32 ? 0 : W_REG_CHUNKS;
+  // W in registers (w_registers, 16-bit and tf32 Ops, a warp's k range of at most w_reg_chunks chunks):
+  // the warp's fragments of the slice (tf32: rounded once, as every step rounded them), read from shared
+  // memory once per launch; each step then reads only h_{t-1} there. Otherwise (3xTF32, larger H, or
+  // w_registers 0) every step reads them again.
+  constexpr int kWRegChunks = Op::kSplit ? 0 : w_reg_chunks(sizeof(T));
   Frag<Op> w_reg[kWRegChunks > 0 ? kWRegChunks : 1][2];
   const bool w_in_registers = w_registers && kWRegChunks > 0 && ks_end - ks_begin <= kWRegChunks;
   // The tagged exchange (fused_common.cuh) in place of hx and the grid barrier: the LSTM without
   // projection in 16 bits, every warp's range on the register path.
-  constexpr bool kTaggable = GATES == 4 && !PROJ && kWRegChunks > 0;
+  constexpr bool kTaggable = GATES == 4 && !PROJ && !Op::kTf32;  // a word holds two 16-bit units
   const bool tagged = kTaggable && hxt != nullptr && w_registers && fwd_gate_k_longest(P, E) <= kWRegChunks;
   const int row_words = Pk / 2;
   const size_t hxt_slot = (size_t)Bp * row_words;

@@ -27,8 +27,8 @@ enum FusedOp { kFusedFloat32 = 0, kFusedFloat16 = 1, kFusedBFloat16 = 2, kFusedT
 // null (nonzero: that row starts step t from h_{t-1} = 0, c_{t-1} = 0); counters [ceil(B/16)].
 // gates: 4 the LSTM; 3 the GRU (no projection): xg [T,B,3H], c0, c_work and c_T null, b_hn [H] or null,
 // act [T,B,3H] (r, z, n) and c_all [T,B,H] (hn = h_{t-1} W_hn^T + b_hn), as the per-step kernels' workspace.
-// w_registers: 1 each warp keeps its k range of the W slice in registers where it fits (16-bit types, at
-// most W_REG_CHUNKS chunks, fused_plan.cuh), 0 every step reads it from shared memory.
+// w_registers: 1 each warp keeps its k range of the W slice in registers where it fits (16-bit types or tf32,
+// at most w_reg_chunks chunks, fused_plan.cuh), 0 every step reads it from shared memory.
 // hx_tagged: null, or [2, ceil(B/16)*16, Pk/2] uint64 (Pk = P padded to 32) zeroed, slot 1 holding h0 as
 // tagged words (fused_common.cuh: the tagged exchange; cuda/fused.py's pack_tagged): where the kernel
 // can (the LSTM without projection, 16-bit types, w_registers and every warp's range in registers)

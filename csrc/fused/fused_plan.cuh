@@ -32,9 +32,13 @@ constexpr int CHUNK_BYTES = 32;     // one MMA's k extent: k16 of a 16-bit type,
 constexpr int KPAD_BYTES = 64;      // K is padded to pairs of chunks
 constexpr int SMEM_PAD_BYTES = 16;  // padding per shared row: ldmatrix rows without bank conflicts
 // The forward may keep each warp's k range of its resident W slice as MMA register fragments for
-// the whole launch (16-bit types): at most this many chunks, 8 registers each (2 x 16 rows), 64 in
-// all; at B = 16 a warp's range is H / 128 chunks, so H <= 1024.
+// the whole launch (16-bit types and tf32, not 3xTF32, whose small parts would double them): at most
+// this many chunks, 8 registers each (2 x 16 rows). 16 bits: 8 chunks, 64 registers, a warp's range
+// H / 128 chunks, so H <= 1024; tf32: 12 chunks (k8 each), 96 registers, a warp's range H / 64
+// chunks, so H <= 768.
 constexpr int W_REG_CHUNKS = 8;
+constexpr int W_REG_CHUNKS_TF32 = 12;
+FUSED_HD constexpr int w_reg_chunks(int elem) { return elem == 2 ? W_REG_CHUNKS : W_REG_CHUNKS_TF32; }
 
 // The backward streams its dG operand per warp through a ring (fused_common.cuh,
 // split_k_mma_16x8_streamed): RING_STAGES slots of STAGE_PAIRS pairs of chunks x BATCH_TILE rows,

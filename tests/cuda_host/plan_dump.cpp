@@ -20,8 +20,9 @@ int main(int argc, char** argv) {
               WARPS, THREADS, UNITS, BATCH_TILE, FWD_ROWS, CHUNK_BYTES, KPAD_BYTES, SMEM_PAD_BYTES);
   std::printf("\"STAGE_PAIRS\": %d, \"RING_STAGES\": %d, \"STAGE_ROW_BYTES\": %d, \"STAGE_BYTES\": %d, "
               "\"WARP_RING_BYTES\": %d,\n", STAGE_PAIRS, RING_STAGES, STAGE_ROW_BYTES, STAGE_BYTES, WARP_RING_BYTES);
+  // W_REG_CHUNKS: the forward's register slots for this elem (w_reg_chunks: 16 bits, or tf32)
   std::printf("\"bwd_stage_pairs\": {\"4\": %d, \"3\": %d}, \"W_REG_CHUNKS\": %d,\n", bwd_stage_pairs(4),
-              bwd_stage_pairs(3), W_REG_CHUNKS);
+              bwd_stage_pairs(3), w_reg_chunks(elem));
   // kpad / smem_pad per element size, and k_chunks of a few padded K
   std::printf("\"kpad\": {\"2\": %d, \"4\": %d}, \"smem_pad\": {\"2\": %d, \"4\": %d},\n\"k_chunks\": [", kpad(2),
               kpad(4), smem_pad(2), smem_pad(4));

@@ -11,7 +11,8 @@ the per-step kernels' fp32 FMA path.
 ``LSTM_KERNELS_CUDA_FUSED_WEIGHTS`` (:data:`WEIGHTS_ENV`, default ``shared``): where the fused forward
 keeps its resident W_hh slice during the step loop. ``shared``: in shared memory, read by ldmatrix every
 step. ``registers``: each warp's part as MMA register fragments, read from shared memory once per
-launch (16-bit types, H up to 1024 at B = 16; elsewhere ``shared`` serves). Both are verified before
+launch (16-bit types up to H = 1024 and tf32 up to H = 768 at B = 16; elsewhere, and for float32 at fp32
+accuracy, ``shared`` serves). Both are verified before
 first use under their own plan; the default stays ``shared`` until a GPU has measured both.
 
 ``LSTM_KERNELS_CUDA_FUSED_EXCHANGE`` (:data:`EXCHANGE_ENV`, default ``counter``): how the fused forward's
