@@ -3,7 +3,8 @@
 The first command to run on a machine, before the test suite. It reports:
 
 1. the device, driver and versions, and which backends are available (and why the others are not);
-2. every available backend x variant x dtype verified on a fixed set of small shapes (and, on a
+2. every available backend x variant x dtype (on a GPU float32 both at fp32 accuracy, ``fp32``, and on
+   TF32, ``tf32``: torch.backends.cuda.matmul.allow_tf32 set) verified on a fixed set of small shapes (and, on a
    GPU, the flagship B = 16, H = 768, with and without a projection; and the GRU's calls): the
    plan's prefix forward and backward against float64, as verification before first use runs it
    (:func:`lstm_kernels.verification.verify`), grid barriers bounded, so a hang becomes a failure;
@@ -35,7 +36,10 @@ import torch
 
 from .autotune import median_ms
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: The precisions checked: "fp32" is float32 at fp32 accuracy (torch.backends.cuda.matmul.allow_tf32 off, torch's
+#: default), "tf32" float32 with it on (a GPU only: the kernels' products on TF32; nn.LSTM's cuDNN takes TF32 by
+#: torch.backends.cudnn.allow_tf32, on by default, in both).
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: (B, H, P or None, variable lengths, cell): tails in B and H, a projection, PackedSequence-like rows,
 #: the GRU.
 CPU_SHAPES = [(2, 5, None, False, "lstm"), (3, 8, 3, False, "lstm"), (3, 6, None, True, "lstm"),
@@ -94,6 +98,19 @@ def candidates(names: Sequence[str]) -> list[Candidate]:
 
 
 @contextlib.contextmanager
+def matmul_precision(dtype_name: str):
+    """torch.backends.cuda.matmul.allow_tf32 as ``dtype_name`` asks (on for "tf32", off for "fp32", as it was
+    for the 16-bit types), restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    if dtype_name in ("fp32", "tf32"):
+        torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@contextlib.contextmanager
 def environment_set(values: dict):
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
@@ -124,7 +141,7 @@ def verify_all(cands: list[Candidate], device: torch.device, shapes, dtypes, ste
                 shape = (("GRU " if cell == "gru" else "") + f"B={B} H={H}" + (f" P={P}" if P else "")
                          + (" packed" if varlen else ""))
                 call = _call(device, DTYPES[dtype_name], steps, B, H, P, varlen, cell)
-                with environment_set(cand.env):
+                with environment_set(cand.env), matmul_precision(dtype_name):
                     backend = cand.make()
                     why = backend.unavailable_reason() or backend.supports(call)
                     if why is None and cell not in backend.cells:
@@ -221,11 +238,12 @@ def time_auto(device: torch.device, dtypes, shape: dict) -> list[Row]:
         lstm, x, label = _timing_problem(device, dtype_name, shape)
         fused = FusedLSTM.from_torch(lstm)
         try:
-            with torch.no_grad():
-                inference = fused.path_for(x, explain=True)
-            training = fused.path_for(x.requires_grad_(True), explain=True)
-            x.requires_grad_(False)
-            nn_times, times = _step_times(lstm, x), _step_times(fused, x)
+            with matmul_precision(dtype_name):
+                with torch.no_grad():
+                    inference = fused.path_for(x, explain=True)
+                training = fused.path_for(x.requires_grad_(True), explain=True)
+                x.requires_grad_(False)
+                nn_times, times = _step_times(lstm, x), _step_times(fused, x)
         except Exception as error:  # noqa: BLE001 - reported as a failed row
             rows.append(_failed_time_row("auto", "-", dtype_name, label, error))
             continue
@@ -252,25 +270,34 @@ def _step_times(module, x) -> tuple[float, float]:
 
 
 def time_all(cands: list[Candidate], device: torch.device, dtypes, shape: dict, passed: set) -> list[Row]:
+    rows = []
+    for dtype_name in dtypes:
+        with matmul_precision(dtype_name):
+            rows += _time_candidates(cands, device, dtype_name, shape, passed)
+    return rows
+
+
+def _time_candidates(cands: list[Candidate], device: torch.device, dtype_name: str, shape: dict,
+                     passed: set) -> list[Row]:
+    """time_all's rows of one precision: nn.LSTM, then every candidate whose plans passed verification."""
     from . import FusedLSTM
 
     rows = []
-    for dtype_name in dtypes:
-        lstm, x, label = _timing_problem(device, dtype_name, shape)
-        nn_times = _step_times(lstm, x)
-        for cand in cands:
-            if (cand.backend, cand.variant, dtype_name) not in passed:
+    lstm, x, label = _timing_problem(device, dtype_name, shape)
+    nn_times = _step_times(lstm, x)
+    for cand in cands:
+        if (cand.backend, cand.variant, dtype_name) not in passed:
+            continue
+        # the kernels users get: only plans that passed their verification
+        native_path = native_outright() if cand.backend == "native" else contextlib.nullcontext()
+        with environment_set(cand.env), native_path:
+            fused = FusedLSTM.from_torch(lstm, backend=cand.backend if cand.backend != "native" else "auto")
+            try:
+                times = _step_times(fused, x)
+            except Exception as error:  # noqa: BLE001 - reported as a failed row
+                rows.append(_failed_time_row(cand.backend, cand.variant, dtype_name, label, error))
                 continue
-            # the kernels users get: only plans that passed their verification
-            native_path = native_outright() if cand.backend == "native" else contextlib.nullcontext()
-            with environment_set(cand.env), native_path:
-                fused = FusedLSTM.from_torch(lstm, backend=cand.backend if cand.backend != "native" else "auto")
-                try:
-                    times = _step_times(fused, x)
-                except Exception as error:  # noqa: BLE001 - reported as a failed row
-                    rows.append(_failed_time_row(cand.backend, cand.variant, dtype_name, label, error))
-                    continue
-            rows.append(_time_row(cand.backend, cand.variant, dtype_name, label, shape["T"], times, nn_times))
+        rows.append(_time_row(cand.backend, cand.variant, dtype_name, label, shape["T"], times, nn_times))
     return rows
 
 
@@ -343,7 +370,7 @@ def run_check(out: Path, backends: Optional[Sequence[str]] = None, quick: bool =
     shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
     if quick:
         shapes = shapes[:2] + [s for s in shapes if s[4] != "lstm"][:1]  # and one GRU call
-    dtypes = list(DTYPES)
+    dtypes = [d for d in DTYPES if on_gpu or d != "tf32"]  # TF32 is a GPU's
     steps = 6 if on_gpu else 3
     info = environment.collect(device.type)
     print("\n".join(environment.header_lines(info)))

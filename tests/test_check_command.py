@@ -33,6 +33,7 @@ def test_check_on_this_machine_passes_and_writes_its_report(tmp_path):
     rows = _rows(tmp_path / "check.csv")
     verified = {(r["backend"], r["variant"], r["dtype"]) for r in rows if r["kind"] == "verify"}
     assert {("reference", "-", d) for d in ("fp32", "bf16", "fp16")} <= verified
+    assert not any(d == "tf32" for _, _, d in verified), "TF32 is a GPU's: a CPU verifies fp32 only"
     assert ("native", "-", "fp32") in verified
     if "triton" in proc.stdout.split("available:")[1].split(";")[0]:
         assert {("triton", v, "fp16") for v in ("step", "persistent")} <= verified
@@ -54,6 +55,27 @@ def test_check_fails_when_a_backend_fails_verification(tmp_path, monkeypatch):
     assert status == 1
     report = (tmp_path / "check.md").read_text()
     assert "**FAILED:" in report and "| wrong | - | fp32 |" in report and "FAIL: h_all" in report
+
+
+@pytest.mark.parametrize("was", [False, True])
+def test_tf32_rows_run_with_torchs_tf32_flag_and_fp32_rows_without(was):
+    """The "tf32" rows are float32 with torch.backends.cuda.matmul.allow_tf32 on, the "fp32" rows with it off
+    (whatever it was), the 16-bit rows as it was; it is restored afterwards."""
+    import torch
+
+    flag = torch.backends.cuda.matmul
+    saved = flag.allow_tf32
+    try:
+        flag.allow_tf32 = was
+        seen = {}
+        for name in check.DTYPES:
+            with check.matmul_precision(name):
+                seen[name] = flag.allow_tf32
+            assert flag.allow_tf32 is was
+        assert seen == {"fp32": False, "tf32": True, "bf16": was, "fp16": was}
+        assert check.DTYPES["tf32"] is check.DTYPES["fp32"] is torch.float32
+    finally:
+        flag.allow_tf32 = saved
 
 
 def test_usage_without_a_command():
