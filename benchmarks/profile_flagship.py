@@ -8,7 +8,7 @@ kernels. Each runs once to warm up (compile, verify before first use), then once
 an NVTX range named after it, which ncu's ``--nvtx --nvtx-include`` selects, so only the measured
 launches are profiled.
 
-    python -m benchmarks.profile_flagship [--T 64] [--B 16] [--H 768] [--dtype fp16] [--impl NAME ...]
+    python -m benchmarks.profile_flagship [--T 64] [--B 16] [--H 768] [--dtype fp16|bf16|fp32|tf32] [--impl NAME ...]
     python -m benchmarks.profile_flagship --list     # the implementations, one per line
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from lstm_kernels.backends.cuda.variants import FUSED_CANDIDATES
-from lstm_kernels.check import environment_set
+from lstm_kernels.check import DTYPES, environment_set, matmul_precision
 
 #: name -> (FusedLSTM backend, or None for nn.LSTM; the environment that selects the variant)
 RUNS = {
@@ -28,7 +28,6 @@ RUNS = {
     **{"cuda-" + label.replace("+", "-"): ("cuda", env) for label, env in FUSED_CANDIDATES.items()},
     "triton-persistent": ("triton", {"LSTM_KERNELS_TRITON_VARIANT": "persistent"}),
 }
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--T", type=int, default=64, help="steps (default 64: enough steady-state steps, a short profile)")
     p.add_argument("--B", type=int, default=16)
     p.add_argument("--H", type=int, default=768, help="hidden size; the input size is the same")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
+                   help="fp16, bf16, fp32 (fp32 accuracy) or tf32 (float32 with torch's TF32 flag set)")
     p.add_argument("--impl", nargs="*", choices=sorted(RUNS), help="implementations (default: all)")
     p.add_argument("--list", action="store_true", help="print the implementations and exit")
     return p
@@ -73,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device, dtype = torch.device("cuda"), DTYPES[args.dtype]
     x = torch.randn(args.T, args.B, args.H, device=device, dtype=dtype)
     for name in names:
-        with environment_set(RUNS[name][1]):
+        with environment_set(RUNS[name][1]), matmul_precision(args.dtype):
             module = module_for(name, args.H, dtype, device)
             run_once(module, x)  # warm-up: compile, verify before first use
             torch.cuda.synchronize()
