@@ -243,7 +243,7 @@ void fused_backward(int dtype, uintptr_t w_bwd, uintptr_t w_hrT, uintptr_t act, 
 }
 
 py::dict fused_plan(const std::string& direction, int dtype, int64_t B, int64_t H, int64_t P, bool resets,
-                    int gates, int tile) {
+                    int gates, int tile, int w_registers) {
   const char* fn = "lstm_kernels._C.fused_plan";
   check_backward_tile(fn, tile);
   check_fused_args(fn, dtype, 1, B, H, P, P < H);
@@ -252,7 +252,8 @@ py::dict fused_plan(const std::string& direction, int dtype, int64_t B, int64_t 
   size_t smem = 0;
   int err;
   if (direction == "forward") {
-    err = lstm_fused_forward_plan(dtype, (int)B, (int)H, (int)P, resets ? 1 : 0, &blocks, &smem, &possible, gates);
+    err = lstm_fused_forward_plan(dtype, (int)B, (int)H, (int)P, resets ? 1 : 0, &blocks, &smem, &possible, gates,
+                                  w_registers ? 1 : 0);
   } else if (direction == "backward") {
     err = lstm_fused_backward_plan(dtype, (int)B, (int)H, (int)P, resets ? 1 : 0, &blocks, &smem, &possible, gates,
                                    tile, &tile_serves);
@@ -467,7 +468,8 @@ PYBIND11_MODULE(_C, m) {
         " buffer, or 0: no bound), barrier_record (the device's int64 [4] error record), barrier_timeout_ns (0:"
         " no bound) and barrier_kernel (its code in the record): the time bound of the grid wait, see"
         " csrc/fused/barrier_wait.cuh; resets: a uint8 [T, B] device buffer or 0; gates: 4 the LSTM, 3 the GRU"
-        " (c0, c_work, c_T 0; b_hn [H] or 0); w_registers: 1 the W slice in registers where it fits; hx_tagged:"
+        " (c0, c_work, c_T 0; b_hn [H] or 0); w_registers: 1 the instance that keeps the W slice in registers where"
+        " it fits (0: the one without that path, fewer registers); hx_tagged:"
         " 0, or the tagged exchange of h (uint64 [2, Bp, Pk / 2], slot 1 h0 with tag 0) used where it serves",
         py::arg("dtype"), py::arg("xg"), py::arg("w_fwd"), py::arg("w_hr"), py::arg("c0"), py::arg("c_work"),
         py::arg("hx"), py::arg("mx"), py::arg("h_all"), py::arg("h_T"), py::arg("c_T"), py::arg("act"),
@@ -490,9 +492,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("fused_plan", &fused_plan,
         "The fused kernels' plan on the current device: {'blocks', 'smem', 'possible' (persistent grid"
         " co-resident), 'fits' (the block's shared memory fits), 'tile' (the backward's: the tile of the"
-        " kernel planned)}; resets: of the kernel that serves resets; tile: the backward's tile asked for",
+        " kernel planned)}; resets: of the kernel that serves resets; tile: the backward's tile asked for;"
+        " w_registers: the forward's, of its instance with the register path",
         py::arg("direction"), py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("P"), py::arg("resets") = false,
-        py::arg("gates") = 4, py::arg("tile") = 0);
+        py::arg("gates") = 4, py::arg("tile") = 0, py::arg("w_registers") = 0);
   m.def("runtime_status", &runtime_status,
         "(error code, 'name: description' or None, device count, runtime version, driver version) of the"
         " extension's own CUDA runtime (cudaGetDeviceCount, cudaRuntimeGetVersion, cudaDriverGetVersion)");

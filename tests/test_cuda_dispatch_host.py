@@ -119,6 +119,28 @@ def test_the_gru_asks_the_plan_of_its_own_instances(fake_fused):
     assert {"gates": 3} in fake.plan_resets and all(kw.get("gates", 4) in (3, 4) for kw in fake.plan_resets)
 
 
+@pytest.mark.parametrize("weights", ["shared", "registers"])
+def test_the_forward_plans_the_instance_of_its_weights_variant(fake_fused, monkeypatch, weights):
+    """The forward's instance with the register path has its own registers, so its own co-residency: with
+    LSTM_KERNELS_CUDA_FUSED_WEIGHTS=registers the forward asks _C.fused_plan for it (w_registers=1), else for
+    the instance without; the backward has no such instance. A refused cooperative launch of one is no
+    refusal of the other."""
+    fake = fake_fused()
+    monkeypatch.setenv(cuda_backend.WEIGHTS_ENV, weights)
+    call = _call(varlen=True)
+    for direction in ("forward", "backward"):
+        assert cf.fused_mode(call, direction) is True
+    asked = {direction: kw for (direction, *_), kw in zip(fake.plans, fake.plan_resets)}
+    assert asked["forward"].get("w_registers", 0) == (1 if weights == "registers" else 0), asked
+    assert "w_registers" not in asked["backward"], asked
+    keys = {}
+    for choice in ("shared", "registers"):
+        monkeypatch.setenv(cuda_backend.WEIGHTS_ENV, choice)
+        keys[choice] = [cf._refusal_key(call.device, direction, call.dtype, call.batch, call.hidden_size,
+                                        call.hidden_size) for direction in ("forward", "backward")]
+    assert keys["shared"][0] != keys["registers"][0] and keys["shared"][1] == keys["registers"][1], keys
+
+
 def test_fused_kernels_do_not_serve_other_dtypes(fake_fused):
     fake_fused()
     why = cuda_backend.fused_unserved_reason(_call(torch.float64, H=64))

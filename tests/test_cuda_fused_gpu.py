@@ -548,3 +548,26 @@ def test_fused_barrier_that_never_opens_gives_up_and_is_reported(entries, direct
     for a, b in zip(before[:3], after[:3]):
         assert torch.equal(a, b), "a launch after a give-up differs from one before"
 
+
+
+@pytest.mark.timeout(120)
+def test_the_forward_without_the_register_path_keeps_two_blocks_per_sm():
+    """The forward's instance without the register path (LSTM_KERNELS_CUDA_FUSED_WEIGHTS=shared, the default)
+    keeps its registers (under 128 per thread), so where shared memory holds two of its blocks on an SM a grid
+    of up to twice the SMs is co-resident: B = 32, H = 768 in fp16 (192 blocks of 90.6 KB) runs persistent on
+    an H100. The instance with the register path (165 to 255 registers: one block per SM) runs that grid per
+    step."""
+    _C = _extension()
+    if _C is None:
+        pytest.skip("lstm_kernels._C is not built")
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    B, H = 32, 768
+    blocks, smem = cf.Plan(B, H, None).blocks, cf.forward_smem_bytes(H, H, 2)
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", 0)
+    if not props.multi_processor_count < blocks <= 2 * props.multi_processor_count or 2 * (smem + 1024) > per_sm:
+        pytest.skip(f"{blocks} blocks of {smem} B are not a two-per-SM grid on this device")
+    code = cf.op_code(torch.float16, False)
+    shared = _C.fused_plan("forward", code, B, H, H)
+    registers = _C.fused_plan("forward", code, B, H, H, w_registers=1)
+    assert shared["blocks"] == registers["blocks"] == blocks
+    assert shared["possible"] and not registers["possible"], (shared, registers)

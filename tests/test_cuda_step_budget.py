@@ -333,31 +333,42 @@ def op_of(name: str) -> str:
     return found[0]
 
 
-def flags_tag(proj: bool, resets: bool = False, gates: int = None, tile: str = None) -> str:
-    """The mangled template flags <..., PROJ, RESETS(, GATES(, TILE))> of a fused kernel instance (GATES, the
-    cell's gate rows: 4 the LSTM, 3 the GRU; TILE, the backward's fifth: fused_plan.cuh's BWD_RING, BWD_WIDE or
-    BWD_NARROW, named here "ring", "wide", "narrow"). Without ``tile`` the tag matches a backward instance of
-    any tile: name it to pick one."""
+def flags_tag(proj: bool, resets: bool = False, gates: int = None, tile: str = None, wregs: bool = None) -> str:
+    """The mangled template flags <..., PROJ, RESETS(, GATES(, TILE | WREGS))> of a fused kernel instance (GATES,
+    the cell's gate rows: 4 the LSTM, 3 the GRU; TILE, the backward's fifth: fused_plan.cuh's BWD_RING, BWD_WIDE
+    or BWD_NARROW, named here "ring", "wide", "narrow"; WREGS, the forward's fifth: the instance with the
+    register path). Without ``tile`` (``wregs``) the tag matches a backward (forward) instance of any tile
+    (either instance): name it to pick one."""
     return (f"Lb{int(proj)}ELb{int(resets)}E" + ("" if gates is None else f"Li{gates}E")
-            + ("" if tile is None else f"Li{cf.BWD_TILES[tile]}E"))
+            + ("" if tile is None else f"Li{cf.BWD_TILES[tile]}E") + ("" if wregs is None else f"Lb{int(wregs)}E"))
 
 
-#: The fused kernels' instances per Op and architecture: with a projection or not, with resets or not;
-#: and the GRU's (GATES = 3, no projection), with resets or not; the backward's also wide and narrow (no
-#: projection: the LSTM's and the GRU's, with resets or not).
-INSTANCES = {"fused_forward_kernel": 4 + 2, "fused_backward_kernel": 4 + 2 + 4 + 4}
+#: The Ops whose forward has an instance with the register path (WREGS): not 3xTF32 (fused_forward.cu's
+#: with_weights), whose small parts would double the fragments.
+REGISTER_OPS = ("Fp16Mma", "Bf16Mma", "Tf32Mma")
+#: The fused kernels' instances per architecture: per Op with a projection or not, with resets or not, and
+#: the GRU's (GATES = 3, no projection), with resets or not; the forward's those again with the register
+#: path for REGISTER_OPS; the backward's also wide and narrow (no projection: the LSTM's and the GRU's, with
+#: resets or not).
+INSTANCES = {"fused_forward_kernel": (4 + 2) * (len(OPS) + len(REGISTER_OPS)),
+             "fused_backward_kernel": (4 + 2 + 4 + 4) * len(OPS)}
 
 
-def _kernels(funcs, stem: str, arch: str, proj: bool, resets: bool = False, gates: int = 4, tile: str = "ring"):
-    """{op: (name, instrs)} of the four instances (one per Op) of ``stem`` with these flags (the backward's
-    with TILE = ``tile``: its tag names the tile, so that one instance per Op matches)."""
+def _kernels(funcs, stem: str, arch: str, proj: bool, resets: bool = False, gates: int = 4, tile: str = "ring",
+             wregs: bool = False):
+    """{op: (name, instrs)} of the instances (one per Op) of ``stem`` with these flags (the backward's with
+    TILE = ``tile``, the forward's with WREGS = ``wregs``: the tag names them, so that one instance per Op
+    matches; with ``wregs`` the REGISTER_OPS)."""
     assert tile == "ring" or stem == "fused_backward_kernel", stem
-    tag = flags_tag(proj, resets, gates, tile if stem == "fused_backward_kernel" else None)
+    assert not wregs or stem == "fused_forward_kernel", stem
+    forward = stem == "fused_forward_kernel"
+    tag = flags_tag(proj, resets, gates, None if forward else tile, wregs if forward else None)
+    ops = REGISTER_OPS if wregs else tuple(OPS)
     matching = [(name, instrs) for (a, name), instrs in funcs.items() if a == arch and stem in name and tag in name]
     found = {op_of(name): (name, instrs) for name, instrs in matching}
-    assert len(matching) == len(OPS) and sorted(found) == sorted(OPS), (
-        f"{stem} {arch} proj={proj} resets={resets} gates={gates} tile={tile}: expected one instance per Op, "
-        f"got {sorted(n for n, _ in matching)}")
+    assert len(matching) == len(ops) and sorted(found) == sorted(ops), (
+        f"{stem} {arch} proj={proj} resets={resets} gates={gates} tile={tile} wregs={wregs}: expected one instance "
+        f"per Op, got {sorted(n for n, _ in matching)}")
     return found
 
 
@@ -377,10 +388,12 @@ CELL_THREADS = 4 * 32
 # Designed per-step figures of the fused kernels (the headers of fused_forward.cu / fused_backward.cu).
 # k loops, in address order: (output tiles of one block's product as m16n8 tiles, 32-byte chunks of
 # K at the design shape, chunks per k-loop iteration, MMAs per tile and chunk).
-def design(stem: str, proj: bool, op: str = "Fp16Mma", resets: bool = False, gates: int = 4) -> dict:
+def design(stem: str, proj: bool, op: str = "Fp16Mma", resets: bool = False, gates: int = 4,
+           wregs: bool = False) -> dict:
     """With ``resets``: the same, and one more scalar load per step (the step's reset flags). ``gates``: the
     forward's cell (3: the GRU, whose 24 gate rows are one W tile (r, z) x 2 batch tiles and one transposed
-    tile, batch x the 8 units' n rows: 3 MMA tiles per chunk, the ideal for 24 rows x 16 batch rows)."""
+    tile, batch x the 8 units' n rows: 3 MMA tiles per chunk, the ideal for 24 rows x 16 batch rows).
+    ``wregs``: the forward's instance with the register path (and with it the tagged exchange)."""
     elem, passes = OPS[op]
     extra = 1 if resets else 0
     H, P = design_shape(stem, op, proj)
@@ -395,7 +408,7 @@ def design(stem: str, proj: bool, op: str = "Fp16Mma", resets: bool = False, gat
         # The tagged exchange (16-bit LSTM without projection) is a second path through the same step: its own
         # block barrier after the products, and its tagged store beside hx's (the two exchange stores that lie
         # between the block barrier and the arrival in address order; one of them runs)
-        tagged = elem == 2 and gates == 4 and not proj
+        tagged = wregs and elem == 2 and gates == 4 and not proj
         return dict(loops=loops, bar_sync=3 * len(loops) + tagged, release_add=len(loops), ldg_max=gates + 2 + extra,
                     exchange_stores=[1 + tagged] * len(loops), tagged=tagged, arrival_threads=CELL_THREADS)
     # dG W_hh (K = 4H; the GRU's 3H): batch x units (p), dG streamed per warp: one ring stage (STAGE_PAIRS
@@ -531,10 +544,13 @@ FAMILIES = [("fused_forward_kernel", False, 4), ("fused_forward_kernel", True, 4
                          ids=[f"{s.split('_')[1]}{'-proj' if p else ''}{'-gru' if g == 3 else ''}" for s, p, g in FAMILIES])
 def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, gates, resets):
     funcs, _ = fused_sass
-    for op, (name, instrs) in _kernels(funcs, stem, arch, proj, resets, gates).items():
-        d = design(stem, proj, op, resets, gates)
+    instances = [(wregs, op, name, instrs) for wregs in ((False, True) if stem == "fused_forward_kernel" else (False,))
+                 for op, (name, instrs) in _kernels(funcs, stem, arch, proj, resets, gates, wregs=wregs).items()]
+    for wregs, op, name, instrs in instances:
+        d = design(stem, proj, op, resets, gates, wregs)
         loop = step_loop_of(name, instrs)
-        tag = f"{stem}{'<proj>' if proj else ''}{'<gru>' if gates == 3 else ''}{'<resets>' if resets else ''} {arch} {op}"
+        tag = (f"{stem}{'<proj>' if proj else ''}{'<gru>' if gates == 3 else ''}{'<resets>' if resets else ''}"
+               f"{'<registers>' if wregs else ''} {arch} {op}")
         assert len(loop.k_loops) == len(d["loops"]), (tag, loop.k_loops)
         per_warp, ideal, bodies, trips = hmma_per_warp_per_step(loop, d["loops"],
                                                                 kernel_k_ranges(plan_dump, stem, op, proj, gates))
@@ -559,7 +575,7 @@ def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, gate
         # the forward's W in registers (16-bit and tf32): outside the k loops, the register path unrolled over
         # the plan's W_REG_CHUNKS slots, each chunk one ldmatrix of h (the GRU's two: h as B and as A operand)
         # and its MMA tiles, and no ldmatrix of W; the busiest warp's range fits the slots at the design shape
-        reg = register_path(plan_dump, stem, op, proj, gates)
+        reg = register_path(plan_dump, stem, op, proj, gates) if wregs else None
         ldsm_outside = ldsm_outside_k_loops(loop)
         if not d.get("tagged"):
             assert counts["tagged_loads"] == 0 and counts["tagged_stores"] == 0, counts
@@ -830,8 +846,8 @@ def test_fused_kernels_use_no_local_memory(fused_sass):
     funcs, usage = fused_sass
     kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     names = [n for n, *_ in kernels]
-    for stem, per_op in INSTANCES.items():
-        assert sum(stem in n for n in names) == per_op * len(OPS) * len(ARCHS), stem
+    for stem, count in INSTANCES.items():
+        assert sum(stem in n for n in names) == count * len(ARCHS), stem
     for name, reg, stack, local in kernels:
         print(f"\n{name[:60]}: REG {reg} STACK {stack} LOCAL {local}")
         assert int(local) == 0 and int(stack) == 0, name
@@ -873,7 +889,7 @@ def register_path_problems(loop: "StepLoop", plan_dump) -> list:
 
 
 def arrival_problems_of(loop: "StepLoop", plan_dump) -> list:
-    return arrival_problems(arrival_counts(loop), design("fused_forward_kernel", False))
+    return arrival_problems(arrival_counts(loop), design("fused_forward_kernel", False, wregs=True))
 
 
 def cell_problems_of(loop: "StepLoop", plan_dump) -> list:
@@ -977,7 +993,9 @@ def test_step_checks_catch_a_mutant_source(tmp_path, plan_dump, mutant):
     assert text.count(site) == 1, f"{path}: the mutated site is gone"
     (csrc / path).write_text(text.replace(site, replacement))
     listings, _ = compile_cubins([source], ("sm_90",), tmp_path, csrc=csrc)
-    name, instrs = _kernels(functions_of(listings), stem, "sm_90", False, tile=tile)["Fp16Mma"]
+    # the forward's instance with the register path: it holds every path (shared, registers, tagged)
+    name, instrs = _kernels(functions_of(listings), stem, "sm_90", False, tile=tile,
+                            wregs=stem == "fused_forward_kernel")["Fp16Mma"]
     problems = problems_of(step_loop_of(name, instrs), plan_dump)
     print(f"\n[{mutant}] {problems}")
     assert problems
@@ -1061,12 +1079,16 @@ def test_resets_instance_adds_only_the_mask(fused_sass, arch, stem, proj, gates,
     in a nested loop; one vote in the forward (the batch tile's flags), none in the backward; and
     nothing else but integer, select and control instructions more."""
     funcs, _ = fused_sass
-    free = _kernels(funcs, stem, arch, proj, gates=gates, tile=tile)
-    with_resets = _kernels(funcs, stem, arch, proj, True, gates, tile=tile)
-    for op in OPS:
-        a, b = (step_loop_of(k[op][0], k[op][1]) for k in (free, with_resets))
+    pairs = []  # (wregs, op, instance without resets, with): the forward's both instances
+    for wregs in ((False, True) if stem == "fused_forward_kernel" else (False,)):
+        free = _kernels(funcs, stem, arch, proj, gates=gates, tile=tile, wregs=wregs)
+        with_resets = _kernels(funcs, stem, arch, proj, True, gates, tile=tile, wregs=wregs)
+        pairs += [(wregs, op, free[op], with_resets[op]) for op in free]
+    for wregs, op, *instances in pairs:
+        a, b = (step_loop_of(name, instrs) for name, instrs in instances)
         ca, cb = _loop_counts(a), _loop_counts(b)
-        tag = f"{stem}{'' if tile == 'ring' else '<' + tile + '>'}{'<proj>' if proj else ''}{'<gru>' if gates == 3 else ''} {arch} {op}"
+        tag = (f"{stem}{'' if tile == 'ring' else '<' + tile + '>'}{'<proj>' if proj else ''}"
+               f"{'<gru>' if gates == 3 else ''}{'<registers>' if wregs else ''} {arch} {op}")
         # "@!PT" (never true) instructions are placeholders ptxas emits after cp.async; they never run
         ops_a, ops_b = ({} for _ in range(2))
         for ops, loop in ((ops_a, a), (ops_b, b)):
@@ -1116,7 +1138,7 @@ def test_extension_carries_the_fused_kernels_for_sm80_and_sm90():
     for arch in ARCHS:
         for stem in ("fused_forward_kernel", "fused_backward_kernel"):
             names = [n for (a, n) in funcs if a == arch and stem in n]
-            assert len(names) == INSTANCES[stem] * len(OPS), (arch, stem, names)
+            assert len(names) == INSTANCES[stem], (arch, stem, names)
             for tile in ("wide", "narrow"):
                 found = [n for n in names if backward_tile(n) == tile]
                 assert len(found) == (4 * len(OPS) if stem == "fused_backward_kernel" else 0), (arch, stem, found)
@@ -1124,4 +1146,6 @@ def test_extension_carries_the_fused_kernels_for_sm80_and_sm90():
                 loop = step_loop_of(name, funcs[(arch, name)])
                 proj = flags_tag(True, False) in name or flags_tag(True, True) in name
                 gates = 3 if any(flags_tag(False, r, 3) in name for r in (False, True)) else 4
-                assert loop.count(is_bar_sync) == design(stem, proj, op_of(name), gates=gates)["bar_sync"], name
+                wregs = stem == "fused_forward_kernel" and f"Li{gates}ELb1E" in name  # WREGS, the fifth flag
+                assert loop.count(is_bar_sync) == design(stem, proj, op_of(name), gates=gates,
+                                                         wregs=wregs)["bar_sync"], name

@@ -10,7 +10,8 @@ Triton's own JIT binder (16-byte pointer alignment, integers divisible by 16,
 do_not_specialize, the launch options) and compiled ahead of time to a cubin with the
 ptxas that ships in the triton wheel: the kernel that runs, not a look-alike. The
 compiled kernels are checked to fit the architecture's shared memory per block and not to
-spill to local memory (the cubin's resource usage, from the wheel's cuobjdump). The
+spill to local memory (the cubin's resource usage, from the wheel's cuobjdump; with Triton 3.6, within
+its known deviation: tests/triton_compiler.py). The
 persistent kernels' own structural checks (MMA counts, barriers, the plans' shapes) are in
 tests/test_triton_step_budget.py.
 
@@ -43,6 +44,7 @@ from lstm_kernels.backends.triton import persistent  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton"))
 import launch_capture  # noqa: E402  (tests/triton/launch_capture.py)
+from triton_compiler import spill_bytes_allowed  # noqa: E402  (tests/triton_compiler.py)
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,18 +108,19 @@ def assert_fits(compiled, arch: int, what: str, tmp_path) -> None:
     """Within the architecture's shared memory per block, and no spills to local memory."""
     shared = compiled.metadata.shared
     assert shared <= MAX_SHARED[arch], f"{what}: {shared} bytes of shared memory > {MAX_SHARED[arch]} on sm_{arch}"
-    assert local_memory_bytes(compiled.asm["cubin"], tmp_path) == 0, f"{what} spills to local memory"
+    spilled = spilled_bytes(compiled.asm["cubin"], tmp_path)
+    assert spilled <= spill_bytes_allowed(), f"{what} spills {spilled} bytes to local memory (tests/triton_compiler.py)"
 
 
-def local_memory_bytes(cubin: bytes, tmp_path) -> int:
-    """LOCAL (spill) bytes of the cubin's kernel, from ``cuobjdump -res-usage``."""
+def spilled_bytes(cubin: bytes, tmp_path) -> int:
+    """LOCAL and STACK (spill) bytes of the cubin's kernel, from ``cuobjdump -res-usage``."""
     path = tmp_path / "kernel.cubin"
     path.write_bytes(cubin)
     out = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "-res-usage", str(path)], capture_output=True,
                          text=True, check=True).stdout
-    match = re.search(r"LOCAL:(\d+)", out)
+    match = re.search(r"STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
     assert match, out
-    return int(match.group(1))
+    return int(match.group(1)) + int(match.group(2))
 
 
 SHAPES = {  # (T, B, H, proj): the flagship; odd sizes with a projection; more tiles than one wave

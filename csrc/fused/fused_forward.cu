@@ -81,16 +81,19 @@
 // hn = that sum + b_hn, n = tanh(x_n + r hn), h_t = (1 - z) n + z h_{t-1} (gru_cell_forward). act
 // keeps r, z, n and c_all keeps hn: the per-step kernels' workspace, which either backward reads.
 //
-// W IN REGISTERS (w_registers = 1, LSTM_KERNELS_CUDA_FUSED_WEIGHTS=registers; 16-bit and tf32 Ops): a warp
-// whose k range has at most w_reg_chunks chunks (fused_plan.cuh: 8 in 16 bits, H <= 1024 at B = 16; 12 in
-// tf32, H <= 768) reads its fragments of the resident slice once per launch into that many x 2 register
-// fragments (tf32: rounded once, as the loop rounds them every step), and its step then multiplies by a
-// product unrolled over those slots: every slot's ldmatrix of h is issued first (a uniform branch per slot
-// past the range), so their latencies overlap where the loop waits once per chunk, then the MMAs
-// (predicated), the same MMAs in the same order as the shared-memory loop, so the same bits. The price:
-// the slots' registers whatever the range (16 bits: 64 of W and 32 of h, 165 in all for the fp16 LSTM;
-// tf32: 96 and 48, 211 to 247 on sm_90; no spills), and the slots' unrolled code beside the loop, which
-// still serves 3xTF32 (its small parts would double the fragments), larger H and w_registers = 0.
+// W IN REGISTERS (WREGS, the instance that w_registers = 1 launches, LSTM_KERNELS_CUDA_FUSED_WEIGHTS=
+// registers; 16-bit and tf32 Ops): a warp whose k range has at most w_reg_chunks chunks (fused_plan.cuh: 8
+// in 16 bits, H <= 1024 at B = 16; 12 in tf32, H <= 768) reads its fragments of the resident slice once per
+// launch into that many x 2 register fragments (tf32: rounded once, as the loop rounds them every step), and
+// its step then multiplies by a product unrolled over those slots: every slot's ldmatrix of h is issued
+// first (a uniform branch per slot past the range), so their latencies overlap where the loop waits once
+// per chunk, then the MMAs (predicated), the same MMAs in the same order as the shared-memory loop, so the
+// same bits. The price: the slots' registers whatever the range (16 bits: 64 of W and 32 of h; tf32: 96
+// and 48; 179 to 255 in all, no spills: one block per SM), and the slots' unrolled code beside the loop,
+// which still serves warps whose range does not fit. So it is an instance of its own: the one without
+// (w_registers = 0, and 3xTF32 always, whose small parts would double the fragments) keeps 78 to 115
+// registers, two blocks on an SM where shared memory holds them (B = 32, H = 768 in 16 bits on an H100:
+// 192 blocks, co-resident).
 //
 // THE TAGGED EXCHANGE (hxt non-null, LSTM_KERNELS_CUDA_FUSED_EXCHANGE=tagged; the LSTM without
 // projection, 16-bit Ops, every warp on the register path): h_t goes to hxt as 8-byte words, two units and
@@ -157,7 +160,10 @@ __device__ __forceinline__ void store_activations(float* ap, int H, const GruGat
 // the exchange buffers and c_work; the host puts h0 in hx's slot 1 (step -1).
 //
 // GATES = 3, the GRU (no PROJ): see "The GRU" above; c0, c_work, c_T unused, b_hn read.
-template <typename Op, bool PROJ, bool RESETS, int GATES, typename T = typename Op::T>
+// WREGS: the instance with the register path (and, for the LSTM without projection in 16 bits, the tagged
+// exchange); the one without keeps only the shared-memory loop, and so its registers (78 to 115, where the
+// register path takes 165 to 255): two blocks on an SM where shared memory allows them.
+template <typename Op, bool PROJ, bool RESETS, int GATES, bool WREGS, typename T = typename Op::T>
 __global__ void __launch_bounds__(THREADS, 1)
     fused_forward_kernel(const T* __restrict__ xg,           // [T, B, GATES*H]
                          const T* __restrict__ w_fwd,        // [ceil(H/8)*32, P] interleaved rows (see above)
@@ -175,7 +181,6 @@ __global__ void __launch_bounds__(THREADS, 1)
                          const int* __restrict__ batch_sizes,  // [T] int32 active rows per step, or null
                          unsigned int* counters,             // [gridDim.y] zeroed; used with several half-steps
                          int T_, int B, int H, int P,
-                         int w_registers,  // 1: W in registers where it fits (see the step loop), 0: never
                          unsigned long long* hxt,  // [2, Bp, Pk / 2] tagged h exchange (slot 1: h0), or null
                          int hs_begin, int hs_end,
                          BarrierWatch watch,  // the time bound of the grid wait (barrier_wait.cuh)
@@ -249,21 +254,21 @@ __global__ void __launch_bounds__(THREADS, 1)
   auto w_frags = [&](int ks, int f) {
     return ldsm_frag<Op>((f == 0 ? w_base : GATES == 4 ? w_base + 16 * LD * E : wn_base) + ks * CHUNK_BYTES);
   };
-  // W in registers (w_registers, 16-bit and tf32 Ops, a warp's k range of at most w_reg_chunks chunks):
-  // the warp's fragments of the slice (tf32: rounded once, as every step rounded them), read from shared
+  // W in registers (WREGS, 16-bit and tf32 Ops, a warp's k range of at most w_reg_chunks chunks): the
+  // warp's fragments of the slice (tf32: rounded once, as every step rounded them), read from shared
   // memory once per launch; each step then reads only h_{t-1} there. Otherwise (3xTF32, larger H, or
-  // w_registers 0) every step reads them again.
-  constexpr int kWRegChunks = Op::kSplit ? 0 : w_reg_chunks(sizeof(T));
+  // the instance without WREGS) every step reads them again.
+  constexpr int kWRegChunks = WREGS && !Op::kSplit ? w_reg_chunks(sizeof(T)) : 0;
   Frag<Op> w_reg[kWRegChunks > 0 ? kWRegChunks : 1][2];
-  const bool w_in_registers = w_registers && kWRegChunks > 0 && ks_end - ks_begin <= kWRegChunks;
+  const bool w_in_registers = kWRegChunks > 0 && ks_end - ks_begin <= kWRegChunks;
   // The tagged exchange (fused_common.cuh) in place of hx and the grid barrier: the LSTM without
   // projection in 16 bits, every warp's range on the register path.
-  constexpr bool kTaggable = GATES == 4 && !PROJ && !Op::kTf32;  // a word holds two 16-bit units
-  const bool tagged = kTaggable && hxt != nullptr && w_registers && fwd_gate_k_longest(P, E) <= kWRegChunks;
+  constexpr bool kTaggable = kWRegChunks > 0 && GATES == 4 && !PROJ && !Op::kTf32;  // a word: two 16-bit units
+  const bool tagged = kTaggable && hxt != nullptr && fwd_gate_k_longest(P, E) <= kWRegChunks;
   const int row_words = Pk / 2;
   const size_t hxt_slot = (size_t)Bp * row_words;
   if (threadIdx.x == 0) abort_s = 0;  // the tagged wait's give-up (the counter's wait sets it every step)
-  if (w_registers) {
+  if constexpr (kWRegChunks > 0) {
     __syncthreads();  // the resident slice is in shared memory
     if (w_in_registers) {
 #pragma unroll
@@ -461,29 +466,40 @@ size_t forward_smem_bytes(int H, int P, bool proj, int elem) {
          (proj ? (size_t)(UNITS + BATCH_TILE) * LDH * elem : 0);
 }
 
-template <typename Op, bool PROJ, bool RESETS, int GATES, typename T = typename Op::T>
+template <typename Op, bool PROJ, bool RESETS, int GATES, bool WREGS, typename T = typename Op::T>
 cudaError_t forward_launch(const void* xg, const void* w_fwd, const void* w_hr, const void* c0, const void* b_hn,
                            float* c_work, void* hx, void* mx, void* h_all, void* h_T, void* c_T, float* act,
                            float* c_all, const int* batch_sizes, const unsigned char* resets, unsigned int* counters,
-                           int T_, int B, int H, int P, int persistent, int w_registers, void* hx_tagged,
+                           int T_, int B, int H, int P, int persistent, void* hx_tagged,
                            BarrierWatch watch, cudaStream_t stream) {
   const dim3 grid(unit_blocks(H), batch_tiles(B));
-  return launch_half_steps(fused_forward_kernel<Op, PROJ, RESETS, GATES>, grid,
+  return launch_half_steps(fused_forward_kernel<Op, PROJ, RESETS, GATES, WREGS>, grid,
                            forward_smem_bytes(H, P, PROJ, sizeof(T)), (PROJ ? 2 : 1) * T_, persistent, counters, watch,
                            resets, stream, static_cast<const T*>(xg), static_cast<const T*>(w_fwd),
                            static_cast<const T*>(w_hr), static_cast<const T*>(c0), static_cast<const T*>(b_hn), c_work,
                            static_cast<T*>(hx), static_cast<T*>(mx), static_cast<T*>(h_all), static_cast<T*>(h_T),
-                           static_cast<T*>(c_T), act, c_all, batch_sizes, counters, T_, B, H, P, w_registers,
+                           static_cast<T*>(c_T), act, c_all, batch_sizes, counters, T_, B, H, P,
                            static_cast<unsigned long long*>(hx_tagged));
 }
 
 // Whether the fused forward serves (B, H, P) on the current device: *possible 0 the block's
 // shared memory does not fit, 1 the persistent grid is co-resident, 2 per-step launches only.
-template <typename Op, bool PROJ, bool RESETS, int GATES>
+template <typename Op, bool PROJ, bool RESETS, int GATES, bool WREGS>
 cudaError_t forward_plan(int B, int H, int P, int* blocks, size_t* smem, int* possible) {
   *smem = forward_smem_bytes(H, P, PROJ, sizeof(typename Op::T));
   *blocks = unit_blocks(H) * batch_tiles(B);
-  return kernel_plan(fused_forward_kernel<Op, PROJ, RESETS, GATES>, *smem, *blocks, possible);
+  return kernel_plan(fused_forward_kernel<Op, PROJ, RESETS, GATES, WREGS>, *smem, *blocks, possible);
+}
+
+// Calls f(std::bool_constant<WREGS>{}): the instance with the register path where w_registers asks for it and
+// the Op has one (not 3xTF32, whose instance with it would be the same kernel), else the one without.
+template <typename Op, typename F>
+cudaError_t with_weights(int w_registers, F&& f) {
+  if constexpr (Op::kSplit) {
+    return f(std::false_type{});
+  } else {
+    return w_registers ? f(std::true_type{}) : f(std::false_type{});
+  }
 }
 
 }  // namespace fused
@@ -505,21 +521,26 @@ extern "C" int lstm_fused_forward(int dtype, const void* xg, const void* w_fwd, 
     using Op = decltype(op);
     return with_instance(w_hr != nullptr, resets != nullptr, gates, [&](auto proj, auto with_resets,
                                                                                  auto cell_gates) {
-      return forward_launch<Op, decltype(proj)::value, decltype(with_resets)::value, decltype(cell_gates)::value>(
-          xg, w_fwd, w_hr, c0, b_hn, c_work, hx, mx, h_all, h_T, c_T, act, c_all, batch_sizes, resets, counters, T, B,
-          H, P, persistent, w_registers, hx_tagged, watch, static_cast<cudaStream_t>(stream));
+      return with_weights<Op>(w_registers, [&](auto wregs) {
+        return forward_launch<Op, decltype(proj)::value, decltype(with_resets)::value, decltype(cell_gates)::value,
+                              decltype(wregs)::value>(xg, w_fwd, w_hr, c0, b_hn, c_work, hx, mx, h_all, h_T, c_T, act,
+                                                      c_all, batch_sizes, resets, counters, T, B, H, P, persistent,
+                                                      hx_tagged, watch, static_cast<cudaStream_t>(stream));
+      });
     });
   });
 }
 
 extern "C" int lstm_fused_forward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem,
-                                       int* possible, int gates) {
+                                       int* possible, int gates, int w_registers) {
   using namespace lstm::fused;
   return with_op(dtype, [&](auto op) {
     using Op = decltype(op);
     return with_instance(P != H, resets != 0, gates, [&](auto proj, auto with_resets, auto cell_gates) {
-      return forward_plan<Op, decltype(proj)::value, decltype(with_resets)::value, decltype(cell_gates)::value>(
-          B, H, P, blocks, smem, possible);
+      return with_weights<Op>(w_registers, [&](auto wregs) {
+        return forward_plan<Op, decltype(proj)::value, decltype(with_resets)::value, decltype(cell_gates)::value,
+                            decltype(wregs)::value>(B, H, P, blocks, smem, possible);
+      });
     });
   });
 }

@@ -27,8 +27,9 @@ enum FusedOp { kFusedFloat32 = 0, kFusedFloat16 = 1, kFusedBFloat16 = 2, kFusedT
 // null (nonzero: that row starts step t from h_{t-1} = 0, c_{t-1} = 0); counters [ceil(B/16)].
 // gates: 4 the LSTM; 3 the GRU (no projection): xg [T,B,3H], c0, c_work and c_T null, b_hn [H] or null,
 // act [T,B,3H] (r, z, n) and c_all [T,B,H] (hn = h_{t-1} W_hn^T + b_hn), as the per-step kernels' workspace.
-// w_registers: 1 each warp keeps its k range of the W slice in registers where it fits (16-bit types or tf32,
-// at most w_reg_chunks chunks, fused_plan.cuh), 0 every step reads it from shared memory.
+// w_registers: 1 the kernel instance with the register path (16-bit types or tf32; float at fp32 accuracy has
+// none): each warp keeps its k range of the W slice in registers where it fits (at most w_reg_chunks chunks,
+// fused_plan.cuh); 0 the instance without it, whose every step reads W from shared memory with fewer registers.
 // hx_tagged: null, or [2, ceil(B/16)*16, Pk/2] uint64 (Pk = P padded to 32) zeroed, slot 1 holding h0 as
 // tagged words (fused_common.cuh: the tagged exchange; cuda/fused.py's pack_tagged): where the kernel
 // can (the LSTM without projection, 16-bit types, w_registers and every warp's range in registers)
@@ -64,11 +65,12 @@ int lstm_fused_backward(int dtype, const void* w_bwd, const void* w_hrT, const f
 
 // *possible: 0 the block's shared memory does not fit this device, 1 the persistent grid is
 // co-resident (cooperative launch), 2 per-step launches only. *blocks, *smem: grid size, bytes.
-// resets: 1 plans the kernel that serves resets (its own registers), 0 the one without. The backward's tile:
-// as lstm_fused_backward's; *tile_serves the tile of the kernel planned (the ring's where the one asked for does
-// not serve).
+// resets: 1 plans the kernel that serves resets (its own registers), 0 the one without. The forward's
+// w_registers: as lstm_fused_forward's (the instance with the register path: its own registers, so its own
+// co-residency). The backward's tile: as lstm_fused_backward's; *tile_serves the tile of the kernel planned
+// (the ring's where the one asked for does not serve).
 int lstm_fused_forward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem, int* possible,
-                            int gates);
+                            int gates, int w_registers);
 int lstm_fused_backward_plan(int dtype, int B, int H, int P, int resets, int* blocks, size_t* smem, int* possible,
                              int gates, int tile, int* tile_serves);
 }

@@ -509,11 +509,13 @@ def _tile(direction: str) -> str:
 
 
 def _refusal_key(device: torch.device, direction: str, dtype, B: int, H: int, P: int, cell: str = LSTM) -> tuple:
-    """The key of a refused cooperative launch: the call's shape, cell and, for the backward, its variant
-    (the wide and the narrow backward's grids are not the ring's)."""
+    """The key of a refused cooperative launch: the call's shape, cell and the kernel instance's variant (the
+    wide and the narrow backward's grids are not the ring's; the forward's instance with the register path has
+    its own registers, so its own co-residency)."""
     tile = _tile(direction)
+    registers = direction == "forward" and fused_weights_in_registers()
     return (str(device), "fused-" + direction, dtype, B, H, P) + (() if cell == LSTM else (cell,)) + (
-        (tile,) if tile != "ring" else ())
+        (tile,) if tile != "ring" else ()) + (("registers",) if registers else ())
 
 
 def smem_optin(device: torch.device) -> int:
@@ -556,9 +558,9 @@ def fused_unserved_reason(call: RecurrenceCall, dirs: Optional[tuple] = None) ->
 
 @functools.lru_cache(maxsize=None)
 def _fused_plan_of(device: str, direction: str, code: int, B: int, H: int, P: int, resets: bool = False,
-                   n_gates: int = 4, tile: str = "ring") -> dict:
+                   n_gates: int = 4, tile: str = "ring", w_registers: bool = False) -> dict:
     kw = ({"resets": True} if resets else {}) | ({"gates": n_gates} if n_gates != 4 else {}) | (
-        {"tile": BWD_TILES[tile]} if tile != "ring" else {})
+        {"tile": BWD_TILES[tile]} if tile != "ring" else {}) | ({"w_registers": 1} if w_registers else {})
     with torch.cuda.device(torch.device(device)):
         return dict(extension._C.fused_plan(direction, code, B, H, P, **kw))
 
@@ -567,11 +569,12 @@ def device_plan(device: torch.device, direction: str, dtype, B: int, H: int, P: 
                 cell: str = LSTM) -> dict:
     """``_C.fused_plan`` of the fused ``direction`` kernel for this call on ``device`` (cached); ``resets``:
     of the kernel's instance that serves resets (its own registers, so its own occupancy); ``cell``: of
-    the cell's instance; the backward's under ``LSTM_KERNELS_CUDA_FUSED_BACKWARD`` (the wide or narrow
-    kernel's where it serves: its own grid and shared memory; the plan's ``tile`` names the kernel planned, the
-    C API's code of :data:`BWD_TILES`)."""
+    the cell's instance; the forward's under ``LSTM_KERNELS_CUDA_FUSED_WEIGHTS`` (the instance with the
+    register path, or the one without: their own registers); the backward's under
+    ``LSTM_KERNELS_CUDA_FUSED_BACKWARD`` (the wide or narrow kernel's where it serves: its own grid and shared
+    memory; the plan's ``tile`` names the kernel planned, the C API's code of :data:`BWD_TILES`)."""
     return _fused_plan_of(str(device), direction, op_code(dtype, fused_tf32(dtype)), B, H, P, resets, gates(cell),
-                          _tile(direction))
+                          _tile(direction), direction == "forward" and fused_weights_in_registers())
 
 
 def fused_persistent_possible(device: torch.device, direction: str, dtype, B: int, H: int, P: int,

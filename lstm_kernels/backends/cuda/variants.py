@@ -12,7 +12,8 @@ the per-step kernels' fp32 FMA path.
 keeps its resident W_hh slice during the step loop. ``shared``: in shared memory, read by ldmatrix every
 step. ``registers``: each warp's part as MMA register fragments, read from shared memory once per
 launch (16-bit types up to H = 1024 and tf32 up to H = 768 at B = 16; elsewhere, and for float32 at fp32
-accuracy, ``shared`` serves). Both are verified before
+accuracy, ``shared`` serves). Each is a kernel instance of its own: the register path's slots take registers
+enough for one block per SM, where ``shared`` fits two where shared memory allows. Both are verified before
 first use under their own plan; the default stays ``shared`` until a GPU has measured both.
 
 ``LSTM_KERNELS_CUDA_FUSED_EXCHANGE`` (:data:`EXCHANGE_ENV`, default ``counter``): how the fused forward's
