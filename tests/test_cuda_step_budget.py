@@ -524,7 +524,7 @@ def register_path(plan_dump, stem: str, op: str, proj: bool, gates: int):
     tf32 Ops: fused_plan.cuh's w_reg_chunks for the element size, unrolled), or None where a kernel has none
     (the backward; 3xTF32, whose small parts would double the fragments)."""
     elem, passes = OPS[op]
-    if stem != "fused_forward_kernel" or op == "Fp32Mma":
+    if stem != "fused_forward_kernel" or passes > 1:  # 3xTF32 (three passes: fused_common.cuh's kSplit)
         return None
     H, P = design_shape(stem, op, proj)
     slots = plan_dump(FLAGSHIP_B, H, elem, P)["W_REG_CHUNKS"]

@@ -85,7 +85,7 @@ FUSED_HD KRange warp_k_chunks(int w, int K, int elem, int per_unit) {
 FUSED_HD KRange fwd_gate_k(int w, int P, int elem) { return warp_k_chunks(w, P, elem, 1); }
 FUSED_HD KRange fwd_proj_k(int w, int H, int elem) { return warp_k_chunks(w, H, elem, 2); }
 // The longest of the warps' ranges fwd_gate_k: whether every warp's part of the forward's W slice fits
-// W_REG_CHUNKS register slots (the tagged exchange needs every warp on the register path).
+// w_reg_chunks(elem) register slots (the tagged exchange needs every warp on the register path).
 FUSED_HD int fwd_gate_k_longest(int P, int elem) {
   return (k_chunks(round_up(P, kpad(elem)), elem) + WARPS - 1) / WARPS;
 }
