@@ -110,11 +110,17 @@ def plan_key(backend: Backend, call: RecurrenceCall) -> str:
 @functools.lru_cache(maxsize=None)
 def kernel_source_hash() -> str:
     """sha256 of the backends' Python sources and the CUDA extension, as installed."""
-    root = Path(__file__).resolve().parent
+    return sources_hash(Path(__file__).resolve().parent)
+
+
+def sources_hash(root: Path) -> str:
+    """sha256 of what a verdict of the package at ``root`` depends on: every Python source under
+    backends/ (its subpackages too: the cuda and triton backends' plans and kernels), the extension
+    (_C*), and the verifier itself (verification.py, tolerances.py), each named by its path under root."""
     digest = hashlib.sha256()
     verifier = [root / "verification.py", root / "tolerances.py"]
-    for path in sorted((root / "backends").glob("*.py")) + sorted(root.glob("_C*")) + verifier:
-        digest.update(path.name.encode())
+    for path in sorted((root / "backends").rglob("*.py")) + sorted(root.glob("_C*")) + verifier:
+        digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 

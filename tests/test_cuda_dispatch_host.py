@@ -141,6 +141,18 @@ def test_the_forward_plans_the_instance_of_its_weights_variant(fake_fused, monke
     assert keys["shared"][0] != keys["registers"][0] and keys["shared"][1] == keys["registers"][1], keys
 
 
+def test_a_refused_cooperative_launch_is_of_its_own_instance(set_tf32):
+    """The refusal's key tells apart what device_plan does: float32 on TF32 and at fp32 accuracy (two Ops, two
+    kernels with their own registers), with and without resets."""
+    device = torch.device("cuda")
+    keys = set()
+    for tf32 in (False, True):
+        set_tf32(tf32)
+        for resets in (False, True):
+            keys.add(cf._refusal_key(device, "forward", torch.float32, 16, 768, 768, resets=resets))
+    assert len(keys) == 4, keys
+
+
 def test_fused_kernels_do_not_serve_other_dtypes(fake_fused):
     fake_fused()
     why = cuda_backend.fused_unserved_reason(_call(torch.float64, H=64))

@@ -549,13 +549,12 @@ def test_fused_barrier_that_never_opens_gives_up_and_is_reported(entries, direct
         assert torch.equal(a, b), "a launch after a give-up differs from one before"
 
 
-
 @pytest.mark.timeout(120)
 def test_the_forward_without_the_register_path_keeps_two_blocks_per_sm():
     """The forward's instance without the register path (LSTM_KERNELS_CUDA_FUSED_WEIGHTS=shared, the default)
     keeps its registers (under 128 per thread), so where shared memory holds two of its blocks on an SM a grid
-    of up to twice the SMs is co-resident: B = 32, H = 768 in fp16 (192 blocks of 90.6 KB) runs persistent on
-    an H100. The instance with the register path (165 to 255 registers: one block per SM) runs that grid per
+    of up to twice the SMs is co-resident: B = 32, H = 768 in fp16 (192 blocks of 90,880 bytes) runs persistent
+    on an H100. The instance with the register path (179 to 255 registers: one block per SM) runs that grid per
     step."""
     _C = _extension()
     if _C is None:

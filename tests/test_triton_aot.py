@@ -109,7 +109,8 @@ def assert_fits(compiled, arch: int, what: str, tmp_path) -> None:
     shared = compiled.metadata.shared
     assert shared <= MAX_SHARED[arch], f"{what}: {shared} bytes of shared memory > {MAX_SHARED[arch]} on sm_{arch}"
     spilled = spilled_bytes(compiled.asm["cubin"], tmp_path)
-    assert spilled <= spill_bytes_allowed(), f"{what} spills {spilled} bytes to local memory (tests/triton_compiler.py)"
+    assert spilled <= spill_bytes_allowed(compiled.metadata.name), (
+        f"{what} ({compiled.metadata.name}) spills {spilled} bytes to local memory (tests/triton_compiler.py)")
 
 
 def spilled_bytes(cubin: bytes, tmp_path) -> int:

@@ -33,7 +33,7 @@ measurement (``pytest -s`` prints them).
 `make test` runs these with the newest Triton setup.py declares (3.9) and the oldest (3.6, with
 torch 2.11 in test-torch). Every check holds with both but the forward's exponentials and layout
 conversions and (d)'s spills, which only 3.9 lays out as designed: with 3.6 they are reported as
-expected failures naming the counts, within the known deviation (tests/triton_compiler.py).
+expected failures naming the counts, within each kernel's known deviation (tests/triton_compiler.py).
 
 Runs without TRITON_INTERPRET (under it ``@triton.jit`` gives interpreted functions).
 """
@@ -62,7 +62,7 @@ from lstm_kernels.backends.triton import config as kernels  # noqa: E402
 from lstm_kernels.backends.triton import persistent as tp  # noqa: E402
 from lstm_kernels.backends.triton.persistent_backward import _lstm_pbw_kernel  # noqa: E402
 from lstm_kernels.backends.triton.persistent_forward import _lstm_pfw_kernel  # noqa: E402
-from triton_compiler import KNOWN_DEVIATION, LAYOUTS_AS_DESIGNED  # noqa: E402  (tests/triton_compiler.py)
+from triton_compiler import LAYOUTS_AS_DESIGNED, known_deviation  # noqa: E402  (tests/triton_compiler.py)
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -261,21 +261,20 @@ def spill_problems(counts, what, slack: dict = None) -> list:
     return [] if spilled <= allowed else [f"{what} spills: LOCAL {counts['LOCAL']}, STACK {counts['STACK']} bytes"]
 
 
-
-
-def assert_compiler_choices(*checks):
+def assert_compiler_choices(kind: str, *checks):
     """The counts that the compiler's layout and register choices decide (the forward's exponentials and
-    layout conversions, spills). ``checks``: functions of a slack (a dict of KNOWN_DEVIATION's keys; none:
-    the design) that return the problems found. With the Triton they were designed on (LAYOUTS_AS_DESIGNED)
-    none is allowed; with an older one, problems within KNOWN_DEVIATION are its known deviation, reported as
-    an expected failure that names each count (the test passes where there are none), and problems beyond it
-    fail. Called last, after every check that holds with either Triton."""
+    layout conversions, spills) of the kernel ``kind`` (a key of tests/triton_compiler.py's KNOWN_DEVIATION).
+    ``checks``: functions of a slack (a dict of the deviation's keys; none: the design) that return the
+    problems found. With the Triton they were designed on (LAYOUTS_AS_DESIGNED) none is allowed; with an older
+    one, problems within the kernel's known deviation are reported as an expected failure that names each count
+    (the test passes where there are none), and problems beyond it fail. Called last, after every check that
+    holds with either Triton."""
     found = [p for check in checks for p in check()]
     if not found:
         return
     if LAYOUTS_AS_DESIGNED:
         raise AssertionError("; ".join(found))
-    beyond = [p for check in checks for p in check(KNOWN_DEVIATION)]
+    beyond = [p for check in checks for p in check(known_deviation(kind))]
     assert not beyond, f"Triton {triton.__version__}, beyond its known deviation: " + "; ".join(beyond)
     pytest.xfail(f"Triton {triton.__version__}'s layout choices: " + "; ".join(found))
 
@@ -368,7 +367,7 @@ def test_persistent_forward_step_budget(shape, dtype, arch, tmp_path):
     assert_fits(counts, arch, what)
     if (B, H) == (16, 768):  # the flagship: nearly all SMs busy
         assert cfg["programs"] >= 0.7 * SMS[arch], cfg
-    assert_compiler_choices(partial(layout_problems, counts, P != H, True, what),
+    assert_compiler_choices("lstm forward", partial(layout_problems, counts, P != H, True, what),
                             partial(spill_problems, counts, what))
 
 
@@ -407,7 +406,8 @@ def test_persistent_gru_forward_step_budget(shape, dtype, arch, tmp_path):
     assert cfg["BLOCK_H"] >= 16, cfg
     assert_designed_gru_step(counts, dots, what)
     assert_fits(counts, arch, what)
-    assert_compiler_choices(partial(gru_layout_problems, counts, what), partial(spill_problems, counts, what))
+    assert_compiler_choices("gru forward", partial(gru_layout_problems, counts, what),
+                            partial(spill_problems, counts, what))
 
 
 def backward_build(B, H, P, dtype, arch, kernel=_lstm_pbw_kernel, has_resets=False, cell="lstm"):
@@ -443,7 +443,7 @@ def test_persistent_backward_step_budget(shape, dtype, arch, tmp_path):
     assert_fits(counts, arch, what)
     if (B, H) == (16, 768):  # no MMA row padded with zeros: each program's dG read serves 16 real rows
         assert cfg["UNITS"] == cfg["BLOCK_H"], cfg
-    assert_compiler_choices(partial(spill_problems, counts, what))
+    assert_compiler_choices("persistent backward", partial(spill_problems, counts, what))
 
 
 def assert_designed_gru_backward_step(counts, dots, ttgir, what):
@@ -475,7 +475,7 @@ def test_persistent_gru_backward_step_budget(shape, dtype, arch, tmp_path):
     lstm_cfg = tp.backward_plan(B, H, P, dtype, torch.device("cuda"), False, programs=SMS[arch],
                                 budget=budget_of(arch))
     assert cfg["programs"] == lstm_cfg["programs"], (cfg, lstm_cfg)
-    assert_compiler_choices(partial(spill_problems, counts, what))
+    assert_compiler_choices("persistent backward", partial(spill_problems, counts, what))
 
 
 def loads_from(ttgir: str, arg: str, in_loop: bool) -> int:
@@ -517,7 +517,8 @@ def test_resets_cost_one_flag_load_per_step(build, shape, cell, tmp_path):
     assert_designed_step(counts, P != H, forward, f"{kind} with resets")
     assert_fits(counts, 90, f"{kind} with resets")
     checks = [partial(layout_problems, counts, P != H, True, f"{kind} with resets")] if forward else []
-    assert_compiler_choices(*checks, partial(spill_problems, counts, f"{kind} with resets"))
+    assert_compiler_choices("lstm forward" if forward else "persistent backward", *checks,
+                            partial(spill_problems, counts, f"{kind} with resets"))
 
 
 def clock_reads(ttgir: str) -> tuple:
@@ -576,7 +577,7 @@ def test_fp32_is_served_with_tf32_only(arch, tmp_path, set_tf32):
     assert_ideal_mma(counts, dots, f"fp32 (tf32) forward sm_{arch}")
     assert counts["w_global_loads_in_loop"] == 0 and counts["grid_arrivals"] == 1
     assert_fits(counts, arch, f"fp32 (tf32) forward sm_{arch}")
-    assert_compiler_choices(partial(spill_problems, counts, f"fp32 (tf32) forward sm_{arch}"))
+    assert_compiler_choices("lstm forward", partial(spill_problems, counts, f"fp32 (tf32) forward sm_{arch}"))
     reason = tp.backward_plan(16, 768, 768, torch.float32, cuda, False, programs=SMS[arch], budget=budget_of(arch))
     assert isinstance(reason, str) and "registers" in reason, reason
 
@@ -776,11 +777,11 @@ def test_forward_checks_catch_a_mutant(cell, mutant, tmp_path):
     with pytest.raises(AssertionError) as failure:  # a check of the layouts last (an xfail with Triton 3.6)
         if cell == "gru":
             assert_designed_gru_step(counts, dots, "mutant")
-            assert_compiler_choices(partial(gru_layout_problems, counts, "mutant"))
+            assert_compiler_choices("gru forward", partial(gru_layout_problems, counts, "mutant"))
         else:
             assert_ideal_mma(counts, dots, "mutant")
             assert counts["w_global_loads_in_loop"] == 0 and counts["w_smem_copies_in_loop"] == 0, (
                 "mutant: W_hh in the loop")
             assert_designed_step(counts, False, True, "mutant")
-            assert_compiler_choices(partial(layout_problems, counts, False, True, "mutant"))
+            assert_compiler_choices("lstm forward", partial(layout_problems, counts, False, True, "mutant"))
     assert caught_by in str(failure.value), failure.value

@@ -163,6 +163,27 @@ def test_cache_key_changes_with_package_version_and_kernel_sources():
     assert len(verification.kernel_source_hash()) == 16
 
 
+@pytest.mark.parametrize("where", ["backends/reference.py", "backends/cuda/fused.py", "backends/triton/config.py",
+                                   "verification.py", "_C.so"])
+def test_kernel_sources_hash_covers_the_backends_subpackages(tmp_path, where):
+    """A saved verdict holds only for the sources it was given under: a change to any backend's Python (the
+    cuda and triton subpackages' plans and kernels too), the extension or the verifier changes the hash."""
+    import lstm_kernels
+
+    package = Path(lstm_kernels.__file__).resolve().parent
+    for rel in ("backends/__init__.py", "backends/reference.py", "backends/cuda/fused.py", "backends/triton/config.py",
+                "verification.py", "tolerances.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes((package / rel).read_bytes())
+    (tmp_path / "_C.so").write_bytes(b"extension")
+    before = verification.sources_hash(tmp_path)
+    assert verification.sources_hash(tmp_path) == before
+    with open(tmp_path / where, "ab") as f:
+        f.write(b"\n# changed\n")
+    assert verification.sources_hash(tmp_path) != before, where
+    assert verification.sources_hash(package) == verification.kernel_source_hash()
+
+
 def test_plan_key_names_the_plan():
     key = json.loads(verification.plan_key(backends_mod.get_backend("reference"), _call(B=5)))
     assert key == dict(backend="reference", plan=[], dtype="float32", tf32=False, H=5, P=5, projection=False,

@@ -20,13 +20,24 @@ from lstm_kernels.backends import triton as triton_backend
 #: Whether the Triton compiling here lays the kernels out as designed (3.9 and newer).
 LAYOUTS_AS_DESIGNED = triton_backend._version_tuple(triton.__version__) >= (3, 9)
 
-#: How far Triton 3.6's choices depart from the design, the most seen at the tests' shapes: two exponential
-#: ops more (the GRU forward's r, z in three layouts; the LSTM's gates in two, one more), two layout
-#: conversions more (the GRU forward's; the LSTM's one), 32 bytes spilled (the sm_80 backward with resets).
-#: Beyond it a count fails with any Triton.
-KNOWN_DEVIATION = {"exponentials": 2, "conversions": 2, "spill_bytes": 32}
+#: How far Triton 3.6's choices depart from the design, per kernel, the most seen at the tests' shapes: the LSTM
+#: forward's gates activated in two layouts (one exponential op and one layout conversion more), the GRU
+#: forward's r, z in three (two more of each), the persistent backward's spill on sm_80 at the flagship (16
+#: bytes, 32 with resets). Beyond it a count fails with any Triton.
+KNOWN_DEVIATION = {
+    "lstm forward": {"exponentials": 1, "conversions": 1},
+    "gru forward": {"exponentials": 2, "conversions": 2},
+    "persistent backward": {"spill_bytes": 32},
+}
 
 
-def spill_bytes_allowed() -> int:
-    """Bytes a kernel may spill with the Triton compiling here: none where it lays out as designed."""
-    return 0 if LAYOUTS_AS_DESIGNED else KNOWN_DEVIATION["spill_bytes"]
+def known_deviation(kind: str) -> dict:
+    """What the Triton compiling here may depart from the design by in the kernel ``kind`` (a key of
+    KNOWN_DEVIATION): nothing where it lays out as designed."""
+    return {} if LAYOUTS_AS_DESIGNED else KNOWN_DEVIATION.get(kind, {})
+
+
+def spill_bytes_allowed(kernel_name: str) -> int:
+    """Bytes the compiled kernel ``kernel_name`` may spill with the Triton compiling here."""
+    kind = "persistent backward" if kernel_name == "_lstm_pbw_kernel" else kernel_name
+    return known_deviation(kind).get("spill_bytes", 0)

@@ -508,13 +508,16 @@ def _tile(direction: str) -> str:
     return fused_backward_tile() if direction == "backward" else "ring"
 
 
-def _refusal_key(device: torch.device, direction: str, dtype, B: int, H: int, P: int, cell: str = LSTM) -> tuple:
-    """The key of a refused cooperative launch: the call's shape, cell and the kernel instance's variant (the
-    wide and the narrow backward's grids are not the ring's; the forward's instance with the register path has
-    its own registers, so its own co-residency)."""
+def _refusal_key(device: torch.device, direction: str, dtype, B: int, H: int, P: int, cell: str = LSTM,
+                 resets: bool = False) -> tuple:
+    """The key of a refused cooperative launch: the call's shape, cell and the kernel instance that was refused,
+    as device_plan tells them apart: its Op (float32 on TF32 or at fp32 accuracy), resets, the wide and the narrow
+    backward's grids (not the ring's), the forward's instance with the register path (its own registers, so its
+    own co-residency)."""
     tile = _tile(direction)
     registers = direction == "forward" and fused_weights_in_registers()
-    return (str(device), "fused-" + direction, dtype, B, H, P) + (() if cell == LSTM else (cell,)) + (
+    return (str(device), "fused-" + direction, op_code(dtype, fused_tf32(dtype)), B, H, P) + (
+        () if cell == LSTM else (cell,)) + (("resets",) if resets else ()) + (
         (tile,) if tile != "ring" else ()) + (("registers",) if registers else ())
 
 
@@ -581,7 +584,7 @@ def fused_persistent_possible(device: torch.device, direction: str, dtype, B: in
                               resets: bool = False, cell: str = LSTM) -> bool:
     """The fused ``direction`` kernel's grid is co-resident on ``device`` (``_C.fused_plan``, cached) and
     the runtime has not refused its cooperative launch in this process."""
-    return (_refusal_key(device, direction, dtype, B, H, P, cell) not in _REFUSED
+    return (_refusal_key(device, direction, dtype, B, H, P, cell, resets) not in _REFUSED
             and device_plan(device, direction, dtype, B, H, P, resets, cell)["possible"])
 
 
@@ -623,7 +626,7 @@ def fused_mode(call: RecurrenceCall, direction: str) -> Optional[bool]:
         return True
     if requested == "persistent":
         refused = _REFUSED.get(_refusal_key(call.device, direction, call.dtype, call.batch, call.hidden_size, P,
-                                            call.cell))
+                                            call.cell, call.has_resets))
         raise RuntimeError(
             f"cuda backend: the persistent fused {direction} kernel was requested ({VARIANT_ENV}=persistent) but "
             + (f"the runtime refused its cooperative launch here ({refused})" if refused else
@@ -665,7 +668,7 @@ def run_fused(fn: Callable, direction: str, call: RecurrenceCall, persistent: bo
                 if requested_variant() == "persistent":
                     raise
                 _REFUSED[_refusal_key(device, direction, call.dtype, call.batch, call.hidden_size,
-                                      call.state_size, call.cell)] = str(e)
+                                      call.state_size, call.cell, resets is not None)] = str(e)
                 warnings.warn(f"lstm_kernels cuda backend: the runtime refused the fused {direction} kernel's "
                               f"cooperative launch ({e}); one launch per step for this shape from now on",
                               RuntimeWarning, stacklevel=3)
