@@ -881,31 +881,32 @@ def arrival_problems(counts: dict, d: dict) -> list:
     return problems
 
 
-def register_path_problems(loop: "StepLoop", plan_dump) -> list:
+def register_path_problems(loop: "StepLoop", plan_dump, wregs: bool = True) -> list:
     """What departs from the fp16 LSTM forward's register path (ldmatrix of h only, one per slot)."""
     slots, _, ldsm_per_chunk = register_path(plan_dump, "fused_forward_kernel", "Fp16Mma", False, 4)
     ldsm = ldsm_outside_k_loops(loop)
     return [] if ldsm == slots * ldsm_per_chunk else [f"{ldsm} ldmatrix in the register path, designed {slots}"]
 
 
-def arrival_problems_of(loop: "StepLoop", plan_dump) -> list:
-    return arrival_problems(arrival_counts(loop), design("fused_forward_kernel", False, wregs=True))
+def arrival_problems_of(loop: "StepLoop", plan_dump, wregs: bool = True) -> list:
+    """``wregs``: of the forward's instance with the register path (and the tagged exchange's store), or without."""
+    return arrival_problems(arrival_counts(loop), design("fused_forward_kernel", False, wregs=wregs))
 
 
-def cell_problems_of(loop: "StepLoop", plan_dump) -> list:
+def cell_problems_of(loop: "StepLoop", plan_dump, wregs: bool = True) -> list:
     return cell_problems(cell_counts(loop), activations_per_step("fused_forward_kernel", 4))
 
 
-def tagged_problems_of(loop: "StepLoop", plan_dump) -> list:
+def tagged_problems_of(loop: "StepLoop", plan_dump, wregs: bool = True) -> list:
     slots, _, _ = register_path(plan_dump, "fused_forward_kernel", "Fp16Mma", False, 4)
     return tagged_problems(tagged_counts(loop), slots)
 
 
-def wide_problems_of(loop: "StepLoop", plan_dump) -> list:
+def wide_problems_of(loop: "StepLoop", plan_dump, wregs: bool = True) -> list:
     return wide_problems(wide_counts(loop), wide_design(plan_dump, "Fp16Mma"))
 
 
-def narrow_problems_of(loop: "StepLoop", plan_dump) -> list:
+def narrow_problems_of(loop: "StepLoop", plan_dump, wregs: bool = True) -> list:
     return wide_problems(wide_counts(loop), wide_design(plan_dump, "Fp16Mma", tile="narrow"))
 
 
@@ -974,6 +975,10 @@ SOURCE_MUTANTS = {
 }
 
 
+#: The mutants of code both forward instances run (the cell, the arrival), checked in the instance without the
+#: register path as well as in the one with it.
+SHARED_PATH_MUTANTS = ("tanhf as the fast tanh", "precise sigmoid", "arrival per warp", "output before the arrival")
+
 #: The kernel a mutant is read in, (source, stem, backward tile), where it is not the fp16 LSTM forward.
 MUTANT_KERNELS = {"wide loads one slot at a time": ("fused/fused_backward.cu", "fused_backward_kernel", "wide"),
                   "narrow loads one slot at a time": ("fused/fused_backward.cu", "fused_backward_kernel", "narrow")}
@@ -993,12 +998,14 @@ def test_step_checks_catch_a_mutant_source(tmp_path, plan_dump, mutant):
     assert text.count(site) == 1, f"{path}: the mutated site is gone"
     (csrc / path).write_text(text.replace(site, replacement))
     listings, _ = compile_cubins([source], ("sm_90",), tmp_path, csrc=csrc)
-    # the forward's instance with the register path: it holds every path (shared, registers, tagged)
-    name, instrs = _kernels(functions_of(listings), stem, "sm_90", False, tile=tile,
-                            wregs=stem == "fused_forward_kernel")["Fp16Mma"]
-    problems = problems_of(step_loop_of(name, instrs), plan_dump)
-    print(f"\n[{mutant}] {problems}")
-    assert problems
+    # the forward's instance with the register path holds every path (shared, registers, tagged); the one
+    # without is checked too where the mutant is in code both run
+    forward = stem == "fused_forward_kernel"
+    for wregs in ((True, False) if mutant in SHARED_PATH_MUTANTS else (forward,)):
+        name, instrs = _kernels(functions_of(listings), stem, "sm_90", False, tile=tile, wregs=wregs)["Fp16Mma"]
+        problems = problems_of(step_loop_of(name, instrs), plan_dump, wregs)
+        print(f"\n[{mutant}{' <registers>' if wregs else ''}] {problems}")
+        assert problems, (mutant, wregs)
 
 
 def test_kernels_take_their_k_ranges_from_the_plan_header():
