@@ -162,7 +162,7 @@ __device__ __forceinline__ void store_activations(float* ap, int H, const GruGat
 // GATES = 3, the GRU (no PROJ): see "The GRU" above; c0, c_work, c_T unused, b_hn read.
 // WREGS: the instance with the register path (and, for the LSTM without projection in 16 bits, the tagged
 // exchange); the one without keeps only the shared-memory loop, and so its registers (78 to 115, where the
-// register path takes 165 to 255): two blocks on an SM where shared memory allows them.
+// register path takes 179 to 255): two blocks on an SM where shared memory allows them.
 template <typename Op, bool PROJ, bool RESETS, int GATES, bool WREGS, typename T = typename Op::T>
 __global__ void __launch_bounds__(THREADS, 1)
     fused_forward_kernel(const T* __restrict__ xg,           // [T, B, GATES*H]
