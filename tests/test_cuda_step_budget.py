@@ -354,6 +354,11 @@ INSTANCES = {"fused_forward_kernel": (4 + 2) * (len(OPS) + len(REGISTER_OPS)),
              "fused_backward_kernel": (4 + 2 + 4 + 4) * len(OPS)}
 
 
+def weights_instances(stem: str) -> tuple:
+    """The WREGS values of ``stem``'s instances: the forward's without and with the register path."""
+    return (False, True) if stem == "fused_forward_kernel" else (False,)
+
+
 def _kernels(funcs, stem: str, arch: str, proj: bool, resets: bool = False, gates: int = 4, tile: str = "ring",
              wregs: bool = False):
     """{op: (name, instrs)} of the instances (one per Op) of ``stem`` with these flags (the backward's with
@@ -544,7 +549,7 @@ FAMILIES = [("fused_forward_kernel", False, 4), ("fused_forward_kernel", True, 4
                          ids=[f"{s.split('_')[1]}{'-proj' if p else ''}{'-gru' if g == 3 else ''}" for s, p, g in FAMILIES])
 def test_fused_step_loop_structure(fused_sass, plan_dump, arch, stem, proj, gates, resets):
     funcs, _ = fused_sass
-    instances = [(wregs, op, name, instrs) for wregs in ((False, True) if stem == "fused_forward_kernel" else (False,))
+    instances = [(wregs, op, name, instrs) for wregs in weights_instances(stem)
                  for op, (name, instrs) in _kernels(funcs, stem, arch, proj, resets, gates, wregs=wregs).items()]
     for wregs, op, name, instrs in instances:
         d = design(stem, proj, op, resets, gates, wregs)
@@ -1087,7 +1092,7 @@ def test_resets_instance_adds_only_the_mask(fused_sass, arch, stem, proj, gates,
     nothing else but integer, select and control instructions more."""
     funcs, _ = fused_sass
     pairs = []  # (wregs, op, instance without resets, with): the forward's both instances
-    for wregs in ((False, True) if stem == "fused_forward_kernel" else (False,)):
+    for wregs in weights_instances(stem):
         free = _kernels(funcs, stem, arch, proj, gates=gates, tile=tile, wregs=wregs)
         with_resets = _kernels(funcs, stem, arch, proj, True, gates, tile=tile, wregs=wregs)
         pairs += [(wregs, op, free[op], with_resets[op]) for op in free]

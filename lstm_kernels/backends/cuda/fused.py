@@ -508,6 +508,11 @@ def _tile(direction: str) -> str:
     return fused_backward_tile() if direction == "backward" else "ring"
 
 
+def _registers(direction: str) -> bool:
+    """Whether the ``direction`` kernel's instance is the forward's with the register path (the weights switch)."""
+    return direction == "forward" and fused_weights_in_registers()
+
+
 def _refusal_key(device: torch.device, direction: str, dtype, B: int, H: int, P: int, cell: str = LSTM,
                  resets: bool = False) -> tuple:
     """The key of a refused cooperative launch: the call's shape, cell and the kernel instance that was refused,
@@ -515,10 +520,9 @@ def _refusal_key(device: torch.device, direction: str, dtype, B: int, H: int, P:
     backward's grids (not the ring's), the forward's instance with the register path (its own registers, so its
     own co-residency)."""
     tile = _tile(direction)
-    registers = direction == "forward" and fused_weights_in_registers()
     return (str(device), "fused-" + direction, op_code(dtype, fused_tf32(dtype)), B, H, P) + (
         () if cell == LSTM else (cell,)) + (("resets",) if resets else ()) + (
-        (tile,) if tile != "ring" else ()) + (("registers",) if registers else ())
+        (tile,) if tile != "ring" else ()) + (("registers",) if _registers(direction) else ())
 
 
 def smem_optin(device: torch.device) -> int:
@@ -577,7 +581,7 @@ def device_plan(device: torch.device, direction: str, dtype, B: int, H: int, P: 
     ``LSTM_KERNELS_CUDA_FUSED_BACKWARD`` (the wide or narrow kernel's where it serves: its own grid and shared
     memory; the plan's ``tile`` names the kernel planned, the C API's code of :data:`BWD_TILES`)."""
     return _fused_plan_of(str(device), direction, op_code(dtype, fused_tf32(dtype)), B, H, P, resets, gates(cell),
-                          _tile(direction), direction == "forward" and fused_weights_in_registers())
+                          _tile(direction), _registers(direction))
 
 
 def fused_persistent_possible(device: torch.device, direction: str, dtype, B: int, H: int, P: int,
